@@ -1,0 +1,1 @@
+//! Opening a device: raw block device or preallocated regular file. (stub)

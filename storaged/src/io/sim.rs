@@ -1,0 +1,1 @@
+//! The simulated, fault-injecting implementation of BlockIo. (stub)

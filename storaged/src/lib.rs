@@ -1,0 +1,7 @@
+//! storaged: one storage node of the log-is-the-database service.
+//!
+//! - [`io`]: the block-device seam (io_uring + O_DIRECT, and a fault-injecting simulator);
+//! - [`log`]: the durable, circular redo log of 4 KiB self-describing blocks;
+//! - [`record`]: redo records as computed produces them.
+
+pub mod io;
