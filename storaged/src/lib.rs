@@ -5,3 +5,5 @@
 //! - [`record`]: redo records as computed produces them.
 
 pub mod io;
+pub mod log;
+pub mod record;

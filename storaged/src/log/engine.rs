@@ -1,0 +1,267 @@
+//! The log engine: a tokio task that drives [`LogCore`] against a [`BlockIo`].
+//!
+//! Appenders send entries over a bounded channel and wait on a oneshot for
+//! the durable acknowledgement. The driver packs whatever is queued whenever
+//! the device has room for another write (group commit without a timer), and
+//! stops reading the channel while its queue is full, so a flood of appenders
+//! waits in the channel instead of growing memory.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::io::{AlignedBuf, BlockIo, IoError};
+
+use super::core::{AppendError, IoRequest, LogConfig, LogCore, LogGeometry, LogStart, LogStats};
+use super::format::Superblock;
+use super::recovery::{OpenError, ScanReport, read_anchor, read_superblock, scan_log};
+
+/// Appends waiting in the channel before the driver takes them, at most.
+pub const CHANNEL_APPENDS_MAX: usize = 4096;
+
+type Reply = oneshot::Sender<Result<u64, AppendError>>;
+
+/// What travels with each queued entry through the core.
+struct Token {
+    /// First entry of its append call: its start seq is the call's position.
+    first: bool,
+    /// Last entry of its append call: the call is answered when it is durable.
+    reply: Option<Reply>,
+}
+
+enum Cmd {
+    Append { entries: Vec<Vec<u8>>, reply: Reply },
+    Release { upto: u64 },
+}
+
+/// A handle to the log. Cheap to clone; the engine stops (after finishing
+/// the writes it accepted) when the last handle is dropped.
+#[derive(Clone)]
+pub struct LogEngine {
+    tx: mpsc::Sender<Cmd>,
+    stats: watch::Receiver<LogStats>,
+}
+
+/// What opening found.
+pub struct Opened {
+    pub engine: LogEngine,
+    pub superblock: Superblock,
+    pub scan: ScanReport,
+    /// The driver task; it ends when every handle is dropped and the
+    /// accepted writes are done.
+    pub driver: tokio::task::JoinHandle<()>,
+}
+
+impl LogEngine {
+    /// Recover the log on `dev`, handing every entry found to `on_entry` in
+    /// order with the seq of the block it starts in, then start the engine.
+    /// Returns once the new generation is durable and appends can be taken.
+    pub async fn open<D: BlockIo>(
+        dev: Arc<D>,
+        config: LogConfig,
+        on_entry: impl FnMut(u64, Vec<u8>),
+    ) -> Result<Opened, OpenError> {
+        let sb = read_superblock(dev.as_ref()).await?.superblock;
+        let anchor = read_anchor(dev.as_ref(), &sb).await?;
+        let geometry = LogGeometry {
+            device_id: sb.device_id,
+            start_block: sb.log_start_block,
+            blocks: sb.log_blocks,
+        };
+        let a = anchor.anchor;
+        let scan = scan_log(&dev, &sb, anchor, on_entry).await?;
+        tracing::info!(
+            generation = a.generation,
+            tail_seq = a.tail_seq,
+            next_seq = scan.next_seq,
+            entries = scan.entries,
+            end = %scan.end,
+            "log recovered"
+        );
+        let start = LogStart {
+            anchor: a,
+            next_seq: scan.next_seq,
+        };
+        let mut core: LogCore<Token> = LogCore::new(geometry, config, start);
+        // Make the new generation durable before anything else is written.
+        while let Some(req) = core.poll_io() {
+            let (id, buf, result) = run_io(dev.as_ref(), req).await;
+            core.complete(id, buf, result);
+        }
+        if let Some(why) = core.failed() {
+            return Err(OpenError::Failed(why.to_string()));
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_APPENDS_MAX);
+        let (stats_tx, stats_rx) = watch::channel(core.stats());
+        let driver = tokio::spawn(drive(dev, core, rx, stats_tx));
+        Ok(Opened {
+            engine: LogEngine {
+                tx,
+                stats: stats_rx,
+            },
+            superblock: sb,
+            scan,
+            driver,
+        })
+    }
+
+    /// Append one entry; resolves with the seq of the block it starts in once
+    /// it is durable.
+    pub async fn append(&self, entry: Vec<u8>) -> Result<u64, AppendError> {
+        self.append_many(vec![entry]).await
+    }
+
+    /// Append entries that become durable in order; resolves once the last is
+    /// durable, with the seq of the block the first starts in.
+    pub async fn append_many(&self, entries: Vec<Vec<u8>>) -> Result<u64, AppendError> {
+        if entries.is_empty() {
+            return Err(AppendError::BadSize(0));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Append { entries, reply })
+            .await
+            .map_err(|_| AppendError::Failed("the log engine has stopped".into()))?;
+        rx.await
+            .map_err(|_| AppendError::Failed("the log engine has stopped".into()))?
+    }
+
+    /// Free the log below `upto` (a seq an append returned): the owner no
+    /// longer needs any entry that starts before it.
+    pub fn release(&self, upto: u64) {
+        // A full channel only delays a release; the next one carries it.
+        let _ = self.tx.try_send(Cmd::Release { upto });
+    }
+
+    pub fn stats(&self) -> LogStats {
+        *self.stats.borrow()
+    }
+
+    /// Wait until the stats change (for tests and progress reports).
+    pub async fn stats_changed(&mut self) -> LogStats {
+        let _ = self.stats.changed().await;
+        *self.stats.borrow()
+    }
+}
+
+async fn run_io<D: BlockIo>(
+    dev: &D,
+    req: IoRequest,
+) -> (u64, Option<AlignedBuf>, Result<(), IoError>) {
+    match req {
+        IoRequest::Write {
+            id,
+            offset,
+            buf,
+            durability,
+        } => {
+            let (buf, result) = dev.write(offset, buf, durability).await;
+            (id, Some(buf), result)
+        }
+        IoRequest::Flush { id } => (id, None, dev.flush().await),
+    }
+}
+
+async fn drive<D: BlockIo>(
+    dev: Arc<D>,
+    mut core: LogCore<Token>,
+    mut rx: mpsc::Receiver<Cmd>,
+    stats: watch::Sender<LogStats>,
+) {
+    let mut io = JoinSet::new();
+    let mut closed = false;
+    let mut batch_start = 0u64;
+    loop {
+        while let Some(req) = core.poll_io() {
+            let dev = dev.clone();
+            io.spawn(async move { run_io(dev.as_ref(), req).await });
+        }
+        while let Some((token, start_seq)) = core.poll_acked() {
+            if token.first {
+                batch_start = start_seq;
+            }
+            if let Some(reply) = token.reply {
+                let _ = reply.send(Ok(batch_start));
+            }
+        }
+        if let Some(why) = core.failed() {
+            let err = AppendError::Failed(why.to_string());
+            for token in core.drain_failed() {
+                if let Some(reply) = token.reply {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+        stats.send_replace(core.stats());
+        let s = core.stats();
+        if closed && io.is_empty() && (s.queued_entries == 0 || core.failed().is_some()) {
+            return;
+        }
+        let take_more = !closed && core.has_room(0);
+        tokio::select! {
+            biased;
+            Some(done) = io.join_next(), if !io.is_empty() => {
+                complete(&mut core, done);
+                // Take every completion already there before packing again.
+                while let Some(done) = io.try_join_next() {
+                    complete(&mut core, done);
+                }
+            }
+            cmd = rx.recv(), if take_more => {
+                match cmd {
+                    Some(cmd) => handle(&mut core, cmd),
+                    None => closed = true,
+                }
+                // Group commit: everything already waiting rides in the next write.
+                while core.has_room(0) {
+                    match rx.try_recv() {
+                        Ok(cmd) => handle(&mut core, cmd),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Done = Result<(u64, Option<AlignedBuf>, Result<(), IoError>), tokio::task::JoinError>;
+
+fn complete(core: &mut LogCore<Token>, done: Done) {
+    match done {
+        Ok((id, buf, result)) => core.complete(id, buf, result),
+        // An I/O task cannot panic short of a bug; if it did, its buffer is
+        // gone with it and the log cannot know what reached the disk.
+        Err(e) => panic!("log I/O task failed: {e}"),
+    }
+}
+
+fn handle(core: &mut LogCore<Token>, cmd: Cmd) {
+    match cmd {
+        Cmd::Append { entries, reply } => {
+            // All or nothing: a bad entry fails the call before any is queued.
+            for entry in &entries {
+                if let Err(e) = core.check(entry.len()) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+            let n = entries.len();
+            let mut reply = Some(reply);
+            for (i, entry) in entries.into_iter().enumerate() {
+                let token = Token {
+                    first: i == 0,
+                    reply: if i + 1 == n { reply.take() } else { None },
+                };
+                if let Err((err, token)) = core.append(entry, token) {
+                    // Checked above; only a failure of the log lands here.
+                    if let Some(reply) = token.reply.or(reply.take()) {
+                        let _ = reply.send(Err(err));
+                    }
+                    return;
+                }
+            }
+        }
+        Cmd::Release { upto } => core.release(upto),
+    }
+}

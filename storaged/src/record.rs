@@ -1,0 +1,264 @@
+//! Redo records: the unit computed produces and storage nodes persist.
+//!
+//! A record is a physical change to one page: a whole image or bytes at an
+//! offset. Its encoding is the same in the log and on the wire, so a record is
+//! checked once at the edge and then moved as bytes. Layout (little-endian):
+//!
+//! | off | size | field |
+//! |----:|-----:|-------|
+//! | 0 | 8 | volume id |
+//! | 8 | 4 | protection group (PG) number |
+//! | 12 | 1 | kind: 1 = page image, 2 = page delta |
+//! | 13 | 1 | flags: bit 0 = CPL (last record of its mini-transaction) |
+//! | 14 | 2 | reserved, zero |
+//! | 16 | 8 | LSN |
+//! | 24 | 8 | `prev_lsn_pg`: previous record of the same PG (0 = none) |
+//! | 32 | 8 | `prev_lsn_page`: previous record of the same page (0 = none) |
+//! | 40 | 8 | page number |
+//! | 48 | 4 | offset in the page (0 for an image) |
+//! | 52 | 4 | payload length |
+//! | 56 | n | payload |
+
+use thiserror::Error;
+
+pub const RECORD_HEADER_BYTES: usize = 56;
+/// Largest payload a record may carry. Pages are at most 64 KiB; a bound here
+/// keeps a corrupt length from turning into a huge allocation.
+pub const RECORD_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
+
+const KIND_PAGE_IMAGE: u8 = 1;
+const KIND_PAGE_DELTA: u8 = 2;
+const FLAG_CPL: u8 = 1;
+
+/// One replica set's worth of a volume: a (volume, PG) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SegmentId {
+    pub volume: u64,
+    pub pg: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordBody {
+    /// The whole page.
+    PageImage(Vec<u8>),
+    /// `bytes` replace the page's bytes at `offset`.
+    PageDelta { offset: u32, bytes: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedoRecord {
+    pub segment: SegmentId,
+    pub lsn: u64,
+    pub prev_lsn_pg: u64,
+    pub prev_lsn_page: u64,
+    pub page: u64,
+    /// Consistency point: this record closes its mini-transaction.
+    pub cpl: bool,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record truncated: {have} bytes, need {need}")]
+    Truncated { have: usize, need: usize },
+    #[error("record payload of {0} bytes exceeds the {RECORD_PAYLOAD_MAX_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    #[error("record has unknown flags {0:#04x}")]
+    UnknownFlags(u8),
+    #[error("record has {0} trailing bytes after its payload")]
+    Trailing(usize),
+    #[error("record LSN {lsn} is not above its backlink {prev}")]
+    BadBacklink { lsn: u64, prev: u64 },
+    #[error("page image has offset {0}; images start at 0")]
+    ImageWithOffset(u32),
+}
+
+impl RedoRecord {
+    pub fn payload(&self) -> &[u8] {
+        match &self.body {
+            RecordBody::PageImage(b) => b,
+            RecordBody::PageDelta { bytes, .. } => bytes,
+        }
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.payload().len()
+    }
+
+    /// Append the encoding to `out`.
+    ///
+    /// # Panics
+    /// If the payload exceeds [`RECORD_PAYLOAD_MAX_BYTES`]: records are built
+    /// by computed from pages it owns, so that is a programming error.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let payload = self.payload();
+        assert!(
+            payload.len() <= RECORD_PAYLOAD_MAX_BYTES,
+            "record payload too large"
+        );
+        let (kind, offset) = match &self.body {
+            RecordBody::PageImage(_) => (KIND_PAGE_IMAGE, 0),
+            RecordBody::PageDelta { offset, .. } => (KIND_PAGE_DELTA, *offset),
+        };
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&self.segment.volume.to_le_bytes());
+        out.extend_from_slice(&self.segment.pg.to_le_bytes());
+        out.push(kind);
+        out.push(if self.cpl { FLAG_CPL } else { 0 });
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.lsn.to_le_bytes());
+        out.extend_from_slice(&self.prev_lsn_pg.to_le_bytes());
+        out.extend_from_slice(&self.prev_lsn_page.to_le_bytes());
+        out.extend_from_slice(&self.page.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Decode exactly one record from `bytes` (no trailing bytes allowed).
+    pub fn decode(bytes: &[u8]) -> Result<RedoRecord, RecordError> {
+        let (record, used) = RedoRecord::decode_prefix(bytes)?;
+        if used != bytes.len() {
+            return Err(RecordError::Trailing(bytes.len() - used));
+        }
+        Ok(record)
+    }
+
+    /// Decode one record from the front of `bytes`; returns it and the bytes used.
+    pub fn decode_prefix(bytes: &[u8]) -> Result<(RedoRecord, usize), RecordError> {
+        if bytes.len() < RECORD_HEADER_BYTES {
+            return Err(RecordError::Truncated {
+                have: bytes.len(),
+                need: RECORD_HEADER_BYTES,
+            });
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let kind = bytes[12];
+        let flags = bytes[13];
+        if flags & !FLAG_CPL != 0 {
+            return Err(RecordError::UnknownFlags(flags));
+        }
+        let payload_len = u32_at(52) as usize;
+        if payload_len > RECORD_PAYLOAD_MAX_BYTES {
+            return Err(RecordError::TooLarge(payload_len));
+        }
+        let need = RECORD_HEADER_BYTES + payload_len;
+        if bytes.len() < need {
+            return Err(RecordError::Truncated {
+                have: bytes.len(),
+                need,
+            });
+        }
+        let lsn = u64_at(16);
+        let prev_lsn_pg = u64_at(24);
+        let prev_lsn_page = u64_at(32);
+        for prev in [prev_lsn_pg, prev_lsn_page] {
+            if prev >= lsn && prev != 0 || lsn == 0 {
+                return Err(RecordError::BadBacklink { lsn, prev });
+            }
+        }
+        let offset = u32_at(48);
+        let payload = bytes[RECORD_HEADER_BYTES..need].to_vec();
+        let body = match kind {
+            KIND_PAGE_IMAGE if offset != 0 => return Err(RecordError::ImageWithOffset(offset)),
+            KIND_PAGE_IMAGE => RecordBody::PageImage(payload),
+            KIND_PAGE_DELTA => RecordBody::PageDelta {
+                offset,
+                bytes: payload,
+            },
+            other => return Err(RecordError::UnknownKind(other)),
+        };
+        let record = RedoRecord {
+            segment: SegmentId {
+                volume: u64_at(0),
+                pg: u32_at(8),
+            },
+            lsn,
+            prev_lsn_pg,
+            prev_lsn_page,
+            page: u64_at(40),
+            cpl: flags & FLAG_CPL != 0,
+            body,
+        };
+        Ok((record, need))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_record() -> impl Strategy<Value = RedoRecord> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            1u64..u64::MAX,
+            any::<u64>(),
+            any::<bool>(),
+            prop::option::of(any::<u32>()),
+            prop::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(volume, pg, lsn, page, cpl, delta, bytes)| RedoRecord {
+                segment: SegmentId { volume, pg },
+                lsn,
+                prev_lsn_pg: lsn / 2,
+                prev_lsn_page: lsn / 3,
+                page,
+                cpl,
+                body: match delta {
+                    Some(offset) => RecordBody::PageDelta { offset, bytes },
+                    None => RecordBody::PageImage(bytes),
+                },
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(r in arb_record()) {
+            let bytes = r.encode();
+            prop_assert_eq!(bytes.len(), r.encoded_len());
+            prop_assert_eq!(RedoRecord::decode(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = RedoRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn truncation_is_detected(r in arb_record(), cut in 0usize..400) {
+            let bytes = r.encode();
+            let cut = cut.min(bytes.len().saturating_sub(1));
+            prop_assert!(RedoRecord::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn corrupt_length_is_bounded() {
+        let r = RedoRecord {
+            segment: SegmentId { volume: 1, pg: 2 },
+            lsn: 10,
+            prev_lsn_pg: 9,
+            prev_lsn_page: 0,
+            page: 3,
+            cpl: true,
+            body: RecordBody::PageImage(vec![1; 10]),
+        };
+        let mut bytes = r.encode();
+        bytes[52..56].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            RedoRecord::decode(&bytes),
+            Err(RecordError::TooLarge(u32::MAX as usize))
+        );
+    }
+}
