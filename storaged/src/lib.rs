@@ -5,5 +5,7 @@
 //! - [`record`]: redo records as computed produces them.
 
 pub mod io;
+pub mod inspect;
 pub mod log;
 pub mod record;
+pub mod units;

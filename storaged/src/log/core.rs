@@ -30,6 +30,11 @@ use super::layout::{ANCHOR_BLOCKS, block_offset};
 /// than a few writes and a corrupt length on recovery stays small.
 pub const ENTRY_BYTES_MAX: usize = 1024 * 1024;
 
+/// Blocks that may be in flight at once, at most, in any configuration. After
+/// a crash, invalid blocks within this distance past the log's end are the
+/// expected debris of writes that never completed, not corruption.
+pub const INFLIGHT_BLOCKS_MAX: u64 = 4096;
+
 /// How an acknowledged write is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DurabilityMode {
@@ -49,6 +54,23 @@ pub struct LogConfig {
     /// Bytes of entries accepted but not yet packed into a write, at most.
     pub queue_bytes_max: usize,
     pub durability: DurabilityMode,
+}
+
+impl LogConfig {
+    /// Refuse configurations the core cannot run; for flags and config files.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.write_blocks_max == 0 || self.writes_inflight_max == 0 || self.queue_bytes_max == 0 {
+            return Err("log write size, writes in flight and queue size must all be at least 1".into());
+        }
+        let inflight = self.write_blocks_max as u64 * self.writes_inflight_max as u64;
+        if inflight > INFLIGHT_BLOCKS_MAX {
+            return Err(format!(
+                "{} blocks per write × {} writes in flight = {inflight} blocks, above the limit of {INFLIGHT_BLOCKS_MAX}",
+                self.write_blocks_max, self.writes_inflight_max
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LogConfig {
@@ -203,6 +225,7 @@ impl<T> LogCore<T> {
     /// is the anchor write that makes the new generation durable.
     pub fn new(geometry: LogGeometry, config: LogConfig, start: LogStart) -> LogCore<T> {
         assert!(config.write_blocks_max >= 1 && config.writes_inflight_max >= 1);
+        assert!((config.write_blocks_max * config.writes_inflight_max) as u64 <= INFLIGHT_BLOCKS_MAX);
         assert!(start.anchor.tail_seq >= 1 && start.anchor.tail_seq <= start.next_seq);
         assert!(start.next_seq - start.anchor.tail_seq <= geometry.blocks);
         let generation = start

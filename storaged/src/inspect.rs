@@ -1,0 +1,281 @@
+//! Offline inspection of a device: what `storctl inspect` prints.
+//!
+//! Reads, never writes. Reports the superblock copies, the anchor slots, the
+//! live log (tail, head, entries, records) and the result of a CRC check of
+//! every block of the metadata area and the log region that is not all zeros.
+//!
+//! What counts as corruption: a bad superblock copy, a non-zero reserved
+//! metadata block, an entry in the live log that is not a valid record, and an
+//! invalid log block anywhere except just past the log's end, where torn
+//! blocks are the expected debris of writes a crash cut short (they were never
+//! acknowledged).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo};
+use crate::log::core::INFLIGHT_BLOCKS_MAX;
+use crate::log::format::{BlockError, BlockKind, decode_block, decode_block_at};
+use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
+use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
+use crate::record::RedoRecord;
+
+/// Problems listed one by one, at most; the counts are always complete.
+pub const PROBLEMS_LISTED_MAX: usize = 100;
+const CHECK_CHUNK_BLOCKS: usize = 256;
+
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub superblock: SuperblockInfo,
+    pub anchor: AnchorInfo,
+    pub log: LogInfo,
+    pub pages: PagesInfo,
+    pub check: CheckInfo,
+    /// "clean" or "corrupt".
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SuperblockInfo {
+    pub device_id: String,
+    pub node_id: u64,
+    pub device_bytes: u64,
+    pub block_bytes: usize,
+    pub log_start_block: u64,
+    pub log_blocks: u64,
+    pub pages_start_block: u64,
+    pub pages_blocks: u64,
+    pub created_unix_secs: u64,
+    /// "ok" or why the copy is not.
+    pub copies: [String; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct AnchorInfo {
+    pub generation: u32,
+    pub tail_seq: u64,
+    pub counter: u64,
+    pub slots: [String; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogInfo {
+    /// Oldest block still owned.
+    pub tail_seq: u64,
+    /// First block after the valid log (where the next write goes).
+    pub head_seq: u64,
+    pub blocks_live: u64,
+    pub bytes_live: u64,
+    pub end: String,
+    pub entries: u64,
+    pub records: u64,
+    pub incomplete_tail_bytes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PagesInfo {
+    /// Page versions stored (the page store is not written yet).
+    pub page_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckInfo {
+    pub blocks_checked: u64,
+    pub blocks_never_written: u64,
+    pub blocks_valid: u64,
+    /// Invalid blocks just past the log's end: torn by a crash, never acknowledged.
+    pub blocks_torn_tail: u64,
+    pub problems_found: u64,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Problem {
+    pub offset: u64,
+    pub what: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ok_or<T, E: std::fmt::Display>(r: &Result<T, E>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+struct Problems {
+    found: u64,
+    listed: Vec<Problem>,
+}
+
+impl Problems {
+    fn add(&mut self, offset: u64, what: String) {
+        self.found += 1;
+        if self.listed.len() < PROBLEMS_LISTED_MAX {
+            self.listed.push(Problem { offset, what });
+        }
+    }
+}
+
+/// Inspect `dev`. An `Err` is an operational failure (unreadable,
+/// unformatted, no usable superblock or anchor); corruption found in a
+/// readable device is in the report.
+pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenError> {
+    let sb_read = read_superblock(dev.as_ref()).await?;
+    let sb = sb_read.superblock;
+    let anchor_read = read_anchor(dev.as_ref(), &sb).await?;
+    let anchor = anchor_read.anchor;
+    let mut problems = Problems { found: 0, listed: Vec::new() };
+    for (copy, block) in sb_read.copies.iter().zip(SUPERBLOCK_BLOCKS) {
+        if let Err(e) = copy {
+            problems.add(block_offset(block), format!("superblock copy: {e}"));
+        }
+    }
+
+    let mut records = 0u64;
+    let mut bad_entries = Vec::new();
+    let scan = scan_log(dev, &sb, anchor_read.clone(), |start, entry| match RedoRecord::decode(&entry) {
+        Ok(_) => records += 1,
+        Err(e) => bad_entries.push((start, e)),
+    })
+    .await?;
+    for (start, e) in bad_entries {
+        let offset = block_offset(sb.log_start_block + (start - 1) % sb.log_blocks);
+        problems.add(offset, format!("log entry starting in block seq {start} is not a valid record: {e}"));
+    }
+
+    let mut check = CheckInfo {
+        blocks_checked: 0,
+        blocks_never_written: 0,
+        blocks_valid: 0,
+        blocks_torn_tail: 0,
+        problems_found: 0,
+        problems: Vec::new(),
+    };
+    // Positions (in the log region) just past the end, where torn blocks are expected.
+    let head_pos = (scan.next_seq - 1) % sb.log_blocks;
+    let torn_window = INFLIGHT_BLOCKS_MAX.min(sb.log_blocks - scan.blocks);
+    let in_torn_window = |pos: u64| (pos + sb.log_blocks - head_pos) % sb.log_blocks < torn_window;
+
+    let end_block = sb.log_start_block + sb.log_blocks;
+    let mut buf = AlignedBuf::zeroed_blocks(CHECK_CHUNK_BLOCKS);
+    let mut block = 0u64;
+    while block < end_block {
+        let n = (CHECK_CHUNK_BLOCKS as u64).min(end_block - block) as usize;
+        buf.set_blocks(n);
+        let (b, result) = dev.read(block_offset(block), buf).await;
+        buf = b;
+        result.map_err(OpenError::Io)?;
+        for i in 0..n {
+            let here = block + i as u64;
+            let offset = block_offset(here);
+            let bytes = buf.block(i);
+            check.blocks_checked += 1;
+            if bytes.iter().all(|&x| x == 0) {
+                check.blocks_never_written += 1;
+                continue;
+            }
+            if SUPERBLOCK_BLOCKS.contains(&here) {
+                // Judged above, copy by copy.
+                check.blocks_valid += u64::from(decode_block(bytes).is_ok());
+                continue;
+            }
+            if let Some(slot) = ANCHOR_BLOCKS.iter().position(|&a| a == here) {
+                match &anchor_read.slots[slot] {
+                    Ok(_) => check.blocks_valid += 1,
+                    // The slot being written when power failed: the other holds.
+                    Err(_) => check.blocks_torn_tail += 1,
+                }
+                continue;
+            }
+            if here < METADATA_BLOCKS {
+                problems.add(offset, "reserved metadata block is not zero".into());
+                continue;
+            }
+            match decode_block_at(bytes, BlockKind::Log, &sb.device_id, offset) {
+                Ok(_) => check.blocks_valid += 1,
+                Err(e) if in_torn_window(here - sb.log_start_block) => {
+                    let _: BlockError = e;
+                    check.blocks_torn_tail += 1;
+                }
+                Err(e) => problems.add(offset, format!("log block: {e}")),
+            }
+        }
+        block += n as u64;
+    }
+    check.problems_found = problems.found;
+    check.problems = problems.listed;
+
+    let status = if check.problems_found == 0 { "clean" } else { "corrupt" };
+    Ok(InspectReport {
+        superblock: SuperblockInfo {
+            device_id: hex(&sb.device_id),
+            node_id: sb.node_id,
+            device_bytes: sb.device_bytes,
+            block_bytes: BLOCK_SIZE,
+            log_start_block: sb.log_start_block,
+            log_blocks: sb.log_blocks,
+            pages_start_block: sb.pages_start_block,
+            pages_blocks: sb.pages_blocks,
+            created_unix_secs: sb.created_unix_secs,
+            copies: [ok_or(&sb_read.copies[0]), ok_or(&sb_read.copies[1])],
+        },
+        anchor: AnchorInfo {
+            generation: anchor.generation,
+            tail_seq: anchor.tail_seq,
+            counter: anchor.counter,
+            slots: [ok_or(&anchor_read.slots[0]), ok_or(&anchor_read.slots[1])],
+        },
+        log: LogInfo {
+            tail_seq: anchor.tail_seq,
+            head_seq: scan.next_seq,
+            blocks_live: scan.blocks,
+            bytes_live: scan.blocks * BLOCK_SIZE as u64,
+            end: scan.end.to_string(),
+            entries: scan.entries,
+            records,
+            incomplete_tail_bytes: scan.incomplete_tail_bytes,
+        },
+        pages: PagesInfo { page_count: 0 },
+        check,
+        status,
+    })
+}
+
+impl InspectReport {
+    /// The human form: a few aligned lines, problems last.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let sb = &self.superblock;
+        let _ = writeln!(s, "device id      {}", sb.device_id);
+        let _ = writeln!(s, "node id        {}", sb.node_id);
+        let _ = writeln!(s, "size           {} bytes ({} blocks of {})", sb.device_bytes, sb.device_bytes / BLOCK_SIZE as u64, sb.block_bytes);
+        let _ = writeln!(s, "superblocks    copy 0: {}; copy 1: {}", sb.copies[0], sb.copies[1]);
+        let _ = writeln!(s, "log region     blocks {}..{} ({} MiB)", sb.log_start_block, sb.log_start_block + sb.log_blocks, sb.log_blocks * BLOCK_SIZE as u64 >> 20);
+        let _ = writeln!(s, "page store     blocks {}..{}; {} pages", sb.pages_start_block, sb.pages_start_block + sb.pages_blocks, self.pages.page_count);
+        let a = &self.anchor;
+        let _ = writeln!(s, "anchor         generation {}, counter {}; slot 0: {}; slot 1: {}", a.generation, a.counter, a.slots[0], a.slots[1]);
+        let l = &self.log;
+        let _ = writeln!(s, "log            tail seq {}, head seq {}, {} blocks live, {} entries, {} records", l.tail_seq, l.head_seq, l.blocks_live, l.entries, l.records);
+        let _ = writeln!(s, "log end        {}", l.end);
+        let c = &self.check;
+        let _ = writeln!(
+            s,
+            "check          {} blocks read: {} valid, {} never written, {} torn past the end; {} problems",
+            c.blocks_checked, c.blocks_valid, c.blocks_never_written, c.blocks_torn_tail, c.problems_found
+        );
+        for p in &c.problems {
+            let _ = writeln!(s, "  offset {:>12}: {}", p.offset, p.what);
+        }
+        if c.problems_found as usize > c.problems.len() {
+            let _ = writeln!(s, "  ... and {} more", c.problems_found as usize - c.problems.len());
+        }
+        let _ = writeln!(s, "status         {}", self.status);
+        s
+    }
+}
