@@ -1,0 +1,213 @@
+use std::process::Command;
+use std::time::Duration;
+
+use super::*;
+use crate::io::BLOCK_SIZE;
+use crate::io::device::create_zero_filled;
+use crate::io::device::tests::scratch_dir;
+
+/// Every test's upper bound; far above what they need.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test exceeded its time bound")
+}
+
+fn open_file_device(dir: &tempfile::TempDir, size: u64, config: &UringConfig) -> UringDevice {
+    let path = dir.path().join("dev.dat");
+    create_zero_filled(&path, size).expect("create");
+    UringDevice::open(&path, config).expect("open")
+}
+
+fn pattern(blocks: usize, seed: u8) -> AlignedBuf {
+    let mut buf = AlignedBuf::zeroed_blocks(blocks);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = seed.wrapping_add((i % 251) as u8);
+    }
+    buf
+}
+
+#[tokio::test]
+async fn write_then_read_back() {
+    let dir = scratch_dir();
+    let dev = open_file_device(&dir, 4 << 20, &UringConfig::default());
+    assert_eq!(dev.geometry().size_bytes, 4 << 20);
+    assert_eq!(dev.info().kind, DeviceKind::RegularFile);
+    bounded(async {
+        let (buf, res) = dev.write(8192, pattern(3, 7), Durability::Volatile).await;
+        res.expect("write");
+        let expected = buf.to_vec();
+        let (back, res) = dev.read(8192, AlignedBuf::zeroed_blocks(3)).await;
+        res.expect("read");
+        assert_eq!(&back[..], &expected[..]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_io_from_many_tasks() {
+    let dir = scratch_dir();
+    // Small bounds so that backpressure (full channel, max in flight) is exercised.
+    let config = UringConfig {
+        channel_capacity: 4,
+        max_inflight: 8,
+        ..UringConfig::default()
+    };
+    let dev = open_file_device(&dir, 8 << 20, &config);
+    const TASKS: u64 = 64;
+    const IOS_PER_TASK: u64 = 16;
+    bounded(async {
+        let mut handles = Vec::new();
+        for task in 0..TASKS {
+            let dev = dev.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..IOS_PER_TASK {
+                    let offset = (task * IOS_PER_TASK + i) * BLOCK_SIZE as u64;
+                    let seed = (task * 31 + i) as u8;
+                    let (_, res) = dev
+                        .write(offset, pattern(1, seed), Durability::Volatile)
+                        .await;
+                    res.expect("write");
+                    let (back, res) = dev.read(offset, AlignedBuf::zeroed_blocks(1)).await;
+                    res.expect("read");
+                    assert_eq!(&back[..], &pattern(1, seed)[..], "block at {offset}");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("task");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn out_of_range_is_refused() {
+    let dir = scratch_dir();
+    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    bounded(async {
+        let (_, res) = dev.read(1 << 20, AlignedBuf::zeroed_blocks(1)).await;
+        assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
+        let (_, res) = dev.read(100, AlignedBuf::zeroed_blocks(1)).await;
+        assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
+        let (_, res) = dev
+            .write(
+                u64::MAX - 4095,
+                AlignedBuf::zeroed_blocks(1),
+                Durability::Durable,
+            )
+            .await;
+        assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
+        // The device still works afterwards.
+        let (_, res) = dev.read(0, AlignedBuf::zeroed_blocks(1)).await;
+        res.expect("read");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn durable_write_and_flush() {
+    let dir = scratch_dir();
+    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    bounded(async {
+        let (_, res) = dev.write(0, pattern(2, 1), Durability::Durable).await;
+        res.expect("durable write");
+        let (_, res) = dev.write(16384, pattern(1, 2), Durability::Volatile).await;
+        res.expect("volatile write");
+        dev.flush().await.expect("flush");
+        let (back, res) = dev.read(16384, AlignedBuf::zeroed_blocks(1)).await;
+        res.expect("read");
+        assert_eq!(&back[..], &pattern(1, 2)[..]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropped_callers_and_device_do_not_lose_io() {
+    let dir = scratch_dir();
+    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    bounded(async {
+        // Start a write and abandon it after it was sent: the device keeps the
+        // buffer until the completion, then drops it.
+        {
+            let fut = dev.write(0, pattern(1, 9), Durability::Volatile);
+            let _ = tokio::time::timeout(Duration::from_micros(1), fut).await;
+        }
+        let clone = dev.clone();
+        drop(dev);
+        let (_, res) = clone.read(0, AlignedBuf::zeroed_blocks(1)).await;
+        res.expect("the clone still works");
+        drop(clone);
+    })
+    .await;
+}
+
+/// Detaches the loop device on drop, so a failing test does not leak it.
+struct LoopGuard(String);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn loop_device_is_a_block_device() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: loop devices need root");
+        return;
+    }
+    let dir = scratch_dir();
+    let backing = dir.path().join("loop.img");
+    create_zero_filled(&backing, 8 << 20).expect("create backing file");
+    let out = match Command::new("losetup")
+        .args(["--direct-io=on", "-f", "--show"])
+        .arg(&backing)
+        .output()
+    {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!(
+                "skipped: losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipped: losetup not runnable: {e}");
+            return;
+        }
+    };
+    let loop_path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let guard = LoopGuard(loop_path.clone());
+    bounded(async {
+        let dev = UringDevice::open(Path::new(&loop_path), &UringConfig::default()).expect("open");
+        assert_eq!(dev.info().kind, DeviceKind::BlockDevice);
+        assert_eq!(dev.geometry().size_bytes, 8 << 20);
+        let lbs = dev.geometry().logical_block_bytes;
+        assert!(lbs == 512 || lbs == 4096, "BLKSSZGET gave {lbs}");
+        // A loop device's queue has a write_cache attribute in sysfs.
+        assert!(
+            dev.info().cache.write_cache.is_some(),
+            "{:?}",
+            dev.info().cache
+        );
+        let err = match UringDevice::open(Path::new(&loop_path), &UringConfig::default()) {
+            Err(e) => e,
+            Ok(_) => panic!("second open of {loop_path} succeeded despite O_EXCL"),
+        };
+        assert!(matches!(err, DeviceError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        let (_, res) = dev.write(4096, pattern(1, 5), Durability::Durable).await;
+        res.expect("write");
+        let (back, res) = dev.read(4096, AlignedBuf::zeroed_blocks(1)).await;
+        res.expect("read");
+        assert_eq!(&back[..], &pattern(1, 5)[..]);
+        drop(dev);
+    })
+    .await;
+    drop(guard);
+}
