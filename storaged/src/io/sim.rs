@@ -51,8 +51,9 @@
 //!   neither image, not even at a crash.
 //! - **Misdirection** (`misdirect`): the write reports success but its bytes go
 //!   to another block-aligned offset inside the device, chosen by the seed,
-//!   with the durability it asked for; the intended range is untouched. A
-//!   write that spans the whole device cannot be misdirected.
+//!   with the durability it asked for. The target does not overlap the
+//!   intended range (which keeps its old bytes) unless the device is too small
+//!   for that; a write that spans the whole device cannot be misdirected.
 //! - **Bit flips**: `bit_flip_read` flips one bit of a read's returned buffer
 //!   (transient, the medium is intact); [`SimDisk::flip_bit`] flips one bit of
 //!   both images at rest (permanent).
@@ -66,6 +67,8 @@
 //! I/O at the drop (as a real device finishes an I/O nobody waits for).
 
 mod machine;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -280,20 +280,27 @@ impl Core {
         self.issue(owner, latency, op)
     }
 
-    /// A block-aligned offset other than `offset` where `len` bytes fit.
+    /// A block-aligned offset other than `offset` where `len` bytes fit,
+    /// away from the intended range when the device has room for that.
     fn misdirect_target(&mut self, offset: u64, len: usize) -> Option<u64> {
         let block = BLOCK_SIZE as u64;
-        let slots = (self.size_bytes - len as u64) / block + 1;
-        if slots < 2 {
+        let len = len as u64;
+        let slots = (self.size_bytes - len) / block + 1;
+        let apart: Vec<u64> = (0..slots)
+            .map(|slot| slot * block)
+            .filter(|&target| target + len <= offset || offset + len <= target)
+            .collect();
+        if !apart.is_empty() {
+            return Some(apart[self.rng.usize(0..apart.len())]);
+        }
+        let elsewhere: Vec<u64> = (0..slots)
+            .map(|slot| slot * block)
+            .filter(|&target| target != offset)
+            .collect();
+        if elsewhere.is_empty() {
             return None;
         }
-        // Pick among the other slots: skip over our own.
-        let own = offset / block;
-        let mut slot = self.rng.u64(0..slots - 1);
-        if slot >= own {
-            slot += 1;
-        }
-        Some(slot * block)
+        Some(elsewhere[self.rng.usize(0..elsewhere.len())])
     }
 
     pub(super) fn submit_flush(&mut self, owner: Owner) -> (IoId, Duration) {
