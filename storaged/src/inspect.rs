@@ -129,7 +129,10 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     let sb = sb_read.superblock;
     let anchor_read = read_anchor(dev.as_ref(), &sb).await?;
     let anchor = anchor_read.anchor;
-    let mut problems = Problems { found: 0, listed: Vec::new() };
+    let mut problems = Problems {
+        found: 0,
+        listed: Vec::new(),
+    };
     for (copy, block) in sb_read.copies.iter().zip(SUPERBLOCK_BLOCKS) {
         if let Err(e) = copy {
             problems.add(block_offset(block), format!("superblock copy: {e}"));
@@ -138,14 +141,22 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
 
     let mut records = 0u64;
     let mut bad_entries = Vec::new();
-    let scan = scan_log(dev, &sb, anchor_read.clone(), |start, entry| match RedoRecord::decode(&entry) {
-        Ok(_) => records += 1,
-        Err(e) => bad_entries.push((start, e)),
-    })
+    let scan = scan_log(
+        dev,
+        &sb,
+        anchor_read.clone(),
+        |start, entry| match RedoRecord::decode(&entry) {
+            Ok(_) => records += 1,
+            Err(e) => bad_entries.push((start, e)),
+        },
+    )
     .await?;
     for (start, e) in bad_entries {
         let offset = block_offset(sb.log_start_block + (start - 1) % sb.log_blocks);
-        problems.add(offset, format!("log entry starting in block seq {start} is not a valid record: {e}"));
+        problems.add(
+            offset,
+            format!("log entry starting in block seq {start} is not a valid record: {e}"),
+        );
     }
 
     let mut check = CheckInfo {
@@ -210,7 +221,11 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     check.problems_found = problems.found;
     check.problems = problems.listed;
 
-    let status = if check.problems_found == 0 { "clean" } else { "corrupt" };
+    let status = if check.problems_found == 0 {
+        "clean"
+    } else {
+        "corrupt"
+    };
     Ok(InspectReport {
         superblock: SuperblockInfo {
             device_id: hex(&sb.device_id),
@@ -254,26 +269,64 @@ impl InspectReport {
         let sb = &self.superblock;
         let _ = writeln!(s, "device id      {}", sb.device_id);
         let _ = writeln!(s, "node id        {}", sb.node_id);
-        let _ = writeln!(s, "size           {} bytes ({} blocks of {})", sb.device_bytes, sb.device_bytes / BLOCK_SIZE as u64, sb.block_bytes);
-        let _ = writeln!(s, "superblocks    copy 0: {}; copy 1: {}", sb.copies[0], sb.copies[1]);
-        let _ = writeln!(s, "log region     blocks {}..{} ({} MiB)", sb.log_start_block, sb.log_start_block + sb.log_blocks, sb.log_blocks * BLOCK_SIZE as u64 >> 20);
-        let _ = writeln!(s, "page store     blocks {}..{}; {} pages", sb.pages_start_block, sb.pages_start_block + sb.pages_blocks, self.pages.page_count);
+        let _ = writeln!(
+            s,
+            "size           {} bytes ({} blocks of {})",
+            sb.device_bytes,
+            sb.device_bytes / BLOCK_SIZE as u64,
+            sb.block_bytes
+        );
+        let _ = writeln!(
+            s,
+            "superblocks    copy 0: {}; copy 1: {}",
+            sb.copies[0], sb.copies[1]
+        );
+        let _ = writeln!(
+            s,
+            "log region     blocks {}..{} ({} MiB)",
+            sb.log_start_block,
+            sb.log_start_block + sb.log_blocks,
+            sb.log_blocks * BLOCK_SIZE as u64 >> 20
+        );
+        let _ = writeln!(
+            s,
+            "page store     blocks {}..{}; {} pages",
+            sb.pages_start_block,
+            sb.pages_start_block + sb.pages_blocks,
+            self.pages.page_count
+        );
         let a = &self.anchor;
-        let _ = writeln!(s, "anchor         generation {}, counter {}; slot 0: {}; slot 1: {}", a.generation, a.counter, a.slots[0], a.slots[1]);
+        let _ = writeln!(
+            s,
+            "anchor         generation {}, counter {}; slot 0: {}; slot 1: {}",
+            a.generation, a.counter, a.slots[0], a.slots[1]
+        );
         let l = &self.log;
-        let _ = writeln!(s, "log            tail seq {}, head seq {}, {} blocks live, {} entries, {} records", l.tail_seq, l.head_seq, l.blocks_live, l.entries, l.records);
+        let _ = writeln!(
+            s,
+            "log            tail seq {}, head seq {}, {} blocks live, {} entries, {} records",
+            l.tail_seq, l.head_seq, l.blocks_live, l.entries, l.records
+        );
         let _ = writeln!(s, "log end        {}", l.end);
         let c = &self.check;
         let _ = writeln!(
             s,
             "check          {} blocks read: {} valid, {} never written, {} torn past the end; {} problems",
-            c.blocks_checked, c.blocks_valid, c.blocks_never_written, c.blocks_torn_tail, c.problems_found
+            c.blocks_checked,
+            c.blocks_valid,
+            c.blocks_never_written,
+            c.blocks_torn_tail,
+            c.problems_found
         );
         for p in &c.problems {
             let _ = writeln!(s, "  offset {:>12}: {}", p.offset, p.what);
         }
         if c.problems_found as usize > c.problems.len() {
-            let _ = writeln!(s, "  ... and {} more", c.problems_found as usize - c.problems.len());
+            let _ = writeln!(
+                s,
+                "  ... and {} more",
+                c.problems_found as usize - c.problems.len()
+            );
         }
         let _ = writeln!(s, "status         {}", self.status);
         s

@@ -4,8 +4,8 @@
 //! - [`log`]: the durable, circular redo log of 4 KiB self-describing blocks;
 //! - [`record`]: redo records as computed produces them.
 
-pub mod io;
 pub mod inspect;
+pub mod io;
 pub mod log;
 pub mod record;
 pub mod units;

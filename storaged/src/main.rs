@@ -13,7 +13,11 @@ use storaged::log::mkfs::{self, FormatOptions};
 use storaged::units::parse_bytes;
 
 #[derive(Parser)]
-#[command(name = "storaged", version, about = "Storage node of the log-is-the-database service")]
+#[command(
+    name = "storaged",
+    version,
+    about = "Storage node of the log-is-the-database service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,15 +54,20 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,storaged=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,storaged=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Format { device, node_id, size, log_size, force } => {
-            format(&device, node_id, size, log_size, force)
-        }
+        Command::Format {
+            device,
+            node_id,
+            size,
+            log_size,
+            force,
+        } => format(&device, node_id, size, log_size, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,7 +78,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
+fn format(
+    path: &Path,
+    node_id: u64,
+    size: Option<u64>,
+    log_bytes: Option<u64>,
+    force: bool,
+) -> Result<()> {
     prepare_file(path, size, force)?;
     let dev = UringDevice::open(path, &UringConfig::default())
         .with_context(|| format!("opening {}", path.display()))?;
@@ -77,8 +92,18 @@ fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, 
         bail!("--size is for file devices; a block device is used whole");
     }
     let dev = Arc::new(dev);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let sb = rt.block_on(mkfs::format(dev.as_ref(), FormatOptions { node_id, log_bytes, force }))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let sb = rt.block_on(mkfs::format(
+        dev.as_ref(),
+        FormatOptions {
+            node_id,
+            log_bytes,
+            force,
+        },
+    ))?;
     println!(
         "formatted {}: node {}, {} MiB, log {} MiB, page store {} MiB",
         path.display(),
@@ -95,7 +120,10 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let Some(size) = size else {
-                bail!("{} does not exist; pass --size to create a file device of that size", path.display());
+                bail!(
+                    "{} does not exist; pass --size to create a file device of that size",
+                    path.display()
+                );
             };
             device::create_zero_filled(path, size)?;
         }

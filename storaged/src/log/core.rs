@@ -59,8 +59,11 @@ pub struct LogConfig {
 impl LogConfig {
     /// Refuse configurations the core cannot run; for flags and config files.
     pub fn validate(&self) -> Result<(), String> {
-        if self.write_blocks_max == 0 || self.writes_inflight_max == 0 || self.queue_bytes_max == 0 {
-            return Err("log write size, writes in flight and queue size must all be at least 1".into());
+        if self.write_blocks_max == 0 || self.writes_inflight_max == 0 || self.queue_bytes_max == 0
+        {
+            return Err(
+                "log write size, writes in flight and queue size must all be at least 1".into(),
+            );
         }
         let inflight = self.write_blocks_max as u64 * self.writes_inflight_max as u64;
         if inflight > INFLIGHT_BLOCKS_MAX {
@@ -225,7 +228,9 @@ impl<T> LogCore<T> {
     /// is the anchor write that makes the new generation durable.
     pub fn new(geometry: LogGeometry, config: LogConfig, start: LogStart) -> LogCore<T> {
         assert!(config.write_blocks_max >= 1 && config.writes_inflight_max >= 1);
-        assert!((config.write_blocks_max * config.writes_inflight_max) as u64 <= INFLIGHT_BLOCKS_MAX);
+        assert!(
+            (config.write_blocks_max * config.writes_inflight_max) as u64 <= INFLIGHT_BLOCKS_MAX
+        );
         assert!(start.anchor.tail_seq >= 1 && start.anchor.tail_seq <= start.next_seq);
         assert!(start.next_seq - start.anchor.tail_seq <= geometry.blocks);
         let generation = start

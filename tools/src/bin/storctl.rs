@@ -16,7 +16,11 @@ const EXIT_UNCORRECTED: u8 = 4;
 const EXIT_OPERATIONAL: u8 = 8;
 
 #[derive(Parser)]
-#[command(name = "storctl", version, about = "Operate the storage service: inspect devices, and more to come")]
+#[command(
+    name = "storctl",
+    version,
+    about = "Operate the storage service: inspect devices, and more to come"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -57,14 +63,27 @@ fn main() -> ExitCode {
 }
 
 fn run_inspect(path: &Path, json: bool) -> Result<u8> {
-    let dev = UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
+    let dev = UringDevice::open(path, &UringConfig::default())
+        .with_context(|| format!("opening {}", path.display()))?;
     let dev = Arc::new(dev);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let report = rt.block_on(inspect(&dev)).with_context(|| format!("inspecting {}", path.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = rt
+        .block_on(inspect(&dev))
+        .with_context(|| format!("inspecting {}", path.display()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).context("encoding the report")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        );
     } else {
         print!("{}", report.render());
     }
-    Ok(if report.check.problems_found == 0 { EXIT_CLEAN } else { EXIT_UNCORRECTED })
+    Ok(if report.check.problems_found == 0 {
+        EXIT_CLEAN
+    } else {
+        EXIT_UNCORRECTED
+    })
 }
