@@ -167,10 +167,16 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         problems_found: 0,
         problems: Vec::new(),
     };
-    // Positions (in the log region) just past the end, where torn blocks are expected.
+    // Positions (in the log region) just past the end, where torn blocks are
+    // expected: what the last incarnation could have had in flight.
     let head_pos = (scan.next_seq - 1) % sb.log_blocks;
-    let torn_window = INFLIGHT_BLOCKS_MAX.min(sb.log_blocks - scan.blocks);
+    let window = anchor.inflight_blocks.min(INFLIGHT_BLOCKS_MAX);
+    let torn_window = window.min(sb.log_blocks - scan.blocks);
     let in_torn_window = |pos: u64| (pos + sb.log_blocks - head_pos) % sb.log_blocks < torn_window;
+    // Valid blocks of the current generation beyond that window continue a
+    // log that a bad block cut short: acknowledged entries after it are lost.
+    let mut cut_blocks = 0u64;
+    let mut cut_first: Option<u64> = None;
 
     let end_block = sb.log_start_block + sb.log_blocks;
     let mut buf = AlignedBuf::zeroed_blocks(CHECK_CHUNK_BLOCKS);
@@ -208,15 +214,35 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                 continue;
             }
             match decode_block_at(bytes, BlockKind::Log, &sb.device_id, offset) {
-                Ok(_) => check.blocks_valid += 1,
-                Err(e) if in_torn_window(here - sb.log_start_block) => {
-                    let _: BlockError = e;
+                Ok((h, _)) => {
+                    check.blocks_valid += 1;
+                    let beyond =
+                        h.seq >= scan.next_seq + window && h.seq < scan.next_seq + sb.log_blocks;
+                    if beyond && h.generation == anchor.generation && anchor.generation > 0 {
+                        cut_blocks += 1;
+                        cut_first = Some(cut_first.map_or(h.seq, |s: u64| s.min(h.seq)));
+                    }
+                }
+                // A torn write leaves a new header over old sectors: a CRC
+                // mismatch. Nothing else (foreign, misplaced) is crash debris.
+                Err(BlockError::BadCrc { .. }) if in_torn_window(here - sb.log_start_block) => {
                     check.blocks_torn_tail += 1;
                 }
                 Err(e) => problems.add(offset, format!("log block: {e}")),
             }
         }
         block += n as u64;
+    }
+    if let Some(first) = cut_first {
+        let end_offset = block_offset(sb.log_start_block + head_pos);
+        problems.add(
+            end_offset,
+            format!(
+                "the log ends at seq {} ({}), but {cut_blocks} valid blocks of the current generation follow beyond \
+                 what could have been in flight (from seq {first}): a bad block cut the log, and entries after it are lost",
+                scan.next_seq, scan.end
+            ),
+        );
     }
     check.problems_found = problems.found;
     check.problems = problems.listed;

@@ -456,6 +456,8 @@ impl<T> LogCore<T> {
             counter,
             generation: self.generation,
             tail_seq,
+            inflight_blocks: (self.config.write_blocks_max * self.config.writes_inflight_max)
+                as u64,
         };
         let offset = block_offset(ANCHOR_BLOCKS[(counter % 2) as usize]);
         let mut buf = self
@@ -625,6 +627,7 @@ mod tests {
             counter: 1,
             generation: 0,
             tail_seq: 1,
+            inflight_blocks: 0,
         };
         let mut c = LogCore::new(
             geometry,

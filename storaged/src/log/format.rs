@@ -331,11 +331,17 @@ pub struct Anchor {
     pub generation: u32,
     /// Oldest block seq still owned; everything below was released.
     pub tail_seq: u64,
+    /// Blocks this incarnation may have in flight at once. After a crash,
+    /// valid blocks of this generation further than this past the log's end
+    /// prove the log was cut by a bad block, not by the crash.
+    pub inflight_blocks: u64,
 }
 
 impl Anchor {
     pub fn encode(&self, block: &mut [u8], device_id: DeviceId, offset: u64) {
-        let payload = self.tail_seq.to_le_bytes();
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&self.tail_seq.to_le_bytes());
+        payload[8..].copy_from_slice(&self.inflight_blocks.to_le_bytes());
         let header = BlockHeader {
             kind: BlockKind::Anchor,
             device_id,
@@ -350,14 +356,14 @@ impl Anchor {
 
     pub fn decode(block: &[u8], device_id: &DeviceId, offset: u64) -> Result<Anchor, BlockError> {
         let (header, p) = decode_block_at(block, BlockKind::Anchor, device_id, offset)?;
-        if p.len() != 8 {
+        if p.len() != 16 {
             return Err(BlockError::BadLength(header.payload_len));
         }
-        let tail_seq = u64_at(p, 0);
         Ok(Anchor {
             counter: header.seq,
             generation: header.generation,
-            tail_seq,
+            tail_seq: u64_at(p, 0),
+            inflight_blocks: u64_at(p, 8),
         })
     }
 }
@@ -440,6 +446,7 @@ mod tests {
             counter: 9,
             generation: 4,
             tail_seq: 1234,
+            inflight_blocks: 512,
         };
         a.encode(&mut b, DEV, 4096);
         assert_eq!(Anchor::decode(&b, &DEV, 4096).unwrap(), a);

@@ -76,6 +76,7 @@ pub async fn format<D: BlockIo>(dev: &D, opts: FormatOptions) -> Result<Superblo
         counter: 1,
         generation: 0,
         tail_seq: 1,
+        inflight_blocks: 0,
     };
     let offset = block_offset(ANCHOR_BLOCKS[1]);
     anchor.encode(&mut buf, sb.device_id, offset);
