@@ -31,35 +31,42 @@ impl Ring {
     /// only when we ask, no IPIs), then fewer flags whenever the kernel says
     /// EINVAL (too old for that flag).
     pub fn new(entries: u32) -> Result<Ring, DeviceError> {
-        const ATTEMPTS: [RingFlags; 5] = [
-            RingFlags {
-                single_issuer: true,
-                defer_taskrun: true,
-                coop_taskrun: true,
-            },
-            RingFlags {
-                single_issuer: true,
-                defer_taskrun: true,
-                coop_taskrun: false,
-            },
-            RingFlags {
-                single_issuer: true,
-                defer_taskrun: false,
-                coop_taskrun: true,
-            },
-            RingFlags {
-                single_issuer: false,
-                defer_taskrun: false,
-                coop_taskrun: true,
-            },
-            RingFlags {
-                single_issuer: false,
-                defer_taskrun: false,
-                coop_taskrun: false,
-            },
-        ];
+        Ring::with_attempts(entries, &Ring::DEFAULT_ATTEMPTS)
+    }
+
+    /// Flag sets [`Ring::new`] tries, best first.
+    pub const DEFAULT_ATTEMPTS: [RingFlags; 5] = [
+        RingFlags {
+            single_issuer: true,
+            defer_taskrun: true,
+            coop_taskrun: true,
+        },
+        RingFlags {
+            single_issuer: true,
+            defer_taskrun: true,
+            coop_taskrun: false,
+        },
+        RingFlags {
+            single_issuer: true,
+            defer_taskrun: false,
+            coop_taskrun: true,
+        },
+        RingFlags {
+            single_issuer: false,
+            defer_taskrun: false,
+            coop_taskrun: true,
+        },
+        RingFlags {
+            single_issuer: false,
+            defer_taskrun: false,
+            coop_taskrun: false,
+        },
+    ];
+
+    /// Like [`Ring::new`] with a chosen list of flag sets, tried in order.
+    pub fn with_attempts(entries: u32, attempts: &[RingFlags]) -> Result<Ring, DeviceError> {
         let mut last_einval = None;
-        for flags in ATTEMPTS {
+        for &flags in attempts {
             let mut builder = IoUring::builder();
             if flags.single_issuer {
                 builder.setup_single_issuer();

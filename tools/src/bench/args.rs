@@ -1,0 +1,270 @@
+//! storbench's command line: fio's flag names and meanings, and fio's size and
+//! time syntax, so a fio command line carries over by changing the binary name.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "storbench",
+    version,
+    about = "fio-style benchmark for storaged's devices, log and cluster",
+    long_about = "fio-style benchmark. Flags have fio's names and meanings; both `--flag value` \
+                  and `--flag=value` work. `--output-format=json` prints fio's JSON shape so fio's \
+                  parsers read it."
+)]
+pub struct BenchArgs {
+    /// Job name, reported as `jobname`.
+    #[arg(long, default_value = "storbench")]
+    pub name: String,
+
+    /// File or block device to run on (engine uring). A missing file is
+    /// created and zero-filled to --size first.
+    #[arg(long)]
+    pub filename: Option<PathBuf>,
+
+    /// I/O pattern: read, write, randread, randwrite; `commit` is for the cluster engine.
+    #[arg(long, value_enum, default_value_t = Rw::Read)]
+    pub rw: Rw,
+
+    /// Block size of each I/O, e.g. 4k, 64k, 1m (a multiple of 4096: O_DIRECT).
+    #[arg(long, value_parser = parse_size, default_value = "4k")]
+    pub bs: u64,
+
+    /// I/Os kept in flight per job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub iodepth: u32,
+
+    /// Submit as soon as this many I/Os are queued (fio's default, 1, submits
+    /// each at once; larger values save syscalls on fast devices, but on
+    /// some — virtio among them — batching delays dispatch and costs IOPS).
+    #[arg(long = "iodepth_batch_submit", alias = "iodepth_batch", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub iodepth_batch_submit: u32,
+
+    /// Number of jobs (threads), each with its own ring, all on the same file.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub numjobs: u32,
+
+    /// Region of the file to use, and, unless time-based, bytes per job
+    /// (default: the whole file or device). Suffixes k, m, g, t (powers of 1024).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Run for this long (`5`, `5s`, `500ms`, `1m`); implies --time_based.
+    #[arg(long, value_parser = parse_duration)]
+    pub runtime: Option<Duration>,
+
+    /// Run for --runtime even if --size bytes are done (repeating the region).
+    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool, default_value = "0")]
+    pub time_based: bool,
+
+    /// Write durability: none, or dsync (every write is durable on completion, like O_DSYNC).
+    #[arg(long, value_enum, default_value_t = SyncMode::None)]
+    pub sync: SyncMode,
+
+    /// Issue an fdatasync after every N writes (0: never). Only 0 and 1 are
+    /// supported: with 1, each write is followed by IORING_OP_FSYNC(DATASYNC)
+    /// once it completes, and counts as done when the fsync completes.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
+    pub fdatasync: u32,
+
+    /// normal (human) or json (fio's JSON shape).
+    #[arg(long = "output-format", value_enum, default_value_t = OutputFormat::Normal)]
+    pub output_format: OutputFormat,
+
+    /// Report all jobs merged into one.
+    #[arg(long = "group_reporting", num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool, default_value = "0")]
+    pub group_reporting: bool,
+
+    /// What to drive: uring (raw device through io_uring + O_DIRECT), log, cluster.
+    #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
+    pub engine: EngineKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Rw {
+    Read,
+    Write,
+    Randread,
+    Randwrite,
+    /// Cluster engine only: commits through computed.
+    Commit,
+}
+
+impl Rw {
+    pub fn is_write(self) -> bool {
+        matches!(self, Rw::Write | Rw::Randwrite | Rw::Commit)
+    }
+    pub fn is_random(self) -> bool {
+        matches!(self, Rw::Randread | Rw::Randwrite)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    #[value(alias = "0")]
+    None,
+    Dsync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Normal,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    Uring,
+    Log,
+    Cluster,
+}
+
+impl BenchArgs {
+    /// How long to run, if time-based.
+    pub fn duration(&self) -> Option<Duration> {
+        self.runtime
+    }
+}
+
+/// Parses fio's sizes: plain bytes or a number with k/m/g/t (optionally
+/// followed by `b` or `ib`, any case), all powers of 1024 as fio's default
+/// `kb_base=1024` has it.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(format!(
+            "`{s}` is not a size (expected e.g. 4096, 4k, 1m, 2g)"
+        ));
+    }
+    let value: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: number too large"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown size suffix `{other}` (use k, m, g or t)"
+            ));
+        }
+    };
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}`: size overflows"))
+}
+
+/// Parses fio's times: plain seconds, or a number with us, ms, s, m, h.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(format!(
+            "`{s}` is not a duration (expected e.g. 5, 5s, 500ms, 1m)"
+        ));
+    }
+    let value: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: number too large"))?;
+    let d = match suffix.to_ascii_lowercase().as_str() {
+        "" | "s" | "sec" => value.checked_mul(1).map(Duration::from_secs),
+        "us" | "usec" => Some(Duration::from_micros(value)),
+        "ms" | "msec" => Some(Duration::from_millis(value)),
+        "m" | "min" => value.checked_mul(60).map(Duration::from_secs),
+        "h" => value.checked_mul(3600).map(Duration::from_secs),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown time unit `{other}` (use us, ms, s, m or h)"
+            ));
+        }
+    };
+    match d {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err(format!("`{s}`: runtime must be more than zero")),
+        None => Err(format!("`{s}`: duration overflows")),
+    }
+}
+
+/// fio's booleans: `--time_based` alone, or `=1`/`=0`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("`{s}` is not a boolean (use 1 or 0)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("k").is_err());
+        assert!(parse_size("4x").is_err());
+        assert!(parse_size("-4k").is_err());
+        assert!(parse_size("99999999999t").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn both_flag_forms() {
+        let a = BenchArgs::try_parse_from([
+            "storbench",
+            "--rw=randwrite",
+            "--bs",
+            "8k",
+            "--iodepth=32",
+            "--size",
+            "1g",
+            "--runtime=500ms",
+            "--time_based",
+            "--sync=dsync",
+            "--output-format",
+            "json",
+            "--group_reporting",
+        ])
+        .expect("parse");
+        assert_eq!(a.rw, Rw::Randwrite);
+        assert_eq!(a.bs, 8192);
+        assert_eq!(a.iodepth, 32);
+        assert_eq!(a.size, Some(1 << 30));
+        assert_eq!(a.runtime, Some(Duration::from_millis(500)));
+        assert!(a.time_based);
+        assert_eq!(a.sync, SyncMode::Dsync);
+        assert_eq!(a.output_format, OutputFormat::Json);
+        assert!(a.group_reporting);
+
+        let b = BenchArgs::try_parse_from(["storbench", "--time_based=0", "--bs=4x"]);
+        assert!(b.is_err());
+        let c = BenchArgs::try_parse_from(["storbench", "--time_based=0"]).expect("parse");
+        assert!(!c.time_based);
+        assert!(BenchArgs::try_parse_from(["storbench", "--iodepth=0"]).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! storbench as a user runs it: a short real run, and the exit codes and
+//! messages of bad input. Each run is bounded by its --runtime or fails fast.
+
+use std::process::{Command, Output};
+
+fn storbench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_storbench"))
+        .args(args)
+        .output()
+        .expect("run storbench")
+}
+
+/// On a disk-backed filesystem: O_DIRECT may not work on a tmpfs /tmp.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("storbench-test-")
+        .tempdir_in("/var/tmp")
+        .expect("scratch dir")
+}
+
+#[test]
+fn short_uring_run_prints_fio_json() {
+    let dir = scratch_dir();
+    let file = dir.path().join("bench.dat");
+    let file_arg = format!("--filename={}", file.display());
+    for rw in ["randwrite", "randread"] {
+        let out = storbench(&[
+            "--engine",
+            "uring",
+            &file_arg,
+            "--size=4m",
+            &format!("--rw={rw}"),
+            "--bs=4k",
+            "--iodepth=8",
+            "--numjobs=2",
+            "--runtime",
+            "1",
+            "--output-format=json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{rw}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        let jobs = v["jobs"].as_array().expect("jobs");
+        assert_eq!(jobs.len(), 2, "one entry per job");
+        let dir_key = if rw == "randread" { "read" } else { "write" };
+        let other = if rw == "randread" { "write" } else { "read" };
+        for job in jobs {
+            assert!(job[dir_key]["total_ios"].as_u64().is_some_and(|n| n > 0));
+            assert!(job[dir_key]["iops"].as_f64().is_some_and(|n| n > 0.0));
+            assert_eq!(job[other]["total_ios"], 0);
+        }
+    }
+    // A size-bound run (no runtime) moves exactly --size bytes per job.
+    let out = storbench(&[
+        &file_arg,
+        "--rw=read",
+        "--bs=64k",
+        "--size=1m",
+        "--output-format=json",
+        "--group_reporting",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["jobs"][0]["read"]["io_bytes"], 1 << 20);
+}
+
+fn assert_fails(args: &[&str], code: i32, needle: &str) {
+    let out = storbench(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: `{needle}` not in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_input_exits_1_with_a_clear_message() {
+    let dir = scratch_dir();
+    let file = dir.path().join("bench.dat");
+    let file_arg = format!("--filename={}", file.display());
+    assert_fails(&["--bs=4x", &file_arg], 1, "unknown size suffix");
+    assert_fails(&["--runtime=soon", &file_arg], 1, "not a duration");
+    assert_fails(&["--rw=sideways", &file_arg], 1, "invalid value");
+    assert_fails(
+        &[
+            "--filename=/nonexistent-dir/x.dat",
+            "--size=4m",
+            "--runtime=1",
+        ],
+        1,
+        "does not exist",
+    );
+    assert_fails(
+        &[&file_arg, "--size=4m", "--bs=1000", "--runtime=1"],
+        1,
+        "multiple of 4096",
+    );
+    assert_fails(
+        &[&file_arg, "--rw=commit", "--runtime=1"],
+        1,
+        "--engine cluster",
+    );
+    assert_fails(&[&file_arg, "--runtime=1"], 1, "give --size");
+    assert_fails(&[&file_arg, "--engine=log"], 2, "not built yet");
+    let help = storbench(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--filename",
+        "--rw",
+        "--bs",
+        "--iodepth",
+        "--numjobs",
+        "--size",
+        "--runtime",
+        "--time_based",
+        "--sync",
+        "--output-format",
+        "--engine",
+        "--group_reporting",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}");
+    }
+}
