@@ -312,7 +312,7 @@ impl InspectReport {
             "log region     blocks {}..{} ({} MiB)",
             sb.log_start_block,
             sb.log_start_block + sb.log_blocks,
-            sb.log_blocks * BLOCK_SIZE as u64 >> 20
+            (sb.log_blocks * BLOCK_SIZE as u64) >> 20
         );
         let _ = writeln!(
             s,

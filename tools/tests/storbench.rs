@@ -110,7 +110,25 @@ fn bad_input_exits_1_with_a_clear_message() {
         "--engine cluster",
     );
     assert_fails(&[&file_arg, "--runtime=1"], 1, "give --size");
-    assert_fails(&[&file_arg, "--engine=log"], 2, "not built yet");
+    assert_fails(
+        &[&file_arg, "--engine=cluster", "--runtime=1"],
+        2,
+        "not built yet",
+    );
+    assert_fails(
+        &[&file_arg, "--engine=log", "--bs=32", "--runtime=1"],
+        1,
+        "too small for a redo record",
+    );
+    // An existing file that is not a formatted device is never formatted over.
+    let plain = dir.path().join("plain.dat");
+    std::fs::write(&plain, vec![0u8; 8 << 20]).unwrap();
+    let plain_arg = format!("--filename={}", plain.display());
+    assert_fails(
+        &[&plain_arg, "--engine=log", "--runtime=1"],
+        1,
+        "not formatted",
+    );
     let help = storbench(&["--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
@@ -129,5 +147,38 @@ fn bad_input_exits_1_with_a_clear_message() {
         "--group_reporting",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn log_engine_creates_formats_and_appends() {
+    let dir = scratch_dir();
+    let file = dir.path().join("log.dat");
+    let file_arg = format!("--filename={}", file.display());
+    for _ in 0..2 {
+        // The first run creates and formats the device; the second reopens
+        // and recovers it, and appends after what is there.
+        let out = storbench(&[
+            &file_arg,
+            "--engine=log",
+            "--size=16m",
+            "--bs=128",
+            "--iodepth=8",
+            "--runtime=1",
+            "--output-format=json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let w = &v["jobs"][0]["write"];
+        assert!(w["total_ios"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(
+            w["io_bytes"].as_u64().unwrap(),
+            w["total_ios"].as_u64().unwrap() * 128
+        );
+        assert_eq!(v["jobs"][0]["read"]["total_ios"], 0);
     }
 }

@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 
 use crate::io::{AlignedBuf, BlockIo, IoError};
 
@@ -169,13 +170,14 @@ async fn drive<D: BlockIo>(
     mut rx: mpsc::Receiver<Cmd>,
     stats: watch::Sender<LogStats>,
 ) {
-    let mut io = JoinSet::new();
+    // The device futures are polled right here rather than spawned: no task
+    // per write, and a completion wakes the driver directly.
+    let mut io = FuturesUnordered::new();
     let mut closed = false;
     let mut batch_start = 0u64;
     loop {
         while let Some(req) = core.poll_io() {
-            let dev = dev.clone();
-            io.spawn(async move { run_io(dev.as_ref(), req).await });
+            io.push(run_io(dev.as_ref(), req));
         }
         while let Some((token, start_seq)) = core.poll_acked() {
             if token.first {
@@ -201,12 +203,8 @@ async fn drive<D: BlockIo>(
         let take_more = !closed && core.has_room(0);
         tokio::select! {
             biased;
-            Some(done) = io.join_next(), if !io.is_empty() => {
-                complete(&mut core, done);
-                // Take every completion already there before packing again.
-                while let Some(done) = io.try_join_next() {
-                    complete(&mut core, done);
-                }
+            Some((id, buf, result)) = io.next(), if !io.is_empty() => {
+                core.complete(id, buf, result);
             }
             cmd = rx.recv(), if take_more => {
                 match cmd {
@@ -222,17 +220,6 @@ async fn drive<D: BlockIo>(
                 }
             }
         }
-    }
-}
-
-type Done = Result<(u64, Option<AlignedBuf>, Result<(), IoError>), tokio::task::JoinError>;
-
-fn complete(core: &mut LogCore<Token>, done: Done) {
-    match done {
-        Ok((id, buf, result)) => core.complete(id, buf, result),
-        // An I/O task cannot panic short of a bug; if it did, its buffer is
-        // gone with it and the log cannot know what reached the disk.
-        Err(e) => panic!("log I/O task failed: {e}"),
     }
 }
 

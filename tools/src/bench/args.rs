@@ -25,9 +25,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub filename: Option<PathBuf>,
 
-    /// I/O pattern: read, write, randread, randwrite; `commit` is for the cluster engine.
-    #[arg(long, value_enum, default_value_t = Rw::Read)]
-    pub rw: Rw,
+    /// I/O pattern: read, write, randread, randwrite; `commit` is for the
+    /// cluster engine. Default: read for uring, write for log, commit for cluster.
+    #[arg(long, value_enum)]
+    pub rw: Option<Rw>,
 
     /// Block size of each I/O, e.g. 4k, 64k, 1m (a multiple of 4096: O_DIRECT).
     #[arg(long, value_parser = parse_size, default_value = "4k")]
@@ -81,6 +82,37 @@ pub struct BenchArgs {
     /// What to drive: uring (raw device through io_uring + O_DIRECT), log, cluster.
     #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
     pub engine: EngineKind,
+
+    /// Log engine: most 4 KiB blocks packed into one write.
+    #[arg(long = "log-write-blocks", default_value_t = storaged::log::LogConfig::default().write_blocks_max,
+          value_parser = clap::value_parser!(usize))]
+    pub log_write_blocks: usize,
+
+    /// Log engine: most writes in flight at once; appends that arrive
+    /// while they are all busy ride in the next write (group commit).
+    #[arg(long = "log-writes-inflight", default_value_t = storaged::log::LogConfig::default().writes_inflight_max,
+          value_parser = clap::value_parser!(usize))]
+    pub log_writes_inflight: usize,
+
+    /// Log engine: make writes durable with RWF_DSYNC on each (dsync), or
+    /// with a flush after they complete (flush).
+    #[arg(long = "log-durability", value_enum, default_value_t = LogDurability::Dsync)]
+    pub log_durability: LogDurability,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogDurability {
+    Dsync,
+    Flush,
+}
+
+impl From<LogDurability> for storaged::log::DurabilityMode {
+    fn from(d: LogDurability) -> Self {
+        match d {
+            LogDurability::Dsync => storaged::log::DurabilityMode::Dsync,
+            LogDurability::Flush => storaged::log::DurabilityMode::Flush,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,6 +155,15 @@ pub enum EngineKind {
 }
 
 impl BenchArgs {
+    /// The I/O pattern, or the engine's natural one when --rw is not given.
+    pub fn rw(&self) -> Rw {
+        self.rw.unwrap_or(match self.engine {
+            EngineKind::Uring => Rw::Read,
+            EngineKind::Log => Rw::Write,
+            EngineKind::Cluster => Rw::Commit,
+        })
+    }
+
     /// How long to run, if time-based.
     pub fn duration(&self) -> Option<Duration> {
         self.runtime
@@ -251,7 +292,7 @@ mod tests {
             "--group_reporting",
         ])
         .expect("parse");
-        assert_eq!(a.rw, Rw::Randwrite);
+        assert_eq!(a.rw(), Rw::Randwrite);
         assert_eq!(a.bs, 8192);
         assert_eq!(a.iodepth, 32);
         assert_eq!(a.size, Some(1 << 30));

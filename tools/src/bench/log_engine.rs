@@ -51,10 +51,13 @@ pub fn entry_bytes_for(bs: u64) -> Result<usize> {
 
 impl Engine for LogBench {
     fn run(&self, args: &BenchArgs) -> Result<Vec<JobStats>> {
-        if !matches!(args.rw, Rw::Write) {
+        if args.rw() != Rw::Write {
             bail!("--engine log appends: use --rw write (the default for this engine)");
         }
-        let path = args.filename.as_deref().ok_or_else(|| anyhow!("--engine log needs --filename DEVICE"))?;
+        let path = args
+            .filename
+            .as_deref()
+            .ok_or_else(|| anyhow!("--engine log needs --filename DEVICE"))?;
         let entry_bytes = entry_bytes_for(args.bs)?;
         let config = LogConfig {
             write_blocks_max: args.log_write_blocks,
@@ -62,8 +65,13 @@ impl Engine for LogBench {
             durability: args.log_durability.into(),
             ..LogConfig::default()
         };
-        config.validate().map_err(|e| anyhow!("log engine settings: {e}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+        config
+            .validate()
+            .map_err(|e| anyhow!("log engine settings: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
         rt.block_on(run(args, path, entry_bytes, config))
     }
 }
@@ -72,19 +80,38 @@ async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevic
     let fresh = !path.exists();
     if fresh {
         let size = size.unwrap_or(DEVICE_BYTES_DEFAULT);
-        eprintln!("storbench: creating {} ({} MiB) and formatting it", path.display(), size >> 20);
+        eprintln!(
+            "storbench: creating {} ({} MiB) and formatting it",
+            path.display(),
+            size >> 20
+        );
         create_zero_filled(path, size)?;
     }
-    let dev = Arc::new(UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?);
+    let dev = Arc::new(
+        UringDevice::open(path, &UringConfig::default())
+            .with_context(|| format!("opening {}", path.display()))?,
+    );
     if fresh {
-        format(dev.as_ref(), FormatOptions { node_id: 0, log_bytes: None, force: false })
-            .await
-            .with_context(|| format!("formatting {}", path.display()))?;
+        format(
+            dev.as_ref(),
+            FormatOptions {
+                node_id: 0,
+                log_bytes: None,
+                force: false,
+            },
+        )
+        .await
+        .with_context(|| format!("formatting {}", path.display()))?;
     }
     Ok(dev)
 }
 
-async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfig) -> Result<Vec<JobStats>> {
+async fn run(
+    args: &BenchArgs,
+    path: &Path,
+    entry_bytes: usize,
+    config: LogConfig,
+) -> Result<Vec<JobStats>> {
     let dev = open_or_create(path, args.size).await?;
     let opened = match LogEngine::open(dev, config, |_, _| {}).await {
         Ok(o) => o,
@@ -129,7 +156,8 @@ async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfi
             let engine = engine.clone();
             let stop = stop.clone();
             let max_acked = max_acked.clone();
-            let quota = records_per_job / appenders + u64::from(appender < records_per_job % appenders);
+            let quota =
+                records_per_job / appenders + u64::from(appender < records_per_job % appenders);
             let payload = entry_bytes - RECORD_HEADER_BYTES;
             let lsn_base = (job * appenders + appender) << 40;
             jobs.spawn(async move {
@@ -140,18 +168,29 @@ async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfi
                     }
                     let lsn = lsn_base + i + 1;
                     let record = RedoRecord {
-                        segment: SegmentId { volume: 1, pg: (job * appenders + appender) as u32 },
+                        segment: SegmentId {
+                            volume: 1,
+                            pg: (job * appenders + appender) as u32,
+                        },
                         lsn,
                         prev_lsn_pg: lsn - 1,
                         prev_lsn_page: 0,
                         page: i % 1024,
                         cpl: true,
-                        body: RecordBody::PageDelta { offset: 0, bytes: vec![lsn as u8; payload] },
+                        body: RecordBody::PageDelta {
+                            offset: 0,
+                            bytes: vec![lsn as u8; payload],
+                        },
                     };
                     let entry = record.encode();
                     let t = Instant::now();
-                    let seq = engine.append(entry).await.map_err(|e| anyhow!("append failed: {e}"))?;
-                    let _ = stats.latency_ns.record((t.elapsed().as_nanos() as u64).max(1));
+                    let seq = engine
+                        .append(entry)
+                        .await
+                        .map_err(|e| anyhow!("append failed: {e}"))?;
+                    let _ = stats
+                        .latency_ns
+                        .record((t.elapsed().as_nanos() as u64).max(1));
                     stats.ios += 1;
                     max_acked.fetch_max(seq, Ordering::Relaxed);
                 }
@@ -181,7 +220,10 @@ async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfi
         .map(|mut w| {
             w.bytes = w.ios * args.bs;
             w.runtime = elapsed;
-            JobStats { read: DirStats::default(), write: w }
+            JobStats {
+                read: DirStats::default(),
+                write: w,
+            }
         })
         .collect())
 }

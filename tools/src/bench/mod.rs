@@ -2,10 +2,11 @@
 //!
 //! An engine runs the jobs an argument set describes and returns, per job,
 //! what happened in each direction ([`JobStats`]); [`report`] turns that into
-//! fio's normal or JSON output. Engines: [`uring_engine`] (raw device);
-//! `log` and `cluster` are planned and plug in the same way.
+//! fio's normal or JSON output. Engines: [`uring_engine`] (raw device),
+//! [`log_engine`] (storaged's log, in-process); `cluster` plugs in the same way.
 
 pub mod args;
+pub mod log_engine;
 pub mod report;
 pub mod stats;
 pub mod uring_engine;
@@ -33,7 +34,7 @@ pub enum BenchError {
 pub fn run(args: &BenchArgs) -> Result<Vec<JobStats>, BenchError> {
     let engine: &dyn Engine = match args.engine {
         EngineKind::Uring => &uring_engine::UringEngine,
-        EngineKind::Log => return Err(BenchError::NotBuilt("log")),
+        EngineKind::Log => &log_engine::LogBench,
         EngineKind::Cluster => return Err(BenchError::NotBuilt("cluster")),
     };
     Ok(engine.run(args)?)

@@ -70,11 +70,11 @@ impl Engine for UringEngine {
         if region_bytes == 0 {
             bail!("--size {region} is smaller than --bs {}", args.bs);
         }
-        if opened.kind == DeviceKind::BlockDevice && args.rw.is_write() {
+        if opened.kind == DeviceKind::BlockDevice && args.rw().is_write() {
             eprintln!("storbench: writing to block device {}", path.display());
         }
         let plan = Plan {
-            rw: args.rw,
+            rw: args.rw(),
             bs: args.bs,
             iodepth: args.iodepth,
             iodepth_batch_submit: args.iodepth_batch_submit.min(args.iodepth),
@@ -85,7 +85,7 @@ impl Engine for UringEngine {
                 SyncMode::None => 0,
                 SyncMode::Dsync => libc::RWF_DSYNC,
             },
-            fdatasync: args.fdatasync == 1 && args.rw.is_write(),
+            fdatasync: args.fdatasync == 1 && args.rw().is_write(),
         };
         let fd = opened.file.as_raw_fd();
         let barrier = Barrier::new(plan.numjobs as usize);
@@ -112,7 +112,7 @@ impl Engine for UringEngine {
 }
 
 fn validate(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.rw == Rw::Commit {
+    if args.rw() == Rw::Commit {
         bail!(
             "--rw commit needs --engine cluster (not built yet); --engine uring does read, write, randread, randwrite"
         );
