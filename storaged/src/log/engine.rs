@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::io::{AlignedBuf, BlockIo, IoError};
 
@@ -18,8 +18,12 @@ use super::core::{AppendError, IoRequest, LogConfig, LogCore, LogGeometry, LogSt
 use super::format::Superblock;
 use super::recovery::{OpenError, ScanReport, read_anchor, read_superblock, scan_log};
 
-/// Appends waiting in the channel before the driver takes them, at most.
+/// Append calls waiting in the channel before the driver takes them, at most.
 pub const CHANNEL_APPENDS_MAX: usize = 4096;
+/// Entry bytes waiting in the channel, at most. With the core's queue
+/// (`LogConfig::queue_bytes_max`) and its write buffers this bounds the
+/// engine's memory whatever the number of appenders or the size of entries.
+pub const CHANNEL_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 type Reply = oneshot::Sender<Result<u64, AppendError>>;
 
@@ -32,8 +36,16 @@ struct Token {
 }
 
 enum Cmd {
-    Append { entries: Vec<Vec<u8>>, reply: Reply },
-    Release { upto: u64 },
+    /// The permit holds the entries' bytes against [`CHANNEL_BYTES_MAX`]
+    /// until the driver has taken them into its queue.
+    Append {
+        entries: Vec<Vec<u8>>,
+        reply: Reply,
+        _bytes: OwnedSemaphorePermit,
+    },
+    Release {
+        upto: u64,
+    },
 }
 
 /// A handle to the log. Cheap to clone; the engine stops (after finishing
@@ -42,6 +54,7 @@ enum Cmd {
 pub struct LogEngine {
     tx: mpsc::Sender<Cmd>,
     stats: watch::Receiver<LogStats>,
+    channel_bytes: Arc<Semaphore>,
 }
 
 /// What opening found.
@@ -96,10 +109,12 @@ impl LogEngine {
         let (tx, rx) = mpsc::channel(CHANNEL_APPENDS_MAX);
         let (stats_tx, stats_rx) = watch::channel(core.stats());
         let driver = tokio::spawn(drive(dev, core, rx, stats_tx));
+        let channel_bytes = Arc::new(Semaphore::new(CHANNEL_BYTES_MAX));
         Ok(Opened {
             engine: LogEngine {
                 tx,
                 stats: stats_rx,
+                channel_bytes,
             },
             superblock: sb,
             scan,
@@ -119,13 +134,26 @@ impl LogEngine {
         if entries.is_empty() {
             return Err(AppendError::BadSize(0));
         }
+        let stopped = || AppendError::Failed("the log engine has stopped".into());
+        let bytes: usize = entries.iter().map(Vec::len).sum();
+        // A call larger than the whole budget takes all of it, alone.
+        let permits = bytes.clamp(1, CHANNEL_BYTES_MAX) as u32;
+        let permit = self
+            .channel_bytes
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| stopped())?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Append { entries, reply })
+            .send(Cmd::Append {
+                entries,
+                reply,
+                _bytes: permit,
+            })
             .await
-            .map_err(|_| AppendError::Failed("the log engine has stopped".into()))?;
-        rx.await
-            .map_err(|_| AppendError::Failed("the log engine has stopped".into()))?
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Free the log below `upto` (a seq an append returned): the owner no
@@ -225,7 +253,11 @@ async fn drive<D: BlockIo>(
 
 fn handle(core: &mut LogCore<Token>, cmd: Cmd) {
     match cmd {
-        Cmd::Append { entries, reply } => {
+        Cmd::Append {
+            entries,
+            reply,
+            _bytes,
+        } => {
             // All or nothing: a bad entry fails the call before any is queued.
             for entry in &entries {
                 if let Err(e) = core.check(entry.len()) {
