@@ -156,12 +156,7 @@ pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, Devi
         ),
         DeviceKind::RegularFile => (meta.len(), file_dio_align(&file), meta.dev()),
     };
-    if logical_block_bytes == 0 || BLOCK_SIZE as u32 % logical_block_bytes != 0 {
-        return Err(DeviceError::UnsupportedBlockSize {
-            path: path.to_owned(),
-            bytes: logical_block_bytes,
-        });
-    }
+    check_logical_block_size(path, logical_block_bytes)?;
     let size_bytes = raw_size - raw_size % BLOCK_SIZE as u64;
     if size_bytes < opts.min_size_bytes || size_bytes == 0 {
         return Err(DeviceError::TooSmall {
@@ -285,6 +280,15 @@ fn write_cache_info(major: u32, minor: u32) -> WriteCacheInfo {
         fua: read("fua").map(|s| s == "1"),
         disk: dir.file_name().map(|n| n.to_string_lossy().into_owned()),
     }
+}
+
+/// Every on-disk structure is a whole number of 4 KiB blocks written with
+/// O_DIRECT, so the device's logical block must divide 4096.
+pub fn check_logical_block_size(path: &Path, bytes: u32) -> Result<(), DeviceError> {
+    if bytes == 0 || BLOCK_SIZE as u32 % bytes != 0 {
+        return Err(DeviceError::UnsupportedBlockSize { path: path.to_owned(), bytes });
+    }
+    Ok(())
 }
 
 /// Creates (or overwrites) a regular file of exactly `size_bytes` rounded down

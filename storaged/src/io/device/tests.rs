@@ -75,3 +75,16 @@ fn tmpfs_refusal_is_clear() {
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
+
+#[test]
+fn block_sizes_that_do_not_divide_4096_are_refused() {
+    let p = Path::new("/dev/example");
+    for ok in [512, 1024, 2048, 4096] {
+        assert!(check_logical_block_size(p, ok).is_ok(), "{ok}");
+    }
+    for bad in [0, 520, 3000, 8192, 65536] {
+        let err = check_logical_block_size(p, bad).unwrap_err();
+        assert!(matches!(err, DeviceError::UnsupportedBlockSize { bytes, .. } if bytes == bad), "{bad}");
+        assert!(err.to_string().contains("/dev/example"), "{err}");
+    }
+}
