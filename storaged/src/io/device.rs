@@ -286,7 +286,10 @@ fn write_cache_info(major: u32, minor: u32) -> WriteCacheInfo {
 /// O_DIRECT, so the device's logical block must divide 4096.
 pub fn check_logical_block_size(path: &Path, bytes: u32) -> Result<(), DeviceError> {
     if bytes == 0 || BLOCK_SIZE as u32 % bytes != 0 {
-        return Err(DeviceError::UnsupportedBlockSize { path: path.to_owned(), bytes });
+        return Err(DeviceError::UnsupportedBlockSize {
+            path: path.to_owned(),
+            bytes,
+        });
     }
     Ok(())
 }

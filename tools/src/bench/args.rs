@@ -172,34 +172,9 @@ impl BenchArgs {
 
 /// Parses fio's sizes: plain bytes or a number with k/m/g/t (optionally
 /// followed by `b` or `ib`, any case), all powers of 1024 as fio's default
-/// `kb_base=1024` has it.
+/// `kb_base=1024` has it. One parser for every tool: storaged's.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!(
-            "`{s}` is not a size (expected e.g. 4096, 4k, 1m, 2g)"
-        ));
-    }
-    let value: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: number too large"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => {
-            return Err(format!(
-                "`{s}`: unknown size suffix `{other}` (use k, m, g or t)"
-            ));
-        }
-    };
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{s}`: size overflows"))
+    storaged::units::parse_bytes(s)
 }
 
 /// Parses fio's times: plain seconds, or a number with us, ms, s, m, h.

@@ -84,7 +84,10 @@ fn block_sizes_that_do_not_divide_4096_are_refused() {
     }
     for bad in [0, 520, 3000, 8192, 65536] {
         let err = check_logical_block_size(p, bad).unwrap_err();
-        assert!(matches!(err, DeviceError::UnsupportedBlockSize { bytes, .. } if bytes == bad), "{bad}");
+        assert!(
+            matches!(err, DeviceError::UnsupportedBlockSize { bytes, .. } if bytes == bad),
+            "{bad}"
+        );
         assert!(err.to_string().contains("/dev/example"), "{err}");
     }
 }
