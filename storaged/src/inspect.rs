@@ -140,22 +140,33 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     }
 
     let mut records = 0u64;
-    let mut bad_entries = Vec::new();
+    let log_start_block = sb.log_start_block;
+    let log_blocks = sb.log_blocks;
     let scan = scan_log(
         dev,
         &sb,
         anchor_read.clone(),
         |start, entry| match RedoRecord::decode(&entry) {
             Ok(_) => records += 1,
-            Err(e) => bad_entries.push((start, e)),
+            Err(e) => {
+                let offset = block_offset(log_start_block + (start - 1) % log_blocks);
+                problems.add(
+                    offset,
+                    format!("log entry starting in block seq {start} is not a valid record: {e}"),
+                );
+            }
         },
     )
     .await?;
-    for (start, e) in bad_entries {
-        let offset = block_offset(sb.log_start_block + (start - 1) % sb.log_blocks);
+    let mut cut_evidence = scan.next_seq < anchor.floor_seq;
+    if cut_evidence {
         problems.add(
-            offset,
-            format!("log entry starting in block seq {start} is not a valid record: {e}"),
+            block_offset(sb.log_start_block + (scan.next_seq - 1) % sb.log_blocks),
+            format!(
+                "the log ends at seq {} ({}), below seq {} up to which every block was durable: \
+                 a damaged block cut the log, and the records after it are lost here",
+                scan.next_seq, scan.end, anchor.floor_seq
+            ),
         );
     }
 
@@ -168,13 +179,17 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         problems: Vec::new(),
     };
     // Positions (in the log region) just past the end, where torn blocks are
-    // expected: what the last incarnation could have had in flight.
+    // expected: what an incarnation could have had in flight when it crashed.
+    // A torn block's generation is unknown, so the widest window applies.
     let head_pos = (scan.next_seq - 1) % sb.log_blocks;
-    let window = anchor.inflight_blocks.min(INFLIGHT_BLOCKS_MAX);
-    let torn_window = window.min(sb.log_blocks - scan.blocks);
-    let in_torn_window = |pos: u64| (pos + sb.log_blocks - head_pos) % sb.log_blocks < torn_window;
-    // Valid blocks of the current generation beyond that window continue a
-    // log that a bad block cut short: acknowledged entries after it are lost.
+    let free_blocks = sb.log_blocks - scan.blocks;
+    let in_torn_window = |pos: u64| {
+        (pos + sb.log_blocks - head_pos) % sb.log_blocks < INFLIGHT_BLOCKS_MAX.min(free_blocks)
+    };
+    let mut stop_block_torn = false;
+    // Valid blocks further past the end than their incarnation could have had
+    // in flight continue a log that a bad block cut short.
+    let current_window = anchor.inflight_blocks.min(INFLIGHT_BLOCKS_MAX);
     let mut cut_blocks = 0u64;
     let mut cut_first: Option<u64> = None;
 
@@ -216,9 +231,14 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             match decode_block_at(bytes, BlockKind::Log, &sb.device_id, offset) {
                 Ok((h, _)) => {
                     check.blocks_valid += 1;
-                    let beyond =
-                        h.seq >= scan.next_seq + window && h.seq < scan.next_seq + sb.log_blocks;
-                    if beyond && h.generation == anchor.generation && anchor.generation > 0 {
+                    let window = if h.generation == anchor.generation {
+                        current_window
+                    } else {
+                        INFLIGHT_BLOCKS_MAX
+                    };
+                    let beyond = h.seq >= scan.next_seq.saturating_add(window)
+                        && h.seq < scan.next_seq.saturating_add(sb.log_blocks);
+                    if beyond && h.generation <= anchor.generation {
                         cut_blocks += 1;
                         cut_first = Some(cut_first.map_or(h.seq, |s: u64| s.min(h.seq)));
                     }
@@ -227,6 +247,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                 // mismatch. Nothing else (foreign, misplaced) is crash debris.
                 Err(BlockError::BadCrc { .. }) if in_torn_window(here - sb.log_start_block) => {
                     check.blocks_torn_tail += 1;
+                    stop_block_torn |= here - sb.log_start_block == head_pos;
                 }
                 Err(e) => problems.add(offset, format!("log block: {e}")),
             }
@@ -234,14 +255,23 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         block += n as u64;
     }
     if let Some(first) = cut_first {
+        cut_evidence = true;
         let end_offset = block_offset(sb.log_start_block + head_pos);
         problems.add(
             end_offset,
             format!(
-                "the log ends at seq {} ({}), but {cut_blocks} valid blocks of the current generation follow beyond \
-                 what could have been in flight (from seq {first}): a bad block cut the log, and entries after it are lost",
+                "the log ends at seq {} ({}), but {cut_blocks} valid blocks follow beyond what could have been \
+                 in flight (from seq {first}): a bad block cut the log, and entries after it are lost",
                 scan.next_seq, scan.end
             ),
+        );
+    }
+    if cut_evidence && stop_block_torn {
+        // The block the log stopped at is the damage, not crash debris.
+        check.blocks_torn_tail -= 1;
+        problems.add(
+            block_offset(sb.log_start_block + head_pos),
+            "log block where the log was cut: CRC mismatch".into(),
         );
     }
     check.problems_found = problems.found;

@@ -70,7 +70,8 @@ fn run_seed(seed: u64) {
             let config = LogConfig {
                 write_blocks_max: rng.usize(1..=16),
                 writes_inflight_max: rng.usize(1..=8),
-                queue_bytes_max: rng.usize(4096..=256 * 1024),
+                // Small queues put appends under backpressure behind a full log.
+                queue_bytes_max: if rng.bool() { rng.usize(1..=8192) } else { rng.usize(8192..=256 * 1024) },
                 durability: if rng.bool() { DurabilityMode::Dsync } else { DurabilityMode::Flush },
             };
             let mut recovered = Vec::new();
@@ -135,7 +136,11 @@ fn run_seed(seed: u64) {
                 let model = model.clone();
                 let keep = rng.usize(1..40);
                 let every = Duration::from_micros(rng.u64(100..3000));
+                // Sometimes the owner stalls and the log fills up: appends
+                // must wait, and the release must still get through.
+                let stall = if rng.u8(0..3) == 0 { Duration::from_micros(rng.u64(1000..30_000)) } else { Duration::ZERO };
                 tasks.spawn(async move {
+                    tokio::time::sleep(stall).await;
                     loop {
                         tokio::time::sleep(every).await;
                         let mut m = model.lock().unwrap();
@@ -157,7 +162,11 @@ fn run_seed(seed: u64) {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             drop(engine);
-            let _ = opened.driver.await;
+            // The driver must end by itself, cleanly, whatever state the
+            // crash left it in (a panic here is a bug, not a crash effect).
+            if let Err(e) = opened.driver.await {
+                panic!("seed {seed} cycle {cycle}: log driver died: {e}");
+            }
             // Acknowledgements are only those that reached the model before the crash.
         }
     });

@@ -402,3 +402,171 @@ fn a_block_from_another_device_ends_the_log() {
 }
 
 const _: () = assert!(BLOCK_SIZE == 4096);
+
+#[test]
+fn rot_in_the_middle_after_a_restart_refuses_to_open_and_is_reported() {
+    run(async {
+        let dir = tempdir();
+        let path = formatted(dir.path(), "dev", 8 << 20, 1 << 20).await;
+        fill(&path, LogConfig::default(), 40).await;
+        // A restart with no writes: the new generation's anchor records that
+        // everything up to the end was durable.
+        let (opened, entries) = reopen(&path, LogConfig::default()).await;
+        assert_eq!(entries.len(), 40);
+        close(opened).await;
+        damage_log_block(&path, 3, |b| b[900] ^= 0x01).await;
+        let err = LogEngine::open(open_dev(&path), LogConfig::default(), |_, _| {})
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, OpenError::LogCut { end: 3, .. }), "{err}");
+        assert!(err.to_string().contains("refusing to open"), "{err}");
+        let report = inspect(&open_dev(&path)).await.unwrap();
+        assert_eq!(report.status, "corrupt", "{}", report.render());
+        assert_eq!(
+            report.check.blocks_torn_tail,
+            0,
+            "the damaged block is not crash debris: {}",
+            report.render()
+        );
+    });
+}
+
+#[test]
+fn a_full_log_with_a_full_queue_still_takes_the_release() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let disk = SimDisk::new(4 << 20, 2, SimFaults::none());
+        format(
+            &disk,
+            FormatOptions {
+                node_id: 1,
+                log_bytes: Some(64 * 4096),
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+        let config = LogConfig {
+            write_blocks_max: 4,
+            writes_inflight_max: 2,
+            queue_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let opened = LogEngine::open(Arc::new(disk), config, |_, _| {})
+            .await
+            .unwrap();
+        let engine = opened.engine;
+        let mut seqs = Vec::new();
+        for i in 0..64u8 {
+            seqs.push(engine.append(vec![i; 4037]).await.unwrap());
+        }
+        // More than the queue holds, behind a full log.
+        let mut waiting = tokio::task::JoinSet::new();
+        for i in 0..8u8 {
+            let engine = engine.clone();
+            waiting
+                .spawn(async move { engine.append_many(vec![vec![i; 3000], vec![i; 3000]]).await });
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(waiting.len(), 8);
+        assert!(
+            waiting.try_join_next().is_none(),
+            "appends into a full log wait"
+        );
+        engine.release(seqs[63]);
+        while let Some(r) = tokio::time::timeout(Duration::from_secs(5), waiting.join_next())
+            .await
+            .expect("resumes")
+        {
+            r.unwrap().expect("append succeeds after the release");
+        }
+        // Appends still waiting when every handle goes away fail; nothing hangs.
+        for i in 0..70u8 {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(1), engine.append(vec![i; 4037])).await;
+        }
+        drop(engine);
+        tokio::time::timeout(Duration::from_secs(5), opened.driver)
+            .await
+            .expect("driver ends")
+            .expect("no panic");
+    });
+}
+
+#[test]
+fn crafted_anchors_with_valid_crcs_are_refused_not_trusted() {
+    use storaged::log::format::Anchor;
+    use storaged::log::layout::ANCHOR_BLOCKS;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let crafted = [
+            Anchor {
+                counter: 9,
+                generation: u32::MAX,
+                tail_seq: 1,
+                inflight_blocks: 0,
+                floor_seq: 1,
+            },
+            Anchor {
+                counter: u64::MAX,
+                generation: 1,
+                tail_seq: 1,
+                inflight_blocks: 0,
+                floor_seq: 1,
+            },
+            Anchor {
+                counter: 9,
+                generation: 1,
+                tail_seq: u64::MAX - 3,
+                inflight_blocks: 0,
+                floor_seq: u64::MAX,
+            },
+            Anchor {
+                counter: 9,
+                generation: 1,
+                tail_seq: 10,
+                inflight_blocks: 0,
+                floor_seq: 5,
+            },
+            Anchor {
+                counter: 9,
+                generation: 1,
+                tail_seq: 1,
+                inflight_blocks: 0,
+                floor_seq: 1_000_000,
+            },
+        ];
+        for anchor in crafted {
+            let disk = SimDisk::new(4 << 20, 3, SimFaults::none());
+            let sb = format(
+                &disk,
+                FormatOptions {
+                    node_id: 1,
+                    log_bytes: Some(64 * 4096),
+                    force: false,
+                },
+            )
+            .await
+            .unwrap();
+            let mut block = vec![0u8; BLOCK_SIZE];
+            let offset = block_offset(ANCHOR_BLOCKS[1]);
+            anchor.encode(&mut block, sb.device_id, offset);
+            disk.write_raw(offset, &block);
+            let dev = Arc::new(disk);
+            let err = LogEngine::open(dev.clone(), LogConfig::default(), |_, _| {})
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(err, OpenError::BadAnchor(_)), "{anchor:?}: {err}");
+            assert!(inspect(&dev).await.is_err(), "{anchor:?}");
+        }
+    });
+}

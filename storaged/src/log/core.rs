@@ -310,8 +310,17 @@ impl<T> LogCore<T> {
     /// Free every block below `upto` (the seq of the oldest block the owner
     /// still needs). Takes effect once the anchor recording it is durable.
     pub fn release(&mut self, upto: u64) {
-        let upto = upto.min(self.durable_seq);
-        self.release_wanted = self.release_wanted.max(upto);
+        // Never past what is durable, nor past the start of an entry that is
+        // not acknowledged yet: its first blocks may be durable while its
+        // last write is still in flight.
+        let mut limit = self.durable_seq;
+        if let Some(w) = self.waiting.front() {
+            limit = limit.min(w.start_seq);
+        }
+        if self.front_written > 0 {
+            limit = limit.min(self.front_start_seq);
+        }
+        self.release_wanted = self.release_wanted.max(upto.min(limit));
     }
 
     pub fn failed(&self) -> Option<&str> {
@@ -422,6 +431,12 @@ impl<T> LogCore<T> {
         out
     }
 
+    /// Stop the log: nothing more is written and everything not yet
+    /// acknowledged fails (see [`drain_failed`]).
+    pub fn abort(&mut self, why: String) {
+        self.fail(why);
+    }
+
     fn fail(&mut self, why: String) {
         if self.failed.is_none() {
             tracing::error!(error = %why, "log write failed; the log stops taking writes");
@@ -456,6 +471,7 @@ impl<T> LogCore<T> {
             counter,
             generation: self.generation,
             tail_seq,
+            floor_seq: self.durable_seq,
             inflight_blocks: (self.config.write_blocks_max * self.config.writes_inflight_max)
                 as u64,
         };
@@ -628,6 +644,7 @@ mod tests {
             generation: 0,
             tail_seq: 1,
             inflight_blocks: 0,
+            floor_seq: 1,
         };
         let mut c = LogCore::new(
             geometry,
@@ -838,6 +855,35 @@ mod tests {
         };
         c.complete(id, None, Ok(()));
         assert_eq!(acked(&mut c), vec![1]);
+    }
+
+    #[test]
+    fn release_never_cuts_an_entry_still_being_written() {
+        let cfg = LogConfig {
+            write_blocks_max: 2,
+            writes_inflight_max: 2,
+            ..LogConfig::default()
+        };
+        let mut c = core(64, cfg);
+        // Three blocks' worth: write A holds seqs 1-2, write B seq 3.
+        c.append(vec![5; 3 * 4000], 1).unwrap();
+        let mut w = writes(&mut c).into_iter();
+        let (a, _, abuf) = w.next().unwrap();
+        let (b, _, bbuf) = w.next().unwrap();
+        c.complete(a, Some(abuf), Ok(()));
+        assert_eq!(c.stats().durable_seq, 3);
+        c.release(u64::MAX);
+        assert!(
+            c.poll_io().is_none(),
+            "nothing may be released below the unfinished entry"
+        );
+        c.complete(b, Some(bbuf), Ok(()));
+        assert_eq!(c.poll_acked(), Some((1, 1)));
+        c.release(u64::MAX);
+        assert!(
+            matches!(c.poll_io(), Some(IoRequest::Write { .. })),
+            "now the anchor moves"
+        );
     }
 
     #[test]

@@ -43,9 +43,6 @@ enum Cmd {
         reply: Reply,
         _bytes: OwnedSemaphorePermit,
     },
-    Release {
-        upto: u64,
-    },
 }
 
 /// A handle to the log. Cheap to clone; the engine stops (after finishing
@@ -55,6 +52,10 @@ pub struct LogEngine {
     tx: mpsc::Sender<Cmd>,
     stats: watch::Receiver<LogStats>,
     channel_bytes: Arc<Semaphore>,
+    /// The highest release asked for. Not in the append channel: a full
+    /// log waits for a release, and appends queued behind it must not
+    /// delay or drop the release that frees it.
+    release: Arc<watch::Sender<u64>>,
 }
 
 /// What opening found.
@@ -93,6 +94,13 @@ impl LogEngine {
             end = %scan.end,
             "log recovered"
         );
+        if scan.next_seq < a.floor_seq {
+            return Err(OpenError::LogCut {
+                end: scan.next_seq,
+                floor: a.floor_seq,
+                why: scan.end.to_string(),
+            });
+        }
         let start = LogStart {
             anchor: a,
             next_seq: scan.next_seq,
@@ -108,13 +116,15 @@ impl LogEngine {
         }
         let (tx, rx) = mpsc::channel(CHANNEL_APPENDS_MAX);
         let (stats_tx, stats_rx) = watch::channel(core.stats());
-        let driver = tokio::spawn(drive(dev, core, rx, stats_tx));
+        let (release, release_rx) = watch::channel(0u64);
+        let driver = tokio::spawn(drive(dev, core, rx, release_rx, stats_tx));
         let channel_bytes = Arc::new(Semaphore::new(CHANNEL_BYTES_MAX));
         Ok(Opened {
             engine: LogEngine {
                 tx,
                 stats: stats_rx,
                 channel_bytes,
+                release: Arc::new(release),
             },
             superblock: sb,
             scan,
@@ -159,8 +169,13 @@ impl LogEngine {
     /// Free the log below `upto` (a seq an append returned): the owner no
     /// longer needs any entry that starts before it.
     pub fn release(&self, upto: u64) {
-        // A full channel only delays a release; the next one carries it.
-        let _ = self.tx.try_send(Cmd::Release { upto });
+        self.release.send_if_modified(|wanted| {
+            let raise = upto > *wanted;
+            if raise {
+                *wanted = upto;
+            }
+            raise
+        });
     }
 
     pub fn stats(&self) -> LogStats {
@@ -196,12 +211,14 @@ async fn drive<D: BlockIo>(
     dev: Arc<D>,
     mut core: LogCore<Token>,
     mut rx: mpsc::Receiver<Cmd>,
+    mut release: watch::Receiver<u64>,
     stats: watch::Sender<LogStats>,
 ) {
     // The device futures are polled right here rather than spawned: no task
     // per write, and a completion wakes the driver directly.
     let mut io = FuturesUnordered::new();
     let mut closed = false;
+    let mut release_open = true;
     let mut batch_start = 0u64;
     loop {
         while let Some(req) = core.poll_io() {
@@ -247,6 +264,19 @@ async fn drive<D: BlockIo>(
                     }
                 }
             }
+            changed = release.changed(), if release_open => {
+                match changed {
+                    Ok(()) => core.release(*release.borrow_and_update()),
+                    Err(_) => release_open = false,
+                }
+            }
+            else => {
+                // No write in flight, no append can be taken and no release
+                // can come (every handle is gone): what is queued can never
+                // be written. Fail it rather than wait forever.
+                core.abort("the log is full and no release can come".into());
+                closed = true;
+            }
         }
     }
 }
@@ -281,6 +311,5 @@ fn handle(core: &mut LogCore<Token>, cmd: Cmd) {
                 }
             }
         }
-        Cmd::Release { upto } => core.release(upto),
     }
 }

@@ -298,7 +298,7 @@ impl Superblock {
         let device_blocks = self.device_bytes / BLOCK_SIZE as u64;
         let log_end = self.log_start_block.checked_add(self.log_blocks);
         let pages_end = self.pages_start_block.checked_add(self.pages_blocks);
-        let ok = self.log_start_block >= super::layout::METADATA_BLOCKS
+        let ok = self.log_start_block == super::layout::METADATA_BLOCKS
             && self.log_blocks >= super::layout::LOG_BLOCKS_MIN
             && log_end.is_some_and(|e| e <= self.pages_start_block)
             && pages_end.is_some_and(|e| e <= device_blocks);
@@ -335,13 +335,18 @@ pub struct Anchor {
     /// valid blocks of this generation further than this past the log's end
     /// prove the log was cut by a bad block, not by the crash.
     pub inflight_blocks: u64,
+    /// Every block from the tail up to (not including) this seq was durable
+    /// when the anchor was written. A scan that ends below it was cut by a
+    /// damaged block, not by a crash.
+    pub floor_seq: u64,
 }
 
 impl Anchor {
     pub fn encode(&self, block: &mut [u8], device_id: DeviceId, offset: u64) {
-        let mut payload = [0u8; 16];
+        let mut payload = [0u8; 24];
         payload[..8].copy_from_slice(&self.tail_seq.to_le_bytes());
-        payload[8..].copy_from_slice(&self.inflight_blocks.to_le_bytes());
+        payload[8..16].copy_from_slice(&self.inflight_blocks.to_le_bytes());
+        payload[16..].copy_from_slice(&self.floor_seq.to_le_bytes());
         let header = BlockHeader {
             kind: BlockKind::Anchor,
             device_id,
@@ -356,7 +361,7 @@ impl Anchor {
 
     pub fn decode(block: &[u8], device_id: &DeviceId, offset: u64) -> Result<Anchor, BlockError> {
         let (header, p) = decode_block_at(block, BlockKind::Anchor, device_id, offset)?;
-        if p.len() != 16 {
+        if p.len() != 24 {
             return Err(BlockError::BadLength(header.payload_len));
         }
         Ok(Anchor {
@@ -364,6 +369,7 @@ impl Anchor {
             generation: header.generation,
             tail_seq: u64_at(p, 0),
             inflight_blocks: u64_at(p, 8),
+            floor_seq: u64_at(p, 16),
         })
     }
 }
@@ -447,6 +453,7 @@ mod tests {
             generation: 4,
             tail_seq: 1234,
             inflight_blocks: 512,
+            floor_seq: 1300,
         };
         a.encode(&mut b, DEV, 4096);
         assert_eq!(Anchor::decode(&b, &DEV, 4096).unwrap(), a);

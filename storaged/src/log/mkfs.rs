@@ -77,6 +77,7 @@ pub async fn format<D: BlockIo>(dev: &D, opts: FormatOptions) -> Result<Superblo
         generation: 0,
         tail_seq: 1,
         inflight_blocks: 0,
+        floor_seq: 1,
     };
     let offset = block_offset(ANCHOR_BLOCKS[1]);
     anchor.encode(&mut buf, sb.device_id, offset);

@@ -22,6 +22,10 @@ use super::format::{Anchor, BlockError, BlockKind, Superblock, SuperblockError, 
 use super::frag::{FragError, Reassembler};
 use super::layout::{ANCHOR_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 
+/// Highest tail seq accepted from disk: far beyond any real log (2^62 blocks
+/// is 16 ZiB written), and low enough that seq arithmetic never overflows.
+pub const SEQ_MAX: u64 = 1 << 62;
+
 /// Blocks read per I/O while scanning.
 pub const SCAN_CHUNK_BLOCKS: usize = 64;
 
@@ -45,6 +49,12 @@ pub enum OpenError {
     BadAnchor(Anchor),
     #[error("the log failed while opening: {0}")]
     Failed(String),
+    #[error(
+        "the log ends at block seq {end} ({why}), but every block up to seq {floor} was durable: \
+         a damaged block cut the log and acknowledged records after it would be lost; \
+         refusing to open (storctl inspect shows the damage)"
+    )]
+    LogCut { end: u64, floor: u64, why: String },
 }
 
 /// Both superblock copies as read, and the one to use.
@@ -115,7 +125,15 @@ pub async fn read_anchor<D: BlockIo>(dev: &D, sb: &Superblock) -> Result<AnchorR
         [Ok(a), Err(_)] | [Err(_), Ok(a)] => *a,
         [Err(a), Err(b)] => return Err(OpenError::NoValidAnchor(*a, *b)),
     };
-    if anchor.tail_seq == 0 {
+    // A valid CRC does not make the numbers sane: refuse values the log
+    // could never have written, before any arithmetic on them.
+    let sane = anchor.tail_seq >= 1
+        && anchor.tail_seq <= SEQ_MAX
+        && anchor.floor_seq >= anchor.tail_seq
+        && anchor.floor_seq - anchor.tail_seq <= sb.log_blocks
+        && anchor.generation < u32::MAX
+        && anchor.counter < u64::MAX;
+    if !sane {
         return Err(OpenError::BadAnchor(anchor));
     }
     Ok(AnchorRead { anchor, slots })
