@@ -8,4 +8,5 @@ pub mod inspect;
 pub mod io;
 pub mod log;
 pub mod record;
+pub mod segment;
 pub mod units;

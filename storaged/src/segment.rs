@@ -1,0 +1,461 @@
+//! A segment: one replica of one protection group, as a state machine free
+//! of I/O (ARCHITECTURE.md §6). It owns the PG's record chain and its SCL.
+//!
+//! Records link to the previous record of their PG (`prev_lsn_pg`). The
+//! segment complete LSN (SCL) is the highest LSN up to which the segment holds
+//! that chain without a gap, counting only records that are durable in the
+//! log. Records past a gap are kept but do not raise the SCL until the gap is
+//! filled. Re-sent records are recognised and not stored twice; a record that
+//! claims an LSN the segment already holds with other content is a conflict,
+//! reported and never stored.
+//!
+//! The node's shell feeds it: a batch to [`Segment::admit`] (what is new must
+//! go to the log), then [`Segment::on_durable`] once the log acknowledged it,
+//! which returns the acks that may now be sent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::record::{RedoRecord, SegmentId};
+
+/// What the segment remembers of a record it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub prev_lsn_pg: u64,
+    pub prev_lsn_page: u64,
+    pub page: u64,
+    /// Identifies the content: CRC32C of the encoding and its length.
+    pub digest: u64,
+    /// Seq of the log block the record starts in, once durable.
+    pub log_seq: Option<u64>,
+}
+
+impl RecordMeta {
+    pub fn of(record: &RedoRecord, encoded: &[u8]) -> RecordMeta {
+        RecordMeta {
+            prev_lsn_pg: record.prev_lsn_pg,
+            prev_lsn_page: record.prev_lsn_page,
+            page: record.page,
+            digest: digest(encoded),
+            log_seq: None,
+        }
+    }
+
+    pub fn durable(&self) -> bool {
+        self.log_seq.is_some()
+    }
+}
+
+pub fn digest(encoded: &[u8]) -> u64 {
+    (u64::from(crc32c::crc32c(encoded)) << 32) | (encoded.len() as u64 & 0xFFFF_FFFF)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    #[error("request epoch {got} is older than the segment's epoch {current}")]
+    StaleEpoch { got: u64, current: u64 },
+    #[error("record at LSN {lsn} differs from the record the segment holds at that LSN")]
+    Conflict { lsn: u64 },
+    #[error("record at LSN {lsn} links to LSN {prev}, which record {other} already follows")]
+    Fork { lsn: u64, prev: u64, other: u64 },
+    #[error("the segment holds {held} records past its SCL, its limit; coalescing must catch up")]
+    Full { held: usize },
+}
+
+/// The outcome of admitting a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    /// Indexes (into the batch) of records to write to the log.
+    pub new: Vec<usize>,
+    /// Re-sent records whose first copy is not durable yet: the batch may be
+    /// acknowledged only once these LSNs are.
+    pub waits_for: Vec<u64>,
+}
+
+/// An acknowledgement that waits for records to become durable.
+#[derive(Debug)]
+struct Deferred<T> {
+    waits_for: Vec<u64>,
+    ticket: T,
+}
+
+/// One segment's chain. `T` is what the shell needs to send an ack later
+/// (a connection and request id).
+#[derive(Debug)]
+pub struct Segment<T> {
+    pub id: SegmentId,
+    epoch: u64,
+    scl: u64,
+    highest_lsn: u64,
+    /// Every record held, by LSN.
+    records: BTreeMap<u64, RecordMeta>,
+    /// Durable records past a gap, by the LSN they link to.
+    waiting_link: HashMap<u64, u64>,
+    deferred: Vec<Deferred<T>>,
+    /// Records past the SCL held at most (a bound on memory while a gap lasts).
+    gap_records_max: usize,
+}
+
+impl<T> Segment<T> {
+    pub fn new(id: SegmentId, epoch: u64, gap_records_max: usize) -> Segment<T> {
+        Segment {
+            id,
+            epoch,
+            scl: 0,
+            highest_lsn: 0,
+            records: BTreeMap::new(),
+            waiting_link: HashMap::new(),
+            deferred: Vec::new(),
+            gap_records_max,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn scl(&self) -> u64 {
+        self.scl
+    }
+
+    pub fn highest_lsn(&self) -> u64 {
+        self.highest_lsn
+    }
+
+    pub fn lowest_lsn(&self) -> Option<u64> {
+        self.records.keys().next().copied()
+    }
+
+    pub fn records_held(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn record(&self, lsn: u64) -> Option<&RecordMeta> {
+        self.records.get(&lsn)
+    }
+
+    /// Records held, in LSN order, from `from` on.
+    pub fn records_from(&self, from: u64) -> impl Iterator<Item = (&u64, &RecordMeta)> {
+        self.records.range(from..)
+    }
+
+    /// Refuse a request from an older epoch; adopt a newer one. The caller
+    /// persists a raised epoch before it acts on the request.
+    pub fn check_epoch(&mut self, epoch: u64) -> Result<bool, SegmentError> {
+        if epoch < self.epoch {
+            return Err(SegmentError::StaleEpoch {
+                got: epoch,
+                current: self.epoch,
+            });
+        }
+        let raised = epoch > self.epoch;
+        self.epoch = epoch;
+        Ok(raised)
+    }
+
+    /// Sort a batch (of this segment, LSNs strictly increasing) into new
+    /// records, re-sends and conflicts. Nothing changes on error. New records
+    /// are remembered as pending; the caller writes them to the log and then
+    /// calls [`on_durable`].
+    pub fn admit(&mut self, batch: &[(RedoRecord, Vec<u8>)]) -> Result<Admitted, SegmentError> {
+        let mut admitted = Admitted::default();
+        for (i, (record, encoded)) in batch.iter().enumerate() {
+            let meta = RecordMeta::of(record, encoded);
+            match self.records.get(&record.lsn) {
+                Some(held)
+                    if held.digest != meta.digest || held.prev_lsn_pg != meta.prev_lsn_pg =>
+                {
+                    return Err(SegmentError::Conflict { lsn: record.lsn });
+                }
+                Some(held) => {
+                    if !held.durable() {
+                        admitted.waits_for.push(record.lsn);
+                    }
+                }
+                // Below the SCL and no longer held (coalesced, collected):
+                // the chain already covers it, so it is a re-send.
+                None if record.lsn <= self.scl => {}
+                None => admitted.new.push(i),
+            }
+        }
+        let past_scl = self.records.range(self.scl + 1..).count();
+        if past_scl + admitted.new.len() > self.gap_records_max {
+            return Err(SegmentError::Full { held: past_scl });
+        }
+        for &i in &admitted.new {
+            let (record, encoded) = &batch[i];
+            self.records
+                .insert(record.lsn, RecordMeta::of(record, encoded));
+        }
+        Ok(admitted)
+    }
+
+    /// Keep `ticket` until every LSN in `waits_for` is durable; it comes back
+    /// from [`on_durable`]. Returns it at once when there is nothing to wait for.
+    pub fn defer_ack(&mut self, waits_for: Vec<u64>, ticket: T) -> Option<T> {
+        let pending: Vec<u64> = waits_for
+            .into_iter()
+            .filter(|l| self.records.get(l).is_some_and(|m| !m.durable()))
+            .collect();
+        if pending.is_empty() {
+            return Some(ticket);
+        }
+        self.deferred.push(Deferred {
+            waits_for: pending,
+            ticket,
+        });
+        None
+    }
+
+    /// Records `lsns` are durable in the log, starting in the given block
+    /// seqs. Extends the chain, and returns the deferred acks that may now go.
+    pub fn on_durable(&mut self, lsns: &[(u64, u64)]) -> Result<Vec<T>, SegmentError> {
+        for &(lsn, log_seq) in lsns {
+            let Some(meta) = self.records.get_mut(&lsn) else {
+                debug_assert!(false, "durable record {lsn} was never admitted");
+                continue;
+            };
+            meta.log_seq = Some(log_seq);
+            let prev = meta.prev_lsn_pg;
+            self.highest_lsn = self.highest_lsn.max(lsn);
+            self.link(lsn, prev)?;
+        }
+        let mut ready = Vec::new();
+        let mut i = 0;
+        while i < self.deferred.len() {
+            let records = &self.records;
+            self.deferred[i]
+                .waits_for
+                .retain(|l| records.get(l).is_some_and(|m| !m.durable()));
+            if self.deferred[i].waits_for.is_empty() {
+                ready.push(self.deferred.swap_remove(i).ticket);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Load a record found in the log at start-up: it is durable already.
+    pub fn recover(
+        &mut self,
+        record: &RedoRecord,
+        encoded: &[u8],
+        log_seq: u64,
+    ) -> Result<(), SegmentError> {
+        let mut meta = RecordMeta::of(record, encoded);
+        meta.log_seq = Some(log_seq);
+        match self.records.get(&record.lsn) {
+            Some(held) if held.digest != meta.digest => {
+                return Err(SegmentError::Conflict { lsn: record.lsn });
+            }
+            Some(_) => return Ok(()),
+            None if record.lsn <= self.scl => return Ok(()),
+            None => {}
+        }
+        self.records.insert(record.lsn, meta);
+        self.highest_lsn = self.highest_lsn.max(record.lsn);
+        self.link(record.lsn, record.prev_lsn_pg)
+    }
+
+    /// A durable record joins the chain, or waits for the record it links to.
+    fn link(&mut self, lsn: u64, prev: u64) -> Result<(), SegmentError> {
+        if lsn <= self.scl {
+            return Ok(());
+        }
+        if prev != self.scl {
+            if let Some(&other) = self.waiting_link.get(&prev)
+                && other != lsn
+            {
+                return Err(SegmentError::Fork { lsn, prev, other });
+            }
+            self.waiting_link.insert(prev, lsn);
+            return Ok(());
+        }
+        self.scl = lsn;
+        while let Some(next) = self.waiting_link.remove(&self.scl) {
+            self.scl = next;
+        }
+        Ok(())
+    }
+
+    /// Forget records at or below `lsn` that are in the chain (coalesced
+    /// into pages); the SCL keeps covering them.
+    pub fn forget_through(&mut self, lsn: u64) {
+        let keep = self.records.split_off(&(lsn.min(self.scl) + 1));
+        self.records = keep;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RecordBody;
+    use proptest::prelude::*;
+
+    const SEG: SegmentId = SegmentId { volume: 1, pg: 0 };
+
+    fn rec(lsn: u64, prev: u64, byte: u8) -> (RedoRecord, Vec<u8>) {
+        let r = RedoRecord {
+            segment: SEG,
+            lsn,
+            prev_lsn_pg: prev,
+            prev_lsn_page: 0,
+            page: lsn % 5,
+            cpl: true,
+            body: RecordBody::PageDelta {
+                offset: 0,
+                bytes: vec![byte; 8],
+            },
+        };
+        let e = r.encode();
+        (r, e)
+    }
+
+    /// Admit and make durable at once; returns the SCL.
+    fn put(s: &mut Segment<u32>, batch: &[(RedoRecord, Vec<u8>)]) -> u64 {
+        let a = s.admit(batch).unwrap();
+        let lsns: Vec<(u64, u64)> = a.new.iter().map(|&i| (batch[i].0.lsn, 1)).collect();
+        s.on_durable(&lsns).unwrap();
+        s.scl()
+    }
+
+    #[test]
+    fn gaps_hold_the_scl_until_filled() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        assert_eq!(put(&mut s, &[rec(3, 0, 1), rec(7, 3, 1)]), 7);
+        // 12 links to 10, which is missing.
+        assert_eq!(put(&mut s, &[rec(12, 10, 1), rec(15, 12, 1)]), 7);
+        assert_eq!(s.highest_lsn(), 15);
+        assert_eq!(put(&mut s, &[rec(10, 7, 1)]), 15);
+    }
+
+    #[test]
+    fn scl_counts_only_durable_records() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let batch = [rec(1, 0, 1), rec(2, 1, 1)];
+        let a = s.admit(&batch).unwrap();
+        assert_eq!(a.new, vec![0, 1]);
+        assert_eq!(s.scl(), 0, "admitted is not durable");
+        s.on_durable(&[(1, 5)]).unwrap();
+        assert_eq!(s.scl(), 1);
+        s.on_durable(&[(2, 5)]).unwrap();
+        assert_eq!(s.scl(), 2);
+    }
+
+    #[test]
+    fn resends_are_recognised_and_wait_for_the_first_copy() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let batch = [rec(1, 0, 1), rec(2, 1, 1)];
+        s.admit(&batch).unwrap();
+        // The same batch again, before the first is durable.
+        let again = s.admit(&batch).unwrap();
+        assert!(again.new.is_empty());
+        assert_eq!(again.waits_for, vec![1, 2]);
+        assert_eq!(s.defer_ack(again.waits_for, 77), None);
+        assert_eq!(s.on_durable(&[(1, 3), (2, 3)]).unwrap(), vec![77]);
+        // And once more, now durable: acknowledged at once.
+        let third = s.admit(&batch).unwrap();
+        assert_eq!(third, Admitted::default());
+        assert_eq!(s.defer_ack(third.waits_for, 78), Some(78));
+        assert_eq!(s.records_held(), 2);
+    }
+
+    #[test]
+    fn different_content_at_a_held_lsn_is_a_conflict_and_changes_nothing() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1)]);
+        let before = s.record(2).copied();
+        assert_eq!(
+            s.admit(&[rec(3, 2, 1), rec(2, 1, 9)]),
+            Err(SegmentError::Conflict { lsn: 2 })
+        );
+        assert_eq!(s.record(2).copied(), before);
+        assert!(s.record(3).is_none(), "a refused batch stores nothing");
+    }
+
+    #[test]
+    fn stale_epochs_are_refused_newer_ones_adopted() {
+        let mut s: Segment<u32> = Segment::new(SEG, 5, 1000);
+        assert_eq!(
+            s.check_epoch(4),
+            Err(SegmentError::StaleEpoch { got: 4, current: 5 })
+        );
+        assert_eq!(s.check_epoch(5), Ok(false));
+        assert_eq!(s.check_epoch(6), Ok(true));
+        assert_eq!(
+            s.check_epoch(5),
+            Err(SegmentError::StaleEpoch { got: 5, current: 6 })
+        );
+    }
+
+    #[test]
+    fn records_past_a_gap_are_bounded() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 3);
+        put(&mut s, &[rec(10, 5, 1), rec(11, 10, 1)]);
+        assert!(matches!(
+            s.admit(&[rec(12, 11, 1), rec(13, 12, 1)]),
+            Err(SegmentError::Full { held: 2 })
+        ));
+        put(&mut s, &[rec(5, 0, 1)]);
+        assert_eq!(s.scl(), 11);
+        put(&mut s, &[rec(12, 11, 1), rec(13, 12, 1)]);
+        assert_eq!(s.scl(), 13);
+    }
+
+    #[test]
+    fn forgotten_records_below_the_scl_still_count_as_held() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1), rec(3, 2, 1)]);
+        s.forget_through(2);
+        assert_eq!(s.lowest_lsn(), Some(3));
+        assert_eq!(s.admit(&[rec(1, 0, 1)]).unwrap(), Admitted::default());
+        assert_eq!(s.scl(), 3);
+    }
+
+    proptest! {
+        /// Whatever order, duplication and batching the records arrive in,
+        /// the SCL is exactly the end of the longest gap-free durable prefix
+        /// of the chain, and never goes down.
+        #[test]
+        fn scl_is_the_gap_free_prefix(
+            gaps in prop::collection::vec(1u64..5, 1..40),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 0..120),
+            durable_lag in 0usize..4,
+        ) {
+            let mut lsns = Vec::new();
+            let mut lsn = 0;
+            for g in &gaps {
+                lsn += g;
+                lsns.push(lsn);
+            }
+            let chain: Vec<(RedoRecord, Vec<u8>)> =
+                lsns.iter().enumerate().map(|(i, &l)| rec(l, if i == 0 { 0 } else { lsns[i - 1] }, 1)).collect();
+            let mut s: Segment<u32> = Segment::new(SEG, 1, 10_000);
+            let mut arrived = vec![false; chain.len()];
+            let mut pending: Vec<u64> = Vec::new();
+            let mut last_scl = 0;
+            for idx in &order {
+                let i = idx.index(chain.len());
+                let a = s.admit(std::slice::from_ref(&chain[i])).unwrap();
+                for &n in &a.new {
+                    let _ = n;
+                    pending.push(chain[i].0.lsn);
+                }
+                arrived[i] = true;
+                // The log acknowledges in order, some time later.
+                while pending.len() > durable_lag {
+                    let l = pending.remove(0);
+                    s.on_durable(&[(l, 1)]).unwrap();
+                }
+                prop_assert!(s.scl() >= last_scl);
+                last_scl = s.scl();
+            }
+            for l in pending.drain(..) {
+                s.on_durable(&[(l, 1)]).unwrap();
+            }
+            let prefix = arrived.iter().take_while(|&&a| a).count();
+            let expected = if prefix == 0 { 0 } else { lsns[prefix - 1] };
+            prop_assert_eq!(s.scl(), expected);
+        }
+    }
+}
