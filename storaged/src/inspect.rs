@@ -20,6 +20,7 @@ use crate::log::format::{BlockError, BlockKind, decode_block, decode_block_at};
 use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
 use crate::record::RedoRecord;
+use crate::segtable;
 
 /// Problems listed one by one, at most; the counts are always complete.
 pub const PROBLEMS_LISTED_MAX: usize = 100;
@@ -31,6 +32,7 @@ pub struct InspectReport {
     pub anchor: AnchorInfo,
     pub log: LogInfo,
     pub pages: PagesInfo,
+    pub segments: Vec<SegmentInfo>,
     pub check: CheckInfo,
     /// "clean" or "corrupt".
     pub status: &'static str,
@@ -71,6 +73,14 @@ pub struct LogInfo {
     pub entries: u64,
     pub records: u64,
     pub incomplete_tail_bytes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentInfo {
+    pub volume: u64,
+    pub pg: u32,
+    pub epoch: u64,
+    pub pgmrpl: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +149,10 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         }
     }
 
+    let table = segtable::read(dev.as_ref(), &sb.device_id)
+        .await
+        .map_err(OpenError::Io)?;
+    let table_slot = (table.version % 2) as usize;
     let mut records = 0u64;
     let log_start_block = sb.log_start_block;
     let log_blocks = sb.log_blocks;
@@ -221,6 +235,21 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     Ok(_) => check.blocks_valid += 1,
                     // The slot being written when power failed: the other holds.
                     Err(_) => check.blocks_torn_tail += 1,
+                }
+                continue;
+            }
+            if let Some(slot) = segtable::SLOT_BLOCKS
+                .iter()
+                .position(|&s| (s..s + segtable::SLOT_LEN_BLOCKS).contains(&here))
+            {
+                match decode_block_at(bytes, BlockKind::SegmentTable, &sb.device_id, offset) {
+                    Ok(_) => check.blocks_valid += 1,
+                    // The slot of the older version is where a torn table
+                    // write lands; the newer one was read whole.
+                    Err(BlockError::BadCrc { .. }) if slot != table_slot => {
+                        check.blocks_torn_tail += 1
+                    }
+                    Err(e) => problems.add(offset, format!("segment table block: {e}")),
                 }
                 continue;
             }
@@ -312,6 +341,16 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             incomplete_tail_bytes: scan.incomplete_tail_bytes,
         },
         pages: PagesInfo { page_count: 0 },
+        segments: table
+            .entries
+            .iter()
+            .map(|e| SegmentInfo {
+                volume: e.id.volume,
+                pg: e.id.pg,
+                epoch: e.epoch,
+                pgmrpl: e.pgmrpl,
+            })
+            .collect(),
         check,
         status,
     })
@@ -351,6 +390,14 @@ impl InspectReport {
             sb.pages_start_block + sb.pages_blocks,
             self.pages.page_count
         );
+        let _ = writeln!(s, "segments       {}", self.segments.len());
+        for seg in &self.segments {
+            let _ = writeln!(
+                s,
+                "  volume {} pg {}: epoch {}, pgmrpl {}",
+                seg.volume, seg.pg, seg.epoch, seg.pgmrpl
+            );
+        }
         let a = &self.anchor;
         let _ = writeln!(
             s,

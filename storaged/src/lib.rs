@@ -9,4 +9,5 @@ pub mod io;
 pub mod log;
 pub mod record;
 pub mod segment;
+pub mod segtable;
 pub mod units;

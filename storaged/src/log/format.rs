@@ -35,6 +35,7 @@ pub enum BlockKind {
     Superblock = 1,
     Anchor = 2,
     Log = 3,
+    SegmentTable = 4,
 }
 
 impl BlockKind {
@@ -43,6 +44,7 @@ impl BlockKind {
             1 => Some(BlockKind::Superblock),
             2 => Some(BlockKind::Anchor),
             3 => Some(BlockKind::Log),
+            4 => Some(BlockKind::SegmentTable),
             _ => None,
         }
     }
@@ -94,9 +96,11 @@ pub enum BlockError {
     },
 }
 
-fn crc_of(block: &[u8], payload_len: usize) -> u32 {
+/// Over the whole block but the CRC field itself: header, payload and the
+/// zero tail, so damage anywhere in the block is seen.
+fn crc_of(block: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&block[..OFF_CRC]);
-    crc32c::crc32c_append(crc, &block[HEADER_BYTES..HEADER_BYTES + payload_len])
+    crc32c::crc32c_append(crc, &block[HEADER_BYTES..])
 }
 
 /// Write `header` and `payload` into `block` (exactly one block), zeroing the
@@ -114,7 +118,8 @@ pub fn encode_block(block: &mut [u8], header: &BlockHeader, payload: &[u8]) {
 }
 
 /// Write `header` and the CRC into a block whose payload (the first
-/// `header.payload_len` bytes after the header) is already in place.
+/// `header.payload_len` bytes after the header) is already in place and
+/// whose tail after it is zero (the CRC covers the tail too).
 pub fn seal_block(block: &mut [u8], header: &BlockHeader) {
     debug_assert_eq!(block.len(), BLOCK_SIZE);
     block[OFF_MAGIC..OFF_MAGIC + 4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -126,7 +131,7 @@ pub fn seal_block(block: &mut [u8], header: &BlockHeader) {
     block[OFF_GENERATION..OFF_GENERATION + 4].copy_from_slice(&header.generation.to_le_bytes());
     block[OFF_PAYLOAD_LEN..OFF_PAYLOAD_LEN + 4].copy_from_slice(&header.payload_len.to_le_bytes());
     block[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&header.flags.to_le_bytes());
-    let crc = crc_of(block, header.payload_len as usize);
+    let crc = crc_of(block);
     block[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -162,7 +167,7 @@ pub fn decode_block(block: &[u8]) -> Result<(BlockHeader, &[u8]), BlockError> {
         return Err(BlockError::BadLength(payload_len));
     }
     let stored = u32_at(block, OFF_CRC);
-    let computed = crc_of(block, payload_len as usize);
+    let computed = crc_of(block);
     if stored != computed {
         return Err(BlockError::BadCrc { stored, computed });
     }
