@@ -7,5 +7,6 @@
 pub mod inspect;
 pub mod io;
 pub mod log;
+pub mod proto;
 pub mod record;
 pub mod units;
