@@ -7,6 +7,7 @@
 pub mod inspect;
 pub mod io;
 pub mod log;
+pub mod proto;
 pub mod record;
 pub mod segment;
 pub mod segtable;

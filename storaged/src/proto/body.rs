@@ -1,0 +1,478 @@
+//! Message bodies on the wire: the layouts `docs/protocol.md` documents field
+//! by field, their encoding, and their strict decoding.
+//!
+//! Bodies are fixed fields in the documented order, little-endian, with no
+//! padding; a variable part (records, page bytes, error text) comes last and
+//! its length is declared and checked against the bytes present. Decoding is
+//! strict: a body one byte short or long is refused, so both sides always
+//! agree on what a message said.
+
+use super::ERROR_MESSAGE_BYTES_MAX;
+use super::error::ProtoError;
+use super::message::{ErrorCode, Message, MessageType, Role};
+use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
+use crate::record::{RedoRecord, SegmentId};
+
+/// Fixed part of each body; the variable part (if any) follows it.
+const HELLO_BYTES: usize = 11;
+const HELLO_OK_BYTES: usize = 10;
+const APPEND_FIXED_BYTES: usize = 24;
+const APPEND_ACK_BYTES: usize = 20;
+const GET_PAGE_BYTES: usize = 36;
+const PAGE_FIXED_BYTES: usize = 32;
+const SET_PGMRPL_BYTES: usize = 28;
+const PGMRPL_OK_BYTES: usize = 20;
+const GET_SEGMENT_STATUS_BYTES: usize = 20;
+const SEGMENT_STATUS_BYTES: usize = 76;
+const ERROR_FIXED_BYTES: usize = 12;
+
+// The decoder sizes a batch's `Vec<RedoRecord>` from the declared count, which
+// it first bounds by the body (a record is at least RECORD_HEADER_BYTES on the
+// wire). This keeps that allocation within twice the bytes received.
+const _: () = assert!(size_of::<RedoRecord>() <= 2 * RECORD_HEADER_BYTES);
+
+impl Message {
+    /// Bytes the body takes on the wire.
+    pub(super) fn body_len(&self) -> usize {
+        match self {
+            Message::Hello { .. } => HELLO_BYTES,
+            Message::HelloOk { .. } => HELLO_OK_BYTES,
+            Message::Append { records, .. } => {
+                APPEND_FIXED_BYTES + records.iter().map(RedoRecord::encoded_len).sum::<usize>()
+            }
+            Message::AppendAck { .. } => APPEND_ACK_BYTES,
+            Message::GetPage { .. } => GET_PAGE_BYTES,
+            Message::Page { bytes, .. } => PAGE_FIXED_BYTES + bytes.len(),
+            Message::SetPgmrpl { .. } => SET_PGMRPL_BYTES,
+            Message::PgmrplOk { .. } => PGMRPL_OK_BYTES,
+            Message::GetSegmentStatus { .. } => GET_SEGMENT_STATUS_BYTES,
+            Message::SegmentStatus { .. } => SEGMENT_STATUS_BYTES,
+            Message::Error { message, .. } => ERROR_FIXED_BYTES + message.len(),
+        }
+    }
+
+    /// Refuse to encode what the decoder would refuse, so that a frame this
+    /// node sends is one its peers accept.
+    pub(super) fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Message::Append {
+                volume,
+                pg,
+                records,
+                ..
+            } => {
+                let batch = SegmentId {
+                    volume: *volume,
+                    pg: *pg,
+                };
+                if records.is_empty() {
+                    return Err(ProtoError::EmptyBatch);
+                }
+                let mut prev_lsn = None;
+                for (index, record) in records.iter().enumerate() {
+                    check_record(record)
+                        .map_err(|source| ProtoError::BadRecord { index, source })?;
+                    check_batch_order(batch, prev_lsn, index, record)?;
+                    prev_lsn = Some(record.lsn);
+                }
+                Ok(())
+            }
+            Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
+                Err(ProtoError::MessageTooLong(message.len()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Append the body. The caller has validated the message and checked the
+    /// frame size, so the `as u32` length casts below cannot truncate.
+    pub(super) fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello {
+                role,
+                node_id,
+                protocol_version,
+            } => {
+                put_u64(out, *node_id);
+                put_u16(out, *protocol_version);
+                out.push(*role as u8);
+            }
+            Message::HelloOk {
+                node_id,
+                protocol_version,
+            } => {
+                put_u64(out, *node_id);
+                put_u16(out, *protocol_version);
+            }
+            Message::Append {
+                volume,
+                epoch,
+                pg,
+                records,
+            } => {
+                put_u64(out, *volume);
+                put_u64(out, *epoch);
+                put_u32(out, *pg);
+                put_u32(out, records.len() as u32);
+                for record in records {
+                    record.encode_into(out);
+                }
+            }
+            Message::AppendAck { volume, pg, scl } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *scl);
+            }
+            Message::PgmrplOk { volume, pg, pgmrpl } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *pgmrpl);
+            }
+            Message::GetPage {
+                volume,
+                epoch,
+                pg,
+                page,
+                read_point,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_u64(out, *page);
+                put_u64(out, *read_point);
+            }
+            Message::Page {
+                volume,
+                pg,
+                page,
+                lsn,
+                bytes,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *page);
+                put_u64(out, *lsn);
+                put_u32(out, bytes.len() as u32);
+                out.extend_from_slice(bytes);
+            }
+            Message::SetPgmrpl {
+                volume,
+                epoch,
+                pg,
+                lsn,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_u64(out, *lsn);
+            }
+            Message::GetSegmentStatus { volume, epoch, pg } => {
+                put_request_head(out, *volume, *epoch, *pg);
+            }
+            Message::SegmentStatus {
+                volume,
+                pg,
+                epoch,
+                scl,
+                highest_lsn,
+                lowest_lsn,
+                pgmrpl,
+                records,
+                log_bytes,
+                page_store_bytes,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                for v in [
+                    epoch,
+                    scl,
+                    highest_lsn,
+                    lowest_lsn,
+                    pgmrpl,
+                    records,
+                    log_bytes,
+                    page_store_bytes,
+                ] {
+                    put_u64(out, *v);
+                }
+            }
+            Message::Error {
+                code,
+                current_epoch,
+                message,
+            } => {
+                put_u64(out, *current_epoch);
+                put_u16(out, *code as u16);
+                put_u16(out, message.len() as u16);
+                out.extend_from_slice(message.as_bytes());
+            }
+        }
+    }
+
+    /// Decode a body of type `kind`. `body` is exactly the frame's body: the
+    /// frame length bounds it, and every allocation here is bounded by it.
+    pub(super) fn decode_body(kind: MessageType, body: &[u8]) -> Result<Message, ProtoError> {
+        let mut r = Reader::new(kind, body);
+        let message = match kind {
+            MessageType::Hello => {
+                let node_id = r.u64()?;
+                let protocol_version = r.u16()?;
+                let role = r.u8()?;
+                let role = Role::from_u8(role).ok_or(ProtoError::UnknownRole(role))?;
+                Message::Hello {
+                    role,
+                    node_id,
+                    protocol_version,
+                }
+            }
+            MessageType::HelloOk => Message::HelloOk {
+                node_id: r.u64()?,
+                protocol_version: r.u16()?,
+            },
+            MessageType::Append => return decode_append(r),
+            MessageType::AppendAck => Message::AppendAck {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                scl: r.u64()?,
+            },
+            MessageType::GetPage => Message::GetPage {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+                page: r.u64()?,
+                read_point: r.u64()?,
+            },
+            MessageType::Page => {
+                let volume = r.u64()?;
+                let pg = r.u32()?;
+                let page = r.u64()?;
+                let lsn = r.u64()?;
+                let len = r.u32()? as usize;
+                // `take` checks `len` against the bytes present before copying.
+                let bytes = r.take(len)?.to_vec();
+                Message::Page {
+                    volume,
+                    pg,
+                    page,
+                    lsn,
+                    bytes,
+                }
+            }
+            MessageType::SetPgmrpl => Message::SetPgmrpl {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+                lsn: r.u64()?,
+            },
+            MessageType::PgmrplOk => Message::PgmrplOk {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                pgmrpl: r.u64()?,
+            },
+            MessageType::GetSegmentStatus => Message::GetSegmentStatus {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+            },
+            MessageType::SegmentStatus => Message::SegmentStatus {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                epoch: r.u64()?,
+                scl: r.u64()?,
+                highest_lsn: r.u64()?,
+                lowest_lsn: r.u64()?,
+                pgmrpl: r.u64()?,
+                records: r.u64()?,
+                log_bytes: r.u64()?,
+                page_store_bytes: r.u64()?,
+            },
+            MessageType::Error => {
+                let current_epoch = r.u64()?;
+                let code = r.u16()?;
+                let code = ErrorCode::from_u16(code).ok_or(ProtoError::UnknownErrorCode(code))?;
+                let len = r.u16()? as usize;
+                // Checked before reading so an over-long text is named as
+                // such even when the body also happens to be short.
+                if len > ERROR_MESSAGE_BYTES_MAX {
+                    return Err(ProtoError::MessageTooLong(len));
+                }
+                let text = std::str::from_utf8(r.take(len)?).map_err(|_| ProtoError::BadUtf8)?;
+                Message::Error {
+                    code,
+                    current_epoch,
+                    message: text.to_owned(),
+                }
+            }
+        };
+        r.finish()?;
+        Ok(message)
+    }
+}
+
+fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
+    let volume = r.u64()?;
+    let epoch = r.u64()?;
+    let pg = r.u32()?;
+    let declared = r.u32()?;
+    if declared == 0 {
+        return Err(ProtoError::EmptyBatch);
+    }
+    // The count is the peer's word; the body is what arrived. Bound the count
+    // by the body before it sizes an allocation.
+    let room = r.rest().len() / RECORD_HEADER_BYTES;
+    if declared as usize > room {
+        return Err(ProtoError::RecordCountImpossible { declared, room });
+    }
+    let batch = SegmentId { volume, pg };
+    let mut records = Vec::with_capacity(declared as usize);
+    let mut prev_lsn = None;
+    for index in 0..declared as usize {
+        // Fewer records than declared shows up here as a truncated record;
+        // more shows up in `finish` as trailing bytes.
+        let (record, used) = RedoRecord::decode_prefix(r.rest())
+            .map_err(|source| ProtoError::BadRecord { index, source })?;
+        r.take(used)?;
+        check_batch_order(batch, prev_lsn, index, &record)?;
+        prev_lsn = Some(record.lsn);
+        records.push(record);
+    }
+    r.finish()?;
+    Ok(Message::Append {
+        volume,
+        epoch,
+        pg,
+        records,
+    })
+}
+
+/// A batch holds one segment's records in strictly increasing LSN order.
+fn check_batch_order(
+    batch: SegmentId,
+    prev_lsn: Option<u64>,
+    index: usize,
+    record: &RedoRecord,
+) -> Result<(), ProtoError> {
+    if record.segment != batch {
+        return Err(ProtoError::ForeignRecord {
+            index,
+            lsn: record.lsn,
+            record: record.segment,
+            batch,
+        });
+    }
+    if let Some(prev) = prev_lsn
+        && record.lsn <= prev
+    {
+        return Err(ProtoError::LsnNotIncreasing {
+            index,
+            prev,
+            lsn: record.lsn,
+        });
+    }
+    Ok(())
+}
+
+/// The checks `RedoRecord::decode_prefix` makes, for the sending side (and so
+/// that `encode_into` never meets a payload it would panic on).
+fn check_record(record: &RedoRecord) -> Result<(), RecordError> {
+    let payload_len = record.payload().len();
+    if payload_len > RECORD_PAYLOAD_MAX_BYTES {
+        return Err(RecordError::TooLarge(payload_len));
+    }
+    for prev in [record.prev_lsn_pg, record.prev_lsn_page] {
+        if record.lsn == 0 || prev != 0 && prev >= record.lsn {
+            return Err(RecordError::BadBacklink {
+                lsn: record.lsn,
+                prev,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Volume, epoch and PG: how every request to a segment starts.
+fn put_request_head(out: &mut Vec<u8>, volume: u64, epoch: u64, pg: u32) {
+    put_u64(out, volume);
+    put_u64(out, epoch);
+    put_u32(out, pg);
+}
+
+/// A cursor over one body that turns running out of bytes into
+/// `BodyTooShort` and leftover bytes into `BodyTooLong`, without indexing
+/// that could panic.
+struct Reader<'a> {
+    kind: MessageType,
+    body_len: usize,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(kind: MessageType, body: &'a [u8]) -> Reader<'a> {
+        Reader {
+            kind,
+            body_len: body.len(),
+            rest: body,
+        }
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        match self.rest.split_at_checked(n) {
+            Some((head, tail)) => {
+                self.rest = tail;
+                Ok(head)
+            }
+            None => Err(ProtoError::BodyTooShort {
+                kind: self.kind,
+                have: self.body_len,
+                need: (self.body_len - self.rest.len()).saturating_add(n),
+            }),
+        }
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtoError> {
+        let head = self.take(N)?;
+        let mut a = [0; N];
+        a.copy_from_slice(head);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn finish(self) -> Result<(), ProtoError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtoError::BodyTooLong {
+                kind: self.kind,
+                have: self.body_len,
+                expected: self.body_len - self.rest.len(),
+            })
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The messages: their types and numbers, the roles and error codes they
+//! carry. How each is laid out on the wire is in `body`.
+
+use super::ERROR_MESSAGE_BYTES_MAX;
+use crate::record::RedoRecord;
+
+/// The message type byte of a frame. Requests are odd, their replies the next
+/// even number; `Error` answers any request and stands apart at 255.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageType {
+    Hello = 1,
+    HelloOk = 2,
+    Append = 3,
+    AppendAck = 4,
+    GetPage = 5,
+    Page = 6,
+    SetPgmrpl = 7,
+    PgmrplOk = 8,
+    GetSegmentStatus = 9,
+    SegmentStatus = 10,
+    Error = 255,
+}
+
+impl MessageType {
+    pub fn from_u8(v: u8) -> Option<MessageType> {
+        let kind = match v {
+            1 => MessageType::Hello,
+            2 => MessageType::HelloOk,
+            3 => MessageType::Append,
+            4 => MessageType::AppendAck,
+            5 => MessageType::GetPage,
+            6 => MessageType::Page,
+            7 => MessageType::SetPgmrpl,
+            8 => MessageType::PgmrplOk,
+            9 => MessageType::GetSegmentStatus,
+            10 => MessageType::SegmentStatus,
+            255 => MessageType::Error,
+            _ => return None,
+        };
+        Some(kind)
+    }
+}
+
+/// Who opened the connection, as it says in `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Role {
+    Computed = 1,
+    StorageNode = 2,
+    Operator = 3,
+}
+
+impl Role {
+    pub fn from_u8(v: u8) -> Option<Role> {
+        match v {
+            1 => Some(Role::Computed),
+            2 => Some(Role::StorageNode),
+            3 => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request failed, in an `Error` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be decoded; the connection is closed after this.
+    BadFrame = 1,
+    UnsupportedVersion = 2,
+    /// The request's epoch is older than the node's; `current_epoch` says which.
+    StaleEpoch = 3,
+    ReadPointAboveScl = 4,
+    UnknownSegment = 5,
+    /// A record with the same LSN but different content is already stored.
+    Conflict = 6,
+    BadRequest = 7,
+    Overloaded = 8,
+    ShuttingDown = 9,
+    PageOutOfRange = 10,
+    Internal = 11,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        let code = match v {
+            1 => ErrorCode::BadFrame,
+            2 => ErrorCode::UnsupportedVersion,
+            3 => ErrorCode::StaleEpoch,
+            4 => ErrorCode::ReadPointAboveScl,
+            5 => ErrorCode::UnknownSegment,
+            6 => ErrorCode::Conflict,
+            7 => ErrorCode::BadRequest,
+            8 => ErrorCode::Overloaded,
+            9 => ErrorCode::ShuttingDown,
+            10 => ErrorCode::PageOutOfRange,
+            11 => ErrorCode::Internal,
+            _ => return None,
+        };
+        Some(code)
+    }
+}
+
+/// One decoded frame: the request id of the envelope and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Replies carry the id of the request they answer; server-initiated
+    /// messages use 0.
+    pub request_id: u64,
+    pub message: Message,
+}
+
+/// Every message of protocol version 1. Requests from computed carry the
+/// volume id and the epoch the sender believes current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello {
+        role: Role,
+        node_id: u64,
+        protocol_version: u16,
+    },
+    HelloOk {
+        node_id: u64,
+        protocol_version: u16,
+    },
+    /// One segment's records in strictly increasing LSN order; never empty.
+    Append {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        records: Vec<RedoRecord>,
+    },
+    AppendAck {
+        volume: u64,
+        pg: u32,
+        scl: u64,
+    },
+    GetPage {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        page: u64,
+        read_point: u64,
+    },
+    Page {
+        volume: u64,
+        pg: u32,
+        page: u64,
+        /// The LSN the page is at: its newest change at or below the read point.
+        lsn: u64,
+        bytes: Vec<u8>,
+    },
+    SetPgmrpl {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        lsn: u64,
+    },
+    PgmrplOk {
+        volume: u64,
+        pg: u32,
+        pgmrpl: u64,
+    },
+    GetSegmentStatus {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+    },
+    SegmentStatus {
+        volume: u64,
+        pg: u32,
+        epoch: u64,
+        scl: u64,
+        highest_lsn: u64,
+        lowest_lsn: u64,
+        pgmrpl: u64,
+        records: u64,
+        log_bytes: u64,
+        page_store_bytes: u64,
+    },
+    Error {
+        code: ErrorCode,
+        /// The node's epoch when `code` is `StaleEpoch`, else 0.
+        current_epoch: u64,
+        /// UTF-8, at most [`ERROR_MESSAGE_BYTES_MAX`] bytes.
+        message: String,
+    },
+}
+
+impl Message {
+    pub fn kind(&self) -> MessageType {
+        match self {
+            Message::Hello { .. } => MessageType::Hello,
+            Message::HelloOk { .. } => MessageType::HelloOk,
+            Message::Append { .. } => MessageType::Append,
+            Message::AppendAck { .. } => MessageType::AppendAck,
+            Message::GetPage { .. } => MessageType::GetPage,
+            Message::Page { .. } => MessageType::Page,
+            Message::SetPgmrpl { .. } => MessageType::SetPgmrpl,
+            Message::PgmrplOk { .. } => MessageType::PgmrplOk,
+            Message::GetSegmentStatus { .. } => MessageType::GetSegmentStatus,
+            Message::SegmentStatus { .. } => MessageType::SegmentStatus,
+            Message::Error { .. } => MessageType::Error,
+        }
+    }
+
+    /// An `Error` message whose text is cut (at a character boundary) to what
+    /// the wire allows, so a server can always report a failure.
+    pub fn error(code: ErrorCode, current_epoch: u64, message: impl Into<String>) -> Message {
+        let mut message = message.into();
+        if message.len() > ERROR_MESSAGE_BYTES_MAX {
+            let mut cut = ERROR_MESSAGE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Message::Error {
+            code,
+            current_epoch,
+            message,
+        }
+    }
+}

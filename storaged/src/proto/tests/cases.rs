@@ -1,0 +1,325 @@
+//! Hand-built frames for each check a receiver makes, and what the encoder refuses.
+
+use super::{decode, encode, raw_frame, record, u64s};
+use crate::proto::*;
+use crate::record::{RecordError, RedoRecord};
+
+// --- frame envelope --------------------------------------------------------
+
+#[test]
+fn length_below_the_header_is_refused() {
+    for length in 0..FRAME_LENGTH_MIN as u32 {
+        assert_eq!(
+            decode(&length.to_le_bytes()),
+            Err(ProtoError::FrameTooSmall { length })
+        );
+    }
+}
+
+#[test]
+fn header_fields_are_checked() {
+    let body = u64s(&[1]);
+    let ack = [body.clone(), 2u32.to_le_bytes().to_vec(), u64s(&[3])].concat();
+    assert!(decode(&raw_frame(1, 4, 0, 1, &ack)).unwrap().is_some());
+
+    let err = decode(&raw_frame(2, 4, 0, 1, &ack)).unwrap_err();
+    assert_eq!(err, ProtoError::UnsupportedVersion(2));
+    assert_eq!(err.error_code(), ErrorCode::UnsupportedVersion);
+    // The version is judged as soon as its byte arrives.
+    assert_eq!(
+        decode(&raw_frame(2, 4, 0, 1, &ack)[..5]),
+        Err(ProtoError::UnsupportedVersion(2))
+    );
+    assert_eq!(
+        decode(&raw_frame(1, 4, 0x10, 1, &ack)),
+        Err(ProtoError::BadFlags(0x10))
+    );
+    assert_eq!(
+        decode(&raw_frame(1, 42, 0, 1, &ack)),
+        Err(ProtoError::UnknownMessageType(42))
+    );
+
+    let mut bad = raw_frame(1, 4, 0, 1, &ack);
+    let stored = u32::from_le_bytes([bad[16], bad[17], bad[18], bad[19]]);
+    bad[25] ^= 1;
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&bad[4..16]), &bad[20..]);
+    assert_eq!(decode(&bad), Err(ProtoError::BadCrc { stored, computed }));
+}
+
+#[test]
+fn a_lower_configured_max_is_honoured() {
+    let msg = Message::Page {
+        volume: 1,
+        pg: 2,
+        page: 3,
+        lsn: 4,
+        bytes: vec![0; 1000],
+    };
+    let buf = encode(1, &msg);
+    assert_eq!(
+        decode_frame(&buf[..4], 512),
+        Err(ProtoError::FrameTooLarge {
+            frame_bytes: buf.len(),
+            frame_bytes_max: 512
+        })
+    );
+    assert!(decode_frame(&buf, buf.len()).unwrap().is_some());
+}
+
+#[test]
+fn decoder_stays_failed_and_stops_buffering() {
+    let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
+    decoder.push(&3u32.to_le_bytes());
+    let first = decoder.next().unwrap_err();
+    decoder.push(&encode(1, &Message::error(ErrorCode::Internal, 0, "x")));
+    assert_eq!(decoder.next().unwrap_err(), first);
+    assert_eq!(decoder.buffered_bytes(), 4);
+}
+
+// --- bodies ----------------------------------------------------------------
+
+#[test]
+fn a_huge_record_count_is_refused_before_allocating() {
+    // 2^31 records declared in a 24-byte body: sizing a Vec from the count
+    // would ask for ~200 GiB; the decoder must refuse from the body size.
+    let body = [
+        u64s(&[1, 1]),
+        2u32.to_le_bytes().to_vec(),
+        (1u32 << 31).to_le_bytes().to_vec(),
+    ]
+    .concat();
+    assert_eq!(
+        decode(&raw_frame(1, MessageType::Append as u8, 0, 1, &body)),
+        Err(ProtoError::RecordCountImpossible {
+            declared: 1 << 31,
+            room: 0
+        })
+    );
+}
+
+#[test]
+fn huge_declared_lengths_are_refused() {
+    let page = [
+        u64s(&[1]),
+        2u32.to_le_bytes().to_vec(),
+        u64s(&[3, 4]),
+        u32::MAX.to_le_bytes().to_vec(),
+    ]
+    .concat();
+    let err = decode(&raw_frame(1, MessageType::Page as u8, 0, 1, &page)).unwrap_err();
+    assert!(matches!(
+        err,
+        ProtoError::BodyTooShort {
+            kind: MessageType::Page,
+            ..
+        }
+    ));
+
+    let error = [
+        u64s(&[0]),
+        7u16.to_le_bytes().to_vec(),
+        u16::MAX.to_le_bytes().to_vec(),
+    ]
+    .concat();
+    assert_eq!(
+        decode(&raw_frame(1, MessageType::Error as u8, 0, 1, &error)),
+        Err(ProtoError::MessageTooLong(u16::MAX as usize))
+    );
+}
+
+fn append_body(volume: u64, pg: u32, count: u32, records: &[RedoRecord]) -> Vec<u8> {
+    let mut body = [
+        u64s(&[volume, 9]),
+        pg.to_le_bytes().to_vec(),
+        count.to_le_bytes().to_vec(),
+    ]
+    .concat();
+    for r in records {
+        r.encode_into(&mut body);
+    }
+    body
+}
+
+fn decode_append(body: &[u8]) -> Result<Option<(Frame, usize)>, ProtoError> {
+    decode(&raw_frame(1, MessageType::Append as u8, 0, 1, body))
+}
+
+#[test]
+fn batch_rules_are_enforced_on_decode() {
+    let (a, b) = (record(1, 2, 10, vec![1; 8]), record(1, 2, 11, vec![]));
+    assert!(decode_append(&append_body(1, 2, 2, &[a.clone(), b.clone()])).is_ok());
+
+    assert_eq!(
+        decode_append(&append_body(1, 2, 0, &[])),
+        Err(ProtoError::EmptyBatch)
+    );
+    assert_eq!(
+        decode_append(&append_body(1, 2, 2, &[b.clone(), a.clone()])),
+        Err(ProtoError::LsnNotIncreasing {
+            index: 1,
+            prev: 11,
+            lsn: 10
+        })
+    );
+    assert_eq!(
+        decode_append(&append_body(1, 2, 2, &[a.clone(), a.clone()])),
+        Err(ProtoError::LsnNotIncreasing {
+            index: 1,
+            prev: 10,
+            lsn: 10
+        })
+    );
+    let foreign = record(1, 3, 11, vec![]);
+    assert!(matches!(
+        decode_append(&append_body(1, 2, 2, &[a.clone(), foreign])),
+        Err(ProtoError::ForeignRecord { index: 1, .. })
+    ));
+    // Count above the records present: the missing one reads as truncated.
+    let mut two_declared_one_sent = append_body(1, 2, 2, std::slice::from_ref(&a));
+    two_declared_one_sent.extend_from_slice(&[0; 60]);
+    assert!(matches!(
+        decode_append(&two_declared_one_sent),
+        Err(ProtoError::BadRecord { index: 1, .. })
+    ));
+    // Count below: the extra record is trailing bytes.
+    assert!(matches!(
+        decode_append(&append_body(1, 2, 1, &[a.clone(), b])),
+        Err(ProtoError::BodyTooLong {
+            kind: MessageType::Append,
+            ..
+        })
+    ));
+    let mut bad_kind = append_body(1, 2, 1, &[a]);
+    bad_kind[24 + 12] = 9;
+    assert_eq!(
+        decode_append(&bad_kind),
+        Err(ProtoError::BadRecord {
+            index: 0,
+            source: RecordError::UnknownKind(9)
+        })
+    );
+}
+
+#[test]
+fn fixed_bodies_must_be_exact() {
+    let ack = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3])].concat();
+    let kind = MessageType::AppendAck as u8;
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &ack[..19])),
+        Err(ProtoError::BodyTooShort {
+            kind: MessageType::AppendAck,
+            have: 19,
+            need: 20
+        })
+    );
+    let long = [ack, vec![0]].concat();
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &long)),
+        Err(ProtoError::BodyTooLong {
+            kind: MessageType::AppendAck,
+            have: 21,
+            expected: 20
+        })
+    );
+    let hello = [u64s(&[1]), 1u16.to_le_bytes().to_vec(), vec![4]].concat();
+    assert_eq!(
+        decode(&raw_frame(1, MessageType::Hello as u8, 0, 1, &hello)),
+        Err(ProtoError::UnknownRole(4))
+    );
+}
+
+#[test]
+fn error_bodies_are_checked() {
+    let body = |code: u16, text: &[u8]| {
+        let mut b = [u64s(&[0]), code.to_le_bytes().to_vec()].concat();
+        b.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        b.extend_from_slice(text);
+        raw_frame(1, MessageType::Error as u8, 0, 1, &b)
+    };
+    assert!(decode(&body(3, "stale".as_bytes())).unwrap().is_some());
+    assert_eq!(
+        decode(&body(12, b"")),
+        Err(ProtoError::UnknownErrorCode(12))
+    );
+    assert_eq!(decode(&body(0, b"")), Err(ProtoError::UnknownErrorCode(0)));
+    assert_eq!(decode(&body(3, &[0xff, 0xfe])), Err(ProtoError::BadUtf8));
+    assert_eq!(
+        decode(&body(3, &[b'a'; 1025])),
+        Err(ProtoError::MessageTooLong(1025))
+    );
+    assert!(decode(&body(3, &[b'a'; 1024])).unwrap().is_some());
+}
+
+// --- encoding --------------------------------------------------------------
+
+#[test]
+fn encode_refuses_what_a_peer_would_refuse() {
+    let mut out = vec![0xAA];
+    let cases = [
+        (
+            Message::Append {
+                volume: 1,
+                epoch: 1,
+                pg: 2,
+                records: vec![],
+            },
+            ProtoError::EmptyBatch,
+        ),
+        (
+            Message::Error {
+                code: ErrorCode::Internal,
+                current_epoch: 0,
+                message: "é".repeat(513),
+            },
+            ProtoError::MessageTooLong(1026),
+        ),
+        (
+            Message::Page {
+                volume: 1,
+                pg: 2,
+                page: 3,
+                lsn: 4,
+                bytes: vec![0; FRAME_BYTES_MAX],
+            },
+            ProtoError::FrameTooLarge {
+                frame_bytes: FRAME_BYTES_MAX + 52,
+                frame_bytes_max: FRAME_BYTES_MAX,
+            },
+        ),
+    ];
+    for (msg, want) in cases {
+        assert_eq!(encode_frame(1, &msg, &mut out), Err(want));
+        assert_eq!(out, [0xAA], "a refused frame leaves no bytes behind");
+    }
+    let bad_backlink = RedoRecord {
+        prev_lsn_page: 10,
+        ..record(1, 2, 10, vec![])
+    };
+    let msg = Message::Append {
+        volume: 1,
+        epoch: 1,
+        pg: 2,
+        records: vec![bad_backlink],
+    };
+    assert!(matches!(
+        encode_frame(1, &msg, &mut out),
+        Err(ProtoError::BadRecord { index: 0, .. })
+    ));
+}
+
+#[test]
+fn error_constructor_cuts_at_a_char_boundary() {
+    let Message::Error { message, .. } = Message::error(ErrorCode::Internal, 0, "é".repeat(600))
+    else {
+        panic!("not an Error");
+    };
+    assert_eq!(message.len(), 1024);
+    assert!(
+        encode_frame(
+            0,
+            &Message::error(ErrorCode::BadFrame, 0, "x".repeat(5000)),
+            &mut Vec::new()
+        )
+        .is_ok()
+    );
+}

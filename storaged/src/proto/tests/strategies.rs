@@ -1,0 +1,179 @@
+//! Generators for every message, and mutations of encoded frames.
+
+use proptest::prelude::*;
+
+use crate::proto::{ErrorCode, Message, Role};
+use crate::record::{RecordBody, RedoRecord, SegmentId};
+
+fn arb_role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        Just(Role::Computed),
+        Just(Role::StorageNode),
+        Just(Role::Operator)
+    ]
+}
+
+fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
+    (1u16..=11).prop_map(|v| ErrorCode::from_u16(v).expect("1..=11 are codes"))
+}
+
+/// 1–4 records of one segment with strictly increasing LSNs, random bodies.
+fn arb_batch() -> impl Strategy<Value = (u64, u32, Vec<RedoRecord>)> {
+    let one = (
+        1u64..1000,
+        any::<u64>(),
+        any::<bool>(),
+        prop::option::of(any::<u32>()),
+        prop::collection::vec(any::<u8>(), 0..200),
+    );
+    (
+        any::<u64>(),
+        any::<u32>(),
+        1u64..(1 << 40),
+        prop::collection::vec(one, 1..5),
+    )
+        .prop_map(|(volume, pg, first_lsn, parts)| {
+            let mut lsn = first_lsn;
+            let mut records = Vec::new();
+            for (gap, page, cpl, delta, bytes) in parts {
+                let prev = lsn;
+                lsn += gap;
+                records.push(RedoRecord {
+                    segment: SegmentId { volume, pg },
+                    lsn,
+                    prev_lsn_pg: prev,
+                    prev_lsn_page: lsn / 2,
+                    page,
+                    cpl,
+                    body: match delta {
+                        Some(offset) => RecordBody::PageDelta { offset, bytes },
+                        None => RecordBody::PageImage(bytes),
+                    },
+                });
+            }
+            (volume, pg, records)
+        })
+}
+
+pub(super) fn arb_message() -> impl Strategy<Value = Message> {
+    let u = any::<u64>;
+    prop_oneof![
+        (arb_role(), u(), any::<u16>()).prop_map(|(role, node_id, protocol_version)| {
+            Message::Hello {
+                role,
+                node_id,
+                protocol_version,
+            }
+        }),
+        (u(), any::<u16>()).prop_map(|(node_id, protocol_version)| Message::HelloOk {
+            node_id,
+            protocol_version
+        }),
+        (arb_batch(), u()).prop_map(|((volume, pg, records), epoch)| Message::Append {
+            volume,
+            epoch,
+            pg,
+            records
+        }),
+        (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck {
+            volume,
+            pg,
+            scl
+        }),
+        (u(), u(), any::<u32>(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point)| {
+            Message::GetPage {
+                volume,
+                epoch,
+                pg,
+                page,
+                read_point,
+            }
+        }),
+        (
+            u(),
+            any::<u32>(),
+            u(),
+            u(),
+            prop::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(volume, pg, page, lsn, bytes)| Message::Page {
+                volume,
+                pg,
+                page,
+                lsn,
+                bytes
+            }),
+        (u(), u(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, lsn)| Message::SetPgmrpl {
+            volume,
+            epoch,
+            pg,
+            lsn
+        }),
+        (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk {
+            volume,
+            pg,
+            pgmrpl
+        }),
+        (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus {
+            volume,
+            epoch,
+            pg
+        }),
+        (u(), any::<u32>(), prop::array::uniform8(u())).prop_map(|(volume, pg, v)| {
+            Message::SegmentStatus {
+                volume,
+                pg,
+                epoch: v[0],
+                scl: v[1],
+                highest_lsn: v[2],
+                lowest_lsn: v[3],
+                pgmrpl: v[4],
+                records: v[5],
+                log_bytes: v[6],
+                page_store_bytes: v[7],
+            }
+        }),
+        (arb_error_code(), u(), "\\PC{0,60}").prop_map(|(code, current_epoch, message)| {
+            Message::Error {
+                code,
+                current_epoch,
+                message,
+            }
+        }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Mutation {
+    FlipBit { at: usize, bit: u8 },
+    Truncate { len: usize },
+    SetLength(u32),
+    Insert { at: usize, byte: u8 },
+}
+
+pub(super) fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::FlipBit { at, bit }),
+        any::<usize>().prop_map(|len| Mutation::Truncate { len }),
+        any::<u32>().prop_map(Mutation::SetLength),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+    ]
+}
+
+pub(super) fn mutate(frame: &mut Vec<u8>, m: &Mutation) {
+    match *m {
+        Mutation::FlipBit { at, bit } => {
+            if !frame.is_empty() {
+                let at = at % frame.len();
+                frame[at] ^= 1 << bit;
+            }
+        }
+        Mutation::Truncate { len } => frame.truncate(len % (frame.len() + 1)),
+        Mutation::SetLength(length) => {
+            if frame.len() >= 4 {
+                frame[..4].copy_from_slice(&length.to_le_bytes());
+            }
+        }
+        Mutation::Insert { at, byte } => frame.insert(at % (frame.len() + 1), byte),
+    }
+}
