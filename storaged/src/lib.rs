@@ -4,9 +4,11 @@
 //! - [`log`]: the durable, circular redo log of 4 KiB self-describing blocks;
 //! - [`record`]: redo records as computed produces them.
 
+pub mod client;
 pub mod inspect;
 pub mod io;
 pub mod log;
+pub mod node;
 pub mod proto;
 pub mod record;
 pub mod segment;

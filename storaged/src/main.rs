@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use storaged::io::device::{self, DeviceKind};
 use storaged::io::uring::{UringConfig, UringDevice};
 use storaged::log::mkfs::{self, FormatOptions};
+use storaged::node::server::{bind, serve};
+use storaged::node::{Node, NodeConfig};
 use storaged::units::parse_bytes;
 
 #[derive(Parser)]
@@ -49,6 +51,69 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Serve a formatted device: recover its log and segments, then take
+    /// appends and answer requests on --listen.
+    ///
+    /// Prints "listening on ADDR" on stdout and tells systemd it is ready
+    /// (sd_notify READY=1), pinging the watchdog when WatchdogSec is set.
+    /// SIGTERM or SIGINT: stop accepting, finish the requests and writes in
+    /// flight, exit 0.
+    Run {
+        /// The device `storaged format` prepared.
+        #[arg(long)]
+        device: PathBuf,
+        /// Address to serve on, e.g. 127.0.0.1:7100 (port 0 picks a free one).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Prometheus metrics address (not served yet; accepted for unit files).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// TOML file with limits (see docs/operations.md); defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `storaged run --config FILE`: every field optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunConfig {
+    log_write_blocks: Option<usize>,
+    log_writes_inflight: Option<usize>,
+    log_queue_bytes: Option<usize>,
+    gap_records_max: Option<usize>,
+    requests_per_connection_max: Option<usize>,
+    connections_max: Option<usize>,
+    frame_bytes_max: Option<usize>,
+}
+
+impl RunConfig {
+    fn load(path: &Path) -> Result<NodeConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rc: RunConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut c = NodeConfig::default();
+        c.log.write_blocks_max = rc.log_write_blocks.unwrap_or(c.log.write_blocks_max);
+        c.log.writes_inflight_max = rc.log_writes_inflight.unwrap_or(c.log.writes_inflight_max);
+        c.log.queue_bytes_max = rc.log_queue_bytes.unwrap_or(c.log.queue_bytes_max);
+        c.gap_records_max = rc.gap_records_max.unwrap_or(c.gap_records_max);
+        c.requests_per_connection_max = rc
+            .requests_per_connection_max
+            .unwrap_or(c.requests_per_connection_max);
+        c.connections_max = rc.connections_max.unwrap_or(c.connections_max);
+        c.frame_bytes_max = rc.frame_bytes_max.unwrap_or(c.frame_bytes_max);
+        c.log
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if c.requests_per_connection_max == 0 || c.connections_max == 0 || c.gap_records_max == 0 {
+            bail!("{}: limits must be at least 1", path.display());
+        }
+        if c.frame_bytes_max < 4096 {
+            bail!("{}: frame_bytes_max must be at least 4096", path.display());
+        }
+        Ok(c)
+    }
 }
 
 fn main() -> ExitCode {
@@ -68,6 +133,12 @@ fn main() -> ExitCode {
             log_size,
             force,
         } => format(&device, node_id, size, log_size, force),
+        Command::Run {
+            device,
+            listen,
+            metrics,
+            config,
+        } => run(&device, listen, metrics, config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,4 +214,68 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
         Ok(_) => {}
     }
     Ok(())
+}
+
+fn run(
+    path: &Path,
+    listen: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+    config: Option<&Path>,
+) -> Result<()> {
+    let config = match config {
+        Some(p) => RunConfig::load(p)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(m) = metrics {
+        tracing::warn!(addr = %m, "--metrics is accepted but no metrics endpoint is served yet");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let dev = UringDevice::open(path, &UringConfig::default())
+            .with_context(|| format!("opening {}", path.display()))?;
+        let (node, recovered) = Node::open(Arc::new(dev), config)
+            .await
+            .with_context(|| format!("recovering {}", path.display()))?;
+        tracing::info!(
+            node_id = node.node_id,
+            segments = recovered.segments,
+            records = recovered.records,
+            undecodable = recovered.undecodable,
+            "recovered"
+        );
+        let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the listening address")?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve(node.clone(), listener, stop_rx));
+        // Scripts and tests wait for this line; systemd for READY=1.
+        println!("storaged: node {} listening on {addr}", node.node_id);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(every) = sd_notify::watchdog_enabled() {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every / 2).await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping: no new requests; finishing those in flight");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        node.shutdown().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
 }

@@ -152,6 +152,18 @@ impl<T> Segment<T> {
         Ok(raised)
     }
 
+    /// For reads: refuse an older epoch, adopt nothing. Epoch 0 is an
+    /// operator's read (storctl), which is never fenced.
+    pub fn check_epoch_read(&self, epoch: u64) -> Result<(), SegmentError> {
+        if epoch != 0 && epoch < self.epoch {
+            return Err(SegmentError::StaleEpoch {
+                got: epoch,
+                current: self.epoch,
+            });
+        }
+        Ok(())
+    }
+
     /// Sort a batch (of this segment, LSNs strictly increasing) into new
     /// records, re-sends and conflicts. Nothing changes on error. New records
     /// are remembered as pending; the caller writes them to the log and then

@@ -1,0 +1,127 @@
+//! A client of a storage node: one connection, many requests in flight,
+//! replies matched by request id (they may come back in any order). Used by
+//! computed, storctl and tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::{
+    FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, ProtoError, Role, encode_frame,
+};
+
+/// Requests queued for the writer, at most; callers wait beyond.
+const QUEUED_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the connection is closed")]
+    Closed,
+    #[error("cannot encode the request: {0}")]
+    Encode(ProtoError),
+    #[error("unexpected reply to Hello: {0:?}")]
+    Handshake(Box<Message>),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+
+pub struct NodeClient {
+    tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<Message>)>,
+    next_id: AtomicU64,
+    /// The node's id, from its HelloOk.
+    pub node_id: u64,
+}
+
+impl NodeClient {
+    pub async fn connect(
+        addr: SocketAddr,
+        role: Role,
+        my_node_id: u64,
+    ) -> Result<NodeClient, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<Message>)>(QUEUED_MAX);
+        let p = pending.clone();
+        tokio::spawn(async move {
+            while let Some((id, frame, reply)) = rx.recv().await {
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, reply);
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let p = pending.clone();
+        tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
+            let mut buf = vec![0u8; 64 * 1024];
+            'read: loop {
+                let n = match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next() {
+                        Ok(Some(frame)) => {
+                            let waiter = p
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&frame.request_id);
+                            if let Some(w) = waiter {
+                                let _ = w.send(frame.message);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'read,
+                    }
+                }
+            }
+            // Everyone still waiting learns the connection is gone.
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
+        let mut client = NodeClient {
+            tx,
+            next_id: AtomicU64::new(1),
+            node_id: 0,
+        };
+        let hello = Message::Hello {
+            role,
+            node_id: my_node_id,
+            protocol_version: u16::from(PROTOCOL_VERSION),
+        };
+        match client.request(hello).await? {
+            Message::HelloOk { node_id, .. } => client.node_id = node_id,
+            other => return Err(ClientError::Handshake(Box::new(other))),
+        }
+        Ok(client)
+    }
+
+    /// Send a request and wait for its reply (an `Error` reply is a reply).
+    pub async fn request(&self, msg: Message) -> Result<Message, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        encode_frame(id, &msg, &mut frame).map_err(ClientError::Encode)?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx
+            .send((id, frame, reply_tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        reply_rx.await.map_err(|_| ClientError::Closed)
+    }
+}

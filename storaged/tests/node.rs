@@ -1,0 +1,485 @@
+//! `storaged run` as a real process on 127.0.0.1 with a file device: appends
+//! over TCP, acks by SCL, gaps, re-sends, conflicts, epochs, bad frames,
+//! kill -9 and restart, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use storaged::client::NodeClient;
+use storaged::proto::{ErrorCode, Message, Role};
+use storaged::record::{RecordBody, RedoRecord, SegmentId};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+const VOLUME: u64 = 42;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("storaged-node-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+/// A running storaged, killed (by its PID) when dropped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    fn start(device: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_storaged"))
+            .args([
+                "run",
+                "--device",
+                device.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("storaged did not start listening");
+            }
+        };
+        Daemon { child, addr }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child by its PID.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "storaged did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn format_device(dir: &Path) -> PathBuf {
+    let dev = dir.join("dev");
+    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
+        .args([
+            "format",
+            "--device",
+            dev.to_str().unwrap(),
+            "--node-id",
+            "5",
+            "--size",
+            "32m",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dev
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(TEST_TIMEOUT, f)
+            .await
+            .expect("test timed out")
+    });
+}
+
+fn rec(pg: u32, lsn: u64, prev: u64, byte: u8) -> RedoRecord {
+    RedoRecord {
+        segment: SegmentId { volume: VOLUME, pg },
+        lsn,
+        prev_lsn_pg: prev,
+        prev_lsn_page: 0,
+        page: lsn % 7,
+        cpl: true,
+        body: RecordBody::PageDelta {
+            offset: 16,
+            bytes: vec![byte; 100],
+        },
+    }
+}
+
+async fn append(c: &NodeClient, pg: u32, epoch: u64, records: Vec<RedoRecord>) -> Message {
+    c.request(Message::Append {
+        volume: VOLUME,
+        epoch,
+        pg,
+        records,
+    })
+    .await
+    .unwrap()
+}
+
+fn scl_of(m: &Message) -> u64 {
+    match m {
+        Message::AppendAck { scl, .. } => *scl,
+        other => panic!("expected an AppendAck, got {other:?}"),
+    }
+}
+
+async fn status(c: &NodeClient, pg: u32) -> (u64, u64, u64) {
+    match c
+        .request(Message::GetSegmentStatus {
+            volume: VOLUME,
+            epoch: 0,
+            pg,
+        })
+        .await
+        .unwrap()
+    {
+        Message::SegmentStatus {
+            scl,
+            epoch,
+            highest_lsn,
+            ..
+        } => (scl, epoch, highest_lsn),
+        other => panic!("expected SegmentStatus, got {other:?}"),
+    }
+}
+
+#[test]
+fn appends_are_acked_with_the_scl_gaps_hold_it_resends_do_not() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        assert_eq!(c.node_id, 5);
+        assert_eq!(
+            scl_of(&append(&c, 0, 1, vec![rec(0, 10, 0, 1), rec(0, 20, 10, 1)]).await),
+            20
+        );
+        // 40 links to 30, which is missing: held, SCL stays.
+        assert_eq!(scl_of(&append(&c, 0, 1, vec![rec(0, 40, 30, 1)]).await), 20);
+        assert_eq!(status(&c, 0).await, (20, 1, 40));
+        assert_eq!(scl_of(&append(&c, 0, 1, vec![rec(0, 30, 20, 1)]).await), 40);
+        // A re-send changes nothing.
+        assert_eq!(
+            scl_of(&append(&c, 0, 1, vec![rec(0, 10, 0, 1), rec(0, 20, 10, 1)]).await),
+            40
+        );
+        // Other content at a held LSN is a conflict, reported, not stored.
+        match append(&c, 0, 1, vec![rec(0, 20, 10, 9)]).await {
+            Message::Error {
+                code: ErrorCode::Conflict,
+                ..
+            } => {}
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // Another segment on the same connection is independent.
+        assert_eq!(scl_of(&append(&c, 3, 1, vec![rec(3, 11, 0, 1)]).await), 11);
+        // Many requests in flight on one connection.
+        let mut futs = Vec::new();
+        for i in 0..50u64 {
+            let lsn = 100 + i;
+            futs.push(append(
+                &c,
+                7,
+                1,
+                vec![rec(7, lsn, if i == 0 { 0 } else { lsn - 1 }, 2)],
+            ));
+        }
+        let acks = futures_util::future::join_all(futs).await;
+        assert!(acks.iter().all(|m| matches!(m, Message::AppendAck { .. })));
+        assert_eq!(status(&c, 7).await.0, 149);
+    });
+}
+
+#[test]
+fn stale_epochs_are_refused_with_the_current_one_and_epochs_survive_restart() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        assert_eq!(scl_of(&append(&c, 0, 3, vec![rec(0, 1, 0, 1)]).await), 1);
+        match append(&c, 0, 2, vec![rec(0, 2, 1, 1)]).await {
+            Message::Error {
+                code: ErrorCode::StaleEpoch,
+                current_epoch: 3,
+                ..
+            } => {}
+            other => panic!("expected StaleEpoch naming epoch 3, got {other:?}"),
+        }
+        assert_eq!(
+            status(&c, 0).await,
+            (1, 3, 1),
+            "the refused record was not stored"
+        );
+    });
+    daemon.kill9();
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        match append(&c, 0, 2, vec![rec(0, 2, 1, 1)]).await {
+            Message::Error {
+                code: ErrorCode::StaleEpoch,
+                current_epoch: 3,
+                ..
+            } => {}
+            other => panic!("the epoch must survive kill -9; got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn kill_9_at_any_moment_loses_no_acknowledged_record() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let mut acked_scl = 0;
+    for round in 0..4u64 {
+        let daemon = Daemon::start(&dev);
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let addr = daemon.addr;
+        let first = round * 10_000 + 1;
+        // A writer appending as fast as acks come back, until the node dies.
+        let writer = std::thread::spawn(move || {
+            run(async move {
+                let c = NodeClient::connect(addr, Role::Computed, 0).await.unwrap();
+                // The segment does not exist before the first append.
+                let mut prev = match c
+                    .request(Message::GetSegmentStatus {
+                        volume: VOLUME,
+                        epoch: 0,
+                        pg: 0,
+                    })
+                    .await
+                    .unwrap()
+                {
+                    Message::SegmentStatus { scl, .. } => scl,
+                    Message::Error {
+                        code: ErrorCode::UnknownSegment,
+                        ..
+                    } => 0,
+                    other => panic!("{other:?}"),
+                };
+                for lsn in first.. {
+                    match c
+                        .request(Message::Append {
+                            volume: VOLUME,
+                            epoch: 1,
+                            pg: 0,
+                            records: vec![rec(0, lsn, prev, 3)],
+                        })
+                        .await
+                    {
+                        Ok(Message::AppendAck { scl, .. }) => {
+                            let _ = tx.send(scl);
+                        }
+                        _ => return,
+                    }
+                    prev = lsn;
+                }
+            })
+        });
+        std::thread::sleep(Duration::from_millis(150 + 97 * round));
+        daemon.kill9();
+        writer.join().unwrap();
+        acked_scl = rx.try_iter().max().unwrap_or(acked_scl).max(acked_scl);
+        let daemon = Daemon::start(&dev);
+        run(async {
+            let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+                .await
+                .unwrap();
+            let (scl, ..) = status(&c, 0).await;
+            assert!(
+                scl >= acked_scl,
+                "round {round}: SCL {scl} after restart is below the acknowledged {acked_scl}"
+            );
+        });
+        assert!(daemon.terminate().success());
+    }
+    assert!(acked_scl > 0, "the writer made progress");
+}
+
+#[test]
+fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let good = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        for garbage in [
+            b"\x10\x00\x00\x00GARBAGE-GARBAGE!".to_vec(),
+            vec![0xFF, 0xFF, 0xFF, 0x7F, 1, 2, 3],
+            {
+                let mut f = Vec::new();
+                storaged::proto::encode_frame(
+                    1,
+                    &Message::GetSegmentStatus {
+                        volume: 1,
+                        epoch: 0,
+                        pg: 0,
+                    },
+                    &mut f,
+                )
+                .unwrap();
+                f[12] ^= 0x20; // CRC no longer matches
+                f
+            },
+        ] {
+            let mut s = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+            s.write_all(&garbage).await.unwrap();
+            let mut reply = Vec::new();
+            // The node answers (an Error frame) and closes: read to EOF.
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+                .await
+                .unwrap()
+                .unwrap();
+            let decoded = storaged::proto::decode_frame(&reply, 1 << 22).unwrap();
+            assert!(
+                matches!(
+                    decoded,
+                    Some((
+                        storaged::proto::Frame {
+                            message: Message::Error { .. },
+                            ..
+                        },
+                        _
+                    ))
+                ),
+                "{decoded:?}"
+            );
+        }
+        // A request before Hello is refused too.
+        let mut s = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+        let mut f = Vec::new();
+        storaged::proto::encode_frame(
+            9,
+            &Message::GetSegmentStatus {
+                volume: 1,
+                epoch: 0,
+                pg: 0,
+            },
+            &mut f,
+        )
+        .unwrap();
+        s.write_all(&f).await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            storaged::proto::decode_frame(&reply, 1 << 22).unwrap(),
+            Some((
+                storaged::proto::Frame {
+                    request_id: 9,
+                    message: Message::Error {
+                        code: ErrorCode::BadRequest,
+                        ..
+                    }
+                },
+                _
+            ))
+        ));
+        // The well-behaved connection was never disturbed.
+        assert_eq!(scl_of(&append(&good, 0, 1, vec![rec(0, 5, 0, 1)]).await), 5);
+    });
+    assert!(daemon.terminate().success(), "SIGTERM exits 0");
+}
+
+#[test]
+fn pgmrpl_is_durable_and_only_moves_forward() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        append(&c, 0, 1, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 1)]).await;
+        for (lsn, expect) in [(2, 2), (1, 2)] {
+            let reply = c
+                .request(Message::SetPgmrpl {
+                    volume: VOLUME,
+                    epoch: 1,
+                    pg: 0,
+                    lsn,
+                })
+                .await
+                .unwrap();
+            assert!(
+                matches!(reply, Message::PgmrplOk { pgmrpl, .. } if pgmrpl == expect),
+                "{reply:?}"
+            );
+        }
+    });
+    daemon.kill9();
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
+            .await
+            .unwrap();
+        match c
+            .request(Message::GetSegmentStatus {
+                volume: VOLUME,
+                epoch: 0,
+                pg: 0,
+            })
+            .await
+            .unwrap()
+        {
+            Message::SegmentStatus {
+                pgmrpl: 2, scl: 2, ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    });
+}
