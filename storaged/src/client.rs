@@ -11,9 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::proto::{
-    FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, ProtoError, Role, encode_frame,
-};
+use crate::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, ProtoError, Role, encode_frame};
 
 /// Requests queued for the writer, at most; callers wait beyond.
 const QUEUED_MAX: usize = 1024;
@@ -21,10 +19,7 @@ const QUEUED_MAX: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { addr: SocketAddr, source: std::io::Error },
     #[error("the connection is closed")]
     Closed,
     #[error("cannot encode the request: {0}")]
@@ -43,11 +38,7 @@ pub struct NodeClient {
 }
 
 impl NodeClient {
-    pub async fn connect(
-        addr: SocketAddr,
-        role: Role,
-        my_node_id: u64,
-    ) -> Result<NodeClient, ClientError> {
+    pub async fn connect(addr: SocketAddr, role: Role, my_node_id: u64) -> Result<NodeClient, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
@@ -58,9 +49,7 @@ impl NodeClient {
         let p = pending.clone();
         tokio::spawn(async move {
             while let Some((id, frame, reply)) = rx.recv().await {
-                p.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, reply);
+                p.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
                 if writer.write_all(&frame).await.is_err() {
                     break;
                 }
@@ -79,10 +68,7 @@ impl NodeClient {
                 loop {
                     match decoder.next() {
                         Ok(Some(frame)) => {
-                            let waiter = p
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&frame.request_id);
+                            let waiter = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.request_id);
                             if let Some(w) = waiter {
                                 let _ = w.send(frame.message);
                             }

@@ -156,11 +156,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     let mut records = 0u64;
     let log_start_block = sb.log_start_block;
     let log_blocks = sb.log_blocks;
-    let scan = scan_log(
-        dev,
-        &sb,
-        anchor_read.clone(),
-        |start, entry| match RedoRecord::decode(&entry) {
+    let scan = scan_log(dev, &sb, anchor_read.clone(), |start, entry| {
+        match RedoRecord::decode(&entry) {
             Ok(_) => records += 1,
             Err(e) => {
                 let offset = block_offset(log_start_block + (start - 1) % log_blocks);
@@ -169,8 +166,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     format!("log entry starting in block seq {start} is not a valid record: {e}"),
                 );
             }
-        },
-    )
+        }
+    })
     .await?;
     let mut cut_evidence = scan.next_seq < anchor.floor_seq;
     if cut_evidence {
@@ -197,9 +194,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     // A torn block's generation is unknown, so the widest window applies.
     let head_pos = (scan.next_seq - 1) % sb.log_blocks;
     let free_blocks = sb.log_blocks - scan.blocks;
-    let in_torn_window = |pos: u64| {
-        (pos + sb.log_blocks - head_pos) % sb.log_blocks < INFLIGHT_BLOCKS_MAX.min(free_blocks)
-    };
+    let in_torn_window =
+        |pos: u64| (pos + sb.log_blocks - head_pos) % sb.log_blocks < INFLIGHT_BLOCKS_MAX.min(free_blocks);
     let mut stop_block_torn = false;
     // Valid blocks further past the end than their incarnation could have had
     // in flight continue a log that a bad block cut short.
@@ -246,9 +242,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     Ok(_) => check.blocks_valid += 1,
                     // The slot of the older version is where a torn table
                     // write lands; the newer one was read whole.
-                    Err(BlockError::BadCrc { .. }) if slot != table_slot => {
-                        check.blocks_torn_tail += 1
-                    }
+                    Err(BlockError::BadCrc { .. }) if slot != table_slot => check.blocks_torn_tail += 1,
                     Err(e) => problems.add(offset, format!("segment table block: {e}")),
                 }
                 continue;
@@ -306,11 +300,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     check.problems_found = problems.found;
     check.problems = problems.listed;
 
-    let status = if check.problems_found == 0 {
-        "clean"
-    } else {
-        "corrupt"
-    };
+    let status = if check.problems_found == 0 { "clean" } else { "corrupt" };
     Ok(InspectReport {
         superblock: SuperblockInfo {
             device_id: hex(&sb.device_id),
@@ -371,11 +361,7 @@ impl InspectReport {
             sb.device_bytes / BLOCK_SIZE as u64,
             sb.block_bytes
         );
-        let _ = writeln!(
-            s,
-            "superblocks    copy 0: {}; copy 1: {}",
-            sb.copies[0], sb.copies[1]
-        );
+        let _ = writeln!(s, "superblocks    copy 0: {}; copy 1: {}", sb.copies[0], sb.copies[1]);
         let _ = writeln!(
             s,
             "log region     blocks {}..{} ({} MiB)",
@@ -415,21 +401,13 @@ impl InspectReport {
         let _ = writeln!(
             s,
             "check          {} blocks read: {} valid, {} never written, {} torn past the end; {} problems",
-            c.blocks_checked,
-            c.blocks_valid,
-            c.blocks_never_written,
-            c.blocks_torn_tail,
-            c.problems_found
+            c.blocks_checked, c.blocks_valid, c.blocks_never_written, c.blocks_torn_tail, c.problems_found
         );
         for p in &c.problems {
             let _ = writeln!(s, "  offset {:>12}: {}", p.offset, p.what);
         }
         if c.problems_found as usize > c.problems.len() {
-            let _ = writeln!(
-                s,
-                "  ... and {} more",
-                c.problems_found as usize - c.problems.len()
-            );
+            let _ = writeln!(s, "  ... and {} more", c.problems_found as usize - c.problems.len());
         }
         let _ = writeln!(s, "status         {}", self.status);
         s

@@ -5,6 +5,7 @@
 //! - [`record`]: redo records as computed produces them.
 
 pub mod client;
+pub mod hot;
 pub mod inspect;
 pub mod io;
 pub mod log;

@@ -85,24 +85,30 @@ struct RunConfig {
     requests_per_connection_max: Option<usize>,
     connections_max: Option<usize>,
     frame_bytes_max: Option<usize>,
+    page_bytes: Option<usize>,
+    hot_bytes_max: Option<usize>,
 }
 
 impl RunConfig {
     fn load(path: &Path) -> Result<NodeConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let rc: RunConfig =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rc: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let mut c = NodeConfig::default();
         c.log.write_blocks_max = rc.log_write_blocks.unwrap_or(c.log.write_blocks_max);
         c.log.writes_inflight_max = rc.log_writes_inflight.unwrap_or(c.log.writes_inflight_max);
         c.log.queue_bytes_max = rc.log_queue_bytes.unwrap_or(c.log.queue_bytes_max);
         c.gap_records_max = rc.gap_records_max.unwrap_or(c.gap_records_max);
-        c.requests_per_connection_max = rc
-            .requests_per_connection_max
-            .unwrap_or(c.requests_per_connection_max);
+        c.requests_per_connection_max = rc.requests_per_connection_max.unwrap_or(c.requests_per_connection_max);
         c.connections_max = rc.connections_max.unwrap_or(c.connections_max);
         c.frame_bytes_max = rc.frame_bytes_max.unwrap_or(c.frame_bytes_max);
+        c.page_bytes = rc.page_bytes.unwrap_or(c.page_bytes);
+        c.hot_bytes_max = rc.hot_bytes_max.unwrap_or(c.hot_bytes_max);
+        if !c.page_bytes.is_power_of_two() || !(512..=65536).contains(&c.page_bytes) {
+            bail!(
+                "{}: page_bytes must be a power of two from 512 to 65536",
+                path.display()
+            );
+        }
         c.log
             .validate()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -119,8 +125,7 @@ impl RunConfig {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,storaged=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,storaged=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -149,16 +154,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn format(
-    path: &Path,
-    node_id: u64,
-    size: Option<u64>,
-    log_bytes: Option<u64>,
-    force: bool,
-) -> Result<()> {
+fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
     prepare_file(path, size, force)?;
-    let dev = UringDevice::open(path, &UringConfig::default())
-        .with_context(|| format!("opening {}", path.display()))?;
+    let dev =
+        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
     if dev.info().kind == DeviceKind::BlockDevice && size.is_some() {
         bail!("--size is for file devices; a block device is used whole");
     }
@@ -235,8 +234,8 @@ fn run(
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let dev = UringDevice::open(path, &UringConfig::default())
-            .with_context(|| format!("opening {}", path.display()))?;
+        let dev =
+            UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
         let (node, recovered) = Node::open(Arc::new(dev), config)
             .await
             .with_context(|| format!("recovering {}", path.display()))?;
@@ -248,9 +247,7 @@ fn run(
             "recovered"
         );
         let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
-        let addr = listener
-            .local_addr()
-            .context("reading the listening address")?;
+        let addr = listener.local_addr().context("reading the listening address")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve(node.clone(), listener, stop_rx));
         // Scripts and tests wait for this line; systemd for READY=1.
@@ -264,8 +261,8 @@ fn run(
                 }
             });
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("SIGTERM handler")?;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -94,10 +94,7 @@ impl RedoRecord {
     /// by computed from pages it owns, so that is a programming error.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let payload = self.payload();
-        assert!(
-            payload.len() <= RECORD_PAYLOAD_MAX_BYTES,
-            "record payload too large"
-        );
+        assert!(payload.len() <= RECORD_PAYLOAD_MAX_BYTES, "record payload too large");
         let (kind, offset) = match &self.body {
             RecordBody::PageImage(_) => (KIND_PAGE_IMAGE, 0),
             RecordBody::PageDelta { offset, .. } => (KIND_PAGE_DELTA, *offset),
@@ -171,10 +168,7 @@ impl RedoRecord {
         let body = match kind {
             KIND_PAGE_IMAGE if offset != 0 => return Err(RecordError::ImageWithOffset(offset)),
             KIND_PAGE_IMAGE => RecordBody::PageImage(payload),
-            KIND_PAGE_DELTA => RecordBody::PageDelta {
-                offset,
-                bytes: payload,
-            },
+            KIND_PAGE_DELTA => RecordBody::PageDelta { offset, bytes: payload },
             other => return Err(RecordError::UnknownKind(other)),
         };
         let record = RedoRecord {

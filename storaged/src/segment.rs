@@ -173,9 +173,7 @@ impl<T> Segment<T> {
         for (i, (record, encoded)) in batch.iter().enumerate() {
             let meta = RecordMeta::of(record, encoded);
             match self.records.get(&record.lsn) {
-                Some(held)
-                    if held.digest != meta.digest || held.prev_lsn_pg != meta.prev_lsn_pg =>
-                {
+                Some(held) if held.digest != meta.digest || held.prev_lsn_pg != meta.prev_lsn_pg => {
                     return Err(SegmentError::Conflict { lsn: record.lsn });
                 }
                 Some(held) => {
@@ -195,8 +193,7 @@ impl<T> Segment<T> {
         }
         for &i in &admitted.new {
             let (record, encoded) = &batch[i];
-            self.records
-                .insert(record.lsn, RecordMeta::of(record, encoded));
+            self.records.insert(record.lsn, RecordMeta::of(record, encoded));
         }
         Ok(admitted)
     }
@@ -248,12 +245,7 @@ impl<T> Segment<T> {
     }
 
     /// Load a record found in the log at start-up: it is durable already.
-    pub fn recover(
-        &mut self,
-        record: &RedoRecord,
-        encoded: &[u8],
-        log_seq: u64,
-    ) -> Result<(), SegmentError> {
+    pub fn recover(&mut self, record: &RedoRecord, encoded: &[u8], log_seq: u64) -> Result<(), SegmentError> {
         let mut meta = RecordMeta::of(record, encoded);
         meta.log_seq = Some(log_seq);
         match self.records.get(&record.lsn) {
@@ -388,16 +380,10 @@ mod tests {
     #[test]
     fn stale_epochs_are_refused_newer_ones_adopted() {
         let mut s: Segment<u32> = Segment::new(SEG, 5, 1000);
-        assert_eq!(
-            s.check_epoch(4),
-            Err(SegmentError::StaleEpoch { got: 4, current: 5 })
-        );
+        assert_eq!(s.check_epoch(4), Err(SegmentError::StaleEpoch { got: 4, current: 5 }));
         assert_eq!(s.check_epoch(5), Ok(false));
         assert_eq!(s.check_epoch(6), Ok(true));
-        assert_eq!(
-            s.check_epoch(5),
-            Err(SegmentError::StaleEpoch { got: 5, current: 6 })
-        );
+        assert_eq!(s.check_epoch(5), Err(SegmentError::StaleEpoch { got: 5, current: 6 }));
     }
 
     #[test]

@@ -8,9 +8,7 @@
 //! rarely: a new segment, an epoch bump, a PGMRPL advance.
 
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError};
-use crate::log::format::{
-    BlockHeader, BlockKind, DeviceId, PAYLOAD_MAX_BYTES, decode_block_at, encode_block,
-};
+use crate::log::format::{BlockHeader, BlockKind, DeviceId, PAYLOAD_MAX_BYTES, decode_block_at, encode_block};
 use crate::log::layout::block_offset;
 use crate::record::SegmentId;
 
@@ -86,16 +84,14 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
     let mut i = 0usize;
     while i < total {
         let offset = block_offset(slot + i as u64);
-        let (h, p) =
-            decode_block_at(buf.block(i), BlockKind::SegmentTable, device_id, offset).ok()?;
+        let (h, p) = decode_block_at(buf.block(i), BlockKind::SegmentTable, device_id, offset).ok()?;
         if *version.get_or_insert(h.seq) != h.seq || p.len() < BLOCK_HEADER_BYTES {
             return None;
         }
         let index = u16::from_le_bytes([p[0], p[1]]) as usize;
         total = u16::from_le_bytes([p[2], p[3]]) as usize;
         let count = u32::from_le_bytes(p[4..8].try_into().ok()?) as usize;
-        if index != i || total == 0 || total > SLOT_LEN_BLOCKS as usize || count > ENTRIES_PER_BLOCK
-        {
+        if index != i || total == 0 || total > SLOT_LEN_BLOCKS as usize || count > ENTRIES_PER_BLOCK {
             return None;
         }
         let body = &p[BLOCK_HEADER_BYTES..];
@@ -106,10 +102,7 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
             let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
             let pg = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
             entries.push(SegmentEntry {
-                id: SegmentId {
-                    volume: u64_at(0),
-                    pg,
-                },
+                id: SegmentId { volume: u64_at(0), pg },
                 epoch: u64_at(16),
                 pgmrpl: u64_at(24),
             });
@@ -124,11 +117,7 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
 
 /// Write `table` as the next version, durably, into the slot the current
 /// version is not in. On success `table.version` is the new version.
-pub async fn write<D: BlockIo>(
-    dev: &D,
-    device_id: DeviceId,
-    table: &mut SegmentTable,
-) -> Result<(), TableError> {
+pub async fn write<D: BlockIo>(dev: &D, device_id: DeviceId, table: &mut SegmentTable) -> Result<(), TableError> {
     if table.entries.len() > SEGMENTS_MAX {
         return Err(TableError::TooMany(table.entries.len()));
     }
@@ -162,19 +151,14 @@ pub async fn write<D: BlockIo>(
         };
         encode_block(buf.block_mut(i), &header, &p);
     }
-    let (_, result) = dev
-        .write(block_offset(slot), buf, Durability::Durable)
-        .await;
+    let (_, result) = dev.write(block_offset(slot), buf, Durability::Durable).await;
     result?;
     table.version = version;
     Ok(())
 }
 
 const _: () = assert!(SLOT_BLOCKS[0] + SLOT_LEN_BLOCKS <= SLOT_BLOCKS[1]);
-const _: () = assert!(
-    SLOT_BLOCKS[1] + SLOT_LEN_BLOCKS <= 128,
-    "below superblock copy 1"
-);
+const _: () = assert!(SLOT_BLOCKS[1] + SLOT_LEN_BLOCKS <= 128, "below superblock copy 1");
 const _: () = assert!(ENTRIES_PER_BLOCK * ENTRY_BYTES + BLOCK_HEADER_BYTES <= BLOCK_SIZE);
 
 #[cfg(test)]
@@ -202,10 +186,7 @@ mod tests {
         }
         write(&disk, DEV, &mut t).await.unwrap();
         assert_eq!(read(&disk, &DEV).await.unwrap(), t);
-        t.upsert(SegmentEntry {
-            epoch: 99,
-            ..entry(5)
-        });
+        t.upsert(SegmentEntry { epoch: 99, ..entry(5) });
         write(&disk, DEV, &mut t).await.unwrap();
         assert_eq!(read(&disk, &DEV).await.unwrap(), t);
         // Damage the newest slot's second block: the previous version wins.
@@ -215,10 +196,7 @@ mod tests {
         assert_eq!(back.version, t.version - 1);
         assert_eq!(back.get(SegmentId { volume: 7, pg: 5 }).unwrap().epoch, 6);
         // Another device's table is not ours.
-        assert_eq!(
-            read(&disk, &[1; 16]).await.unwrap(),
-            SegmentTable::default()
-        );
+        assert_eq!(read(&disk, &[1; 16]).await.unwrap(), SegmentTable::default());
     }
 
     #[tokio::test(start_paused = true)]
@@ -228,9 +206,6 @@ mod tests {
         for pg in 0..=SEGMENTS_MAX as u32 {
             t.entries.push(entry(pg));
         }
-        assert!(matches!(
-            write(&disk, DEV, &mut t).await,
-            Err(TableError::TooMany(_))
-        ));
+        assert!(matches!(write(&disk, DEV, &mut t).await, Err(TableError::TooMany(_))));
     }
 }

@@ -7,9 +7,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!(
-            "'{s}' is not a size (expected e.g. 4096, 4k, 64m, 2g)"
-        ));
+        return Err(format!("'{s}' is not a size (expected e.g. 4096, 4k, 64m, 2g)"));
     }
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
     let shift = match suffix.to_ascii_lowercase().as_str() {

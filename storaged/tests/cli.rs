@@ -46,19 +46,11 @@ fn format_creates_refuses_to_overwrite_and_forces() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(
-        std::fs::read(&dev).unwrap(),
-        before,
-        "a refused format must not write"
-    );
+    assert_eq!(std::fs::read(&dev).unwrap(), before, "a refused format must not write");
 
     let out = format(&dev, &["--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_ne!(
-        std::fs::read(&dev).unwrap()[..4096],
-        before[..4096],
-        "a new device id"
-    );
+    assert_ne!(std::fs::read(&dev).unwrap()[..4096], before[..4096], "a new device id");
 }
 
 #[test]
@@ -79,11 +71,7 @@ fn format_explains_bad_input() {
 
     let out = format(&dir.path().join("x"), &["--size", "12q"]);
     assert_eq!(out.status.code(), Some(2), "clap usage error");
-    assert!(
-        stderr(&out).contains("unknown size suffix"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("unknown size suffix"), "{}", stderr(&out));
 
     let out = format(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));

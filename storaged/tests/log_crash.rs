@@ -57,13 +57,25 @@ fn run_seed(seed: u64) {
     rt.block_on(async move {
         let mut rng = fastrand::Rng::with_seed(seed);
         let disk = SimDisk::new(DEVICE_BYTES, seed, SimFaults::none());
-        format(&disk, FormatOptions { node_id: 1, log_bytes: Some(LOG_BYTES), force: false }).await.unwrap();
+        format(
+            &disk,
+            FormatOptions {
+                node_id: 1,
+                log_bytes: Some(LOG_BYTES),
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
         let mut faults = SimFaults::crashy();
         faults.latency_min = Duration::from_micros(10);
         faults.latency_max = Duration::from_micros(rng.u64(20..2000));
         disk.set_faults(faults);
         let dev = Arc::new(disk.clone());
-        let model = Arc::new(Mutex::new(Model { released_upto: 1, ..Model::default() }));
+        let model = Arc::new(Mutex::new(Model {
+            released_upto: 1,
+            ..Model::default()
+        }));
         let mut next_n: HashMap<u64, u64> = HashMap::new();
 
         for cycle in 0..CYCLES {
@@ -71,8 +83,16 @@ fn run_seed(seed: u64) {
                 write_blocks_max: rng.usize(1..=16),
                 writes_inflight_max: rng.usize(1..=8),
                 // Small queues put appends under backpressure behind a full log.
-                queue_bytes_max: if rng.bool() { rng.usize(1..=8192) } else { rng.usize(8192..=256 * 1024) },
-                durability: if rng.bool() { DurabilityMode::Dsync } else { DurabilityMode::Flush },
+                queue_bytes_max: if rng.bool() {
+                    rng.usize(1..=8192)
+                } else {
+                    rng.usize(8192..=256 * 1024)
+                },
+                durability: if rng.bool() {
+                    DurabilityMode::Dsync
+                } else {
+                    DurabilityMode::Flush
+                },
             };
             let mut recovered = Vec::new();
             let opened = LogEngine::open(dev.clone(), config, |start, e| recovered.push((start, e)))
@@ -138,7 +158,11 @@ fn run_seed(seed: u64) {
                 let every = Duration::from_micros(rng.u64(100..3000));
                 // Sometimes the owner stalls and the log fills up: appends
                 // must wait, and the release must still get through.
-                let stall = if rng.u8(0..3) == 0 { Duration::from_micros(rng.u64(1000..30_000)) } else { Duration::ZERO };
+                let stall = if rng.u8(0..3) == 0 {
+                    Duration::from_micros(rng.u64(1000..30_000))
+                } else {
+                    Duration::ZERO
+                };
                 tasks.spawn(async move {
                     tokio::time::sleep(stall).await;
                     loop {

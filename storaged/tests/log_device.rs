@@ -31,11 +31,7 @@ fn run<F: std::future::Future<Output = ()>>(f: F) {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, f)
-            .await
-            .expect("test timed out")
-    });
+    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
 }
 
 fn open_dev(path: &Path) -> Arc<UringDevice> {
@@ -100,10 +96,7 @@ fn entries_survive_restarts_in_order() {
         let mut lsn = 1u64;
         for session in 0..3 {
             let (opened, found) = reopen(&path, LogConfig::default()).await;
-            assert_eq!(
-                found, expected,
-                "session {session}: recovered entries differ"
-            );
+            assert_eq!(found, expected, "session {session}: recovered entries differ");
             // Concurrent appenders, each waiting for its ack: the log order is
             // the ack order, which we record as it happens.
             let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, Vec<u8>)>::new()));
@@ -169,9 +162,7 @@ fn a_full_log_makes_appends_wait_until_released() {
             writes_inflight_max: 2,
             ..LogConfig::default()
         };
-        let opened = LogEngine::open(Arc::new(disk), config, |_, _| {})
-            .await
-            .unwrap();
+        let opened = LogEngine::open(Arc::new(disk), config, |_, _| {}).await.unwrap();
         let engine = opened.engine;
         // One block each: 4037 bytes + 3 of framing fill a 4040-byte payload.
         let mut seqs = Vec::new();
@@ -236,10 +227,7 @@ fn a_bad_block_in_the_middle_is_corruption_a_torn_tail_is_not() {
         // first sectors of a block, old bytes after them (CRC mismatch).
         let dev = open_dev(&path);
         let (last, r) = dev
-            .read(
-                block_offset(METADATA_BLOCKS + head - 2),
-                AlignedBuf::zeroed_blocks(1),
-            )
+            .read(block_offset(METADATA_BLOCKS + head - 2), AlignedBuf::zeroed_blocks(1))
             .await;
         r.unwrap();
         drop(dev);
@@ -258,11 +246,7 @@ fn a_bad_block_in_the_middle_is_corruption_a_torn_tail_is_not() {
         let report = inspect(&open_dev(&path)).await.unwrap();
         assert_eq!(report.status, "corrupt", "{}", report.render());
         assert!(
-            report
-                .check
-                .problems
-                .iter()
-                .any(|p| p.what.contains("cut the log")),
+            report.check.problems.iter().any(|p| p.what.contains("cut the log")),
             "{}",
             report.render()
         );
@@ -340,14 +324,10 @@ fn one_bad_superblock_copy_is_survived_and_reported_two_are_refused() {
             let path = path.clone();
             async move {
                 let dev = open_dev(&path);
-                let (mut buf, r) = dev
-                    .read(block_offset(block), AlignedBuf::zeroed_blocks(1))
-                    .await;
+                let (mut buf, r) = dev.read(block_offset(block), AlignedBuf::zeroed_blocks(1)).await;
                 r.unwrap();
                 buf[60] ^= 1;
-                let (_, r) = dev
-                    .write(block_offset(block), buf, Durability::Durable)
-                    .await;
+                let (_, r) = dev.write(block_offset(block), buf, Durability::Durable).await;
                 r.unwrap();
             }
         };
@@ -392,11 +372,7 @@ fn a_block_from_another_device_ends_the_log() {
         r.unwrap();
         let report = inspect(&dev_b).await.unwrap();
         assert_eq!(report.log.head_seq, 5);
-        assert!(
-            report.log.end.contains("another device"),
-            "{}",
-            report.log.end
-        );
+        assert!(report.log.end.contains("another device"), "{}", report.log.end);
         assert_eq!(report.status, "corrupt", "{}", report.render());
     });
 }
@@ -457,9 +433,7 @@ fn a_full_log_with_a_full_queue_still_takes_the_release() {
             queue_bytes_max: 4096,
             ..LogConfig::default()
         };
-        let opened = LogEngine::open(Arc::new(disk), config, |_, _| {})
-            .await
-            .unwrap();
+        let opened = LogEngine::open(Arc::new(disk), config, |_, _| {}).await.unwrap();
         let engine = opened.engine;
         let mut seqs = Vec::new();
         for i in 0..64u8 {
@@ -469,15 +443,11 @@ fn a_full_log_with_a_full_queue_still_takes_the_release() {
         let mut waiting = tokio::task::JoinSet::new();
         for i in 0..8u8 {
             let engine = engine.clone();
-            waiting
-                .spawn(async move { engine.append_many(vec![vec![i; 3000], vec![i; 3000]]).await });
+            waiting.spawn(async move { engine.append_many(vec![vec![i; 3000], vec![i; 3000]]).await });
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(waiting.len(), 8);
-        assert!(
-            waiting.try_join_next().is_none(),
-            "appends into a full log wait"
-        );
+        assert!(waiting.try_join_next().is_none(), "appends into a full log wait");
         engine.release(seqs[63]);
         while let Some(r) = tokio::time::timeout(Duration::from_secs(5), waiting.join_next())
             .await
@@ -487,8 +457,7 @@ fn a_full_log_with_a_full_queue_still_takes_the_release() {
         }
         // Appends still waiting when every handle goes away fail; nothing hangs.
         for i in 0..70u8 {
-            let _ =
-                tokio::time::timeout(Duration::from_millis(1), engine.append(vec![i; 4037])).await;
+            let _ = tokio::time::timeout(Duration::from_millis(1), engine.append(vec![i; 4037])).await;
         }
         drop(engine);
         tokio::time::timeout(Duration::from_secs(5), opened.driver)
@@ -591,25 +560,17 @@ fn inspect_lists_segments_and_accepts_a_torn_older_table_slot() {
                 pgmrpl: 0,
             });
         }
-        segtable::write(dev.as_ref(), sb.device_id, &mut table)
-            .await
-            .unwrap();
-        segtable::write(dev.as_ref(), sb.device_id, &mut table)
-            .await
-            .unwrap();
+        segtable::write(dev.as_ref(), sb.device_id, &mut table).await.unwrap();
+        segtable::write(dev.as_ref(), sb.device_id, &mut table).await.unwrap();
         let report = inspect(&dev).await.unwrap();
         assert_eq!(report.status, "clean", "{}", report.render());
         assert_eq!(report.segments.len(), 3);
         // A torn write into the older slot (the next version's) is debris.
         let older = segtable::SLOT_BLOCKS[((table.version + 1) % 2) as usize];
-        let (mut buf, r) = dev
-            .read(block_offset(older), AlignedBuf::zeroed_blocks(1))
-            .await;
+        let (mut buf, r) = dev.read(block_offset(older), AlignedBuf::zeroed_blocks(1)).await;
         r.unwrap();
         buf[3000] ^= 1;
-        let (_, r) = dev
-            .write(block_offset(older), buf, Durability::Durable)
-            .await;
+        let (_, r) = dev.write(block_offset(older), buf, Durability::Durable).await;
         r.unwrap();
         let report = inspect(&dev).await.unwrap();
         assert_eq!(report.status, "clean", "{}", report.render());

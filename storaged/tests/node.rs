@@ -31,13 +31,7 @@ struct Daemon {
 impl Daemon {
     fn start(device: &Path) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_storaged"))
-            .args([
-                "run",
-                "--device",
-                device.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
+            .args(["run", "--device", device.to_str().unwrap(), "--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -80,10 +74,7 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "storaged did not stop on SIGTERM"
-            );
+            assert!(std::time::Instant::now() < deadline, "storaged did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -111,11 +102,7 @@ fn format_device(dir: &Path) -> PathBuf {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     dev
 }
 
@@ -124,11 +111,7 @@ fn run<F: std::future::Future<Output = ()>>(f: F) {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, f)
-            .await
-            .expect("test timed out")
-    });
+    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
 }
 
 fn rec(pg: u32, lsn: u64, prev: u64, byte: u8) -> RedoRecord {
@@ -190,9 +173,7 @@ fn appends_are_acked_with_the_scl_gaps_hold_it_resends_do_not() {
     let dev = format_device(dir.path());
     let daemon = Daemon::start(&dev);
     run(async {
-        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         assert_eq!(c.node_id, 5);
         assert_eq!(
             scl_of(&append(&c, 0, 1, vec![rec(0, 10, 0, 1), rec(0, 20, 10, 1)]).await),
@@ -221,12 +202,7 @@ fn appends_are_acked_with_the_scl_gaps_hold_it_resends_do_not() {
         let mut futs = Vec::new();
         for i in 0..50u64 {
             let lsn = 100 + i;
-            futs.push(append(
-                &c,
-                7,
-                1,
-                vec![rec(7, lsn, if i == 0 { 0 } else { lsn - 1 }, 2)],
-            ));
+            futs.push(append(&c, 7, 1, vec![rec(7, lsn, if i == 0 { 0 } else { lsn - 1 }, 2)]));
         }
         let acks = futures_util::future::join_all(futs).await;
         assert!(acks.iter().all(|m| matches!(m, Message::AppendAck { .. })));
@@ -240,9 +216,7 @@ fn stale_epochs_are_refused_with_the_current_one_and_epochs_survive_restart() {
     let dev = format_device(dir.path());
     let daemon = Daemon::start(&dev);
     run(async {
-        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         assert_eq!(scl_of(&append(&c, 0, 3, vec![rec(0, 1, 0, 1)]).await), 1);
         match append(&c, 0, 2, vec![rec(0, 2, 1, 1)]).await {
             Message::Error {
@@ -252,18 +226,12 @@ fn stale_epochs_are_refused_with_the_current_one_and_epochs_survive_restart() {
             } => {}
             other => panic!("expected StaleEpoch naming epoch 3, got {other:?}"),
         }
-        assert_eq!(
-            status(&c, 0).await,
-            (1, 3, 1),
-            "the refused record was not stored"
-        );
+        assert_eq!(status(&c, 0).await, (1, 3, 1), "the refused record was not stored");
     });
     daemon.kill9();
     let daemon = Daemon::start(&dev);
     run(async {
-        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         match append(&c, 0, 2, vec![rec(0, 2, 1, 1)]).await {
             Message::Error {
                 code: ErrorCode::StaleEpoch,
@@ -331,9 +299,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
         acked_scl = rx.try_iter().max().unwrap_or(acked_scl).max(acked_scl);
         let daemon = Daemon::start(&dev);
         run(async {
-            let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-                .await
-                .unwrap();
+            let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
             let (scl, ..) = status(&c, 0).await;
             assert!(
                 scl >= acked_scl,
@@ -352,9 +318,7 @@ fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
     let dev = format_device(dir.path());
     let daemon = Daemon::start(&dev);
     run(async {
-        let good = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let good = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         for garbage in [
             b"\x10\x00\x00\x00GARBAGE-GARBAGE!".to_vec(),
             vec![0xFF, 0xFF, 0xFF, 0x7F, 1, 2, 3],
@@ -441,9 +405,7 @@ fn pgmrpl_is_durable_and_only_moves_forward() {
     let dev = format_device(dir.path());
     let daemon = Daemon::start(&dev);
     run(async {
-        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         append(&c, 0, 1, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 1)]).await;
         for (lsn, expect) in [(2, 2), (1, 2)] {
             let reply = c
@@ -464,9 +426,7 @@ fn pgmrpl_is_durable_and_only_moves_forward() {
     daemon.kill9();
     let daemon = Daemon::start(&dev);
     run(async {
-        let c = NodeClient::connect(daemon.addr, Role::Computed, 0)
-            .await
-            .unwrap();
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         match c
             .request(Message::GetSegmentStatus {
                 volume: VOLUME,
@@ -476,10 +436,123 @@ fn pgmrpl_is_durable_and_only_moves_forward() {
             .await
             .unwrap()
         {
-            Message::SegmentStatus {
-                pgmrpl: 2, scl: 2, ..
+            Message::SegmentStatus { pgmrpl: 2, scl: 2, .. } => {}
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+async fn get_page(c: &NodeClient, pg: u32, page: u64, read_point: u64) -> Message {
+    c.request(Message::GetPage {
+        volume: VOLUME,
+        epoch: 1,
+        pg,
+        page,
+        read_point,
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
+    const PAGE: usize = 8192;
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    // Changes to pages 1 and 2 of pg 0, one record per LSN, chained.
+    let mut records = Vec::new();
+    for lsn in 1..=30u64 {
+        let page = 1 + lsn % 2;
+        let body = if lsn % 10 == 1 {
+            RecordBody::PageImage(vec![lsn as u8; PAGE])
+        } else {
+            RecordBody::PageDelta {
+                offset: (lsn * 97 % 8000) as u32,
+                bytes: vec![lsn as u8; 150],
+            }
+        };
+        records.push(RedoRecord {
+            segment: SegmentId { volume: VOLUME, pg: 0 },
+            lsn,
+            prev_lsn_pg: lsn - 1,
+            prev_lsn_page: lsn.saturating_sub(2),
+            page,
+            cpl: true,
+            body,
+        });
+    }
+    let model = |page: u64, read_point: u64| {
+        let mut bytes = vec![0u8; PAGE];
+        let mut at = 0;
+        for r in records.iter().filter(|r| r.page == page && r.lsn <= read_point) {
+            storaged::hot::apply(&mut bytes, &r.body).unwrap();
+            at = r.lsn;
+        }
+        (bytes, at)
+    };
+    let check_all = |c: NodeClient| {
+        let model = &model;
+        async move {
+            for read_point in 0..=30 {
+                for page in [1u64, 2, 3] {
+                    match get_page(&c, 0, page, read_point).await {
+                        Message::Page { bytes, lsn, .. } => {
+                            let (want, want_lsn) = model(page, read_point);
+                            let differs = bytes.iter().zip(&want).position(|(a, b)| a != b);
+                            assert!(
+                                lsn == want_lsn && bytes.len() == want.len() && differs.is_none(),
+                                "page {page} at {read_point}: lsn {lsn} (want {want_lsn}), first differing byte {differs:?}"
+                            );
+                        }
+                        other => panic!("page {page} at {read_point}: {other:?}"),
+                    }
+                }
+            }
+        }
+    };
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        for chunk in records.chunks(7) {
+            assert!(matches!(
+                append(&c, 0, 1, chunk.to_vec()).await,
+                Message::AppendAck { .. }
+            ));
+        }
+        check_all(c).await;
+    });
+    daemon.kill9();
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        // Above the SCL: refused, so computed asks another segment.
+        match get_page(&c, 0, 1, 31).await {
+            Message::Error {
+                code: ErrorCode::ReadPointAboveScl,
+                ..
             } => {}
             other => panic!("{other:?}"),
         }
+        // A change that does not fit the page is refused and not stored.
+        let bad = RedoRecord {
+            segment: SegmentId { volume: VOLUME, pg: 0 },
+            lsn: 31,
+            prev_lsn_pg: 30,
+            prev_lsn_page: 0,
+            page: 1,
+            cpl: true,
+            body: RecordBody::PageDelta {
+                offset: 8190,
+                bytes: vec![1; 10],
+            },
+        };
+        match append(&c, 0, 1, vec![bad]).await {
+            Message::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        check_all(c).await;
     });
 }

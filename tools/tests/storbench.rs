@@ -37,11 +37,7 @@ fn short_uring_run_prints_fio_json() {
             "1",
             "--output-format=json",
         ]);
-        assert!(
-            out.status.success(),
-            "{rw}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{rw}: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
         let jobs = v["jobs"].as_array().expect("jobs");
         assert_eq!(jobs.len(), 2, "one entry per job");
@@ -62,11 +58,7 @@ fn short_uring_run_prints_fio_json() {
         "--output-format=json",
         "--group_reporting",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["jobs"][0]["read"]["io_bytes"], 1 << 20);
 }
@@ -75,10 +67,7 @@ fn assert_fails(args: &[&str], code: i32, needle: &str) {
     let out = storbench(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: `{needle}` not in: {stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: `{needle}` not in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -91,11 +80,7 @@ fn bad_input_exits_1_with_a_clear_message() {
     assert_fails(&["--runtime=soon", &file_arg], 1, "not a duration");
     assert_fails(&["--rw=sideways", &file_arg], 1, "invalid value");
     assert_fails(
-        &[
-            "--filename=/nonexistent-dir/x.dat",
-            "--size=4m",
-            "--runtime=1",
-        ],
+        &["--filename=/nonexistent-dir/x.dat", "--size=4m", "--runtime=1"],
         1,
         "does not exist",
     );
@@ -104,17 +89,9 @@ fn bad_input_exits_1_with_a_clear_message() {
         1,
         "multiple of 4096",
     );
-    assert_fails(
-        &[&file_arg, "--rw=commit", "--runtime=1"],
-        1,
-        "--engine cluster",
-    );
+    assert_fails(&[&file_arg, "--rw=commit", "--runtime=1"], 1, "--engine cluster");
     assert_fails(&[&file_arg, "--runtime=1"], 1, "give --size");
-    assert_fails(
-        &[&file_arg, "--engine=cluster", "--runtime=1"],
-        2,
-        "not built yet",
-    );
+    assert_fails(&[&file_arg, "--engine=cluster", "--runtime=1"], 2, "not built yet");
     assert_fails(
         &[&file_arg, "--engine=log", "--bs=32", "--runtime=1"],
         1,
@@ -124,11 +101,7 @@ fn bad_input_exits_1_with_a_clear_message() {
     let plain = dir.path().join("plain.dat");
     std::fs::write(&plain, vec![0u8; 8 << 20]).unwrap();
     let plain_arg = format!("--filename={}", plain.display());
-    assert_fails(
-        &[&plain_arg, "--engine=log", "--runtime=1"],
-        1,
-        "not formatted",
-    );
+    assert_fails(&[&plain_arg, "--engine=log", "--runtime=1"], 1, "not formatted");
     let help = storbench(&["--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
@@ -167,18 +140,11 @@ fn log_engine_creates_formats_and_appends() {
             "--runtime=1",
             "--output-format=json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         let w = &v["jobs"][0]["write"];
         assert!(w["total_ios"].as_u64().unwrap() > 0, "{v}");
-        assert_eq!(
-            w["io_bytes"].as_u64().unwrap(),
-            w["total_ios"].as_u64().unwrap() * 128
-        );
+        assert_eq!(w["io_bytes"].as_u64().unwrap(), w["total_ios"].as_u64().unwrap() * 128);
         assert_eq!(v["jobs"][0]["read"]["total_ios"], 0);
     }
 }

@@ -12,11 +12,7 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    Command::new(bin).args(args).env("RUST_LOG", "warn").output().unwrap()
 }
 
 fn inspect(dev: &Path, json: bool) -> Output {
@@ -34,19 +30,9 @@ fn filled_device(dir: &Path) -> std::path::PathBuf {
     let filename = format!("--filename={}", dev.display());
     let out = run(
         env!("CARGO_BIN_EXE_storbench"),
-        &[
-            "--engine=log",
-            &filename,
-            "--size=8m",
-            "--bs=128",
-            "--iodepth=4",
-        ],
+        &["--engine=log", &filename, "--size=8m", "--bs=128", "--iodepth=4"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     dev
 }
 
@@ -55,12 +41,7 @@ fn clean_device_exits_0_with_its_figures() {
     let dir = tempdir();
     let dev = filled_device(dir.path());
     let out = inspect(&dev, true);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "clean");
     let records = v["log"]["records"].as_u64().unwrap();
@@ -81,21 +62,10 @@ fn corruption_exits_4_and_is_left_alone() {
     bytes[128 * 4096 + 100] ^= 0x40;
     std::fs::write(&dev, &bytes).unwrap();
     let out = inspect(&dev, true);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "corrupt");
-    assert!(
-        v["superblock"]["copies"][1]
-            .as_str()
-            .unwrap()
-            .contains("CRC"),
-        "{v}"
-    );
+    assert!(v["superblock"]["copies"][1].as_str().unwrap().contains("CRC"), "{v}");
     assert_eq!(std::fs::read(&dev).unwrap(), bytes, "inspect never writes");
 }
 

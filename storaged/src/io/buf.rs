@@ -26,9 +26,7 @@ impl AlignedBuf {
     /// sizes come from configuration, never from the disk or the network.
     pub fn zeroed_blocks(blocks: usize) -> AlignedBuf {
         assert!(blocks > 0, "an I/O buffer holds at least one block");
-        let capacity = blocks
-            .checked_mul(BLOCK_SIZE)
-            .expect("buffer size overflows");
+        let capacity = blocks.checked_mul(BLOCK_SIZE).expect("buffer size overflows");
         let layout = Layout::from_size_align(capacity, BLOCK_SIZE).expect("valid layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };

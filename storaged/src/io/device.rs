@@ -31,25 +31,19 @@ const FALLBACK_LOGICAL_BLOCK_BYTES: u32 = 512;
 pub enum DeviceError {
     #[error("{path}: no such file or device")]
     NotFound { path: PathBuf },
-    #[error(
-        "{path}: permission denied (read-write access is needed; run as a user that may open it)"
-    )]
+    #[error("{path}: permission denied (read-write access is needed; run as a user that may open it)")]
     PermissionDenied { path: PathBuf },
     #[error(
         "{path}: device is busy: it is mounted or in use by another process (block devices are opened with O_EXCL); unmount it or stop the other user"
     )]
     Busy { path: PathBuf },
-    #[error(
-        "{path}: not a regular file or block device ({what}); give a file or a /dev/ block device"
-    )]
+    #[error("{path}: not a regular file or block device ({what}); give a file or a /dev/ block device")]
     NotADevice { path: PathBuf, what: String },
     #[error(
         "{path}: the filesystem does not support O_DIRECT (tmpfs does not, for one); put the file on a disk-backed filesystem such as /var/tmp"
     )]
     DirectIoUnsupported { path: PathBuf },
-    #[error(
-        "{path}: logical block size {bytes} bytes does not divide {BLOCK_SIZE}; this device cannot be used"
-    )]
+    #[error("{path}: logical block size {bytes} bytes does not divide {BLOCK_SIZE}; this device cannot be used")]
     UnsupportedBlockSize { path: PathBuf, bytes: u32 },
     #[error("{path}: usable size {size} bytes is smaller than the required {min} bytes")]
     TooSmall { path: PathBuf, size: u64, min: u64 },
@@ -142,16 +136,13 @@ pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, Devi
         .open(path)
         .map_err(|e| DeviceError::from_open(path, "open with O_DIRECT", e))?;
     // Decide from the opened file, not the earlier stat: the path may have changed.
-    let meta = file
-        .metadata()
-        .map_err(|e| DeviceError::io(path, "fstat", e))?;
+    let meta = file.metadata().map_err(|e| DeviceError::io(path, "fstat", e))?;
     let kind = kind_of(path, &meta.file_type())?;
 
     let (raw_size, logical_block_bytes, sysfs_dev) = match kind {
         DeviceKind::BlockDevice => (
             block_device_size(&file).map_err(|e| DeviceError::io(path, "ioctl BLKGETSIZE64", e))?,
-            block_device_logical_block(&file)
-                .map_err(|e| DeviceError::io(path, "ioctl BLKSSZGET", e))?,
+            block_device_logical_block(&file).map_err(|e| DeviceError::io(path, "ioctl BLKSSZGET", e))?,
             meta.rdev(),
         ),
         DeviceKind::RegularFile => (meta.len(), file_dio_align(&file), meta.dev()),
@@ -214,11 +205,7 @@ fn kind_of(path: &Path, ft: &std::fs::FileType) -> Result<DeviceKind, DeviceErro
 
 // _IOR(0x12, 114, size_t) and _IO(0x12, 104) (which nonetheless writes an int).
 nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
-nix::ioctl_read_bad!(
-    ioctl_blksszget,
-    nix::request_code_none!(0x12, 104),
-    libc::c_int
-);
+nix::ioctl_read_bad!(ioctl_blksszget, nix::request_code_none!(0x12, 104), libc::c_int);
 
 fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;

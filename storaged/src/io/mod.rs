@@ -91,12 +91,7 @@ pub trait BlockIo: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = IoOutcome> + Send;
 
     /// Write all of `buf` (its `len()`) at `offset`.
-    fn write(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-        durability: Durability,
-    ) -> impl Future<Output = IoOutcome> + Send;
+    fn write(&self, offset: u64, buf: AlignedBuf, durability: Durability) -> impl Future<Output = IoOutcome> + Send;
 
     /// Make every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
@@ -104,16 +99,9 @@ pub trait BlockIo: Send + Sync + 'static {
 
 /// Checks an I/O's shape against a device size; shared by every implementation
 /// so all of them refuse the same requests the same way.
-pub fn check_range(
-    op: &'static str,
-    offset: u64,
-    len: usize,
-    size_bytes: u64,
-) -> Result<(), IoError> {
+pub fn check_range(op: &'static str, offset: u64, len: usize, size_bytes: u64) -> Result<(), IoError> {
     let aligned = offset % BLOCK_SIZE as u64 == 0 && len % BLOCK_SIZE == 0 && len > 0;
-    let inside = offset
-        .checked_add(len as u64)
-        .is_some_and(|end| end <= size_bytes);
+    let inside = offset.checked_add(len as u64).is_some_and(|end| end <= size_bytes);
     if aligned && inside {
         Ok(())
     } else {

@@ -145,10 +145,7 @@ impl SimFaults {
             ("crash_lose + crash_tear", self.crash_lose + self.crash_tear),
         ];
         for (name, p) in probabilities {
-            assert!(
-                (0.0..=1.0).contains(&p),
-                "SimFaults::{name} = {p} is not in [0, 1]"
-            );
+            assert!((0.0..=1.0).contains(&p), "SimFaults::{name} = {p} is not in [0, 1]");
         }
         assert!(
             self.latency_min <= self.latency_max,
@@ -249,9 +246,7 @@ impl SimDisk {
     }
 
     pub fn submit_write(&self, offset: u64, buf: AlignedBuf, durability: Durability) -> IoId {
-        self.core()
-            .submit_write(offset, buf, durability, Owner::Step)
-            .0
+        self.core().submit_write(offset, buf, durability, Owner::Step).0
     }
 
     pub fn submit_flush(&self) -> IoId {
@@ -384,15 +379,8 @@ impl BlockIo for SimDisk {
         async move { into_outcome(io.run(latency).await) }
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-        durability: Durability,
-    ) -> impl Future<Output = IoOutcome> + Send {
-        let (id, latency) = self
-            .core()
-            .submit_write(offset, buf, durability, Owner::Async);
+    fn write(&self, offset: u64, buf: AlignedBuf, durability: Durability) -> impl Future<Output = IoOutcome> + Send {
+        let (id, latency) = self.core().submit_write(offset, buf, durability, Owner::Async);
         let io = AsyncIo {
             disk: self.clone(),
             id: Some(id),

@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering, fence};
 use io_uring::{opcode, squeue, types};
 use tokio::sync::{mpsc, oneshot};
 
-use super::device::{
-    DeviceError, DeviceKind, OpenOptions, OpenedDevice, WriteCacheInfo, open_device,
-};
+use super::device::{DeviceError, DeviceKind, OpenOptions, OpenedDevice, WriteCacheInfo, open_device};
 use super::{AlignedBuf, BlockIo, Durability, Geometry, IoError, IoOutcome, check_range};
 
 /// Default bound on requests queued towards the device thread.
@@ -158,10 +156,7 @@ impl UringDevice {
         UringDevice::from_opened(opened, config)
     }
 
-    pub fn from_opened(
-        opened: OpenedDevice,
-        config: &UringConfig,
-    ) -> Result<UringDevice, DeviceError> {
+    pub fn from_opened(opened: OpenedDevice, config: &UringConfig) -> Result<UringDevice, DeviceError> {
         let max_inflight = config.max_inflight.max(1);
         let channel_capacity = config.channel_capacity.max(1);
         // SAFETY: plain syscall; the result is checked below.
@@ -192,9 +187,7 @@ impl UringDevice {
         let thread_path = path.clone();
         let name = format!(
             "uring-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
         );
         std::thread::Builder::new()
             .name(name)
@@ -285,12 +278,7 @@ impl UringDevice {
             return (buf, Err(e));
         }
         let (reply, result) = oneshot::channel();
-        let req = Request::Io {
-            op,
-            offset,
-            buf,
-            reply,
-        };
+        let req = Request::Io { op, offset, buf, reply };
         if let Err(req) = self.send(req).await {
             let Request::Io { buf, .. } = req else {
                 unreachable!("send gives back the request it was given")
@@ -316,12 +304,7 @@ impl BlockIo for UringDevice {
         self.io(IoOp::Read, offset, buf)
     }
 
-    fn write(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-        durability: Durability,
-    ) -> impl Future<Output = IoOutcome> + Send {
+    fn write(&self, offset: u64, buf: AlignedBuf, durability: Durability) -> impl Future<Output = IoOutcome> + Send {
         self.io(IoOp::Write(durability), offset, buf)
     }
 
@@ -381,12 +364,9 @@ impl DeviceThread {
             let mut wait_for = 1;
             if !closed && self.inflight < self.max_inflight {
                 if !self.poll_armed {
-                    let entry = opcode::PollAdd::new(
-                        types::Fd(self.wake.eventfd.as_raw_fd()),
-                        libc::POLLIN as u32,
-                    )
-                    .build()
-                    .user_data(WAKE_TOKEN);
+                    let entry = opcode::PollAdd::new(types::Fd(self.wake.eventfd.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .user_data(WAKE_TOKEN);
                     self.push(&entry);
                     self.poll_armed = true;
                 }
@@ -473,15 +453,7 @@ impl DeviceThread {
                             .build()
                     }
                 };
-                (
-                    entry,
-                    InFlight::Io {
-                        op,
-                        offset,
-                        buf,
-                        reply,
-                    },
-                )
+                (entry, InFlight::Io { op, offset, buf, reply })
             }
             Request::Flush { reply } => (
                 opcode::Fsync::new(types::Fixed(0))
@@ -525,12 +497,7 @@ impl DeviceThread {
             self.inflight -= 1;
             let res = cqe.result();
             match in_flight {
-                InFlight::Io {
-                    op,
-                    offset,
-                    buf,
-                    reply,
-                } => {
+                InFlight::Io { op, offset, buf, reply } => {
                     let len = buf.len();
                     let outcome = if res < 0 {
                         Err(IoError::Os {

@@ -20,9 +20,7 @@ use std::collections::VecDeque;
 
 use crate::io::{AlignedBuf, BLOCK_SIZE, Durability, IoError};
 
-use super::format::{
-    Anchor, BlockHeader, BlockKind, DeviceId, HEADER_BYTES, PAYLOAD_MAX_BYTES, seal_block,
-};
+use super::format::{Anchor, BlockHeader, BlockKind, DeviceId, HEADER_BYTES, PAYLOAD_MAX_BYTES, seal_block};
 use super::frag::{FLAG_CONT, FLAG_MORE, FRAG_HEADER_BYTES, put_fragment};
 use super::layout::{ANCHOR_BLOCKS, block_offset};
 
@@ -59,11 +57,8 @@ pub struct LogConfig {
 impl LogConfig {
     /// Refuse configurations the core cannot run; for flags and config files.
     pub fn validate(&self) -> Result<(), String> {
-        if self.write_blocks_max == 0 || self.writes_inflight_max == 0 || self.queue_bytes_max == 0
-        {
-            return Err(
-                "log write size, writes in flight and queue size must all be at least 1".into(),
-            );
+        if self.write_blocks_max == 0 || self.writes_inflight_max == 0 || self.queue_bytes_max == 0 {
+            return Err("log write size, writes in flight and queue size must all be at least 1".into());
         }
         let inflight = self.write_blocks_max as u64 * self.writes_inflight_max as u64;
         if inflight > INFLIGHT_BLOCKS_MAX {
@@ -228,16 +223,10 @@ impl<T> LogCore<T> {
     /// is the anchor write that makes the new generation durable.
     pub fn new(geometry: LogGeometry, config: LogConfig, start: LogStart) -> LogCore<T> {
         assert!(config.write_blocks_max >= 1 && config.writes_inflight_max >= 1);
-        assert!(
-            (config.write_blocks_max * config.writes_inflight_max) as u64 <= INFLIGHT_BLOCKS_MAX
-        );
+        assert!((config.write_blocks_max * config.writes_inflight_max) as u64 <= INFLIGHT_BLOCKS_MAX);
         assert!(start.anchor.tail_seq >= 1 && start.anchor.tail_seq <= start.next_seq);
         assert!(start.next_seq - start.anchor.tail_seq <= geometry.blocks);
-        let generation = start
-            .anchor
-            .generation
-            .checked_add(1)
-            .expect("log generation overflow");
+        let generation = start.anchor.generation.checked_add(1).expect("log generation overflow");
         let mut core = LogCore {
             geometry,
             config,
@@ -336,9 +325,7 @@ impl<T> LogCore<T> {
         if self.failed.is_some() {
             return None;
         }
-        if !self.anchor_inflight
-            && (!self.generation_durable || self.release_wanted > self.tail_seq)
-        {
+        if !self.anchor_inflight && (!self.generation_durable || self.release_wanted > self.tail_seq) {
             return Some(self.anchor_write());
         }
         if !self.generation_durable {
@@ -353,11 +340,7 @@ impl<T> LogCore<T> {
         if flush_due {
             // One flush covers every write that has completed so far.
             let id = self.new_io(IoKind::Flush);
-            for w in self
-                .inflight
-                .iter_mut()
-                .filter(|w| w.state == WriteState::Written)
-            {
+            for w in self.inflight.iter_mut().filter(|w| w.state == WriteState::Written) {
                 w.state = WriteState::Flushing(id);
             }
             self.flush_inflight = Some(id);
@@ -373,8 +356,7 @@ impl<T> LogCore<T> {
             return;
         };
         let (_, kind) = self.io_kinds.swap_remove(idx);
-        if let Some(buf) = buf.filter(|b| b.capacity() == self.config.write_blocks_max * BLOCK_SIZE)
-        {
+        if let Some(buf) = buf.filter(|b| b.capacity() == self.config.write_blocks_max * BLOCK_SIZE) {
             self.free_bufs.push(buf);
         }
         if let Err(e) = result {
@@ -472,13 +454,10 @@ impl<T> LogCore<T> {
             generation: self.generation,
             tail_seq,
             floor_seq: self.durable_seq,
-            inflight_blocks: (self.config.write_blocks_max * self.config.writes_inflight_max)
-                as u64,
+            inflight_blocks: (self.config.write_blocks_max * self.config.writes_inflight_max) as u64,
         };
         let offset = block_offset(ANCHOR_BLOCKS[(counter % 2) as usize]);
-        let mut buf = self
-            .take_buf()
-            .unwrap_or_else(|| AlignedBuf::zeroed_blocks(1));
+        let mut buf = self.take_buf().unwrap_or_else(|| AlignedBuf::zeroed_blocks(1));
         buf.set_blocks(1);
         anchor.encode(&mut buf, self.geometry.device_id, offset);
         self.anchor_inflight = true;
@@ -646,14 +625,7 @@ mod tests {
             inflight_blocks: 0,
             floor_seq: 1,
         };
-        let mut c = LogCore::new(
-            geometry,
-            config,
-            LogStart {
-                anchor,
-                next_seq: 1,
-            },
-        );
+        let mut c = LogCore::new(geometry, config, LogStart { anchor, next_seq: 1 });
         // The generation's anchor write comes first and gates everything.
         let Some(IoRequest::Write { id, buf, .. }) = c.poll_io() else {
             panic!("anchor write expected")
@@ -667,9 +639,7 @@ mod tests {
         let mut out = Vec::new();
         while let Some(req) = c.poll_io() {
             match req {
-                IoRequest::Write {
-                    id, offset, buf, ..
-                } => out.push((id, offset, buf)),
+                IoRequest::Write { id, offset, buf, .. } => out.push((id, offset, buf)),
                 IoRequest::Flush { .. } => panic!("no flush in dsync mode"),
             }
         }
@@ -723,13 +693,7 @@ mod tests {
         let mut r = Reassembler::new(ENTRY_BYTES_MAX);
         let mut out = Vec::new();
         for i in 0..buf.blocks() {
-            let (h, p) = decode_block_at(
-                buf.block(i),
-                BlockKind::Log,
-                &DEV,
-                offset + (i * BLOCK_SIZE) as u64,
-            )
-            .unwrap();
+            let (h, p) = decode_block_at(buf.block(i), BlockKind::Log, &DEV, offset + (i * BLOCK_SIZE) as u64).unwrap();
             assert_eq!(h.seq, 1 + i as u64);
             r.push_block(h.seq, p, &mut out).unwrap();
         }
@@ -768,17 +732,11 @@ mod tests {
         assert!(writes(&mut c).is_empty(), "a full log must not write");
         c.release(seqs[10].1);
         // The release goes through the anchor first; only then is space free.
-        let Some(IoRequest::Write {
-            id, offset, buf, ..
-        }) = c.poll_io()
-        else {
+        let Some(IoRequest::Write { id, offset, buf, .. }) = c.poll_io() else {
             panic!("anchor write expected")
         };
         assert!(ANCHOR_BLOCKS.iter().any(|&b| block_offset(b) == offset));
-        assert!(
-            c.poll_io().is_none(),
-            "space is not free before the anchor is durable"
-        );
+        assert!(c.poll_io().is_none(), "space is not free before the anchor is durable");
         c.complete(id, Some(buf), Ok(()));
         let w = writes(&mut c);
         assert_eq!(w.len(), 1);
@@ -823,10 +781,7 @@ mod tests {
         let mut failed = c.drain_failed();
         failed.sort();
         assert_eq!(failed, vec![1, 2]);
-        assert!(matches!(
-            c.append(vec![3], 3),
-            Err((AppendError::Failed(_), 3))
-        ));
+        assert!(matches!(c.append(vec![3], 3), Err((AppendError::Failed(_), 3))));
     }
 
     #[test]
@@ -838,10 +793,7 @@ mod tests {
         let mut c = core(64, cfg);
         c.append(vec![1; 10], 1).unwrap();
         let Some(IoRequest::Write {
-            id,
-            buf,
-            durability,
-            ..
+            id, buf, durability, ..
         }) = c.poll_io()
         else {
             panic!()
@@ -889,10 +841,7 @@ mod tests {
     #[test]
     fn bad_entries_are_refused() {
         let mut c = core(64, LogConfig::default());
-        assert!(matches!(
-            c.append(Vec::new(), 1),
-            Err((AppendError::BadSize(0), 1))
-        ));
+        assert!(matches!(c.append(Vec::new(), 1), Err((AppendError::BadSize(0), 1))));
         assert!(matches!(
             c.append(vec![0; ENTRY_BYTES_MAX + 1], 2),
             Err((AppendError::BadSize(_), 2))

@@ -189,10 +189,7 @@ impl LogEngine {
     }
 }
 
-async fn run_io<D: BlockIo>(
-    dev: &D,
-    req: IoRequest,
-) -> (u64, Option<AlignedBuf>, Result<(), IoError>) {
+async fn run_io<D: BlockIo>(dev: &D, req: IoRequest) -> (u64, Option<AlignedBuf>, Result<(), IoError>) {
     match req {
         IoRequest::Write {
             id,
@@ -283,11 +280,7 @@ async fn drive<D: BlockIo>(
 
 fn handle(core: &mut LogCore<Token>, cmd: Cmd) {
     match cmd {
-        Cmd::Append {
-            entries,
-            reply,
-            _bytes,
-        } => {
+        Cmd::Append { entries, reply, _bytes } => {
             // All or nothing: a bad entry fails the call before any is queued.
             for entry in &entries {
                 if let Err(e) = core.check(entry.len()) {

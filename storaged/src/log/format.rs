@@ -90,10 +90,7 @@ pub enum BlockError {
     #[error("block says it lives at offset {found}, read from {expected} (misdirected write)")]
     Misplaced { expected: u64, found: u64 },
     #[error("expected a {expected:?} block, found {found:?}")]
-    WrongKind {
-        expected: BlockKind,
-        found: BlockKind,
-    },
+    WrongKind { expected: BlockKind, found: BlockKind },
 }
 
 /// Over the whole block but the CRC field itself: header, payload and the
@@ -173,19 +170,14 @@ pub fn decode_block(block: &[u8]) -> Result<(BlockHeader, &[u8]), BlockError> {
     }
     let header = BlockHeader {
         kind,
-        device_id: block[OFF_DEVICE_ID..OFF_DEVICE_ID + 16]
-            .try_into()
-            .expect("16 bytes"),
+        device_id: block[OFF_DEVICE_ID..OFF_DEVICE_ID + 16].try_into().expect("16 bytes"),
         offset: u64_at(block, OFF_OFFSET),
         seq: u64_at(block, OFF_SEQ),
         generation: u32_at(block, OFF_GENERATION),
         payload_len,
         flags: u32_at(block, OFF_FLAGS),
     };
-    Ok((
-        header,
-        &block[HEADER_BYTES..HEADER_BYTES + payload_len as usize],
-    ))
+    Ok((header, &block[HEADER_BYTES..HEADER_BYTES + payload_len as usize]))
 }
 
 /// [`decode_block`], then check the block is the kind expected, belongs to
@@ -273,10 +265,7 @@ impl Superblock {
             .into());
         }
         if p.len() != SUPERBLOCK_PAYLOAD_BYTES {
-            return Err(SuperblockError::Invalid(format!(
-                "payload of {} bytes",
-                p.len()
-            )));
+            return Err(SuperblockError::Invalid(format!("payload of {} bytes", p.len())));
         }
         let block_bytes = u32_at(p, 16);
         if block_bytes as usize != BLOCK_SIZE {
@@ -310,9 +299,7 @@ impl Superblock {
         if ok {
             Ok(())
         } else {
-            Err(SuperblockError::Invalid(format!(
-                "inconsistent geometry {self:?}"
-            )))
+            Err(SuperblockError::Invalid(format!("inconsistent geometry {self:?}")))
         }
     }
 }
@@ -443,10 +430,7 @@ mod tests {
         for sectors in 1..8 {
             let mut torn = vec![0u8; BLOCK_SIZE];
             torn[..sectors * 512].copy_from_slice(&b[..sectors * 512]);
-            assert!(
-                decode_block(&torn).is_err(),
-                "{sectors} sectors of 8 accepted"
-            );
+            assert!(decode_block(&torn).is_err(), "{sectors} sectors of 8 accepted");
         }
     }
 

@@ -71,12 +71,7 @@ impl Reassembler {
     /// order, each with the seq of the block it starts in. An error means the
     /// block is not a valid continuation of the log: the caller treats it as
     /// the end of the log.
-    pub fn push_block(
-        &mut self,
-        seq: u64,
-        payload: &[u8],
-        out: &mut Vec<(u64, Vec<u8>)>,
-    ) -> Result<(), FragError> {
+    pub fn push_block(&mut self, seq: u64, payload: &[u8], out: &mut Vec<(u64, Vec<u8>)>) -> Result<(), FragError> {
         // Validate the whole block before emitting anything from it, so a bad
         // block contributes nothing.
         let mut frags = Vec::new();
@@ -180,31 +175,20 @@ mod tests {
         let mut n = put_fragment(&mut b, b"xx", FLAG_CONT);
         n += put_fragment(&mut b[n..], b"yy", 0);
         let mut out = Vec::new();
-        Reassembler::new(100)
-            .push_block(1, &b[..n], &mut out)
-            .unwrap();
+        Reassembler::new(100).push_block(1, &b[..n], &mut out).unwrap();
         assert_eq!(out, vec![(1, b"yy".to_vec())]);
 
         let mut r = Reassembler::new(100);
         r.push_block(1, &b[n - 5..n], &mut out).unwrap();
-        assert_eq!(
-            r.push_block(2, &b[..n], &mut out),
-            Err(FragError::UnexpectedCont)
-        );
+        assert_eq!(r.push_block(2, &b[..n], &mut out), Err(FragError::UnexpectedCont));
     }
 
     #[test]
     fn malformed_payloads_are_errors() {
         let mut r = Reassembler::new(100);
         let mut out = Vec::new();
-        assert_eq!(
-            r.push_block(1, &[5, 0], &mut out),
-            Err(FragError::Truncated(0))
-        );
-        assert_eq!(
-            r.push_block(1, &[0, 0, 0], &mut out),
-            Err(FragError::Empty(0))
-        );
+        assert_eq!(r.push_block(1, &[5, 0], &mut out), Err(FragError::Truncated(0)));
+        assert_eq!(r.push_block(1, &[0, 0, 0], &mut out), Err(FragError::Empty(0)));
         assert!(matches!(
             r.push_block(1, &[9, 0, 0, 1], &mut out),
             Err(FragError::Overrun { .. })

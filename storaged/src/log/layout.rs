@@ -52,8 +52,7 @@ pub fn plan(
         return Err(LayoutError::DeviceTooSmall(device_bytes));
     }
     let device_blocks = device_bytes / BLOCK_SIZE as u64;
-    let log_bytes = log_bytes
-        .unwrap_or_else(|| (device_bytes / 4).clamp(LOG_BYTES_DEFAULT_MIN, LOG_BYTES_DEFAULT_MAX));
+    let log_bytes = log_bytes.unwrap_or_else(|| (device_bytes / 4).clamp(LOG_BYTES_DEFAULT_MIN, LOG_BYTES_DEFAULT_MAX));
     let log_blocks = log_bytes / BLOCK_SIZE as u64;
     if log_blocks < LOG_BLOCKS_MIN || METADATA_BLOCKS + log_blocks > device_blocks {
         return Err(LayoutError::BadLogSize {

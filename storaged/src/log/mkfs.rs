@@ -9,9 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError};
 
 use super::format::{Anchor, DeviceId, Superblock};
-use super::layout::{
-    self, ANCHOR_BLOCKS, LayoutError, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset,
-};
+use super::layout::{self, ANCHOR_BLOCKS, LayoutError, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use super::recovery::{OpenError, read_superblock};
 
 /// Zeroing writes are this big.
@@ -22,10 +20,7 @@ pub enum FormatError {
     #[error(
         "the device is already formatted (node {node_id}, created at unix time {created_unix_secs}); pass --force to erase it"
     )]
-    AlreadyFormatted {
-        node_id: u64,
-        created_unix_secs: u64,
-    },
+    AlreadyFormatted { node_id: u64, created_unix_secs: u64 },
     #[error("the device holds data (non-zero bytes at offset {offset}); pass --force to erase it")]
     HoldsData { offset: u64 },
     #[error(transparent)]
@@ -61,9 +56,7 @@ pub async fn format<D: BlockIo>(dev: &D, opts: FormatOptions) -> Result<Superblo
     while block < end_block {
         let n = (ZERO_CHUNK_BLOCKS as u64).min(end_block - block) as usize;
         buf.set_blocks(n);
-        let (b, result) = dev
-            .write(block_offset(block), buf, Durability::Volatile)
-            .await;
+        let (b, result) = dev.write(block_offset(block), buf, Durability::Volatile).await;
         buf = b;
         result?;
         block += n as u64;
@@ -119,8 +112,7 @@ async fn refuse_if_in_use<D: BlockIo>(dev: &D) -> Result<(), FormatError> {
 /// still unique enough to tell two devices apart.
 fn new_device_id() -> DeviceId {
     let mut id = [0u8; 16];
-    let filled = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id));
     if filled.is_err() {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)

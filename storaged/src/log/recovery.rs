@@ -39,9 +39,7 @@ pub enum OpenError {
     NoValidSuperblock(SuperblockError, SuperblockError),
     #[error("the two superblock copies disagree: {0:?} vs {1:?}")]
     SuperblockMismatch(Box<Superblock>, Box<Superblock>),
-    #[error(
-        "the device holds {actual} bytes but was formatted for {formatted}: wrong device, or it was resized"
-    )]
+    #[error("the device holds {actual} bytes but was formatted for {formatted}: wrong device, or it was resized")]
     SizeMismatch { formatted: u64, actual: u64 },
     #[error("no valid log anchor: slot 0: {0}; slot 1: {1}")]
     NoValidAnchor(BlockError, BlockError),
@@ -166,16 +164,10 @@ impl std::fmt::Display for LogEnd {
                 write!(f, "next block is from an earlier lap (seq {found_seq})")
             }
             LogEnd::OlderGeneration { found, previous } => {
-                write!(
-                    f,
-                    "next block is from generation {found}, older than {previous}"
-                )
+                write!(f, "next block is from generation {found}, older than {previous}")
             }
             LogEnd::FutureGeneration { found, anchor } => {
-                write!(
-                    f,
-                    "next block claims generation {found}, beyond the anchor's {anchor}"
-                )
+                write!(f, "next block claims generation {found}, beyond the anchor's {anchor}")
             }
             LogEnd::Invalid(e) => write!(f, "next block is invalid: {e}"),
             LogEnd::Fragments(e) => write!(f, "next block's entries do not continue the log: {e}"),
@@ -233,16 +225,13 @@ pub async fn scan_log<D: BlockIo>(
                 break 'scan LogEnd::FullLap;
             }
             let offset = geometry.offset_of(seq);
-            let (header, payload) =
-                match decode_block_at(buf.block(i), BlockKind::Log, &sb.device_id, offset) {
-                    Ok(v) => v,
-                    Err(BlockError::Zero) => break 'scan LogEnd::Zero,
-                    Err(e) => break 'scan LogEnd::Invalid(e),
-                };
+            let (header, payload) = match decode_block_at(buf.block(i), BlockKind::Log, &sb.device_id, offset) {
+                Ok(v) => v,
+                Err(BlockError::Zero) => break 'scan LogEnd::Zero,
+                Err(e) => break 'scan LogEnd::Invalid(e),
+            };
             if header.seq != seq {
-                break 'scan LogEnd::Stale {
-                    found_seq: header.seq,
-                };
+                break 'scan LogEnd::Stale { found_seq: header.seq };
             }
             if header.generation < previous_generation {
                 break 'scan LogEnd::OlderGeneration {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
+use crate::hot::{ApplyError, HotRecords, check_body};
 use crate::io::BlockIo;
 use crate::log::format::DeviceId;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
@@ -32,6 +33,11 @@ pub struct NodeConfig {
     pub connections_max: usize,
     /// Largest frame accepted.
     pub frame_bytes_max: usize,
+    /// Page size of the volumes this node serves.
+    pub page_bytes: usize,
+    /// Payload bytes of records held in memory until coalesced, at most;
+    /// appends beyond are refused (Overloaded).
+    pub hot_bytes_max: usize,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +48,8 @@ impl Default for NodeConfig {
             requests_per_connection_max: 256,
             connections_max: 256,
             frame_bytes_max: crate::proto::FRAME_BYTES_MAX,
+            page_bytes: 8192,
+            hot_bytes_max: 256 * 1024 * 1024,
         }
     }
 }
@@ -56,6 +64,12 @@ pub enum NodeError {
     Table(#[from] TableError),
     #[error("unknown segment (volume {0}, pg {1})")]
     UnknownSegment(u64, u32),
+    #[error("record at LSN {lsn}: {source}")]
+    BadRecord { lsn: u64, source: ApplyError },
+    #[error("read point {read_point} is above the segment's SCL {scl}: ask a segment that has caught up")]
+    ReadPointAboveScl { read_point: u64, scl: u64 },
+    #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
+    Overloaded { held: usize },
 }
 
 /// What `GetSegmentStatus` reports.
@@ -78,6 +92,8 @@ struct State {
     /// Epoch per segment that the segment table holds durably.
     durable_epoch: HashMap<SegmentId, u64>,
     pgmrpl: HashMap<SegmentId, u64>,
+    hot: HashMap<SegmentId, HotRecords>,
+    hot_bytes: usize,
 }
 
 pub struct Node {
@@ -91,8 +107,7 @@ pub struct Node {
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-type TableWrite =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<SegmentTable, TableError>> + Send>>;
+type TableWrite = std::pin::Pin<Box<dyn std::future::Future<Output = Result<SegmentTable, TableError>> + Send>>;
 
 /// What recovery found, for the start-up log line and tests.
 #[derive(Debug, Clone, Copy, Default)]
@@ -105,33 +120,28 @@ pub struct Recovered {
 impl Node {
     /// Open the node's device: recover the log and the segment table and
     /// rebuild every segment's chain.
-    pub async fn open<D: BlockIo>(
-        dev: Arc<D>,
-        config: NodeConfig,
-    ) -> Result<(Arc<Node>, Recovered), OpenError> {
+    pub async fn open<D: BlockIo>(dev: Arc<D>, config: NodeConfig) -> Result<(Arc<Node>, Recovered), OpenError> {
         config.log.validate().map_err(OpenError::Failed)?;
         let mut segments: HashMap<SegmentId, Segment<Ticket>> = HashMap::new();
         let mut recovered = Recovered::default();
         let mut conflicts = Vec::new();
+        let mut hot: HashMap<SegmentId, HotRecords> = HashMap::new();
         let gap_max = config.gap_records_max;
-        let opened = LogEngine::open(
-            dev.clone(),
-            config.log,
-            |seq, entry| match RedoRecord::decode(&entry) {
-                Ok(record) => {
-                    recovered.records += 1;
-                    let seg = segments
-                        .entry(record.segment)
-                        .or_insert_with(|| Segment::new(record.segment, 0, gap_max));
-                    if let Err(e) = seg.recover(&record, &entry, seq) {
-                        conflicts.push(e);
-                    }
+        let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match RedoRecord::decode(&entry) {
+            Ok(record) => {
+                recovered.records += 1;
+                let seg = segments
+                    .entry(record.segment)
+                    .or_insert_with(|| Segment::new(record.segment, 0, gap_max));
+                match seg.recover(&record, &entry, seq) {
+                    Ok(()) => hot.entry(record.segment).or_default().insert(&record),
+                    Err(e) => conflicts.push(e),
                 }
-                // Checked by CRC on the way in; a record that does not decode
-                // was written by another program and is not ours to serve.
-                Err(_) => recovered.undecodable += 1,
-            },
-        )
+            }
+            // Checked by CRC on the way in; a record that does not decode
+            // was written by another program and is not ours to serve.
+            Err(_) => recovered.undecodable += 1,
+        })
         .await?;
         for e in conflicts {
             tracing::error!(error = %e, "record in the log conflicts with another; keeping the first");
@@ -158,6 +168,8 @@ impl Node {
                 segments,
                 durable_epoch,
                 pgmrpl,
+                hot_bytes: hot.values().map(HotRecords::bytes).sum(),
+                hot,
             }),
             device_id: opened.superblock.device_id,
             table: tokio::sync::Mutex::new(table),
@@ -186,12 +198,7 @@ impl Node {
     /// Make sure the segment table durably holds `id` at `epoch` or later
     /// before a request at that epoch is answered.
     async fn ensure_epoch_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
-        if self
-            .state()
-            .durable_epoch
-            .get(&id)
-            .is_some_and(|&e| e >= epoch)
-        {
+        if self.state().durable_epoch.get(&id).is_some_and(|&e| e >= epoch) {
             return Ok(());
         }
         let mut table = self.table.lock().await;
@@ -217,12 +224,7 @@ impl Node {
     /// Append a batch of one segment's records (LSNs increasing, all of
     /// `id`); returns the segment's SCL once every record of the batch is
     /// durable.
-    pub async fn append(
-        &self,
-        id: SegmentId,
-        epoch: u64,
-        records: Vec<RedoRecord>,
-    ) -> Result<u64, NodeError> {
+    pub async fn append(&self, id: SegmentId, epoch: u64, records: Vec<RedoRecord>) -> Result<u64, NodeError> {
         let batch: Vec<(RedoRecord, Vec<u8>)> = records
             .into_iter()
             .map(|r| {
@@ -230,8 +232,15 @@ impl Node {
                 (r, e)
             })
             .collect();
+        for (r, _) in &batch {
+            check_body(&r.body, self.config.page_bytes)
+                .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
+        }
         let admitted = {
             let mut st = self.state();
+            if st.hot_bytes > self.config.hot_bytes_max {
+                return Err(NodeError::Overloaded { held: st.hot_bytes });
+            }
             let gap_max = self.config.gap_records_max;
             let seg = st
                 .segments
@@ -244,14 +253,18 @@ impl Node {
         if !admitted.new.is_empty() {
             let lsns: Vec<u64> = admitted.new.iter().map(|&i| batch[i].0.lsn).collect();
             let mut batch = batch;
-            let entries: Vec<Vec<u8>> = admitted
-                .new
-                .iter()
-                .map(|&i| std::mem::take(&mut batch[i].1))
-                .collect();
+            let entries: Vec<Vec<u8>> = admitted.new.iter().map(|&i| std::mem::take(&mut batch[i].1)).collect();
             let seq = self.log.append_many(entries).await?;
             let ready = {
                 let mut st = self.state();
+                // Durable now: readable at read points the SCL reaches.
+                let hot = st.hot.entry(id).or_default();
+                let before = hot.bytes();
+                for &i in &admitted.new {
+                    hot.insert(&batch[i].0);
+                }
+                let added = hot.bytes() - before;
+                st.hot_bytes += added;
                 let seg = st
                     .segments
                     .get_mut(&id)
@@ -278,12 +291,35 @@ impl Node {
             if deferred {
                 // The first copies' writer wakes us once they are durable;
                 // if it failed, its error went to its own caller.
-                rx.await.map_err(|_| {
-                    AppendError::Failed("the first copy of a re-sent record failed".into())
-                })?;
+                rx.await
+                    .map_err(|_| AppendError::Failed("the first copy of a re-sent record failed".into()))?;
             }
         }
         Ok(self.scl(id))
+    }
+
+    /// The page as of `read_point`, and the LSN of the last change in it
+    /// (0 and zeros for a page never written).
+    pub fn get_page(&self, id: SegmentId, epoch: u64, page: u64, read_point: u64) -> Result<(Vec<u8>, u64), NodeError> {
+        let st = self.state();
+        let seg = st
+            .segments
+            .get(&id)
+            .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+        seg.check_epoch_read(epoch)?;
+        if read_point > seg.scl() {
+            return Err(NodeError::ReadPointAboveScl {
+                read_point,
+                scl: seg.scl(),
+            });
+        }
+        let empty = HotRecords::default();
+        let hot = st.hot.get(&id).unwrap_or(&empty);
+        hot.page_at(page, read_point, None, self.config.page_bytes)
+            .map_err(|source| NodeError::BadRecord {
+                lsn: read_point,
+                source,
+            })
     }
 
     pub fn scl(&self, id: SegmentId) -> u64 {
@@ -329,13 +365,7 @@ impl Node {
             let epoch_now = st.segments.get(&id).map_or(epoch, |s| s.epoch());
             (current, epoch_now)
         };
-        if lsn <= current
-            && self
-                .state()
-                .durable_epoch
-                .get(&id)
-                .is_some_and(|&e| e >= epoch_now)
-        {
+        if lsn <= current && self.state().durable_epoch.get(&id).is_some_and(|&e| e >= epoch_now) {
             return Ok(current);
         }
         let pgmrpl = lsn.max(current);

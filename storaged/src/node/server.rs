@@ -28,11 +28,7 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Bind `addr` with the socket options a storage node wants.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -75,11 +71,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::
     while tasks.join_next().await.is_some() {}
 }
 
-async fn connection(
-    node: Arc<Node>,
-    stream: TcpStream,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(REPLIES_QUEUED_MAX);
@@ -117,8 +109,7 @@ async fn connection(
             let id = frame.request_id;
             if !greeted {
                 let Message::Hello { .. } = frame.message else {
-                    let msg =
-                        Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
+                    let msg = Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
                     let _ = reply_tx.send(reply(id, &msg)).await;
                     break 'read;
                 };
@@ -158,11 +149,7 @@ fn reply(request_id: u64, msg: &Message) -> Vec<u8> {
     if let Err(e) = encode_frame(request_id, msg, &mut out) {
         // Our own replies are always encodable; if not, say so rather than send nothing.
         out.clear();
-        let fallback = Message::error(
-            ErrorCode::Internal,
-            0,
-            format!("reply could not be encoded: {e}"),
-        );
+        let fallback = Message::error(ErrorCode::Internal, 0, format!("reply could not be encoded: {e}"));
         let _ = encode_frame(request_id, &fallback, &mut out);
     }
     out
@@ -179,45 +166,45 @@ async fn handle(node: &Node, msg: Message) -> Message {
             .append(SegmentId { volume, pg }, epoch, records)
             .await
             .map(|scl| Message::AppendAck { volume, pg, scl }),
-        Message::GetSegmentStatus { volume, epoch, pg } => node
-            .status(SegmentId { volume, pg }, epoch)
-            .map(|s| Message::SegmentStatus {
-                volume,
-                pg,
-                epoch: s.epoch,
-                scl: s.scl,
-                highest_lsn: s.highest_lsn,
-                lowest_lsn: s.lowest_lsn,
-                pgmrpl: s.pgmrpl,
-                records: s.records,
-                log_bytes: s.log_bytes,
-                page_store_bytes: s.page_store_bytes,
-            }),
-        Message::SetPgmrpl {
-            volume,
-            epoch,
-            pg,
-            lsn,
-        } => node
+        Message::GetSegmentStatus { volume, epoch, pg } => {
+            node.status(SegmentId { volume, pg }, epoch)
+                .map(|s| Message::SegmentStatus {
+                    volume,
+                    pg,
+                    epoch: s.epoch,
+                    scl: s.scl,
+                    highest_lsn: s.highest_lsn,
+                    lowest_lsn: s.lowest_lsn,
+                    pgmrpl: s.pgmrpl,
+                    records: s.records,
+                    log_bytes: s.log_bytes,
+                    page_store_bytes: s.page_store_bytes,
+                })
+        }
+        Message::SetPgmrpl { volume, epoch, pg, lsn } => node
             .set_pgmrpl(SegmentId { volume, pg }, epoch, lsn)
             .await
             .map(|pgmrpl| Message::PgmrplOk { volume, pg, pgmrpl }),
-        Message::GetPage { .. } => {
-            return Message::error(
-                ErrorCode::BadRequest,
-                0,
-                "GetPage is not served yet: the page store is not built",
-            );
-        }
+        Message::GetPage {
+            volume,
+            epoch,
+            pg,
+            page,
+            read_point,
+        } => node
+            .get_page(SegmentId { volume, pg }, epoch, page, read_point)
+            .map(|(bytes, lsn)| Message::Page {
+                volume,
+                pg,
+                page,
+                lsn,
+                bytes,
+            }),
         Message::Hello { .. } => {
             return Message::error(ErrorCode::BadRequest, 0, "Hello was already received");
         }
         other => {
-            return Message::error(
-                ErrorCode::BadRequest,
-                0,
-                format!("{:?} is not a request", other.kind()),
-            );
+            return Message::error(ErrorCode::BadRequest, 0, format!("{:?} is not a request", other.kind()));
         }
     };
     result.unwrap_or_else(|e| error_reply(&e))
@@ -225,15 +212,14 @@ async fn handle(node: &Node, msg: Message) -> Message {
 
 fn error_reply(e: &NodeError) -> Message {
     let (code, epoch) = match e {
-        NodeError::Segment(SegmentError::StaleEpoch { current, .. }) => {
-            (ErrorCode::StaleEpoch, *current)
-        }
-        NodeError::Segment(SegmentError::Conflict { .. } | SegmentError::Fork { .. }) => {
-            (ErrorCode::Conflict, 0)
-        }
+        NodeError::Segment(SegmentError::StaleEpoch { current, .. }) => (ErrorCode::StaleEpoch, *current),
+        NodeError::Segment(SegmentError::Conflict { .. } | SegmentError::Fork { .. }) => (ErrorCode::Conflict, 0),
         NodeError::Segment(SegmentError::Full { .. }) => (ErrorCode::Overloaded, 0),
         NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
         NodeError::Log(_) | NodeError::Table(_) => (ErrorCode::Internal, 0),
+        NodeError::BadRecord { .. } => (ErrorCode::BadRequest, 0),
+        NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
+        NodeError::Overloaded { .. } => (ErrorCode::Overloaded, 0),
     };
     Message::error(code, epoch, e.to_string())
 }

@@ -56,10 +56,7 @@ impl Message {
     pub(super) fn validate(&self) -> Result<(), ProtoError> {
         match self {
             Message::Append {
-                volume,
-                pg,
-                records,
-                ..
+                volume, pg, records, ..
             } => {
                 let batch = SegmentId {
                     volume: *volume,
@@ -70,8 +67,7 @@ impl Message {
                 }
                 let mut prev_lsn = None;
                 for (index, record) in records.iter().enumerate() {
-                    check_record(record)
-                        .map_err(|source| ProtoError::BadRecord { index, source })?;
+                    check_record(record).map_err(|source| ProtoError::BadRecord { index, source })?;
                     check_batch_order(batch, prev_lsn, index, record)?;
                     prev_lsn = Some(record.lsn);
                 }
@@ -153,12 +149,7 @@ impl Message {
                 put_u32(out, bytes.len() as u32);
                 out.extend_from_slice(bytes);
             }
-            Message::SetPgmrpl {
-                volume,
-                epoch,
-                pg,
-                lsn,
-            } => {
+            Message::SetPgmrpl { volume, epoch, pg, lsn } => {
                 put_request_head(out, *volume, *epoch, *pg);
                 put_u64(out, *lsn);
             }
@@ -325,8 +316,8 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     for index in 0..declared as usize {
         // Fewer records than declared shows up here as a truncated record;
         // more shows up in `finish` as trailing bytes.
-        let (record, used) = RedoRecord::decode_prefix(r.rest())
-            .map_err(|source| ProtoError::BadRecord { index, source })?;
+        let (record, used) =
+            RedoRecord::decode_prefix(r.rest()).map_err(|source| ProtoError::BadRecord { index, source })?;
         r.take(used)?;
         check_batch_order(batch, prev_lsn, index, &record)?;
         prev_lsn = Some(record.lsn);
@@ -377,10 +368,7 @@ fn check_record(record: &RedoRecord) -> Result<(), RecordError> {
     }
     for prev in [record.prev_lsn_pg, record.prev_lsn_page] {
         if record.lsn == 0 || prev != 0 && prev >= record.lsn {
-            return Err(RecordError::BadBacklink {
-                lsn: record.lsn,
-                prev,
-            });
+            return Err(RecordError::BadBacklink { lsn: record.lsn, prev });
         }
     }
     Ok(())

@@ -16,10 +16,7 @@ use crate::record::{RecordError, SegmentId};
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtoError {
     #[error("frame of {frame_bytes} bytes exceeds the {frame_bytes_max}-byte limit")]
-    FrameTooLarge {
-        frame_bytes: usize,
-        frame_bytes_max: usize,
-    },
+    FrameTooLarge { frame_bytes: usize, frame_bytes_max: usize },
     #[error("frame length field {length} is below the minimum of {FRAME_LENGTH_MIN}")]
     FrameTooSmall { length: u32 },
     #[error("unsupported protocol version {0}")]

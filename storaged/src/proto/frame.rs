@@ -41,11 +41,7 @@ pub fn encode_frame(request_id: u64, msg: &Message, out: &mut Vec<u8>) -> Result
     out.extend_from_slice(&request_id.to_le_bytes());
     out.extend_from_slice(&[0; 4]); // CRC, filled in below
     msg.encode_body(out);
-    assert_eq!(
-        out.len() - start,
-        frame_bytes,
-        "body_len disagrees with encode_body"
-    );
+    assert_eq!(out.len() - start, frame_bytes, "body_len disagrees with encode_body");
     let frame = &mut out[start..];
     let crc = frame_crc(frame);
     frame[OFF_CRC..FRAME_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
@@ -61,10 +57,7 @@ pub fn encode_frame(request_id: u64, msg: &Message, out: &mut Vec<u8>) -> Result
 ///
 /// Pure: nothing is allocated until the whole frame is present and its CRC
 /// matches, and then only in proportion to the frame's (bounded) length.
-pub fn decode_frame(
-    buf: &[u8],
-    frame_bytes_max: usize,
-) -> Result<Option<(Frame, usize)>, ProtoError> {
+pub fn decode_frame(buf: &[u8], frame_bytes_max: usize) -> Result<Option<(Frame, usize)>, ProtoError> {
     let frame_bytes_max = frame_bytes_max.min(FRAME_BYTES_MAX);
     let Some(length) = buf.first_chunk::<LENGTH_FIELD_BYTES>() else {
         return Ok(None);

@@ -183,13 +183,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!(
-            "`{s}` is not a duration (expected e.g. 5, 5s, 500ms, 1m)"
-        ));
+        return Err(format!("`{s}` is not a duration (expected e.g. 5, 5s, 500ms, 1m)"));
     }
-    let value: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: number too large"))?;
+    let value: u64 = num.parse().map_err(|_| format!("`{s}`: number too large"))?;
     let d = match suffix.to_ascii_lowercase().as_str() {
         "" | "s" | "sec" => value.checked_mul(1).map(Duration::from_secs),
         "us" | "usec" => Some(Duration::from_micros(value)),
@@ -197,9 +193,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => value.checked_mul(60).map(Duration::from_secs),
         "h" => value.checked_mul(3600).map(Duration::from_secs),
         other => {
-            return Err(format!(
-                "`{s}`: unknown time unit `{other}` (use us, ms, s, m or h)"
-            ));
+            return Err(format!("`{s}`: unknown time unit `{other}` (use us, ms, s, m or h)"));
         }
     };
     match d {

@@ -65,9 +65,7 @@ impl Engine for LogBench {
             durability: args.log_durability.into(),
             ..LogConfig::default()
         };
-        config
-            .validate()
-            .map_err(|e| anyhow!("log engine settings: {e}"))?;
+        config.validate().map_err(|e| anyhow!("log engine settings: {e}"))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -88,8 +86,7 @@ async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevic
         create_zero_filled(path, size)?;
     }
     let dev = Arc::new(
-        UringDevice::open(path, &UringConfig::default())
-            .with_context(|| format!("opening {}", path.display()))?,
+        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?,
     );
     if fresh {
         format(
@@ -106,12 +103,7 @@ async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevic
     Ok(dev)
 }
 
-async fn run(
-    args: &BenchArgs,
-    path: &Path,
-    entry_bytes: usize,
-    config: LogConfig,
-) -> Result<Vec<JobStats>> {
+async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfig) -> Result<Vec<JobStats>> {
     let dev = open_or_create(path, args.size).await?;
     let opened = match LogEngine::open(dev, config, |_, _| {}).await {
         Ok(o) => o,
@@ -156,8 +148,7 @@ async fn run(
             let engine = engine.clone();
             let stop = stop.clone();
             let max_acked = max_acked.clone();
-            let quota =
-                records_per_job / appenders + u64::from(appender < records_per_job % appenders);
+            let quota = records_per_job / appenders + u64::from(appender < records_per_job % appenders);
             let payload = entry_bytes - RECORD_HEADER_BYTES;
             let lsn_base = (job * appenders + appender) << 40;
             jobs.spawn(async move {
@@ -184,13 +175,8 @@ async fn run(
                     };
                     let entry = record.encode();
                     let t = Instant::now();
-                    let seq = engine
-                        .append(entry)
-                        .await
-                        .map_err(|e| anyhow!("append failed: {e}"))?;
-                    let _ = stats
-                        .latency_ns
-                        .record((t.elapsed().as_nanos() as u64).max(1));
+                    let seq = engine.append(entry).await.map_err(|e| anyhow!("append failed: {e}"))?;
+                    let _ = stats.latency_ns.record((t.elapsed().as_nanos() as u64).max(1));
                     stats.ios += 1;
                     max_acked.fetch_max(seq, Ordering::Relaxed);
                 }

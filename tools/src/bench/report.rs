@@ -90,12 +90,7 @@ impl FioLat {
             mean: h.mean(),
             stddev: h.stdev(),
             n,
-            percentile: Percentiles(
-                PERCENTILES
-                    .iter()
-                    .map(|&p| (p, h.value_at_percentile(p)))
-                    .collect(),
-            ),
+            percentile: Percentiles(PERCENTILES.iter().map(|&p| (p, h.value_at_percentile(p))).collect()),
         }
     }
 }
@@ -228,11 +223,7 @@ mod tests {
         let jobs = vec![job(100), job(300)];
         let text = serde_json::to_string(&fio_report("t", &jobs, false)).expect("serialize");
         let v: serde_json::Value = serde_json::from_str(&text).expect("parse");
-        assert!(
-            v["fio version"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("storbench-"))
-        );
+        assert!(v["fio version"].as_str().is_some_and(|s| s.starts_with("storbench-")));
         let jobs_json = v["jobs"].as_array().expect("jobs");
         assert_eq!(jobs_json.len(), 2);
         let j = &jobs_json[0];
@@ -272,9 +263,7 @@ mod tests {
                 assert!(w[lat]["percentile"][p].is_number(), "{lat} percentile {p}");
             }
         }
-        let p50 = w["clat_ns"]["percentile"]["50.000000"]
-            .as_u64()
-            .expect("p50");
+        let p50 = w["clat_ns"]["percentile"]["50.000000"].as_u64().expect("p50");
         assert!((49_000..=51_000).contains(&p50), "p50 {p50}");
         // The unused direction is all zeros, in the same shape.
         assert_eq!(j["read"]["total_ios"], 0);

@@ -72,6 +72,5 @@ impl JobStats {
 
 pub fn new_latency_histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts; failure is a bug here.
-    Histogram::new_with_bounds(1, LATENCY_NS_MAX, LATENCY_SIGFIG)
-        .expect("constant histogram bounds are valid")
+    Histogram::new_with_bounds(1, LATENCY_NS_MAX, LATENCY_SIGFIG).expect("constant histogram bounds are valid")
 }

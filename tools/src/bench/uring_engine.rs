@@ -55,14 +55,12 @@ impl Engine for UringEngine {
             .as_deref()
             .context("--filename is required for --engine uring")?;
         prepare_file(path, args.size)?;
-        let opened = open_device(path, &OpenOptions::default())
-            .with_context(|| format!("open {}", path.display()))?;
+        let opened = open_device(path, &OpenOptions::default()).with_context(|| format!("open {}", path.display()))?;
         let device_bytes = opened.geometry.size_bytes;
         let region = match args.size {
-            Some(size) if size > device_bytes => bail!(
-                "--size {size} is larger than {} ({device_bytes} bytes)",
-                path.display()
-            ),
+            Some(size) if size > device_bytes => {
+                bail!("--size {size} is larger than {} ({device_bytes} bytes)", path.display())
+            }
             Some(size) => size,
             None => device_bytes,
         };
@@ -149,10 +147,7 @@ fn prepare_file(path: &Path, size: Option<u64>) -> anyhow::Result<()> {
         );
     }
     let Some(size) = size else {
-        bail!(
-            "{} does not exist; give --size to have it created",
-            path.display()
-        );
+        bail!("{} does not exist; give --size to have it created", path.display());
     };
     eprintln!(
         "storbench: {} does not exist; creating it zero-filled, {size} bytes",
@@ -171,8 +166,7 @@ struct Slot {
 fn run_job(job: u32, fd: RawFd, plan: &Plan, barrier: &Barrier) -> anyhow::Result<JobStats> {
     let entries = plan.iodepth.next_power_of_two();
     let mut ring = Ring::new(entries).context("set up io_uring")?;
-    ring.register_files(&[fd])
-        .context("register the file with io_uring")?;
+    ring.register_files(&[fd]).context("register the file with io_uring")?;
     let mut rng = fastrand::Rng::with_seed(0x5700_b3c4 ^ u64::from(job));
     let blocks = (plan.bs as usize) / BLOCK_SIZE;
     let now = Instant::now();
@@ -286,9 +280,7 @@ fn run_job(job: u32, fd: RawFd, plan: &Plan, barrier: &Barrier) -> anyhow::Resul
                 } else {
                     format!("short: {res} of {expected} bytes")
                 };
-                first_error.get_or_insert_with(|| {
-                    anyhow::anyhow!("{op} at offset {} failed: {what}", slots[i].offset)
-                });
+                first_error.get_or_insert_with(|| anyhow::anyhow!("{op} at offset {} failed: {what}", slots[i].offset));
                 stopping = true;
                 inflight -= 1;
                 continue;

@@ -44,10 +44,7 @@ fn main() -> ExitCode {
                     }
                 }
                 OutputFormat::Normal => {
-                    print!(
-                        "{}",
-                        report::normal_report(&args.name, &jobs, args.group_reporting)
-                    );
+                    print!("{}", report::normal_report(&args.name, &jobs, args.group_reporting));
                 }
             }
             ExitCode::SUCCESS

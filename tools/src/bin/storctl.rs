@@ -45,9 +45,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -63,8 +61,8 @@ fn main() -> ExitCode {
 }
 
 fn run_inspect(path: &Path, json: bool) -> Result<u8> {
-    let dev = UringDevice::open(path, &UringConfig::default())
-        .with_context(|| format!("opening {}", path.display()))?;
+    let dev =
+        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
     let dev = Arc::new(dev);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

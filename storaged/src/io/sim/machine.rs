@@ -209,12 +209,7 @@ impl Core {
 
     /// Returns the I/O's id and how long the async shell should wait before
     /// completing it.
-    pub(super) fn submit_read(
-        &mut self,
-        offset: u64,
-        buf: AlignedBuf,
-        owner: Owner,
-    ) -> (IoId, Duration) {
+    pub(super) fn submit_read(&mut self, offset: u64, buf: AlignedBuf, owner: Owner) -> (IoId, Duration) {
         if let Err(error) = check_range("read", offset, buf.len(), self.size_bytes) {
             let op = Op::Refused {
                 is_write: false,
@@ -333,10 +328,7 @@ impl Core {
     /// The step driver's next I/O and its due time: first the ones a crash cut
     /// short (due now), then the in-flight one due first (ties by issue order).
     pub(super) fn peek_step(&self) -> Option<(IoId, Duration)> {
-        let cut_short = self
-            .closed
-            .iter()
-            .find(|(_, (owner, _))| *owner == Owner::Step);
+        let cut_short = self.closed.iter().find(|(_, (owner, _))| *owner == Owner::Step);
         if let Some((id, _)) = cut_short {
             return Some((*id, self.now));
         }
@@ -358,11 +350,7 @@ impl Core {
 
     fn finish(&mut self, op: Op) -> Completion {
         match op {
-            Op::Read {
-                offset,
-                mut buf,
-                fault,
-            } => {
+            Op::Read { offset, mut buf, fault } => {
                 if let ReadFault::Eio = fault {
                     let len = buf.len();
                     return Completion::Read((buf, Err(eio("read", offset, len))));
@@ -414,11 +402,7 @@ impl Core {
                 }
                 Completion::Flush(Ok(()))
             }
-            Op::Refused {
-                is_write,
-                buf,
-                error,
-            } => {
+            Op::Refused { is_write, buf, error } => {
                 if is_write {
                     Completion::Write((buf, Err(error)))
                 } else {
@@ -467,9 +451,7 @@ impl Core {
         self.rng.shuffle(&mut landing);
         for id in landing {
             let Some(InFlight {
-                op: Op::Write {
-                    offset, buf, fault, ..
-                },
+                op: Op::Write { offset, buf, fault, .. },
                 ..
             }) = self.in_flight.get(&id)
             else {
@@ -564,14 +546,10 @@ fn closed(op: Op) -> Completion {
         Op::Read { buf, .. } => Completion::Read((buf, Err(IoError::Closed))),
         Op::Write { buf, .. } => Completion::Write((buf, Err(IoError::Closed))),
         Op::Refused {
-            is_write: true,
-            buf,
-            ..
+            is_write: true, buf, ..
         } => Completion::Write((buf, Err(IoError::Closed))),
         Op::Refused {
-            is_write: false,
-            buf,
-            ..
+            is_write: false, buf, ..
         } => Completion::Read((buf, Err(IoError::Closed))),
         Op::Flush { .. } => Completion::Flush(Err(IoError::Closed)),
     }

@@ -134,14 +134,8 @@ fn durable_writes_survive_crash() {
         disk.next_completion();
         disk.submit_write(block_offset(10), pattern(3, 2), Durability::Durable);
         disk.crash();
-        assert_eq!(
-            disk.read_raw(block_offset(2), 3 * BLOCK_SIZE),
-            &pattern(1, 3)[..]
-        );
-        assert_eq!(
-            disk.read_visible(block_offset(2), 3 * BLOCK_SIZE),
-            &pattern(1, 3)[..]
-        );
+        assert_eq!(disk.read_raw(block_offset(2), 3 * BLOCK_SIZE), &pattern(1, 3)[..]);
+        assert_eq!(disk.read_visible(block_offset(2), 3 * BLOCK_SIZE), &pattern(1, 3)[..]);
     }
 }
 
@@ -239,10 +233,7 @@ fn misdirected_writes_land_elsewhere() {
         let Some(Completion::Write((_, Ok(())))) = disk.complete(id) else {
             panic!("a misdirected write reports success");
         };
-        assert_eq!(
-            disk.read_raw(block_offset(3), 2 * BLOCK_SIZE),
-            vec![0; 2 * BLOCK_SIZE]
-        );
+        assert_eq!(disk.read_raw(block_offset(3), 2 * BLOCK_SIZE), vec![0; 2 * BLOCK_SIZE]);
         let medium = disk.read_raw(0, DISK_BYTES as usize);
         let found: Vec<u64> = (0..DISK_BLOCKS - 1)
             .filter(|&b| {
@@ -264,8 +255,7 @@ fn bit_flips_on_read_and_at_rest() {
     };
     let disk = SimDisk::new(DISK_BYTES, 3, faults);
     disk.write_raw(0, &pattern(4, 1));
-    let Some(Completion::Read((buf, Ok(())))) = disk.complete(disk.submit_read(0, pattern(0, 1)))
-    else {
+    let Some(Completion::Read((buf, Ok(())))) = disk.complete(disk.submit_read(0, pattern(0, 1))) else {
         panic!("a flipped read still succeeds");
     };
     let differing_bits: u32 = buf
@@ -274,11 +264,7 @@ fn bit_flips_on_read_and_at_rest() {
         .map(|(a, b)| (a ^ b).count_ones())
         .sum();
     assert_eq!(differing_bits, 1, "exactly one bit flipped in the buffer");
-    assert_eq!(
-        disk.read_raw(0, BLOCK_SIZE),
-        &pattern(4, 1)[..],
-        "medium intact"
-    );
+    assert_eq!(disk.read_raw(0, BLOCK_SIZE), &pattern(4, 1)[..], "medium intact");
     assert_eq!(disk.stats().read_bit_flips, 1);
 
     disk.set_faults(SimFaults::none());
@@ -286,8 +272,7 @@ fn bit_flips_on_read_and_at_rest() {
     let mut expected = pattern(4, 1).to_vec();
     expected[100] ^= 1 << 3;
     assert_eq!(disk.read_raw(0, BLOCK_SIZE), expected);
-    let Some(Completion::Read((buf, Ok(())))) = disk.complete(disk.submit_read(0, pattern(0, 1)))
-    else {
+    let Some(Completion::Read((buf, Ok(())))) = disk.complete(disk.submit_read(0, pattern(0, 1))) else {
         panic!("read");
     };
     assert_eq!(&buf[..], &expected[..], "the flip persists at rest");
@@ -322,11 +307,7 @@ fn eio_fails_the_io_and_changes_nothing() {
         panic!("read");
     };
     assert!(is_eio(result.as_ref().err()));
-    assert_eq!(
-        &buf[..],
-        &pattern(7, 1)[..],
-        "a failed read leaves the buffer"
-    );
+    assert_eq!(&buf[..], &pattern(7, 1)[..], "a failed read leaves the buffer");
     let stats = disk.stats();
     assert_eq!((stats.write_eio, stats.read_eio), (2, 1));
 }
@@ -342,28 +323,14 @@ async fn out_of_range_requests_are_refused() {
     ];
     for (offset, blocks) in bad {
         let (_, r) = disk.read(offset, pattern(0, blocks)).await;
-        assert!(
-            matches!(r, Err(IoError::OutOfRange { op: "read", .. })),
-            "{r:?}"
-        );
-        let (_, r) = disk
-            .write(offset, pattern(1, blocks), Durability::Durable)
-            .await;
-        assert!(
-            matches!(r, Err(IoError::OutOfRange { op: "write", .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(IoError::OutOfRange { op: "read", .. })), "{r:?}");
+        let (_, r) = disk.write(offset, pattern(1, blocks), Durability::Durable).await;
+        assert!(matches!(r, Err(IoError::OutOfRange { op: "write", .. })), "{r:?}");
         let id = disk.submit_write(offset, pattern(1, blocks), Durability::Volatile);
         let c = disk.complete(id).expect("outstanding");
-        assert!(
-            matches!(c.error(), Some(IoError::OutOfRange { .. })),
-            "{c:?}"
-        );
+        assert!(matches!(c.error(), Some(IoError::OutOfRange { .. })), "{c:?}");
     }
-    assert_eq!(
-        disk.read_raw(0, DISK_BYTES as usize),
-        vec![0; DISK_BYTES as usize]
-    );
+    assert_eq!(disk.read_raw(0, DISK_BYTES as usize), vec![0; DISK_BYTES as usize]);
     assert_eq!(disk.stats().writes, 0);
 }
 
@@ -380,10 +347,7 @@ async fn pre_crash_ios_cannot_touch_post_crash_state() {
     disk.crash();
     assert_eq!(disk.epoch(), 1);
     // After the reboot, new writes to the same places.
-    disk.write(0, pattern(3, 1), Durability::Volatile)
-        .await
-        .1
-        .unwrap();
+    disk.write(0, pattern(3, 1), Durability::Volatile).await.1.unwrap();
     disk.flush().await.unwrap();
 
     let (buf, result) = write.await;
@@ -395,23 +359,16 @@ async fn pre_crash_ios_cannot_touch_post_crash_state() {
     assert!(matches!(c.error(), Some(IoError::Closed)));
 
     assert_eq!(disk.read_raw(0, BLOCK_SIZE), &pattern(3, 1)[..]);
-    assert_eq!(
-        disk.read_raw(block_offset(1), BLOCK_SIZE),
-        vec![0; BLOCK_SIZE]
-    );
+    assert_eq!(disk.read_raw(block_offset(1), BLOCK_SIZE), vec![0; BLOCK_SIZE]);
     assert_eq!(disk.in_flight(), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn reads_see_completed_writes() {
     let disk = SimDisk::new(DISK_BYTES, 8, SimFaults::none());
-    let (_, r) = disk
-        .write(block_offset(4), pattern(1, 2), Durability::Volatile)
-        .await;
+    let (_, r) = disk.write(block_offset(4), pattern(1, 2), Durability::Volatile).await;
     r.unwrap();
-    let (buf, r) = disk
-        .read(block_offset(4), AlignedBuf::zeroed_blocks(2))
-        .await;
+    let (buf, r) = disk.read(block_offset(4), AlignedBuf::zeroed_blocks(2)).await;
     r.unwrap();
     assert_eq!(&buf[..], &pattern(1, 2)[..]);
 

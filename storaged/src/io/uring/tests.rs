@@ -66,9 +66,7 @@ async fn concurrent_io_from_many_tasks() {
                 for i in 0..IOS_PER_TASK {
                     let offset = (task * IOS_PER_TASK + i) * BLOCK_SIZE as u64;
                     let seed = (task * 31 + i) as u8;
-                    let (_, res) = dev
-                        .write(offset, pattern(1, seed), Durability::Volatile)
-                        .await;
+                    let (_, res) = dev.write(offset, pattern(1, seed), Durability::Volatile).await;
                     res.expect("write");
                     let (back, res) = dev.read(offset, AlignedBuf::zeroed_blocks(1)).await;
                     res.expect("read");
@@ -93,11 +91,7 @@ async fn out_of_range_is_refused() {
         let (_, res) = dev.read(100, AlignedBuf::zeroed_blocks(1)).await;
         assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
         let (_, res) = dev
-            .write(
-                u64::MAX - 4095,
-                AlignedBuf::zeroed_blocks(1),
-                Durability::Durable,
-            )
+            .write(u64::MAX - 4095, AlignedBuf::zeroed_blocks(1), Durability::Durable)
             .await;
         assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
         // The device still works afterwards.
@@ -190,11 +184,7 @@ async fn loop_device_is_a_block_device() {
         let lbs = dev.geometry().logical_block_bytes;
         assert!(lbs == 512 || lbs == 4096, "BLKSSZGET gave {lbs}");
         // A loop device's queue has a write_cache attribute in sysfs.
-        assert!(
-            dev.info().cache.write_cache.is_some(),
-            "{:?}",
-            dev.info().cache
-        );
+        assert!(dev.info().cache.write_cache.is_some(), "{:?}", dev.info().cache);
         let err = match UringDevice::open(Path::new(&loop_path), &UringConfig::default()) {
             Err(e) => e,
             Ok(_) => panic!("second open of {loop_path} succeeded despite O_EXCL"),

@@ -9,10 +9,7 @@ use crate::record::{RecordError, RedoRecord};
 #[test]
 fn length_below_the_header_is_refused() {
     for length in 0..FRAME_LENGTH_MIN as u32 {
-        assert_eq!(
-            decode(&length.to_le_bytes()),
-            Err(ProtoError::FrameTooSmall { length })
-        );
+        assert_eq!(decode(&length.to_le_bytes()), Err(ProtoError::FrameTooSmall { length }));
     }
 }
 
@@ -30,10 +27,7 @@ fn header_fields_are_checked() {
         decode(&raw_frame(2, 4, 0, 1, &ack)[..5]),
         Err(ProtoError::UnsupportedVersion(2))
     );
-    assert_eq!(
-        decode(&raw_frame(1, 4, 0x10, 1, &ack)),
-        Err(ProtoError::BadFlags(0x10))
-    );
+    assert_eq!(decode(&raw_frame(1, 4, 0x10, 1, &ack)), Err(ProtoError::BadFlags(0x10)));
     assert_eq!(
         decode(&raw_frame(1, 42, 0, 1, &ack)),
         Err(ProtoError::UnknownMessageType(42))
@@ -115,12 +109,7 @@ fn huge_declared_lengths_are_refused() {
         }
     ));
 
-    let error = [
-        u64s(&[0]),
-        7u16.to_le_bytes().to_vec(),
-        u16::MAX.to_le_bytes().to_vec(),
-    ]
-    .concat();
+    let error = [u64s(&[0]), 7u16.to_le_bytes().to_vec(), u16::MAX.to_le_bytes().to_vec()].concat();
     assert_eq!(
         decode(&raw_frame(1, MessageType::Error as u8, 0, 1, &error)),
         Err(ProtoError::MessageTooLong(u16::MAX as usize))
@@ -149,10 +138,7 @@ fn batch_rules_are_enforced_on_decode() {
     let (a, b) = (record(1, 2, 10, vec![1; 8]), record(1, 2, 11, vec![]));
     assert!(decode_append(&append_body(1, 2, 2, &[a.clone(), b.clone()])).is_ok());
 
-    assert_eq!(
-        decode_append(&append_body(1, 2, 0, &[])),
-        Err(ProtoError::EmptyBatch)
-    );
+    assert_eq!(decode_append(&append_body(1, 2, 0, &[])), Err(ProtoError::EmptyBatch));
     assert_eq!(
         decode_append(&append_body(1, 2, 2, &[b.clone(), a.clone()])),
         Err(ProtoError::LsnNotIncreasing {
@@ -237,16 +223,10 @@ fn error_bodies_are_checked() {
         raw_frame(1, MessageType::Error as u8, 0, 1, &b)
     };
     assert!(decode(&body(3, "stale".as_bytes())).unwrap().is_some());
-    assert_eq!(
-        decode(&body(12, b"")),
-        Err(ProtoError::UnknownErrorCode(12))
-    );
+    assert_eq!(decode(&body(12, b"")), Err(ProtoError::UnknownErrorCode(12)));
     assert_eq!(decode(&body(0, b"")), Err(ProtoError::UnknownErrorCode(0)));
     assert_eq!(decode(&body(3, &[0xff, 0xfe])), Err(ProtoError::BadUtf8));
-    assert_eq!(
-        decode(&body(3, &[b'a'; 1025])),
-        Err(ProtoError::MessageTooLong(1025))
-    );
+    assert_eq!(decode(&body(3, &[b'a'; 1025])), Err(ProtoError::MessageTooLong(1025)));
     assert!(decode(&body(3, &[b'a'; 1024])).unwrap().is_some());
 }
 
@@ -309,8 +289,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
 
 #[test]
 fn error_constructor_cuts_at_a_char_boundary() {
-    let Message::Error { message, .. } = Message::error(ErrorCode::Internal, 0, "é".repeat(600))
-    else {
+    let Message::Error { message, .. } = Message::error(ErrorCode::Internal, 0, "é".repeat(600)) else {
         panic!("not an Error");
     };
     assert_eq!(message.len(), 1024);

@@ -15,13 +15,7 @@ use strategies::{arb_message, arb_mutation, mutate};
 
 /// A frame built by hand, with a correct CRC, so tests can reach the checks
 /// that follow the CRC with bytes the encoder would never produce.
-pub(super) fn raw_frame(
-    version: u8,
-    kind: u8,
-    flags: u16,
-    request_id: u64,
-    body: &[u8],
-) -> Vec<u8> {
+pub(super) fn raw_frame(version: u8, kind: u8, flags: u16, request_id: u64, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&((FRAME_LENGTH_MIN + body.len()) as u32).to_le_bytes());
     f.push(version);

@@ -6,11 +6,7 @@ use crate::proto::{ErrorCode, Message, Role};
 use crate::record::{RecordBody, RedoRecord, SegmentId};
 
 fn arb_role() -> impl Strategy<Value = Role> {
-    prop_oneof![
-        Just(Role::Computed),
-        Just(Role::StorageNode),
-        Just(Role::Operator)
-    ]
+    prop_oneof![Just(Role::Computed), Just(Role::StorageNode), Just(Role::Operator)]
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
@@ -75,11 +71,7 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             pg,
             records
         }),
-        (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck {
-            volume,
-            pg,
-            scl
-        }),
+        (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck { volume, pg, scl }),
         (u(), u(), any::<u32>(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point)| {
             Message::GetPage {
                 volume,
@@ -89,36 +81,23 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 read_point,
             }
         }),
-        (
-            u(),
-            any::<u32>(),
-            u(),
-            u(),
-            prop::collection::vec(any::<u8>(), 0..300)
-        )
-            .prop_map(|(volume, pg, page, lsn, bytes)| Message::Page {
+        (u(), any::<u32>(), u(), u(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(
+            |(volume, pg, page, lsn, bytes)| Message::Page {
                 volume,
                 pg,
                 page,
                 lsn,
                 bytes
-            }),
+            }
+        ),
         (u(), u(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, lsn)| Message::SetPgmrpl {
             volume,
             epoch,
             pg,
             lsn
         }),
-        (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk {
-            volume,
-            pg,
-            pgmrpl
-        }),
-        (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus {
-            volume,
-            epoch,
-            pg
-        }),
+        (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk { volume, pg, pgmrpl }),
+        (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus { volume, epoch, pg }),
         (u(), any::<u32>(), prop::array::uniform8(u())).prop_map(|(volume, pg, v)| {
             Message::SegmentStatus {
                 volume,

@@ -122,12 +122,7 @@ impl Model {
                 }
             }
             (Issued::Flush { covers }, Completion::Flush(_)) => {
-                let covered: Vec<(u64, u64)> = self
-                    .volatile
-                    .iter()
-                    .copied()
-                    .filter(|v| v.1 <= covers)
-                    .collect();
+                let covered: Vec<(u64, u64)> = self.volatile.iter().copied().filter(|v| v.1 <= covers).collect();
                 self.volatile.retain(|v| v.1 > covers);
                 for (tag, order) in covered {
                     self.make_durable(tag, order);
@@ -171,10 +166,7 @@ fn check_crash(disk: &SimDisk, model: &mut Model) -> Result<(), TestCaseError> {
             k.idx
         );
     }
-    prop_assert!(
-        disk.read_visible(0, DISK_BYTES as usize) == medium,
-        "visible = durable"
-    );
+    prop_assert!(disk.read_visible(0, DISK_BYTES as usize) == medium, "visible = durable");
     let closed = drain(disk);
     prop_assert_eq!(closed.len(), issued_before);
     for (_, c) in &closed {
