@@ -15,6 +15,8 @@ use crate::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, Pro
 
 /// Requests queued for the writer, at most; callers wait beyond.
 const QUEUED_MAX: usize = 1024;
+/// Requests coalesced into one socket write, at most (bytes).
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -48,9 +50,22 @@ impl NodeClient {
         let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<Message>)>(QUEUED_MAX);
         let p = pending.clone();
         tokio::spawn(async move {
+            // Requests queued together go out in one write.
+            let mut out = Vec::new();
             while let Some((id, frame, reply)) = rx.recv().await {
+                out.clear();
+                out.extend_from_slice(&frame);
                 p.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
-                if writer.write_all(&frame).await.is_err() {
+                while out.len() < WRITE_BATCH_BYTES_MAX {
+                    match rx.try_recv() {
+                        Ok((id, frame, reply)) => {
+                            p.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
+                            out.extend_from_slice(&frame);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if writer.write_all(&out).await.is_err() {
                     break;
                 }
             }

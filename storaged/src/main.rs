@@ -228,8 +228,10 @@ fn run(
     if let Some(m) = metrics {
         tracing::warn!(addr = %m, "--metrics is accepted but no metrics endpoint is served yet");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One runtime thread (plus the device's ring thread): measured on this
+    // kind of machine, hand-offs between runtime workers cost more than a
+    // second core gives a node (docs/performance.md, "The node").
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;

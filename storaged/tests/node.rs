@@ -556,3 +556,53 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
         check_all(c).await;
     });
 }
+
+#[test]
+fn a_full_log_is_refused_with_a_clear_error_not_a_hang() {
+    let dir = tempdir();
+    let dev = dir.path().join("small");
+    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
+        .args([
+            "format",
+            "--device",
+            dev.to_str().unwrap(),
+            "--node-id",
+            "5",
+            "--size",
+            "4m",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        // One record per append takes a whole 4 KiB block: a 1 MiB log is
+        // full after a few hundred, and nothing is coalesced yet to free it.
+        let mut acked = 0;
+        let refusal = loop {
+            let lsn = acked + 1;
+            match append(&c, 0, 1, vec![rec(0, lsn, acked, 1)]).await {
+                Message::AppendAck { scl, .. } => {
+                    assert_eq!(scl, lsn);
+                    acked = lsn;
+                }
+                other => break other,
+            }
+            assert!(acked < 1000, "a 1 MiB log cannot take 1000 blocks");
+        };
+        match refusal {
+            Message::Error {
+                code: ErrorCode::Overloaded,
+                message,
+                ..
+            } => assert!(message.contains("log is full"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(acked > 100);
+        // Reads go on, and what was acknowledged is there.
+        assert_eq!(status(&c, 0).await.0, acked);
+        assert!(matches!(get_page(&c, 0, 1, acked).await, Message::Page { .. }));
+    });
+}

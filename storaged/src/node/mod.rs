@@ -70,6 +70,8 @@ pub enum NodeError {
     ReadPointAboveScl { read_point: u64, scl: u64 },
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
     Overloaded { held: usize },
+    #[error("the log is full ({free_blocks} of {log_blocks} blocks free) and nothing can be released yet")]
+    LogFull { free_blocks: u64, log_blocks: u64 },
 }
 
 /// What `GetSegmentStatus` reports.
@@ -86,6 +88,9 @@ pub struct SegmentStatus {
 }
 
 type Ticket = oneshot::Sender<()>;
+
+/// Appends are refused while less than 1/this of the log is free.
+const LOG_RESERVE_FRACTION: u64 = 32;
 
 struct State {
     segments: HashMap<SegmentId, Segment<Ticket>>,
@@ -240,6 +245,15 @@ impl Node {
             let mut st = self.state();
             if st.hot_bytes > self.config.hot_bytes_max {
                 return Err(NodeError::Overloaded { held: st.hot_bytes });
+            }
+            // Until coalescing frees the log, a full log would make appends
+            // wait forever: refuse them while little room is left instead.
+            let log = self.log.stats();
+            if log.free_blocks < log.log_blocks / LOG_RESERVE_FRACTION {
+                return Err(NodeError::LogFull {
+                    free_blocks: log.free_blocks,
+                    log_blocks: log.log_blocks,
+                });
             }
             let gap_max = self.config.gap_records_max;
             let seg = st

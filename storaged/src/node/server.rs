@@ -25,6 +25,8 @@ use super::{Node, NodeError};
 /// Replies queued for a connection's writer, at most.
 const REPLIES_QUEUED_MAX: usize = 256;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Replies coalesced into one socket write, at most (bytes).
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// Bind `addr` with the socket options a storage node wants.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -76,8 +78,19 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
     let (mut reader, mut writer) = stream.into_split();
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(REPLIES_QUEUED_MAX);
     let write_task = tokio::spawn(async move {
+        // One write for every reply already queued: a syscall per reply
+        // would cost more than the replies themselves under load.
+        let mut out = Vec::new();
         while let Some(frame) = reply_rx.recv().await {
-            writer.write_all(&frame).await?;
+            out.clear();
+            out.extend_from_slice(&frame);
+            while out.len() < WRITE_BATCH_BYTES_MAX {
+                match reply_rx.try_recv() {
+                    Ok(more) => out.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            writer.write_all(&out).await?;
         }
         writer.shutdown().await
     });
@@ -219,7 +232,7 @@ fn error_reply(e: &NodeError) -> Message {
         NodeError::Log(_) | NodeError::Table(_) => (ErrorCode::Internal, 0),
         NodeError::BadRecord { .. } => (ErrorCode::BadRequest, 0),
         NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
-        NodeError::Overloaded { .. } => (ErrorCode::Overloaded, 0),
+        NodeError::Overloaded { .. } | NodeError::LogFull { .. } => (ErrorCode::Overloaded, 0),
     };
     Message::error(code, epoch, e.to_string())
 }

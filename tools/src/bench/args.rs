@@ -79,9 +79,19 @@ pub struct BenchArgs {
     #[arg(long = "group_reporting", num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool, default_value = "0")]
     pub group_reporting: bool,
 
-    /// What to drive: uring (raw device through io_uring + O_DIRECT), log, cluster.
+    /// What to drive: uring (raw device through io_uring + O_DIRECT), log (the log engine in-process), node (a storage node over TCP on 127.0.0.1), cluster.
     #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
     pub engine: EngineKind,
+
+    /// Node engine: connections the appenders share (requests pipeline on
+    /// each, as computed's do).
+    #[arg(long = "node-connections", default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    pub node_connections: usize,
+
+    /// Node engine: append to a running `storaged run` at this address
+    /// instead of starting a node in-process on --filename.
+    #[arg(long = "node-addr")]
+    pub node_addr: Option<std::net::SocketAddr>,
 
     /// Log engine: most 4 KiB blocks packed into one write.
     #[arg(long = "log-write-blocks", default_value_t = storaged::log::LogConfig::default().write_blocks_max,
@@ -151,6 +161,8 @@ pub enum OutputFormat {
 pub enum EngineKind {
     Uring,
     Log,
+    /// A storage node in-process, appended to over TCP on 127.0.0.1.
+    Node,
     Cluster,
 }
 
@@ -159,7 +171,7 @@ impl BenchArgs {
     pub fn rw(&self) -> Rw {
         self.rw.unwrap_or(match self.engine {
             EngineKind::Uring => Rw::Read,
-            EngineKind::Log => Rw::Write,
+            EngineKind::Log | EngineKind::Node => Rw::Write,
             EngineKind::Cluster => Rw::Commit,
         })
     }

@@ -74,7 +74,7 @@ impl Engine for LogBench {
     }
 }
 
-async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevice>> {
+pub async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevice>> {
     let fresh = !path.exists();
     if fresh {
         let size = size.unwrap_or(DEVICE_BYTES_DEFAULT);

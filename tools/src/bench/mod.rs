@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod log_engine;
+pub mod node_engine;
 pub mod report;
 pub mod stats;
 pub mod uring_engine;
@@ -35,6 +36,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<JobStats>, BenchError> {
     let engine: &dyn Engine = match args.engine {
         EngineKind::Uring => &uring_engine::UringEngine,
         EngineKind::Log => &log_engine::LogBench,
+        EngineKind::Node => &node_engine::NodeBench,
         EngineKind::Cluster => return Err(BenchError::NotBuilt("cluster")),
     };
     Ok(engine.run(args)?)
