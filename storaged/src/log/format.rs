@@ -12,7 +12,8 @@ use thiserror::Error;
 use crate::io::BLOCK_SIZE;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
-pub const FORMAT_VERSION: u16 = 1;
+/// 2: the CRC covers the whole block (1 covered header and payload only).
+pub const FORMAT_VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;

@@ -184,32 +184,9 @@ async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfi
             });
         }
     }
-    if let Some(d) = duration {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(d).await;
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
-    let mut per_job: Vec<DirStats> = (0..args.numjobs).map(|_| DirStats::default()).collect();
-    while let Some(joined) = jobs.join_next().await {
-        let (job, s) = joined.context("appender task")??;
-        per_job[job as usize].merge(&s);
-    }
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
+    let result = super::appenders::finish(jobs, stop.clone(), duration, args.numjobs, args.bs, start).await;
     let _ = releaser.await;
     drop(engine);
     opened.driver.await.context("log engine task")?;
-    Ok(per_job
-        .into_iter()
-        .map(|mut w| {
-            w.bytes = w.ios * args.bs;
-            w.runtime = elapsed;
-            JobStats {
-                read: DirStats::default(),
-                write: w,
-            }
-        })
-        .collect())
+    result
 }

@@ -5,6 +5,7 @@
 //! fio's normal or JSON output. Engines: [`uring_engine`] (raw device),
 //! [`log_engine`] (storaged's log, in-process); `cluster` plugs in the same way.
 
+pub mod appenders;
 pub mod args;
 pub mod log_engine;
 pub mod node_engine;

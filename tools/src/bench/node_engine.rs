@@ -25,8 +25,6 @@ use super::stats::{DirStats, JobStats};
 use super::{BenchArgs, Engine, Rw};
 
 const RECORDS_DEFAULT: u64 = 100_000;
-/// How long appends still out after --runtime may take before the run ends.
-const GRACE: Duration = Duration::from_secs(5);
 const VOLUME: u64 = 1;
 
 pub struct NodeBench;
@@ -155,52 +153,12 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
             });
         }
     }
-    if let Some(d) = duration {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(d).await;
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
-    let mut jobs: Vec<DirStats> = (0..args.numjobs).map(|_| DirStats::default()).collect();
-    // After the runtime, appends still out get a bounded grace; then the
-    // run ends with what was acknowledged.
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d + GRACE);
-    loop {
-        let next = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, tasks.join_next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    eprintln!(
-                        "storbench: {} appenders still waiting after the grace; stopping them",
-                        tasks.len()
-                    );
-                    tasks.abort_all();
-                    break;
-                }
-            },
-            None => tasks.join_next().await,
-        };
-        let Some(joined) = next else { break };
-        let (job, s) = joined.context("appender task")??;
-        jobs[job as usize].merge(&s);
-    }
-    let elapsed = start.elapsed();
+    let result = super::appenders::finish(tasks, stop.clone(), duration, args.numjobs, args.bs, start).await;
     drop(clients);
     if let Some((node, stop_tx, server)) = local {
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
         node.shutdown().await;
     }
-    Ok(jobs
-        .into_iter()
-        .map(|mut w| {
-            w.bytes = w.ios * args.bs;
-            w.runtime = elapsed;
-            JobStats {
-                read: DirStats::default(),
-                write: w,
-            }
-        })
-        .collect())
+    result
 }
