@@ -88,6 +88,10 @@ impl Drop for Daemon {
 }
 
 fn format_device(dir: &Path) -> PathBuf {
+    format_device_of(dir, "32m")
+}
+
+fn format_device_of(dir: &Path, size: &str) -> PathBuf {
     let dev = dir.join("dev");
     let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
         .args([
@@ -97,7 +101,7 @@ fn format_device(dir: &Path) -> PathBuf {
             "--node-id",
             "5",
             "--size",
-            "32m",
+            size,
         ])
         .env("RUST_LOG", "warn")
         .output()
@@ -560,21 +564,7 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
 #[test]
 fn a_full_log_is_refused_with_a_clear_error_not_a_hang() {
     let dir = tempdir();
-    let dev = dir.path().join("small");
-    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
-        .args([
-            "format",
-            "--device",
-            dev.to_str().unwrap(),
-            "--node-id",
-            "5",
-            "--size",
-            "4m",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dev = format_device_of(dir.path(), "4m");
     let daemon = Daemon::start(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
