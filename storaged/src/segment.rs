@@ -133,11 +133,6 @@ impl<T> Segment<T> {
         self.records.get(&lsn)
     }
 
-    /// Records held, in LSN order, from `from` on.
-    pub fn records_from(&self, from: u64) -> impl Iterator<Item = (&u64, &RecordMeta)> {
-        self.records.range(from..)
-    }
-
     /// Refuse a request from an older epoch; adopt a newer one. The caller
     /// persists a raised epoch before it acts on the request.
     pub fn check_epoch(&mut self, epoch: u64) -> Result<bool, SegmentError> {
@@ -170,6 +165,7 @@ impl<T> Segment<T> {
     /// calls [`on_durable`].
     pub fn admit(&mut self, batch: &[(RedoRecord, Vec<u8>)]) -> Result<Admitted, SegmentError> {
         let mut admitted = Admitted::default();
+        let mut new_metas = Vec::new();
         for (i, (record, encoded)) in batch.iter().enumerate() {
             let meta = RecordMeta::of(record, encoded);
             match self.records.get(&record.lsn) {
@@ -184,17 +180,17 @@ impl<T> Segment<T> {
                 // Below the SCL and no longer held (coalesced, collected):
                 // the chain already covers it, so it is a re-send.
                 None if record.lsn <= self.scl => {}
-                None => admitted.new.push(i),
+                None => {
+                    admitted.new.push(i);
+                    new_metas.push((record.lsn, meta));
+                }
             }
         }
         let past_scl = self.records.range(self.scl + 1..).count();
         if past_scl + admitted.new.len() > self.gap_records_max {
             return Err(SegmentError::Full { held: past_scl });
         }
-        for &i in &admitted.new {
-            let (record, encoded) = &batch[i];
-            self.records.insert(record.lsn, RecordMeta::of(record, encoded));
-        }
+        self.records.extend(new_metas);
         Ok(admitted)
     }
 

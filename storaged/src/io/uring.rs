@@ -317,19 +317,6 @@ impl BlockIo for UringDevice {
     }
 }
 
-/// An I/O the kernel owns: its buffer stays here until the CQE arrives.
-enum InFlight {
-    Io {
-        op: IoOp,
-        offset: u64,
-        buf: AlignedBuf,
-        reply: oneshot::Sender<IoOutcome>,
-    },
-    Flush {
-        reply: oneshot::Sender<Result<(), IoError>>,
-    },
-}
-
 struct DeviceThread {
     ring: Ring,
     /// Kept open for as long as the ring may use it.
@@ -337,8 +324,9 @@ struct DeviceThread {
     rx: mpsc::Receiver<Request>,
     wake: Arc<Wake>,
     size_bytes: u64,
-    /// Indexed by `user_data`; `None` is a free slot (listed in `free_slots`).
-    slots: Vec<Option<InFlight>>,
+    /// I/Os the kernel owns, indexed by `user_data`: each buffer stays here
+    /// until its CQE arrives. `None` is a free slot (listed in `free_slots`).
+    slots: Vec<Option<Request>>,
     free_slots: Vec<usize>,
     inflight: usize,
     max_inflight: usize,
@@ -453,13 +441,13 @@ impl DeviceThread {
                             .build()
                     }
                 };
-                (entry, InFlight::Io { op, offset, buf, reply })
+                (entry, Request::Io { op, offset, buf, reply })
             }
             Request::Flush { reply } => (
                 opcode::Fsync::new(types::Fixed(0))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
-                InFlight::Flush { reply },
+                Request::Flush { reply },
             ),
         };
         let slot = match self.free_slots.pop() {
@@ -497,7 +485,7 @@ impl DeviceThread {
             self.inflight -= 1;
             let res = cqe.result();
             match in_flight {
-                InFlight::Io { op, offset, buf, reply } => {
+                Request::Io { op, offset, buf, reply } => {
                     let len = buf.len();
                     let outcome = if res < 0 {
                         Err(IoError::Os {
@@ -520,7 +508,7 @@ impl DeviceThread {
                     // the buffer is dropped here, after the kernel is done with it.
                     let _ = reply.send((buf, outcome));
                 }
-                InFlight::Flush { reply } => {
+                Request::Flush { reply } => {
                     let outcome = if res < 0 {
                         Err(IoError::Os {
                             op: "flush",
@@ -544,8 +532,8 @@ impl DeviceThread {
         tracing::error!(error = %e, inflight = self.inflight, "io_uring submit failed; device stops");
         for slot in self.slots.drain(..).flatten() {
             match slot {
-                InFlight::Io { buf, .. } => std::mem::forget(buf),
-                InFlight::Flush { .. } => {}
+                Request::Io { buf, .. } => std::mem::forget(buf),
+                Request::Flush { .. } => {}
             }
         }
         self.rx.close();

@@ -597,11 +597,6 @@ impl<T> LogCore<T> {
     }
 }
 
-/// Bytes of log one entry of `entry_bytes` takes when it has a block to itself.
-pub fn entry_bytes_for_block_share(share_bytes: usize) -> usize {
-    share_bytes.saturating_sub(FRAG_HEADER_BYTES)
-}
-
 const _: () = assert!(BLOCK_SIZE == HEADER_BYTES + PAYLOAD_MAX_BYTES);
 
 #[cfg(test)]

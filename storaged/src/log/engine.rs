@@ -181,12 +181,6 @@ impl LogEngine {
     pub fn stats(&self) -> LogStats {
         *self.stats.borrow()
     }
-
-    /// Wait until the stats change (for tests and progress reports).
-    pub async fn stats_changed(&mut self) -> LogStats {
-        let _ = self.stats.changed().await;
-        *self.stats.borrow()
-    }
 }
 
 async fn run_io<D: BlockIo>(dev: &D, req: IoRequest) -> (u64, Option<AlignedBuf>, Result<(), IoError>) {

@@ -342,11 +342,11 @@ impl Node {
 
     pub fn status(&self, id: SegmentId, epoch: u64) -> Result<SegmentStatus, NodeError> {
         let log = self.log.stats();
-        let mut st = self.state();
+        let st = self.state();
         let pgmrpl = st.pgmrpl.get(&id).copied().unwrap_or(0);
         let seg = st
             .segments
-            .get_mut(&id)
+            .get(&id)
             .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
         seg.check_epoch_read(epoch)?;
         Ok(SegmentStatus {
