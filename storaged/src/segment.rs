@@ -213,16 +213,28 @@ impl<T> Segment<T> {
 
     /// Records `lsns` are durable in the log, starting in the given block
     /// seqs. Extends the chain, and returns the deferred acks that may now go.
-    pub fn on_durable(&mut self, lsns: &[(u64, u64)]) -> Result<Vec<T>, SegmentError> {
+    ///
+    /// Every record is marked durable before any is linked, so a fork (a
+    /// record claiming a predecessor another record already follows) leaves
+    /// nothing of the batch pending; it is reported beside the acks, which
+    /// are owed whatever the fork.
+    pub fn on_durable(&mut self, lsns: &[(u64, u64)]) -> (Vec<T>, Result<(), SegmentError>) {
+        let mut linked = Ok(());
         for &(lsn, log_seq) in lsns {
             let Some(meta) = self.records.get_mut(&lsn) else {
                 debug_assert!(false, "durable record {lsn} was never admitted");
                 continue;
             };
             meta.log_seq = Some(log_seq);
-            let prev = meta.prev_lsn_pg;
             self.highest_lsn = self.highest_lsn.max(lsn);
-            self.link(lsn, prev)?;
+        }
+        for &(lsn, _) in lsns {
+            if let Some(prev) = self.records.get(&lsn).map(|m| m.prev_lsn_pg)
+                && let Err(e) = self.link(lsn, prev)
+                && linked.is_ok()
+            {
+                linked = Err(e);
+            }
         }
         let mut ready = Vec::new();
         let mut i = 0;
@@ -237,7 +249,19 @@ impl<T> Segment<T> {
                 i += 1;
             }
         }
-        Ok(ready)
+        (ready, linked)
+    }
+
+    /// The log did not take records `lsns` that [`admit`] let in: forget
+    /// the copies that are not durable, so a re-send is new again, and drop
+    /// the acks deferred on them (their waiters learn the first copy failed).
+    pub fn abandon(&mut self, lsns: &[u64]) {
+        for lsn in lsns {
+            if self.records.get(lsn).is_some_and(|m| !m.durable()) {
+                self.records.remove(lsn);
+            }
+        }
+        self.deferred.retain(|d| !d.waits_for.iter().any(|l| lsns.contains(l)));
     }
 
     /// Load a record found in the log at start-up: it is durable already.
@@ -315,7 +339,7 @@ mod tests {
     fn put(s: &mut Segment<u32>, batch: &[(RedoRecord, Vec<u8>)]) -> u64 {
         let a = s.admit(batch).unwrap();
         let lsns: Vec<(u64, u64)> = a.new.iter().map(|&i| (batch[i].0.lsn, 1)).collect();
-        s.on_durable(&lsns).unwrap();
+        s.on_durable(&lsns).1.unwrap();
         s.scl()
     }
 
@@ -336,9 +360,9 @@ mod tests {
         let a = s.admit(&batch).unwrap();
         assert_eq!(a.new, vec![0, 1]);
         assert_eq!(s.scl(), 0, "admitted is not durable");
-        s.on_durable(&[(1, 5)]).unwrap();
+        s.on_durable(&[(1, 5)]).1.unwrap();
         assert_eq!(s.scl(), 1);
-        s.on_durable(&[(2, 5)]).unwrap();
+        s.on_durable(&[(2, 5)]).1.unwrap();
         assert_eq!(s.scl(), 2);
     }
 
@@ -352,12 +376,51 @@ mod tests {
         assert!(again.new.is_empty());
         assert_eq!(again.waits_for, vec![1, 2]);
         assert_eq!(s.defer_ack(again.waits_for, 77), None);
-        assert_eq!(s.on_durable(&[(1, 3), (2, 3)]).unwrap(), vec![77]);
+        assert_eq!(s.on_durable(&[(1, 3), (2, 3)]), (vec![77], Ok(())));
         // And once more, now durable: acknowledged at once.
         let third = s.admit(&batch).unwrap();
         assert_eq!(third, Admitted::default());
         assert_eq!(s.defer_ack(third.waits_for, 78), Some(78));
         assert_eq!(s.records_held(), 2);
+    }
+
+    #[test]
+    fn records_the_log_did_not_take_are_forgotten_and_their_waiters_released() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let batch = [rec(1, 0, 1), rec(2, 1, 1)];
+        assert_eq!(s.admit(&batch).unwrap().new, vec![0, 1]);
+        let again = s.admit(&batch).unwrap();
+        assert_eq!(s.defer_ack(again.waits_for, 5), None);
+        // The first copy's log write failed.
+        s.abandon(&[1, 2]);
+        assert_eq!(s.records_held(), 0);
+        assert_eq!(
+            s.on_durable(&[]),
+            (vec![], Ok(())),
+            "the deferred ack is dropped, not released"
+        );
+        // A re-send is new again, instead of waiting on a copy that never comes.
+        assert_eq!(s.admit(&batch).unwrap().new, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_fork_leaves_nothing_of_its_batch_pending() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        put(&mut s, &[rec(5, 3, 1)]); // waits for 3
+        let batch = [rec(6, 3, 1), rec(7, 0, 1)]; // 6 also claims 3: a fork
+        s.admit(&batch).unwrap();
+        let (ready, linked) = s.on_durable(&[(6, 1), (7, 1)]);
+        assert!(ready.is_empty());
+        assert_eq!(
+            linked,
+            Err(SegmentError::Fork {
+                lsn: 6,
+                prev: 3,
+                other: 5
+            })
+        );
+        assert!(s.record(7).unwrap().durable(), "the rest of the batch is durable");
+        assert_eq!(s.scl(), 7);
     }
 
     #[test]
@@ -439,13 +502,13 @@ mod tests {
                 // The log acknowledges in order, some time later.
                 while pending.len() > durable_lag {
                     let l = pending.remove(0);
-                    s.on_durable(&[(l, 1)]).unwrap();
+                    s.on_durable(&[(l, 1)]).1.unwrap();
                 }
                 prop_assert!(s.scl() >= last_scl);
                 last_scl = s.scl();
             }
             for l in pending.drain(..) {
-                s.on_durable(&[(l, 1)]).unwrap();
+                s.on_durable(&[(l, 1)]).1.unwrap();
             }
             let prefix = arrived.iter().take_while(|&&a| a).count();
             let expected = if prefix == 0 { 0 } else { lsns[prefix - 1] };

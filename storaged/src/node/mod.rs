@@ -241,6 +241,19 @@ impl Node {
             check_body(&r.body, self.config.page_bytes)
                 .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
         }
+        {
+            let mut st = self.state();
+            let gap_max = self.config.gap_records_max;
+            let seg = st
+                .segments
+                .entry(id)
+                .or_insert_with(|| Segment::new(id, epoch, gap_max));
+            seg.check_epoch(epoch)?;
+        }
+        // The epoch is durable before any record is let in: were that to
+        // fail after admission, the admitted copies would never be written
+        // and re-sends would wait on them forever.
+        self.ensure_epoch_durable(id, epoch).await?;
         let admitted = {
             let mut st = self.state();
             if st.hot_bytes > self.config.hot_bytes_max {
@@ -255,21 +268,29 @@ impl Node {
                     log_blocks: log.log_blocks,
                 });
             }
-            let gap_max = self.config.gap_records_max;
             let seg = st
                 .segments
-                .entry(id)
-                .or_insert_with(|| Segment::new(id, epoch, gap_max));
+                .get_mut(&id)
+                .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+            // Again, under the same lock as the admission: a newer epoch may
+            // have arrived while this one was being made durable.
             seg.check_epoch(epoch)?;
             seg.admit(&batch)?
         };
-        self.ensure_epoch_durable(id, epoch).await?;
         if !admitted.new.is_empty() {
             let lsns: Vec<u64> = admitted.new.iter().map(|&i| batch[i].0.lsn).collect();
             let mut batch = batch;
             let entries: Vec<Vec<u8>> = admitted.new.iter().map(|&i| std::mem::take(&mut batch[i].1)).collect();
-            let seq = self.log.append_many(entries).await?;
-            let ready = {
+            let seq = match self.log.append_many(entries).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    if let Some(seg) = self.state().segments.get_mut(&id) {
+                        seg.abandon(&lsns);
+                    }
+                    return Err(e.into());
+                }
+            };
+            let (ready, linked) = {
                 let mut st = self.state();
                 // Durable now: readable at read points the SCL reaches.
                 let hot = st.hot.entry(id).or_default();
@@ -286,11 +307,12 @@ impl Node {
                 // Every record of the call starts at or after `seq`: a safe
                 // position to keep the log from.
                 let durable: Vec<(u64, u64)> = lsns.iter().map(|&l| (l, seq)).collect();
-                seg.on_durable(&durable)?
+                seg.on_durable(&durable)
             };
             for ticket in ready {
                 let _ = ticket.send(());
             }
+            linked?;
         }
         if !admitted.waits_for.is_empty() {
             let (tx, rx) = oneshot::channel();
