@@ -34,6 +34,33 @@ fn run<F: std::future::Future<Output = ()>>(f: F) {
     rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
 }
 
+/// A current-thread runtime with paused time: simulated-disk tests run
+/// deterministically and their sleeps cost nothing.
+fn run_paused<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(f);
+}
+
+/// A 4 MiB simulated disk, formatted with the smallest log (64 blocks).
+async fn small_sim_log(seed: u64) -> (SimDisk, storaged::log::format::Superblock) {
+    let disk = SimDisk::new(4 << 20, seed, SimFaults::none());
+    let sb = format(
+        &disk,
+        FormatOptions {
+            node_id: 1,
+            log_bytes: Some(64 * 4096),
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    (disk, sb)
+}
+
 fn open_dev(path: &Path) -> Arc<UringDevice> {
     Arc::new(UringDevice::open(path, &UringConfig::default()).unwrap())
 }
@@ -140,23 +167,8 @@ fn entries_survive_restarts_in_order() {
 
 #[test]
 fn a_full_log_makes_appends_wait_until_released() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let disk = SimDisk::new(4 << 20, 1, SimFaults::none());
-        format(
-            &disk,
-            FormatOptions {
-                node_id: 1,
-                log_bytes: Some(64 * 4096),
-                force: false,
-            },
-        )
-        .await
-        .unwrap();
+    run_paused(async {
+        let (disk, _) = small_sim_log(1).await;
         let config = LogConfig {
             write_blocks_max: 4,
             writes_inflight_max: 2,
@@ -410,23 +422,8 @@ fn rot_in_the_middle_after_a_restart_refuses_to_open_and_is_reported() {
 
 #[test]
 fn a_full_log_with_a_full_queue_still_takes_the_release() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let disk = SimDisk::new(4 << 20, 2, SimFaults::none());
-        format(
-            &disk,
-            FormatOptions {
-                node_id: 1,
-                log_bytes: Some(64 * 4096),
-                force: false,
-            },
-        )
-        .await
-        .unwrap();
+    run_paused(async {
+        let (disk, _) = small_sim_log(2).await;
         let config = LogConfig {
             write_blocks_max: 4,
             writes_inflight_max: 2,
@@ -514,17 +511,7 @@ fn crafted_anchors_with_valid_crcs_are_refused_not_trusted() {
             },
         ];
         for anchor in crafted {
-            let disk = SimDisk::new(4 << 20, 3, SimFaults::none());
-            let sb = format(
-                &disk,
-                FormatOptions {
-                    node_id: 1,
-                    log_bytes: Some(64 * 4096),
-                    force: false,
-                },
-            )
-            .await
-            .unwrap();
+            let (disk, sb) = small_sim_log(3).await;
             let mut block = vec![0u8; BLOCK_SIZE];
             let offset = block_offset(ANCHOR_BLOCKS[1]);
             anchor.encode(&mut block, sb.device_id, offset);

@@ -315,9 +315,38 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
     assert!(acked_scl > 0, "the writer made progress");
 }
 
+/// A GetSegmentStatus frame with request id `id`, as raw bytes.
+fn status_frame(id: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    storaged::proto::encode_frame(
+        id,
+        &Message::GetSegmentStatus {
+            volume: 1,
+            epoch: 0,
+            pg: 0,
+        },
+        &mut f,
+    )
+    .unwrap();
+    f
+}
+
+/// Send raw bytes on a new connection and read everything the node sends
+/// back until it closes the connection.
+async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    reply
+}
+
 #[test]
 fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempdir();
     let dev = format_device(dir.path());
     let daemon = Daemon::start(&dev);
@@ -327,29 +356,12 @@ fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
             b"\x10\x00\x00\x00GARBAGE-GARBAGE!".to_vec(),
             vec![0xFF, 0xFF, 0xFF, 0x7F, 1, 2, 3],
             {
-                let mut f = Vec::new();
-                storaged::proto::encode_frame(
-                    1,
-                    &Message::GetSegmentStatus {
-                        volume: 1,
-                        epoch: 0,
-                        pg: 0,
-                    },
-                    &mut f,
-                )
-                .unwrap();
+                let mut f = status_frame(1);
                 f[12] ^= 0x20; // CRC no longer matches
                 f
             },
         ] {
-            let mut s = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-            s.write_all(&garbage).await.unwrap();
-            let mut reply = Vec::new();
-            // The node answers (an Error frame) and closes: read to EOF.
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
-                .await
-                .unwrap()
-                .unwrap();
+            let reply = send_raw(daemon.addr, &garbage).await;
             let decoded = storaged::proto::decode_frame(&reply, 1 << 22).unwrap();
             assert!(
                 matches!(
@@ -366,24 +378,7 @@ fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
             );
         }
         // A request before Hello is refused too.
-        let mut s = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-        let mut f = Vec::new();
-        storaged::proto::encode_frame(
-            9,
-            &Message::GetSegmentStatus {
-                volume: 1,
-                epoch: 0,
-                pg: 0,
-            },
-            &mut f,
-        )
-        .unwrap();
-        s.write_all(&f).await.unwrap();
-        let mut reply = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
-            .await
-            .unwrap()
-            .unwrap();
+        let reply = send_raw(daemon.addr, &status_frame(9)).await;
         assert!(matches!(
             storaged::proto::decode_frame(&reply, 1 << 22).unwrap(),
             Some((
