@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod io;
 pub mod log;
 pub mod node;
+pub mod pagestore;
 pub mod proto;
 pub mod record;
 pub mod segment;

@@ -85,8 +85,9 @@ struct RunConfig {
     requests_per_connection_max: Option<usize>,
     connections_max: Option<usize>,
     frame_bytes_max: Option<usize>,
-    page_bytes: Option<usize>,
     hot_bytes_max: Option<usize>,
+    coalesce_round_pages_max: Option<usize>,
+    coalesce_pages_per_sec_max: Option<u64>,
 }
 
 impl RunConfig {
@@ -101,13 +102,11 @@ impl RunConfig {
         c.requests_per_connection_max = rc.requests_per_connection_max.unwrap_or(c.requests_per_connection_max);
         c.connections_max = rc.connections_max.unwrap_or(c.connections_max);
         c.frame_bytes_max = rc.frame_bytes_max.unwrap_or(c.frame_bytes_max);
-        c.page_bytes = rc.page_bytes.unwrap_or(c.page_bytes);
         c.hot_bytes_max = rc.hot_bytes_max.unwrap_or(c.hot_bytes_max);
-        if !c.page_bytes.is_power_of_two() || !(512..=65536).contains(&c.page_bytes) {
-            bail!(
-                "{}: page_bytes must be a power of two from 512 to 65536",
-                path.display()
-            );
+        c.coalesce_round_pages_max = rc.coalesce_round_pages_max.unwrap_or(c.coalesce_round_pages_max);
+        c.coalesce_pages_per_sec_max = rc.coalesce_pages_per_sec_max.unwrap_or(c.coalesce_pages_per_sec_max);
+        if c.coalesce_round_pages_max == 0 {
+            bail!("{}: coalesce_round_pages_max must be at least 1", path.display());
         }
         c.log
             .validate()

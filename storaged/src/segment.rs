@@ -302,6 +302,34 @@ impl<T> Segment<T> {
         Ok(())
     }
 
+    /// Start the chain at `lsn`: everything up to it is already held
+    /// elsewhere (coalesced into page versions before a restart). Call
+    /// before any record is loaded.
+    pub fn start_at(&mut self, lsn: u64) {
+        debug_assert!(
+            self.records.is_empty(),
+            "the chain's start moves only on an empty segment"
+        );
+        self.scl = self.scl.max(lsn);
+        self.highest_lsn = self.highest_lsn.max(lsn);
+    }
+
+    /// The oldest log block any durable record held starts in: the log
+    /// must keep everything from it.
+    pub fn oldest_log_seq(&self) -> Option<u64> {
+        self.records.values().filter_map(|m| m.log_seq).min()
+    }
+
+    /// Records in the chain with LSN in `after+1 ..= upto` (capped at the
+    /// SCL): `(lsn, page)` in LSN order.
+    pub fn chain_between(&self, after: u64, upto: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let upto = upto.min(self.scl);
+        self.records
+            .range(after + 1..)
+            .take_while(move |(lsn, _)| **lsn <= upto)
+            .map(|(&lsn, m)| (lsn, m.page))
+    }
+
     /// Forget records at or below `lsn` that are in the chain (coalesced
     /// into pages); the SCL keeps covering them.
     pub fn forget_through(&mut self, lsn: u64) {

@@ -5,7 +5,13 @@
 //! version, like the log anchor: a torn write of one leaves the other. A
 //! table is valid only if every one of its blocks is valid and carries the
 //! same version. It is small (rewritten whole on a change) because it changes
-//! rarely: a new segment, an epoch bump, a PGMRPL advance.
+//! rarely: a new segment, an epoch bump, a PGMRPL advance, the start and the
+//! end of a coalescing round.
+//!
+//! With the page store's versions it is also the node's checkpoint: an
+//! entry says up to which LSN the segment's chain is in page versions
+//! (`coalesced_lsn`), so start-up replays only the log after it, whatever
+//! the size of the page store.
 
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError};
 use crate::log::format::{BlockHeader, BlockKind, DeviceId, PAYLOAD_MAX_BYTES, decode_block_at, encode_block};
@@ -15,7 +21,7 @@ use crate::record::SegmentId;
 /// First block of each slot, and the blocks a slot spans.
 pub const SLOT_BLOCKS: [u64; 2] = [8, 64];
 pub const SLOT_LEN_BLOCKS: u64 = 56;
-const ENTRY_BYTES: usize = 32;
+const ENTRY_BYTES: usize = 72;
 const BLOCK_HEADER_BYTES: usize = 8;
 const ENTRIES_PER_BLOCK: usize = (PAYLOAD_MAX_BYTES - BLOCK_HEADER_BYTES) / ENTRY_BYTES;
 /// Segments a node can hold.
@@ -26,6 +32,28 @@ pub struct SegmentEntry {
     pub id: SegmentId,
     pub epoch: u64,
     pub pgmrpl: u64,
+    /// The segment's pages: `page_bytes` each, `pg_pages` of them, whose
+    /// versions live in the page store from `extent_start_block`.
+    pub page_bytes: u32,
+    pub pg_pages: u64,
+    pub extent_start_block: u64,
+    /// Every record of the chain at or below this LSN is in page versions
+    /// (and may be gone from the log). 0: nothing coalesced yet.
+    pub coalesced_lsn: u64,
+    /// A coalescing round writing versions up to this LSN may be under way;
+    /// equal to `coalesced_lsn` when none is. Slots damaged while it is
+    /// above are a crash's torn writes, not damage (see `pagestore::current`).
+    pub round_lsn: u64,
+}
+
+impl SegmentEntry {
+    pub fn extent(&self) -> crate::pagestore::Extent {
+        crate::pagestore::Extent {
+            start_block: self.extent_start_block,
+            page_bytes: self.page_bytes,
+            pg_pages: self.pg_pages,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,11 +128,19 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
         }
         for e in body.chunks_exact(ENTRY_BYTES) {
             let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
-            let pg = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
+            let u32_at = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes"));
             entries.push(SegmentEntry {
-                id: SegmentId { volume: u64_at(0), pg },
+                id: SegmentId {
+                    volume: u64_at(0),
+                    pg: u32_at(8),
+                },
+                page_bytes: u32_at(12),
                 epoch: u64_at(16),
                 pgmrpl: u64_at(24),
+                pg_pages: u64_at(32),
+                extent_start_block: u64_at(40),
+                coalesced_lsn: u64_at(48),
+                round_lsn: u64_at(56),
             });
         }
         i += 1;
@@ -135,9 +171,14 @@ pub async fn write<D: BlockIo>(dev: &D, device_id: DeviceId, table: &mut Segment
         for e in chunk {
             p.extend_from_slice(&e.id.volume.to_le_bytes());
             p.extend_from_slice(&e.id.pg.to_le_bytes());
-            p.extend_from_slice(&[0; 4]);
+            p.extend_from_slice(&e.page_bytes.to_le_bytes());
             p.extend_from_slice(&e.epoch.to_le_bytes());
             p.extend_from_slice(&e.pgmrpl.to_le_bytes());
+            p.extend_from_slice(&e.pg_pages.to_le_bytes());
+            p.extend_from_slice(&e.extent_start_block.to_le_bytes());
+            p.extend_from_slice(&e.coalesced_lsn.to_le_bytes());
+            p.extend_from_slice(&e.round_lsn.to_le_bytes());
+            p.extend_from_slice(&[0; 8]); // reserved
         }
         let offset = block_offset(slot + i as u64);
         let header = BlockHeader {
@@ -173,6 +214,11 @@ mod tests {
             id: SegmentId { volume: 7, pg },
             epoch: u64::from(pg) + 1,
             pgmrpl: u64::from(pg) * 10,
+            page_bytes: 8192,
+            pg_pages: 64,
+            extent_start_block: 1000 + u64::from(pg) * 384,
+            coalesced_lsn: u64::from(pg) * 9,
+            round_lsn: u64::from(pg) * 9 + 1,
         }
     }
 

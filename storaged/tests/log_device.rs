@@ -545,6 +545,11 @@ fn inspect_lists_segments_and_accepts_a_torn_older_table_slot() {
                 id: SegmentId { volume: 9, pg },
                 epoch: 4,
                 pgmrpl: 0,
+                page_bytes: 8192,
+                pg_pages: 16,
+                extent_start_block: sb.pages_start_block + u64::from(pg) * 96,
+                coalesced_lsn: 0,
+                round_lsn: 0,
             });
         }
         segtable::write(dev.as_ref(), sb.device_id, &mut table).await.unwrap();

@@ -14,6 +14,9 @@ use storaged::record::{RecordBody, RedoRecord, SegmentId};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const VOLUME: u64 = 42;
+/// The volume's geometry, as computed states it in every Append.
+const PAGE_BYTES: u32 = 8192;
+const PG_PAGES: u64 = 64;
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -124,7 +127,7 @@ fn rec(pg: u32, lsn: u64, prev: u64, byte: u8) -> RedoRecord {
         lsn,
         prev_lsn_pg: prev,
         prev_lsn_page: 0,
-        page: lsn % 7,
+        page: pg as u64 * PG_PAGES + lsn % 7,
         cpl: true,
         body: RecordBody::PageDelta {
             offset: 16,
@@ -138,6 +141,8 @@ async fn append(c: &NodeClient, pg: u32, epoch: u64, records: Vec<RedoRecord>) -
         volume: VOLUME,
         epoch,
         pg,
+        page_bytes: PAGE_BYTES,
+        pg_pages: PG_PAGES,
         records,
     })
     .await
@@ -284,6 +289,8 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
                             volume: VOLUME,
                             epoch: 1,
                             pg: 0,
+                            page_bytes: PAGE_BYTES,
+                            pg_pages: PG_PAGES,
                             records: vec![rec(0, lsn, prev, 3)],
                         })
                         .await

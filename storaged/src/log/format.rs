@@ -13,7 +13,9 @@ use crate::io::BLOCK_SIZE;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
 /// 2: the CRC covers the whole block (1 covered header and payload only).
-pub const FORMAT_VERSION: u16 = 2;
+/// 3: segment table entries carry the page store extent and coalescing state;
+/// page version blocks.
+pub const FORMAT_VERSION: u16 = 3;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;
@@ -37,6 +39,7 @@ pub enum BlockKind {
     Anchor = 2,
     Log = 3,
     SegmentTable = 4,
+    PageVersion = 5,
 }
 
 impl BlockKind {
@@ -46,6 +49,7 @@ impl BlockKind {
             2 => Some(BlockKind::Anchor),
             3 => Some(BlockKind::Log),
             4 => Some(BlockKind::SegmentTable),
+            5 => Some(BlockKind::PageVersion),
             _ => None,
         }
     }

@@ -1,22 +1,35 @@
-//! The storage node: its segments, its log and its segment table, and what
-//! each request does to them. The network shell ([`server`]) decodes frames
-//! and calls in here; the protocol logic per segment is [`crate::segment`].
+//! The storage node: its segments, its log, its page store and its segment
+//! table, and what each request does to them. The network shell
+//! ([`server`]) decodes frames and calls in here; the protocol logic per
+//! segment is [`crate::segment`], the page store's format [`crate::pagestore`],
+//! and the background work that turns redo into page versions [`coalesce`].
 //!
 //! Locking: one `std::sync::Mutex` over the in-memory state, never held
 //! across an await. The segment table has its own async mutex, because a
-//! table write is I/O and table writes must not interleave.
+//! table write is I/O and table writes must not interleave. Page versions
+//! are guarded by striped async read-write locks: a reader holds its page's
+//! stripe from reading the version until it has applied the hot records, so
+//! the coalescer never replaces a version under it.
 
+mod coalesce;
 pub mod server;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, RwLock, oneshot};
 
 use crate::hot::{ApplyError, HotRecords, check_body};
-use crate::io::BlockIo;
+use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError, IoOutcome};
 use crate::log::format::DeviceId;
+use crate::log::layout::block_offset;
+use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
+use crate::pagestore::{self, Current, Extent, SlotError};
+use crate::proto::ErrorCode;
 use crate::record::{RedoRecord, SegmentId};
 use crate::segment::{Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
@@ -33,11 +46,15 @@ pub struct NodeConfig {
     pub connections_max: usize,
     /// Largest frame accepted.
     pub frame_bytes_max: usize,
-    /// Page size of the volumes this node serves.
-    pub page_bytes: usize,
     /// Payload bytes of records held in memory until coalesced, at most;
     /// appends beyond are refused (Overloaded).
     pub hot_bytes_max: usize,
+    /// Pages one coalescing round takes at most (a round ends with one
+    /// segment table write, and frees the log behind it).
+    pub coalesce_round_pages_max: usize,
+    /// Page versions written per second at most while there is no pressure
+    /// (log or memory more than half full); 0: no limit.
+    pub coalesce_pages_per_sec_max: u64,
 }
 
 impl Default for NodeConfig {
@@ -48,9 +65,37 @@ impl Default for NodeConfig {
             requests_per_connection_max: 256,
             connections_max: 256,
             frame_bytes_max: crate::proto::FRAME_BYTES_MAX,
-            page_bytes: 8192,
             hot_bytes_max: 256 * 1024 * 1024,
+            coalesce_round_pages_max: 512,
+            coalesce_pages_per_sec_max: 50_000,
         }
+    }
+}
+
+/// The page geometry of a segment's volume, as the writer states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageGeometry {
+    pub page_bytes: u32,
+    pub pg_pages: u64,
+}
+
+impl PageGeometry {
+    pub const PAGE_BYTES_MIN: u32 = 512;
+    pub const PAGE_BYTES_MAX: u32 = 65536;
+
+    fn check(&self) -> Result<(), NodeError> {
+        let ok_size = self.page_bytes.is_power_of_two()
+            && (Self::PAGE_BYTES_MIN..=Self::PAGE_BYTES_MAX).contains(&self.page_bytes);
+        if !ok_size || self.pg_pages == 0 {
+            return Err(NodeError::BadGeometry(format!(
+                "pages of {} bytes, {} per PG: the page size must be a power of two from {} to {}, and a PG at least one page",
+                self.page_bytes,
+                self.pg_pages,
+                Self::PAGE_BYTES_MIN,
+                Self::PAGE_BYTES_MAX
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -62,16 +107,56 @@ pub enum NodeError {
     Log(#[from] AppendError),
     #[error("segment table: {0}")]
     Table(#[from] TableError),
+    #[error("page store: {0}")]
+    Io(#[from] IoError),
     #[error("unknown segment (volume {0}, pg {1})")]
     UnknownSegment(u64, u32),
     #[error("record at LSN {lsn}: {source}")]
     BadRecord { lsn: u64, source: ApplyError },
+    #[error("{0}")]
+    BadGeometry(String),
+    #[error("page {page} is not in pg {pg} (it holds pages {first}..{end})")]
+    PageOutOfRange { page: u64, pg: u32, first: u64, end: u64 },
     #[error("read point {read_point} is above the segment's SCL {scl}: ask a segment that has caught up")]
     ReadPointAboveScl { read_point: u64, scl: u64 },
+    #[error("read point {read_point} is below the segment's PGMRPL {pgmrpl}: versions it needs may be gone")]
+    ReadPointBelowPgmrpl { read_point: u64, pgmrpl: u64 },
+    #[error("page {page}: its stored version is damaged ({source}); read it from another segment")]
+    PageDamaged { page: u64, source: SlotError },
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
     Overloaded { held: usize },
     #[error("the log is full ({free_blocks} of {log_blocks} blocks free) and nothing can be released yet")]
     LogFull { free_blocks: u64, log_blocks: u64 },
+    #[error(
+        "the page store has no room for a segment of {pg_pages} pages of {page_bytes} bytes ({needed_blocks} blocks needed, {free_blocks} free)"
+    )]
+    PageStoreFull {
+        pg_pages: u64,
+        page_bytes: u32,
+        needed_blocks: u64,
+        free_blocks: u64,
+    },
+}
+
+impl NodeError {
+    /// The error code a reply carries, and the current epoch for a stale one.
+    pub fn wire_code(&self) -> (ErrorCode, u64) {
+        match self {
+            NodeError::Segment(SegmentError::StaleEpoch { current, .. }) => (ErrorCode::StaleEpoch, *current),
+            NodeError::Segment(SegmentError::Conflict { .. } | SegmentError::Fork { .. }) => (ErrorCode::Conflict, 0),
+            NodeError::Segment(SegmentError::Full { .. }) => (ErrorCode::Overloaded, 0),
+            NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
+            NodeError::Log(_) | NodeError::Table(_) | NodeError::Io(_) => (ErrorCode::Internal, 0),
+            NodeError::BadRecord { .. } | NodeError::BadGeometry(_) => (ErrorCode::BadRequest, 0),
+            NodeError::PageOutOfRange { .. } => (ErrorCode::PageOutOfRange, 0),
+            NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
+            NodeError::ReadPointBelowPgmrpl { .. } => (ErrorCode::ReadPointBelowPgmrpl, 0),
+            NodeError::PageDamaged { .. } => (ErrorCode::PageDamaged, 0),
+            NodeError::Overloaded { .. } | NodeError::LogFull { .. } | NodeError::PageStoreFull { .. } => {
+                (ErrorCode::Overloaded, 0)
+            }
+        }
+    }
 }
 
 /// What `GetSegmentStatus` reports.
@@ -85,20 +170,155 @@ pub struct SegmentStatus {
     pub records: u64,
     pub log_bytes: u64,
     pub page_store_bytes: u64,
+    /// Every record at or below it is in page versions.
+    pub coalesced_lsn: u64,
 }
 
 type Ticket = oneshot::Sender<()>;
 
 /// Appends are refused while less than 1/this of the log is free.
 const LOG_RESERVE_FRACTION: u64 = 32;
+/// Striped locks over page versions; a power of two.
+const PAGE_STRIPES: usize = 64;
+
+/// Which slot holds a page's current version, as far as the node knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum SlotState {
+    /// Not read since start-up: read both slots.
+    Unknown = 0,
+    Never = 1,
+    Slot0 = 2,
+    Slot1 = 3,
+}
+
+impl SlotState {
+    fn of(c: &Current) -> SlotState {
+        match c {
+            Current::Never => SlotState::Never,
+            Current::Version { slot: 0, .. } => SlotState::Slot0,
+            Current::Version { .. } => SlotState::Slot1,
+        }
+    }
+
+    fn from_u8(v: u8) -> SlotState {
+        match v {
+            1 => SlotState::Never,
+            2 => SlotState::Slot0,
+            3 => SlotState::Slot1,
+            _ => SlotState::Unknown,
+        }
+    }
+}
+
+/// One segment as the node holds it.
+struct SegState {
+    seg: Segment<Ticket>,
+    hot: HotRecords,
+    geometry: PageGeometry,
+    /// The table durably holds the segment at this epoch (None: not yet in
+    /// the table, no extent).
+    durable_epoch: Option<u64>,
+    extent: Option<Extent>,
+    pgmrpl: u64,
+    coalesced_lsn: u64,
+    round_lsn: u64,
+    /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
+    slots: Vec<u8>,
+}
+
+impl SegState {
+    fn new(id: SegmentId, epoch: u64, geometry: PageGeometry, gap_records_max: usize) -> SegState {
+        SegState {
+            seg: Segment::new(id, epoch, gap_records_max),
+            hot: HotRecords::default(),
+            geometry,
+            durable_epoch: None,
+            extent: None,
+            pgmrpl: 0,
+            coalesced_lsn: 0,
+            round_lsn: 0,
+            slots: Vec::new(),
+        }
+    }
+
+    fn slot_state(&self, local: u64) -> SlotState {
+        self.slots
+            .get(local as usize)
+            .map_or(SlotState::Unknown, |&v| SlotState::from_u8(v))
+    }
+
+    fn set_slot_state(&mut self, local: u64, s: SlotState) {
+        if let Some(v) = self.slots.get_mut(local as usize) {
+            *v = s as u8;
+        }
+    }
+
+    fn round_open(&self) -> bool {
+        self.round_lsn > self.coalesced_lsn
+    }
+}
 
 struct State {
-    segments: HashMap<SegmentId, Segment<Ticket>>,
-    /// Epoch per segment that the segment table holds durably.
-    durable_epoch: HashMap<SegmentId, u64>,
-    pgmrpl: HashMap<SegmentId, u64>,
-    hot: HashMap<SegmentId, HotRecords>,
+    segments: HashMap<SegmentId, SegState>,
     hot_bytes: usize,
+    /// Log positions that records admitted but not yet marked durable may
+    /// start at or after (a multiset): the log is never released past them.
+    pins: BTreeMap<u64, usize>,
+}
+
+impl State {
+    fn seg(&self, id: SegmentId) -> Result<&SegState, NodeError> {
+        self.segments
+            .get(&id)
+            .ok_or(NodeError::UnknownSegment(id.volume, id.pg))
+    }
+
+    fn seg_mut(&mut self, id: SegmentId) -> Result<&mut SegState, NodeError> {
+        self.segments
+            .get_mut(&id)
+            .ok_or(NodeError::UnknownSegment(id.volume, id.pg))
+    }
+
+    fn unpin(&mut self, at: u64) {
+        if let Some(n) = self.pins.get_mut(&at) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(&at);
+            }
+        }
+    }
+}
+
+type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The device, behind an object-safe face so that `Node` is not generic.
+trait PageIo: Send + Sync {
+    fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
+    fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
+    fn write_table(&self, device_id: DeviceId, table: SegmentTable) -> IoFuture<Result<SegmentTable, TableError>>;
+}
+
+struct DevIo<D>(Arc<D>);
+
+impl<D: BlockIo> PageIo for DevIo<D> {
+    fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
+        let dev = self.0.clone();
+        Box::pin(async move { dev.read(offset, buf).await })
+    }
+
+    fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
+        let dev = self.0.clone();
+        Box::pin(async move { dev.write(offset, buf, Durability::Durable).await })
+    }
+
+    fn write_table(&self, device_id: DeviceId, mut table: SegmentTable) -> IoFuture<Result<SegmentTable, TableError>> {
+        let dev = self.0.clone();
+        Box::pin(async move {
+            segtable::write(dev.as_ref(), device_id, &mut table).await?;
+            Ok(table)
+        })
+    }
 }
 
 pub struct Node {
@@ -107,12 +327,20 @@ pub struct Node {
     log: LogEngine,
     state: Mutex<State>,
     device_id: DeviceId,
+    /// The page store region, in blocks.
+    pages_start_block: u64,
+    pages_end_block: u64,
     table: tokio::sync::Mutex<SegmentTable>,
-    write_table: Box<dyn Fn(DeviceId, SegmentTable) -> TableWrite + Send + Sync>,
+    io: Box<dyn PageIo>,
+    stripes: Vec<RwLock<()>>,
+    /// Wakes the coalescer: PGMRPL moved, or memory or log got tight.
+    coalesce_wake: Notify,
+    /// Appends taken so far; the coalescer defers to a busy foreground.
+    appends: AtomicU64,
+    stopping: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    coalescer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
-
-type TableWrite = std::pin::Pin<Box<dyn std::future::Future<Output = Result<SegmentTable, TableError>> + Send>>;
 
 /// What recovery found, for the start-up log line and tests.
 #[derive(Debug, Clone, Copy, Default)]
@@ -120,27 +348,57 @@ pub struct Recovered {
     pub segments: usize,
     pub records: u64,
     pub undecodable: u64,
+    /// Records found in the log that were already in page versions.
+    pub coalesced: u64,
 }
 
 impl Node {
-    /// Open the node's device: recover the log and the segment table and
-    /// rebuild every segment's chain.
+    /// Open the node's device: read the segment table (the checkpoint: where
+    /// each segment's chain continues after its page versions), replay the
+    /// log after it, and start the coalescer.
     pub async fn open<D: BlockIo>(dev: Arc<D>, config: NodeConfig) -> Result<(Arc<Node>, Recovered), OpenError> {
         config.log.validate().map_err(OpenError::Failed)?;
-        let mut segments: HashMap<SegmentId, Segment<Ticket>> = HashMap::new();
+        let sb = read_superblock(dev.as_ref()).await?.superblock;
+        let table = segtable::read(dev.as_ref(), &sb.device_id).await?;
+        let gap_max = config.gap_records_max;
+        let mut segments: HashMap<SegmentId, SegState> = HashMap::new();
+        for e in &table.entries {
+            let geometry = PageGeometry {
+                page_bytes: e.page_bytes,
+                pg_pages: e.pg_pages,
+            };
+            let mut s = SegState::new(e.id, e.epoch, geometry, gap_max);
+            s.seg.start_at(e.coalesced_lsn);
+            s.durable_epoch = Some(e.epoch);
+            s.extent = Some(e.extent());
+            s.slots = vec![SlotState::Unknown as u8; e.pg_pages as usize];
+            s.pgmrpl = e.pgmrpl;
+            s.coalesced_lsn = e.coalesced_lsn;
+            s.round_lsn = e.round_lsn.max(e.coalesced_lsn);
+            segments.insert(e.id, s);
+        }
         let mut recovered = Recovered::default();
         let mut conflicts = Vec::new();
-        let mut hot: HashMap<SegmentId, HotRecords> = HashMap::new();
-        let gap_max = config.gap_records_max;
         let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match RedoRecord::decode(&entry) {
             Ok(record) => {
                 recovered.records += 1;
-                let seg = segments
-                    .entry(record.segment)
-                    .or_insert_with(|| Segment::new(record.segment, 0, gap_max));
-                match seg.recover(&record, &entry, seq) {
-                    Ok(()) => hot.entry(record.segment).or_default().insert(&record),
-                    Err(e) => conflicts.push(e),
+                let Some(s) = segments.get_mut(&record.segment) else {
+                    // The table entry is durable before any record of the
+                    // segment is written; without it the page geometry is
+                    // unknown and the record cannot be served.
+                    conflicts.push(format!(
+                        "record at LSN {} of an unknown segment {:?}",
+                        record.lsn, record.segment
+                    ));
+                    return;
+                };
+                if record.lsn <= s.coalesced_lsn {
+                    recovered.coalesced += 1;
+                    return;
+                }
+                match s.seg.recover(&record, &entry, seq) {
+                    Ok(()) => s.hot.insert(&record),
+                    Err(e) => conflicts.push(e.to_string()),
                 }
             }
             // Checked by CRC on the way in; a record that does not decode
@@ -149,45 +407,34 @@ impl Node {
         })
         .await?;
         for e in conflicts {
-            tracing::error!(error = %e, "record in the log conflicts with another; keeping the first");
-        }
-        let table = segtable::read(dev.as_ref(), &opened.superblock.device_id).await?;
-        let mut durable_epoch = HashMap::new();
-        let mut pgmrpl = HashMap::new();
-        for e in &table.entries {
-            let seg = segments
-                .entry(e.id)
-                .or_insert_with(|| Segment::new(e.id, e.epoch, gap_max));
-            // The table's epoch is durable; adopt it (never older than the segment's).
-            let _ = seg.check_epoch(e.epoch);
-            durable_epoch.insert(e.id, e.epoch);
-            pgmrpl.insert(e.id, e.pgmrpl);
+            tracing::error!(error = %e, "record in the log not loaded");
         }
         recovered.segments = segments.len();
-        let dev_for_table = dev.clone();
-        let node = Node {
+        let hot_bytes = segments.values().map(|s| s.hot.bytes()).sum();
+        let node = Arc::new(Node {
             node_id: opened.superblock.node_id,
             config,
             log: opened.engine,
             state: Mutex::new(State {
                 segments,
-                durable_epoch,
-                pgmrpl,
-                hot_bytes: hot.values().map(HotRecords::bytes).sum(),
-                hot,
+                hot_bytes,
+                pins: BTreeMap::new(),
             }),
             device_id: opened.superblock.device_id,
+            pages_start_block: sb.pages_start_block,
+            pages_end_block: sb.pages_start_block + sb.pages_blocks,
             table: tokio::sync::Mutex::new(table),
-            write_table: Box::new(move |device_id, mut table| {
-                let dev = dev_for_table.clone();
-                Box::pin(async move {
-                    segtable::write(dev.as_ref(), device_id, &mut table).await?;
-                    Ok(table)
-                })
-            }),
+            io: Box::new(DevIo(dev)),
+            stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
+            coalesce_wake: Notify::new(),
+            appends: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
             driver: Mutex::new(Some(opened.driver)),
-        };
-        Ok((Arc::new(node), recovered))
+            coalescer: Mutex::new(None),
+        });
+        let task = tokio::spawn(coalesce::run(Arc::downgrade(&node)));
+        *node.coalescer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok((node, recovered))
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -200,36 +447,130 @@ impl Node {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Make sure the segment table durably holds `id` at `epoch` or later
-    /// before a request at that epoch is answered.
-    async fn ensure_epoch_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
-        if self.state().durable_epoch.get(&id).is_some_and(|&e| e >= epoch) {
-            return Ok(());
-        }
+    fn stripe(&self, id: SegmentId, page: u64) -> &RwLock<()> {
+        let h = page ^ (id.pg as u64).rotate_left(32) ^ id.volume.rotate_left(17);
+        &self.stripes[(h as usize) & (PAGE_STRIPES - 1)]
+    }
+
+    /// Change `id`'s entry in the segment table durably. `change` sees the
+    /// current entry (None for a new segment) and returns the new one.
+    async fn update_entry(
+        &self,
+        id: SegmentId,
+        change: impl FnOnce(Option<&SegmentEntry>, &SegmentTable) -> Result<SegmentEntry, NodeError>,
+    ) -> Result<SegmentEntry, NodeError> {
         let mut table = self.table.lock().await;
-        let (current, pgmrpl) = {
-            let st = self.state();
-            if st.durable_epoch.get(&id).is_some_and(|&e| e >= epoch) {
-                return Ok(()); // another request persisted it meanwhile
-            }
-            let current = st.segments.get(&id).map_or(epoch, |s| s.epoch().max(epoch));
-            (current, st.pgmrpl.get(&id).copied().unwrap_or(0))
-        };
+        let entry = change(table.get(id), &table)?;
         let mut next = table.clone();
-        next.upsert(SegmentEntry {
-            id,
-            epoch: current,
-            pgmrpl,
-        });
-        *table = (self.write_table)(self.device_id, next).await?;
-        self.state().durable_epoch.insert(id, current);
-        Ok(())
+        next.upsert(entry);
+        *table = self.io.write_table(self.device_id, next).await?;
+        Ok(entry)
+    }
+
+    /// Make sure the segment table durably holds `id` (with its page store
+    /// extent) at `epoch` or later before a request at that epoch is answered.
+    async fn ensure_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
+        let geometry = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            if s.durable_epoch.is_some_and(|e| e >= epoch) {
+                return Ok(());
+            }
+            s.geometry
+        };
+        let (pages_start, pages_end) = (self.pages_start_block, self.pages_end_block);
+        let entry = self
+            .update_entry(id, |current, table| {
+                if let Some(e) = current {
+                    return Ok(SegmentEntry {
+                        epoch: e.epoch.max(epoch),
+                        ..*e
+                    });
+                }
+                // A new segment takes the page store after every extent given out.
+                let start = table
+                    .entries
+                    .iter()
+                    .map(|e| e.extent().end_block())
+                    .max()
+                    .unwrap_or(pages_start)
+                    .max(pages_start);
+                let needed = Extent::blocks_for(geometry.page_bytes, geometry.pg_pages).unwrap_or(u64::MAX);
+                let free = pages_end.saturating_sub(start);
+                if needed > free {
+                    return Err(NodeError::PageStoreFull {
+                        pg_pages: geometry.pg_pages,
+                        page_bytes: geometry.page_bytes,
+                        needed_blocks: needed,
+                        free_blocks: free,
+                    });
+                }
+                Ok(SegmentEntry {
+                    id,
+                    epoch,
+                    pgmrpl: 0,
+                    page_bytes: geometry.page_bytes,
+                    pg_pages: geometry.pg_pages,
+                    extent_start_block: start,
+                    coalesced_lsn: 0,
+                    round_lsn: 0,
+                })
+            })
+            .await;
+        let mut st = self.state();
+        match entry {
+            Ok(e) => {
+                let s = st.seg_mut(id)?;
+                if s.extent.is_none() {
+                    s.extent = Some(e.extent());
+                    s.slots = vec![SlotState::Never as u8; e.pg_pages as usize];
+                }
+                s.durable_epoch = Some(s.durable_epoch.unwrap_or(0).max(e.epoch));
+                Ok(())
+            }
+            Err(err) => {
+                // A segment that never made it into the table holds nothing yet.
+                if st
+                    .segments
+                    .get(&id)
+                    .is_some_and(|s| s.extent.is_none() && s.seg.records_held() == 0)
+                {
+                    st.segments.remove(&id);
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Append a batch of one segment's records (LSNs increasing, all of
     /// `id`); returns the segment's SCL once every record of the batch is
     /// durable.
-    pub async fn append(&self, id: SegmentId, epoch: u64, records: Vec<RedoRecord>) -> Result<u64, NodeError> {
+    pub async fn append(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        geometry: PageGeometry,
+        records: Vec<RedoRecord>,
+    ) -> Result<u64, NodeError> {
+        geometry.check()?;
+        let probe = Extent {
+            start_block: 0,
+            page_bytes: geometry.page_bytes,
+            pg_pages: geometry.pg_pages,
+        };
+        for r in &records {
+            if probe.local(id.pg, r.page).is_none() {
+                let first = (id.pg as u64).saturating_mul(geometry.pg_pages);
+                return Err(NodeError::PageOutOfRange {
+                    page: r.page,
+                    pg: id.pg,
+                    first,
+                    end: first.saturating_add(geometry.pg_pages),
+                });
+            }
+            check_body(&r.body, geometry.page_bytes as usize)
+                .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
+        }
         let batch: Vec<(RedoRecord, Vec<u8>)> = records
             .into_iter()
             .map(|r| {
@@ -237,45 +578,62 @@ impl Node {
                 (r, e)
             })
             .collect();
-        for (r, _) in &batch {
-            check_body(&r.body, self.config.page_bytes)
-                .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
-        }
         {
             let mut st = self.state();
             let gap_max = self.config.gap_records_max;
-            let seg = st
+            let s = st
                 .segments
                 .entry(id)
-                .or_insert_with(|| Segment::new(id, epoch, gap_max));
-            seg.check_epoch(epoch)?;
+                .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
+            if s.geometry != geometry {
+                return Err(NodeError::BadGeometry(format!(
+                    "segment (volume {}, pg {}) holds {} pages of {} bytes; the request says {} pages of {} bytes",
+                    id.volume,
+                    id.pg,
+                    s.geometry.pg_pages,
+                    s.geometry.page_bytes,
+                    geometry.pg_pages,
+                    geometry.page_bytes
+                )));
+            }
+            s.seg.check_epoch(epoch)?;
         }
-        // The epoch is durable before any record is let in: were that to
-        // fail after admission, the admitted copies would never be written
-        // and re-sends would wait on them forever.
-        self.ensure_epoch_durable(id, epoch).await?;
-        let admitted = {
+        // The segment and its epoch are durable before any record is let
+        // in: were that to fail after admission, the admitted copies would
+        // never be written and re-sends would wait on them forever.
+        self.ensure_durable(id, epoch).await?;
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        let (admitted, pin) = {
             let mut st = self.state();
             if st.hot_bytes > self.config.hot_bytes_max {
+                self.coalesce_wake.notify_one();
                 return Err(NodeError::Overloaded { held: st.hot_bytes });
             }
-            // Until coalescing frees the log, a full log would make appends
-            // wait forever: refuse them while little room is left instead.
+            // A full log would make appends wait until coalescing frees it;
+            // refuse them while little room is left instead.
             let log = self.log.stats();
             if log.free_blocks < log.log_blocks / LOG_RESERVE_FRACTION {
+                self.coalesce_wake.notify_one();
                 return Err(NodeError::LogFull {
                     free_blocks: log.free_blocks,
                     log_blocks: log.log_blocks,
                 });
             }
-            let seg = st
-                .segments
-                .get_mut(&id)
-                .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+            if log.free_blocks < log.log_blocks / 2 || st.hot_bytes > self.config.hot_bytes_max / 2 {
+                self.coalesce_wake.notify_one();
+            }
+            let s = st.seg_mut(id)?;
             // Again, under the same lock as the admission: a newer epoch may
             // have arrived while this one was being made durable.
-            seg.check_epoch(epoch)?;
-            seg.admit(&batch)?
+            s.seg.check_epoch(epoch)?;
+            let admitted = s.seg.admit(&batch)?;
+            // The records will start at or after the log's next seq: keep the
+            // log from being released past it until they are marked durable.
+            let pin = log.next_seq;
+            if !admitted.new.is_empty() {
+                *st.pins.entry(pin).or_default() += 1;
+            }
+            (admitted, pin)
         };
         if !admitted.new.is_empty() {
             let lsns: Vec<u64> = admitted.new.iter().map(|&i| batch[i].0.lsn).collect();
@@ -284,30 +642,30 @@ impl Node {
             let seq = match self.log.append_many(entries).await {
                 Ok(seq) => seq,
                 Err(e) => {
-                    if let Some(seg) = self.state().segments.get_mut(&id) {
-                        seg.abandon(&lsns);
+                    let mut st = self.state();
+                    st.unpin(pin);
+                    if let Some(s) = st.segments.get_mut(&id) {
+                        s.seg.abandon(&lsns);
                     }
                     return Err(e.into());
                 }
             };
             let (ready, linked) = {
                 let mut st = self.state();
+                st.unpin(pin);
+                let s = st.seg_mut(id)?;
                 // Durable now: readable at read points the SCL reaches.
-                let hot = st.hot.entry(id).or_default();
-                let before = hot.bytes();
+                let before = s.hot.bytes();
                 for &i in &admitted.new {
-                    hot.insert(&batch[i].0);
+                    s.hot.insert(&batch[i].0);
                 }
-                let added = hot.bytes() - before;
-                st.hot_bytes += added;
-                let seg = st
-                    .segments
-                    .get_mut(&id)
-                    .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+                let added = s.hot.bytes() - before;
                 // Every record of the call starts at or after `seq`: a safe
                 // position to keep the log from.
                 let durable: Vec<(u64, u64)> = lsns.iter().map(|&l| (l, seq)).collect();
-                seg.on_durable(&durable)
+                let out = s.seg.on_durable(&durable);
+                st.hot_bytes += added;
+                out
             };
             for ticket in ready {
                 let _ = ticket.send(());
@@ -318,11 +676,8 @@ impl Node {
             let (tx, rx) = oneshot::channel();
             let deferred = {
                 let mut st = self.state();
-                let seg = st
-                    .segments
-                    .get_mut(&id)
-                    .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
-                seg.defer_ack(admitted.waits_for, tx).is_none()
+                let s = st.seg_mut(id)?;
+                s.seg.defer_ack(admitted.waits_for, tx).is_none()
             };
             if deferred {
                 // The first copies' writer wakes us once they are durable;
@@ -334,24 +689,122 @@ impl Node {
         Ok(self.scl(id))
     }
 
-    /// The page as of `read_point`, and the LSN of the last change in it
-    /// (0 and zeros for a page never written).
-    pub fn get_page(&self, id: SegmentId, epoch: u64, page: u64, read_point: u64) -> Result<(Vec<u8>, u64), NodeError> {
-        let st = self.state();
-        let seg = st
-            .segments
-            .get(&id)
-            .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
-        seg.check_epoch_read(epoch)?;
-        if read_point > seg.scl() {
-            return Err(NodeError::ReadPointAboveScl {
-                read_point,
-                scl: seg.scl(),
-            });
+    /// Read both slots of a page (or the one `known` says is current) and
+    /// say which holds the current version.
+    async fn read_current(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+        known: SlotState,
+        round_open: bool,
+    ) -> Result<Current, NodeError> {
+        let slot_blocks = extent.slot_blocks();
+        if let SlotState::Slot0 | SlotState::Slot1 = known {
+            let slot = usize::from(known == SlotState::Slot1);
+            let at = extent.slot_block(local, slot);
+            let buf = AlignedBuf::zeroed_blocks(slot_blocks as usize);
+            let (buf, result) = self.io.read(block_offset(at), buf).await;
+            result?;
+            if let pagestore::Slot::Version(version) =
+                pagestore::decode_slot(&buf, &self.device_id, extent, id, page, at)
+            {
+                return Ok(Current::Version { slot, version });
+            }
+            // Not what the map said: look at both.
         }
-        let empty = HotRecords::default();
-        let hot = st.hot.get(&id).unwrap_or(&empty);
-        hot.page_at(page, read_point, None, self.config.page_bytes)
+        if known == SlotState::Never {
+            return Ok(Current::Never);
+        }
+        let at = extent.slot_block(local, 0);
+        let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
+        let (buf, result) = self.io.read(block_offset(at), buf).await;
+        result?;
+        let len = slot_blocks as usize * BLOCK_SIZE;
+        let slots = [
+            pagestore::decode_slot(&buf[..len], &self.device_id, extent, id, page, at),
+            pagestore::decode_slot(&buf[len..], &self.device_id, extent, id, page, at + slot_blocks),
+        ];
+        pagestore::current(slots, round_open).map_err(|source| NodeError::PageDamaged { page, source })
+    }
+
+    /// The page as of `read_point`, and the LSN of the last change in it
+    /// (0 and zeros for a page never written): its newest version plus the
+    /// hot records above it.
+    pub async fn get_page(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        page: u64,
+        read_point: u64,
+    ) -> Result<(Vec<u8>, u64), NodeError> {
+        // Taken before the slot map is consulted and held until the hot
+        // records are applied: the version read stays current, and the hot
+        // records above it stay in memory.
+        let _stripe = self.stripe(id, page).read().await;
+        let (extent, local, known, round_open, page_bytes) = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            s.seg.check_epoch_read(epoch)?;
+            if read_point > s.seg.scl() {
+                return Err(NodeError::ReadPointAboveScl {
+                    read_point,
+                    scl: s.seg.scl(),
+                });
+            }
+            if read_point < s.pgmrpl {
+                return Err(NodeError::ReadPointBelowPgmrpl {
+                    read_point,
+                    pgmrpl: s.pgmrpl,
+                });
+            }
+            let g = s.geometry;
+            let probe = Extent {
+                start_block: 0,
+                page_bytes: g.page_bytes,
+                pg_pages: g.pg_pages,
+            };
+            let Some(local) = probe.local(id.pg, page) else {
+                let first = (id.pg as u64).saturating_mul(g.pg_pages);
+                return Err(NodeError::PageOutOfRange {
+                    page,
+                    pg: id.pg,
+                    first,
+                    end: first.saturating_add(g.pg_pages),
+                });
+            };
+            (
+                s.extent,
+                local,
+                s.slot_state(local),
+                s.round_open(),
+                g.page_bytes as usize,
+            )
+        };
+        let current = match extent {
+            Some(extent) => self.read_current(id, &extent, page, local, known, round_open).await?,
+            None => Current::Never,
+        };
+        let mut st = self.state();
+        let s = st.seg_mut(id)?;
+        s.set_slot_state(local, SlotState::of(&current));
+        let base = match current {
+            Current::Never => None,
+            Current::Version { version, .. } => {
+                if version.lsn > read_point {
+                    // Only versions at or below PGMRPL are written, and read
+                    // points below it are refused above: PGMRPL moved since.
+                    return Err(NodeError::ReadPointBelowPgmrpl {
+                        read_point,
+                        pgmrpl: s.pgmrpl,
+                    });
+                }
+                Some((version.lsn, version.bytes))
+            }
+        };
+        s.hot
+            .page_at(page, read_point, base, page_bytes)
             .map_err(|source| NodeError::BadRecord {
                 lsn: read_point,
                 source,
@@ -359,68 +812,85 @@ impl Node {
     }
 
     pub fn scl(&self, id: SegmentId) -> u64 {
-        self.state().segments.get(&id).map_or(0, |s| s.scl())
+        self.state().segments.get(&id).map_or(0, |s| s.seg.scl())
     }
 
     pub fn status(&self, id: SegmentId, epoch: u64) -> Result<SegmentStatus, NodeError> {
         let log = self.log.stats();
         let st = self.state();
-        let pgmrpl = st.pgmrpl.get(&id).copied().unwrap_or(0);
-        let seg = st
-            .segments
-            .get(&id)
-            .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
-        seg.check_epoch_read(epoch)?;
+        let s = st.seg(id)?;
+        s.seg.check_epoch_read(epoch)?;
         Ok(SegmentStatus {
-            epoch: seg.epoch(),
-            scl: seg.scl(),
-            highest_lsn: seg.highest_lsn(),
-            lowest_lsn: seg.lowest_lsn().unwrap_or(0),
-            pgmrpl,
-            records: seg.records_held() as u64,
-            log_bytes: (log.next_seq - log.tail_seq) * crate::io::BLOCK_SIZE as u64,
-            page_store_bytes: 0,
+            epoch: s.seg.epoch(),
+            scl: s.seg.scl(),
+            highest_lsn: s.seg.highest_lsn(),
+            lowest_lsn: s.seg.lowest_lsn().unwrap_or(0),
+            pgmrpl: s.pgmrpl,
+            records: s.seg.records_held() as u64,
+            log_bytes: (log.next_seq - log.tail_seq) * BLOCK_SIZE as u64,
+            page_store_bytes: s.extent.map_or(0, |e| e.blocks() * BLOCK_SIZE as u64),
+            coalesced_lsn: s.coalesced_lsn,
         })
     }
 
     /// Record the lowest read point any reader of the segment still holds.
-    /// It only moves forward; it is durable when this returns.
+    /// It only moves forward; it is durable when this returns. Coalescing
+    /// follows it.
     pub async fn set_pgmrpl(&self, id: SegmentId, epoch: u64, lsn: u64) -> Result<u64, NodeError> {
-        {
+        let current = {
             let mut st = self.state();
-            let seg = st
-                .segments
-                .get_mut(&id)
-                .ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
-            seg.check_epoch(epoch)?;
-        }
-        let mut table = self.table.lock().await;
-        let (current, epoch_now) = {
-            let st = self.state();
-            let current = st.pgmrpl.get(&id).copied().unwrap_or(0);
-            let epoch_now = st.segments.get(&id).map_or(epoch, |s| s.epoch());
-            (current, epoch_now)
+            let s = st.seg_mut(id)?;
+            s.seg.check_epoch(epoch)?;
+            s.pgmrpl
         };
-        if lsn <= current && self.state().durable_epoch.get(&id).is_some_and(|&e| e >= epoch_now) {
+        if lsn <= current {
+            self.ensure_durable(id, epoch).await?;
             return Ok(current);
         }
-        let pgmrpl = lsn.max(current);
-        let mut next = table.clone();
-        next.upsert(SegmentEntry {
-            id,
-            epoch: epoch_now,
-            pgmrpl,
-        });
-        *table = (self.write_table)(self.device_id, next).await?;
-        let mut st = self.state();
-        st.pgmrpl.insert(id, pgmrpl);
-        st.durable_epoch.insert(id, epoch_now);
-        Ok(pgmrpl)
+        let entry = self
+            .update_entry(id, |e, _| {
+                let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+                Ok(SegmentEntry {
+                    epoch: e.epoch.max(epoch),
+                    pgmrpl: e.pgmrpl.max(lsn),
+                    ..*e
+                })
+            })
+            .await?;
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            s.pgmrpl = s.pgmrpl.max(entry.pgmrpl);
+            s.durable_epoch = Some(s.durable_epoch.unwrap_or(0).max(entry.epoch));
+        }
+        self.coalesce_wake.notify_one();
+        Ok(entry.pgmrpl)
     }
 
-    /// Stop: the log finishes the writes it accepted. Call after the server
-    /// stopped taking requests; the node is not usable afterwards.
+    /// Where the log may be freed up to: the oldest block a record not yet
+    /// in page versions starts in, across every segment.
+    fn release_point(&self) -> u64 {
+        let next = self.log.stats().next_seq;
+        let st = self.state();
+        let mut point = st.pins.keys().next().copied().unwrap_or(next).min(next);
+        for s in st.segments.values() {
+            if let Some(seq) = s.seg.oldest_log_seq() {
+                point = point.min(seq);
+            }
+        }
+        point
+    }
+
+    /// Stop: the coalescer ends its page write, the log finishes the writes
+    /// it accepted. Call after the server stopped taking requests; the node
+    /// is not usable afterwards.
     pub async fn shutdown(self: Arc<Self>) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.coalesce_wake.notify_one();
+        let coalescer = self.coalescer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(c) = coalescer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), c).await;
+        }
         let driver = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(self);
         if let Some(driver) = driver {
@@ -430,3 +900,6 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

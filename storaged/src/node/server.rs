@@ -18,9 +18,8 @@ use tokio::task::JoinSet;
 
 use crate::proto::{ErrorCode, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
 use crate::record::SegmentId;
-use crate::segment::SegmentError;
 
-use super::{Node, NodeError};
+use super::{Node, NodeError, PageGeometry};
 
 /// Replies queued for a connection's writer, at most.
 const REPLIES_QUEUED_MAX: usize = 256;
@@ -174,9 +173,16 @@ async fn handle(node: &Node, msg: Message) -> Message {
             volume,
             epoch,
             pg,
+            page_bytes,
+            pg_pages,
             records,
         } => node
-            .append(SegmentId { volume, pg }, epoch, records)
+            .append(
+                SegmentId { volume, pg },
+                epoch,
+                PageGeometry { page_bytes, pg_pages },
+                records,
+            )
             .await
             .map(|scl| Message::AppendAck { volume, pg, scl }),
         Message::GetSegmentStatus { volume, epoch, pg } => {
@@ -206,6 +212,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
             read_point,
         } => node
             .get_page(SegmentId { volume, pg }, epoch, page, read_point)
+            .await
             .map(|(bytes, lsn)| Message::Page {
                 volume,
                 pg,
@@ -224,15 +231,6 @@ async fn handle(node: &Node, msg: Message) -> Message {
 }
 
 fn error_reply(e: &NodeError) -> Message {
-    let (code, epoch) = match e {
-        NodeError::Segment(SegmentError::StaleEpoch { current, .. }) => (ErrorCode::StaleEpoch, *current),
-        NodeError::Segment(SegmentError::Conflict { .. } | SegmentError::Fork { .. }) => (ErrorCode::Conflict, 0),
-        NodeError::Segment(SegmentError::Full { .. }) => (ErrorCode::Overloaded, 0),
-        NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
-        NodeError::Log(_) | NodeError::Table(_) => (ErrorCode::Internal, 0),
-        NodeError::BadRecord { .. } => (ErrorCode::BadRequest, 0),
-        NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
-        NodeError::Overloaded { .. } | NodeError::LogFull { .. } => (ErrorCode::Overloaded, 0),
-    };
+    let (code, epoch) = e.wire_code();
     Message::error(code, epoch, e.to_string())
 }

@@ -16,7 +16,7 @@ use crate::record::{RedoRecord, SegmentId};
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
 const HELLO_OK_BYTES: usize = 10;
-const APPEND_FIXED_BYTES: usize = 24;
+const APPEND_FIXED_BYTES: usize = 36;
 const APPEND_ACK_BYTES: usize = 20;
 const GET_PAGE_BYTES: usize = 36;
 const PAGE_FIXED_BYTES: usize = 32;
@@ -104,11 +104,15 @@ impl Message {
                 volume,
                 epoch,
                 pg,
+                page_bytes,
+                pg_pages,
                 records,
             } => {
                 put_u64(out, *volume);
                 put_u64(out, *epoch);
                 put_u32(out, *pg);
+                put_u32(out, *page_bytes);
+                put_u64(out, *pg_pages);
                 put_u32(out, records.len() as u32);
                 for record in records {
                     record.encode_into(out);
@@ -300,6 +304,8 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     let volume = r.u64()?;
     let epoch = r.u64()?;
     let pg = r.u32()?;
+    let page_bytes = r.u32()?;
+    let pg_pages = r.u64()?;
     let declared = r.u32()?;
     if declared == 0 {
         return Err(ProtoError::EmptyBatch);
@@ -328,6 +334,8 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
         volume,
         epoch,
         pg,
+        page_bytes,
+        pg_pages,
         records,
     })
 }

@@ -80,6 +80,10 @@ pub enum ErrorCode {
     ShuttingDown = 9,
     PageOutOfRange = 10,
     Internal = 11,
+    /// The read point is below the segment's PGMRPL: what it needs may be collected.
+    ReadPointBelowPgmrpl = 12,
+    /// The segment's stored version of the page is damaged; read another segment.
+    PageDamaged = 13,
 }
 
 impl ErrorCode {
@@ -96,6 +100,8 @@ impl ErrorCode {
             9 => ErrorCode::ShuttingDown,
             10 => ErrorCode::PageOutOfRange,
             11 => ErrorCode::Internal,
+            12 => ErrorCode::ReadPointBelowPgmrpl,
+            13 => ErrorCode::PageDamaged,
             _ => return None,
         };
         Some(code)
@@ -125,10 +131,16 @@ pub enum Message {
         protocol_version: u16,
     },
     /// One segment's records in strictly increasing LSN order; never empty.
+    /// `page_bytes` and `pg_pages` are the volume's geometry: the segment
+    /// holds pages `pg * pg_pages .. (pg + 1) * pg_pages` of `page_bytes`
+    /// each. The first Append creates the segment with them; later ones
+    /// must repeat them.
     Append {
         volume: u64,
         epoch: u64,
         pg: u32,
+        page_bytes: u32,
+        pg_pages: u64,
         records: Vec<RedoRecord>,
     },
     AppendAck {

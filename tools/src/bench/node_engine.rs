@@ -26,6 +26,10 @@ use super::{BenchArgs, Engine, Rw};
 
 const RECORDS_DEFAULT: u64 = 100_000;
 const VOLUME: u64 = 1;
+/// Each appender is its own segment: small PGs keep the page store extents
+/// a run creates small (a fresh segment per appender and per run).
+const PAGE_BYTES: u32 = 8192;
+const PG_PAGES: u64 = 16;
 
 pub struct NodeBench;
 
@@ -125,7 +129,7 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
                         lsn,
                         prev_lsn_pg: prev,
                         prev_lsn_page: 0,
-                        page: i % 64,
+                        page: u64::from(pg) * PG_PAGES + i % PG_PAGES,
                         cpl: true,
                         body: RecordBody::PageDelta {
                             offset: 0,
@@ -138,6 +142,8 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
                             volume: VOLUME,
                             epoch: 1,
                             pg,
+                            page_bytes: PAGE_BYTES,
+                            pg_pages: PG_PAGES,
                             records: vec![record],
                         })
                         .await?;

@@ -74,11 +74,13 @@ fn decoder_stays_failed_and_stops_buffering() {
 
 #[test]
 fn a_huge_record_count_is_refused_before_allocating() {
-    // 2^31 records declared in a 24-byte body: sizing a Vec from the count
+    // 2^31 records declared in a 36-byte body: sizing a Vec from the count
     // would ask for ~200 GiB; the decoder must refuse from the body size.
     let body = [
         u64s(&[1, 1]),
         2u32.to_le_bytes().to_vec(),
+        8192u32.to_le_bytes().to_vec(),
+        u64s(&[1024]),
         (1u32 << 31).to_le_bytes().to_vec(),
     ]
     .concat();
@@ -120,6 +122,8 @@ fn append_body(volume: u64, pg: u32, count: u32, records: &[RedoRecord]) -> Vec<
     let mut body = [
         u64s(&[volume, 9]),
         pg.to_le_bytes().to_vec(),
+        8192u32.to_le_bytes().to_vec(),
+        u64s(&[1024]),
         count.to_le_bytes().to_vec(),
     ]
     .concat();
@@ -176,7 +180,7 @@ fn batch_rules_are_enforced_on_decode() {
         })
     ));
     let mut bad_kind = append_body(1, 2, 1, &[a]);
-    bad_kind[24 + 12] = 9;
+    bad_kind[36 + 12] = 9;
     assert_eq!(
         decode_append(&bad_kind),
         Err(ProtoError::BadRecord {
@@ -223,7 +227,7 @@ fn error_bodies_are_checked() {
         raw_frame(1, MessageType::Error as u8, 0, 1, &b)
     };
     assert!(decode(&body(3, "stale".as_bytes())).unwrap().is_some());
-    assert_eq!(decode(&body(12, b"")), Err(ProtoError::UnknownErrorCode(12)));
+    assert_eq!(decode(&body(14, b"")), Err(ProtoError::UnknownErrorCode(14)));
     assert_eq!(decode(&body(0, b"")), Err(ProtoError::UnknownErrorCode(0)));
     assert_eq!(decode(&body(3, &[0xff, 0xfe])), Err(ProtoError::BadUtf8));
     assert_eq!(decode(&body(3, &[b'a'; 1025])), Err(ProtoError::MessageTooLong(1025)));
@@ -241,6 +245,8 @@ fn encode_refuses_what_a_peer_would_refuse() {
                 volume: 1,
                 epoch: 1,
                 pg: 2,
+                page_bytes: 8192,
+                pg_pages: 1024,
                 records: vec![],
             },
             ProtoError::EmptyBatch,
@@ -279,6 +285,8 @@ fn encode_refuses_what_a_peer_would_refuse() {
         volume: 1,
         epoch: 1,
         pg: 2,
+        page_bytes: 8192,
+        pg_pages: 1024,
         records: vec![bad_backlink],
     };
     assert!(matches!(

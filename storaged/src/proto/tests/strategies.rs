@@ -65,11 +65,15 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             node_id,
             protocol_version
         }),
-        (arb_batch(), u()).prop_map(|((volume, pg, records), epoch)| Message::Append {
-            volume,
-            epoch,
-            pg,
-            records
+        (arb_batch(), u(), any::<u32>(), u()).prop_map(|((volume, pg, records), epoch, page_bytes, pg_pages)| {
+            Message::Append {
+                volume,
+                epoch,
+                pg,
+                page_bytes,
+                pg_pages,
+                records,
+            }
         }),
         (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck { volume, pg, scl }),
         (u(), u(), any::<u32>(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point)| {

@@ -1,0 +1,334 @@
+//! The node in-process on a simulated disk: coalescing into page versions,
+//! reads that combine versions and hot records, restart from the segment
+//! table's checkpoint, freeing the log, and power loss in the middle of
+//! coalescing. Paused tokio time: deterministic, and no wall-clock waits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::hot::apply;
+use crate::io::sim::{SimDisk, SimFaults};
+use crate::log::mkfs::{FormatOptions, format};
+use crate::record::RecordBody;
+
+const SEG: SegmentId = SegmentId { volume: 5, pg: 1 };
+const GEOMETRY: PageGeometry = PageGeometry {
+    page_bytes: 4096,
+    pg_pages: 32,
+};
+const FIRST_PAGE: u64 = 32;
+const PAGE: usize = 4096;
+
+async fn formatted(disk_bytes: u64, log_bytes: u64, seed: u64) -> Arc<SimDisk> {
+    let disk = Arc::new(SimDisk::new(disk_bytes, seed, SimFaults::none()));
+    format(
+        disk.as_ref(),
+        FormatOptions {
+            node_id: 1,
+            log_bytes: Some(log_bytes),
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    disk
+}
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        coalesce_round_pages_max: 7,
+        ..NodeConfig::default()
+    }
+}
+
+/// Records 1..=n, chained, over 12 pages: whole images now and then, deltas
+/// otherwise, from `seed`.
+fn records(from: u64, to: u64, seed: u64) -> Vec<RedoRecord> {
+    let mut rng = fastrand::Rng::with_seed(seed ^ from);
+    (from..=to)
+        .map(|lsn| {
+            let page = FIRST_PAGE + rng.u64(0..12);
+            let body = if rng.u8(0..10) == 0 {
+                RecordBody::PageImage(vec![lsn as u8; PAGE])
+            } else {
+                let len = rng.usize(1..300);
+                RecordBody::PageDelta {
+                    offset: rng.u32(0..(PAGE - len) as u32),
+                    bytes: vec![(lsn * 7) as u8; len],
+                }
+            };
+            RedoRecord {
+                segment: SEG,
+                lsn,
+                prev_lsn_pg: lsn - 1,
+                prev_lsn_page: 0,
+                page,
+                cpl: true,
+                body,
+            }
+        })
+        .collect()
+}
+
+fn model(records: &[RedoRecord], page: u64, read_point: u64) -> (Vec<u8>, u64) {
+    let mut bytes = vec![0u8; PAGE];
+    let mut at = 0;
+    for r in records.iter().filter(|r| r.page == page && r.lsn <= read_point) {
+        apply(&mut bytes, &r.body).unwrap();
+        at = r.lsn;
+    }
+    (bytes, at)
+}
+
+async fn append_all(node: &Node, records: &[RedoRecord]) {
+    for chunk in records.chunks(9) {
+        let scl = node.append(SEG, 1, GEOMETRY, chunk.to_vec()).await.unwrap();
+        assert_eq!(scl, chunk.last().unwrap().lsn);
+    }
+}
+
+async fn check_pages(node: &Node, records: &[RedoRecord], read_points: impl Iterator<Item = u64>) {
+    for read_point in read_points {
+        for page in FIRST_PAGE..FIRST_PAGE + 13 {
+            let got = node.get_page(SEG, 1, page, read_point).await.unwrap();
+            let want = model(records, page, read_point);
+            if got != want {
+                let diff: Vec<usize> = (0..PAGE).filter(|&i| got.0[i] != want.0[i]).collect();
+                let recs: Vec<(u64, String)> = records
+                    .iter()
+                    .filter(|r| r.page == page && r.lsn + 30 > read_point && r.lsn <= read_point)
+                    .map(|r| {
+                        (
+                            r.lsn,
+                            match &r.body {
+                                RecordBody::PageImage(_) => "image".to_string(),
+                                RecordBody::PageDelta { offset, bytes } => format!("{offset}+{}", bytes.len()),
+                            },
+                        )
+                    })
+                    .collect();
+                let st = node.status(SEG, 1).unwrap();
+                panic!(
+                    "page {page} at {read_point}: lsn {} want {}; diff {}..{} ({}), got byte {} want {}; recs {recs:?}; {st:?}",
+                    got.1,
+                    want.1,
+                    diff[0],
+                    diff[diff.len() - 1],
+                    diff.len(),
+                    got.0[diff[0]],
+                    want.0[diff[0]]
+                );
+            }
+        }
+    }
+}
+
+/// Wait (in paused time) until the segment is coalesced through `lsn`.
+async fn coalesced_through(node: &Node, lsn: u64) {
+    for _ in 0..10_000 {
+        if node.status(SEG, 1).unwrap().coalesced_lsn >= lsn {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not coalesced through {lsn}: {:?}", node.status(SEG, 1).unwrap());
+}
+
+/// Stop a node as power loss would: its tasks end where they are.
+fn pull_the_plug(node: Arc<Node>) {
+    if let Some(t) = node.coalescer.lock().unwrap().take() {
+        t.abort();
+    }
+    if let Some(t) = node.driver.lock().unwrap().take() {
+        t.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalescing_follows_pgmrpl_and_reads_combine_versions_with_hot_records() {
+    let disk = formatted(16 << 20, 1 << 20, 1).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 300, 1);
+    append_all(&node, &recs).await;
+    // Nothing is coalesced while no reader has let go of anything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(node.status(SEG, 1).unwrap().coalesced_lsn, 0);
+    assert_eq!(node.set_pgmrpl(SEG, 1, 150).await.unwrap(), 150);
+    coalesced_through(&node, 150).await;
+    let status = node.status(SEG, 1).unwrap();
+    assert_eq!(status.coalesced_lsn, 150, "never past PGMRPL");
+    assert_eq!(status.lowest_lsn, 151, "coalesced records are no longer held");
+    assert!(status.page_store_bytes > 0);
+    check_pages(&node, &recs, [150, 151, 200, 299, 300].into_iter()).await;
+    assert!(matches!(
+        node.get_page(SEG, 1, FIRST_PAGE, 149).await,
+        Err(NodeError::ReadPointBelowPgmrpl { .. })
+    ));
+    assert!(matches!(
+        node.get_page(SEG, 1, FIRST_PAGE + 40, 200).await,
+        Err(NodeError::PageOutOfRange { .. })
+    ));
+    // A re-send of a coalesced record is recognised, not stored again.
+    assert_eq!(node.append(SEG, 1, GEOMETRY, recs[10..12].to_vec()).await.unwrap(), 300);
+
+    // Restart: the table says where each chain continues; the log after it
+    // is replayed, and pages read the same.
+    node.shutdown().await;
+    let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
+    assert_eq!(recovered.segments, 1);
+    assert!(recovered.records >= 150, "{recovered:?}");
+    assert_eq!(node.scl(SEG), 300);
+    check_pages(&node, &recs, [150, 222, 300].into_iter()).await;
+    // Coalescing resumes from the checkpoint.
+    node.set_pgmrpl(SEG, 1, 300).await.unwrap();
+    coalesced_through(&node, 300).await;
+    assert_eq!(node.status(SEG, 1).unwrap().records, 0);
+    check_pages(&node, &recs, [300].into_iter()).await;
+    // The segment goes on after its coalesced chain, and after a restart.
+    let more = records(301, 340, 2);
+    append_all(&node, &more).await;
+    node.shutdown().await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    assert_eq!(node.scl(SEG), 340);
+    let all: Vec<RedoRecord> = recs.iter().chain(&more).cloned().collect();
+    check_pages(&node, &all, [300, 320, 340].into_iter()).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalescing_frees_the_log_so_appends_never_run_out_of_it() {
+    // A 256 KiB log: 64 blocks. 2000 records of ~300 bytes are many times that.
+    let disk = formatted(16 << 20, 256 << 10, 3).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 2000, 3);
+    let mut refusals = 0;
+    for chunk in recs.chunks(4) {
+        let last = chunk.last().unwrap().lsn;
+        loop {
+            match node.append(SEG, 1, GEOMETRY, chunk.to_vec()).await {
+                Ok(scl) => {
+                    assert_eq!(scl, last);
+                    break;
+                }
+                // Backpressure while coalescing catches up, never a hang.
+                Err(NodeError::LogFull { .. } | NodeError::Overloaded { .. }) => {
+                    refusals += 1;
+                    assert!(refusals < 100_000, "the log never freed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // A reader that keeps up: PGMRPL trails the writes.
+        node.set_pgmrpl(SEG, 1, last.saturating_sub(20)).await.unwrap();
+    }
+    let stats = node.log.stats();
+    assert!(
+        stats.next_seq > 3 * stats.log_blocks,
+        "the log wrapped around several times: {stats:?}"
+    );
+    check_pages(&node, &recs, [1980, 2000].into_iter()).await;
+    node.shutdown().await;
+    let (node, _) = Node::open(disk, config()).await.unwrap();
+    check_pages(&node, &recs, [1990, 2000].into_iter()).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn power_loss_in_the_middle_of_coalescing_loses_nothing() {
+    let mut cut_mid_round = 0;
+    for seed in 0..24u64 {
+        let disk = formatted(16 << 20, 1 << 20, seed).await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let recs = records(1, 400, seed);
+        append_all(&node, &recs).await;
+        node.set_pgmrpl(SEG, 1, 390).await.unwrap();
+        // Let coalescing run for a while, then cut the power: pending
+        // writes land, tear or vanish as the seed says.
+        let mut rng = fastrand::Rng::with_seed(seed);
+        tokio::time::sleep(Duration::from_micros(rng.u64(0..40_000))).await;
+        disk.set_faults(SimFaults::crashy());
+        pull_the_plug(node);
+        disk.crash();
+        disk.set_faults(SimFaults::none());
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        cut_mid_round += usize::from(node.state().seg(SEG).unwrap().round_open());
+        assert_eq!(node.scl(SEG), 400, "seed {seed}: every acknowledged record is there");
+        check_pages(&node, &recs, [390, 395, 400].into_iter()).await;
+        // And coalescing finishes the interrupted round.
+        coalesced_through(&node, 390).await;
+        check_pages(&node, &recs, [390, 400].into_iter()).await;
+        node.shutdown().await;
+    }
+    assert!(cut_mid_round > 0, "no seed cut the power in the middle of a round");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_damaged_version_is_reported_not_served() {
+    let disk = formatted(16 << 20, 1 << 20, 4).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 100, 4);
+    append_all(&node, &recs).await;
+    node.set_pgmrpl(SEG, 1, 100).await.unwrap();
+    coalesced_through(&node, 100).await;
+    let page = recs.last().unwrap().page;
+    check_pages(&node, &recs, [100].into_iter()).await;
+    // Rot in both slots' first blocks of that page.
+    let extent = node.state().seg(SEG).unwrap().extent.unwrap();
+    let local = extent.local(SEG.pg, page).unwrap();
+    for slot in 0..2 {
+        disk.flip_bit(block_offset(extent.slot_block(local, slot)) + 300, 1);
+    }
+    assert!(matches!(
+        node.get_page(SEG, 1, page, 100).await,
+        Err(NodeError::PageDamaged { .. })
+    ));
+    // Other pages are still served.
+    let other = (FIRST_PAGE..FIRST_PAGE + 12).find(|&p| p != page).unwrap();
+    assert_eq!(
+        node.get_page(SEG, 1, other, 100).await.unwrap(),
+        model(&recs, other, 100)
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn geometry_is_checked_and_the_page_store_has_limits() {
+    let disk = formatted(8 << 20, 1 << 20, 5).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 3, 5);
+    let other = PageGeometry {
+        page_bytes: 8192,
+        ..GEOMETRY
+    };
+    node.append(SEG, 1, GEOMETRY, recs[..1].to_vec()).await.unwrap();
+    assert!(matches!(
+        node.append(SEG, 1, other, recs[1..2].to_vec()).await,
+        Err(NodeError::BadGeometry(_))
+    ));
+    let odd = PageGeometry {
+        page_bytes: 3000,
+        ..GEOMETRY
+    };
+    assert!(matches!(
+        node.append(SegmentId { volume: 5, pg: 2 }, 1, odd, recs[..1].to_vec())
+            .await,
+        Err(NodeError::BadGeometry(_))
+    ));
+    // A PG far larger than the device: refused, and no segment is left behind.
+    let huge = PageGeometry {
+        pg_pages: 1 << 20,
+        ..GEOMETRY
+    };
+    let seg = SegmentId { volume: 6, pg: 0 };
+    let mut r = recs[0].clone();
+    r.segment = seg;
+    r.page = 0;
+    assert!(matches!(
+        node.append(seg, 1, huge, vec![r]).await,
+        Err(NodeError::PageStoreFull { .. })
+    ));
+    assert!(matches!(node.status(seg, 0), Err(NodeError::UnknownSegment(..))));
+    node.shutdown().await;
+}
