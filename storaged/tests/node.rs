@@ -598,3 +598,131 @@ fn a_full_log_is_refused_with_a_clear_error_not_a_hang() {
         assert!(matches!(get_page(&c, 0, 1, acked).await, Message::Page { .. }));
     });
 }
+
+/// Every page of `pg` that `records` touch (and one they do not) read at
+/// each read point equals the records applied in LSN order.
+async fn check_pages(c: &NodeClient, records: &[RedoRecord], pg: u32, read_points: impl IntoIterator<Item = u64>) {
+    let first = pg as u64 * PG_PAGES;
+    for read_point in read_points {
+        for page in first..first + 10 {
+            let mut want = vec![0u8; PAGE_BYTES as usize];
+            let mut want_lsn = 0;
+            for r in records.iter().filter(|r| r.page == page && r.lsn <= read_point) {
+                storaged::hot::apply(&mut want, &r.body).unwrap();
+                want_lsn = r.lsn;
+            }
+            match get_page(c, pg, page, read_point).await {
+                Message::Page { bytes, lsn, .. } => {
+                    assert!(
+                        bytes == want && lsn == want_lsn,
+                        "page {page} at read point {read_point}"
+                    );
+                }
+                other => panic!("page {page} at {read_point}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn coalesced_pages_survive_kill_9_and_read_the_same_at_every_read_point() {
+    const PAGE: usize = PAGE_BYTES as usize;
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    // 200 chained records over 9 pages of pg 3: images now and then, deltas otherwise.
+    let pg = 3;
+    let first = pg as u64 * PG_PAGES;
+    let records: Vec<RedoRecord> = (1..=200u64)
+        .map(|lsn| RedoRecord {
+            segment: SegmentId { volume: VOLUME, pg },
+            lsn,
+            prev_lsn_pg: lsn - 1,
+            prev_lsn_page: 0,
+            page: first + lsn * 5 % 9,
+            cpl: true,
+            body: if lsn % 17 == 0 {
+                RecordBody::PageImage(vec![lsn as u8; PAGE])
+            } else {
+                RecordBody::PageDelta {
+                    offset: (lsn * 131 % 7900) as u32,
+                    bytes: vec![lsn as u8; 200],
+                }
+            },
+        })
+        .collect();
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        for chunk in records.chunks(13) {
+            assert!(matches!(
+                append(&c, pg, 1, chunk.to_vec()).await,
+                Message::AppendAck { .. }
+            ));
+        }
+        let ok = c
+            .request(Message::SetPgmrpl {
+                volume: VOLUME,
+                epoch: 1,
+                pg,
+                lsn: 150,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(ok, Message::PgmrplOk { pgmrpl: 150, .. }), "{ok:?}");
+        // Coalescing runs in the background: records up to PGMRPL leave memory.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let lowest = match c
+                .request(Message::GetSegmentStatus {
+                    volume: VOLUME,
+                    epoch: 0,
+                    pg,
+                })
+                .await
+                .unwrap()
+            {
+                Message::SegmentStatus {
+                    lowest_lsn,
+                    page_store_bytes,
+                    ..
+                } => {
+                    assert!(page_store_bytes > 0);
+                    lowest_lsn
+                }
+                other => panic!("{other:?}"),
+            };
+            if lowest > 150 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not coalesced: lowest LSN held {lowest}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check_pages(&c, &records, pg, [150, 151, 190, 200]).await;
+        // Below PGMRPL versions may be gone: refused, not answered wrongly.
+        match get_page(&c, pg, first, 149).await {
+            Message::Error {
+                code: ErrorCode::ReadPointBelowPgmrpl,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    });
+    daemon.kill9();
+    let daemon = Daemon::start(&dev);
+    run(async {
+        let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        let (scl, _, _) = status(&c, pg).await;
+        assert_eq!(scl, 200);
+        check_pages(&c, &records, pg, [150, 175, 200]).await;
+        // The chain goes on from where it was.
+        let next = RedoRecord {
+            lsn: 201,
+            prev_lsn_pg: 200,
+            ..records[0].clone()
+        };
+        assert_eq!(scl_of(&append(&c, pg, 1, vec![next]).await), 201);
+    });
+}
