@@ -1,14 +1,18 @@
 //! Offline inspection of a device: what `storctl inspect` prints.
 //!
 //! Reads, never writes. Reports the superblock copies, the anchor slots, the
-//! live log (tail, head, entries, records) and the result of a CRC check of
-//! every block of the metadata area and the log region that is not all zeros.
+//! live log (tail, head, entries, records), the segments with their page
+//! store extents, and the result of a CRC check of every block of the
+//! metadata area and the log region that is not all zeros, and of every page
+//! version slot of every segment's extent.
 //!
 //! What counts as corruption: a bad superblock copy, a non-zero reserved
 //! metadata block, an entry in the live log that is not a valid record, and an
 //! invalid log block anywhere except just past the log's end, where torn
 //! blocks are the expected debris of writes a crash cut short (they were never
-//! acknowledged).
+//! acknowledged); and a damaged page version slot, except while the segment
+//! table says a coalescing round was under way (then it is that round's torn
+//! write, and the page's other slot is current).
 
 use std::sync::Arc;
 
@@ -19,6 +23,7 @@ use crate::log::core::INFLIGHT_BLOCKS_MAX;
 use crate::log::format::{BlockError, BlockKind, decode_block, decode_block_at};
 use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
+use crate::pagestore::{self, Current, Slot};
 use crate::record::RedoRecord;
 use crate::segtable;
 
@@ -81,12 +86,22 @@ pub struct SegmentInfo {
     pub pg: u32,
     pub epoch: u64,
     pub pgmrpl: u64,
+    pub page_bytes: u32,
+    pub pg_pages: u64,
+    pub extent_start_block: u64,
+    pub extent_blocks: u64,
+    pub coalesced_lsn: u64,
+    pub round_lsn: u64,
+    /// Pages with a stored version.
+    pub page_count: u64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct PagesInfo {
-    /// Page versions stored (the page store is not written yet).
+    /// Pages with a stored version, over every segment.
     pub page_count: u64,
+    /// Version slots read and checked.
+    pub slots_checked: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -297,6 +312,71 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             "log block where the log was cut: CRC mismatch".into(),
         );
     }
+    let mut segments = Vec::new();
+    let mut pages = PagesInfo {
+        page_count: 0,
+        slots_checked: 0,
+    };
+    for e in &table.entries {
+        let extent = e.extent();
+        let round_open = e.round_lsn > e.coalesced_lsn;
+        let slot_blocks = extent.slot_blocks() as usize;
+        let mut page_count = 0;
+        let pages_per_read = (CHECK_CHUNK_BLOCKS / (2 * slot_blocks)).max(1) as u64;
+        let mut local = 0;
+        while local < e.pg_pages {
+            let n = pages_per_read.min(e.pg_pages - local);
+            let at = extent.slot_block(local, 0);
+            let chunk = AlignedBuf::zeroed_blocks(n as usize * 2 * slot_blocks);
+            let (chunk, result) = dev.read(block_offset(at), chunk).await;
+            result.map_err(OpenError::Io)?;
+            for i in 0..n {
+                let l = local + i;
+                let page = e.id.pg as u64 * e.pg_pages + l;
+                let slot_bytes = slot_blocks * BLOCK_SIZE;
+                let base = (i as usize) * 2 * slot_bytes;
+                let slots = [0, 1].map(|s| {
+                    let bytes = &chunk[base + s * slot_bytes..base + (s + 1) * slot_bytes];
+                    pagestore::decode_slot(bytes, &sb.device_id, &extent, e.id, page, extent.slot_block(l, s))
+                });
+                pages.slots_checked += 2;
+                for (s, slot) in slots.iter().enumerate() {
+                    let blocks = slot_blocks as u64;
+                    match slot {
+                        Slot::Empty => check.blocks_never_written += blocks,
+                        Slot::Version(_) => check.blocks_valid += blocks,
+                        Slot::Damaged(_) if round_open => check.blocks_torn_tail += blocks,
+                        Slot::Damaged(why) => problems.add(
+                            block_offset(extent.slot_block(l, s)),
+                            format!(
+                                "page {page} (volume {} pg {}) version slot {s}: {why}",
+                                e.id.volume, e.id.pg
+                            ),
+                        ),
+                    }
+                    check.blocks_checked += blocks;
+                }
+                if let Ok(Current::Version { .. }) = pagestore::current(slots, true) {
+                    page_count += 1;
+                }
+            }
+            local += n;
+        }
+        pages.page_count += page_count;
+        segments.push(SegmentInfo {
+            volume: e.id.volume,
+            pg: e.id.pg,
+            epoch: e.epoch,
+            pgmrpl: e.pgmrpl,
+            page_bytes: e.page_bytes,
+            pg_pages: e.pg_pages,
+            extent_start_block: e.extent_start_block,
+            extent_blocks: extent.blocks(),
+            coalesced_lsn: e.coalesced_lsn,
+            round_lsn: e.round_lsn,
+            page_count,
+        });
+    }
     check.problems_found = problems.found;
     check.problems = problems.listed;
 
@@ -330,17 +410,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             records,
             incomplete_tail_bytes: scan.incomplete_tail_bytes,
         },
-        pages: PagesInfo { page_count: 0 },
-        segments: table
-            .entries
-            .iter()
-            .map(|e| SegmentInfo {
-                volume: e.id.volume,
-                pg: e.id.pg,
-                epoch: e.epoch,
-                pgmrpl: e.pgmrpl,
-            })
-            .collect(),
+        pages,
+        segments,
         check,
         status,
     })
@@ -371,17 +442,32 @@ impl InspectReport {
         );
         let _ = writeln!(
             s,
-            "page store     blocks {}..{}; {} pages",
+            "page store     blocks {}..{}; {} pages stored, {} version slots checked",
             sb.pages_start_block,
             sb.pages_start_block + sb.pages_blocks,
-            self.pages.page_count
+            self.pages.page_count,
+            self.pages.slots_checked
         );
         let _ = writeln!(s, "segments       {}", self.segments.len());
         for seg in &self.segments {
             let _ = writeln!(
                 s,
-                "  volume {} pg {}: epoch {}, pgmrpl {}",
-                seg.volume, seg.pg, seg.epoch, seg.pgmrpl
+                "  volume {} pg {}: epoch {}, pgmrpl {}, coalesced through {}{}; {} of {} pages of {} bytes stored (extent at block {}, {} blocks)",
+                seg.volume,
+                seg.pg,
+                seg.epoch,
+                seg.pgmrpl,
+                seg.coalesced_lsn,
+                if seg.round_lsn > seg.coalesced_lsn {
+                    format!(" (round to {} under way)", seg.round_lsn)
+                } else {
+                    String::new()
+                },
+                seg.page_count,
+                seg.pg_pages,
+                seg.page_bytes,
+                seg.extent_start_block,
+                seg.extent_blocks
             );
         }
         let a = &self.anchor;

@@ -194,6 +194,11 @@ async fn coalescing_follows_pgmrpl_and_reads_combine_versions_with_hot_records()
     let all: Vec<RedoRecord> = recs.iter().chain(&more).cloned().collect();
     check_pages(&node, &all, [300, 320, 340].into_iter()).await;
     node.shutdown().await;
+    // Offline, inspect checks every version slot and counts the pages.
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert_eq!(report.status, "clean", "{}", report.render());
+    assert_eq!(report.pages.page_count, 12);
+    assert_eq!(report.segments[0].coalesced_lsn, 300);
 }
 
 #[tokio::test(start_paused = true)]
@@ -291,6 +296,15 @@ async fn a_damaged_version_is_reported_not_served() {
         model(&recs, other, 100)
     );
     node.shutdown().await;
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert_eq!(report.status, "corrupt", "{}", report.render());
+    assert!(
+        report
+            .check
+            .problems
+            .iter()
+            .any(|p| p.what.contains(&format!("page {page} ")))
+    );
 }
 
 #[tokio::test(start_paused = true)]
