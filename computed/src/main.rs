@@ -1,7 +1,97 @@
-//! computed: the single writer of a volume. Not built yet: the quorum writer
-//! comes after the storage node's network service (see README, "Status").
+//! computed: the single writer of a volume (see the crate docs and
+//! docs/computed.md).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("computed: not implemented yet; see README.md, Status");
-    std::process::ExitCode::from(2)
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use computed::cluster::Cluster;
+use computed::core::WriterConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "computed",
+    version,
+    about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Be the writer of the volume the cluster file describes.
+    Run {
+        /// The cluster file (TOML): volume, storage nodes, placement.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// Where clients connect [default: the file's computed.address].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Serve metrics (Prometheus text) here [default: the file's computed.metrics, if any].
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            cluster,
+            listen,
+            metrics,
+        } => run(cluster, listen, metrics),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("computed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cluster: PathBuf, listen: Option<SocketAddr>, metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+    let cluster = Cluster::load(&cluster)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listen = listen.unwrap_or(cluster.computed_address);
+        let listener = computed::server::bind(listen).with_context(|| format!("listening on {listen}"))?;
+        let metrics = match metrics.or(cluster.metrics_address) {
+            Some(m) => Some(computed::server::bind(m).with_context(|| format!("metrics on {m}"))?),
+            None => None,
+        };
+        let local = listener.local_addr().context("reading the listening address")?;
+        // No recovery yet: a fresh volume at epoch 1 (see docs/computed.md).
+        let config = WriterConfig::from_cluster(&cluster, 1);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        println!("computed: listening on {local}");
+        computed::server::run(cluster, config, listener, metrics, stop_rx).await
+    })
 }

@@ -16,7 +16,7 @@ use crate::record::{RedoRecord, SegmentId};
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
 const HELLO_OK_BYTES: usize = 10;
-const APPEND_FIXED_BYTES: usize = 36;
+pub(super) const APPEND_FIXED_BYTES: usize = 36;
 const APPEND_ACK_BYTES: usize = 20;
 const GET_PAGE_BYTES: usize = 36;
 const PAGE_FIXED_BYTES: usize = 32;

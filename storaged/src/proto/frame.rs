@@ -48,6 +48,63 @@ pub fn encode_frame(request_id: u64, msg: &Message, out: &mut Vec<u8>) -> Result
     Ok(())
 }
 
+/// The fixed fields of an Append, for [`encode_append_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendHeader {
+    pub volume: u64,
+    pub epoch: u64,
+    pub pg: u32,
+    pub page_bytes: u32,
+    pub pg_pages: u64,
+}
+
+/// An Append frame from records already encoded with
+/// [`RedoRecord::encode`](crate::record::RedoRecord::encode): the same bytes
+/// [`encode_frame`] produces for the equivalent `Message::Append`, without
+/// re-encoding, so a writer that sends one batch to six segments encodes
+/// each record once. The records are the caller's (a writer's own, encoded
+/// by this crate); only the frame size is checked here.
+pub fn encode_append_frame(
+    request_id: u64,
+    header: &AppendHeader,
+    records: &[&[u8]],
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
+    let body_bytes: usize = super::body::APPEND_FIXED_BYTES + records.iter().map(|r| r.len()).sum::<usize>();
+    let frame_bytes = FRAME_HEADER_BYTES + body_bytes;
+    if frame_bytes > FRAME_BYTES_MAX {
+        return Err(ProtoError::FrameTooLarge {
+            frame_bytes,
+            frame_bytes_max: FRAME_BYTES_MAX,
+        });
+    }
+    if records.is_empty() {
+        return Err(ProtoError::EmptyBatch);
+    }
+    let start = out.len();
+    out.reserve(frame_bytes);
+    out.extend_from_slice(&((frame_bytes - LENGTH_FIELD_BYTES) as u32).to_le_bytes());
+    out.push(PROTOCOL_VERSION);
+    out.push(MessageType::Append as u8);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&request_id.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // CRC, filled in below
+    out.extend_from_slice(&header.volume.to_le_bytes());
+    out.extend_from_slice(&header.epoch.to_le_bytes());
+    out.extend_from_slice(&header.pg.to_le_bytes());
+    out.extend_from_slice(&header.page_bytes.to_le_bytes());
+    out.extend_from_slice(&header.pg_pages.to_le_bytes());
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for r in records {
+        out.extend_from_slice(r);
+    }
+    debug_assert_eq!(out.len() - start, frame_bytes);
+    let frame = &mut out[start..];
+    let crc = frame_crc(frame);
+    frame[OFF_CRC..FRAME_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
 /// Decode one frame from the front of `buf`.
 ///
 /// `Ok(None)` while `buf` holds only part of a frame; `Ok(Some((frame,

@@ -310,3 +310,31 @@ fn error_constructor_cuts_at_a_char_boundary() {
         .is_ok()
     );
 }
+
+#[test]
+fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
+    let records: Vec<RedoRecord> = (1..4).map(|lsn| record(9, 2, lsn, vec![lsn as u8; 5])).collect();
+    let encoded: Vec<Vec<u8>> = records.iter().map(RedoRecord::encode).collect();
+    let slices: Vec<&[u8]> = encoded.iter().map(|e| e.as_slice()).collect();
+    let header = crate::proto::AppendHeader {
+        volume: 9,
+        epoch: 4,
+        pg: 2,
+        page_bytes: 8192,
+        pg_pages: 1024,
+    };
+    let mut ours = Vec::new();
+    crate::proto::encode_append_frame(77, &header, &slices, &mut ours).unwrap();
+    let msg = Message::Append {
+        volume: 9,
+        epoch: 4,
+        pg: 2,
+        page_bytes: 8192,
+        pg_pages: 1024,
+        records,
+    };
+    let mut theirs = Vec::new();
+    encode_frame(77, &msg, &mut theirs).unwrap();
+    assert_eq!(ours, theirs);
+    assert_eq!(decode(&ours).unwrap().unwrap().0.message, msg);
+}

@@ -1,0 +1,1003 @@
+//! The writer core: everything computed decides, free of I/O (ARCHITECTURE.md
+//! §3 and §6). It takes inputs — a transaction, a read, a reply from a
+//! segment, a connection going up or down, a tick — and produces
+//! [`Output`]s: batches to send, pages to ask for, commits and reads to
+//! answer. The tokio shell (`server`) and the deterministic simulator
+//! (`tests/sim.rs`) both drive it.
+//!
+//! Write path. A transaction (an MTR) gets contiguous LSNs, one per page
+//! write; the last is its CPL. No LSN is allocated above VDL + LAL: a
+//! transaction that does not fit waits in a bounded queue (the caller stops
+//! taking more when [`Writer::accepting`] is false). Its records are held
+//! per PG and sent to the PG's 6 segments by the boxcar in [`Writer::flush`]:
+//! every segment with room in its in-flight window gets what it has not been
+//! sent yet, so records queued while a window is full ride along in the next
+//! batch. There is no timer on this path.
+//!
+//! Acks carry SCLs; the PGCL is the 4th highest of a PG's 6, the VCL the
+//! point below which every record is at its PG's quorum, the VDL the highest
+//! CPL at or below the VCL. The commit queue acknowledges every transaction
+//! the VDL covers in one pass.
+//!
+//! Re-sends. A segment whose connection drops, whose batch is refused, or
+//! which answers everything sent and still reports an SCL below what it was
+//! sent, is sent again from its SCL. Records are held until all 6 segments
+//! have them, or — past `pg_held_bytes_max` — until 4 have (a segment left
+//! below the oldest held record needs storage-side repair).
+//!
+//! Reads: see [`Writer::read`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use storaged::proto::{ErrorCode, Message};
+use storaged::record::{RecordBody, RedoRecord, SegmentId};
+
+use crate::cache::PageCache;
+use crate::cluster::{Cluster, SEGMENTS_PER_PG};
+use crate::commit_queue::CommitQueue;
+use crate::quorum;
+
+/// Limits and identity of the writer. Memory is bounded by these.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub volume: u64,
+    pub epoch: u64,
+    pub page_bytes: usize,
+    pub pg_pages: u64,
+    /// For each PG, the node ids of its 6 segments (slot order).
+    pub placement: Vec<[u64; SEGMENTS_PER_PG]>,
+    /// LSN allocation limit: no LSN above VDL + `lal`.
+    pub lal: u64,
+    /// Page writes in one transaction, at most (must not exceed `lal`).
+    pub txn_writes_max: usize,
+    /// Transactions waiting for the LAL, at most; beyond, `submit` says Busy.
+    pub waiting_txns_max: usize,
+    /// Bytes of records in one batch, at most (one record always fits).
+    pub batch_bytes_max: usize,
+    /// Batches in flight to one segment, at most.
+    pub segment_batches_inflight_max: usize,
+    /// Record bytes in flight to one segment, at most.
+    pub segment_inflight_bytes_max: usize,
+    /// Record bytes a PG holds for re-sends before it lets go of records that
+    /// 4 segments have (the rest are repaired by storage).
+    pub pg_held_bytes_max: usize,
+    /// Pages cached, at most (plus those with changes above the VDL).
+    pub page_cache_pages_max: usize,
+    /// Reads in flight, at most; beyond, `read` says Busy.
+    pub reads_inflight_max: usize,
+    /// A read unanswered this long is also asked of a second segment.
+    pub read_hedge_after_us: u64,
+    /// A batch unanswered this long is sent again (None: rely on the
+    /// connection, which reports a loss by going down).
+    pub resend_after_us: Option<u64>,
+    /// After a refused batch, wait this long before sending to that segment again.
+    pub retry_after_us: u64,
+}
+
+impl WriterConfig {
+    pub fn from_cluster(cluster: &Cluster, epoch: u64) -> WriterConfig {
+        WriterConfig {
+            volume: cluster.volume_id,
+            epoch,
+            page_bytes: cluster.page_bytes as usize,
+            pg_pages: cluster.pg_pages,
+            placement: cluster.placement.clone(),
+            lal: 10_000,
+            txn_writes_max: 256,
+            waiting_txns_max: 4096,
+            batch_bytes_max: 1024 * 1024,
+            segment_batches_inflight_max: 32,
+            segment_inflight_bytes_max: 16 * 1024 * 1024,
+            pg_held_bytes_max: 64 * 1024 * 1024,
+            page_cache_pages_max: 16 * 1024,
+            reads_inflight_max: 4096,
+            read_hedge_after_us: 50_000,
+            resend_after_us: None,
+            retry_after_us: 100_000,
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pg_pages * self.placement.len() as u64
+    }
+}
+
+/// One change of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageWrite {
+    /// The whole page (exactly `page_bytes` long).
+    Image { page: u64, bytes: Vec<u8> },
+    /// `bytes` replace the page's bytes at `offset`.
+    Range { page: u64, offset: u32, bytes: Vec<u8> },
+}
+
+impl PageWrite {
+    pub fn page(&self) -> u64 {
+        match self {
+            PageWrite::Image { page, .. } | PageWrite::Range { page, .. } => *page,
+        }
+    }
+
+    fn into_body(self) -> RecordBody {
+        match self {
+            PageWrite::Image { bytes, .. } => RecordBody::PageImage(bytes),
+            PageWrite::Range { offset, bytes, .. } => RecordBody::PageDelta { offset, bytes },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxnError {
+    #[error("a transaction needs at least one page write")]
+    Empty,
+    #[error("{writes} page writes in one transaction; at most {max}")]
+    TooManyWrites { writes: usize, max: usize },
+    #[error("page {page} is outside the volume (pages 0..{pages})")]
+    PageOutOfRange { page: u64, pages: u64 },
+    #[error("page {page}: {why}")]
+    BadWrite { page: u64, why: String },
+    #[error("too many transactions are waiting; try again")]
+    Busy,
+    #[error("another writer took the volume (epoch {epoch}); this one no longer writes")]
+    Fenced { epoch: u64 },
+}
+
+/// A page as a read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRead {
+    /// The read point: the VDL when the read started.
+    pub read_point: u64,
+    /// LSN of the last change to the page at or below the read point (0: never written).
+    pub lsn: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A record as it goes on the wire, encoded once and shared by the six sends.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EncodedRecord {
+    pub lsn: u64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum Output<T> {
+    /// Send `records` (increasing LSNs, one PG) to `node` as an `Append` with
+    /// request id `request`; feed its reply to [`Writer::on_reply`].
+    Append {
+        node: u64,
+        request: u64,
+        pg: u32,
+        epoch: u64,
+        records: Vec<Arc<EncodedRecord>>,
+    },
+    /// Send `message` (GetPage or SetPgmrpl) to `node` with request id `request`.
+    Request {
+        node: u64,
+        request: u64,
+        message: Message,
+    },
+    /// The transaction is durable: VDL >= `lsn`, its CPL.
+    Committed {
+        token: T,
+        lsn: u64,
+    },
+    ReadDone {
+        token: T,
+        page: PageRead,
+    },
+    /// A segment reported a newer epoch: another writer owns the volume.
+    /// Nothing more is sent; waiting transactions are never acknowledged.
+    Fenced {
+        epoch: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    node: u64,
+    up: bool,
+    scl: u64,
+    /// Highest LSN sent on the current connection; the next batch starts above it.
+    sent_through: u64,
+    inflight_batches: usize,
+    inflight_bytes: usize,
+    /// No sends before this time (after a refusal).
+    paused_until_us: u64,
+    /// Recent reply latency (exponential average), to pick whom to read from.
+    latency_us: u64,
+}
+
+#[derive(Debug)]
+struct Pg {
+    slots: Vec<Slot>,
+    /// Records not yet on all 6 segments (and not let go), in LSN order.
+    held: VecDeque<Arc<EncodedRecord>>,
+    held_bytes: usize,
+    /// Highest LSN let go of: a segment below it cannot be caught up from here.
+    released_through: u64,
+    /// LSN of this PG's last record (its chain tail), for `prev_lsn_pg`.
+    last_lsn: u64,
+    pgcl: u64,
+    /// This PG's record LSNs above the VDL, in order.
+    above_vdl: VecDeque<u64>,
+    /// This PG's last record at or below the VDL: where a read at the VDL
+    /// asks its segments to read (a segment's SCL only moves with its PG's records).
+    durable_tail: u64,
+    pgmrpl_sent: u64,
+    dirty: bool,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Append {
+        pg: u32,
+        slot: usize,
+        bytes: usize,
+        sent_us: u64,
+    },
+    Read {
+        read: u64,
+        pg: u32,
+        slot: usize,
+        sent_us: u64,
+    },
+    Pgmrpl {
+        node: u64,
+    },
+}
+
+#[derive(Debug)]
+struct ReadState<T> {
+    token: T,
+    page: u64,
+    pg: u32,
+    read_point: u64,
+    pg_point: u64,
+    /// Slots asked so far (bitmask) and how many asks are unanswered.
+    tried: u8,
+    outstanding: u8,
+    started_us: u64,
+}
+
+/// The writer. `T` identifies a transaction or read to the caller.
+#[derive(Debug)]
+pub struct Writer<T> {
+    config: WriterConfig,
+    pgs: Vec<Pg>,
+    next_lsn: u64,
+    commits: CommitQueue<T>,
+    waiting: VecDeque<(T, Vec<PageWrite>)>,
+    /// Last LSN that changed each page written since start (bounded by the volume's page count).
+    page_last_lsn: HashMap<u64, u64>,
+    cache: PageCache,
+    pending: HashMap<u64, Pending>,
+    reads: HashMap<u64, ReadState<T>>,
+    next_request: u64,
+    next_read: u64,
+    now_us: u64,
+    fenced: Option<u64>,
+    outputs: Vec<Output<T>>,
+}
+
+impl<T> Writer<T> {
+    /// A writer for a volume whose VDL is `vdl` (0 for a new volume); LSNs
+    /// continue above it. Every connection starts down.
+    pub fn new(config: WriterConfig, vdl: u64) -> Writer<T> {
+        assert!(
+            config.txn_writes_max as u64 <= config.lal,
+            "a transaction must fit the LAL"
+        );
+        assert!(config.segment_batches_inflight_max > 0 && config.batch_bytes_max > 0);
+        let pgs = config
+            .placement
+            .iter()
+            .map(|nodes| Pg {
+                slots: nodes
+                    .iter()
+                    .map(|&node| Slot {
+                        node,
+                        up: false,
+                        scl: 0,
+                        sent_through: 0,
+                        inflight_batches: 0,
+                        inflight_bytes: 0,
+                        paused_until_us: 0,
+                        latency_us: 0,
+                    })
+                    .collect(),
+                held: VecDeque::new(),
+                held_bytes: 0,
+                released_through: 0,
+                last_lsn: 0,
+                pgcl: 0,
+                above_vdl: VecDeque::new(),
+                durable_tail: 0,
+                pgmrpl_sent: 0,
+                dirty: false,
+            })
+            .collect();
+        Writer {
+            cache: PageCache::new(config.page_cache_pages_max),
+            config,
+            pgs,
+            next_lsn: vdl + 1,
+            commits: CommitQueue::new(vdl),
+            waiting: VecDeque::new(),
+            page_last_lsn: HashMap::new(),
+            pending: HashMap::new(),
+            reads: HashMap::new(),
+            next_request: 1,
+            next_read: 1,
+            now_us: 0,
+            fenced: None,
+            outputs: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &WriterConfig {
+        &self.config
+    }
+
+    pub fn vdl(&self) -> u64 {
+        self.commits.vdl()
+    }
+
+    /// Highest LSN allocated so far.
+    pub fn allocated_through(&self) -> u64 {
+        self.next_lsn - 1
+    }
+
+    pub fn vcl(&self) -> u64 {
+        quorum::vcl(
+            self.pgs.iter().map(|pg| {
+                let i = pg.held.partition_point(|r| r.lsn <= pg.pgcl);
+                pg.held.get(i).map(|r| r.lsn)
+            }),
+            self.allocated_through(),
+        )
+    }
+
+    pub fn pgcl(&self, pg: u32) -> u64 {
+        self.pgs[pg as usize].pgcl
+    }
+
+    /// The SCL each of the PG's segments last reported, in slot order.
+    pub fn scls(&self, pg: u32) -> [u64; SEGMENTS_PER_PG] {
+        let mut out = [0; SEGMENTS_PER_PG];
+        for (o, s) in out.iter_mut().zip(&self.pgs[pg as usize].slots) {
+            *o = s.scl;
+        }
+        out
+    }
+
+    pub fn held_bytes(&self) -> usize {
+        self.pgs.iter().map(|p| p.held_bytes).sum()
+    }
+
+    pub fn waiting_txns(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn uncommitted_txns(&self) -> usize {
+        self.commits.len()
+    }
+
+    pub fn reads_inflight(&self) -> usize {
+        self.reads.len()
+    }
+
+    pub fn cache_hits_misses(&self) -> (u64, u64) {
+        (self.cache.hits, self.cache.misses)
+    }
+
+    pub fn fenced(&self) -> Option<u64> {
+        self.fenced
+    }
+
+    /// Whether a new transaction would be taken (not Busy, not fenced).
+    pub fn accepting(&self) -> bool {
+        self.fenced.is_none() && self.waiting.len() < self.config.waiting_txns_max
+    }
+
+    /// The time, in microseconds from any fixed origin, for latencies and retries.
+    pub fn set_now(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+    }
+
+    /// Take a transaction. It is acknowledged by an [`Output::Committed`]
+    /// once durable; until then it may wait for the LAL, but it never fails
+    /// once taken.
+    pub fn submit(&mut self, token: T, writes: Vec<PageWrite>) -> Result<(), TxnError> {
+        if let Some(epoch) = self.fenced {
+            return Err(TxnError::Fenced { epoch });
+        }
+        self.check_txn(&writes)?;
+        if !self.waiting.is_empty() || !self.fits(writes.len()) {
+            if self.waiting.len() >= self.config.waiting_txns_max {
+                return Err(TxnError::Busy);
+            }
+            self.waiting.push_back((token, writes));
+            return Ok(());
+        }
+        self.allocate(token, writes);
+        Ok(())
+    }
+
+    fn check_txn(&self, writes: &[PageWrite]) -> Result<(), TxnError> {
+        if writes.is_empty() {
+            return Err(TxnError::Empty);
+        }
+        if writes.len() > self.config.txn_writes_max {
+            return Err(TxnError::TooManyWrites {
+                writes: writes.len(),
+                max: self.config.txn_writes_max,
+            });
+        }
+        let pages = self.config.pages();
+        for w in writes {
+            let page = w.page();
+            if page >= pages {
+                return Err(TxnError::PageOutOfRange { page, pages });
+            }
+            let why = match w {
+                PageWrite::Image { bytes, .. } if bytes.len() != self.config.page_bytes => Some(format!(
+                    "an image of {} bytes for a {}-byte page",
+                    bytes.len(),
+                    self.config.page_bytes
+                )),
+                PageWrite::Range { offset, bytes, .. }
+                    if (*offset as usize).saturating_add(bytes.len()) > self.config.page_bytes =>
+                {
+                    Some(format!(
+                        "{} bytes at offset {offset} run past the {}-byte page",
+                        bytes.len(),
+                        self.config.page_bytes
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(TxnError::BadWrite { page, why });
+            }
+        }
+        Ok(())
+    }
+
+    fn fits(&self, records: usize) -> bool {
+        self.next_lsn + records as u64 - 1 <= self.commits.vdl() + self.config.lal
+    }
+
+    fn allocate(&mut self, token: T, writes: Vec<PageWrite>) {
+        let n = writes.len();
+        let mut cpl = 0;
+        for (i, w) in writes.into_iter().enumerate() {
+            let lsn = self.next_lsn;
+            self.next_lsn += 1;
+            let page = w.page();
+            let pg_no = (page / self.config.pg_pages) as u32;
+            let body = w.into_body();
+            self.cache.on_write(page, lsn, &body);
+            let prev_lsn_page = self.page_last_lsn.insert(page, lsn).unwrap_or(0);
+            let pg = &mut self.pgs[pg_no as usize];
+            let record = RedoRecord {
+                segment: SegmentId {
+                    volume: self.config.volume,
+                    pg: pg_no,
+                },
+                lsn,
+                prev_lsn_pg: pg.last_lsn,
+                prev_lsn_page,
+                page,
+                cpl: i + 1 == n,
+                body,
+            };
+            let bytes = record.encode();
+            pg.held_bytes += bytes.len();
+            pg.held.push_back(Arc::new(EncodedRecord { lsn, bytes }));
+            pg.last_lsn = lsn;
+            pg.above_vdl.push_back(lsn);
+            pg.dirty = true;
+            cpl = lsn;
+        }
+        self.commits.push(cpl, token);
+    }
+
+    /// The boxcar: send each segment what it has not been sent, as far as
+    /// its in-flight window allows. Call after a round of inputs; the
+    /// outputs come back from [`Writer::take_outputs`].
+    pub fn flush(&mut self) {
+        if self.fenced.is_some() {
+            return;
+        }
+        for pg_no in 0..self.pgs.len() {
+            if !self.pgs[pg_no].dirty {
+                continue;
+            }
+            self.pgs[pg_no].dirty = false;
+            for slot in 0..SEGMENTS_PER_PG {
+                self.send_to(pg_no, slot);
+            }
+        }
+    }
+
+    fn send_to(&mut self, pg_no: usize, slot_no: usize) {
+        let config = &self.config;
+        let pg = &mut self.pgs[pg_no];
+        let slot = &mut pg.slots[slot_no];
+        if !slot.up || slot.paused_until_us > self.now_us {
+            return;
+        }
+        loop {
+            if slot.inflight_batches >= config.segment_batches_inflight_max
+                || slot.inflight_bytes >= config.segment_inflight_bytes_max
+            {
+                return;
+            }
+            let from = pg.held.partition_point(|r| r.lsn <= slot.sent_through);
+            if from == pg.held.len() {
+                return;
+            }
+            let room = config
+                .batch_bytes_max
+                .min(config.segment_inflight_bytes_max - slot.inflight_bytes);
+            let mut records = Vec::new();
+            let mut bytes = 0;
+            for r in pg.held.range(from..) {
+                if !records.is_empty() && bytes + r.bytes.len() > room {
+                    break;
+                }
+                bytes += r.bytes.len();
+                records.push(r.clone());
+            }
+            let Some(last) = records.last() else {
+                return;
+            };
+            slot.sent_through = last.lsn;
+            slot.inflight_batches += 1;
+            slot.inflight_bytes += bytes;
+            let request = self.next_request;
+            self.next_request += 1;
+            self.pending.insert(
+                request,
+                Pending::Append {
+                    pg: pg_no as u32,
+                    slot: slot_no,
+                    bytes,
+                    sent_us: self.now_us,
+                },
+            );
+            self.outputs.push(Output::Append {
+                node: slot.node,
+                request,
+                pg: pg_no as u32,
+                epoch: config.epoch,
+                records,
+            });
+        }
+    }
+
+    /// Everything decided since the last call (sends included: this flushes first).
+    pub fn take_outputs(&mut self, out: &mut Vec<Output<T>>) {
+        self.flush();
+        out.append(&mut self.outputs);
+    }
+
+    /// The connection to `node` is established (Hello answered).
+    pub fn node_up(&mut self, node: u64) {
+        for pg in &mut self.pgs {
+            for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
+                slot.up = true;
+                slot.sent_through = slot.scl.max(pg.released_through);
+                pg.dirty = true;
+            }
+        }
+    }
+
+    /// The connection to `node` is gone: whatever was in flight on it is
+    /// lost; it will be sent again from the segments' SCLs when it is back.
+    pub fn node_down(&mut self, node: u64) {
+        for pg in &mut self.pgs {
+            for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
+                slot.up = false;
+                slot.inflight_batches = 0;
+                slot.inflight_bytes = 0;
+                slot.sent_through = slot.scl.max(pg.released_through);
+            }
+        }
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Append { pg, slot, .. } | Pending::Read { pg, slot, .. } => {
+                    self.pgs[*pg as usize].slots[*slot].node == node
+                }
+                Pending::Pgmrpl { node: n } => *n == node,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in lost {
+            if let Some(Pending::Read { read, .. }) = self.pending.remove(&id) {
+                self.read_failed(read);
+            }
+        }
+    }
+
+    /// A reply from `node` to request `request`. Replies to requests the
+    /// writer no longer waits for (lost connections, hedged reads) are
+    /// still believed for what they say about a segment's SCL.
+    pub fn on_reply(&mut self, node: u64, request: u64, reply: Message) {
+        if let Message::Error {
+            code: ErrorCode::StaleEpoch,
+            current_epoch,
+            ..
+        } = reply
+            && current_epoch > self.config.epoch
+        {
+            self.fence(current_epoch);
+            return;
+        }
+        let pending = self.pending.remove(&request);
+        match (pending, reply) {
+            (
+                Some(Pending::Append {
+                    pg,
+                    slot,
+                    bytes,
+                    sent_us,
+                }),
+                reply,
+            ) => {
+                let s = &mut self.pgs[pg as usize].slots[slot];
+                s.inflight_batches -= 1;
+                s.inflight_bytes -= bytes;
+                s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
+                match reply {
+                    Message::AppendAck { scl, .. } => self.on_scl(pg, slot, scl),
+                    other => {
+                        tracing::debug!(node, pg, reply = ?other, "append refused; will send again");
+                        let released = self.pgs[pg as usize].released_through;
+                        let s = &mut self.pgs[pg as usize].slots[slot];
+                        s.sent_through = s.scl.max(released);
+                        s.paused_until_us = self.now_us + self.config.retry_after_us;
+                    }
+                }
+                self.pgs[pg as usize].dirty = true;
+            }
+            (
+                Some(Pending::Read {
+                    read,
+                    pg,
+                    slot,
+                    sent_us,
+                }),
+                reply,
+            ) => {
+                let s = &mut self.pgs[pg as usize].slots[slot];
+                s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
+                match reply {
+                    Message::Page { lsn, bytes, page, .. } if bytes.len() == self.config.page_bytes => {
+                        self.read_succeeded(read, page, lsn, bytes)
+                    }
+                    _ => {
+                        if let Some(r) = self.reads.get_mut(&read) {
+                            r.outstanding -= 1;
+                        }
+                        self.read_failed(read);
+                    }
+                }
+            }
+            (Some(Pending::Pgmrpl { .. }), _) => {}
+            (None, Message::AppendAck { pg, scl, .. }) => {
+                // A late ack (its connection was reset since): the SCL is still true.
+                if let Some(slot) = self
+                    .pgs
+                    .get(pg as usize)
+                    .and_then(|p| p.slots.iter().position(|s| s.node == node))
+                {
+                    self.on_scl(pg, slot, scl);
+                }
+            }
+            (None, _) => {}
+        }
+    }
+
+    fn fence(&mut self, epoch: u64) {
+        if self.fenced.is_none() {
+            tracing::error!(epoch, "a segment reports a newer epoch: another writer owns the volume");
+            self.fenced = Some(epoch);
+            self.outputs.push(Output::Fenced { epoch });
+        }
+    }
+
+    fn on_scl(&mut self, pg_no: u32, slot_no: usize, scl: u64) {
+        let pg = &mut self.pgs[pg_no as usize];
+        let slot = &mut pg.slots[slot_no];
+        slot.scl = slot.scl.max(scl);
+        // Everything sent was answered and the segment is still behind:
+        // something it was sent never arrived. Send it again.
+        if slot.inflight_batches == 0 && slot.scl < slot.sent_through && slot.scl >= pg.released_through {
+            slot.sent_through = slot.scl;
+            pg.dirty = true;
+        }
+        let mut scls = [0; SEGMENTS_PER_PG];
+        for (o, s) in scls.iter_mut().zip(&pg.slots) {
+            *o = s.scl;
+        }
+        let pgcl = quorum::pgcl(&scls);
+        debug_assert!(pgcl >= pg.pgcl);
+        pg.pgcl = pgcl.max(pg.pgcl);
+        // Let go of what all 6 have, and past the memory bound of what 4 have.
+        let all = scls.iter().copied().min().unwrap_or(0);
+        while let Some(front) = pg.held.front() {
+            let over = pg.held_bytes > self.config.pg_held_bytes_max;
+            if front.lsn > all && !(over && front.lsn <= pg.pgcl) {
+                break;
+            }
+            pg.held_bytes -= front.bytes.len();
+            pg.released_through = front.lsn;
+            pg.held.pop_front();
+        }
+        self.advance();
+    }
+
+    /// Move VCL → VDL, acknowledge what it covers, and let waiting
+    /// transactions in under the raised LAL.
+    fn advance(&mut self) {
+        let vcl = self.vcl();
+        let outputs = &mut self.outputs;
+        let moved = self
+            .commits
+            .advance(vcl, |lsn, token| outputs.push(Output::Committed { token, lsn }));
+        if !moved {
+            return;
+        }
+        let vdl = self.commits.vdl();
+        self.cache.on_vdl(vdl);
+        for pg in &mut self.pgs {
+            while let Some(&lsn) = pg.above_vdl.front() {
+                if lsn > vdl {
+                    break;
+                }
+                pg.durable_tail = lsn;
+                pg.above_vdl.pop_front();
+            }
+        }
+        while let Some((_, writes)) = self.waiting.front() {
+            if !self.fits(writes.len()) {
+                break;
+            }
+            let Some((token, writes)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.allocate(token, writes);
+        }
+    }
+
+    /// Read `page` as of the current VDL (the read point). Served from the
+    /// page cache when it holds the page; otherwise asked of the segment of
+    /// the page's PG with the best recent latency among those whose SCL
+    /// reaches the read point, and of a second one if the first refuses, is
+    /// slow (`read_hedge_after_us`) or its connection drops. The answer comes
+    /// as [`Output::ReadDone`].
+    pub fn read(&mut self, token: T, page: u64) -> Result<(), TxnError> {
+        if let Some(epoch) = self.fenced {
+            return Err(TxnError::Fenced { epoch });
+        }
+        let pages = self.config.pages();
+        if page >= pages {
+            return Err(TxnError::PageOutOfRange { page, pages });
+        }
+        let read_point = self.commits.vdl();
+        if let Some((lsn, bytes)) = self.cache.get(page) {
+            self.outputs.push(Output::ReadDone {
+                token,
+                page: PageRead { read_point, lsn, bytes },
+            });
+            return Ok(());
+        }
+        let pg_no = (page / self.config.pg_pages) as u32;
+        let pg_point = self.pgs[pg_no as usize].durable_tail;
+        if pg_point == 0 {
+            // No record of the PG is durable: every page of it is zeros.
+            self.outputs.push(Output::ReadDone {
+                token,
+                page: PageRead {
+                    read_point,
+                    lsn: 0,
+                    bytes: vec![0; self.config.page_bytes],
+                },
+            });
+            return Ok(());
+        }
+        if self.reads.len() >= self.config.reads_inflight_max {
+            return Err(TxnError::Busy);
+        }
+        let read = self.next_read;
+        self.next_read += 1;
+        self.reads.insert(
+            read,
+            ReadState {
+                token,
+                page,
+                pg: pg_no,
+                read_point,
+                pg_point,
+                tried: 0,
+                outstanding: 0,
+                started_us: self.now_us,
+            },
+        );
+        self.ask(read);
+        Ok(())
+    }
+
+    /// Ask one more segment for a read; false if none can answer now.
+    fn ask(&mut self, read: u64) -> bool {
+        let Some(r) = self.reads.get_mut(&read) else {
+            return false;
+        };
+        let pg = &self.pgs[r.pg as usize];
+        let mut best: Option<(u64, usize)> = None;
+        for (i, s) in pg.slots.iter().enumerate() {
+            if !s.up || s.scl < r.pg_point || r.tried & (1 << i) != 0 {
+                continue;
+            }
+            if best.is_none_or(|(lat, _)| s.latency_us < lat) {
+                best = Some((s.latency_us, i));
+            }
+        }
+        let Some((_, slot)) = best else {
+            return false;
+        };
+        r.tried |= 1 << slot;
+        r.outstanding += 1;
+        let request = self.next_request;
+        self.next_request += 1;
+        let node = pg.slots[slot].node;
+        self.pending.insert(
+            request,
+            Pending::Read {
+                read,
+                pg: r.pg,
+                slot,
+                sent_us: self.now_us,
+            },
+        );
+        self.outputs.push(Output::Request {
+            node,
+            request,
+            message: Message::GetPage {
+                volume: self.config.volume,
+                epoch: self.config.epoch,
+                pg: r.pg,
+                page: r.page,
+                read_point: r.pg_point,
+            },
+        });
+        true
+    }
+
+    fn read_failed(&mut self, read: u64) {
+        let Some(r) = self.reads.get(&read) else {
+            return;
+        };
+        if r.outstanding == 0 && !self.ask(read) {
+            // Nobody can answer now: start over at the next tick.
+            if let Some(r) = self.reads.get_mut(&read) {
+                r.tried = 0;
+            }
+        }
+    }
+
+    fn read_succeeded(&mut self, read: u64, page: u64, lsn: u64, bytes: Vec<u8>) {
+        let Some(r) = self.reads.remove(&read) else {
+            return; // a hedged read already answered
+        };
+        if page != r.page || lsn > r.pg_point {
+            debug_assert!(false, "a segment answered another page or read point");
+            self.reads.insert(read, r);
+            self.read_failed(read);
+            return;
+        }
+        // Still current if nothing was written to it since the read point.
+        if self.page_last_lsn.get(&page).is_none_or(|&l| l <= r.pg_point) {
+            self.cache.insert(page, lsn, bytes.clone());
+        }
+        self.outputs.push(Output::ReadDone {
+            token: r.token,
+            page: PageRead {
+                read_point: r.read_point,
+                lsn,
+                bytes,
+            },
+        });
+    }
+
+    /// Periodic work off the commit path: hedge slow reads, retry reads
+    /// nobody could answer, resume paused segments, re-send batches
+    /// unanswered too long (if configured), and tell segments the PGMRPL.
+    pub fn tick(&mut self, now_us: u64) {
+        self.set_now(now_us);
+        if self.fenced.is_some() {
+            return;
+        }
+        let slow: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| {
+                r.outstanding == 0 || now_us.saturating_sub(r.started_us) >= self.config.read_hedge_after_us
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for read in slow {
+            if let Some(r) = self.reads.get_mut(&read) {
+                r.started_us = now_us;
+                if r.outstanding == 0 || r.tried.count_ones() as usize == SEGMENTS_PER_PG {
+                    r.tried = 0;
+                }
+            }
+            self.ask(read);
+        }
+        if let Some(resend_after) = self.config.resend_after_us {
+            let stale: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| matches!(p, Pending::Append { sent_us, .. } if now_us.saturating_sub(*sent_us) >= resend_after))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in stale {
+                if let Some(Pending::Append { pg, slot, bytes, .. }) = self.pending.remove(&id) {
+                    let p = &mut self.pgs[pg as usize];
+                    let s = &mut p.slots[slot];
+                    s.inflight_batches -= 1;
+                    s.inflight_bytes -= bytes;
+                    s.sent_through = s.scl.max(p.released_through);
+                    p.dirty = true;
+                }
+            }
+        }
+        for pg_no in 0..self.pgs.len() {
+            let pg = &mut self.pgs[pg_no];
+            if pg
+                .slots
+                .iter()
+                .any(|s| s.paused_until_us != 0 && s.paused_until_us <= now_us)
+            {
+                for s in &mut pg.slots {
+                    if s.paused_until_us <= now_us {
+                        s.paused_until_us = 0;
+                    }
+                }
+                pg.dirty = true;
+            }
+            // PGMRPL: the lowest read point a reader of this PG still holds.
+            let mut pgmrpl = pg.durable_tail;
+            for r in self.reads.values().filter(|r| r.pg as usize == pg_no) {
+                pgmrpl = pgmrpl.min(r.pg_point);
+            }
+            if pgmrpl > pg.pgmrpl_sent {
+                pg.pgmrpl_sent = pgmrpl;
+                for s in pg.slots.iter().filter(|s| s.up) {
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.pending.insert(request, Pending::Pgmrpl { node: s.node });
+                    self.outputs.push(Output::Request {
+                        node: s.node,
+                        request,
+                        message: Message::SetPgmrpl {
+                            volume: self.config.volume,
+                            epoch: self.config.epoch,
+                            pg: pg_no as u32,
+                            lsn: pgmrpl,
+                        },
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,339 @@
+//! Unit tests of the writer core: the commit path step by step.
+
+use super::*;
+
+const PAGE: usize = 4096;
+
+fn config() -> WriterConfig {
+    WriterConfig {
+        volume: 1,
+        epoch: 1,
+        page_bytes: PAGE,
+        pg_pages: 100,
+        placement: vec![[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 1]],
+        lal: 8,
+        txn_writes_max: 4,
+        waiting_txns_max: 2,
+        batch_bytes_max: 1 << 20,
+        segment_batches_inflight_max: 2,
+        segment_inflight_bytes_max: 1 << 20,
+        pg_held_bytes_max: 1 << 20,
+        page_cache_pages_max: 100,
+        reads_inflight_max: 10,
+        read_hedge_after_us: 1000,
+        resend_after_us: None,
+        retry_after_us: 100,
+    }
+}
+
+fn writer() -> Writer<u32> {
+    let mut w = Writer::new(config(), 0);
+    for n in 1..=6 {
+        w.node_up(n);
+    }
+    w
+}
+
+fn delta(page: u64, byte: u8) -> PageWrite {
+    PageWrite::Range {
+        page,
+        offset: 0,
+        bytes: vec![byte; 4],
+    }
+}
+
+fn outputs(w: &mut Writer<u32>) -> Vec<Output<u32>> {
+    let mut out = Vec::new();
+    w.take_outputs(&mut out);
+    out
+}
+
+/// (node, request, pg, first lsn, last lsn) of every Append.
+fn appends(out: &[Output<u32>]) -> Vec<(u64, u64, u32, u64, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Append {
+                node,
+                request,
+                pg,
+                records,
+                ..
+            } => Some((*node, *request, *pg, records[0].lsn, records.last().unwrap().lsn)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn commits(out: &[Output<u32>]) -> Vec<(u32, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Committed { token, lsn } => Some((*token, *lsn)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ack(w: &mut Writer<u32>, node: u64, request: u64, pg: u32, scl: u64) {
+    w.on_reply(node, request, Message::AppendAck { volume: 1, pg, scl });
+}
+
+#[test]
+fn a_commit_is_acknowledged_at_the_fourth_ack_not_before() {
+    let mut w = writer();
+    w.submit(7, vec![delta(1, 1), delta(2, 1)]).unwrap();
+    let out = outputs(&mut w);
+    let sends = appends(&out);
+    assert_eq!(sends.len(), 6, "one batch to each segment");
+    assert!(sends.iter().all(|s| (s.3, s.4) == (1, 2)));
+    for (i, (node, req, pg, _, last)) in sends.iter().enumerate() {
+        ack(&mut w, *node, *req, *pg, *last);
+        let c = commits(&outputs(&mut w));
+        if i < 3 {
+            assert!(c.is_empty(), "acked after {} segments", i + 1);
+            assert_eq!(w.vdl(), 0);
+        } else if i == 3 {
+            assert_eq!(c, vec![(7, 2)]);
+            assert_eq!(w.vdl(), 2);
+        } else {
+            assert!(c.is_empty(), "acknowledged twice");
+        }
+    }
+}
+
+#[test]
+fn the_vdl_waits_for_every_pg_and_stops_at_a_cpl() {
+    let mut w = writer();
+    // Txn 1: page 1 (PG 0) and page 150 (PG 1); txn 2: page 2 (PG 0).
+    w.submit(1, vec![delta(1, 1), delta(150, 1)]).unwrap();
+    w.submit(2, vec![delta(2, 1)]).unwrap();
+    let out = outputs(&mut w);
+    // PG 0 gets LSNs 1 and 3 (one batch), PG 1 gets LSN 2.
+    for (node, req, pg, _, last) in appends(&out) {
+        if pg == 0 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(w.pgcl(0), 3);
+    assert_eq!(w.vcl(), 1, "LSN 2 (PG 1) is not at quorum");
+    assert_eq!(w.vdl(), 0, "LSN 1 is not a CPL");
+    assert!(commits(&outputs(&mut w)).is_empty());
+    for (node, req, pg, _, last) in appends(&out) {
+        if pg == 1 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 2), (2, 3)], "one pass, in order");
+}
+
+#[test]
+fn records_queued_while_the_window_is_full_ride_along() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let first = appends(&outputs(&mut w));
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    let second = appends(&outputs(&mut w));
+    assert_eq!(second.len(), 6, "window of 2: a second batch goes at once");
+    for i in 3..=5 {
+        w.submit(i, vec![delta(1, i as u8)]).unwrap();
+    }
+    assert!(appends(&outputs(&mut w)).is_empty(), "window full: nothing sent");
+    // One ack frees one slot of one segment: LSNs 3..=5 go in one batch.
+    let (node, req, pg, _, last) = first[0];
+    ack(&mut w, node, req, pg, last);
+    let third = appends(&outputs(&mut w));
+    assert_eq!(third.len(), 1);
+    assert_eq!((third[0].0, third[0].3, third[0].4), (node, 3, 5));
+    let _ = second;
+}
+
+#[test]
+fn the_lal_makes_transactions_wait_and_then_go() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1), delta(2, 1), delta(3, 1), delta(4, 1)])
+        .unwrap();
+    w.submit(2, vec![delta(1, 2), delta(2, 2), delta(3, 2), delta(4, 2)])
+        .unwrap();
+    assert_eq!(w.allocated_through(), 8);
+    w.submit(3, vec![delta(5, 3)]).unwrap();
+    assert_eq!(w.allocated_through(), 8, "LSN 9 would pass VDL 0 + LAL 8");
+    assert_eq!(w.waiting_txns(), 1);
+    w.submit(4, vec![delta(5, 4)]).unwrap();
+    assert_eq!(w.submit(5, vec![delta(5, 5)]), Err(TxnError::Busy));
+    assert!(!w.accepting());
+    let out = outputs(&mut w);
+    // One batch of LSNs 1..=8; the segments have made 1..=4 durable so far.
+    for (node, req, pg, _, _) in appends(&out) {
+        ack(&mut w, node, req, pg, 4);
+    }
+    assert_eq!(w.vdl(), 4);
+    assert_eq!(w.allocated_through(), 10, "both waiting transactions got LSNs");
+    assert!(w.accepting());
+}
+
+#[test]
+fn a_segment_back_from_a_drop_is_sent_what_it_missed() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let first = appends(&outputs(&mut w));
+    w.node_down(6);
+    for &(node, req, pg, _, last) in &first {
+        if node != 6 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    let second = appends(&outputs(&mut w));
+    assert_eq!(second.len(), 5, "nothing to a segment that is down");
+    assert_eq!(w.vdl(), 1);
+    w.node_up(6);
+    let back = appends(&outputs(&mut w));
+    assert_eq!(back.len(), 1);
+    assert_eq!((back[0].0, back[0].3, back[0].4), (6, 1, 2), "from its SCL on");
+}
+
+#[test]
+fn an_answered_segment_still_behind_gets_a_resend() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let first = appends(&outputs(&mut w));
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    let second = appends(&outputs(&mut w));
+    let (node, req, pg, _, _) = second[0];
+    // The first batch to this node was lost: the second is acked with SCL 0.
+    ack(&mut w, node, req, pg, 0);
+    w.on_reply(node, first[0].1, Message::error(ErrorCode::Overloaded, 0, "busy"));
+    assert!(appends(&outputs(&mut w)).is_empty(), "paused after a refusal");
+    w.tick(1000);
+    let again = appends(&outputs(&mut w));
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].0, again[0].3, again[0].4), (node, 1, 2));
+}
+
+#[test]
+fn three_segments_down_stall_commits_without_error() {
+    let mut w = writer();
+    for n in [4, 5, 6] {
+        w.node_down(n);
+    }
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    for (node, req, pg, _, last) in appends(&outputs(&mut w)) {
+        ack(&mut w, node, req, pg, last);
+    }
+    assert_eq!(w.vdl(), 0);
+    w.node_up(5);
+    let out = outputs(&mut w);
+    let resent = appends(&out);
+    assert_eq!(resent.len(), 1);
+    ack(&mut w, resent[0].0, resent[0].1, 0, 1);
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 1)]);
+}
+
+#[test]
+fn a_newer_epoch_fences_the_writer() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    w.on_reply(
+        sends[0].0,
+        sends[0].1,
+        Message::error(ErrorCode::StaleEpoch, 2, "stale"),
+    );
+    let out = outputs(&mut w);
+    assert!(out.iter().any(|o| matches!(o, Output::Fenced { epoch: 2 })));
+    assert_eq!(w.submit(2, vec![delta(1, 1)]), Err(TxnError::Fenced { epoch: 2 }));
+}
+
+#[test]
+fn bad_transactions_are_refused_and_change_nothing() {
+    let mut w = writer();
+    assert_eq!(w.submit(1, vec![]), Err(TxnError::Empty));
+    assert!(matches!(
+        w.submit(1, vec![delta(200, 1)]),
+        Err(TxnError::PageOutOfRange { .. })
+    ));
+    let past_end = PageWrite::Range {
+        page: 1,
+        offset: PAGE as u32 - 2,
+        bytes: vec![1; 4],
+    };
+    assert!(matches!(w.submit(1, vec![past_end]), Err(TxnError::BadWrite { .. })));
+    let short_image = PageWrite::Image {
+        page: 1,
+        bytes: vec![1; 10],
+    };
+    assert!(matches!(w.submit(1, vec![short_image]), Err(TxnError::BadWrite { .. })));
+    assert_eq!(w.allocated_through(), 0);
+}
+
+#[test]
+fn reads_see_the_vdl_from_cache_or_a_caught_up_segment() {
+    let mut w = writer();
+    w.submit(
+        1,
+        vec![
+            PageWrite::Image {
+                page: 3,
+                bytes: vec![5; PAGE],
+            },
+            delta(4, 9),
+        ],
+    )
+    .unwrap();
+    let sends = appends(&outputs(&mut w));
+    // Before the commit is durable a read sees zeros (PG 0 has nothing durable).
+    w.read(10, 3).unwrap();
+    match &outputs(&mut w)[..] {
+        [Output::ReadDone { token: 10, page }] => assert_eq!((page.read_point, page.lsn, page.bytes[0]), (0, 0, 0)),
+        other => panic!("{other:?}"),
+    }
+    for &(node, req, pg, _, last) in &sends[..4] {
+        ack(&mut w, node, req, pg, last);
+    }
+    outputs(&mut w);
+    // Page 3 was an image: cached.
+    w.read(11, 3).unwrap();
+    match &outputs(&mut w)[..] {
+        [Output::ReadDone { token: 11, page }] => assert_eq!((page.read_point, page.lsn, page.bytes[0]), (2, 1, 5)),
+        other => panic!("{other:?}"),
+    }
+    // Page 4 was a delta on an uncached page: asked of a segment with SCL >= 2.
+    w.read(12, 4).unwrap();
+    let out = outputs(&mut w);
+    let (node, request) = match &out[..] {
+        [
+            Output::Request {
+                node,
+                request,
+                message: Message::GetPage {
+                    read_point: 2, page: 4, ..
+                },
+            },
+        ] => (*node, *request),
+        other => panic!("{other:?}"),
+    };
+    assert!(sends[..4].iter().any(|s| s.0 == node), "only an acked segment is asked");
+    w.on_reply(node, request, Message::error(ErrorCode::ReadPointAboveScl, 0, "behind"));
+    let out = outputs(&mut w);
+    let (node2, request2) = match &out[..] {
+        [Output::Request { node, request, .. }] => (*node, *request),
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(node2, node, "a refusal goes to another segment");
+    let mut bytes = vec![0; PAGE];
+    bytes[..4].copy_from_slice(&[9; 4]);
+    w.on_reply(
+        node2,
+        request2,
+        Message::Page {
+            volume: 1,
+            pg: 0,
+            page: 4,
+            lsn: 2,
+            bytes: bytes.clone(),
+        },
+    );
+    match &outputs(&mut w)[..] {
+        [Output::ReadDone { token: 12, page }] => assert_eq!((page.read_point, page.lsn, &page.bytes), (2, 2, &bytes)),
+        other => panic!("{other:?}"),
+    }
+}

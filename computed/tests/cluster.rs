@@ -1,0 +1,343 @@
+//! Real processes on 127.0.0.1: 6 `storaged` daemons on file devices in a
+//! temp dir and one `computed`. Commits are acknowledged only once 4
+//! segments hold them: with 3 nodes stopped (SIGSTOP) or killed, commits
+//! stall, and resume when one comes back; with 2 killed they go on. Reads
+//! after storage restarts return the committed data.
+//!
+//! Needs the `storaged` binary next to `computed` in the target dir; it is
+//! built with `cargo build -p storaged` if missing. Every process is killed
+//! by PID when its guard drops; every test bounds its time.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use computed::client::Client;
+use computed::cluster::local_cluster_toml;
+use computed::core::PageWrite;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a commit is given to show it is stalled.
+const STALL_WINDOW: Duration = Duration::from_millis(1500);
+
+fn storaged_bin() -> PathBuf {
+    let computed = PathBuf::from(env!("CARGO_BIN_EXE_computed"));
+    let bin = computed.with_file_name("storaged");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", "storaged"]).status().unwrap();
+        assert!(status.success(), "building storaged");
+    }
+    bin
+}
+
+/// A child process, killed by its PID when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn start(mut cmd: Command) -> (Proc, SocketAddr) {
+        let mut child = cmd
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1)
+                    && let Ok(a) = addr.trim().parse::<SocketAddr>()
+                {
+                    let _ = tx.send(a);
+                }
+            }
+        });
+        let proc = Proc { child };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("process did not start listening");
+        (proc, addr)
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child, by its PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<Option<Proc>>,
+    computed: Option<Proc>,
+    computed_addr: SocketAddr,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("computed-cluster-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let bin = storaged_bin();
+        let addrs: Vec<SocketAddr> = (0..6).map(|_| free_port()).collect();
+        for i in 0..6 {
+            let dev = dir.path().join(format!("dev{}", i + 1));
+            let out = Command::new(&bin)
+                .args([
+                    "format",
+                    "--device",
+                    dev.to_str().unwrap(),
+                    "--node-id",
+                    &(i + 1).to_string(),
+                ])
+                .args(["--size", "64m"])
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut c = Cluster {
+            dir,
+            addrs,
+            nodes: (0..6).map(|_| None).collect(),
+            computed: None,
+            computed_addr: free_port(),
+        };
+        for i in 0..6 {
+            c.start_node(i);
+        }
+        let file = c.dir.path().join("cluster.toml");
+        std::fs::write(&file, local_cluster_toml(7, 2, 64, c.computed_addr, &c.addrs)).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_computed"));
+        cmd.args(["run", "--cluster", file.to_str().unwrap()]);
+        let (p, addr) = Proc::start(cmd);
+        assert_eq!(addr, c.computed_addr);
+        c.computed = Some(p);
+        c
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let dev = self.dir.path().join(format!("dev{}", i + 1));
+        let mut cmd = Command::new(storaged_bin());
+        cmd.args([
+            "run",
+            "--device",
+            dev.to_str().unwrap(),
+            "--listen",
+            &self.addrs[i].to_string(),
+        ]);
+        let (p, _) = Proc::start(cmd);
+        self.nodes[i] = Some(p);
+    }
+
+    fn node(&self, i: usize) -> &Proc {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.nodes[i] = None;
+    }
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
+}
+
+fn stamp(page: u64, n: u64) -> PageWrite {
+    let mut bytes = page.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&n.to_le_bytes());
+    PageWrite::Range {
+        page,
+        offset: 100,
+        bytes,
+    }
+}
+
+/// Commit and return the LSN; the commit touches a page of each PG.
+async fn commit(client: &Client, n: u64) -> u64 {
+    client
+        .commit(vec![stamp(n % 64, n), stamp(64 + n % 64, n)])
+        .await
+        .expect("commit")
+}
+
+/// Every page written by commits 1..=last holds the newest stamp.
+async fn check_reads(client: &Client, last: u64) {
+    for page in (0..64).chain(64..128) {
+        let newest = (1..=last).rev().find(|n| n % 64 == page % 64);
+        let got = client.read(page).await.expect("read");
+        let want: Vec<u8> = match newest {
+            Some(n) => page
+                .to_le_bytes()
+                .iter()
+                .chain(n.to_le_bytes().iter())
+                .copied()
+                .collect(),
+            None => vec![0; 16],
+        };
+        assert_eq!(
+            &got.bytes[100..116],
+            &want[..],
+            "page {page} at read point {}",
+            got.read_point
+        );
+    }
+}
+
+#[test]
+fn commits_need_four_segments_and_survive_storage_restarts() {
+    let mut c = Cluster::start();
+    run(async {
+        let client = Client::connect(c.computed_addr).await.unwrap();
+        assert_eq!(client.info.pages, 128);
+        let mut n = 0;
+        // Once every node is connected, commits flow.
+        for _ in 0..20 {
+            n += 1;
+            commit(&client, n).await;
+        }
+
+        // Three nodes held back: a commit stalls, no error; one back: it completes.
+        for i in [0, 1, 2] {
+            c.node(i).signal(libc::SIGSTOP);
+        }
+        n += 1;
+        let pending = commit(&client, n);
+        tokio::pin!(pending);
+        assert!(
+            tokio::time::timeout(STALL_WINDOW, &mut pending).await.is_err(),
+            "acknowledged with 3 segments"
+        );
+        c.node(2).signal(libc::SIGCONT);
+        let lsn = pending.await;
+        let info = client.volume_info().await.unwrap();
+        assert!(info.vdl >= lsn);
+        for i in [0, 1] {
+            c.node(i).signal(libc::SIGCONT);
+        }
+
+        // Two nodes killed: commits go on.
+        c.kill(3);
+        c.kill(4);
+        for _ in 0..20 {
+            n += 1;
+            commit(&client, n).await;
+        }
+        check_reads(&client, n).await;
+
+        // A third killed: stall; one restarted: resume.
+        c.kill(5);
+        n += 1;
+        let pending = commit(&client, n);
+        tokio::pin!(pending);
+        assert!(
+            tokio::time::timeout(STALL_WINDOW, &mut pending).await.is_err(),
+            "acknowledged with 3 segments"
+        );
+        c.start_node(4);
+        pending.await;
+        for _ in 0..10 {
+            n += 1;
+            commit(&client, n).await;
+        }
+        check_reads(&client, n).await;
+
+        // Every node restarted: reads still return the committed data.
+        c.start_node(3);
+        c.start_node(5);
+        for i in 0..3 {
+            c.kill(i);
+            c.start_node(i);
+        }
+        n += 1;
+        commit(&client, n).await;
+        check_reads(&client, n).await;
+
+        // Bad requests get a clear error; the connection goes on.
+        let err = client.read(1000).await.unwrap_err();
+        assert!(err.to_string().contains("outside the volume"), "{err}");
+        let err = client
+            .commit(vec![PageWrite::Range {
+                page: 1,
+                offset: 8190,
+                bytes: vec![1; 4],
+            }])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("run past"), "{err}");
+        n += 1;
+        commit(&client, n).await;
+    });
+    // SIGTERM: computed exits 0.
+    let mut computed = c.computed.take().unwrap();
+    computed.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = computed.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "computed did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn many_concurrent_clients_and_transactions() {
+    let c = Cluster::start();
+    run(async {
+        let client = std::sync::Arc::new(Client::connect(c.computed_addr).await.unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..8u64 {
+            let client = client.clone();
+            tasks.spawn(async move {
+                let mut last = 0;
+                for i in 0..50u64 {
+                    let page = t * 8 + i % 8;
+                    let lsn = client.commit(vec![stamp(page, i)]).await.expect("commit");
+                    assert!(lsn > 0);
+                    last = last.max(lsn);
+                }
+                last
+            });
+        }
+        let mut last = 0;
+        while let Some(r) = tasks.join_next().await {
+            last = last.max(r.unwrap());
+        }
+        assert!(client.volume_info().await.unwrap().vdl >= last);
+        // Each task's pages end with its last stamp.
+        for t in 0..8u64 {
+            for k in 0..8u64 {
+                let page = t * 8 + k;
+                let newest = (0..50u64).rev().find(|i| i % 8 == k).unwrap();
+                let got = client.read(page).await.unwrap();
+                assert_eq!(&got.bytes[108..116], &newest.to_le_bytes());
+            }
+        }
+    });
+}
