@@ -253,7 +253,9 @@ pub fn pid_is_ours(pid: i32, dir: &Path) -> bool {
         return false;
     };
     // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     if matches!(state, Some('Z') | Some('X') | None) {
         return false;
     }
@@ -401,7 +403,12 @@ fn spawn_daemon(started: &mut Started, dir: &Path, name: &str, bin: &Path, args:
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file")?;
     let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // Plain text logs: tracing colours its output unless told not to.
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
     // SAFETY: setsid is async-signal-safe; it runs in the child before exec.
     // Its own session: the daemon outlives us and a Ctrl-C in our terminal.
     unsafe {
@@ -572,7 +579,10 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         )
     })?;
     started.armed = false;
-    let children = std::mem::take(&mut started.daemons).into_iter().map(|d| d.child).collect();
+    let children = std::mem::take(&mut started.daemons)
+        .into_iter()
+        .map(|d| d.child)
+        .collect();
     Ok(DevCluster {
         dir,
         cluster_file,
@@ -593,6 +603,7 @@ fn format_devices(storaged: &Path, dir: &Path, devices: &[PathBuf], device_bytes
             .args(["format", "--device"])
             .arg(dev)
             .args(["--node-id", &(i + 1).to_string(), "--size", &device_bytes.to_string()])
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -722,7 +733,12 @@ mod tests {
     fn the_cluster_file_is_valid_and_has_metrics() {
         let g = plan_geometry(6, 2, 64 << 20).unwrap();
         let nodes: Vec<SocketAddr> = (1..=6).map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i))).collect();
-        let text = cluster_toml(&g, "127.0.0.1:7100".parse().unwrap(), "127.0.0.1:7200".parse().unwrap(), &nodes);
+        let text = cluster_toml(
+            &g,
+            "127.0.0.1:7100".parse().unwrap(),
+            "127.0.0.1:7200".parse().unwrap(),
+            &nodes,
+        );
         let c = Cluster::parse(&text).unwrap();
         assert_eq!(c.pg_pages, g.pg_pages);
         assert_eq!(c.metrics_address, Some("127.0.0.1:7200".parse().unwrap()));

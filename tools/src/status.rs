@@ -333,7 +333,11 @@ pub fn render(s: &Status) -> String {
         }
     );
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}", "node", "address", "az", "up", "epoch");
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}",
+        "node", "address", "az", "up", "epoch"
+    );
     for n in &s.nodes {
         let _ = writeln!(
             out,

@@ -93,8 +93,8 @@ impl Engine for ClusterBench {
         let (stop_tx, stop_rx) = watch::channel(false);
         {
             let _enter = rt.enter();
-            let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-                .context("watching SIGINT")?;
+            let mut sigint =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("watching SIGINT")?;
             let interrupted = interrupted.clone();
             let stop_tx = stop_tx.clone();
             rt.spawn(async move {
@@ -173,8 +173,11 @@ struct Ranges {
     slots: u64,
     bs: usize,
     last_seq: Vec<u64>,
-    unacked: Option<(u64, Vec<(u64, u64, u32)>)>,
+    unacked: Option<(u64, Vec<Touched>)>,
 }
+
+/// A range a transaction wrote: (owned page index, slot, write index).
+type Touched = (u64, u64, u32);
 
 impl Ranges {
     fn page(&self, j: u64) -> u64 {
@@ -212,7 +215,10 @@ async fn connect(addr: SocketAddr) -> Result<Client> {
     match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(addr)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(anyhow!("connecting to computed: {e}")),
-        Err(_) => bail!("connecting to computed at {addr}: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        Err(_) => bail!(
+            "connecting to computed at {addr}: no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
     }
 }
 
@@ -310,7 +316,10 @@ async fn run(
             match tokio::time::timeout(JOIN_SLACK, tasks.join_next()).await {
                 Ok(n) => n,
                 Err(_) => {
-                    eprintln!("storbench: {} workers did not stop after the grace; dropping them", tasks.len());
+                    eprintln!(
+                        "storbench: {} workers did not stop after the grace; dropping them",
+                        tasks.len()
+                    );
                     tasks.abort_all();
                     break;
                 }
@@ -370,7 +379,9 @@ async fn run(
         );
     }
     if acked == 0 {
-        eprintln!("storbench: nothing was acknowledged: is computed running with a write quorum of every PG? (storctl status --cluster FILE)");
+        eprintln!(
+            "storbench: nothing was acknowledged: is computed running with a write quorum of every PG? (storctl status --cluster FILE)"
+        );
     }
     if let Some(e) = errors.first() {
         bail!("{} of {} workers failed; the first: {e}", errors.len(), workers.len());
@@ -379,7 +390,12 @@ async fn run(
         let ranges: Vec<Ranges> = workers.into_iter().filter_map(|w| w.verify).collect();
         let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(&clients[0], ranges, page_bytes))
             .await
-            .map_err(|_| anyhow!("--verify: reading back did not finish within {} s", VERIFY_TIMEOUT.as_secs()))??;
+            .map_err(|_| {
+                anyhow!(
+                    "--verify: reading back did not finish within {} s",
+                    VERIFY_TIMEOUT.as_secs()
+                )
+            })??;
         eprintln!(
             "storbench: verify: {} acknowledged commits; read back the latest write of {} byte ranges: {} missing, {} wrong",
             acked, outcome.checked, outcome.missing, outcome.wrong
