@@ -29,7 +29,7 @@ fn ensure_daemons() {
 /// Run a tool with a time limit; killed by PID past it.
 fn run(bin: &str, args: &[&str]) -> (Output, Duration) {
     let start = Instant::now();
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
