@@ -1,5 +1,9 @@
 //! Library side of the operator tools, shared by the binaries and their tests.
 //!
-//! - [`bench`]: storbench's engines, fio-compatible reporting and argument parsing.
+//! - [`bench`]: storbench's engines, fio-compatible reporting and argument parsing;
+//! - [`devcluster`]: `storctl dev-cluster up|down`, a local cluster of real processes;
+//! - [`status`]: `storctl status`, a live view of a cluster.
 
 pub mod bench;
+pub mod devcluster;
+pub mod status;

@@ -91,7 +91,18 @@ fn bad_input_exits_1_with_a_clear_message() {
     );
     assert_fails(&[&file_arg, "--rw=commit", "--runtime=1"], 1, "--engine cluster");
     assert_fails(&[&file_arg, "--runtime=1"], 1, "give --size");
-    assert_fails(&[&file_arg, "--engine=cluster", "--runtime=1"], 2, "not built yet");
+    assert_fails(&["--engine=cluster", "--runtime=1"], 1, "--cluster FILE");
+    assert_fails(&["--engine=cluster", "--rw=randwrite", "--cluster=x"], 1, "--rw commit");
+    assert_fails(
+        &["--engine=cluster", "--verify", "--bs=8", "--cluster=x"],
+        1,
+        "at least 16",
+    );
+    assert_fails(
+        &["--engine=cluster", "--cluster=/nonexistent.toml"],
+        1,
+        "nonexistent.toml",
+    );
     assert_fails(
         &[&file_arg, "--engine=log", "--bs=32", "--runtime=1"],
         1,

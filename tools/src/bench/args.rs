@@ -54,6 +54,7 @@ pub struct BenchArgs {
     pub size: Option<u64>,
 
     /// Run for this long (`5`, `5s`, `500ms`, `1m`); implies --time_based.
+    /// The cluster engine defaults to 5s when neither this nor --size is given.
     #[arg(long, value_parser = parse_duration)]
     pub runtime: Option<Duration>,
 
@@ -79,7 +80,7 @@ pub struct BenchArgs {
     #[arg(long = "group_reporting", num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool, default_value = "0")]
     pub group_reporting: bool,
 
-    /// What to drive: uring (raw device through io_uring + O_DIRECT), log (the log engine in-process), node (a storage node over TCP on 127.0.0.1), cluster.
+    /// What to drive: uring (raw device through io_uring + O_DIRECT), log (the log engine in-process), node (a storage node over TCP on 127.0.0.1), cluster (commits through computed: --cluster FILE or --local-cluster N).
     #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
     pub engine: EngineKind,
 
@@ -108,7 +109,51 @@ pub struct BenchArgs {
     /// with a flush after they complete (flush).
     #[arg(long = "log-durability", value_enum, default_value_t = LogDurability::Dsync)]
     pub log_durability: LogDurability,
+
+    /// Cluster engine: the cluster file of a running cluster (e.g. DIR/cluster.toml
+    /// of `storctl dev-cluster up`).
+    #[arg(long, conflicts_with = "local_cluster")]
+    pub cluster: Option<PathBuf>,
+
+    /// Cluster engine: start a dev cluster of N storage nodes (and computed)
+    /// for the run, in a temp dir under /var/tmp (or --dir), and stop it
+    /// after, also on Ctrl-C. Needs `storaged` and `computed` next to
+    /// storbench (`cargo build --release`).
+    #[arg(long = "local-cluster", value_name = "N")]
+    pub local_cluster: Option<usize>,
+
+    /// Cluster engine with --local-cluster: the dev cluster's directory
+    /// (devices, logs, cluster.toml; formatted afresh) instead of a temp dir.
+    #[arg(long, requires = "local_cluster")]
+    pub dir: Option<PathBuf>,
+
+    /// Cluster engine with --local-cluster: each node's device size.
+    #[arg(long = "device-size", value_parser = parse_size, default_value = "128m")]
+    pub device_size: u64,
+
+    /// Cluster engine: pages each transaction writes (--bs bytes in each).
+    #[arg(long = "pages-per-txn", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub pages_per_txn: u32,
+
+    /// Cluster engine: after --runtime, how long commits still out may take
+    /// before the run ends without them (they count as not committed).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub grace: Duration,
+
+    /// Cluster engine, --rw commit: write unique payloads, read every
+    /// acknowledged one back after the run (the latest write of each byte
+    /// range), list missing or wrong ones and exit 1 if there are any.
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Cluster engine: connections to computed the committers share
+    /// (requests pipeline on each).
+    #[arg(long = "cluster-connections", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cluster_connections: u32,
 }
+
+/// The cluster engine's run time when neither --runtime nor --size bounds it.
+pub const CLUSTER_RUNTIME_DEFAULT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogDurability {
@@ -176,9 +221,13 @@ impl BenchArgs {
         })
     }
 
-    /// How long to run, if time-based.
+    /// How long to run, if time-based. The cluster engine runs for
+    /// [`CLUSTER_RUNTIME_DEFAULT`] when neither --runtime nor --size is given.
     pub fn duration(&self) -> Option<Duration> {
-        self.runtime
+        match (self.runtime, self.engine, self.size) {
+            (None, EngineKind::Cluster, None) => Some(CLUSTER_RUNTIME_DEFAULT),
+            (runtime, _, _) => runtime,
+        }
     }
 }
 

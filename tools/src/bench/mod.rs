@@ -3,10 +3,12 @@
 //! An engine runs the jobs an argument set describes and returns, per job,
 //! what happened in each direction ([`JobStats`]); [`report`] turns that into
 //! fio's normal or JSON output. Engines: [`uring_engine`] (raw device),
-//! [`log_engine`] (storaged's log, in-process); `cluster` plugs in the same way.
+//! [`log_engine`] (storaged's log, in-process), [`node_engine`] (a storage
+//! node over TCP), [`cluster_engine`] (commits through computed).
 
 pub mod appenders;
 pub mod args;
+pub mod cluster_engine;
 pub mod log_engine;
 pub mod node_engine;
 pub mod report;
@@ -38,7 +40,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<JobStats>, BenchError> {
         EngineKind::Uring => &uring_engine::UringEngine,
         EngineKind::Log => &log_engine::LogBench,
         EngineKind::Node => &node_engine::NodeBench,
-        EngineKind::Cluster => return Err(BenchError::NotBuilt("cluster")),
+        EngineKind::Cluster => &cluster_engine::ClusterBench,
     };
     Ok(engine.run(args)?)
 }

@@ -1,0 +1,405 @@
+//! `storctl status`: a live view of a cluster from its cluster file.
+//!
+//! Each storage node is asked `GetSegmentStatus` (epoch 0: an operator's
+//! read, never refused for its epoch and adopting nothing) for every segment
+//! the placement puts on it; a node that does not answer is down. From the
+//! SCLs: each PG's PGCL (the 4th-highest of its 6 SCLs, a down segment
+//! counting as 0) and each segment's lag behind it. computed is asked for the
+//! VDL (`VolumeInfo`), and, when the cluster file names its metrics endpoint,
+//! for the VCL (`computed_vcl`); otherwise the VCL is derived from storage
+//! (see [`derive_vcl`]) and marked so.
+//!
+//! The SCLs are read one node at a time while commits may go on, so a
+//! figure can be a few milliseconds older than the next.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use computed::client::Client;
+use computed::cluster::{Cluster, SEGMENTS_PER_PG, WRITE_QUORUM};
+use storaged::client::NodeClient;
+use storaged::proto::{ErrorCode, Message, Role};
+
+/// One node or computed answering, at most.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub volume: u64,
+    /// "healthy" or "problems".
+    pub status: &'static str,
+    pub problems: Vec<String>,
+    pub computed: ComputedStatus,
+    /// Volume complete LSN; `None` when neither computed nor storage could say.
+    pub vcl: Option<u64>,
+    /// "computed" (its metrics endpoint) or "derived" (a lower bound from the segments' SCLs).
+    pub vcl_source: &'static str,
+    pub vdl: Option<u64>,
+    pub nodes: Vec<NodeStatus>,
+    pub pgs: Vec<PgStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ComputedStatus {
+    pub address: SocketAddr,
+    pub up: bool,
+    pub epoch: Option<u64>,
+    pub vdl: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub address: SocketAddr,
+    pub az: String,
+    pub up: bool,
+    /// Highest epoch among its segments (0 before any was written).
+    pub epoch: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PgStatus {
+    pub pg: u32,
+    pub pgcl: u64,
+    pub segments_up: usize,
+    /// At least 4 segments answer.
+    pub write_quorum: bool,
+    pub segments: Vec<SegmentStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentStatus {
+    pub node: u64,
+    pub up: bool,
+    pub scl: Option<u64>,
+    /// PGCL − SCL (0 for a segment at or ahead of the PGCL).
+    pub lag: Option<u64>,
+    pub epoch: Option<u64>,
+    pub highest_lsn: Option<u64>,
+}
+
+impl Status {
+    pub fn healthy(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What one node said about one segment.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    scl: u64,
+    epoch: u64,
+    highest_lsn: u64,
+}
+
+async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u32, Seg)>> {
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, NodeClient::connect(addr, Role::Operator, 0))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
+    let mut out = Vec::new();
+    for (pg, slots) in cluster.placement.iter().enumerate() {
+        if !slots.contains(&id) {
+            continue;
+        }
+        let pg = pg as u32;
+        let req = Message::GetSegmentStatus {
+            volume: cluster.volume_id,
+            epoch: 0,
+            pg,
+        };
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
+        let seg = match reply {
+            Message::SegmentStatus {
+                scl,
+                epoch,
+                highest_lsn,
+                ..
+            } => Seg {
+                scl,
+                epoch,
+                highest_lsn,
+            },
+            // Not written yet: the segment is created by its first Append.
+            Message::Error {
+                code: ErrorCode::UnknownSegment,
+                ..
+            } => Seg {
+                scl: 0,
+                epoch: 0,
+                highest_lsn: 0,
+            },
+            other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
+        };
+        out.push((pg, seg));
+    }
+    Ok(out)
+}
+
+async fn ask_computed(addr: SocketAddr) -> Result<(u64, u64)> {
+    let work = async {
+        let client = Client::connect(addr).await?;
+        let info = client.volume_info().await?;
+        anyhow::Ok((info.epoch, info.vdl))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))?
+}
+
+/// `computed_vcl` from computed's Prometheus text endpoint.
+async fn ask_metrics_vcl(addr: SocketAddr) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("computed_vcl ") {
+                return Ok(v.trim().parse::<u64>()?);
+            }
+        }
+        anyhow::bail!("no computed_vcl in the metrics of {addr}")
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))?
+}
+
+/// The 4th-highest of the 6 SCLs (unknown ones count as 0).
+fn pgcl(scls: &[Option<u64>]) -> u64 {
+    let mut sorted: Vec<u64> = scls.iter().map(|s| s.unwrap_or(0)).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.get(WRITE_QUORUM - 1).copied().unwrap_or(0)
+}
+
+/// A lower bound of the VCL from storage alone: every record of PG `p` at or
+/// below its PGCL is at quorum, so the first record not at quorum lies
+/// above the PGCL of a PG some of whose segments hold more than its PGCL.
+/// The VCL is at least the lowest such PGCL (at least the highest LSN seen
+/// when no PG has records above its PGCL), and at least the VDL.
+pub fn derive_vcl(pgs: &[(u64, u64)], vdl: Option<u64>) -> u64 {
+    // (pgcl, highest LSN any segment of the PG holds)
+    let lagging = pgs.iter().filter(|(p, h)| h > p).map(|(p, _)| *p).min();
+    let bound = lagging.unwrap_or_else(|| pgs.iter().map(|(p, _)| *p).max().unwrap_or(0));
+    bound.max(vdl.unwrap_or(0))
+}
+
+pub fn collect(cluster: &Cluster) -> Result<Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    Ok(rt.block_on(collect_async(cluster)))
+}
+
+async fn collect_async(cluster: &Cluster) -> Status {
+    let mut asks = Vec::new();
+    for n in &cluster.nodes {
+        asks.push(ask_node(cluster, n.id, n.address));
+    }
+    let answers = futures_util::future::join_all(asks).await;
+    let computed = ask_computed(cluster.computed_address).await;
+    let metrics_vcl = match cluster.metrics_address {
+        Some(m) => ask_metrics_vcl(m).await.ok(),
+        None => None,
+    };
+
+    let mut problems = Vec::new();
+    let mut nodes = Vec::new();
+    for (n, answer) in cluster.nodes.iter().zip(&answers) {
+        let (up, epoch, error) = match answer {
+            Ok(segs) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
+            Err(e) => {
+                problems.push(format!("node {} ({}) is down: {e}", n.id, n.address));
+                (false, None, Some(e.to_string()))
+            }
+        };
+        nodes.push(NodeStatus {
+            id: n.id,
+            address: n.address,
+            az: n.az.clone(),
+            up,
+            epoch,
+            error,
+        });
+    }
+    let seg_of = |node: u64, pg: u32| -> Option<Seg> {
+        let i = cluster.nodes.iter().position(|n| n.id == node)?;
+        let segs = answers[i].as_ref().ok()?;
+        segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| *s)
+    };
+    let mut pgs = Vec::new();
+    let mut pg_marks = Vec::new();
+    for (pg, slots) in cluster.placement.iter().enumerate() {
+        let pg = pg as u32;
+        let segs: Vec<Option<Seg>> = slots.iter().map(|&id| seg_of(id, pg)).collect();
+        let scls: Vec<Option<u64>> = segs.iter().map(|s| s.map(|s| s.scl)).collect();
+        let pgcl = pgcl(&scls);
+        let highest = segs.iter().flatten().map(|s| s.highest_lsn).max().unwrap_or(0);
+        pg_marks.push((pgcl, highest));
+        let segments_up = segs.iter().flatten().count();
+        if segments_up < WRITE_QUORUM {
+            problems.push(format!(
+                "PG {pg} has {segments_up} of {SEGMENTS_PER_PG} segments up: below its write quorum of {WRITE_QUORUM}"
+            ));
+        }
+        pgs.push(PgStatus {
+            pg,
+            pgcl,
+            segments_up,
+            write_quorum: segments_up >= WRITE_QUORUM,
+            segments: slots
+                .iter()
+                .zip(&segs)
+                .map(|(&node, s)| SegmentStatus {
+                    node,
+                    up: s.is_some(),
+                    scl: s.map(|s| s.scl),
+                    lag: s.map(|s| pgcl.saturating_sub(s.scl)),
+                    epoch: s.map(|s| s.epoch),
+                    highest_lsn: s.map(|s| s.highest_lsn),
+                })
+                .collect(),
+        });
+    }
+    let computed = match computed {
+        Ok((epoch, vdl)) => ComputedStatus {
+            address: cluster.computed_address,
+            up: true,
+            epoch: Some(epoch),
+            vdl: Some(vdl),
+            error: None,
+        },
+        Err(e) => ComputedStatus {
+            address: cluster.computed_address,
+            up: false,
+            epoch: None,
+            vdl: None,
+            error: Some(format!("{e:#}")),
+        },
+    };
+    let vdl = computed.vdl;
+    let (vcl, vcl_source) = match metrics_vcl {
+        Some(v) => (Some(v), "computed"),
+        None => (Some(derive_vcl(&pg_marks, vdl)), "derived"),
+    };
+    Status {
+        volume: cluster.volume_id,
+        status: if problems.is_empty() { "healthy" } else { "problems" },
+        problems,
+        computed,
+        vcl,
+        vcl_source,
+        vdl,
+        nodes,
+        pgs,
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The human report: nodes, then PGs with one column per segment.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "volume {}: {}", s.volume, s.status);
+    let c = &s.computed;
+    let _ = writeln!(
+        out,
+        "computed {}  {}  epoch {}",
+        c.address,
+        if c.up { "up" } else { "DOWN" },
+        opt(c.epoch)
+    );
+    let _ = writeln!(
+        out,
+        "VDL {}  VCL {}{}",
+        opt(s.vdl),
+        opt(s.vcl),
+        if s.vcl_source == "derived" {
+            " (derived from SCLs: a lower bound)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}",
+        "node", "address", "az", "up", "epoch"
+    );
+    for n in &s.nodes {
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}",
+            n.id,
+            n.address.to_string(),
+            n.az,
+            if n.up { "up" } else { "DOWN" },
+            opt(n.epoch)
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:>3}  {:>10}  {:>5}  {:>5}  {:<5}  {:<4}  {:>10}  {:>8}",
+        "pg", "PGCL", "up", "node", "az", "seg", "SCL", "lag"
+    );
+    for p in &s.pgs {
+        for (i, g) in p.segments.iter().enumerate() {
+            let (pg, pgcl, up) = if i == 0 {
+                (p.pg.to_string(), p.pgcl.to_string(), format!("{}/6", p.segments_up))
+            } else {
+                (String::new(), String::new(), String::new())
+            };
+            let az = s.nodes.iter().find(|n| n.id == g.node).map_or("", |n| n.az.as_str());
+            let _ = writeln!(
+                out,
+                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}",
+                g.node,
+                if g.up { "up" } else { "DOWN" },
+                opt(g.scl),
+                opt(g.lag)
+            );
+        }
+    }
+    if !s.problems.is_empty() {
+        let _ = writeln!(out);
+        for p in &s.problems {
+            let _ = writeln!(out, "problem: {p}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgcl_counts_down_segments_as_zero() {
+        assert_eq!(pgcl(&[Some(9), Some(8), Some(7), Some(6), Some(5), Some(4)]), 6);
+        assert_eq!(pgcl(&[Some(9), Some(9), Some(9), None, None, None]), 0);
+        assert_eq!(pgcl(&[Some(9), Some(9), Some(9), Some(9), None, None]), 9);
+    }
+
+    #[test]
+    fn derived_vcl_is_a_lower_bound() {
+        // PG 0 fully at quorum through 10; PG 1 has records above its PGCL 7.
+        assert_eq!(derive_vcl(&[(10, 10), (7, 12)], None), 7);
+        // Nothing outstanding: the highest PGCL.
+        assert_eq!(derive_vcl(&[(10, 10), (7, 7)], None), 10);
+        // Never below what computed says is durable.
+        assert_eq!(derive_vcl(&[(10, 10), (7, 12)], Some(9)), 9);
+    }
+}

@@ -1,0 +1,331 @@
+//! The main job end to end, as a user runs it: `storctl dev-cluster up`,
+//! `storctl status`, `storbench --engine cluster --verify`, `dev-cluster
+//! down`; a taken port; and a cluster that lost its write quorum.
+//!
+//! The dev cluster runs `storaged` and `computed` from the directory of
+//! `storctl`; they are built with `cargo build -p storaged -p computed` if
+//! missing. Every test bounds its time (each command has a timeout) and its
+//! guard runs `down` and kills by PID whatever mentions its directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Any one command of a test, at most.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn ensure_daemons() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_storctl")).parent().unwrap().to_owned();
+    if !dir.join("storaged").is_file() || !dir.join("computed").is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "storaged", "-p", "computed"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building storaged and computed");
+    }
+}
+
+/// Run a tool with a time limit; killed by PID past it.
+fn run(bin: &str, args: &[&str]) -> (Output, Duration) {
+    let start = Instant::now();
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => (out.unwrap(), start.elapsed()),
+        Err(_) => {
+            // SAFETY: our own child, by PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{bin} {args:?} did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    }
+}
+
+fn storctl(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_storctl"), args).0
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// PIDs of processes whose command line mentions `dir`.
+fn procs_in(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if cmd
+            .split(|&b| b == 0)
+            .any(|a| String::from_utf8_lossy(a).starts_with(&needle))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A temp dir for a dev cluster, with everything in it stopped on drop.
+struct ClusterDir {
+    dir: tempfile::TempDir,
+}
+
+impl ClusterDir {
+    fn new() -> ClusterDir {
+        ensure_daemons();
+        // On a disk filesystem: the devices are opened with O_DIRECT.
+        let dir = tempfile::Builder::new()
+            .prefix("devcluster-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        ClusterDir { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().canonicalize().unwrap()
+    }
+
+    fn arg(&self) -> String {
+        self.path().to_string_lossy().into_owned()
+    }
+
+    fn cluster_file(&self) -> String {
+        self.path().join("cluster.toml").to_string_lossy().into_owned()
+    }
+
+    fn up(&self, extra: &[&str]) -> Output {
+        let dir = self.arg();
+        let mut args = vec!["dev-cluster", "up", "--dir", &dir, "--device-size", "32m"];
+        args.extend_from_slice(extra);
+        storctl(&args)
+    }
+
+    fn pid(&self, name: &str) -> i32 {
+        let p = self.path().join("pids").join(format!("{name}.pid"));
+        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for ClusterDir {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_storctl"))
+            .args(["dev-cluster", "down", "--dir", &self.arg()])
+            .output();
+        for pid in procs_in(&self.path()) {
+            // SAFETY: processes started for this test's directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn up_status_verified_commits_down() {
+    let c = ClusterDir::new();
+    let out = c.up(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("dev cluster up"), "{}", text(&out.stdout));
+    for name in ["computed", "storaged-1", "storaged-6"] {
+        assert!(c.pid(name) > 0);
+        assert!(c.path().join("logs").join(format!("{name}.log")).is_file());
+    }
+    assert_eq!(procs_in(&c.path()).len(), 7, "6 storaged and computed");
+
+    // Up again while it runs: refused, nothing touched.
+    let again = c.up(&[]);
+    assert_eq!(again.status.code(), Some(8));
+    assert!(text(&again.stderr).contains("is running"), "{}", text(&again.stderr));
+
+    let status = storctl(&["status", "--cluster", &c.cluster_file(), "--json"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 6);
+    assert!(
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["up"] == true && n["epoch"] == 1)
+    );
+    assert_eq!(v["vcl_source"], "computed");
+    assert!(v["vdl"].as_u64().unwrap() >= 1, "up's own commit is durable: {v}");
+    for pg in v["pgs"].as_array().unwrap() {
+        assert_eq!(pg["segments_up"], 6);
+        assert_eq!(pg["segments"].as_array().unwrap().len(), 6);
+    }
+    let human = storctl(&["status", "--cluster", &c.cluster_file()]);
+    assert!(text(&human.stdout).contains("healthy"), "{}", text(&human.stdout));
+
+    let (bench, _) = run(
+        env!("CARGO_BIN_EXE_storbench"),
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            "--runtime=2",
+            "--iodepth=8",
+            "--bs=256",
+            "--pages-per-txn=2",
+            "--verify",
+            "--output-format=json",
+        ],
+    );
+    assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("fio JSON");
+    let w = &v["jobs"][0]["write"];
+    let commits = w["total_ios"].as_u64().unwrap();
+    assert!(commits > 0, "{v}");
+    assert_eq!(w["io_bytes"].as_u64().unwrap(), commits * 512);
+    assert_eq!(v["jobs"][0]["read"]["total_ios"], 0);
+    assert!(
+        text(&bench.stderr).contains("0 missing, 0 wrong"),
+        "{}",
+        text(&bench.stderr)
+    );
+
+    // The VDL moved past storbench's commits, on every PG's quorum.
+    let status = storctl(&["status", "--cluster", &c.cluster_file(), "--json"]);
+    let after: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(after["vdl"].as_u64().unwrap() >= commits, "{after}");
+
+    let pids = procs_in(&c.path());
+    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
+    assert!(procs_in(&c.path()).is_empty(), "still running after down: {pids:?}");
+    assert!(std::fs::read_dir(c.path().join("pids")).unwrap().next().is_none());
+    // Idempotent.
+    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
+    assert_eq!(down.status.code(), Some(0));
+    // Computed unreachable: operational error.
+    let status = storctl(&["status", "--cluster", &c.cluster_file()]);
+    assert_eq!(status.status.code(), Some(8), "{}", text(&status.stdout));
+}
+
+#[test]
+fn a_taken_port_is_reported_with_the_log_and_nothing_is_left_running() {
+    let c = ClusterDir::new();
+    // Hold a port, then ask for consecutive ports that include it as node 3's.
+    let (base, _held) = loop {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if base > 60000 {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", base + 2)) {
+            break (base, l);
+        }
+    };
+    let out = c.up(&["--base-port", &base.to_string()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{err}");
+    let log = c.path().join("logs").join("storaged-3.log");
+    assert!(err.contains(&log.display().to_string()), "the log is not named: {err}");
+    assert!(err.contains("storaged-3"), "{err}");
+    assert!(
+        procs_in(&c.path()).is_empty(),
+        "left running: {:?}",
+        procs_in(&c.path())
+    );
+    assert!(std::fs::read_dir(c.path().join("pids")).unwrap().next().is_none());
+}
+
+#[test]
+fn a_too_small_device_is_refused() {
+    let c = ClusterDir::new();
+    let dir = c.arg();
+    let out = storctl(&["dev-cluster", "up", "--dir", &dir, "--device-size", "4m"]);
+    assert_eq!(out.status.code(), Some(8));
+    assert!(text(&out.stderr).contains("too small"), "{}", text(&out.stderr));
+    assert!(procs_in(&c.path()).is_empty());
+}
+
+#[test]
+fn without_a_write_quorum_storbench_ends_on_time_with_zero_commits() {
+    let c = ClusterDir::new();
+    let out = c.up(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for node in ["storaged-1", "storaged-2", "storaged-3"] {
+        // SAFETY: a daemon this test started, by its PID.
+        unsafe { libc::kill(c.pid(node), libc::SIGKILL) };
+    }
+    let status = storctl(&["status", "--cluster", &c.cluster_file(), "--json"]);
+    assert_eq!(status.status.code(), Some(4), "{}", text(&status.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        v["pgs"].as_array().unwrap().iter().any(|p| p["write_quorum"] == false),
+        "{v}"
+    );
+
+    let (bench, took) = run(
+        env!("CARGO_BIN_EXE_storbench"),
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            "--runtime=2",
+            "--grace=1",
+            "--iodepth=4",
+            "--output-format=json",
+        ],
+    );
+    assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("fio JSON");
+    assert_eq!(v["jobs"][0]["write"]["total_ios"], 0, "{v}");
+    assert!(
+        text(&bench.stderr).contains("not acknowledged"),
+        "{}",
+        text(&bench.stderr)
+    );
+    // Bounded: run time + grace + connection, far below the command limit.
+    assert!(took < COMMAND_TIMEOUT, "{took:?}");
+}
+
+#[test]
+fn local_cluster_runs_and_is_gone_after() {
+    ensure_daemons();
+    let c = ClusterDir::new();
+    let dir = c.path().join("local");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (bench, _) = run(
+        env!("CARGO_BIN_EXE_storbench"),
+        &[
+            "--engine=cluster",
+            "--local-cluster=6",
+            "--dir",
+            &dir_arg,
+            "--device-size=32m",
+            "--runtime=1",
+            "--iodepth=4",
+            "--verify",
+        ],
+    );
+    assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
+    assert!(text(&bench.stdout).contains("write: IOPS="), "{}", text(&bench.stdout));
+    let canon = dir.canonicalize().unwrap();
+    assert!(procs_in(&canon).is_empty(), "left running: {:?}", procs_in(&canon));
+}
