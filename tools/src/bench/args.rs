@@ -94,6 +94,17 @@ pub struct BenchArgs {
     #[arg(long = "node-addr")]
     pub node_addr: Option<std::net::SocketAddr>,
 
+    /// Node engine with --rw randread: pages read at random (each first
+    /// written as an image, coalesced into a page version, then changed by
+    /// --chain-deltas deltas held in memory above it).
+    #[arg(long = "node-pages", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub node_pages: u64,
+
+    /// Node engine with --rw randread: deltas each page's chain holds above
+    /// its stored version, applied by every GetPage.
+    #[arg(long = "chain-deltas", default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub chain_deltas: u64,
+
     /// Log engine: most 4 KiB blocks packed into one write.
     #[arg(long = "log-write-blocks", default_value_t = storaged::log::LogConfig::default().write_blocks_max,
           value_parser = clap::value_parser!(usize))]

@@ -7,6 +7,13 @@
 //! own connection and its own segment, and appends one record per request,
 //! so the figures include framing, the TCP round trip, the segment core and
 //! the log. `--bs` is the record's size on the log, as for `--engine log`.
+//!
+//! `--rw randread` measures GetPage instead: one segment of `--node-pages`
+//! pages of `--bs` bytes (8k by default for reads) is written (an image per
+//! page), coalesced into page versions (PGMRPL raised past the images), and
+//! each page then gets `--chain-deltas` small deltas that stay in memory;
+//! `--iodepth` × `--numjobs` readers then ask for random pages at the SCL,
+//! so each read is one page store read plus the chain applied.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +31,9 @@ use super::log_engine::{entry_bytes_for, open_or_create};
 use super::stats::{DirStats, JobStats};
 use super::{BenchArgs, Engine, Rw};
 
+#[path = "node_reads.rs"]
+mod reads;
+
 const RECORDS_DEFAULT: u64 = 100_000;
 const VOLUME: u64 = 1;
 /// Each appender is its own segment: small PGs keep the page store extents
@@ -35,8 +45,15 @@ pub struct NodeBench;
 
 impl Engine for NodeBench {
     fn run(&self, args: &BenchArgs) -> Result<Vec<JobStats>> {
+        if args.rw() == Rw::Randread {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            return rt.block_on(reads::run(args));
+        }
         if args.rw() != Rw::Write {
-            bail!("--engine node appends: use --rw write (the default for this engine)");
+            bail!("--engine node appends (--rw write, the default) or reads pages (--rw randread)");
         }
         let entry_bytes = entry_bytes_for(args.bs)?;
         if entry_bytes - RECORD_HEADER_BYTES > 8192 {
@@ -52,8 +69,23 @@ impl Engine for NodeBench {
     }
 }
 
-async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
-    // In-process node on --filename, or a running one at --node-addr.
+/// A node to talk to: in-process on --filename, or a running one at
+/// --node-addr. Stopped by [`LocalNode::stop`].
+pub(super) struct LocalNode {
+    node: Arc<Node>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl LocalNode {
+    pub(super) async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+        self.node.shutdown().await;
+    }
+}
+
+pub(super) async fn node_for(args: &BenchArgs) -> Result<(std::net::SocketAddr, Option<LocalNode>)> {
     let mut local = None;
     let addr = match args.node_addr {
         Some(addr) => addr,
@@ -75,10 +107,15 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
             let addr = listener.local_addr().context("listening address")?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let server = tokio::spawn(serve(node.clone(), listener, stop_rx));
-            local = Some((node, stop_tx, server));
+            local = Some(LocalNode { node, stop_tx, server });
             addr
         }
     };
+    Ok((addr, local))
+}
+
+async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
+    let (addr, local) = node_for(args).await?;
 
     let duration = args.duration();
     let per_job = match (duration, args.size) {
@@ -161,10 +198,8 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
     }
     let result = super::appenders::finish(tasks, stop.clone(), duration, args.numjobs, args.bs, start).await;
     drop(clients);
-    if let Some((node, stop_tx, server)) = local {
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-        node.shutdown().await;
+    if let Some(local) = local {
+        local.stop().await;
     }
     result
 }
