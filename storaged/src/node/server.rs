@@ -93,8 +93,46 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     let mut greeted = false;
     let mut reading = true;
+    // Whole frames may wait in the decoder: it is not fed more until they
+    // are taken, so it holds at most one read's worth.
+    let mut frames_waiting = false;
     let mut result = Ok(());
     loop {
+        // Backpressure: no request is started while `requests_max` are in
+        // flight, and the socket is not read while frames wait or replies
+        // are not being read; TCP then pushes back on the client.
+        while frames_waiting && reading && requests.len() < requests_max {
+            let frame = match decoder.next() {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    frames_waiting = false;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame; closing the connection");
+                    out.push(0, &Message::error(e.error_code(), 0, e.to_string()));
+                    reading = false;
+                    break;
+                }
+            };
+            let id = frame.request_id;
+            if !greeted {
+                let Message::Hello { .. } = frame.message else {
+                    let msg = Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
+                    out.push(id, &msg);
+                    reading = false;
+                    break;
+                };
+                greeted = true;
+                let ok = Message::HelloOk {
+                    node_id: node.node_id,
+                    protocol_version: u16::from(PROTOCOL_VERSION),
+                };
+                out.push(id, &ok);
+                continue;
+            }
+            requests.push(async move { (id, handle(node, frame.message).await) });
+        }
         // Replies out first: the peer waits on them, and a full buffer stops reading.
         if !out.is_empty()
             && let Err(e) = out.write_some(&stream)
@@ -105,10 +143,7 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
         if !reading && requests.is_empty() && out.is_empty() {
             break;
         }
-        // Backpressure: no more requests from this connection while
-        // `requests_max` are in flight or its replies are not being read;
-        // TCP then pushes back on the client.
-        let take_more = reading && requests.len() < requests_max && out.pending_bytes() < REPLY_BYTES_QUEUED_MAX;
+        let take_more = reading && !frames_waiting && out.pending_bytes() < REPLY_BYTES_QUEUED_MAX;
         tokio::select! {
             biased;
             Some((id, answer)) = requests.next(), if !requests.is_empty() => {
@@ -129,47 +164,17 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
                     result = Err(e);
                     break;
                 }
-                let n = match stream.try_read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                match stream.try_read(&mut buf) {
+                    Ok(0) => reading = false,
+                    Ok(n) => {
+                        decoder.push(&buf[..n]);
+                        frames_waiting = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         result = Err(e);
                         break;
                     }
-                };
-                if n == 0 {
-                    reading = false;
-                    continue;
-                }
-                decoder.push(&buf[..n]);
-                loop {
-                    let frame = match decoder.next() {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "bad frame; closing the connection");
-                            out.push(0, &Message::error(e.error_code(), 0, e.to_string()));
-                            reading = false;
-                            break;
-                        }
-                    };
-                    let id = frame.request_id;
-                    if !greeted {
-                        let Message::Hello { .. } = frame.message else {
-                            let msg = Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
-                            out.push(id, &msg);
-                            reading = false;
-                            break;
-                        };
-                        greeted = true;
-                        let ok = Message::HelloOk {
-                            node_id: node.node_id,
-                            protocol_version: u16::from(PROTOCOL_VERSION),
-                        };
-                        out.push(id, &ok);
-                        continue;
-                    }
-                    requests.push(async move { (id, handle(node, frame.message).await) });
                 }
             }
             _ = shutdown.changed(), if reading => reading = false,
