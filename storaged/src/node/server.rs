@@ -1,19 +1,25 @@
 //! The node's network shell: accept connections, decode frames, hand each
 //! request to the [`Node`], write the replies. No protocol logic lives here.
 //!
+//! One task per connection reads, decodes, polls that connection's requests
+//! and writes their replies; a wake-up that finds several replies ready
+//! sends them in one write.
+//!
 //! Bounds: at most `connections_max` connections are served at once; each
 //! has at most `requests_per_connection_max` requests in flight, and its
-//! socket is not read while that many are (TCP then pushes back on the
-//! client), and replies wait in a bounded queue for a slow reader. A bad
-//! frame gets an `Error` reply and the connection is closed; other
-//! connections are not affected.
+//! socket is not read while that many are, nor while more than
+//! `REPLY_BYTES_QUEUED_MAX` of replies wait for a slow reader (TCP then
+//! pushes back on the client). A bad frame gets an `Error` reply and the
+//! connection is closed; other connections are not affected.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::proto::{ErrorCode, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
@@ -21,11 +27,11 @@ use crate::record::SegmentId;
 
 use super::{Node, NodeError, PageGeometry};
 
-/// Replies queued for a connection's writer, at most.
-const REPLIES_QUEUED_MAX: usize = 256;
+/// Reply bytes a connection holds for a peer that does not read them
+/// before it stops reading that peer's requests. Requests already in
+/// flight still add theirs: at most `requests_per_connection_max` more.
+const REPLY_BYTES_QUEUED_MAX: usize = 256 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Replies coalesced into one socket write, at most (bytes).
-const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// Bind `addr` with the socket options a storage node wants.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -74,97 +80,155 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::
 
 async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(REPLIES_QUEUED_MAX);
-    let write_task = tokio::spawn(async move {
-        // One write for every reply already queued: a syscall per reply
-        // would cost more than the replies themselves under load.
-        let mut out = Vec::new();
-        while let Some(frame) = reply_rx.recv().await {
-            out.clear();
-            out.extend_from_slice(&frame);
-            while out.len() < WRITE_BATCH_BYTES_MAX {
-                match reply_rx.try_recv() {
-                    Ok(more) => out.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            writer.write_all(&out).await?;
-        }
-        writer.shutdown().await
-    });
-    let inflight = Arc::new(Semaphore::new(node.config().requests_per_connection_max));
+    let node: &Node = &node;
+    let requests_max = node.config().requests_per_connection_max;
+    // The connection's requests are polled here, in its own task, rather
+    // than spawned: no task (a large allocation) per request, no hand-off
+    // of each reply to a writer task, and every reply that became ready in
+    // one wake-up leaves in one write.
+    let mut requests = FuturesUnordered::new();
+    let mut out = ReplyBuf::default();
     let mut decoder = FrameDecoder::new(node.config().frame_bytes_max);
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     let mut greeted = false;
-    'read: loop {
-        let n = tokio::select! {
-            n = reader.read(&mut buf) => n?,
-            _ = shutdown.changed() => break 'read,
-        };
-        if n == 0 {
-            break;
-        }
-        decoder.push(&buf[..n]);
-        loop {
+    let mut reading = true;
+    // Whole frames may wait in the decoder: it is not fed more until they
+    // are taken, so it holds at most one read's worth.
+    let mut frames_waiting = false;
+    let mut result = Ok(());
+    loop {
+        // Backpressure: no request is started while `requests_max` are in
+        // flight, and the socket is not read while frames wait or replies
+        // are not being read; TCP then pushes back on the client.
+        while frames_waiting && reading && requests.len() < requests_max {
             let frame = match decoder.next() {
                 Ok(Some(f)) => f,
-                Ok(None) => break,
+                Ok(None) => {
+                    frames_waiting = false;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "bad frame; closing the connection");
-                    let _ = reply_tx
-                        .send(reply(0, &Message::error(e.error_code(), 0, e.to_string())))
-                        .await;
-                    break 'read;
+                    out.push(0, &Message::error(e.error_code(), 0, e.to_string()));
+                    reading = false;
+                    break;
                 }
             };
             let id = frame.request_id;
             if !greeted {
                 let Message::Hello { .. } = frame.message else {
                     let msg = Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
-                    let _ = reply_tx.send(reply(id, &msg)).await;
-                    break 'read;
+                    out.push(id, &msg);
+                    reading = false;
+                    break;
                 };
                 greeted = true;
                 let ok = Message::HelloOk {
                     node_id: node.node_id,
                     protocol_version: u16::from(PROTOCOL_VERSION),
                 };
-                if reply_tx.send(reply(id, &ok)).await.is_err() {
-                    break 'read;
-                }
+                out.push(id, &ok);
                 continue;
             }
-            // Backpressure: no more requests from this connection until one finishes.
-            let Ok(permit) = inflight.clone().acquire_owned().await else {
-                break 'read;
-            };
-            let node = node.clone();
-            let reply_tx = reply_tx.clone();
-            tokio::spawn(async move {
-                let answer = handle(&node, frame.message).await;
-                let _ = reply_tx.send(reply(id, &answer)).await;
-                drop(permit);
-            });
+            requests.push(async move { (id, handle(node, frame.message).await) });
+        }
+        // Replies out first: the peer waits on them, and a full buffer stops reading.
+        if !out.is_empty()
+            && let Err(e) = out.write_some(&stream)
+        {
+            result = Err(e);
+            break;
+        }
+        if !reading && requests.is_empty() && out.is_empty() {
+            break;
+        }
+        let take_more = reading && !frames_waiting && out.pending_bytes() < REPLY_BYTES_QUEUED_MAX;
+        tokio::select! {
+            biased;
+            Some((id, answer)) = requests.next(), if !requests.is_empty() => {
+                out.push(id, &answer);
+                // Everything else already finished goes in the same write.
+                while let Some(Some((id, answer))) = requests.next().now_or_never() {
+                    out.push(id, &answer);
+                }
+            }
+            ready = stream.writable(), if !out.is_empty() => {
+                if let Err(e) = ready {
+                    result = Err(e);
+                    break;
+                }
+            }
+            ready = stream.readable(), if take_more => {
+                if let Err(e) = ready {
+                    result = Err(e);
+                    break;
+                }
+                match stream.try_read(&mut buf) {
+                    Ok(0) => reading = false,
+                    Ok(n) => {
+                        decoder.push(&buf[..n]);
+                        frames_waiting = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            _ = shutdown.changed(), if reading => reading = false,
         }
     }
-    // Let requests in flight finish and their replies go out.
-    let _ = inflight
-        .acquire_many(node.config().requests_per_connection_max as u32)
-        .await;
-    drop(reply_tx);
-    write_task.await.unwrap_or(Ok(()))
+    // Let requests in flight finish (their effects stand); their replies go
+    // out if the peer still reads.
+    while requests.next().await.is_some() {}
+    result?;
+    let mut stream = stream;
+    stream.shutdown().await
 }
 
-fn reply(request_id: u64, msg: &Message) -> Vec<u8> {
-    let mut out = Vec::new();
-    if let Err(e) = encode_frame(request_id, msg, &mut out) {
-        // Our own replies are always encodable; if not, say so rather than send nothing.
-        out.clear();
-        let fallback = Message::error(ErrorCode::Internal, 0, format!("reply could not be encoded: {e}"));
-        let _ = encode_frame(request_id, &fallback, &mut out);
+/// Replies encoded and not yet written, in the order they finished.
+#[derive(Default)]
+struct ReplyBuf {
+    bytes: Vec<u8>,
+    /// Bytes at the front of `bytes` already written.
+    written: usize,
+}
+
+impl ReplyBuf {
+    fn is_empty(&self) -> bool {
+        self.written == self.bytes.len()
     }
-    out
+
+    fn pending_bytes(&self) -> usize {
+        self.bytes.len() - self.written
+    }
+
+    fn push(&mut self, request_id: u64, msg: &Message) {
+        if let Err(e) = encode_frame(request_id, msg, &mut self.bytes) {
+            // Our own replies are always encodable; if not, say so rather
+            // than send nothing. `encode_frame` left `bytes` as it was.
+            let fallback = Message::error(ErrorCode::Internal, 0, format!("reply could not be encoded: {e}"));
+            let _ = encode_frame(request_id, &fallback, &mut self.bytes);
+        }
+    }
+
+    /// Write what the socket takes now, without waiting.
+    fn write_some(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+        while !self.is_empty() {
+            match stream.try_write(&self.bytes[self.written..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.is_empty() {
+            self.bytes.clear();
+            self.written = 0;
+        }
+        Ok(())
+    }
 }
 
 async fn handle(node: &Node, msg: Message) -> Message {
