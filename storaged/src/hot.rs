@@ -68,12 +68,18 @@ impl HotRecords {
     }
 
     pub fn insert(&mut self, record: &RedoRecord) {
-        if self
-            .by_page
-            .insert((record.page, record.lsn), record.body.clone())
-            .is_none()
-        {
-            self.bytes += record.payload().len();
+        self.insert_body(record.page, record.lsn, record.body.clone());
+    }
+
+    /// Take `body` as the change of `page` at `lsn` (no copy: the append
+    /// path hands over the decoded record's bytes).
+    pub fn insert_body(&mut self, page: u64, lsn: u64, body: RecordBody) {
+        let len = match &body {
+            RecordBody::PageImage(b) => b.len(),
+            RecordBody::PageDelta { bytes, .. } => bytes.len(),
+        };
+        if self.by_page.insert((page, lsn), body).is_none() {
+            self.bytes += len;
         }
     }
 

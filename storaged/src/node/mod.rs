@@ -30,7 +30,7 @@ use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::ErrorCode;
-use crate::record::{RedoRecord, SegmentId};
+use crate::record::{RecordBody, RedoRecord, SegmentId};
 use crate::segment::{Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
@@ -650,14 +650,27 @@ impl Node {
                     return Err(e.into());
                 }
             };
+            // The bodies move into memory as they are: no copy under the lock.
+            let bodies: Vec<(u64, u64, RecordBody)> = admitted
+                .new
+                .iter()
+                .map(|&i| {
+                    let r = &mut batch[i].0;
+                    let empty = RecordBody::PageDelta {
+                        offset: 0,
+                        bytes: Vec::new(),
+                    };
+                    (r.page, r.lsn, std::mem::replace(&mut r.body, empty))
+                })
+                .collect();
             let (ready, linked) = {
                 let mut st = self.state();
                 st.unpin(pin);
                 let s = st.seg_mut(id)?;
                 // Durable now: readable at read points the SCL reaches.
                 let before = s.hot.bytes();
-                for &i in &admitted.new {
-                    s.hot.insert(&batch[i].0);
+                for (page, lsn, body) in bodies {
+                    s.hot.insert_body(page, lsn, body);
                 }
                 let added = s.hot.bytes() - before;
                 // Every record of the call starts at or after `seq`: a safe
