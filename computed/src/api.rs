@@ -5,13 +5,13 @@
 //! CRC32C, body; little-endian; checked in the same order. The messages are
 //! computed's own.
 
+use storaged::proto::{ProtoError, split_frame, write_frame};
+
 use crate::core::PageWrite;
 
 pub const CLIENT_PROTOCOL_VERSION: u8 = 1;
 /// Largest frame, length field included: a transaction of 64 full 64 KiB pages fits.
 pub const CLIENT_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
-const HEADER_BYTES: usize = 20;
-const LENGTH_BYTES: usize = 4;
 /// Longest error text.
 pub const ERROR_TEXT_BYTES_MAX: usize = 1024;
 
@@ -127,6 +127,18 @@ pub enum FrameError {
 }
 
 impl FrameError {
+    /// The envelope is storaged's: its checks, named for this protocol.
+    fn from_envelope(e: ProtoError) -> FrameError {
+        match e {
+            ProtoError::FrameTooSmall { length } => FrameError::TooSmall(length),
+            ProtoError::FrameTooLarge { frame_bytes, .. } => FrameError::TooLarge(frame_bytes),
+            ProtoError::UnsupportedVersion(v) => FrameError::Version(v),
+            ProtoError::BadCrc { .. } => FrameError::Crc,
+            ProtoError::BadFlags(f) => FrameError::Flags(f),
+            other => FrameError::Body(other.to_string()),
+        }
+    }
+
     pub fn code(&self) -> ClientErrorCode {
         match self {
             FrameError::Version(_) => ClientErrorCode::UnsupportedVersion,
@@ -156,112 +168,78 @@ fn put_info(out: &mut Vec<u8>, i: &VolumeInfo) {
 
 /// Append one frame. Fails (leaving `out` as it was) when it would exceed the maximum.
 pub fn encode(request_id: u64, msg: &ClientMessage, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let start = out.len();
-    out.extend_from_slice(&[0; HEADER_BYTES]);
-    let kind = match msg {
-        ClientMessage::Hello { protocol_version } => {
-            put_u16(out, *protocol_version);
-            T_HELLO
-        }
-        ClientMessage::HelloOk { info } => {
-            put_info(out, info);
-            T_HELLO_OK
-        }
-        ClientMessage::Commit { writes } => {
-            put_u32(out, writes.len() as u32);
-            for w in writes {
-                let (kind, page, offset, bytes) = match w {
-                    PageWrite::Image { page, bytes } => (KIND_IMAGE, *page, 0, bytes),
-                    PageWrite::Range { page, offset, bytes } => (KIND_RANGE, *page, *offset, bytes),
-                };
-                out.push(kind);
-                put_u64(out, page);
-                put_u32(out, offset);
+    write_frame(
+        out,
+        CLIENT_PROTOCOL_VERSION,
+        request_id,
+        CLIENT_FRAME_BYTES_MAX,
+        |out| match msg {
+            ClientMessage::Hello { protocol_version } => {
+                put_u16(out, *protocol_version);
+                T_HELLO
+            }
+            ClientMessage::HelloOk { info } => {
+                put_info(out, info);
+                T_HELLO_OK
+            }
+            ClientMessage::Commit { writes } => {
+                put_u32(out, writes.len() as u32);
+                for w in writes {
+                    let (kind, page, offset, bytes) = match w {
+                        PageWrite::Image { page, bytes } => (KIND_IMAGE, *page, 0, bytes),
+                        PageWrite::Range { page, offset, bytes } => (KIND_RANGE, *page, *offset, bytes),
+                    };
+                    out.push(kind);
+                    put_u64(out, page);
+                    put_u32(out, offset);
+                    put_u32(out, bytes.len() as u32);
+                    out.extend_from_slice(bytes);
+                }
+                T_COMMIT
+            }
+            ClientMessage::Committed { lsn } => {
+                put_u64(out, *lsn);
+                T_COMMITTED
+            }
+            ClientMessage::Read { page } => {
+                put_u64(out, *page);
+                T_READ
+            }
+            ClientMessage::Page { read_point, lsn, bytes } => {
+                put_u64(out, *read_point);
+                put_u64(out, *lsn);
                 put_u32(out, bytes.len() as u32);
                 out.extend_from_slice(bytes);
+                T_PAGE
             }
-            T_COMMIT
-        }
-        ClientMessage::Committed { lsn } => {
-            put_u64(out, *lsn);
-            T_COMMITTED
-        }
-        ClientMessage::Read { page } => {
-            put_u64(out, *page);
-            T_READ
-        }
-        ClientMessage::Page { read_point, lsn, bytes } => {
-            put_u64(out, *read_point);
-            put_u64(out, *lsn);
-            put_u32(out, bytes.len() as u32);
-            out.extend_from_slice(bytes);
-            T_PAGE
-        }
-        ClientMessage::VolumeInfo => T_VOLUME_INFO,
-        ClientMessage::VolumeInfoOk { info } => {
-            put_info(out, info);
-            T_VOLUME_INFO_OK
-        }
-        ClientMessage::Error { code, message } => {
-            let mut cut = message.len().min(ERROR_TEXT_BYTES_MAX);
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
+            ClientMessage::VolumeInfo => T_VOLUME_INFO,
+            ClientMessage::VolumeInfoOk { info } => {
+                put_info(out, info);
+                T_VOLUME_INFO_OK
             }
-            put_u16(out, *code as u16);
-            put_u16(out, cut as u16);
-            out.extend_from_slice(&message.as_bytes()[..cut]);
-            T_ERROR
-        }
-    };
-    let frame_bytes = out.len() - start;
-    if frame_bytes > CLIENT_FRAME_BYTES_MAX {
-        out.truncate(start);
-        return Err(FrameError::TooLarge(frame_bytes));
-    }
-    let frame = &mut out[start..];
-    frame[..4].copy_from_slice(&((frame_bytes - LENGTH_BYTES) as u32).to_le_bytes());
-    frame[4] = CLIENT_PROTOCOL_VERSION;
-    frame[5] = kind;
-    frame[8..16].copy_from_slice(&request_id.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[4..16]), &frame[HEADER_BYTES..]);
-    frame[16..20].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
+            ClientMessage::Error { code, message } => {
+                let mut cut = message.len().min(ERROR_TEXT_BYTES_MAX);
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                put_u16(out, *code as u16);
+                put_u16(out, cut as u16);
+                out.extend_from_slice(&message.as_bytes()[..cut]);
+                T_ERROR
+            }
+        },
+    )
+    .map_err(FrameError::from_envelope)
 }
 
 /// Decode one frame from the front of `buf`: `Ok(None)` until a whole frame is there.
 pub fn decode(buf: &[u8]) -> Result<Option<(u64, ClientMessage, usize)>, FrameError> {
-    let Some(len) = buf.first_chunk::<4>() else {
+    let raw = split_frame(buf, CLIENT_PROTOCOL_VERSION, CLIENT_FRAME_BYTES_MAX).map_err(FrameError::from_envelope)?;
+    let Some(raw) = raw else {
         return Ok(None);
     };
-    let len = u32::from_le_bytes(*len);
-    if (len as usize) < HEADER_BYTES - LENGTH_BYTES {
-        return Err(FrameError::TooSmall(len));
-    }
-    let frame_bytes = LENGTH_BYTES + len as usize;
-    if frame_bytes > CLIENT_FRAME_BYTES_MAX {
-        return Err(FrameError::TooLarge(frame_bytes));
-    }
-    if let Some(&v) = buf.get(4)
-        && v != CLIENT_PROTOCOL_VERSION
-    {
-        return Err(FrameError::Version(v));
-    }
-    let Some(frame) = buf.get(..frame_bytes) else {
-        return Ok(None);
-    };
-    let stored = u32::from_le_bytes([frame[16], frame[17], frame[18], frame[19]]);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[4..16]), &frame[HEADER_BYTES..]);
-    if stored != crc {
-        return Err(FrameError::Crc);
-    }
-    let flags = u16::from_le_bytes([frame[6], frame[7]]);
-    if flags != 0 {
-        return Err(FrameError::Flags(flags));
-    }
-    let mut id = [0; 8];
-    id.copy_from_slice(&frame[8..16]);
-    let msg = decode_body(frame[5], &frame[HEADER_BYTES..])?;
-    Ok(Some((u64::from_le_bytes(id), msg, frame_bytes)))
+    let msg = decode_body(raw.kind, raw.body)?;
+    Ok(Some((raw.request_id, msg, raw.frame_bytes)))
 }
 
 struct Reader<'a>(&'a [u8]);

@@ -16,7 +16,7 @@ use crate::record::{RedoRecord, SegmentId};
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
 const HELLO_OK_BYTES: usize = 10;
-pub(super) const APPEND_FIXED_BYTES: usize = 36;
+const APPEND_FIXED_BYTES: usize = 36;
 const APPEND_ACK_BYTES: usize = 20;
 const GET_PAGE_BYTES: usize = 36;
 const PAGE_FIXED_BYTES: usize = 32;
@@ -80,6 +80,26 @@ impl Message {
         }
     }
 
+    /// The fixed part of an Append body, before its `count` encoded records
+    /// (shared with [`super::encode_append_frame`], which has them encoded already).
+    pub(super) fn encode_append_fixed(
+        out: &mut Vec<u8>,
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        page_bytes: u32,
+        pg_pages: u64,
+        count: usize,
+    ) {
+        put_u64(out, volume);
+        put_u64(out, epoch);
+        put_u32(out, pg);
+        put_u32(out, page_bytes);
+        put_u64(out, pg_pages);
+        // The frame bound keeps the count far below u32::MAX.
+        put_u32(out, count as u32);
+    }
+
     /// Append the body. The caller has validated the message and checked the
     /// frame size, so the `as u32` length casts below cannot truncate.
     pub(super) fn encode_body(&self, out: &mut Vec<u8>) {
@@ -108,12 +128,7 @@ impl Message {
                 pg_pages,
                 records,
             } => {
-                put_u64(out, *volume);
-                put_u64(out, *epoch);
-                put_u32(out, *pg);
-                put_u32(out, *page_bytes);
-                put_u64(out, *pg_pages);
-                put_u32(out, records.len() as u32);
+                Message::encode_append_fixed(out, *volume, *epoch, *pg, *page_bytes, *pg_pages, records.len());
                 for record in records {
                     record.encode_into(out);
                 }

@@ -13,6 +13,9 @@ use super::message::{Frame, Message, MessageType};
 use super::{FRAME_BYTES_MAX, FRAME_HEADER_BYTES, FRAME_LENGTH_MIN, LENGTH_FIELD_BYTES};
 
 const OFF_VERSION: usize = 4;
+const OFF_KIND: usize = 5;
+const OFF_FLAGS: usize = 6;
+const OFF_REQUEST_ID: usize = 8;
 const OFF_CRC: usize = 16;
 
 /// Append one frame carrying `msg` to `out`.
@@ -24,6 +27,7 @@ const OFF_CRC: usize = 16;
 /// so it is never sent.
 pub fn encode_frame(request_id: u64, msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     msg.validate()?;
+    // Sized before anything is written: a refused frame costs no encoding.
     let frame_bytes = FRAME_HEADER_BYTES + msg.body_len();
     if frame_bytes > FRAME_BYTES_MAX {
         return Err(ProtoError::FrameTooLarge {
@@ -31,18 +35,41 @@ pub fn encode_frame(request_id: u64, msg: &Message, out: &mut Vec<u8>) -> Result
             frame_bytes_max: FRAME_BYTES_MAX,
         });
     }
-    let start = out.len();
     out.reserve(frame_bytes);
-    // Fits: frame_bytes <= FRAME_BYTES_MAX, far below u32::MAX.
-    out.extend_from_slice(&((frame_bytes - LENGTH_FIELD_BYTES) as u32).to_le_bytes());
-    out.push(PROTOCOL_VERSION);
-    out.push(msg.kind() as u8);
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&request_id.to_le_bytes());
-    out.extend_from_slice(&[0; 4]); // CRC, filled in below
-    msg.encode_body(out);
-    assert_eq!(out.len() - start, frame_bytes, "body_len disagrees with encode_body");
+    write_frame(out, PROTOCOL_VERSION, request_id, FRAME_BYTES_MAX, |out| {
+        msg.encode_body(out);
+        msg.kind() as u8
+    })
+}
+
+/// Append one frame of any protocol that uses this envelope (storaged's, and
+/// computed's client protocol): the header, the body `body` writes (it
+/// returns the message type), then the length and the CRC. Fails, leaving
+/// `out` as it was, when the frame exceeds `frame_bytes_max`.
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    version: u8,
+    request_id: u64,
+    frame_bytes_max: usize,
+    body: impl FnOnce(&mut Vec<u8>) -> u8,
+) -> Result<(), ProtoError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    let kind = body(out);
+    let frame_bytes = out.len() - start;
+    if frame_bytes > frame_bytes_max {
+        out.truncate(start);
+        return Err(ProtoError::FrameTooLarge {
+            frame_bytes,
+            frame_bytes_max,
+        });
+    }
     let frame = &mut out[start..];
+    // Fits: frame_bytes_max is far below u32::MAX.
+    frame[..LENGTH_FIELD_BYTES].copy_from_slice(&((frame_bytes - LENGTH_FIELD_BYTES) as u32).to_le_bytes());
+    frame[OFF_VERSION] = version;
+    frame[OFF_KIND] = kind;
+    frame[OFF_REQUEST_ID..OFF_CRC].copy_from_slice(&request_id.to_le_bytes());
     let crc = frame_crc(frame);
     frame[OFF_CRC..FRAME_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -70,39 +97,24 @@ pub fn encode_append_frame(
     records: &[&[u8]],
     out: &mut Vec<u8>,
 ) -> Result<(), ProtoError> {
-    let body_bytes: usize = super::body::APPEND_FIXED_BYTES + records.iter().map(|r| r.len()).sum::<usize>();
-    let frame_bytes = FRAME_HEADER_BYTES + body_bytes;
-    if frame_bytes > FRAME_BYTES_MAX {
-        return Err(ProtoError::FrameTooLarge {
-            frame_bytes,
-            frame_bytes_max: FRAME_BYTES_MAX,
-        });
-    }
     if records.is_empty() {
         return Err(ProtoError::EmptyBatch);
     }
-    let start = out.len();
-    out.reserve(frame_bytes);
-    out.extend_from_slice(&((frame_bytes - LENGTH_FIELD_BYTES) as u32).to_le_bytes());
-    out.push(PROTOCOL_VERSION);
-    out.push(MessageType::Append as u8);
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&request_id.to_le_bytes());
-    out.extend_from_slice(&[0; 4]); // CRC, filled in below
-    out.extend_from_slice(&header.volume.to_le_bytes());
-    out.extend_from_slice(&header.epoch.to_le_bytes());
-    out.extend_from_slice(&header.pg.to_le_bytes());
-    out.extend_from_slice(&header.page_bytes.to_le_bytes());
-    out.extend_from_slice(&header.pg_pages.to_le_bytes());
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    for r in records {
-        out.extend_from_slice(r);
-    }
-    debug_assert_eq!(out.len() - start, frame_bytes);
-    let frame = &mut out[start..];
-    let crc = frame_crc(frame);
-    frame[OFF_CRC..FRAME_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
+    write_frame(out, PROTOCOL_VERSION, request_id, FRAME_BYTES_MAX, |out| {
+        Message::encode_append_fixed(
+            out,
+            header.volume,
+            header.epoch,
+            header.pg,
+            header.page_bytes,
+            header.pg_pages,
+            records.len(),
+        );
+        for r in records {
+            out.extend_from_slice(r);
+        }
+        MessageType::Append as u8
+    })
 }
 
 /// Decode one frame from the front of `buf`.
@@ -115,7 +127,33 @@ pub fn encode_append_frame(
 /// Pure: nothing is allocated until the whole frame is present and its CRC
 /// matches, and then only in proportion to the frame's (bounded) length.
 pub fn decode_frame(buf: &[u8], frame_bytes_max: usize) -> Result<Option<(Frame, usize)>, ProtoError> {
-    let frame_bytes_max = frame_bytes_max.min(FRAME_BYTES_MAX);
+    let Some(raw) = split_frame(buf, PROTOCOL_VERSION, frame_bytes_max.min(FRAME_BYTES_MAX))? else {
+        return Ok(None);
+    };
+    let kind = MessageType::from_u8(raw.kind).ok_or(ProtoError::UnknownMessageType(raw.kind))?;
+    let message = Message::decode_body(kind, raw.body)?;
+    let frame = Frame {
+        request_id: raw.request_id,
+        message,
+    };
+    Ok(Some((frame, raw.frame_bytes)))
+}
+
+/// A whole frame whose envelope checked out; its body is not read yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFrame<'a> {
+    pub kind: u8,
+    pub request_id: u64,
+    pub body: &'a [u8],
+    /// The frame's size, length field included: what to consume from `buf`.
+    pub frame_bytes: usize,
+}
+
+/// The envelope checks of [`decode_frame`] for a protocol of `version`
+/// (storaged's, or computed's client protocol): `Ok(None)` while `buf` holds
+/// only part of a frame. The length is checked as soon as its 4 bytes are
+/// there, the version as soon as its byte is, then the CRC, then the flags.
+pub fn split_frame(buf: &[u8], version: u8, frame_bytes_max: usize) -> Result<Option<RawFrame<'_>>, ProtoError> {
     let Some(length) = buf.first_chunk::<LENGTH_FIELD_BYTES>() else {
         return Ok(None);
     };
@@ -132,10 +170,10 @@ pub fn decode_frame(buf: &[u8], frame_bytes_max: usize) -> Result<Option<(Frame,
     }
     // Before the CRC: another version may lay out (and checksum) the rest of
     // the frame differently, and the peer should hear "version", not "CRC".
-    if let Some(&version) = buf.get(OFF_VERSION)
-        && version != PROTOCOL_VERSION
+    if let Some(&found) = buf.get(OFF_VERSION)
+        && found != version
     {
-        return Err(ProtoError::UnsupportedVersion(version));
+        return Err(ProtoError::UnsupportedVersion(found));
     }
     let Some(frame) = buf.get(..frame_bytes) else {
         return Ok(None);
@@ -149,19 +187,18 @@ pub fn decode_frame(buf: &[u8], frame_bytes_max: usize) -> Result<Option<(Frame,
     if stored != computed {
         return Err(ProtoError::BadCrc { stored, computed });
     }
-    let flags = u16::from_le_bytes([header[6], header[7]]);
+    let flags = u16::from_le_bytes([header[OFF_FLAGS], header[OFF_FLAGS + 1]]);
     if flags != 0 {
         return Err(ProtoError::BadFlags(flags));
     }
-    let kind = MessageType::from_u8(header[5]).ok_or(ProtoError::UnknownMessageType(header[5]))?;
     let mut request_id = [0; 8];
-    request_id.copy_from_slice(&header[8..16]);
-    let message = Message::decode_body(kind, body)?;
-    let frame = Frame {
+    request_id.copy_from_slice(&header[OFF_REQUEST_ID..OFF_CRC]);
+    Ok(Some(RawFrame {
+        kind: header[OFF_KIND],
         request_id: u64::from_le_bytes(request_id),
-        message,
-    };
-    Ok(Some((frame, frame_bytes)))
+        body,
+        frame_bytes,
+    }))
 }
 
 /// CRC32C over bytes 4..16 of the header followed by the body: everything

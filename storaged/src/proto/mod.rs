@@ -24,7 +24,9 @@ mod message;
 mod tests;
 
 pub use error::ProtoError;
-pub use frame::{AppendHeader, FrameDecoder, decode_frame, encode_append_frame, encode_frame};
+pub use frame::{
+    AppendHeader, FrameDecoder, RawFrame, decode_frame, encode_append_frame, encode_frame, split_frame, write_frame,
+};
 pub use message::{ErrorCode, Frame, Message, MessageType, Role};
 
 /// The version this code speaks, in byte 4 of every frame.
