@@ -216,7 +216,7 @@ impl Node {
         result?;
         let mut st = self.state();
         let s = st.seg_mut(id)?;
-        s.set_slot_state(local, if slot == 0 { SlotState::Slot0 } else { SlotState::Slot1 });
+        s.set_slot_state(local, SlotState::holding(slot));
         Ok(())
     }
 }

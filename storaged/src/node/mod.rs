@@ -83,6 +83,25 @@ impl PageGeometry {
     pub const PAGE_BYTES_MIN: u32 = 512;
     pub const PAGE_BYTES_MAX: u32 = 65536;
 
+    /// The local index of `page` in segment `pg`, or why it is not there.
+    fn local(&self, pg: u32, page: u64) -> Result<u64, NodeError> {
+        // Where the extent is does not matter for the arithmetic.
+        let extent = Extent {
+            start_block: 0,
+            page_bytes: self.page_bytes,
+            pg_pages: self.pg_pages,
+        };
+        extent.local(pg, page).ok_or_else(|| {
+            let first = (pg as u64).saturating_mul(self.pg_pages);
+            NodeError::PageOutOfRange {
+                page,
+                pg,
+                first,
+                end: first.saturating_add(self.pg_pages),
+            }
+        })
+    }
+
     fn check(&self) -> Result<(), NodeError> {
         let ok_size = self.page_bytes.is_power_of_two()
             && (Self::PAGE_BYTES_MIN..=Self::PAGE_BYTES_MAX).contains(&self.page_bytes);
@@ -196,9 +215,13 @@ impl SlotState {
     fn of(c: &Current) -> SlotState {
         match c {
             Current::Never => SlotState::Never,
-            Current::Version { slot: 0, .. } => SlotState::Slot0,
-            Current::Version { .. } => SlotState::Slot1,
+            Current::Version { slot, .. } => SlotState::holding(*slot),
         }
+    }
+
+    /// The current version is in slot `slot` (0 or 1).
+    fn holding(slot: usize) -> SlotState {
+        if slot == 0 { SlotState::Slot0 } else { SlotState::Slot1 }
     }
 
     fn from_u8(v: u8) -> SlotState {
@@ -553,21 +576,8 @@ impl Node {
         records: Vec<RedoRecord>,
     ) -> Result<u64, NodeError> {
         geometry.check()?;
-        let probe = Extent {
-            start_block: 0,
-            page_bytes: geometry.page_bytes,
-            pg_pages: geometry.pg_pages,
-        };
         for r in &records {
-            if probe.local(id.pg, r.page).is_none() {
-                let first = (id.pg as u64).saturating_mul(geometry.pg_pages);
-                return Err(NodeError::PageOutOfRange {
-                    page: r.page,
-                    pg: id.pg,
-                    first,
-                    end: first.saturating_add(geometry.pg_pages),
-                });
-            }
+            geometry.local(id.pg, r.page)?;
             check_body(&r.body, geometry.page_bytes as usize)
                 .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
         }
@@ -578,7 +588,7 @@ impl Node {
                 (r, e)
             })
             .collect();
-        {
+        let durable = {
             let mut st = self.state();
             let gap_max = self.config.gap_records_max;
             let s = st
@@ -597,11 +607,14 @@ impl Node {
                 )));
             }
             s.seg.check_epoch(epoch)?;
-        }
+            s.durable_epoch.is_some_and(|e| e >= epoch)
+        };
         // The segment and its epoch are durable before any record is let
         // in: were that to fail after admission, the admitted copies would
         // never be written and re-sends would wait on them forever.
-        self.ensure_durable(id, epoch).await?;
+        if !durable {
+            self.ensure_durable(id, epoch).await?;
+        }
         self.appends.fetch_add(1, Ordering::Relaxed);
         let (admitted, pin) = {
             let mut st = self.state();
@@ -773,20 +786,7 @@ impl Node {
                 });
             }
             let g = s.geometry;
-            let probe = Extent {
-                start_block: 0,
-                page_bytes: g.page_bytes,
-                pg_pages: g.pg_pages,
-            };
-            let Some(local) = probe.local(id.pg, page) else {
-                let first = (id.pg as u64).saturating_mul(g.pg_pages);
-                return Err(NodeError::PageOutOfRange {
-                    page,
-                    pg: id.pg,
-                    first,
-                    end: first.saturating_add(g.pg_pages),
-                });
-            };
+            let local = g.local(id.pg, page)?;
             (
                 s.extent,
                 local,
