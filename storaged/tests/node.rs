@@ -156,16 +156,19 @@ fn scl_of(m: &Message) -> u64 {
     }
 }
 
+/// The segment's status as an operator reads it (epoch 0).
+async fn segment_status(c: &NodeClient, pg: u32) -> Message {
+    c.request(Message::GetSegmentStatus {
+        volume: VOLUME,
+        epoch: 0,
+        pg,
+    })
+    .await
+    .unwrap()
+}
+
 async fn status(c: &NodeClient, pg: u32) -> (u64, u64, u64) {
-    match c
-        .request(Message::GetSegmentStatus {
-            volume: VOLUME,
-            epoch: 0,
-            pg,
-        })
-        .await
-        .unwrap()
-    {
+    match segment_status(c, pg).await {
         Message::SegmentStatus {
             scl,
             epoch,
@@ -267,15 +270,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
             run(async move {
                 let c = NodeClient::connect(addr, Role::Computed, 0).await.unwrap();
                 // The segment does not exist before the first append.
-                let mut prev = match c
-                    .request(Message::GetSegmentStatus {
-                        volume: VOLUME,
-                        epoch: 0,
-                        pg: 0,
-                    })
-                    .await
-                    .unwrap()
-                {
+                let mut prev = match segment_status(&c, 0).await {
                     Message::SegmentStatus { scl, .. } => scl,
                     Message::Error {
                         code: ErrorCode::UnknownSegment,
@@ -433,15 +428,7 @@ fn pgmrpl_is_durable_and_only_moves_forward() {
     let daemon = Daemon::start(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        match c
-            .request(Message::GetSegmentStatus {
-                volume: VOLUME,
-                epoch: 0,
-                pg: 0,
-            })
-            .await
-            .unwrap()
-        {
+        match segment_status(&c, 0).await {
             Message::SegmentStatus { pgmrpl: 2, scl: 2, .. } => {}
             other => panic!("{other:?}"),
         }
@@ -672,15 +659,7 @@ fn coalesced_pages_survive_kill_9_and_read_the_same_at_every_read_point() {
         // Coalescing runs in the background: records up to PGMRPL leave memory.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let lowest = match c
-                .request(Message::GetSegmentStatus {
-                    volume: VOLUME,
-                    epoch: 0,
-                    pg,
-                })
-                .await
-                .unwrap()
-            {
+            let lowest = match segment_status(&c, pg).await {
                 Message::SegmentStatus {
                     lowest_lsn,
                     page_store_bytes,
