@@ -8,15 +8,15 @@
 //! built with `cargo build -p storaged` if missing. Every process is killed
 //! by PID when its guard drops; every test bounds its time.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use computed::client::Client;
 use computed::cluster::local_cluster_toml;
 use computed::core::PageWrite;
+use testkit::Daemon;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a commit is given to show it is stalled.
@@ -33,51 +33,6 @@ fn storaged_bin() -> PathBuf {
     bin
 }
 
-/// A child process, killed by its PID when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn start(mut cmd: Command) -> (Proc, SocketAddr) {
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1)
-                    && let Ok(a) = addr.trim().parse::<SocketAddr>()
-                {
-                    let _ = tx.send(a);
-                }
-            }
-        });
-        let proc = Proc { child };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("process did not start listening");
-        (proc, addr)
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: a signal to our own child, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -86,8 +41,8 @@ fn free_port() -> SocketAddr {
 struct Cluster {
     dir: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
-    nodes: Vec<Option<Proc>>,
-    computed: Option<Proc>,
+    nodes: Vec<Option<Daemon>>,
+    computed: Option<Daemon>,
     computed_addr: SocketAddr,
 }
 
@@ -129,9 +84,9 @@ impl Cluster {
         std::fs::write(&file, local_cluster_toml(7, 2, 64, c.computed_addr, &c.addrs)).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_computed"));
         cmd.args(["run", "--cluster", file.to_str().unwrap()]);
-        let (p, addr) = Proc::start(cmd);
-        assert_eq!(addr, c.computed_addr);
-        c.computed = Some(p);
+        let computed = Daemon::start(cmd);
+        assert_eq!(computed.addr, c.computed_addr);
+        c.computed = Some(computed);
         c
     }
 
@@ -145,11 +100,10 @@ impl Cluster {
             "--listen",
             &self.addrs[i].to_string(),
         ]);
-        let (p, _) = Proc::start(cmd);
-        self.nodes[i] = Some(p);
+        self.nodes[i] = Some(Daemon::start(cmd));
     }
 
-    fn node(&self, i: usize) -> &Proc {
+    fn node(&self, i: usize) -> &Daemon {
         self.nodes[i].as_ref().unwrap()
     }
 
@@ -293,16 +247,7 @@ fn commits_need_four_segments_and_survive_storage_restarts() {
         commit(&client, n).await;
     });
     // SIGTERM: computed exits 0.
-    let mut computed = c.computed.take().unwrap();
-    computed.signal(libc::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = computed.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "computed did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = c.computed.take().unwrap().terminate();
     assert!(status.success(), "{status:?}");
 }
 

@@ -2,15 +2,15 @@
 //! over TCP, acks by SCL, gaps, re-sends, conflicts, epochs, bad frames,
 //! kill -9 and restart, SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use storaged::client::NodeClient;
 use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use testkit::Daemon;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const VOLUME: u64 = 42;
@@ -25,69 +25,11 @@ fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// A running storaged, killed (by its PID) when dropped.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(device: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_storaged"))
-            .args(["run", "--device", device.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("storaged did not start listening");
-            }
-        };
-        Daemon { child, addr }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM and the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: sending a signal to our own child by its PID.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "storaged did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `storaged run` on `device`, listening on a free port of 127.0.0.1.
+fn start_daemon(device: &Path) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storaged"));
+    cmd.args(["run", "--device", device.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    Daemon::start(cmd)
 }
 
 fn format_device(dir: &Path) -> PathBuf {
@@ -183,7 +125,7 @@ async fn status(c: &NodeClient, pg: u32) -> (u64, u64, u64) {
 fn appends_are_acked_with_the_scl_gaps_hold_it_resends_do_not() {
     let dir = tempdir();
     let dev = format_device(dir.path());
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         assert_eq!(c.node_id, 5);
@@ -226,7 +168,7 @@ fn appends_are_acked_with_the_scl_gaps_hold_it_resends_do_not() {
 fn stale_epochs_are_refused_with_the_current_one_and_epochs_survive_restart() {
     let dir = tempdir();
     let dev = format_device(dir.path());
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         assert_eq!(scl_of(&append(&c, 0, 3, vec![rec(0, 1, 0, 1)]).await), 1);
@@ -241,7 +183,7 @@ fn stale_epochs_are_refused_with_the_current_one_and_epochs_survive_restart() {
         assert_eq!(status(&c, 0).await, (1, 3, 1), "the refused record was not stored");
     });
     daemon.kill9();
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         match append(&c, 0, 2, vec![rec(0, 2, 1, 1)]).await {
@@ -261,7 +203,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
     let dev = format_device(dir.path());
     let mut acked_scl = 0;
     for round in 0..4u64 {
-        let daemon = Daemon::start(&dev);
+        let daemon = start_daemon(&dev);
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
         let addr = daemon.addr;
         let first = round * 10_000 + 1;
@@ -303,7 +245,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
         daemon.kill9();
         writer.join().unwrap();
         acked_scl = rx.try_iter().max().unwrap_or(acked_scl).max(acked_scl);
-        let daemon = Daemon::start(&dev);
+        let daemon = start_daemon(&dev);
         run(async {
             let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
             let (scl, ..) = status(&c, 0).await;
@@ -351,7 +293,7 @@ async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
     let dir = tempdir();
     let dev = format_device(dir.path());
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let good = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         for garbage in [
@@ -404,7 +346,7 @@ fn a_malformed_frame_is_answered_and_dropped_and_others_are_served() {
 fn pgmrpl_is_durable_and_only_moves_forward() {
     let dir = tempdir();
     let dev = format_device(dir.path());
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         append(&c, 0, 1, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 1)]).await;
@@ -425,7 +367,7 @@ fn pgmrpl_is_durable_and_only_moves_forward() {
         }
     });
     daemon.kill9();
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         match segment_status(&c, 0).await {
@@ -503,7 +445,7 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
             }
         }
     };
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         for chunk in records.chunks(7) {
@@ -515,7 +457,7 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
         check_all(c).await;
     });
     daemon.kill9();
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         // Above the SCL: refused, so computed asks another segment.
@@ -554,7 +496,7 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
 fn a_full_log_is_refused_with_a_clear_error_not_a_hang() {
     let dir = tempdir();
     let dev = format_device_of(dir.path(), "4m");
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         // One record per append takes a whole 4 KiB block: a 1 MiB log is
@@ -637,7 +579,7 @@ fn coalesced_pages_survive_kill_9_and_read_the_same_at_every_read_point() {
             },
         })
         .collect();
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         for chunk in records.chunks(13) {
@@ -690,7 +632,7 @@ fn coalesced_pages_survive_kill_9_and_read_the_same_at_every_read_point() {
         }
     });
     daemon.kill9();
-    let daemon = Daemon::start(&dev);
+    let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
         let (scl, _, _) = status(&c, pg).await;
