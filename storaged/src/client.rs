@@ -30,7 +30,22 @@ pub enum ClientError {
     Handshake(Box<Message>),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
+/// Replies awaited, by request id; `None` once the connection is gone, so a
+/// request that reaches the writer after the reader has stopped is dropped
+/// (its caller gets `Closed`) instead of waiting for a reply that cannot come.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Message>>>>>;
+
+/// Remember that `id` awaits `reply`; false (and `reply` dropped: its caller
+/// learns the connection is closed) once the reader has stopped.
+fn await_reply(pending: &Pending, id: u64, reply: oneshot::Sender<Message>) -> bool {
+    match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        Some(map) => {
+            map.insert(id, reply);
+            true
+        }
+        None => false,
+    }
+}
 
 pub struct NodeClient {
     tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<Message>)>,
@@ -46,7 +61,7 @@ impl NodeClient {
             .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<Message>)>(QUEUED_MAX);
         let p = pending.clone();
         tokio::spawn(async move {
@@ -54,12 +69,16 @@ impl NodeClient {
             let mut out = Vec::new();
             while let Some((id, frame, reply)) = rx.recv().await {
                 out.clear();
+                if !await_reply(&p, id, reply) {
+                    break;
+                }
                 out.extend_from_slice(&frame);
-                p.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
                 while out.len() < WRITE_BATCH_BYTES_MAX {
                     match rx.try_recv() {
                         Ok((id, frame, reply)) => {
-                            p.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
+                            if !await_reply(&p, id, reply) {
+                                break;
+                            }
                             out.extend_from_slice(&frame);
                         }
                         Err(_) => break,
@@ -83,7 +102,11 @@ impl NodeClient {
                 loop {
                     match decoder.next() {
                         Ok(Some(frame)) => {
-                            let waiter = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.request_id);
+                            let waiter = p
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .as_mut()
+                                .and_then(|m| m.remove(&frame.request_id));
                             if let Some(w) = waiter {
                                 let _ = w.send(frame.message);
                             }
@@ -93,8 +116,9 @@ impl NodeClient {
                     }
                 }
             }
-            // Everyone still waiting learns the connection is gone.
-            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            // Everyone still waiting, and every later request, learns the
+            // connection is gone.
+            p.lock().unwrap_or_else(|e| e.into_inner()).take();
         });
         let mut client = NodeClient {
             tx,
@@ -124,5 +148,57 @@ impl NodeClient {
             .await
             .map_err(|_| ClientError::Closed)?;
         reply_rx.await.map_err(|_| ClientError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::decode_frame;
+    use tokio::net::TcpListener;
+
+    /// A node that answers Hello and then closes the connection: every later
+    /// request must fail with `Closed`, never wait forever.
+    #[tokio::test]
+    async fn requests_after_the_node_is_gone_fail_instead_of_hanging() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                let hello = loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some((frame, _)) = decode_frame(&got, FRAME_BYTES_MAX).unwrap() {
+                        break frame;
+                    }
+                };
+                let mut out = Vec::new();
+                let ok = Message::HelloOk {
+                    node_id: 7,
+                    protocol_version: u16::from(PROTOCOL_VERSION),
+                };
+                encode_frame(hello.request_id, &ok, &mut out).unwrap();
+                s.write_all(&out).await.unwrap();
+                drop(s);
+            }
+        });
+        for _ in 0..20 {
+            let c = NodeClient::connect(addr, Role::Computed, 0).await.unwrap();
+            assert_eq!(c.node_id, 7);
+            for _ in 0..5 {
+                let status = Message::GetSegmentStatus {
+                    volume: 1,
+                    epoch: 0,
+                    pg: 0,
+                };
+                let r = tokio::time::timeout(std::time::Duration::from_secs(10), c.request(status)).await;
+                assert!(matches!(r, Ok(Err(ClientError::Closed))), "{r:?}");
+            }
+        }
     }
 }
