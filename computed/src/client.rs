@@ -2,23 +2,13 @@
 //! matched by request id), usable from many tasks at once (`&self`). Used by
 //! storbench, storctl and tests.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use storaged::client::Pipeline;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, CLIENT_PROTOCOL_VERSION, ClientErrorCode, ClientMessage, VolumeInfo};
 use crate::core::{PageRead, PageWrite};
-
-/// Requests queued for the connection's writer, at most; callers wait beyond.
-const QUEUED_MAX: usize = 1024;
-/// Requests coalesced into one socket write, at most (bytes).
-const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
-const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,13 +24,14 @@ pub enum ClientError {
     Unexpected(String),
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ClientMessage>>>>;
-
 pub struct Client {
-    tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<ClientMessage>)>,
-    next_id: AtomicU64,
+    pipeline: Pipeline<ClientMessage>,
     /// What computed said about the volume when the connection opened.
     pub info: VolumeInfo,
+}
+
+fn decode_reply(buf: &[u8]) -> Result<Option<(u64, ClientMessage, usize)>, String> {
+    api::decode(buf).map_err(|e| e.to_string())
 }
 
 impl Client {
@@ -48,61 +39,8 @@ impl Client {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
-        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
-        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<ClientMessage>)>(QUEUED_MAX);
-        let w = waiters.clone();
-        tokio::spawn(async move {
-            let mut out = Vec::new();
-            while let Some((id, frame, reply)) = rx.recv().await {
-                out.clear();
-                out.extend_from_slice(&frame);
-                w.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
-                while out.len() < WRITE_BATCH_BYTES_MAX {
-                    let Ok((id, frame, reply)) = rx.try_recv() else {
-                        break;
-                    };
-                    w.lock().unwrap_or_else(|e| e.into_inner()).insert(id, reply);
-                    out.extend_from_slice(&frame);
-                }
-                if writer.write_all(&out).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let w = waiters.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-            'read: loop {
-                let n = match reader.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                buf.extend_from_slice(&chunk[..n]);
-                let mut used = 0;
-                loop {
-                    match api::decode(&buf[used..]) {
-                        Ok(Some((id, msg, len))) => {
-                            used += len;
-                            let waiter = w.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                            if let Some(waiter) = waiter {
-                                let _ = waiter.send(msg);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(_) => break 'read,
-                    }
-                }
-                buf.drain(..used);
-            }
-            // Everyone still waiting learns the connection is gone.
-            w.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        });
         let mut client = Client {
-            tx,
-            next_id: AtomicU64::new(1),
+            pipeline: Pipeline::start(stream, decode_reply),
             info: VolumeInfo {
                 volume: 0,
                 page_bytes: 0,
@@ -125,15 +63,10 @@ impl Client {
     }
 
     async fn request(&self, msg: ClientMessage) -> Result<ClientMessage, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.pipeline.next_id();
         let mut frame = Vec::new();
         api::encode(id, &msg, &mut frame).map_err(ClientError::Encode)?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.tx
-            .send((id, frame, reply_tx))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        match reply_rx.await.map_err(|_| ClientError::Closed)? {
+        match self.pipeline.call(id, frame).await.ok_or(ClientError::Closed)? {
             ClientMessage::Error { code, message } => Err(ClientError::Refused { code, message }),
             reply => Ok(reply),
         }

@@ -11,12 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, ProtoError, Role, encode_frame};
+use crate::proto::{FRAME_BYTES_MAX, Message, PROTOCOL_VERSION, ProtoError, Role, decode_frame, encode_frame};
 
 /// Requests queued for the writer, at most; callers wait beyond.
 const QUEUED_MAX: usize = 1024;
 /// Requests coalesced into one socket write, at most (bytes).
 const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -33,11 +34,11 @@ pub enum ClientError {
 /// Replies awaited, by request id; `None` once the connection is gone, so a
 /// request that reaches the writer after the reader has stopped is dropped
 /// (its caller gets `Closed`) instead of waiting for a reply that cannot come.
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Message>>>>>;
+type Pending<M> = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<M>>>>>;
 
 /// Remember that `id` awaits `reply`; false (and `reply` dropped: its caller
 /// learns the connection is closed) once the reader has stopped.
-fn await_reply(pending: &Pending, id: u64, reply: oneshot::Sender<Message>) -> bool {
+fn await_reply<M>(pending: &Pending<M>, id: u64, reply: oneshot::Sender<M>) -> bool {
     match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         Some(map) => {
             map.insert(id, reply);
@@ -47,22 +48,26 @@ fn await_reply(pending: &Pending, id: u64, reply: oneshot::Sender<Message>) -> b
     }
 }
 
-pub struct NodeClient {
-    tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<Message>)>,
+/// Decodes one reply from the front of a buffer: `Ok(None)` until a whole
+/// frame is there, else its request id, message and size. An error ends
+/// the connection (the stream is out of step).
+pub type DecodeReply<M> = fn(&[u8]) -> Result<Option<(u64, M, usize)>, String>;
+
+/// One connection with many requests in flight, replies matched by request
+/// id: the machinery of [`NodeClient`] and of computed's client, whose
+/// protocols share the frame envelope. Usable from many tasks (`&self`).
+pub struct Pipeline<M> {
+    tx: mpsc::Sender<(u64, Vec<u8>, oneshot::Sender<M>)>,
     next_id: AtomicU64,
-    /// The node's id, from its HelloOk.
-    pub node_id: u64,
 }
 
-impl NodeClient {
-    pub async fn connect(addr: SocketAddr, role: Role, my_node_id: u64) -> Result<NodeClient, ClientError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+impl<M: Send + 'static> Pipeline<M> {
+    /// Start the connection's writer and reader tasks on `stream`.
+    pub fn start(stream: TcpStream, decode: DecodeReply<M>) -> Pipeline<M> {
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
-        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<Message>)>(QUEUED_MAX);
+        let pending: Pending<M> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>, oneshot::Sender<M>)>(QUEUED_MAX);
         let p = pending.clone();
         tokio::spawn(async move {
             // Requests queued together go out in one write.
@@ -89,40 +94,81 @@ impl NodeClient {
                 }
             }
         });
-        let p = pending.clone();
+        let p = pending;
         tokio::spawn(async move {
-            let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
-            let mut buf = vec![0u8; 64 * 1024];
+            // Bounded by the decoder: a declared length over its maximum
+            // is an error as soon as the length field is in.
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; READ_CHUNK_BYTES];
             'read: loop {
-                let n = match reader.read(&mut buf).await {
+                let n = match reader.read(&mut chunk).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                decoder.push(&buf[..n]);
+                buf.extend_from_slice(&chunk[..n]);
+                let mut used = 0;
                 loop {
-                    match decoder.next() {
-                        Ok(Some(frame)) => {
+                    match decode(&buf[used..]) {
+                        Ok(Some((id, msg, len))) => {
+                            used += len;
                             let waiter = p
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .as_mut()
-                                .and_then(|m| m.remove(&frame.request_id));
+                                .and_then(|m| m.remove(&id));
                             if let Some(w) = waiter {
-                                let _ = w.send(frame.message);
+                                let _ = w.send(msg);
                             }
                         }
                         Ok(None) => break,
                         Err(_) => break 'read,
                     }
                 }
+                buf.drain(..used);
             }
             // Everyone still waiting, and every later request, learns the
             // connection is gone.
             p.lock().unwrap_or_else(|e| e.into_inner()).take();
         });
-        let mut client = NodeClient {
+        Pipeline {
             tx,
             next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A request id not used before on this connection.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Send `frame` (a request encoded with id `id`) and wait for its reply;
+    /// `None` if the connection is gone.
+    pub async fn call(&self, id: u64, frame: Vec<u8>) -> Option<M> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx.send((id, frame, reply_tx)).await.ok()?;
+        reply_rx.await.ok()
+    }
+}
+
+pub struct NodeClient {
+    pipeline: Pipeline<Message>,
+    /// The node's id, from its HelloOk.
+    pub node_id: u64,
+}
+
+fn decode_reply(buf: &[u8]) -> Result<Option<(u64, Message, usize)>, String> {
+    decode_frame(buf, FRAME_BYTES_MAX)
+        .map(|f| f.map(|(frame, len)| (frame.request_id, frame.message, len)))
+        .map_err(|e| e.to_string())
+}
+
+impl NodeClient {
+    pub async fn connect(addr: SocketAddr, role: Role, my_node_id: u64) -> Result<NodeClient, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let mut client = NodeClient {
+            pipeline: Pipeline::start(stream, decode_reply),
             node_id: 0,
         };
         let hello = Message::Hello {
@@ -139,22 +185,16 @@ impl NodeClient {
 
     /// Send a request and wait for its reply (an `Error` reply is a reply).
     pub async fn request(&self, msg: Message) -> Result<Message, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.pipeline.next_id();
         let mut frame = Vec::new();
         encode_frame(id, &msg, &mut frame).map_err(ClientError::Encode)?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.tx
-            .send((id, frame, reply_tx))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        reply_rx.await.map_err(|_| ClientError::Closed)
+        self.pipeline.call(id, frame).await.ok_or(ClientError::Closed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::decode_frame;
     use tokio::net::TcpListener;
 
     /// A node that answers Hello and then closes the connection: every later
