@@ -73,6 +73,9 @@ pub struct WriterConfig {
     pub resend_after_us: Option<u64>,
     /// After a refused batch, wait this long before sending to that segment again.
     pub retry_after_us: u64,
+    /// Truncation ranges of this epoch (from recovery): a segment that
+    /// missed them answers `EpochNotInstalled` and is sent them first.
+    pub annulled: Vec<(u64, u64)>,
 }
 
 impl WriterConfig {
@@ -95,6 +98,7 @@ impl WriterConfig {
             read_hedge_after_us: 50_000,
             resend_after_us: None,
             retry_after_us: 100_000,
+            annulled: Vec::new(),
         }
     }
 
@@ -245,6 +249,11 @@ enum Pending {
     Pgmrpl {
         node: u64,
     },
+    /// The epoch's truncation, sent to a segment that had not installed it.
+    Truncate {
+        pg: u32,
+        slot: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -278,6 +287,9 @@ pub struct Writer<T> {
     now_us: u64,
     fenced: Option<u64>,
     outputs: Vec<Output<T>>,
+    /// The LAL counts from the VDL or from this, whichever is higher: the
+    /// top of the truncation range recovery left below the first new LSN.
+    lal_floor: u64,
 }
 
 impl<T> Writer<T> {
@@ -287,6 +299,10 @@ impl<T> Writer<T> {
         assert!(
             config.txn_writes_max as u64 <= config.lal,
             "a transaction must fit the LAL"
+        );
+        assert!(
+            config.lal <= crate::recovery::LAL_MAX,
+            "recovery's truncation range covers at most LAL_MAX above the VDL"
         );
         assert!(config.segment_batches_inflight_max > 0 && config.batch_bytes_max > 0);
         let pgs = config
@@ -332,7 +348,36 @@ impl<T> Writer<T> {
             now_us: 0,
             fenced: None,
             outputs: Vec::new(),
+            lal_floor: 0,
         }
+    }
+
+    /// A writer for a volume recovery brought back (`recovery`): LSNs go
+    /// on above the truncation range, each PG's chain from its tail, and
+    /// the recovered records are held for the segments still behind.
+    pub fn recovered(mut config: WriterConfig, r: &crate::recovery::Recovered) -> Writer<T> {
+        config.epoch = r.epoch;
+        config.annulled = r.annulled.clone();
+        let mut w = Writer::new(config, r.vdl);
+        w.next_lsn = r.next_lsn.max(r.vdl + 1);
+        w.lal_floor = w.next_lsn - 1;
+        for (pg, rp) in w.pgs.iter_mut().zip(&r.pgs) {
+            pg.last_lsn = rp.tail;
+            pg.durable_tail = rp.tail;
+            for (slot, &scl) in pg.slots.iter_mut().zip(&rp.scls) {
+                slot.scl = scl;
+                slot.sent_through = scl;
+            }
+            pg.pgcl = quorum::pgcl(&rp.scls).max(rp.tail.min(r.vdl));
+            let low = rp.scls.iter().copied().min().unwrap_or(0);
+            for rec in rp.records.iter().filter(|x| x.lsn > low) {
+                pg.held_bytes += rec.bytes.len();
+                pg.held.push_back(rec.clone());
+            }
+            // Below the held records, nothing can be re-sent from here.
+            pg.released_through = pg.held.front().map_or(rp.tail, |x| x.lsn - 1);
+        }
+        w
     }
 
     pub fn config(&self) -> &WriterConfig {
@@ -465,7 +510,8 @@ impl<T> Writer<T> {
     }
 
     fn fits(&self, records: usize) -> bool {
-        self.next_lsn + records as u64 - 1 <= self.commits.vdl() + self.config.lal
+        // The truncation range below `lal_floor` is void: nothing in it waits.
+        self.next_lsn + records as u64 - 1 <= self.commits.vdl().max(self.lal_floor) + self.config.lal
     }
 
     fn allocate(&mut self, token: T, writes: Vec<PageWrite>) {
@@ -600,6 +646,9 @@ impl<T> Writer<T> {
         for pg in &mut self.pgs {
             for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
                 slot.up = false;
+                if slot.paused_until_us == u64::MAX {
+                    slot.paused_until_us = 0; // its truncation was lost with the connection
+                }
                 slot.inflight_batches = 0;
                 slot.inflight_bytes = 0;
                 slot.sent_through = slot.scl.max(pg.released_through);
@@ -613,6 +662,7 @@ impl<T> Writer<T> {
                     self.pgs[*pg as usize].slots[*slot].node == node
                 }
                 Pending::Pgmrpl { node: n } => *n == node,
+                Pending::Truncate { pg, slot } => self.pgs[*pg as usize].slots[*slot].node == node,
             })
             .map(|(&id, _)| id)
             .collect();
@@ -654,6 +704,10 @@ impl<T> Writer<T> {
                 s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
                 match reply {
                     Message::AppendAck { scl, .. } => self.on_scl(pg, slot, scl),
+                    Message::Error {
+                        code: ErrorCode::EpochNotInstalled,
+                        ..
+                    } => self.install(pg, slot),
                     other => {
                         tracing::debug!(node, pg, reply = ?other, "append refused; will send again");
                         let released = self.pgs[pg as usize].released_through;
@@ -688,6 +742,26 @@ impl<T> Writer<T> {
                 }
             }
             (Some(Pending::Pgmrpl { .. }), _) => {}
+            (Some(Pending::Truncate { pg, slot }), reply) => {
+                let p = &mut self.pgs[pg as usize];
+                match reply {
+                    Message::SegmentStatus {
+                        scl, installed_epoch, ..
+                    } if installed_epoch == self.config.epoch => {
+                        tracing::info!(node, pg, scl, "segment installed this writer's epoch");
+                        let s = &mut p.slots[slot];
+                        s.paused_until_us = 0;
+                        s.scl = scl;
+                        s.sent_through = scl.max(p.released_through);
+                        p.dirty = true;
+                        self.on_scl(pg, slot, scl);
+                    }
+                    other => {
+                        tracing::debug!(node, pg, reply = ?other, "truncation refused; will try again");
+                        p.slots[slot].paused_until_us = self.now_us + self.config.retry_after_us;
+                    }
+                }
+            }
             (None, Message::AppendAck { pg, scl, .. }) => {
                 // A late ack (its connection was reset since): the SCL is still true.
                 if let Some(slot) = self
@@ -700,6 +774,31 @@ impl<T> Writer<T> {
             }
             (None, _) => {}
         }
+    }
+
+    /// A segment missed this epoch's recovery: send it the truncation, and
+    /// nothing else until it answers (the pause ends then).
+    fn install(&mut self, pg: u32, slot: usize) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let s = &mut self.pgs[pg as usize].slots[slot];
+        if s.paused_until_us == u64::MAX {
+            return; // already asked
+        }
+        s.sent_through = s.scl;
+        s.paused_until_us = u64::MAX;
+        let node = s.node;
+        self.pending.insert(request, Pending::Truncate { pg, slot });
+        self.outputs.push(Output::Request {
+            node,
+            request,
+            message: Message::Truncate {
+                volume: self.config.volume,
+                epoch: self.config.epoch,
+                pg,
+                ranges: self.config.annulled.clone(),
+            },
+        });
     }
 
     fn fence(&mut self, epoch: u64) {

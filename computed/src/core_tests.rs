@@ -23,6 +23,7 @@ fn config() -> WriterConfig {
         read_hedge_after_us: 1000,
         resend_after_us: None,
         retry_after_us: 100,
+        annulled: Vec::new(),
     }
 }
 

@@ -10,4 +10,5 @@ pub mod cluster;
 pub mod commit_queue;
 pub mod core;
 pub mod quorum;
+pub mod recovery;
 pub mod server;

@@ -27,6 +27,7 @@ use storaged::proto::{
 use crate::api::{self, ClientErrorCode, ClientMessage, VolumeInfo};
 use crate::cluster::Cluster;
 use crate::core::{Output, PageWrite, TxnError, Writer, WriterConfig};
+use crate::recovery::{Recovered, Recovery};
 
 const INPUTS_MAX: usize = 4096;
 const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
@@ -37,6 +38,10 @@ const TICK: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Recovery asks again whatever is unanswered this often.
+const RECOVERY_RETRY: Duration = Duration::from_millis(100);
+/// While recovery waits, it says for what this often.
+const RECOVERY_LOG_EVERY: Duration = Duration::from_secs(2);
 /// On SIGTERM, wait at most this long for transactions in flight to commit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inputs handled per wake-up before outputs are flushed, at most.
@@ -73,7 +78,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (client_tx, client_rx) = mpsc::channel::<ClientInput>(INPUTS_MAX);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(INPUTS_MAX);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(INPUTS_MAX);
     let (metrics_tx, metrics_rx) = watch::channel(String::new());
     let mut tasks = tokio::task::JoinSet::new();
     for node in &cluster.nodes {
@@ -82,16 +87,34 @@ pub async fn run(
     if let Some(m) = metrics {
         tasks.spawn(serve_metrics(m, metrics_rx, shutdown.clone()));
     }
+    // Clients wait in the listen backlog until the volume is recovered.
+    let (recovered, nodes) = match recover(&cluster, &mut ctl_rx, &mut shutdown).await {
+        Ok(r) => r,
+        Err(e) => {
+            tasks.abort_all();
+            // SIGTERM while recovering: nothing was served, nothing is owed.
+            if *shutdown.borrow() {
+                tracing::info!("stopped before recovery finished");
+                return Ok(());
+            }
+            return Err(e);
+        }
+    };
     let info = VolumeInfo {
         volume: cluster.volume_id,
         page_bytes: cluster.page_bytes,
         pages: cluster.pages(),
         pgs: cluster.pgs,
-        vdl: 0,
-        epoch: config.epoch,
+        vdl: recovered.vdl,
+        epoch: recovered.epoch,
     };
+    let mut core = Writer::recovered(config, &recovered);
+    for &node in nodes.keys() {
+        core.node_up(node);
+    }
     let driver = tokio::spawn(drive(
-        Writer::new(config, 0),
+        core,
+        nodes,
         info,
         client_rx,
         ctl_rx,
@@ -128,6 +151,84 @@ pub async fn run(
     }
 }
 
+/// Run [`Recovery`] over the storage connections until the volume's VDL
+/// is durable on a write quorum of every PG at a new epoch. Returns where
+/// the volume stands and the connections that are up.
+async fn recover(
+    cluster: &Cluster,
+    ctl_rx: &mut mpsc::Receiver<Control>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<(Recovered, HashMap<u64, mpsc::Sender<Vec<u8>>>)> {
+    let mut r = Recovery::new(
+        cluster.volume_id,
+        cluster.page_bytes,
+        cluster.pg_pages,
+        cluster.placement.clone(),
+    );
+    let mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut retry = tokio::time::interval(RECOVERY_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut logged = Instant::now();
+    let mut out = Vec::new();
+    let mut frame = Vec::new();
+    tracing::info!(volume = cluster.volume_id, "recovering the volume");
+    loop {
+        tokio::select! {
+            c = ctl_rx.recv() => match c {
+                Some(Control::NodeUp { node, tx }) => {
+                    nodes.insert(node, tx);
+                    r.node_up(node);
+                }
+                Some(Control::NodeDown { node }) => {
+                    nodes.remove(&node);
+                    r.node_down(node);
+                }
+                Some(Control::Reply { node, request, message }) => r.on_reply(node, request, message),
+                // No client is accepted before recovery ends.
+                Some(_) => {}
+                None => anyhow::bail!("the storage connections ended during recovery"),
+            },
+            _ = retry.tick() => {
+                r.tick();
+                if logged.elapsed() >= RECOVERY_LOG_EVERY {
+                    tracing::warn!(progress = %r.progress(), "recovery is waiting for storage nodes");
+                    logged = Instant::now();
+                }
+            }
+            _ = shutdown.changed() => anyhow::bail!("stopped during recovery ({})", r.progress()),
+        }
+        if let Some(e) = r.failed() {
+            anyhow::bail!("recovery: {e}");
+        }
+        r.take_outputs(&mut out);
+        for (node, request, message) in out.drain(..) {
+            frame.clear();
+            if let Err(e) = encode_frame(request, &message, &mut frame) {
+                tracing::error!(node, error = %e, "recovery request not encodable");
+                continue;
+            }
+            if let Some(tx) = nodes.get(&node)
+                && tx.try_send(frame.clone()).is_err()
+            {
+                // Reset the connection; its task reconnects and recovery asks again.
+                nodes.remove(&node);
+                r.node_down(node);
+            }
+        }
+        if let Some(done) = r.recovered() {
+            tracing::info!(
+                epoch = done.epoch,
+                vdl = done.vdl,
+                next_lsn = done.next_lsn,
+                took_ms = started.elapsed().as_millis() as u64,
+                "volume recovered"
+            );
+            return Ok((done, nodes));
+        }
+    }
+}
+
 /// Bind a listener with the options computed wants.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
@@ -140,6 +241,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn drive(
     mut core: Writer<Token>,
+    mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>>,
     mut info: VolumeInfo,
     mut client_rx: mpsc::Receiver<ClientInput>,
     mut ctl_rx: mpsc::Receiver<Control>,
@@ -149,7 +251,6 @@ async fn drive(
     let start = Instant::now();
     let now_us = |s: Instant| s.elapsed().as_micros() as u64;
     let mut clients: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outputs = Vec::new();

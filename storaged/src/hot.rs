@@ -105,6 +105,23 @@ impl HotRecords {
         Ok((bytes, lsn))
     }
 
+    /// The change of `page` at `lsn`, if held.
+    pub fn get(&self, page: u64, lsn: u64) -> Option<&RecordBody> {
+        self.by_page.get(&(page, lsn))
+    }
+
+    /// Forget the change of `page` at `lsn` (annulled by a truncation);
+    /// returns the payload bytes freed.
+    pub fn remove(&mut self, page: u64, lsn: u64) -> usize {
+        let freed = match self.by_page.remove(&(page, lsn)) {
+            Some(RecordBody::PageImage(b)) => b.len(),
+            Some(RecordBody::PageDelta { bytes, .. }) => bytes.len(),
+            None => 0,
+        };
+        self.bytes -= freed;
+        freed
+    }
+
     /// Forget every record at or below `lsn` (coalesced into versions).
     pub fn remove_through(&mut self, lsn: u64) {
         let mut freed = 0;

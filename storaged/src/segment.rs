@@ -23,6 +23,8 @@ pub struct RecordMeta {
     pub prev_lsn_pg: u64,
     pub prev_lsn_page: u64,
     pub page: u64,
+    /// The record closes its mini-transaction (recovery finds the VDL by it).
+    pub cpl: bool,
     /// Identifies the content: CRC32C of the encoding and its length.
     pub digest: u64,
     /// Seq of the log block the record starts in, once durable.
@@ -35,6 +37,7 @@ impl RecordMeta {
             prev_lsn_pg: record.prev_lsn_pg,
             prev_lsn_page: record.prev_lsn_page,
             page: record.page,
+            cpl: record.cpl,
             digest: digest(encoded),
             log_seq: None,
         }
@@ -59,6 +62,50 @@ pub enum SegmentError {
     Fork { lsn: u64, prev: u64, other: u64 },
     #[error("the segment holds {held} records past its SCL, its limit; coalescing must catch up")]
     Full { held: usize },
+    #[error(
+        "epoch {got} is not installed on the segment (it has installed {installed}); \
+         a Truncate at that epoch must come first"
+    )]
+    EpochNotInstalled { got: u64, installed: u64 },
+    #[error("{0} truncation ranges; at most {ANNULLED_RANGES_MAX}")]
+    TooManyRanges(usize),
+}
+
+/// Truncation ranges a segment keeps: the most recent recoveries'. A range
+/// whose end is coalesced is dropped first (nothing of it can come back
+/// from the log); past this many, the lowest go.
+pub const ANNULLED_RANGES_MAX: usize = 4;
+
+/// LSNs `lo..=hi` annulled by a recovery: whatever a record there held, it
+/// never happened (ARCHITECTURE.md §7).
+pub type LsnRange = (u64, u64);
+
+pub fn in_ranges(ranges: &[LsnRange], lsn: u64) -> bool {
+    ranges.iter().any(|&(lo, hi)| lo <= lsn && lsn <= hi)
+}
+
+/// The union of `ranges` as sorted, disjoint, non-adjacent ranges (empty ones dropped).
+pub fn union_ranges(ranges: impl Iterator<Item = LsnRange>) -> Vec<LsnRange> {
+    let mut sorted: Vec<LsnRange> = ranges.filter(|r| r.0 <= r.1).collect();
+    sorted.sort_unstable();
+    let mut out: Vec<LsnRange> = Vec::with_capacity(sorted.len());
+    for (lo, hi) in sorted {
+        match out.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// The ranges a segment keeps after a truncation adds `new` to `held`:
+/// sorted, without those ending at or below `coalesced` (their records can
+/// no longer come back from the log), the highest [`ANNULLED_RANGES_MAX`].
+pub fn merge_ranges(held: &[LsnRange], new: &[LsnRange], coalesced: u64) -> Vec<LsnRange> {
+    let mut merged = union_ranges(held.iter().chain(new).copied());
+    merged.retain(|&(_, hi)| hi > coalesced);
+    let dropped = merged.len().saturating_sub(ANNULLED_RANGES_MAX);
+    merged.split_off(dropped)
 }
 
 /// The outcome of admitting a batch.
@@ -83,7 +130,14 @@ struct Deferred<T> {
 #[derive(Debug)]
 pub struct Segment<T> {
     pub id: SegmentId,
+    /// The highest epoch seen (a writer sealing the segment raises it).
     epoch: u64,
+    /// The epoch whose truncation the segment has applied: appends and
+    /// PGMRPLs are taken at this epoch only. Below `epoch` while a
+    /// recovering writer has sealed the segment but not yet truncated it.
+    installed_epoch: u64,
+    /// Truncation ranges applied, lowest first.
+    annulled: Vec<LsnRange>,
     scl: u64,
     highest_lsn: u64,
     /// Every record held, by LSN.
@@ -100,6 +154,8 @@ impl<T> Segment<T> {
         Segment {
             id,
             epoch,
+            installed_epoch: epoch,
+            annulled: Vec::new(),
             scl: 0,
             highest_lsn: 0,
             records: BTreeMap::new(),
@@ -111,6 +167,21 @@ impl<T> Segment<T> {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    pub fn installed_epoch(&self) -> u64 {
+        self.installed_epoch
+    }
+
+    pub fn annulled(&self) -> &[LsnRange] {
+        &self.annulled
+    }
+
+    /// Set what the segment table holds (at start-up, before any record is loaded).
+    pub fn restore_epochs(&mut self, epoch: u64, installed_epoch: u64, annulled: &[LsnRange]) {
+        self.epoch = epoch;
+        self.installed_epoch = installed_epoch.min(epoch);
+        self.annulled = annulled.to_vec();
     }
 
     pub fn scl(&self) -> u64 {
@@ -133,9 +204,32 @@ impl<T> Segment<T> {
         self.records.get(&lsn)
     }
 
-    /// Refuse a request from an older epoch; adopt a newer one. The caller
-    /// persists a raised epoch before it acts on the request.
-    pub fn check_epoch(&mut self, epoch: u64) -> Result<bool, SegmentError> {
+    /// For writes (appends, PGMRPL): refuse an older epoch, and a newer one
+    /// whose truncation the segment has not applied. A writer's epoch
+    /// reaches a segment only through [`seal`](Self::seal) and
+    /// [`truncate`](Self::truncate): a segment that missed a recovery
+    /// still holds records the recovery annulled, and must drop them before
+    /// it takes the new writer's records.
+    pub fn check_epoch(&self, epoch: u64) -> Result<(), SegmentError> {
+        if epoch < self.epoch {
+            return Err(SegmentError::StaleEpoch {
+                got: epoch,
+                current: self.epoch,
+            });
+        }
+        if epoch > self.installed_epoch {
+            return Err(SegmentError::EpochNotInstalled {
+                got: epoch,
+                installed: self.installed_epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// A recovering writer fences the segment: from now on requests below
+    /// `epoch` are refused. Returns whether the epoch rose (the caller
+    /// persists it before answering).
+    pub fn seal(&mut self, epoch: u64) -> Result<bool, SegmentError> {
         if epoch < self.epoch {
             return Err(SegmentError::StaleEpoch {
                 got: epoch,
@@ -145,6 +239,78 @@ impl<T> Segment<T> {
         let raised = epoch > self.epoch;
         self.epoch = epoch;
         Ok(raised)
+    }
+
+    /// Apply a recovery's truncation at `epoch`: records in `ranges` are
+    /// dropped (durable or not), the SCL falls back to the chain below the
+    /// first one dropped, and `epoch` becomes the installed one. Returns the
+    /// dropped records' `(lsn, page)`, for the shell to drop their bodies.
+    /// `coalesced` is the LSN the segment's page versions are at: ranges
+    /// ending at or below it are history and not kept.
+    pub fn truncate(
+        &mut self,
+        epoch: u64,
+        ranges: &[LsnRange],
+        coalesced: u64,
+    ) -> Result<Vec<(u64, u64)>, SegmentError> {
+        if epoch < self.epoch {
+            return Err(SegmentError::StaleEpoch {
+                got: epoch,
+                current: self.epoch,
+            });
+        }
+        let merged = merge_ranges(&self.annulled, ranges, coalesced);
+        let doomed: Vec<u64> = self.records.keys().copied().filter(|&l| in_ranges(ranges, l)).collect();
+        let mut dropped = Vec::with_capacity(doomed.len());
+        let mut cut = None;
+        for lsn in doomed {
+            let meta = self.records.remove(&lsn).expect("listed above");
+            if lsn <= self.scl && cut.is_none() {
+                // The lowest dropped record of the chain: the chain ends below it.
+                cut = Some(meta.prev_lsn_pg);
+            }
+            dropped.push((lsn, meta.page));
+        }
+        if let Some(prev) = cut {
+            self.scl = prev;
+        }
+        // Rebuild the links past the SCL from what is left.
+        self.waiting_link.clear();
+        let past: Vec<(u64, u64)> = self
+            .records
+            .range(self.scl + 1..)
+            .filter(|(_, m)| m.durable())
+            .map(|(&l, m)| (l, m.prev_lsn_pg))
+            .collect();
+        for (lsn, prev) in past {
+            // A fork among what is left was a fork before: keep the first.
+            let _ = self.link(lsn, prev);
+        }
+        self.highest_lsn = self.records.keys().next_back().copied().unwrap_or(0).max(self.scl);
+        self.deferred
+            .retain(|d| !d.waits_for.iter().any(|l| in_ranges(ranges, *l)));
+        self.epoch = epoch;
+        self.installed_epoch = epoch;
+        self.annulled = merged;
+        Ok(dropped)
+    }
+
+    /// The lowest record held at or below `upto` whose LSN is in `ranges`.
+    pub fn held_in(&self, ranges: &[LsnRange], upto: u64) -> Option<u64> {
+        self.records
+            .range(..=upto)
+            .map(|(&l, _)| l)
+            .find(|&l| in_ranges(ranges, l))
+    }
+
+    /// The chain's records above `after` (up to the SCL), in LSN order:
+    /// what a recovering writer reads to find the VDL and to re-replicate.
+    pub fn chain_after(&self, after: u64) -> impl Iterator<Item = (u64, &RecordMeta)> + '_ {
+        let scl = self.scl;
+        self.records
+            .range(after + 1..)
+            .take_while(move |(lsn, _)| **lsn <= scl)
+            .map(|(&lsn, m)| (lsn, m))
     }
 
     /// For reads: refuse an older epoch, adopt nothing. Epoch 0 is an
@@ -221,8 +387,8 @@ impl<T> Segment<T> {
     pub fn on_durable(&mut self, lsns: &[(u64, u64)]) -> (Vec<T>, Result<(), SegmentError>) {
         let mut linked = Ok(());
         for &(lsn, log_seq) in lsns {
+            // Gone: a truncation dropped it while its write was in flight.
             let Some(meta) = self.records.get_mut(&lsn) else {
-                debug_assert!(false, "durable record {lsn} was never admitted");
                 continue;
             };
             meta.log_seq = Some(log_seq);
@@ -465,12 +631,73 @@ mod tests {
     }
 
     #[test]
-    fn stale_epochs_are_refused_newer_ones_adopted() {
+    fn stale_epochs_are_refused_newer_ones_only_through_seal_and_truncate() {
         let mut s: Segment<u32> = Segment::new(SEG, 5, 1000);
         assert_eq!(s.check_epoch(4), Err(SegmentError::StaleEpoch { got: 4, current: 5 }));
-        assert_eq!(s.check_epoch(5), Ok(false));
-        assert_eq!(s.check_epoch(6), Ok(true));
+        assert_eq!(s.check_epoch(5), Ok(()));
+        assert_eq!(
+            s.check_epoch(6),
+            Err(SegmentError::EpochNotInstalled { got: 6, installed: 5 })
+        );
+        assert_eq!(s.seal(6), Ok(true));
         assert_eq!(s.check_epoch(5), Err(SegmentError::StaleEpoch { got: 5, current: 6 }));
+        assert_eq!(
+            s.check_epoch(6),
+            Err(SegmentError::EpochNotInstalled { got: 6, installed: 5 }),
+            "sealed, not truncated"
+        );
+        assert_eq!(s.seal(4), Err(SegmentError::StaleEpoch { got: 4, current: 6 }));
+        s.truncate(6, &[], 0).unwrap();
+        assert_eq!(s.check_epoch(6), Ok(()));
+        assert_eq!(
+            s.truncate(5, &[], 0),
+            Err(SegmentError::StaleEpoch { got: 5, current: 6 })
+        );
+    }
+
+    #[test]
+    fn truncation_drops_the_range_and_the_chain_goes_on_below_it() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        // Chain 1 -> 3 -> 6 -> 8, and 12 past a gap (links to 10).
+        put(
+            &mut s,
+            &[rec(1, 0, 1), rec(3, 1, 1), rec(6, 3, 1), rec(8, 6, 1), rec(12, 10, 1)],
+        );
+        assert_eq!(s.scl(), 8);
+        // A pending (not yet durable) record in the range, and a waiter on it.
+        let a = s.admit(&[rec(9, 8, 1)]).unwrap();
+        assert_eq!(a.new, vec![0]);
+        let again = s.admit(&[rec(9, 8, 1)]).unwrap();
+        assert_eq!(s.defer_ack(again.waits_for, 7), None);
+        s.seal(2).unwrap();
+        let dropped = s.truncate(2, &[(5, 104)], 0).unwrap();
+        assert_eq!(dropped, vec![(6, 1), (8, 3), (9, 4), (12, 2)]);
+        assert_eq!(s.scl(), 3, "the chain ends below the first dropped record");
+        assert_eq!(s.highest_lsn(), 3);
+        assert_eq!(s.annulled(), &[(5, 104)]);
+        // The in-flight write of 9 completes: it is not brought back, and
+        // its waiter was dropped.
+        assert_eq!(s.on_durable(&[(9, 1)]), (vec![], Ok(())));
+        assert!(s.record(9).is_none());
+        assert_eq!(s.scl(), 3);
+        // The new writer's chain continues from 3, above the range.
+        assert_eq!(put(&mut s, &[rec(105, 3, 2), rec(107, 105, 2)]), 107);
+        let chain: Vec<u64> = s.chain_after(1).map(|(l, _)| l).collect();
+        assert_eq!(chain, vec![3, 105, 107]);
+    }
+
+    #[test]
+    fn truncation_keeps_a_bounded_set_of_ranges() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        for e in 2..10u64 {
+            s.seal(e).unwrap();
+            s.truncate(e, &[(e * 100, e * 100 + 50)], 0).unwrap();
+        }
+        assert_eq!(s.annulled().len(), ANNULLED_RANGES_MAX);
+        assert_eq!(s.annulled()[0], (600, 650), "the lowest go first");
+        // Ranges ending at or below the coalesced LSN are history.
+        s.truncate(9, &[], 850).unwrap();
+        assert_eq!(s.annulled(), &[(900, 950)]);
     }
 
     #[test]

@@ -17,11 +17,12 @@ use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError};
 use crate::log::format::{BlockHeader, BlockKind, DeviceId, PAYLOAD_MAX_BYTES, decode_block_at, encode_block};
 use crate::log::layout::block_offset;
 use crate::record::SegmentId;
+use crate::segment::{ANNULLED_RANGES_MAX, LsnRange};
 
 /// First block of each slot, and the blocks a slot spans.
 pub const SLOT_BLOCKS: [u64; 2] = [8, 64];
 pub const SLOT_LEN_BLOCKS: u64 = 56;
-const ENTRY_BYTES: usize = 72;
+const ENTRY_BYTES: usize = 144;
 const BLOCK_HEADER_BYTES: usize = 8;
 const ENTRIES_PER_BLOCK: usize = (PAYLOAD_MAX_BYTES - BLOCK_HEADER_BYTES) / ENTRY_BYTES;
 /// Segments a node can hold.
@@ -44,9 +45,27 @@ pub struct SegmentEntry {
     /// equal to `coalesced_lsn` when none is. Slots damaged while it is
     /// above are a crash's torn writes, not damage (see `pagestore::current`).
     pub round_lsn: u64,
+    /// The epoch whose truncation the segment applied (`epoch` is the
+    /// highest seen; above this one while a recovering writer has sealed it).
+    pub installed_epoch: u64,
+    /// Truncation ranges: records in them are annulled, and start-up skips
+    /// them in the log. The first `annulled_count` are used.
+    pub annulled: [LsnRange; ANNULLED_RANGES_MAX],
+    pub annulled_count: u8,
 }
 
 impl SegmentEntry {
+    pub fn annulled(&self) -> &[LsnRange] {
+        &self.annulled[..usize::from(self.annulled_count).min(ANNULLED_RANGES_MAX)]
+    }
+
+    pub fn set_annulled(&mut self, ranges: &[LsnRange]) {
+        let n = ranges.len().min(ANNULLED_RANGES_MAX);
+        self.annulled = [(0, 0); ANNULLED_RANGES_MAX];
+        self.annulled[..n].copy_from_slice(&ranges[..n]);
+        self.annulled_count = n as u8;
+    }
+
     pub fn extent(&self) -> crate::pagestore::Extent {
         crate::pagestore::Extent {
             start_block: self.extent_start_block,
@@ -141,6 +160,15 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
                 extent_start_block: u64_at(40),
                 coalesced_lsn: u64_at(48),
                 round_lsn: u64_at(56),
+                installed_epoch: u64_at(64),
+                annulled_count: {
+                    let n = u32_at(72);
+                    if n as usize > ANNULLED_RANGES_MAX {
+                        return None;
+                    }
+                    n as u8
+                },
+                annulled: std::array::from_fn(|i| (u64_at(80 + 16 * i), u64_at(88 + 16 * i))),
             });
         }
         i += 1;
@@ -178,7 +206,13 @@ pub async fn write<D: BlockIo>(dev: &D, device_id: DeviceId, table: &mut Segment
             p.extend_from_slice(&e.extent_start_block.to_le_bytes());
             p.extend_from_slice(&e.coalesced_lsn.to_le_bytes());
             p.extend_from_slice(&e.round_lsn.to_le_bytes());
-            p.extend_from_slice(&[0; 8]); // reserved
+            p.extend_from_slice(&e.installed_epoch.to_le_bytes());
+            p.extend_from_slice(&u32::from(e.annulled_count).to_le_bytes());
+            p.extend_from_slice(&[0; 4]); // reserved
+            for (lo, hi) in e.annulled {
+                p.extend_from_slice(&lo.to_le_bytes());
+                p.extend_from_slice(&hi.to_le_bytes());
+            }
         }
         let offset = block_offset(slot + i as u64);
         let header = BlockHeader {
@@ -219,6 +253,9 @@ mod tests {
             extent_start_block: 1000 + u64::from(pg) * 384,
             coalesced_lsn: u64::from(pg) * 9,
             round_lsn: u64::from(pg) * 9 + 1,
+            installed_epoch: u64::from(pg),
+            annulled: [(u64::from(pg) + 5, u64::from(pg) + 6), (100, 200), (0, 0), (0, 0)],
+            annulled_count: 2,
         }
     }
 

@@ -550,6 +550,9 @@ fn inspect_lists_segments_and_accepts_a_torn_older_table_slot() {
                 extent_start_block: sb.pages_start_block + u64::from(pg) * 96,
                 coalesced_lsn: 0,
                 round_lsn: 0,
+                installed_epoch: 4,
+                annulled: Default::default(),
+                annulled_count: 0,
             });
         }
         segtable::write(dev.as_ref(), sb.device_id, &mut table).await.unwrap();

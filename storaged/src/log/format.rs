@@ -15,7 +15,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
 /// 2: the CRC covers the whole block (1 covered header and payload only).
 /// 3: segment table entries carry the page store extent and coalescing state;
 /// page version blocks.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;

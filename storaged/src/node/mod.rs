@@ -31,7 +31,7 @@ use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::ErrorCode;
 use crate::record::{RecordBody, RedoRecord, SegmentId};
-use crate::segment::{Segment, SegmentError};
+use crate::segment::{LsnRange, Segment, SegmentError, in_ranges, merge_ranges};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
 /// Limits a node enforces; memory is bounded by these, whatever the load.
@@ -138,6 +138,8 @@ pub enum NodeError {
     PageOutOfRange { page: u64, pg: u32, first: u64, end: u64 },
     #[error("read point {read_point} is above the segment's SCL {scl}: ask a segment that has caught up")]
     ReadPointAboveScl { read_point: u64, scl: u64 },
+    #[error("{0}")]
+    BadTruncation(String),
     #[error("read point {read_point} is below the segment's PGMRPL {pgmrpl}: versions it needs may be gone")]
     ReadPointBelowPgmrpl { read_point: u64, pgmrpl: u64 },
     #[error("page {page}: its stored version is damaged ({source}); read it from another segment")]
@@ -164,6 +166,10 @@ impl NodeError {
             NodeError::Segment(SegmentError::StaleEpoch { current, .. }) => (ErrorCode::StaleEpoch, *current),
             NodeError::Segment(SegmentError::Conflict { .. } | SegmentError::Fork { .. }) => (ErrorCode::Conflict, 0),
             NodeError::Segment(SegmentError::Full { .. }) => (ErrorCode::Overloaded, 0),
+            NodeError::Segment(SegmentError::EpochNotInstalled { .. }) => (ErrorCode::EpochNotInstalled, 0),
+            NodeError::Segment(SegmentError::TooManyRanges(_)) | NodeError::BadTruncation(_) => {
+                (ErrorCode::BadRequest, 0)
+            }
             NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
             NodeError::Log(_) | NodeError::Table(_) | NodeError::Io(_) => (ErrorCode::Internal, 0),
             NodeError::BadRecord { .. } | NodeError::BadGeometry(_) => (ErrorCode::BadRequest, 0),
@@ -179,7 +185,7 @@ impl NodeError {
 }
 
 /// What `GetSegmentStatus` reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentStatus {
     pub epoch: u64,
     pub scl: u64,
@@ -191,6 +197,8 @@ pub struct SegmentStatus {
     pub page_store_bytes: u64,
     /// Every record at or below it is in page versions.
     pub coalesced_lsn: u64,
+    pub installed_epoch: u64,
+    pub annulled: Vec<LsnRange>,
 }
 
 type Ticket = oneshot::Sender<()>;
@@ -373,6 +381,8 @@ pub struct Recovered {
     pub undecodable: u64,
     /// Records found in the log that were already in page versions.
     pub coalesced: u64,
+    /// Records found in the log that a recovery's truncation annulled.
+    pub annulled: u64,
 }
 
 impl Node {
@@ -391,6 +401,7 @@ impl Node {
                 pg_pages: e.pg_pages,
             };
             let mut s = SegState::new(e.id, e.epoch, geometry, gap_max);
+            s.seg.restore_epochs(e.epoch, e.installed_epoch, e.annulled());
             s.seg.start_at(e.coalesced_lsn);
             s.durable_epoch = Some(e.epoch);
             s.extent = Some(e.extent());
@@ -417,6 +428,11 @@ impl Node {
                 };
                 if record.lsn <= s.coalesced_lsn {
                     recovered.coalesced += 1;
+                    return;
+                }
+                if in_ranges(s.seg.annulled(), record.lsn) {
+                    // A recovery annulled it; the log still has its bytes.
+                    recovered.annulled += 1;
                     return;
                 }
                 match s.seg.recover(&record, &entry, seq) {
@@ -493,13 +509,13 @@ impl Node {
     /// Make sure the segment table durably holds `id` (with its page store
     /// extent) at `epoch` or later before a request at that epoch is answered.
     async fn ensure_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
-        let geometry = {
+        let (geometry, installed_epoch) = {
             let st = self.state();
             let s = st.seg(id)?;
             if s.durable_epoch.is_some_and(|e| e >= epoch) {
                 return Ok(());
             }
-            s.geometry
+            (s.geometry, s.seg.installed_epoch())
         };
         let (pages_start, pages_end) = (self.pages_start_block, self.pages_end_block);
         let entry = self
@@ -537,6 +553,9 @@ impl Node {
                     extent_start_block: start,
                     coalesced_lsn: 0,
                     round_lsn: 0,
+                    installed_epoch,
+                    annulled: Default::default(),
+                    annulled_count: 0,
                 })
             })
             .await;
@@ -683,7 +702,10 @@ impl Node {
                 // Durable now: readable at read points the SCL reaches.
                 let before = s.hot.bytes();
                 for (page, lsn, body) in bodies {
-                    s.hot.insert_body(page, lsn, body);
+                    // A truncation may have annulled it while it was written.
+                    if s.seg.record(lsn).is_some() {
+                        s.hot.insert_body(page, lsn, body);
+                    }
                 }
                 let added = s.hot.bytes() - before;
                 // Every record of the call starts at or after `seq`: a safe
@@ -712,7 +734,13 @@ impl Node {
                     .map_err(|_| AppendError::Failed("the first copy of a re-sent record failed".into()))?;
             }
         }
-        Ok(self.scl(id))
+        // The epoch again, with the SCL under one lock: a writer that sealed
+        // the segment meanwhile has read an SCL without this batch, so the
+        // old writer must not count it.
+        let st = self.state();
+        let s = st.seg(id)?;
+        s.seg.check_epoch(epoch)?;
+        Ok(s.seg.scl())
     }
 
     /// Read both slots of a page (or the one `known` says is current) and
@@ -843,7 +871,142 @@ impl Node {
             log_bytes: (log.next_seq - log.tail_seq) * BLOCK_SIZE as u64,
             page_store_bytes: s.extent.map_or(0, |e| e.blocks() * BLOCK_SIZE as u64),
             coalesced_lsn: s.coalesced_lsn,
+            installed_epoch: s.seg.installed_epoch(),
+            annulled: s.seg.annulled().to_vec(),
         })
+    }
+
+    /// A recovering writer fences the segment at `epoch` (creating it, with
+    /// nothing installed, if the node does not hold it): requests at older
+    /// epochs are refused from now on, and appends at `epoch` wait for its
+    /// truncation. Durable when it returns; returns the segment's status.
+    pub async fn seal(&self, id: SegmentId, epoch: u64, geometry: PageGeometry) -> Result<SegmentStatus, NodeError> {
+        geometry.check()?;
+        {
+            let mut st = self.state();
+            let gap_max = self.config.gap_records_max;
+            let s = st.segments.entry(id).or_insert_with(|| {
+                let mut s = SegState::new(id, epoch, geometry, gap_max);
+                s.seg.restore_epochs(epoch, 0, &[]);
+                s
+            });
+            if s.geometry != geometry {
+                return Err(NodeError::BadGeometry(format!(
+                    "segment (volume {}, pg {}) holds {} pages of {} bytes; the seal says {} pages of {} bytes",
+                    id.volume,
+                    id.pg,
+                    s.geometry.pg_pages,
+                    s.geometry.page_bytes,
+                    geometry.pg_pages,
+                    geometry.page_bytes
+                )));
+            }
+            s.seg.seal(epoch)?;
+        }
+        self.ensure_durable(id, epoch).await?;
+        self.status(id, 0)
+    }
+
+    /// A recovering writer's truncation at `epoch`: records in `ranges` are
+    /// annulled, here and in the log at every later start-up, and `epoch`
+    /// becomes the installed one. The ranges are durable before any record
+    /// is dropped from memory; returns the segment's status.
+    pub async fn truncate(&self, id: SegmentId, epoch: u64, ranges: Vec<LsnRange>) -> Result<SegmentStatus, NodeError> {
+        if ranges.len() > crate::segment::ANNULLED_RANGES_MAX {
+            return Err(SegmentError::TooManyRanges(ranges.len()).into());
+        }
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            // Fence first: nothing older is taken while the table is written.
+            s.seg.seal(epoch)?;
+            if let Some(&(lo, hi)) = ranges.iter().find(|&&(lo, hi)| lo == 0 || hi < lo) {
+                return Err(NodeError::BadTruncation(format!(
+                    "truncation range {lo}..={hi} is empty"
+                )));
+            }
+            // Readers may have read at the PGMRPL: what is below it stands.
+            // (Ranges of earlier recoveries come again and hold nothing here.)
+            if let Some(lsn) = s.seg.held_in(&ranges, s.pgmrpl) {
+                return Err(NodeError::BadTruncation(format!(
+                    "the truncation would annul the record at LSN {lsn}, at or below the PGMRPL {}, which readers may have read at",
+                    s.pgmrpl
+                )));
+            }
+        }
+        self.ensure_durable(id, epoch).await?;
+        let entry = self
+            .update_entry(id, |e, _| {
+                let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+                let mut next = SegmentEntry {
+                    epoch: e.epoch.max(epoch),
+                    installed_epoch: epoch,
+                    ..*e
+                };
+                next.set_annulled(&merge_ranges(e.annulled(), &ranges, e.coalesced_lsn));
+                Ok(next)
+            })
+            .await?;
+        let mut st = self.state();
+        let s = st.seg_mut(id)?;
+        let dropped = s.seg.truncate(epoch, &ranges, s.coalesced_lsn)?;
+        // What the table holds is what start-up will use: keep memory equal to it.
+        s.seg
+            .restore_epochs(entry.epoch.max(s.seg.epoch()), epoch, entry.annulled());
+        let mut freed = 0;
+        for (lsn, page) in dropped {
+            freed += s.hot.remove(page, lsn);
+        }
+        st.hot_bytes -= freed;
+        drop(st);
+        self.status(id, 0)
+    }
+
+    /// The chain's records above `after`, up to the SCL and about
+    /// `max_bytes` (at least one record if any), for a recovering writer.
+    /// Records at or below the segment's coalesced LSN are in page versions
+    /// and cannot be returned: asking for them is refused.
+    pub fn read_records(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<(u64, Vec<RedoRecord>), NodeError> {
+        let st = self.state();
+        let s = st.seg(id)?;
+        s.seg.check_epoch_read(epoch)?;
+        if after < s.coalesced_lsn && s.seg.scl() > after {
+            return Err(NodeError::ReadPointBelowPgmrpl {
+                read_point: after,
+                pgmrpl: s.coalesced_lsn,
+            });
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (lsn, meta) in s.seg.chain_after(after) {
+            let Some(body) = s.hot.get(meta.page, lsn) else {
+                // Held in the chain but not in memory: only a bug does this.
+                return Err(NodeError::BadTruncation(format!(
+                    "record {lsn} of the chain has no body in memory"
+                )));
+            };
+            let record = RedoRecord {
+                segment: id,
+                lsn,
+                prev_lsn_pg: meta.prev_lsn_pg,
+                prev_lsn_page: meta.prev_lsn_page,
+                page: meta.page,
+                cpl: meta.cpl,
+                body: body.clone(),
+            };
+            bytes += record.encoded_len();
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(record);
+        }
+        Ok((s.seg.scl(), out))
     }
 
     /// Record the lowest read point any reader of the segment still holds.

@@ -22,10 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::proto::{ErrorCode, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
+use crate::proto::{ErrorCode, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
 use crate::record::SegmentId;
 
-use super::{Node, NodeError, PageGeometry};
+use super::{Node, NodeError, PageGeometry, SegmentStatus};
 
 /// Reply bytes a connection holds for a peer that does not read them
 /// before it stops reading that peer's requests. Requests already in
@@ -249,19 +249,43 @@ async fn handle(node: &Node, msg: Message) -> Message {
             )
             .await
             .map(|scl| Message::AppendAck { volume, pg, scl }),
-        Message::GetSegmentStatus { volume, epoch, pg } => {
-            node.status(SegmentId { volume, pg }, epoch)
-                .map(|s| Message::SegmentStatus {
+        Message::GetSegmentStatus { volume, epoch, pg } => node
+            .status(SegmentId { volume, pg }, epoch)
+            .map(|s| status_reply(volume, pg, s)),
+        Message::Seal {
+            volume,
+            epoch,
+            pg,
+            page_bytes,
+            pg_pages,
+        } => node
+            .seal(SegmentId { volume, pg }, epoch, PageGeometry { page_bytes, pg_pages })
+            .await
+            .map(|s| status_reply(volume, pg, s)),
+        Message::Truncate {
+            volume,
+            epoch,
+            pg,
+            ranges,
+        } => node
+            .truncate(SegmentId { volume, pg }, epoch, ranges)
+            .await
+            .map(|s| status_reply(volume, pg, s)),
+        Message::ReadRecords {
+            volume,
+            epoch,
+            pg,
+            after,
+            max_bytes,
+        } => {
+            // Leave room in the frame for the reply's own fields.
+            let max = (max_bytes as usize).min(FRAME_BYTES_MAX / 2);
+            node.read_records(SegmentId { volume, pg }, epoch, after, max)
+                .map(|(scl, records)| Message::Records {
                     volume,
                     pg,
-                    epoch: s.epoch,
-                    scl: s.scl,
-                    highest_lsn: s.highest_lsn,
-                    lowest_lsn: s.lowest_lsn,
-                    pgmrpl: s.pgmrpl,
-                    records: s.records,
-                    log_bytes: s.log_bytes,
-                    page_store_bytes: s.page_store_bytes,
+                    scl,
+                    records,
                 })
         }
         Message::SetPgmrpl { volume, epoch, pg, lsn } => node
@@ -292,6 +316,23 @@ async fn handle(node: &Node, msg: Message) -> Message {
         }
     };
     result.unwrap_or_else(|e| error_reply(&e))
+}
+
+fn status_reply(volume: u64, pg: u32, s: SegmentStatus) -> Message {
+    Message::SegmentStatus {
+        volume,
+        pg,
+        epoch: s.epoch,
+        scl: s.scl,
+        highest_lsn: s.highest_lsn,
+        lowest_lsn: s.lowest_lsn,
+        pgmrpl: s.pgmrpl,
+        records: s.records,
+        log_bytes: s.log_bytes,
+        page_store_bytes: s.page_store_bytes,
+        installed_epoch: s.installed_epoch,
+        annulled: s.annulled,
+    }
 }
 
 fn error_reply(e: &NodeError) -> Message {

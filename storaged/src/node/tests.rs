@@ -346,3 +346,63 @@ async fn geometry_is_checked_and_the_page_store_has_limits() {
     assert!(matches!(node.status(seg, 0), Err(NodeError::UnknownSegment(..))));
     node.shutdown().await;
 }
+
+/// A recovering writer seals the segment (the old writer is refused from
+/// then on), truncates it (the range is annulled, durably) and writes at
+/// the new epoch; after a restart the annulled records stay gone even
+/// though the log still holds their bytes.
+#[tokio::test(start_paused = true)]
+async fn seal_and_truncate_fence_the_old_writer_and_annul_its_range_across_restarts() {
+    let disk = formatted(16 << 20, 1 << 20, 3).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let old = records(1, 60, 3);
+    append_all(&node, &old).await;
+    assert_eq!(node.set_pgmrpl(SEG, 1, 20).await.unwrap(), 20);
+
+    // An append at an epoch the segment has not installed is refused.
+    let err = node.append(SEG, 2, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    assert_eq!(err.wire_code().0, ErrorCode::EpochNotInstalled);
+    // Sealed at 2: the old writer (epoch 1) is refused, and so is epoch 2
+    // until the truncation comes.
+    let st = node.seal(SEG, 2, GEOMETRY).await.unwrap();
+    assert_eq!((st.epoch, st.installed_epoch, st.scl), (2, 1, 60));
+    let err = node.append(SEG, 1, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    assert_eq!(err.wire_code(), (ErrorCode::StaleEpoch, 2));
+    let err = node.append(SEG, 2, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    assert_eq!(err.wire_code().0, ErrorCode::EpochNotInstalled);
+    // What recovery reads: the chain above a point, up to the SCL.
+    let (scl, chain) = node.read_records(SEG, 2, 40, 1 << 20).unwrap();
+    assert_eq!(scl, 60);
+    assert_eq!(chain, old[40..].to_vec());
+    let (_, some) = node.read_records(SEG, 2, 40, 100).unwrap();
+    assert_eq!(some.len(), 1, "at least one record, however small the budget");
+    // A truncation that reaches below the PGMRPL is refused; nothing changes.
+    let err = node.truncate(SEG, 2, vec![(15, 1000)]).await.unwrap_err();
+    assert_eq!(err.wire_code().0, ErrorCode::BadRequest);
+    // Truncate above 45: records 46..=60 are annulled.
+    let st = node.truncate(SEG, 2, vec![(46, 1000)]).await.unwrap();
+    assert_eq!((st.epoch, st.installed_epoch, st.scl, st.highest_lsn), (2, 2, 45, 45));
+    assert_eq!(st.annulled, vec![(46, 1000)]);
+    let kept = &old[..45];
+    for page in FIRST_PAGE..FIRST_PAGE + 13 {
+        assert_eq!(node.get_page(SEG, 2, page, 45).await.unwrap(), model(kept, page, 45));
+    }
+    // The new writer's chain goes on from 45, above the range.
+    let mut new = records(1001, 1010, 4);
+    new[0].prev_lsn_pg = 45;
+    assert_eq!(node.append(SEG, 2, GEOMETRY, new.clone()).await.unwrap(), 1010);
+    node.shutdown().await;
+
+    let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
+    assert_eq!(recovered.annulled, 15, "the log still had them; start-up skipped them");
+    let st = node.status(SEG, 0).unwrap();
+    assert_eq!((st.epoch, st.installed_epoch, st.scl), (2, 2, 1010));
+    let all: Vec<RedoRecord> = kept.iter().chain(&new).cloned().collect();
+    for page in FIRST_PAGE..FIRST_PAGE + 13 {
+        assert_eq!(
+            node.get_page(SEG, 2, page, 1010).await.unwrap(),
+            model(&all, page, 1010)
+        );
+    }
+    node.shutdown().await;
+}

@@ -12,6 +12,7 @@ use super::error::ProtoError;
 use super::message::{ErrorCode, Message, MessageType, Role};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
 use crate::record::{RedoRecord, SegmentId};
+use crate::segment::ANNULLED_RANGES_MAX;
 
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
@@ -23,7 +24,12 @@ const PAGE_FIXED_BYTES: usize = 32;
 const SET_PGMRPL_BYTES: usize = 28;
 const PGMRPL_OK_BYTES: usize = 20;
 const GET_SEGMENT_STATUS_BYTES: usize = 20;
-const SEGMENT_STATUS_BYTES: usize = 76;
+const SEGMENT_STATUS_FIXED_BYTES: usize = 88;
+const SEAL_BYTES: usize = 32;
+const TRUNCATE_FIXED_BYTES: usize = 24;
+const READ_RECORDS_BYTES: usize = 32;
+const RECORDS_FIXED_BYTES: usize = 24;
+const RANGE_BYTES: usize = 16;
 const ERROR_FIXED_BYTES: usize = 12;
 
 // The decoder sizes a batch's `Vec<RedoRecord>` from the declared count, which
@@ -46,7 +52,13 @@ impl Message {
             Message::SetPgmrpl { .. } => SET_PGMRPL_BYTES,
             Message::PgmrplOk { .. } => PGMRPL_OK_BYTES,
             Message::GetSegmentStatus { .. } => GET_SEGMENT_STATUS_BYTES,
-            Message::SegmentStatus { .. } => SEGMENT_STATUS_BYTES,
+            Message::SegmentStatus { annulled, .. } => SEGMENT_STATUS_FIXED_BYTES + RANGE_BYTES * annulled.len(),
+            Message::Seal { .. } => SEAL_BYTES,
+            Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
+            Message::ReadRecords { .. } => READ_RECORDS_BYTES,
+            Message::Records { records, .. } => {
+                RECORDS_FIXED_BYTES + records.iter().map(RedoRecord::encoded_len).sum::<usize>()
+            }
             Message::Error { message, .. } => ERROR_FIXED_BYTES + message.len(),
         }
     }
@@ -72,6 +84,26 @@ impl Message {
                     prev_lsn = Some(record.lsn);
                 }
                 Ok(())
+            }
+            Message::Records {
+                volume, pg, records, ..
+            } => {
+                let batch = SegmentId {
+                    volume: *volume,
+                    pg: *pg,
+                };
+                let mut prev_lsn = None;
+                for (index, record) in records.iter().enumerate() {
+                    check_record(record).map_err(|source| ProtoError::BadRecord { index, source })?;
+                    check_batch_order(batch, prev_lsn, index, record)?;
+                    prev_lsn = Some(record.lsn);
+                }
+                Ok(())
+            }
+            Message::SegmentStatus { annulled: ranges, .. } | Message::Truncate { ranges, .. }
+                if ranges.len() > ANNULLED_RANGES_MAX =>
+            {
+                Err(ProtoError::TooManyRanges(ranges.len()))
             }
             Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
                 Err(ProtoError::MessageTooLong(message.len()))
@@ -186,6 +218,8 @@ impl Message {
                 records,
                 log_bytes,
                 page_store_bytes,
+                installed_epoch,
+                annulled,
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -198,8 +232,55 @@ impl Message {
                     records,
                     log_bytes,
                     page_store_bytes,
+                    installed_epoch,
                 ] {
                     put_u64(out, *v);
+                }
+                put_ranges(out, annulled);
+            }
+            Message::Seal {
+                volume,
+                epoch,
+                pg,
+                page_bytes,
+                pg_pages,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_u32(out, *page_bytes);
+                put_u64(out, *pg_pages);
+            }
+            Message::Truncate {
+                volume,
+                epoch,
+                pg,
+                ranges,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_ranges(out, ranges);
+            }
+            Message::ReadRecords {
+                volume,
+                epoch,
+                pg,
+                after,
+                max_bytes,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_u64(out, *after);
+                put_u32(out, *max_bytes);
+            }
+            Message::Records {
+                volume,
+                pg,
+                scl,
+                records,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *scl);
+                put_u32(out, records.len() as u32);
+                for record in records {
+                    record.encode_into(out);
                 }
             }
             Message::Error {
@@ -291,7 +372,30 @@ impl Message {
                 records: r.u64()?,
                 log_bytes: r.u64()?,
                 page_store_bytes: r.u64()?,
+                installed_epoch: r.u64()?,
+                annulled: r.ranges()?,
             },
+            MessageType::Seal => Message::Seal {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+                page_bytes: r.u32()?,
+                pg_pages: r.u64()?,
+            },
+            MessageType::Truncate => Message::Truncate {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+                ranges: r.ranges()?,
+            },
+            MessageType::ReadRecords => Message::ReadRecords {
+                volume: r.u64()?,
+                epoch: r.u64()?,
+                pg: r.u32()?,
+                after: r.u64()?,
+                max_bytes: r.u32()?,
+            },
+            MessageType::Records => return decode_records(r),
             MessageType::Error => {
                 let current_epoch = r.u64()?;
                 let code = r.u16()?;
@@ -353,6 +457,44 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
         pg_pages,
         records,
     })
+}
+
+fn decode_records(mut r: Reader<'_>) -> Result<Message, ProtoError> {
+    let volume = r.u64()?;
+    let pg = r.u32()?;
+    let scl = r.u64()?;
+    let declared = r.u32()?;
+    let room = r.rest().len() / RECORD_HEADER_BYTES;
+    if declared as usize > room {
+        return Err(ProtoError::RecordCountImpossible { declared, room });
+    }
+    let batch = SegmentId { volume, pg };
+    let mut records = Vec::with_capacity(declared as usize);
+    let mut prev_lsn = None;
+    for index in 0..declared as usize {
+        let (record, used) =
+            RedoRecord::decode_prefix(r.rest()).map_err(|source| ProtoError::BadRecord { index, source })?;
+        r.take(used)?;
+        check_batch_order(batch, prev_lsn, index, &record)?;
+        prev_lsn = Some(record.lsn);
+        records.push(record);
+    }
+    r.finish()?;
+    Ok(Message::Records {
+        volume,
+        pg,
+        scl,
+        records,
+    })
+}
+
+/// A count (u32) and that many `(lo, hi)` LSN ranges.
+fn put_ranges(out: &mut Vec<u8>, ranges: &[(u64, u64)]) {
+    put_u32(out, ranges.len() as u32);
+    for &(lo, hi) in ranges {
+        put_u64(out, lo);
+        put_u64(out, hi);
+    }
 }
 
 /// A batch holds one segment's records in strictly increasing LSN order.
@@ -473,6 +615,24 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A count and that many ranges; the count is bounded before it sizes anything.
+    fn ranges(&mut self) -> Result<Vec<(u64, u64)>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > ANNULLED_RANGES_MAX {
+            return Err(ProtoError::TooManyRanges(n));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let lo = self.u64()?;
+            let hi = self.u64()?;
+            if lo == 0 || hi < lo {
+                return Err(ProtoError::BadRange { lo, hi });
+            }
+            out.push((lo, hi));
+        }
+        Ok(out)
     }
 
     fn finish(self) -> Result<(), ProtoError> {

@@ -58,6 +58,10 @@ pub enum ProtoError {
     },
     #[error("record {index} has LSN {lsn}, not above the previous record's {prev}")]
     LsnNotIncreasing { index: usize, prev: u64, lsn: u64 },
+    #[error("{0} truncation ranges; at most {max}", max = crate::segment::ANNULLED_RANGES_MAX)]
+    TooManyRanges(usize),
+    #[error("truncation range {lo}..={hi} is empty or starts at 0")]
+    BadRange { lo: u64, hi: u64 },
     #[error("append batch holds no records")]
     EmptyBatch,
     #[error("error message is not valid UTF-8")]

@@ -5,7 +5,8 @@ use super::ERROR_MESSAGE_BYTES_MAX;
 use crate::record::RedoRecord;
 
 /// The message type byte of a frame. Requests are odd, their replies the next
-/// even number; `Error` answers any request and stands apart at 255.
+/// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
+/// `Error` answers any request and stands apart at 255.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MessageType {
@@ -19,6 +20,10 @@ pub enum MessageType {
     PgmrplOk = 8,
     GetSegmentStatus = 9,
     SegmentStatus = 10,
+    Seal = 11,
+    Truncate = 13,
+    ReadRecords = 15,
+    Records = 16,
     Error = 255,
 }
 
@@ -35,6 +40,10 @@ impl MessageType {
             8 => MessageType::PgmrplOk,
             9 => MessageType::GetSegmentStatus,
             10 => MessageType::SegmentStatus,
+            11 => MessageType::Seal,
+            13 => MessageType::Truncate,
+            15 => MessageType::ReadRecords,
+            16 => MessageType::Records,
             255 => MessageType::Error,
             _ => return None,
         };
@@ -84,6 +93,9 @@ pub enum ErrorCode {
     ReadPointBelowPgmrpl = 12,
     /// The segment's stored version of the page is damaged; read another segment.
     PageDamaged = 13,
+    /// The request's epoch is newer than the one the segment has installed:
+    /// a recovering writer's `Truncate` at that epoch must come first.
+    EpochNotInstalled = 14,
 }
 
 impl ErrorCode {
@@ -102,6 +114,7 @@ impl ErrorCode {
             11 => ErrorCode::Internal,
             12 => ErrorCode::ReadPointBelowPgmrpl,
             13 => ErrorCode::PageDamaged,
+            14 => ErrorCode::EpochNotInstalled,
             _ => return None,
         };
         Some(code)
@@ -190,6 +203,46 @@ pub enum Message {
         records: u64,
         log_bytes: u64,
         page_store_bytes: u64,
+        /// The epoch whose truncation the segment applied (appends are
+        /// taken at it); below `epoch` while sealed by a recovering writer.
+        installed_epoch: u64,
+        /// The truncation ranges the segment keeps, `(lo, hi)` inclusive,
+        /// at most [`crate::segment::ANNULLED_RANGES_MAX`].
+        annulled: Vec<(u64, u64)>,
+    },
+    /// A recovering writer fences the segment at `epoch` (creating it with
+    /// the geometry if the node does not hold it): requests at older epochs
+    /// are refused from now on. Answered by `SegmentStatus`.
+    Seal {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        page_bytes: u32,
+        pg_pages: u64,
+    },
+    /// The writer's truncation at `epoch`: records at LSNs in `ranges`
+    /// (inclusive) are annulled, and `epoch` becomes the installed one.
+    /// Answered by `SegmentStatus`.
+    Truncate {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// The segment's chain above `after` up to its SCL, at most `max_bytes`
+    /// of records (at least one if there is any).
+    ReadRecords {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        after: u64,
+        max_bytes: u32,
+    },
+    Records {
+        volume: u64,
+        pg: u32,
+        scl: u64,
+        records: Vec<RedoRecord>,
     },
     Error {
         code: ErrorCode,
@@ -213,6 +266,10 @@ impl Message {
             Message::PgmrplOk { .. } => MessageType::PgmrplOk,
             Message::GetSegmentStatus { .. } => MessageType::GetSegmentStatus,
             Message::SegmentStatus { .. } => MessageType::SegmentStatus,
+            Message::Seal { .. } => MessageType::Seal,
+            Message::Truncate { .. } => MessageType::Truncate,
+            Message::ReadRecords { .. } => MessageType::ReadRecords,
+            Message::Records { .. } => MessageType::Records,
             Message::Error { .. } => MessageType::Error,
         }
     }

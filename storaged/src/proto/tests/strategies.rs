@@ -10,10 +10,18 @@ fn arb_role() -> impl Strategy<Value = Role> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=11).prop_map(|v| ErrorCode::from_u16(v).expect("1..=11 are codes"))
+    (1u16..=14).prop_map(|v| ErrorCode::from_u16(v).expect("1..=14 are codes"))
 }
 
 /// 1–4 records of one segment with strictly increasing LSNs, random bodies.
+/// 0–4 valid truncation ranges.
+fn arb_ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec(
+        (1u64..(1 << 50), 0u64..(1 << 40)).prop_map(|(lo, len)| (lo, lo + len)),
+        0..=4,
+    )
+}
+
 fn arb_batch() -> impl Strategy<Value = (u64, u32, Vec<RedoRecord>)> {
     let one = (
         1u64..1000,
@@ -102,7 +110,7 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
         }),
         (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk { volume, pg, pgmrpl }),
         (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus { volume, epoch, pg }),
-        (u(), any::<u32>(), prop::array::uniform8(u())).prop_map(|(volume, pg, v)| {
+        (u(), any::<u32>(), prop::array::uniform9(u()), arb_ranges()).prop_map(|(volume, pg, v, annulled)| {
             Message::SegmentStatus {
                 volume,
                 pg,
@@ -114,7 +122,39 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 records: v[5],
                 log_bytes: v[6],
                 page_store_bytes: v[7],
+                installed_epoch: v[8],
+                annulled,
             }
+        }),
+        (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
+            Message::Seal {
+                volume,
+                epoch,
+                pg,
+                page_bytes,
+                pg_pages,
+            }
+        }),
+        (u(), u(), any::<u32>(), arb_ranges()).prop_map(|(volume, epoch, pg, ranges)| Message::Truncate {
+            volume,
+            epoch,
+            pg,
+            ranges
+        }),
+        (u(), u(), any::<u32>(), u(), any::<u32>()).prop_map(|(volume, epoch, pg, after, max_bytes)| {
+            Message::ReadRecords {
+                volume,
+                epoch,
+                pg,
+                after,
+                max_bytes,
+            }
+        }),
+        (arb_batch(), u(), any::<bool>()).prop_map(|((volume, pg, records), scl, empty)| Message::Records {
+            volume,
+            pg,
+            scl,
+            records: if empty { Vec::new() } else { records },
         }),
         (arb_error_code(), u(), "\\PC{0,60}").prop_map(|(code, current_epoch, message)| {
             Message::Error {

@@ -1,0 +1,555 @@
+//! Recovery at computed start-up (ARCHITECTURE.md §7), free of I/O like the
+//! writer core: it takes connections going up and down, replies and ticks,
+//! and produces requests to send, until it knows where the volume stands.
+//!
+//! 1. **Probe**: every segment's status (an operator's read, epoch 0) until
+//!    each PG has a read quorum (3 of 6) of answers; the new epoch is one
+//!    above the highest seen. A segment a node does not hold answers
+//!    `UnknownSegment` and counts as empty.
+//! 2. **Seal** every segment at the new epoch (creating the ones that do not
+//!    exist): from here on a previous writer is refused, so nothing changes
+//!    under what is read next. Each PG needs a read quorum of seals.
+//! 3. **Read**: per PG, the sealed segment with the highest SCL holds every
+//!    record that could have reached a write quorum (3 + 4 > 6). Its chain
+//!    above the floor (the highest PGMRPL seen: a VDL of the old writer,
+//!    durable everywhere) is read.
+//! 4. **Decide**: LSNs are allocated contiguously, one per record, so the
+//!    VCL is the end of the run of LSNs above the floor that some PG's chain
+//!    (or an earlier truncation range) accounts for; the VDL is the highest
+//!    CPL at or below it. Everything above the VDL, up to `VDL + LAL_MAX`
+//!    (more than any writer can have allocated), is the new truncation range.
+//! 5. **Truncate** every segment (a write quorum of each PG, at least): the
+//!    range and the earlier ones are annulled there, durably, and the new
+//!    epoch installed.
+//! 6. **Replicate** the chain up to the VDL to segments that lack it, until
+//!    a write quorum of each PG holds it. Only then is the VDL durable, and
+//!    only then does the writer serve.
+//!
+//! A fresh volume (every answer of the probe says the segment does not
+//! exist, or has never seen a writer) needs no range: LSNs start at 1.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use storaged::proto::{ErrorCode, Message};
+use storaged::record::RedoRecord;
+use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, in_ranges, union_ranges};
+
+use crate::cluster::SEGMENTS_PER_PG;
+use crate::core::EncodedRecord;
+
+/// Read quorum and write quorum of a PG (ARCHITECTURE.md §3).
+const READ_QUORUM: usize = 3;
+const WRITE_QUORUM: usize = 4;
+/// No writer allocates more than this above its VDL (the LAL's ceiling,
+/// enforced on the configuration): a truncation range this long covers
+/// every LSN a previous writer can have used.
+pub const LAL_MAX: u64 = 1_000_000;
+/// Bytes of records asked for at once while reading a chain or replicating it.
+const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Where a recovered volume stands; the writer starts from it.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub epoch: u64,
+    pub vdl: u64,
+    /// The first LSN the new writer allocates (above the truncation range).
+    pub next_lsn: u64,
+    /// The truncation ranges installed, for segments that missed them.
+    pub annulled: Vec<LsnRange>,
+    pub pgs: Vec<RecoveredPg>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecoveredPg {
+    /// The PG's last record at or below the VDL (0: none).
+    pub tail: u64,
+    /// The PG's records above the floor up to the VDL, held for segments
+    /// that are still behind.
+    pub records: Vec<Arc<EncodedRecord>>,
+    /// Each slot's SCL as last heard (0: not heard).
+    pub scls: [u64; SEGMENTS_PER_PG],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("another writer took the volume at epoch {epoch}; this one stops")]
+    Fenced { epoch: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Probe,
+    Seal,
+    Read,
+    Truncate,
+    Replicate,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotState {
+    /// Epoch the probe saw (0 for a segment that does not exist).
+    probed: Option<u64>,
+    sealed: Option<Sealed>,
+    /// SCL after the truncation (and any replication since).
+    truncated: Option<u64>,
+    /// A request of the current phase is in flight.
+    asked: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sealed {
+    scl: u64,
+    pgmrpl: u64,
+}
+
+#[derive(Debug)]
+enum Ask {
+    Slot { pg: u32, slot: usize, phase: Phase },
+}
+
+/// The recovery state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Recovery {
+    volume: u64,
+    page_bytes: u32,
+    pg_pages: u64,
+    placement: Vec<[u64; SEGMENTS_PER_PG]>,
+    phase: Phase,
+    slots: Vec<[SlotState; SEGMENTS_PER_PG]>,
+    up: BTreeSet<u64>,
+    pending: HashMap<u64, Ask>,
+    next_request: u64,
+    epoch: u64,
+    floor: u64,
+    /// Truncation ranges seen on sealed segments (from earlier recoveries).
+    seen_ranges: Vec<LsnRange>,
+    /// Per PG: the slot whose chain is read, and what was read of it.
+    source: Vec<Option<usize>>,
+    chains: Vec<Vec<RedoRecord>>,
+    read_done: Vec<bool>,
+    // Decided:
+    vdl: u64,
+    ranges: Vec<LsnRange>,
+    next_lsn: u64,
+    tails: Vec<u64>,
+    outputs: Vec<(u64, u64, Message)>,
+    result: Option<Result<(), RecoveryError>>,
+}
+
+impl Recovery {
+    pub fn new(volume: u64, page_bytes: u32, pg_pages: u64, placement: Vec<[u64; SEGMENTS_PER_PG]>) -> Recovery {
+        let pgs = placement.len();
+        Recovery {
+            volume,
+            page_bytes,
+            pg_pages,
+            placement,
+            phase: Phase::Probe,
+            slots: vec![[SlotState::default(); SEGMENTS_PER_PG]; pgs],
+            up: BTreeSet::new(),
+            pending: HashMap::new(),
+            next_request: 1,
+            epoch: 0,
+            floor: 0,
+            seen_ranges: Vec::new(),
+            source: vec![None; pgs],
+            chains: vec![Vec::new(); pgs],
+            read_done: vec![false; pgs],
+            vdl: 0,
+            ranges: Vec::new(),
+            next_lsn: 1,
+            tails: vec![0; pgs],
+            outputs: Vec::new(),
+            result: None,
+        }
+    }
+
+    /// Requests to send: `(node, request id, message)`.
+    pub fn take_outputs(&mut self, out: &mut Vec<(u64, u64, Message)>) {
+        out.append(&mut self.outputs);
+    }
+
+    pub fn failed(&self) -> Option<&RecoveryError> {
+        match &self.result {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// What recovery waits for, for the operator's log.
+    pub fn progress(&self) -> String {
+        let counts = |f: &dyn Fn(&SlotState) -> bool| -> String {
+            let per_pg: Vec<usize> = self.slots.iter().map(|s| s.iter().filter(|x| f(x)).count()).collect();
+            let worst = per_pg.iter().copied().min().unwrap_or(0);
+            format!("{worst} of {SEGMENTS_PER_PG} in the PG that has fewest")
+        };
+        match self.phase {
+            Phase::Probe => format!("probing segments: {}", counts(&|s| s.probed.is_some())),
+            Phase::Seal => format!("sealing at epoch {}: {}", self.epoch, counts(&|s| s.sealed.is_some())),
+            Phase::Read => format!(
+                "reading chains above LSN {}: {} of {} PGs read",
+                self.floor,
+                self.read_done.iter().filter(|d| **d).count(),
+                self.read_done.len()
+            ),
+            Phase::Truncate => format!(
+                "truncating above VDL {} at epoch {}: {}",
+                self.vdl,
+                self.epoch,
+                counts(&|s| s.truncated.is_some())
+            ),
+            Phase::Replicate => format!("replicating up to VDL {}", self.vdl),
+            Phase::Done => "done".into(),
+        }
+    }
+
+    /// The result, once [`done`](Self::done).
+    pub fn recovered(&self) -> Option<Recovered> {
+        if self.phase != Phase::Done {
+            return None;
+        }
+        let pgs = (0..self.placement.len())
+            .map(|pg| {
+                let records = self.chains[pg]
+                    .iter()
+                    .filter(|r| r.lsn <= self.vdl)
+                    .map(|r| {
+                        Arc::new(EncodedRecord {
+                            lsn: r.lsn,
+                            bytes: r.encode(),
+                        })
+                    })
+                    .collect();
+                let mut scls = [0; SEGMENTS_PER_PG];
+                for (o, s) in scls.iter_mut().zip(&self.slots[pg]) {
+                    *o = s.truncated.unwrap_or(0);
+                }
+                RecoveredPg {
+                    tail: self.tails[pg],
+                    records,
+                    scls,
+                }
+            })
+            .collect();
+        Some(Recovered {
+            epoch: self.epoch,
+            vdl: self.vdl,
+            next_lsn: self.next_lsn,
+            annulled: self.ranges.clone(),
+            pgs,
+        })
+    }
+
+    pub fn node_up(&mut self, node: u64) {
+        self.up.insert(node);
+        self.ask_all();
+    }
+
+    pub fn node_down(&mut self, node: u64) {
+        self.up.remove(&node);
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, Ask::Slot { pg, slot, .. })| self.placement[*pg as usize][*slot] == node)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in lost {
+            if let Some(Ask::Slot { pg, slot, .. }) = self.pending.remove(&id) {
+                self.slots[pg as usize][slot].asked = false;
+            }
+        }
+    }
+
+    /// Ask again whatever is unanswered (after refusals); call now and then.
+    pub fn tick(&mut self) {
+        self.ask_all();
+    }
+
+    pub fn on_reply(&mut self, node: u64, request: u64, reply: Message) {
+        let Some(Ask::Slot { pg, slot, phase }) = self.pending.remove(&request) else {
+            return;
+        };
+        debug_assert_eq!(self.placement[pg as usize][slot], node);
+        self.slots[pg as usize][slot].asked = false;
+        if phase != self.phase {
+            return; // an answer to an earlier phase, no longer needed
+        }
+        if let Message::Error {
+            code: ErrorCode::StaleEpoch,
+            current_epoch,
+            ..
+        } = reply
+            && phase != Phase::Probe
+            && current_epoch > self.epoch
+        {
+            self.result = Some(Err(RecoveryError::Fenced { epoch: current_epoch }));
+            return;
+        }
+        let p = pg as usize;
+        match (phase, reply) {
+            (Phase::Probe, Message::SegmentStatus { epoch, .. }) => self.slots[p][slot].probed = Some(epoch),
+            (
+                Phase::Probe,
+                Message::Error {
+                    code: ErrorCode::UnknownSegment,
+                    ..
+                },
+            ) => self.slots[p][slot].probed = Some(0),
+            (
+                Phase::Seal,
+                Message::SegmentStatus {
+                    scl, pgmrpl, annulled, ..
+                },
+            ) => {
+                self.slots[p][slot].sealed = Some(Sealed { scl, pgmrpl });
+                for r in annulled {
+                    if !self.seen_ranges.contains(&r) {
+                        self.seen_ranges.push(r);
+                    }
+                }
+            }
+            (Phase::Read, Message::Records { scl, records, .. }) if self.source[p] == Some(slot) => {
+                let last = records.last().map(|r| r.lsn);
+                self.chains[p].extend(records);
+                match last {
+                    Some(l) if l < scl => {}
+                    _ => self.read_done[p] = true,
+                }
+            }
+            (Phase::Truncate, Message::SegmentStatus { scl, .. }) => self.slots[p][slot].truncated = Some(scl),
+            (Phase::Replicate, Message::AppendAck { scl, .. }) => {
+                let t = &mut self.slots[p][slot].truncated;
+                *t = Some(t.unwrap_or(0).max(scl));
+            }
+            (_, other) => {
+                tracing::debug!(node, pg, ?phase, reply = ?other, "recovery request refused; asking again later");
+                return;
+            }
+        }
+        self.advance();
+        self.ask_all();
+    }
+
+    fn quorum_everywhere(&self, n: usize, f: impl Fn(&SlotState) -> bool) -> bool {
+        self.slots.iter().all(|pg| pg.iter().filter(|s| f(s)).count() >= n)
+    }
+
+    fn advance(&mut self) {
+        loop {
+            let next = match self.phase {
+                Phase::Probe if self.quorum_everywhere(READ_QUORUM, |s| s.probed.is_some()) => {
+                    let highest = self.slots.iter().flatten().filter_map(|s| s.probed).max().unwrap_or(0);
+                    self.epoch = highest + 1;
+                    Phase::Seal
+                }
+                Phase::Seal if self.quorum_everywhere(READ_QUORUM, |s| s.sealed.is_some()) => {
+                    self.start_read();
+                    Phase::Read
+                }
+                Phase::Read if self.read_done.iter().all(|d| *d) => {
+                    self.decide();
+                    Phase::Truncate
+                }
+                Phase::Truncate if self.quorum_everywhere(WRITE_QUORUM, |s| s.truncated.is_some()) => Phase::Replicate,
+                Phase::Replicate if self.replicated() => Phase::Done,
+                _ => return,
+            };
+            tracing::debug!(from = ?self.phase, to = ?next, "recovery phase");
+            self.phase = next;
+            // Requests of the earlier phase still in flight are ignored when answered.
+            for s in self.slots.iter_mut().flatten() {
+                s.asked = false;
+            }
+            self.pending.clear();
+        }
+    }
+
+    fn start_read(&mut self) {
+        self.floor = self
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|s| s.sealed.map(|x| x.pgmrpl))
+            .max()
+            .unwrap_or(0);
+        for pg in 0..self.placement.len() {
+            let best = (0..SEGMENTS_PER_PG)
+                .filter_map(|i| self.slots[pg][i].sealed.map(|s| (s.scl, i)))
+                .max();
+            match best {
+                Some((scl, i)) if scl > self.floor => self.source[pg] = Some(i),
+                _ => self.read_done[pg] = true,
+            }
+        }
+    }
+
+    /// Find the VCL and VDL from the chains read, and the truncation range.
+    fn decide(&mut self) {
+        let fresh = self.slots.iter().flatten().all(|s| s.probed.is_none_or(|e| e == 0));
+        // Where each chain read starts: the record below its first one.
+        let starts: Vec<Option<u64>> = self.chains.iter().map(|c| c.first().map(|r| r.prev_lsn_pg)).collect();
+        for chain in &mut self.chains {
+            chain.retain(|r| !in_ranges(&self.seen_ranges, r.lsn));
+        }
+        let present: HashMap<u64, bool> = self.chains.iter().flatten().map(|r| (r.lsn, r.cpl)).collect();
+        let mut ranges = self.seen_ranges.clone();
+        ranges.sort_unstable();
+        let mut vdl = self.floor;
+        let mut lsn = self.floor + 1;
+        loop {
+            if let Some(&cpl) = present.get(&lsn) {
+                if cpl {
+                    vdl = lsn;
+                }
+                lsn += 1;
+            } else if let Some(&(_, hi)) = ranges.iter().find(|&&(lo, hi)| lo <= lsn && lsn <= hi) {
+                lsn = hi + 1;
+            } else {
+                break;
+            }
+        }
+        self.vdl = vdl;
+        for (pg, chain) in self.chains.iter().enumerate() {
+            self.tails[pg] = match (chain.iter().rfind(|r| r.lsn <= vdl), starts[pg]) {
+                (Some(r), _) => r.lsn,
+                (None, Some(prev)) => prev,
+                // Nothing above the floor: the best SCL is at or below it.
+                (None, None) => (0..SEGMENTS_PER_PG)
+                    .filter_map(|i| self.slots[pg][i].sealed.map(|s| s.scl))
+                    .max()
+                    .unwrap_or(0),
+            };
+        }
+        if fresh {
+            self.ranges = Vec::new();
+            self.next_lsn = vdl + 1;
+        } else {
+            // A writer allocates at most LAL above its VDL, or above the top
+            // of the range its own recovery left (its LSNs start there).
+            let base = ranges.iter().map(|r| r.1).max().unwrap_or(0).max(vdl);
+            let hi = base + LAL_MAX;
+            ranges.push((vdl + 1, hi));
+            let mut ranges = union_ranges(ranges.into_iter());
+            // The newest ones; older ranges are below every chain a
+            // segment can still be asked to continue.
+            let keep = ranges.len().saturating_sub(ANNULLED_RANGES_MAX);
+            self.ranges = ranges.split_off(keep);
+            self.next_lsn = hi + 1;
+        }
+        tracing::info!(
+            floor = self.floor,
+            vdl,
+            epoch = self.epoch,
+            ranges = ?self.ranges,
+            "recovery decided the VDL"
+        );
+    }
+
+    fn replicated(&self) -> bool {
+        self.slots
+            .iter()
+            .zip(&self.tails)
+            .all(|(pg, &tail)| pg.iter().filter(|s| s.truncated.is_some_and(|scl| scl >= tail)).count() >= WRITE_QUORUM)
+    }
+
+    fn ask_all(&mut self) {
+        if self.result.is_some() || self.phase == Phase::Done {
+            return;
+        }
+        for pg in 0..self.placement.len() {
+            for slot in 0..SEGMENTS_PER_PG {
+                let node = self.placement[pg][slot];
+                if self.slots[pg][slot].asked || !self.up.contains(&node) {
+                    continue;
+                }
+                if let Some(msg) = self.request_for(pg, slot) {
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.pending.insert(
+                        request,
+                        Ask::Slot {
+                            pg: pg as u32,
+                            slot,
+                            phase: self.phase,
+                        },
+                    );
+                    self.slots[pg][slot].asked = true;
+                    self.outputs.push((node, request, msg));
+                }
+            }
+        }
+    }
+
+    /// What slot `slot` of `pg` is to be asked in this phase, if anything.
+    fn request_for(&self, pg: usize, slot: usize) -> Option<Message> {
+        let s = &self.slots[pg][slot];
+        let (volume, pg_no) = (self.volume, pg as u32);
+        match self.phase {
+            Phase::Probe if s.probed.is_none() => Some(Message::GetSegmentStatus {
+                volume,
+                epoch: 0,
+                pg: pg_no,
+            }),
+            Phase::Seal if s.sealed.is_none() => Some(Message::Seal {
+                volume,
+                epoch: self.epoch,
+                pg: pg_no,
+                page_bytes: self.page_bytes,
+                pg_pages: self.pg_pages,
+            }),
+            Phase::Read if self.source[pg] == Some(slot) && !self.read_done[pg] => Some(Message::ReadRecords {
+                volume,
+                epoch: self.epoch,
+                pg: pg_no,
+                after: self.chains[pg].last().map_or(self.floor, |r| r.lsn),
+                max_bytes: CHUNK_BYTES as u32,
+            }),
+            Phase::Truncate if s.truncated.is_none() => Some(Message::Truncate {
+                volume,
+                epoch: self.epoch,
+                pg: pg_no,
+                ranges: self.ranges.clone(),
+            }),
+            Phase::Replicate => {
+                let scl = s.truncated?;
+                let tail = self.tails[pg];
+                if scl >= tail {
+                    return None;
+                }
+                let mut bytes = 0;
+                let records: Vec<RedoRecord> = self.chains[pg]
+                    .iter()
+                    .filter(|r| r.lsn > scl && r.lsn <= tail)
+                    .take_while(|r| {
+                        bytes += r.encoded_len();
+                        bytes <= CHUNK_BYTES
+                    })
+                    .cloned()
+                    .collect();
+                if records.first().is_none_or(|r| r.prev_lsn_pg > scl) {
+                    // Behind the floor: what it lacks is only in page versions
+                    // elsewhere (storage-side repair); the quorum does without it.
+                    return None;
+                }
+                Some(Message::Append {
+                    volume,
+                    epoch: self.epoch,
+                    pg: pg_no,
+                    page_bytes: self.page_bytes,
+                    pg_pages: self.pg_pages,
+                    records,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! Recovery against segments built from storaged's own segment core
+//! (`storaged::segment::Segment`), answering as a storage node does.
+
+use std::collections::{BTreeMap, HashMap};
+
+use storaged::proto::{ErrorCode, Message};
+use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use storaged::segment::Segment;
+
+use super::*;
+
+const VOLUME: u64 = 7;
+const PAGE_BYTES: u32 = 512;
+const PG_PAGES: u64 = 8;
+
+/// One segment on one node: the chain core plus the bodies and the
+/// PGMRPL a node keeps beside it.
+struct FakeSegment {
+    seg: Segment<u64>,
+    bodies: BTreeMap<u64, RedoRecord>,
+    pgmrpl: u64,
+}
+
+impl FakeSegment {
+    fn new(pg: u32, epoch: u64) -> FakeSegment {
+        FakeSegment {
+            seg: Segment::new(SegmentId { volume: VOLUME, pg }, epoch, 100_000),
+            bodies: BTreeMap::new(),
+            pgmrpl: 0,
+        }
+    }
+
+    fn put(&mut self, records: &[RedoRecord]) {
+        let batch: Vec<(RedoRecord, Vec<u8>)> = records.iter().map(|r| (r.clone(), r.encode())).collect();
+        let a = self.seg.admit(&batch).unwrap();
+        let lsns: Vec<(u64, u64)> = a.new.iter().map(|&i| (batch[i].0.lsn, 1)).collect();
+        for &i in &a.new {
+            self.bodies.insert(batch[i].0.lsn, batch[i].0.clone());
+        }
+        self.seg.on_durable(&lsns).1.unwrap();
+    }
+
+    fn status(&self, pg: u32) -> Message {
+        Message::SegmentStatus {
+            volume: VOLUME,
+            pg,
+            epoch: self.seg.epoch(),
+            scl: self.seg.scl(),
+            highest_lsn: self.seg.highest_lsn(),
+            lowest_lsn: 0,
+            pgmrpl: self.pgmrpl,
+            records: self.seg.records_held() as u64,
+            log_bytes: 0,
+            page_store_bytes: 0,
+            installed_epoch: self.seg.installed_epoch(),
+            annulled: self.seg.annulled().to_vec(),
+        }
+    }
+}
+
+/// Six nodes, each holding one segment of each of 2 PGs (slot i of every
+/// PG on node i + 1), some of them down.
+struct Fake {
+    segs: HashMap<(u64, u32), FakeSegment>,
+    down: Vec<u64>,
+}
+
+fn placement() -> Vec<[u64; SEGMENTS_PER_PG]> {
+    vec![[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
+}
+
+impl Fake {
+    fn answer(&mut self, node: u64, msg: Message) -> Message {
+        let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
+        match msg {
+            Message::GetSegmentStatus { pg, .. } => match self.segs.get(&(node, pg)) {
+                Some(s) => s.status(pg),
+                None => unknown(),
+            },
+            Message::Seal { pg, epoch, .. } => {
+                let s = self.segs.entry((node, pg)).or_insert_with(|| {
+                    let mut s = FakeSegment::new(pg, epoch);
+                    s.seg.restore_epochs(epoch, 0, &[]);
+                    s
+                });
+                match s.seg.seal(epoch) {
+                    Ok(_) => s.status(pg),
+                    Err(e) => Message::error(ErrorCode::StaleEpoch, s.seg.epoch(), e.to_string()),
+                }
+            }
+            Message::ReadRecords { pg, after, .. } => {
+                let s = &self.segs[&(node, pg)];
+                let records = s.seg.chain_after(after).map(|(l, _)| s.bodies[&l].clone()).collect();
+                Message::Records {
+                    volume: VOLUME,
+                    pg,
+                    scl: s.seg.scl(),
+                    records,
+                }
+            }
+            Message::Truncate { pg, epoch, ranges, .. } => match self.segs.get_mut(&(node, pg)) {
+                Some(s) => {
+                    for (lsn, _) in s.seg.truncate(epoch, &ranges, 0).unwrap() {
+                        s.bodies.remove(&lsn);
+                    }
+                    s.status(pg)
+                }
+                None => unknown(),
+            },
+            Message::Append { pg, epoch, records, .. } => {
+                let s = self.segs.get_mut(&(node, pg)).unwrap();
+                if let Err(e) = s.seg.check_epoch(epoch) {
+                    return Message::error(ErrorCode::EpochNotInstalled, 0, e.to_string());
+                }
+                s.put(&records);
+                Message::AppendAck {
+                    volume: VOLUME,
+                    pg,
+                    scl: s.seg.scl(),
+                }
+            }
+            other => panic!("recovery sent {other:?}"),
+        }
+    }
+
+    /// Run recovery to the end with the nodes in `down` unreachable.
+    fn recover(&mut self) -> Recovered {
+        let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+        for node in 1..=6 {
+            if !self.down.contains(&node) {
+                r.node_up(node);
+            }
+        }
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            r.take_outputs(&mut out);
+            if out.is_empty() {
+                r.tick();
+                r.take_outputs(&mut out);
+            }
+            // The highest node answers first.
+            for (node, request, msg) in out.drain(..).rev() {
+                let reply = self.answer(node, msg);
+                r.on_reply(node, request, reply);
+            }
+            if let Some(done) = r.recovered() {
+                return done;
+            }
+            assert!(r.failed().is_none(), "{:?}", r.failed());
+        }
+        panic!("recovery did not finish: {}", r.progress());
+    }
+}
+
+/// Record `lsn` of the volume's history: odd LSNs go to PG 0, even to PG 1,
+/// every even LSN closes a transaction (so a transaction spans both PGs).
+fn history(lsn: u64) -> RedoRecord {
+    let pg = if lsn % 2 == 1 { 0 } else { 1 };
+    RedoRecord {
+        segment: SegmentId { volume: VOLUME, pg },
+        lsn,
+        prev_lsn_pg: lsn.saturating_sub(2),
+        prev_lsn_page: 0,
+        page: u64::from(pg) * PG_PAGES,
+        cpl: lsn % 2 == 0,
+        body: RecordBody::PageDelta {
+            offset: 0,
+            bytes: lsn.to_le_bytes().to_vec(),
+        },
+    }
+}
+
+#[test]
+fn a_fresh_volume_starts_at_epoch_1_and_lsn_1() {
+    let mut f = Fake {
+        segs: HashMap::new(),
+        down: vec![6],
+    };
+    let r = f.recover();
+    assert_eq!((r.epoch, r.vdl, r.next_lsn), (1, 0, 1));
+    assert!(r.annulled.is_empty());
+    // The seals created the segments; the truncation installed epoch 1.
+    assert_eq!(f.segs.len(), 10);
+    assert!(f.segs.values().all(|s| s.seg.installed_epoch() == 1));
+}
+
+/// Records 1–8 reached every segment or a write quorum (committed: the old
+/// writer's VDL was 8); 9 reached one segment of PG 0, 10 two of PG 1.
+/// Whatever the read quorum sees, recovery keeps every committed record,
+/// stops at a CPL, annuls everything above it on a write quorum, and leaves
+/// what it keeps on a write quorum of each PG.
+#[test]
+fn recovery_keeps_what_was_committed_and_annuls_the_rest() {
+    for down in [vec![], vec![1], vec![2, 3], vec![4, 5], vec![1, 6], vec![3]] {
+        let mut f = Fake {
+            segs: HashMap::new(),
+            down: down.clone(),
+        };
+        for node in 1..=6u64 {
+            for pg in 0..2u32 {
+                let mut s = FakeSegment::new(pg, 1);
+                s.pgmrpl = 4;
+                let upto = if node <= 4 { 8 } else { 6 };
+                let mut mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
+                if pg == 0 && node == 1 {
+                    mine.push(history(9));
+                }
+                if pg == 1 && (node == 1 || node == 2) {
+                    mine.push(history(10));
+                }
+                s.put(&mine);
+                f.segs.insert((node, pg), s);
+            }
+        }
+        let r = f.recover();
+        assert_eq!(r.epoch, 2);
+        assert!(
+            r.vdl == 8 || r.vdl == 10,
+            "down {down:?}: VDL {} is not a CPL at or above 8",
+            r.vdl
+        );
+        assert!(r.next_lsn > r.vdl + LAL_MAX, "new LSNs start above the range");
+        assert_eq!(r.annulled, vec![(r.vdl + 1, r.next_lsn - 1)]);
+        for pg in 0..2u32 {
+            let tail = r.pgs[pg as usize].tail;
+            assert_eq!(tail % 2, u64::from(pg == 0), "the tail is a record of pg {pg}");
+            assert!(tail <= r.vdl && tail + 2 > r.vdl);
+            let holding = f
+                .segs
+                .iter()
+                .filter(|((_, p), s)| *p == pg && s.seg.installed_epoch() == 2 && s.seg.scl() >= tail)
+                .count();
+            assert!(holding >= 4, "down {down:?}: pg {pg} tail {tail} on {holding} segments");
+            // Nothing above the VDL is left on a truncated segment.
+            for s in f.segs.values().filter(|s| s.seg.installed_epoch() == 2) {
+                assert!(s.seg.highest_lsn() <= r.vdl, "down {down:?}");
+            }
+        }
+    }
+}
+
+/// A second recovery sees the first one's range: records it annulled on a
+/// segment that missed the truncation do not come back.
+#[test]
+fn an_earlier_truncation_is_respected_by_the_next_recovery() {
+    let mut f = Fake {
+        segs: HashMap::new(),
+        down: vec![6],
+    };
+    for node in 1..=6u64 {
+        for pg in 0..2u32 {
+            let mut s = FakeSegment::new(pg, 1);
+            let upto = if node == 6 { 10 } else { 6 };
+            let mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
+            s.put(&mine);
+            f.segs.insert((node, pg), s);
+        }
+    }
+    let first = f.recover();
+    assert_eq!(first.vdl, 6, "7–10 are only on node 6, which is down");
+    // Node 6 comes back holding 7–10 at epoch 1, nodes 1 and 2 go down;
+    // node 6 answers first, so it is in every read quorum and has the
+    // highest SCL of each PG.
+    f.down = vec![1, 2];
+    let second = f.recover();
+    assert_eq!(second.epoch, 3);
+    assert_eq!(second.vdl, 6, "7–10 were annulled by the first recovery");
+    assert!(second.next_lsn > first.next_lsn);
+    for pg in 0..2u32 {
+        let s = &f.segs[&(6, pg)];
+        assert_eq!(s.seg.installed_epoch(), 3);
+        assert!(s.seg.highest_lsn() <= 6);
+    }
+}
