@@ -25,8 +25,8 @@
 //!    a write quorum of each PG holds it. Only then is the VDL durable, and
 //!    only then does the writer serve.
 //!
-//! A fresh volume (every answer of the probe says the segment does not
-//! exist, or has never seen a writer) needs no range: LSNs start at 1.
+//! A fresh volume (no answer shows a writer's epoch or a record) needs no
+//! range: LSNs start at 1.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -101,6 +101,7 @@ struct SlotState {
 #[derive(Debug, Clone, Copy)]
 struct Sealed {
     scl: u64,
+    highest_lsn: u64,
     pgmrpl: u64,
 }
 
@@ -304,10 +305,18 @@ impl Recovery {
             (
                 Phase::Seal,
                 Message::SegmentStatus {
-                    scl, pgmrpl, annulled, ..
+                    scl,
+                    highest_lsn,
+                    pgmrpl,
+                    annulled,
+                    ..
                 },
             ) => {
-                self.slots[p][slot].sealed = Some(Sealed { scl, pgmrpl });
+                self.slots[p][slot].sealed = Some(Sealed {
+                    scl,
+                    highest_lsn,
+                    pgmrpl,
+                });
                 for r in annulled {
                     if !self.seen_ranges.contains(&r) {
                         self.seen_ranges.push(r);
@@ -391,7 +400,12 @@ impl Recovery {
 
     /// Find the VCL and VDL from the chains read, and the truncation range.
     fn decide(&mut self) {
-        let fresh = self.slots.iter().flatten().all(|s| s.probed.is_none_or(|e| e == 0));
+        // No answer has seen a writer or a record: nothing can need annulling.
+        let fresh = self
+            .slots
+            .iter()
+            .flatten()
+            .all(|s| s.probed.is_none_or(|e| e == 0) && s.sealed.is_none_or(|x| x.highest_lsn == 0 && x.scl == 0));
         // Where each chain read starts: the record below its first one.
         let starts: Vec<Option<u64>> = self.chains.iter().map(|c| c.first().map(|r| r.prev_lsn_pg)).collect();
         for chain in &mut self.chains {

@@ -85,6 +85,10 @@ pub struct SegmentInfo {
     pub volume: u64,
     pub pg: u32,
     pub epoch: u64,
+    /// The epoch whose truncation the segment applied (below `epoch` while sealed).
+    pub installed_epoch: u64,
+    /// LSN ranges annulled by recoveries, `[lo, hi]` inclusive.
+    pub annulled: Vec<(u64, u64)>,
     pub pgmrpl: u64,
     pub page_bytes: u32,
     pub pg_pages: u64,
@@ -367,6 +371,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             volume: e.id.volume,
             pg: e.id.pg,
             epoch: e.epoch,
+            installed_epoch: e.installed_epoch,
+            annulled: e.annulled().to_vec(),
             pgmrpl: e.pgmrpl,
             page_bytes: e.page_bytes,
             pg_pages: e.pg_pages,
@@ -452,10 +458,15 @@ impl InspectReport {
         for seg in &self.segments {
             let _ = writeln!(
                 s,
-                "  volume {} pg {}: epoch {}, pgmrpl {}, coalesced through {}{}; {} of {} pages of {} bytes stored (extent at block {}, {} blocks)",
+                "  volume {} pg {}: epoch {}{}, pgmrpl {}, coalesced through {}{}; {} of {} pages of {} bytes stored (extent at block {}, {} blocks)",
                 seg.volume,
                 seg.pg,
                 seg.epoch,
+                if seg.installed_epoch < seg.epoch {
+                    format!(" (sealed; installed {})", seg.installed_epoch)
+                } else {
+                    String::new()
+                },
                 seg.pgmrpl,
                 seg.coalesced_lsn,
                 if seg.round_lsn > seg.coalesced_lsn {
