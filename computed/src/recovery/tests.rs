@@ -272,3 +272,41 @@ fn an_earlier_truncation_is_respected_by_the_next_recovery() {
         assert!(s.seg.highest_lsn() <= 6);
     }
 }
+
+/// The first write quorum of truncations may hold segments that cannot be
+/// caught up from here (behind the floor: what they lack is only in page
+/// versions elsewhere). The segments that answered later must still be
+/// truncated and counted, or recovery never ends.
+#[test]
+fn segments_truncated_after_the_first_quorum_count_for_replication() {
+    let mut f = Fake {
+        segs: HashMap::new(),
+        down: vec![],
+    };
+    for node in 1..=6u64 {
+        for pg in 0..2u32 {
+            let mut s = FakeSegment::new(pg, 1);
+            // Nodes 5 and 6 were down for long: they hold 1–2 only, and
+            // never heard of the PGMRPL (6) the others hold.
+            let upto = if node >= 5 { 2 } else { 8 };
+            s.pgmrpl = if node >= 5 { 0 } else { 6 };
+            let mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
+            s.put(&mine);
+            f.segs.insert((node, pg), s);
+        }
+    }
+    // Nodes 6, 5, 4, 3 answer the truncation first; 5 and 6 are behind the
+    // floor, so only 1–4 can make the write quorum that holds the VDL.
+    let r = f.recover();
+    assert_eq!(r.vdl, 8);
+    for pg in 0..2u32 {
+        let tail = r.pgs[pg as usize].tail;
+        let holding = (1..=6u64)
+            .filter(|&n| {
+                let s = &f.segs[&(n, pg)];
+                s.seg.installed_epoch() == 2 && s.seg.scl() >= tail
+            })
+            .count();
+        assert_eq!(holding, 4, "pg {pg}");
+    }
+}
