@@ -407,6 +407,12 @@ impl<T> Writer<T> {
         self.pgs[pg as usize].pgcl
     }
 
+    /// Highest LSN of PG `pg` the writer let go of: a segment whose SCL is
+    /// below it cannot be caught up from here (it needs storage-side repair).
+    pub fn released_through(&self, pg: u32) -> u64 {
+        self.pgs[pg as usize].released_through
+    }
+
     /// The SCL each of the PG's segments last reported, in slot order.
     pub fn scls(&self, pg: u32) -> [u64; SEGMENTS_PER_PG] {
         let mut out = [0; SEGMENTS_PER_PG];
