@@ -407,6 +407,12 @@ impl<T> Writer<T> {
         self.pgs[pg as usize].pgcl
     }
 
+    /// Highest LSN of PG `pg` the writer let go of: a segment whose SCL is
+    /// below it cannot be caught up from here (it needs storage-side repair).
+    pub fn released_through(&self, pg: u32) -> u64 {
+        self.pgs[pg as usize].released_through
+    }
+
     /// The SCL each of the PG's segments last reported, in slot order.
     pub fn scls(&self, pg: u32) -> [u64; SEGMENTS_PER_PG] {
         let mut out = [0; SEGMENTS_PER_PG];
@@ -654,7 +660,7 @@ impl<T> Writer<T> {
                 slot.sent_through = slot.scl.max(pg.released_through);
             }
         }
-        let lost: Vec<u64> = self
+        let mut lost: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| match p {
@@ -666,6 +672,8 @@ impl<T> Writer<T> {
             })
             .map(|(&id, _)| id)
             .collect();
+        // In request order, not the map's: the simulator replays a seed exactly.
+        lost.sort_unstable();
         for id in lost {
             if let Some(Pending::Read { read, .. }) = self.pending.remove(&id) {
                 self.read_failed(read);
@@ -1021,7 +1029,7 @@ impl<T> Writer<T> {
         if self.fenced.is_some() {
             return;
         }
-        let slow: Vec<u64> = self
+        let mut slow: Vec<u64> = self
             .reads
             .iter()
             .filter(|(_, r)| {
@@ -1029,6 +1037,7 @@ impl<T> Writer<T> {
             })
             .map(|(&id, _)| id)
             .collect();
+        slow.sort_unstable();
         for read in slow {
             if let Some(r) = self.reads.get_mut(&read) {
                 r.started_us = now_us;
@@ -1039,12 +1048,13 @@ impl<T> Writer<T> {
             self.ask(read);
         }
         if let Some(resend_after) = self.config.resend_after_us {
-            let stale: Vec<u64> = self
+            let mut stale: Vec<u64> = self
                 .pending
                 .iter()
                 .filter(|(_, p)| matches!(p, Pending::Append { sent_us, .. } if now_us.saturating_sub(*sent_us) >= resend_after))
                 .map(|(&id, _)| id)
                 .collect();
+            stale.sort_unstable();
             for id in stale {
                 if let Some(Pending::Append { pg, slot, bytes, .. }) = self.pending.remove(&id) {
                     let p = &mut self.pgs[pg as usize];

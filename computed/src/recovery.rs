@@ -23,7 +23,9 @@
 //!    epoch installed.
 //! 6. **Replicate** the chain up to the VDL to segments that lack it, until
 //!    a write quorum of each PG holds it. Only then is the VDL durable, and
-//!    only then does the writer serve.
+//!    only then does the writer serve. Segments not truncated yet (down in
+//!    step 5, or answering after its quorum) are truncated meanwhile: the
+//!    first to answer may be behind the floor, unable to take the chain.
 //!
 //! A fresh volume (no answer shows a writer's epoch or a record) needs no
 //! range: LSNs start at 1.
@@ -331,7 +333,11 @@ impl Recovery {
                     _ => self.read_done[p] = true,
                 }
             }
-            (Phase::Truncate, Message::SegmentStatus { scl, .. }) => self.slots[p][slot].truncated = Some(scl),
+            // Truncations go on during replication, to segments that had not answered.
+            (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, .. }) => {
+                let t = &mut self.slots[p][slot].truncated;
+                *t = Some(t.unwrap_or(0).max(scl));
+            }
             (Phase::Replicate, Message::AppendAck { scl, .. }) => {
                 let t = &mut self.slots[p][slot].truncated;
                 *t = Some(t.unwrap_or(0).max(scl));
@@ -531,7 +537,17 @@ impl Recovery {
                 ranges: self.ranges.clone(),
             }),
             Phase::Replicate => {
-                let scl = s.truncated?;
+                let Some(scl) = s.truncated else {
+                    // Down during the truncation, or answered after its
+                    // quorum: the write quorum that ends recovery may need
+                    // it (those that answered first may be behind the floor).
+                    return Some(Message::Truncate {
+                        volume,
+                        epoch: self.epoch,
+                        pg: pg_no,
+                        ranges: self.ranges.clone(),
+                    });
+                };
                 let tail = self.tails[pg];
                 if scl >= tail {
                     return None;
