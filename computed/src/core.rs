@@ -35,6 +35,11 @@ use storaged::record::{RecordBody, RedoRecord, SegmentId};
 
 use crate::cache::PageCache;
 use crate::cluster::{Cluster, SEGMENTS_PER_PG};
+
+/// A PG's PGMRPL is sent to its segments when it has moved this many
+/// LSNs, or when it moved at all and was last sent this long ago.
+const PGMRPL_STEP_LSNS: u64 = 1024;
+const PGMRPL_INTERVAL_US: u64 = 100_000;
 use crate::commit_queue::CommitQueue;
 use crate::quorum;
 
@@ -229,6 +234,7 @@ struct Pg {
     /// asks its segments to read (a segment's SCL only moves with its PG's records).
     durable_tail: u64,
     pgmrpl_sent: u64,
+    pgmrpl_sent_us: u64,
     dirty: bool,
 }
 
@@ -330,6 +336,7 @@ impl<T> Writer<T> {
                 above_vdl: VecDeque::new(),
                 durable_tail: 0,
                 pgmrpl_sent: 0,
+                pgmrpl_sent_us: 0,
                 dirty: false,
             })
             .collect();
@@ -1085,8 +1092,16 @@ impl<T> Writer<T> {
             for r in self.reads.values().filter(|r| r.pg as usize == pg_no) {
                 pgmrpl = pgmrpl.min(r.pg_point);
             }
-            if pgmrpl > pg.pgmrpl_sent {
+            // Each SetPgmrpl is a durable segment-table write on every node
+            // of the PG, and coalescing (all it is for) has no use for
+            // a step per tick: sent after a large move, or after a pause.
+            // A lower PGMRPL than possible is always safe; never sending a
+            // PG's last one is not (its hot records would pin the log).
+            let due = pgmrpl >= pg.pgmrpl_sent.saturating_add(PGMRPL_STEP_LSNS)
+                || now_us >= pg.pgmrpl_sent_us.saturating_add(PGMRPL_INTERVAL_US);
+            if pgmrpl > pg.pgmrpl_sent && due {
                 pg.pgmrpl_sent = pgmrpl;
+                pg.pgmrpl_sent_us = now_us;
                 for s in pg.slots.iter().filter(|s| s.up) {
                     let request = self.next_request;
                     self.next_request += 1;

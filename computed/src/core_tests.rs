@@ -338,3 +338,46 @@ fn reads_see_the_vdl_from_cache_or_a_caught_up_segment() {
         other => panic!("{other:?}"),
     }
 }
+
+/// PGMRPLs sent (pg, lsn) in `out`.
+fn pgmrpls(out: &[Output<u32>]) -> Vec<(u32, u64)> {
+    let mut sent: Vec<(u32, u64)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                message: Message::SetPgmrpl { pg, lsn, .. },
+                ..
+            } => Some((*pg, *lsn)),
+            _ => None,
+        })
+        .collect();
+    sent.dedup();
+    sent
+}
+
+/// Commit one write to `page` and ack it on every segment.
+fn commit_acked(w: &mut Writer<u32>, token: u32, page: u64) {
+    w.submit(token, vec![delta(page, 1)]).unwrap();
+    for (node, req, pg, _, last) in appends(&outputs(w)) {
+        ack(w, node, req, pg, last);
+    }
+    assert_eq!(commits(&outputs(w)), vec![(token, w.vdl())]);
+}
+
+#[test]
+fn pgmrpl_is_sent_after_a_pause_or_a_large_move_and_its_last_value_always() {
+    let mut w = writer();
+    commit_acked(&mut w, 1, 1);
+    w.tick(PGMRPL_INTERVAL_US);
+    assert_eq!(pgmrpls(&outputs(&mut w)), vec![(0, 1)]);
+    // Moved a little, soon after: not yet.
+    commit_acked(&mut w, 2, 1);
+    w.tick(PGMRPL_INTERVAL_US + 10_000);
+    assert!(pgmrpls(&outputs(&mut w)).is_empty());
+    // A PG that stopped moving still gets its last PGMRPL (its segments'
+    // hot records would otherwise pin their logs), once.
+    w.tick(2 * PGMRPL_INTERVAL_US);
+    assert_eq!(pgmrpls(&outputs(&mut w)), vec![(0, 2)]);
+    w.tick(4 * PGMRPL_INTERVAL_US);
+    assert!(pgmrpls(&outputs(&mut w)).is_empty());
+}

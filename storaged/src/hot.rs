@@ -5,7 +5,7 @@
 //! Memory is accounted in payload bytes; the node refuses appends beyond its
 //! budget (coalescing, which drains this, is what keeps it below).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use crate::record::{RecordBody, RedoRecord};
 
@@ -48,10 +48,24 @@ pub fn apply(page: &mut [u8], body: &RecordBody) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// A page's hot records, in increasing LSN order.
+type PageChain = Vec<(u64, RecordBody)>;
+
 #[derive(Debug, Default)]
 pub struct HotRecords {
-    by_page: BTreeMap<(u64, u64), RecordBody>,
+    /// By page. A page's LSNs arrive in increasing order (one writer, in
+    /// order, except a re-sent gap), so an insert is almost always a push
+    /// and a read a binary search: no ordered map over every record.
+    by_page: HashMap<u64, PageChain>,
+    records: usize,
     bytes: usize,
+}
+
+fn body_len(body: &RecordBody) -> usize {
+    match body {
+        RecordBody::PageImage(b) => b.len(),
+        RecordBody::PageDelta { bytes, .. } => bytes.len(),
+    }
 }
 
 impl HotRecords {
@@ -60,11 +74,11 @@ impl HotRecords {
     }
 
     pub fn len(&self) -> usize {
-        self.by_page.len()
+        self.records
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_page.is_empty()
+        self.records == 0
     }
 
     pub fn insert(&mut self, record: &RedoRecord) {
@@ -72,14 +86,29 @@ impl HotRecords {
     }
 
     /// Take `body` as the change of `page` at `lsn` (no copy: the append
-    /// path hands over the decoded record's bytes).
+    /// path hands over the decoded record's bytes). A change already held
+    /// at that LSN is replaced.
     pub fn insert_body(&mut self, page: u64, lsn: u64, body: RecordBody) {
-        let len = match &body {
-            RecordBody::PageImage(b) => b.len(),
-            RecordBody::PageDelta { bytes, .. } => bytes.len(),
-        };
-        if self.by_page.insert((page, lsn), body).is_none() {
-            self.bytes += len;
+        let len = body_len(&body);
+        let chain = self.by_page.entry(page).or_default();
+        match chain.last() {
+            Some(&(last, _)) if last >= lsn => match chain.binary_search_by_key(&lsn, |(l, _)| *l) {
+                Ok(at) => {
+                    self.bytes -= body_len(&chain[at].1);
+                    self.bytes += len;
+                    chain[at].1 = body;
+                }
+                Err(at) => {
+                    chain.insert(at, (lsn, body));
+                    self.records += 1;
+                    self.bytes += len;
+                }
+            },
+            _ => {
+                chain.push((lsn, body));
+                self.records += 1;
+                self.bytes += len;
+            }
         }
     }
 
@@ -98,7 +127,14 @@ impl HotRecords {
         if lsn >= read_point {
             return Ok((bytes, lsn));
         }
-        for ((_, at), body) in self.by_page.range((page, lsn + 1)..=(page, read_point)) {
+        let Some(chain) = self.by_page.get(&page) else {
+            return Ok((bytes, lsn));
+        };
+        let from = chain.partition_point(|(at, _)| *at <= lsn);
+        for (at, body) in &chain[from..] {
+            if *at > read_point {
+                break;
+            }
             apply(&mut bytes, body)?;
             lsn = *at;
         }
@@ -123,18 +159,18 @@ impl HotRecords {
     }
 
     /// Forget every record at or below `lsn` (coalesced into versions).
+    /// Costs a look at each page held, not at each record.
     pub fn remove_through(&mut self, lsn: u64) {
-        let mut freed = 0;
-        self.by_page.retain(|&(_, at), body| {
-            let keep = at > lsn;
-            if !keep {
-                freed += match body {
-                    RecordBody::PageImage(b) => b.len(),
-                    RecordBody::PageDelta { bytes, .. } => bytes.len(),
-                };
+        let (mut freed, mut removed) = (0, 0);
+        self.by_page.retain(|_, chain| {
+            let end = chain.partition_point(|(at, _)| *at <= lsn);
+            if end > 0 {
+                removed += end;
+                freed += chain.drain(..end).map(|(_, b)| body_len(&b)).sum::<usize>();
             }
-            keep
+            !chain.is_empty()
         });
+        self.records -= removed;
         self.bytes -= freed;
     }
 }
@@ -198,6 +234,31 @@ mod tests {
     fn a_page_never_written_is_zeros_at_lsn_0() {
         let h = HotRecords::default();
         assert_eq!(h.page_at(5, 100, None, PAGE).unwrap(), (vec![0; PAGE], 0));
+    }
+
+    #[test]
+    fn out_of_order_inserts_and_removal_keep_counts_and_order() {
+        let delta = |b: u8| RecordBody::PageDelta {
+            offset: 0,
+            bytes: vec![b; 4],
+        };
+        let mut h = HotRecords::default();
+        for (lsn, b) in [(5, 5), (9, 9), (7, 7)] {
+            h.insert_body(1, lsn, delta(b));
+        }
+        h.insert_body(2, 6, delta(6));
+        // The same LSN again replaces, and is counted once.
+        h.insert_body(1, 7, delta(8));
+        assert_eq!((h.len(), h.bytes()), (4, 16));
+        let (page, lsn) = h.page_at(1, 8, None, PAGE).unwrap();
+        assert_eq!((page[0], lsn), (8, 7));
+        h.remove_through(7);
+        assert_eq!((h.len(), h.bytes()), (1, 4));
+        assert_eq!(h.page_at(1, 9, Some((7, vec![0; PAGE])), PAGE).unwrap().1, 9);
+        assert_eq!(h.page_at(2, 9, None, PAGE).unwrap(), (vec![0; PAGE], 0));
+        h.remove_through(9);
+        assert!(h.is_empty());
+        assert_eq!(h.bytes(), 0);
     }
 
     proptest! {

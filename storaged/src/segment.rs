@@ -142,6 +142,10 @@ pub struct Segment<T> {
     highest_lsn: u64,
     /// Every record held, by LSN.
     records: BTreeMap<u64, RecordMeta>,
+    /// The `log_seq`s of the durable records held, as a multiset (seq →
+    /// records): the oldest is asked after every coalescing round, and a
+    /// scan of every record was most of a round's CPU.
+    log_seqs: BTreeMap<u64, usize>,
     /// Durable records past a gap, by the LSN they link to.
     waiting_link: HashMap<u64, u64>,
     deferred: Vec<Deferred<T>>,
@@ -159,6 +163,7 @@ impl<T> Segment<T> {
             scl: 0,
             highest_lsn: 0,
             records: BTreeMap::new(),
+            log_seqs: BTreeMap::new(),
             waiting_link: HashMap::new(),
             deferred: Vec::new(),
             gap_records_max,
@@ -391,8 +396,12 @@ impl<T> Segment<T> {
             let Some(meta) = self.records.get_mut(&lsn) else {
                 continue;
             };
-            meta.log_seq = Some(log_seq);
+            let was = meta.log_seq.replace(log_seq);
             self.highest_lsn = self.highest_lsn.max(lsn);
+            if let Some(was) = was {
+                seq_remove(&mut self.log_seqs, was);
+            }
+            *self.log_seqs.entry(log_seq).or_default() += 1;
         }
         for &(lsn, _) in lsns {
             if let Some(prev) = self.records.get(&lsn).map(|m| m.prev_lsn_pg)
@@ -443,6 +452,7 @@ impl<T> Segment<T> {
             None => {}
         }
         self.records.insert(record.lsn, meta);
+        *self.log_seqs.entry(log_seq).or_default() += 1;
         self.highest_lsn = self.highest_lsn.max(record.lsn);
         self.link(record.lsn, record.prev_lsn_pg)
     }
@@ -483,7 +493,13 @@ impl<T> Segment<T> {
     /// The oldest log block any durable record held starts in: the log
     /// must keep everything from it.
     pub fn oldest_log_seq(&self) -> Option<u64> {
-        self.records.values().filter_map(|m| m.log_seq).min()
+        let oldest = self.log_seqs.keys().next().copied();
+        debug_assert_eq!(
+            oldest,
+            self.records.values().filter_map(|m| m.log_seq).min(),
+            "the log seq multiset follows the records held"
+        );
+        oldest
     }
 
     /// Records in the chain with LSN in `after+1 ..= upto` (capped at the
@@ -500,7 +516,22 @@ impl<T> Segment<T> {
     /// into pages); the SCL keeps covering them.
     pub fn forget_through(&mut self, lsn: u64) {
         let keep = self.records.split_off(&(lsn.min(self.scl) + 1));
+        for meta in self.records.values() {
+            if let Some(seq) = meta.log_seq {
+                seq_remove(&mut self.log_seqs, seq);
+            }
+        }
         self.records = keep;
+    }
+}
+
+/// Take one `seq` out of a multiset of log seqs.
+fn seq_remove(seqs: &mut BTreeMap<u64, usize>, seq: u64) {
+    if let Some(n) = seqs.get_mut(&seq) {
+        *n -= 1;
+        if *n == 0 {
+            seqs.remove(&seq);
+        }
     }
 }
 

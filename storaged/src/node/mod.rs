@@ -66,7 +66,12 @@ impl Default for NodeConfig {
             connections_max: 256,
             frame_bytes_max: crate::proto::FRAME_BYTES_MAX,
             hot_bytes_max: 256 * 1024 * 1024,
-            coalesce_round_pages_max: 512,
+            // A round stops at its first page past this many. With records
+            // spread over many pages, a cap of a fraction of a segment's
+            // pages ends a round after about one record per page; 512 (on
+            // 2 026-page segments) kept coalescing from keeping up with the
+            // appends and the log filled (docs/performance.md).
+            coalesce_round_pages_max: 8192,
             coalesce_pages_per_sec_max: 50_000,
         }
     }
