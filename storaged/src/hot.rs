@@ -143,17 +143,25 @@ impl HotRecords {
 
     /// The change of `page` at `lsn`, if held.
     pub fn get(&self, page: u64, lsn: u64) -> Option<&RecordBody> {
-        self.by_page.get(&(page, lsn))
+        let chain = self.by_page.get(&page)?;
+        let at = chain.binary_search_by_key(&lsn, |(l, _)| *l).ok()?;
+        Some(&chain[at].1)
     }
 
     /// Forget the change of `page` at `lsn` (annulled by a truncation);
     /// returns the payload bytes freed.
     pub fn remove(&mut self, page: u64, lsn: u64) -> usize {
-        let freed = match self.by_page.remove(&(page, lsn)) {
-            Some(RecordBody::PageImage(b)) => b.len(),
-            Some(RecordBody::PageDelta { bytes, .. }) => bytes.len(),
-            None => 0,
+        let Some(chain) = self.by_page.get_mut(&page) else {
+            return 0;
         };
+        let Ok(at) = chain.binary_search_by_key(&lsn, |(l, _)| *l) else {
+            return 0;
+        };
+        let freed = body_len(&chain.remove(at).1);
+        if chain.is_empty() {
+            self.by_page.remove(&page);
+        }
+        self.records -= 1;
         self.bytes -= freed;
         freed
     }
