@@ -8,7 +8,9 @@
 //!    `UnknownSegment` and counts as empty.
 //! 2. **Seal** every segment at the new epoch (creating the ones that do not
 //!    exist): from here on a previous writer is refused, so nothing changes
-//!    under what is read next. Each PG needs a read quorum of seals.
+//!    under what is read next. Each PG needs a write quorum of seals, so
+//!    that a later recovery's probe sees this epoch (and goes above it)
+//!    whenever this one got as far as truncating anything.
 //! 3. **Read**: per PG, the sealed segment with the highest SCL holds every
 //!    record that could have reached a write quorum (3 + 4 > 6). Its chain
 //!    above the floor (the highest PGMRPL seen: a VDL of the old writer,
@@ -19,8 +21,9 @@
 //!    CPL at or below it. Everything above the VDL, up to `VDL + LAL_MAX`
 //!    (more than any writer can have allocated), is the new truncation range.
 //! 5. **Truncate** every segment (a write quorum of each PG, at least): the
-//!    range and the earlier ones are annulled there, durably, and the new
-//!    epoch installed.
+//!    recovery's whole set of ranges (the new one, and those of the newest
+//!    recovery seen installed, above the floor) replaces the segment's, its
+//!    records there are annulled, durably, and the new epoch installed.
 //! 6. **Replicate** the chain up to the VDL to segments that lack it, until
 //!    a write quorum of each PG holds it. Only then is the VDL durable, and
 //!    only then does the writer serve. Segments not truncated yet (down in
@@ -47,6 +50,9 @@ const WRITE_QUORUM: usize = 4;
 /// enforced on the configuration): a truncation range this long covers
 /// every LSN a previous writer can have used.
 pub const LAL_MAX: u64 = 1_000_000;
+/// Ticks a request goes unanswered before it is asked again (the shell
+/// ticks every 100 ms: 3 s).
+const REASK_TICKS: u64 = 30;
 /// Bytes of records asked for at once while reading a chain or replicating it.
 const CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -105,11 +111,19 @@ struct Sealed {
     scl: u64,
     highest_lsn: u64,
     pgmrpl: u64,
+    /// The epoch of the last recovery whose truncation the segment applied.
+    installed_epoch: u64,
 }
 
 #[derive(Debug)]
 enum Ask {
-    Slot { pg: u32, slot: usize, phase: Phase },
+    /// `sent`: the tick it was sent at.
+    Slot {
+        pg: u32,
+        slot: usize,
+        phase: Phase,
+        sent: u64,
+    },
 }
 
 /// The recovery state machine. See the module documentation.
@@ -123,11 +137,14 @@ pub struct Recovery {
     slots: Vec<[SlotState; SEGMENTS_PER_PG]>,
     up: BTreeSet<u64>,
     pending: HashMap<u64, Ask>,
+    /// Ticks so far: a request unanswered for [`REASK_TICKS`] is asked again.
+    ticks: u64,
     next_request: u64,
     epoch: u64,
     floor: u64,
-    /// Truncation ranges seen on sealed segments (from earlier recoveries).
-    seen_ranges: Vec<LsnRange>,
+    /// Truncation ranges seen on sealed segments (from earlier recoveries),
+    /// with the installed epoch of the segment that showed them.
+    seen_ranges: Vec<(u64, LsnRange)>,
     /// Per PG: the slot whose chain is read, and what was read of it.
     source: Vec<Option<usize>>,
     chains: Vec<Vec<RedoRecord>>,
@@ -153,6 +170,7 @@ impl Recovery {
             slots: vec![[SlotState::default(); SEGMENTS_PER_PG]; pgs],
             up: BTreeSet::new(),
             pending: HashMap::new(),
+            ticks: 0,
             next_request: 1,
             epoch: 0,
             floor: 0,
@@ -269,13 +287,29 @@ impl Recovery {
         }
     }
 
-    /// Ask again whatever is unanswered (after refusals); call now and then.
+    /// Ask again whatever is unanswered: after refusals, and requests
+    /// without an answer for [`REASK_TICKS`] ticks (a node that lost one,
+    /// or is stuck; every request of recovery is safe to repeat, and a late
+    /// answer to the first is ignored). Call now and then.
     pub fn tick(&mut self) {
+        self.ticks += 1;
+        let ticks = self.ticks;
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, Ask::Slot { sent, .. })| ticks - sent >= REASK_TICKS)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if let Some(Ask::Slot { pg, slot, .. }) = self.pending.remove(&id) {
+                self.slots[pg as usize][slot].asked = false;
+            }
+        }
         self.ask_all();
     }
 
     pub fn on_reply(&mut self, node: u64, request: u64, reply: Message) {
-        let Some(Ask::Slot { pg, slot, phase }) = self.pending.remove(&request) else {
+        let Some(Ask::Slot { pg, slot, phase, .. }) = self.pending.remove(&request) else {
             return;
         };
         debug_assert_eq!(self.placement[pg as usize][slot], node);
@@ -310,6 +344,7 @@ impl Recovery {
                     scl,
                     highest_lsn,
                     pgmrpl,
+                    installed_epoch,
                     annulled,
                     ..
                 },
@@ -318,10 +353,11 @@ impl Recovery {
                     scl,
                     highest_lsn,
                     pgmrpl,
+                    installed_epoch,
                 });
                 for r in annulled {
-                    if !self.seen_ranges.contains(&r) {
-                        self.seen_ranges.push(r);
+                    if !self.seen_ranges.contains(&(installed_epoch, r)) {
+                        self.seen_ranges.push((installed_epoch, r));
                     }
                 }
             }
@@ -363,7 +399,12 @@ impl Recovery {
                     self.epoch = highest + 1;
                     Phase::Seal
                 }
-                Phase::Seal if self.quorum_everywhere(READ_QUORUM, |s| s.sealed.is_some()) => {
+                // A write quorum of seals, not a read quorum: the next
+                // recovery's probe (a read quorum) then meets this one's
+                // seals in every PG and picks a higher epoch. Two
+                // recoveries at one epoch would install different ranges
+                // under the same number.
+                Phase::Seal if self.quorum_everywhere(WRITE_QUORUM, |s| s.sealed.is_some()) => {
                     self.start_read();
                     Phase::Read
                 }
@@ -412,14 +453,31 @@ impl Recovery {
             .iter()
             .flatten()
             .all(|s| s.probed.is_none_or(|e| e == 0) && s.sealed.is_none_or(|x| x.highest_lsn == 0 && x.scl == 0));
+        // The ranges in force are those of the newest recovery any answer
+        // shows installed: each recovery's set carries forward what it kept
+        // of the earlier ones, and a completed one's is on a write quorum,
+        // which this read quorum meets. An older set (a recovery that died
+        // before its quorum, seen on a segment that missed the later ones)
+        // may name LSNs a later recovery kept: it is not used.
+        let installed = self
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|s| s.sealed.map(|x| x.installed_epoch))
+            .max()
+            .unwrap_or(0);
+        let mut ranges = union_ranges(
+            self.seen_ranges
+                .iter()
+                .filter(|(e, _)| *e == installed)
+                .map(|&(_, r)| r),
+        );
         // Where each chain read starts: the record below its first one.
         let starts: Vec<Option<u64>> = self.chains.iter().map(|c| c.first().map(|r| r.prev_lsn_pg)).collect();
         for chain in &mut self.chains {
-            chain.retain(|r| !in_ranges(&self.seen_ranges, r.lsn));
+            chain.retain(|r| !in_ranges(&ranges, r.lsn));
         }
         let present: HashMap<u64, bool> = self.chains.iter().flatten().map(|r| (r.lsn, r.cpl)).collect();
-        let mut ranges = self.seen_ranges.clone();
-        ranges.sort_unstable();
         let mut vdl = self.floor;
         let mut lsn = self.floor + 1;
         loop {
@@ -455,10 +513,19 @@ impl Recovery {
             let base = ranges.iter().map(|r| r.1).max().unwrap_or(0).max(vdl);
             let hi = base + LAL_MAX;
             ranges.push((vdl + 1, hi));
+            // Ranges at or below the floor are history: no later recovery
+            // reads below a floor, and a segment's own log keeps what it
+            // annulled (its annulments) whatever the ranges say.
+            ranges.retain(|&(_, hi)| hi > self.floor);
             let mut ranges = union_ranges(ranges.into_iter());
-            // The newest ones; older ranges are below every chain a
-            // segment can still be asked to continue.
+            // Past the limit, the lowest go: many recoveries in a row with
+            // writes between them and no PGMRPL sent (the writers died
+            // within a tenth of a second). Said loudly, since a later
+            // recovery reading below them would stop at them.
             let keep = ranges.len().saturating_sub(ANNULLED_RANGES_MAX);
+            if keep > 0 {
+                tracing::warn!(dropped = ?&ranges[..keep], "more truncation ranges above the floor than a segment keeps; the lowest are dropped");
+            }
             self.ranges = ranges.split_off(keep);
             self.next_lsn = hi + 1;
         }
@@ -497,6 +564,7 @@ impl Recovery {
                             pg: pg as u32,
                             slot,
                             phase: self.phase,
+                            sent: self.ticks,
                         },
                     );
                     self.slots[pg][slot].asked = true;

@@ -58,7 +58,7 @@ use computed::recovery::{Recovered, Recovery};
 use storaged::hot::{HotRecords, apply};
 use storaged::proto::{ErrorCode, Message};
 use storaged::record::{RecordBody, RedoRecord, SegmentId};
-use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, Segment, SegmentError, in_ranges, merge_ranges};
+use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, Segment, SegmentError, in_ranges, union_ranges};
 
 const NODES: usize = 8;
 const PGS: u32 = 2;
@@ -101,13 +101,22 @@ struct TableEntry {
     pgmrpl: u64,
 }
 
+/// An entry of a node's log (`storaged::record::LogEntry`).
+#[derive(Debug, Clone)]
+enum LogItem {
+    Record(RedoRecord),
+    /// A truncation's annulment: what the log held before it in these
+    /// ranges never happened.
+    Annulment(Vec<LsnRange>),
+}
+
 struct SimSegment {
     seg: Segment<Ticket>,
     hot: HotRecords,
     table: TableEntry,
-    /// The log: every record written durably, in the order written. A
-    /// truncation does not erase it; start-up skips what is annulled.
-    log: Vec<RedoRecord>,
+    /// The log: every entry written durably, in the order written. A
+    /// truncation does not erase records; it writes an annulment after them.
+    log: Vec<LogItem>,
 }
 
 impl SimSegment {
@@ -123,18 +132,24 @@ impl SimSegment {
     }
 
     /// What survives a crash, rebuilt as `Node::open` does: the table, then
-    /// the log's records, skipping those a truncation annulled.
+    /// the log in order, an annulment dropping what came before it.
     fn recovered(&mut self) -> SimSegment {
         let mut s = SimSegment::new(self.seg.id.pg, self.table.clone());
         s.log = std::mem::take(&mut self.log);
-        for r in &s.log {
-            if in_ranges(s.seg.annulled(), r.lsn) {
-                continue;
+        for item in &s.log {
+            match item {
+                LogItem::Record(r) => {
+                    s.seg
+                        .recover(r, &r.encode(), 1)
+                        .unwrap_or_else(|e| panic!("pg {}: the log does not load: {e}", s.seg.id.pg));
+                    s.hot.insert(r);
+                }
+                LogItem::Annulment(ranges) => {
+                    for (lsn, page) in s.seg.annul(ranges) {
+                        s.hot.remove(page, lsn);
+                    }
+                }
             }
-            s.seg
-                .recover(r, &r.encode(), 1)
-                .unwrap_or_else(|e| panic!("pg {}: the log does not load: {e}", s.seg.id.pg));
-            s.hot.insert(r);
         }
         s
     }
@@ -531,7 +546,7 @@ impl Sim {
             }
             lsns.push((r.lsn, 1));
         }
-        s.log.extend(records);
+        s.log.extend(records.into_iter().map(LogItem::Record));
         let (ready, linked) = s.seg.on_durable(&lsns);
         linked.expect("no fork");
         let scl = s.seg.scl();
@@ -732,7 +747,9 @@ impl Sim {
         self.send(false, node, conn, request, reply);
     }
 
-    /// `Node::truncate`: fence, check, write the table, then drop the records.
+    /// `Node::truncate`: fence, check, wait for records let in to be
+    /// written (here: refuse, the recovery asks again), write the
+    /// annulment, then the table, then drop the records.
     fn truncate(s: &mut SimSegment, epoch: u64, ranges: &[LsnRange]) -> Message {
         if ranges.len() > ANNULLED_RANGES_MAX {
             return segment_error(SegmentError::TooManyRanges(ranges.len()));
@@ -751,10 +768,20 @@ impl Sim {
                 format!("record {lsn} is at or below the PGMRPL {}", s.table.pgmrpl),
             );
         }
+        if s.seg.writing() {
+            return Message::error(
+                ErrorCode::Overloaded,
+                0,
+                "records of the segment are still being written",
+            );
+        }
+        if !ranges.is_empty() {
+            s.log.push(LogItem::Annulment(ranges.to_vec()));
+        }
         s.table.epoch = s.table.epoch.max(epoch);
         s.table.installed_epoch = epoch;
-        s.table.annulled = merge_ranges(&s.table.annulled, ranges, 0);
-        let dropped = s.seg.truncate(epoch, ranges, 0).expect("sealed above");
+        s.table.annulled = union_ranges(ranges.iter().copied());
+        let dropped = s.seg.truncate(epoch, ranges).expect("sealed above");
         s.seg
             .restore_epochs(s.table.epoch.max(s.seg.epoch()), epoch, &s.table.annulled);
         for (lsn, page) in dropped {
@@ -1068,7 +1095,8 @@ impl Sim {
                 .count();
             assert!(
                 holding >= 4,
-                "PG {pg}: committed LSN {tail} durable on only {holding} segments"
+                "PG {pg}: committed LSN {tail} durable on only {holding} segments; segments:{}",
+                self.segments_text()
             );
         }
     }
@@ -1096,14 +1124,15 @@ impl Sim {
                 match self.nodes[n as usize - 1].segments.get(&(pg as u32)) {
                     Some(s) => {
                         out += &format!(
-                            "\n  pg {pg} node {n}{}: epoch {} installed {} scl {} highest {} pgmrpl {} annulled {:?}",
+                            "\n  pg {pg} node {n}{}: epoch {} installed {} scl {} highest {} pgmrpl {} annulled {:?} writing {}",
                             if up { "" } else { " (down)" },
                             s.seg.epoch(),
                             s.seg.installed_epoch(),
                             s.seg.scl(),
                             s.seg.highest_lsn(),
                             s.table.pgmrpl,
-                            s.seg.annulled()
+                            s.seg.annulled(),
+                            s.seg.writing()
                         )
                     }
                     None => out += &format!("\n  pg {pg} node {n}: no segment"),

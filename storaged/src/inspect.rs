@@ -24,7 +24,7 @@ use crate::log::format::{BlockError, BlockKind, decode_block, decode_block_at};
 use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
 use crate::pagestore::{self, Current, Slot};
-use crate::record::RedoRecord;
+use crate::record::LogEntry;
 use crate::segtable;
 
 /// Problems listed one by one, at most; the counts are always complete.
@@ -176,8 +176,9 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     let log_start_block = sb.log_start_block;
     let log_blocks = sb.log_blocks;
     let scan = scan_log(dev, &sb, anchor_read.clone(), |start, entry| {
-        match RedoRecord::decode(&entry) {
-            Ok(_) => records += 1,
+        match LogEntry::decode(&entry) {
+            Ok(LogEntry::Record(_)) => records += 1,
+            Ok(LogEntry::Annulment(_)) => {}
             Err(e) => {
                 let offset = block_offset(log_start_block + (start - 1) % log_blocks);
                 problems.add(

@@ -18,6 +18,20 @@
 //! | 48 | 4 | offset in the page (0 for an image) |
 //! | 52 | 4 | payload length |
 //! | 56 | n | payload |
+//!
+//! The log also holds a segment's *annulments* (kind 3): a recovery's
+//! truncation, written after the records it annuls, so that start-up, which
+//! replays the log in order, drops them and keeps any later copy (a re-send
+//! by a later writer). Layout:
+//!
+//! | off | size | field |
+//! |----:|-----:|-------|
+//! | 0 | 8 | volume id |
+//! | 8 | 4 | PG |
+//! | 12 | 1 | kind: 3 |
+//! | 13 | 1 | flags: 0 |
+//! | 14 | 2 | number of ranges `n` (1–16) |
+//! | 16 | 16 × n | ranges: `lo`, `hi` (u64 each, inclusive, `lo ≤ hi`) |
 
 use thiserror::Error;
 
@@ -28,6 +42,9 @@ pub const RECORD_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
 
 const KIND_PAGE_IMAGE: u8 = 1;
 const KIND_PAGE_DELTA: u8 = 2;
+const KIND_ANNULMENT: u8 = 3;
+/// Ranges one annulment names at most (a truncation sends at most 4).
+pub const ANNULMENT_RANGES_MAX: usize = 16;
 const FLAG_CPL: u8 = 1;
 
 /// One replica set's worth of a volume: a (volume, PG) pair.
@@ -73,6 +90,98 @@ pub enum RecordError {
     BadBacklink { lsn: u64, prev: u64 },
     #[error("page image has offset {0}; images start at 0")]
     ImageWithOffset(u32),
+    #[error("annulment with {0} ranges (1–{ANNULMENT_RANGES_MAX})")]
+    BadRangeCount(usize),
+    #[error("annulment range {lo}..={hi} is empty")]
+    EmptyRange { lo: u64, hi: u64 },
+}
+
+/// A recovery's truncation as written to the log: the segment's records at
+/// these LSNs, *written before it*, never happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annulment {
+    pub segment: SegmentId,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Annulment {
+    /// # Panics
+    /// On a range count outside 1–[`ANNULMENT_RANGES_MAX`] (the node checks
+    /// a truncation's ranges before it writes one).
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.ranges.len();
+        assert!((1..=ANNULMENT_RANGES_MAX).contains(&n), "annulment range count");
+        let mut out = Vec::with_capacity(16 + 16 * n);
+        out.extend_from_slice(&self.segment.volume.to_le_bytes());
+        out.extend_from_slice(&self.segment.pg.to_le_bytes());
+        out.push(KIND_ANNULMENT);
+        out.push(0);
+        out.extend_from_slice(&(n as u16).to_le_bytes());
+        for &(lo, hi) in &self.ranges {
+            out.extend_from_slice(&lo.to_le_bytes());
+            out.extend_from_slice(&hi.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Annulment, RecordError> {
+        let truncated = |need| RecordError::Truncated {
+            have: bytes.len(),
+            need,
+        };
+        if bytes.len() < 16 {
+            return Err(truncated(16));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        if bytes[12] != KIND_ANNULMENT {
+            return Err(RecordError::UnknownKind(bytes[12]));
+        }
+        if bytes[13] != 0 {
+            return Err(RecordError::UnknownFlags(bytes[13]));
+        }
+        let n = u16::from_le_bytes([bytes[14], bytes[15]]) as usize;
+        if !(1..=ANNULMENT_RANGES_MAX).contains(&n) {
+            return Err(RecordError::BadRangeCount(n));
+        }
+        let need = 16 + 16 * n;
+        if bytes.len() < need {
+            return Err(truncated(need));
+        }
+        if bytes.len() > need {
+            return Err(RecordError::Trailing(bytes.len() - need));
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for i in 0..n {
+            let (lo, hi) = (u64_at(16 + 16 * i), u64_at(24 + 16 * i));
+            if lo > hi {
+                return Err(RecordError::EmptyRange { lo, hi });
+            }
+            ranges.push((lo, hi));
+        }
+        Ok(Annulment {
+            segment: SegmentId {
+                volume: u64_at(0),
+                pg: u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+            },
+            ranges,
+        })
+    }
+}
+
+/// One entry of a node's log: a redo record or an annulment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEntry {
+    Record(RedoRecord),
+    Annulment(Annulment),
+}
+
+impl LogEntry {
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, RecordError> {
+        match bytes.get(12) {
+            Some(&KIND_ANNULMENT) => Annulment::decode(bytes).map(LogEntry::Annulment),
+            _ => RedoRecord::decode(bytes).map(LogEntry::Record),
+        }
+    }
 }
 
 impl RedoRecord {
@@ -227,6 +336,30 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = RedoRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn log_entries_roundtrip_and_never_panic(
+            r in arb_record(),
+            ranges in prop::collection::vec((1u64..1000, 0u64..1000), 1..=ANNULMENT_RANGES_MAX),
+            junk in prop::collection::vec(any::<u8>(), 0..300),
+            cut in 0usize..400,
+        ) {
+            let a = Annulment {
+                segment: r.segment,
+                ranges: ranges.into_iter().map(|(lo, len)| (lo, lo + len)).collect(),
+            };
+            let bytes = a.encode();
+            prop_assert_eq!(LogEntry::decode(&bytes).unwrap(), LogEntry::Annulment(a));
+            prop_assert!(LogEntry::decode(&bytes[..cut.min(bytes.len() - 1)]).is_err());
+            prop_assert_eq!(LogEntry::decode(&r.encode()).unwrap(), LogEntry::Record(r));
+            let _ = LogEntry::decode(&junk);
+            let mut mutated = bytes.clone();
+            mutated[12] = KIND_ANNULMENT;
+            if let Some(b) = mutated.get_mut(cut % bytes.len().max(1)) {
+                *b ^= 0x5a;
+            }
+            let _ = LogEntry::decode(&mutated);
         }
 
         #[test]

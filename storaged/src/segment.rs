@@ -71,9 +71,8 @@ pub enum SegmentError {
     TooManyRanges(usize),
 }
 
-/// Truncation ranges a segment keeps: the most recent recoveries'. A range
-/// whose end is coalesced is dropped first (nothing of it can come back
-/// from the log); past this many, the lowest go.
+/// Truncation ranges a recovery sends and a segment reports: the newest
+/// recovery's whole set (a later recovery reads them to decide).
 pub const ANNULLED_RANGES_MAX: usize = 4;
 
 /// LSNs `lo..=hi` annulled by a recovery: whatever a record there held, it
@@ -96,16 +95,6 @@ pub fn union_ranges(ranges: impl Iterator<Item = LsnRange>) -> Vec<LsnRange> {
         }
     }
     out
-}
-
-/// The ranges a segment keeps after a truncation adds `new` to `held`:
-/// sorted, without those ending at or below `coalesced` (their records can
-/// no longer come back from the log), the highest [`ANNULLED_RANGES_MAX`].
-pub fn merge_ranges(held: &[LsnRange], new: &[LsnRange], coalesced: u64) -> Vec<LsnRange> {
-    let mut merged = union_ranges(held.iter().chain(new).copied());
-    merged.retain(|&(_, hi)| hi > coalesced);
-    let dropped = merged.len().saturating_sub(ANNULLED_RANGES_MAX);
-    merged.split_off(dropped)
 }
 
 /// The outcome of admitting a batch.
@@ -247,29 +236,43 @@ impl<T> Segment<T> {
     }
 
     /// Apply a recovery's truncation at `epoch`: records in `ranges` are
-    /// dropped (durable or not), the SCL falls back to the chain below the
-    /// first one dropped, and `epoch` becomes the installed one. Returns the
-    /// dropped records' `(lsn, page)`, for the shell to drop their bodies.
-    /// `coalesced` is the LSN the segment's page versions are at: ranges
-    /// ending at or below it are history and not kept.
-    pub fn truncate(
-        &mut self,
-        epoch: u64,
-        ranges: &[LsnRange],
-        coalesced: u64,
-    ) -> Result<Vec<(u64, u64)>, SegmentError> {
+    /// dropped (durable or not, see [`Segment::annul`]), `epoch` becomes the
+    /// installed one, and `ranges` *replace* the ones held: they are the
+    /// recovery's whole set, which already carries forward what it kept of
+    /// earlier ones. (Merging would let a dead recovery's range come back
+    /// over records a later one kept.) Returns the dropped records'
+    /// `(lsn, page)`, for the shell to drop their bodies.
+    pub fn truncate(&mut self, epoch: u64, ranges: &[LsnRange]) -> Result<Vec<(u64, u64)>, SegmentError> {
         if epoch < self.epoch {
             return Err(SegmentError::StaleEpoch {
                 got: epoch,
                 current: self.epoch,
             });
         }
-        let merged = merge_ranges(&self.annulled, ranges, coalesced);
+        if ranges.len() > ANNULLED_RANGES_MAX {
+            return Err(SegmentError::TooManyRanges(ranges.len()));
+        }
+        let dropped = self.annul(ranges);
+        self.epoch = epoch;
+        self.installed_epoch = epoch;
+        self.annulled = union_ranges(ranges.iter().copied());
+        Ok(dropped)
+    }
+
+    /// Drop every record held in `ranges`: the SCL falls back to the chain
+    /// below the first one dropped, acks waiting on them are dropped.
+    /// Returns the dropped records' `(lsn, page)`. A truncation calls it;
+    /// so does start-up, at an annulment in the log (which drops only what
+    /// the log held before it).
+    pub fn annul(&mut self, ranges: &[LsnRange]) -> Vec<(u64, u64)> {
         let doomed: Vec<u64> = self.records.keys().copied().filter(|&l| in_ranges(ranges, l)).collect();
         let mut dropped = Vec::with_capacity(doomed.len());
         let mut cut = None;
         for lsn in doomed {
             let meta = self.records.remove(&lsn).expect("listed above");
+            if let Some(seq) = meta.log_seq {
+                seq_remove(&mut self.log_seqs, seq);
+            }
             if lsn <= self.scl && cut.is_none() {
                 // The lowest dropped record of the chain: the chain ends below it.
                 cut = Some(meta.prev_lsn_pg);
@@ -294,10 +297,14 @@ impl<T> Segment<T> {
         self.highest_lsn = self.records.keys().next_back().copied().unwrap_or(0).max(self.scl);
         self.deferred
             .retain(|d| !d.waits_for.iter().any(|l| in_ranges(ranges, *l)));
-        self.epoch = epoch;
-        self.installed_epoch = epoch;
-        self.annulled = merged;
-        Ok(dropped)
+        dropped
+    }
+
+    /// Some record was let in and is not durable yet: its log write is
+    /// under way. A truncation waits for none to be left (after its seal
+    /// lets no more in), so that its annulment follows them in the log.
+    pub fn writing(&self) -> bool {
+        self.records.values().any(|m| !m.durable())
     }
 
     /// The lowest record held at or below `upto` whose LSN is in `ranges`.
@@ -678,12 +685,9 @@ mod tests {
             "sealed, not truncated"
         );
         assert_eq!(s.seal(4), Err(SegmentError::StaleEpoch { got: 4, current: 6 }));
-        s.truncate(6, &[], 0).unwrap();
+        s.truncate(6, &[]).unwrap();
         assert_eq!(s.check_epoch(6), Ok(()));
-        assert_eq!(
-            s.truncate(5, &[], 0),
-            Err(SegmentError::StaleEpoch { got: 5, current: 6 })
-        );
+        assert_eq!(s.truncate(5, &[]), Err(SegmentError::StaleEpoch { got: 5, current: 6 }));
     }
 
     #[test]
@@ -701,7 +705,7 @@ mod tests {
         let again = s.admit(&[rec(9, 8, 1)]).unwrap();
         assert_eq!(s.defer_ack(again.waits_for, 7), None);
         s.seal(2).unwrap();
-        let dropped = s.truncate(2, &[(5, 104)], 0).unwrap();
+        let dropped = s.truncate(2, &[(5, 104)]).unwrap();
         assert_eq!(dropped, vec![(6, 1), (8, 3), (9, 4), (12, 2)]);
         assert_eq!(s.scl(), 3, "the chain ends below the first dropped record");
         assert_eq!(s.highest_lsn(), 3);
@@ -718,17 +722,42 @@ mod tests {
     }
 
     #[test]
-    fn truncation_keeps_a_bounded_set_of_ranges() {
+    fn a_truncation_replaces_the_ranges_and_a_later_resend_is_kept() {
         let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
-        for e in 2..10u64 {
-            s.seal(e).unwrap();
-            s.truncate(e, &[(e * 100, e * 100 + 50)], 0).unwrap();
-        }
-        assert_eq!(s.annulled().len(), ANNULLED_RANGES_MAX);
-        assert_eq!(s.annulled()[0], (600, 650), "the lowest go first");
-        // Ranges ending at or below the coalesced LSN are history.
-        s.truncate(9, &[], 850).unwrap();
-        assert_eq!(s.annulled(), &[(900, 950)]);
+        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1), rec(3, 2, 1), rec(4, 3, 1)]);
+        // A recovery at epoch 2 annuls 3 and up; one at epoch 3 (which did
+        // not see it) keeps 3 and 4 and annuls 5 and up.
+        s.seal(2).unwrap();
+        assert_eq!(s.truncate(2, &[(3, 1000)]).unwrap(), vec![(3, 3), (4, 4)]);
+        assert_eq!(s.scl(), 2);
+        s.seal(3).unwrap();
+        s.truncate(3, &[(5, 2000), (3000, 3100)]).unwrap();
+        assert_eq!(s.annulled(), &[(5, 2000), (3000, 3100)], "replaced, not merged");
+        // The writer of epoch 3 re-sends 3 and 4: they are taken.
+        assert_eq!(put(&mut s, &[rec(3, 2, 1), rec(4, 3, 1)]), 4);
+        assert!(
+            s.truncate(3, &[(1, 2), (4, 5), (7, 8), (10, 11), (13, 14)]).is_err(),
+            "at most {ANNULLED_RANGES_MAX} ranges"
+        );
+        assert_eq!(s.scl(), 4, "a refused truncation drops nothing");
+    }
+
+    #[test]
+    fn annulling_releases_the_log_positions_of_what_it_drops() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let batch = [rec(1, 0, 1), rec(2, 1, 1), rec(3, 2, 1)];
+        s.admit(&batch).unwrap();
+        assert!(s.writing());
+        s.on_durable(&[(1, 10), (2, 20), (3, 30)]).1.unwrap();
+        assert!(!s.writing());
+        assert_eq!(s.oldest_log_seq(), Some(10));
+        s.annul(&[(1, 2)]);
+        assert_eq!(
+            s.oldest_log_seq(),
+            Some(30),
+            "the dropped records no longer pin the log"
+        );
+        assert_eq!(s.scl(), 0);
     }
 
     #[test]

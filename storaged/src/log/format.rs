@@ -15,7 +15,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
 /// 2: the CRC covers the whole block (1 covered header and payload only).
 /// 3: segment table entries carry the page store extent and coalescing state;
 /// page version blocks.
-pub const FORMAT_VERSION: u16 = 4;
+/// 4: segments keep truncation ranges (recovery).
+/// 5: a truncation writes an annulment to the log, which start-up applies in
+/// log order; the table's ranges are the newest recovery's, for reporting.
+pub const FORMAT_VERSION: u16 = 5;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;

@@ -30,8 +30,8 @@ use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::ErrorCode;
-use crate::record::{RecordBody, RedoRecord, SegmentId};
-use crate::segment::{LsnRange, Segment, SegmentError, in_ranges, merge_ranges};
+use crate::record::{LogEntry, RecordBody, RedoRecord, SegmentId};
+use crate::segment::{LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
 /// Limits a node enforces; memory is bounded by these, whatever the load.
@@ -149,6 +149,8 @@ pub enum NodeError {
     ReadPointBelowPgmrpl { read_point: u64, pgmrpl: u64 },
     #[error("page {page}: its stored version is damaged ({source}); read it from another segment")]
     PageDamaged { page: u64, source: SlotError },
+    #[error("records of the segment still being written after {0:?}; the truncation is not applied, try again")]
+    TruncationWaited(std::time::Duration),
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
     Overloaded { held: usize },
     #[error("the log is full ({free_blocks} of {log_blocks} blocks free) and nothing can be released yet")]
@@ -182,9 +184,10 @@ impl NodeError {
             NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
             NodeError::ReadPointBelowPgmrpl { .. } => (ErrorCode::ReadPointBelowPgmrpl, 0),
             NodeError::PageDamaged { .. } => (ErrorCode::PageDamaged, 0),
-            NodeError::Overloaded { .. } | NodeError::LogFull { .. } | NodeError::PageStoreFull { .. } => {
-                (ErrorCode::Overloaded, 0)
-            }
+            NodeError::Overloaded { .. }
+            | NodeError::LogFull { .. }
+            | NodeError::PageStoreFull { .. }
+            | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
         }
     }
 }
@@ -210,6 +213,9 @@ type Ticket = oneshot::Sender<()>;
 
 /// Appends are refused while less than 1/this of the log is free.
 const LOG_RESERVE_FRACTION: u64 = 32;
+/// How long a truncation waits for the segment's records already let in to
+/// reach the log before it gives up (the recovering writer asks again).
+const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// Striped locks over page versions; a power of two.
 const PAGE_STRIPES: usize = 64;
 
@@ -418,8 +424,18 @@ impl Node {
         }
         let mut recovered = Recovered::default();
         let mut conflicts = Vec::new();
-        let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match RedoRecord::decode(&entry) {
-            Ok(record) => {
+        let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match LogEntry::decode(&entry) {
+            Ok(LogEntry::Annulment(a)) => {
+                // A truncation: what the log held of these LSNs before it
+                // never happened; a copy written after it is a re-send.
+                if let Some(s) = segments.get_mut(&a.segment) {
+                    for (lsn, page) in s.seg.annul(&a.ranges) {
+                        s.hot.remove(page, lsn);
+                        recovered.annulled += 1;
+                    }
+                }
+            }
+            Ok(LogEntry::Record(record)) => {
                 recovered.records += 1;
                 let Some(s) = segments.get_mut(&record.segment) else {
                     // The table entry is durable before any record of the
@@ -433,11 +449,6 @@ impl Node {
                 };
                 if record.lsn <= s.coalesced_lsn {
                     recovered.coalesced += 1;
-                    return;
-                }
-                if in_ranges(s.seg.annulled(), record.lsn) {
-                    // A recovery annulled it; the log still has its bytes.
-                    recovered.annulled += 1;
                     return;
                 }
                 match s.seg.recover(&record, &entry, seq) {
@@ -913,25 +924,29 @@ impl Node {
     }
 
     /// A recovering writer's truncation at `epoch`: records in `ranges` are
-    /// annulled, here and in the log at every later start-up, and `epoch`
-    /// becomes the installed one. The ranges are durable before any record
-    /// is dropped from memory; returns the segment's status.
+    /// annulled and `epoch` becomes the installed one; returns the
+    /// segment's status after it.
+    ///
+    /// Order: seal (nothing older is let in), wait for the records already
+    /// let in to be written, write an annulment to the log (start-up drops
+    /// what the log held before it, and keeps a later re-send), then the
+    /// table (the installed epoch and the ranges, which replace the held
+    /// ones), then drop the records from memory.
     pub async fn truncate(&self, id: SegmentId, epoch: u64, ranges: Vec<LsnRange>) -> Result<SegmentStatus, NodeError> {
         if ranges.len() > crate::segment::ANNULLED_RANGES_MAX {
             return Err(SegmentError::TooManyRanges(ranges.len()).into());
         }
+        if let Some(&(lo, hi)) = ranges.iter().find(|&&(lo, hi)| lo == 0 || hi < lo) {
+            return Err(NodeError::BadTruncation(format!(
+                "truncation range {lo}..={hi} is empty"
+            )));
+        }
         {
             let mut st = self.state();
             let s = st.seg_mut(id)?;
-            // Fence first: nothing older is taken while the table is written.
+            // Fence first: nothing older is taken from here on.
             s.seg.seal(epoch)?;
-            if let Some(&(lo, hi)) = ranges.iter().find(|&&(lo, hi)| lo == 0 || hi < lo) {
-                return Err(NodeError::BadTruncation(format!(
-                    "truncation range {lo}..={hi} is empty"
-                )));
-            }
             // Readers may have read at the PGMRPL: what is below it stands.
-            // (Ranges of earlier recoveries come again and hold nothing here.)
             if let Some(lsn) = s.seg.held_in(&ranges, s.pgmrpl) {
                 return Err(NodeError::BadTruncation(format!(
                     "the truncation would annul the record at LSN {lsn}, at or below the PGMRPL {}, which readers may have read at",
@@ -940,6 +955,24 @@ impl Node {
             }
         }
         self.ensure_durable(id, epoch).await?;
+        // Records let in before the seal are on their way to the log; the
+        // annulment must come after them there, or start-up would bring
+        // them back. The log completes writes within its own timeouts; the
+        // bound here only keeps a request from waiting forever.
+        let waited = std::time::Instant::now();
+        while self.state().seg(id)?.seg.writing() {
+            if waited.elapsed() > TRUNCATE_WAIT_MAX {
+                return Err(NodeError::TruncationWaited(waited.elapsed()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if !ranges.is_empty() {
+            let annulment = crate::record::Annulment {
+                segment: id,
+                ranges: ranges.clone(),
+            };
+            self.log.append_many(vec![annulment.encode()]).await?;
+        }
         let entry = self
             .update_entry(id, |e, _| {
                 let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
@@ -948,14 +981,13 @@ impl Node {
                     installed_epoch: epoch,
                     ..*e
                 };
-                next.set_annulled(&merge_ranges(e.annulled(), &ranges, e.coalesced_lsn));
+                next.set_annulled(&crate::segment::union_ranges(ranges.iter().copied()));
                 Ok(next)
             })
             .await?;
         let mut st = self.state();
         let s = st.seg_mut(id)?;
-        let dropped = s.seg.truncate(epoch, &ranges, s.coalesced_lsn)?;
-        // What the table holds is what start-up will use: keep memory equal to it.
+        let dropped = s.seg.truncate(epoch, &ranges)?;
         s.seg
             .restore_epochs(entry.epoch.max(s.seg.epoch()), epoch, entry.annulled());
         let mut freed = 0;

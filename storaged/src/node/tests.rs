@@ -406,3 +406,44 @@ async fn seal_and_truncate_fence_the_old_writer_and_annul_its_range_across_resta
     }
     node.shutdown().await;
 }
+
+/// Recovery A annuls 46 and up and dies; recovery B keeps 46..=60 and its
+/// writer re-sends them. The log then holds both copies with A's
+/// annulment between them: start-up drops the first and keeps the re-send.
+#[tokio::test(start_paused = true)]
+async fn records_resent_after_a_truncation_survive_a_restart() {
+    let disk = formatted(16 << 20, 1 << 20, 3).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let old = records(1, 60, 3);
+    append_all(&node, &old).await;
+    node.seal(SEG, 2, GEOMETRY).await.unwrap();
+    let st = node.truncate(SEG, 2, vec![(46, 1000)]).await.unwrap();
+    assert_eq!(st.scl, 45);
+    node.seal(SEG, 3, GEOMETRY).await.unwrap();
+    let st = node.truncate(SEG, 3, vec![(61, 2000)]).await.unwrap();
+    assert_eq!(st.annulled, vec![(61, 2000)], "B's set replaces A's");
+    assert_eq!(node.append(SEG, 3, GEOMETRY, old[45..].to_vec()).await.unwrap(), 60);
+    let mut new = records(2001, 2005, 4);
+    new[0].prev_lsn_pg = 60;
+    assert_eq!(node.append(SEG, 3, GEOMETRY, new.clone()).await.unwrap(), 2005);
+    node.shutdown().await;
+
+    let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
+    assert_eq!(
+        recovered.annulled, 15,
+        "the first copies of 46..=60, before A's annulment"
+    );
+    let st = node.status(SEG, 0).unwrap();
+    assert_eq!(
+        (st.installed_epoch, st.scl, st.annulled.clone()),
+        (3, 2005, vec![(61, 2000)])
+    );
+    let all: Vec<RedoRecord> = old.iter().chain(&new).cloned().collect();
+    for page in FIRST_PAGE..FIRST_PAGE + 13 {
+        assert_eq!(
+            node.get_page(SEG, 3, page, 2005).await.unwrap(),
+            model(&all, page, 2005)
+        );
+    }
+    node.shutdown().await;
+}
