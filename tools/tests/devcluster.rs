@@ -296,6 +296,8 @@ fn without_a_write_quorum_storbench_ends_on_time_with_zero_commits() {
     assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
     let v: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("fio JSON");
     assert_eq!(v["jobs"][0]["write"]["total_ios"], 0, "{v}");
+    // Each of the 4 committers had a commit out when the grace ran out.
+    assert_eq!(v["jobs"][0]["write"]["drop_ios"], 4, "{v}");
     assert!(
         text(&bench.stderr).contains("not acknowledged"),
         "{}",

@@ -147,7 +147,8 @@ pub struct BenchArgs {
     pub pages_per_txn: u32,
 
     /// Cluster engine: after --runtime, how long commits still out may take
-    /// before the run ends without them (they count as not committed).
+    /// before the run ends without them (they count as not committed, and as
+    /// `drop_ios` in the JSON).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub grace: Duration,
 

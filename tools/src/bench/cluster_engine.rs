@@ -345,6 +345,7 @@ async fn run(
     let mut errors = Vec::new();
     for w in &workers {
         per_job[w.job as usize].merge(&w.stats);
+        per_job[w.job as usize].dropped += w.unacked;
         unacked += w.unacked;
         if let Some(e) = &w.error {
             errors.push(e.clone());

@@ -109,7 +109,7 @@ impl FioDir {
             runtime: d.runtime.as_millis() as u64,
             total_ios: d.ios,
             short_ios: 0,
-            drop_ios: 0,
+            drop_ios: d.dropped,
             clat_ns: lat(),
             lat_ns: lat(),
         }

@@ -18,6 +18,9 @@ pub struct DirStats {
     pub runtime: Duration,
     /// Submission to completion of each I/O, in nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// I/Os issued that never completed: commits not acknowledged when the
+    /// grace after the run ran out (fio's `drop_ios`). Not in `ios`.
+    pub dropped: u64,
 }
 
 impl Default for DirStats {
@@ -27,6 +30,7 @@ impl Default for DirStats {
             bytes: 0,
             runtime: Duration::ZERO,
             latency_ns: new_latency_histogram(),
+            dropped: 0,
         }
     }
 }
@@ -37,6 +41,7 @@ impl DirStats {
     pub fn merge(&mut self, other: &DirStats) {
         self.ios += other.ios;
         self.bytes += other.bytes;
+        self.dropped += other.dropped;
         self.runtime = self.runtime.max(other.runtime);
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency_ns.add(&other.latency_ns);

@@ -318,6 +318,7 @@ fn run_job(job: u32, fd: RawFd, plan: &Plan, barrier: &Barrier) -> anyhow::Resul
         bytes: ios * plan.bs,
         runtime: end.duration_since(start),
         latency_ns: hist,
+        dropped: 0,
     };
     let mut stats = JobStats::default();
     if plan.rw.is_write() {
