@@ -70,6 +70,22 @@ fn placement() -> Vec<[u64; SEGMENTS_PER_PG]> {
 }
 
 impl Fake {
+    /// Every node holds a segment of each PG at epoch 1 with the volume's
+    /// history up to `upto(node)`, and `pgmrpl(node)` as its PGMRPL.
+    fn holding(upto: impl Fn(u64) -> u64, pgmrpl: impl Fn(u64) -> u64) -> Fake {
+        let mut segs = HashMap::new();
+        for node in 1..=6u64 {
+            for pg in 0..2u32 {
+                let mut s = FakeSegment::new(pg, 1);
+                s.pgmrpl = pgmrpl(node);
+                let mine: Vec<RedoRecord> = (1..=upto(node)).map(history).filter(|r| r.segment.pg == pg).collect();
+                s.put(&mine);
+                segs.insert((node, pg), s);
+            }
+        }
+        Fake { segs, down: vec![] }
+    }
+
     fn answer(&mut self, node: u64, msg: Message) -> Message {
         let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
         match msg {
@@ -267,19 +283,8 @@ fn recovery_keeps_what_was_committed_and_annuls_the_rest() {
 /// segment that missed the truncation do not come back.
 #[test]
 fn an_earlier_truncation_is_respected_by_the_next_recovery() {
-    let mut f = Fake {
-        segs: HashMap::new(),
-        down: vec![6],
-    };
-    for node in 1..=6u64 {
-        for pg in 0..2u32 {
-            let mut s = FakeSegment::new(pg, 1);
-            let upto = if node == 6 { 10 } else { 6 };
-            let mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
-            s.put(&mine);
-            f.segs.insert((node, pg), s);
-        }
-    }
+    let mut f = Fake::holding(|node| if node == 6 { 10 } else { 6 }, |_| 0);
+    f.down = vec![6];
     let first = f.recover();
     assert_eq!(first.vdl, 6, "7–10 are only on node 6, which is down");
     // Node 6 comes back holding 7–10 at epoch 1, nodes 1 and 2 go down;
@@ -303,22 +308,12 @@ fn an_earlier_truncation_is_respected_by_the_next_recovery() {
 /// truncated and counted, or recovery never ends.
 #[test]
 fn segments_truncated_after_the_first_quorum_count_for_replication() {
-    let mut f = Fake {
-        segs: HashMap::new(),
-        down: vec![],
-    };
-    for node in 1..=6u64 {
-        for pg in 0..2u32 {
-            let mut s = FakeSegment::new(pg, 1);
-            // Nodes 5 and 6 were down for long: they hold 1–2 only, and
-            // never heard of the PGMRPL (6) the others hold.
-            let upto = if node >= 5 { 2 } else { 8 };
-            s.pgmrpl = if node >= 5 { 0 } else { 6 };
-            let mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
-            s.put(&mine);
-            f.segs.insert((node, pg), s);
-        }
-    }
+    // Nodes 5 and 6 were down for long: they hold 1–2 only, and never
+    // heard of the PGMRPL (6) the others hold.
+    let mut f = Fake::holding(
+        |node| if node >= 5 { 2 } else { 8 },
+        |node| if node >= 5 { 0 } else { 6 },
+    );
     // Nodes 6, 5, 4, 3 answer the truncation first; 5 and 6 are behind the
     // floor, so only 1–4 can make the write quorum that holds the VDL.
     let r = f.recover();
@@ -355,22 +350,10 @@ fn a_dead_recoverys_range_left_on_a_segment_is_not_used_by_a_later_recovery() {
 
 /// Recovery A dies having truncated node 1 only; B runs without node 1;
 /// then node 1 returns, is caught up by B's writer if `installed` (else it
-/// keeps A's epoch and range), and recovery C reads nodes 1–3.
+/// keeps A's epoch and range), and recovery C reads nodes 1–4.
 fn dead_recovery_then(installed: bool) {
-    let mut f = Fake {
-        segs: HashMap::new(),
-        down: vec![],
-    };
-    for node in 1..=6u64 {
-        for pg in 0..2u32 {
-            let mut s = FakeSegment::new(pg, 1);
-            // 1–8 everywhere; 9 and 10 reached nodes 5 and 6 only.
-            let upto = if node >= 5 { 10 } else { 8 };
-            let mine: Vec<RedoRecord> = (1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
-            s.put(&mine);
-            f.segs.insert((node, pg), s);
-        }
-    }
+    // 1–8 everywhere; 9 and 10 reached nodes 5 and 6 only.
+    let mut f = Fake::holding(|node| if node >= 5 { 10 } else { 8 }, |_| 0);
     // Recovery A sees nodes 1–4 only (VDL 8), truncates node 1, and dies.
     let a = f.partial_recovery(&[1, 2, 3, 4], |node, msg| {
         !matches!(msg, Message::Truncate { .. }) || node == 1
