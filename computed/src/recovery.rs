@@ -12,7 +12,7 @@
 //!    that a later recovery's probe sees this epoch (and goes above it)
 //!    whenever this one got as far as truncating anything.
 //! 3. **Read**: per PG, the sealed segment with the highest SCL holds every
-//!    record that could have reached a write quorum (3 + 4 > 6). Its chain
+//!    record that could have reached a write quorum (4 + 4 > 6). Its chain
 //!    above the floor (the highest PGMRPL seen: a VDL of the old writer,
 //!    durable everywhere) is read.
 //! 4. **Decide**: LSNs are allocated contiguously, one per record, so the
@@ -456,7 +456,7 @@ impl Recovery {
         // The ranges in force are those of the newest recovery any answer
         // shows installed: each recovery's set carries forward what it kept
         // of the earlier ones, and a completed one's is on a write quorum,
-        // which this read quorum meets. An older set (a recovery that died
+        // which this write quorum of seals meets. An older set (a recovery that died
         // before its quorum, seen on a segment that missed the later ones)
         // may name LSNs a later recovery kept: it is not used.
         let installed = self
@@ -513,10 +513,20 @@ impl Recovery {
             let base = ranges.iter().map(|r| r.1).max().unwrap_or(0).max(vdl);
             let hi = base + LAL_MAX;
             ranges.push((vdl + 1, hi));
-            // Ranges at or below the floor are history: no later recovery
-            // reads below a floor, and a segment's own log keeps what it
-            // annulled (its annulments) whatever the ranges say.
-            ranges.retain(|&(_, hi)| hi > self.floor);
+            // A range may be dropped once no later recovery can need it: it
+            // ends at or below a PGMRPL that 3 segments of some PG hold (a
+            // later recovery's write quorum of seals meets one of them, so
+            // its floor is at least that high and it never reads below),
+            // and no sealed segment that missed it (an older installed
+            // epoch) may still hold records in it.
+            let trim = self.safe_floor();
+            ranges.retain(|&(lo, hi)| {
+                hi > trim
+                    || self.slots.iter().flatten().any(|s| {
+                        s.sealed
+                            .is_some_and(|x| x.installed_epoch < installed && x.highest_lsn >= lo)
+                    })
+            });
             let mut ranges = union_ranges(ranges.into_iter());
             // Past the limit, the lowest go: many recoveries in a row with
             // writes between them and no PGMRPL sent (the writers died
@@ -536,6 +546,19 @@ impl Recovery {
             ranges = ?self.ranges,
             "recovery decided the VDL"
         );
+    }
+
+    /// The highest PGMRPL that 3 sealed segments of some PG hold at least.
+    fn safe_floor(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|pg| {
+                let mut held: Vec<u64> = pg.iter().filter_map(|s| s.sealed.map(|x| x.pgmrpl)).collect();
+                held.sort_unstable_by(|a, b| b.cmp(a));
+                held.get(READ_QUORUM - 1).copied().unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     fn replicated(&self) -> bool {

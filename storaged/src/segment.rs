@@ -135,6 +135,8 @@ pub struct Segment<T> {
     /// records): the oldest is asked after every coalescing round, and a
     /// scan of every record was most of a round's CPU.
     log_seqs: BTreeMap<u64, usize>,
+    /// Records held that are not durable yet (let in, log write under way).
+    undurable: usize,
     /// Durable records past a gap, by the LSN they link to.
     waiting_link: HashMap<u64, u64>,
     deferred: Vec<Deferred<T>>,
@@ -153,6 +155,7 @@ impl<T> Segment<T> {
             highest_lsn: 0,
             records: BTreeMap::new(),
             log_seqs: BTreeMap::new(),
+            undurable: 0,
             waiting_link: HashMap::new(),
             deferred: Vec::new(),
             gap_records_max,
@@ -270,8 +273,9 @@ impl<T> Segment<T> {
         let mut cut = None;
         for lsn in doomed {
             let meta = self.records.remove(&lsn).expect("listed above");
-            if let Some(seq) = meta.log_seq {
-                seq_remove(&mut self.log_seqs, seq);
+            match meta.log_seq {
+                Some(seq) => seq_remove(&mut self.log_seqs, seq),
+                None => self.undurable -= 1,
             }
             if lsn <= self.scl && cut.is_none() {
                 // The lowest dropped record of the chain: the chain ends below it.
@@ -304,7 +308,12 @@ impl<T> Segment<T> {
     /// under way. A truncation waits for none to be left (after its seal
     /// lets no more in), so that its annulment follows them in the log.
     pub fn writing(&self) -> bool {
-        self.records.values().any(|m| !m.durable())
+        debug_assert_eq!(
+            self.undurable,
+            self.records.values().filter(|m| !m.durable()).count(),
+            "the count follows the records held"
+        );
+        self.undurable > 0
     }
 
     /// The lowest record held at or below `upto` whose LSN is in `ranges`.
@@ -368,6 +377,7 @@ impl<T> Segment<T> {
         if past_scl + admitted.new.len() > self.gap_records_max {
             return Err(SegmentError::Full { held: past_scl });
         }
+        self.undurable += new_metas.len();
         self.records.extend(new_metas);
         Ok(admitted)
     }
@@ -405,8 +415,9 @@ impl<T> Segment<T> {
             };
             let was = meta.log_seq.replace(log_seq);
             self.highest_lsn = self.highest_lsn.max(lsn);
-            if let Some(was) = was {
-                seq_remove(&mut self.log_seqs, was);
+            match was {
+                Some(was) => seq_remove(&mut self.log_seqs, was),
+                None => self.undurable -= 1,
             }
             *self.log_seqs.entry(log_seq).or_default() += 1;
         }
@@ -441,6 +452,7 @@ impl<T> Segment<T> {
         for lsn in lsns {
             if self.records.get(lsn).is_some_and(|m| !m.durable()) {
                 self.records.remove(lsn);
+                self.undurable -= 1;
             }
         }
         self.deferred.retain(|d| !d.waits_for.iter().any(|l| lsns.contains(l)));
@@ -524,8 +536,9 @@ impl<T> Segment<T> {
     pub fn forget_through(&mut self, lsn: u64) {
         let keep = self.records.split_off(&(lsn.min(self.scl) + 1));
         for meta in self.records.values() {
-            if let Some(seq) = meta.log_seq {
-                seq_remove(&mut self.log_seqs, seq);
+            match meta.log_seq {
+                Some(seq) => seq_remove(&mut self.log_seqs, seq),
+                None => self.undurable -= 1,
             }
         }
         self.records = keep;

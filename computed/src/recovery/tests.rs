@@ -396,3 +396,50 @@ fn dead_recovery_then(installed: bool) {
     let c = f.partial_recovery(&[1, 2, 3, 4], |_, _| true);
     assert!(c.vdl >= 10, "recovery C lost B's VDL 10: VDL {}", c.vdl);
 }
+
+/// Node 6 misses the first recovery entirely (it holds 7–10, which that
+/// recovery annulled), and the writer after it raises the PGMRPL past the
+/// range. The next recovery sees node 6 again: the range must still be in
+/// its set, or node 6 keeps the annulled records once installed.
+#[test]
+fn a_range_stays_while_a_segment_that_missed_it_may_hold_records_in_it() {
+    let mut f = Fake::holding(|node| if node == 6 { 10 } else { 6 }, |_| 0);
+    f.down = vec![6];
+    let first = f.recover();
+    assert_eq!(first.vdl, 6);
+    // The first writer's transaction: LSNs n (no CPL) and n + 1, on nodes
+    // 1–5, and the PGMRPL raised to n + 1 there.
+    let n = first.next_lsn;
+    let record = |lsn: u64, prev: u64, cpl: bool| RedoRecord {
+        prev_lsn_pg: prev,
+        cpl,
+        ..history(lsn)
+    };
+    let odd_first = n % 2 == 1;
+    let txn = [
+        record(n, if odd_first { 5 } else { 6 }, false),
+        record(n + 1, if odd_first { 6 } else { 5 }, true),
+    ];
+    for node in 1..=5u64 {
+        for r in &txn {
+            f.segs
+                .get_mut(&(node, r.segment.pg))
+                .unwrap()
+                .put(std::slice::from_ref(r));
+        }
+        for pg in 0..2u32 {
+            f.segs.get_mut(&(node, pg)).unwrap().pgmrpl = n + 1;
+        }
+    }
+    f.down = vec![];
+    let second = f.recover();
+    assert_eq!(second.vdl, n + 1);
+    for pg in 0..2u32 {
+        let s = &f.segs[&(6, pg)];
+        assert!(
+            s.seg.highest_lsn() <= 6,
+            "node 6 pg {pg} still holds annulled records at installed epoch {}",
+            s.seg.installed_epoch()
+        );
+    }
+}

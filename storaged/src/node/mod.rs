@@ -215,7 +215,7 @@ type Ticket = oneshot::Sender<()>;
 const LOG_RESERVE_FRACTION: u64 = 32;
 /// How long a truncation waits for the segment's records already let in to
 /// reach the log before it gives up (the recovering writer asks again).
-const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Striped locks over page versions; a power of two.
 const PAGE_STRIPES: usize = 64;
 
@@ -373,6 +373,11 @@ pub struct Node {
     pages_start_block: u64,
     pages_end_block: u64,
     table: tokio::sync::Mutex<SegmentTable>,
+    /// Held by `seal` and across all of `truncate`: a seal at a newer epoch
+    /// must not land between a truncation's annulment and its memory drop,
+    /// or memory and the log would disagree on what the segment holds.
+    /// (Both are rare: a recovering writer's.)
+    fencing: tokio::sync::Mutex<()>,
     io: Box<dyn PageIo>,
     stripes: Vec<RwLock<()>>,
     /// Wakes the coalescer: PGMRPL moved, or memory or log got tight.
@@ -479,6 +484,7 @@ impl Node {
             pages_start_block: sb.pages_start_block,
             pages_end_block: sb.pages_start_block + sb.pages_blocks,
             table: tokio::sync::Mutex::new(table),
+            fencing: tokio::sync::Mutex::new(()),
             io: Box::new(DevIo(dev)),
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
             coalesce_wake: Notify::new(),
@@ -898,6 +904,7 @@ impl Node {
     /// truncation. Durable when it returns; returns the segment's status.
     pub async fn seal(&self, id: SegmentId, epoch: u64, geometry: PageGeometry) -> Result<SegmentStatus, NodeError> {
         geometry.check()?;
+        let _fencing = self.fencing.lock().await;
         {
             let mut st = self.state();
             let gap_max = self.config.gap_records_max;
@@ -929,9 +936,11 @@ impl Node {
     ///
     /// Order: seal (nothing older is let in), wait for the records already
     /// let in to be written, write an annulment to the log (start-up drops
-    /// what the log held before it, and keeps a later re-send), then the
-    /// table (the installed epoch and the ranges, which replace the held
-    /// ones), then drop the records from memory.
+    /// what the log held before it, and keeps a later re-send), drop the
+    /// records from memory (memory follows the log, whatever comes next),
+    /// then write the table (the installed epoch and the ranges, which
+    /// replace the held ones) and install the epoch. No seal comes between:
+    /// both hold `fencing`.
     pub async fn truncate(&self, id: SegmentId, epoch: u64, ranges: Vec<LsnRange>) -> Result<SegmentStatus, NodeError> {
         if ranges.len() > crate::segment::ANNULLED_RANGES_MAX {
             return Err(SegmentError::TooManyRanges(ranges.len()).into());
@@ -941,6 +950,7 @@ impl Node {
                 "truncation range {lo}..={hi} is empty"
             )));
         }
+        let _fencing = self.fencing.lock().await;
         {
             let mut st = self.state();
             let s = st.seg_mut(id)?;
@@ -957,9 +967,9 @@ impl Node {
         self.ensure_durable(id, epoch).await?;
         // Records let in before the seal are on their way to the log; the
         // annulment must come after them there, or start-up would bring
-        // them back. The log completes writes within its own timeouts; the
-        // bound here only keeps a request from waiting forever.
-        let waited = std::time::Instant::now();
+        // them back. The bound keeps a stuck device from holding the
+        // request (and `fencing`) for long: the recovering writer asks again.
+        let waited = tokio::time::Instant::now();
         while self.state().seg(id)?.seg.writing() {
             if waited.elapsed() > TRUNCATE_WAIT_MAX {
                 return Err(NodeError::TruncationWaited(waited.elapsed()));
@@ -972,6 +982,13 @@ impl Node {
                 ranges: ranges.clone(),
             };
             self.log.append_many(vec![annulment.encode()]).await?;
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            let mut freed = 0;
+            for (lsn, page) in s.seg.annul(&ranges) {
+                freed += s.hot.remove(page, lsn);
+            }
+            st.hot_bytes -= freed;
         }
         let entry = self
             .update_entry(id, |e, _| {
@@ -985,17 +1002,12 @@ impl Node {
                 Ok(next)
             })
             .await?;
-        let mut st = self.state();
-        let s = st.seg_mut(id)?;
-        let dropped = s.seg.truncate(epoch, &ranges)?;
-        s.seg
-            .restore_epochs(entry.epoch.max(s.seg.epoch()), epoch, entry.annulled());
-        let mut freed = 0;
-        for (lsn, page) in dropped {
-            freed += s.hot.remove(page, lsn);
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            s.seg
+                .restore_epochs(entry.epoch.max(s.seg.epoch()), epoch, entry.annulled());
         }
-        st.hot_bytes -= freed;
-        drop(st);
         self.status(id, 0)
     }
 

@@ -447,3 +447,38 @@ async fn records_resent_after_a_truncation_survive_a_restart() {
     }
     node.shutdown().await;
 }
+
+/// A seal at a newer epoch may arrive while a truncation is under way (a
+/// recovering writer killed and restarted at once). Whatever the
+/// interleaving, the seal's answer (which the next recovery decides by)
+/// stays true, and what the node holds in memory is what it holds after a
+/// restart.
+#[tokio::test(start_paused = true)]
+async fn a_seal_racing_a_truncation_leaves_memory_and_disk_agreeing() {
+    for yields in 0..40usize {
+        let disk = formatted(16 << 20, 1 << 20, 3).await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        append_all(&node, &records(1, 60, 3)).await;
+        node.seal(SEG, 2, GEOMETRY).await.unwrap();
+        let racing = node.clone();
+        let truncation = tokio::spawn(async move { racing.truncate(SEG, 2, vec![(46, 1000)]).await });
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        let sealed = node.seal(SEG, 3, GEOMETRY).await.unwrap();
+        let _ = truncation.await.unwrap();
+        let before = node.status(SEG, 0).unwrap();
+        // The next recovery reads the seal's answer: what it says is held
+        // must stay held.
+        assert_eq!(sealed.scl, before.scl, "after {yields} yields");
+        node.shutdown().await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let after = node.status(SEG, 0).unwrap();
+        assert_eq!(
+            (before.scl, before.installed_epoch, before.annulled),
+            (after.scl, after.installed_epoch, after.annulled),
+            "after {yields} yields"
+        );
+        node.shutdown().await;
+    }
+}
