@@ -360,12 +360,14 @@ impl<T> Writer<T> {
     }
 
     /// A writer for a volume recovery brought back (`recovery`): LSNs go
-    /// on above the truncation range, each PG's chain from its tail, and
-    /// the recovered records are held for the segments still behind.
+    /// on above the truncation range, each PG's chain from its tail, the
+    /// recovered records are held for the segments still behind, and
+    /// request ids go on above recovery's (see `Recovered::next_request`).
     pub fn recovered(mut config: WriterConfig, r: &crate::recovery::Recovered) -> Writer<T> {
         config.epoch = r.epoch;
         config.annulled = r.annulled.clone();
         let mut w = Writer::new(config, r.vdl);
+        w.next_request = r.next_request.max(1);
         w.next_lsn = r.next_lsn.max(r.vdl + 1);
         w.lal_floor = w.next_lsn - 1;
         for (pg, rp) in w.pgs.iter_mut().zip(&r.pgs) {

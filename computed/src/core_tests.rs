@@ -229,6 +229,35 @@ fn three_segments_down_stall_commits_without_error() {
     assert_eq!(commits(&outputs(&mut w)), vec![(1, 1)]);
 }
 
+/// The writer takes over recovery's connections, and answers to recovery's
+/// last requests may still come on them: its own request ids start above
+/// recovery's.
+#[test]
+fn a_recovered_writer_numbers_its_requests_above_recoverys() {
+    let r = crate::recovery::Recovered {
+        epoch: 2,
+        vdl: 0,
+        next_lsn: 1,
+        annulled: Vec::new(),
+        pgs: (0..2)
+            .map(|_| crate::recovery::RecoveredPg {
+                tail: 0,
+                records: Vec::new(),
+                scls: [0; SEGMENTS_PER_PG],
+            })
+            .collect(),
+        next_request: 40,
+    };
+    let mut w: Writer<u32> = Writer::recovered(config(), &r);
+    for n in 1..=6 {
+        w.node_up(n);
+    }
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    assert_eq!(sends.len(), 6);
+    assert!(sends.iter().all(|s| s.1 >= 40), "{sends:?}");
+}
+
 #[test]
 fn a_newer_epoch_fences_the_writer() {
     let mut w = writer();

@@ -66,6 +66,11 @@ pub struct Recovered {
     /// The truncation ranges installed, for segments that missed them.
     pub annulled: Vec<LsnRange>,
     pub pgs: Vec<RecoveredPg>,
+    /// The first request id the writer may use. It takes over recovery's
+    /// connections, on which answers to recovery's last requests may still
+    /// come: with ids of its own below this, one of them would be taken
+    /// for the answer to the writer's request of the same id.
+    pub next_request: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +269,7 @@ impl Recovery {
             next_lsn: self.next_lsn,
             annulled: self.ranges.clone(),
             pgs,
+            next_request: self.next_request,
         })
     }
 

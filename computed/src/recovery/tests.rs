@@ -156,6 +156,7 @@ impl Fake {
             }
         }
         let mut out = Vec::new();
+        let mut requests_through = 0;
         for _ in 0..1000 {
             r.take_outputs(&mut out);
             if out.is_empty() {
@@ -164,10 +165,15 @@ impl Fake {
             }
             // The highest node answers first.
             for (node, request, msg) in out.drain(..).rev() {
+                requests_through = requests_through.max(request);
                 let reply = self.answer(node, msg);
                 r.on_reply(node, request, reply);
             }
             if let Some(done) = r.recovered() {
+                assert!(
+                    done.next_request > requests_through,
+                    "the writer's request ids start above recovery's"
+                );
                 return done;
             }
             assert!(r.failed().is_none(), "{:?}", r.failed());
