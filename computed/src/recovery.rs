@@ -22,7 +22,8 @@
 //!    (more than any writer can have allocated), is the new truncation range.
 //! 5. **Truncate** every segment (a write quorum of each PG, at least): the
 //!    recovery's whole set of ranges (the new one, and those of the newest
-//!    recovery seen installed, above the floor) replaces the segment's, its
+//!    recovery seen installed, above a floor every later recovery's floor
+//!    reaches: a PGMRPL 3 segments of a PG hold) replaces the segment's, its
 //!    records there are annulled, durably, and the new epoch installed.
 //! 6. **Replicate** the chain up to the VDL to segments that lack it, until
 //!    a write quorum of each PG holds it. Only then is the VDL durable, and
@@ -519,10 +520,13 @@ impl Recovery {
             let base = ranges.iter().map(|r| r.1).max().unwrap_or(0).max(vdl);
             let hi = base + LAL_MAX;
             ranges.push((vdl + 1, hi));
-            // Ranges at or below the floor are history: no later recovery
-            // reads below a floor, and a segment's own log keeps what it
-            // annulled (its annulments) whatever the ranges say.
-            ranges.retain(|&(_, hi)| hi > self.floor);
+            // Ranges at or below a floor every later recovery reads above
+            // are history: a segment's own log keeps what it annulled (its
+            // annulments) whatever the ranges say. Not `self.floor`: that
+            // PGMRPL may be on one segment, which a later recovery may not
+            // seal; it starts lower and walks through the ranges between.
+            let settled = self.settled_floor();
+            ranges.retain(|&(_, hi)| hi > settled);
             let mut ranges = union_ranges(ranges.into_iter());
             // Past the limit, the lowest go: many recoveries in a row with
             // writes between them and no PGMRPL sent (the writers died
@@ -542,6 +546,22 @@ impl Recovery {
             ranges = ?self.ranges,
             "recovery decided the VDL"
         );
+    }
+
+    /// The highest PGMRPL a read quorum (3) of some PG's sealed segments
+    /// hold: every later recovery seals a write quorum (4) of that PG, so
+    /// meets one of them (PGMRPLs never go down), and its floor is at
+    /// least this.
+    fn settled_floor(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|pg| {
+                let mut held: Vec<u64> = pg.iter().filter_map(|s| s.sealed.map(|x| x.pgmrpl)).collect();
+                held.sort_unstable_by(|a, b| b.cmp(a));
+                held.get(READ_QUORUM - 1).copied().unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     fn replicated(&self) -> bool {
