@@ -360,12 +360,14 @@ impl<T> Writer<T> {
     }
 
     /// A writer for a volume recovery brought back (`recovery`): LSNs go
-    /// on above the truncation range, each PG's chain from its tail, and
-    /// the recovered records are held for the segments still behind.
+    /// on above the truncation range, each PG's chain from its tail, the
+    /// recovered records are held for the segments still behind, and
+    /// request ids go on above recovery's (see `Recovered::next_request`).
     pub fn recovered(mut config: WriterConfig, r: &crate::recovery::Recovered) -> Writer<T> {
         config.epoch = r.epoch;
         config.annulled = r.annulled.clone();
         let mut w = Writer::new(config, r.vdl);
+        w.next_request = r.next_request.max(1);
         w.next_lsn = r.next_lsn.max(r.vdl + 1);
         w.lal_floor = w.next_lsn - 1;
         for (pg, rp) in w.pgs.iter_mut().zip(&r.pgs) {
@@ -702,7 +704,20 @@ impl<T> Writer<T> {
             self.fence(current_epoch);
             return;
         }
-        let pending = self.pending.remove(&request);
+        let mut pending = self.pending.remove(&request);
+        if let Some(p) = pending.take_if(|p| !self.may_answer(p, node, &reply)) {
+            // Not the answer to it. Ids are the writer's own (above
+            // recovery's, whose late answers come on the same connections),
+            // so this is somebody's bug; the answer is still believed for
+            // what it says of its own segment, as a late one is, and never
+            // credited to the segment the request went to.
+            tracing::warn!(
+                node,
+                request,
+                "an answer from another node or about another PG than its request's"
+            );
+            self.pending.insert(request, p);
+        }
         match (pending, reply) {
             (
                 Some(Pending::Append {
@@ -789,6 +804,25 @@ impl<T> Writer<T> {
             }
             (None, _) => {}
         }
+    }
+
+    /// Whether `reply` from `node` can answer request `p`: it comes from
+    /// the node `p` went to, and is about the PG `p` asked about.
+    fn may_answer(&self, p: &Pending, node: u64, reply: &Message) -> bool {
+        let (to, pg) = match p {
+            Pending::Append { pg, slot, .. } | Pending::Read { pg, slot, .. } | Pending::Truncate { pg, slot } => {
+                (self.pgs[*pg as usize].slots[*slot].node, Some(*pg))
+            }
+            Pending::Pgmrpl { node } => (*node, None),
+        };
+        let about = match reply {
+            Message::AppendAck { pg, .. }
+            | Message::Page { pg, .. }
+            | Message::SegmentStatus { pg, .. }
+            | Message::PgmrplOk { pg, .. } => Some(*pg),
+            _ => None,
+        };
+        to == node && (pg.is_none() || about.is_none() || pg == about)
     }
 
     /// A segment missed this epoch's recovery: send it the truncation, and

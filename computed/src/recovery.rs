@@ -22,7 +22,8 @@
 //!    (more than any writer can have allocated), is the new truncation range.
 //! 5. **Truncate** every segment (a write quorum of each PG, at least): the
 //!    recovery's whole set of ranges (the new one, and those of the newest
-//!    recovery seen installed, above the floor) replaces the segment's, its
+//!    recovery seen installed, above a floor every later recovery's floor
+//!    reaches: a PGMRPL 3 segments of a PG hold) replaces the segment's, its
 //!    records there are annulled, durably, and the new epoch installed.
 //! 6. **Replicate** the chain up to the VDL to segments that lack it, until
 //!    a write quorum of each PG holds it. Only then is the VDL durable, and
@@ -66,6 +67,11 @@ pub struct Recovered {
     /// The truncation ranges installed, for segments that missed them.
     pub annulled: Vec<LsnRange>,
     pub pgs: Vec<RecoveredPg>,
+    /// The first request id the writer may use. It takes over recovery's
+    /// connections, on which answers to recovery's last requests may still
+    /// come: with ids of its own below this, one of them would be taken
+    /// for the answer to the writer's request of the same id.
+    pub next_request: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +270,7 @@ impl Recovery {
             next_lsn: self.next_lsn,
             annulled: self.ranges.clone(),
             pgs,
+            next_request: self.next_request,
         })
     }
 

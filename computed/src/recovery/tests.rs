@@ -172,6 +172,7 @@ impl Fake {
             }
         }
         let mut out = Vec::new();
+        let mut requests_through = 0;
         for _ in 0..1000 {
             r.take_outputs(&mut out);
             if out.is_empty() {
@@ -180,10 +181,15 @@ impl Fake {
             }
             // The highest node answers first.
             for (node, request, msg) in out.drain(..).rev() {
+                requests_through = requests_through.max(request);
                 let reply = self.answer(node, msg);
                 r.on_reply(node, request, reply);
             }
             if let Some(done) = r.recovered() {
+                assert!(
+                    done.next_request > requests_through,
+                    "the writer's request ids start above recovery's"
+                );
                 return done;
             }
             assert!(r.failed().is_none(), "{:?}", r.failed());
@@ -442,4 +448,64 @@ fn a_range_stays_while_a_segment_that_missed_it_may_hold_records_in_it() {
             s.seg.installed_epoch()
         );
     }
+}
+/// A record of PG `pg` at `lsn` linking to `prev`, closing its transaction if `cpl`.
+fn record(lsn: u64, pg: u32, prev: u64, cpl: bool) -> RedoRecord {
+    RedoRecord {
+        segment: SegmentId { volume: VOLUME, pg },
+        lsn,
+        prev_lsn_pg: prev,
+        prev_lsn_page: 0,
+        page: u64::from(pg) * PG_PAGES,
+        cpl,
+        body: RecordBody::PageDelta {
+            offset: 0,
+            bytes: lsn.to_le_bytes().to_vec(),
+        },
+    }
+}
+
+/// A PGMRPL that one segment holds is a floor for the recovery that
+/// seals that segment, not for the next one, which may not: a recovery
+/// must keep the earlier ranges between the two, or the next one's walk
+/// from its lower floor stops at the first (the simulator's seed
+/// 1592597294 lost commits so).
+#[test]
+fn ranges_below_a_floor_only_one_segment_holds_are_kept() {
+    let mut f = Fake {
+        segs: HashMap::new(),
+        down: vec![],
+    };
+    for node in 1..=6u64 {
+        for pg in 0..2u32 {
+            let mut s = FakeSegment::new(pg, 1);
+            s.pgmrpl = 8;
+            s.put(&(1..=8).map(history).filter(|r| r.segment.pg == pg).collect::<Vec<_>>());
+            f.segs.insert((node, pg), s);
+        }
+    }
+    // Recovery A: VDL 8, range 9 up to its writer's first LSN.
+    let a = f.recover();
+    assert_eq!(a.vdl, 8);
+    // A's writer commits 4 records on every segment, and its PGMRPL
+    // reaches one segment only.
+    let n = a.next_lsn;
+    for node in 1..=6u64 {
+        f.segs
+            .get_mut(&(node, 0))
+            .unwrap()
+            .put(&[record(n, 0, 7, false), record(n + 2, 0, n, false)]);
+        f.segs
+            .get_mut(&(node, 1))
+            .unwrap()
+            .put(&[record(n + 1, 1, 8, false), record(n + 3, 1, n + 1, true)]);
+    }
+    f.segs.get_mut(&(6, 0)).unwrap().pgmrpl = n + 3;
+    // Recovery B seals node 6 (it answers first): its floor is above A's range.
+    let b = f.recover();
+    assert_eq!(b.vdl, n + 3);
+    // Recovery C does not reach node 6: its floor is 8.
+    f.down = vec![6];
+    let c = f.recover();
+    assert_eq!(c.vdl, n + 3, "recovery C lost A's writer's commits");
 }
