@@ -54,6 +54,9 @@ pub const LAL_MAX: u64 = 1_000_000;
 /// Ticks a request goes unanswered before it is asked again (the shell
 /// ticks every 100 ms: 3 s).
 const REASK_TICKS: u64 = 30;
+/// Ticks the seals of the nodes up beyond a write quorum are waited for
+/// (500 ms).
+const STRAGGLER_TICKS: u64 = 5;
 /// Bytes of records asked for at once while reading a chain or replicating it.
 const CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -145,6 +148,8 @@ pub struct Recovery {
     pending: HashMap<u64, Ask>,
     /// Ticks so far: a request unanswered for [`REASK_TICKS`] is asked again.
     ticks: u64,
+    /// The tick at which a write quorum of every PG had answered its seal.
+    seal_quorum_at: Option<u64>,
     next_request: u64,
     epoch: u64,
     floor: u64,
@@ -177,6 +182,7 @@ impl Recovery {
             up: BTreeSet::new(),
             pending: HashMap::new(),
             ticks: 0,
+            seal_quorum_at: None,
             next_request: 1,
             epoch: 0,
             floor: 0,
@@ -312,6 +318,7 @@ impl Recovery {
                 self.slots[pg as usize][slot].asked = false;
             }
         }
+        self.advance();
         self.ask_all();
     }
 
@@ -400,6 +407,9 @@ impl Recovery {
 
     fn advance(&mut self) {
         loop {
+            let sealed = self.phase == Phase::Seal
+                && self.quorum_everywhere(WRITE_QUORUM, |s| s.sealed.is_some())
+                && self.stragglers_done();
             let next = match self.phase {
                 Phase::Probe if self.quorum_everywhere(READ_QUORUM, |s| s.probed.is_some()) => {
                     let highest = self.slots.iter().flatten().filter_map(|s| s.probed).max().unwrap_or(0);
@@ -411,7 +421,11 @@ impl Recovery {
                 // seals in every PG and picks a higher epoch. Two
                 // recoveries at one epoch would install different ranges
                 // under the same number.
-                Phase::Seal if self.quorum_everywhere(WRITE_QUORUM, |s| s.sealed.is_some()) => {
+                //
+                // The seals of every node up are waited for a little
+                // longer: a range leaves the set only once every segment
+                // is known to have applied it (`decide`).
+                Phase::Seal if sealed => {
                     self.start_read();
                     Phase::Read
                 }
@@ -524,16 +538,17 @@ impl Recovery {
             // ends at or below a PGMRPL that 3 segments of some PG hold (a
             // later recovery's write quorum of seals meets one of them, so
             // its floor is at least that high and it never reads below),
-            // and no sealed segment that missed it (an older installed
-            // epoch) may still hold records in it.
+            // and every segment of every PG has applied it (sealed here at
+            // the epoch whose set holds it: a truncation annuls the whole
+            // set). A segment down all along may still hold its records, and
+            // gets it with the set when it returns.
             let trim = self.safe_floor();
-            ranges.retain(|&(lo, hi)| {
-                hi > trim
-                    || self.slots.iter().flatten().any(|s| {
-                        s.sealed
-                            .is_some_and(|x| x.installed_epoch < installed && x.highest_lsn >= lo)
-                    })
-            });
+            let everywhere = self
+                .slots
+                .iter()
+                .flatten()
+                .all(|s| s.sealed.is_some_and(|x| x.installed_epoch == installed));
+            ranges.retain(|&(_, hi)| hi > trim || !everywhere);
             let mut ranges = union_ranges(ranges.into_iter());
             // Past the limit, the lowest go: many recoveries in a row with
             // writes between them and no PGMRPL sent (the writers died
@@ -553,6 +568,19 @@ impl Recovery {
             ranges = ?self.ranges,
             "recovery decided the VDL"
         );
+    }
+
+    /// Every segment of a node up has answered its seal, or
+    /// [`STRAGGLER_TICKS`] have passed since a write quorum of every PG had.
+    fn stragglers_done(&mut self) -> bool {
+        let all = self.placement.iter().zip(&self.slots).all(|(nodes, slots)| {
+            nodes
+                .iter()
+                .zip(slots)
+                .all(|(node, s)| s.sealed.is_some() || !self.up.contains(node))
+        });
+        let since = *self.seal_quorum_at.get_or_insert(self.ticks);
+        all || self.ticks - since >= STRAGGLER_TICKS
     }
 
     /// The highest PGMRPL that 3 sealed segments of some PG hold at least.

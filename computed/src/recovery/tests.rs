@@ -70,6 +70,33 @@ fn placement() -> Vec<[u64; SEGMENTS_PER_PG]> {
 }
 
 impl Fake {
+    /// A writer recovered after VDL 6 commits one transaction, LSNs `n`
+    /// (no CPL) and `n + 1`, on `nodes`, and raises the PGMRPL to `n + 1`
+    /// there.
+    fn writer_commits_one_txn(&mut self, n: u64, nodes: std::ops::RangeInclusive<u64>) {
+        let record = |lsn: u64, prev: u64, cpl: bool| RedoRecord {
+            prev_lsn_pg: prev,
+            cpl,
+            ..history(lsn)
+        };
+        let odd_first = n % 2 == 1;
+        let txn = [
+            record(n, if odd_first { 5 } else { 6 }, false),
+            record(n + 1, if odd_first { 6 } else { 5 }, true),
+        ];
+        for node in nodes {
+            for r in &txn {
+                self.segs
+                    .get_mut(&(node, r.segment.pg))
+                    .unwrap()
+                    .put(std::slice::from_ref(r));
+            }
+            for pg in 0..2u32 {
+                self.segs.get_mut(&(node, pg)).unwrap().pgmrpl = n + 1;
+            }
+        }
+    }
+
     /// Every node holds a segment of each PG at epoch 1 with the volume's
     /// history up to `upto(node)`, and `pgmrpl(node)` as its PGMRPL.
     fn holding(upto: impl Fn(u64) -> u64, pgmrpl: impl Fn(u64) -> u64) -> Fake {
@@ -413,30 +440,8 @@ fn a_range_stays_while_a_segment_that_missed_it_may_hold_records_in_it() {
     f.down = vec![6];
     let first = f.recover();
     assert_eq!(first.vdl, 6);
-    // The first writer's transaction: LSNs n (no CPL) and n + 1, on nodes
-    // 1–5, and the PGMRPL raised to n + 1 there.
     let n = first.next_lsn;
-    let record = |lsn: u64, prev: u64, cpl: bool| RedoRecord {
-        prev_lsn_pg: prev,
-        cpl,
-        ..history(lsn)
-    };
-    let odd_first = n % 2 == 1;
-    let txn = [
-        record(n, if odd_first { 5 } else { 6 }, false),
-        record(n + 1, if odd_first { 6 } else { 5 }, true),
-    ];
-    for node in 1..=5u64 {
-        for r in &txn {
-            f.segs
-                .get_mut(&(node, r.segment.pg))
-                .unwrap()
-                .put(std::slice::from_ref(r));
-        }
-        for pg in 0..2u32 {
-            f.segs.get_mut(&(node, pg)).unwrap().pgmrpl = n + 1;
-        }
-    }
+    f.writer_commits_one_txn(n, 1..=5);
     f.down = vec![];
     let second = f.recover();
     assert_eq!(second.vdl, n + 1);
@@ -508,4 +513,38 @@ fn ranges_below_a_floor_only_one_segment_holds_are_kept() {
     f.down = vec![6];
     let c = f.recover();
     assert_eq!(c.vdl, n + 3, "recovery C lost A's writer's commits");
+}
+
+/// Once every segment of every PG has applied a range and 3 of a PG hold a
+/// PGMRPL above it, no later recovery can need it: it leaves the set.
+#[test]
+fn a_range_applied_everywhere_and_below_a_settled_floor_is_dropped() {
+    let mut f = Fake::holding(|node| if node == 6 { 10 } else { 6 }, |_| 0);
+    f.down = vec![6];
+    let first = f.recover();
+    assert_eq!((first.vdl, first.annulled.len()), (6, 1));
+    // Node 6 returns; the writer installs the epoch there (as
+    // `Writer::install` does) and commits on every node.
+    for pg in 0..2u32 {
+        let reply = f.answer(
+            6,
+            Message::Truncate {
+                volume: VOLUME,
+                epoch: first.epoch,
+                pg,
+                ranges: first.annulled.clone(),
+            },
+        );
+        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+    }
+    let n = first.next_lsn;
+    f.writer_commits_one_txn(n, 1..=6);
+    f.down = vec![];
+    let second = f.recover();
+    assert_eq!(second.vdl, n + 1);
+    assert_eq!(
+        second.annulled,
+        vec![(n + 2, n + 1 + LAL_MAX)],
+        "the first range is gone"
+    );
 }
