@@ -213,6 +213,17 @@ type Ticket = oneshot::Sender<()>;
 
 /// Appends are refused while less than 1/this of the log is free.
 const LOG_RESERVE_FRACTION: u64 = 32;
+/// A segment's geometry is fixed at creation: a request naming another is refused.
+fn same_geometry(id: SegmentId, held: PageGeometry, asked: PageGeometry, what: &str) -> Result<(), NodeError> {
+    if held == asked {
+        return Ok(());
+    }
+    Err(NodeError::BadGeometry(format!(
+        "segment (volume {}, pg {}) holds {} pages of {} bytes; the {what} says {} pages of {} bytes",
+        id.volume, id.pg, held.pg_pages, held.page_bytes, asked.pg_pages, asked.page_bytes
+    )))
+}
+
 /// How long a truncation waits for the segment's records already let in to
 /// reach the log before it gives up (the recovering writer asks again).
 const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
@@ -636,17 +647,7 @@ impl Node {
                 .segments
                 .entry(id)
                 .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
-            if s.geometry != geometry {
-                return Err(NodeError::BadGeometry(format!(
-                    "segment (volume {}, pg {}) holds {} pages of {} bytes; the request says {} pages of {} bytes",
-                    id.volume,
-                    id.pg,
-                    s.geometry.pg_pages,
-                    s.geometry.page_bytes,
-                    geometry.pg_pages,
-                    geometry.page_bytes
-                )));
-            }
+            same_geometry(id, s.geometry, geometry, "request")?;
             s.seg.check_epoch(epoch)?;
             s.durable_epoch.is_some_and(|e| e >= epoch)
         };
@@ -913,17 +914,7 @@ impl Node {
                 s.seg.restore_epochs(epoch, 0, &[]);
                 s
             });
-            if s.geometry != geometry {
-                return Err(NodeError::BadGeometry(format!(
-                    "segment (volume {}, pg {}) holds {} pages of {} bytes; the seal says {} pages of {} bytes",
-                    id.volume,
-                    id.pg,
-                    s.geometry.pg_pages,
-                    s.geometry.page_bytes,
-                    geometry.pg_pages,
-                    geometry.page_bytes
-                )));
-            }
+            same_geometry(id, s.geometry, geometry, "seal")?;
             s.seg.seal(epoch)?;
         }
         self.ensure_durable(id, epoch).await?;
