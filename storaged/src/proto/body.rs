@@ -429,13 +429,26 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     if declared == 0 {
         return Err(ProtoError::EmptyBatch);
     }
+    let records = read_batch(&mut r, SegmentId { volume, pg }, declared)?;
+    r.finish()?;
+    Ok(Message::Append {
+        volume,
+        epoch,
+        pg,
+        page_bytes,
+        pg_pages,
+        records,
+    })
+}
+
+/// `declared` records of segment `batch`, in LSN order, from the front of `r`.
+fn read_batch(r: &mut Reader<'_>, batch: SegmentId, declared: u32) -> Result<Vec<RedoRecord>, ProtoError> {
     // The count is the peer's word; the body is what arrived. Bound the count
     // by the body before it sizes an allocation.
     let room = r.rest().len() / RECORD_HEADER_BYTES;
     if declared as usize > room {
         return Err(ProtoError::RecordCountImpossible { declared, room });
     }
-    let batch = SegmentId { volume, pg };
     let mut records = Vec::with_capacity(declared as usize);
     let mut prev_lsn = None;
     for index in 0..declared as usize {
@@ -448,15 +461,7 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
         prev_lsn = Some(record.lsn);
         records.push(record);
     }
-    r.finish()?;
-    Ok(Message::Append {
-        volume,
-        epoch,
-        pg,
-        page_bytes,
-        pg_pages,
-        records,
-    })
+    Ok(records)
 }
 
 fn decode_records(mut r: Reader<'_>) -> Result<Message, ProtoError> {
@@ -464,21 +469,7 @@ fn decode_records(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     let pg = r.u32()?;
     let scl = r.u64()?;
     let declared = r.u32()?;
-    let room = r.rest().len() / RECORD_HEADER_BYTES;
-    if declared as usize > room {
-        return Err(ProtoError::RecordCountImpossible { declared, room });
-    }
-    let batch = SegmentId { volume, pg };
-    let mut records = Vec::with_capacity(declared as usize);
-    let mut prev_lsn = None;
-    for index in 0..declared as usize {
-        let (record, used) =
-            RedoRecord::decode_prefix(r.rest()).map_err(|source| ProtoError::BadRecord { index, source })?;
-        r.take(used)?;
-        check_batch_order(batch, prev_lsn, index, &record)?;
-        prev_lsn = Some(record.lsn);
-        records.push(record);
-    }
+    let records = read_batch(&mut r, SegmentId { volume, pg }, declared)?;
     r.finish()?;
     Ok(Message::Records {
         volume,
