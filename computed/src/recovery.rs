@@ -477,9 +477,10 @@ impl Recovery {
         // The ranges in force are those of the newest recovery any answer
         // shows installed: each recovery's set carries forward what it kept
         // of the earlier ones, and a completed one's is on a write quorum,
-        // which this write quorum of seals meets. An older set (a recovery that died
-        // before its quorum, seen on a segment that missed the later ones)
-        // may name LSNs a later recovery kept: it is not used.
+        // which this one's write quorum of seals meets. An older set (a
+        // recovery that died before its quorum, seen on a segment that
+        // missed the later ones) may name LSNs a later recovery kept: it is
+        // not used.
         let installed = self
             .slots
             .iter()
@@ -550,13 +551,13 @@ impl Recovery {
                 .all(|s| s.sealed.is_some_and(|x| x.installed_epoch == installed));
             ranges.retain(|&(_, hi)| hi > trim || !everywhere);
             let mut ranges = union_ranges(ranges.into_iter());
-            // Past the limit, the lowest go: many recoveries in a row with
-            // writes between them and no PGMRPL sent (the writers died
-            // within a tenth of a second). Said loudly, since a later
-            // recovery reading below them would stop at them.
+            // Past the limit, the lowest go: several recoveries with writes
+            // between them while a segment stays down, or writers dying
+            // before a PGMRPL is sent. Said loudly, since a later recovery
+            // reading below them would stop at them.
             let keep = ranges.len().saturating_sub(ANNULLED_RANGES_MAX);
             if keep > 0 {
-                tracing::warn!(dropped = ?&ranges[..keep], "more truncation ranges above the floor than a segment keeps; the lowest are dropped");
+                tracing::warn!(dropped = ?&ranges[..keep], "more truncation ranges still needed than a segment keeps; the lowest are dropped");
             }
             self.ranges = ranges.split_off(keep);
             self.next_lsn = hi + 1;
