@@ -8,7 +8,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use storaged::io::device::{self, DeviceKind};
-use storaged::io::uring::{UringConfig, UringDevice};
+use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
+
+/// Where `storaged run` drives the device's io_uring from unless its config says.
+const RUN_RING_DEFAULT: RingPlacement = RingPlacement::Runtime;
 use storaged::log::mkfs::{self, FormatOptions};
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
@@ -88,12 +91,20 @@ struct RunConfig {
     hot_bytes_max: Option<usize>,
     coalesce_round_pages_max: Option<usize>,
     coalesce_pages_per_sec_max: Option<u64>,
+    /// "runtime" (the default) or "thread": where the device's io_uring is driven from.
+    ring: Option<String>,
 }
 
 impl RunConfig {
-    fn load(path: &Path) -> Result<NodeConfig> {
+    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let rc: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let ring = match rc.ring.as_deref() {
+            Some(name) => name
+                .parse::<RingPlacement>()
+                .map_err(|e| anyhow::anyhow!("{}: ring: {e}", path.display()))?,
+            None => RUN_RING_DEFAULT,
+        };
         let mut c = NodeConfig::default();
         c.log.write_blocks_max = rc.log_write_blocks.unwrap_or(c.log.write_blocks_max);
         c.log.writes_inflight_max = rc.log_writes_inflight.unwrap_or(c.log.writes_inflight_max);
@@ -117,7 +128,7 @@ impl RunConfig {
         if c.frame_bytes_max < 4096 {
             bail!("{}: frame_bytes_max must be at least 4096", path.display());
         }
-        Ok(c)
+        Ok((c, ring))
     }
 }
 
@@ -220,23 +231,26 @@ fn run(
     metrics: Option<std::net::SocketAddr>,
     config: Option<&Path>,
 ) -> Result<()> {
-    let config = match config {
+    let (config, ring) = match config {
         Some(p) => RunConfig::load(p)?,
-        None => NodeConfig::default(),
+        None => (NodeConfig::default(), RUN_RING_DEFAULT),
     };
     if let Some(m) = metrics {
         tracing::warn!(addr = %m, "--metrics is accepted but no metrics endpoint is served yet");
     }
-    // One runtime thread (plus the device's ring thread): measured on this
-    // kind of machine, hand-offs between runtime workers cost more than a
+    // One runtime thread, which also drives the device's ring: measured on
+    // this kind of machine, hand-offs between threads cost more than a
     // second core gives a node (docs/performance.md, "The node").
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let dev =
-            UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
+        let uring = UringConfig {
+            placement: ring,
+            ..UringConfig::default()
+        };
+        let dev = UringDevice::open(path, &uring).with_context(|| format!("opening {}", path.display()))?;
         let (node, recovered) = Node::open(Arc::new(dev), config)
             .await
             .with_context(|| format!("recovering {}", path.display()))?;

@@ -1,36 +1,54 @@
-//! The io_uring implementation of [`BlockIo`]: one thread per device owns the
-//! ring; async callers talk to it over a bounded channel and get their buffer
-//! back over a oneshot.
+//! The io_uring implementation of [`BlockIo`], in one of two placements
+//! ([`RingPlacement`]):
 //!
-//! Why a dedicated thread: `SINGLE_ISSUER` + `DEFER_TASKRUN` (the cheapest
-//! completion path) require that one task submits and reaps; and keeping the
-//! ring off the tokio workers means no runtime thread ever blocks in the kernel.
+//! - **`Runtime`** (what `storaged run` uses): the ring lives on the tokio
+//!   runtime that opened the device. A caller pushes its SQE and submits it
+//!   itself; one task reaps completions when the ring's fd turns readable in
+//!   the runtime's epoll. An I/O then costs one `io_uring_enter` and the
+//!   kernel's own wake-up of the runtime, where a ring thread costs two more
+//!   hand-offs (channel + eventfd to the thread, eventfd back to the
+//!   runtime), each a context switch and, on a VM, a VM exit when the other
+//!   vCPU sleeps (docs/performance.md, "The node"). No `SINGLE_ISSUER`,
+//!   `DEFER_TASKRUN` or `COOP_TASKRUN`: a multi-thread runtime may submit
+//!   from any worker, and a waiter in epoll must be woken by the completion
+//!   (with `COOP_TASKRUN` the kernel would not wake it).
+//! - **`Thread`**: one thread per device owns the ring; async callers talk
+//!   to it over a bounded channel and get their buffer back over a oneshot.
+//!   It needs no runtime at open and keeps the kernel work of submission off
+//!   the caller's thread; with one issuer it can use `SINGLE_ISSUER` +
+//!   `DEFER_TASKRUN`. Its loop, and the bounds it keeps:
+//!   1. drain the request channel into SQEs while fewer than `max_inflight`
+//!      I/Os are in flight — at the bound it stops draining, the channel
+//!      (capacity `channel_capacity`) fills and senders wait: that is the
+//!      backpressure;
+//!   2. one `io_uring_enter` submits the batch and waits for ≥ 1 completion;
+//!   3. reap every available CQE and hand each buffer back.
 //!
-//! The thread's loop, and the bounds it keeps:
-//! 1. drain the request channel into SQEs while fewer than `max_inflight` I/Os
-//!    are in flight — at the bound it stops draining, the channel (capacity
-//!    `channel_capacity`) fills and senders wait: that is the backpressure;
-//! 2. one `io_uring_enter` submits the batch and waits for ≥ 1 completion;
-//! 3. reap every available CQE and hand each buffer back.
+//!   So that the thread never sleeps in step 2 while requests wait in the
+//!   channel, it keeps a `POLL_ADD` on an eventfd in the ring, and announces
+//!   sleeping with an atomic flag; a sender writes the eventfd only when the
+//!   flag is set, so a busy device costs senders no syscall (Dekker-style:
+//!   both sides publish, fence, then read the other side's state).
 //!
-//! So that the thread never sleeps in step 2 while requests wait in the
-//! channel, it keeps a `POLL_ADD` on an eventfd in the ring, and announces
-//! sleeping with an atomic flag; a sender writes the eventfd only when the
-//! flag is set, so a busy device costs senders no syscall (Dekker-style: both
-//! sides publish, fence, then read the other side's state).
-//!
+//! In both, a buffer stays with the ring from submission to its CQE, even if
+//! the caller stops waiting; at most `max_inflight` I/Os are in the kernel.
 //! Short transfers are reported as [`IoError::Short`], not resubmitted: with
 //! `O_DIRECT` on a range inside the device they only happen on a device fault.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 use super::device::{DeviceError, DeviceKind, OpenOptions, OpenedDevice, WriteCacheInfo, open_device};
 use super::{AlignedBuf, BlockIo, Durability, Geometry, IoError, IoOutcome, check_range};
@@ -42,14 +60,56 @@ pub const DEFAULT_MAX_INFLIGHT: usize = 128;
 
 /// `user_data` of the eventfd poll; I/O slots are indexes far below it.
 const WAKE_TOKEN: u64 = u64::MAX;
+/// How long dropping a ring waits for I/Os still in the kernel; past it
+/// their buffers are leaked rather than freed under the kernel's feet.
+const DRAIN_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Submissions retried after EAGAIN (the kernel short of memory) before the
+/// ring is declared failed.
+const SUBMIT_AGAIN_MAX: u32 = 1000;
+
+/// Where the ring is driven from (see the module's documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RingPlacement {
+    /// A thread of its own owns the ring. Needs no runtime at open.
+    #[default]
+    Thread,
+    /// On the tokio runtime current at open: callers submit, a task reaps.
+    Runtime,
+}
+
+impl FromStr for RingPlacement {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "thread" => Ok(RingPlacement::Thread),
+            "runtime" => Ok(RingPlacement::Runtime),
+            other => Err(format!(
+                "unknown ring placement {other:?}; expected \"runtime\" or \"thread\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RingPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingPlacement::Thread => "thread",
+            RingPlacement::Runtime => "runtime",
+        })
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct UringConfig {
     pub open: OpenOptions,
-    /// Capacity of the request channel; senders wait when it is full.
+    /// Capacity of the device thread's request channel; senders wait when it
+    /// is full. (With the ring on the runtime, callers past `max_inflight`
+    /// wait for a permit instead.)
     pub channel_capacity: usize,
     /// Most I/Os in flight in the kernel at once.
     pub max_inflight: usize,
+    pub placement: RingPlacement,
 }
 
 impl Default for UringConfig {
@@ -58,6 +118,7 @@ impl Default for UringConfig {
             open: OpenOptions::default(),
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            placement: RingPlacement::default(),
         }
     }
 }
@@ -69,28 +130,50 @@ pub struct DeviceInfo {
     pub kind: DeviceKind,
     pub cache: WriteCacheInfo,
     pub ring_flags: RingFlags,
+    pub placement: RingPlacement,
 }
 
 /// A device driven by io_uring. Cheap to clone (an `Arc`); when the last
-/// clone is dropped the device thread completes every in-flight I/O, then exits.
+/// clone is dropped every in-flight I/O is completed, then the ring closes.
 #[derive(Clone)]
 pub struct UringDevice {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// `Some` until drop; taken first in `Drop` so the thread sees the channel closed.
-    tx: Option<mpsc::Sender<Request>>,
-    wake: Arc<Wake>,
+    driver: Driver,
     geometry: Geometry,
     info: DeviceInfo,
 }
 
-impl Drop for Inner {
+enum Driver {
+    Thread(ThreadHandle),
+    Runtime(RuntimeHandle),
+}
+
+/// The caller's side of a device thread.
+struct ThreadHandle {
+    /// `Some` until drop; taken first in `Drop` so the thread sees the channel closed.
+    tx: Option<mpsc::Sender<Request>>,
+    wake: Arc<Wake>,
+}
+
+impl Drop for ThreadHandle {
     fn drop(&mut self) {
         drop(self.tx.take());
         // Unconditional: the thread may be asleep and must notice the close.
         self.wake.wake();
+    }
+}
+
+/// The callers' side of a ring on the runtime; dropping it tells the
+/// reaper to finish what is in flight and close the ring.
+struct RuntimeHandle(Arc<Local>);
+
+impl Drop for RuntimeHandle {
+    fn drop(&mut self) {
+        self.0.closing.store(true, Ordering::Release);
+        self.0.closing_notify.notify_one();
     }
 }
 
@@ -150,33 +233,32 @@ enum Request {
     },
 }
 
+/// An I/O the kernel owns. With the ring on the runtime it also holds the
+/// permit that counts it against `max_inflight`, given back at its CQE.
+struct InFlight {
+    req: Request,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+fn device_error(path: &Path, context: &str, source: io::Error) -> DeviceError {
+    DeviceError::Io {
+        path: path.to_owned(),
+        context: context.to_owned(),
+        source,
+    }
+}
+
 impl UringDevice {
     pub fn open(path: &Path, config: &UringConfig) -> Result<UringDevice, DeviceError> {
         let opened = open_device(path, &config.open)?;
         UringDevice::from_opened(opened, config)
     }
 
+    /// With [`RingPlacement::Runtime`] this must be called inside the tokio
+    /// runtime that will drive the device, built with I/O enabled.
     pub fn from_opened(opened: OpenedDevice, config: &UringConfig) -> Result<UringDevice, DeviceError> {
         let max_inflight = config.max_inflight.max(1);
         let channel_capacity = config.channel_capacity.max(1);
-        // SAFETY: plain syscall; the result is checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(DeviceError::Io {
-                path: opened.path.clone(),
-                context: "create eventfd".to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: efd is a fresh fd that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let wake = Arc::new(Wake {
-            sleeping: AtomicBool::new(false),
-            eventfd,
-        });
-        let (tx, rx) = mpsc::channel(channel_capacity);
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let thread_wake = Arc::clone(&wake);
         let OpenedDevice {
             file,
             geometry,
@@ -184,75 +266,27 @@ impl UringDevice {
             cache,
             path,
         } = opened;
-        let thread_path = path.clone();
-        let name = format!(
-            "uring-{}",
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        );
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                // The ring is created here: SINGLE_ISSUER ties it to this thread.
-                let entries = (max_inflight + 1).next_power_of_two() as u32;
-                let ring = match Ring::new(entries) {
-                    Ok(ring) => ring,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                if let Err(e) = ring.register_files(&[file.as_raw_fd()]) {
-                    let _ = ready_tx.send(Err(DeviceError::Io {
-                        path: thread_path,
-                        context: "register the file with io_uring".to_owned(),
-                        source: e,
-                    }));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(ring.flags));
-                let span = tracing::info_span!("uring_device", path = %thread_path.display());
-                let _enter = span.enter();
-                DeviceThread {
-                    ring,
-                    _file: file,
-                    rx,
-                    wake: thread_wake,
-                    size_bytes: geometry.size_bytes,
-                    slots: Vec::with_capacity(max_inflight),
-                    free_slots: Vec::with_capacity(max_inflight),
-                    inflight: 0,
-                    max_inflight,
-                    poll_armed: false,
-                }
-                .run();
-            })
-            .map_err(|e| DeviceError::Io {
-                path: path.clone(),
-                context: "spawn the device thread".to_owned(),
-                source: e,
-            })?;
-        let ring_flags = match ready_rx.recv() {
-            Ok(Ok(flags)) => flags,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(DeviceError::Io {
-                    path,
-                    context: "device thread exited during setup".to_owned(),
-                    source: io::Error::other("device thread gone"),
-                });
-            }
+        let (driver, ring_flags) = match config.placement {
+            RingPlacement::Thread => spawn_thread(file, &path, geometry, max_inflight, channel_capacity)?,
+            RingPlacement::Runtime => on_runtime(file, &path, geometry, max_inflight)?,
         };
-        tracing::info!(path = %path.display(), ?ring_flags, max_inflight, channel_capacity, "io_uring device ready");
+        tracing::info!(
+            path = %path.display(),
+            placement = %config.placement,
+            ?ring_flags,
+            max_inflight,
+            "io_uring device ready"
+        );
         Ok(UringDevice {
             inner: Arc::new(Inner {
-                tx: Some(tx),
-                wake,
+                driver,
                 geometry,
                 info: DeviceInfo {
                     path,
                     kind,
                     cache,
                     ring_flags,
+                    placement: config.placement,
                 },
             }),
         })
@@ -262,14 +296,25 @@ impl UringDevice {
         &self.inner.info
     }
 
-    /// Hands `req` to the device thread; gives it back if the device is closed.
+    /// Hands `req` to the ring, with a permit first if the ring is on the
+    /// runtime; gives it back if the device is closed.
     async fn send(&self, req: Request) -> Result<(), Request> {
-        let Some(tx) = self.inner.tx.as_ref() else {
-            return Err(req);
-        };
-        tx.send(req).await.map_err(|e| e.0)?;
-        self.inner.wake.wake_if_sleeping();
-        Ok(())
+        match &self.inner.driver {
+            Driver::Thread(t) => {
+                let Some(tx) = t.tx.as_ref() else {
+                    return Err(req);
+                };
+                tx.send(req).await.map_err(|e| e.0)?;
+                t.wake.wake_if_sleeping();
+                Ok(())
+            }
+            Driver::Runtime(RuntimeHandle(local)) => {
+                let Ok(permit) = Arc::clone(&local.permits).acquire_owned().await else {
+                    return Err(req);
+                };
+                local.submit(req, permit)
+            }
+        }
     }
 
     async fn io(&self, op: IoOp, offset: u64, buf: AlignedBuf) -> IoOutcome {
@@ -287,7 +332,7 @@ impl UringDevice {
         }
         match result.await {
             Ok(outcome) => outcome,
-            // The thread dropped the request without completing it (it hit a
+            // The ring dropped the request without completing it (it hit a
             // fatal ring error and kept the buffer, which the kernel may still
             // own). The trait must hand a buffer back: give a fresh one.
             Err(_) => (AlignedBuf::zeroed(len), Err(IoError::Closed)),
@@ -317,75 +362,31 @@ impl BlockIo for UringDevice {
     }
 }
 
-struct DeviceThread {
+/// The ring and the I/Os the kernel owns; shared by both placements.
+struct RingCore {
     ring: Ring,
     /// Kept open for as long as the ring may use it.
     _file: File,
-    rx: mpsc::Receiver<Request>,
-    wake: Arc<Wake>,
     size_bytes: u64,
     /// I/Os the kernel owns, indexed by `user_data`: each buffer stays here
     /// until its CQE arrives. `None` is a free slot (listed in `free_slots`).
-    slots: Vec<Option<Request>>,
+    slots: Vec<Option<InFlight>>,
     free_slots: Vec<usize>,
     inflight: usize,
-    max_inflight: usize,
-    /// Whether the eventfd `POLL_ADD` is in the ring.
-    poll_armed: bool,
+    /// The ring failed; nothing more is submitted.
+    failed: bool,
 }
 
-impl DeviceThread {
-    fn run(mut self) {
-        let mut closed = false;
-        loop {
-            while !closed && self.inflight < self.max_inflight {
-                match self.rx.try_recv() {
-                    Ok(req) => self.start(req),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
-                }
-            }
-            if closed && self.inflight == 0 {
-                tracing::debug!("device closed; no I/O in flight; thread exits");
-                return;
-            }
-            let mut wait_for = 1;
-            if !closed && self.inflight < self.max_inflight {
-                if !self.poll_armed {
-                    let entry = opcode::PollAdd::new(types::Fd(self.wake.eventfd.as_raw_fd()), libc::POLLIN as u32)
-                        .build()
-                        .user_data(WAKE_TOKEN);
-                    self.push(&entry);
-                    self.poll_armed = true;
-                }
-                self.wake.sleeping.store(true, Ordering::Relaxed);
-                fence(Ordering::SeqCst);
-                if !self.rx.is_empty() {
-                    // Raced with a sender: submit what we have, do not sleep.
-                    wait_for = 0;
-                }
-            }
-            let submitted = self.submit_and_wait(wait_for);
-            self.wake.sleeping.store(false, Ordering::Relaxed);
-            if let Err(e) = submitted {
-                self.fail(e);
-                return;
-            }
-            self.reap();
-        }
-    }
-
-    fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
-        loop {
-            match self.ring.ring.submit_and_wait(want) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // The CQ is full: make room, then submit again.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
-                    self.reap();
-                }
-                Err(e) => return Err(e),
-            }
+impl RingCore {
+    fn new(ring: Ring, file: File, size_bytes: u64, max_inflight: usize) -> RingCore {
+        RingCore {
+            ring,
+            _file: file,
+            size_bytes,
+            slots: Vec::with_capacity(max_inflight),
+            free_slots: Vec::with_capacity(max_inflight),
+            inflight: 0,
+            failed: false,
         }
     }
 
@@ -394,7 +395,7 @@ impl DeviceThread {
     fn push(&mut self, entry: &squeue::Entry) {
         loop {
             // SAFETY: every pointer in the entries we build stays valid until
-            // its CQE: buffers live in `slots`, the eventfd in `wake`.
+            // its CQE: buffers live in `slots`, the eventfd in the thread's `Wake`.
             if unsafe { self.ring.ring.submission().push(entry) }.is_ok() {
                 return;
             }
@@ -404,8 +405,10 @@ impl DeviceThread {
         }
     }
 
-    fn start(&mut self, req: Request) {
-        let (entry, in_flight) = match req {
+    /// Builds `req`'s SQE and pushes it (not yet submitted); a request whose
+    /// range is wrong is answered at once.
+    fn start(&mut self, req: Request, permit: Option<OwnedSemaphorePermit>) {
+        let (entry, req) = match req {
             Request::Io {
                 op,
                 offset,
@@ -458,19 +461,42 @@ impl DeviceThread {
             }
         };
         debug_assert!(self.slots[slot].is_none());
-        self.slots[slot] = Some(in_flight);
+        self.slots[slot] = Some(InFlight { req, _permit: permit });
         self.inflight += 1;
         self.push(&entry.user_data(slot as u64));
     }
 
-    fn reap(&mut self) {
+    /// Submits what was pushed, waiting for `want` completions.
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        let mut again = 0;
+        loop {
+            match self.ring.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The CQ is full: make room, then submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.reap();
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < SUBMIT_AGAIN_MAX => {
+                    again += 1;
+                    self.reap();
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Hands back every completed I/O; says whether the thread's eventfd
+    /// poll completed among them.
+    fn reap(&mut self) -> bool {
+        let mut woken = false;
         let mut completions = self.ring.ring.completion();
         completions.sync();
         for cqe in &mut completions {
             let token = cqe.user_data();
             if token == WAKE_TOKEN {
-                self.poll_armed = false;
-                drain_eventfd(&self.wake.eventfd);
+                woken = true;
                 continue;
             }
             let Some(in_flight) = usize::try_from(token)
@@ -484,7 +510,7 @@ impl DeviceThread {
             self.free_slots.push(token as usize);
             self.inflight -= 1;
             let res = cqe.result();
-            match in_flight {
+            match in_flight.req {
                 Request::Io { op, offset, buf, reply } => {
                     let len = buf.len();
                     let outcome = if res < 0 {
@@ -523,19 +549,181 @@ impl DeviceThread {
                 }
             }
         }
+        woken
     }
 
     /// The ring itself failed. In-flight buffers may still be written by the
-    /// kernel, so they are leaked rather than freed; waiting callers see
-    /// `Closed`, queued requests get their buffers back with `Closed`.
-    fn fail(mut self, e: io::Error) {
+    /// kernel, so they are leaked rather than freed; their callers see `Closed`.
+    fn fail(&mut self, e: &io::Error) {
         tracing::error!(error = %e, inflight = self.inflight, "io_uring submit failed; device stops");
-        for slot in self.slots.drain(..).flatten() {
-            match slot {
-                Request::Io { buf, .. } => std::mem::forget(buf),
-                Request::Flush { .. } => {}
+        self.failed = true;
+        self.leak_inflight();
+    }
+
+    fn leak_inflight(&mut self) {
+        for slot in self.slots.iter_mut() {
+            if let Some(in_flight) = slot.take() {
+                match in_flight.req {
+                    Request::Io { buf, .. } => std::mem::forget(buf),
+                    Request::Flush { .. } => {}
+                }
             }
         }
+        self.free_slots.clear();
+        self.slots.clear();
+        self.inflight = 0;
+    }
+}
+
+impl Drop for RingCore {
+    /// Normally nothing is in flight here (both drivers drain first); if
+    /// something is (a runtime shut down under its reaper), wait for it so
+    /// the kernel never writes into freed memory — or leak it past a bound.
+    fn drop(&mut self) {
+        let deadline = Instant::now() + DRAIN_WAIT_MAX;
+        while self.inflight > 0 && !self.failed && Instant::now() < deadline {
+            if let Err(e) = self.submit_and_wait(1) {
+                self.fail(&e);
+                break;
+            }
+            self.reap();
+        }
+        if self.inflight > 0 {
+            tracing::error!(
+                inflight = self.inflight,
+                "ring closed with I/O still in the kernel; buffers leaked"
+            );
+            self.leak_inflight();
+        }
+    }
+}
+
+fn spawn_thread(
+    file: File,
+    path: &Path,
+    geometry: Geometry,
+    max_inflight: usize,
+    channel_capacity: usize,
+) -> Result<(Driver, RingFlags), DeviceError> {
+    // SAFETY: plain syscall; the result is checked below.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(device_error(path, "create eventfd", io::Error::last_os_error()));
+    }
+    // SAFETY: efd is a fresh fd that nothing else owns.
+    let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+    let wake = Arc::new(Wake {
+        sleeping: AtomicBool::new(false),
+        eventfd,
+    });
+    let (tx, rx) = mpsc::channel(channel_capacity);
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let thread_wake = Arc::clone(&wake);
+    let thread_path = path.to_owned();
+    let name = format!(
+        "uring-{}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    );
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            // The ring is created here: SINGLE_ISSUER ties it to this thread.
+            let entries = (max_inflight + 1).next_power_of_two() as u32;
+            let ring = match Ring::new(entries) {
+                Ok(ring) => ring,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            if let Err(e) = ring.register_files(&[file.as_raw_fd()]) {
+                let _ = ready_tx.send(Err(device_error(&thread_path, "register the file with io_uring", e)));
+                return;
+            }
+            let _ = ready_tx.send(Ok(ring.flags));
+            let span = tracing::info_span!("uring_device", path = %thread_path.display());
+            let _enter = span.enter();
+            DeviceThread {
+                core: RingCore::new(ring, file, geometry.size_bytes, max_inflight),
+                rx,
+                wake: thread_wake,
+                max_inflight,
+                poll_armed: false,
+            }
+            .run();
+        })
+        .map_err(|e| device_error(path, "spawn the device thread", e))?;
+    let ring_flags = match ready_rx.recv() {
+        Ok(Ok(flags)) => flags,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(device_error(
+                path,
+                "device thread exited during setup",
+                io::Error::other("device thread gone"),
+            ));
+        }
+    };
+    Ok((Driver::Thread(ThreadHandle { tx: Some(tx), wake }), ring_flags))
+}
+
+struct DeviceThread {
+    core: RingCore,
+    rx: mpsc::Receiver<Request>,
+    wake: Arc<Wake>,
+    max_inflight: usize,
+    /// Whether the eventfd `POLL_ADD` is in the ring.
+    poll_armed: bool,
+}
+
+impl DeviceThread {
+    fn run(mut self) {
+        let mut closed = false;
+        loop {
+            while !closed && self.core.inflight < self.max_inflight {
+                match self.rx.try_recv() {
+                    Ok(req) => self.core.start(req, None),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            if closed && self.core.inflight == 0 {
+                tracing::debug!("device closed; no I/O in flight; thread exits");
+                return;
+            }
+            let mut wait_for = 1;
+            if !closed && self.core.inflight < self.max_inflight {
+                if !self.poll_armed {
+                    let entry = opcode::PollAdd::new(types::Fd(self.wake.eventfd.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .user_data(WAKE_TOKEN);
+                    self.core.push(&entry);
+                    self.poll_armed = true;
+                }
+                self.wake.sleeping.store(true, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                if !self.rx.is_empty() {
+                    // Raced with a sender: submit what we have, do not sleep.
+                    wait_for = 0;
+                }
+            }
+            let submitted = self.core.submit_and_wait(wait_for);
+            self.wake.sleeping.store(false, Ordering::Relaxed);
+            if let Err(e) = submitted {
+                self.fail(e);
+                return;
+            }
+            if self.core.reap() {
+                self.poll_armed = false;
+                drain_eventfd(&self.wake.eventfd);
+            }
+        }
+    }
+
+    /// The ring failed: waiting callers see `Closed`, queued requests get
+    /// their buffers back with `Closed`.
+    fn fail(mut self, e: io::Error) {
+        self.core.fail(&e);
         self.rx.close();
         while let Ok(req) = self.rx.try_recv() {
             match req {
@@ -561,6 +749,123 @@ fn drain_eventfd(eventfd: &OwnedFd) {
             std::mem::size_of::<u64>(),
         );
     }
+}
+
+/// The ring's fd as the runtime's reactor sees it (the ring owns the fd).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// A ring on the runtime. Field order is drop order: the fd leaves the
+/// reactor before the ring closes it.
+struct Local {
+    fd: AsyncFd<RingFd>,
+    /// A std mutex, held only to push, submit and reap, never across an await.
+    core: Mutex<RingCore>,
+    /// `max_inflight` permits; an I/O holds one from submission to its CQE.
+    permits: Arc<Semaphore>,
+    closing: AtomicBool,
+    closing_notify: Notify,
+}
+
+impl Local {
+    fn lock(&self) -> MutexGuard<'_, RingCore> {
+        // A panic under the lock cannot leave the core half-updated in a way
+        // that matters more than stopping would; keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes and submits `req`, then hands back whatever has completed
+    /// meanwhile (often a read served from cache, or an earlier write), so a
+    /// waiter need not go through the reactor.
+    fn submit(&self, req: Request, permit: OwnedSemaphorePermit) -> Result<(), Request> {
+        let mut core = self.lock();
+        if core.failed {
+            return Err(req);
+        }
+        core.start(req, Some(permit));
+        if let Err(e) = core.submit_and_wait(0) {
+            core.fail(&e);
+            self.permits.close();
+            self.closing_notify.notify_one();
+            return Ok(());
+        }
+        core.reap();
+        Ok(())
+    }
+}
+
+fn on_runtime(
+    file: File,
+    path: &Path,
+    geometry: Geometry,
+    max_inflight: usize,
+) -> Result<(Driver, RingFlags), DeviceError> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        device_error(
+            path,
+            "put the ring on the runtime",
+            io::Error::other("not inside a tokio runtime (open it from one, or use the thread placement)"),
+        )
+    })?;
+    let entries = (max_inflight + 1).next_power_of_two() as u32;
+    // Plain flags only (see the module's documentation).
+    let ring = Ring::with_attempts(entries, &[RingFlags::default()])?;
+    ring.register_files(&[file.as_raw_fd()])
+        .map_err(|e| device_error(path, "register the file with io_uring", e))?;
+    let flags = ring.flags;
+    let fd = {
+        let _guard = handle.enter();
+        // SAFETY: the ring owns the fd and is dropped only with `Local`,
+        // whose `fd` field (this AsyncFd) is dropped before its `core`.
+        unsafe { AsyncFd::register_with_interest(RingFd(ring.ring.as_raw_fd()), Interest::READABLE) }
+            .map_err(|e| device_error(path, "register the ring with the runtime's reactor", e.into_parts().1))?
+    };
+    let local = Arc::new(Local {
+        fd,
+        core: Mutex::new(RingCore::new(ring, file, geometry.size_bytes, max_inflight)),
+        permits: Arc::new(Semaphore::new(max_inflight)),
+        closing: AtomicBool::new(false),
+        closing_notify: Notify::new(),
+    });
+    let span = tracing::info_span!("uring_device", path = %path.display());
+    handle.spawn(reap(Arc::clone(&local)).instrument(span));
+    Ok((Driver::Runtime(RuntimeHandle(local)), flags))
+}
+
+/// The ring's reaper: hands back completions whenever the ring's fd turns
+/// readable; once the device is dropped, exits when nothing is in flight.
+async fn reap(local: Arc<Local>) {
+    loop {
+        {
+            let core = local.lock();
+            if local.closing.load(Ordering::Acquire) && (core.inflight == 0 || core.failed) {
+                break;
+            }
+        }
+        tokio::select! {
+            ready = local.fd.readable() => match ready {
+                Ok(mut guard) => {
+                    local.lock().reap();
+                    // Cleared after the reap: a CQE posted since raises a new
+                    // edge, which the reactor records after this.
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    let mut core = local.lock();
+                    core.fail(&e);
+                    local.permits.close();
+                    break;
+                }
+            },
+            () = local.closing_notify.notified() => {}
+        }
+    }
+    tracing::debug!("device closed; no I/O in flight; reaper exits");
 }
 
 mod ring;

@@ -116,6 +116,12 @@ pub struct BenchArgs {
           value_parser = clap::value_parser!(usize))]
     pub log_writes_inflight: usize,
 
+    /// Log and node engines: drive the device's io_uring from the runtime
+    /// thread (runtime, as `storaged run` does by default) or from a thread
+    /// of its own (thread).
+    #[arg(long, default_value_t = storaged::io::uring::RingPlacement::Runtime)]
+    pub ring: storaged::io::uring::RingPlacement,
+
     /// Log engine: make writes durable with RWF_DSYNC on each (dsync), or
     /// with a flush after they complete (flush).
     #[arg(long = "log-durability", value_enum, default_value_t = LogDurability::Dsync)]

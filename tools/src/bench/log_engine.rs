@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use storaged::io::BLOCK_SIZE;
 use storaged::io::device::create_zero_filled;
-use storaged::io::uring::{UringConfig, UringDevice};
+use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
 use storaged::log::format::PAYLOAD_MAX_BYTES;
 use storaged::log::frag::FRAG_HEADER_BYTES;
 use storaged::log::mkfs::{FormatOptions, format};
@@ -74,7 +74,7 @@ impl Engine for LogBench {
     }
 }
 
-pub async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringDevice>> {
+pub async fn open_or_create(path: &Path, size: Option<u64>, placement: RingPlacement) -> Result<Arc<UringDevice>> {
     let fresh = !path.exists();
     if fresh {
         let size = size.unwrap_or(DEVICE_BYTES_DEFAULT);
@@ -86,7 +86,14 @@ pub async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringD
         create_zero_filled(path, size)?;
     }
     let dev = Arc::new(
-        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?,
+        UringDevice::open(
+            path,
+            &UringConfig {
+                placement,
+                ..UringConfig::default()
+            },
+        )
+        .with_context(|| format!("opening {}", path.display()))?,
     );
     if fresh {
         format(
@@ -104,7 +111,7 @@ pub async fn open_or_create(path: &Path, size: Option<u64>) -> Result<Arc<UringD
 }
 
 async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfig) -> Result<Vec<JobStats>> {
-    let dev = open_or_create(path, args.size).await?;
+    let dev = open_or_create(path, args.size, args.ring).await?;
     let opened = match LogEngine::open(dev, config, |_, _| {}).await {
         Ok(o) => o,
         Err(OpenError::NotFormatted) => bail!(

@@ -29,10 +29,47 @@ fn pattern(blocks: usize, seed: u8) -> AlignedBuf {
     buf
 }
 
-#[tokio::test]
-async fn write_then_read_back() {
+fn config(placement: RingPlacement) -> UringConfig {
+    UringConfig {
+        placement,
+        ..UringConfig::default()
+    }
+}
+
+/// Each test below runs with the ring on its own thread and on the runtime.
+macro_rules! in_both_placements {
+    ($(#[$attr:meta] $name:ident;)*) => {
+        mod thread {
+            $(
+                #[$attr]
+                async fn $name() {
+                    super::$name(super::RingPlacement::Thread).await
+                }
+            )*
+        }
+        mod runtime {
+            $(
+                #[$attr]
+                async fn $name() {
+                    super::$name(super::RingPlacement::Runtime).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_placements! {
+    #[tokio::test] write_then_read_back;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)] concurrent_io_from_many_tasks;
+    #[tokio::test] out_of_range_is_refused;
+    #[tokio::test] durable_write_and_flush;
+    #[tokio::test] dropped_callers_and_device_do_not_lose_io;
+}
+
+async fn write_then_read_back(placement: RingPlacement) {
     let dir = scratch_dir();
-    let dev = open_file_device(&dir, 4 << 20, &UringConfig::default());
+    let dev = open_file_device(&dir, 4 << 20, &config(placement));
+    assert_eq!(dev.info().placement, placement);
     assert_eq!(dev.geometry().size_bytes, 4 << 20);
     assert_eq!(dev.info().kind, DeviceKind::RegularFile);
     bounded(async {
@@ -46,14 +83,13 @@ async fn write_then_read_back() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_io_from_many_tasks() {
+async fn concurrent_io_from_many_tasks(placement: RingPlacement) {
     let dir = scratch_dir();
     // Small bounds so that backpressure (full channel, max in flight) is exercised.
     let config = UringConfig {
         channel_capacity: 4,
         max_inflight: 8,
-        ..UringConfig::default()
+        ..config(placement)
     };
     let dev = open_file_device(&dir, 8 << 20, &config);
     const TASKS: u64 = 64;
@@ -81,10 +117,9 @@ async fn concurrent_io_from_many_tasks() {
     .await;
 }
 
-#[tokio::test]
-async fn out_of_range_is_refused() {
+async fn out_of_range_is_refused(placement: RingPlacement) {
     let dir = scratch_dir();
-    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    let dev = open_file_device(&dir, 1 << 20, &config(placement));
     bounded(async {
         let (_, res) = dev.read(1 << 20, AlignedBuf::zeroed_blocks(1)).await;
         assert!(matches!(res, Err(IoError::OutOfRange { .. })), "{res:?}");
@@ -101,10 +136,9 @@ async fn out_of_range_is_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn durable_write_and_flush() {
+async fn durable_write_and_flush(placement: RingPlacement) {
     let dir = scratch_dir();
-    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    let dev = open_file_device(&dir, 1 << 20, &config(placement));
     bounded(async {
         let (_, res) = dev.write(0, pattern(2, 1), Durability::Durable).await;
         res.expect("durable write");
@@ -118,10 +152,9 @@ async fn durable_write_and_flush() {
     .await;
 }
 
-#[tokio::test]
-async fn dropped_callers_and_device_do_not_lose_io() {
+async fn dropped_callers_and_device_do_not_lose_io(placement: RingPlacement) {
     let dir = scratch_dir();
-    let dev = open_file_device(&dir, 1 << 20, &UringConfig::default());
+    let dev = open_file_device(&dir, 1 << 20, &config(placement));
     bounded(async {
         // Start a write and abandon it after it was sent: the device keeps the
         // buffer until the completion, then drops it.
@@ -200,4 +233,56 @@ async fn loop_device_is_a_block_device() {
     })
     .await;
     drop(guard);
+}
+
+#[test]
+fn the_runtime_placement_needs_a_runtime() {
+    let dir = scratch_dir();
+    let path = dir.path().join("dev.dat");
+    create_zero_filled(&path, 1 << 20).expect("create");
+    let err = match UringDevice::open(&path, &config(RingPlacement::Runtime)) {
+        Err(e) => e,
+        Ok(_) => panic!("opened a runtime ring outside a runtime"),
+    };
+    assert!(err.to_string().contains("not inside a tokio runtime"), "{err}");
+}
+
+#[test]
+fn a_runtime_stopped_under_an_io_in_flight_waits_for_it() {
+    // The runtime stops while a write is in the kernel and its caller gone:
+    // the write still completes before its buffer is freed, and the data is
+    // there for the next open.
+    let dir = scratch_dir();
+    let path = dir.path().join("dev.dat");
+    create_zero_filled(&path, 1 << 20).expect("create");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dev = UringDevice::open(&path, &config(RingPlacement::Runtime)).expect("open");
+        let (_, res) = dev.write(0, pattern(1, 3), Durability::Durable).await;
+        res.expect("write");
+        let fut = dev.write(4096, pattern(1, 4), Durability::Durable);
+        let _ = tokio::time::timeout(Duration::from_micros(1), fut).await;
+    });
+    drop(rt);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(bounded(async {
+        let dev = UringDevice::open(&path, &config(RingPlacement::Runtime)).expect("reopen");
+        let (back, res) = dev.read(0, AlignedBuf::zeroed_blocks(1)).await;
+        res.expect("read");
+        assert_eq!(&back[..], &pattern(1, 3)[..]);
+    }));
+}
+
+#[test]
+fn placements_parse_from_their_names() {
+    assert_eq!("runtime".parse::<RingPlacement>(), Ok(RingPlacement::Runtime));
+    assert_eq!("thread".parse::<RingPlacement>(), Ok(RingPlacement::Thread));
+    let err = "ring".parse::<RingPlacement>().unwrap_err();
+    assert!(err.contains("\"runtime\" or \"thread\""), "{err}");
 }
