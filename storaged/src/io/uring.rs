@@ -63,9 +63,9 @@ const WAKE_TOKEN: u64 = u64::MAX;
 /// How long dropping a ring waits for I/Os still in the kernel; past it
 /// their buffers are leaked rather than freed under the kernel's feet.
 const DRAIN_WAIT_MAX: Duration = Duration::from_secs(30);
-/// Submissions retried after EAGAIN (the kernel short of memory) before the
-/// ring is declared failed.
-const SUBMIT_AGAIN_MAX: u32 = 1000;
+/// How long a submission is retried after EAGAIN (the kernel short of
+/// memory for requests) before the ring is declared failed.
+const SUBMIT_AGAIN_MAX: Duration = Duration::from_secs(1);
 
 /// Where the ring is driven from (see the module's documentation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -375,6 +375,9 @@ struct RingCore {
     inflight: usize,
     /// The ring failed; nothing more is submitted.
     failed: bool,
+    /// Nothing reaps this ring any more (its runtime stopped); nothing more
+    /// is submitted.
+    orphaned: bool,
 }
 
 impl RingCore {
@@ -387,6 +390,7 @@ impl RingCore {
             free_slots: Vec::with_capacity(max_inflight),
             inflight: 0,
             failed: false,
+            orphaned: false,
         }
     }
 
@@ -468,22 +472,62 @@ impl RingCore {
 
     /// Submits what was pushed, waiting for `want` completions.
     fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
-        let mut again = 0;
+        let mut again_since = None;
         loop {
             match self.ring.ring.submit_and_wait(want) {
-                Ok(_) => return Ok(()),
+                // The kernel stops at an SQE it cannot prepare (that one
+                // completes with its error); submit the ones behind it too.
+                Ok(_) if self.ring.ring.submission().is_empty() => return Ok(()),
+                Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // The CQ is full: make room, then submit again.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     self.reap();
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < SUBMIT_AGAIN_MAX => {
-                    again += 1;
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EAGAIN)
+                        && again_since.get_or_insert_with(Instant::now).elapsed() < SUBMIT_AGAIN_MAX =>
+                {
                     self.reap();
-                    std::thread::yield_now();
+                    std::thread::sleep(Duration::from_micros(100));
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Waits, at most `max`, for every I/O in flight to complete and hands
+    /// each back; what is still in the kernel after that is leaked. For
+    /// when nothing else will reap this ring any more.
+    fn drain(&mut self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while self.inflight > 0 && !self.failed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    self.fail(&e);
+                    break;
+                }
+            }
+            self.reap();
+        }
+        if self.inflight > 0 {
+            tracing::error!(
+                inflight = self.inflight,
+                "I/O still in the kernel after {max:?}; its buffers are leaked"
+            );
+            self.leak_inflight();
         }
     }
 
@@ -577,24 +621,10 @@ impl RingCore {
 
 impl Drop for RingCore {
     /// Normally nothing is in flight here (both drivers drain first); if
-    /// something is (a runtime shut down under its reaper), wait for it so
-    /// the kernel never writes into freed memory — or leak it past a bound.
+    /// something is, wait for it so the kernel never writes into freed
+    /// memory — or leak it past a bound.
     fn drop(&mut self) {
-        let deadline = Instant::now() + DRAIN_WAIT_MAX;
-        while self.inflight > 0 && !self.failed && Instant::now() < deadline {
-            if let Err(e) = self.submit_and_wait(1) {
-                self.fail(&e);
-                break;
-            }
-            self.reap();
-        }
-        if self.inflight > 0 {
-            tracing::error!(
-                inflight = self.inflight,
-                "ring closed with I/O still in the kernel; buffers leaked"
-            );
-            self.leak_inflight();
-        }
+        self.drain(DRAIN_WAIT_MAX);
     }
 }
 
@@ -784,7 +814,7 @@ impl Local {
     /// waiter need not go through the reactor.
     fn submit(&self, req: Request, permit: OwnedSemaphorePermit) -> Result<(), Request> {
         let mut core = self.lock();
-        if core.failed {
+        if core.failed || core.orphaned {
             return Err(req);
         }
         core.start(req, Some(permit));
@@ -833,13 +863,30 @@ fn on_runtime(
         closing_notify: Notify::new(),
     });
     let span = tracing::info_span!("uring_device", path = %path.display());
-    handle.spawn(reap(Arc::clone(&local)).instrument(span));
+    handle.spawn(reap(Reaper(Arc::clone(&local))).instrument(span));
     Ok((Driver::Runtime(RuntimeHandle(local)), flags))
+}
+
+/// The reaper task's hold on the ring. However the task ends — the device
+/// closed, or its runtime stopped or dropped it — nothing reaps the ring
+/// after it: what is in flight is waited for here and handed back, and the
+/// device refuses new I/O (`Closed`) instead of letting callers wait forever.
+struct Reaper(Arc<Local>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let local = &self.0;
+        local.permits.close();
+        let mut core = local.lock();
+        core.orphaned = true;
+        core.drain(DRAIN_WAIT_MAX);
+    }
 }
 
 /// The ring's reaper: hands back completions whenever the ring's fd turns
 /// readable; once the device is dropped, exits when nothing is in flight.
-async fn reap(local: Arc<Local>) {
+async fn reap(reaper: Reaper) {
+    let local = &reaper.0;
     loop {
         {
             let core = local.lock();
@@ -856,9 +903,8 @@ async fn reap(local: Arc<Local>) {
                     guard.clear_ready();
                 }
                 Err(e) => {
-                    let mut core = local.lock();
-                    core.fail(&e);
-                    local.permits.close();
+                    // Only when the reactor is going away; the guard drains.
+                    tracing::warn!(error = %e, "the runtime's reactor failed; the device closes");
                     break;
                 }
             },
