@@ -137,6 +137,10 @@ pub struct Segment<T> {
     log_seqs: BTreeMap<u64, usize>,
     /// Records held that are not durable yet (let in, log write under way).
     undurable: usize,
+    /// Records held above the SCL (`records.range(scl + 1..).count()`),
+    /// kept as records come and go and the SCL moves: admit asks for it on
+    /// every batch, and counting while a long gap lasts was O(gap) a batch.
+    past_scl: usize,
     /// Durable records past a gap, by the LSN they link to.
     waiting_link: HashMap<u64, u64>,
     deferred: Vec<Deferred<T>>,
@@ -156,6 +160,7 @@ impl<T> Segment<T> {
             records: BTreeMap::new(),
             log_seqs: BTreeMap::new(),
             undurable: 0,
+            past_scl: 0,
             waiting_link: HashMap::new(),
             deferred: Vec::new(),
             gap_records_max,
@@ -195,6 +200,16 @@ impl<T> Segment<T> {
 
     pub fn records_held(&self) -> usize {
         self.records.len()
+    }
+
+    /// Records held above the SCL: past a gap, or with their write under way.
+    pub fn records_past_scl(&self) -> usize {
+        debug_assert_eq!(
+            self.past_scl,
+            self.records.range(self.scl + 1..).count(),
+            "the count follows the records held and the SCL"
+        );
+        self.past_scl
     }
 
     pub fn record(&self, lsn: u64) -> Option<&RecordMeta> {
@@ -286,6 +301,8 @@ impl<T> Segment<T> {
         if let Some(prev) = cut {
             self.scl = prev;
         }
+        // Rare (a recovery's truncation): count afresh; `link` below keeps it.
+        self.past_scl = self.records.range(self.scl + 1..).count();
         // Rebuild the links past the SCL from what is left.
         self.waiting_link.clear();
         let past: Vec<(u64, u64)> = self
@@ -373,11 +390,13 @@ impl<T> Segment<T> {
                 }
             }
         }
-        let past_scl = self.records.range(self.scl + 1..).count();
+        let past_scl = self.records_past_scl();
         if past_scl + admitted.new.len() > self.gap_records_max {
             return Err(SegmentError::Full { held: past_scl });
         }
+        // All above the SCL (held ones and those at or below it are not new).
         self.undurable += new_metas.len();
+        self.past_scl += new_metas.len();
         self.records.extend(new_metas);
         Ok(admitted)
     }
@@ -453,6 +472,9 @@ impl<T> Segment<T> {
             if self.records.get(lsn).is_some_and(|m| !m.durable()) {
                 self.records.remove(lsn);
                 self.undurable -= 1;
+                if *lsn > self.scl {
+                    self.past_scl -= 1;
+                }
             }
         }
         self.deferred.retain(|d| !d.waits_for.iter().any(|l| lsns.contains(l)));
@@ -471,6 +493,7 @@ impl<T> Segment<T> {
             None => {}
         }
         self.records.insert(record.lsn, meta);
+        self.past_scl += 1;
         *self.log_seqs.entry(log_seq).or_default() += 1;
         self.highest_lsn = self.highest_lsn.max(record.lsn);
         self.link(record.lsn, record.prev_lsn_pg)
@@ -490,10 +513,14 @@ impl<T> Segment<T> {
             self.waiting_link.insert(prev, lsn);
             return Ok(());
         }
+        let old = self.scl;
         self.scl = lsn;
         while let Some(next) = self.waiting_link.remove(&self.scl) {
             self.scl = next;
         }
+        // Usually just `lsn` and what waited on it; a record not linked
+        // (a fork's, one still being written) may lie between as well.
+        self.past_scl -= self.records.range(old + 1..=self.scl).count();
         Ok(())
     }
 
@@ -797,6 +824,53 @@ mod tests {
         assert_eq!(s.scl(), 3);
     }
 
+    #[test]
+    fn records_past_the_scl_are_counted_through_every_change() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let check = |s: &Segment<u32>, want: usize| {
+            assert_eq!(s.records_past_scl(), want);
+            assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
+        };
+        s.admit(&[rec(1, 0, 1), rec(2, 1, 1)]).unwrap();
+        check(&s, 2);
+        s.on_durable(&[(1, 1), (2, 1)]).1.unwrap();
+        check(&s, 0);
+        // Past a gap (5 links to the missing 4), and a write that fails.
+        put(&mut s, &[rec(5, 4, 1), rec(6, 5, 1)]);
+        check(&s, 2);
+        s.admit(&[rec(7, 6, 1)]).unwrap();
+        check(&s, 3);
+        s.abandon(&[7]);
+        check(&s, 2);
+        // The gap filled: the SCL passes everything.
+        put(&mut s, &[rec(3, 2, 1), rec(4, 3, 1)]);
+        assert_eq!(s.scl(), 6);
+        check(&s, 0);
+        // The SCL rises past a record still being written that it does not
+        // link through (8 and 9 both claim 6).
+        s.admit(&[rec(8, 6, 1)]).unwrap();
+        check(&s, 1);
+        put(&mut s, &[rec(9, 6, 1)]);
+        assert_eq!(s.scl(), 9);
+        check(&s, 0);
+        s.on_durable(&[(8, 2)]).1.unwrap();
+        check(&s, 0);
+        // A truncation takes the SCL back below what is left.
+        s.annul(&[(4, 4)]);
+        assert_eq!(s.scl(), 3);
+        check(&s, 4);
+        s.forget_through(2);
+        check(&s, 4);
+        // Start-up loads records in log order, a gap first.
+        let mut r: Segment<u32> = Segment::new(SEG, 1, 1000);
+        for (lsn, prev) in [(3, 2), (2, 1), (1, 0)] {
+            let e = rec(lsn, prev, 1);
+            r.recover(&e.0, &e.1, 1).unwrap();
+        }
+        assert_eq!(r.scl(), 3);
+        check(&r, 0);
+    }
+
     proptest! {
         /// Whatever order, duplication and batching the records arrive in,
         /// the SCL is exactly the end of the longest gap-free durable prefix
@@ -833,6 +907,7 @@ mod tests {
                     s.on_durable(&[(l, 1)]).1.unwrap();
                 }
                 prop_assert!(s.scl() >= last_scl);
+                prop_assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
                 last_scl = s.scl();
             }
             for l in pending.drain(..) {
