@@ -38,7 +38,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use storaged::proto::{ErrorCode, Message};
-use storaged::record::RedoRecord;
+use storaged::record::{RedoRecord, WireRecord};
 use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, in_ranges, union_ranges};
 
 use crate::cluster::SEGMENTS_PER_PG;
@@ -680,16 +680,16 @@ impl Recovery {
                     return None;
                 }
                 let mut bytes = 0;
-                let records: Vec<RedoRecord> = self.chains[pg]
+                let records: Vec<WireRecord> = self.chains[pg]
                     .iter()
                     .filter(|r| r.lsn > scl && r.lsn <= tail)
                     .take_while(|r| {
                         bytes += r.encoded_len();
                         bytes <= CHUNK_BYTES
                     })
-                    .cloned()
+                    .map(|r| WireRecord::new(r.clone()))
                     .collect();
-                if records.first().is_none_or(|r| r.prev_lsn_pg > scl) {
+                if records.first().is_none_or(|r| r.record().prev_lsn_pg > scl) {
                     // Behind the floor: what it lacks is only in page versions
                     // elsewhere (storage-side repair); the quorum does without it.
                     return None;

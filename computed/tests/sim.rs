@@ -57,7 +57,7 @@ use computed::core::{Output, PageWrite, Writer, WriterConfig};
 use computed::recovery::{Recovered, Recovery};
 use storaged::hot::{HotRecords, apply};
 use storaged::proto::{ErrorCode, Message};
-use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, Segment, SegmentError, in_ranges, union_ranges};
 
 const NODES: usize = 8;
@@ -544,10 +544,10 @@ impl Sim {
                 );
                 s.hot.insert(r);
             }
-            lsns.push((r.lsn, 1));
+            lsns.push(r.lsn);
         }
         s.log.extend(records.into_iter().map(LogItem::Record));
-        let (ready, linked) = s.seg.on_durable(&lsns);
+        let (ready, linked) = s.seg.on_durable(&lsns, 1);
         linked.expect("no fork");
         let scl = s.seg.scl();
         let replies: Vec<(Ticket, Message)> = ready
@@ -587,19 +587,16 @@ impl Sim {
                 if let Err(e) = seg.seg.check_epoch(epoch) {
                     return self.send(false, node, conn, request, segment_error(e));
                 }
-                let batch: Vec<(RedoRecord, Vec<u8>)> = records
-                    .into_iter()
-                    .map(|r| {
-                        let e = r.encode();
-                        (r, e)
-                    })
-                    .collect();
-                let admitted = match seg.seg.admit(&batch) {
+                let admitted = match seg.seg.admit(&records) {
                     Ok(a) => a,
                     Err(e) => return self.send(false, node, conn, request, segment_error(e)),
                 };
                 let mut waits = admitted.waits_for;
-                let new: Vec<RedoRecord> = admitted.new.iter().map(|&i| batch[i].0.clone()).collect();
+                let new: Vec<RedoRecord> = records
+                    .into_iter()
+                    .filter(|r| admitted.new.contains(&r.record().lsn))
+                    .map(WireRecord::into_record)
+                    .collect();
                 waits.extend(new.iter().map(|r| r.lsn));
                 let scl = seg.seg.scl();
                 let ready = seg.seg.defer_ack(waits, Ticket { conn, request, epoch });
@@ -932,7 +929,7 @@ impl Sim {
                 } => {
                     let records = records
                         .iter()
-                        .map(|r| RedoRecord::decode(&r.bytes).expect("core encodes valid records"))
+                        .map(|r| WireRecord::decode(&r.bytes).expect("core encodes valid records"))
                         .collect();
                     let msg = Message::Append {
                         volume: VOLUME,

@@ -84,6 +84,8 @@ pub enum RecordError {
     UnknownKind(u8),
     #[error("record has unknown flags {0:#04x}")]
     UnknownFlags(u8),
+    #[error("record has {0:#06x} in its reserved field (must be zero)")]
+    Reserved(u16),
     #[error("record has {0} trailing bytes after its payload")]
     Trailing(usize),
     #[error("record LSN {lsn} is not above its backlink {prev}")]
@@ -253,6 +255,13 @@ impl RedoRecord {
         if flags & !FLAG_CPL != 0 {
             return Err(RecordError::UnknownFlags(flags));
         }
+        // Refused rather than ignored: then every record accepted here is
+        // exactly what `encode` makes of it, so its received bytes can go to
+        // the log as they are (see `WireRecord`).
+        let reserved = u16::from_le_bytes([bytes[14], bytes[15]]);
+        if reserved != 0 {
+            return Err(RecordError::Reserved(reserved));
+        }
         let payload_len = u32_at(52) as usize;
         if payload_len > RECORD_PAYLOAD_MAX_BYTES {
             return Err(RecordError::TooLarge(payload_len));
@@ -293,6 +302,86 @@ impl RedoRecord {
             body,
         };
         Ok((record, need))
+    }
+}
+
+/// A record together with its encoding, which is both its wire and its log
+/// form. The node takes records as these: what a frame carried goes to the
+/// log and into the record's digest as it is, without being encoded again.
+///
+/// The two always agree: the fields are private, and both ways to make one
+/// ([`new`](Self::new) encodes; [`decode_prefix`](Self::decode_prefix)
+/// keeps the bytes [`RedoRecord::decode_prefix`] accepted, which are exactly
+/// what `encode` makes of the record it returns) keep them so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRecord {
+    record: RedoRecord,
+    encoded: Vec<u8>,
+}
+
+impl WireRecord {
+    /// For callers that build records themselves (computed's tests, the
+    /// simulator, benchmarks): encode it once here.
+    ///
+    /// # Panics
+    /// As [`RedoRecord::encode_into`], on a payload over [`RECORD_PAYLOAD_MAX_BYTES`].
+    pub fn new(record: RedoRecord) -> WireRecord {
+        let encoded = record.encode();
+        WireRecord { record, encoded }
+    }
+
+    /// Decode one record from the front of `bytes`, keeping a copy of the
+    /// bytes it was decoded from; returns it and the bytes used.
+    pub fn decode_prefix(bytes: &[u8]) -> Result<(WireRecord, usize), RecordError> {
+        let (record, used) = RedoRecord::decode_prefix(bytes)?;
+        let encoded = bytes[..used].to_vec();
+        debug_assert_eq!(encoded, record.encode(), "a record decodes only from its own encoding");
+        Ok((WireRecord { record, encoded }, used))
+    }
+
+    /// Decode exactly one record from `bytes` (no trailing bytes allowed).
+    pub fn decode(bytes: &[u8]) -> Result<WireRecord, RecordError> {
+        let (record, used) = WireRecord::decode_prefix(bytes)?;
+        if used != bytes.len() {
+            return Err(RecordError::Trailing(bytes.len() - used));
+        }
+        Ok(record)
+    }
+
+    pub fn record(&self) -> &RedoRecord {
+        &self.record
+    }
+
+    /// The record's encoding: `self.record().encode()`, byte for byte.
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    pub fn into_record(self) -> RedoRecord {
+        self.record
+    }
+
+    /// The record and its encoding, to move each where it goes.
+    pub fn into_parts(self) -> (RedoRecord, Vec<u8>) {
+        (self.record, self.encoded)
+    }
+}
+
+impl AsRef<RedoRecord> for RedoRecord {
+    fn as_ref(&self) -> &RedoRecord {
+        self
+    }
+}
+
+impl AsRef<RedoRecord> for WireRecord {
+    fn as_ref(&self) -> &RedoRecord {
+        &self.record
+    }
+}
+
+impl From<RedoRecord> for WireRecord {
+    fn from(record: RedoRecord) -> WireRecord {
+        WireRecord::new(record)
     }
 }
 
@@ -362,12 +451,73 @@ mod tests {
             let _ = LogEntry::decode(&mutated);
         }
 
+        /// What the decoder accepts is exactly the encoding of what it
+        /// returns, so the bytes a frame carried can be written to the log
+        /// as they are: byte for byte what re-encoding would write.
+        #[test]
+        fn accepted_bytes_are_the_records_encoding(
+            r in arb_record(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut bytes = r.encode();
+            let at = at.index(bytes.len());
+            bytes[at] = byte;
+            bytes.extend_from_slice(&tail);
+            if let Ok((decoded, used)) = RedoRecord::decode_prefix(&bytes) {
+                prop_assert_eq!(decoded.encode(), &bytes[..used]);
+                let (kept, kept_used) = WireRecord::decode_prefix(&bytes).unwrap();
+                prop_assert_eq!(kept_used, used);
+                prop_assert_eq!(kept.encoded(), &bytes[..used]);
+                prop_assert_eq!(kept.record(), &decoded);
+                prop_assert_eq!(kept, WireRecord::new(decoded));
+            }
+        }
+
+        #[test]
+        fn a_wire_record_carries_its_encoding(r in arb_record()) {
+            let e = WireRecord::new(r.clone());
+            let encoded = r.encode();
+            prop_assert_eq!(e.encoded(), encoded.as_slice());
+            prop_assert_eq!(WireRecord::decode(e.encoded()).unwrap(), e.clone());
+            let (record, encoded) = e.into_parts();
+            prop_assert_eq!(record, r);
+            prop_assert_eq!(encoded.len(), RECORD_HEADER_BYTES + record_payload_len(&encoded));
+        }
+
         #[test]
         fn truncation_is_detected(r in arb_record(), cut in 0usize..400) {
             let bytes = r.encode();
             let cut = cut.min(bytes.len().saturating_sub(1));
             prop_assert!(RedoRecord::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    fn record_payload_len(encoded: &[u8]) -> usize {
+        u32::from_le_bytes(encoded[52..56].try_into().unwrap()) as usize
+    }
+
+    #[test]
+    fn a_non_zero_reserved_field_is_refused() {
+        let r = RedoRecord {
+            segment: SegmentId { volume: 1, pg: 2 },
+            lsn: 10,
+            prev_lsn_pg: 9,
+            prev_lsn_page: 0,
+            page: 3,
+            cpl: false,
+            body: RecordBody::PageDelta {
+                offset: 5,
+                bytes: vec![7; 3],
+            },
+        };
+        let mut bytes = r.encode();
+        assert_eq!(&bytes[14..16], &[0, 0]);
+        bytes[15] = 1;
+        assert_eq!(RedoRecord::decode(&bytes), Err(RecordError::Reserved(0x0100)));
+        assert_eq!(WireRecord::decode(&bytes), Err(RecordError::Reserved(0x0100)));
+        assert_eq!(LogEntry::decode(&bytes), Err(RecordError::Reserved(0x0100)));
     }
 
     #[test]

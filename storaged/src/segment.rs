@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::record::{RedoRecord, SegmentId};
+use crate::record::{RedoRecord, SegmentId, WireRecord};
 
 /// What the segment remembers of a record it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +100,8 @@ pub fn union_ranges(ranges: impl Iterator<Item = LsnRange>) -> Vec<LsnRange> {
 /// The outcome of admitting a batch.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Admitted {
-    /// Indexes (into the batch) of records to write to the log.
-    pub new: Vec<usize>,
+    /// LSNs of the batch's records to write to the log, in batch order.
+    pub new: Vec<u64>,
     /// Re-sent records whose first copy is not durable yet: the batch may be
     /// acknowledged only once these LSNs are.
     pub waits_for: Vec<u64>,
@@ -137,6 +137,10 @@ pub struct Segment<T> {
     log_seqs: BTreeMap<u64, usize>,
     /// Records held that are not durable yet (let in, log write under way).
     undurable: usize,
+    /// Records held above the SCL (`records.range(scl + 1..).count()`),
+    /// kept as records come and go and the SCL moves: admit asks for it on
+    /// every batch, and counting while a long gap lasts was O(gap) a batch.
+    past_scl: usize,
     /// Durable records past a gap, by the LSN they link to.
     waiting_link: HashMap<u64, u64>,
     deferred: Vec<Deferred<T>>,
@@ -156,6 +160,7 @@ impl<T> Segment<T> {
             records: BTreeMap::new(),
             log_seqs: BTreeMap::new(),
             undurable: 0,
+            past_scl: 0,
             waiting_link: HashMap::new(),
             deferred: Vec::new(),
             gap_records_max,
@@ -195,6 +200,16 @@ impl<T> Segment<T> {
 
     pub fn records_held(&self) -> usize {
         self.records.len()
+    }
+
+    /// Records held above the SCL: past a gap, or with their write under way.
+    pub fn records_past_scl(&self) -> usize {
+        debug_assert_eq!(
+            self.past_scl,
+            self.records.range(self.scl + 1..).count(),
+            "the count follows the records held and the SCL"
+        );
+        self.past_scl
     }
 
     pub fn record(&self, lsn: u64) -> Option<&RecordMeta> {
@@ -286,6 +301,8 @@ impl<T> Segment<T> {
         if let Some(prev) = cut {
             self.scl = prev;
         }
+        // Rare (a recovery's truncation): count afresh; `link` below keeps it.
+        self.past_scl = self.records.range(self.scl + 1..).count();
         // Rebuild the links past the SCL from what is left.
         self.waiting_link.clear();
         let past: Vec<(u64, u64)> = self
@@ -349,14 +366,18 @@ impl<T> Segment<T> {
     /// Sort a batch (of this segment, LSNs strictly increasing) into new
     /// records, re-sends and conflicts. Nothing changes on error. New records
     /// are remembered as pending; the caller writes them to the log and then
-    /// calls [`on_durable`].
-    pub fn admit(&mut self, batch: &[(RedoRecord, Vec<u8>)]) -> Result<Admitted, SegmentError> {
+    /// calls [`on_durable`]. A record's digest is taken from the encoding it
+    /// carries (the bytes that go to the log), never from a new encoding.
+    pub fn admit(&mut self, batch: &[WireRecord]) -> Result<Admitted, SegmentError> {
+        debug_assert!(
+            batch.windows(2).all(|w| w[0].record().lsn < w[1].record().lsn),
+            "a batch's LSNs increase"
+        );
         let mut admitted = Admitted::default();
-        let mut new_metas = Vec::new();
-        for (i, (record, encoded)) in batch.iter().enumerate() {
-            let meta = RecordMeta::of(record, encoded);
+        for e in batch {
+            let record = e.record();
             match self.records.get(&record.lsn) {
-                Some(held) if held.digest != meta.digest || held.prev_lsn_pg != meta.prev_lsn_pg => {
+                Some(held) if held.prev_lsn_pg != record.prev_lsn_pg || held.digest != digest(e.encoded()) => {
                     return Err(SegmentError::Conflict { lsn: record.lsn });
                 }
                 Some(held) => {
@@ -367,18 +388,25 @@ impl<T> Segment<T> {
                 // Below the SCL and no longer held (coalesced, collected):
                 // the chain already covers it, so it is a re-send.
                 None if record.lsn <= self.scl => {}
-                None => {
-                    admitted.new.push(i);
-                    new_metas.push((record.lsn, meta));
-                }
+                None => admitted.new.push(record.lsn),
             }
         }
-        let past_scl = self.records.range(self.scl + 1..).count();
+        let past_scl = self.records_past_scl();
         if past_scl + admitted.new.len() > self.gap_records_max {
             return Err(SegmentError::Full { held: past_scl });
         }
-        self.undurable += new_metas.len();
-        self.records.extend(new_metas);
+        // The new records, a subsequence of the batch in the same order:
+        // remembered (digest taken) only now that the batch is taken whole.
+        let mut new = admitted.new.iter().peekable();
+        for e in batch {
+            let record = e.record();
+            if new.next_if_eq(&&record.lsn).is_some() {
+                self.records.insert(record.lsn, RecordMeta::of(record, e.encoded()));
+            }
+        }
+        // All above the SCL (held ones and those at or below it are not new).
+        self.undurable += admitted.new.len();
+        self.past_scl += admitted.new.len();
         Ok(admitted)
     }
 
@@ -399,16 +427,17 @@ impl<T> Segment<T> {
         None
     }
 
-    /// Records `lsns` are durable in the log, starting in the given block
-    /// seqs. Extends the chain, and returns the deferred acks that may now go.
+    /// Records `lsns` are durable in the log, starting in block `log_seq`
+    /// or after (one log write's: the seq its first entry starts in).
+    /// Extends the chain, and returns the deferred acks that may now go.
     ///
     /// Every record is marked durable before any is linked, so a fork (a
     /// record claiming a predecessor another record already follows) leaves
     /// nothing of the batch pending; it is reported beside the acks, which
     /// are owed whatever the fork.
-    pub fn on_durable(&mut self, lsns: &[(u64, u64)]) -> (Vec<T>, Result<(), SegmentError>) {
+    pub fn on_durable(&mut self, lsns: &[u64], log_seq: u64) -> (Vec<T>, Result<(), SegmentError>) {
         let mut linked = Ok(());
-        for &(lsn, log_seq) in lsns {
+        for &lsn in lsns {
             // Gone: a truncation dropped it while its write was in flight.
             let Some(meta) = self.records.get_mut(&lsn) else {
                 continue;
@@ -421,7 +450,7 @@ impl<T> Segment<T> {
             }
             *self.log_seqs.entry(log_seq).or_default() += 1;
         }
-        for &(lsn, _) in lsns {
+        for &lsn in lsns {
             if let Some(prev) = self.records.get(&lsn).map(|m| m.prev_lsn_pg)
                 && let Err(e) = self.link(lsn, prev)
                 && linked.is_ok()
@@ -431,6 +460,7 @@ impl<T> Segment<T> {
         }
         let mut ready = Vec::new();
         let mut i = 0;
+        // (Allocates nothing while no ack is deferred: the usual case.)
         while i < self.deferred.len() {
             let records = &self.records;
             self.deferred[i]
@@ -453,6 +483,9 @@ impl<T> Segment<T> {
             if self.records.get(lsn).is_some_and(|m| !m.durable()) {
                 self.records.remove(lsn);
                 self.undurable -= 1;
+                if *lsn > self.scl {
+                    self.past_scl -= 1;
+                }
             }
         }
         self.deferred.retain(|d| !d.waits_for.iter().any(|l| lsns.contains(l)));
@@ -471,6 +504,7 @@ impl<T> Segment<T> {
             None => {}
         }
         self.records.insert(record.lsn, meta);
+        self.past_scl += 1;
         *self.log_seqs.entry(log_seq).or_default() += 1;
         self.highest_lsn = self.highest_lsn.max(record.lsn);
         self.link(record.lsn, record.prev_lsn_pg)
@@ -490,10 +524,14 @@ impl<T> Segment<T> {
             self.waiting_link.insert(prev, lsn);
             return Ok(());
         }
+        let old = self.scl;
         self.scl = lsn;
         while let Some(next) = self.waiting_link.remove(&self.scl) {
             self.scl = next;
         }
+        // Usually just `lsn` and what waited on it; a record not linked
+        // (a fork's, one still being written) may lie between as well.
+        self.past_scl -= self.records.range(old + 1..=self.scl).count();
         Ok(())
     }
 
@@ -563,7 +601,7 @@ mod tests {
 
     const SEG: SegmentId = SegmentId { volume: 1, pg: 0 };
 
-    fn rec(lsn: u64, prev: u64, byte: u8) -> (RedoRecord, Vec<u8>) {
+    fn rec(lsn: u64, prev: u64, byte: u8) -> WireRecord {
         let r = RedoRecord {
             segment: SEG,
             lsn,
@@ -576,15 +614,13 @@ mod tests {
                 bytes: vec![byte; 8],
             },
         };
-        let e = r.encode();
-        (r, e)
+        WireRecord::new(r)
     }
 
     /// Admit and make durable at once; returns the SCL.
-    fn put(s: &mut Segment<u32>, batch: &[(RedoRecord, Vec<u8>)]) -> u64 {
+    fn put(s: &mut Segment<u32>, batch: &[WireRecord]) -> u64 {
         let a = s.admit(batch).unwrap();
-        let lsns: Vec<(u64, u64)> = a.new.iter().map(|&i| (batch[i].0.lsn, 1)).collect();
-        s.on_durable(&lsns).1.unwrap();
+        s.on_durable(&a.new, 1).1.unwrap();
         s.scl()
     }
 
@@ -603,11 +639,11 @@ mod tests {
         let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
         let batch = [rec(1, 0, 1), rec(2, 1, 1)];
         let a = s.admit(&batch).unwrap();
-        assert_eq!(a.new, vec![0, 1]);
+        assert_eq!(a.new, vec![1, 2]);
         assert_eq!(s.scl(), 0, "admitted is not durable");
-        s.on_durable(&[(1, 5)]).1.unwrap();
+        s.on_durable(&[1], 5).1.unwrap();
         assert_eq!(s.scl(), 1);
-        s.on_durable(&[(2, 5)]).1.unwrap();
+        s.on_durable(&[2], 5).1.unwrap();
         assert_eq!(s.scl(), 2);
     }
 
@@ -621,7 +657,7 @@ mod tests {
         assert!(again.new.is_empty());
         assert_eq!(again.waits_for, vec![1, 2]);
         assert_eq!(s.defer_ack(again.waits_for, 77), None);
-        assert_eq!(s.on_durable(&[(1, 3), (2, 3)]), (vec![77], Ok(())));
+        assert_eq!(s.on_durable(&[1, 2], 3), (vec![77], Ok(())));
         // And once more, now durable: acknowledged at once.
         let third = s.admit(&batch).unwrap();
         assert_eq!(third, Admitted::default());
@@ -633,19 +669,19 @@ mod tests {
     fn records_the_log_did_not_take_are_forgotten_and_their_waiters_released() {
         let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
         let batch = [rec(1, 0, 1), rec(2, 1, 1)];
-        assert_eq!(s.admit(&batch).unwrap().new, vec![0, 1]);
+        assert_eq!(s.admit(&batch).unwrap().new, vec![1, 2]);
         let again = s.admit(&batch).unwrap();
         assert_eq!(s.defer_ack(again.waits_for, 5), None);
         // The first copy's log write failed.
         s.abandon(&[1, 2]);
         assert_eq!(s.records_held(), 0);
         assert_eq!(
-            s.on_durable(&[]),
+            s.on_durable(&[], 1),
             (vec![], Ok(())),
             "the deferred ack is dropped, not released"
         );
         // A re-send is new again, instead of waiting on a copy that never comes.
-        assert_eq!(s.admit(&batch).unwrap().new, vec![0, 1]);
+        assert_eq!(s.admit(&batch).unwrap().new, vec![1, 2]);
     }
 
     #[test]
@@ -654,7 +690,7 @@ mod tests {
         put(&mut s, &[rec(5, 3, 1)]); // waits for 3
         let batch = [rec(6, 3, 1), rec(7, 0, 1)]; // 6 also claims 3: a fork
         s.admit(&batch).unwrap();
-        let (ready, linked) = s.on_durable(&[(6, 1), (7, 1)]);
+        let (ready, linked) = s.on_durable(&[6, 7], 1);
         assert!(ready.is_empty());
         assert_eq!(
             linked,
@@ -671,14 +707,16 @@ mod tests {
     #[test]
     fn different_content_at_a_held_lsn_is_a_conflict_and_changes_nothing() {
         let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
-        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1)]);
-        let before = s.record(2).copied();
+        // 5 is held past a gap (it links to the missing 4).
+        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1), rec(5, 4, 1)]);
+        let before = s.record(5).copied();
         assert_eq!(
-            s.admit(&[rec(3, 2, 1), rec(2, 1, 9)]),
-            Err(SegmentError::Conflict { lsn: 2 })
+            s.admit(&[rec(3, 2, 1), rec(5, 4, 9)]),
+            Err(SegmentError::Conflict { lsn: 5 })
         );
-        assert_eq!(s.record(2).copied(), before);
+        assert_eq!(s.record(5).copied(), before);
         assert!(s.record(3).is_none(), "a refused batch stores nothing");
+        assert_eq!(s.records_past_scl(), 1);
     }
 
     #[test]
@@ -714,7 +752,7 @@ mod tests {
         assert_eq!(s.scl(), 8);
         // A pending (not yet durable) record in the range, and a waiter on it.
         let a = s.admit(&[rec(9, 8, 1)]).unwrap();
-        assert_eq!(a.new, vec![0]);
+        assert_eq!(a.new, vec![9]);
         let again = s.admit(&[rec(9, 8, 1)]).unwrap();
         assert_eq!(s.defer_ack(again.waits_for, 7), None);
         s.seal(2).unwrap();
@@ -725,7 +763,7 @@ mod tests {
         assert_eq!(s.annulled(), &[(5, 104)]);
         // The in-flight write of 9 completes: it is not brought back, and
         // its waiter was dropped.
-        assert_eq!(s.on_durable(&[(9, 1)]), (vec![], Ok(())));
+        assert_eq!(s.on_durable(&[9], 1), (vec![], Ok(())));
         assert!(s.record(9).is_none());
         assert_eq!(s.scl(), 3);
         // The new writer's chain continues from 3, above the range.
@@ -761,7 +799,9 @@ mod tests {
         let batch = [rec(1, 0, 1), rec(2, 1, 1), rec(3, 2, 1)];
         s.admit(&batch).unwrap();
         assert!(s.writing());
-        s.on_durable(&[(1, 10), (2, 20), (3, 30)]).1.unwrap();
+        s.on_durable(&[1], 10).1.unwrap();
+        s.on_durable(&[2], 20).1.unwrap();
+        s.on_durable(&[3], 30).1.unwrap();
         assert!(!s.writing());
         assert_eq!(s.oldest_log_seq(), Some(10));
         s.annul(&[(1, 2)]);
@@ -797,6 +837,53 @@ mod tests {
         assert_eq!(s.scl(), 3);
     }
 
+    #[test]
+    fn records_past_the_scl_are_counted_through_every_change() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let check = |s: &Segment<u32>, want: usize| {
+            assert_eq!(s.records_past_scl(), want);
+            assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
+        };
+        s.admit(&[rec(1, 0, 1), rec(2, 1, 1)]).unwrap();
+        check(&s, 2);
+        s.on_durable(&[1, 2], 1).1.unwrap();
+        check(&s, 0);
+        // Past a gap (5 links to the missing 4), and a write that fails.
+        put(&mut s, &[rec(5, 4, 1), rec(6, 5, 1)]);
+        check(&s, 2);
+        s.admit(&[rec(7, 6, 1)]).unwrap();
+        check(&s, 3);
+        s.abandon(&[7]);
+        check(&s, 2);
+        // The gap filled: the SCL passes everything.
+        put(&mut s, &[rec(3, 2, 1), rec(4, 3, 1)]);
+        assert_eq!(s.scl(), 6);
+        check(&s, 0);
+        // The SCL rises past a record still being written that it does not
+        // link through (8 and 9 both claim 6).
+        s.admit(&[rec(8, 6, 1)]).unwrap();
+        check(&s, 1);
+        put(&mut s, &[rec(9, 6, 1)]);
+        assert_eq!(s.scl(), 9);
+        check(&s, 0);
+        s.on_durable(&[8], 2).1.unwrap();
+        check(&s, 0);
+        // A truncation takes the SCL back below what is left.
+        s.annul(&[(4, 4)]);
+        assert_eq!(s.scl(), 3);
+        check(&s, 4);
+        s.forget_through(2);
+        check(&s, 4);
+        // Start-up loads records in log order, a gap first.
+        let mut r: Segment<u32> = Segment::new(SEG, 1, 1000);
+        for (lsn, prev) in [(3, 2), (2, 1), (1, 0)] {
+            let e = rec(lsn, prev, 1);
+            r.recover(e.record(), e.encoded(), 1).unwrap();
+        }
+        assert_eq!(r.scl(), 3);
+        check(&r, 0);
+    }
+
     proptest! {
         /// Whatever order, duplication and batching the records arrive in,
         /// the SCL is exactly the end of the longest gap-free durable prefix
@@ -813,7 +900,7 @@ mod tests {
                 lsn += g;
                 lsns.push(lsn);
             }
-            let chain: Vec<(RedoRecord, Vec<u8>)> =
+            let chain: Vec<WireRecord> =
                 lsns.iter().enumerate().map(|(i, &l)| rec(l, if i == 0 { 0 } else { lsns[i - 1] }, 1)).collect();
             let mut s: Segment<u32> = Segment::new(SEG, 1, 10_000);
             let mut arrived = vec![false; chain.len()];
@@ -822,21 +909,19 @@ mod tests {
             for idx in &order {
                 let i = idx.index(chain.len());
                 let a = s.admit(std::slice::from_ref(&chain[i])).unwrap();
-                for &n in &a.new {
-                    let _ = n;
-                    pending.push(chain[i].0.lsn);
-                }
+                pending.extend_from_slice(&a.new);
                 arrived[i] = true;
                 // The log acknowledges in order, some time later.
                 while pending.len() > durable_lag {
                     let l = pending.remove(0);
-                    s.on_durable(&[(l, 1)]).1.unwrap();
+                    s.on_durable(&[l], 1).1.unwrap();
                 }
                 prop_assert!(s.scl() >= last_scl);
+                prop_assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
                 last_scl = s.scl();
             }
             for l in pending.drain(..) {
-                s.on_durable(&[(l, 1)]).1.unwrap();
+                s.on_durable(&[l], 1).1.unwrap();
             }
             let prefix = arrived.iter().take_while(|&&a| a).count();
             let expected = if prefix == 0 { 0 } else { lsns[prefix - 1] };

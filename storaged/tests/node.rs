@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use storaged::client::NodeClient;
 use storaged::proto::{ErrorCode, Message, Role};
-use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use testkit::Daemon;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -85,7 +85,7 @@ async fn append(c: &NodeClient, pg: u32, epoch: u64, records: Vec<RedoRecord>) -
         pg,
         page_bytes: PAGE_BYTES,
         pg_pages: PG_PAGES,
-        records,
+        records: records.into_iter().map(WireRecord::new).collect(),
     })
     .await
     .unwrap()
@@ -228,7 +228,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
                             pg: 0,
                             page_bytes: PAGE_BYTES,
                             pg_pages: PG_PAGES,
-                            records: vec![rec(0, lsn, prev, 3)],
+                            records: vec![WireRecord::new(rec(0, lsn, prev, 3))],
                         })
                         .await
                     {

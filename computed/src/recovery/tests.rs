@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use storaged::proto::{ErrorCode, Message};
-use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::segment::Segment;
 
 use super::*;
@@ -31,13 +31,12 @@ impl FakeSegment {
     }
 
     fn put(&mut self, records: &[RedoRecord]) {
-        let batch: Vec<(RedoRecord, Vec<u8>)> = records.iter().map(|r| (r.clone(), r.encode())).collect();
+        let batch: Vec<WireRecord> = records.iter().cloned().map(WireRecord::new).collect();
         let a = self.seg.admit(&batch).unwrap();
-        let lsns: Vec<(u64, u64)> = a.new.iter().map(|&i| (batch[i].0.lsn, 1)).collect();
-        for &i in &a.new {
-            self.bodies.insert(batch[i].0.lsn, batch[i].0.clone());
+        for r in records.iter().filter(|r| a.new.contains(&r.lsn)) {
+            self.bodies.insert(r.lsn, r.clone());
         }
-        self.seg.on_durable(&lsns).1.unwrap();
+        self.seg.on_durable(&a.new, 1).1.unwrap();
     }
 
     fn status(&self, pg: u32) -> Message {
@@ -155,7 +154,7 @@ impl Fake {
                 if let Err(e) = s.seg.check_epoch(epoch) {
                     return Message::error(ErrorCode::EpochNotInstalled, 0, e.to_string());
                 }
-                s.put(&records);
+                s.put(&records.into_iter().map(WireRecord::into_record).collect::<Vec<_>>());
                 Message::AppendAck {
                     volume: VOLUME,
                     pg,
@@ -419,7 +418,7 @@ fn dead_recovery_then(installed: bool) {
                 pg,
                 page_bytes: PAGE_BYTES,
                 pg_pages: PG_PAGES,
-                records,
+                records: records.into_iter().map(WireRecord::new).collect(),
             },
         );
         assert!(matches!(reply, Message::AppendAck { .. }), "{reply:?}");

@@ -30,7 +30,7 @@ use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::ErrorCode;
-use crate::record::{LogEntry, RecordBody, RedoRecord, SegmentId};
+use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
 use crate::segment::{LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
@@ -619,27 +619,22 @@ impl Node {
 
     /// Append a batch of one segment's records (LSNs increasing, all of
     /// `id`); returns the segment's SCL once every record of the batch is
-    /// durable.
+    /// durable. Each record's encoding goes to the log as it is (the bytes
+    /// the frame carried, for a batch the server decoded): nothing is
+    /// encoded again.
     pub async fn append(
         &self,
         id: SegmentId,
         epoch: u64,
         geometry: PageGeometry,
-        records: Vec<RedoRecord>,
+        records: Vec<WireRecord>,
     ) -> Result<u64, NodeError> {
         geometry.check()?;
-        for r in &records {
+        for r in records.iter().map(WireRecord::record) {
             geometry.local(id.pg, r.page)?;
             check_body(&r.body, geometry.page_bytes as usize)
                 .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;
         }
-        let batch: Vec<(RedoRecord, Vec<u8>)> = records
-            .into_iter()
-            .map(|r| {
-                let e = r.encode();
-                (r, e)
-            })
-            .collect();
         let durable = {
             let mut st = self.state();
             let gap_max = self.config.gap_records_max;
@@ -681,7 +676,7 @@ impl Node {
             // Again, under the same lock as the admission: a newer epoch may
             // have arrived while this one was being made durable.
             s.seg.check_epoch(epoch)?;
-            let admitted = s.seg.admit(&batch)?;
+            let admitted = s.seg.admit(&records)?;
             // The records will start at or after the log's next seq: keep the
             // log from being released past it until they are marked durable.
             let pin = log.next_seq;
@@ -691,33 +686,31 @@ impl Node {
             (admitted, pin)
         };
         if !admitted.new.is_empty() {
-            let lsns: Vec<u64> = admitted.new.iter().map(|&i| batch[i].0.lsn).collect();
-            let mut batch = batch;
-            let entries: Vec<Vec<u8>> = admitted.new.iter().map(|&i| std::mem::take(&mut batch[i].1)).collect();
+            // Split the new records: their encodings go to the log as they
+            // are, their bodies wait here to move into memory once durable
+            // (no copy, and nothing but moves under the lock).
+            let mut entries = Vec::with_capacity(admitted.new.len());
+            let mut bodies = Vec::with_capacity(admitted.new.len());
+            let mut new = admitted.new.iter().peekable();
+            for r in records {
+                if new.next_if_eq(&&r.record().lsn).is_some() {
+                    let (record, encoded) = r.into_parts();
+                    entries.push(encoded);
+                    bodies.push((record.page, record.lsn, record.body));
+                }
+            }
+            debug_assert_eq!(bodies.len(), admitted.new.len(), "new records are the batch's");
             let seq = match self.log.append_many(entries).await {
                 Ok(seq) => seq,
                 Err(e) => {
                     let mut st = self.state();
                     st.unpin(pin);
                     if let Some(s) = st.segments.get_mut(&id) {
-                        s.seg.abandon(&lsns);
+                        s.seg.abandon(&admitted.new);
                     }
                     return Err(e.into());
                 }
             };
-            // The bodies move into memory as they are: no copy under the lock.
-            let bodies: Vec<(u64, u64, RecordBody)> = admitted
-                .new
-                .iter()
-                .map(|&i| {
-                    let r = &mut batch[i].0;
-                    let empty = RecordBody::PageDelta {
-                        offset: 0,
-                        bytes: Vec::new(),
-                    };
-                    (r.page, r.lsn, std::mem::replace(&mut r.body, empty))
-                })
-                .collect();
             let (ready, linked) = {
                 let mut st = self.state();
                 st.unpin(pin);
@@ -733,8 +726,7 @@ impl Node {
                 let added = s.hot.bytes() - before;
                 // Every record of the call starts at or after `seq`: a safe
                 // position to keep the log from.
-                let durable: Vec<(u64, u64)> = lsns.iter().map(|&l| (l, seq)).collect();
-                let out = s.seg.on_durable(&durable);
+                let out = s.seg.on_durable(&admitted.new, seq);
                 st.hot_bytes += added;
                 out
             };

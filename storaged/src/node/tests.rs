@@ -12,6 +12,11 @@ use crate::io::sim::{SimDisk, SimFaults};
 use crate::log::mkfs::{FormatOptions, format};
 use crate::record::RecordBody;
 
+/// The records as `Node::append` takes them, each with its encoding.
+fn wire(records: Vec<RedoRecord>) -> Vec<WireRecord> {
+    records.into_iter().map(WireRecord::new).collect()
+}
+
 const SEG: SegmentId = SegmentId { volume: 5, pg: 1 };
 const GEOMETRY: PageGeometry = PageGeometry {
     page_bytes: 4096,
@@ -83,7 +88,7 @@ fn model(records: &[RedoRecord], page: u64, read_point: u64) -> (Vec<u8>, u64) {
 
 async fn append_all(node: &Node, records: &[RedoRecord]) {
     for chunk in records.chunks(9) {
-        let scl = node.append(SEG, 1, GEOMETRY, chunk.to_vec()).await.unwrap();
+        let scl = node.append(SEG, 1, GEOMETRY, wire(chunk.to_vec())).await.unwrap();
         assert_eq!(scl, chunk.last().unwrap().lsn);
     }
 }
@@ -170,7 +175,12 @@ async fn coalescing_follows_pgmrpl_and_reads_combine_versions_with_hot_records()
         Err(NodeError::PageOutOfRange { .. })
     ));
     // A re-send of a coalesced record is recognised, not stored again.
-    assert_eq!(node.append(SEG, 1, GEOMETRY, recs[10..12].to_vec()).await.unwrap(), 300);
+    assert_eq!(
+        node.append(SEG, 1, GEOMETRY, wire(recs[10..12].to_vec()))
+            .await
+            .unwrap(),
+        300
+    );
 
     // Restart: the table says where each chain continues; the log after it
     // is replayed, and pages read the same.
@@ -211,7 +221,7 @@ async fn coalescing_frees_the_log_so_appends_never_run_out_of_it() {
     for chunk in recs.chunks(4) {
         let last = chunk.last().unwrap().lsn;
         loop {
-            match node.append(SEG, 1, GEOMETRY, chunk.to_vec()).await {
+            match node.append(SEG, 1, GEOMETRY, wire(chunk.to_vec())).await {
                 Ok(scl) => {
                     assert_eq!(scl, last);
                     break;
@@ -316,9 +326,9 @@ async fn geometry_is_checked_and_the_page_store_has_limits() {
         page_bytes: 8192,
         ..GEOMETRY
     };
-    node.append(SEG, 1, GEOMETRY, recs[..1].to_vec()).await.unwrap();
+    node.append(SEG, 1, GEOMETRY, wire(recs[..1].to_vec())).await.unwrap();
     assert!(matches!(
-        node.append(SEG, 1, other, recs[1..2].to_vec()).await,
+        node.append(SEG, 1, other, wire(recs[1..2].to_vec())).await,
         Err(NodeError::BadGeometry(_))
     ));
     let odd = PageGeometry {
@@ -326,7 +336,7 @@ async fn geometry_is_checked_and_the_page_store_has_limits() {
         ..GEOMETRY
     };
     assert!(matches!(
-        node.append(SegmentId { volume: 5, pg: 2 }, 1, odd, recs[..1].to_vec())
+        node.append(SegmentId { volume: 5, pg: 2 }, 1, odd, wire(recs[..1].to_vec()))
             .await,
         Err(NodeError::BadGeometry(_))
     ));
@@ -340,7 +350,7 @@ async fn geometry_is_checked_and_the_page_store_has_limits() {
     r.segment = seg;
     r.page = 0;
     assert!(matches!(
-        node.append(seg, 1, huge, vec![r]).await,
+        node.append(seg, 1, huge, wire(vec![r])).await,
         Err(NodeError::PageStoreFull { .. })
     ));
     assert!(matches!(node.status(seg, 0), Err(NodeError::UnknownSegment(..))));
@@ -360,15 +370,24 @@ async fn seal_and_truncate_fence_the_old_writer_and_annul_its_range_across_resta
     assert_eq!(node.set_pgmrpl(SEG, 1, 20).await.unwrap(), 20);
 
     // An append at an epoch the segment has not installed is refused.
-    let err = node.append(SEG, 2, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    let err = node
+        .append(SEG, 2, GEOMETRY, wire(records(61, 61, 3)))
+        .await
+        .unwrap_err();
     assert_eq!(err.wire_code().0, ErrorCode::EpochNotInstalled);
     // Sealed at 2: the old writer (epoch 1) is refused, and so is epoch 2
     // until the truncation comes.
     let st = node.seal(SEG, 2, GEOMETRY).await.unwrap();
     assert_eq!((st.epoch, st.installed_epoch, st.scl), (2, 1, 60));
-    let err = node.append(SEG, 1, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    let err = node
+        .append(SEG, 1, GEOMETRY, wire(records(61, 61, 3)))
+        .await
+        .unwrap_err();
     assert_eq!(err.wire_code(), (ErrorCode::StaleEpoch, 2));
-    let err = node.append(SEG, 2, GEOMETRY, records(61, 61, 3)).await.unwrap_err();
+    let err = node
+        .append(SEG, 2, GEOMETRY, wire(records(61, 61, 3)))
+        .await
+        .unwrap_err();
     assert_eq!(err.wire_code().0, ErrorCode::EpochNotInstalled);
     // What recovery reads: the chain above a point, up to the SCL.
     let (scl, chain) = node.read_records(SEG, 2, 40, 1 << 20).unwrap();
@@ -390,7 +409,7 @@ async fn seal_and_truncate_fence_the_old_writer_and_annul_its_range_across_resta
     // The new writer's chain goes on from 45, above the range.
     let mut new = records(1001, 1010, 4);
     new[0].prev_lsn_pg = 45;
-    assert_eq!(node.append(SEG, 2, GEOMETRY, new.clone()).await.unwrap(), 1010);
+    assert_eq!(node.append(SEG, 2, GEOMETRY, wire(new.clone())).await.unwrap(), 1010);
     node.shutdown().await;
 
     let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
@@ -422,10 +441,13 @@ async fn records_resent_after_a_truncation_survive_a_restart() {
     node.seal(SEG, 3, GEOMETRY).await.unwrap();
     let st = node.truncate(SEG, 3, vec![(61, 2000)]).await.unwrap();
     assert_eq!(st.annulled, vec![(61, 2000)], "B's set replaces A's");
-    assert_eq!(node.append(SEG, 3, GEOMETRY, old[45..].to_vec()).await.unwrap(), 60);
+    assert_eq!(
+        node.append(SEG, 3, GEOMETRY, wire(old[45..].to_vec())).await.unwrap(),
+        60
+    );
     let mut new = records(2001, 2005, 4);
     new[0].prev_lsn_pg = 60;
-    assert_eq!(node.append(SEG, 3, GEOMETRY, new.clone()).await.unwrap(), 2005);
+    assert_eq!(node.append(SEG, 3, GEOMETRY, wire(new.clone())).await.unwrap(), 2005);
     node.shutdown().await;
 
     let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
@@ -481,4 +503,48 @@ async fn a_seal_racing_a_truncation_leaves_memory_and_disk_agreeing() {
         );
         node.shutdown().await;
     }
+}
+
+/// What a frame carried is what the log holds: each new record's bytes,
+/// exactly as `encode` makes them, once, in LSN order; a re-send adds nothing.
+#[tokio::test(start_paused = true)]
+async fn the_log_holds_each_records_bytes_as_the_frame_carried_them() {
+    use crate::proto::{FRAME_BYTES_MAX, Message, decode_frame, encode_frame};
+    let disk = formatted(16 << 20, 1 << 20, 5).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 40, 5);
+    for chunk in recs.chunks(7) {
+        let sent = Message::Append {
+            volume: SEG.volume,
+            epoch: 1,
+            pg: SEG.pg,
+            page_bytes: GEOMETRY.page_bytes,
+            pg_pages: GEOMETRY.pg_pages,
+            records: wire(chunk.to_vec()),
+        };
+        let mut frame = Vec::new();
+        encode_frame(9, &sent, &mut frame).unwrap();
+        let (received, _) = decode_frame(&frame, FRAME_BYTES_MAX).unwrap().unwrap();
+        let Message::Append { records, .. } = received.message else {
+            panic!("not an Append: {:?}", received.message);
+        };
+        for (r, original) in records.iter().zip(chunk) {
+            assert_eq!(r.record(), original);
+            assert_eq!(r.encoded(), original.encode(), "kept bytes are the encoding");
+        }
+        node.append(SEG, 1, GEOMETRY, records).await.unwrap();
+    }
+    assert_eq!(
+        node.append(SEG, 1, GEOMETRY, wire(recs[3..5].to_vec())).await.unwrap(),
+        40
+    );
+    node.shutdown().await;
+    let mut entries = Vec::new();
+    let opened = LogEngine::open(disk.clone(), config().log, |_, entry| entries.push(entry))
+        .await
+        .unwrap();
+    drop(opened.engine);
+    opened.driver.await.unwrap();
+    let want: Vec<Vec<u8>> = recs.iter().map(RedoRecord::encode).collect();
+    assert_eq!(entries, want);
 }

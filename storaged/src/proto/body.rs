@@ -11,7 +11,7 @@ use super::ERROR_MESSAGE_BYTES_MAX;
 use super::error::ProtoError;
 use super::message::{ErrorCode, Message, MessageType, Role};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
-use crate::record::{RedoRecord, SegmentId};
+use crate::record::{RedoRecord, SegmentId, WireRecord};
 use crate::segment::ANNULLED_RANGES_MAX;
 
 /// Fixed part of each body; the variable part (if any) follows it.
@@ -32,10 +32,13 @@ const RECORDS_FIXED_BYTES: usize = 24;
 const RANGE_BYTES: usize = 16;
 const ERROR_FIXED_BYTES: usize = 12;
 
-// The decoder sizes a batch's `Vec<RedoRecord>` from the declared count, which
-// it first bounds by the body (a record is at least RECORD_HEADER_BYTES on the
-// wire). This keeps that allocation within twice the bytes received.
-const _: () = assert!(size_of::<RedoRecord>() <= 2 * RECORD_HEADER_BYTES);
+// The decoder sizes a batch's `Vec<WireRecord>` (or `Vec<RedoRecord>`)
+// from the declared count, which it first bounds by the body (a record is at
+// least RECORD_HEADER_BYTES on the wire). This keeps that allocation within
+// twice the bytes received. (An Append's records also keep a copy of their
+// bytes, which the node would otherwise have made by encoding them.)
+const _: () = assert!(size_of::<WireRecord>() <= 2 * RECORD_HEADER_BYTES);
+const _: () = assert!(size_of::<RedoRecord>() <= size_of::<WireRecord>());
 
 impl Message {
     /// Bytes the body takes on the wire.
@@ -44,7 +47,7 @@ impl Message {
             Message::Hello { .. } => HELLO_BYTES,
             Message::HelloOk { .. } => HELLO_OK_BYTES,
             Message::Append { records, .. } => {
-                APPEND_FIXED_BYTES + records.iter().map(RedoRecord::encoded_len).sum::<usize>()
+                APPEND_FIXED_BYTES + records.iter().map(|r| r.encoded().len()).sum::<usize>()
             }
             Message::AppendAck { .. } => APPEND_ACK_BYTES,
             Message::GetPage { .. } => GET_PAGE_BYTES,
@@ -78,7 +81,7 @@ impl Message {
                     return Err(ProtoError::EmptyBatch);
                 }
                 let mut prev_lsn = None;
-                for (index, record) in records.iter().enumerate() {
+                for (index, record) in records.iter().map(WireRecord::record).enumerate() {
                     check_record(record).map_err(|source| ProtoError::BadRecord { index, source })?;
                     check_batch_order(batch, prev_lsn, index, record)?;
                     prev_lsn = Some(record.lsn);
@@ -162,7 +165,7 @@ impl Message {
             } => {
                 Message::encode_append_fixed(out, *volume, *epoch, *pg, *page_bytes, *pg_pages, records.len());
                 for record in records {
-                    record.encode_into(out);
+                    out.extend_from_slice(record.encoded());
                 }
             }
             Message::AppendAck { volume, pg, scl } => {
@@ -429,7 +432,8 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     if declared == 0 {
         return Err(ProtoError::EmptyBatch);
     }
-    let records = read_batch(&mut r, SegmentId { volume, pg }, declared)?;
+    // The node writes each record's bytes to its log as they came.
+    let records = read_batch(&mut r, SegmentId { volume, pg }, declared, WireRecord::decode_prefix)?;
     r.finish()?;
     Ok(Message::Append {
         volume,
@@ -441,8 +445,14 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     })
 }
 
-/// `declared` records of segment `batch`, in LSN order, from the front of `r`.
-fn read_batch(r: &mut Reader<'_>, batch: SegmentId, declared: u32) -> Result<Vec<RedoRecord>, ProtoError> {
+/// `declared` records of segment `batch`, in LSN order, from the front of
+/// `r`, each decoded by `decode` (a record, or a record with its bytes).
+fn read_batch<T: AsRef<RedoRecord>>(
+    r: &mut Reader<'_>,
+    batch: SegmentId,
+    declared: u32,
+    decode: impl Fn(&[u8]) -> Result<(T, usize), RecordError>,
+) -> Result<Vec<T>, ProtoError> {
     // The count is the peer's word; the body is what arrived. Bound the count
     // by the body before it sizes an allocation.
     let room = r.rest().len() / RECORD_HEADER_BYTES;
@@ -454,11 +464,10 @@ fn read_batch(r: &mut Reader<'_>, batch: SegmentId, declared: u32) -> Result<Vec
     for index in 0..declared as usize {
         // Fewer records than declared shows up here as a truncated record;
         // more shows up in `finish` as trailing bytes.
-        let (record, used) =
-            RedoRecord::decode_prefix(r.rest()).map_err(|source| ProtoError::BadRecord { index, source })?;
+        let (record, used) = decode(r.rest()).map_err(|source| ProtoError::BadRecord { index, source })?;
         r.take(used)?;
-        check_batch_order(batch, prev_lsn, index, &record)?;
-        prev_lsn = Some(record.lsn);
+        check_batch_order(batch, prev_lsn, index, record.as_ref())?;
+        prev_lsn = Some(record.as_ref().lsn);
         records.push(record);
     }
     Ok(records)
@@ -469,7 +478,7 @@ fn decode_records(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     let pg = r.u32()?;
     let scl = r.u64()?;
     let declared = r.u32()?;
-    let records = read_batch(&mut r, SegmentId { volume, pg }, declared)?;
+    let records = read_batch(&mut r, SegmentId { volume, pg }, declared, RedoRecord::decode_prefix)?;
     r.finish()?;
     Ok(Message::Records {
         volume,

@@ -2,7 +2,7 @@
 //! carry. How each is laid out on the wire is in `body`.
 
 use super::ERROR_MESSAGE_BYTES_MAX;
-use crate::record::RedoRecord;
+use crate::record::{RedoRecord, WireRecord};
 
 /// The message type byte of a frame. Requests are odd, their replies the next
 /// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
@@ -147,14 +147,16 @@ pub enum Message {
     /// `page_bytes` and `pg_pages` are the volume's geometry: the segment
     /// holds pages `pg * pg_pages .. (pg + 1) * pg_pages` of `page_bytes`
     /// each. The first Append creates the segment with them; later ones
-    /// must repeat them.
+    /// must repeat them. Each record comes with its encoding (the bytes the
+    /// frame carried, on the receiving side), which the node writes to its
+    /// log as it is; build one with `WireRecord::new`.
     Append {
         volume: u64,
         epoch: u64,
         pg: u32,
         page_bytes: u32,
         pg_pages: u64,
-        records: Vec<RedoRecord>,
+        records: Vec<WireRecord>,
     },
     AppendAck {
         volume: u64,

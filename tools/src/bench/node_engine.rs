@@ -25,7 +25,7 @@ use storaged::client::NodeClient;
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
 use storaged::proto::{Message, Role};
-use storaged::record::{RECORD_HEADER_BYTES, RecordBody, RedoRecord, SegmentId};
+use storaged::record::{RECORD_HEADER_BYTES, RecordBody, RedoRecord, SegmentId, WireRecord};
 
 use super::log_engine::{entry_bytes_for, open_or_create};
 use super::stats::{DirStats, JobStats};
@@ -181,7 +181,7 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
                             pg,
                             page_bytes: PAGE_BYTES,
                             pg_pages: PG_PAGES,
-                            records: vec![record],
+                            records: vec![WireRecord::new(record)],
                         })
                         .await?;
                     match reply {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use storaged::client::NodeClient;
 use storaged::proto::{Message, Role};
-use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 
 use super::super::BenchArgs;
 use super::super::stats::{DirStats, JobStats};
@@ -50,7 +50,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<JobStats>> {
                     pg,
                     page_bytes,
                     pg_pages: pages,
-                    records,
+                    records: records.into_iter().map(WireRecord::new).collect(),
                 })
                 .await?
             {

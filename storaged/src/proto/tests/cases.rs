@@ -2,7 +2,7 @@
 
 use super::{decode, encode, raw_frame, record, u64s};
 use crate::proto::*;
-use crate::record::{RecordError, RedoRecord};
+use crate::record::{RecordError, RedoRecord, WireRecord};
 
 // --- frame envelope --------------------------------------------------------
 
@@ -287,7 +287,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
         pg: 2,
         page_bytes: 8192,
         pg_pages: 1024,
-        records: vec![bad_backlink],
+        records: vec![WireRecord::new(bad_backlink)],
     };
     assert!(matches!(
         encode_frame(1, &msg, &mut out),
@@ -331,7 +331,7 @@ fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
         pg: 2,
         page_bytes: 8192,
         pg_pages: 1024,
-        records,
+        records: records.into_iter().map(WireRecord::new).collect(),
     };
     let mut theirs = Vec::new();
     encode_frame(77, &msg, &mut theirs).unwrap();

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use crate::proto::{ErrorCode, Message, Role};
-use crate::record::{RecordBody, RedoRecord, SegmentId};
+use crate::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 
 fn arb_role() -> impl Strategy<Value = Role> {
     prop_oneof![Just(Role::Computed), Just(Role::StorageNode), Just(Role::Operator)]
@@ -80,7 +80,7 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 pg,
                 page_bytes,
                 pg_pages,
-                records,
+                records: records.into_iter().map(WireRecord::new).collect(),
             }
         }),
         (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck { volume, pg, scl }),
