@@ -351,39 +351,3 @@ fn error_reply(e: &NodeError) -> Message {
     let (code, epoch) = e.wire_code();
     Message::error(code, epoch, e.to_string())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::io::sim::{SimDisk, SimFaults};
-    use crate::log::mkfs::{FormatOptions, format};
-
-    /// The bound `request` keeps to: with the task's own fields (about 64
-    /// bytes) a request's allocation stays within glibc's per-thread cache
-    /// (1032 bytes). Not a correctness rule: if a change to `Node` needs
-    /// more, weigh that against malloc's large-request path per request.
-    const REQUEST_FUTURE_BYTES_MAX: usize = 960;
-
-    #[tokio::test]
-    async fn a_request_in_flight_stays_a_small_allocation() {
-        let disk = Arc::new(SimDisk::new(16 << 20, 1, SimFaults::none()));
-        let options = FormatOptions {
-            node_id: 1,
-            log_bytes: Some(1 << 20),
-            force: false,
-        };
-        format(disk.as_ref(), options).await.unwrap();
-        let (node, _) = Node::open(disk, super::super::NodeConfig::default()).await.unwrap();
-        let msg = Message::GetSegmentStatus {
-            volume: 1,
-            epoch: 1,
-            pg: 1,
-        };
-        let bytes = std::mem::size_of_val(&request(&node, 7, msg));
-        assert!(
-            bytes <= REQUEST_FUTURE_BYTES_MAX,
-            "a request's future is {bytes} bytes, over {REQUEST_FUTURE_BYTES_MAX}"
-        );
-        node.shutdown().await;
-    }
-}
