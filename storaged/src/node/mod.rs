@@ -139,6 +139,8 @@ pub enum NodeError {
     BadRecord { lsn: u64, source: ApplyError },
     #[error("{0}")]
     BadGeometry(String),
+    #[error("a batch's records must be of its segment and in increasing LSN order: {0}")]
+    BadBatch(String),
     #[error("page {page} is not in pg {pg} (it holds pages {first}..{end})")]
     PageOutOfRange { page: u64, pg: u32, first: u64, end: u64 },
     #[error("read point {read_point} is above the segment's SCL {scl}: ask a segment that has caught up")]
@@ -179,7 +181,9 @@ impl NodeError {
             }
             NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
             NodeError::Log(_) | NodeError::Table(_) | NodeError::Io(_) => (ErrorCode::Internal, 0),
-            NodeError::BadRecord { .. } | NodeError::BadGeometry(_) => (ErrorCode::BadRequest, 0),
+            NodeError::BadRecord { .. } | NodeError::BadGeometry(_) | NodeError::BadBatch(_) => {
+                (ErrorCode::BadRequest, 0)
+            }
             NodeError::PageOutOfRange { .. } => (ErrorCode::PageOutOfRange, 0),
             NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
             NodeError::ReadPointBelowPgmrpl { .. } => (ErrorCode::ReadPointBelowPgmrpl, 0),
@@ -630,7 +634,18 @@ impl Node {
         records: Vec<WireRecord>,
     ) -> Result<u64, NodeError> {
         geometry.check()?;
+        // The wire decoder refuses such batches; a caller in-process must
+        // not get past this either: admission and the split below pair a
+        // batch's records with their LSNs in order.
+        let mut prev = None;
         for r in records.iter().map(WireRecord::record) {
+            if r.segment != id || prev.is_some_and(|p| r.lsn <= p) {
+                return Err(NodeError::BadBatch(format!(
+                    "record at LSN {} (segment {:?}) after LSN {prev:?} in a batch of {id:?}",
+                    r.lsn, r.segment
+                )));
+            }
+            prev = Some(r.lsn);
             geometry.local(id.pg, r.page)?;
             check_body(&r.body, geometry.page_bytes as usize)
                 .map_err(|source| NodeError::BadRecord { lsn: r.lsn, source })?;

@@ -357,6 +357,30 @@ async fn geometry_is_checked_and_the_page_store_has_limits() {
     node.shutdown().await;
 }
 
+/// A batch out of LSN order, with a record twice, or with another
+/// segment's record is refused whole, by an in-process caller as by the
+/// wire decoder: nothing of it is admitted or written.
+#[tokio::test]
+async fn a_batch_out_of_order_or_of_two_segments_is_refused_whole() {
+    let disk = formatted(8 << 20, 1 << 20, 6).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 4, 6);
+    node.append(SEG, 1, GEOMETRY, wire(recs[..1].to_vec())).await.unwrap();
+    let mut foreign = recs[2].clone();
+    foreign.segment = SegmentId { volume: 9, pg: 0 };
+    for bad in [
+        vec![recs[2].clone(), recs[1].clone()],
+        vec![recs[1].clone(), recs[1].clone()],
+        vec![recs[1].clone(), foreign],
+    ] {
+        let refused = node.append(SEG, 1, GEOMETRY, wire(bad)).await;
+        assert!(matches!(refused, Err(NodeError::BadBatch(_))), "{refused:?}");
+    }
+    let status = node.status(SEG, 1).unwrap();
+    assert_eq!((status.scl, status.highest_lsn, status.records), (1, 1, 1));
+    node.shutdown().await;
+}
+
 /// A recovering writer seals the segment (the old writer is refused from
 /// then on), truncates it (the range is annulled, durably) and writes at
 /// the new epoch; after a restart the annulled records stay gone even
