@@ -29,7 +29,7 @@ use crate::log::layout::block_offset;
 use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
-use crate::proto::ErrorCode;
+use crate::proto::{self, ErrorCode, ProtoError};
 use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
 use crate::segment::{LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
@@ -139,8 +139,8 @@ pub enum NodeError {
     BadRecord { lsn: u64, source: ApplyError },
     #[error("{0}")]
     BadGeometry(String),
-    #[error("a batch's records must be of its segment and in increasing LSN order: {0}")]
-    BadBatch(String),
+    #[error("{0}")]
+    BadBatch(ProtoError),
     #[error("page {page} is not in pg {pg} (it holds pages {first}..{end})")]
     PageOutOfRange { page: u64, pg: u32, first: u64, end: u64 },
     #[error("read point {read_point} is above the segment's SCL {scl}: ask a segment that has caught up")]
@@ -638,13 +638,8 @@ impl Node {
         // not get past this either: admission and the split below pair a
         // batch's records with their LSNs in order.
         let mut prev = None;
-        for r in records.iter().map(WireRecord::record) {
-            if r.segment != id || prev.is_some_and(|p| r.lsn <= p) {
-                return Err(NodeError::BadBatch(format!(
-                    "record at LSN {} (segment {:?}) after LSN {prev:?} in a batch of {id:?}",
-                    r.lsn, r.segment
-                )));
-            }
+        for (index, r) in records.iter().map(WireRecord::record).enumerate() {
+            proto::check_batch_order(id, prev, index, r).map_err(NodeError::BadBatch)?;
             prev = Some(r.lsn);
             geometry.local(id.pg, r.page)?;
             check_body(&r.body, geometry.page_bytes as usize)

@@ -498,7 +498,8 @@ fn put_ranges(out: &mut Vec<u8>, ranges: &[(u64, u64)]) {
 }
 
 /// A batch holds one segment's records in strictly increasing LSN order.
-fn check_batch_order(
+/// Also the node's check of a batch handed to it in-process.
+pub(crate) fn check_batch_order(
     batch: SegmentId,
     prev_lsn: Option<u64>,
     index: usize,

@@ -17,6 +17,7 @@
 //! - `error`: what can be wrong with received bytes, and the code to answer with.
 
 mod body;
+pub(crate) use body::check_batch_order;
 mod error;
 mod frame;
 mod message;
