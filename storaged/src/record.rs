@@ -498,20 +498,28 @@ mod tests {
         u32::from_le_bytes(encoded[52..56].try_into().unwrap()) as usize
     }
 
-    #[test]
-    fn a_non_zero_reserved_field_is_refused() {
-        let r = RedoRecord {
+    /// Record 10 of segment (1, 2), on page 3, after 9.
+    fn record_10(cpl: bool, body: RecordBody) -> RedoRecord {
+        RedoRecord {
             segment: SegmentId { volume: 1, pg: 2 },
             lsn: 10,
             prev_lsn_pg: 9,
             prev_lsn_page: 0,
             page: 3,
-            cpl: false,
-            body: RecordBody::PageDelta {
+            cpl,
+            body,
+        }
+    }
+
+    #[test]
+    fn a_non_zero_reserved_field_is_refused() {
+        let r = record_10(
+            false,
+            RecordBody::PageDelta {
                 offset: 5,
                 bytes: vec![7; 3],
             },
-        };
+        );
         let mut bytes = r.encode();
         assert_eq!(&bytes[14..16], &[0, 0]);
         bytes[15] = 1;
@@ -522,15 +530,7 @@ mod tests {
 
     #[test]
     fn corrupt_length_is_bounded() {
-        let r = RedoRecord {
-            segment: SegmentId { volume: 1, pg: 2 },
-            lsn: 10,
-            prev_lsn_pg: 9,
-            prev_lsn_page: 0,
-            page: 3,
-            cpl: true,
-            body: RecordBody::PageImage(vec![1; 10]),
-        };
+        let r = record_10(true, RecordBody::PageImage(vec![1; 10]));
         let mut bytes = r.encode();
         bytes[52..56].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(
