@@ -435,6 +435,21 @@ fn spawn_daemon(started: &mut Started, dir: &Path, name: &str, bin: &Path, args:
 
 /// Wait until every daemon's log says "listening on"; fail naming the log
 /// of one that exits or stays silent.
+/// Whether a daemon's log holds its ready line ("storaged: node N listening
+/// on ADDR", "computed: listening on ADDR"). Not any "listening on": the
+/// error a daemon dies with when its port is taken says "error: listening
+/// on ADDR: Address already in use", and a log read between that line and
+/// the exit took the dead daemon for a live one.
+fn announces_listening(log: &str) -> bool {
+    log.lines().any(|line| {
+        let ready = line
+            .strip_prefix("storaged: node ")
+            .and_then(|rest| rest.split_once(' '))
+            .is_some_and(|(id, rest)| id.parse::<u64>().is_ok() && rest.starts_with("listening on "));
+        ready || line.starts_with("computed: listening on ")
+    })
+}
+
 fn wait_listening(started: &mut Started, from: usize) -> Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut ready = vec![false; started.daemons.len()];
@@ -452,7 +467,7 @@ fn wait_listening(started: &mut Started, from: usize) -> Result<()> {
                 );
             }
             let text = std::fs::read_to_string(&d.log).unwrap_or_default();
-            ready[i] = text.contains("listening on");
+            ready[i] = announces_listening(&text);
         }
         if ready.iter().skip(from).all(|&r| r) {
             return Ok(());
@@ -701,6 +716,22 @@ impl Drop for DownOnDrop {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_daemons_ready_line_counts_as_listening() {
+        use super::announces_listening;
+        assert!(announces_listening(
+            "INFO recovered\nstoraged: node 3 listening on 127.0.0.1:7103\n"
+        ));
+        assert!(announces_listening("computed: listening on 127.0.0.1:7100\n"));
+        assert!(!announces_listening(
+            "storaged: error: listening on 127.0.0.1:7103: Address already in use (os error 98)\n"
+        ));
+        assert!(!announces_listening(
+            "computed: error: listening on 127.0.0.1:7100: Address already in use (os error 98)\n"
+        ));
+        assert!(!announces_listening(""));
+    }
+
     use super::*;
 
     #[test]
