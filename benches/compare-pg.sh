@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Commits through storbench's cluster engine against PostgreSQL and the device
 # limit, on one machine in one run: prints the figures side by side and the
-# ratios storbench / PostgreSQL, as a table and as JSON (issue 5).
+# ratios storbench / PostgreSQL, as a table and as JSON.
 # Benchmarks are not tests: exits 0 unless a tool is missing or a run fails; a
 # storbench without the cluster engine is not a failure (its rows say n/a).
 #
@@ -15,13 +15,21 @@
 #                       (initdb in the run's directory, synchronous_commit=on,
 #                       fsync=on); tps, pgbench's average latency, p50/p99
 #                       from the per-transaction logs (-l)
+#   pg-sync-1/-64       the same against the same primary with 5 synchronous
+#                       standbys on this machine (pg_basebackup of the primary,
+#                       streaming replication over --pg-conn, a physical slot
+#                       each, synchronous_standby_names = 'ANY 3 (s1,...,s5)'):
+#                       a commit waits until 4 of the 6 copies have flushed it,
+#                       as a commit through the cluster waits for 4 of 6 segments
 #   storbench-1/-64     storbench --engine cluster --local-cluster 6 --rw commit
 #                       --bs 128, 1 committer and 64 (--iodepth 64, or spread
 #                       over --sb-numjobs jobs); commits/s, clat p50/p99/mean
-# Ratios and issue 5's targets:
+# Ratios, against PostgreSQL with one copy (with the project's targets) and
+# against PostgreSQL with 4 of 6 copies (the same durability as the cluster):
 #   storbench commits/s at 64 / PostgreSQL tps at 64           >= 2
 #   storbench p99 at 64 / PostgreSQL average latency at 64     <= 1
 #   storbench p50 at 1 / PostgreSQL average latency at 1       <= 2
+#   the same three over the pg-sync rows                       (no target)
 #
 # Usage: benches/compare-pg.sh [options]
 #   --runtime S           seconds per measurement (10)
@@ -33,8 +41,8 @@
 #   --sb-numjobs J        storbench's N committers as --iodepth N/J --numjobs J
 #                         --group_reporting (1)
 #   --storbench-flags S   extra flags for every storbench run (word-split)
-#   --pg-conn unix|tcp    pgbench connects over the unix socket in the run's
-#                         directory or to 127.0.0.1 (unix)
+#   --pg-conn unix|tcp    pgbench and the standbys connect over the unix socket
+#                         in the run's directory or to 127.0.0.1 (unix)
 #   --json FILE           also write the JSON to FILE; `-` prints it on stdout
 #                         and moves the table to stderr (repeatable)
 #   --no-build            use the existing target/release binaries
@@ -155,6 +163,9 @@ MADE_DIR=0      # whether this script created $DIR
 CHILD=""        # the measurement running now: its own session and process group
 CHILD_STOP="TERM KILL"  # the signals that stop it, in order
 PG_UP=0
+STANDBYS="s1 s2 s3 s4 s5"  # application names, slot names and data directories under $PGDIR
+SYNC_QUORUM=3              # ANY 3 of the 5, plus the primary: 4 of 6 copies
+STANDBYS_UP=""             # the standbys running now
 
 # shellcheck disable=SC2317  # reached from the traps
 stop_child() {
@@ -172,20 +183,31 @@ stop_child() {
     CHILD=""
 }
 # shellcheck disable=SC2317
+stop_pgdata() { # data directory
+    "${PGRUN[@]}" "$PGBIN/pg_ctl" -D "$1" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+        "${PGRUN[@]}" "$PGBIN/pg_ctl" -D "$1" -m immediate -w -t 10 stop >/dev/null 2>&1 || true
+    if [ -f "$1/postmaster.pid" ]; then
+        local pid; pid="$(head -n 1 "$1/postmaster.pid")"
+        if [[ "$pid" =~ ^[0-9]+$ ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
+    fi
+}
+# shellcheck disable=SC2317
+stop_standbys() {
+    local s
+    for s in $STANDBYS_UP; do stop_pgdata "$PGDIR/$s"; done
+    STANDBYS_UP=""
+}
+# shellcheck disable=SC2317
 stop_pg() {
     [ "$PG_UP" = 1 ] || return 0
     PG_UP=0
-    "${PGRUN[@]}" "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1 ||
-        "${PGRUN[@]}" "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w -t 10 stop >/dev/null 2>&1 || true
-    if [ -f "$PGDATA/postmaster.pid" ]; then
-        local pid; pid="$(head -n 1 "$PGDATA/postmaster.pid")"
-        if [[ "$pid" =~ ^[0-9]+$ ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
-    fi
+    stop_pgdata "$PGDATA"
 }
 # shellcheck disable=SC2317
 cleanup() {
     trap - EXIT INT TERM
     stop_child
+    stop_standbys
     stop_pg
     if [ -n "$RUN" ]; then rm -rf "$RUN"; fi
     if [ "$MADE_DIR" = 1 ]; then rmdir "$DIR" 2>/dev/null || true; fi
@@ -251,11 +273,71 @@ pg_start() {
     PG_UP=1
 }
 if [ "$PG_CONN" = unix ]; then PGHOST_ARG="$PGDIR"; else PGHOST_ARG=127.0.0.1; fi
-psql_c() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGHOST_ARG" -p "$PGPORT" -U postgres -d postgres -c "$1"; }
+psql_c() { # sql [psql flags...]
+    local sql="$1"; shift
+    "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGHOST_ARG" -p "$PGPORT" -U postgres -d postgres "$@" -c "$sql"
+}
 pg_start
 psql_c "create table t (id bigserial primary key, v bytea not null)" >/dev/null
 PG_VERSION="$("$PGBIN/postgres" --version)"
+
+# The standbys: copies of the primary taken now, each with a physical slot so
+# the primary keeps the WAL a standby misses while it is stopped. They run
+# only during the pg-sync rows, so they do not load the other rows.
+if [ "$PG_CONN" = unix ]; then REPL_HOST="$PGDIR"; else REPL_HOST=127.0.0.1; fi
+declare -A STANDBY_PORT
+for s in $STANDBYS; do
+    STANDBY_PORT[$s]="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    log "pg_basebackup into $PGDIR/$s (port ${STANDBY_PORT[$s]})"
+    "${PGRUN[@]}" "$PGBIN/pg_basebackup" -h "$REPL_HOST" -p "$PGPORT" -U postgres -D "$PGDIR/$s" \
+        -X stream -c fast -C -S "$s" >"$OUT/basebackup.$s.log" 2>&1 ||
+        { cat "$OUT/basebackup.$s.log" >&2; die "pg_basebackup for standby $s failed"; }
+    # The copy has the primary's postgresql.conf (same settings, fsync and
+    # max_connections included); a standby differs in its port and its
+    # conninfo. postgresql.auto.conf is read last, so these lines win.
+    "${PGRUN[@]}" tee -a "$PGDIR/$s/postgresql.auto.conf" >/dev/null <<CONF
+port = ${STANDBY_PORT[$s]}
+primary_conninfo = 'host=$REPL_HOST port=$PGPORT user=postgres application_name=$s'
+primary_slot_name = '$s'
+CONF
+    "${PGRUN[@]}" touch "$PGDIR/$s/standby.signal"
+done
 stop_pg
+
+# Starts the standbys, waits until all of them stream from the primary (a
+# standby streams once it has caught up), then makes every commit wait for
+# SYNC_QUORUM of them.
+standbys_start() {
+    local s n=0
+    for s in $STANDBYS; do
+        STANDBYS_UP="$STANDBYS_UP $s"
+        "${PGRUN[@]}" "$PGBIN/pg_ctl" -D "$PGDIR/$s" -l "$PGDIR/$s.log" -w -t 120 start >/dev/null 2>&1 || {
+            cat "$PGDIR/$s.log" >&2 2>/dev/null || true
+            die "standby $s did not start (log above)"
+        }
+    done
+    for _ in $(seq 1 600); do
+        n="$(psql_c "select count(*) from pg_stat_replication where state = 'streaming'" -t -A)"
+        [ "$n" != 5 ] || break
+        sleep 0.2
+    done
+    [ "$n" = 5 ] || die "$n of 5 standbys stream after 120 s (logs: $PGDIR/s?.log)"
+    local names; names="$(echo "$STANDBYS" | tr ' ' ',')"
+    psql_c "alter system set synchronous_standby_names = 'ANY $SYNC_QUORUM ($names)'" >/dev/null
+    psql_c "select pg_reload_conf()" >/dev/null
+    for _ in $(seq 1 100); do
+        n="$(psql_c "select count(*) from pg_stat_replication where sync_state = 'quorum'" -t -A)"
+        [ "$n" != 5 ] || break
+        sleep 0.1
+    done
+    [ "$n" = 5 ] || die "synchronous_standby_names did not take effect ($n of 5 standbys in the quorum)"
+}
+# Back to one copy: commits stop waiting for standbys before they go.
+standbys_stop() {
+    psql_c "alter system reset synchronous_standby_names" >/dev/null
+    psql_c "select pg_reload_conf()" >/dev/null
+    stop_standbys
+}
 # One row of 128 bytes per transaction, a different value each time.
 cat >"$RUN/insert.sql" <<'EOF'
 \set r random(1, 2147483647)
@@ -315,6 +397,12 @@ for round in $(seq 1 "$ROUNDS"); do
     log "round $round/$ROUNDS: pgbench 1 client done"
     pg_run pg-n "$CLIENTS" "$round"
     log "round $round/$ROUNDS: pgbench $CLIENTS clients done"
+    standbys_start
+    pg_run pg-sync-1 1 "$round"
+    log "round $round/$ROUNDS: pgbench 1 client, 5 synchronous standbys done"
+    pg_run pg-sync-n "$CLIENTS" "$round"
+    log "round $round/$ROUNDS: pgbench $CLIENTS clients, 5 synchronous standbys done"
+    standbys_stop
     stop_pg
     sb_run sb-1 1 "$round"
     sb_run sb-n "$CLIENTS" "$round"
@@ -370,7 +458,9 @@ rows = {}
 for name, label in (("fio-dsync-qd1", "fio 4k write dsync qd1"), ("fio-dsync-qd32", "fio 4k write dsync qd32")):
     rows[name] = dict(label=label, unit="IOPS", **median_row([fio_shaped(f"{out}/{name}.{r}.json") for r in range(1, rounds + 1)]))
 for name, key, label in (("pg-1", "pg-1", "PostgreSQL pgbench 1 client"),
-                         ("pg-n", f"pg-{clients}", f"PostgreSQL pgbench {clients} clients")):
+                         ("pg-n", f"pg-{clients}", f"PostgreSQL pgbench {clients} clients"),
+                         ("pg-sync-1", "pg-sync-1", "PostgreSQL 4 of 6 copies, 1 client"),
+                         ("pg-sync-n", f"pg-sync-{clients}", f"PostgreSQL 4 of 6 copies, {clients} clients")):
     rows[key] = dict(label=label, unit="tps", **median_row([pgbench(name, r) for r in range(1, rounds + 1)]))
 sb_reason = None
 for name, key, label in (("sb-1", "storbench-1", "storbench cluster 1 committer"),
@@ -386,14 +476,16 @@ for name, key, label in (("sb-1", "storbench-1", "storbench cluster 1 committer"
         sb_reason = "storbench cluster engine not built" if status == "n/a" else "storbench failed"
         rows[key] = {"label": label, "unit": "commits/s", "status": status, "reason": sb_reason}
 
-def ratio(a, ka, b, kb, target, op):
+def ratio(a, ka, b, kb, target=None, op=None):
     x, y = rows[a].get(ka), rows[b].get(kb)
+    goal = f"{op} {target}" if target is not None else None
     if x is None or y is None or not y:
-        return {"value": None, "target": f"{op} {target}", "met": None, "reason": sb_reason}
+        return {"value": None, "target": goal, "met": None, "reason": sb_reason}
     v = x / y
-    return {"value": v, "target": f"{op} {target}", "met": v >= target if op == ">=" else v <= target}
+    met = None if target is None else (v >= target if op == ">=" else v <= target)
+    return {"value": v, "target": goal, "met": met}
 
-sbn, pgn = f"storbench-{clients}", f"pg-{clients}"
+sbn, pgn, pgsn = f"storbench-{clients}", f"pg-{clients}", f"pg-sync-{clients}"
 ratios = {
     f"commits_per_s_{clients}": dict(ratio(sbn, "ops_per_s", pgn, "ops_per_s", 2, ">="),
         label=f"storbench commits/s / PostgreSQL tps, {clients}"),
@@ -401,6 +493,12 @@ ratios = {
         label=f"storbench p99 / PostgreSQL avg latency, {clients}"),
     "p50_1_vs_pg_mean_1": dict(ratio("storbench-1", "p50_us", "pg-1", "mean_us", 2, "<="),
         label="storbench p50 / PostgreSQL avg latency, 1"),
+    f"commits_per_s_{clients}_vs_pg_sync": dict(ratio(sbn, "ops_per_s", pgsn, "ops_per_s"),
+        label=f"storbench commits/s / PostgreSQL 4-of-6 tps, {clients}"),
+    f"p99_{clients}_vs_pg_sync_mean_{clients}": dict(ratio(sbn, "p99_us", pgsn, "mean_us"),
+        label=f"storbench p99 / PostgreSQL 4-of-6 avg latency, {clients}"),
+    "p50_1_vs_pg_sync_mean_1": dict(ratio("storbench-1", "p50_us", "pg-sync-1", "mean_us"),
+        label="storbench p50 / PostgreSQL 4-of-6 avg latency, 1"),
 }
 
 def f(v, spec=".0f"):
@@ -418,8 +516,10 @@ for r in ratios.values():
     if r["value"] is None:
         verdict = f"n/a ({r['reason']})"
     else:
-        verdict = f"{r['value']:.2f}  target {r['target']}: {'met' if r['met'] else 'NOT met'}"
-    print(f"{r['label']:<48} {verdict}")
+        verdict = f"{r['value']:.2f}"
+        if r["target"] is not None:
+            verdict += f"  target {r['target']}: {'met' if r['met'] else 'NOT met'}"
+    print(f"{r['label']:<56} {verdict}")
 print(f"\n{rounds} round(s) x {runtime} s, medians; {os.cpu_count()} CPUs, {fstype} under {data_dir}; "
       f"{pg_version}; pgbench over {pg_conn}")
 

@@ -1,5 +1,6 @@
 //! The cluster file: one volume, its storage nodes and where each PG's six
-//! segments live. Read by computed, storctl and storbench (INTERFACES.md).
+//! segments live. Read by computed, storctl and storbench; docs/cli.md
+//! describes it key by key.
 //!
 //! ```toml
 //! [volume]

@@ -1,6 +1,7 @@
-//! The writer core: everything computed decides, free of I/O (ARCHITECTURE.md
-//! §3 and §6). It takes inputs — a transaction, a read, a reply from a
-//! segment, a connection going up or down, a tick — and produces
+//! The writer core: everything computed decides, free of I/O
+//! (docs/architecture.md: the write path, and state machines free of I/O).
+//! It takes inputs — a transaction, a read, a reply from a segment, a
+//! connection going up or down, a tick — and produces
 //! [`Output`]s: batches to send, pages to ask for, commits and reads to
 //! answer. The tokio shell (`server`) and the deterministic simulator
 //! (`tests/sim.rs`) both drive it.

@@ -1,4 +1,4 @@
-//! computed: the single writer of a volume (ARCHITECTURE.md §3).
+//! computed: the single writer of a volume (docs/architecture.md, "The write path").
 //!
 //! - [`cluster`]: the cluster file (volume, nodes, placement);
 //! - [`core`]: the sans-IO writer (LSNs, LAL, boxcar, quorum, commit queue, reads),

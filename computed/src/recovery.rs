@@ -1,4 +1,4 @@
-//! Recovery at computed start-up (ARCHITECTURE.md §7), free of I/O like the
+//! Recovery at computed start-up (docs/architecture.md, "Recovery"), free of I/O like the
 //! writer core: it takes connections going up and down, replies and ticks,
 //! and produces requests to send, until it knows where the volume stands.
 //!
@@ -44,7 +44,7 @@ use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, in_ranges, union_ranges};
 use crate::cluster::SEGMENTS_PER_PG;
 use crate::core::EncodedRecord;
 
-/// Read quorum and write quorum of a PG (ARCHITECTURE.md §3).
+/// Read quorum and write quorum of a PG (docs/architecture.md, "Words").
 const READ_QUORUM: usize = 3;
 const WRITE_QUORUM: usize = 4;
 /// No writer allocates more than this above its VDL (the LAL's ceiling,

@@ -1,4 +1,4 @@
-//! The deterministic simulator (ARCHITECTURE.md §6): computed — its
+//! The deterministic simulator (docs/architecture.md, "Testing"): computed — its
 //! recovery (`computed::recovery::Recovery`) and its writer core
 //! (`computed::core::Writer`) — and 8 storage nodes (each hosting segments
 //! built from `storaged::segment::Segment`) in one thread, driven by one seed.

@@ -1,5 +1,6 @@
 //! A segment: one replica of one protection group, as a state machine free
-//! of I/O (ARCHITECTURE.md §6). It owns the PG's record chain and its SCL.
+//! of I/O (docs/architecture.md, "State machines free of I/O"). It owns the
+//! PG's record chain and its SCL.
 //!
 //! Records link to the previous record of their PG (`prev_lsn_pg`). The
 //! segment complete LSN (SCL) is the highest LSN up to which the segment holds
@@ -76,7 +77,7 @@ pub enum SegmentError {
 pub const ANNULLED_RANGES_MAX: usize = 4;
 
 /// LSNs `lo..=hi` annulled by a recovery: whatever a record there held, it
-/// never happened (ARCHITECTURE.md §7).
+/// never happened (docs/architecture.md, "Recovery").
 pub type LsnRange = (u64, u64);
 
 pub fn in_ranges(ranges: &[LsnRange], lsn: u64) -> bool {

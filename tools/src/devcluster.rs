@@ -13,7 +13,7 @@
 //! Layout of DIR:
 //!
 //! ```text
-//! DIR/cluster.toml            the cluster file (INTERFACES.md)
+//! DIR/cluster.toml            the cluster file (docs/cli.md)
 //! DIR/devN                    node N's file device
 //! DIR/logs/storaged-N.log     stdout + stderr of each daemon
 //! DIR/logs/computed.log

@@ -3,8 +3,8 @@
 //! This module owns the checks that happen once, at open: the file type, the
 //! `O_DIRECT` (and, for block devices, `O_EXCL`) open, the usable size, the
 //! logical block size, and what the device says about its write cache (which
-//! decides what "durable" costs, see ARCHITECTURE.md §4). It does no I/O on the
-//! hot path; [`super::uring`] does.
+//! decides what "durable" costs, see docs/architecture.md, "The durability
+//! contract"). It does no I/O on the hot path; [`super::uring`] does.
 
 use std::fs::File;
 use std::io;

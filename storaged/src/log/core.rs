@@ -1,4 +1,4 @@
-//! The log's state machine, free of I/O (ARCHITECTURE.md §6).
+//! The log's state machine, free of I/O (docs/architecture.md, "State machines free of I/O").
 //!
 //! Inputs: entries to append (with a caller's token), I/O completions,
 //! `release(upto)`. Outputs: I/O requests to start, and tokens whose entries

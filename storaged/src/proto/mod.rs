@@ -6,7 +6,7 @@
 //! connection's shell reads bytes, pushes them into a [`FrameDecoder`] and
 //! acts on the [`Frame`]s it yields, and writes what [`encode_frame`] built.
 //! That keeps the protocol checkable byte by byte and lets the deterministic
-//! simulator run it without a network (ARCHITECTURE.md §6).
+//! simulator run it without a network (docs/architecture.md, "Testing").
 //!
 //! `docs/protocol.md` documents every field; it and this module change together.
 //!
