@@ -503,7 +503,7 @@ fn rot_of_the_last_durable_block_refuses_to_open_and_is_reported() {
 fn a_damaged_anchor_slot_loses_nothing_and_no_generation_is_reused() {
     use storaged::log::layout::ANCHOR_BLOCKS;
     run_paused(async {
-        for slot in 0..2 {
+        for (slot, &anchor_block) in ANCHOR_BLOCKS.iter().enumerate() {
             let (disk, _) = small_sim_log(11).await;
             let dev = Arc::new(disk.clone());
             let opened = LogEngine::open(dev.clone(), LogConfig::default(), |_, _| {})
@@ -516,7 +516,7 @@ fn a_damaged_anchor_slot_loses_nothing_and_no_generation_is_reused() {
             // A crash, not a clean close: no release or anchor since open.
             opened.driver.abort();
             drop(opened.engine);
-            disk.flip_bit(block_offset(ANCHOR_BLOCKS[slot]) + 60, 2);
+            disk.flip_bit(block_offset(anchor_block) + 60, 2);
             let mut entries = Vec::new();
             let opened = LogEngine::open(dev.clone(), LogConfig::default(), |_, e| entries.push(e))
                 .await
