@@ -52,8 +52,9 @@ pub enum OpenError {
     Failed(String),
     #[error(
         "the log ends at block seq {end} ({why}), but every block up to seq {floor} was durable: \
-         a damaged block cut the log and acknowledged records after it would be lost; \
-         refusing to open (storctl inspect shows the damage)"
+         damaged blocks at the end of the log took acknowledged records, and nothing after them \
+         tells which; refusing to open (storctl inspect shows the damage; rebuild this node's \
+         segments from their peers, then reformat the device)"
     )]
     LogCut { end: u64, floor: u64, why: String },
     #[error(
