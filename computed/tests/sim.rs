@@ -168,6 +168,7 @@ impl SimSegment {
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
             annulled: self.seg.annulled().to_vec(),
+            holes: self.seg.holes(),
         }
     }
 }

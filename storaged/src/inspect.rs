@@ -10,7 +10,9 @@
 //! metadata block, an entry in the live log that is not a valid record, and an
 //! invalid log block anywhere except just past the log's end, where torn
 //! blocks are the expected debris of writes a crash cut short (they were never
-//! acknowledged); and a damaged page version slot, except while the segment
+//! acknowledged). The log's damage is judged by the node's own scan
+//! (`log::recovery::scan_log`), so both tell a torn write from damage by the
+//! same rules; and a damaged page version slot, except while the segment
 //! table says a coalescing round was under way (then it is that round's torn
 //! write, and the page's other slot is current).
 
@@ -78,6 +80,10 @@ pub struct LogInfo {
     pub entries: u64,
     pub records: u64,
     pub incomplete_tail_bytes: usize,
+    /// Damaged blocks inside the live log (the scan went on past them).
+    pub damaged_blocks: u64,
+    /// Valid blocks dropped past a torn write at the end (never acknowledged).
+    pub dropped_past_torn: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -189,14 +195,39 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         }
     })
     .await?;
-    let mut cut_evidence = scan.next_seq < anchor.floor_seq;
+    for d in &scan.damaged {
+        problems.add(
+            d.offset,
+            format!(
+                "damaged log blocks inside the live log: {d}; the entries in them are lost \
+                 (the node keeps the entries after them and reports what its segments lack as holes)"
+            ),
+        );
+    }
+    if let Some((seq, found)) = scan.future_generation {
+        problems.add(
+            block_offset(sb.log_start_block + (seq - 1) % sb.log_blocks),
+            format!(
+                "log block seq {seq} carries generation {found}, above the anchor's {}: \
+                 a newer anchor was lost, and the node refuses to start",
+                anchor.generation
+            ),
+        );
+    }
+    // Region positions of the damaged blocks, reported above once per run.
+    let damaged_pos: std::collections::HashSet<u64> = scan
+        .damaged
+        .iter()
+        .flat_map(|d| (d.first_seq..d.first_seq + d.blocks).map(|s| (s - 1) % sb.log_blocks))
+        .collect();
+    let mut cut_evidence = scan.next_seq < scan.durable_floor;
     if cut_evidence {
         problems.add(
             block_offset(sb.log_start_block + (scan.next_seq - 1) % sb.log_blocks),
             format!(
                 "the log ends at seq {} ({}), below seq {} up to which every block was durable: \
                  a damaged block cut the log, and the records after it are lost here",
-                scan.next_seq, scan.end, anchor.floor_seq
+                scan.next_seq, scan.end, scan.durable_floor
             ),
         );
     }
@@ -269,6 +300,9 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             }
             if here < METADATA_BLOCKS {
                 problems.add(offset, "reserved metadata block is not zero".into());
+                continue;
+            }
+            if damaged_pos.contains(&(here - sb.log_start_block)) {
                 continue;
             }
             match decode_block_at(bytes, BlockKind::Log, &sb.device_id, offset) {
@@ -416,6 +450,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             entries: scan.entries,
             records,
             incomplete_tail_bytes: scan.incomplete_tail_bytes,
+            damaged_blocks: scan.damaged.iter().map(|d| d.blocks).sum(),
+            dropped_past_torn: scan.dropped_past_torn,
         },
         pages,
         segments,
@@ -491,8 +527,8 @@ impl InspectReport {
         let l = &self.log;
         let _ = writeln!(
             s,
-            "log            tail seq {}, head seq {}, {} blocks live, {} entries, {} records",
-            l.tail_seq, l.head_seq, l.blocks_live, l.entries, l.records
+            "log            tail seq {}, head seq {}, {} blocks live ({} damaged), {} entries, {} records",
+            l.tail_seq, l.head_seq, l.blocks_live, l.damaged_blocks, l.entries, l.records
         );
         let _ = writeln!(s, "log end        {}", l.end);
         let c = &self.check;

@@ -76,6 +76,10 @@ pub enum SegmentError {
 /// recovery's whole set (a later recovery reads them to decide).
 pub const ANNULLED_RANGES_MAX: usize = 4;
 
+/// Holes a segment reports at most (the lowest ones): a bound on the
+/// status reply, which stays small whatever the damage.
+pub const HOLES_REPORTED_MAX: usize = 16;
+
 /// LSNs `lo..=hi` annulled by a recovery: whatever a record there held, it
 /// never happened (docs/architecture.md, "Recovery").
 pub type LsnRange = (u64, u64);
@@ -147,6 +151,12 @@ pub struct Segment<T> {
     deferred: Vec<Deferred<T>>,
     /// Records past the SCL held at most (a bound on memory while a gap lasts).
     gap_records_max: usize,
+    /// Set when the node's log was found damaged at start-up: the segment
+    /// may lack records above this LSN that it acknowledged (they were in
+    /// the damaged blocks, and nothing it still holds links past them).
+    /// Cleared once a record above it is held: its chain link then tells
+    /// exactly what is missing below it.
+    lost_above: Option<u64>,
 }
 
 impl<T> Segment<T> {
@@ -165,7 +175,50 @@ impl<T> Segment<T> {
             waiting_link: HashMap::new(),
             deferred: Vec::new(),
             gap_records_max,
+            lost_above: None,
         }
+    }
+
+    /// The node's log was damaged: records this segment acknowledged above
+    /// what it holds now may be gone (see [`Segment::holes`]).
+    pub fn mark_log_damage(&mut self) {
+        self.lost_above = Some(self.highest_lsn.max(self.scl));
+    }
+
+    /// LSN ranges, inclusive and lowest first, where the segment lacks
+    /// records of its chain: between two records it holds, from just above
+    /// the lower one up to the record the upper one links to (which is
+    /// missing; the SCL stops below the first hole). After log damage,
+    /// also `(h + 1, u64::MAX)`: records above its highest LSN `h` may be
+    /// missing too. At most [`HOLES_REPORTED_MAX`], the lowest.
+    pub fn holes(&self) -> Vec<LsnRange> {
+        let mut missing: Vec<u64> = self
+            .waiting_link
+            .keys()
+            .copied()
+            .filter(|&prev| prev > self.scl && !self.records.contains_key(&prev))
+            .collect();
+        missing.sort_unstable();
+        let mut out = Vec::new();
+        for prev in missing {
+            if out.len() == HOLES_REPORTED_MAX {
+                return out;
+            }
+            let below = self
+                .records
+                .range(..prev)
+                .next_back()
+                .map_or(0, |(&l, _)| l)
+                .max(self.scl);
+            out.push((below + 1, prev));
+        }
+        if let Some(h) = self.lost_above
+            && out.len() < HOLES_REPORTED_MAX
+            && h < u64::MAX
+        {
+            out.push((h + 1, u64::MAX));
+        }
+        out
     }
 
     pub fn epoch(&self) -> u64 {
@@ -513,6 +566,10 @@ impl<T> Segment<T> {
 
     /// A durable record joins the chain, or waits for the record it links to.
     fn link(&mut self, lsn: u64, prev: u64) -> Result<(), SegmentError> {
+        if self.lost_above.is_some_and(|h| lsn > h) {
+            // Its link tells what is missing below it from now on.
+            self.lost_above = None;
+        }
         if lsn <= self.scl {
             return Ok(());
         }
@@ -633,6 +690,27 @@ mod tests {
         assert_eq!(put(&mut s, &[rec(12, 10, 1), rec(15, 12, 1)]), 7);
         assert_eq!(s.highest_lsn(), 15);
         assert_eq!(put(&mut s, &[rec(10, 7, 1)]), 15);
+    }
+
+    #[test]
+    fn holes_say_exactly_where_the_chain_lacks_records() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        assert_eq!(put(&mut s, &[rec(3, 0, 1), rec(7, 3, 1)]), 7);
+        assert!(s.holes().is_empty());
+        // 12 links to 10 and 20 to 18: 8..=10 and 13..=18 may hold records.
+        assert_eq!(put(&mut s, &[rec(12, 10, 1), rec(20, 18, 1)]), 7);
+        assert_eq!(s.holes(), vec![(8, 10), (13, 18)]);
+        // The log was damaged: past 20 the segment cannot tell what it lost.
+        s.mark_log_damage();
+        assert_eq!(s.holes(), vec![(8, 10), (13, 18), (21, u64::MAX)]);
+        // A newer record's link says exactly what is missing below it.
+        assert_eq!(put(&mut s, &[rec(25, 23, 1)]), 7);
+        assert_eq!(s.holes(), vec![(8, 10), (13, 18), (21, 23)]);
+        // Filled from the bottom, the SCL follows each hole's end.
+        assert_eq!(put(&mut s, &[rec(10, 7, 1)]), 12);
+        assert_eq!(s.holes(), vec![(13, 18), (21, 23)]);
+        assert_eq!(put(&mut s, &[rec(18, 12, 1), rec(23, 20, 1)]), 25);
+        assert!(s.holes().is_empty());
     }
 
     #[test]

@@ -252,17 +252,31 @@ fn a_bad_block_in_the_middle_is_corruption_a_torn_tail_is_not() {
         assert_eq!(report.status, "clean", "{}", report.render());
         assert_eq!(report.check.blocks_torn_tail, 1);
 
-        // One flipped bit in block 20: the log ends there, and the valid
-        // blocks after it show acknowledged entries were lost.
+        // One flipped bit in block 20, well inside the log: damage, not a
+        // torn write. The log goes on past it; inspect says so.
         damage_log_block(&path, 20, |b| b[700] ^= 0x10).await;
         let report = inspect(&open_dev(&path)).await.unwrap();
         assert_eq!(report.status, "corrupt", "{}", report.render());
         assert!(
-            report.check.problems.iter().any(|p| p.what.contains("cut the log")),
+            report
+                .check
+                .problems
+                .iter()
+                .any(|p| p.what.contains("damaged log blocks") && p.offset == block_offset(METADATA_BLOCKS + 19)),
             "{}",
             report.render()
         );
-        assert_eq!(report.log.head_seq, 20);
+        assert_eq!(report.log.head_seq, head, "the log's end is where it was");
+        assert_eq!(report.log.damaged_blocks, 1);
+        assert_eq!(report.check.blocks_torn_tail, 1, "{}", report.render());
+        let (opened, entries) = reopen(&path, small_window).await;
+        assert_eq!(opened.scan.next_seq, head);
+        assert_eq!(opened.scan.damaged.len(), 1);
+        assert_eq!(opened.scan.damaged[0].first_seq, 20);
+        // Only the entries touching block 20 are gone (1859-byte entries:
+        // at most three).
+        assert!(entries.len() >= 197 && entries.len() < 200, "{}", entries.len());
+        close(opened).await;
     });
 }
 
@@ -366,13 +380,14 @@ fn one_bad_superblock_copy_is_survived_and_reported_two_are_refused() {
 }
 
 #[test]
-fn a_block_from_another_device_ends_the_log() {
+fn a_block_from_another_device_is_damage_and_the_log_goes_on_past_it() {
     run(async {
         let dir = tempdir();
         let a = formatted(dir.path(), "a", 8 << 20, 1 << 20).await;
         let b = formatted(dir.path(), "b", 8 << 20, 1 << 20).await;
         fill(&a, LogConfig::default(), 50).await;
         fill(&b, LogConfig::default(), 50).await;
+        let head = inspect(&open_dev(&b)).await.unwrap().log.head_seq;
         // Block 5 of a's log lands in b's log (a misdirected or copied write).
         let dev_a = open_dev(&a);
         let offset = block_offset(METADATA_BLOCKS + 4);
@@ -383,32 +398,70 @@ fn a_block_from_another_device_ends_the_log() {
         let (_, r) = dev_b.write(offset, buf, Durability::Durable).await;
         r.unwrap();
         let report = inspect(&dev_b).await.unwrap();
-        assert_eq!(report.log.head_seq, 5);
-        assert!(report.log.end.contains("another device"), "{}", report.log.end);
+        assert_eq!(report.log.head_seq, head);
+        assert_eq!(report.log.damaged_blocks, 1);
+        assert!(
+            report
+                .check
+                .problems
+                .iter()
+                .any(|p| p.offset == offset && p.what.contains("another device")),
+            "{}",
+            report.render()
+        );
         assert_eq!(report.status, "corrupt", "{}", report.render());
     });
 }
 
 const _: () = assert!(BLOCK_SIZE == 4096);
 
+/// LSNs of the records among `entries` (all made by [`record`]).
+fn lsns(entries: &[Vec<u8>]) -> Vec<u64> {
+    entries
+        .iter()
+        .map(|e| match storaged::record::LogEntry::decode(e).unwrap() {
+            storaged::record::LogEntry::Record(r) => r.lsn,
+            other => panic!("not a record: {other:?}"),
+        })
+        .collect()
+}
+
 #[test]
-fn rot_in_the_middle_after_a_restart_refuses_to_open_and_is_reported() {
+fn rot_in_the_middle_is_reported_and_every_entry_after_it_is_kept_and_never_overwritten() {
     run(async {
         let dir = tempdir();
         let path = formatted(dir.path(), "dev", 8 << 20, 1 << 20).await;
         fill(&path, LogConfig::default(), 40).await;
-        // A restart with no writes: the new generation's anchor records that
-        // everything up to the end was durable.
         let (opened, entries) = reopen(&path, LogConfig::default()).await;
         assert_eq!(entries.len(), 40);
+        let end = opened.scan.next_seq;
         close(opened).await;
         damage_log_block(&path, 3, |b| b[900] ^= 0x01).await;
-        let err = LogEngine::open(open_dev(&path), LogConfig::default(), |_, _| {})
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, OpenError::LogCut { end: 3, .. }), "{err}");
-        assert!(err.to_string().contains("refusing to open"), "{err}");
+
+        let (opened, entries) = reopen(&path, LogConfig::default()).await;
+        let scan = &opened.scan;
+        assert_eq!(scan.next_seq, end, "the log goes on past the damage");
+        assert_eq!(scan.damaged.len(), 1, "{:?}", scan.damaged);
+        assert_eq!(scan.damaged[0].first_seq, 3);
+        assert_eq!(scan.damaged[0].offset, block_offset(METADATA_BLOCKS + 2));
+        let found = lsns(&entries);
+        // Two or three 1859-byte records touch block 3; all others are kept.
+        let lost: Vec<u64> = (1..=40).filter(|l| !found.contains(l)).collect();
+        assert!(!lost.is_empty() && lost.len() <= 3, "lost {lost:?}");
+        assert!(lost.windows(2).all(|w| w[1] == w[0] + 1), "one run: {lost:?}");
+        assert_eq!(found.len() + lost.len(), 40);
+        // New entries go after the old end, not over what follows the damage.
+        for lsn in 41..=45 {
+            opened.engine.append(record(lsn, 1800)).await.unwrap();
+        }
+        close(opened).await;
+        let (opened, entries) = reopen(&path, LogConfig::default()).await;
+        let mut want = found.clone();
+        want.extend(41..=45);
+        assert_eq!(lsns(&entries), want);
+        assert_eq!(opened.scan.damaged.len(), 1, "still known for damage");
+        close(opened).await;
+
         let report = inspect(&open_dev(&path)).await.unwrap();
         assert_eq!(report.status, "corrupt", "{}", report.render());
         assert_eq!(
@@ -417,6 +470,108 @@ fn rot_in_the_middle_after_a_restart_refuses_to_open_and_is_reported() {
             "the damaged block is not crash debris: {}",
             report.render()
         );
+    });
+}
+
+#[test]
+fn rot_of_the_last_durable_block_refuses_to_open_and_is_reported() {
+    run(async {
+        let dir = tempdir();
+        let path = formatted(dir.path(), "dev", 8 << 20, 1 << 20).await;
+        fill(&path, LogConfig::default(), 40).await;
+        let (opened, _) = reopen(&path, LogConfig::default()).await;
+        let end = opened.scan.next_seq;
+        close(opened).await;
+        // Nothing follows the last block to show the log went on: only the
+        // anchor's floor tells that it was durable.
+        damage_log_block(&path, end - 1, |b| b[900] ^= 0x01).await;
+        let err = LogEngine::open(open_dev(&path), LogConfig::default(), |_, _| {})
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, OpenError::LogCut { .. }), "{err}");
+        assert!(err.to_string().contains("refusing to open"), "{err}");
+        let report = inspect(&open_dev(&path)).await.unwrap();
+        assert_eq!(report.status, "corrupt", "{}", report.render());
+    });
+}
+
+/// Ten entries in the log, then one bit flipped in either anchor slot: the
+/// other slot holds the same, newest anchor; nothing is lost and the next
+/// generation is above every earlier one.
+#[test]
+fn a_damaged_anchor_slot_loses_nothing_and_no_generation_is_reused() {
+    use storaged::log::layout::ANCHOR_BLOCKS;
+    run_paused(async {
+        for (slot, &anchor_block) in ANCHOR_BLOCKS.iter().enumerate() {
+            let (disk, _) = small_sim_log(11).await;
+            let dev = Arc::new(disk.clone());
+            let opened = LogEngine::open(dev.clone(), LogConfig::default(), |_, _| {})
+                .await
+                .unwrap();
+            let generation = opened.engine.stats().generation;
+            for lsn in 1..=10 {
+                opened.engine.append(record(lsn, 100)).await.unwrap();
+            }
+            // A crash, not a clean close: no release or anchor since open.
+            opened.driver.abort();
+            drop(opened.engine);
+            disk.flip_bit(block_offset(anchor_block) + 60, 2);
+            let mut entries = Vec::new();
+            let opened = LogEngine::open(dev.clone(), LogConfig::default(), |_, e| entries.push(e))
+                .await
+                .unwrap();
+            assert_eq!(lsns(&entries), (1..=10).collect::<Vec<_>>(), "slot {slot}");
+            assert!(opened.scan.anchor.slots[slot].is_err());
+            assert!(opened.engine.stats().generation > generation, "slot {slot}");
+            close(opened).await;
+            let report = inspect(&dev).await.unwrap();
+            assert_eq!(report.log.records, 10);
+            assert_eq!(
+                report.anchor.slots,
+                ["ok".to_string(), "ok".to_string()],
+                "rewritten at open"
+            );
+        }
+    });
+}
+
+/// An anchor older than the log's blocks (both slots rolled back) would
+/// drop everything after them and reuse their generation: refused.
+#[test]
+fn an_anchor_older_than_the_log_is_refused() {
+    use storaged::log::format::Anchor;
+    use storaged::log::layout::ANCHOR_BLOCKS;
+    run_paused(async {
+        let (disk, sb) = small_sim_log(12).await;
+        let dev = Arc::new(disk.clone());
+        let opened = LogEngine::open(dev.clone(), LogConfig::default(), |_, _| {})
+            .await
+            .unwrap();
+        for lsn in 1..=10 {
+            opened.engine.append(record(lsn, 100)).await.unwrap();
+        }
+        close(opened).await;
+        // What format wrote, with a higher counter: valid, but generation 0.
+        let stale = Anchor {
+            counter: 1000,
+            generation: 0,
+            tail_seq: 1,
+            inflight_blocks: 0,
+            floor_seq: 1,
+        };
+        for block in ANCHOR_BLOCKS {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            stale.encode(&mut b, sb.device_id, block_offset(block));
+            disk.write_raw(block_offset(block), &b);
+        }
+        let err = LogEngine::open(dev.clone(), LogConfig::default(), |_, _| {})
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, OpenError::AnchorBehindLog { .. }), "{err}");
+        let report = inspect(&dev).await.unwrap();
+        assert_eq!(report.status, "corrupt", "{}", report.render());
     });
 }
 

@@ -53,6 +53,7 @@ impl FakeSegment {
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
             annulled: self.seg.annulled().to_vec(),
+            holes: self.seg.holes(),
         }
     }
 }

@@ -378,6 +378,29 @@ struct RingCore {
     /// Nothing reaps this ring any more (its runtime stopped); nothing more
     /// is submitted.
     orphaned: bool,
+    /// The eventfd poll completed in some reap since the thread last asked
+    /// ([`RingCore::take_woken`]). Kept here, not returned by one reap: the
+    /// EAGAIN/EBUSY retries reap too, and a poll completion they found and
+    /// forgot would leave the poll never re-armed and the thread asleep.
+    woken: bool,
+    /// Test seam: successful `io_uring_enter` calls still to be reported as
+    /// EAGAIN, as the kernel does after a partial submit under memory pressure.
+    #[cfg(test)]
+    again_after_enter: u32,
+}
+
+/// Test seam: EAGAINs to inject into the ring of the device opened at a path
+/// (see [`RingCore::again_after_enter`]).
+#[cfg(test)]
+pub(crate) static INJECT_AGAIN: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn injected_again(path: &Path) -> u32 {
+    let mut list = INJECT_AGAIN.lock().unwrap_or_else(|p| p.into_inner());
+    match list.iter().position(|(p, _)| p == path) {
+        Some(i) => list.swap_remove(i).1,
+        None => 0,
+    }
 }
 
 impl RingCore {
@@ -391,7 +414,25 @@ impl RingCore {
             inflight: 0,
             failed: false,
             orphaned: false,
+            woken: false,
+            #[cfg(test)]
+            again_after_enter: 0,
         }
+    }
+
+    /// Whether the eventfd poll completed since the last call.
+    fn take_woken(&mut self) -> bool {
+        std::mem::take(&mut self.woken)
+    }
+
+    fn enter(&mut self, want: usize) -> io::Result<usize> {
+        let result = self.ring.ring.submit_and_wait(want);
+        #[cfg(test)]
+        if result.is_ok() && self.again_after_enter > 0 {
+            self.again_after_enter -= 1;
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        result
     }
 
     /// Pushes one SQE, submitting first if the SQ is full (cannot happen
@@ -470,11 +511,14 @@ impl RingCore {
         self.push(&entry.user_data(slot as u64));
     }
 
-    /// Submits what was pushed, waiting for `want` completions.
-    fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+    /// Submits what was pushed, waiting for `want` completions. A retry
+    /// after EBUSY or EAGAIN reaps first; once that reap found anything the
+    /// wait is over (what it found may be all that will ever come, e.g. the
+    /// eventfd poll), so the retry only submits.
+    fn submit_and_wait(&mut self, mut want: usize) -> io::Result<()> {
         let mut again_since = None;
         loop {
-            match self.ring.ring.submit_and_wait(want) {
+            match self.enter(want) {
                 // The kernel stops at an SQE it cannot prepare (that one
                 // completes with its error); submit the ones behind it too.
                 Ok(_) if self.ring.ring.submission().is_empty() => return Ok(()),
@@ -482,16 +526,23 @@ impl RingCore {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // The CQ is full: make room, then submit again.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.reap();
+                    if self.reap() > 0 {
+                        want = 0;
+                    }
                 }
                 Err(e)
                     if e.raw_os_error() == Some(libc::EAGAIN)
                         && again_since.get_or_insert_with(Instant::now).elapsed() < SUBMIT_AGAIN_MAX =>
                 {
-                    self.reap();
+                    if self.reap() > 0 {
+                        want = 0;
+                    }
                     std::thread::sleep(Duration::from_micros(100));
                 }
                 Err(e) => return Err(e),
+            }
+            if want == 0 && self.ring.ring.submission().is_empty() {
+                return Ok(());
             }
         }
     }
@@ -531,16 +582,17 @@ impl RingCore {
         }
     }
 
-    /// Hands back every completed I/O; says whether the thread's eventfd
-    /// poll completed among them.
-    fn reap(&mut self) -> bool {
-        let mut woken = false;
+    /// Hands back every completed I/O and notes an eventfd poll completion
+    /// (for [`RingCore::take_woken`]); returns how many completions it found.
+    fn reap(&mut self) -> usize {
+        let mut found = 0;
         let mut completions = self.ring.ring.completion();
         completions.sync();
         for cqe in &mut completions {
+            found += 1;
             let token = cqe.user_data();
             if token == WAKE_TOKEN {
-                woken = true;
+                self.woken = true;
                 continue;
             }
             let Some(in_flight) = usize::try_from(token)
@@ -593,7 +645,7 @@ impl RingCore {
                 }
             }
         }
-        woken
+        found
     }
 
     /// The ring itself failed. In-flight buffers may still be written by the
@@ -635,8 +687,10 @@ fn spawn_thread(
     max_inflight: usize,
     channel_capacity: usize,
 ) -> Result<(Driver, RingFlags), DeviceError> {
+    // Non-blocking: the thread reads it only after its poll completed, but a
+    // read must never be able to put the thread to sleep outside the ring.
     // SAFETY: plain syscall; the result is checked below.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if efd < 0 {
         return Err(device_error(path, "create eventfd", io::Error::last_os_error()));
     }
@@ -673,8 +727,14 @@ fn spawn_thread(
             let _ = ready_tx.send(Ok(ring.flags));
             let span = tracing::info_span!("uring_device", path = %thread_path.display());
             let _enter = span.enter();
+            #[allow(unused_mut)]
+            let mut core = RingCore::new(ring, file, geometry.size_bytes, max_inflight);
+            #[cfg(test)]
+            {
+                core.again_after_enter = injected_again(&thread_path);
+            }
             DeviceThread {
-                core: RingCore::new(ring, file, geometry.size_bytes, max_inflight),
+                core,
                 rx,
                 wake: thread_wake,
                 max_inflight,
@@ -743,7 +803,8 @@ impl DeviceThread {
                 self.fail(e);
                 return;
             }
-            if self.core.reap() {
+            self.core.reap();
+            if self.core.take_woken() {
                 self.poll_armed = false;
                 drain_eventfd(&self.wake.eventfd);
             }
@@ -770,8 +831,8 @@ impl DeviceThread {
 
 fn drain_eventfd(eventfd: &OwnedFd) {
     let mut value: u64 = 0;
-    // SAFETY: reads 8 bytes into a valid u64. The poll said it is readable and
-    // this thread is its only reader, so the read does not block.
+    // SAFETY: reads 8 bytes into a valid u64. The fd is non-blocking: an
+    // empty counter (EAGAIN) is fine, the poll is re-armed either way.
     unsafe {
         libc::read(
             eventfd.as_raw_fd(),
@@ -855,9 +916,15 @@ fn on_runtime(
         unsafe { AsyncFd::register_with_interest(RingFd(ring.ring.as_raw_fd()), Interest::READABLE) }
             .map_err(|e| device_error(path, "register the ring with the runtime's reactor", e.into_parts().1))?
     };
+    #[allow(unused_mut)]
+    let mut core = RingCore::new(ring, file, geometry.size_bytes, max_inflight);
+    #[cfg(test)]
+    {
+        core.again_after_enter = injected_again(path);
+    }
     let local = Arc::new(Local {
         fd,
-        core: Mutex::new(RingCore::new(ring, file, geometry.size_bytes, max_inflight)),
+        core: Mutex::new(core),
         permits: Arc::new(Semaphore::new(max_inflight)),
         closing: AtomicBool::new(false),
         closing_notify: Notify::new(),

@@ -33,6 +33,25 @@ pub const ENTRY_BYTES_MAX: usize = 1024 * 1024;
 /// expected debris of writes that never completed, not corruption.
 pub const INFLIGHT_BLOCKS_MAX: u64 = 4096;
 
+/// Log block header flag: bits 0–30 hold how far the durable mark was
+/// below the block's seq when its write was issued. Every block below that
+/// mark was durable, so recovery knows a bad block below it is damage,
+/// never a torn write, without waiting for the next anchor write.
+pub const FLAG_DURABLE_MARK: u32 = 1 << 31;
+
+/// The header flags of log block `seq` written while the durable mark is
+/// `durable_seq` (≤ `seq`; the distance is at most the in-flight window).
+pub fn durable_mark_flags(seq: u64, durable_seq: u64) -> u32 {
+    let lag = seq - durable_seq;
+    debug_assert!(lag < u64::from(FLAG_DURABLE_MARK));
+    FLAG_DURABLE_MARK | lag.min(u64::from(FLAG_DURABLE_MARK - 1)) as u32
+}
+
+/// The durable mark a log block's header flags record, if they record one.
+pub fn durable_mark_of(seq: u64, flags: u32) -> Option<u64> {
+    (flags & FLAG_DURABLE_MARK != 0).then(|| seq.saturating_sub(u64::from(flags & !FLAG_DURABLE_MARK)))
+}
+
 /// How an acknowledged write is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DurabilityMode {
@@ -183,7 +202,12 @@ struct Waiting<T> {
 
 enum IoKind {
     Log,
-    Anchor { tail_seq: u64, counter: u64 },
+    /// One copy of an anchor. Slot 0 is written first, then slot 1; the
+    /// anchor takes effect when the second is durable.
+    Anchor {
+        anchor: Anchor,
+        slot: usize,
+    },
     Flush,
 }
 
@@ -198,6 +222,12 @@ pub struct LogCore<T> {
     /// Highest tail a caller asked for; persisted by the next anchor write.
     release_wanted: u64,
     anchor_inflight: bool,
+    /// An anchor whose first copy is durable and whose second is to be written.
+    anchor_second: Option<Anchor>,
+    /// The floor the newest durable anchor records.
+    anchored_floor: u64,
+    /// The owner is closing the log: record the durable end in an anchor.
+    floor_wanted: bool,
     next_seq: u64,
     durable_seq: u64,
     queue: VecDeque<Queued<T>>,
@@ -236,6 +266,9 @@ impl<T> LogCore<T> {
             tail_seq: start.anchor.tail_seq,
             release_wanted: start.anchor.tail_seq,
             anchor_inflight: false,
+            anchor_second: None,
+            anchored_floor: start.anchor.floor_seq,
+            floor_wanted: false,
             next_seq: start.next_seq,
             durable_seq: start.next_seq,
             queue: VecDeque::new(),
@@ -312,6 +345,16 @@ impl<T> LogCore<T> {
         self.release_wanted = self.release_wanted.max(upto.min(limit));
     }
 
+    /// The owner is done appending: once every write is durable, write an
+    /// anchor whose floor is the log's durable end, so that after a clean
+    /// stop a bad block anywhere in the log is known for damage (a torn
+    /// write is then impossible). Returns whether that anchor is still to
+    /// come (call [`poll_io`](Self::poll_io) and wait for it).
+    pub fn close(&mut self) -> bool {
+        self.floor_wanted = true;
+        self.failed.is_none() && self.generation_durable && self.durable_seq > self.anchored_floor
+    }
+
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
     }
@@ -325,7 +368,11 @@ impl<T> LogCore<T> {
         if self.failed.is_some() {
             return None;
         }
-        if !self.anchor_inflight && (!self.generation_durable || self.release_wanted > self.tail_seq) {
+        if let Some(anchor) = self.anchor_second.take() {
+            return Some(self.anchor_copy(anchor, 1));
+        }
+        let floor_due = self.floor_wanted && self.durable_seq > self.anchored_floor && self.inflight.is_empty();
+        if !self.anchor_inflight && (!self.generation_durable || self.release_wanted > self.tail_seq || floor_due) {
             return Some(self.anchor_write());
         }
         if !self.generation_durable {
@@ -367,10 +414,17 @@ impl<T> LogCore<T> {
             return;
         }
         match kind {
-            IoKind::Anchor { tail_seq, counter } => {
+            IoKind::Anchor { anchor, slot: 0 } => {
+                // The first copy is durable: now the second, so that both
+                // slots hold the newest anchor and one going bad later (or
+                // a torn write of the next one) never hides it.
+                self.anchor_second = Some(anchor);
+            }
+            IoKind::Anchor { anchor, .. } => {
                 self.anchor_inflight = false;
-                self.anchor_counter = counter;
-                self.tail_seq = tail_seq;
+                self.anchor_counter = anchor.counter;
+                self.anchored_floor = anchor.floor_seq;
+                self.tail_seq = anchor.tail_seq;
                 self.generation_durable = true;
             }
             IoKind::Log => {
@@ -447,21 +501,24 @@ impl<T> LogCore<T> {
     }
 
     fn anchor_write(&mut self) -> IoRequest {
-        let counter = self.anchor_counter + 1;
-        let tail_seq = self.release_wanted;
         let anchor = Anchor {
-            counter,
+            counter: self.anchor_counter + 1,
             generation: self.generation,
-            tail_seq,
+            tail_seq: self.release_wanted,
             floor_seq: self.durable_seq,
             inflight_blocks: (self.config.write_blocks_max * self.config.writes_inflight_max) as u64,
         };
-        let offset = block_offset(ANCHOR_BLOCKS[(counter % 2) as usize]);
+        self.anchor_inflight = true;
+        self.anchor_copy(anchor, 0)
+    }
+
+    /// The write of one copy of `anchor` into `slot`.
+    fn anchor_copy(&mut self, anchor: Anchor, slot: usize) -> IoRequest {
+        let offset = block_offset(ANCHOR_BLOCKS[slot]);
         let mut buf = self.take_buf().unwrap_or_else(|| AlignedBuf::zeroed_blocks(1));
         buf.set_blocks(1);
         anchor.encode(&mut buf, self.geometry.device_id, offset);
-        self.anchor_inflight = true;
-        let id = self.new_io(IoKind::Anchor { tail_seq, counter });
+        let id = self.new_io(IoKind::Anchor { anchor, slot });
         IoRequest::Write {
             id,
             offset,
@@ -497,7 +554,7 @@ impl<T> LogCore<T> {
                 seq,
                 generation: self.generation,
                 payload_len: payload_len as u32,
-                flags: 0,
+                flags: durable_mark_flags(seq, self.durable_seq),
             };
             block[HEADER_BYTES + payload_len..].fill(0);
             seal_block(block, &header);
@@ -622,12 +679,47 @@ mod tests {
         };
         let mut c = LogCore::new(geometry, config, LogStart { anchor, next_seq: 1 });
         // The generation's anchor write comes first and gates everything.
+        complete_anchor(&mut c);
+        c
+    }
+
+    /// Completes the anchor's two copies (slot 0, then slot 1), checking
+    /// nothing else is written meanwhile; returns the anchor written.
+    fn complete_anchor(c: &mut LogCore<u32>) -> Anchor {
+        let mut found = Vec::new();
+        for block in ANCHOR_BLOCKS {
+            let Some(IoRequest::Write { id, offset, buf, .. }) = c.poll_io() else {
+                panic!("anchor write expected")
+            };
+            assert_eq!(offset, block_offset(block), "slot 0 first, then slot 1");
+            assert!(c.poll_io().is_none(), "nothing else before the copy is durable");
+            found.push(Anchor::decode(buf.block(0), &DEV, offset).expect("anchor"));
+            c.complete(id, Some(buf), Ok(()));
+        }
+        assert_eq!(found[0], found[1], "both slots hold the same anchor");
+        found[0]
+    }
+
+    #[test]
+    fn an_anchor_counts_only_once_both_slots_hold_it() {
+        let mut c = core(64, LogConfig::default());
+        c.append(vec![1; 10], 1).unwrap();
+        for (id, _, buf) in writes(&mut c) {
+            c.complete(id, Some(buf), Ok(()));
+        }
+        assert_eq!(acked(&mut c), vec![1]);
+        c.release(c.stats().durable_seq);
         let Some(IoRequest::Write { id, buf, .. }) = c.poll_io() else {
             panic!("anchor write expected")
         };
-        assert!(c.poll_io().is_none());
         c.complete(id, Some(buf), Ok(()));
-        c
+        assert_eq!(c.stats().tail_seq, 1, "one copy durable is not enough");
+        let Some(IoRequest::Write { id, offset, buf, .. }) = c.poll_io() else {
+            panic!("second copy expected")
+        };
+        assert_eq!(offset, block_offset(ANCHOR_BLOCKS[1]));
+        c.complete(id, Some(buf), Ok(()));
+        assert_eq!(c.stats().tail_seq, 2);
     }
 
     fn writes(c: &mut LogCore<u32>) -> Vec<(u64, u64, AlignedBuf)> {
@@ -727,12 +819,8 @@ mod tests {
         assert!(writes(&mut c).is_empty(), "a full log must not write");
         c.release(seqs[10].1);
         // The release goes through the anchor first; only then is space free.
-        let Some(IoRequest::Write { id, offset, buf, .. }) = c.poll_io() else {
-            panic!("anchor write expected")
-        };
-        assert!(ANCHOR_BLOCKS.iter().any(|&b| block_offset(b) == offset));
-        assert!(c.poll_io().is_none(), "space is not free before the anchor is durable");
-        c.complete(id, Some(buf), Ok(()));
+        let anchor = complete_anchor(&mut c);
+        assert_eq!(anchor.tail_seq, seqs[10].1);
         let w = writes(&mut c);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].1, block_offset(256), "the log wraps to its start");
@@ -752,9 +840,7 @@ mod tests {
         c.complete(id, Some(buf), Ok(()));
         let (_, start) = c.poll_acked().unwrap();
         c.release(c.stats().durable_seq);
-        if let Some(IoRequest::Write { id, buf, .. }) = c.poll_io() {
-            c.complete(id, Some(buf), Ok(()));
-        }
+        complete_anchor(&mut c);
         assert_eq!(start, 1);
         c.append(vec![2; 4000 * 5], 2).unwrap();
         let w = writes(&mut c);

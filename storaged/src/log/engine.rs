@@ -84,22 +84,69 @@ impl LogEngine {
             start_block: sb.log_start_block,
             blocks: sb.log_blocks,
         };
-        let a = anchor.anchor;
+        for (slot, read) in anchor.slots.iter().enumerate() {
+            if let Err(e) = read {
+                // Both slots get every anchor: the other one holds the
+                // newest, and the next anchor write rewrites this one.
+                tracing::warn!(
+                    slot,
+                    offset = super::layout::block_offset(super::layout::ANCHOR_BLOCKS[slot]),
+                    error = %e,
+                    "log anchor slot unreadable (a torn write or damage); the other slot is used"
+                );
+            }
+        }
+        let mut a = anchor.anchor;
         let scan = scan_log(&dev, &sb, anchor, on_entry).await?;
-        tracing::info!(
-            generation = a.generation,
-            tail_seq = a.tail_seq,
-            next_seq = scan.next_seq,
-            entries = scan.entries,
-            end = %scan.end,
-            "log recovered"
-        );
-        if scan.next_seq < a.floor_seq {
+        if let Some((seq, found)) = scan.future_generation {
+            return Err(OpenError::AnchorBehindLog {
+                seq,
+                found,
+                anchor: a.generation,
+            });
+        }
+        for d in &scan.damaged {
+            tracing::error!(
+                first_seq = d.first_seq,
+                blocks = d.blocks,
+                offset = d.offset,
+                why = %d.why,
+                "damaged log blocks inside the live log; the entries in them are lost, the entries after them are kept"
+            );
+        }
+        let level_info = scan.damaged.is_empty();
+        if level_info {
+            tracing::info!(
+                generation = a.generation,
+                tail_seq = a.tail_seq,
+                next_seq = scan.next_seq,
+                entries = scan.entries,
+                end = %scan.end,
+                dropped_past_torn = scan.dropped_past_torn,
+                "log recovered"
+            );
+        } else {
+            tracing::warn!(
+                generation = a.generation,
+                tail_seq = a.tail_seq,
+                next_seq = scan.next_seq,
+                entries = scan.entries,
+                end = %scan.end,
+                damaged_runs = scan.damaged.len(),
+                "log recovered with damage"
+            );
+        }
+        if scan.next_seq < scan.durable_floor {
             return Err(OpenError::LogCut {
                 end: scan.next_seq,
-                floor: a.floor_seq,
+                floor: scan.durable_floor,
                 why: scan.end.to_string(),
             });
+        }
+        // Never reuse a generation number, even one only debris carries.
+        a.generation = a.generation.max(scan.highest_generation);
+        if a.generation == u32::MAX {
+            return Err(OpenError::BadAnchor(a));
         }
         let start = LogStart {
             anchor: a,
@@ -234,6 +281,17 @@ async fn drive<D: BlockIo>(
         stats.send_replace(core.stats());
         let s = core.stats();
         if closed && io.is_empty() && (s.queued_entries == 0 || core.failed().is_some()) {
+            if core.close() {
+                // A last anchor records the durable end: see `LogCore::close`.
+                let mut started = false;
+                while let Some(req) = core.poll_io() {
+                    io.push(run_io(dev.as_ref(), req));
+                    started = true;
+                }
+                if started {
+                    continue;
+                }
+            }
             return;
         }
         let take_more = !closed && core.has_room(0);

@@ -143,6 +143,15 @@ impl Reassembler {
         self.partial.take().map_or(0, |(_, p)| p.len())
     }
 
+    /// Start again after blocks the reader could not use (damaged): the
+    /// entry in progress lost its middle and is dropped, and the pieces of
+    /// an entry whose start was lost are skipped, as at the log's start.
+    /// Returns the bytes dropped.
+    pub fn resync(&mut self) -> usize {
+        self.at_start = true;
+        self.abandon_partial()
+    }
+
     /// Bytes of an entry whose end the log did not reach (dropped at the end).
     pub fn incomplete_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |(_, p)| p.len())

@@ -72,11 +72,14 @@ pub async fn format<D: BlockIo>(dev: &D, opts: FormatOptions) -> Result<Superblo
         inflight_blocks: 0,
         floor_seq: 1,
     };
-    let offset = block_offset(ANCHOR_BLOCKS[1]);
-    anchor.encode(&mut buf, sb.device_id, offset);
-    let (b, result) = dev.write(offset, buf, Durability::Durable).await;
-    buf = b;
-    result?;
+    // Both slots, like every anchor write (see `log::core`).
+    for block in ANCHOR_BLOCKS {
+        let offset = block_offset(block);
+        anchor.encode(&mut buf, sb.device_id, offset);
+        let (b, result) = dev.write(offset, buf, Durability::Durable).await;
+        buf = b;
+        result?;
+    }
     for (copy, block) in SUPERBLOCK_BLOCKS.into_iter().enumerate() {
         let offset = block_offset(block);
         sb.encode(&mut buf, copy as u64, offset);

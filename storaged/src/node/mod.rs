@@ -211,6 +211,8 @@ pub struct SegmentStatus {
     pub coalesced_lsn: u64,
     pub installed_epoch: u64,
     pub annulled: Vec<LsnRange>,
+    /// LSN ranges the segment lacks (see [`Segment::holes`]).
+    pub holes: Vec<LsnRange>,
 }
 
 type Ticket = oneshot::Sender<()>;
@@ -414,6 +416,9 @@ pub struct Recovered {
     pub coalesced: u64,
     /// Records found in the log that a recovery's truncation annulled.
     pub annulled: u64,
+    /// Damaged log blocks found inside the live log (their records are
+    /// lost; every segment reports what it may lack as holes).
+    pub damaged_log_blocks: u64,
 }
 
 impl Node {
@@ -483,6 +488,24 @@ impl Node {
         .await?;
         for e in conflicts {
             tracing::error!(error = %e, "record in the log not loaded");
+        }
+        recovered.damaged_log_blocks = opened.scan.damaged.iter().map(|d| d.blocks).sum();
+        if recovered.damaged_log_blocks > 0 {
+            // The records in the damaged blocks are unknown: any segment may
+            // lack some. Each says what it lacks as holes, its SCL stays
+            // below the first, and the records after the damage stay in the
+            // log (they are live) until the holes are filled and coalesced.
+            for s in segments.values_mut() {
+                s.seg.mark_log_damage();
+                let holes = s.seg.holes();
+                tracing::error!(
+                    volume = s.seg.id.volume,
+                    pg = s.seg.id.pg,
+                    scl = s.seg.scl(),
+                    ?holes,
+                    "segment may lack acknowledged records lost to log damage"
+                );
+            }
         }
         recovered.segments = segments.len();
         let hot_bytes = segments.values().map(|s| s.hot.bytes()).sum();
@@ -898,6 +921,7 @@ impl Node {
             coalesced_lsn: s.coalesced_lsn,
             installed_epoch: s.seg.installed_epoch(),
             annulled: s.seg.annulled().to_vec(),
+            holes: s.seg.holes(),
         })
     }
 

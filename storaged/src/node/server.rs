@@ -344,6 +344,7 @@ fn status_reply(volume: u64, pg: u32, s: SegmentStatus) -> Message {
         page_store_bytes: s.page_store_bytes,
         installed_epoch: s.installed_epoch,
         annulled: s.annulled,
+        holes: s.holes,
     }
 }
 

@@ -12,7 +12,7 @@ use super::error::ProtoError;
 use super::message::{ErrorCode, Message, MessageType, Role};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
 use crate::record::{RedoRecord, SegmentId, WireRecord};
-use crate::segment::ANNULLED_RANGES_MAX;
+use crate::segment::{ANNULLED_RANGES_MAX, HOLES_REPORTED_MAX};
 
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
@@ -55,7 +55,9 @@ impl Message {
             Message::SetPgmrpl { .. } => SET_PGMRPL_BYTES,
             Message::PgmrplOk { .. } => PGMRPL_OK_BYTES,
             Message::GetSegmentStatus { .. } => GET_SEGMENT_STATUS_BYTES,
-            Message::SegmentStatus { annulled, .. } => SEGMENT_STATUS_FIXED_BYTES + RANGE_BYTES * annulled.len(),
+            Message::SegmentStatus { annulled, holes, .. } => {
+                SEGMENT_STATUS_FIXED_BYTES + RANGE_BYTES * annulled.len() + 4 + RANGE_BYTES * holes.len()
+            }
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
             Message::ReadRecords { .. } => READ_RECORDS_BYTES,
@@ -107,6 +109,13 @@ impl Message {
                 if ranges.len() > ANNULLED_RANGES_MAX =>
             {
                 Err(ProtoError::TooManyRanges(ranges.len()))
+            }
+            Message::SegmentStatus { holes, .. } if holes.len() > HOLES_REPORTED_MAX => {
+                Err(ProtoError::TooManyHoles(holes.len()))
+            }
+            Message::SegmentStatus { holes, .. } if holes.iter().any(|&(lo, hi)| lo == 0 || hi < lo) => {
+                let &(lo, hi) = holes.iter().find(|&&(lo, hi)| lo == 0 || hi < lo).expect("found above");
+                Err(ProtoError::BadRange { lo, hi })
             }
             Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
                 Err(ProtoError::MessageTooLong(message.len()))
@@ -223,6 +232,7 @@ impl Message {
                 page_store_bytes,
                 installed_epoch,
                 annulled,
+                holes,
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -240,6 +250,7 @@ impl Message {
                     put_u64(out, *v);
                 }
                 put_ranges(out, annulled);
+                put_ranges(out, holes);
             }
             Message::Seal {
                 volume,
@@ -377,6 +388,13 @@ impl Message {
                 page_store_bytes: r.u64()?,
                 installed_epoch: r.u64()?,
                 annulled: r.ranges()?,
+                // Optional: a body that ends after the truncation ranges
+                // comes from a node that predates hole reporting.
+                holes: if r.rest.is_empty() {
+                    Vec::new()
+                } else {
+                    r.ranges_up_to(HOLES_REPORTED_MAX)?
+                },
             },
             MessageType::Seal => Message::Seal {
                 volume: r.u64()?,
@@ -620,9 +638,17 @@ impl<'a> Reader<'a> {
 
     /// A count and that many ranges; the count is bounded before it sizes anything.
     fn ranges(&mut self) -> Result<Vec<(u64, u64)>, ProtoError> {
+        self.ranges_up_to(ANNULLED_RANGES_MAX)
+    }
+
+    fn ranges_up_to(&mut self, max: usize) -> Result<Vec<(u64, u64)>, ProtoError> {
         let n = self.u32()? as usize;
-        if n > ANNULLED_RANGES_MAX {
-            return Err(ProtoError::TooManyRanges(n));
+        if n > max {
+            return Err(if max == HOLES_REPORTED_MAX {
+                ProtoError::TooManyHoles(n)
+            } else {
+                ProtoError::TooManyRanges(n)
+            });
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {

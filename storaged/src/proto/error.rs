@@ -60,6 +60,8 @@ pub enum ProtoError {
     LsnNotIncreasing { index: usize, prev: u64, lsn: u64 },
     #[error("{0} truncation ranges; at most {max}", max = crate::segment::ANNULLED_RANGES_MAX)]
     TooManyRanges(usize),
+    #[error("{0} holes; at most {max}", max = crate::segment::HOLES_REPORTED_MAX)]
+    TooManyHoles(usize),
     #[error("truncation range {lo}..={hi} is empty or starts at 0")]
     BadRange { lo: u64, hi: u64 },
     #[error("append batch holds no records")]

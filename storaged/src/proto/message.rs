@@ -211,6 +211,13 @@ pub enum Message {
         /// The truncation ranges the segment keeps, `(lo, hi)` inclusive,
         /// at most [`crate::segment::ANNULLED_RANGES_MAX`].
         annulled: Vec<(u64, u64)>,
+        /// LSN ranges, `(lo, hi)` inclusive, lowest first, in which the
+        /// segment lacks records of its chain below records it holds (the
+        /// SCL stops below the first). `hi` = `u64::MAX`: the segment may
+        /// lack records above `lo - 1` it acknowledged before its log was
+        /// damaged. At most [`crate::segment::HOLES_REPORTED_MAX`] (the
+        /// lowest). Empty from a sender that predates the field.
+        holes: Vec<(u64, u64)>,
     },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs

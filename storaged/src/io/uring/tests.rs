@@ -356,3 +356,40 @@ fn placements_parse_from_their_names() {
     let err = "ring".parse::<RingPlacement>().unwrap_err();
     assert!(err.contains("\"runtime\" or \"thread\""), "{err}");
 }
+
+/// The kernel may answer `io_uring_enter` with EAGAIN after it did part of
+/// the work (a partial submit under memory pressure). Here the first enter
+/// of the device thread really runs (it arms the eventfd poll and sleeps
+/// until the write below rings the eventfd) and then reports EAGAIN: the
+/// retry reaps the poll's completion and must act on it, or the thread
+/// waits for a completion it already took and the write never runs.
+#[test]
+fn an_eagain_after_a_real_enter_does_not_stall_the_device_thread() {
+    let dir = scratch_dir();
+    let path = dir.path().join("dev.dat");
+    create_zero_filled(&path, 1 << 20).expect("create");
+    INJECT_AGAIN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((path.clone(), 1));
+    let dev = UringDevice::open(&path, &config(RingPlacement::Thread)).expect("open");
+    let rt = current_thread_runtime();
+    let done = rt.block_on(async {
+        // Let the thread reach its first (injected) enter before writing.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let (_, res) = dev.write(0, pattern(1, 5), Durability::Durable).await;
+            res.expect("write");
+            let (back, res) = dev.read(0, AlignedBuf::zeroed_blocks(1)).await;
+            res.expect("read");
+            assert_eq!(&back[..], &pattern(1, 5)[..]);
+        })
+        .await
+    });
+    if done.is_err() {
+        // The thread is stuck for good: leak the device rather than hang in
+        // its drop, and fail.
+        std::mem::forget(dev);
+        panic!("the device thread never served the write after one EAGAIN");
+    }
+}

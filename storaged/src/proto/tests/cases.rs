@@ -338,3 +338,49 @@ fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
     assert_eq!(ours, theirs);
     assert_eq!(decode(&ours).unwrap().unwrap().0.message, msg);
 }
+
+/// A `SegmentStatus` from a node that predates hole reporting ends after
+/// its truncation ranges: it decodes with no holes. Holes are bounded and
+/// checked like truncation ranges.
+#[test]
+fn segment_status_holes_are_optional_bounded_and_checked() {
+    let head = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3; 9])].concat();
+    let one_range = [1u32.to_le_bytes().to_vec(), u64s(&[5, 9])].concat();
+    let kind = MessageType::SegmentStatus as u8;
+    let old = [head.clone(), one_range.clone()].concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &old)) else {
+        panic!("an old status body is refused")
+    };
+    let Message::SegmentStatus { annulled, holes, .. } = frame.message else {
+        panic!("{:?}", frame.message)
+    };
+    assert_eq!((annulled, holes), (vec![(5, 9)], vec![]));
+
+    let holes = [2u32.to_le_bytes().to_vec(), u64s(&[10, 12, 20, u64::MAX])].concat();
+    let new = [head.clone(), one_range.clone(), holes].concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &new)) else {
+        panic!("a status with holes is refused")
+    };
+    assert!(
+        matches!(&frame.message, Message::SegmentStatus { holes, .. } if *holes == vec![(10, 12), (20, u64::MAX)]),
+        "{:?}",
+        frame.message
+    );
+
+    let too_many = [
+        head.clone(),
+        one_range.clone(),
+        17u32.to_le_bytes().to_vec(),
+        u64s(&[1; 34]),
+    ]
+    .concat();
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &too_many)),
+        Err(ProtoError::TooManyHoles(17))
+    );
+    let empty = [head, one_range, 1u32.to_le_bytes().to_vec(), u64s(&[9, 8])].concat();
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &empty)),
+        Err(ProtoError::BadRange { lo: 9, hi: 8 })
+    );
+}

@@ -22,6 +22,17 @@ fn arb_ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
     )
 }
 
+/// Holes: closed ranges, and the open one (`hi` = `u64::MAX`) a damaged log leaves.
+fn arb_holes() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec(
+        (1u64..(1 << 50), 0u64..(1 << 40), any::<bool>()).prop_map(|(lo, len, open)| {
+            let hi = if open { u64::MAX } else { lo + len };
+            (lo, hi)
+        }),
+        0..=crate::segment::HOLES_REPORTED_MAX,
+    )
+}
+
 fn arb_batch() -> impl Strategy<Value = (u64, u32, Vec<RedoRecord>)> {
     let one = (
         1u64..1000,
@@ -110,8 +121,8 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
         }),
         (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk { volume, pg, pgmrpl }),
         (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus { volume, epoch, pg }),
-        (u(), any::<u32>(), prop::array::uniform9(u()), arb_ranges()).prop_map(|(volume, pg, v, annulled)| {
-            Message::SegmentStatus {
+        (u(), any::<u32>(), prop::array::uniform9(u()), arb_ranges(), arb_holes()).prop_map(
+            |(volume, pg, v, annulled, holes)| Message::SegmentStatus {
                 volume,
                 pg,
                 epoch: v[0],
@@ -124,8 +135,9 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 page_store_bytes: v[7],
                 installed_epoch: v[8],
                 annulled,
+                holes,
             }
-        }),
+        ),
         (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
             Message::Seal {
                 volume,
