@@ -34,7 +34,7 @@
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,7 +87,7 @@ impl Engine for ClusterBench {
         // taken down by its guard, and main ends the process by the signal.
         // The handlers stay for the process's life, so a second signal
         // cannot cut the cleanup short.
-        let signalled = Arc::new(AtomicI32::new(0));
+        let (signal_tx, signalled) = watch::channel(0);
         let (stop_tx, stop_rx) = watch::channel(false);
         {
             let _enter = rt.enter();
@@ -95,7 +95,6 @@ impl Engine for ClusterBench {
             let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
             let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
             let mut hup = signal(SignalKind::hangup()).context("watching SIGHUP")?;
-            let signalled = signalled.clone();
             let stop_tx = stop_tx.clone();
             rt.spawn(async move {
                 let (n, name) = tokio::select! {
@@ -104,14 +103,14 @@ impl Engine for ClusterBench {
                     _ = hup.recv() => (libc::SIGHUP, "hung up (SIGHUP)"),
                 };
                 errln!("\nstorbench: {name}; stopping");
-                signalled.store(n, Ordering::Relaxed);
+                let _ = signal_tx.send(n);
                 let _ = stop_tx.send(true);
             });
         }
         let signal_ending = |jobs: Vec<JobStats>| -> anyhow::Error {
             Ended {
                 jobs,
-                why: Ending::Signal(signalled.load(Ordering::Relaxed)),
+                why: Ending::Signal(*signalled.borrow()),
             }
             .into()
         };
@@ -155,28 +154,40 @@ impl Engine for ClusterBench {
             }
             (None, None) => bail!("--engine cluster needs --cluster FILE or --local-cluster N"),
         };
-        if signalled.load(Ordering::Relaxed) != 0 {
+        if *signalled.borrow() != 0 {
             errln!("storbench: stopping the local cluster");
             return Err(signal_ending(Vec::new()));
         }
         let cluster = Cluster::load(&cluster_file)?;
         let result = if args.verify_only {
-            rt.block_on(verify_only(args, cluster.computed_address))
+            rt.block_on(verify_only(args, cluster.computed_address, signalled.clone()))
         } else {
-            rt.block_on(run(args, rw, cluster.computed_address, stop_tx, stop_rx, &signalled))
+            rt.block_on(run(
+                args,
+                rw,
+                cluster.computed_address,
+                stop_tx,
+                stop_rx,
+                signalled.clone(),
+            ))
         };
         if args.local_cluster.is_some() {
             errln!("storbench: stopping the local cluster");
         }
         match result {
-            Ok(jobs) if signalled.load(Ordering::Relaxed) != 0 => Err(signal_ending(jobs)),
+            Ok(jobs) if *signalled.borrow() != 0 => Err(signal_ending(jobs)),
+            // A read-back cut short by a signal ends by the signal too.
+            Err(e) if *signalled.borrow() != 0 => {
+                errln!("storbench: {e:#}");
+                Err(signal_ending(Vec::new()))
+            }
             other => other,
         }
     }
 }
 
 /// `--verify-only`: read back what the journal holds.
-async fn verify_only(args: &BenchArgs, addr: SocketAddr) -> Result<Vec<JobStats>> {
+async fn verify_only(args: &BenchArgs, addr: SocketAddr, mut signalled: watch::Receiver<i32>) -> Result<Vec<JobStats>> {
     let path = args
         .verify_journal
         .as_deref()
@@ -189,14 +200,15 @@ async fn verify_only(args: &BenchArgs, addr: SocketAddr) -> Result<Vec<JobStats>
         );
     }
     let client = connect(addr).await?;
-    let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify_journal::check(&client, &journal))
-        .await
-        .map_err(|_| {
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(VERIFY_TIMEOUT, verify_journal::check(&client, &journal)) => r.map_err(|_| {
             anyhow!(
                 "--verify-only: reading back did not finish within {} s",
                 VERIFY_TIMEOUT.as_secs()
             )
-        })??;
+        })??,
+        _ = signalled.wait_for(|&s| s != 0) => bail!("--verify-only: stopped by a signal before it finished"),
+    };
     errln!(
         "storbench: verify-only: {} journaled commits; read back the latest write of {} byte ranges on {} pages: \
          {} missing, {} wrong{}",
@@ -306,7 +318,7 @@ async fn run(
     addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
-    signalled: &AtomicI32,
+    mut signalled: watch::Receiver<i32>,
 ) -> Result<Vec<JobStats>> {
     let mut clients = Vec::new();
     for _ in 0..args.cluster_connections {
@@ -492,19 +504,27 @@ async fn run(
             if rw == Rw::Commit { "acknowledged" } else { "read" }
         ));
     }
-    let signal = signalled.load(Ordering::Relaxed);
-    if args.verify && signal != 0 {
+    let ranges: Vec<Ranges> = workers.into_iter().filter_map(|w| w.verify).collect();
+    let outcome = if !args.verify {
+        None
+    } else if *signalled.borrow() != 0 {
         errln!("storbench: verify: stopped by a signal; not reading back (--verify-only with a journal can, later)");
-    } else if args.verify {
-        let ranges: Vec<Ranges> = workers.into_iter().filter_map(|w| w.verify).collect();
-        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(&clients[0], ranges, page_bytes))
-            .await
-            .map_err(|_| {
+        None
+    } else {
+        tokio::select! {
+            r = tokio::time::timeout(VERIFY_TIMEOUT, verify(&clients[0], ranges, page_bytes)) => Some(r.map_err(|_| {
                 anyhow!(
                     "--verify: reading back did not finish within {} s",
                     VERIFY_TIMEOUT.as_secs()
                 )
-            })??;
+            })??),
+            _ = signalled.wait_for(|&s| s != 0) => {
+                errln!("storbench: verify: stopped by a signal while reading back; not finished");
+                None
+            }
+        }
+    };
+    if let Some(outcome) = outcome {
         errln!(
             "storbench: verify: {} acknowledged commits; read back the latest write of {} byte ranges: {} missing, {} wrong",
             acked,
@@ -527,7 +547,7 @@ async fn run(
         }
     }
     // A signal's ending is decided by the caller, once the cluster is down.
-    if signal == 0 && !failures.is_empty() {
+    if *signalled.borrow() == 0 && !failures.is_empty() {
         // The report still goes out (main prints it); the exit status is 1.
         return Err(Ended {
             jobs,
