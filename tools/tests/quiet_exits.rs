@@ -176,3 +176,32 @@ fn every_binary_lists_its_exit_statuses_and_usage_errors_exit_2() {
         text(&down.stdout)
     );
 }
+
+#[test]
+fn a_daemon_keeps_serving_when_nobody_reads_its_stdout() {
+    let dir = scratch();
+    let dev = device(dir.path());
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(daemon("storaged"))
+        .args(["run", "--device", &dev, "--listen", &listen])
+        .env("RUST_LOG", "warn")
+        .stdout(support::closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let serving = support::wait_until(std::time::Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&listen).is_ok()
+    });
+    // SAFETY: our own child, by PID.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = support::wait_bounded(child, support::COMMAND_TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert!(serving, "storaged stopped serving: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

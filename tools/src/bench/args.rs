@@ -76,7 +76,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = SyncMode::None)]
     pub sync: SyncMode,
 
-    /// Issue an fdatasync after every N writes (0: never). Only 0 and 1 are
+    /// Engine uring: issue an fdatasync after every N writes (0: never). Only 0 and 1 are
     /// supported: with 1, each write is followed by IORING_OP_FSYNC(DATASYNC)
     /// once it completes, and counts as done when the fsync completes.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
@@ -144,7 +144,7 @@ pub struct BenchArgs {
 
     /// Cluster engine: start a dev cluster of N storage nodes (and computed)
     /// for the run, in a temp dir under /var/tmp (or --dir), and stop it
-    /// after, also on Ctrl-C. Needs `storaged` and `computed` next to
+    /// after, also on SIGINT, SIGTERM or SIGHUP. Needs `storaged` and `computed` next to
     /// storbench (`cargo build --release`).
     #[arg(long = "local-cluster", value_name = "N", value_parser = parse_local_cluster_nodes)]
     pub local_cluster: Option<usize>,
@@ -164,7 +164,7 @@ pub struct BenchArgs {
 
     /// Cluster engine: after --runtime, how long commits still out may take
     /// before the run ends without them (they count as not committed, and as
-    /// `drop_ios` in the JSON).
+    /// `drop_ios` in the JSON, and the run fails: exit status 1).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub grace: Duration,
 
