@@ -20,9 +20,9 @@
 //!
 //! `--verify`: each write's bytes are unique — committer id, sequence number
 //! (from a random base per run) and write index in the first 16 bytes, the
-//! rest a stream seeded by them and the range — and the committer records, per range, the sequence
-//! number of its last acknowledged write (8 bytes per range, never the
-//! bytes). After the run every page is read back and every range compared
+//! rest a stream seeded by them and the range — and the committer records,
+//! per range, the sequence number of its last acknowledged write (8 bytes
+//! per range, never the bytes). After the run every page is read back and every range compared
 //! with its last acknowledged write. A commit that timed out may or may not
 //! have landed: its bytes are accepted too. `--verify-journal` also appends
 //! each acknowledged commit to a file ([`verify_journal`]), which
