@@ -15,7 +15,9 @@ use computed::core::WriterConfig;
 #[command(
     name = "computed",
     version,
-    about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits"
+    about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits",
+    after_help = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 failed (the message says why); \
+                  2 usage error (a bad flag). Logs go to stderr, coloured only on a terminal without NO_COLOR."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,10 +41,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    storaged::cli::init_logging("info");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
@@ -54,7 +53,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("computed: {e:#}");
+            storaged::errln!("computed: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -97,7 +96,11 @@ fn run(cluster: PathBuf, listen: Option<SocketAddr>, metrics: Option<SocketAddr>
             }
             let _ = stop_tx.send(true);
         });
-        println!("computed: listening on {local}");
+        // Scripts wait for this line. A daemon keeps serving if nobody reads
+        // it (a closed stdout is not a reason to stop the writer).
+        if let Err(e) = storaged::outln!("computed: listening on {local}") {
+            tracing::debug!(error = %e, "the ready line was not printed");
+        }
         computed::server::run(cluster, config, listener, metrics, stop_rx).await
     })
 }

@@ -4,6 +4,7 @@
 //! - [`log`]: the durable, circular redo log of 4 KiB self-describing blocks;
 //! - [`record`]: redo records as computed produces them.
 
+pub mod cli;
 pub mod client;
 pub mod hot;
 pub mod inspect;

@@ -16,12 +16,15 @@ use storaged::log::mkfs::{self, FormatOptions};
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
 use storaged::units::parse_bytes;
+use storaged::{errln, outln};
 
 #[derive(Parser)]
 #[command(
     name = "storaged",
     version,
-    about = "Storage node of the log-is-the-database service"
+    about = "Storage node of the log-is-the-database service",
+    after_help = "Exit status: 0 done (`run`: stopped by SIGTERM or SIGINT); 1 failed (the message says why); \
+                  2 usage error (a bad flag). Logs go to stderr, coloured only on a terminal without NO_COLOR."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -133,12 +136,7 @@ impl RunConfig {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,storaged=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    storaged::cli::init_logging("warn,storaged=info");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Format {
@@ -157,8 +155,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if storaged::cli::is_stdout_closed(&e) => storaged::cli::die_of_sigpipe(),
         Err(e) => {
-            eprintln!("storaged: error: {e:#}");
+            errln!("storaged: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -184,14 +183,14 @@ fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, 
             force,
         },
     ))?;
-    println!(
+    outln!(
         "formatted {}: node {}, {} MiB, log {} MiB, page store {} MiB",
         path.display(),
         sb.node_id,
         sb.device_bytes >> 20,
         (sb.log_blocks * 4096) >> 20,
         (sb.pages_blocks * 4096) >> 20
-    );
+    )?;
     Ok(())
 }
 
@@ -265,8 +264,12 @@ fn run(
         let addr = listener.local_addr().context("reading the listening address")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve(node.clone(), listener, stop_rx));
-        // Scripts and tests wait for this line; systemd for READY=1.
-        println!("storaged: node {} listening on {addr}", node.node_id);
+        // Scripts and tests wait for this line; systemd for READY=1. A
+        // daemon keeps serving if nobody reads it (a closed stdout is not
+        // a reason to stop a node), as daemons ignore SIGPIPE.
+        if let Err(e) = outln!("storaged: node {} listening on {addr}", node.node_id) {
+            tracing::debug!(error = %e, "the ready line was not printed");
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         if let Some(every) = sd_notify::watchdog_enabled() {
             tokio::spawn(async move {

@@ -265,7 +265,7 @@ fn a_too_small_device_is_refused() {
 }
 
 #[test]
-fn without_a_write_quorum_storbench_ends_on_time_with_zero_commits() {
+fn without_a_write_quorum_storbench_ends_on_time_and_fails() {
     let c = ClusterDir::new();
     let out = c.up(&[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -293,7 +293,14 @@ fn without_a_write_quorum_storbench_ends_on_time_with_zero_commits() {
             "--output-format=json",
         ],
     );
-    assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
+    // A commit run that acknowledged nothing and dropped commits failed,
+    // and its report still goes out.
+    assert_eq!(bench.status.code(), Some(1), "{}", text(&bench.stderr));
+    assert!(
+        text(&bench.stderr).contains("nothing was acknowledged"),
+        "{}",
+        text(&bench.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("fio JSON");
     assert_eq!(v["jobs"][0]["write"]["total_ios"], 0, "{v}");
     // Each of the 4 committers had a commit out when the grace ran out.

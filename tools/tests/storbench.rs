@@ -72,47 +72,87 @@ fn assert_fails(args: &[&str], code: i32, needle: &str) {
 }
 
 #[test]
-fn bad_input_exits_1_with_a_clear_message() {
+fn usage_errors_exit_2_and_name_the_flag() {
     let dir = scratch_dir();
     let file = dir.path().join("bench.dat");
     let file_arg = format!("--filename={}", file.display());
-    assert_fails(&["--bs=4x", &file_arg], 1, "unknown size suffix");
-    assert_fails(&["--runtime=soon", &file_arg], 1, "not a duration");
-    assert_fails(&["--rw=sideways", &file_arg], 1, "invalid value");
+    assert_fails(&["--bs=4x", &file_arg], 2, "unknown size suffix");
+    assert_fails(&["--runtime=soon", &file_arg], 2, "not a duration");
+    assert_fails(&["--rw=sideways", &file_arg], 2, "invalid value");
+    // Every numeric flag refuses a value it cannot use, naming the flag.
+    for (flag, needle) in [
+        ("--bs=0", "--bs"),
+        ("--size=0", "--size"),
+        ("--iodepth=0", "--iodepth"),
+        ("--numjobs=0", "--numjobs"),
+        ("--grace=0", "--grace"),
+        ("--runtime=0", "--runtime"),
+        ("--cluster-connections=0", "--cluster-connections"),
+        ("--node-connections=0", "--node-connections"),
+        ("--log-write-blocks=0", "--log-write-blocks"),
+        ("--device-size=0", "--device-size"),
+        ("--local-cluster=3", "--local-cluster"),
+        ("--pages-per-txn=0", "--pages-per-txn"),
+    ] {
+        let out = storbench(&["--engine=cluster", "--cluster=/nonexistent.toml", flag]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(needle), "{flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let grace = storbench(&["--engine=cluster", "--cluster=x", "--grace=0"]);
+    assert!(!String::from_utf8_lossy(&grace.stderr).contains("runtime"));
     assert_fails(
-        &["--filename=/nonexistent-dir/x.dat", "--size=4m", "--runtime=1"],
-        1,
-        "does not exist",
+        &[
+            &file_arg,
+            "--engine=log",
+            "--log-write-blocks=4096",
+            "--log-writes-inflight=4096",
+        ],
+        2,
+        "--log-write-blocks and --log-writes-inflight",
     );
     assert_fails(
         &[&file_arg, "--size=4m", "--bs=1000", "--runtime=1"],
-        1,
+        2,
         "multiple of 4096",
     );
-    assert_fails(&[&file_arg, "--rw=commit", "--runtime=1"], 1, "--engine cluster");
-    assert_fails(&[&file_arg, "--runtime=1"], 1, "give --size");
-    assert_fails(&["--engine=cluster", "--runtime=1"], 1, "--cluster FILE");
-    assert_fails(&["--engine=cluster", "--rw=randwrite", "--cluster=x"], 1, "--rw commit");
+    // The cluster engine takes any --bs up to a page, but not --sync.
+    assert_fails(
+        &["--engine=cluster", "--cluster=x", "--sync=dsync"],
+        2,
+        "--sync is for --engine uring",
+    );
+    assert_fails(
+        &[&file_arg, "--rw=commit", "--runtime=1"],
+        2,
+        "--rw commit is for --engine cluster",
+    );
+    let commit = storbench(&[&file_arg, "--rw=commit"]);
+    assert!(!String::from_utf8_lossy(&commit.stderr).contains("not built"));
+    assert_fails(&["--engine=cluster", "--runtime=1"], 2, "--cluster FILE");
+    assert_fails(&["--engine=cluster", "--rw=randwrite", "--cluster=x"], 2, "--rw commit");
     assert_fails(
         &["--engine=cluster", "--verify", "--bs=8", "--cluster=x"],
-        1,
+        2,
         "at least 16",
     );
     assert_fails(
-        &["--engine=cluster", "--cluster=/nonexistent.toml"],
-        1,
-        "nonexistent.toml",
+        &["--engine=cluster", "--cluster=x", "--verify-journal=j"],
+        2,
+        "--verify",
+    );
+    assert_fails(
+        &["--engine=cluster", "--cluster=x", "--verify-only"],
+        2,
+        "--verify-journal",
     );
     assert_fails(
         &[&file_arg, "--engine=log", "--bs=32", "--runtime=1"],
-        1,
+        2,
         "too small for a redo record",
     );
-    // An existing file that is not a formatted device is never formatted over.
-    let plain = dir.path().join("plain.dat");
-    std::fs::write(&plain, vec![0u8; 8 << 20]).unwrap();
-    let plain_arg = format!("--filename={}", plain.display());
-    assert_fails(&[&plain_arg, "--engine=log", "--runtime=1"], 1, "not formatted");
+    assert_fails(&[&file_arg, "--engine=node", "--bs=16k"], 2, "--bs");
     let help = storbench(&["--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
@@ -129,9 +169,75 @@ fn bad_input_exits_1_with_a_clear_message() {
         "--output-format",
         "--engine",
         "--group_reporting",
+        "--verify-journal",
+        "--verify-only",
+        "Exit status",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
+}
+
+#[test]
+fn failed_runs_exit_1_with_a_clear_message() {
+    let dir = scratch_dir();
+    assert_fails(
+        &["--filename=/nonexistent-dir/x.dat", "--size=4m", "--runtime=1"],
+        1,
+        "does not exist",
+    );
+    assert_fails(
+        &["--engine=cluster", "--cluster=/nonexistent.toml"],
+        1,
+        "nonexistent.toml",
+    );
+    // An existing file that is not a formatted device is never formatted over.
+    let plain = dir.path().join("plain.dat");
+    std::fs::write(&plain, vec![0u8; 8 << 20]).unwrap();
+    let plain_arg = format!("--filename={}", plain.display());
+    assert_fails(&[&plain_arg, "--engine=log", "--runtime=1"], 1, "not formatted");
+    // A refused connection is said once, not once per layer.
+    let out = storbench(&["--engine=node", "--node-addr=127.0.0.1:1", "--runtime=1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
+    // A node's log that fills up says what to change.
+    let small = dir.path().join("small.dat");
+    assert_fails(
+        &[
+            &format!("--filename={}", small.display()),
+            "--engine=node",
+            "--size=8m",
+            "--bs=4k",
+            "--iodepth=8",
+            "--runtime=30",
+        ],
+        1,
+        "give a larger --size",
+    );
+}
+
+#[test]
+fn uring_creates_a_missing_file_of_a_default_size() {
+    // The README's command, on a file that does not exist yet.
+    let dir = scratch_dir();
+    let file = dir.path().join("f");
+    let out = storbench(&[
+        "--engine",
+        "uring",
+        "--filename",
+        file.to_str().unwrap(),
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--iodepth",
+        "32",
+        "--runtime",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("read: IOPS="));
 }
 
 #[test]

@@ -42,7 +42,7 @@ pub async fn finish(
             Some(at) => match tokio::time::timeout_at(at, tasks.join_next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    eprintln!(
+                    storaged::errln!(
                         "storbench: {} appenders still waiting after the grace; stopping them",
                         tasks.len()
                     );

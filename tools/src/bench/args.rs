@@ -13,15 +13,18 @@ use clap::{Parser, ValueEnum};
     about = "fio-style benchmark for storaged's devices, log and cluster",
     long_about = "fio-style benchmark. Flags have fio's names and meanings; both `--flag value` \
                   and `--flag=value` work. `--output-format=json` prints fio's JSON shape so fio's \
-                  parsers read it."
+                  parsers read it.",
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct BenchArgs {
     /// Job name, reported as `jobname`.
     #[arg(long, default_value = "storbench")]
     pub name: String,
 
-    /// File or block device to run on (engine uring). A missing file is
-    /// created and zero-filled to --size first.
+    /// File or block device to run on (engines uring, log and node). A
+    /// missing file is created first, --size bytes (default 1g): zero-filled
+    /// for uring; zero-filled and formatted as a storage node's device for
+    /// log and node.
     #[arg(long)]
     pub filename: Option<PathBuf>,
 
@@ -30,8 +33,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub rw: Option<Rw>,
 
-    /// Block size of each I/O, e.g. 4k, 64k, 1m (a multiple of 4096: O_DIRECT).
-    #[arg(long, value_parser = parse_size, default_value = "4k")]
+    /// Block size of each I/O, e.g. 4k, 64k, 1m. uring: a multiple of 4096
+    /// (O_DIRECT), at most 64m. log and node: the log space one record takes,
+    /// framing included, 64 bytes to 64k (node: at most 8k; with --rw
+    /// randread, the page size, a power of two from 512 to 64k). cluster:
+    /// bytes a commit writes into each of its pages, any size up to the
+    /// volume's page (at least 16 with --verify).
+    #[arg(long, value_parser = parse_size_nonzero, default_value = "4k")]
     pub bs: u64,
 
     /// I/Os kept in flight per job.
@@ -50,7 +58,7 @@ pub struct BenchArgs {
 
     /// Region of the file to use, and, unless time-based, bytes per job
     /// (default: the whole file or device). Suffixes k, m, g, t (powers of 1024).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size_nonzero)]
     pub size: Option<u64>,
 
     /// Run for this long (`5`, `5s`, `500ms`, `1m`); implies --time_based.
@@ -62,11 +70,13 @@ pub struct BenchArgs {
     #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool, default_value = "0")]
     pub time_based: bool,
 
-    /// Write durability: none, or dsync (every write is durable on completion, like O_DSYNC).
+    /// Write durability of --engine uring: none, or dsync (every write is
+    /// durable on completion, like O_DSYNC). The other engines always write
+    /// durably and refuse it (the log and node engines: --log-durability).
     #[arg(long, value_enum, default_value_t = SyncMode::None)]
     pub sync: SyncMode,
 
-    /// Issue an fdatasync after every N writes (0: never). Only 0 and 1 are
+    /// Engine uring: issue an fdatasync after every N writes (0: never). Only 0 and 1 are
     /// supported: with 1, each write is followed by IORING_OP_FSYNC(DATASYNC)
     /// once it completes, and counts as done when the fsync completes.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
@@ -86,7 +96,7 @@ pub struct BenchArgs {
 
     /// Node engine: connections the appenders share (requests pipeline on
     /// each, as computed's do).
-    #[arg(long = "node-connections", default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    #[arg(long = "node-connections", default_value_t = 1, value_parser = parse_count_1_to_64)]
     pub node_connections: usize,
 
     /// Node engine: append to a running `storaged run` at this address
@@ -107,13 +117,13 @@ pub struct BenchArgs {
 
     /// Log engine: most 4 KiB blocks packed into one write.
     #[arg(long = "log-write-blocks", default_value_t = storaged::log::LogConfig::default().write_blocks_max,
-          value_parser = clap::value_parser!(usize))]
+          value_parser = parse_count_nonzero)]
     pub log_write_blocks: usize,
 
     /// Log engine: most writes in flight at once; appends that arrive
     /// while they are all busy ride in the next write (group commit).
     #[arg(long = "log-writes-inflight", default_value_t = storaged::log::LogConfig::default().writes_inflight_max,
-          value_parser = clap::value_parser!(usize))]
+          value_parser = parse_count_nonzero)]
     pub log_writes_inflight: usize,
 
     /// Log and node engines: drive the device's io_uring from the runtime
@@ -134,9 +144,9 @@ pub struct BenchArgs {
 
     /// Cluster engine: start a dev cluster of N storage nodes (and computed)
     /// for the run, in a temp dir under /var/tmp (or --dir), and stop it
-    /// after, also on Ctrl-C. Needs `storaged` and `computed` next to
+    /// after, also on SIGINT, SIGTERM or SIGHUP. Needs `storaged` and `computed` next to
     /// storbench (`cargo build --release`).
-    #[arg(long = "local-cluster", value_name = "N")]
+    #[arg(long = "local-cluster", value_name = "N", value_parser = parse_local_cluster_nodes)]
     pub local_cluster: Option<usize>,
 
     /// Cluster engine with --local-cluster: the dev cluster's directory
@@ -145,7 +155,7 @@ pub struct BenchArgs {
     pub dir: Option<PathBuf>,
 
     /// Cluster engine with --local-cluster: each node's device size.
-    #[arg(long = "device-size", value_parser = parse_size, default_value = "128m")]
+    #[arg(long = "device-size", value_parser = parse_size_nonzero, default_value = "128m")]
     pub device_size: u64,
 
     /// Cluster engine: pages each transaction writes (--bs bytes in each).
@@ -154,7 +164,7 @@ pub struct BenchArgs {
 
     /// Cluster engine: after --runtime, how long commits still out may take
     /// before the run ends without them (they count as not committed, and as
-    /// `drop_ios` in the JSON).
+    /// `drop_ios` in the JSON, and the run fails: exit status 1).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub grace: Duration,
 
@@ -164,11 +174,43 @@ pub struct BenchArgs {
     #[arg(long)]
     pub verify: bool,
 
+    /// Cluster engine with --verify: also append every acknowledged commit
+    /// (its byte ranges and payload seed) to FILE as it is acknowledged, and
+    /// fsync FILE before the run reports; a journal of the same volume is
+    /// appended to. With --verify-only: the journal to check. The format is
+    /// a text file, one checksummed line per commit (see
+    /// tools/src/bench/verify_journal.rs).
+    #[arg(long = "verify-journal", value_name = "FILE")]
+    pub verify_journal: Option<PathBuf>,
+
+    /// Cluster engine: run no commits; read back from the running cluster
+    /// (--cluster FILE) the latest journaled write of every byte range of
+    /// --verify-journal FILE, list missing and wrong ones, exit 1 if any.
+    /// A range may also hold a later write of the same committer that was
+    /// sent but not acknowledged (it may have landed). Use it after crashes,
+    /// restarts and repairs.
+    #[arg(long = "verify-only")]
+    pub verify_only: bool,
+
     /// Cluster engine: connections to computed the committers share
     /// (requests pipeline on each).
     #[arg(long = "cluster-connections", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cluster_connections: u32,
 }
+
+/// storbench's exit statuses, shown by --help.
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    the run completed (with --verify or --verify-only: nothing missing or wrong)
+  1    the run failed: an I/O or connection error; with --engine cluster --rw commit,
+       nothing was acknowledged or commits were dropped (not acknowledged within
+       --grace: drop_ios in the JSON); --verify or --verify-only found missing or
+       wrong data. The report of what ran is still printed.
+  2    usage error: a bad flag, or flags that do not fit the engine
+  Stopped by SIGINT, SIGTERM or SIGHUP, --engine cluster stops its --local-cluster,
+  prints what ran, and ends by the same signal (a shell shows 128+N: 130, 143, 129).
+  Output into a closed pipe ends storbench quietly, as it ends cat: by SIGPIPE
+  (a shell shows 141), after stopping its --local-cluster.";
 
 /// The cluster engine's run time when neither --runtime nor --size bounds it.
 pub const CLUSTER_RUNTIME_DEFAULT: Duration = Duration::from_secs(5);
@@ -256,6 +298,38 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     storaged::units::parse_bytes(s)
 }
 
+/// [`parse_size`] for flags where zero means nothing useful (--bs, --size).
+pub fn parse_size_nonzero(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("must be more than zero".into()),
+        n => Ok(n),
+    }
+}
+
+/// A count of at least 1.
+pub fn parse_count_nonzero(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a count")),
+    }
+}
+
+fn parse_count_1_to_64(s: &str) -> Result<usize, String> {
+    match parse_count_nonzero(s)? {
+        n if n > 64 => Err("must be at most 64".into()),
+        n => Ok(n),
+    }
+}
+
+/// --local-cluster N: a volume's PG has 6 segments on 6 nodes.
+fn parse_local_cluster_nodes(s: &str) -> Result<usize, String> {
+    match parse_count_nonzero(s)? {
+        n if n < 6 => Err("a volume needs at least 6 storage nodes".into()),
+        n => Ok(n),
+    }
+}
+
 /// Parses fio's times: plain seconds, or a number with us, ms, s, m, h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -277,7 +351,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     match d {
         Some(d) if !d.is_zero() => Ok(d),
-        Some(_) => Err(format!("`{s}`: runtime must be more than zero")),
+        Some(_) => Err("must be more than zero".into()),
         None => Err(format!("`{s}`: duration overflows")),
     }
 }

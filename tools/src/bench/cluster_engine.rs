@@ -3,8 +3,9 @@
 //! commit LSN).
 //!
 //! The cluster is a running one (`--cluster FILE`) or a dev cluster started
-//! for the run (`--local-cluster N`, stopped after, also on Ctrl-C: SIGINT
-//! only raises the stop flag, and a drop guard runs `dev-cluster down`).
+//! for the run (`--local-cluster N`, stopped after, also on SIGINT, SIGTERM
+//! or SIGHUP: a signal only raises the stop flag, a drop guard runs
+//! `dev-cluster down`, and storbench then ends by that signal).
 //!
 //! `--rw commit`: `--iodepth` × `--numjobs` committers, each with one
 //! transaction in flight at a time, as fast as the acks come back. A
@@ -14,15 +15,18 @@
 //! order (every page at offset 0, then every page at `bs`, ...), so each
 //! commit writes ranges no other committer touches and the last writer of
 //! every range is known. When the run time ends committers stop issuing;
-//! commits still out get `--grace` more, then count as not committed.
+//! commits still out get `--grace` more, then count as not committed
+//! (`drop_ios`), and the run fails, as it does if nothing was acknowledged.
 //!
 //! `--verify`: each write's bytes are unique — committer id, sequence number
-//! and write index in the first 16 bytes, the rest a stream seeded by them
-//! and the range — and the committer records, per range, the sequence
-//! number of its last acknowledged write (8 bytes per range, never the
-//! bytes). After the run every page is read back and every range compared
+//! (from a random base per run) and write index in the first 16 bytes, the
+//! rest a stream seeded by them and the range — and the committer records,
+//! per range, the sequence number of its last acknowledged write (8 bytes
+//! per range, never the bytes). After the run every page is read back and every range compared
 //! with its last acknowledged write. A commit that timed out may or may not
-//! have landed: its bytes are accepted too.
+//! have landed: its bytes are accepted too. `--verify-journal` also appends
+//! each acknowledged commit to a file ([`verify_journal`]), which
+//! `--verify-only` reads back later.
 //!
 //! `--rw randread`: readers ask for random pages of the volume (each read is
 //! one page, at the VDL).
@@ -30,7 +34,7 @@
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,16 +47,19 @@ use computed::client::{Client, ClientError};
 use computed::cluster::Cluster;
 use computed::core::PageWrite;
 
-use super::report;
+use storaged::errln;
+
 use super::stats::{DirStats, JobStats, new_latency_histogram};
-use super::{BenchArgs, Engine, OutputFormat, Rw};
+use super::validate::UsageError;
+use super::verify_journal::{self, JournalWriter};
+use super::{BenchArgs, Ended, Ending, Engine, OutputFormat, Rw};
 use crate::devcluster::{self, DownOnDrop, UpOptions};
 
 /// Pages one committer owns, at most: bounds --verify's memory (one u64 per
 /// byte range of an owned page).
 pub const OWNED_PAGES_MAX: u64 = 256;
 /// Header of a verified payload: committer u32, sequence u64, write index u32.
-const PAYLOAD_HEADER_BYTES: usize = 16;
+pub const PAYLOAD_HEADER_BYTES: usize = super::validate::VERIFY_BS_MIN_BYTES as usize;
 /// Connecting to computed, at most.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A Busy answer is retried after this.
@@ -71,40 +78,42 @@ pub struct ClusterBench;
 impl Engine for ClusterBench {
     fn run(&self, args: &BenchArgs) -> Result<Vec<JobStats>> {
         let rw = args.rw();
-        if !matches!(rw, Rw::Commit | Rw::Randread) {
-            bail!("--engine cluster runs --rw commit (the default) or --rw randread");
-        }
-        if args.verify && rw != Rw::Commit {
-            bail!("--verify checks commits: use it with --rw commit");
-        }
-        if args.verify && (args.bs as usize) < PAYLOAD_HEADER_BYTES {
-            bail!("--verify needs --bs of at least {PAYLOAD_HEADER_BYTES} bytes (a unique header in each write)");
-        }
-        if args.cluster.is_none() && args.local_cluster.is_none() {
-            bail!("--engine cluster needs --cluster FILE (a running cluster) or --local-cluster N (start one)");
-        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the runtime")?;
-        // From here on SIGINT only raises `interrupted`: the run stops, and the
-        // dev cluster (if any) is taken down by its guard.
-        let interrupted = Arc::new(AtomicBool::new(false));
+        // From here on SIGINT, SIGTERM and SIGHUP only raise `signalled`
+        // (and the stop flag): the run stops, the dev cluster (if any) is
+        // taken down by its guard, and main ends the process by the signal.
+        // The handlers stay for the process's life, so a second signal
+        // cannot cut the cleanup short.
+        let (signal_tx, signalled) = watch::channel(0);
         let (stop_tx, stop_rx) = watch::channel(false);
         {
             let _enter = rt.enter();
-            let mut sigint =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("watching SIGINT")?;
-            let interrupted = interrupted.clone();
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+            let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+            let mut hup = signal(SignalKind::hangup()).context("watching SIGHUP")?;
             let stop_tx = stop_tx.clone();
             rt.spawn(async move {
-                if sigint.recv().await.is_some() {
-                    eprintln!("\nstorbench: interrupted; stopping");
-                    interrupted.store(true, Ordering::Relaxed);
-                    let _ = stop_tx.send(true);
-                }
+                let (n, name) = tokio::select! {
+                    _ = int.recv() => (libc::SIGINT, "interrupted (SIGINT)"),
+                    _ = term.recv() => (libc::SIGTERM, "terminated (SIGTERM)"),
+                    _ = hup.recv() => (libc::SIGHUP, "hung up (SIGHUP)"),
+                };
+                errln!("\nstorbench: {name}; stopping");
+                let _ = signal_tx.send(n);
+                let _ = stop_tx.send(true);
             });
         }
+        let signal_ending = |jobs: Vec<JobStats>| -> anyhow::Error {
+            Ended {
+                jobs,
+                why: Ending::Signal(*signalled.borrow()),
+            }
+            .into()
+        };
 
         // Dropped in reverse order: the cluster goes down before its temp dir goes.
         let mut _tempdir = None;
@@ -129,27 +138,108 @@ impl Engine for ClusterBench {
                         p
                     }
                 };
-                eprintln!("storbench: starting a {nodes}-node dev cluster in {}", dir.display());
+                errln!("storbench: starting a {nodes}-node dev cluster in {}", dir.display());
                 let mut opts = UpOptions::new(dir);
                 opts.nodes = nodes;
                 opts.device_bytes = args.device_size;
-                let c = devcluster::up(&opts).context("starting the local cluster")?;
+                // Off the runtime's thread, so a signal during start-up is
+                // seen (and the cluster stopped once it is up).
+                let up = rt.block_on(rt.spawn_blocking(move || devcluster::up(&opts)));
+                let c = up
+                    .context("starting the local cluster")?
+                    .context("starting the local cluster")?;
                 let file = c.cluster_file.clone();
                 _guard.0 = Some(c);
                 file
             }
-            (None, None) => unreachable!("checked above"),
+            (None, None) => bail!("--engine cluster needs --cluster FILE or --local-cluster N"),
         };
-        if interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
+        if *signalled.borrow() != 0 {
+            errln!("storbench: stopping the local cluster");
+            return Err(signal_ending(Vec::new()));
         }
         let cluster = Cluster::load(&cluster_file)?;
-        let result = rt.block_on(run(args, rw, cluster.computed_address, stop_tx, stop_rx));
+        let result = if args.verify_only {
+            rt.block_on(verify_only(args, cluster.computed_address, signalled.clone()))
+        } else {
+            rt.block_on(run(
+                args,
+                rw,
+                cluster.computed_address,
+                stop_tx,
+                stop_rx,
+                signalled.clone(),
+            ))
+        };
         if args.local_cluster.is_some() {
-            eprintln!("storbench: stopping the local cluster");
+            errln!("storbench: stopping the local cluster");
         }
-        result
+        match result {
+            Ok(jobs) if *signalled.borrow() != 0 => Err(signal_ending(jobs)),
+            // A read-back cut short by a signal ends by the signal too.
+            Err(e) if *signalled.borrow() != 0 => {
+                errln!("storbench: {e:#}");
+                Err(signal_ending(Vec::new()))
+            }
+            other => other,
+        }
     }
+}
+
+/// `--verify-only`: read back what the journal holds.
+async fn verify_only(args: &BenchArgs, addr: SocketAddr, mut signalled: watch::Receiver<i32>) -> Result<Vec<JobStats>> {
+    let path = args
+        .verify_journal
+        .as_deref()
+        .context("--verify-only needs --verify-journal FILE")?;
+    let journal = verify_journal::read(path)?;
+    if journal.torn_tail {
+        errln!(
+            "storbench: verify-only: {}: ignoring a torn last line (a crash while it was written)",
+            path.display()
+        );
+    }
+    let client = connect(addr).await?;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(VERIFY_TIMEOUT, verify_journal::check(&client, &journal)) => r.map_err(|_| {
+            anyhow!(
+                "--verify-only: reading back did not finish within {} s",
+                VERIFY_TIMEOUT.as_secs()
+            )
+        })??,
+        _ = signalled.wait_for(|&s| s != 0) => bail!("--verify-only: stopped by a signal before it finished"),
+    };
+    errln!(
+        "storbench: verify-only: {} journaled commits; read back the latest write of {} byte ranges on {} pages: \
+         {} missing, {} wrong{}",
+        journal.entries.len(),
+        outcome.checked,
+        outcome.pages,
+        outcome.missing,
+        outcome.wrong,
+        if outcome.later > 0 {
+            format!(" ({} hold a later write sent but not acknowledged)", outcome.later)
+        } else {
+            String::new()
+        }
+    );
+    let bad = outcome.missing + outcome.wrong;
+    if bad > 0 {
+        for line in &outcome.listed {
+            errln!("storbench: verify-only: {line}");
+        }
+        if outcome.listed.len() < bad as usize {
+            errln!(
+                "storbench: verify-only: (only the first {} listed)",
+                verify_journal::LISTED_MAX
+            );
+        }
+        bail!(
+            "--verify-only: {bad} of {} byte ranges missing or wrong",
+            outcome.checked
+        );
+    }
+    Ok(Vec::new())
 }
 
 /// What one committer or reader did.
@@ -228,6 +318,7 @@ async fn run(
     addr: SocketAddr,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
+    mut signalled: watch::Receiver<i32>,
 ) -> Result<Vec<JobStats>> {
     let mut clients = Vec::new();
     for _ in 0..args.cluster_connections {
@@ -239,7 +330,11 @@ async fn run(
     let owned = (info.pages / committers).min(OWNED_PAGES_MAX);
     if rw == Rw::Commit {
         if args.bs > page_bytes {
-            bail!("--bs {} is larger than the volume's page ({page_bytes} bytes)", args.bs);
+            return Err(UsageError(format!(
+                "--bs {} is larger than the volume's page ({page_bytes} bytes)",
+                args.bs
+            ))
+            .into());
         }
         if owned < u64::from(args.pages_per_txn) {
             bail!(
@@ -250,6 +345,20 @@ async fn run(
             );
         }
     }
+    let journal = match &args.verify_journal {
+        Some(path) => Some(Arc::new(Mutex::new(JournalWriter::open(
+            path,
+            verify_journal::Header {
+                volume: info.volume,
+                page_bytes: info.page_bytes,
+            },
+        )?))),
+        None => None,
+    };
+    // Sequence numbers start at a random base, so this run's payloads differ
+    // from every earlier run's on the same ranges (a lost write cannot pass
+    // for an older run's identical bytes).
+    let seq_base = fastrand::u64(1..1 << 62);
     let duration = args.duration();
     let per_worker = match (duration, args.size) {
         (None, Some(size)) => Some((size / args.bs.max(1) / u64::from(args.iodepth)).max(1)),
@@ -276,6 +385,8 @@ async fn run(
                 bs: args.bs as usize,
                 pages_per_txn: u64::from(args.pages_per_txn),
                 verify: args.verify,
+                journal: journal.clone(),
+                seq_base,
                 quota: per_worker,
                 stop: stop_rx.clone(),
                 abandon: abandon_rx.clone(),
@@ -316,7 +427,7 @@ async fn run(
             match tokio::time::timeout(JOIN_SLACK, tasks.join_next()).await {
                 Ok(n) => n,
                 Err(_) => {
-                    eprintln!(
+                    errln!(
                         "storbench: {} workers did not stop after the grace; dropping them",
                         tasks.len()
                     );
@@ -373,63 +484,78 @@ async fn run(
         })
         .collect();
     let acked: u64 = jobs.iter().map(|j| j.write.ios + j.read.ios).sum();
-    if unacked > 0 {
-        eprintln!(
-            "storbench: {unacked} commits not acknowledged within the {} s grace: counted as not committed",
-            args.grace.as_secs_f64()
-        );
-    }
-    if acked == 0 {
-        eprintln!(
-            "storbench: nothing was acknowledged: is computed running with a write quorum of every PG? (storctl status --cluster FILE)"
-        );
+    // Every acknowledged commit is in the journal before the run reports.
+    if let Some(j) = &journal {
+        j.lock().unwrap_or_else(|e| e.into_inner()).sync()?;
     }
     if let Some(e) = errors.first() {
         bail!("{} of {} workers failed; the first: {e}", errors.len(), workers.len());
     }
-    if args.verify {
-        let ranges: Vec<Ranges> = workers.into_iter().filter_map(|w| w.verify).collect();
-        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(&clients[0], ranges, page_bytes))
-            .await
-            .map_err(|_| {
+    let mut failures = Vec::new();
+    if unacked > 0 {
+        failures.push(format!(
+            "{unacked} commits not acknowledged within the {} s grace (counted as not committed: drop_ios)",
+            args.grace.as_secs_f64()
+        ));
+    }
+    if acked == 0 {
+        failures.push(format!(
+            "nothing was {}: is computed running with a write quorum of every PG? (storctl status --cluster FILE)",
+            if rw == Rw::Commit { "acknowledged" } else { "read" }
+        ));
+    }
+    let ranges: Vec<Ranges> = workers.into_iter().filter_map(|w| w.verify).collect();
+    let outcome = if !args.verify {
+        None
+    } else if *signalled.borrow() != 0 {
+        errln!("storbench: verify: stopped by a signal; not reading back (--verify-only with a journal can, later)");
+        None
+    } else {
+        tokio::select! {
+            r = tokio::time::timeout(VERIFY_TIMEOUT, verify(&clients[0], ranges, page_bytes)) => Some(r.map_err(|_| {
                 anyhow!(
                     "--verify: reading back did not finish within {} s",
                     VERIFY_TIMEOUT.as_secs()
                 )
-            })??;
-        eprintln!(
+            })??),
+            _ = signalled.wait_for(|&s| s != 0) => {
+                errln!("storbench: verify: stopped by a signal while reading back; not finished");
+                None
+            }
+        }
+    };
+    if let Some(outcome) = outcome {
+        errln!(
             "storbench: verify: {} acknowledged commits; read back the latest write of {} byte ranges: {} missing, {} wrong",
-            acked, outcome.checked, outcome.missing, outcome.wrong
+            acked,
+            outcome.checked,
+            outcome.missing,
+            outcome.wrong
         );
         if outcome.missing + outcome.wrong > 0 {
             for line in &outcome.listed {
-                eprintln!("storbench: verify: {line}");
+                errln!("storbench: verify: {line}");
             }
             if outcome.listed.len() < (outcome.missing + outcome.wrong) as usize {
-                eprintln!("storbench: verify: (only the first {VERIFY_LISTED_MAX} listed)");
+                errln!("storbench: verify: (only the first {VERIFY_LISTED_MAX} listed)");
             }
-            // The report still goes out; the error makes the exit status 1.
-            print_report(args, &jobs);
-            bail!(
+            failures.push(format!(
                 "--verify: {} of {} byte ranges missing or wrong",
                 outcome.missing + outcome.wrong,
                 outcome.checked
-            );
+            ));
         }
+    }
+    // A signal's ending is decided by the caller, once the cluster is down.
+    if *signalled.borrow() == 0 && !failures.is_empty() {
+        // The report still goes out (main prints it); the exit status is 1.
+        return Err(Ended {
+            jobs,
+            why: Ending::Failed(failures.join("; ")),
+        }
+        .into());
     }
     Ok(jobs)
-}
-
-fn print_report(args: &BenchArgs, jobs: &[JobStats]) {
-    match args.output_format {
-        OutputFormat::Json => {
-            let r = report::fio_report(&args.name, jobs, args.group_reporting);
-            if let Ok(text) = serde_json::to_string_pretty(&r) {
-                println!("{text}");
-            }
-        }
-        OutputFormat::Normal => print!("{}", report::normal_report(&args.name, jobs, args.group_reporting)),
-    }
 }
 
 struct WorkerCtx {
@@ -442,6 +568,9 @@ struct WorkerCtx {
     bs: usize,
     pages_per_txn: u64,
     verify: bool,
+    journal: Option<Arc<Mutex<JournalWriter>>>,
+    /// The run's first sequence number, less one.
+    seq_base: u64,
     quota: Option<u64>,
     stop: watch::Receiver<bool>,
     abandon: watch::Receiver<bool>,
@@ -458,6 +587,23 @@ impl WorkerCtx {
         if let Some(h) = &self.interval {
             h.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(ns);
         }
+    }
+
+    /// Records an acknowledged commit in --verify-journal, if any.
+    fn journal(&self, seq: u64, touched: &[Touched]) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let entry = verify_journal::Entry {
+            committer: self.committer,
+            seq,
+            bs: self.bs as u32,
+            ranges: touched
+                .iter()
+                .map(|&(j, slot, _)| (u64::from(self.committer) + j * self.committers, slot * self.bs as u64))
+                .collect(),
+        };
+        journal.lock().unwrap_or_else(|e| e.into_inner()).append(&entry)
     }
 
     fn finished(&self, n: u64) -> bool {
@@ -489,8 +635,8 @@ async fn commit_loop(client: Arc<Client>, mut ctx: WorkerCtx) -> Worker {
     };
     // Position in the walk over (slot, owned page).
     let mut cursor: u64 = 0;
-    let mut seq: u64 = 0;
-    'run: while !ctx.finished(seq) {
+    let mut seq: u64 = ctx.seq_base;
+    'run: while !ctx.finished(seq - ctx.seq_base) {
         seq += 1;
         let mut writes = Vec::with_capacity(ctx.pages_per_txn as usize);
         let mut touched = Vec::with_capacity(ctx.pages_per_txn as usize);
@@ -524,6 +670,10 @@ async fn commit_loop(client: Arc<Client>, mut ctx: WorkerCtx) -> Worker {
                         for &(j, slot, _) in &touched {
                             ranges.last_seq[(j * slots + slot) as usize] = seq;
                         }
+                    }
+                    if let Err(e) = ctx.journal(seq, &touched) {
+                        w.error = Some(format!("committer {}: {e:#}", ctx.committer));
+                        break 'run;
                     }
                     break;
                 }

@@ -78,7 +78,7 @@ pub async fn open_or_create(path: &Path, size: Option<u64>, placement: RingPlace
     let fresh = !path.exists();
     if fresh {
         let size = size.unwrap_or(DEVICE_BYTES_DEFAULT);
-        eprintln!(
+        storaged::errln!(
             "storbench: creating {} ({} MiB) and formatting it",
             path.display(),
             size >> 20

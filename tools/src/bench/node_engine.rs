@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use storaged::client::NodeClient;
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
-use storaged::proto::{Message, Role};
+use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RECORD_HEADER_BYTES, RecordBody, RedoRecord, SegmentId, WireRecord};
 
 use super::log_engine::{entry_bytes_for, open_or_create};
@@ -141,6 +141,7 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
             // Its own segment: a fresh PG per appender and per run.
             let pg = ((job * appenders + a) as u32) ^ (start.elapsed().as_nanos() as u32 & 0xFFFF_0000);
             let client = clients[((job * appenders + a) as usize) % clients.len()].clone();
+            let local_log = local.is_some();
             tasks.spawn(async move {
                 let seg = SegmentId { volume: VOLUME, pg };
                 let scl = match client
@@ -186,6 +187,19 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
                         .await?;
                     match reply {
                         Message::AppendAck { scl, .. } if scl >= lsn => {}
+                        // Nothing frees this node's log: no computed sends it a
+                        // PGMRPL, so a run can append only what the log holds.
+                        Message::Error {
+                            code: ErrorCode::Overloaded,
+                            message,
+                            ..
+                        } if local_log => {
+                            return Err(anyhow!(
+                                "append of LSN {lsn}: {message}. This benchmark never frees the node's log, so a \
+                                 run appends at most what the log holds: give a larger --size for a new device (a \
+                                 quarter of it is log, up to 1 GiB), a new --filename, or a shorter --runtime"
+                            ));
+                        }
                         other => return Err(anyhow!("append of LSN {lsn} answered {other:?}")),
                     }
                     let _ = stats.latency_ns.record((t.elapsed().as_nanos() as u64).max(1));

@@ -23,8 +23,9 @@ use super::Engine;
 use super::args::{BenchArgs, Rw, SyncMode};
 use super::stats::{DirStats, JobStats};
 
-/// Largest `--bs`: one SQE carries a u32 length; far above useful sizes anyway.
-const BS_MAX_BYTES: u64 = 64 << 20;
+/// Size of a file created for the run when --size does not say (as the log
+/// engine's).
+const FILE_BYTES_DEFAULT: u64 = 1 << 30;
 
 /// Marks the `user_data` of a slot's fsync (`--fdatasync=1`) as opposed to its write.
 const FSYNC_TAG: u64 = 1 << 63;
@@ -49,7 +50,6 @@ struct Plan {
 
 impl Engine for UringEngine {
     fn run(&self, args: &BenchArgs) -> anyhow::Result<Vec<JobStats>> {
-        validate(args)?;
         let path = args
             .filename
             .as_deref()
@@ -69,7 +69,7 @@ impl Engine for UringEngine {
             bail!("--size {region} is smaller than --bs {}", args.bs);
         }
         if opened.kind == DeviceKind::BlockDevice && args.rw().is_write() {
-            eprintln!("storbench: writing to block device {}", path.display());
+            storaged::errln!("storbench: writing to block device {}", path.display());
         }
         let plan = Plan {
             rw: args.rw(),
@@ -109,28 +109,8 @@ impl Engine for UringEngine {
     }
 }
 
-fn validate(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.rw() == Rw::Commit {
-        bail!(
-            "--rw commit needs --engine cluster (not built yet); --engine uring does read, write, randread, randwrite"
-        );
-    }
-    if args.bs == 0 || args.bs % BLOCK_SIZE as u64 != 0 || args.bs > BS_MAX_BYTES {
-        bail!(
-            "--bs {} must be a multiple of {BLOCK_SIZE} (O_DIRECT alignment) and at most {BS_MAX_BYTES}",
-            args.bs
-        );
-    }
-    if args.time_based && args.runtime.is_none() {
-        bail!("--time_based needs --runtime");
-    }
-    if args.fdatasync == 1 && args.sync == SyncMode::Dsync {
-        bail!("--fdatasync=1 and --sync=dsync both make writes durable; pick one");
-    }
-    Ok(())
-}
-
-/// Creates and zero-fills a missing file, so the run measures overwrites.
+/// Creates and zero-fills a missing file (--size bytes, default
+/// [`FILE_BYTES_DEFAULT`]), so the run measures overwrites.
 fn prepare_file(path: &Path, size: Option<u64>) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
@@ -146,12 +126,11 @@ fn prepare_file(path: &Path, size: Option<u64>) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let Some(size) = size else {
-        bail!("{} does not exist; give --size to have it created", path.display());
-    };
-    eprintln!(
-        "storbench: {} does not exist; creating it zero-filled, {size} bytes",
-        path.display()
+    let size = size.unwrap_or(FILE_BYTES_DEFAULT);
+    storaged::errln!(
+        "storbench: {} does not exist; creating it zero-filled, {} MiB (--size sets it)",
+        path.display(),
+        size >> 20
     );
     create_zero_filled(path, size).with_context(|| format!("create {}", path.display()))?;
     Ok(())

@@ -1,5 +1,6 @@
 //! storctl: the operator's tool. Exit codes follow fsck: 0 clean, 1 problems
-//! found and corrected, 4 problems left uncorrected, 8 operational error.
+//! found and corrected, 4 problems left uncorrected, 8 operational error;
+//! and 2, clap's, for a usage error (a bad flag).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,8 +9,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use storaged::cli;
 use storaged::inspect::inspect;
 use storaged::io::uring::{UringConfig, UringDevice};
+use storaged::{errln, out, outln};
 use tools::devcluster::{self, UpOptions};
 use tools::status;
 
@@ -21,7 +24,12 @@ const EXIT_OPERATIONAL: u8 = 8;
 #[command(
     name = "storctl",
     version,
-    about = "Operate the storage service: inspect devices, show a cluster's status, run a local dev cluster"
+    about = "Operate the storage service: inspect devices, show a cluster's status, run a local dev cluster",
+    after_help = "Exit status (fsck's): 0 clean; 1 problems found and corrected; 4 problems left uncorrected; \
+                  8 operational error (the message says why); 2 usage error (a bad flag). Each command's \
+                  --help says which it uses.\n\
+                  Output into a closed pipe (`storctl status ... | head -1`) ends storctl quietly, as it ends \
+                  cat: by SIGPIPE (a shell shows 141). Logs go to stderr, coloured only on a terminal without NO_COLOR."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -121,16 +129,14 @@ enum DevClusterCommand {
     /// or on a DIR with no cluster, does nothing. Exit status: 0, or 8 if a
     /// process could not be stopped.
     Down {
+        /// The directory `dev-cluster up --dir` was given.
         #[arg(long)]
         dir: PathBuf,
     },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    cli::init_logging("warn");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { device, json } => run_inspect(&device, json),
@@ -152,8 +158,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if cli::is_stdout_closed(&e) => cli::die_of_sigpipe(),
         Err(e) => {
-            eprintln!("storctl: error: {e:#}");
+            errln!("storctl: error: {e:#}");
             ExitCode::from(EXIT_OPERATIONAL)
         }
     }
@@ -163,12 +170,12 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
     let cluster = computed::cluster::Cluster::load(path)?;
     let s = status::collect(&cluster)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s).context("encoding the report")?);
+        outln!("{}", serde_json::to_string_pretty(&s).context("encoding the report")?)?;
     } else {
-        print!("{}", status::render(&s));
+        out!("{}", status::render(&s))?;
     }
     if let Some(e) = &s.computed.error {
-        eprintln!("storctl: error: computed at {} is unreachable: {e}", s.computed.address);
+        errln!("storctl: error: computed at {} is unreachable: {e}", s.computed.address);
         return Ok(EXIT_OPERATIONAL);
     }
     Ok(if s.healthy() { EXIT_CLEAN } else { EXIT_UNCORRECTED })
@@ -176,29 +183,29 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
 
 fn run_up(opts: UpOptions) -> Result<u8> {
     let c = devcluster::up(&opts)?;
-    println!(
+    outln!(
         "dev cluster up in {}: {} storage nodes, computed on {}, {} PGs of {} pages",
         c.dir.display(),
         opts.nodes,
         c.computed,
         c.geometry.pgs,
         c.geometry.pg_pages
-    );
-    println!("  cluster file  {}", c.cluster_file.display());
-    println!("  logs          {}/logs/", c.dir.display());
-    println!("  status        storctl status --cluster {}", c.cluster_file.display());
-    println!("  stop          storctl dev-cluster down --dir {}", c.dir.display());
+    )?;
+    outln!("  cluster file  {}", c.cluster_file.display())?;
+    outln!("  logs          {}/logs/", c.dir.display())?;
+    outln!("  status        storctl status --cluster {}", c.cluster_file.display())?;
+    outln!("  stop          storctl dev-cluster down --dir {}", c.dir.display())?;
     Ok(EXIT_CLEAN)
 }
 
 fn run_down(dir: &Path) -> Result<u8> {
     let r = devcluster::down(dir)?;
     if r.stopped.is_empty() && r.killed.is_empty() {
-        println!("no dev cluster running in {}", dir.display());
+        outln!("no dev cluster running in {}", dir.display())?;
     } else {
-        println!("stopped: {}", r.stopped.join(", "));
+        outln!("stopped: {}", r.stopped.join(", "))?;
         if !r.killed.is_empty() {
-            println!("killed after {} s: {}", 10, r.killed.join(", "));
+            outln!("killed after {} s: {}", 10, r.killed.join(", "))?;
         }
     }
     Ok(EXIT_CLEAN)
@@ -216,12 +223,12 @@ fn run_inspect(path: &Path, json: bool) -> Result<u8> {
         .block_on(inspect(&dev))
         .with_context(|| format!("inspecting {}", path.display()))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).context("encoding the report")?
-        );
+        )?;
     } else {
-        print!("{}", report.render());
+        out!("{}", report.render())?;
     }
     Ok(if report.check.problems_found == 0 {
         EXIT_CLEAN

@@ -1,0 +1,214 @@
+//! Helpers for the real-process tests: running a tool with a time limit,
+//! a dev cluster in a temp dir that is stopped (by PID) on drop, finding a
+//! test's processes, and stdout into a pipe nobody reads.
+#![allow(dead_code)] // each test crate uses a part
+
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Any one command of a test, at most.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub const STORCTL: &str = env!("CARGO_BIN_EXE_storctl");
+pub const STORBENCH: &str = env!("CARGO_BIN_EXE_storbench");
+
+/// Builds `storaged` and `computed` next to storctl if they are missing
+/// (the dev cluster runs the ones found there).
+pub fn ensure_daemons() {
+    let dir = Path::new(STORCTL).parent().unwrap().to_owned();
+    if !dir.join("storaged").is_file() || !dir.join("computed").is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "storaged", "-p", "computed"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building storaged and computed");
+    }
+}
+
+/// Waits for `child` at most `limit`; kills it by PID past that.
+pub fn wait_bounded(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: our own child, by PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("pid {pid} did not finish within {limit:?}");
+        }
+    }
+}
+
+/// Runs a tool with a time limit; killed by PID past it.
+pub fn run(bin: &str, args: &[&str]) -> Output {
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_bounded(child, COMMAND_TIMEOUT)
+}
+
+pub fn storctl(args: &[&str]) -> Output {
+    run(STORCTL, args)
+}
+
+pub fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// The write end of a pipe whose read end is already closed: whatever is
+/// written to it fails with EPIPE, as `cmd | head -c0` would.
+pub fn closed_pipe() -> Stdio {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both fds on success; each is owned once below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds from pipe2, owned here and nowhere else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+/// Runs a tool with stdout into a closed pipe and stderr captured.
+pub fn run_into_closed_pipe(bin: &str, args: &[&str]) -> Output {
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_bounded(child, COMMAND_TIMEOUT)
+}
+
+/// The process ended as a closed pipe ends `cat`: by SIGPIPE, saying nothing of it.
+pub fn assert_quiet_sigpipe(what: &str, out: &Output) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{what}: {:?}: {stderr}",
+        out.status
+    );
+    for noise in ["panicked", "failed printing", "Broken pipe", "error"] {
+        assert!(!stderr.contains(noise), "{what}: `{noise}` on stderr: {stderr}");
+    }
+}
+
+pub fn signal_of(status: &ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt as _;
+    status.signal()
+}
+
+/// Whether `pid` is gone (or a zombie: exited, not yet reaped).
+pub fn pid_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+    }
+}
+
+/// PIDs of live processes whose command line mentions `dir`.
+pub fn procs_in(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid_gone(pid) {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if cmd
+            .split(|&b| b == 0)
+            .any(|a| String::from_utf8_lossy(a).starts_with(&needle))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `done` every 50 ms for at most `limit`.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+/// A temp dir for a dev cluster, with everything in it stopped on drop.
+pub struct ClusterDir {
+    dir: tempfile::TempDir,
+}
+
+impl ClusterDir {
+    pub fn new() -> ClusterDir {
+        ensure_daemons();
+        // On a disk filesystem: the devices are opened with O_DIRECT.
+        let dir = tempfile::Builder::new()
+            .prefix("devcluster-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        ClusterDir { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().canonicalize().unwrap()
+    }
+
+    pub fn arg(&self) -> String {
+        self.path().to_string_lossy().into_owned()
+    }
+
+    pub fn cluster_file(&self) -> String {
+        self.path().join("cluster.toml").to_string_lossy().into_owned()
+    }
+
+    pub fn up(&self, extra: &[&str]) -> Output {
+        let dir = self.arg();
+        let mut args = vec!["dev-cluster", "up", "--dir", &dir, "--device-size", "32m"];
+        args.extend_from_slice(extra);
+        storctl(&args)
+    }
+
+    pub fn pid(&self, name: &str) -> i32 {
+        pid_in(&self.path(), name).unwrap()
+    }
+}
+
+/// The PID in `dir/pids/NAME.pid`, if the file is there and whole.
+pub fn pid_in(dir: &Path, name: &str) -> Option<i32> {
+    let p = dir.join("pids").join(format!("{name}.pid"));
+    std::fs::read_to_string(&p).ok()?.trim().parse().ok()
+}
+
+impl Drop for ClusterDir {
+    fn drop(&mut self) {
+        let _ = Command::new(STORCTL)
+            .args(["dev-cluster", "down", "--dir", &self.arg()])
+            .output();
+        for pid in procs_in(&self.path()) {
+            // SAFETY: processes started for this test's directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
