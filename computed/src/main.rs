@@ -11,11 +11,16 @@ use clap::{Parser, Subcommand};
 use computed::cluster::Cluster;
 use computed::core::WriterConfig;
 
+const EXIT_HELP: &str = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 error (cluster file, listening, \
+                         recovery); 2 bad command line; 3 fenced: another computed recovered the volume \
+                         (this one closed its clients and stopped).";
+
 #[derive(Parser)]
 #[command(
     name = "computed",
     version,
-    about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits"
+    about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits",
+    after_help = EXIT_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Be the writer of the volume the cluster file describes.
+    #[command(after_help = EXIT_HELP)]
     Run {
         /// The cluster file (TOML): volume, storage nodes, placement.
         #[arg(long)]
@@ -55,7 +61,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("computed: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<computed::server::Fenced>().is_some() {
+                ExitCode::from(computed::server::EXIT_FENCED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
