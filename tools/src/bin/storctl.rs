@@ -48,23 +48,33 @@ enum Command {
     ///
     /// Each node is asked GetSegmentStatus (epoch 0, read-only) for every
     /// segment the placement puts on it; a node that does not answer within
-    /// 3 s is down. PGCL is the 4th-highest SCL of a PG's 6 (a down segment
-    /// counts as 0). The VDL comes from computed; the VCL from computed's
-    /// metrics endpoint when the cluster file names one (`vcl_source`
-    /// "computed"), else it is derived from the SCLs as a lower bound
-    /// ("derived").
+    /// 3 s is down. A node whose Hello names another node id than the file
+    /// gives its address has the wrong identity (swapped address lines):
+    /// it is not asked, and its segments count as down. PGCL is the
+    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
     ///
-    /// Exit status: 0 healthy; 4 problems (a node down, a PG below its write
-    /// quorum of 4); 8 operational error (unreadable cluster file, computed
-    /// unreachable).
+    /// VDL: commits at or below it are durable and acknowledged (from
+    /// computed). VCL: every LSN at or below it is on its PG's write quorum,
+    /// or annulled; from computed's metrics endpoint when the cluster file
+    /// names one (`vcl_source` "computed"), else derived from the SCLs as a
+    /// lower bound ("derived"). After a recovery the VCL stands above the
+    /// VDL by up to a million: the recovery annulled the LSNs above the VDL
+    /// (listed in `annulled`), and the writer allocates above them.
+    ///
+    /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
+    /// identity, a PG below its write quorum of 4); 8 operational error
+    /// (unreadable cluster file, computed unreachable: reported as a
+    /// problem too).
     ///
     /// --json keys (stable): status ("healthy"|"problems"), problems [text],
     /// volume, vdl, vcl, vcl_source ("computed"|"derived"),
+    /// annulled [{first, last}],
     /// computed {address, up, epoch, vdl, error},
-    /// nodes [{id, address, az, up, epoch, error}],
+    /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
     /// segments [{node, up, scl, lag, epoch, highest_lsn}]}].
-    /// Unknown values (a node down) are null.
+    /// Unknown values (a node down) are null; wrong_identity is the id the
+    /// node at that address gave, null when it is the right node.
     #[command(verbatim_doc_comment)]
     Status {
         /// The cluster file (TOML).
