@@ -538,3 +538,78 @@ fn status_reports_computed_down_and_explains_the_vcl_after_a_restart() {
         "{h}"
     );
 }
+
+/// up, commit, down, `up --keep`: the cluster starts again on its devices,
+/// computed recovers the volume, and what was committed is there.
+#[test]
+fn up_keep_restarts_on_the_existing_devices_with_the_data() {
+    let c = ClusterDir::new();
+    let out = c.up(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let file = c.cluster_file();
+    let page = commit_through(&file, 5);
+    assert_eq!(&page[..8], &4u64.to_le_bytes());
+    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
+
+    // The geometry is the file's: flags that would change it are refused.
+    let bad = storctl(&["dev-cluster", "up", "--dir", &c.arg(), "--keep", "--nodes", "9"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+
+    let out = storctl(&["dev-cluster", "up", "--dir", &c.arg(), "--keep"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("existing devices"), "{}", text(&out.stdout));
+    assert_eq!(std::fs::read_to_string(&file).unwrap().matches("[[nodes]]").count(), 6);
+    let page = commit_through(&file, 0);
+    assert_eq!(
+        &page[..8],
+        &4u64.to_le_bytes(),
+        "a commit acknowledged before the restart"
+    );
+    let (code, v) = status_json(&file);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["computed"]["epoch"], 2, "recovered at a new epoch: {v}");
+}
+
+/// A process holding a lock on a device (as a running storaged does, even
+/// with its pid file gone) stops `up`, with or without --keep: the device
+/// is neither deleted nor reused, and nothing is started.
+#[test]
+fn up_refuses_while_a_process_holds_a_device() {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let c = ClusterDir::new();
+    let out = c.up(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
+
+    let dev = c.path().join("dev3");
+    let inode = std::fs::metadata(&dev).unwrap().ino();
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(&dev).unwrap();
+    // SAFETY: a plain C struct, then fcntl on our own fd.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    assert_eq!(unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0);
+
+    for extra in [&[][..], &["--keep"][..]] {
+        let mut args = vec!["dev-cluster", "up", "--dir"];
+        let dir = c.arg();
+        args.push(&dir);
+        args.extend_from_slice(extra);
+        let out = storctl(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(8), "{extra:?}: {err}");
+        assert!(
+            err.contains(&format!("{} is in use by pid {}", dev.display(), std::process::id())),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(std::fs::metadata(&dev).unwrap().ino(), inode, "the device was replaced");
+        assert!(procs_in(&c.path()).is_empty(), "started: {:?}", procs_in(&c.path()));
+    }
+
+    drop(holder);
+    let out = storctl(&["dev-cluster", "up", "--dir", &c.arg(), "--keep"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

@@ -98,11 +98,18 @@ enum DevClusterCommand {
     /// (each daemon's output) and DIR/pids/storaged-N.pid, DIR/pids/computed.pid.
     /// The daemons run detached (their own session) and outlive storctl.
     ///
-    /// The devices are always formatted afresh: computed does not recover a
-    /// volume yet, so an `up` on a DIR used before starts a new, empty volume
-    /// (the old devices are deleted). `up` refuses a DIR whose daemons are
-    /// still running. The volume's PG size is chosen so every node's page
-    /// store holds its segments; a --device-size too small is refused.
+    /// Without --keep the devices are formatted afresh: a new, empty volume
+    /// (the devices of an earlier cluster in DIR are deleted). With --keep,
+    /// the cluster of DIR/cluster.toml starts again on its existing devices
+    /// and ports: computed recovers the volume and every commit acknowledged
+    /// before is there (--nodes, --device-size, --pgs and --base-port are
+    /// the file's then, and refused with --keep).
+    ///
+    /// `up` refuses a DIR whose daemons are still running: one its pid files
+    /// name, or any process holding a lock on one of its devices (a node
+    /// whose pid file was lost); it neither deletes nor reuses those devices.
+    /// The volume's PG size is chosen so every node's page store holds its
+    /// segments; a --device-size too small is refused.
     ///
     /// Needs `storaged` and `computed` next to storctl (`cargo build --release`).
     /// On failure (a port taken, a daemon exiting, no commit within 30 s) it
@@ -125,6 +132,10 @@ enum DevClusterCommand {
         /// metrics) instead of free ports the kernel picks.
         #[arg(long = "base-port")]
         base_port: Option<u16>,
+        /// Start the cluster of DIR/cluster.toml again on its existing
+        /// devices, keeping the volume's data.
+        #[arg(long, conflicts_with_all = ["nodes", "device_size", "pgs", "base_port"])]
+        keep: bool,
     },
     /// Stop the cluster in DIR: SIGTERM every process of its pid files, wait
     /// up to 10 s, SIGKILL the rest, remove the pid files. Running it again,
@@ -151,12 +162,14 @@ fn main() -> ExitCode {
             device_size,
             pgs,
             base_port,
+            keep,
         }) => run_up(UpOptions {
             dir,
             nodes,
             device_bytes: device_size,
             pgs,
             base_port,
+            keep,
         }),
         Command::DevCluster(DevClusterCommand::Down { dir }) => run_down(&dir),
     };
@@ -187,12 +200,17 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
 fn run_up(opts: UpOptions) -> Result<u8> {
     let c = devcluster::up(&opts)?;
     println!(
-        "dev cluster up in {}: {} storage nodes, computed on {}, {} PGs of {} pages",
+        "dev cluster up in {}: {} storage nodes, computed on {}, {} PGs of {} pages{}",
         c.dir.display(),
-        opts.nodes,
+        c.nodes,
         c.computed,
         c.geometry.pgs,
-        c.geometry.pg_pages
+        c.geometry.pg_pages,
+        if c.kept {
+            " (on its existing devices: the volume recovered)"
+        } else {
+            ""
+        }
     );
     println!("  cluster file  {}", c.cluster_file.display());
     println!("  logs          {}/logs/", c.dir.display());
