@@ -90,7 +90,8 @@ fn run(cluster: PathBuf, listen: Option<SocketAddr>, metrics: Option<SocketAddr>
             None => None,
         };
         let local = listener.local_addr().context("reading the listening address")?;
-        // No recovery yet: a fresh volume at epoch 1 (see docs/computed.md).
+        // The epoch here is a placeholder: recovery picks the writer's
+        // epoch (docs/computed.md, "Recovery at start-up").
         let config = WriterConfig::from_cluster(&cluster, 1);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
