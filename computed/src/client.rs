@@ -12,8 +12,10 @@ use crate::core::{PageRead, PageWrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    // The cause is in the message, not also in the error chain: `{:#}`
+    // would print it twice.
+    #[error("connecting to {addr}: {error}")]
+    Connect { addr: SocketAddr, error: std::io::Error },
     #[error("the connection to computed is closed")]
     Closed,
     #[error("computed refused the request ({code:?}): {message}")]
@@ -38,7 +40,7 @@ impl Client {
     pub async fn connect(addr: SocketAddr) -> Result<Client, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|error| ClientError::Connect { addr, error })?;
         let mut client = Client {
             pipeline: Pipeline::start(stream, decode_reply),
             info: VolumeInfo {

@@ -21,8 +21,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    // The cause is in the message, not also in the error chain: `{:#}`
+    // would print it twice.
+    #[error("connecting to {addr}: {error}")]
+    Connect { addr: SocketAddr, error: std::io::Error },
     #[error("the connection is closed")]
     Closed,
     #[error("cannot encode the request: {0}")]
@@ -205,7 +207,7 @@ impl NodeClient {
     pub async fn connect(addr: SocketAddr, role: Role, my_node_id: u64) -> Result<NodeClient, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|error| ClientError::Connect { addr, error })?;
         let mut client = NodeClient {
             pipeline: Pipeline::start(stream, decode_reply),
             node_id: 0,

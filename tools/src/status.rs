@@ -592,6 +592,13 @@ mod tests {
             "{:?}",
             s.problems
         );
+        // The cause once, not repeated by the error chain.
+        assert_eq!(
+            s.problems[0].matches("Connection refused").count(),
+            1,
+            "{}",
+            s.problems[0]
+        );
         let text = render(&s);
         assert!(text.starts_with("volume 1: problems"), "{text}");
         assert!(text.contains("problem: computed at"), "{text}");
