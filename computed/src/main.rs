@@ -11,13 +11,17 @@ use clap::{Parser, Subcommand};
 use computed::cluster::Cluster;
 use computed::core::WriterConfig;
 
+const EXIT_HELP: &str = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 error (cluster file, listening, \
+                         recovery); 2 bad command line; 3 fenced: another computed recovered the volume \
+                         (this one closed its clients and stopped). Logs go to stderr, coloured only on a \
+                         terminal without NO_COLOR.";
+
 #[derive(Parser)]
 #[command(
     name = "computed",
     version,
     about = "The single writer of a volume: LSNs, per-PG batching, quorum-durable commits",
-    after_help = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 failed (the message says why); \
-                  2 usage error (a bad flag). Logs go to stderr, coloured only on a terminal without NO_COLOR."
+    after_help = EXIT_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Be the writer of the volume the cluster file describes.
+    #[command(after_help = EXIT_HELP)]
     Run {
         /// The cluster file (TOML): volume, storage nodes, placement.
         #[arg(long)]
@@ -54,7 +59,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             storaged::errln!("computed: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<computed::server::Fenced>().is_some() {
+                ExitCode::from(computed::server::EXIT_FENCED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -79,7 +88,8 @@ fn run(cluster: PathBuf, listen: Option<SocketAddr>, metrics: Option<SocketAddr>
             None => None,
         };
         let local = listener.local_addr().context("reading the listening address")?;
-        // No recovery yet: a fresh volume at epoch 1 (see docs/computed.md).
+        // The epoch here is a placeholder: recovery picks the writer's
+        // epoch (docs/computed.md, "Recovery at start-up").
         let config = WriterConfig::from_cluster(&cluster, 1);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -21,13 +21,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use storaged::proto::{
-    AppendHeader, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, Role, encode_append_frame, encode_frame,
+    AppendHeader, FRAME_BYTES_MAX, Frame, FrameDecoder, Message, PROTOCOL_VERSION, Role, encode_append_frame,
+    encode_frame,
 };
 
 use crate::api::{self, ClientErrorCode, ClientMessage, VolumeInfo};
 use crate::cluster::Cluster;
 use crate::core::{Output, PageWrite, TxnError, Writer, WriterConfig};
-use crate::recovery::{Recovered, Recovery};
+use crate::recovery::{Recovered, Recovery, RecoveryError};
 
 const INPUTS_MAX: usize = 4096;
 const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
@@ -38,6 +39,10 @@ const TICK: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A node refused for its identity is asked again this often: the right
+/// node may come to that address (a device put back), and each refusal is
+/// logged as an error, so not at the reconnect rate.
+const WRONG_NODE_RETRY: Duration = Duration::from_secs(10);
 /// Recovery asks again whatever is unanswered this often.
 const RECOVERY_RETRY: Duration = Duration::from_millis(100);
 /// While recovery waits, it says for what this often.
@@ -49,6 +54,19 @@ const INPUTS_PER_ROUND_MAX: usize = 1024;
 
 /// (client connection, request id).
 type Token = (u64, u64);
+
+/// How [`run`] ends when a segment reports a newer epoch: another writer
+/// recovered the volume. This one has closed its clients and must exit
+/// (non-zero, [`EXIT_FENCED`]) rather than linger listening: a supervisor
+/// then sees it stopped, and its clients go to the writer that owns the volume.
+#[derive(Debug, thiserror::Error)]
+#[error("another writer owns the volume (a segment is at epoch {epoch}); this one stopped")]
+pub struct Fenced {
+    pub epoch: u64,
+}
+
+/// `computed run`'s exit status when fenced by another writer.
+pub const EXIT_FENCED: u8 = 3;
 
 enum ClientInput {
     Commit {
@@ -112,7 +130,7 @@ pub async fn run(
     for &node in nodes.keys() {
         core.node_up(node);
     }
-    let driver = tokio::spawn(drive(
+    let mut driver = tokio::spawn(drive(
         core,
         nodes,
         info,
@@ -122,7 +140,9 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut next_conn = 1;
-    loop {
+    // The driver ends on its own only when fenced (or failed): then stop
+    // accepting at once.
+    let ended = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -137,13 +157,19 @@ pub async fn run(
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => break None,
+            r = &mut driver => break Some(r),
         }
-    }
+    };
     drop(listener);
     drop(client_tx);
     drop(ctl_tx);
-    let result = driver.await;
+    let result = match ended {
+        Some(r) => r,
+        None => driver.await,
+    };
+    // The driver held every client's reply queue: with it gone, each
+    // client connection's writer has ended and shut its socket down.
     tasks.abort_all();
     match result {
         Ok(r) => r,
@@ -199,7 +225,9 @@ async fn recover(
             _ = shutdown.changed() => anyhow::bail!("stopped during recovery ({})", r.progress()),
         }
         if let Some(e) = r.failed() {
-            anyhow::bail!("recovery: {e}");
+            return Err(match e {
+                RecoveryError::Fenced { epoch } => Fenced { epoch: *epoch }.into(),
+            });
         }
         r.take_outputs(&mut out);
         for (node, request, message) in out.drain(..) {
@@ -338,9 +366,7 @@ async fn drive(
                     };
                     reply(&clients, token, &msg);
                 }
-                Output::Fenced { epoch } => {
-                    anyhow::bail!("another writer took the volume at epoch {epoch}; stopping");
-                }
+                Output::Fenced { epoch } => return Err(Fenced { epoch }.into()),
             }
         }
         info.vdl = core.vdl();
@@ -623,8 +649,11 @@ async fn client_connection(
     result
 }
 
-/// Keep a connection to one storage node: connect, say Hello, report it up,
-/// move frames both ways, report it down, back off, again.
+/// Keep a connection to one storage node: connect, say Hello, check that
+/// the node is the one the cluster file puts at `addr`, report it up, move
+/// frames both ways, report it down, back off, again. A node that is not
+/// the one expected is never reported up: none of its PGs' records or
+/// requests (recovery's included) go to it, and its segments count as down.
 async fn node_connection(
     node: u64,
     addr: SocketAddr,
@@ -642,16 +671,22 @@ async fn node_connection(
             s = attempt => s,
             _ = shutdown.changed() => return,
         };
+        let mut wait = backoff;
         match stream {
             Ok(stream) => {
-                let hello = tokio::time::timeout(HELLO_TIMEOUT, node_session(node, stream, &ctl_tx, &mut backoff));
+                let hello =
+                    tokio::time::timeout(HELLO_TIMEOUT, node_session(node, addr, stream, &ctl_tx, &mut backoff));
                 match hello.await {
                     Ok(Ok(session)) => match session.await {
                         Ok(Err(e)) => tracing::debug!(node, error = %e, "storage connection ended"),
                         Ok(Ok(())) => {}
                         Err(e) => tracing::warn!(node, error = %e, "storage connection task failed"),
                     },
-                    Ok(Err(e)) => tracing::debug!(node, error = %e, "storage node refused the Hello"),
+                    Ok(Err(HelloError::WrongNode(e))) => {
+                        tracing::error!(node, %addr, "{e}");
+                        wait = WRONG_NODE_RETRY;
+                    }
+                    Ok(Err(HelloError::Io(e))) => tracing::debug!(node, error = %e, "storage node refused the Hello"),
                     Err(_) => tracing::debug!(node, "storage node did not answer the Hello"),
                 }
                 if ctl_tx.send(Control::NodeDown { node }).await.is_err() {
@@ -661,10 +696,23 @@ async fn node_connection(
             Err(e) => tracing::debug!(node, %addr, error = %e, "cannot connect to storage node"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Why a Hello did not open a session.
+enum HelloError {
+    Io(std::io::Error),
+    /// The node at the address is another node (`ClientError::WrongNode`).
+    WrongNode(storaged::client::ClientError),
+}
+
+impl From<std::io::Error> for HelloError {
+    fn from(e: std::io::Error) -> HelloError {
+        HelloError::Io(e)
     }
 }
 
@@ -674,10 +722,11 @@ type Session = tokio::task::JoinHandle<std::io::Result<()>>;
 /// the caller's Hello timeout does not bound the session).
 async fn node_session(
     node: u64,
+    addr: SocketAddr,
     stream: TcpStream,
     ctl_tx: &mpsc::Sender<Control>,
     backoff: &mut Duration,
-) -> std::io::Result<Session> {
+) -> Result<Session, HelloError> {
     let (mut reader, mut writer) = stream.into_split();
     let mut hello = Vec::new();
     let msg = Message::Hello {
@@ -692,25 +741,28 @@ async fn node_session(
     loop {
         let n = reader.read(&mut chunk).await?;
         if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
         decoder.push(&chunk[..n]);
         match decoder.next() {
-            Ok(Some(f)) if matches!(f.message, Message::HelloOk { .. }) => break,
+            Ok(Some(Frame {
+                message: Message::HelloOk { node_id, .. },
+                ..
+            })) => {
+                storaged::client::check_node_identity(addr, node, node_id).map_err(HelloError::WrongNode)?;
+                break;
+            }
             Ok(Some(f)) => {
-                return Err(std::io::Error::other(format!(
-                    "unexpected reply to Hello: {:?}",
-                    f.message
-                )));
+                return Err(std::io::Error::other(format!("unexpected reply to Hello: {:?}", f.message)).into());
             }
             Ok(None) => continue,
-            Err(e) => return Err(std::io::Error::other(e)),
+            Err(e) => return Err(std::io::Error::other(e).into()),
         }
     }
     *backoff = BACKOFF_MIN;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(NODE_FRAMES_QUEUED_MAX);
     if ctl_tx.send(Control::NodeUp { node, tx }).await.is_err() {
-        return Err(std::io::Error::other("computed is stopping"));
+        return Err(std::io::Error::other("computed is stopping").into());
     }
     let ctl = ctl_tx.clone();
     // The rest of the session is not bounded by the Hello timeout.

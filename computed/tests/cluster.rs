@@ -370,3 +370,54 @@ fn computed_recovers_the_volume_after_kill_9() {
         check_reads(&client, 64).await;
     });
 }
+
+/// A second computed started on the same volume recovers it at a new
+/// epoch. The first learns it at its next write (the segments refuse its
+/// epoch): it closes its clients and exits with status 3, instead of
+/// lingering on its port refusing every client for ever.
+#[test]
+fn a_fenced_computed_closes_its_clients_and_exits() {
+    let mut c = Cluster::start();
+    run(async {
+        let first = Client::connect(c.computed_addr).await.unwrap();
+        commit(&first, 1).await;
+
+        let file = c.dir.path().join("cluster.toml");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_computed"));
+        cmd.args(["run", "--cluster", file.to_str().unwrap(), "--listen"])
+            .arg(free_port().to_string());
+        let second = Daemon::start(cmd);
+        // Its Hello is answered once it has recovered the volume.
+        let taker = Client::connect(second.addr).await.unwrap();
+        assert_eq!(taker.info.epoch, 2);
+
+        // The first writer's next commit meets the new epoch: never
+        // acknowledged; its connection is closed.
+        let late = tokio::time::timeout(Duration::from_secs(30), commit_result(&first, 2))
+            .await
+            .expect("the fenced writer left its client waiting");
+        assert!(late.is_err(), "a fenced writer acknowledged a commit: {late:?}");
+        let status = c
+            .computed
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(30))
+            .expect("the fenced computed is still running");
+        assert_eq!(status.code(), Some(3), "{status:?}");
+        assert!(Client::connect(c.computed_addr).await.is_err(), "still listening");
+
+        // The new writer goes on.
+        let lsn = commit(&taker, 3).await;
+        assert!(lsn > 1);
+        for (page, n) in [(1u64, 1u64), (3, 3)] {
+            let got = taker.read(page).await.expect("read");
+            assert_eq!(&got.bytes[108..116], &n.to_le_bytes(), "page {page}");
+        }
+        // The refused commit is not there.
+        assert_eq!(&taker.read(2).await.expect("read").bytes[100..116], &[0u8; 16]);
+    });
+}
+
+async fn commit_result(client: &Client, n: u64) -> Result<u64, computed::client::ClientError> {
+    client.commit(vec![stamp(n % 64, n), stamp(64 + n % 64, n)]).await
+}

@@ -30,6 +30,29 @@ pub enum ClientError {
     Encode(ProtoError),
     #[error("unexpected reply to Hello: {0:?}")]
     Handshake(Box<Message>),
+    #[error(
+        "the storage node at {addr} is node {found}, but the cluster file gives that address to node \
+         {expected}; refusing it (are two nodes' address lines swapped, or a device moved to another node?)"
+    )]
+    WrongNode {
+        addr: SocketAddr,
+        expected: u64,
+        found: u64,
+    },
+}
+
+/// The one check every peer of a storage node makes of its `HelloOk`: the
+/// node at `addr` must be the node the cluster file puts there. A node is
+/// its device (the id is written by `storaged format`), so a swapped
+/// address line or a device moved to another host would otherwise send a
+/// PG's records to a node that is not one of its segments, and count its
+/// acks towards the wrong quorum.
+pub fn check_node_identity(addr: SocketAddr, expected: u64, found: u64) -> Result<(), ClientError> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(ClientError::WrongNode { addr, expected, found })
+    }
 }
 
 /// Replies awaited, by request id; `None` once the connection is gone, so a
@@ -164,6 +187,22 @@ fn decode_reply(buf: &[u8]) -> Result<Option<(u64, Message, usize)>, String> {
 }
 
 impl NodeClient {
+    /// Connect to the node the cluster file names `expected` at `addr`,
+    /// and refuse it ([`ClientError::WrongNode`]) if it says it is another
+    /// (see [`check_node_identity`]).
+    pub async fn connect_to_node(
+        addr: SocketAddr,
+        role: Role,
+        my_node_id: u64,
+        expected: u64,
+    ) -> Result<NodeClient, ClientError> {
+        let client = NodeClient::connect(addr, role, my_node_id).await?;
+        check_node_identity(addr, expected, client.node_id)?;
+        Ok(client)
+    }
+
+    /// Connect to whatever node listens at `addr` (its id is in `node_id`):
+    /// for tools that talk to one node, not to a cluster file's.
     pub async fn connect(addr: SocketAddr, role: Role, my_node_id: u64) -> Result<NodeClient, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
@@ -198,10 +237,8 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// A node that answers Hello and then closes the connection: every later
-    /// request must fail with `Closed`, never wait forever.
-    #[tokio::test]
-    async fn requests_after_the_node_is_gone_fail_instead_of_hanging() {
+    /// A fake node 7: answers Hello, then closes the connection.
+    async fn node_7() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -228,6 +265,60 @@ mod tests {
                 drop(s);
             }
         });
+        addr
+    }
+
+    #[test]
+    fn a_node_is_the_one_the_cluster_file_puts_at_its_address() {
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        assert!(check_node_identity(addr, 1, 1).is_ok());
+        let e = check_node_identity(addr, 1, 2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::WrongNode {
+                    expected: 1,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // The message names both ids and the address.
+        let text = e.to_string();
+        assert!(
+            text.contains("127.0.0.1:7001") && text.contains("is node 2") && text.contains("to node 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_to_node_refuses_another_node() {
+        let addr = node_7().await;
+        let e = NodeClient::connect_to_node(addr, Role::Operator, 0, 3)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                e,
+                ClientError::WrongNode {
+                    expected: 3,
+                    found: 7,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let c = NodeClient::connect_to_node(addr, Role::Operator, 0, 7).await.unwrap();
+        assert_eq!(c.node_id, 7);
+    }
+
+    /// A node that answers Hello and then closes the connection: every later
+    /// request must fail with `Closed`, never wait forever.
+    #[tokio::test]
+    async fn requests_after_the_node_is_gone_fail_instead_of_hanging() {
+        let addr = node_7().await;
         for _ in 0..20 {
             let c = NodeClient::connect(addr, Role::Computed, 0).await.unwrap();
             assert_eq!(c.node_id, 7);

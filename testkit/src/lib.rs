@@ -67,6 +67,21 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Wait for the daemon to exit on its own: its status, or `None` if it
+    /// still runs after `timeout` (it is killed on drop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and the exit status.
     ///
     /// # Panics

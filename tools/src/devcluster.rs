@@ -1,12 +1,17 @@
 //! `storctl dev-cluster`: a whole cluster on 127.0.0.1 for development,
 //! tests and `storbench --local-cluster`.
 //!
-//! `up` formats one file device per storage node under DIR (always fresh:
-//! computed does not recover a volume yet, so old devices would answer its
-//! epoch-1 writes with `Conflict`), starts N `storaged` and one `computed`
-//! as detached background processes (own session, so they outlive the tool
-//! and a Ctrl-C in its terminal), writes `DIR/cluster.toml` and one pid file
-//! per process, and returns only once a real commit has been acknowledged.
+//! `up` formats one file device per storage node under DIR (deleting the
+//! devices of an earlier cluster there), starts N `storaged` and one
+//! `computed` as detached background processes (own session, so they
+//! outlive the tool and a Ctrl-C in its terminal), writes `DIR/cluster.toml`
+//! and one pid file per process, and returns only once a real commit has
+//! been acknowledged. `up` with `keep` starts the cluster of
+//! `DIR/cluster.toml` again on its existing devices instead: computed
+//! recovers the volume, and every commit acknowledged before is there.
+//! Neither deletes nor reuses a device while any process holds a lock on
+//! it (storaged locks its device for its life; see [`device_in_use`]), nor
+//! while a pid file names a live daemon.
 //! On any failure it stops what it started, by PID, and names the log of the
 //! daemon at fault. `down` stops the processes named by the pid files.
 //!
@@ -24,6 +29,7 @@
 use std::fs::File;
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +76,9 @@ pub struct UpOptions {
     /// Use consecutive ports from here (nodes, then computed, then its
     /// metrics) instead of free ones the kernel picks.
     pub base_port: Option<u16>,
+    /// Start the cluster of DIR/cluster.toml again on its existing devices
+    /// (`nodes`, `device_bytes`, `pgs` and `base_port` are then the file's).
+    pub keep: bool,
 }
 
 impl UpOptions {
@@ -80,6 +89,7 @@ impl UpOptions {
             device_bytes: DEVICE_BYTES_DEFAULT,
             pgs: PGS_DEFAULT,
             base_port: None,
+            keep: false,
         }
     }
 }
@@ -97,6 +107,9 @@ pub struct Geometry {
 #[derive(Debug)]
 pub struct DevCluster {
     pub dir: PathBuf,
+    pub nodes: usize,
+    /// Started on the devices of an earlier run (`keep`).
+    pub kept: bool,
     pub cluster_file: PathBuf,
     pub computed: SocketAddr,
     pub geometry: Geometry,
@@ -209,6 +222,105 @@ fn pids_dir(dir: &Path) -> PathBuf {
 
 fn logs_dir(dir: &Path) -> PathBuf {
     dir.join("logs")
+}
+
+/// Whether another process holds a lock on the device at `path`, and who
+/// (`Some("pid N (storaged)")`, or less when the holder cannot be found).
+/// storaged holds an exclusive OFD lock on its device for its life, so a
+/// running node is found even when its pid file is gone; this asks the
+/// kernel with an OFD write-lock probe (`F_OFD_GETLK`: it reports any lock
+/// that another open file description holds, ours included, and takes
+/// none). A missing file is not in use.
+pub fn device_in_use(path: &Path) -> std::io::Result<Option<String>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: a plain C struct; all-zero is a valid value (l_pid must be 0
+    // for the OFD commands).
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::F_WRLCK as libc::c_short;
+    probe.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on an fd we own, with a pointer to a live flock.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if probe.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    // A classic POSIX lock names its pid; an OFD lock does not (-1): look
+    // for the processes that have the file open.
+    let pids = if probe.l_pid > 0 {
+        vec![probe.l_pid]
+    } else {
+        processes_with_open(path)
+    };
+    if pids.is_empty() {
+        return Ok(Some("another process (it holds a lock on it)".into()));
+    }
+    let named: Vec<String> = pids
+        .iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            match comm.trim() {
+                "" => format!("pid {pid}"),
+                c => format!("pid {pid} ({c})"),
+            }
+        })
+        .collect();
+    Ok(Some(named.join(", ")))
+}
+
+/// The processes other than this one with `path` open (from /proc/PID/fd;
+/// those we may not look into are missed).
+fn processes_with_open(path: &Path) -> Vec<i32> {
+    let Ok(target) = path.canonicalize() else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The device files of DIR (`devN`).
+fn devices_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix("dev")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
 }
 
 /// A process named by a pid file.
@@ -517,7 +629,6 @@ fn pick_ports(count: usize, base: Option<u16>) -> Result<Vec<SocketAddr>> {
 /// Start a dev cluster (see the module header). Returns once a commit has
 /// been acknowledged.
 pub fn up(opts: &UpOptions) -> Result<DevCluster> {
-    let geometry = plan_geometry(opts.nodes, opts.pgs, opts.device_bytes).map_err(|e| anyhow!(e))?;
     let storaged = daemon_binary("storaged")?;
     let computed_bin = daemon_binary("computed")?;
     std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
@@ -538,36 +649,74 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
             dir.display()
         );
     }
-    // Fresh devices every time (see the module header); old logs and pid files go too.
+    // The pid files may be gone or stale while a daemon still serves a
+    // device: its lock says so.
+    for dev in devices_in(&dir) {
+        let holder = device_in_use(&dev).with_context(|| format!("checking whether {} is in use", dev.display()))?;
+        if let Some(who) = holder {
+            bail!(
+                "device {} is in use by {who}: a daemon still runs on it; stop it first \
+                 (`storctl dev-cluster down --dir {}`, or kill it)",
+                dev.display(),
+                dir.display()
+            );
+        }
+    }
+    let cluster_file = dir.join("cluster.toml");
+    // With `keep`, the file's cluster; else a new one, and the file to write.
+    let (geometry, devices, node_addrs, computed_addr, new_file) = if opts.keep {
+        let cluster = Cluster::load(&cluster_file).with_context(|| {
+            format!(
+                "--keep restarts the cluster of {}; start a new one without --keep",
+                cluster_file.display()
+            )
+        })?;
+        let devices: Vec<PathBuf> = cluster.nodes.iter().map(|n| dir.join(format!("dev{}", n.id))).collect();
+        for dev in &devices {
+            if !dev.is_file() {
+                bail!(
+                    "--keep: the device {} of {} is missing; start a new cluster without --keep",
+                    dev.display(),
+                    cluster_file.display()
+                );
+            }
+        }
+        let geometry = Geometry {
+            pgs: cluster.pgs,
+            pg_pages: cluster.pg_pages,
+            segments_per_node_max: 0,
+        };
+        let nodes = cluster.nodes.iter().map(|n| n.address).collect::<Vec<_>>();
+        (geometry, devices, nodes, cluster.computed_address, None)
+    } else {
+        let geometry = plan_geometry(opts.nodes, opts.pgs, opts.device_bytes).map_err(|e| anyhow!(e))?;
+        let devices: Vec<PathBuf> = (1..=opts.nodes).map(|n| dir.join(format!("dev{n}"))).collect();
+        let addrs = pick_ports(opts.nodes + 2, opts.base_port)?;
+        let (node_addrs, rest) = addrs.split_at(opts.nodes);
+        let text = cluster_toml(&geometry, rest[0], rest[1], node_addrs);
+        Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
+        (geometry, devices, node_addrs.to_vec(), rest[0], Some(text))
+    };
+    // Old logs and pid files go; with `keep`, nothing else.
     for sub in [pids_dir(&dir), logs_dir(&dir)] {
         if sub.exists() {
             std::fs::remove_dir_all(&sub).with_context(|| format!("removing {}", sub.display()))?;
         }
         std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
     }
-    let devices: Vec<PathBuf> = (1..=opts.nodes).map(|n| dir.join(format!("dev{n}"))).collect();
-    for dev in &devices {
-        match std::fs::remove_file(dev) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing the old device {}", dev.display())),
+    if let Some(text) = new_file {
+        for dev in devices_in(&dir) {
+            std::fs::remove_file(&dev).with_context(|| format!("removing the old device {}", dev.display()))?;
         }
+        format_devices(&storaged, &dir, &devices, opts.device_bytes)?;
+        std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
     }
-    format_devices(&storaged, &dir, &devices, opts.device_bytes)?;
-
-    let addrs = pick_ports(opts.nodes + 2, opts.base_port)?;
-    let (node_addrs, rest) = addrs.split_at(opts.nodes);
-    let (computed_addr, metrics_addr) = (rest[0], rest[1]);
-    let cluster_file = dir.join("cluster.toml");
-    let text = cluster_toml(&geometry, computed_addr, metrics_addr, node_addrs);
-    Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
-    std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
 
     let mut started = Started {
         daemons: Vec::new(),
         armed: true,
     };
-    for (i, (dev, addr)) in devices.iter().zip(node_addrs).enumerate() {
+    for (dev, addr) in devices.iter().zip(&node_addrs) {
         let args = vec![
             "run".into(),
             "--device".into(),
@@ -575,7 +724,11 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
             "--listen".into(),
             addr.to_string(),
         ];
-        spawn_daemon(&mut started, &dir, &format!("storaged-{}", i + 1), &storaged, &args)?;
+        let name = dev
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+        let name = format!("storaged-{}", name.trim_start_matches("dev"));
+        spawn_daemon(&mut started, &dir, &name, &storaged, &args)?;
     }
     wait_listening(&mut started, 0)?;
     let args = vec![
@@ -586,7 +739,7 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         computed_addr.to_string(),
     ];
     spawn_daemon(&mut started, &dir, "computed", &computed_bin, &args)?;
-    wait_listening(&mut started, opts.nodes)?;
+    wait_listening(&mut started, devices.len())?;
     first_commit(computed_addr, geometry.pgs as u64 * geometry.pg_pages).with_context(|| {
         format!(
             "the cluster did not take a commit; see the logs in {}",
@@ -600,6 +753,8 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         .collect();
     Ok(DevCluster {
         dir,
+        nodes: devices.len(),
+        kept: opts.keep,
         cluster_file,
         computed: computed_addr,
         geometry,
@@ -701,7 +856,7 @@ impl Drop for DownOnDrop {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
             if let Err(e) = down(&c.dir) {
-                eprintln!("dev cluster in {}: stopping it: {e:#}", c.dir.display());
+                storaged::errln!("dev cluster in {}: stopping it: {e:#}", c.dir.display());
             }
             for child in &mut c.children {
                 // Gone by now (down waits); reap them so no zombie is left.
@@ -733,6 +888,47 @@ mod tests {
     }
 
     use super::*;
+
+    /// Take an exclusive OFD write lock on `file`, as storaged does on its device.
+    fn ofd_lock(file: &File) {
+        // SAFETY: as in device_in_use.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: fcntl on an fd we own, with a pointer to a live flock.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_locked_device_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev1");
+        assert_eq!(device_in_use(&dev).unwrap(), None, "a missing device is not in use");
+        std::fs::write(&dev, [0u8; 4096]).unwrap();
+        assert_eq!(device_in_use(&dev).unwrap(), None);
+        let holder = std::fs::OpenOptions::new().read(true).write(true).open(&dev).unwrap();
+        // Open but not locked: not in use.
+        assert_eq!(device_in_use(&dev).unwrap(), None);
+        ofd_lock(&holder);
+        let who = device_in_use(&dev).unwrap().expect("in use");
+        assert!(!who.is_empty());
+        drop(holder);
+        assert_eq!(device_in_use(&dev).unwrap(), None, "the lock goes with its holder");
+    }
+
+    #[test]
+    fn only_dev_n_files_are_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["dev1", "dev12", "dev", "devices", "dev1.bak", "cluster.toml"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let names: Vec<String> = devices_in(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["dev1", "dev12"]);
+    }
 
     #[test]
     fn geometry_fits_the_page_store() {

@@ -2,12 +2,22 @@
 //!
 //! Each storage node is asked `GetSegmentStatus` (epoch 0: an operator's
 //! read, never refused for its epoch and adopting nothing) for every segment
-//! the placement puts on it; a node that does not answer is down. From the
+//! the placement puts on it; a node that does not answer is down, and one
+//! whose `HelloOk` names another node than the file puts at that address is
+//! not asked anything (a problem: wrong identity; its segments count as
+//! down, as computed counts them). From the
 //! SCLs: each PG's PGCL (the 4th-highest of its 6 SCLs, a down segment
 //! counting as 0) and each segment's lag behind it. computed is asked for the
 //! VDL (`VolumeInfo`), and, when the cluster file names its metrics endpoint,
 //! for the VCL (`computed_vcl`); otherwise the VCL is derived from storage
-//! (see [`derive_vcl`]) and marked so.
+//! (see [`derive_vcl`]) and marked so. computed unreachable is a problem
+//! too (and `storctl status` exits 8 for it).
+//!
+//! The VCL may stand far above the VDL after a recovery: the recovery
+//! annulled the LSNs from VDL+1 up to a million above (no record there
+//! will ever count), and the writer allocates above them, so every LSN
+//! of the range is complete without a record. The report shows the
+//! annulled ranges the segments hold and says so (see [`vcl_note`]).
 //!
 //! The SCLs are read one node at a time while commits may go on, so a
 //! figure can be a few milliseconds older than the next.
@@ -21,7 +31,7 @@ use serde::Serialize;
 
 use computed::client::Client;
 use computed::cluster::{Cluster, SEGMENTS_PER_PG, WRITE_QUORUM};
-use storaged::client::NodeClient;
+use storaged::client::{ClientError, NodeClient};
 use storaged::proto::{ErrorCode, Message, Role};
 
 /// One node or computed answering, at most.
@@ -39,8 +49,17 @@ pub struct Status {
     /// "computed" (its metrics endpoint) or "derived" (a lower bound from the segments' SCLs).
     pub vcl_source: &'static str,
     pub vdl: Option<u64>,
+    /// The LSN ranges the last recovery annulled (as the segments at the
+    /// newest installed epoch hold them): no record there counts.
+    pub annulled: Vec<LsnRange>,
     pub nodes: Vec<NodeStatus>,
     pub pgs: Vec<PgStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LsnRange {
+    pub first: u64,
+    pub last: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +79,9 @@ pub struct NodeStatus {
     pub up: bool,
     /// Highest epoch among its segments (0 before any was written).
     pub epoch: Option<u64>,
+    /// The node id the node at `address` gave, when it is not `id`: that
+    /// node is refused (not asked, its segments count as down).
+    pub wrong_identity: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -91,15 +113,18 @@ impl Status {
 }
 
 /// What one node said about one segment.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Seg {
     scl: u64,
     epoch: u64,
     highest_lsn: u64,
+    installed_epoch: u64,
+    annulled: Vec<(u64, u64)>,
 }
 
 async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u32, Seg)>> {
-    let client = tokio::time::timeout(REQUEST_TIMEOUT, NodeClient::connect(addr, Role::Operator, 0))
+    let connect = NodeClient::connect_to_node(addr, Role::Operator, 0, id);
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, connect)
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
     let mut out = Vec::new();
@@ -121,11 +146,15 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 scl,
                 epoch,
                 highest_lsn,
+                installed_epoch,
+                annulled,
                 ..
             } => Seg {
                 scl,
                 epoch,
                 highest_lsn,
+                installed_epoch,
+                annulled,
             },
             // Not written yet: the segment is created by its first Append.
             Message::Error {
@@ -135,6 +164,8 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 scl: 0,
                 epoch: 0,
                 highest_lsn: 0,
+                installed_epoch: 0,
+                annulled: Vec::new(),
             },
             other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
         };
@@ -193,6 +224,54 @@ pub fn derive_vcl(pgs: &[(u64, u64)], vdl: Option<u64>) -> u64 {
     bound.max(vdl.unwrap_or(0))
 }
 
+/// The ranges in force: those of the segments at the newest installed
+/// epoch (a truncation replaces a segment's whole set, so older sets are
+/// superseded), merged.
+fn annulled_in_force<'a>(segs: impl IntoIterator<Item = &'a Seg>) -> Vec<LsnRange> {
+    let segs: Vec<&Seg> = segs.into_iter().collect();
+    let newest = segs.iter().map(|s| s.installed_epoch).max().unwrap_or(0);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for s in segs.iter().filter(|s| s.installed_epoch == newest) {
+        for &r in &s.annulled {
+            if !ranges.contains(&r) {
+                ranges.push(r);
+            }
+        }
+    }
+    ranges.sort_unstable();
+    ranges
+        .into_iter()
+        .map(|(first, last)| LsnRange { first, last })
+        .collect()
+}
+
+/// Why the VCL is above the VDL, when it is: LSNs a recovery annulled
+/// (complete without a record), or records at quorum whose transaction is
+/// not complete yet.
+pub fn vcl_note(s: &Status) -> Option<String> {
+    let (vcl, vdl) = (s.vcl?, s.vdl.unwrap_or(0));
+    if vcl <= vdl {
+        return None;
+    }
+    let gap: Vec<String> = s
+        .annulled
+        .iter()
+        .filter(|r| r.last > vdl && r.first <= vcl)
+        .map(|r| format!("{}..={}", r.first, r.last))
+        .collect();
+    if gap.is_empty() {
+        Some(format!(
+            "the records in {}..={vcl} are at quorum, but not every record of their transactions yet",
+            vdl + 1
+        ))
+    } else {
+        Some(format!(
+            "LSNs {} were annulled by a recovery: complete without a record, and the writer allocates above them",
+            gap.join(", ")
+        ))
+    }
+}
+
 pub fn collect(cluster: &Cluster) -> Result<Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -218,31 +297,42 @@ async fn collect_async(cluster: &Cluster) -> Status {
     for (n, answer) in cluster.nodes.iter().zip(&answers) {
         let (up, epoch, error) = match answer {
             Ok(segs) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
-            Err(e) => {
-                problems.push(format!("node {} ({}) is down: {e}", n.id, n.address));
-                (false, None, Some(e.to_string()))
-            }
+            Err(e) => (false, None, Some(e.to_string())),
         };
+        let wrong_identity = match answer.as_ref().err().and_then(|e| e.downcast_ref::<ClientError>()) {
+            Some(ClientError::WrongNode { found, .. }) => Some(*found),
+            _ => None,
+        };
+        match (wrong_identity, &error) {
+            (Some(found), _) => problems.push(format!(
+                "node {} ({}) has the wrong identity: the node at that address is node {found}; \
+                 its segments are counted down (are two address lines of the cluster file swapped?)",
+                n.id, n.address
+            )),
+            (None, Some(e)) => problems.push(format!("node {} ({}) is down: {e}", n.id, n.address)),
+            (None, None) => {}
+        }
         nodes.push(NodeStatus {
             id: n.id,
             address: n.address,
             az: n.az.clone(),
             up,
             epoch,
+            wrong_identity,
             error,
         });
     }
     let seg_of = |node: u64, pg: u32| -> Option<Seg> {
         let i = cluster.nodes.iter().position(|n| n.id == node)?;
         let segs = answers[i].as_ref().ok()?;
-        segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| *s)
+        segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| s.clone())
     };
     let mut pgs = Vec::new();
     let mut pg_marks = Vec::new();
     for (pg, slots) in cluster.placement.iter().enumerate() {
         let pg = pg as u32;
         let segs: Vec<Option<Seg>> = slots.iter().map(|&id| seg_of(id, pg)).collect();
-        let scls: Vec<Option<u64>> = segs.iter().map(|s| s.map(|s| s.scl)).collect();
+        let scls: Vec<Option<u64>> = segs.iter().map(|s| s.as_ref().map(|s| s.scl)).collect();
         let pgcl = pgcl(&scls);
         let highest = segs.iter().flatten().map(|s| s.highest_lsn).max().unwrap_or(0);
         pg_marks.push((pgcl, highest));
@@ -263,10 +353,10 @@ async fn collect_async(cluster: &Cluster) -> Status {
                 .map(|(&node, s)| SegmentStatus {
                     node,
                     up: s.is_some(),
-                    scl: s.map(|s| s.scl),
-                    lag: s.map(|s| pgcl.saturating_sub(s.scl)),
-                    epoch: s.map(|s| s.epoch),
-                    highest_lsn: s.map(|s| s.highest_lsn),
+                    scl: s.as_ref().map(|s| s.scl),
+                    lag: s.as_ref().map(|s| pgcl.saturating_sub(s.scl)),
+                    epoch: s.as_ref().map(|s| s.epoch),
+                    highest_lsn: s.as_ref().map(|s| s.highest_lsn),
                 })
                 .collect(),
         });
@@ -279,19 +369,29 @@ async fn collect_async(cluster: &Cluster) -> Status {
             vdl: Some(vdl),
             error: None,
         },
-        Err(e) => ComputedStatus {
-            address: cluster.computed_address,
-            up: false,
-            epoch: None,
-            vdl: None,
-            error: Some(format!("{e:#}")),
-        },
+        Err(e) => {
+            problems.insert(
+                0,
+                format!("computed at {} is unreachable: {e:#}", cluster.computed_address),
+            );
+            ComputedStatus {
+                address: cluster.computed_address,
+                up: false,
+                epoch: None,
+                vdl: None,
+                error: Some(format!("{e:#}")),
+            }
+        }
     };
     let vdl = computed.vdl;
     let (vcl, vcl_source) = match metrics_vcl {
-        Some(v) => (Some(v), "computed"),
+        // The metrics are computed's figures as of its last tick, the VDL
+        // is asked first but live: never show a VCL below the VDL (the
+        // VCL is at least the VDL at every moment).
+        Some(v) => (Some(v.max(vdl.unwrap_or(0))), "computed"),
         None => (Some(derive_vcl(&pg_marks, vdl)), "derived"),
     };
+    let annulled = annulled_in_force(answers.iter().flatten().flatten().map(|(_, s)| s));
     Status {
         volume: cluster.volume_id,
         status: if problems.is_empty() { "healthy" } else { "problems" },
@@ -300,6 +400,7 @@ async fn collect_async(cluster: &Cluster) -> Status {
         vcl,
         vcl_source,
         vdl,
+        annulled,
         nodes,
         pgs,
     }
@@ -323,29 +424,42 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "VDL {}  VCL {}{}",
+        "VDL {:<12} commits at or below it are durable (on their PGs' write quorums) and acknowledged{}",
         opt(s.vdl),
+        if c.up { "" } else { " (unknown: computed is down)" }
+    );
+    let _ = writeln!(
+        out,
+        "VCL {:<12} every LSN at or below it is at its PG's write quorum or annulled ({})",
         opt(s.vcl),
         if s.vcl_source == "derived" {
-            " (derived from SCLs: a lower bound)"
+            "derived from the SCLs: a lower bound"
         } else {
-            ""
+            "computed's"
         }
     );
+    if let Some(note) = vcl_note(s) {
+        let _ = writeln!(out, "    VCL > VDL: {note}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}",
+        "{:>5}  {:<21}  {:<5}  {:<8}  {:>6}",
         "node", "address", "az", "up", "epoch"
     );
     for n in &s.nodes {
+        let up = match (n.up, n.wrong_identity) {
+            (true, _) => "up".to_string(),
+            (false, Some(_)) => "WRONG ID".to_string(),
+            (false, None) => "DOWN".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:>5}  {:<21}  {:<5}  {:<4}  {:>6}",
+            "{:>5}  {:<21}  {:<5}  {:<8}  {:>6}",
             n.id,
             n.address.to_string(),
             n.az,
-            if n.up { "up" } else { "DOWN" },
+            up,
             opt(n.epoch)
         );
     }
@@ -391,6 +505,106 @@ mod tests {
         assert_eq!(pgcl(&[Some(9), Some(8), Some(7), Some(6), Some(5), Some(4)]), 6);
         assert_eq!(pgcl(&[Some(9), Some(9), Some(9), None, None, None]), 0);
         assert_eq!(pgcl(&[Some(9), Some(9), Some(9), Some(9), None, None]), 9);
+    }
+
+    fn status(vdl: Option<u64>, vcl: u64, annulled: &[(u64, u64)]) -> Status {
+        Status {
+            volume: 1,
+            status: "healthy",
+            problems: Vec::new(),
+            computed: ComputedStatus {
+                address: "127.0.0.1:1".parse().unwrap(),
+                up: vdl.is_some(),
+                epoch: vdl.map(|_| 2),
+                vdl,
+                error: None,
+            },
+            vcl: Some(vcl),
+            vcl_source: "computed",
+            vdl,
+            annulled: annulled.iter().map(|&(first, last)| LsnRange { first, last }).collect(),
+            nodes: Vec::new(),
+            pgs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_vcl_above_the_vdl_is_explained() {
+        // After a recovery: the range above the VDL was annulled.
+        let s = status(Some(1), 1_000_001, &[(2, 1_000_001)]);
+        let note = vcl_note(&s).expect("a note");
+        assert!(
+            note.contains("2..=1000001") && note.contains("annulled by a recovery"),
+            "{note}"
+        );
+        let text = render(&s);
+        assert!(
+            text.contains("VCL 1000001 ") && text.contains("VCL > VDL: LSNs 2..=1000001"),
+            "{text}"
+        );
+        // Records at quorum whose transaction is not complete.
+        let note = vcl_note(&status(Some(1_000_010), 1_000_012, &[(2, 1_000_001)])).unwrap();
+        assert!(
+            note.contains("1000011..=1000012") && note.contains("not every record"),
+            "{note}"
+        );
+        // Equal: nothing to explain.
+        assert_eq!(vcl_note(&status(Some(7), 7, &[(2, 1_000_001)])), None);
+    }
+
+    #[test]
+    fn the_ranges_in_force_are_the_newest_installed_epochs() {
+        let seg = |installed_epoch, annulled: &[(u64, u64)]| Seg {
+            scl: 0,
+            epoch: installed_epoch,
+            highest_lsn: 0,
+            installed_epoch,
+            annulled: annulled.to_vec(),
+        };
+        let segs = [
+            seg(2, &[(5, 100)]),
+            seg(3, &[(5, 100), (120, 200)]),
+            seg(3, &[(120, 200), (5, 100)]),
+        ];
+        assert_eq!(
+            annulled_in_force(&segs),
+            vec![LsnRange { first: 5, last: 100 }, LsnRange { first: 120, last: 200 }]
+        );
+        assert!(annulled_in_force(&[]).is_empty());
+    }
+
+    /// Nothing listening anywhere: computed unreachable is reported as a
+    /// problem (not "healthy"), as is every node.
+    #[test]
+    fn computed_unreachable_is_a_problem() {
+        let closed = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let nodes: Vec<SocketAddr> = (0..6).map(|_| closed()).collect();
+        let text = computed::cluster::local_cluster_toml(1, 2, 64, closed(), &nodes);
+        let cluster = Cluster::parse(&text).unwrap();
+        let s = collect(&cluster).unwrap();
+        assert_eq!(s.status, "problems");
+        assert!(!s.healthy());
+        assert!(
+            s.problems[0].contains("computed at") && s.problems[0].contains("unreachable"),
+            "{:?}",
+            s.problems
+        );
+        // The cause once, not repeated by the error chain.
+        assert_eq!(
+            s.problems[0].matches("Connection refused").count(),
+            1,
+            "{}",
+            s.problems[0]
+        );
+        let text = render(&s);
+        assert!(text.starts_with("volume 1: problems"), "{text}");
+        assert!(text.contains("problem: computed at"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["status"], "problems");
+        assert_eq!(json["vcl"], serde_json::json!(s.vcl));
     }
 
     #[test]

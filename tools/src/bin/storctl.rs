@@ -56,23 +56,33 @@ enum Command {
     ///
     /// Each node is asked GetSegmentStatus (epoch 0, read-only) for every
     /// segment the placement puts on it; a node that does not answer within
-    /// 3 s is down. PGCL is the 4th-highest SCL of a PG's 6 (a down segment
-    /// counts as 0). The VDL comes from computed; the VCL from computed's
-    /// metrics endpoint when the cluster file names one (`vcl_source`
-    /// "computed"), else it is derived from the SCLs as a lower bound
-    /// ("derived").
+    /// 3 s is down. A node whose Hello names another node id than the file
+    /// gives its address has the wrong identity (swapped address lines):
+    /// it is not asked, and its segments count as down. PGCL is the
+    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
     ///
-    /// Exit status: 0 healthy; 4 problems (a node down, a PG below its write
-    /// quorum of 4); 8 operational error (unreadable cluster file, computed
-    /// unreachable).
+    /// VDL: commits at or below it are durable and acknowledged (from
+    /// computed). VCL: every LSN at or below it is on its PG's write quorum,
+    /// or annulled; from computed's metrics endpoint when the cluster file
+    /// names one (`vcl_source` "computed"), else derived from the SCLs as a
+    /// lower bound ("derived"). After a recovery the VCL stands above the
+    /// VDL by up to a million: the recovery annulled the LSNs above the VDL
+    /// (listed in `annulled`), and the writer allocates above them.
+    ///
+    /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
+    /// identity, a PG below its write quorum of 4); 8 operational error
+    /// (unreadable cluster file, computed unreachable: reported as a
+    /// problem too).
     ///
     /// --json keys (stable): status ("healthy"|"problems"), problems [text],
     /// volume, vdl, vcl, vcl_source ("computed"|"derived"),
+    /// annulled [{first, last}],
     /// computed {address, up, epoch, vdl, error},
-    /// nodes [{id, address, az, up, epoch, error}],
+    /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
     /// segments [{node, up, scl, lag, epoch, highest_lsn}]}].
-    /// Unknown values (a node down) are null.
+    /// Unknown values (a node down) are null; wrong_identity is the id the
+    /// node at that address gave, null when it is the right node.
     #[command(verbatim_doc_comment)]
     Status {
         /// The cluster file (TOML).
@@ -96,11 +106,18 @@ enum DevClusterCommand {
     /// (each daemon's output) and DIR/pids/storaged-N.pid, DIR/pids/computed.pid.
     /// The daemons run detached (their own session) and outlive storctl.
     ///
-    /// The devices are always formatted afresh: computed does not recover a
-    /// volume yet, so an `up` on a DIR used before starts a new, empty volume
-    /// (the old devices are deleted). `up` refuses a DIR whose daemons are
-    /// still running. The volume's PG size is chosen so every node's page
-    /// store holds its segments; a --device-size too small is refused.
+    /// Without --keep the devices are formatted afresh: a new, empty volume
+    /// (the devices of an earlier cluster in DIR are deleted). With --keep,
+    /// the cluster of DIR/cluster.toml starts again on its existing devices
+    /// and ports: computed recovers the volume and every commit acknowledged
+    /// before is there (--nodes, --device-size, --pgs and --base-port are
+    /// the file's then, and refused with --keep).
+    ///
+    /// `up` refuses a DIR whose daemons are still running: one its pid files
+    /// name, or any process holding a lock on one of its devices (a node
+    /// whose pid file was lost); it neither deletes nor reuses those devices.
+    /// The volume's PG size is chosen so every node's page store holds its
+    /// segments; a --device-size too small is refused.
     ///
     /// Needs `storaged` and `computed` next to storctl (`cargo build --release`).
     /// On failure (a port taken, a daemon exiting, no commit within 30 s) it
@@ -123,6 +140,10 @@ enum DevClusterCommand {
         /// metrics) instead of free ports the kernel picks.
         #[arg(long = "base-port")]
         base_port: Option<u16>,
+        /// Start the cluster of DIR/cluster.toml again on its existing
+        /// devices, keeping the volume's data.
+        #[arg(long, conflicts_with_all = ["nodes", "device_size", "pgs", "base_port"])]
+        keep: bool,
     },
     /// Stop the cluster in DIR: SIGTERM every process of its pid files, wait
     /// up to 10 s, SIGKILL the rest, remove the pid files. Running it again,
@@ -147,12 +168,14 @@ fn main() -> ExitCode {
             device_size,
             pgs,
             base_port,
+            keep,
         }) => run_up(UpOptions {
             dir,
             nodes,
             device_bytes: device_size,
             pgs,
             base_port,
+            keep,
         }),
         Command::DevCluster(DevClusterCommand::Down { dir }) => run_down(&dir),
     };
@@ -184,12 +207,17 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
 fn run_up(opts: UpOptions) -> Result<u8> {
     let c = devcluster::up(&opts)?;
     outln!(
-        "dev cluster up in {}: {} storage nodes, computed on {}, {} PGs of {} pages",
+        "dev cluster up in {}: {} storage nodes, computed on {}, {} PGs of {} pages{}",
         c.dir.display(),
-        opts.nodes,
+        c.nodes,
         c.computed,
         c.geometry.pgs,
-        c.geometry.pg_pages
+        c.geometry.pg_pages,
+        if c.kept {
+            " (on its existing devices: the volume recovered)"
+        } else {
+            ""
+        }
     )?;
     outln!("  cluster file  {}", c.cluster_file.display())?;
     outln!("  logs          {}/logs/", c.dir.display())?;
