@@ -5,6 +5,7 @@
 //! - [`record`]: redo records as computed produces them.
 
 pub mod client;
+pub mod gossip;
 pub mod hot;
 pub mod inspect;
 pub mod io;
