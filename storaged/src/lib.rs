@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod gossip;
 pub mod hot;
 pub mod inspect;
 pub mod io;

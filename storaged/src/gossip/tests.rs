@@ -1,0 +1,256 @@
+use super::*;
+
+const PG: Pg = 3;
+
+fn digest(scl: u64, floor: u64) -> Digest {
+    Digest {
+        installed_epoch: 2,
+        membership_epoch: 1,
+        scl,
+        highest_lsn: scl,
+        floor,
+    }
+}
+
+fn core_at(scl: u64) -> GossipCore {
+    let mut core = GossipCore::new(1, GossipConfig::default(), 7);
+    core.set_local(
+        PG,
+        Local {
+            digest: digest(scl, 0),
+            members: (1..=6).collect(),
+            missing: Vec::new(),
+        },
+    );
+    core
+}
+
+fn pulls(actions: &[Action]) -> Vec<(u64, NodeId, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Pull { id, to, after, .. } => Some((*id, *to, *after)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn digests_are_asked_of_every_peer_each_interval() {
+    let mut core = core_at(10);
+    let first = core.poll(0);
+    let asked: Vec<NodeId> = first
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendDigest { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![2, 3, 4, 5, 6]);
+    assert!(core.poll(100).is_empty(), "not again within the interval");
+    assert_eq!(core.poll(500).len(), 5);
+}
+
+#[test]
+fn a_segment_in_step_with_its_peers_pulls_nothing() {
+    let mut core = core_at(10);
+    for p in 2..=6 {
+        core.on_digest(0, PG, p, digest(10, 0)).unwrap();
+    }
+    assert!(pulls(&core.poll(0)).is_empty());
+}
+
+#[test]
+fn a_segment_behind_pulls_from_a_peer_that_holds_the_range() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 20)).unwrap(); // released past 10: cannot serve
+    core.on_digest(0, PG, 3, digest(50, 5)).unwrap();
+    let p = pulls(&core.poll(0));
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].1, p[0].2), (3, 10));
+}
+
+#[test]
+fn gossip_from_a_non_member_or_a_stale_epoch_is_refused() {
+    let mut core = core_at(10);
+    assert_eq!(
+        core.on_digest(0, PG, 9, digest(50, 0)),
+        Err(Refusal::NotMember {
+            pg: PG,
+            from: 9,
+            epoch: 1
+        })
+    );
+    let mut stale = digest(50, 0);
+    stale.installed_epoch = 1;
+    assert_eq!(
+        core.on_digest(0, PG, 2, stale),
+        Err(Refusal::StaleEpoch { got: 1, current: 2 })
+    );
+    stale = digest(50, 0);
+    stale.membership_epoch = 0;
+    assert!(matches!(
+        core.on_digest(0, PG, 2, stale),
+        Err(Refusal::StaleMembership { .. })
+    ));
+    assert_eq!(
+        core.on_digest(0, 99, 2, digest(50, 0)),
+        Err(Refusal::UnknownPg { pg: 99 })
+    );
+    assert!(pulls(&core.poll(0)).is_empty(), "nothing refused is a source");
+    assert_eq!(core.counters().digests_refused, 4);
+}
+
+#[test]
+fn a_peer_at_a_newer_epoch_is_not_a_source() {
+    // It may hold truncation ranges this segment has not installed yet.
+    let mut core = core_at(10);
+    let mut newer = digest(50, 0);
+    newer.installed_epoch = 3;
+    core.on_digest(0, PG, 2, newer).unwrap();
+    assert!(pulls(&core.poll(0)).is_empty());
+}
+
+#[test]
+fn holes_are_pulled_before_the_tail_and_each_range_once() {
+    let mut core = GossipCore::new(1, GossipConfig::default(), 1);
+    core.set_local(
+        PG,
+        Local {
+            digest: Digest {
+                highest_lsn: 40,
+                ..digest(10, 0)
+            },
+            members: (1..=6).collect(),
+            missing: vec![(10, 20), (30, 35)],
+        },
+    );
+    for p in 2..=6 {
+        core.on_digest(0, PG, p, digest(60, 0)).unwrap();
+    }
+    let afters: Vec<u64> = pulls(&core.poll(0)).iter().map(|p| p.2).collect();
+    assert_eq!(afters, vec![10, 30, 40]);
+    assert!(pulls(&core.poll(1)).is_empty(), "a range out is not asked twice");
+}
+
+#[test]
+fn no_peer_gets_more_than_its_inflight_limit() {
+    let mut core = GossipCore::new(1, GossipConfig::default(), 1);
+    let missing: Vec<LsnRange> = (0..10).map(|i| (10 + i * 10, 15 + i * 10)).collect();
+    core.set_local(
+        PG,
+        Local {
+            digest: Digest {
+                highest_lsn: 120,
+                ..digest(10, 0)
+            },
+            members: (1..=6).collect(),
+            missing,
+        },
+    );
+    core.on_digest(0, PG, 2, digest(200, 0)).unwrap();
+    let p = pulls(&core.poll(0));
+    assert_eq!(p.len(), 2, "inflight_per_peer_max");
+    assert!(p.iter().all(|x| x.1 == 2));
+}
+
+#[test]
+fn a_request_that_times_out_is_asked_of_another_peer() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    let first = pulls(&core.poll(0));
+    assert_eq!(first[0].1, 2);
+    // Peer 2 never answers; both keep gossiping.
+    let deadline = GossipConfig::default().timeout_max_ms;
+    for p in [2, 3] {
+        core.on_digest(deadline, PG, p, digest(50, 0)).unwrap();
+    }
+    let actions = core.poll(deadline);
+    assert!(actions.contains(&Action::Abandon { id: first[0].0 }));
+    let again = pulls(&actions);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, 10);
+    assert_eq!(again[0].1, 3, "the peer that timed out now looks slow");
+    assert_eq!(core.counters().pulls_timed_out, 1);
+}
+
+#[test]
+fn the_fastest_peer_is_preferred() {
+    let mut core = core_at(10);
+    core.config.explore_percent = 0;
+    for p in [2, 3] {
+        core.on_digest(0, PG, p, digest(1000, 0)).unwrap();
+    }
+    // Teach it: 2 answers in 80 ms, 3 in 5 ms.
+    for (peer, took) in [(2, 80), (3, 5)] {
+        core.start(0, PG, peer, 999, 1, false);
+        let id = core.next_id - 1;
+        core.on_pulled(took, id, 1);
+    }
+    let p = pulls(&core.poll(100));
+    assert_eq!(p[0].1, 3);
+}
+
+#[test]
+fn stale_digests_do_not_choose_a_source() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    let config = GossipConfig::default();
+    let later = config.digest_interval_ms * config.digest_stale_intervals + 1;
+    assert!(pulls(&core.poll(later)).is_empty());
+}
+
+#[test]
+fn behind_every_peers_floor_it_hydrates_once() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
+    core.on_digest(0, PG, 3, digest(50, 40)).unwrap();
+    let actions = core.poll(0);
+    let hydrations: Vec<&Action> = actions.iter().filter(|a| matches!(a, Action::Hydrate { .. })).collect();
+    assert_eq!(hydrations.len(), 1);
+    assert!(pulls(&actions).is_empty());
+    assert!(
+        !core.poll(1).iter().any(|a| matches!(a, Action::Hydrate { .. })),
+        "one at a time"
+    );
+}
+
+#[test]
+fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
+    let config = GossipConfig {
+        rate_bytes_per_s: 1 << 20,
+        pull_bytes_max: 1 << 20,
+        ..GossipConfig::default()
+    };
+    let mut core = GossipCore::new(1, config, 1);
+    core.set_local(
+        PG,
+        Local {
+            digest: digest(10, 0),
+            members: (1..=6).collect(),
+            missing: Vec::new(),
+        },
+    );
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    assert!(pulls(&core.poll(0)).is_empty(), "no budget yet");
+    let p = pulls(&core.poll(1000));
+    assert_eq!(p.len(), 1);
+    core.on_pulled(1001, p[0].0, 1 << 20);
+    core.on_digest(1001, PG, 2, digest(50, 0)).unwrap();
+    assert!(
+        pulls(&core.poll(1002)).is_empty(),
+        "the megabyte spent the second's budget"
+    );
+
+    core.observe_foreground(100.0);
+    core.observe_foreground(400.0);
+    assert_eq!(core.rate_factor(), 0.5);
+    for _ in 0..10 {
+        core.observe_foreground(1000.0);
+    }
+    assert_eq!(core.rate_factor(), RATE_FACTOR_MIN, "never below the floor");
+    for _ in 0..20 {
+        core.observe_foreground(100.0);
+    }
+    assert_eq!(core.rate_factor(), 1.0);
+}
