@@ -131,6 +131,9 @@ pub struct DeviceInfo {
     pub cache: WriteCacheInfo,
     pub ring_flags: RingFlags,
     pub placement: RingPlacement,
+    /// A writer that held the device when a reader opened it (see
+    /// [`super::device::Access::Read`]).
+    pub in_use_by: Option<super::lock::LockHolder>,
 }
 
 /// A device driven by io_uring. Cheap to clone (an `Arc`); when the last
@@ -265,6 +268,7 @@ impl UringDevice {
             kind,
             cache,
             path,
+            in_use_by,
         } = opened;
         let (driver, ring_flags) = match config.placement {
             RingPlacement::Thread => spawn_thread(file, &path, geometry, max_inflight, channel_capacity)?,
@@ -287,6 +291,7 @@ impl UringDevice {
                     cache,
                     ring_flags,
                     placement: config.placement,
+                    in_use_by,
                 },
             }),
         })
