@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::lock::{LockHolder, LockMode, TryLock, device_lock_holder, try_lock};
+use super::lock::{DeviceLock, LockHolder, LockMode, TryLock, device_lock_holder, try_lock};
 use super::{AlignedBuf, BLOCK_SIZE, Geometry};
 
 /// Smallest file [`create_zero_filled`] makes: below this a device cannot hold
@@ -140,6 +140,9 @@ pub struct OpenedDevice {
     /// With [`Access::Read`]: the writer that held the device at open, if
     /// any (what is read may be changing under the reader).
     pub in_use_by: Option<LockHolder>,
+    /// The device's lock (`None` only for a reader that met a writer):
+    /// keep it as long as `file` is used.
+    pub lock: Option<DeviceLock>,
 }
 
 /// Opens `path` for direct I/O, locks it as `opts.access` says, and learns
@@ -176,19 +179,20 @@ pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, Devi
         Access::Write => LockMode::Exclusive,
         Access::Read => LockMode::Shared,
     };
-    let in_use_by = match try_lock(&file, mode).map_err(|e| DeviceError::io(path, "lock (fcntl F_OFD_SETLK)", e))? {
-        TryLock::Acquired => None,
-        TryLock::Held(holder) if opts.access == Access::Write => {
-            return Err(DeviceError::InUse {
-                path: path.to_owned(),
-                holder,
-            });
-        }
-        TryLock::Held(holder) => {
-            tracing::warn!(path = %path.display(), %holder, "device is in use by a writer; reading it as it is");
-            Some(holder)
-        }
-    };
+    let (lock, in_use_by) =
+        match DeviceLock::acquire(&file, mode).map_err(|e| DeviceError::io(path, "lock (fcntl F_OFD_SETLK)", e))? {
+            Ok(lock) => (Some(lock), None),
+            Err(holder) if opts.access == Access::Write => {
+                return Err(DeviceError::InUse {
+                    path: path.to_owned(),
+                    holder,
+                });
+            }
+            Err(holder) => {
+                tracing::warn!(path = %path.display(), %holder, "device is in use by a writer; reading it as it is");
+                (None, Some(holder))
+            }
+        };
     if kind == DeviceKind::RegularFile && on_tmpfs(&file) {
         tracing::warn!(
             path = %path.display(),
@@ -235,6 +239,7 @@ pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, Devi
         cache,
         path: path.to_owned(),
         in_use_by,
+        lock,
     })
 }
 

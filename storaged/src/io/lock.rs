@@ -12,6 +12,12 @@
 //! stale lock to clean up. Block devices are also opened `O_EXCL`
 //! ([`super::device`]), which the kernel enforces against mounts too.
 //!
+//! A device's lock lives on a descriptor of its own ([`DeviceLock`]), not on
+//! the one its I/O goes through: io_uring keeps a registered file open until
+//! the ring is torn down, which the kernel finishes asynchronously after the
+//! process closed it or exited, so a lock on that descriptor would outlive
+//! its process by a moment and refuse a restart that comes right after.
+//!
 //! An OFD lock records no pid: `F_OFD_GETLK` and `/proc/locks` give -1. The
 //! holder is found where the kernel does list it: `/proc/PID/fdinfo/FD` shows
 //! the locks each descriptor holds. That needs read access to the holder's
@@ -55,6 +61,30 @@ impl std::fmt::Display for LockHolder {
             (Some(pid), None) => write!(f, "pid {pid}"),
             (None, _) => write!(f, "another process (its pid is not visible to this one)"),
         }
+    }
+}
+
+/// A device's lock, held until this is dropped.
+#[derive(Debug)]
+pub struct DeviceLock {
+    _file: File,
+    pub mode: LockMode,
+}
+
+impl DeviceLock {
+    /// Takes `mode` on the file `device` is open on (the same inode, even if
+    /// its path was replaced meanwhile), through a descriptor of its own.
+    /// `Ok(Err(holder))`: someone else holds a conflicting lock.
+    pub fn acquire(device: &File, mode: LockMode) -> io::Result<Result<DeviceLock, LockHolder>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(mode == LockMode::Exclusive)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", device.as_raw_fd()))?;
+        Ok(match try_lock(&file, mode)? {
+            TryLock::Acquired => Ok(DeviceLock { _file: file, mode }),
+            TryLock::Held(holder) => Err(holder),
+        })
     }
 }
 

@@ -147,6 +147,8 @@ struct Inner {
     driver: Driver,
     geometry: Geometry,
     info: DeviceInfo,
+    /// Held as long as the device (dropped after the driver's handle).
+    _lock: Option<super::lock::DeviceLock>,
 }
 
 enum Driver {
@@ -269,6 +271,7 @@ impl UringDevice {
             cache,
             path,
             in_use_by,
+            lock,
         } = opened;
         let (driver, ring_flags) = match config.placement {
             RingPlacement::Thread => spawn_thread(file, &path, geometry, max_inflight, channel_capacity)?,
@@ -293,6 +296,7 @@ impl UringDevice {
                     placement: config.placement,
                     in_use_by,
                 },
+                _lock: lock,
             }),
         })
     }

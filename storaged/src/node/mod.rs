@@ -14,7 +14,7 @@
 mod coalesce;
 pub mod server;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -414,6 +414,9 @@ pub struct Recovered {
     pub coalesced: u64,
     /// Records found in the log that a recovery's truncation annulled.
     pub annulled: u64,
+    /// Records found in the log of segments the table does not hold (not
+    /// served; reported once, with their count and LSN range).
+    pub unknown_segment_records: u64,
 }
 
 impl Node {
@@ -444,6 +447,10 @@ impl Node {
         }
         let mut recovered = Recovered::default();
         let mut conflicts = Vec::new();
+        // Records of unknown segments are reported once, in sum: a log
+        // another program wrote into can hold millions of them.
+        let mut unknown_segments: HashSet<SegmentId> = HashSet::new();
+        let mut unknown_lsns: Option<(u64, u64)> = None;
         let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match LogEntry::decode(&entry) {
             Ok(LogEntry::Annulment(a)) => {
                 // A truncation: what the log held of these LSNs before it
@@ -461,10 +468,10 @@ impl Node {
                     // The table entry is durable before any record of the
                     // segment is written; without it the page geometry is
                     // unknown and the record cannot be served.
-                    conflicts.push(format!(
-                        "record at LSN {} of an unknown segment {:?}",
-                        record.lsn, record.segment
-                    ));
+                    recovered.unknown_segment_records += 1;
+                    unknown_segments.insert(record.segment);
+                    let (lo, hi) = unknown_lsns.get_or_insert((record.lsn, record.lsn));
+                    (*lo, *hi) = ((*lo).min(record.lsn), (*hi).max(record.lsn));
                     return;
                 };
                 if record.lsn <= s.coalesced_lsn {
@@ -483,6 +490,16 @@ impl Node {
         .await?;
         for e in conflicts {
             tracing::error!(error = %e, "record in the log not loaded");
+        }
+        if let Some((lsn_min, lsn_max)) = unknown_lsns {
+            tracing::error!(
+                records = recovered.unknown_segment_records,
+                segments = unknown_segments.len(),
+                lsn_min,
+                lsn_max,
+                "records in the log of segments this node has no table entry for, not loaded \
+                 (another program, such as storbench --force, wrote them into this node's log)"
+            );
         }
         recovered.segments = segments.len();
         let hot_bytes = segments.values().map(|s| s.hot.bytes()).sum();
