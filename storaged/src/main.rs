@@ -64,7 +64,9 @@ enum Command {
     /// Prints "listening on ADDR" on stdout and tells systemd it is ready
     /// (sd_notify READY=1), pinging the watchdog when WatchdogSec is set.
     /// SIGTERM or SIGINT: stop accepting, finish the requests and writes in
-    /// flight, exit 0.
+    /// flight, exit 0. The device is locked while it runs: a second
+    /// `storaged run`, a `storaged format` or a writing `storbench` on it is
+    /// refused ("device PATH is in use by pid N").
     Run {
         /// The device `storaged format` prepared.
         #[arg(long)]

@@ -331,3 +331,28 @@ fn storaged_bounded(args: &[&str]) -> Output {
         }
     }
 }
+
+#[test]
+fn run_refuses_a_storbench_scratch_device() {
+    use storaged::io::uring::{UringConfig, UringDevice};
+    use storaged::log::mkfs::{FormatOptions, SCRATCH_NODE_ID, format};
+    let dir = tempdir();
+    let dev = dir.path().join("scratch");
+    storaged::io::device::create_zero_filled(&dev, 16 << 20).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let device = UringDevice::open(&dev, &UringConfig::default()).unwrap();
+        let opts = FormatOptions {
+            node_id: SCRATCH_NODE_ID,
+            log_bytes: None,
+            force: false,
+        };
+        format(&device, opts).await.unwrap();
+    });
+    let out = storaged_bounded(&["run", "--device", dev.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("storbench scratch device"), "{}", stderr(&out));
+}
