@@ -21,7 +21,8 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    // The cause is in the message and not a `source`: `{:#}` would print it twice.
+    // The OS error is in the message and deliberately not a `source`: an
+    // `{:#}` chain would print it twice.
     #[error("connecting to {addr}: {error}")]
     Connect { addr: SocketAddr, error: std::io::Error },
     #[error("the connection is closed")]
@@ -332,5 +333,19 @@ mod tests {
                 assert!(matches!(r, Ok(Err(ClientError::Closed))), "{r:?}");
             }
         }
+    }
+
+    /// The refusal is said once, also where the error's chain is printed.
+    #[tokio::test]
+    async fn a_refused_connection_says_why_once() {
+        // A port that was free a moment ago: nothing listens there now.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let err = match NodeClient::connect(addr, Role::Computed, 0).await {
+            Err(e) => anyhow::Error::from(e),
+            Ok(_) => return eprintln!("skipped: something took the port"),
+        };
+        let chain = format!("{err:#}");
+        assert!(chain.contains(&addr.to_string()), "{chain}");
+        assert_eq!(chain.matches("os error").count(), 1, "{chain}");
     }
 }

@@ -43,6 +43,29 @@ pub struct InspectReport {
     pub check: CheckInfo,
     /// "clean" or "corrupt".
     pub status: &'static str,
+    /// The writer that had the device open while it was read (`null` if
+    /// none): the report is then a snapshot of a device being written.
+    pub in_use_by: Option<InUseBy>,
+}
+
+/// Who held the device's write lock when `storctl inspect` opened it.
+#[derive(Debug, Serialize)]
+pub struct InUseBy {
+    /// `null` where the holder's pid is not visible to the reader.
+    pub pid: Option<u32>,
+    pub command: Option<String>,
+    /// The same, as a sentence: "pid 1234 (storaged)".
+    pub holder: String,
+}
+
+impl From<&crate::io::lock::LockHolder> for InUseBy {
+    fn from(h: &crate::io::lock::LockHolder) -> InUseBy {
+        InUseBy {
+            pid: h.pid,
+            command: h.command.clone(),
+            holder: h.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -457,6 +480,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         segments,
         check,
         status,
+        in_use_by: None,
     })
 }
 
@@ -466,6 +490,13 @@ impl InspectReport {
         use std::fmt::Write;
         let mut s = String::new();
         let sb = &self.superblock;
+        if let Some(u) = &self.in_use_by {
+            let _ = writeln!(
+                s,
+                "in use         by {}: a writer has the device open, so this is a snapshot of a device being written",
+                u.holder
+            );
+        }
         let _ = writeln!(s, "device id      {}", sb.device_id);
         let _ = writeln!(s, "node id        {}", sb.node_id);
         let _ = writeln!(

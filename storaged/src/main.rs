@@ -5,14 +5,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use storaged::io::device::{self, DeviceKind};
 use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
 
 /// Where `storaged run` drives the device's io_uring from unless its config says.
 const RUN_RING_DEFAULT: RingPlacement = RingPlacement::Runtime;
-use storaged::log::mkfs::{self, FormatOptions};
+use storaged::log::layout::{DEVICE_BYTES_MIN, LayoutError};
+use storaged::log::mkfs::{self, FormatOptions, SCRATCH_NODE_ID};
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
 use storaged::units::parse_bytes;
@@ -37,17 +38,20 @@ enum Command {
     ///
     /// The device is a raw block device (/dev/nvme0n1, /dev/loopN) or a
     /// regular file. A file that does not exist is created and zero-filled to
-    /// --size, so later writes are pure overwrites. A device that already
-    /// holds data (a superblock, or anything in its first MiB) is refused
-    /// unless --force.
+    /// --size, so later writes are pure overwrites; if the format then fails,
+    /// the file is removed again (a file that existed is never removed). A
+    /// device that already holds data (a superblock, or anything in its first
+    /// MiB) is refused unless --force; a device another process has open
+    /// (a running `storaged run`, say) is refused even with --force.
     Format {
         /// Block device or file to format.
         #[arg(long)]
         device: PathBuf,
-        /// This node's id in the cluster file.
-        #[arg(long)]
+        /// This node's id in the cluster file (1 or more).
+        #[arg(long, value_parser = parse_node_id)]
         node_id: u64,
-        /// Size of a file device to create, e.g. 1g (fio-style suffixes). Not for block devices.
+        /// Size of a file device to create, e.g. 1g (fio-style suffixes), at
+        /// least 4m. Not for block devices.
         #[arg(long, value_parser = parse_bytes)]
         size: Option<u64>,
         /// Size of the log region; default a quarter of the device, from 1 MiB to 1 GiB.
@@ -63,7 +67,9 @@ enum Command {
     /// Prints "listening on ADDR" on stdout and tells systemd it is ready
     /// (sd_notify READY=1), pinging the watchdog when WatchdogSec is set.
     /// SIGTERM or SIGINT: stop accepting, finish the requests and writes in
-    /// flight, exit 0.
+    /// flight, exit 0. The device is locked while it runs: a second
+    /// `storaged run`, a `storaged format` or a writing `storbench` on it is
+    /// refused ("device PATH is in use by pid N").
     Run {
         /// The device `storaged format` prepared.
         #[arg(long)]
@@ -71,7 +77,8 @@ enum Command {
         /// Address to serve on, e.g. 127.0.0.1:7100 (port 0 picks a free one).
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// Prometheus metrics address (not served yet; accepted for unit files).
+        /// Prometheus metrics address. Not served yet: the flag is refused
+        /// (exit 2) rather than accepted with nothing listening.
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
         /// TOML file with limits (see docs/operations.md); defaults otherwise.
@@ -151,7 +158,12 @@ fn main() -> ExitCode {
             listen,
             metrics,
             config,
-        } => run(&device, listen, metrics, config.as_deref()),
+        } => {
+            if let Some(addr) = metrics {
+                refuse_metrics(addr);
+            }
+            run(&device, listen, config.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,10 +175,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--node-id`: ids start at 1; 0 marks storbench's scratch devices.
+fn parse_node_id(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(SCRATCH_NODE_ID) => Err(format!(
+            "node ids start at 1 ({SCRATCH_NODE_ID} marks storbench's scratch devices)"
+        )),
+        Ok(id) => Ok(id),
+        Err(e) => Err(format!("`{s}` is not a node id: {e}")),
+    }
+}
+
+/// A usage error (exit 2), so a unit file that passes --metrics fails at
+/// once and says why, instead of a node that serves no metrics.
+fn refuse_metrics(addr: std::net::SocketAddr) -> ! {
+    Cli::command()
+        .error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("--metrics {addr}: storaged does not serve metrics yet; remove --metrics from its command line"),
+        )
+        .exit()
+}
+
 fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
-    prepare_file(path, size, force)?;
-    let dev =
-        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
+    // The one minimum, checked before anything is created.
+    if let Some(size) = size.filter(|&s| s - s % 4096 < DEVICE_BYTES_MIN) {
+        bail!("--size {size}: {}", LayoutError::DeviceTooSmall(size));
+    }
+    let created = prepare_file(path, size, force)?;
+    let result = format_device(path, node_id, size, log_bytes, force);
+    if result.is_err() && created {
+        // Leave nothing of a format that failed on a file it created.
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+fn format_device(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
+    // DeviceError names the path itself.
+    let dev = UringDevice::open(path, &UringConfig::default())?;
     if dev.info().kind == DeviceKind::BlockDevice && size.is_some() {
         bail!("--size is for file devices; a block device is used whole");
     }
@@ -195,7 +242,8 @@ fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, 
 }
 
 /// Create (or, with --force, re-create) a zero-filled file device of `size`.
-fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
+/// True if it created the file (which did not exist).
+fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<bool> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let Some(size) = size else {
@@ -205,8 +253,9 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
                 );
             };
             device::create_zero_filled(path, size)?;
+            Ok(true)
         }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         Ok(meta) if meta.is_file() => {
             if let Some(size) = size.filter(|&s| s - s % 4096 != meta.len()) {
                 if !force {
@@ -218,25 +267,17 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
                 }
                 device::create_zero_filled(path, size)?;
             }
+            Ok(false)
         }
-        Ok(_) => {}
+        Ok(_) => Ok(false),
     }
-    Ok(())
 }
 
-fn run(
-    path: &Path,
-    listen: std::net::SocketAddr,
-    metrics: Option<std::net::SocketAddr>,
-    config: Option<&Path>,
-) -> Result<()> {
+fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Result<()> {
     let (config, ring) = match config {
         Some(p) => RunConfig::load(p)?,
         None => (NodeConfig::default(), RUN_RING_DEFAULT),
     };
-    if let Some(m) = metrics {
-        tracing::warn!(addr = %m, "--metrics is accepted but no metrics endpoint is served yet");
-    }
     // One runtime thread, which also drives the device's ring: measured on
     // this kind of machine, hand-offs between threads cost more than a
     // second core gives a node (docs/performance.md, "The node").
@@ -249,10 +290,20 @@ fn run(
             placement: ring,
             ..UringConfig::default()
         };
-        let dev = UringDevice::open(path, &uring).with_context(|| format!("opening {}", path.display()))?;
+        // The device stays locked (one writer) for as long as the node has it open.
+        let dev = UringDevice::open(path, &uring)?;
         let (node, recovered) = Node::open(Arc::new(dev), config)
             .await
             .with_context(|| format!("recovering {}", path.display()))?;
+        if node.node_id == SCRATCH_NODE_ID {
+            node.shutdown().await;
+            bail!(
+                "{} is a storbench scratch device (node id {SCRATCH_NODE_ID}), not a storage node's: \
+                 give it a node id with `storaged format --device {} --node-id N --force`",
+                path.display(),
+                path.display()
+            );
+        }
         tracing::info!(
             node_id = node.node_id,
             segments = recovered.segments,

@@ -29,7 +29,6 @@
 use std::fs::File;
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -224,84 +223,16 @@ fn logs_dir(dir: &Path) -> PathBuf {
     dir.join("logs")
 }
 
-/// Whether another process holds a lock on the device at `path`, and who
-/// (`Some("pid N (storaged)")`, or less when the holder cannot be found).
-/// storaged holds an exclusive OFD lock on its device for its life, so a
-/// running node is found even when its pid file is gone; this asks the
-/// kernel with an OFD write-lock probe (`F_OFD_GETLK`: it reports any lock
-/// that another open file description holds, ours included, and takes
-/// none). A missing file is not in use.
+/// Whether a process holds a lock on the device at `path`, and who
+/// (`Some("pid N (storaged)")`, or less when the holder cannot be seen).
+/// storaged holds an exclusive lock on its device for its life, so a running
+/// node is found even when its pid file is gone. A missing file is not in use.
 pub fn device_in_use(path: &Path) -> std::io::Result<Option<String>> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: a plain C struct; all-zero is a valid value (l_pid must be 0
-    // for the OFD commands).
-    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
-    probe.l_type = libc::F_WRLCK as libc::c_short;
-    probe.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: fcntl on an fd we own, with a pointer to a live flock.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
-    if r == -1 {
-        return Err(std::io::Error::last_os_error());
+    match storaged::io::lock::device_lock_holder(path) {
+        Ok(holder) => Ok(holder.map(|h| h.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    if probe.l_type == libc::F_UNLCK as libc::c_short {
-        return Ok(None);
-    }
-    // A classic POSIX lock names its pid; an OFD lock does not (-1): look
-    // for the processes that have the file open.
-    let pids = if probe.l_pid > 0 {
-        vec![probe.l_pid]
-    } else {
-        processes_with_open(path)
-    };
-    if pids.is_empty() {
-        return Ok(Some("another process (it holds a lock on it)".into()));
-    }
-    let named: Vec<String> = pids
-        .iter()
-        .map(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            match comm.trim() {
-                "" => format!("pid {pid}"),
-                c => format!("pid {pid} ({c})"),
-            }
-        })
-        .collect();
-    Ok(Some(named.join(", ")))
-}
-
-/// The processes other than this one with `path` open (from /proc/PID/fd;
-/// those we may not look into are missed).
-fn processes_with_open(path: &Path) -> Vec<i32> {
-    let Ok(target) = path.canonicalize() else {
-        return Vec::new();
-    };
-    let me = std::process::id() as i32;
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target))
-        {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// The device files of DIR (`devN`).
@@ -888,10 +819,12 @@ mod tests {
     }
 
     use super::*;
+    use std::os::fd::AsRawFd as _;
 
     /// Take an exclusive OFD write lock on `file`, as storaged does on its device.
     fn ofd_lock(file: &File) {
-        // SAFETY: as in device_in_use.
+        // SAFETY: struct flock is plain data; all-zero is valid (and l_pid
+        // must be 0 for OFD locks).
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };
         lock.l_type = libc::F_WRLCK as libc::c_short;
         lock.l_whence = libc::SEEK_SET as libc::c_short;

@@ -265,3 +265,149 @@ fn log_engine_creates_formats_and_appends() {
         assert_eq!(v["jobs"][0]["read"]["total_ios"], 0);
     }
 }
+
+/// A device `storaged format` made for node 3 (through storaged's library,
+/// as the binary does), 16 MiB.
+fn node_device(dir: &std::path::Path) -> std::path::PathBuf {
+    use storaged::io::device::create_zero_filled;
+    use storaged::io::uring::{UringConfig, UringDevice};
+    use storaged::log::mkfs::{FormatOptions, format};
+    let path = dir.join("node3.dev");
+    create_zero_filled(&path, 16 << 20).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dev = UringDevice::open(&path, &UringConfig::default()).unwrap();
+        let opts = FormatOptions {
+            node_id: 3,
+            log_bytes: None,
+            force: false,
+        };
+        format(&dev, opts).await.unwrap();
+    });
+    path
+}
+
+#[test]
+fn log_and_node_engines_leave_a_storage_nodes_device_alone_unless_forced() {
+    let dir = scratch_dir();
+    let dev = node_device(dir.path());
+    let before = std::fs::read(&dev).unwrap();
+    let file_arg = format!("--filename={}", dev.display());
+    for engine in ["--engine=log", "--engine=node"] {
+        assert_fails(
+            &[engine, &file_arg, "--bs=128", "--runtime=1"],
+            1,
+            "is storage node 3's device (0 segments in its table, 0 records in its log)",
+        );
+        assert_fails(&[engine, &file_arg, "--bs=128", "--runtime=1"], 1, "--force");
+        assert_eq!(
+            std::fs::read(&dev).unwrap(),
+            before,
+            "{engine}: a refused run must not write"
+        );
+    }
+    let out = storbench(&["--engine=log", &file_arg, "--bs=128", "--runtime=1", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Now it also holds records: still refused without --force, and says so.
+    let out = storbench(&["--engine=log", &file_arg, "--bs=128", "--runtime=1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains(" 0 records in its log"), "{stderr}");
+}
+
+/// `storaged run` from the directory of storbench (built if missing).
+fn storaged_bin() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_storbench"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    if !dir.join("storaged").is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", "storaged"]).status().unwrap();
+        assert!(status.success(), "building storaged");
+    }
+    dir.join("storaged")
+}
+
+/// A child killed by PID when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_device_a_node_serves_is_refused_to_storbench_and_inspected_as_in_use() {
+    use std::io::BufRead;
+    let dir = scratch_dir();
+    let dev = node_device(dir.path());
+    let mut node = Killed(
+        Command::new(storaged_bin())
+            .args(["run", "--device", dev.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = node.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("listening on ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("storaged run did not start listening");
+    let pid = node.0.id();
+    let before = std::fs::read(&dev).unwrap();
+    let in_use = format!("device {} is in use by pid {pid}", dev.display());
+    let file_arg = format!("--filename={}", dev.display());
+
+    // --force overrides the node-device check, never the lock.
+    for engine in ["--engine=log", "--engine=node"] {
+        assert_fails(&[engine, &file_arg, "--bs=128", "--runtime=1", "--force"], 1, &in_use);
+    }
+    assert_fails(&[&file_arg, "--rw=randwrite", "--runtime=1"], 1, &in_use);
+    assert_eq!(std::fs::read(&dev).unwrap(), before, "a refused run must not write");
+
+    // Reading is harmless: it runs, and says whose device it reads.
+    let out = storbench(&[&file_arg, "--rw=randread", "--size=1m", "--runtime=1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("in use by pid {pid}")), "{stderr}");
+
+    // storctl inspect reads it too, and says first that a writer has it.
+    let inspect = |json: bool| {
+        let mut args = vec!["inspect", "--device", dev.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        Command::new(env!("CARGO_BIN_EXE_storctl"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = inspect(true);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["in_use_by"]["pid"], pid, "{v}");
+    let text = String::from_utf8_lossy(&inspect(false).stdout).into_owned();
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("in use") && l.contains(&format!("pid {pid}"))),
+        "{text}"
+    );
+    drop(node);
+    let v: serde_json::Value = serde_json::from_slice(&inspect(true).stdout).expect("JSON");
+    assert!(v["in_use_by"].is_null(), "{v}");
+}

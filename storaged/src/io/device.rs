@@ -1,10 +1,12 @@
 //! Opening a device: a raw block device or a preallocated regular file.
 //!
 //! This module owns the checks that happen once, at open: the file type, the
-//! `O_DIRECT` (and, for block devices, `O_EXCL`) open, the usable size, the
-//! logical block size, and what the device says about its write cache (which
-//! decides what "durable" costs, see docs/architecture.md, "The durability
-//! contract"). It does no I/O on the hot path; [`super::uring`] does.
+//! `O_DIRECT` (and, for a writer of a block device, `O_EXCL`) open, the
+//! device lock ([`super::lock`]: one writer at a time), the usable size, the
+//! logical block size, the medium (a tmpfs is RAM), and what the device says
+//! about its write cache (which decides what "durable" costs, see
+//! docs/architecture.md, "The durability contract"). It does no I/O on the
+//! hot path; [`super::uring`] does.
 
 use std::fs::File;
 use std::io;
@@ -12,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::lock::{DeviceLock, LockHolder, LockMode, TryLock, device_lock_holder, try_lock};
 use super::{AlignedBuf, BLOCK_SIZE, Geometry};
 
 /// Smallest file [`create_zero_filled`] makes: below this a device cannot hold
@@ -37,10 +40,12 @@ pub enum DeviceError {
         "{path}: device is busy: it is mounted or in use by another process (block devices are opened with O_EXCL); unmount it or stop the other user"
     )]
     Busy { path: PathBuf },
+    #[error("device {path} is in use by {holder}: a device has one writer at a time, and no writer while it is read")]
+    InUse { path: PathBuf, holder: LockHolder },
     #[error("{path}: not a regular file or block device ({what}); give a file or a /dev/ block device")]
     NotADevice { path: PathBuf, what: String },
     #[error(
-        "{path}: the filesystem does not support O_DIRECT (tmpfs does not, for one); put the file on a disk-backed filesystem such as /var/tmp"
+        "{path}: the filesystem refuses O_DIRECT (as tmpfs did before Linux 6.6, and some network and FUSE filesystems do); put the file on a disk-backed filesystem such as /var/tmp"
     )]
     DirectIoUnsupported { path: PathBuf },
     #[error("{path}: logical block size {bytes} bytes does not divide {BLOCK_SIZE}; this device cannot be used")]
@@ -89,6 +94,22 @@ impl DeviceError {
 pub struct OpenOptions {
     /// Refuse devices whose usable size is below this.
     pub min_size_bytes: u64,
+    pub access: Access,
+}
+
+/// What the opener will do with the device, which decides its lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Read-write under an exclusive lock (and `O_EXCL` for a block
+    /// device): the open is refused ([`DeviceError::InUse`]) while any other
+    /// open holds the device.
+    #[default]
+    Write,
+    /// Read-only, under a shared lock that keeps writers from starting
+    /// while it is held. A writer already there does not stop the open:
+    /// the device is read as it is, and [`OpenedDevice::in_use_by`] says who
+    /// writes it meanwhile.
+    Read,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,27 +138,69 @@ pub struct OpenedDevice {
     pub kind: DeviceKind,
     pub cache: WriteCacheInfo,
     pub path: PathBuf,
+    /// With [`Access::Read`]: the writer that held the device at open, if
+    /// any (what is read may be changing under the reader).
+    pub in_use_by: Option<LockHolder>,
+    /// The device's lock (`None` only for a reader that met a writer):
+    /// keep it as long as `file` is used.
+    pub lock: Option<DeviceLock>,
 }
 
-/// Opens `path` for direct I/O read-write and learns its geometry.
+/// Opens `path` for direct I/O, locks it as `opts.access` says, and learns
+/// its geometry. The lock lasts as long as the returned file is open.
 pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, DeviceError> {
     let meta = std::fs::metadata(path).map_err(|e| DeviceError::from_open(path, "stat", e))?;
     let kind = kind_of(path, &meta.file_type())?;
     let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
-    if kind == DeviceKind::BlockDevice {
+    if kind == DeviceKind::BlockDevice && opts.access == Access::Write {
         // O_EXCL on a block device fails with EBUSY when it is mounted or
         // opened exclusively elsewhere: two owners of one log would corrupt it.
         flags |= libc::O_EXCL;
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(opts.access == Access::Write)
         .custom_flags(flags)
         .open(path)
-        .map_err(|e| DeviceError::from_open(path, "open with O_DIRECT", e))?;
+        .map_err(|e| match e.raw_os_error() {
+            // Busy may be one of ours: then say which process.
+            Some(libc::EBUSY) => match device_lock_holder(path) {
+                Ok(Some(holder)) => DeviceError::InUse {
+                    path: path.to_owned(),
+                    holder,
+                },
+                _ => DeviceError::Busy { path: path.to_owned() },
+            },
+            _ => DeviceError::from_open(path, "open with O_DIRECT", e),
+        })?;
     // Decide from the opened file, not the earlier stat: the path may have changed.
     let meta = file.metadata().map_err(|e| DeviceError::io(path, "fstat", e))?;
     let kind = kind_of(path, &meta.file_type())?;
+    let mode = match opts.access {
+        Access::Write => LockMode::Exclusive,
+        Access::Read => LockMode::Shared,
+    };
+    let (lock, in_use_by) =
+        match DeviceLock::acquire(&file, mode).map_err(|e| DeviceError::io(path, "lock (fcntl F_OFD_SETLK)", e))? {
+            Ok(lock) => (Some(lock), None),
+            Err(holder) if opts.access == Access::Write => {
+                return Err(DeviceError::InUse {
+                    path: path.to_owned(),
+                    holder,
+                });
+            }
+            Err(holder) => {
+                tracing::warn!(path = %path.display(), %holder, "device is in use by a writer; reading it as it is");
+                (None, Some(holder))
+            }
+        };
+    if kind == DeviceKind::RegularFile && on_tmpfs(&file) {
+        tracing::warn!(
+            path = %path.display(),
+            "the device is a file on tmpfs: it lives in RAM, and everything on it is lost at reboot or power loss, \
+             whatever a write's durability says; use it for tests only"
+        );
+    }
 
     let (raw_size, logical_block_bytes, sysfs_dev) = match kind {
         DeviceKind::BlockDevice => (
@@ -176,7 +239,18 @@ pub fn open_device(path: &Path, opts: &OpenOptions) -> Result<OpenedDevice, Devi
         kind,
         cache,
         path: path.to_owned(),
+        in_use_by,
+        lock,
     })
+}
+
+/// Whether `file` is on a tmpfs (statfs `TMPFS_MAGIC`): RAM, gone at reboot.
+fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: statfs is plain data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and `st` is a valid out-pointer.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type == libc::TMPFS_MAGIC
 }
 
 fn kind_of(path: &Path, ft: &std::fs::FileType) -> Result<DeviceKind, DeviceError> {
@@ -285,6 +359,11 @@ pub fn check_logical_block_size(path: &Path, bytes: u32) -> Result<(), DeviceErr
 /// to [`BLOCK_SIZE`], filled with zeros by real writes and fsynced, so that the
 /// filesystem has allocated and initialised every block: later writes are pure
 /// overwrites and a `RWF_DSYNC` write does not also commit extent metadata.
+///
+/// Takes the device's exclusive lock first: a file some process uses as a
+/// device is refused ([`DeviceError::InUse`]), not resized under it. A file
+/// this call created is removed again if it fails; one that existed before
+/// never is.
 pub fn create_zero_filled(path: &Path, size_bytes: u64) -> Result<(), DeviceError> {
     let size_bytes = size_bytes - size_bytes % BLOCK_SIZE as u64;
     if size_bytes < ZERO_FILL_MIN_BYTES {
@@ -294,7 +373,7 @@ pub fn create_zero_filled(path: &Path, size_bytes: u64) -> Result<(), DeviceErro
             min: ZERO_FILL_MIN_BYTES,
         });
     }
-    match std::fs::symlink_metadata(path) {
+    let existed = match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_file() => {
             kind_of(path, &meta.file_type())?;
             // A block device is a device, but we will not overwrite one here.
@@ -303,17 +382,44 @@ pub fn create_zero_filled(path: &Path, size_bytes: u64) -> Result<(), DeviceErro
                 what: "not a regular file; refusing to zero-fill it".to_owned(),
             });
         }
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(DeviceError::from_open(path, "stat", e)),
-    }
-    let file = std::fs::OpenOptions::new()
+    };
+    // create_new when it did not exist: if it fails, the file is ours to remove.
+    let opened = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
+        .create_new(!existed)
         .truncate(false)
         .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| DeviceError::from_open(path, "create with O_DIRECT", e))?;
+        .open(path);
+    // Some filesystems create the file and only then refuse O_DIRECT
+    // (EINVAL); EEXIST means another process created it meanwhile.
+    let ours = !existed
+        && match &opened {
+            Ok(_) => true,
+            Err(e) => e.kind() != io::ErrorKind::AlreadyExists,
+        };
+    let result = match opened {
+        Ok(file) => fill_zeros(path, &file, size_bytes),
+        Err(e) => Err(DeviceError::from_open(path, "create with O_DIRECT", e)),
+    };
+    if result.is_err() && ours && std::fs::symlink_metadata(path).is_ok() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+fn fill_zeros(path: &Path, file: &File, size_bytes: u64) -> Result<(), DeviceError> {
+    match try_lock(file, LockMode::Exclusive).map_err(|e| DeviceError::io(path, "lock (fcntl F_OFD_SETLK)", e))? {
+        TryLock::Acquired => {}
+        TryLock::Held(holder) => {
+            return Err(DeviceError::InUse {
+                path: path.to_owned(),
+                holder,
+            });
+        }
+    }
     file.set_len(size_bytes)
         .map_err(|e| DeviceError::io(path, "set file length", e))?;
     let chunk = AlignedBuf::zeroed(ZERO_FILL_CHUNK_BYTES);

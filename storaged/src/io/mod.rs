@@ -13,6 +13,7 @@
 
 pub mod buf;
 pub mod device;
+pub mod lock;
 pub mod sim;
 pub mod uring;
 

@@ -131,6 +131,9 @@ pub struct DeviceInfo {
     pub cache: WriteCacheInfo,
     pub ring_flags: RingFlags,
     pub placement: RingPlacement,
+    /// A writer that held the device when a reader opened it (see
+    /// [`super::device::Access::Read`]).
+    pub in_use_by: Option<super::lock::LockHolder>,
 }
 
 /// A device driven by io_uring. Cheap to clone (an `Arc`); when the last
@@ -144,6 +147,8 @@ struct Inner {
     driver: Driver,
     geometry: Geometry,
     info: DeviceInfo,
+    /// Held as long as the device (dropped after the driver's handle).
+    _lock: Option<super::lock::DeviceLock>,
 }
 
 enum Driver {
@@ -265,6 +270,8 @@ impl UringDevice {
             kind,
             cache,
             path,
+            in_use_by,
+            lock,
         } = opened;
         let (driver, ring_flags) = match config.placement {
             RingPlacement::Thread => spawn_thread(file, &path, geometry, max_inflight, channel_capacity)?,
@@ -287,7 +294,9 @@ impl UringDevice {
                     cache,
                     ring_flags,
                     placement: config.placement,
+                    in_use_by,
                 },
+                _lock: lock,
             }),
         })
     }

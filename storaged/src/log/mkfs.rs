@@ -12,6 +12,12 @@ use super::format::{Anchor, DeviceId, Superblock};
 use super::layout::{self, ANCHOR_BLOCKS, LayoutError, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use super::recovery::{OpenError, read_superblock};
 
+/// The node id storbench formats its own scratch devices with. `storaged
+/// format` never gives it (node ids start at 1) and `storaged run` refuses a
+/// device that has it, so a device with any other id is a storage node's, and
+/// storbench leaves it alone unless told to (`--force`).
+pub const SCRATCH_NODE_ID: u64 = 0;
+
 /// Zeroing writes are this big.
 const ZERO_CHUNK_BLOCKS: usize = 256;
 

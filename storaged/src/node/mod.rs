@@ -14,7 +14,7 @@
 mod coalesce;
 pub mod server;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -419,6 +419,9 @@ pub struct Recovered {
     /// Damaged log blocks found inside the live log (their records are
     /// lost; every segment reports what it may lack as holes).
     pub damaged_log_blocks: u64,
+    /// Records found in the log of segments the table does not hold (not
+    /// served; reported once, with their count and LSN range).
+    pub unknown_segment_records: u64,
 }
 
 impl Node {
@@ -449,6 +452,10 @@ impl Node {
         }
         let mut recovered = Recovered::default();
         let mut conflicts = Vec::new();
+        // Records of unknown segments are reported once, in sum: a log
+        // another program wrote into can hold millions of them.
+        let mut unknown_segments: HashSet<SegmentId> = HashSet::new();
+        let mut unknown_lsns: Option<(u64, u64)> = None;
         let opened = LogEngine::open(dev.clone(), config.log, |seq, entry| match LogEntry::decode(&entry) {
             Ok(LogEntry::Annulment(a)) => {
                 // A truncation: what the log held of these LSNs before it
@@ -466,10 +473,10 @@ impl Node {
                     // The table entry is durable before any record of the
                     // segment is written; without it the page geometry is
                     // unknown and the record cannot be served.
-                    conflicts.push(format!(
-                        "record at LSN {} of an unknown segment {:?}",
-                        record.lsn, record.segment
-                    ));
+                    recovered.unknown_segment_records += 1;
+                    unknown_segments.insert(record.segment);
+                    let (lo, hi) = unknown_lsns.get_or_insert((record.lsn, record.lsn));
+                    (*lo, *hi) = ((*lo).min(record.lsn), (*hi).max(record.lsn));
                     return;
                 };
                 if record.lsn <= s.coalesced_lsn {
@@ -506,6 +513,16 @@ impl Node {
                     "segment may lack acknowledged records lost to log damage"
                 );
             }
+        }
+        if let Some((lsn_min, lsn_max)) = unknown_lsns {
+            tracing::error!(
+                records = recovered.unknown_segment_records,
+                segments = unknown_segments.len(),
+                lsn_min,
+                lsn_max,
+                "records in the log of segments this node has no table entry for, not loaded \
+                 (another program, such as storbench --force, wrote them into this node's log)"
+            );
         }
         recovered.segments = segments.len();
         let hot_bytes = segments.values().map(|s| s.hot.bytes()).sum();

@@ -94,6 +94,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
     pub engine: EngineKind,
 
+    /// Log and node engines: write to a device `storaged format` made for a
+    /// storage node, whose log would then hold records of segments the node
+    /// never had. A device another process has open is refused even so.
+    #[arg(long)]
+    pub force: bool,
+
     /// Node engine: connections the appenders share (requests pipeline on
     /// each, as computed's do).
     #[arg(long = "node-connections", default_value_t = 1, value_parser = parse_count_1_to_64)]

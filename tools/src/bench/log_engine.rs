@@ -9,6 +9,12 @@
 //! bytes share one block. A releaser frees the log behind the durable mark
 //! whenever it is half full, so a long run wraps the log as a node in steady
 //! state does.
+//!
+//! The device is storbench's own scratch device: a file that does not exist
+//! is created and formatted with [`SCRATCH_NODE_ID`]. A device `storaged
+//! format` made for a storage node is refused unless `--force` (the node would
+//! find storbench's records in its log), and a device another process has
+//! open is always refused (its lock, see `storaged::io::lock`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,8 +28,10 @@ use storaged::io::device::create_zero_filled;
 use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
 use storaged::log::format::PAYLOAD_MAX_BYTES;
 use storaged::log::frag::FRAG_HEADER_BYTES;
-use storaged::log::mkfs::{FormatOptions, format};
+use storaged::log::mkfs::{FormatOptions, SCRATCH_NODE_ID, format};
+use storaged::log::recovery::{read_anchor, read_superblock, scan_log};
 use storaged::log::{LogConfig, LogEngine, OpenError};
+use storaged::record::LogEntry;
 use storaged::record::{RECORD_HEADER_BYTES, RecordBody, RedoRecord, SegmentId};
 
 use super::stats::{DirStats, JobStats};
@@ -74,7 +82,15 @@ impl Engine for LogBench {
     }
 }
 
-pub async fn open_or_create(path: &Path, size: Option<u64>, placement: RingPlacement) -> Result<Arc<UringDevice>> {
+/// Opens (locked, for writing) the device at `path`, creating and formatting
+/// it as a scratch device if it does not exist; refuses a storage node's
+/// device unless `force`.
+pub async fn open_or_create(
+    path: &Path,
+    size: Option<u64>,
+    placement: RingPlacement,
+    force: bool,
+) -> Result<Arc<UringDevice>> {
     let fresh = !path.exists();
     if fresh {
         let size = size.unwrap_or(DEVICE_BYTES_DEFAULT);
@@ -85,33 +101,90 @@ pub async fn open_or_create(path: &Path, size: Option<u64>, placement: RingPlace
         );
         create_zero_filled(path, size)?;
     }
-    let dev = Arc::new(
-        UringDevice::open(
-            path,
-            &UringConfig {
-                placement,
-                ..UringConfig::default()
-            },
-        )
-        .with_context(|| format!("opening {}", path.display()))?,
-    );
+    let opened = open_and_check(path, placement, fresh, force).await;
+    if opened.is_err() && fresh {
+        // Leave nothing of a scratch device that could not be made.
+        let _ = std::fs::remove_file(path);
+    }
+    opened
+}
+
+async fn open_and_check(path: &Path, placement: RingPlacement, fresh: bool, force: bool) -> Result<Arc<UringDevice>> {
+    // The device names its path in its errors; the lock is held until the
+    // last clone of the device is dropped.
+    let dev = Arc::new(UringDevice::open(
+        path,
+        &UringConfig {
+            placement,
+            ..UringConfig::default()
+        },
+    )?);
     if fresh {
         format(
             dev.as_ref(),
             FormatOptions {
-                node_id: 0,
+                node_id: SCRATCH_NODE_ID,
                 log_bytes: None,
                 force: false,
             },
         )
         .await
         .with_context(|| format!("formatting {}", path.display()))?;
+    } else {
+        refuse_node_device(&dev, path, force).await?;
     }
     Ok(dev)
 }
 
+/// A device `storaged format` made (any node id but [`SCRATCH_NODE_ID`]) is
+/// a storage node's: storbench's records in its log are records of segments
+/// the node never had. Refused unless `force`, with what the device holds.
+async fn refuse_node_device(dev: &Arc<UringDevice>, path: &Path, force: bool) -> Result<()> {
+    // An unformatted or damaged device is reported by the log's open.
+    let Ok(read) = read_superblock(dev.as_ref()).await else {
+        return Ok(());
+    };
+    let sb = read.superblock;
+    if sb.node_id == SCRATCH_NODE_ID {
+        return Ok(());
+    }
+    let segments = match storaged::segtable::read(dev.as_ref(), &sb.device_id).await {
+        Ok(table) => table.entries.len().to_string(),
+        Err(_) => "unknown".to_owned(),
+    };
+    let mut records = 0u64;
+    let counted = match read_anchor(dev.as_ref(), &sb).await {
+        Ok(anchor) => scan_log(dev, &sb, anchor, |_, entry| {
+            if let Ok(LogEntry::Record(_)) = LogEntry::decode(&entry) {
+                records += 1;
+            }
+        })
+        .await
+        .is_ok(),
+        Err(_) => false,
+    };
+    let records = if counted {
+        records.to_string()
+    } else {
+        "unknown".to_owned()
+    };
+    let what = format!(
+        "{} is storage node {}'s device ({segments} segments in its table, {records} records in its log)",
+        path.display(),
+        sb.node_id
+    );
+    if force {
+        eprintln!("storbench: --force: writing into {what}");
+        return Ok(());
+    }
+    bail!(
+        "{what}: storbench would write records of segments the node never had into its log. \
+         Name a scratch file instead (one that does not exist is created), or pass --force"
+    )
+}
+
 async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfig) -> Result<Vec<JobStats>> {
-    let dev = open_or_create(path, args.size, args.ring).await?;
+    let dev = open_or_create(path, args.size, args.ring, args.force).await?;
     let opened = match LogEngine::open(dev, config, |_, _| {}).await {
         Ok(o) => o,
         Err(OpenError::NotFormatted) => bail!(

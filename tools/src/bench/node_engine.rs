@@ -94,7 +94,7 @@ pub(super) async fn node_for(args: &BenchArgs) -> Result<(std::net::SocketAddr, 
                 .filename
                 .as_deref()
                 .ok_or_else(|| anyhow!("--engine node needs --filename DEVICE or --node-addr ADDR"))?;
-            let dev = open_or_create(path, args.size, args.ring).await?;
+            let dev = open_or_create(path, args.size, args.ring, args.force).await?;
             let mut config = NodeConfig::default();
             config.log.write_blocks_max = args.log_write_blocks;
             config.log.writes_inflight_max = args.log_writes_inflight;

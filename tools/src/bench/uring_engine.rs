@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use io_uring::{opcode, squeue, types};
-use storaged::io::device::{DeviceKind, OpenOptions, create_zero_filled, open_device};
+use storaged::io::device::{Access, DeviceKind, OpenOptions, create_zero_filled, open_device};
 use storaged::io::uring::Ring;
 use storaged::io::{AlignedBuf, BLOCK_SIZE};
 
@@ -55,7 +55,24 @@ impl Engine for UringEngine {
             .as_deref()
             .context("--filename is required for --engine uring")?;
         prepare_file(path, args.size)?;
-        let opened = open_device(path, &OpenOptions::default()).with_context(|| format!("open {}", path.display()))?;
+        // Writing takes the device's exclusive lock (refused while anyone has
+        // it open); reading a shared one, and reads a device in use as it is.
+        let access = if args.rw().is_write() {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let opts = OpenOptions {
+            access,
+            ..OpenOptions::default()
+        };
+        let opened = open_device(path, &opts)?;
+        if let Some(holder) = &opened.in_use_by {
+            eprintln!(
+                "storbench: note: {} is in use by {holder}; reading it anyway (its writer's I/O shares the device)",
+                path.display()
+            );
+        }
         let device_bytes = opened.geometry.size_bytes;
         let region = match args.size {
             Some(size) if size > device_bytes => {
@@ -132,7 +149,7 @@ fn prepare_file(path: &Path, size: Option<u64>) -> anyhow::Result<()> {
         path.display(),
         size >> 20
     );
-    create_zero_filled(path, size).with_context(|| format!("create {}", path.display()))?;
+    create_zero_filled(path, size)?;
     Ok(())
 }
 

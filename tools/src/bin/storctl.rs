@@ -42,7 +42,11 @@ enum Command {
     /// record count, and a CRC check of every written block.
     ///
     /// Exit status: 0 clean, 4 corruption found (left as is), 8 the device
-    /// could not be read or is not a storaged device. Never writes.
+    /// could not be read or is not a storaged device. Never writes: opens
+    /// the device read-only under a shared lock, so no writer can start
+    /// while it reads. A device a writer (`storaged run`) already has open
+    /// is still read, and the report says so first ("in use by pid N";
+    /// JSON `in_use_by`): it is then a snapshot of a device being written.
     Inspect {
         /// Block device or file formatted by `storaged format`.
         #[arg(long)]
@@ -240,16 +244,24 @@ fn run_down(dir: &Path) -> Result<u8> {
 }
 
 fn run_inspect(path: &Path, json: bool) -> Result<u8> {
-    let dev =
-        UringDevice::open(path, &UringConfig::default()).with_context(|| format!("opening {}", path.display()))?;
-    let dev = Arc::new(dev);
+    // Read-only under a shared lock: no writer starts while it reads, and one
+    // already running is named in the report.
+    let config = UringConfig {
+        open: storaged::io::device::OpenOptions {
+            access: storaged::io::device::Access::Read,
+            ..Default::default()
+        },
+        ..UringConfig::default()
+    };
+    let dev = Arc::new(UringDevice::open(path, &config)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = rt
+    let mut report = rt
         .block_on(inspect(&dev))
         .with_context(|| format!("inspecting {}", path.display()))?;
+    report.in_use_by = dev.info().in_use_by.as_ref().map(Into::into);
     if json {
         outln!(
             "{}",
