@@ -53,6 +53,8 @@ pub enum OpenError {
          refusing to open (storctl inspect shows the damage)"
     )]
     LogCut { end: u64, floor: u64, why: String },
+    #[error("segment table: {0}")]
+    Table(String),
 }
 
 /// Both superblock copies as read, and the one to use.
