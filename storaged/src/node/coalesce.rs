@@ -237,7 +237,17 @@ impl Node {
             from_lsn = ?s.damaged_from,
             "page versions damaged: coalescing of the segment stops below their records, which stay in the log"
         );
-        Ok(s.damaged_from.map_or(upto, |d| upto.min(d.saturating_sub(1))))
+        // The round ends at its last record below the damage: the chain
+        // continues after `coalesced_lsn` at start-up, so it must be a
+        // record's LSN (after a truncation, the LSN below may be none).
+        let stop = s.damaged_from.unwrap_or(u64::MAX);
+        let end = s
+            .seg
+            .chain_between(s.coalesced_lsn, upto)
+            .take_while(|&(lsn, _)| lsn < stop)
+            .last()
+            .map_or(s.coalesced_lsn, |(lsn, _)| lsn);
+        Ok(end)
     }
 
     /// Write `page` as of `upto` into the slot that does not hold its
