@@ -12,9 +12,12 @@
 //! blocks are the expected debris of writes a crash cut short (they were never
 //! acknowledged). The log's damage is judged by the node's own scan
 //! (`log::recovery::scan_log`), so both tell a torn write from damage by the
-//! same rules; and a damaged page version slot, except while the segment
-//! table says a coalescing round was under way (then it is that round's torn
-//! write, and the page's other slot is current).
+//! same rules; a segment table slot damaged where no crash can have torn it,
+//! or a table neither slot of which holds (`segtable::judge`); and a damaged
+//! page version slot, judged as the node judges it (`pagestore::current`): a
+//! torn write only where a round open at the last crash wrote, damage
+//! everywhere else (and a damaged current version is a page the node will
+//! not serve).
 
 use std::sync::Arc;
 
@@ -28,6 +31,14 @@ use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
 use crate::pagestore::{self, Current, Slot};
 use crate::record::LogEntry;
 use crate::segtable;
+
+/// What `segtable::judge` made of a table slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TableSlot {
+    Valid,
+    MaybeTorn,
+    Damaged,
+}
 
 /// Problems listed one by one, at most; the counts are always complete.
 pub const PROBLEMS_LISTED_MAX: usize = 100;
@@ -197,10 +208,30 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         }
     }
 
-    let table = segtable::read(dev.as_ref(), &sb.device_id)
-        .await
-        .map_err(OpenError::Io)?;
-    let table_slot = (table.version % 2) as usize;
+    // Judged as the node judges it; a table the node would refuse is
+    // reported, and the rest of the device still checked.
+    let mut table_slots = [TableSlot::Damaged; 2];
+    let table = match segtable::read(dev.as_ref(), &sb.device_id).await {
+        Ok(found) => {
+            for (slot, s) in found.slots.iter().enumerate() {
+                if matches!(s, segtable::SlotRead::Valid(_)) {
+                    table_slots[slot] = TableSlot::Valid;
+                }
+            }
+            if let Some(d) = &found.maybe_torn {
+                table_slots[d.slot] = TableSlot::MaybeTorn;
+            }
+            if let Some(d) = &found.damaged {
+                problems.add(d.offset, format!("segment table slot {}: {}", d.slot, d.what));
+            }
+            found.table
+        }
+        Err(segtable::TableError::Io(e)) => return Err(OpenError::Io(e)),
+        Err(e) => {
+            problems.add(block_offset(segtable::SLOT_BLOCKS[0]), e.to_string());
+            segtable::SegmentTable::default()
+        }
+    };
     let mut records = 0u64;
     let log_start_block = sb.log_start_block;
     let log_blocks = sb.log_blocks;
@@ -312,12 +343,17 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                 .iter()
                 .position(|&s| (s..s + segtable::SLOT_LEN_BLOCKS).contains(&here))
             {
-                match decode_block_at(bytes, BlockKind::SegmentTable, &sb.device_id, offset) {
-                    Ok(_) => check.blocks_valid += 1,
-                    // The slot of the older version is where a torn table
-                    // write lands; the newer one was read whole.
-                    Err(BlockError::BadCrc { .. }) if slot != table_slot => check.blocks_torn_tail += 1,
-                    Err(e) => problems.add(offset, format!("segment table block: {e}")),
+                match (
+                    decode_block_at(bytes, BlockKind::SegmentTable, &sb.device_id, offset),
+                    table_slots[slot],
+                ) {
+                    (Ok(_), _) => check.blocks_valid += 1,
+                    // Only the next version's first slot can hold a write a
+                    // crash cut short (segtable::judge).
+                    (Err(_), TableSlot::MaybeTorn) => check.blocks_torn_tail += 1,
+                    // Reported above, once for the slot.
+                    (Err(_), TableSlot::Damaged) => {}
+                    (Err(e), TableSlot::Valid) => problems.add(offset, format!("segment table block: {e}")),
                 }
                 continue;
             }
@@ -381,7 +417,8 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     };
     for e in &table.entries {
         let extent = e.extent();
-        let round_open = e.round_lsn > e.coalesced_lsn;
+        // A round open at the last crash may have torn a slot of a page it wrote.
+        let torn_after = (e.round_lsn > e.coalesced_lsn).then_some(e.coalesced_lsn);
         let slot_blocks = extent.slot_blocks() as usize;
         let mut page_count = 0;
         let pages_per_read = (CHECK_CHUNK_BLOCKS / (2 * slot_blocks)).max(1) as u64;
@@ -402,24 +439,47 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     pagestore::decode_slot(bytes, &sb.device_id, &extent, e.id, page, extent.slot_block(l, s))
                 });
                 pages.slots_checked += 2;
-                for (s, slot) in slots.iter().enumerate() {
-                    let blocks = slot_blocks as u64;
+                let blocks = slot_blocks as u64;
+                check.blocks_checked += 2 * blocks;
+                for slot in &slots {
                     match slot {
                         Slot::Empty => check.blocks_never_written += blocks,
                         Slot::Version(_) => check.blocks_valid += blocks,
-                        Slot::Damaged(_) if round_open => check.blocks_torn_tail += blocks,
-                        Slot::Damaged(why) => problems.add(
-                            block_offset(extent.slot_block(l, s)),
-                            format!(
-                                "page {page} (volume {} pg {}) version slot {s}: {why}",
-                                e.id.volume, e.id.pg
-                            ),
-                        ),
+                        Slot::Damaged(_) => {}
                     }
-                    check.blocks_checked += blocks;
                 }
-                if let Ok(Current::Version { .. }) = pagestore::current(slots, true) {
-                    page_count += 1;
+                let where_ = |s: usize| {
+                    (
+                        block_offset(extent.slot_block(l, s)),
+                        format!("page {page} (volume {} pg {}) version slot {s}", e.id.volume, e.id.pg),
+                    )
+                };
+                let damaged_slot = slots.iter().position(|s| matches!(s, Slot::Damaged(_))).unwrap_or(0);
+                // The node's rule: a page not written since the crash.
+                match pagestore::current(slots, torn_after) {
+                    Ok(chosen) => {
+                        if let Current::Version { .. } = chosen.current {
+                            page_count += 1;
+                        }
+                        match chosen.other {
+                            None => {}
+                            Some(o) if o.maybe_torn => check.blocks_torn_tail += blocks,
+                            Some(o) => {
+                                let (offset, what) = where_(o.slot);
+                                problems.add(
+                                    offset,
+                                    format!("{what}: {} (an older version; the other slot is current)", o.error),
+                                );
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        let (offset, what) = where_(damaged_slot);
+                        problems.add(
+                            offset,
+                            format!("{what}: {why}; the page's current version is damaged, and not served"),
+                        );
+                    }
                 }
             }
             local += n;

@@ -388,6 +388,8 @@ impl<T> Segment<T> {
     }
 
     /// The lowest record held at or below `upto` whose LSN is in `ranges`.
+    /// Only records still held are seen: those coalesced into page versions
+    /// (and forgotten here) are the caller's to check, by its coalesced LSN.
     pub fn held_in(&self, ranges: &[LsnRange], upto: u64) -> Option<u64> {
         self.records
             .range(..=upto)

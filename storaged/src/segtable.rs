@@ -1,12 +1,18 @@
 //! The segment table: which segments a node holds and what of each must
 //! survive a restart outside the log (epoch, PGMRPL).
 //!
-//! Two slots in the metadata area, written alternately with a rising
-//! version, like the log anchor: a torn write of one leaves the other. A
-//! table is valid only if every one of its blocks is valid and carries the
-//! same version. It is small (rewritten whole on a change) because it changes
-//! rarely: a new segment, an epoch bump, a PGMRPL advance, the start and the
-//! end of a coalescing round.
+//! Two copies in the metadata area, both written on every change, one after
+//! the other: version `v` goes first into slot `v mod 2`, durably, then into
+//! the other slot, durably, and only then is the change acted on. So the
+//! last change acted on is always in both slots, and a damaged slot is never
+//! a rollback: the other slot holds the newest version, or the one before a
+//! write the node never acted on. Which slot a crash may have torn follows
+//! from the order: only the first slot of the next version, which is the
+//! second slot of the one the other slot holds. A damaged slot anywhere
+//! else is damage. A table is valid only if every one of its blocks is
+//! valid and carries the same version. It is small (rewritten whole on a
+//! change) because it changes rarely: a new segment, an epoch bump, a
+//! PGMRPL advance, the start and the end of a coalescing round.
 //!
 //! With the page store's versions it is also the node's checkpoint: an
 //! entry says up to which LSN the segment's chain is in page versions
@@ -87,6 +93,12 @@ pub enum TableError {
     Io(#[from] IoError),
     #[error("{0} segments exceed the {SEGMENTS_MAX} a node can hold")]
     TooMany(usize),
+    #[error(
+        "neither slot of the segment table holds a whole table ({0}): which segments this node holds, \
+         and at which epochs, is lost. Do not serve from this device: keep it for analysis, and rebuild \
+         its segments from their peers on a freshly formatted device"
+    )]
+    Unreadable(String),
 }
 
 impl SegmentTable {
@@ -107,43 +119,215 @@ impl SegmentTable {
     }
 }
 
-/// Read both slots; the valid one with the higher version wins. A device
-/// that never had a table (fresh) reads as the empty table, version 0.
-pub async fn read<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<SegmentTable, IoError> {
-    let mut best = SegmentTable::default();
-    for slot in SLOT_BLOCKS {
+/// What one slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotRead {
+    /// Its first block is all zeros: format left it so and no table was
+    /// written there since.
+    Never,
+    Valid(SegmentTable),
+    /// Written, but not a whole table: why.
+    Damaged(String),
+}
+
+/// A slot that does not hold the table it should.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotFinding {
+    pub slot: usize,
+    /// Byte offset of the slot's first block on the device.
+    pub offset: u64,
+    pub what: String,
+}
+
+/// What [`read`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRead {
+    pub table: SegmentTable,
+    pub slots: [SlotRead; 2],
+    /// A slot that fails its checks where only damage explains it (the
+    /// table is whole in the other slot).
+    pub damaged: Option<SlotFinding>,
+    /// A slot that fails its checks where a write cut short by a crash may
+    /// have torn it (or damage: the two look alike; nothing is lost either way).
+    pub maybe_torn: Option<SlotFinding>,
+}
+
+impl TableRead {
+    /// The slots do not both hold the table: write it again so that they do
+    /// before acting on it (an acknowledged state must never rest on one copy).
+    pub fn needs_rewrite(&self) -> bool {
+        self.table.version > 0
+            && self
+                .slots
+                .iter()
+                .any(|s| !matches!(s, SlotRead::Valid(t) if *t == self.table))
+    }
+}
+
+/// The slots version `v` is written to, in order.
+pub fn write_order(version: u64) -> [usize; 2] {
+    let first = (version % 2) as usize;
+    [first, 1 - first]
+}
+
+/// Read both slots and decide which holds the table (see [`judge`]).
+pub async fn read<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<TableRead, TableError> {
+    let mut slots = [SlotRead::Never, SlotRead::Never];
+    for (i, slot) in SLOT_BLOCKS.into_iter().enumerate() {
         let buf = AlignedBuf::zeroed_blocks(SLOT_LEN_BLOCKS as usize);
         let (buf, result) = dev.read(block_offset(slot), buf).await;
         result?;
-        if let Some(t) = decode_slot(&buf, device_id, slot)
-            && t.version > best.version
-        {
-            best = t;
-        }
+        slots[i] = decode_slot(&buf, device_id, slot);
     }
-    Ok(best)
+    judge(slots)
 }
 
-fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<SegmentTable> {
+/// Which slot holds the table, and what the other one is. Version `v` is
+/// written to slot `v mod 2` and then to the other slot (see the module
+/// comment), so:
+/// - both valid: the higher version, which is in both slots unless a crash
+///   came between its two writes (then it is in its first slot only);
+/// - one valid, one damaged: the valid one. A crash may have torn the
+///   damaged one only if it is the first slot of the next version;
+/// - one valid with version 1 in slot 1, slot 0 never written: the first
+///   table, the crash came before its second write;
+/// - slot 1 damaged, slot 0 never written: the first table's first write,
+///   torn (never acted on): no table yet;
+/// - anything else has no whole table the node can trust, and is refused.
+pub fn judge(slots: [SlotRead; 2]) -> Result<TableRead, TableError> {
+    let finding = |slot: usize, what: String| SlotFinding {
+        slot,
+        offset: block_offset(SLOT_BLOCKS[slot]),
+        what,
+    };
+    let mut damaged = None;
+    let mut maybe_torn = None;
+    let table = match &slots {
+        [SlotRead::Never, SlotRead::Never] => SegmentTable::default(),
+        [SlotRead::Valid(a), SlotRead::Valid(b)] => {
+            let (newer, older) = if b.version > a.version { (1, 0) } else { (0, 1) };
+            let [n, o] = [newer, older].map(|i| match &slots[i] {
+                SlotRead::Valid(t) => t,
+                _ => unreachable!("both valid"),
+            });
+            let between_writes = n.version == o.version + 1 && write_order(n.version)[0] == newer;
+            if n.version != o.version && !between_writes {
+                damaged = Some(finding(
+                    older,
+                    format!(
+                        "holds version {} while slot {newer} holds {}: a write of this slot was lost",
+                        o.version, n.version
+                    ),
+                ));
+            }
+            n.clone()
+        }
+        [SlotRead::Valid(t), other] | [other, SlotRead::Valid(t)] => {
+            let valid = if matches!(slots[0], SlotRead::Valid(_)) { 0 } else { 1 };
+            let x = 1 - valid;
+            match other {
+                SlotRead::Never if t.version == 1 && valid == write_order(1)[0] => {}
+                SlotRead::Never => {
+                    damaged = Some(finding(
+                        x,
+                        format!(
+                            "is all zeros while slot {valid} holds version {}: a write of this slot was lost, or it was wiped",
+                            t.version
+                        ),
+                    ))
+                }
+                SlotRead::Damaged(why) if x == write_order(t.version + 1)[0] => {
+                    maybe_torn = Some(finding(
+                        x,
+                        format!(
+                            "{why} (the next version's first write: torn by a crash, or damaged; slot {valid} holds version {})",
+                            t.version
+                        ),
+                    ))
+                }
+                SlotRead::Damaged(why) => {
+                    damaged = Some(finding(
+                        x,
+                        format!(
+                            "{why}; no write of this slot can have been cut short (slot {valid} holds version {})",
+                            t.version
+                        ),
+                    ))
+                }
+                SlotRead::Valid(_) => unreachable!("matched above"),
+            }
+            t.clone()
+        }
+        [SlotRead::Never, SlotRead::Damaged(why)] => {
+            // The first table's first write (slot 1), cut short: never acted on.
+            maybe_torn = Some(finding(
+                1,
+                format!("{why} (the first table's first write, torn by a crash)"),
+            ));
+            SegmentTable::default()
+        }
+        [a, b] => {
+            let say = |slot: usize, s: &SlotRead| match s {
+                SlotRead::Never => format!("slot {slot} (offset {}) is all zeros", block_offset(SLOT_BLOCKS[slot])),
+                SlotRead::Damaged(why) => format!("slot {slot} (offset {}): {why}", block_offset(SLOT_BLOCKS[slot])),
+                SlotRead::Valid(t) => format!("slot {slot} holds version {}", t.version),
+            };
+            return Err(TableError::Unreadable(format!("{}; {}", say(0, a), say(1, b))));
+        }
+    };
+    Ok(TableRead {
+        table,
+        slots,
+        damaged,
+        maybe_torn,
+    })
+}
+
+fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> SlotRead {
+    // Format zeroes the metadata area: anything else in a slot was written
+    // (here, or misdirected here) and must be a whole table.
+    if buf.block(0).iter().all(|&b| b == 0) {
+        return SlotRead::Never;
+    }
+    match decode_table(buf, device_id, slot) {
+        Ok(t) => SlotRead::Valid(t),
+        Err(why) => SlotRead::Damaged(why),
+    }
+}
+
+fn decode_table(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Result<SegmentTable, String> {
     let mut version = None;
     let mut entries = Vec::new();
     let mut total = 1usize;
     let mut i = 0usize;
     while i < total {
         let offset = block_offset(slot + i as u64);
-        let (h, p) = decode_block_at(buf.block(i), BlockKind::SegmentTable, device_id, offset).ok()?;
-        if *version.get_or_insert(h.seq) != h.seq || p.len() < BLOCK_HEADER_BYTES {
-            return None;
+        let (h, p) = decode_block_at(buf.block(i), BlockKind::SegmentTable, device_id, offset)
+            .map_err(|e| format!("block {i} (offset {offset}): {e}"))?;
+        let first = *version.get_or_insert(h.seq);
+        if first != h.seq {
+            return Err(format!(
+                "block {i} (offset {offset}) holds version {}, block 0 version {first}",
+                h.seq
+            ));
+        }
+        if p.len() < BLOCK_HEADER_BYTES {
+            return Err(format!("block {i} (offset {offset}): a payload of {} bytes", p.len()));
         }
         let index = u16::from_le_bytes([p[0], p[1]]) as usize;
         total = u16::from_le_bytes([p[2], p[3]]) as usize;
-        let count = u32::from_le_bytes(p[4..8].try_into().ok()?) as usize;
-        if index != i || total == 0 || total > SLOT_LEN_BLOCKS as usize || count > ENTRIES_PER_BLOCK {
-            return None;
-        }
+        let count = u32::from_le_bytes([p[4], p[5], p[6], p[7]]) as usize;
         let body = &p[BLOCK_HEADER_BYTES..];
-        if body.len() != count * ENTRY_BYTES {
-            return None;
+        if index != i
+            || total == 0
+            || total > SLOT_LEN_BLOCKS as usize
+            || count > ENTRIES_PER_BLOCK
+            || body.len() != count * ENTRY_BYTES
+        {
+            return Err(format!(
+                "block {i} (offset {offset}) says it is block {index} of {total} with {count} entries in {} bytes",
+                body.len()
+            ));
         }
         for e in body.chunks_exact(ENTRY_BYTES) {
             let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
@@ -164,7 +348,9 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
                 annulled_count: {
                     let n = u32_at(72);
                     if n as usize > ANNULLED_RANGES_MAX {
-                        return None;
+                        return Err(format!(
+                            "block {i} (offset {offset}): an entry with {n} truncation ranges"
+                        ));
                     }
                     n as u8
                 },
@@ -173,20 +359,35 @@ fn decode_slot(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Option<Segm
         }
         i += 1;
     }
-    Some(SegmentTable {
-        version: version?,
+    Ok(SegmentTable {
+        version: version.unwrap_or(0),
         entries,
     })
 }
 
-/// Write `table` as the next version, durably, into the slot the current
-/// version is not in. On success `table.version` is the new version.
+/// Write `table` as the next version, durably, into both slots, one after
+/// the other (first slot `version mod 2`). On success `table.version` is
+/// the new version. The second write starts only once the first is
+/// durable: a crash tears one slot at most, and the other holds a whole table.
 pub async fn write<D: BlockIo>(dev: &D, device_id: DeviceId, table: &mut SegmentTable) -> Result<(), TableError> {
     if table.entries.len() > SEGMENTS_MAX {
         return Err(TableError::TooMany(table.entries.len()));
     }
     let version = table.version + 1;
-    let slot = SLOT_BLOCKS[(version % 2) as usize];
+    for slot in write_order(version) {
+        write_slot(dev, device_id, table, version, SLOT_BLOCKS[slot]).await?;
+    }
+    table.version = version;
+    Ok(())
+}
+
+async fn write_slot<D: BlockIo>(
+    dev: &D,
+    device_id: DeviceId,
+    table: &SegmentTable,
+    version: u64,
+    slot: u64,
+) -> Result<(), TableError> {
     let blocks = table.blocks();
     let mut buf = AlignedBuf::zeroed_blocks(blocks);
     let mut chunks = table.entries.chunks(ENTRIES_PER_BLOCK);
@@ -228,7 +429,6 @@ pub async fn write<D: BlockIo>(dev: &D, device_id: DeviceId, table: &mut Segment
     }
     let (_, result) = dev.write(block_offset(slot), buf, Durability::Durable).await;
     result?;
-    table.version = version;
     Ok(())
 }
 
@@ -259,27 +459,129 @@ mod tests {
         }
     }
 
+    async fn table(disk: &SimDisk) -> SegmentTable {
+        read(disk, &DEV).await.unwrap().table
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn roundtrip_alternating_slots_and_torn_writes() {
+    async fn roundtrip_in_both_slots() {
         let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
-        assert_eq!(read(&disk, &DEV).await.unwrap(), SegmentTable::default());
+        let fresh = read(&disk, &DEV).await.unwrap();
+        assert_eq!(fresh.table, SegmentTable::default());
+        assert!(!fresh.needs_rewrite() && fresh.damaged.is_none() && fresh.maybe_torn.is_none());
         let mut t = SegmentTable::default();
         for pg in 0..300 {
             t.upsert(entry(pg));
         }
         write(&disk, DEV, &mut t).await.unwrap();
-        assert_eq!(read(&disk, &DEV).await.unwrap(), t);
+        let back = read(&disk, &DEV).await.unwrap();
+        assert_eq!(back.table, t);
+        assert_eq!(back.slots, [SlotRead::Valid(t.clone()), SlotRead::Valid(t.clone())]);
+        assert!(!back.needs_rewrite());
         t.upsert(SegmentEntry { epoch: 99, ..entry(5) });
         write(&disk, DEV, &mut t).await.unwrap();
-        assert_eq!(read(&disk, &DEV).await.unwrap(), t);
-        // Damage the newest slot's second block: the previous version wins.
-        let newest = SLOT_BLOCKS[(t.version % 2) as usize];
-        disk.flip_bit(block_offset(newest + 1) + 100, 3);
+        assert_eq!(table(&disk).await, t);
+        // Another device's table is not a table this node can trust.
+        assert!(matches!(read(&disk, &[1; 16]).await, Err(TableError::Unreadable(_))));
+    }
+
+    /// A bit flipped in either slot, in any block, after a table was written
+    /// once, twice, many times: the table read is the last one written, and
+    /// the damage is reported for what it is.
+    #[tokio::test(start_paused = true)]
+    async fn a_damaged_slot_never_rolls_the_table_back() {
+        for writes in 1..=4u64 {
+            for (slot, slot_block) in SLOT_BLOCKS.into_iter().enumerate() {
+                for block in [0, 1] {
+                    let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+                    let mut t = SegmentTable::default();
+                    for pg in 0..40 {
+                        t.upsert(entry(pg));
+                    }
+                    for w in 0..writes {
+                        t.upsert(SegmentEntry {
+                            epoch: 10 + w,
+                            ..entry(3)
+                        });
+                        write(&disk, DEV, &mut t).await.unwrap();
+                    }
+                    disk.flip_bit(block_offset(slot_block + block) + 700, 2);
+                    let back = read(&disk, &DEV).await.unwrap();
+                    let at = format!("{writes} writes, slot {slot} block {block}");
+                    assert_eq!(back.table, t, "{at}");
+                    assert_eq!(back.table.get(entry(3).id).unwrap().epoch, 9 + writes, "{at}");
+                    assert!(back.needs_rewrite(), "{at}");
+                    // The last write's slots were both written whole: the
+                    // first slot of the next version is the only one a
+                    // crash could have torn.
+                    let torn_possible = slot == write_order(writes + 1)[0];
+                    let found = back.damaged.as_ref().or(back.maybe_torn.as_ref()).unwrap();
+                    assert_eq!(found.slot, slot, "{at}");
+                    assert_eq!(back.maybe_torn.is_some(), torn_possible, "{at}: {back:?}");
+                    assert_eq!(back.damaged.is_some(), !torn_possible, "{at}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_between_the_two_writes_or_in_one_keeps_a_whole_table() {
+        let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+        let mut t = SegmentTable::default();
+        t.upsert(entry(1));
+        // The first table's first write torn: no table yet.
+        let mut first = t.clone();
+        write_slot(&disk, DEV, &first, 1, SLOT_BLOCKS[1]).await.unwrap();
+        disk.flip_bit(block_offset(SLOT_BLOCKS[1]) + 3000, 0);
         let back = read(&disk, &DEV).await.unwrap();
-        assert_eq!(back.version, t.version - 1);
-        assert_eq!(back.get(SegmentId { volume: 7, pg: 5 }).unwrap().epoch, 6);
-        // Another device's table is not ours.
-        assert_eq!(read(&disk, &[1; 16]).await.unwrap(), SegmentTable::default());
+        assert_eq!(back.table, SegmentTable::default());
+        assert!(back.maybe_torn.is_some() && back.damaged.is_none());
+        // Its first write whole, the second not begun: the table is there.
+        write_slot(&disk, DEV, &first, 1, SLOT_BLOCKS[1]).await.unwrap();
+        let back = read(&disk, &DEV).await.unwrap();
+        assert_eq!(back.table.version, 1);
+        assert!(back.needs_rewrite() && back.damaged.is_none() && back.maybe_torn.is_none());
+        first.version = 1;
+        write(&disk, DEV, &mut first).await.unwrap();
+        // Version 3's first slot (1) written, the second (0) still at 2.
+        let mut next = first.clone();
+        next.upsert(entry(2));
+        write_slot(&disk, DEV, &next, 3, SLOT_BLOCKS[1]).await.unwrap();
+        let back = read(&disk, &DEV).await.unwrap();
+        assert_eq!(back.table.version, 3);
+        assert_eq!(back.table.entries.len(), 2);
+        assert!(back.needs_rewrite() && back.damaged.is_none());
+        // A lost write: the second slot newer than the first.
+        let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+        let mut t = SegmentTable::default();
+        t.upsert(entry(1));
+        write(&disk, DEV, &mut t).await.unwrap();
+        write_slot(&disk, DEV, &t, 2, SLOT_BLOCKS[1]).await.unwrap();
+        let back = read(&disk, &DEV).await.unwrap();
+        assert_eq!(back.table.version, 2);
+        assert_eq!(back.damaged.as_ref().map(|d| d.slot), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_slots_damaged_is_refused() {
+        let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+        let mut t = SegmentTable::default();
+        t.upsert(entry(1));
+        write(&disk, DEV, &mut t).await.unwrap();
+        write(&disk, DEV, &mut t).await.unwrap();
+        disk.flip_bit(block_offset(SLOT_BLOCKS[0]) + 100, 1);
+        disk.flip_bit(block_offset(SLOT_BLOCKS[1]) + 100, 1);
+        let err = read(&disk, &DEV).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, TableError::Unreadable(_)));
+        assert!(msg.contains("offset 32768") && msg.contains("offset 262144"), "{msg}");
+        // Slot 0 damaged and slot 1 wiped: slot 0 is only ever written
+        // after slot 1, so nothing whole is left either.
+        let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+        write(&disk, DEV, &mut t).await.unwrap();
+        disk.write_raw(block_offset(SLOT_BLOCKS[1]), &[0; BLOCK_SIZE]);
+        disk.flip_bit(block_offset(SLOT_BLOCKS[0]) + 100, 1);
+        assert!(matches!(read(&disk, &DEV).await, Err(TableError::Unreadable(_))));
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,6 +64,8 @@ pub enum OpenError {
          (storctl inspect shows the device; rebuild this node's segments from their peers)"
     )]
     AnchorBehindLog { seq: u64, found: u32, anchor: u32 },
+    #[error("segment table: {0}")]
+    Table(String),
 }
 
 /// Both superblock copies as read, and the one to use.

@@ -14,6 +14,11 @@
 //! 4. forgets the records it covered and frees the log up to the oldest
 //!    record still needed by any segment.
 //!
+//! A page whose current version is damaged is never built on: the round
+//! ends below that page's first record, and coalescing of the segment stops
+//! there, keeping the page's records in memory and in the log (the page is
+//! refused to readers with `PageDamaged` until it is repaired).
+//!
 //! Only records at or below PGMRPL are coalesced. Every reader's read point
 //! is at or above it, so a version never hides a state a reader needs, the
 //! one older version a page keeps is never needed again once the new one is
@@ -111,7 +116,7 @@ impl Node {
             let st = self.state();
             st.segments
                 .iter()
-                .filter(|(_, s)| s.extent.is_some() && s.pgmrpl.min(s.seg.scl()) > s.coalesced_lsn)
+                .filter(|(_, s)| s.extent.is_some() && s.coalesce_target() > s.coalesced_lsn)
                 .max_by_key(|(_, s)| s.hot.bytes())
                 .map(|(&id, _)| id)
         };
@@ -136,7 +141,7 @@ impl Node {
             let st = self.state();
             let s = st.seg(id)?;
             let Some(extent) = s.extent else { return Ok(0) };
-            let target = s.pgmrpl.min(s.seg.scl());
+            let target = s.coalesce_target();
             let mut pages = BTreeSet::new();
             let mut upto = s.coalesced_lsn;
             for (lsn, page) in s.seg.chain_between(s.coalesced_lsn, target) {
@@ -165,10 +170,27 @@ impl Node {
             s.round_lsn = s.round_lsn.max(upto);
         }
         let pages: Vec<u64> = pages.into_iter().collect();
+        let mut damaged = BTreeSet::new();
         for chunk in pages.chunks(WRITES_INFLIGHT_MAX) {
             for result in join_all(chunk.iter().map(|&page| self.coalesce_page(id, &extent, page, upto))).await {
-                result?;
+                match result {
+                    Ok(()) => {}
+                    // Logged where found; the round goes on below it.
+                    Err(NodeError::PageDamaged { page, .. }) => {
+                        damaged.insert(page);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+        }
+        let upto = if damaged.is_empty() {
+            upto
+        } else {
+            self.stop_below_damage(id, &damaged, upto)?
+        };
+        let coalesced = self.state().seg(id)?.coalesced_lsn;
+        if upto <= coalesced {
+            return Ok(pages.len() - damaged.len());
         }
         self.update_entry(id, |e, _| {
             let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
@@ -196,6 +218,38 @@ impl Node {
         Ok(pages.len())
     }
 
+    /// Pages in `damaged` cannot be built on: coalescing of segment `id`
+    /// stops below the first of their records (from now on, until they are
+    /// repaired). Returns how far this round may still go.
+    fn stop_below_damage(&self, id: SegmentId, damaged: &BTreeSet<u64>, upto: u64) -> Result<u64, NodeError> {
+        let mut st = self.state();
+        let s = st.seg_mut(id)?;
+        let first = s
+            .seg
+            .chain_between(s.coalesced_lsn, upto)
+            .find(|(_, page)| damaged.contains(page))
+            .map(|(lsn, _)| lsn);
+        if let Some(lsn) = first {
+            s.damaged_from = Some(s.damaged_from.map_or(lsn, |d| d.min(lsn)));
+        }
+        tracing::error!(
+            pages = ?damaged,
+            from_lsn = ?s.damaged_from,
+            "page versions damaged: coalescing of the segment stops below their records, which stay in the log"
+        );
+        // The round ends at its last record below the damage: the chain
+        // continues after `coalesced_lsn` at start-up, so it must be a
+        // record's LSN (after a truncation, the LSN below may be none).
+        let stop = s.damaged_from.unwrap_or(u64::MAX);
+        let end = s
+            .seg
+            .chain_between(s.coalesced_lsn, upto)
+            .take_while(|&(lsn, _)| lsn < stop)
+            .last()
+            .map_or(s.coalesced_lsn, |(lsn, _)| lsn);
+        Ok(end)
+    }
+
     /// Write `page` as of `upto` into the slot that does not hold its
     /// current version.
     async fn coalesce_page(&self, id: SegmentId, extent: &Extent, page: u64, upto: u64) -> Result<(), NodeError> {
@@ -205,8 +259,13 @@ impl Node {
             return Ok(());
         };
         let _stripe = self.stripe(id, page).write().await;
-        let known = self.state().seg(id)?.slot_state(local);
-        let current = self.read_current(id, extent, page, local, known, true).await?;
+        let (known, torn_after) = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            (s.slot_state(local), s.torn_after(local))
+        };
+        // A damaged current version is an error here: nothing is built on it.
+        let current = self.read_current(id, extent, page, local, known, torn_after).await?;
         let (slot, base) = match current {
             Current::Never => (0, None),
             Current::Version { slot, version } => (1 - slot, Some((version.lsn, version.bytes))),

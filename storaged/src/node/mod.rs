@@ -149,8 +149,10 @@ pub enum NodeError {
     BadTruncation(String),
     #[error("read point {read_point} is below the segment's PGMRPL {pgmrpl}: versions it needs may be gone")]
     ReadPointBelowPgmrpl { read_point: u64, pgmrpl: u64 },
-    #[error("page {page}: its stored version is damaged ({source}); read it from another segment")]
-    PageDamaged { page: u64, source: SlotError },
+    #[error(
+        "page {page}: its stored version (at device offset {offset}) is damaged ({source}); read it from another segment"
+    )]
+    PageDamaged { page: u64, offset: u64, source: SlotError },
     #[error("records of the segment still being written after {0:?}; the truncation is not applied, try again")]
     TruncationWaited(std::time::Duration),
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
@@ -282,6 +284,14 @@ struct SegState {
     pgmrpl: u64,
     coalesced_lsn: u64,
     round_lsn: u64,
+    /// `Some(coalesced_lsn)` when the table said at start-up that a round
+    /// was open: that round may have torn one slot of the pages it wrote,
+    /// and a page not looked at since may show it (`pagestore::current`).
+    torn_after: Option<u64>,
+    /// The lowest LSN of a record of a page whose stored version is damaged:
+    /// coalescing stops below it, so those records stay in memory and in
+    /// the log (a version is never built on a damaged one).
+    damaged_from: Option<u64>,
     /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
     slots: Vec<u8>,
 }
@@ -297,8 +307,24 @@ impl SegState {
             pgmrpl: 0,
             coalesced_lsn: 0,
             round_lsn: 0,
+            torn_after: None,
+            damaged_from: None,
             slots: Vec::new(),
         }
+    }
+
+    /// What a crash may have left in the slots of page `local`: only a page
+    /// not read or written since start-up can show it.
+    fn torn_after(&self, local: u64) -> Option<u64> {
+        self.torn_after.filter(|_| self.slot_state(local) == SlotState::Unknown)
+    }
+
+    /// Coalescing may go up to here: PGMRPL, SCL, and below any record of a
+    /// page whose version is damaged.
+    fn coalesce_target(&self) -> u64 {
+        let target = self.pgmrpl.min(self.seg.scl());
+        self.damaged_from
+            .map_or(target, |lsn| target.min(lsn.saturating_sub(1)))
     }
 
     fn slot_state(&self, local: u64) -> SlotState {
@@ -311,10 +337,6 @@ impl SegState {
         if let Some(v) = self.slots.get_mut(local as usize) {
             *v = s as u8;
         }
-    }
-
-    fn round_open(&self) -> bool {
-        self.round_lsn > self.coalesced_lsn
     }
 }
 
@@ -424,6 +446,41 @@ pub struct Recovered {
     pub unknown_segment_records: u64,
 }
 
+/// Read the segment table, say what is wrong with either slot, and make
+/// sure both slots hold it before anything is acted on (one damaged or
+/// missing copy would leave the acknowledged state on one copy only).
+async fn read_table<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<SegmentTable, OpenError> {
+    let found = segtable::read(dev, device_id).await.map_err(|e| match e {
+        TableError::Io(e) => OpenError::Io(e),
+        e => OpenError::Table(e.to_string()),
+    })?;
+    if let Some(d) = &found.damaged {
+        tracing::error!(
+            slot = d.slot,
+            offset = d.offset,
+            version = found.table.version,
+            "segment table slot damaged: {}; the other slot holds the table, writing both again",
+            d.what
+        );
+    }
+    if let Some(d) = &found.maybe_torn {
+        tracing::warn!(
+            slot = d.slot,
+            offset = d.offset,
+            version = found.table.version,
+            "segment table slot unreadable: {}; writing both again",
+            d.what
+        );
+    }
+    let mut table = found.table.clone();
+    if found.needs_rewrite() {
+        segtable::write(dev, *device_id, &mut table)
+            .await
+            .map_err(|e| OpenError::Table(format!("writing both slots again failed: {e}")))?;
+    }
+    Ok(table)
+}
+
 impl Node {
     /// Open the node's device: read the segment table (the checkpoint: where
     /// each segment's chain continues after its page versions), replay the
@@ -431,7 +488,7 @@ impl Node {
     pub async fn open<D: BlockIo>(dev: Arc<D>, config: NodeConfig) -> Result<(Arc<Node>, Recovered), OpenError> {
         config.log.validate().map_err(OpenError::Failed)?;
         let sb = read_superblock(dev.as_ref()).await?.superblock;
-        let table = segtable::read(dev.as_ref(), &sb.device_id).await?;
+        let table = read_table(dev.as_ref(), &sb.device_id).await?;
         let gap_max = config.gap_records_max;
         let mut segments: HashMap<SegmentId, SegState> = HashMap::new();
         for e in &table.entries {
@@ -448,6 +505,9 @@ impl Node {
             s.pgmrpl = e.pgmrpl;
             s.coalesced_lsn = e.coalesced_lsn;
             s.round_lsn = e.round_lsn.max(e.coalesced_lsn);
+            if e.round_lsn > e.coalesced_lsn {
+                s.torn_after = Some(e.coalesced_lsn);
+            }
             segments.insert(e.id, s);
         }
         let mut recovered = Recovered::default();
@@ -809,7 +869,8 @@ impl Node {
     }
 
     /// Read both slots of a page (or the one `known` says is current) and
-    /// say which holds the current version.
+    /// say which holds the current version. `torn_after`: see
+    /// [`SegState::torn_after`].
     async fn read_current(
         &self,
         id: SegmentId,
@@ -817,7 +878,7 @@ impl Node {
         page: u64,
         local: u64,
         known: SlotState,
-        round_open: bool,
+        torn_after: Option<u64>,
     ) -> Result<Current, NodeError> {
         let slot_blocks = extent.slot_blocks();
         if let SlotState::Slot0 | SlotState::Slot1 = known {
@@ -845,7 +906,27 @@ impl Node {
             pagestore::decode_slot(&buf[..len], &self.device_id, extent, id, page, at),
             pagestore::decode_slot(&buf[len..], &self.device_id, extent, id, page, at + slot_blocks),
         ];
-        pagestore::current(slots, round_open).map_err(|source| NodeError::PageDamaged { page, source })
+        let damaged_slot = slots.iter().position(|s| matches!(s, pagestore::Slot::Damaged(_)));
+        match pagestore::current(slots, torn_after) {
+            Ok(chosen) => {
+                if let Some(other) = chosen.other {
+                    let offset = block_offset(extent.slot_block(local, other.slot));
+                    if other.maybe_torn {
+                        tracing::warn!(page, offset, error = %other.error,
+                            "page version slot unreadable: a round open at the last crash may have torn it; the other slot is current");
+                    } else {
+                        tracing::error!(page, offset, error = %other.error,
+                            "page version slot damaged; it held an older version, the other slot is current");
+                    }
+                }
+                Ok(chosen.current)
+            }
+            Err(source) => {
+                let offset = block_offset(extent.slot_block(local, damaged_slot.unwrap_or(0)));
+                tracing::error!(page, offset, error = %source, "page version damaged: the page is not served from this segment");
+                Err(NodeError::PageDamaged { page, offset, source })
+            }
+        }
     }
 
     /// The page as of `read_point`, and the LSN of the last change in it
@@ -862,7 +943,7 @@ impl Node {
         // records are applied: the version read stays current, and the hot
         // records above it stay in memory.
         let _stripe = self.stripe(id, page).read().await;
-        let (extent, local, known, round_open, page_bytes) = {
+        let (extent, local, known, torn_after, page_bytes) = {
             let st = self.state();
             let s = st.seg(id)?;
             s.seg.check_epoch_read(epoch)?;
@@ -884,12 +965,12 @@ impl Node {
                 s.extent,
                 local,
                 s.slot_state(local),
-                s.round_open(),
+                s.torn_after(local),
                 g.page_bytes as usize,
             )
         };
         let current = match extent {
-            Some(extent) => self.read_current(id, &extent, page, local, known, round_open).await?,
+            Some(extent) => self.read_current(id, &extent, page, local, known, torn_after).await?,
             None => Current::Never,
         };
         let mut st = self.state();
@@ -990,6 +1071,15 @@ impl Node {
             let s = st.seg_mut(id)?;
             // Fence first: nothing older is taken from here on.
             s.seg.seal(epoch)?;
+            // Records at or below the coalesced LSN are in page versions
+            // only: a range reaching them cannot be applied (and they are
+            // at or below the PGMRPL, which readers may have read at).
+            if let Some(&(lo, hi)) = ranges.iter().find(|&&(lo, _)| lo <= s.coalesced_lsn) {
+                return Err(NodeError::BadTruncation(format!(
+                    "truncation range {lo}..={hi} reaches the segment's coalesced LSN {}: the records at or below it are in page versions, which readers may have read at",
+                    s.coalesced_lsn
+                )));
+            }
             // Readers may have read at the PGMRPL: what is below it stands.
             if let Some(lsn) = s.seg.held_in(&ranges, s.pgmrpl) {
                 return Err(NodeError::BadTruncation(format!(
@@ -1162,3 +1252,5 @@ impl Node {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_damage;

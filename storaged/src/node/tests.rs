@@ -13,19 +13,19 @@ use crate::log::mkfs::{FormatOptions, format};
 use crate::record::RecordBody;
 
 /// The records as `Node::append` takes them, each with its encoding.
-fn wire(records: Vec<RedoRecord>) -> Vec<WireRecord> {
+pub(super) fn wire(records: Vec<RedoRecord>) -> Vec<WireRecord> {
     records.into_iter().map(WireRecord::new).collect()
 }
 
-const SEG: SegmentId = SegmentId { volume: 5, pg: 1 };
-const GEOMETRY: PageGeometry = PageGeometry {
+pub(super) const SEG: SegmentId = SegmentId { volume: 5, pg: 1 };
+pub(super) const GEOMETRY: PageGeometry = PageGeometry {
     page_bytes: 4096,
     pg_pages: 32,
 };
-const FIRST_PAGE: u64 = 32;
-const PAGE: usize = 4096;
+pub(super) const FIRST_PAGE: u64 = 32;
+pub(super) const PAGE: usize = 4096;
 
-async fn formatted(disk_bytes: u64, log_bytes: u64, seed: u64) -> Arc<SimDisk> {
+pub(super) async fn formatted(disk_bytes: u64, log_bytes: u64, seed: u64) -> Arc<SimDisk> {
     let disk = Arc::new(SimDisk::new(disk_bytes, seed, SimFaults::none()));
     format(
         disk.as_ref(),
@@ -40,7 +40,7 @@ async fn formatted(disk_bytes: u64, log_bytes: u64, seed: u64) -> Arc<SimDisk> {
     disk
 }
 
-fn config() -> NodeConfig {
+pub(super) fn config() -> NodeConfig {
     NodeConfig {
         coalesce_round_pages_max: 7,
         ..NodeConfig::default()
@@ -49,7 +49,7 @@ fn config() -> NodeConfig {
 
 /// Records 1..=n, chained, over 12 pages: whole images now and then, deltas
 /// otherwise, from `seed`.
-fn records(from: u64, to: u64, seed: u64) -> Vec<RedoRecord> {
+pub(super) fn records(from: u64, to: u64, seed: u64) -> Vec<RedoRecord> {
     let mut rng = fastrand::Rng::with_seed(seed ^ from);
     (from..=to)
         .map(|lsn| {
@@ -76,7 +76,7 @@ fn records(from: u64, to: u64, seed: u64) -> Vec<RedoRecord> {
         .collect()
 }
 
-fn model(records: &[RedoRecord], page: u64, read_point: u64) -> (Vec<u8>, u64) {
+pub(super) fn model(records: &[RedoRecord], page: u64, read_point: u64) -> (Vec<u8>, u64) {
     let mut bytes = vec![0u8; PAGE];
     let mut at = 0;
     for r in records.iter().filter(|r| r.page == page && r.lsn <= read_point) {
@@ -86,14 +86,14 @@ fn model(records: &[RedoRecord], page: u64, read_point: u64) -> (Vec<u8>, u64) {
     (bytes, at)
 }
 
-async fn append_all(node: &Node, records: &[RedoRecord]) {
+pub(super) async fn append_all(node: &Node, records: &[RedoRecord]) {
     for chunk in records.chunks(9) {
         let scl = node.append(SEG, 1, GEOMETRY, wire(chunk.to_vec())).await.unwrap();
         assert_eq!(scl, chunk.last().unwrap().lsn);
     }
 }
 
-async fn check_pages(node: &Node, records: &[RedoRecord], read_points: impl Iterator<Item = u64>) {
+pub(super) async fn check_pages(node: &Node, records: &[RedoRecord], read_points: impl Iterator<Item = u64>) {
     for read_point in read_points {
         for page in FIRST_PAGE..FIRST_PAGE + 13 {
             let got = node.get_page(SEG, 1, page, read_point).await.unwrap();
@@ -130,7 +130,7 @@ async fn check_pages(node: &Node, records: &[RedoRecord], read_points: impl Iter
 }
 
 /// Wait (in paused time) until the segment is coalesced through `lsn`.
-async fn coalesced_through(node: &Node, lsn: u64) {
+pub(super) async fn coalesced_through(node: &Node, lsn: u64) {
     for _ in 0..10_000 {
         if node.status(SEG, 1).unwrap().coalesced_lsn >= lsn {
             return;
@@ -141,7 +141,7 @@ async fn coalesced_through(node: &Node, lsn: u64) {
 }
 
 /// Stop a node as power loss would: its tasks end where they are.
-fn pull_the_plug(node: Arc<Node>) {
+pub(super) fn pull_the_plug(node: Arc<Node>) {
     if let Some(t) = node.coalescer.lock().unwrap().take() {
         t.abort();
     }
@@ -268,7 +268,7 @@ async fn power_loss_in_the_middle_of_coalescing_loses_nothing() {
         disk.crash();
         disk.set_faults(SimFaults::none());
         let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
-        cut_mid_round += usize::from(node.state().seg(SEG).unwrap().round_open());
+        cut_mid_round += usize::from(node.state().seg(SEG).unwrap().torn_after.is_some());
         assert_eq!(node.scl(SEG), 400, "seed {seed}: every acknowledged record is there");
         check_pages(&node, &recs, [390, 395, 400].into_iter()).await;
         // And coalescing finishes the interrupted round.

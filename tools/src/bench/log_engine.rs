@@ -149,7 +149,7 @@ async fn refuse_node_device(dev: &Arc<UringDevice>, path: &Path, force: bool) ->
         return Ok(());
     }
     let segments = match storaged::segtable::read(dev.as_ref(), &sb.device_id).await {
-        Ok(table) => table.entries.len().to_string(),
+        Ok(table) => table.table.entries.len().to_string(),
         Err(_) => "unknown".to_owned(),
     };
     let mut records = 0u64;

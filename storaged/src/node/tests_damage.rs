@@ -1,0 +1,269 @@
+//! One damaged block in the segment table or the page store, on the
+//! simulated disk: the node never takes it for "never written" or for a
+//! crash's torn write where no crash could have torn it, never serves a
+//! wrong page or an older state, and says what it found.
+
+use std::time::Duration;
+
+use super::tests::*;
+use super::*;
+use crate::io::sim::SimDisk;
+use crate::record::RecordBody;
+use crate::segtable::{SLOT_BLOCKS, write_order};
+
+/// Flip one bit in slot `slot` of the segment table.
+fn flip_table_slot(disk: &SimDisk, slot: usize) {
+    disk.flip_bit(block_offset(SLOT_BLOCKS[slot]) + 1000, 5);
+}
+
+/// Inspect the device offline: is the table slot `slot` reported as damage?
+async fn inspect_reports_table_slot(disk: &Arc<SimDisk>, slot: usize) -> bool {
+    let report = crate::inspect::inspect(disk).await.unwrap();
+    let offset = block_offset(SLOT_BLOCKS[slot]);
+    report.status == "corrupt" && report.check.problems.iter().any(|p| p.offset == offset)
+}
+
+/// A `Seal` answered at epoch 2, then a bit flipped in either table slot:
+/// after a restart the segment is still at epoch 2 and the fenced writer
+/// (epoch 1) is still refused.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_table_slot_never_lets_a_fenced_writer_back_in() {
+    for slot in 0..2 {
+        let disk = formatted(16 << 20, 1 << 20, 11).await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        append_all(&node, &records(1, 10, 11)).await;
+        assert_eq!(node.seal(SEG, 2, GEOMETRY).await.unwrap().epoch, 2);
+        let version = node.table.lock().await.version;
+        node.shutdown().await;
+        flip_table_slot(&disk, slot);
+        // Only the next version's first slot can hold a crash's torn write.
+        let damage = slot != write_order(version + 1)[0];
+        assert_eq!(inspect_reports_table_slot(&disk, slot).await, damage, "slot {slot}");
+
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let st = node.status(SEG, 0).unwrap();
+        assert_eq!((st.epoch, st.scl), (2, 10), "slot {slot}");
+        let err = node
+            .append(SEG, 1, GEOMETRY, wire(records(11, 11, 11)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.wire_code(), (ErrorCode::StaleEpoch, 2), "slot {slot}");
+        node.shutdown().await;
+        // The node wrote both slots again at start-up.
+        let report = crate::inspect::inspect(&disk).await.unwrap();
+        assert_eq!(report.status, "clean", "{}", report.render());
+    }
+}
+
+/// 300 records, coalesced to 290 and the log released behind them, then a
+/// bit flipped in either table slot: after a restart the segment is at SCL
+/// 300, coalesced to 290, and serves every page right.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_table_slot_never_rolls_back_the_checkpoint() {
+    for slot in 0..2 {
+        let disk = formatted(16 << 20, 1 << 20, 12).await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let recs = records(1, 300, 12);
+        append_all(&node, &recs).await;
+        node.set_pgmrpl(SEG, 1, 290).await.unwrap();
+        coalesced_through(&node, 290).await;
+        node.shutdown().await;
+        flip_table_slot(&disk, slot);
+
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let st = node.status(SEG, 0).unwrap();
+        assert_eq!((st.scl, st.coalesced_lsn, st.pgmrpl), (300, 290, 290), "slot {slot}");
+        check_pages(&node, &recs, [290, 300].into_iter()).await;
+        node.shutdown().await;
+    }
+}
+
+/// A table written once (the segment's first append), then a bit flipped
+/// in either slot: the node starts with the segment and all its records.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_table_written_once_keeps_its_segment() {
+    for slot in 0..2 {
+        let disk = formatted(16 << 20, 1 << 20, 13).await;
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        let recs = records(1, 20, 13);
+        append_all(&node, &recs).await;
+        assert_eq!(node.table.lock().await.version, 1);
+        node.shutdown().await;
+        flip_table_slot(&disk, slot);
+
+        let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
+        assert_eq!(recovered.segments, 1, "slot {slot}");
+        assert_eq!(node.scl(SEG), 20, "slot {slot}");
+        check_pages(&node, &recs, [20].into_iter()).await;
+        node.shutdown().await;
+    }
+}
+
+/// Both slots damaged: the node refuses to start, and says what it found
+/// and what to do.
+#[tokio::test(start_paused = true)]
+async fn both_table_slots_damaged_refuse_to_start() {
+    let disk = formatted(16 << 20, 1 << 20, 14).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    append_all(&node, &records(1, 20, 14)).await;
+    node.shutdown().await;
+    flip_table_slot(&disk, 0);
+    flip_table_slot(&disk, 1);
+    let err = Node::open(disk.clone(), config()).await.err().unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, OpenError::Table(_)), "{msg}");
+    assert!(msg.contains("offset 32768") && msg.contains("offset 262144"), "{msg}");
+    assert!(msg.contains("rebuild its segments from their peers"), "{msg}");
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert_eq!(report.status, "corrupt", "{}", report.render());
+    let _ = Duration::ZERO;
+}
+
+/// A truncation whose range reaches records already coalesced (in page
+/// versions, gone from memory) is refused, as one reaching records still
+/// held at or below the PGMRPL is: it could not be applied.
+#[tokio::test(start_paused = true)]
+async fn a_truncation_over_coalesced_records_is_refused() {
+    let disk = formatted(16 << 20, 1 << 20, 15).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let recs = records(1, 60, 15);
+    append_all(&node, &recs).await;
+    node.set_pgmrpl(SEG, 1, 40).await.unwrap();
+    coalesced_through(&node, 40).await;
+    assert_eq!(node.status(SEG, 0).unwrap().lowest_lsn, 41);
+    node.seal(SEG, 2, GEOMETRY).await.unwrap();
+    for range in [(30, 1000), (40, 40), (1, 5)] {
+        let err = node.truncate(SEG, 2, vec![range]).await.unwrap_err();
+        assert_eq!(err.wire_code().0, ErrorCode::BadRequest, "{range:?}: {err}");
+        let st = node.status(SEG, 0).unwrap();
+        assert_eq!((st.scl, st.installed_epoch, st.annulled.len()), (60, 1, 0), "{range:?}");
+    }
+    // Above the coalesced LSN (and the PGMRPL) a truncation is taken.
+    let st = node.truncate(SEG, 2, vec![(51, 1000)]).await.unwrap();
+    assert_eq!((st.scl, st.installed_epoch), (50, 2));
+    for page in FIRST_PAGE..FIRST_PAGE + 12 {
+        assert_eq!(node.get_page(SEG, 2, page, 50).await.unwrap(), model(&recs, page, 50));
+    }
+    node.shutdown().await;
+}
+
+/// Record `lsn` of page `page`: an image of `fill` bytes, or a delta writing
+/// `fill` over 100 bytes at `lsn * 10`.
+fn rec(lsn: u64, page: u64, image: bool, fill: u8) -> RedoRecord {
+    let body = if image {
+        RecordBody::PageImage(vec![fill; PAGE])
+    } else {
+        RecordBody::PageDelta {
+            offset: (lsn * 10) as u32,
+            bytes: vec![fill; 100],
+        }
+    };
+    RedoRecord {
+        segment: SEG,
+        lsn,
+        prev_lsn_pg: lsn - 1,
+        prev_lsn_page: 0,
+        page,
+        cpl: true,
+        body,
+    }
+}
+
+/// Flip one bit in slot `slot` of `page`'s versions.
+fn flip_page_slot(node: &Node, disk: &SimDisk, page: u64, slot: usize) -> u64 {
+    let extent = node.state().seg(SEG).unwrap().extent.unwrap();
+    let at = block_offset(extent.slot_block(extent.local(SEG.pg, page).unwrap(), slot));
+    disk.flip_bit(at + 2000, 3);
+    at
+}
+
+fn is_damaged(got: Result<(Vec<u8>, u64), NodeError>, offset: u64) -> bool {
+    matches!(got, Err(NodeError::PageDamaged { offset: o, .. }) if o == offset)
+}
+
+/// Page P: an image at 1, a delta at 2, coalesced to 2; a bit flipped in
+/// P's current version; a delta at 3 and PGMRPL 3. P is refused
+/// (`PageDamaged`), never served wrong; the coalescer builds nothing on the
+/// damaged version and keeps P's records; after a restart the same, and
+/// `storctl inspect` reports the slot.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_current_version_is_never_built_on() {
+    let disk = formatted(16 << 20, 1 << 20, 16).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let p = FIRST_PAGE + 3;
+    let q = FIRST_PAGE + 4;
+    let mut recs = vec![rec(1, p, true, 1), rec(2, p, false, 2), rec(3, q, true, 3)];
+    append_all(&node, &recs).await;
+    node.set_pgmrpl(SEG, 1, 3).await.unwrap();
+    coalesced_through(&node, 3).await;
+    let offset = flip_page_slot(&node, &disk, p, 0);
+    recs.extend([rec(4, p, false, 4), rec(5, q, false, 5)]);
+    append_all(&node, &recs[3..]).await;
+    node.set_pgmrpl(SEG, 1, 5).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert!(is_damaged(node.get_page(SEG, 1, p, 5).await, offset));
+    // Nothing was coalesced over P's records: they are all still held.
+    let st = node.status(SEG, 0).unwrap();
+    assert_eq!((st.coalesced_lsn, st.scl, st.lowest_lsn), (3, 5, 4), "{st:?}");
+    // Other pages are served right.
+    assert_eq!(node.get_page(SEG, 1, q, 5).await.unwrap(), model(&recs, q, 5));
+    node.shutdown().await;
+
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert_eq!(report.status, "corrupt", "{}", report.render());
+    assert!(
+        report.check.problems.iter().any(|x| x.offset == offset),
+        "{}",
+        report.render()
+    );
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    assert!(is_damaged(node.get_page(SEG, 1, p, 5).await, offset));
+    assert_eq!(node.get_page(SEG, 1, q, 5).await.unwrap(), model(&recs, q, 5));
+    node.shutdown().await;
+}
+
+/// The table says a round was open at the last crash (round_lsn above
+/// coalesced_lsn), and the current version of a page that round did not
+/// write has rotted: the page is refused, never served from its older
+/// version.
+#[tokio::test(start_paused = true)]
+async fn after_a_crash_a_rotted_current_version_is_not_taken_for_a_torn_write() {
+    let disk = formatted(16 << 20, 1 << 20, 17).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let p = FIRST_PAGE + 5;
+    let recs = [
+        rec(1, p, true, 1),
+        rec(2, p, false, 2),
+        rec(3, p, false, 3),
+        rec(4, p, false, 4),
+    ];
+    append_all(&node, &recs[..2]).await;
+    node.set_pgmrpl(SEG, 1, 2).await.unwrap();
+    coalesced_through(&node, 2).await;
+    append_all(&node, &recs[2..3]).await;
+    node.set_pgmrpl(SEG, 1, 3).await.unwrap();
+    coalesced_through(&node, 3).await;
+    append_all(&node, &recs[3..]).await;
+    // Version 2 in slot 0, version 3 (current) in slot 1.
+    let offset = flip_page_slot(&node, &disk, p, 1);
+    node.shutdown().await;
+    // As a crash in a round to 4 would leave the table.
+    let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
+    let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
+    let mut e = *table.get(SEG).unwrap();
+    e.round_lsn = 4;
+    table.upsert(e);
+    segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();
+
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    assert!(node.state().seg(SEG).unwrap().torn_after.is_some());
+    assert!(is_damaged(node.get_page(SEG, 1, p, 4).await, offset));
+    node.shutdown().await;
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert!(
+        report.check.problems.iter().any(|x| x.offset == offset),
+        "{}",
+        report.render()
+    );
+}
