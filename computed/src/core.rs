@@ -269,9 +269,12 @@ struct ReadState<T> {
     pg: u32,
     read_point: u64,
     pg_point: u64,
-    /// Slots asked so far (bitmask) and how many asks are unanswered.
+    /// Slots asked since the read last started over, and slots with an
+    /// ask still unanswered (bitmasks). Every way an ask ends (an answer, a
+    /// refusal, its connection lost) clears its bit in `asked`: a read with
+    /// nothing asked is asked again, so it never waits on nobody.
     tried: u8,
-    outstanding: u8,
+    asked: u8,
     started_us: u64,
 }
 
@@ -684,7 +687,12 @@ impl<T> Writer<T> {
         // In request order, not the map's: the simulator replays a seed exactly.
         lost.sort_unstable();
         for id in lost {
-            if let Some(Pending::Read { read, .. }) = self.pending.remove(&id) {
+            if let Some(Pending::Read { read, slot, .. }) = self.pending.remove(&id) {
+                // The ask is over: without this the read would wait for an
+                // answer that cannot come, and never be asked again.
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.asked &= !(1 << slot);
+                }
                 self.read_failed(read);
             }
         }
@@ -759,16 +767,14 @@ impl<T> Writer<T> {
             ) => {
                 let s = &mut self.pgs[pg as usize].slots[slot];
                 s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.asked &= !(1 << slot);
+                }
                 match reply {
                     Message::Page { lsn, bytes, page, .. } if bytes.len() == self.config.page_bytes => {
                         self.read_succeeded(read, page, lsn, bytes)
                     }
-                    _ => {
-                        if let Some(r) = self.reads.get_mut(&read) {
-                            r.outstanding -= 1;
-                        }
-                        self.read_failed(read);
-                    }
+                    _ => self.read_failed(read),
                 }
             }
             (Some(Pending::Pgmrpl { .. }), _) => {}
@@ -972,7 +978,7 @@ impl<T> Writer<T> {
                 read_point,
                 pg_point,
                 tried: 0,
-                outstanding: 0,
+                asked: 0,
                 started_us: self.now_us,
             },
         );
@@ -999,7 +1005,7 @@ impl<T> Writer<T> {
             return false;
         };
         r.tried |= 1 << slot;
-        r.outstanding += 1;
+        r.asked |= 1 << slot;
         let request = self.next_request;
         self.next_request += 1;
         let node = pg.slots[slot].node;
@@ -1030,7 +1036,7 @@ impl<T> Writer<T> {
         let Some(r) = self.reads.get(&read) else {
             return;
         };
-        if r.outstanding == 0 && !self.ask(read) {
+        if r.asked == 0 && !self.ask(read) {
             // Nobody can answer now: start over at the next tick.
             if let Some(r) = self.reads.get_mut(&read) {
                 r.tried = 0;
@@ -1073,37 +1079,54 @@ impl<T> Writer<T> {
         let mut slow: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| {
-                r.outstanding == 0 || now_us.saturating_sub(r.started_us) >= self.config.read_hedge_after_us
-            })
+            .filter(|(_, r)| r.asked == 0 || now_us.saturating_sub(r.started_us) >= self.config.read_hedge_after_us)
             .map(|(&id, _)| id)
             .collect();
         slow.sort_unstable();
         for read in slow {
             if let Some(r) = self.reads.get_mut(&read) {
                 r.started_us = now_us;
-                if r.outstanding == 0 || r.tried.count_ones() as usize == SEGMENTS_PER_PG {
-                    r.tried = 0;
-                }
             }
-            self.ask(read);
+            if !self.ask(read) {
+                // Every segment that can answer was tried: start over with
+                // those not already waited on (at most one ask per segment).
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.tried = r.asked;
+                }
+                self.ask(read);
+            }
         }
         if let Some(resend_after) = self.config.resend_after_us {
             let mut stale: Vec<u64> = self
                 .pending
                 .iter()
-                .filter(|(_, p)| matches!(p, Pending::Append { sent_us, .. } if now_us.saturating_sub(*sent_us) >= resend_after))
+                .filter(|(_, p)| match p {
+                    Pending::Append { sent_us, .. } | Pending::Read { sent_us, .. } => {
+                        now_us.saturating_sub(*sent_us) >= resend_after
+                    }
+                    _ => false,
+                })
                 .map(|(&id, _)| id)
                 .collect();
             stale.sort_unstable();
             for id in stale {
-                if let Some(Pending::Append { pg, slot, bytes, .. }) = self.pending.remove(&id) {
-                    let p = &mut self.pgs[pg as usize];
-                    let s = &mut p.slots[slot];
-                    s.inflight_batches -= 1;
-                    s.inflight_bytes -= bytes;
-                    s.sent_through = s.scl.max(p.released_through);
-                    p.dirty = true;
+                match self.pending.remove(&id) {
+                    Some(Pending::Append { pg, slot, bytes, .. }) => {
+                        let p = &mut self.pgs[pg as usize];
+                        let s = &mut p.slots[slot];
+                        s.inflight_batches -= 1;
+                        s.inflight_bytes -= bytes;
+                        s.sent_through = s.scl.max(p.released_through);
+                        p.dirty = true;
+                    }
+                    // Taken as lost, as a batch is: the read may ask that segment again.
+                    Some(Pending::Read { read, slot, .. }) => {
+                        if let Some(r) = self.reads.get_mut(&read) {
+                            r.asked &= !(1 << slot);
+                        }
+                        self.read_failed(read);
+                    }
+                    other => debug_assert!(other.is_none()),
                 }
             }
         }

@@ -437,3 +437,77 @@ fn pgmrpl_is_sent_after_a_pause_or_a_large_move_and_its_last_value_always() {
     w.tick(4 * PGMRPL_INTERVAL_US);
     assert!(pgmrpls(&outputs(&mut w)).is_empty());
 }
+
+/// The GetPage requests in `out`: (node, request).
+fn page_asks(out: &[Output<u32>]) -> Vec<(u64, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message: Message::GetPage { .. },
+            } => Some((*node, *request)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A read whose segment's connection drops while it is asked, and whose
+/// other segments each refuse once, is asked again and answered: it never
+/// waits for ever, and the PG's PGMRPL is not pinned at its read point.
+#[test]
+fn a_read_asked_of_a_lost_connection_and_refused_elsewhere_is_asked_again() {
+    let mut w = writer();
+    // Page 4 of PG 0 (a delta: not cached), on nodes 1-5; node 6 is behind.
+    w.submit(1, vec![delta(4, 9)]).unwrap();
+    for (node, req, pg, _, last) in appends(&outputs(&mut w)) {
+        if node != 6 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 1)]);
+    w.read(10, 4).unwrap();
+    let asks = page_asks(&outputs(&mut w));
+    assert_eq!(asks.len(), 1);
+    let (first, _) = asks[0];
+    w.node_down(first);
+    w.node_up(first);
+    let mut now = 0;
+    let mut refused = Vec::new();
+    let mut answered = None;
+    for _ in 0..20 {
+        let out = outputs(&mut w);
+        if let Some(page) = out.iter().find_map(|o| match o {
+            Output::ReadDone { token: 10, page } => Some(page.clone()),
+            _ => None,
+        }) {
+            answered = Some(page);
+            break;
+        }
+        for (node, request) in page_asks(&out) {
+            assert_ne!(node, 6, "asked a segment below the read point");
+            if node != first && !refused.contains(&node) {
+                refused.push(node);
+                w.on_reply(node, request, Message::error(ErrorCode::Internal, 0, "a one-off fault"));
+            } else {
+                let mut bytes = vec![0; PAGE];
+                bytes[..4].copy_from_slice(&[9; 4]);
+                let page = Message::Page {
+                    volume: 1,
+                    pg: 0,
+                    page: 4,
+                    lsn: 1,
+                    bytes,
+                };
+                w.on_reply(node, request, page);
+            }
+        }
+        now += 1000;
+        w.tick(now);
+    }
+    let page = answered.expect("the read was never answered");
+    assert_eq!((page.read_point, page.lsn, page.bytes[0]), (1, 1, 9));
+    assert_eq!(refused.len(), 4, "every other segment that can answer was asked once");
+    w.tick(now + PGMRPL_INTERVAL_US);
+    assert_eq!(pgmrpls(&outputs(&mut w)), vec![(0, 1)], "the PGMRPL moves on");
+}
