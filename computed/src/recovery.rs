@@ -114,8 +114,11 @@ struct SlotState {
     /// Epoch the probe saw (0 for a segment that does not exist).
     probed: Option<u64>,
     sealed: Option<Sealed>,
-    /// SCL after the truncation (and any replication since).
+    /// SCL after the truncation (and any replication since), and the
+    /// node's incarnation it was reported under: it only moves forward
+    /// within one; a new one (a restart) replaces it.
     truncated: Option<u64>,
+    incarnation: Option<u64>,
     /// A request of the current phase is in flight.
     asked: bool,
 }
@@ -390,9 +393,11 @@ impl Recovery {
                     pgmrpl,
                     installed_epoch,
                     annulled,
+                    incarnation,
                     ..
                 },
             ) => {
+                self.slots[p][slot].incarnation = Some(incarnation);
                 self.slots[p][slot].sealed = Some(Sealed {
                     scl,
                     highest_lsn,
@@ -429,13 +434,18 @@ impl Recovery {
                 }
             }
             // Truncations go on during replication, to segments that had not answered.
-            (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, .. }) => {
-                let t = &mut self.slots[p][slot].truncated;
-                *t = Some(t.unwrap_or(0).max(scl));
-            }
-            (Phase::Replicate, Message::AppendAck { scl, .. }) => {
-                let t = &mut self.slots[p][slot].truncated;
-                *t = Some(t.unwrap_or(0).max(scl));
+            (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, incarnation, .. })
+            | (Phase::Replicate, Message::AppendAck { scl, incarnation, .. }) => {
+                let s = &mut self.slots[p][slot];
+                if s.incarnation != Some(incarnation) && s.truncated.is_some() {
+                    // Restarted since its truncation: it holds what it says
+                    // (its truncation is durable; only records can be lost).
+                    tracing::warn!(node, pg, scl, "segment restarted during recovery");
+                    s.truncated = Some(scl);
+                } else {
+                    s.truncated = Some(s.truncated.unwrap_or(0).max(scl));
+                }
+                s.incarnation = Some(incarnation);
             }
             (_, other) => {
                 tracing::debug!(node, pg, ?phase, reply = ?other, "recovery request refused; asking again later");

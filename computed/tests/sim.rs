@@ -154,7 +154,8 @@ impl SimSegment {
         s
     }
 
-    fn status(&self) -> Message {
+    /// The segment's status, as a node of `incarnation` reports it.
+    fn status(&self, incarnation: u64) -> Message {
         Message::SegmentStatus {
             volume: VOLUME,
             pg: self.seg.id.pg,
@@ -167,6 +168,7 @@ impl SimSegment {
             log_bytes: 0,
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
+            incarnation,
             annulled: self.seg.annulled().to_vec(),
         }
     }
@@ -530,6 +532,7 @@ impl Sim {
 
     /// A record write of `node`'s segment `pg` is durable.
     fn durable(&mut self, node: usize, pg: u32, records: Vec<RedoRecord>) {
+        let incarnation = self.nodes[node].incarnation;
         let s = self.nodes[node].segments.get_mut(&pg).expect("segment");
         let mut lsns = Vec::new();
         for r in &records {
@@ -558,6 +561,7 @@ impl Sim {
                         volume: VOLUME,
                         pg,
                         scl,
+                        incarnation,
                     },
                     Err(e) => segment_error(e),
                 };
@@ -570,6 +574,7 @@ impl Sim {
     }
 
     fn node_handles(&mut self, node: usize, conn: u64, request: u64, msg: Message) {
+        let incarnation = self.nodes[node].incarnation;
         let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
         let reply = match msg {
             Message::Append { pg, epoch, records, .. } => {
@@ -621,6 +626,7 @@ impl Sim {
                         volume: VOLUME,
                         pg,
                         scl,
+                        incarnation,
                     },
                     None => return,
                 }
@@ -670,7 +676,7 @@ impl Sim {
                 None => unknown(),
                 Some(s) => match s.seg.check_epoch_read(epoch) {
                     Err(e) => segment_error(e),
-                    Ok(()) => s.status(),
+                    Ok(()) => s.status(incarnation),
                 },
             },
             Message::Seal { pg, epoch, .. } => {
@@ -688,14 +694,14 @@ impl Sim {
                     Err(e) => segment_error(e),
                     Ok(_) => {
                         s.table.epoch = s.seg.epoch();
-                        s.status()
+                        s.status(incarnation)
                     }
                 }
             }
             Message::Truncate { pg, epoch, ranges, .. } => match self.nodes[node].segments.get_mut(&pg) {
                 None => unknown(),
                 Some(s) => {
-                    let reply = Self::truncate(s, epoch, &ranges);
+                    let reply = Self::truncate(s, epoch, &ranges, incarnation);
                     self.check_no_annulled_records(node);
                     reply
                 }
@@ -747,7 +753,7 @@ impl Sim {
     /// `Node::truncate`: fence, check, wait for records let in to be
     /// written (here: refuse, the recovery asks again), write the
     /// annulment, then the table, then drop the records.
-    fn truncate(s: &mut SimSegment, epoch: u64, ranges: &[LsnRange]) -> Message {
+    fn truncate(s: &mut SimSegment, epoch: u64, ranges: &[LsnRange], incarnation: u64) -> Message {
         if ranges.len() > ANNULLED_RANGES_MAX {
             return segment_error(SegmentError::TooManyRanges(ranges.len()));
         }
@@ -784,7 +790,7 @@ impl Sim {
         for (lsn, page) in dropped {
             s.hot.remove(page, lsn);
         }
-        s.status()
+        s.status(incarnation)
     }
 
     /// No segment of `node` holds a record in a range it annulled.

@@ -19,6 +19,8 @@ struct FakeSegment {
     seg: Segment<u64>,
     bodies: BTreeMap<u64, RedoRecord>,
     pgmrpl: u64,
+    /// Its node's incarnation: a restart gives it another.
+    incarnation: u64,
 }
 
 impl FakeSegment {
@@ -27,6 +29,7 @@ impl FakeSegment {
             seg: Segment::new(SegmentId { volume: VOLUME, pg }, epoch, 100_000),
             bodies: BTreeMap::new(),
             pgmrpl: 0,
+            incarnation: 1,
         }
     }
 
@@ -52,6 +55,7 @@ impl FakeSegment {
             log_bytes: 0,
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
+            incarnation: self.incarnation,
             annulled: self.seg.annulled().to_vec(),
         }
     }
@@ -159,6 +163,7 @@ impl Fake {
                     volume: VOLUME,
                     pg,
                     scl: s.seg.scl(),
+                    incarnation: s.incarnation,
                 }
             }
             other => panic!("recovery sent {other:?}"),
@@ -633,6 +638,7 @@ fn recovery_does_not_read_from_a_source_that_lost_records_since_its_seal() {
             lost = true;
             for pg in 0..2u32 {
                 let mut s = FakeSegment::new(pg, 2);
+                s.incarnation = 2;
                 s.put(&(1..=4).map(history).filter(|r| r.segment.pg == pg).collect::<Vec<_>>());
                 f.segs.insert((1, pg), s);
             }
