@@ -572,3 +572,26 @@ async fn the_log_holds_each_records_bytes_as_the_frame_carried_them() {
     let want: Vec<Vec<u8>> = recs.iter().map(RedoRecord::encode).collect();
     assert_eq!(entries, want);
 }
+
+/// Each open of the device is a new incarnation (computed takes a
+/// segment's SCL as reported when it changes), and a restart after power
+/// loss is one too.
+#[tokio::test(start_paused = true)]
+async fn every_open_is_a_new_incarnation() {
+    let disk = formatted(16 << 20, 1 << 20, 1).await;
+    let mut seen = Vec::new();
+    for clean in [true, false, true] {
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        assert!(
+            !seen.contains(&node.incarnation),
+            "incarnation {} again",
+            node.incarnation
+        );
+        seen.push(node.incarnation);
+        if clean {
+            node.shutdown().await;
+        } else {
+            pull_the_plug(node);
+        }
+    }
+}
