@@ -385,8 +385,11 @@ impl Recovery {
                     ..
                 },
             ) => self.slots[p][slot].probed = Some(0),
+            // While chains are read, segments not sealed yet are sealed
+            // too (the only SegmentStatus of that phase): the more are
+            // sealed, the more can serve as a source.
             (
-                Phase::Seal,
+                Phase::Seal | Phase::Read,
                 Message::SegmentStatus {
                     scl,
                     highest_lsn,
@@ -397,6 +400,9 @@ impl Recovery {
                     ..
                 },
             ) => {
+                if phase == Phase::Read {
+                    tracing::info!(node, pg, scl, "segment sealed while chains are read");
+                }
                 self.slots[p][slot].incarnation = Some(incarnation);
                 self.slots[p][slot].sealed = Some(Sealed {
                     scl,
@@ -408,6 +414,10 @@ impl Recovery {
                     if !self.seen_ranges.contains(&(installed_epoch, r)) {
                         self.seen_ranges.push((installed_epoch, r));
                     }
+                }
+                if phase == Phase::Read {
+                    self.set_source_bound(p, false);
+                    self.pick_sources();
                 }
             }
             (Phase::Read, Message::Records { scl, records, .. }) if self.source[p] == Some(slot) => {
@@ -518,15 +528,23 @@ impl Recovery {
             .max()
             .unwrap_or(0);
         for pg in 0..self.placement.len() {
-            let mut scls: Vec<u64> = self.slots[pg].iter().filter_map(|s| s.sealed.map(|x| x.scl)).collect();
-            scls.sort_unstable_by(|a, b| b.cmp(a));
-            // A record on a write quorum (4 of 6) is on at least k - 2 of
-            // the k sealed segments, so at or below the (k - 2)-th highest
-            // sealed SCL. k is at least a write quorum here.
-            debug_assert!(scls.len() >= WRITE_QUORUM);
-            self.source_scl_min[pg] = scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0);
+            self.set_source_bound(pg, true);
         }
         self.pick_sources_now();
+    }
+
+    /// The SCL a source of `pg` must have: a record on a write quorum (4 of
+    /// 6) is on at least k - 2 of the k sealed segments, so at or below
+    /// the (k - 2)-th highest sealed SCL. k is at least a write quorum once
+    /// chains are read, and only grows. Each bound found is enough, so a
+    /// later seal only ever lowers it (`first`: the first one).
+    fn set_source_bound(&mut self, pg: usize, first: bool) {
+        let mut scls: Vec<u64> = self.slots[pg].iter().filter_map(|s| s.sealed.map(|x| x.scl)).collect();
+        scls.sort_unstable_by(|a, b| b.cmp(a));
+        debug_assert!(scls.len() >= WRITE_QUORUM);
+        let bound = scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0);
+        let m = &mut self.source_scl_min[pg];
+        *m = if first { bound } else { (*m).min(bound) };
     }
 
     /// Per PG still to be read: keep the source if it is up, fit and has not
@@ -550,11 +568,13 @@ impl Recovery {
             }
             let up = |i: usize| self.up.contains(&self.placement[pg][i]);
             let refused = |i: usize| self.source_refused[pg] & (1 << i) != 0;
+            // (One sealed late may have coalesced above the floor: what it
+            // holds there cannot be read.)
             let fit = |i: usize| {
                 self.source_unfit[pg] & (1 << i) == 0
                     && self.slots[pg][i]
                         .sealed
-                        .is_some_and(|s| s.scl >= self.source_scl_min[pg])
+                        .is_some_and(|s| s.scl >= self.source_scl_min[pg] && s.pgmrpl <= self.floor)
             };
             if let Some(i) = self.source[pg]
                 && fit(i)
@@ -782,7 +802,7 @@ impl Recovery {
                 epoch: 0,
                 pg: pg_no,
             }),
-            Phase::Seal if s.sealed.is_none() => Some(Message::Seal {
+            Phase::Seal | Phase::Read if s.sealed.is_none() => Some(Message::Seal {
                 volume,
                 epoch: self.epoch,
                 pg: pg_no,
