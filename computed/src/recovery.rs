@@ -614,7 +614,9 @@ impl Recovery {
                 );
                 // An answer still to come from the old source is not part
                 // of the new read.
-                self.pending.retain(|_, Ask::Slot { pg: p, .. }| *p as usize != pg);
+                self.pending.retain(|_, Ask::Slot { pg: p, slot, phase, .. }| {
+                    !(*p as usize == pg && *slot == old && *phase == Phase::Read)
+                });
                 self.slots[pg][old].asked = false;
             }
             self.source[pg] = Some(best);

@@ -665,3 +665,28 @@ fn recovery_asks_another_source_after_a_refusal() {
     assert_eq!(r.vdl, 8);
     assert!(refused >= 1);
 }
+
+/// The only sealed segments that can serve a PG's chain die; the segments
+/// that were down at the seal come back. They are sealed while chains are
+/// read, and with 6 sealed, segments with a lower SCL can serve.
+#[test]
+fn segments_sealed_while_chains_are_read_can_serve() {
+    // 1-8 everywhere (committed); 9 and 10 on nodes 5 and 6 only.
+    let mut f = Fake::holding(|node| if node >= 5 { 10 } else { 8 }, |_| 0);
+    // Nodes 1 and 2 miss the seals: with 3-6 sealed, only 5 and 6 (the 2
+    // highest of 4) are known to hold every committed record.
+    f.down = vec![1, 2];
+    let mut died = false;
+    let r = f.recover_with(|f, r, node, msg| {
+        if matches!(msg, Message::ReadRecords { .. }) && node >= 5 && !died {
+            died = true;
+            f.down = vec![5, 6];
+            r.node_down(5);
+            r.node_down(6);
+            return Fate::Lose;
+        }
+        Fate::Deliver
+    });
+    assert!(died);
+    assert_eq!(r.vdl, 8);
+}
