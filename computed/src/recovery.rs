@@ -19,6 +19,8 @@
 //!    of 6 segments is on at least k − 2 of any k): when the source goes
 //!    down, refuses, or answers with an SCL below that (it lost records
 //!    since its seal), the read starts over from another such segment.
+//!    Segments not sealed yet are sealed meanwhile: a larger k lowers the
+//!    bound, so a write quorum up is always enough to find a source.
 //! 4. **Decide**: LSNs are allocated contiguously, one per record, so the
 //!    VCL is the end of the run of LSNs above the floor that some PG's chain
 //!    (or an earlier truncation range) accounts for; the VDL is the highest
