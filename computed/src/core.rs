@@ -20,6 +20,14 @@
 //! CPL at or below the VCL. The commit queue acknowledges every transaction
 //! the VDL covers in one pass.
 //!
+//! A segment's SCL is the highest it reported within the node's current
+//! incarnation (replies carry it; late or reordered acks never lower it),
+//! and exactly what it reported when a reply on the current connection
+//! shows a new one: a node that restarted may hold less than it
+//! acknowledged (damage found at open, a replaced disk), and is counted for
+//! what it holds, and sent what it lacks. A node that comes back is asked
+//! each segment's status at once, so an idle PG learns this too.
+//!
 //! Re-sends. A segment whose connection drops, whose batch is refused, or
 //! which answers everything sent and still reports an SCL below what it was
 //! sent, is sent again from its SCL. Records are held until all 6 segments
@@ -208,6 +216,9 @@ struct Slot {
     node: u64,
     up: bool,
     scl: u64,
+    /// The node's incarnation `scl` was reported under (None: not heard
+    /// from since this writer started).
+    incarnation: Option<u64>,
     /// Highest LSN sent on the current connection; the next batch starts above it.
     sent_through: u64,
     inflight_batches: usize,
@@ -261,6 +272,11 @@ enum Pending {
         pg: u32,
         slot: usize,
     },
+    /// Where a segment stands, asked when its node comes back.
+    Status {
+        pg: u32,
+        slot: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -270,9 +286,12 @@ struct ReadState<T> {
     pg: u32,
     read_point: u64,
     pg_point: u64,
-    /// Slots asked so far (bitmask) and how many asks are unanswered.
+    /// Slots asked since the read last started over, and slots with an
+    /// ask still unanswered (bitmasks). Every way an ask ends (an answer, a
+    /// refusal, its connection lost) clears its bit in `asked`: a read with
+    /// nothing asked is asked again, so it never waits on nobody.
     tried: u8,
-    outstanding: u8,
+    asked: u8,
     started_us: u64,
 }
 
@@ -322,6 +341,7 @@ impl<T> Writer<T> {
                         node,
                         up: false,
                         scl: 0,
+                        incarnation: None,
                         sent_through: 0,
                         inflight_batches: 0,
                         inflight_bytes: 0,
@@ -406,7 +426,11 @@ impl<T> Writer<T> {
     pub fn vcl(&self) -> u64 {
         quorum::vcl(
             self.pgs.iter().map(|pg| {
-                let i = pg.held.partition_point(|r| r.lsn <= pg.pgcl);
+                // Records at or below the VDL were at quorum when it passed
+                // them; a segment that lost one since needs repair, and
+                // does not hold back the records above.
+                let at_quorum = pg.pgcl.max(self.commits.vdl());
+                let i = pg.held.partition_point(|r| r.lsn <= at_quorum);
                 pg.held.get(i).map(|r| r.lsn)
             }),
             self.allocated_through(),
@@ -645,13 +669,38 @@ impl<T> Writer<T> {
         out.append(&mut self.outputs);
     }
 
-    /// The connection to `node` is established (Hello answered).
+    /// The connection to `node` is established (Hello answered). Each of
+    /// its segments is asked where it stands: if the node restarted, its
+    /// new incarnation's SCLs replace the old ones (see the module header).
     pub fn node_up(&mut self, node: u64) {
-        for pg in &mut self.pgs {
-            for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
+        for pg_no in 0..self.pgs.len() {
+            for slot_no in 0..SEGMENTS_PER_PG {
+                let pg = &mut self.pgs[pg_no];
+                let slot = &mut pg.slots[slot_no];
+                if slot.node != node {
+                    continue;
+                }
                 slot.up = true;
                 slot.sent_through = slot.scl.max(pg.released_through);
                 pg.dirty = true;
+                let request = self.next_request;
+                self.next_request += 1;
+                self.pending.insert(
+                    request,
+                    Pending::Status {
+                        pg: pg_no as u32,
+                        slot: slot_no,
+                    },
+                );
+                self.outputs.push(Output::Request {
+                    node,
+                    request,
+                    message: Message::GetSegmentStatus {
+                        volume: self.config.volume,
+                        epoch: self.config.epoch,
+                        pg: pg_no as u32,
+                    },
+                });
             }
         }
     }
@@ -678,14 +727,21 @@ impl<T> Writer<T> {
                     self.pgs[*pg as usize].slots[*slot].node == node
                 }
                 Pending::Pgmrpl { node: n } => *n == node,
-                Pending::Truncate { pg, slot } => self.pgs[*pg as usize].slots[*slot].node == node,
+                Pending::Truncate { pg, slot } | Pending::Status { pg, slot } => {
+                    self.pgs[*pg as usize].slots[*slot].node == node
+                }
             })
             .map(|(&id, _)| id)
             .collect();
         // In request order, not the map's: the simulator replays a seed exactly.
         lost.sort_unstable();
         for id in lost {
-            if let Some(Pending::Read { read, .. }) = self.pending.remove(&id) {
+            if let Some(Pending::Read { read, slot, .. }) = self.pending.remove(&id) {
+                // The ask is over: without this the read would wait for an
+                // answer that cannot come, and never be asked again.
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.asked &= !(1 << slot);
+                }
                 self.read_failed(read);
             }
         }
@@ -734,7 +790,7 @@ impl<T> Writer<T> {
                 s.inflight_bytes -= bytes;
                 s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
                 match reply {
-                    Message::AppendAck { scl, .. } => self.on_scl(pg, slot, scl),
+                    Message::AppendAck { scl, incarnation, .. } => self.on_report(pg, slot, scl, incarnation),
                     Message::Error {
                         code: ErrorCode::EpochNotInstalled,
                         ..
@@ -760,16 +816,14 @@ impl<T> Writer<T> {
             ) => {
                 let s = &mut self.pgs[pg as usize].slots[slot];
                 s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.asked &= !(1 << slot);
+                }
                 match reply {
                     Message::Page { lsn, bytes, page, .. } if bytes.len() == self.config.page_bytes => {
                         self.read_succeeded(read, page, lsn, bytes)
                     }
-                    _ => {
-                        if let Some(r) = self.reads.get_mut(&read) {
-                            r.outstanding -= 1;
-                        }
-                        self.read_failed(read);
-                    }
+                    _ => self.read_failed(read),
                 }
             }
             (Some(Pending::Pgmrpl { .. }), _) => {}
@@ -777,15 +831,21 @@ impl<T> Writer<T> {
                 let p = &mut self.pgs[pg as usize];
                 match reply {
                     Message::SegmentStatus {
-                        scl, installed_epoch, ..
+                        scl,
+                        installed_epoch,
+                        incarnation,
+                        ..
                     } if installed_epoch == self.config.epoch => {
                         tracing::info!(node, pg, scl, "segment installed this writer's epoch");
                         let s = &mut p.slots[slot];
                         s.paused_until_us = 0;
+                        // The truncation dropped what it held above the
+                        // epoch's range: its SCL is what it says now.
                         s.scl = scl;
+                        s.incarnation = Some(incarnation);
                         s.sent_through = scl.max(p.released_through);
                         p.dirty = true;
-                        self.on_scl(pg, slot, scl);
+                        self.set_scl(pg, slot);
                     }
                     other => {
                         tracing::debug!(node, pg, reply = ?other, "truncation refused; will try again");
@@ -793,14 +853,47 @@ impl<T> Writer<T> {
                     }
                 }
             }
-            (None, Message::AppendAck { pg, scl, .. }) => {
-                // A late ack (its connection was reset since): the SCL is still true.
+            (Some(Pending::Status { pg, slot }), reply) => match reply {
+                Message::SegmentStatus { scl, incarnation, .. } => self.on_report(pg, slot, scl, incarnation),
+                Message::Error {
+                    code: ErrorCode::UnknownSegment,
+                    ..
+                } => {
+                    // The node holds nothing of the PG (a replaced disk):
+                    // its SCL is 0 under an incarnation its first ack names.
+                    let p = &mut self.pgs[pg as usize];
+                    let s = &mut p.slots[slot];
+                    if s.scl > 0 {
+                        tracing::warn!(
+                            node,
+                            pg,
+                            scl = s.scl,
+                            "segment is gone from its node; counted for nothing"
+                        );
+                    }
+                    s.scl = 0;
+                    s.incarnation = None;
+                    s.sent_through = p.released_through;
+                    p.dirty = true;
+                    self.set_scl(pg, slot);
+                }
+                // Anything else: its acks will tell.
+                other => tracing::debug!(node, pg, reply = ?other, "segment status refused"),
+            },
+            (
+                None,
+                Message::AppendAck {
+                    pg, scl, incarnation, ..
+                },
+            ) => {
+                // An ack no request waits for any more (re-sent since, or
+                // answered twice): its SCL is still true.
                 if let Some(slot) = self
                     .pgs
                     .get(pg as usize)
                     .and_then(|p| p.slots.iter().position(|s| s.node == node))
                 {
-                    self.on_scl(pg, slot, scl);
+                    self.on_report(pg, slot, scl, incarnation);
                 }
             }
             (None, _) => {}
@@ -811,9 +904,10 @@ impl<T> Writer<T> {
     /// the node `p` went to, and is about the PG `p` asked about.
     fn may_answer(&self, p: &Pending, node: u64, reply: &Message) -> bool {
         let (to, pg) = match p {
-            Pending::Append { pg, slot, .. } | Pending::Read { pg, slot, .. } | Pending::Truncate { pg, slot } => {
-                (self.pgs[*pg as usize].slots[*slot].node, Some(*pg))
-            }
+            Pending::Append { pg, slot, .. }
+            | Pending::Read { pg, slot, .. }
+            | Pending::Truncate { pg, slot }
+            | Pending::Status { pg, slot } => (self.pgs[*pg as usize].slots[*slot].node, Some(*pg)),
             Pending::Pgmrpl { node } => (*node, None),
         };
         let about = match reply {
@@ -859,10 +953,48 @@ impl<T> Writer<T> {
         }
     }
 
-    fn on_scl(&mut self, pg_no: u32, slot_no: usize, scl: u64) {
+    /// A segment reported `scl` under the node's `incarnation`.
+    ///
+    /// The shells hand over a connection's replies before its loss
+    /// (`node_down`), and a new connection's after `node_up`; a node's
+    /// incarnation changes only when it opens its device, which ends every
+    /// connection. So a reply taken while the slot is up came on the
+    /// current connection, from the node as it is now.
+    fn on_report(&mut self, pg_no: u32, slot_no: usize, scl: u64, incarnation: u64) {
         let pg = &mut self.pgs[pg_no as usize];
         let slot = &mut pg.slots[slot_no];
-        slot.scl = slot.scl.max(scl);
+        if !slot.up {
+            return; // its connection is gone: never from the node as it is now
+        }
+        if slot.incarnation == Some(incarnation) {
+            // Acks of one incarnation may come out of order; its SCL only
+            // moves forward.
+            slot.scl = slot.scl.max(scl);
+        } else {
+            // The node opened its device since (or this writer had not
+            // heard from it): it holds what it says now.
+            if scl < slot.scl {
+                tracing::warn!(
+                    node = slot.node,
+                    pg = pg_no,
+                    was = slot.scl,
+                    scl,
+                    "segment came back with less than it acknowledged; sending it what it lacks"
+                );
+                slot.sent_through = scl.max(pg.released_through);
+                pg.dirty = true;
+            }
+            slot.scl = scl;
+            slot.incarnation = Some(incarnation);
+        }
+        self.set_scl(pg_no, slot_no);
+    }
+
+    /// A slot's SCL changed: re-send what it missed, recompute the PGCL,
+    /// let go of what is held enough, and move the VDL.
+    fn set_scl(&mut self, pg_no: u32, slot_no: usize) {
+        let pg = &mut self.pgs[pg_no as usize];
+        let slot = &mut pg.slots[slot_no];
         // Everything sent was answered and the segment is still behind:
         // something it was sent never arrived. Send it again.
         if slot.inflight_batches == 0 && slot.scl < slot.sent_through && slot.scl >= pg.released_through {
@@ -873,9 +1005,9 @@ impl<T> Writer<T> {
         for (o, s) in scls.iter_mut().zip(&pg.slots) {
             *o = s.scl;
         }
-        let pgcl = quorum::pgcl(&scls);
-        debug_assert!(pgcl >= pg.pgcl);
-        pg.pgcl = pgcl.max(pg.pgcl);
+        // It falls when a segment reports less under a new incarnation:
+        // records above it are not on a write quorum any more.
+        pg.pgcl = quorum::pgcl(&scls);
         // Let go of what all 6 have, and past the memory bound of what 4 have.
         let all = scls.iter().copied().min().unwrap_or(0);
         while let Some(front) = pg.held.front() {
@@ -973,7 +1105,7 @@ impl<T> Writer<T> {
                 read_point,
                 pg_point,
                 tried: 0,
-                outstanding: 0,
+                asked: 0,
                 started_us: self.now_us,
             },
         );
@@ -1000,7 +1132,7 @@ impl<T> Writer<T> {
             return false;
         };
         r.tried |= 1 << slot;
-        r.outstanding += 1;
+        r.asked |= 1 << slot;
         let request = self.next_request;
         self.next_request += 1;
         let node = pg.slots[slot].node;
@@ -1031,7 +1163,7 @@ impl<T> Writer<T> {
         let Some(r) = self.reads.get(&read) else {
             return;
         };
-        if r.outstanding == 0 && !self.ask(read) {
+        if r.asked == 0 && !self.ask(read) {
             // Nobody can answer now: start over at the next tick.
             if let Some(r) = self.reads.get_mut(&read) {
                 r.tried = 0;
@@ -1074,37 +1206,54 @@ impl<T> Writer<T> {
         let mut slow: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| {
-                r.outstanding == 0 || now_us.saturating_sub(r.started_us) >= self.config.read_hedge_after_us
-            })
+            .filter(|(_, r)| r.asked == 0 || now_us.saturating_sub(r.started_us) >= self.config.read_hedge_after_us)
             .map(|(&id, _)| id)
             .collect();
         slow.sort_unstable();
         for read in slow {
             if let Some(r) = self.reads.get_mut(&read) {
                 r.started_us = now_us;
-                if r.outstanding == 0 || r.tried.count_ones() as usize == SEGMENTS_PER_PG {
-                    r.tried = 0;
-                }
             }
-            self.ask(read);
+            if !self.ask(read) {
+                // Every segment that can answer was tried: start over with
+                // those not already waited on (at most one ask per segment).
+                if let Some(r) = self.reads.get_mut(&read) {
+                    r.tried = r.asked;
+                }
+                self.ask(read);
+            }
         }
         if let Some(resend_after) = self.config.resend_after_us {
             let mut stale: Vec<u64> = self
                 .pending
                 .iter()
-                .filter(|(_, p)| matches!(p, Pending::Append { sent_us, .. } if now_us.saturating_sub(*sent_us) >= resend_after))
+                .filter(|(_, p)| match p {
+                    Pending::Append { sent_us, .. } | Pending::Read { sent_us, .. } => {
+                        now_us.saturating_sub(*sent_us) >= resend_after
+                    }
+                    _ => false,
+                })
                 .map(|(&id, _)| id)
                 .collect();
             stale.sort_unstable();
             for id in stale {
-                if let Some(Pending::Append { pg, slot, bytes, .. }) = self.pending.remove(&id) {
-                    let p = &mut self.pgs[pg as usize];
-                    let s = &mut p.slots[slot];
-                    s.inflight_batches -= 1;
-                    s.inflight_bytes -= bytes;
-                    s.sent_through = s.scl.max(p.released_through);
-                    p.dirty = true;
+                match self.pending.remove(&id) {
+                    Some(Pending::Append { pg, slot, bytes, .. }) => {
+                        let p = &mut self.pgs[pg as usize];
+                        let s = &mut p.slots[slot];
+                        s.inflight_batches -= 1;
+                        s.inflight_bytes -= bytes;
+                        s.sent_through = s.scl.max(p.released_through);
+                        p.dirty = true;
+                    }
+                    // Taken as lost, as a batch is: the read may ask that segment again.
+                    Some(Pending::Read { read, slot, .. }) => {
+                        if let Some(r) = self.reads.get_mut(&read) {
+                            r.asked &= !(1 << slot);
+                        }
+                        self.read_failed(read);
+                    }
+                    other => debug_assert!(other.is_none()),
                 }
             }
         }

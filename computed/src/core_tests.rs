@@ -74,8 +74,21 @@ fn commits(out: &[Output<u32>]) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Every node's incarnation in these tests, unless one restarts.
+const INCARNATION: u64 = 77;
+
 fn ack(w: &mut Writer<u32>, node: u64, request: u64, pg: u32, scl: u64) {
-    w.on_reply(node, request, Message::AppendAck { volume: 1, pg, scl });
+    ack_from(w, node, request, pg, scl, INCARNATION);
+}
+
+fn ack_from(w: &mut Writer<u32>, node: u64, request: u64, pg: u32, scl: u64, incarnation: u64) {
+    let ack = Message::AppendAck {
+        volume: 1,
+        pg,
+        scl,
+        incarnation,
+    };
+    w.on_reply(node, request, ack);
 }
 
 #[test]
@@ -436,4 +449,185 @@ fn pgmrpl_is_sent_after_a_pause_or_a_large_move_and_its_last_value_always() {
     assert_eq!(pgmrpls(&outputs(&mut w)), vec![(0, 2)]);
     w.tick(4 * PGMRPL_INTERVAL_US);
     assert!(pgmrpls(&outputs(&mut w)).is_empty());
+}
+
+/// The GetPage requests in `out`: (node, request).
+fn page_asks(out: &[Output<u32>]) -> Vec<(u64, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message: Message::GetPage { .. },
+            } => Some((*node, *request)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A read whose segment's connection drops while it is asked, and whose
+/// other segments each refuse once, is asked again and answered: it never
+/// waits for ever, and the PG's PGMRPL is not pinned at its read point.
+#[test]
+fn a_read_asked_of_a_lost_connection_and_refused_elsewhere_is_asked_again() {
+    let mut w = writer();
+    // Page 4 of PG 0 (a delta: not cached), on nodes 1-5; node 6 is behind.
+    w.submit(1, vec![delta(4, 9)]).unwrap();
+    for (node, req, pg, _, last) in appends(&outputs(&mut w)) {
+        if node != 6 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 1)]);
+    w.read(10, 4).unwrap();
+    let asks = page_asks(&outputs(&mut w));
+    assert_eq!(asks.len(), 1);
+    let (first, _) = asks[0];
+    w.node_down(first);
+    w.node_up(first);
+    let mut now = 0;
+    let mut refused = Vec::new();
+    let mut answered = None;
+    for _ in 0..20 {
+        let out = outputs(&mut w);
+        if let Some(page) = out.iter().find_map(|o| match o {
+            Output::ReadDone { token: 10, page } => Some(page.clone()),
+            _ => None,
+        }) {
+            answered = Some(page);
+            break;
+        }
+        for (node, request) in page_asks(&out) {
+            assert_ne!(node, 6, "asked a segment below the read point");
+            if node != first && !refused.contains(&node) {
+                refused.push(node);
+                w.on_reply(node, request, Message::error(ErrorCode::Internal, 0, "a one-off fault"));
+            } else {
+                let mut bytes = vec![0; PAGE];
+                bytes[..4].copy_from_slice(&[9; 4]);
+                let page = Message::Page {
+                    volume: 1,
+                    pg: 0,
+                    page: 4,
+                    lsn: 1,
+                    bytes,
+                };
+                w.on_reply(node, request, page);
+            }
+        }
+        now += 1000;
+        w.tick(now);
+    }
+    let page = answered.expect("the read was never answered");
+    assert_eq!((page.read_point, page.lsn, page.bytes[0]), (1, 1, 9));
+    assert_eq!(refused.len(), 4, "every other segment that can answer was asked once");
+    w.tick(now + PGMRPL_INTERVAL_US);
+    assert_eq!(pgmrpls(&outputs(&mut w)), vec![(0, 1)], "the PGMRPL moves on");
+}
+
+/// The GetSegmentStatus requests in `out`: (node, request, pg).
+fn status_asks(out: &[Output<u32>]) -> Vec<(u64, u64, u32)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message: Message::GetSegmentStatus { pg, .. },
+            } => Some((*node, *request, *pg)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn status(pg: u32, scl: u64, incarnation: u64) -> Message {
+    Message::SegmentStatus {
+        volume: 1,
+        pg,
+        epoch: 1,
+        scl,
+        highest_lsn: scl,
+        lowest_lsn: 0,
+        pgmrpl: 0,
+        records: 0,
+        log_bytes: 0,
+        page_store_bytes: 0,
+        installed_epoch: 1,
+        incarnation,
+        annulled: Vec::new(),
+        holes: Vec::new(),
+    }
+}
+
+/// A segment that acknowledged a record and comes back from a restart
+/// without it (damage found at open, a replaced disk) is counted for what
+/// it holds now, not what it once acknowledged: a commit in flight is
+/// acknowledged only once 4 segments really hold it, and the segment is
+/// sent what it lacks.
+#[test]
+fn a_segment_back_with_less_than_it_acknowledged_is_not_counted_for_it() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1), delta(2, 1)]).unwrap(); // PG 0, LSNs 1-2
+    let sends = appends(&outputs(&mut w));
+    for &(node, req, pg, _, last) in &sends[..3] {
+        ack(&mut w, node, req, pg, last);
+    }
+    assert_eq!(w.scls(0), [2, 2, 2, 0, 0, 0]);
+    // Node 1 restarts (its connection drops) and finds it holds nothing.
+    w.node_down(1);
+    w.node_up(1);
+    for (node, request, pg) in status_asks(&outputs(&mut w)) {
+        assert_eq!(node, 1);
+        w.on_reply(node, request, status(pg, 0, INCARNATION + 1));
+    }
+    assert_eq!(w.scls(0)[0], 0, "taken as reported under its new incarnation");
+    // A fourth ack: 3 segments hold the commit, not 4.
+    let (node, req, pg, _, last) = sends[3];
+    ack(&mut w, node, req, pg, last);
+    let out = outputs(&mut w);
+    assert!(commits(&out).is_empty(), "acknowledged on 3 copies");
+    assert_eq!(w.pgcl(0), 0);
+    // It is sent what it lacks, and once it holds it the commit is durable.
+    let resent = appends(&out);
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    let (node, req, pg, first, last) = resent[0];
+    assert_eq!((node, first, last), (1, 1, 2));
+    ack_from(&mut w, node, req, pg, last, INCARNATION + 1);
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 2)]);
+}
+
+/// Within one incarnation a segment's SCL never goes back: an ack that
+/// arrives after a later one (reordered), or late from a connection since
+/// reset, keeps the highest. A late ack of an earlier incarnation is not
+/// believed at all.
+#[test]
+fn a_late_or_reordered_ack_never_lowers_an_scl() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let first = appends(&outputs(&mut w));
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    let second = appends(&outputs(&mut w));
+    let (node, req2, pg, _, _) = second[0];
+    ack(&mut w, node, req2, pg, 2);
+    ack(&mut w, node, first[0].1, pg, 1);
+    assert_eq!(w.scls(0)[0], 2, "a reordered ack lowered the SCL");
+    // Reconnected, same incarnation (a network blip): still 2, and an ack
+    // no request waits for any more does not lower it.
+    w.node_down(node);
+    w.node_up(node);
+    for (n, request, p) in status_asks(&outputs(&mut w)) {
+        w.on_reply(n, request, status(p, if p == 0 { 2 } else { 0 }, INCARNATION));
+    }
+    ack(&mut w, node, first[0].1, pg, 1);
+    assert_eq!(w.scls(0)[0], 2);
+    // Restarted with 1 only; an ack of the old connection, handed over
+    // after its loss, is no longer true.
+    w.node_down(node);
+    ack(&mut w, node, req2, pg, 2);
+    w.node_up(node);
+    for (n, request, p) in status_asks(&outputs(&mut w)) {
+        w.on_reply(n, request, status(p, if p == 0 { 1 } else { 0 }, INCARNATION + 1));
+    }
+    assert_eq!(w.scls(0)[0], 1);
+    ack_from(&mut w, node, req2, pg, 2, INCARNATION + 1);
+    assert_eq!(w.scls(0)[0], 2, "an ack of the new incarnation moves it on");
 }

@@ -14,7 +14,13 @@
 //! 3. **Read**: per PG, the sealed segment with the highest SCL holds every
 //!    record that could have reached a write quorum (4 + 4 > 6). Its chain
 //!    above the floor (the highest PGMRPL seen: a VDL of the old writer,
-//!    durable everywhere) is read.
+//!    durable everywhere) is read. So does any sealed segment whose SCL is
+//!    at least the (k − 2)-th highest of the k sealed ones (a record on 4
+//!    of 6 segments is on at least k − 2 of any k): when the source goes
+//!    down, refuses, or answers with an SCL below that (it lost records
+//!    since its seal), the read starts over from another such segment.
+//!    Segments not sealed yet are sealed meanwhile: a larger k lowers the
+//!    bound, so a write quorum up is always enough to find a source.
 //! 4. **Decide**: LSNs are allocated contiguously, one per record, so the
 //!    VCL is the end of the run of LSNs above the floor that some PG's chain
 //!    (or an earlier truncation range) accounts for; the VDL is the highest
@@ -34,6 +40,7 @@
 //! A fresh volume (no answer shows a writer's epoch or a record) needs no
 //! range: LSNs start at 1.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -109,8 +116,11 @@ struct SlotState {
     /// Epoch the probe saw (0 for a segment that does not exist).
     probed: Option<u64>,
     sealed: Option<Sealed>,
-    /// SCL after the truncation (and any replication since).
+    /// SCL after the truncation (and any replication since), and the
+    /// node's incarnation it was reported under: it only moves forward
+    /// within one; a new one (a restart) replaces it.
     truncated: Option<u64>,
+    incarnation: Option<u64>,
     /// A request of the current phase is in flight.
     asked: bool,
 }
@@ -158,6 +168,13 @@ pub struct Recovery {
     seen_ranges: Vec<(u64, LsnRange)>,
     /// Per PG: the slot whose chain is read, and what was read of it.
     source: Vec<Option<usize>>,
+    /// Per PG: the SCL a source must have (the (k − 2)-th highest of the k
+    /// sealed SCLs), and the slots not to read from (bitmasks): those that
+    /// answered with less than that, and those that refused since the read
+    /// last started over.
+    source_scl_min: Vec<u64>,
+    source_unfit: Vec<u8>,
+    source_refused: Vec<u8>,
     chains: Vec<Vec<RedoRecord>>,
     read_done: Vec<bool>,
     // Decided:
@@ -188,6 +205,9 @@ impl Recovery {
             floor: 0,
             seen_ranges: Vec::new(),
             source: vec![None; pgs],
+            source_scl_min: vec![0; pgs],
+            source_unfit: vec![0; pgs],
+            source_refused: vec![0; pgs],
             chains: vec![Vec::new(); pgs],
             read_done: vec![false; pgs],
             vdl: 0,
@@ -225,12 +245,23 @@ impl Recovery {
         match self.phase {
             Phase::Probe => format!("probing segments: {}", counts(&|s| s.probed.is_some())),
             Phase::Seal => format!("sealing at epoch {}: {}", self.epoch, counts(&|s| s.sealed.is_some())),
-            Phase::Read => format!(
-                "reading chains above LSN {}: {} of {} PGs read",
-                self.floor,
-                self.read_done.iter().filter(|d| **d).count(),
-                self.read_done.len()
-            ),
+            Phase::Read => {
+                let stuck: Vec<usize> = (0..self.placement.len())
+                    .filter(|&pg| !self.read_done[pg] && self.source[pg].is_none())
+                    .collect();
+                let mut s = format!(
+                    "reading chains above LSN {}: {} of {} PGs read",
+                    self.floor,
+                    self.read_done.iter().filter(|d| **d).count(),
+                    self.read_done.len()
+                );
+                if !stuck.is_empty() {
+                    s.push_str(&format!(
+                        "; PGs {stuck:?}: every sealed segment that could hold all committed records holds less than its seal said"
+                    ));
+                }
+                s
+            }
             Phase::Truncate => format!(
                 "truncating above VDL {} at epoch {}: {}",
                 self.vdl,
@@ -282,6 +313,7 @@ impl Recovery {
 
     pub fn node_up(&mut self, node: u64) {
         self.up.insert(node);
+        self.pick_sources();
         self.ask_all();
     }
 
@@ -298,6 +330,9 @@ impl Recovery {
                 self.slots[pg as usize][slot].asked = false;
             }
         }
+        // A source that went down is replaced at once if another can serve.
+        self.pick_sources();
+        self.ask_all();
     }
 
     /// Ask again whatever is unanswered: after refusals, and requests
@@ -352,17 +387,25 @@ impl Recovery {
                     ..
                 },
             ) => self.slots[p][slot].probed = Some(0),
+            // While chains are read, segments not sealed yet are sealed
+            // too (the only SegmentStatus of that phase): the more are
+            // sealed, the more can serve as a source.
             (
-                Phase::Seal,
+                Phase::Seal | Phase::Read,
                 Message::SegmentStatus {
                     scl,
                     highest_lsn,
                     pgmrpl,
                     installed_epoch,
                     annulled,
+                    incarnation,
                     ..
                 },
             ) => {
+                if phase == Phase::Read {
+                    tracing::info!(node, pg, scl, "segment sealed while chains are read");
+                }
+                self.slots[p][slot].incarnation = Some(incarnation);
                 self.slots[p][slot].sealed = Some(Sealed {
                     scl,
                     highest_lsn,
@@ -374,26 +417,57 @@ impl Recovery {
                         self.seen_ranges.push((installed_epoch, r));
                     }
                 }
+                if phase == Phase::Read {
+                    self.set_source_bound(p, false);
+                    self.pick_sources();
+                }
             }
             (Phase::Read, Message::Records { scl, records, .. }) if self.source[p] == Some(slot) => {
-                let last = records.last().map(|r| r.lsn);
-                self.chains[p].extend(records);
-                match last {
-                    Some(l) if l < scl => {}
-                    _ => self.read_done[p] = true,
+                if scl < self.source_scl_min[p] {
+                    // It holds less than when it was sealed (a restart that
+                    // found damage, a replaced disk): it may lack a record
+                    // that was committed.
+                    tracing::warn!(
+                        node,
+                        pg,
+                        scl,
+                        needed = self.source_scl_min[p],
+                        "recovery's source holds less than its seal said; reading another segment"
+                    );
+                    self.source_unfit[p] |= 1 << slot;
+                    self.pick_sources();
+                } else {
+                    let last = records.last().map(|r| r.lsn);
+                    self.chains[p].extend(records);
+                    match last {
+                        Some(l) if l < scl => {}
+                        _ => self.read_done[p] = true,
+                    }
                 }
             }
             // Truncations go on during replication, to segments that had not answered.
-            (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, .. }) => {
-                let t = &mut self.slots[p][slot].truncated;
-                *t = Some(t.unwrap_or(0).max(scl));
-            }
-            (Phase::Replicate, Message::AppendAck { scl, .. }) => {
-                let t = &mut self.slots[p][slot].truncated;
-                *t = Some(t.unwrap_or(0).max(scl));
+            (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, incarnation, .. })
+            | (Phase::Replicate, Message::AppendAck { scl, incarnation, .. }) => {
+                let s = &mut self.slots[p][slot];
+                if s.incarnation != Some(incarnation) && s.truncated.is_some() {
+                    // Restarted since its truncation: it holds what it says
+                    // (its truncation is durable; only records can be lost).
+                    tracing::warn!(node, pg, scl, "segment restarted during recovery");
+                    s.truncated = Some(scl);
+                } else {
+                    s.truncated = Some(s.truncated.unwrap_or(0).max(scl));
+                }
+                s.incarnation = Some(incarnation);
             }
             (_, other) => {
                 tracing::debug!(node, pg, ?phase, reply = ?other, "recovery request refused; asking again later");
+                if phase == Phase::Read && self.source[p] == Some(slot) {
+                    // Another segment that can serve is asked instead (and
+                    // this one again once every one has refused).
+                    self.source_refused[p] |= 1 << slot;
+                    self.pick_sources();
+                    self.ask_all();
+                }
                 return;
             }
         }
@@ -456,13 +530,99 @@ impl Recovery {
             .max()
             .unwrap_or(0);
         for pg in 0..self.placement.len() {
-            let best = (0..SEGMENTS_PER_PG)
-                .filter_map(|i| self.slots[pg][i].sealed.map(|s| (s.scl, i)))
-                .max();
-            match best {
-                Some((scl, i)) if scl > self.floor => self.source[pg] = Some(i),
-                _ => self.read_done[pg] = true,
+            self.set_source_bound(pg, true);
+        }
+        self.pick_sources_now();
+    }
+
+    /// The SCL a source of `pg` must have: a record on a write quorum (4 of
+    /// 6) is on at least k - 2 of the k sealed segments, so at or below
+    /// the (k - 2)-th highest sealed SCL. k is at least a write quorum once
+    /// chains are read, and only grows. Each bound found is enough, so a
+    /// later seal only ever lowers it (`first`: the first one).
+    fn set_source_bound(&mut self, pg: usize, first: bool) {
+        let mut scls: Vec<u64> = self.slots[pg].iter().filter_map(|s| s.sealed.map(|x| x.scl)).collect();
+        scls.sort_unstable_by(|a, b| b.cmp(a));
+        debug_assert!(scls.len() >= WRITE_QUORUM);
+        let bound = scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0);
+        let m = &mut self.source_scl_min[pg];
+        *m = if first { bound } else { (*m).min(bound) };
+    }
+
+    /// Per PG still to be read: keep the source if it is up, fit and has not
+    /// refused, else take the sealed segment with the highest SCL among
+    /// those that can serve (SCL at least `source_scl_min`, not found
+    /// lacking), preferring one that is up and has not refused. The read of
+    /// a PG whose source changes starts over: a chain is read from one
+    /// segment. A PG whose best segment that can serve is at or below the
+    /// floor needs no read: nothing of it above the floor can have been
+    /// committed.
+    fn pick_sources(&mut self) {
+        if self.phase == Phase::Read {
+            self.pick_sources_now();
+        }
+    }
+
+    fn pick_sources_now(&mut self) {
+        for pg in 0..self.placement.len() {
+            if self.read_done[pg] {
+                continue;
             }
+            let up = |i: usize| self.up.contains(&self.placement[pg][i]);
+            let refused = |i: usize| self.source_refused[pg] & (1 << i) != 0;
+            // (One sealed late may have coalesced above the floor: what it
+            // holds there cannot be read.)
+            let fit = |i: usize| {
+                self.source_unfit[pg] & (1 << i) == 0
+                    && self.slots[pg][i]
+                        .sealed
+                        .is_some_and(|s| s.scl >= self.source_scl_min[pg] && s.pgmrpl <= self.floor)
+            };
+            if let Some(i) = self.source[pg]
+                && fit(i)
+                && up(i)
+                && !refused(i)
+            {
+                continue;
+            }
+            let rank = |i: usize| {
+                let scl = self.slots[pg][i].sealed.map_or(0, |s| s.scl);
+                (up(i), !refused(i), scl, Reverse(i))
+            };
+            let Some(best) = (0..SEGMENTS_PER_PG).filter(|&i| fit(i)).max_by_key(|&i| rank(i)) else {
+                // Every segment that could serve lost records since its
+                // seal: nothing safe to read. `progress` says so.
+                self.source[pg] = None;
+                continue;
+            };
+            if self.slots[pg][best].sealed.is_none_or(|s| s.scl <= self.floor) {
+                self.read_done[pg] = true;
+                self.source[pg] = None;
+                continue;
+            }
+            if refused(best) {
+                // Every one that can serve has refused once: all again.
+                self.source_refused[pg] = 0;
+            }
+            if self.source[pg] == Some(best) {
+                continue;
+            }
+            if let Some(old) = self.source[pg] {
+                tracing::info!(
+                    pg,
+                    from = self.placement[pg][old],
+                    to = self.placement[pg][best],
+                    "recovery reads the chain from another segment"
+                );
+                // An answer still to come from the old source is not part
+                // of the new read.
+                self.pending.retain(|_, Ask::Slot { pg: p, slot, phase, .. }| {
+                    !(*p as usize == pg && *slot == old && *phase == Phase::Read)
+                });
+                self.slots[pg][old].asked = false;
+            }
+            self.source[pg] = Some(best);
+            self.chains[pg].clear();
         }
     }
 
@@ -519,9 +679,12 @@ impl Recovery {
             self.tails[pg] = match (chain.iter().rfind(|r| r.lsn <= vdl), starts[pg]) {
                 (Some(r), _) => r.lsn,
                 (None, Some(prev)) => prev,
-                // Nothing above the floor: the best SCL is at or below it.
+                // Nothing read above the floor: every segment that could
+                // serve is at or below it (one above it, gone or found
+                // lacking, holds nothing that was committed above the VDL).
                 (None, None) => (0..SEGMENTS_PER_PG)
                     .filter_map(|i| self.slots[pg][i].sealed.map(|s| s.scl))
+                    .filter(|&scl| scl <= vdl)
                     .max()
                     .unwrap_or(0),
             };
@@ -643,7 +806,7 @@ impl Recovery {
                 epoch: 0,
                 pg: pg_no,
             }),
-            Phase::Seal if s.sealed.is_none() => Some(Message::Seal {
+            Phase::Seal | Phase::Read if s.sealed.is_none() => Some(Message::Seal {
                 volume,
                 epoch: self.epoch,
                 pg: pg_no,

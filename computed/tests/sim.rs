@@ -7,9 +7,14 @@
 //!   are delivered twice or lost; connections drop (partitions, crashes) and
 //!   come back, and everything in flight on a dropped connection is lost. A
 //!   lost message of the write path (Append, GetPage, SetPgmrpl and their
-//!   answers) is lost alone: the writer's timers cover it. Any other lost
-//!   message (recovery's requests, a truncation, an error) breaks its
-//!   connection, as on TCP, where a message goes missing only with it.
+//!   answers) is lost alone when the seed gives the writer a re-send timer
+//!   (`resend_after_us`), which covers it. Any other lost message
+//!   (recovery's requests, a truncation, an error; any message without
+//!   that timer, as `computed run` has none) breaks its connection, as on
+//!   TCP, where a message goes missing only with it. Besides, a connection
+//!   is lost now and then while a request is out on it.
+//! - Faults of the nodes: a one-off `Internal` refusal of any request; the
+//!   node recovery reads a PG's chain from crashing as it is asked.
 //! - Storage nodes answer as storaged does (docs/protocol.md, "How a storage
 //!   node answers"): epochs (`StaleEpoch`, `EpochNotInstalled`), `Seal`
 //!   (creating a missing segment), `Truncate`, `ReadRecords`,
@@ -67,6 +72,10 @@ const PAGE_BYTES: usize = 8192;
 const TICK_US: u64 = 5_000;
 const GAP_RECORDS_MAX: usize = 1_000_000;
 const VOLUME: u64 = 1;
+/// Ticks (of `TICK_US`) within which, faults stopped and a write quorum of
+/// every PG up, every read and commit completes (20 s simulated; computed's
+/// slowest retry, recovery's re-ask, is 30 ticks of its own).
+const LIVENESS_TICKS: u64 = 4_000;
 
 fn cluster() -> Cluster {
     let nodes: Vec<std::net::SocketAddr> = (1..=NODES)
@@ -154,7 +163,8 @@ impl SimSegment {
         s
     }
 
-    fn status(&self) -> Message {
+    /// The segment's status, as a node of `incarnation` reports it.
+    fn status(&self, incarnation: u64) -> Message {
         Message::SegmentStatus {
             volume: VOLUME,
             pg: self.seg.id.pg,
@@ -167,6 +177,7 @@ impl SimSegment {
             log_bytes: 0,
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
+            incarnation,
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
         }
@@ -187,6 +198,9 @@ fn segment_error(e: SegmentError) -> Message {
 
 struct SimNode {
     up: bool,
+    /// Crashed as recovery's source: stays down until the faults stop (so
+    /// that a recovery that waits for it is caught by the liveness check).
+    held_down: bool,
     /// Bumped at each crash: disk completions of an older incarnation are lost.
     incarnation: u64,
     /// The segments the node holds (created by a seal or a first append).
@@ -215,6 +229,11 @@ enum Event {
     },
     Reconnect {
         node: usize,
+    },
+    /// Connection generation `conn` of `node` drops (if it is still up).
+    Drop {
+        node: usize,
+        conn: u64,
     },
     Tick,
     Client,
@@ -285,11 +304,14 @@ impl Sim {
         config.batch_bytes_max = [1, 20_000, 1 << 20][rng.usize(..3)];
         config.page_cache_pages_max = rng.usize(0..20);
         config.read_hedge_after_us = 20_000;
-        config.resend_after_us = Some(100_000);
+        // Without a re-send timer (as `computed run`), every lost message
+        // breaks its connection, as on TCP.
+        config.resend_after_us = if rng.bool() { Some(100_000) } else { None };
         config.retry_after_us = 10_000;
         let nodes = (0..NODES)
             .map(|_| SimNode {
                 up: true,
+                held_down: false,
                 incarnation: 0,
                 segments: HashMap::new(),
             })
@@ -376,11 +398,17 @@ impl Sim {
                     | Message::SetPgmrpl { .. }
                     | Message::PgmrplOk { .. }
             );
-            if !alone {
+            if !alone || self.config.resend_after_us.is_none() {
                 self.drop_connection(node);
                 self.schedule(2_000, Event::Reconnect { node });
             }
             return;
+        }
+        if to_node && self.rng.u32(..300) == 0 {
+            // The connection is lost while this request is out: before it
+            // arrives, or with its answer.
+            let d = self.rng.u64(0..2_000);
+            self.schedule(d, Event::Drop { node, conn });
         }
         for _ in 0..copies {
             let m = self.msg_next;
@@ -497,6 +525,12 @@ impl Sim {
                     self.durable(node, pg, records);
                 }
             }
+            Event::Drop { node, conn } => {
+                if self.conn[node] == (conn, true) {
+                    self.drop_connection(node);
+                    self.schedule(2_000, Event::Reconnect { node });
+                }
+            }
             Event::Reconnect { node } => {
                 if self.nodes[node].up && !self.partitioned[node] && !self.conn[node].1 {
                     self.conn[node].1 = true;
@@ -531,6 +565,7 @@ impl Sim {
 
     /// A record write of `node`'s segment `pg` is durable.
     fn durable(&mut self, node: usize, pg: u32, records: Vec<RedoRecord>) {
+        let incarnation = self.nodes[node].incarnation;
         let s = self.nodes[node].segments.get_mut(&pg).expect("segment");
         let mut lsns = Vec::new();
         for r in &records {
@@ -559,6 +594,7 @@ impl Sim {
                         volume: VOLUME,
                         pg,
                         scl,
+                        incarnation,
                     },
                     Err(e) => segment_error(e),
                 };
@@ -571,6 +607,28 @@ impl Sim {
     }
 
     fn node_handles(&mut self, node: usize, conn: u64, request: u64, msg: Message) {
+        if self.faults {
+            let out = self.nodes.iter().filter(|n| !n.up).count() + self.partitioned.iter().filter(|&&p| p).count();
+            // Recovery asks only the segment it reads a PG's chain from:
+            // that node dies now and then, as it is asked.
+            if matches!(msg, Message::ReadRecords { .. }) && out < 2 && self.rng.u32(..8) == 0 {
+                self.crash(node);
+                self.nodes[node].held_down = true;
+                return;
+            }
+            // A one-off fault: refused, nothing done. Reads more often: a
+            // read refused by every segment it asked must be asked again.
+            let one_in = if matches!(msg, Message::GetPage { .. }) {
+                10
+            } else {
+                200
+            };
+            if self.rng.u32(..one_in) == 0 {
+                let reply = Message::error(ErrorCode::Internal, 0, "a one-off fault");
+                return self.send(false, node, conn, request, reply);
+            }
+        }
+        let incarnation = self.nodes[node].incarnation;
         let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
         let reply = match msg {
             Message::Append { pg, epoch, records, .. } => {
@@ -622,6 +680,7 @@ impl Sim {
                         volume: VOLUME,
                         pg,
                         scl,
+                        incarnation,
                     },
                     None => return,
                 }
@@ -671,7 +730,7 @@ impl Sim {
                 None => unknown(),
                 Some(s) => match s.seg.check_epoch_read(epoch) {
                     Err(e) => segment_error(e),
-                    Ok(()) => s.status(),
+                    Ok(()) => s.status(incarnation),
                 },
             },
             Message::Seal { pg, epoch, .. } => {
@@ -689,14 +748,14 @@ impl Sim {
                     Err(e) => segment_error(e),
                     Ok(_) => {
                         s.table.epoch = s.seg.epoch();
-                        s.status()
+                        s.status(incarnation)
                     }
                 }
             }
             Message::Truncate { pg, epoch, ranges, .. } => match self.nodes[node].segments.get_mut(&pg) {
                 None => unknown(),
                 Some(s) => {
-                    let reply = Self::truncate(s, epoch, &ranges);
+                    let reply = Self::truncate(s, epoch, &ranges, incarnation);
                     self.check_no_annulled_records(node);
                     reply
                 }
@@ -748,7 +807,7 @@ impl Sim {
     /// `Node::truncate`: fence, check, wait for records let in to be
     /// written (here: refuse, the recovery asks again), write the
     /// annulment, then the table, then drop the records.
-    fn truncate(s: &mut SimSegment, epoch: u64, ranges: &[LsnRange]) -> Message {
+    fn truncate(s: &mut SimSegment, epoch: u64, ranges: &[LsnRange], incarnation: u64) -> Message {
         if ranges.len() > ANNULLED_RANGES_MAX {
             return segment_error(SegmentError::TooManyRanges(ranges.len()));
         }
@@ -785,7 +844,7 @@ impl Sim {
         for (lsn, page) in dropped {
             s.hot.remove(page, lsn);
         }
-        s.status()
+        s.status(incarnation)
     }
 
     /// No segment of `node` holds a record in a range it annulled.
@@ -809,7 +868,7 @@ impl Sim {
         match r {
             // Crash (at most 3 nodes out at once: commits may stall, and resume).
             0..8 if self.nodes[node].up && down < 3 => self.crash(node),
-            8..40 if !self.nodes[node].up => {
+            8..40 if !self.nodes[node].up && !self.nodes[node].held_down => {
                 self.nodes[node].up = true;
                 let d = self.rng.u64(0..20_000);
                 self.schedule(d, Event::Reconnect { node });
@@ -1140,6 +1199,55 @@ impl Sim {
         out
     }
 
+    /// Up to 2 nodes to leave down (crashed) for the liveness check, such
+    /// that every PG keeps 4 segments up that can be caught up: holding
+    /// their PG's chain at least to the highest PGMRPL any segment holds
+    /// (below it, what a segment lacks is only in other segments: it
+    /// needs storage-side repair, which is not built).
+    fn keep_down(&mut self) -> Vec<usize> {
+        let floor = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.segments.values())
+            .map(|s| s.table.pgmrpl)
+            .max()
+            .unwrap_or(0);
+        let catchable = |sim: &Sim, out: &[usize]| {
+            (0..PGS).all(|pg| {
+                let n = sim.placement[pg as usize]
+                    .iter()
+                    .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
+                    .count();
+                n >= 4
+            })
+        };
+        let mut out = Vec::new();
+        let wanted = self.rng.usize(0..=2);
+        let mut candidates: Vec<usize> = (0..NODES).collect();
+        self.rng.shuffle(&mut candidates);
+        // A source recovery lost stays down if it can.
+        candidates.sort_by_key(|&n| !self.nodes[n].held_down);
+        let wanted = wanted.max(self.nodes.iter().filter(|n| n.held_down).count().min(2));
+        for node in candidates {
+            if out.len() == wanted {
+                break;
+            }
+            out.push(node);
+            if !catchable(self, &out) {
+                out.pop();
+            }
+        }
+        for &node in &out {
+            if self.nodes[node].up {
+                self.crash(node);
+            }
+        }
+        for n in &mut self.nodes {
+            n.held_down = false;
+        }
+        out
+    }
+
     fn serving(&self) -> &Writer<u64> {
         match &self.computed {
             Computed::Serving(w) => w,
@@ -1178,18 +1286,59 @@ impl Sim {
                 break;
             }
         }
-        // Heal: every node up and connected, no more faults.
+        // Liveness: faults stop with up to 2 nodes left down, so that every
+        // PG still has a write quorum of segments up that can be caught up.
+        // Every read and commit, in flight or new, then completes within a
+        // bounded number of ticks.
         self.faults = false;
+        let out = self.keep_down();
+        for node in (0..NODES).filter(|n| !out.contains(n)) {
+            self.nodes[node].up = true;
+            self.partitioned[node] = false;
+            self.schedule(1_000, Event::Reconnect { node });
+        }
+        let busy = |s: &Sim| match &s.computed {
+            Computed::Recovering(_) => true,
+            Computed::Serving(w) => w.uncommitted_txns() > 0 || w.waiting_txns() > 0 || !s.reads.is_empty(),
+        };
+        let liveness_deadline = self.now + LIVENESS_TICKS * TICK_US;
+        let mut more = 20;
+        while (busy(self) || more > 0) && self.now < liveness_deadline {
+            if more > 0 && matches!(self.computed, Computed::Serving(_)) {
+                more -= 1;
+                self.client_step();
+                let page = self.rng.u64(..PG_PAGES * u64::from(PGS));
+                let token = self.next_token;
+                self.next_token += 1;
+                if let Computed::Serving(w) = &mut self.computed {
+                    w.read(token, page).expect("read");
+                    self.reads.insert(token, page);
+                }
+            }
+            assert!(self.step(), "no events left");
+        }
+        assert!(
+            !busy(self),
+            "liveness: nodes {:?} down and no faults, yet after {LIVENESS_TICKS} ticks {}; segments:{}",
+            out.iter().map(|n| n + 1).collect::<Vec<_>>(),
+            match &self.computed {
+                Computed::Recovering(r) => format!("recovery is {}", r.progress()),
+                Computed::Serving(w) => format!(
+                    "{} transactions uncommitted, {} waiting, {} reads unanswered",
+                    w.uncommitted_txns(),
+                    w.waiting_txns(),
+                    self.reads.len()
+                ),
+            },
+            self.segments_text()
+        );
+        // Heal: every node up and connected.
         for node in 0..NODES {
             self.nodes[node].up = true;
             self.partitioned[node] = false;
             self.schedule(1_000, Event::Reconnect { node });
         }
         let deadline = self.now + 60_000_000;
-        let busy = |s: &Sim| match &s.computed {
-            Computed::Recovering(_) => true,
-            Computed::Serving(w) => w.uncommitted_txns() > 0 || w.waiting_txns() > 0 || !s.reads.is_empty(),
-        };
         while busy(self) && self.now < deadline {
             assert!(self.step(), "no events left");
         }

@@ -19,6 +19,8 @@ struct FakeSegment {
     seg: Segment<u64>,
     bodies: BTreeMap<u64, RedoRecord>,
     pgmrpl: u64,
+    /// Its node's incarnation: a restart gives it another.
+    incarnation: u64,
 }
 
 impl FakeSegment {
@@ -27,6 +29,7 @@ impl FakeSegment {
             seg: Segment::new(SegmentId { volume: VOLUME, pg }, epoch, 100_000),
             bodies: BTreeMap::new(),
             pgmrpl: 0,
+            incarnation: 1,
         }
     }
 
@@ -52,6 +55,7 @@ impl FakeSegment {
             log_bytes: 0,
             page_store_bytes: 0,
             installed_epoch: self.seg.installed_epoch(),
+            incarnation: self.incarnation,
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
         }
@@ -160,6 +164,7 @@ impl Fake {
                     volume: VOLUME,
                     pg,
                     scl: s.seg.scl(),
+                    incarnation: s.incarnation,
                 }
             }
             other => panic!("recovery sent {other:?}"),
@@ -547,4 +552,142 @@ fn a_range_applied_everywhere_and_below_a_settled_floor_is_dropped() {
         vec![(n + 2, n + 1 + LAL_MAX)],
         "the first range is gone"
     );
+}
+
+/// What becomes of a request in [`Fake::recover_with`].
+enum Fate {
+    Deliver,
+    Lose,
+    /// Answered with this in place of the segment's answer.
+    Answer(Message),
+}
+
+impl Fake {
+    /// Run recovery to the end with every node up; `fault` sees each
+    /// request before it is delivered, may act on the nodes or the
+    /// recovery (a node going down), and says what becomes of it.
+    fn recover_with(&mut self, mut fault: impl FnMut(&mut Fake, &mut Recovery, u64, &Message) -> Fate) -> Recovered {
+        let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+        for node in 1..=6 {
+            r.node_up(node);
+        }
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            r.take_outputs(&mut out);
+            if out.is_empty() {
+                r.tick();
+                r.take_outputs(&mut out);
+            }
+            for (node, request, msg) in out.drain(..) {
+                if self.down.contains(&node) {
+                    continue;
+                }
+                let reply = match fault(self, &mut r, node, &msg) {
+                    Fate::Deliver => self.answer(node, msg),
+                    Fate::Lose => continue,
+                    Fate::Answer(m) => m,
+                };
+                r.on_reply(node, request, reply);
+            }
+            if let Some(done) = r.recovered() {
+                return done;
+            }
+            assert!(r.failed().is_none(), "{:?}", r.failed());
+        }
+        panic!("recovery did not finish: {}", r.progress());
+    }
+}
+
+/// The segment recovery reads a PG's chain from dies after its seal, as it
+/// is asked for the chain: the read moves to another sealed segment that
+/// holds every record that can have been committed, and recovery ends.
+#[test]
+fn recovery_reads_another_segment_when_its_source_dies() {
+    // 1–8 everywhere (committed); 9 and 10 on node 1 only: it has the
+    // highest SCL of both PGs.
+    let mut f = Fake::holding(|node| if node == 1 { 10 } else { 8 }, |_| 0);
+    let r = f.recover_with(|f, r, node, msg| {
+        if node == 1 && matches!(msg, Message::ReadRecords { .. }) {
+            f.down.push(1);
+            r.node_down(1);
+            return Fate::Lose;
+        }
+        Fate::Deliver
+    });
+    assert_eq!(r.vdl, 8, "what nodes 2-6 hold, all of it committed");
+    for pg in 0..2u32 {
+        let holding = (2..=6u64)
+            .filter(|&n| {
+                f.segs[&(n, pg)].seg.installed_epoch() == 2 && f.segs[&(n, pg)].seg.scl() >= r.pgs[pg as usize].tail
+            })
+            .count();
+        assert!(holding >= 4, "pg {pg}");
+    }
+}
+
+/// A source that answers with less than its seal said (it restarted and
+/// found records lost, or its disk was replaced) may lack committed
+/// records: another segment's chain is read instead, and nothing that was
+/// committed is annulled.
+#[test]
+fn recovery_does_not_read_from_a_source_that_lost_records_since_its_seal() {
+    let mut f = Fake::holding(|node| if node == 1 { 10 } else { 8 }, |_| 0);
+    let mut lost = false;
+    let r = f.recover_with(|f, _, node, msg| {
+        if node == 1 && matches!(msg, Message::ReadRecords { .. }) && !lost {
+            // Node 1 comes back from a restart with 1-4 only.
+            lost = true;
+            for pg in 0..2u32 {
+                let mut s = FakeSegment::new(pg, 2);
+                s.incarnation = 2;
+                s.put(&(1..=4).map(history).filter(|r| r.segment.pg == pg).collect::<Vec<_>>());
+                f.segs.insert((1, pg), s);
+            }
+        }
+        Fate::Deliver
+    });
+    assert!(lost);
+    assert_eq!(r.vdl, 8, "1-8 were committed");
+}
+
+/// A source that refuses every time is not waited on: another segment
+/// that can serve is asked.
+#[test]
+fn recovery_asks_another_source_after_a_refusal() {
+    let mut f = Fake::holding(|node| if node == 1 { 10 } else { 8 }, |_| 0);
+    let mut refused = 0;
+    let r = f.recover_with(|_, _, node, msg| {
+        if node == 1 && matches!(msg, Message::ReadRecords { .. }) {
+            refused += 1;
+            return Fate::Answer(Message::error(ErrorCode::Internal, 0, "a fault"));
+        }
+        Fate::Deliver
+    });
+    assert_eq!(r.vdl, 8);
+    assert!(refused >= 1);
+}
+
+/// The only sealed segments that can serve a PG's chain die; the segments
+/// that were down at the seal come back. They are sealed while chains are
+/// read, and with 6 sealed, segments with a lower SCL can serve.
+#[test]
+fn segments_sealed_while_chains_are_read_can_serve() {
+    // 1-8 everywhere (committed); 9 and 10 on nodes 5 and 6 only.
+    let mut f = Fake::holding(|node| if node >= 5 { 10 } else { 8 }, |_| 0);
+    // Nodes 1 and 2 miss the seals: with 3-6 sealed, only 5 and 6 (the 2
+    // highest of 4) are known to hold every committed record.
+    f.down = vec![1, 2];
+    let mut died = false;
+    let r = f.recover_with(|f, r, node, msg| {
+        if matches!(msg, Message::ReadRecords { .. }) && node >= 5 && !died {
+            died = true;
+            f.down = vec![5, 6];
+            r.node_down(5);
+            r.node_down(6);
+            return Fate::Lose;
+        }
+        Fate::Deliver
+    });
+    assert!(died);
+    assert_eq!(r.vdl, 8);
 }

@@ -404,6 +404,12 @@ impl<D: BlockIo> PageIo for DevIo<D> {
 
 pub struct Node {
     pub node_id: u64,
+    /// Drawn at each open of the device and carried by every reply that
+    /// states an SCL: computed takes the highest SCL a segment reported
+    /// within one incarnation, and what it reports under a new one (which
+    /// may be less than it acknowledged before: damage found at open, a
+    /// replaced disk). Random, so a reformatted device never repeats one.
+    pub incarnation: u64,
     config: NodeConfig,
     log: LogEngine,
     state: Mutex<State>,
@@ -588,6 +594,7 @@ impl Node {
         let hot_bytes = segments.values().map(|s| s.hot.bytes()).sum();
         let node = Arc::new(Node {
             node_id: opened.superblock.node_id,
+            incarnation: fastrand::u64(..),
             config,
             log: opened.engine,
             state: Mutex::new(State {

@@ -260,10 +260,15 @@ async fn handle(node: &Node, msg: Message) -> Message {
                 records,
             )
             .await
-            .map(|scl| Message::AppendAck { volume, pg, scl }),
+            .map(|scl| Message::AppendAck {
+                volume,
+                pg,
+                scl,
+                incarnation: node.incarnation,
+            }),
         Message::GetSegmentStatus { volume, epoch, pg } => node
             .status(SegmentId { volume, pg }, epoch)
-            .map(|s| status_reply(volume, pg, s)),
+            .map(|s| status_reply(node, volume, pg, s)),
         Message::Seal {
             volume,
             epoch,
@@ -273,7 +278,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
         } => node
             .seal(SegmentId { volume, pg }, epoch, PageGeometry { page_bytes, pg_pages })
             .await
-            .map(|s| status_reply(volume, pg, s)),
+            .map(|s| status_reply(node, volume, pg, s)),
         Message::Truncate {
             volume,
             epoch,
@@ -282,7 +287,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
         } => node
             .truncate(SegmentId { volume, pg }, epoch, ranges)
             .await
-            .map(|s| status_reply(volume, pg, s)),
+            .map(|s| status_reply(node, volume, pg, s)),
         Message::ReadRecords {
             volume,
             epoch,
@@ -330,7 +335,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
     result.unwrap_or_else(|e| error_reply(&e))
 }
 
-fn status_reply(volume: u64, pg: u32, s: SegmentStatus) -> Message {
+fn status_reply(node: &Node, volume: u64, pg: u32, s: SegmentStatus) -> Message {
     Message::SegmentStatus {
         volume,
         pg,
@@ -343,6 +348,7 @@ fn status_reply(volume: u64, pg: u32, s: SegmentStatus) -> Message {
         log_bytes: s.log_bytes,
         page_store_bytes: s.page_store_bytes,
         installed_epoch: s.installed_epoch,
+        incarnation: node.incarnation,
         annulled: s.annulled,
         holes: s.holes,
     }

@@ -669,3 +669,26 @@ async fn a_damaged_anchor_slot_loses_no_record() {
         node.shutdown().await;
     }
 }
+
+/// Each open of the device is a new incarnation (computed takes a
+/// segment's SCL as reported when it changes), and a restart after power
+/// loss is one too.
+#[tokio::test(start_paused = true)]
+async fn every_open_is_a_new_incarnation() {
+    let disk = formatted(16 << 20, 1 << 20, 1).await;
+    let mut seen = Vec::new();
+    for clean in [true, false, true] {
+        let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+        assert!(
+            !seen.contains(&node.incarnation),
+            "incarnation {} again",
+            node.incarnation
+        );
+        seen.push(node.incarnation);
+        if clean {
+            node.shutdown().await;
+        } else {
+            pull_the_plug(node);
+        }
+    }
+}

@@ -18,13 +18,13 @@ use crate::segment::{ANNULLED_RANGES_MAX, HOLES_REPORTED_MAX};
 const HELLO_BYTES: usize = 11;
 const HELLO_OK_BYTES: usize = 10;
 const APPEND_FIXED_BYTES: usize = 36;
-const APPEND_ACK_BYTES: usize = 20;
+const APPEND_ACK_BYTES: usize = 28;
 const GET_PAGE_BYTES: usize = 36;
 const PAGE_FIXED_BYTES: usize = 32;
 const SET_PGMRPL_BYTES: usize = 28;
 const PGMRPL_OK_BYTES: usize = 20;
 const GET_SEGMENT_STATUS_BYTES: usize = 20;
-const SEGMENT_STATUS_FIXED_BYTES: usize = 88;
+const SEGMENT_STATUS_FIXED_BYTES: usize = 96;
 const SEAL_BYTES: usize = 32;
 const TRUNCATE_FIXED_BYTES: usize = 24;
 const READ_RECORDS_BYTES: usize = 32;
@@ -177,10 +177,16 @@ impl Message {
                     out.extend_from_slice(record.encoded());
                 }
             }
-            Message::AppendAck { volume, pg, scl } => {
+            Message::AppendAck {
+                volume,
+                pg,
+                scl,
+                incarnation,
+            } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
                 put_u64(out, *scl);
+                put_u64(out, *incarnation);
             }
             Message::PgmrplOk { volume, pg, pgmrpl } => {
                 put_u64(out, *volume);
@@ -231,6 +237,7 @@ impl Message {
                 log_bytes,
                 page_store_bytes,
                 installed_epoch,
+                incarnation,
                 annulled,
                 holes,
             } => {
@@ -246,6 +253,7 @@ impl Message {
                     log_bytes,
                     page_store_bytes,
                     installed_epoch,
+                    incarnation,
                 ] {
                     put_u64(out, *v);
                 }
@@ -335,6 +343,7 @@ impl Message {
                 volume: r.u64()?,
                 pg: r.u32()?,
                 scl: r.u64()?,
+                incarnation: r.u64()?,
             },
             MessageType::GetPage => Message::GetPage {
                 volume: r.u64()?,
@@ -387,6 +396,7 @@ impl Message {
                 log_bytes: r.u64()?,
                 page_store_bytes: r.u64()?,
                 installed_epoch: r.u64()?,
+                incarnation: r.u64()?,
                 annulled: r.ranges()?,
                 // Optional: a body that ends after the truncation ranges
                 // comes from a node that predates hole reporting.

@@ -162,6 +162,8 @@ pub enum Message {
         volume: u64,
         pg: u32,
         scl: u64,
+        /// The node's incarnation (see `SegmentStatus::incarnation`).
+        incarnation: u64,
     },
     GetPage {
         volume: u64,
@@ -208,6 +210,11 @@ pub enum Message {
         /// The epoch whose truncation the segment applied (appends are
         /// taken at it); below `epoch` while sealed by a recovering writer.
         installed_epoch: u64,
+        /// The node's incarnation: a number it draws each time it opens its
+        /// device. An SCL only moves forward within one incarnation; under
+        /// a new one it is what the node found (a restart may find less
+        /// than was acknowledged: damage, a replaced disk).
+        incarnation: u64,
         /// The truncation ranges the segment keeps, `(lo, hi)` inclusive,
         /// at most [`crate::segment::ANNULLED_RANGES_MAX`].
         annulled: Vec<(u64, u64)>,

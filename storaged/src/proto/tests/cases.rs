@@ -16,7 +16,7 @@ fn length_below_the_header_is_refused() {
 #[test]
 fn header_fields_are_checked() {
     let body = u64s(&[1]);
-    let ack = [body.clone(), 2u32.to_le_bytes().to_vec(), u64s(&[3])].concat();
+    let ack = [body.clone(), 2u32.to_le_bytes().to_vec(), u64s(&[3, 4])].concat();
     assert!(decode(&raw_frame(1, 4, 0, 1, &ack)).unwrap().is_some());
 
     let err = decode(&raw_frame(2, 4, 0, 1, &ack)).unwrap_err();
@@ -192,14 +192,14 @@ fn batch_rules_are_enforced_on_decode() {
 
 #[test]
 fn fixed_bodies_must_be_exact() {
-    let ack = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3])].concat();
+    let ack = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3, 4])].concat();
     let kind = MessageType::AppendAck as u8;
     assert_eq!(
-        decode(&raw_frame(1, kind, 0, 1, &ack[..19])),
+        decode(&raw_frame(1, kind, 0, 1, &ack[..27])),
         Err(ProtoError::BodyTooShort {
             kind: MessageType::AppendAck,
-            have: 19,
-            need: 20
+            have: 27,
+            need: 28
         })
     );
     let long = [ack, vec![0]].concat();
@@ -207,8 +207,8 @@ fn fixed_bodies_must_be_exact() {
         decode(&raw_frame(1, kind, 0, 1, &long)),
         Err(ProtoError::BodyTooLong {
             kind: MessageType::AppendAck,
-            have: 21,
-            expected: 20
+            have: 29,
+            expected: 28
         })
     );
     let hello = [u64s(&[1]), 1u16.to_le_bytes().to_vec(), vec![4]].concat();

@@ -94,7 +94,12 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 records: records.into_iter().map(WireRecord::new).collect(),
             }
         }),
-        (u(), any::<u32>(), u()).prop_map(|(volume, pg, scl)| Message::AppendAck { volume, pg, scl }),
+        (u(), any::<u32>(), u(), u()).prop_map(|(volume, pg, scl, incarnation)| Message::AppendAck {
+            volume,
+            pg,
+            scl,
+            incarnation
+        }),
         (u(), u(), any::<u32>(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point)| {
             Message::GetPage {
                 volume,
@@ -121,8 +126,14 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
         }),
         (u(), any::<u32>(), u()).prop_map(|(volume, pg, pgmrpl)| Message::PgmrplOk { volume, pg, pgmrpl }),
         (u(), u(), any::<u32>()).prop_map(|(volume, epoch, pg)| Message::GetSegmentStatus { volume, epoch, pg }),
-        (u(), any::<u32>(), prop::array::uniform9(u()), arb_ranges(), arb_holes()).prop_map(
-            |(volume, pg, v, annulled, holes)| Message::SegmentStatus {
+        (
+            u(),
+            any::<u32>(),
+            prop::array::uniform10(u()),
+            arb_ranges(),
+            arb_holes()
+        )
+            .prop_map(|(volume, pg, v, annulled, holes)| Message::SegmentStatus {
                 volume,
                 pg,
                 epoch: v[0],
@@ -134,10 +145,10 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 log_bytes: v[6],
                 page_store_bytes: v[7],
                 installed_epoch: v[8],
+                incarnation: v[9],
                 annulled,
                 holes,
-            }
-        ),
+            }),
         (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
             Message::Seal {
                 volume,
