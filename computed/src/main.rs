@@ -12,7 +12,7 @@ use computed::cluster::Cluster;
 use computed::core::WriterConfig;
 
 const EXIT_HELP: &str = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 error (cluster file, listening, \
-                         recovery); 2 bad command line; 3 fenced: another computed recovered the volume \
+                         recovery); 2 usage error (a bad flag); 3 fenced: another computed recovered the volume \
                          (this one closed its clients and stopped). Logs go to stderr, coloured only on a \
                          terminal without NO_COLOR.";
 

@@ -12,6 +12,7 @@ use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
 
 /// Where `storaged run` drives the device's io_uring from unless its config says.
 const RUN_RING_DEFAULT: RingPlacement = RingPlacement::Runtime;
+use storaged::log::format::Superblock;
 use storaged::log::layout::{DEVICE_BYTES_MIN, LayoutError};
 use storaged::log::mkfs::{self, FormatOptions, SCRATCH_NODE_ID};
 use storaged::node::server::{bind, serve};
@@ -203,15 +204,36 @@ fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, 
         bail!("--size {size}: {}", LayoutError::DeviceTooSmall(size));
     }
     let created = prepare_file(path, size, force)?;
-    let result = format_device(path, node_id, size, log_bytes, force);
-    if result.is_err() && created {
-        // Leave nothing of a format that failed on a file it created.
-        let _ = std::fs::remove_file(path);
-    }
-    result
+    let sb = match format_device(path, node_id, size, log_bytes, force) {
+        Ok(sb) => sb,
+        Err(e) => {
+            if created {
+                // Leave nothing of a format that failed on a file it created.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    // The device is formatted whatever becomes of this line (a closed pipe
+    // must not undo the format).
+    outln!(
+        "formatted {}: node {}, {} MiB, log {} MiB, page store {} MiB",
+        path.display(),
+        sb.node_id,
+        sb.device_bytes >> 20,
+        (sb.log_blocks * 4096) >> 20,
+        (sb.pages_blocks * 4096) >> 20
+    )?;
+    Ok(())
 }
 
-fn format_device(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
+fn format_device(
+    path: &Path,
+    node_id: u64,
+    size: Option<u64>,
+    log_bytes: Option<u64>,
+    force: bool,
+) -> Result<Superblock> {
     // DeviceError names the path itself.
     let dev = UringDevice::open(path, &UringConfig::default())?;
     if dev.info().kind == DeviceKind::BlockDevice && size.is_some() {
@@ -230,15 +252,7 @@ fn format_device(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option
             force,
         },
     ))?;
-    outln!(
-        "formatted {}: node {}, {} MiB, log {} MiB, page store {} MiB",
-        path.display(),
-        sb.node_id,
-        sb.device_bytes >> 20,
-        (sb.log_blocks * 4096) >> 20,
-        (sb.pages_blocks * 4096) >> 20
-    )?;
-    Ok(())
+    Ok(sb)
 }
 
 /// Create (or, with --force, re-create) a zero-filled file device of `size`.
