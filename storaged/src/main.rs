@@ -199,9 +199,15 @@ fn refuse_metrics(addr: std::net::SocketAddr) -> ! {
 }
 
 fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
-    // The one minimum, checked before anything is created.
+    // The one minimum, checked before anything is created; a flag out of
+    // range is a usage error (exit 2).
     if let Some(size) = size.filter(|&s| s - s % 4096 < DEVICE_BYTES_MIN) {
-        bail!("--size {size}: {}", LayoutError::DeviceTooSmall(size));
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--size {size}: {}", LayoutError::DeviceTooSmall(size)),
+            )
+            .exit()
     }
     let created = prepare_file(path, size, force)?;
     let sb = match format_device(path, node_id, size, log_bytes, force) {

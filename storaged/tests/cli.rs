@@ -62,7 +62,7 @@ fn format_explains_bad_input() {
     assert!(stderr(&out).contains("pass --size"), "{}", stderr(&out));
 
     let out = format(&missing, &["--size", "1m"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a size out of range is a usage error");
     assert!(
         stderr(&out).contains("too small") || stderr(&out).contains("at least"),
         "{}",
@@ -199,7 +199,7 @@ fn format_names_one_minimum_and_leaves_nothing_when_it_fails() {
     for size in ["1k", "1m", "4095k"] {
         let dev = dir.path().join(format!("dev-{size}"));
         let out = format(&dev, &["--size", size]);
-        assert_eq!(out.status.code(), Some(1), "{size}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{size}: {}", stderr(&out));
         let msg = stderr(&out);
         let min = msg
             .split("at least ")

@@ -104,6 +104,11 @@ pub struct SegmentStatus {
     pub lag: Option<u64>,
     pub epoch: Option<u64>,
     pub highest_lsn: Option<u64>,
+    /// LSN ranges in which the segment lacks records of its chain (at most
+    /// 16, lowest first); `last` 18446744073709551615 (2^64 − 1) is the open
+    /// hole a damaged log block leaves: the segment may lack acknowledged
+    /// records above what it holds.
+    pub holes: Option<Vec<LsnRange>>,
 }
 
 impl Status {
@@ -120,6 +125,7 @@ struct Seg {
     highest_lsn: u64,
     installed_epoch: u64,
     annulled: Vec<(u64, u64)>,
+    holes: Vec<(u64, u64)>,
 }
 
 async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u32, Seg)>> {
@@ -148,6 +154,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 highest_lsn,
                 installed_epoch,
                 annulled,
+                holes,
                 ..
             } => Seg {
                 scl,
@@ -155,6 +162,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 highest_lsn,
                 installed_epoch,
                 annulled,
+                holes,
             },
             // Not written yet: the segment is created by its first Append.
             Message::Error {
@@ -166,6 +174,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 highest_lsn: 0,
                 installed_epoch: 0,
                 annulled: Vec::new(),
+                holes: Vec::new(),
             },
             other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
         };
@@ -337,6 +346,16 @@ async fn collect_async(cluster: &Cluster) -> Status {
         let highest = segs.iter().flatten().map(|s| s.highest_lsn).max().unwrap_or(0);
         pg_marks.push((pgcl, highest));
         let segments_up = segs.iter().flatten().count();
+        for (&node, s) in slots.iter().zip(&segs) {
+            // Holes come and go as batches arrive; the open one stays until
+            // the segment is given what a damaged log block took.
+            if s.as_ref().is_some_and(|s| s.holes.iter().any(|h| h.1 == u64::MAX)) {
+                problems.push(format!(
+                    "PG {pg} on node {node}: a damaged log block took records; the segment may lack \
+                     acknowledged records (its holes say which LSNs)"
+                ));
+            }
+        }
         if segments_up < WRITE_QUORUM {
             problems.push(format!(
                 "PG {pg} has {segments_up} of {SEGMENTS_PER_PG} segments up: below its write quorum of {WRITE_QUORUM}"
@@ -357,6 +376,9 @@ async fn collect_async(cluster: &Cluster) -> Status {
                     lag: s.as_ref().map(|s| pgcl.saturating_sub(s.scl)),
                     epoch: s.as_ref().map(|s| s.epoch),
                     highest_lsn: s.as_ref().map(|s| s.highest_lsn),
+                    holes: s
+                        .as_ref()
+                        .map(|s| s.holes.iter().map(|&(first, last)| LsnRange { first, last }).collect()),
                 })
                 .collect(),
         });
@@ -477,9 +499,22 @@ pub fn render(s: &Status) -> String {
                 (String::new(), String::new(), String::new())
             };
             let az = s.nodes.iter().find(|n| n.id == g.node).map_or("", |n| n.az.as_str());
+            let holes = match g.holes.as_deref() {
+                Some([]) | None => String::new(),
+                Some(hs) => {
+                    let shown: Vec<String> = hs
+                        .iter()
+                        .map(|h| match h.last {
+                            u64::MAX => format!("{}..", h.first),
+                            last => format!("{}..={last}", h.first),
+                        })
+                        .collect();
+                    format!("  holes {}", shown.join(" "))
+                }
+            };
             let _ = writeln!(
                 out,
-                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}",
+                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}{holes}",
                 g.node,
                 if g.up { "up" } else { "DOWN" },
                 opt(g.scl),
@@ -553,6 +588,36 @@ mod tests {
     }
 
     #[test]
+    fn a_segments_holes_are_shown_and_the_open_one_reads_as_unbounded() {
+        let mut s = status(Some(7), 7, &[]);
+        s.pgs.push(PgStatus {
+            pg: 0,
+            pgcl: 9,
+            segments_up: 1,
+            write_quorum: false,
+            segments: vec![SegmentStatus {
+                node: 1,
+                up: true,
+                scl: Some(4),
+                lag: Some(5),
+                epoch: Some(1),
+                highest_lsn: Some(300),
+                holes: Some(vec![
+                    LsnRange { first: 5, last: 9 },
+                    LsnRange {
+                        first: 301,
+                        last: u64::MAX,
+                    },
+                ]),
+            }],
+        });
+        let text = render(&s);
+        assert!(text.contains("holes 5..=9 301.."), "{text}");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""holes":[{"first":5,"last":9}"#), "{json}");
+    }
+
+    #[test]
     fn the_ranges_in_force_are_the_newest_installed_epochs() {
         let seg = |installed_epoch, annulled: &[(u64, u64)]| Seg {
             scl: 0,
@@ -560,6 +625,7 @@ mod tests {
             highest_lsn: 0,
             installed_epoch,
             annulled: annulled.to_vec(),
+            holes: Vec::new(),
         };
         let segs = [
             seg(2, &[(5, 100)]),

@@ -259,8 +259,14 @@ fn a_too_small_device_is_refused() {
     let c = ClusterDir::new();
     let dir = c.arg();
     let out = storctl(&["dev-cluster", "up", "--dir", &dir, "--device-size", "4m"]);
-    assert_eq!(out.status.code(), Some(8));
+    assert_eq!(out.status.code(), Some(2), "a size out of range is a usage error");
     assert!(text(&out.stderr).contains("too small"), "{}", text(&out.stderr));
+    assert!(procs_in(&c.path()).is_empty());
+    for bad in [["--nodes", "5"], ["--pgs", "0"]] {
+        let out = storctl(&["dev-cluster", "up", "--dir", &dir, bad[0], bad[1]]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(bad[0]), "{}", text(&out.stderr));
+    }
     assert!(procs_in(&c.path()).is_empty());
 }
 

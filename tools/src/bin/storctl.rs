@@ -74,7 +74,8 @@ enum Command {
     /// (listed in `annulled`), and the writer allocates above them.
     ///
     /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
-    /// identity, a PG below its write quorum of 4); 8 operational error
+    /// identity, a PG below its write quorum of 4, a segment that lost
+    /// records to a damaged log block); 8 operational error
     /// (unreadable cluster file, computed unreachable: reported as a
     /// problem too).
     ///
@@ -84,7 +85,7 @@ enum Command {
     /// computed {address, up, epoch, vdl, error},
     /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
-    /// segments [{node, up, scl, lag, epoch, highest_lsn}]}].
+    /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}]}]}].
     /// Unknown values (a node down) are null; wrong_identity is the id the
     /// node at that address gave, null when it is the right node.
     #[command(verbatim_doc_comment)]
@@ -125,7 +126,7 @@ enum DevClusterCommand {
     ///
     /// Needs `storaged` and `computed` next to storctl (`cargo build --release`).
     /// On failure (a port taken, a daemon exiting, no commit within 30 s) it
-    /// stops what it started and names the daemon's log. Exit status: 0 up, 8 failed.
+    /// stops what it started and names the daemon's log. Exit status: 0 up, 2 a flag out of range, 8 failed.
     #[command(verbatim_doc_comment)]
     Up {
         /// Directory for the cluster's devices, logs, pid files and cluster.toml.
@@ -173,14 +174,23 @@ fn main() -> ExitCode {
             pgs,
             base_port,
             keep,
-        }) => run_up(UpOptions {
-            dir,
-            nodes,
-            device_bytes: device_size,
-            pgs,
-            base_port,
-            keep,
-        }),
+        }) => {
+            // The sizes are checked before anything starts, as flags: a
+            // bad one is a usage error (exit 2), not a failed start.
+            if !keep && let Err(why) = devcluster::plan_geometry(nodes, pgs, device_size) {
+                <Cli as clap::CommandFactory>::command()
+                    .error(clap::error::ErrorKind::ValueValidation, why)
+                    .exit()
+            }
+            run_up(UpOptions {
+                dir,
+                nodes,
+                device_bytes: device_size,
+                pgs,
+                base_port,
+                keep,
+            })
+        }
         Command::DevCluster(DevClusterCommand::Down { dir }) => run_down(&dir),
     };
     match result {
