@@ -65,7 +65,7 @@ enum Command {
     /// Serve a formatted device: recover its log and segments, then take
     /// appends and answer requests on --listen.
     ///
-    /// Prints "listening on ADDR" on stdout and tells systemd it is ready
+    /// Prints "storaged: node N listening on ADDR" on stdout and tells systemd it is ready
     /// (sd_notify READY=1), pinging the watchdog when WatchdogSec is set.
     /// SIGTERM or SIGINT: stop accepting, finish the requests and writes in
     /// flight, exit 0. The device is locked while it runs: a second

@@ -23,8 +23,8 @@ pub struct BenchArgs {
 
     /// File or block device to run on (engines uring, log and node). A
     /// missing file is created first, --size bytes (default 1g): zero-filled
-    /// for uring; zero-filled and formatted as a storage node's device for
-    /// log and node.
+    /// for uring; zero-filled and formatted as a scratch device (node id 0,
+    /// which `storaged run` refuses) for log and node.
     #[arg(long)]
     pub filename: Option<PathBuf>,
 
@@ -210,7 +210,8 @@ Exit status:
   0    the run completed (with --verify or --verify-only: nothing missing or wrong)
   1    the run failed: an I/O or connection error; with --engine cluster --rw commit,
        nothing was acknowledged or commits were dropped (not acknowledged within
-       --grace: drop_ios in the JSON); --verify or --verify-only found missing or
+       --grace: drop_ios in the JSON); with --rw randread, nothing was read;
+       --verify or --verify-only found missing or
        wrong data. The report of what ran is still printed.
   2    usage error: a bad flag, or flags that do not fit the engine
   Stopped by SIGINT, SIGTERM or SIGHUP, --engine cluster stops its --local-cluster,

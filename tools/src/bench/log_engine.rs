@@ -188,8 +188,8 @@ async fn run(args: &BenchArgs, path: &Path, entry_bytes: usize, config: LogConfi
     let opened = match LogEngine::open(dev, config, |_, _| {}).await {
         Ok(o) => o,
         Err(OpenError::NotFormatted) => bail!(
-            "{} is not formatted: run `storaged format --device {} --node-id N` first, or name a file that does not exist",
-            path.display(),
+            "{} is not formatted: name a file that does not exist (storbench makes a scratch device of it), \
+             not a storage node's device",
             path.display()
         ),
         Err(e) => return Err(e).with_context(|| format!("opening the log on {}", path.display())),
