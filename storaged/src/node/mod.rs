@@ -1080,8 +1080,15 @@ impl Node {
             s.seg.seal(epoch)?;
             // Records at or below the coalesced LSN are in page versions
             // only: a range reaching them cannot be applied (and they are
-            // at or below the PGMRPL, which readers may have read at).
-            if let Some(&(lo, hi)) = ranges.iter().find(|&&(lo, _)| lo <= s.coalesced_lsn) {
+            // at or below the PGMRPL, which readers may have read at). A
+            // range the segment already applied may: a later recovery sends
+            // the whole set again, and nothing in it was coalesced.
+            let installed = crate::segment::union_ranges(s.seg.annulled().iter().copied());
+            let applied = |lo: u64, hi: u64| installed.iter().any(|&(a, b)| a <= lo && hi <= b);
+            if let Some(&(lo, hi)) = ranges
+                .iter()
+                .find(|&&(lo, hi)| lo <= s.coalesced_lsn && !applied(lo, hi.min(s.coalesced_lsn)))
+            {
                 return Err(NodeError::BadTruncation(format!(
                     "truncation range {lo}..={hi} reaches the segment's coalesced LSN {}: the records at or below it are in page versions, which readers may have read at",
                     s.coalesced_lsn
