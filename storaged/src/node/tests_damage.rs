@@ -152,13 +152,7 @@ async fn a_truncation_over_coalesced_records_is_refused() {
     more[0].prev_lsn_pg = 50;
     node.append(SEG, 2, GEOMETRY, wire(more)).await.unwrap();
     node.set_pgmrpl(SEG, 2, 1005).await.unwrap();
-    for _ in 0..10_000 {
-        if node.status(SEG, 0).unwrap().coalesced_lsn >= 1005 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(node.status(SEG, 0).unwrap().coalesced_lsn >= 1005);
+    coalesced_through(&node, 1005).await;
     node.seal(SEG, 3, GEOMETRY).await.unwrap();
     let st = node.truncate(SEG, 3, vec![(51, 1000), (1008, 2000)]).await.unwrap();
     assert_eq!((st.scl, st.installed_epoch), (1007, 3));
