@@ -569,6 +569,16 @@ impl Node {
             // below the first, and the records after the damage stay in the
             // log (they are live) until the holes are filled and coalesced.
             for s in segments.values_mut() {
+                // An annulment in a damaged block is gone with it, and the
+                // records it annulled would be back. The table holds the
+                // ranges in force (a record in them is never a legitimate
+                // re-send: appends are taken only once they are installed),
+                // so they are applied again to everything kept.
+                let ranges = s.seg.annulled().to_vec();
+                for (lsn, page) in s.seg.annul(&ranges) {
+                    s.hot.remove(page, lsn);
+                    recovered.annulled += 1;
+                }
                 s.seg.mark_log_damage();
                 let holes = s.seg.holes();
                 tracing::error!(
