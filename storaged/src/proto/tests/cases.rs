@@ -344,7 +344,7 @@ fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
 /// checked like truncation ranges.
 #[test]
 fn segment_status_holes_are_optional_bounded_and_checked() {
-    let head = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3; 9])].concat();
+    let head = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3; 10])].concat();
     let one_range = [1u32.to_le_bytes().to_vec(), u64s(&[5, 9])].concat();
     let kind = MessageType::SegmentStatus as u8;
     let old = [head.clone(), one_range.clone()].concat();
