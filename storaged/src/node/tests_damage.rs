@@ -346,3 +346,26 @@ async fn after_a_crash_a_rotted_current_version_is_not_taken_for_a_torn_write() 
         report.render()
     );
 }
+
+/// The bookkeeping behind the status: a page is counted once however often
+/// it is found damaged, the 16 lowest are listed, and a page read or
+/// written valid again leaves the count and the list (the next lowest
+/// taking its place).
+#[test]
+fn damaged_pages_are_counted_once_and_the_lowest_listed() {
+    let mut s = SegState::new(SEG, 1, GEOMETRY, 16);
+    s.slots = vec![SlotState::Unknown as u8; 40];
+    for local in (0..20).rev().chain([3, 7]) {
+        s.set_slot_state(local, SlotState::Damaged);
+    }
+    assert_eq!(s.damaged_pages, 20);
+    assert_eq!(
+        s.damaged_listed.iter().copied().collect::<Vec<_>>(),
+        (0..16).collect::<Vec<_>>()
+    );
+    s.set_slot_state(3, SlotState::Slot0);
+    s.set_slot_state(30, SlotState::Slot1);
+    assert_eq!(s.damaged_pages, 19);
+    let want: Vec<u64> = (0..17).filter(|&l| l != 3).collect();
+    assert_eq!(s.damaged_listed.iter().copied().collect::<Vec<_>>(), want);
+}
