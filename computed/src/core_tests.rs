@@ -555,6 +555,7 @@ fn status(pg: u32, scl: u64, incarnation: u64) -> Message {
         incarnation,
         annulled: Vec::new(),
         holes: Vec::new(),
+        damage: Default::default(),
     }
 }
 

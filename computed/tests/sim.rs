@@ -180,6 +180,7 @@ impl SimSegment {
             incarnation,
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
+            damage: Default::default(),
         }
     }
 }

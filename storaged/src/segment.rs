@@ -80,6 +80,10 @@ pub const ANNULLED_RANGES_MAX: usize = 4;
 /// status reply, which stays small whatever the damage.
 pub const HOLES_REPORTED_MAX: usize = 16;
 
+/// Damaged pages a segment lists at most (the lowest ones; the status
+/// reply carries the total besides).
+pub const DAMAGED_PAGES_REPORTED_MAX: usize = 16;
+
 /// LSNs `lo..=hi` annulled by a recovery: whatever a record there held, it
 /// never happened (docs/architecture.md, "Recovery").
 pub type LsnRange = (u64, u64);

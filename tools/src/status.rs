@@ -32,7 +32,7 @@ use serde::Serialize;
 use computed::client::Client;
 use computed::cluster::{Cluster, SEGMENTS_PER_PG, WRITE_QUORUM};
 use storaged::client::{ClientError, NodeClient};
-use storaged::proto::{ErrorCode, Message, Role};
+use storaged::proto::{Damage, ErrorCode, Message, Role};
 
 /// One node or computed answering, at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -109,6 +109,14 @@ pub struct SegmentStatus {
     /// hole a damaged log block leaves: the segment may lack acknowledged
     /// records above what it holds.
     pub holes: Option<Vec<LsnRange>>,
+    /// Pages whose current version the node found damaged since it started
+    /// (the lowest 16 at most; it does not serve them from this segment).
+    pub damaged_pages: Option<Vec<u64>>,
+    /// How many there are in all.
+    pub damaged_pages_total: Option<u32>,
+    /// A slot of the node's segment table was damaged when it last started
+    /// (a fact about the node, shown with each of its segments).
+    pub table_damaged: Option<bool>,
 }
 
 impl Status {
@@ -126,6 +134,7 @@ struct Seg {
     installed_epoch: u64,
     annulled: Vec<(u64, u64)>,
     holes: Vec<(u64, u64)>,
+    damage: Damage,
 }
 
 async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u32, Seg)>> {
@@ -155,6 +164,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 installed_epoch,
                 annulled,
                 holes,
+                damage,
                 ..
             } => Seg {
                 scl,
@@ -163,6 +173,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 installed_epoch,
                 annulled,
                 holes,
+                damage,
             },
             // Not written yet: the segment is created by its first Append.
             Message::Error {
@@ -175,6 +186,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
                 installed_epoch: 0,
                 annulled: Vec::new(),
                 holes: Vec::new(),
+                damage: Damage::default(),
             },
             other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
         };
@@ -338,6 +350,8 @@ async fn collect_async(cluster: &Cluster) -> Status {
     };
     let mut pgs = Vec::new();
     let mut pg_marks = Vec::new();
+    // The table is the node's: its damage is listed once per node.
+    let mut table_damaged: Vec<u64> = Vec::new();
     for (pg, slots) in cluster.placement.iter().enumerate() {
         let pg = pg as u32;
         let segs: Vec<Option<Seg>> = slots.iter().map(|&id| seg_of(id, pg)).collect();
@@ -354,6 +368,9 @@ async fn collect_async(cluster: &Cluster) -> Status {
                     "PG {pg} on node {node}: a damaged log block took records; the segment may lack \
                      acknowledged records (its holes say which LSNs)"
                 ));
+            }
+            if let Some(s) = s {
+                damage_problems(pg, node, &s.damage, &mut table_damaged, &mut problems);
             }
         }
         if segments_up < WRITE_QUORUM {
@@ -379,6 +396,9 @@ async fn collect_async(cluster: &Cluster) -> Status {
                     holes: s
                         .as_ref()
                         .map(|s| s.holes.iter().map(|&(first, last)| LsnRange { first, last }).collect()),
+                    damaged_pages: s.as_ref().map(|s| s.damage.pages.clone()),
+                    damaged_pages_total: s.as_ref().map(|s| s.damage.pages_total),
+                    table_damaged: s.as_ref().map(|s| s.damage.table_slot),
                 })
                 .collect(),
         });
@@ -426,6 +446,36 @@ async fn collect_async(cluster: &Cluster) -> Status {
         nodes,
         pgs,
     }
+}
+
+/// What a segment's damage report makes a problem: damaged pages (the
+/// segment serves fewer pages than its peers), and a damaged table slot
+/// (once per node: the table is the node's).
+fn damage_problems(pg: u32, node: u64, d: &Damage, table_listed: &mut Vec<u64>, problems: &mut Vec<String>) {
+    if d.pages_total > 0 {
+        problems.push(format!(
+            "PG {pg} on node {node}: {} damaged page version(s) (pages {}{}); the segment does not \
+             serve them or coalesce past their records",
+            d.pages_total,
+            join(&d.pages),
+            if d.pages.len() < d.pages_total as usize {
+                " ..."
+            } else {
+                ""
+            }
+        ));
+    }
+    if d.table_slot && !table_listed.contains(&node) {
+        table_listed.push(node);
+        problems.push(format!(
+            "node {node}: a slot of its segment table was damaged when it started \
+             (it kept the other and wrote both again)"
+        ));
+    }
+}
+
+fn join(pages: &[u64]) -> String {
+    pages.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -512,9 +562,25 @@ pub fn render(s: &Status) -> String {
                     format!("  holes {}", shown.join(" "))
                 }
             };
+            let damaged = match (g.damaged_pages.as_deref(), g.damaged_pages_total) {
+                (Some(pages), Some(total)) if total > 0 => {
+                    let more = if pages.len() < total as usize {
+                        format!(" (+{} more)", total as usize - pages.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("  damaged pages {}{more}", join(pages))
+                }
+                _ => String::new(),
+            };
+            let table = if g.table_damaged == Some(true) {
+                "  table slot damaged"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
-                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}{holes}",
+                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}{holes}{damaged}{table}",
                 g.node,
                 if g.up { "up" } else { "DOWN" },
                 opt(g.scl),
@@ -609,12 +675,69 @@ mod tests {
                         last: u64::MAX,
                     },
                 ]),
+                damaged_pages: Some(Vec::new()),
+                damaged_pages_total: Some(0),
+                table_damaged: Some(false),
             }],
         });
         let text = render(&s);
         assert!(text.contains("holes 5..=9 301.."), "{text}");
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""holes":[{"first":5,"last":9}"#), "{json}");
+    }
+
+    #[test]
+    fn a_segments_damage_is_shown_after_its_row() {
+        let mut s = status(Some(7), 7, &[]);
+        s.pgs.push(PgStatus {
+            pg: 0,
+            pgcl: 9,
+            segments_up: 1,
+            write_quorum: false,
+            segments: vec![SegmentStatus {
+                node: 1,
+                up: true,
+                scl: Some(9),
+                lag: Some(0),
+                epoch: Some(1),
+                highest_lsn: Some(9),
+                holes: Some(Vec::new()),
+                damaged_pages: Some(vec![70, 75]),
+                damaged_pages_total: Some(3),
+                table_damaged: Some(true),
+            }],
+        });
+        let text = render(&s);
+        assert!(
+            text.contains("damaged pages 70 75 (+1 more)  table slot damaged"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        let seg = &json["pgs"][0]["segments"][0];
+        let (mut listed, mut problems) = (Vec::new(), Vec::new());
+        let d = Damage {
+            pages_total: 3,
+            pages: vec![70, 75],
+            table_slot: true,
+        };
+        damage_problems(0, 1, &d, &mut listed, &mut problems);
+        damage_problems(
+            1,
+            1,
+            &Damage {
+                table_slot: true,
+                ..Damage::default()
+            },
+            &mut listed,
+            &mut problems,
+        );
+        damage_problems(2, 2, &Damage::default(), &mut listed, &mut problems);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("PG 0 on node 1: 3 damaged") && problems[0].contains("pages 70 75 ..."));
+        assert!(problems[1].starts_with("node 1: a slot of its segment table was damaged"));
+        assert_eq!(seg["damaged_pages"], serde_json::json!([70, 75]));
+        assert_eq!(seg["damaged_pages_total"], 3);
+        assert_eq!(seg["table_damaged"], true);
     }
 
     #[test]
@@ -626,6 +749,7 @@ mod tests {
             installed_epoch,
             annulled: annulled.to_vec(),
             holes: Vec::new(),
+            damage: Damage::default(),
         };
         let segs = [
             seg(2, &[(5, 100)]),

@@ -58,6 +58,7 @@ impl FakeSegment {
             incarnation: self.incarnation,
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
+            damage: Default::default(),
         }
     }
 }

@@ -14,7 +14,7 @@
 mod coalesce;
 pub mod server;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::{self, ErrorCode, ProtoError};
 use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
-use crate::segment::{LsnRange, Segment, SegmentError};
+use crate::segment::{DAMAGED_PAGES_REPORTED_MAX, LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
 /// Limits a node enforces; memory is bounded by these, whatever the load.
@@ -215,6 +215,8 @@ pub struct SegmentStatus {
     pub annulled: Vec<LsnRange>,
     /// LSN ranges the segment lacks (see [`Segment::holes`]).
     pub holes: Vec<LsnRange>,
+    /// Pages found damaged, and whether the table had a damaged slot at open.
+    pub damage: proto::Damage,
 }
 
 type Ticket = oneshot::Sender<()>;
@@ -247,6 +249,9 @@ enum SlotState {
     Never = 1,
     Slot0 = 2,
     Slot1 = 3,
+    /// Its current version was found damaged: read both slots again (and
+    /// counted once in [`SegState::damaged_pages`]).
+    Damaged = 4,
 }
 
 impl SlotState {
@@ -267,6 +272,7 @@ impl SlotState {
             1 => SlotState::Never,
             2 => SlotState::Slot0,
             3 => SlotState::Slot1,
+            4 => SlotState::Damaged,
             _ => SlotState::Unknown,
         }
     }
@@ -292,6 +298,12 @@ struct SegState {
     /// coalescing stops below it, so those records stay in memory and in
     /// the log (a version is never built on a damaged one).
     damaged_from: Option<u64>,
+    /// Pages whose current version was found damaged since start-up (by a
+    /// read or by coalescing); their slot state is `Damaged`.
+    damaged_pages: u32,
+    /// The lowest of them, as local indices: at most
+    /// [`DAMAGED_PAGES_REPORTED_MAX`], so the status stays small.
+    damaged_listed: BTreeSet<u64>,
     /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
     slots: Vec<u8>,
 }
@@ -309,6 +321,8 @@ impl SegState {
             round_lsn: 0,
             torn_after: None,
             damaged_from: None,
+            damaged_pages: 0,
+            damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
         }
     }
@@ -334,8 +348,31 @@ impl SegState {
     }
 
     fn set_slot_state(&mut self, local: u64, s: SlotState) {
-        if let Some(v) = self.slots.get_mut(local as usize) {
-            *v = s as u8;
+        let Some(v) = self.slots.get_mut(local as usize) else {
+            return;
+        };
+        let was = SlotState::from_u8(*v);
+        *v = s as u8;
+        if was == s {
+            return;
+        }
+        if s == SlotState::Damaged {
+            self.damaged_pages += 1;
+            self.damaged_listed.insert(local);
+            if self.damaged_listed.len() > DAMAGED_PAGES_REPORTED_MAX {
+                self.damaged_listed.pop_last();
+            }
+        } else if was == SlotState::Damaged {
+            // A valid version of the page was read or written.
+            self.damaged_pages -= 1;
+            if self.damaged_listed.remove(&local) && self.damaged_listed.len() < self.damaged_pages as usize {
+                // One kept fewer than there are: find the next lowest (rare).
+                self.damaged_listed = (self.slots.iter().enumerate())
+                    .filter(|&(_, &v)| v == SlotState::Damaged as u8)
+                    .map(|(i, _)| i as u64)
+                    .take(DAMAGED_PAGES_REPORTED_MAX)
+                    .collect();
+            }
         }
     }
 }
@@ -418,6 +455,10 @@ pub struct Node {
     pages_start_block: u64,
     pages_end_block: u64,
     table: tokio::sync::Mutex<SegmentTable>,
+    /// A slot of the segment table was damaged when the device was opened
+    /// (both were written again; every segment's status says so until the
+    /// next open).
+    table_slot_damaged: bool,
     /// Held by `seal` and across all of `truncate`: a seal at a newer epoch
     /// must not land between a truncation's annulment and its memory drop,
     /// or memory and the log would disagree on what the segment holds.
@@ -455,7 +496,8 @@ pub struct Recovered {
 /// Read the segment table, say what is wrong with either slot, and make
 /// sure both slots hold it before anything is acted on (one damaged or
 /// missing copy would leave the acknowledged state on one copy only).
-async fn read_table<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<SegmentTable, OpenError> {
+/// Also says whether a slot was damaged (not merely torn by a crash).
+async fn read_table<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<(SegmentTable, bool), OpenError> {
     let found = segtable::read(dev, device_id).await.map_err(|e| match e {
         TableError::Io(e) => OpenError::Io(e),
         e => OpenError::Table(e.to_string()),
@@ -484,7 +526,7 @@ async fn read_table<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<Segment
             .await
             .map_err(|e| OpenError::Table(format!("writing both slots again failed: {e}")))?;
     }
-    Ok(table)
+    Ok((table, found.damaged.is_some()))
 }
 
 impl Node {
@@ -494,7 +536,7 @@ impl Node {
     pub async fn open<D: BlockIo>(dev: Arc<D>, config: NodeConfig) -> Result<(Arc<Node>, Recovered), OpenError> {
         config.log.validate().map_err(OpenError::Failed)?;
         let sb = read_superblock(dev.as_ref()).await?.superblock;
-        let table = read_table(dev.as_ref(), &sb.device_id).await?;
+        let (table, table_slot_damaged) = read_table(dev.as_ref(), &sb.device_id).await?;
         let gap_max = config.gap_records_max;
         let mut segments: HashMap<SegmentId, SegState> = HashMap::new();
         for e in &table.entries {
@@ -616,6 +658,7 @@ impl Node {
             pages_start_block: sb.pages_start_block,
             pages_end_block: sb.pages_start_block + sb.pages_blocks,
             table: tokio::sync::Mutex::new(table),
+            table_slot_damaged,
             fencing: tokio::sync::Mutex::new(()),
             io: Box::new(DevIo(dev)),
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
@@ -941,6 +984,11 @@ impl Node {
             Err(source) => {
                 let offset = block_offset(extent.slot_block(local, damaged_slot.unwrap_or(0)));
                 tracing::error!(page, offset, error = %source, "page version damaged: the page is not served from this segment");
+                // Reported in the segment's status until a valid version
+                // of the page is read or written.
+                if let Ok(s) = self.state().seg_mut(id) {
+                    s.set_slot_state(local, SlotState::Damaged);
+                }
                 Err(NodeError::PageDamaged { page, offset, source })
             }
         }
@@ -1037,6 +1085,13 @@ impl Node {
             installed_epoch: s.seg.installed_epoch(),
             annulled: s.seg.annulled().to_vec(),
             holes: s.seg.holes(),
+            damage: proto::Damage {
+                pages_total: s.damaged_pages,
+                pages: (s.damaged_listed.iter())
+                    .map(|&local| u64::from(id.pg) * s.geometry.pg_pages + local)
+                    .collect(),
+                table_slot: self.table_slot_damaged,
+            },
         })
     }
 

@@ -351,6 +351,7 @@ fn status_reply(node: &Node, volume: u64, pg: u32, s: SegmentStatus) -> Message 
         incarnation: node.incarnation,
         annulled: s.annulled,
         holes: s.holes,
+        damage: s.damage,
     }
 }
 

@@ -9,10 +9,10 @@
 
 use super::ERROR_MESSAGE_BYTES_MAX;
 use super::error::ProtoError;
-use super::message::{ErrorCode, Message, MessageType, Role};
+use super::message::{Damage, ErrorCode, Message, MessageType, Role};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
 use crate::record::{RedoRecord, SegmentId, WireRecord};
-use crate::segment::{ANNULLED_RANGES_MAX, HOLES_REPORTED_MAX};
+use crate::segment::{ANNULLED_RANGES_MAX, DAMAGED_PAGES_REPORTED_MAX, HOLES_REPORTED_MAX};
 
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
@@ -30,6 +30,8 @@ const TRUNCATE_FIXED_BYTES: usize = 24;
 const READ_RECORDS_BYTES: usize = 32;
 const RECORDS_FIXED_BYTES: usize = 24;
 const RANGE_BYTES: usize = 16;
+/// A SegmentStatus's damage tail before its page numbers: total, count, flags.
+const DAMAGE_FIXED_BYTES: usize = 9;
 const ERROR_FIXED_BYTES: usize = 12;
 
 // The decoder sizes a batch's `Vec<WireRecord>` (or `Vec<RedoRecord>`)
@@ -55,8 +57,18 @@ impl Message {
             Message::SetPgmrpl { .. } => SET_PGMRPL_BYTES,
             Message::PgmrplOk { .. } => PGMRPL_OK_BYTES,
             Message::GetSegmentStatus { .. } => GET_SEGMENT_STATUS_BYTES,
-            Message::SegmentStatus { annulled, holes, .. } => {
-                SEGMENT_STATUS_FIXED_BYTES + RANGE_BYTES * annulled.len() + 4 + RANGE_BYTES * holes.len()
+            Message::SegmentStatus {
+                annulled,
+                holes,
+                damage,
+                ..
+            } => {
+                SEGMENT_STATUS_FIXED_BYTES
+                    + RANGE_BYTES * annulled.len()
+                    + 4
+                    + RANGE_BYTES * holes.len()
+                    + DAMAGE_FIXED_BYTES
+                    + 8 * damage.pages.len()
             }
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
@@ -116,6 +128,15 @@ impl Message {
             Message::SegmentStatus { holes, .. } if holes.iter().any(|&(lo, hi)| lo == 0 || hi < lo) => {
                 let &(lo, hi) = holes.iter().find(|&&(lo, hi)| lo == 0 || hi < lo).expect("found above");
                 Err(ProtoError::BadRange { lo, hi })
+            }
+            Message::SegmentStatus { damage, .. }
+                if damage.pages.len() > DAMAGED_PAGES_REPORTED_MAX
+                    || damage.pages.len() > damage.pages_total as usize =>
+            {
+                Err(ProtoError::BadDamagedPages {
+                    listed: damage.pages.len(),
+                    total: damage.pages_total,
+                })
             }
             Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
                 Err(ProtoError::MessageTooLong(message.len()))
@@ -240,6 +261,7 @@ impl Message {
                 incarnation,
                 annulled,
                 holes,
+                damage,
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -259,6 +281,12 @@ impl Message {
                 }
                 put_ranges(out, annulled);
                 put_ranges(out, holes);
+                put_u32(out, damage.pages_total);
+                put_u32(out, damage.pages.len() as u32);
+                for &page in &damage.pages {
+                    put_u64(out, page);
+                }
+                out.push(u8::from(damage.table_slot));
             }
             Message::Seal {
                 volume,
@@ -404,6 +432,13 @@ impl Message {
                     Vec::new()
                 } else {
                     r.ranges_up_to(HOLES_REPORTED_MAX)?
+                },
+                // Optional too: a body that ends after the holes comes from
+                // a node that predates damage reporting.
+                damage: if r.rest.is_empty() {
+                    Damage::default()
+                } else {
+                    r.damage()?
                 },
             },
             MessageType::Seal => Message::Seal {
@@ -670,6 +705,29 @@ impl<'a> Reader<'a> {
             out.push((lo, hi));
         }
         Ok(out)
+    }
+
+    /// The damage tail of a `SegmentStatus`: the listed count is bounded
+    /// before it sizes anything. Flag bits other than bit 0 are ignored.
+    fn damage(&mut self) -> Result<Damage, ProtoError> {
+        let pages_total = self.u32()?;
+        let listed = self.u32()? as usize;
+        if listed > DAMAGED_PAGES_REPORTED_MAX || listed > pages_total as usize {
+            return Err(ProtoError::BadDamagedPages {
+                listed,
+                total: pages_total,
+            });
+        }
+        let mut pages = Vec::with_capacity(listed);
+        for _ in 0..listed {
+            pages.push(self.u64()?);
+        }
+        let flags = self.u8()?;
+        Ok(Damage {
+            pages_total,
+            pages,
+            table_slot: flags & 1 != 0,
+        })
     }
 
     fn finish(self) -> Result<(), ProtoError> {

@@ -62,6 +62,8 @@ pub enum ProtoError {
     TooManyRanges(usize),
     #[error("{0} holes; at most {max}", max = crate::segment::HOLES_REPORTED_MAX)]
     TooManyHoles(usize),
+    #[error("{listed} damaged pages listed of {total}; at most {max} and at most the total", max = crate::segment::DAMAGED_PAGES_REPORTED_MAX)]
+    BadDamagedPages { listed: usize, total: u32 },
     #[error("truncation range {lo}..={hi} is empty or starts at 0")]
     BadRange { lo: u64, hi: u64 },
     #[error("append batch holds no records")]

@@ -7,6 +7,26 @@ use crate::record::{RedoRecord, WireRecord};
 /// The message type byte of a frame. Requests are odd, their replies the next
 /// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
 /// `Error` answers any request and stands apart at 255.
+/// Damage a node found under a segment, as `SegmentStatus` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Damage {
+    /// Pages of the segment whose current version the node found damaged
+    /// (by a read or by coalescing) since it opened its device.
+    pub pages_total: u32,
+    /// The lowest of them, ascending, at most
+    /// [`crate::segment::DAMAGED_PAGES_REPORTED_MAX`] and at most `pages_total`.
+    pub pages: Vec<u64>,
+    /// A slot of the node's segment table was damaged when it last opened
+    /// its device (a node-wide fact, reported by every segment).
+    pub table_slot: bool,
+}
+
+impl Damage {
+    pub fn is_empty(&self) -> bool {
+        self.pages_total == 0 && !self.table_slot
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MessageType {
@@ -225,6 +245,9 @@ pub enum Message {
         /// damaged. At most [`crate::segment::HOLES_REPORTED_MAX`] (the
         /// lowest). Empty from a sender that predates the field.
         holes: Vec<(u64, u64)>,
+        /// What the node found damaged under the segment; none from a
+        /// sender that predates the field.
+        damage: Damage,
     },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs

@@ -75,7 +75,9 @@ enum Command {
     ///
     /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
     /// identity, a PG below its write quorum of 4, a segment that lost
-    /// records to a damaged log block); 8 operational error
+    /// records to a damaged log block, a segment with damaged page versions
+    /// or whose node found a segment table slot damaged at start);
+    /// 8 operational error
     /// (unreadable cluster file, computed unreachable: reported as a
     /// problem too).
     ///
@@ -85,7 +87,8 @@ enum Command {
     /// computed {address, up, epoch, vdl, error},
     /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
-    /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}]}]}].
+    /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}],
+    /// damaged_pages [page], damaged_pages_total, table_damaged}]}].
     /// Unknown values (a node down) are null; wrong_identity is the id the
     /// node at that address gave, null when it is the right node.
     #[command(verbatim_doc_comment)]

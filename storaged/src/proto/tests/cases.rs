@@ -384,3 +384,62 @@ fn segment_status_holes_are_optional_bounded_and_checked() {
         Err(ProtoError::BadRange { lo: 9, hi: 8 })
     );
 }
+
+/// A `SegmentStatus` from a node that predates damage reporting ends after
+/// its holes: it decodes with no damage. The listed pages are bounded (by
+/// the maximum and by the total) before they size anything.
+#[test]
+fn segment_status_damage_is_optional_bounded_and_checked() {
+    let head = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3; 10])].concat();
+    let no_ranges_no_holes = [0u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    let kind = MessageType::SegmentStatus as u8;
+    let old = [head.clone(), no_ranges_no_holes.clone()].concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &old)) else {
+        panic!("a status body without damage is refused")
+    };
+    assert!(
+        matches!(&frame.message, Message::SegmentStatus { damage, .. } if *damage == Damage::default()),
+        "{:?}",
+        frame.message
+    );
+
+    let tail = |total: u32, pages: &[u64], flags: u8| {
+        [
+            total.to_le_bytes().to_vec(),
+            (pages.len() as u32).to_le_bytes().to_vec(),
+            u64s(pages),
+            vec![flags],
+        ]
+        .concat()
+    };
+    let new = [head.clone(), no_ranges_no_holes.clone(), tail(40, &[7, 9], 1)].concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &new)) else {
+        panic!("a status with damage is refused")
+    };
+    let want = Damage {
+        pages_total: 40,
+        pages: vec![7, 9],
+        table_slot: true,
+    };
+    assert!(
+        matches!(&frame.message, Message::SegmentStatus { damage, .. } if *damage == want),
+        "{:?}",
+        frame.message
+    );
+    assert_eq!(
+        encode(1, &frame.message),
+        raw_frame(1, kind, 0, 1, &new),
+        "encodes back to the same bytes"
+    );
+
+    let too_many = [head.clone(), no_ranges_no_holes.clone(), tail(40, &[1; 17], 0)].concat();
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &too_many)),
+        Err(ProtoError::BadDamagedPages { listed: 17, total: 40 })
+    );
+    let above_total = [head, no_ranges_no_holes, tail(1, &[1, 2], 0)].concat();
+    assert_eq!(
+        decode(&raw_frame(1, kind, 0, 1, &above_total)),
+        Err(ProtoError::BadDamagedPages { listed: 2, total: 1 })
+    );
+}

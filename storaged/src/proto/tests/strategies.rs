@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use crate::proto::{ErrorCode, Message, Role};
+use crate::proto::{Damage, ErrorCode, Message, Role};
 use crate::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 
 fn arb_role() -> impl Strategy<Value = Role> {
@@ -31,6 +31,20 @@ fn arb_holes() -> impl Strategy<Value = Vec<(u64, u64)>> {
         }),
         0..=crate::segment::HOLES_REPORTED_MAX,
     )
+}
+
+/// Damage: up to the reported maximum of listed pages, a total at least that.
+fn arb_damage() -> impl Strategy<Value = Damage> {
+    (
+        prop::collection::btree_set(any::<u64>(), 0..=crate::segment::DAMAGED_PAGES_REPORTED_MAX),
+        0u32..1000,
+        any::<bool>(),
+    )
+        .prop_map(|(pages, more, table_slot)| Damage {
+            pages_total: pages.len() as u32 + more,
+            pages: pages.into_iter().collect(),
+            table_slot,
+        })
 }
 
 fn arb_batch() -> impl Strategy<Value = (u64, u32, Vec<RedoRecord>)> {
@@ -131,9 +145,10 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             prop::array::uniform10(u()),
             arb_ranges(),
-            arb_holes()
+            arb_holes(),
+            arb_damage()
         )
-            .prop_map(|(volume, pg, v, annulled, holes)| Message::SegmentStatus {
+            .prop_map(|(volume, pg, v, annulled, holes, damage)| Message::SegmentStatus {
                 volume,
                 pg,
                 epoch: v[0],
@@ -148,6 +163,7 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                 incarnation: v[9],
                 annulled,
                 holes,
+                damage,
             }),
         (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
             Message::Seal {
