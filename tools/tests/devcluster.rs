@@ -7,140 +7,13 @@
 //! missing. Every test bounds its time (each command has a timeout) and its
 //! guard runs `down` and kills by PID whatever mentions its directory.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Any one command of a test, at most.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn ensure_daemons() {
-    let dir = Path::new(env!("CARGO_BIN_EXE_storctl")).parent().unwrap().to_owned();
-    if !dir.join("storaged").is_file() || !dir.join("computed").is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "storaged", "-p", "computed"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building storaged and computed");
-    }
-}
-
-/// Run a tool with a time limit; killed by PID past it.
-fn run(bin: &str, args: &[&str]) -> (Output, Duration) {
-    let start = Instant::now();
-    let child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(out) => (out.unwrap(), start.elapsed()),
-        Err(_) => {
-            // SAFETY: our own child, by PID.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{bin} {args:?} did not finish within {COMMAND_TIMEOUT:?}");
-        }
-    }
-}
-
-fn storctl(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_storctl"), args).0
-}
-
-fn text(o: &[u8]) -> String {
-    String::from_utf8_lossy(o).into_owned()
-}
-
-/// PIDs of processes whose command line mentions `dir`.
-fn procs_in(dir: &Path) -> Vec<i32> {
-    let needle = format!("{}/", dir.display());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if stat
-            .rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if cmd
-            .split(|&b| b == 0)
-            .any(|a| String::from_utf8_lossy(a).starts_with(&needle))
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// A temp dir for a dev cluster, with everything in it stopped on drop.
-struct ClusterDir {
-    dir: tempfile::TempDir,
-}
-
-impl ClusterDir {
-    fn new() -> ClusterDir {
-        ensure_daemons();
-        // On a disk filesystem: the devices are opened with O_DIRECT.
-        let dir = tempfile::Builder::new()
-            .prefix("devcluster-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap();
-        ClusterDir { dir }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().canonicalize().unwrap()
-    }
-
-    fn arg(&self) -> String {
-        self.path().to_string_lossy().into_owned()
-    }
-
-    fn cluster_file(&self) -> String {
-        self.path().join("cluster.toml").to_string_lossy().into_owned()
-    }
-
-    fn up(&self, extra: &[&str]) -> Output {
-        let dir = self.arg();
-        let mut args = vec!["dev-cluster", "up", "--dir", &dir, "--device-size", "32m"];
-        args.extend_from_slice(extra);
-        storctl(&args)
-    }
-
-    fn pid(&self, name: &str) -> i32 {
-        let p = self.path().join("pids").join(format!("{name}.pid"));
-        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
-    }
-}
-
-impl Drop for ClusterDir {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_storctl"))
-            .args(["dev-cluster", "down", "--dir", &self.arg()])
-            .output();
-        for pid in procs_in(&self.path()) {
-            // SAFETY: processes started for this test's directory.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
+use support::*;
 
 #[test]
 fn up_status_verified_commits_down() {
@@ -180,8 +53,8 @@ fn up_status_verified_commits_down() {
     let human = storctl(&["status", "--cluster", &c.cluster_file()]);
     assert!(text(&human.stdout).contains("healthy"), "{}", text(&human.stdout));
 
-    let (bench, _) = run(
-        env!("CARGO_BIN_EXE_storbench"),
+    let bench = run(
+        STORBENCH,
         &[
             "--engine=cluster",
             "--cluster",
@@ -287,8 +160,9 @@ fn without_a_write_quorum_storbench_ends_on_time_and_fails() {
         "{v}"
     );
 
-    let (bench, took) = run(
-        env!("CARGO_BIN_EXE_storbench"),
+    let start = Instant::now();
+    let bench = run(
+        STORBENCH,
         &[
             "--engine=cluster",
             "--cluster",
@@ -317,6 +191,7 @@ fn without_a_write_quorum_storbench_ends_on_time_and_fails() {
         text(&bench.stderr)
     );
     // Bounded: run time + grace + connection, far below the command limit.
+    let took = start.elapsed();
     assert!(took < COMMAND_TIMEOUT, "{took:?}");
 }
 
@@ -326,8 +201,8 @@ fn local_cluster_runs_and_is_gone_after() {
     let c = ClusterDir::new();
     let dir = c.path().join("local");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (bench, _) = run(
-        env!("CARGO_BIN_EXE_storbench"),
+    let bench = run(
+        STORBENCH,
         &[
             "--engine=cluster",
             "--local-cluster=6",
