@@ -819,12 +819,10 @@ impl Sim {
         if ranges.iter().any(|&(lo, hi)| lo == 0 || hi < lo) {
             return Message::error(ErrorCode::BadRequest, 0, "empty truncation range");
         }
-        if let Some(lsn) = s.seg.held_in(ranges, s.table.pgmrpl) {
-            return Message::error(
-                ErrorCode::BadRequest,
-                0,
-                format!("record {lsn} is at or below the PGMRPL {}", s.table.pgmrpl),
-            );
+        // Sim nodes coalesce as soon as the PGMRPL allows (the real node
+        // at most that far): the strictest case of the node's rule.
+        if let Some(why) = s.seg.truncation_refused(ranges, s.table.pgmrpl, s.table.pgmrpl) {
+            return Message::error(ErrorCode::BadRequest, 0, why);
         }
         if s.seg.writing() {
             return Message::error(

@@ -401,6 +401,32 @@ impl<T> Segment<T> {
             .find(|&l| in_ranges(ranges, l))
     }
 
+    /// Why a recovery's truncation `ranges` cannot be applied, if it cannot.
+    /// Records at or below `coalesced_lsn` are in page versions only, so a
+    /// range reaching them cannot be applied, unless the segment applied
+    /// that part already (a later recovery resends its whole set, and
+    /// nothing in an applied range was coalesced). Readers may have read at
+    /// the PGMRPL, so no record held at or below it may be annulled.
+    pub fn truncation_refused(&self, ranges: &[LsnRange], coalesced_lsn: u64, pgmrpl: u64) -> Option<String> {
+        let installed = union_ranges(self.annulled.iter().copied());
+        let applied = |lo: u64, hi: u64| installed.iter().any(|&(a, b)| a <= lo && hi <= b);
+        if let Some(&(lo, hi)) = ranges
+            .iter()
+            .find(|&&(lo, hi)| lo <= coalesced_lsn && !applied(lo, hi.min(coalesced_lsn)))
+        {
+            return Some(format!(
+                "truncation range {lo}..={hi} reaches the segment's coalesced LSN {coalesced_lsn}: the records \
+                 at or below it are in page versions, which readers may have read at"
+            ));
+        }
+        self.held_in(ranges, pgmrpl).map(|lsn| {
+            format!(
+                "the truncation would annul the record at LSN {lsn}, at or below the PGMRPL {pgmrpl}, \
+                 which readers may have read at"
+            )
+        })
+    }
+
     /// The chain's records above `after` (up to the SCL), in LSN order:
     /// what a recovering writer reads to find the VDL and to re-replicate.
     pub fn chain_after(&self, after: u64) -> impl Iterator<Item = (u64, &RecordMeta)> + '_ {

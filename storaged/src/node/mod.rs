@@ -1143,28 +1143,8 @@ impl Node {
             let s = st.seg_mut(id)?;
             // Fence first: nothing older is taken from here on.
             s.seg.seal(epoch)?;
-            // Records at or below the coalesced LSN are in page versions
-            // only: a range reaching them cannot be applied (and they are
-            // at or below the PGMRPL, which readers may have read at). A
-            // range the segment already applied may: a later recovery sends
-            // the whole set again, and nothing in it was coalesced.
-            let installed = crate::segment::union_ranges(s.seg.annulled().iter().copied());
-            let applied = |lo: u64, hi: u64| installed.iter().any(|&(a, b)| a <= lo && hi <= b);
-            if let Some(&(lo, hi)) = ranges
-                .iter()
-                .find(|&&(lo, hi)| lo <= s.coalesced_lsn && !applied(lo, hi.min(s.coalesced_lsn)))
-            {
-                return Err(NodeError::BadTruncation(format!(
-                    "truncation range {lo}..={hi} reaches the segment's coalesced LSN {}: the records at or below it are in page versions, which readers may have read at",
-                    s.coalesced_lsn
-                )));
-            }
-            // Readers may have read at the PGMRPL: what is below it stands.
-            if let Some(lsn) = s.seg.held_in(&ranges, s.pgmrpl) {
-                return Err(NodeError::BadTruncation(format!(
-                    "the truncation would annul the record at LSN {lsn}, at or below the PGMRPL {}, which readers may have read at",
-                    s.pgmrpl
-                )));
+            if let Some(why) = s.seg.truncation_refused(&ranges, s.coalesced_lsn, s.pgmrpl) {
+                return Err(NodeError::BadTruncation(why));
             }
         }
         self.ensure_durable(id, epoch).await?;
