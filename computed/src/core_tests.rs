@@ -556,6 +556,7 @@ fn status(pg: u32, scl: u64, incarnation: u64) -> Message {
         annulled: Vec::new(),
         holes: Vec::new(),
         damage: Default::default(),
+        membership: None,
     }
 }
 

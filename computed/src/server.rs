@@ -77,13 +77,35 @@ enum ClientInput {
 }
 
 enum Control {
-    ClientOpen { conn: u64, tx: mpsc::Sender<Vec<u8>> },
-    ClientClosed { conn: u64 },
-    Read { conn: u64, req: u64, page: u64 },
-    Info { conn: u64, req: u64 },
-    NodeUp { node: u64, tx: mpsc::Sender<Vec<u8>> },
-    NodeDown { node: u64 },
-    Reply { node: u64, request: u64, message: Message },
+    ClientOpen {
+        conn: u64,
+        tx: mpsc::Sender<Vec<u8>>,
+    },
+    ClientClosed {
+        conn: u64,
+    },
+    Read {
+        conn: u64,
+        req: u64,
+        page: u64,
+    },
+    Info {
+        conn: u64,
+        req: u64,
+    },
+    NodeUp {
+        node: u64,
+        tx: mpsc::Sender<Vec<u8>>,
+    },
+    NodeDown {
+        node: u64,
+    },
+    // Boxed: a message is large next to the other variants.
+    Reply {
+        node: u64,
+        request: u64,
+        message: Box<Message>,
+    },
 }
 
 /// Serve the volume until `shutdown` turns true. `ready` is called with the
@@ -210,7 +232,7 @@ async fn recover(
                     nodes.remove(&node);
                     r.node_down(node);
                 }
-                Some(Control::Reply { node, request, message }) => r.on_reply(node, request, message),
+                Some(Control::Reply { node, request, message }) => r.on_reply(node, request, *message),
                 // No client is accepted before recovery ends.
                 Some(_) => {}
                 None => anyhow::bail!("the storage connections ended during recovery"),
@@ -442,7 +464,7 @@ fn on_control(
             }
             core.node_down(node);
         }
-        Control::Reply { node, request, message } => core.on_reply(node, request, message),
+        Control::Reply { node, request, message } => core.on_reply(node, request, *message),
     }
 }
 
@@ -790,7 +812,7 @@ async fn node_session(
                             let c = Control::Reply {
                                 node,
                                 request: f.request_id,
-                                message: f.message,
+                                message: Box::new(f.message),
                             };
                             if ctl.send(c).await.is_err() {
                                 return Ok(());

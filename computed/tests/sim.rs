@@ -181,6 +181,7 @@ impl SimSegment {
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
             damage: Default::default(),
+            membership: None,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod hot;
 pub mod inspect;
 pub mod io;
 pub mod log;
+pub mod membership;
 pub mod node;
 pub mod pagestore;
 pub mod proto;

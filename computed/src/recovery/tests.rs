@@ -59,6 +59,7 @@ impl FakeSegment {
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
             damage: Default::default(),
+            membership: None,
         }
     }
 }
@@ -560,7 +561,7 @@ enum Fate {
     Deliver,
     Lose,
     /// Answered with this in place of the segment's answer.
-    Answer(Message),
+    Answer(Box<Message>),
 }
 
 impl Fake {
@@ -586,7 +587,7 @@ impl Fake {
                 let reply = match fault(self, &mut r, node, &msg) {
                     Fate::Deliver => self.answer(node, msg),
                     Fate::Lose => continue,
-                    Fate::Answer(m) => m,
+                    Fate::Answer(m) => *m,
                 };
                 r.on_reply(node, request, reply);
             }
@@ -660,7 +661,7 @@ fn recovery_asks_another_source_after_a_refusal() {
     let r = f.recover_with(|_, _, node, msg| {
         if node == 1 && matches!(msg, Message::ReadRecords { .. }) {
             refused += 1;
-            return Fate::Answer(Message::error(ErrorCode::Internal, 0, "a fault"));
+            return Fate::Answer(Box::new(Message::error(ErrorCode::Internal, 0, "a fault")));
         }
         Fate::Deliver
     });

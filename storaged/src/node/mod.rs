@@ -217,6 +217,8 @@ pub struct SegmentStatus {
     pub holes: Vec<LsnRange>,
     /// Pages found damaged, and whether the table had a damaged slot at open.
     pub damage: proto::Damage,
+    /// The PG's membership, as the writer last set it.
+    pub membership: Option<crate::membership::Membership>,
 }
 
 type Ticket = oneshot::Sender<()>;
@@ -1092,6 +1094,7 @@ impl Node {
                     .collect(),
                 table_slot: self.table_slot_damaged,
             },
+            membership: None,
         })
     }
 

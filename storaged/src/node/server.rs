@@ -352,6 +352,7 @@ fn status_reply(node: &Node, volume: u64, pg: u32, s: SegmentStatus) -> Message 
         annulled: s.annulled,
         holes: s.holes,
         damage: s.damage,
+        membership: s.membership,
     }
 }
 

@@ -9,7 +9,8 @@
 
 use super::ERROR_MESSAGE_BYTES_MAX;
 use super::error::ProtoError;
-use super::message::{Damage, ErrorCode, Message, MessageType, Role};
+use super::message::{Damage, ErrorCode, GossipDigest, Message, MessageType, Role, WirePageVersion};
+use crate::membership::{MEMBERSHIP_BYTES, Membership};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
 use crate::record::{RedoRecord, SegmentId, WireRecord};
 use crate::segment::{ANNULLED_RANGES_MAX, DAMAGED_PAGES_REPORTED_MAX, HOLES_REPORTED_MAX};
@@ -33,6 +34,13 @@ const RANGE_BYTES: usize = 16;
 /// A SegmentStatus's damage tail before its page numbers: total, count, flags.
 const DAMAGE_FIXED_BYTES: usize = 9;
 const ERROR_FIXED_BYTES: usize = 12;
+const SET_MEMBERSHIP_BYTES: usize = 32 + MEMBERSHIP_BYTES;
+const DIGEST_BYTES: usize = 52;
+const PULL_RECORDS_BYTES: usize = 40;
+const GET_PAGE_VERSIONS_BYTES: usize = 40;
+const PAGE_VERSIONS_FIXED_BYTES: usize = 32;
+/// Page, LSN and length before each version's bytes.
+const PAGE_VERSION_HEAD_BYTES: usize = 20;
 
 // The decoder sizes a batch's `Vec<WireRecord>` (or `Vec<RedoRecord>`)
 // from the declared count, which it first bounds by the body (a record is at
@@ -61,6 +69,7 @@ impl Message {
                 annulled,
                 holes,
                 damage,
+                membership,
                 ..
             } => {
                 SEGMENT_STATUS_FIXED_BYTES
@@ -69,6 +78,18 @@ impl Message {
                     + RANGE_BYTES * holes.len()
                     + DAMAGE_FIXED_BYTES
                     + 8 * damage.pages.len()
+                    + membership.as_ref().map_or(0, |_| MEMBERSHIP_BYTES)
+            }
+            Message::SetMembership { .. } => SET_MEMBERSHIP_BYTES,
+            Message::Digest { .. } | Message::DigestOk { .. } => DIGEST_BYTES,
+            Message::PullRecords { .. } => PULL_RECORDS_BYTES,
+            Message::GetPageVersions { .. } => GET_PAGE_VERSIONS_BYTES,
+            Message::PageVersions { versions, .. } => {
+                PAGE_VERSIONS_FIXED_BYTES
+                    + versions
+                        .iter()
+                        .map(|v| PAGE_VERSION_HEAD_BYTES + v.bytes.len())
+                        .sum::<usize>()
             }
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
@@ -138,6 +159,11 @@ impl Message {
                     total: damage.pages_total,
                 })
             }
+            Message::SetMembership { membership, .. } => membership.check().map_err(ProtoError::BadMembership),
+            Message::SegmentStatus {
+                membership: Some(membership),
+                ..
+            } => membership.check().map_err(ProtoError::BadMembership),
             Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
                 Err(ProtoError::MessageTooLong(message.len()))
             }
@@ -262,6 +288,7 @@ impl Message {
                 annulled,
                 holes,
                 damage,
+                membership,
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -287,6 +314,78 @@ impl Message {
                     put_u64(out, page);
                 }
                 out.push(u8::from(damage.table_slot));
+                // Left out when none: the body then ends as an older sender's.
+                if let Some(m) = membership {
+                    m.encode(out);
+                }
+            }
+            Message::SetMembership {
+                volume,
+                epoch,
+                pg,
+                page_bytes,
+                pg_pages,
+                membership,
+            } => {
+                put_request_head(out, *volume, *epoch, *pg);
+                put_u32(out, *page_bytes);
+                put_u64(out, *pg_pages);
+                membership.encode(out);
+            }
+            Message::Digest { volume, pg, digest } | Message::DigestOk { volume, pg, digest } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                for v in [
+                    digest.installed_epoch,
+                    digest.membership_epoch,
+                    digest.scl,
+                    digest.highest_lsn,
+                    digest.floor,
+                ] {
+                    put_u64(out, v);
+                }
+            }
+            Message::PullRecords {
+                volume,
+                pg,
+                installed_epoch,
+                membership_epoch,
+                after: first,
+                max_bytes,
+            }
+            | Message::GetPageVersions {
+                volume,
+                pg,
+                installed_epoch,
+                membership_epoch,
+                first_page: first,
+                max_bytes,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *installed_epoch);
+                put_u64(out, *membership_epoch);
+                put_u64(out, *first);
+                put_u32(out, *max_bytes);
+            }
+            Message::PageVersions {
+                volume,
+                pg,
+                floor,
+                next_page,
+                versions,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *floor);
+                put_u64(out, *next_page);
+                put_u32(out, versions.len() as u32);
+                for v in versions {
+                    put_u64(out, v.page);
+                    put_u64(out, v.lsn);
+                    put_u32(out, v.bytes.len() as u32);
+                    out.extend_from_slice(&v.bytes);
+                }
             }
             Message::Seal {
                 volume,
@@ -440,7 +539,60 @@ impl Message {
                 } else {
                     r.damage()?
                 },
+                // Optional too: from a node that predates membership.
+                membership: if r.rest.is_empty() { None } else { r.membership()? },
             },
+            MessageType::SetMembership => {
+                let volume = r.u64()?;
+                let epoch = r.u64()?;
+                let pg = r.u32()?;
+                let page_bytes = r.u32()?;
+                let pg_pages = r.u64()?;
+                let membership = r
+                    .membership()?
+                    .ok_or(ProtoError::BadMembership(crate::membership::MembershipError::ZeroEpoch))?;
+                Message::SetMembership {
+                    volume,
+                    epoch,
+                    pg,
+                    page_bytes,
+                    pg_pages,
+                    membership,
+                }
+            }
+            MessageType::Digest | MessageType::DigestOk => {
+                let volume = r.u64()?;
+                let pg = r.u32()?;
+                let digest = GossipDigest {
+                    installed_epoch: r.u64()?,
+                    membership_epoch: r.u64()?,
+                    scl: r.u64()?,
+                    highest_lsn: r.u64()?,
+                    floor: r.u64()?,
+                };
+                if kind == MessageType::Digest {
+                    Message::Digest { volume, pg, digest }
+                } else {
+                    Message::DigestOk { volume, pg, digest }
+                }
+            }
+            MessageType::PullRecords => Message::PullRecords {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                installed_epoch: r.u64()?,
+                membership_epoch: r.u64()?,
+                after: r.u64()?,
+                max_bytes: r.u32()?,
+            },
+            MessageType::GetPageVersions => Message::GetPageVersions {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                installed_epoch: r.u64()?,
+                membership_epoch: r.u64()?,
+                first_page: r.u64()?,
+                max_bytes: r.u32()?,
+            },
+            MessageType::PageVersions => return decode_page_versions(r),
             MessageType::Seal => Message::Seal {
                 volume: r.u64()?,
                 epoch: r.u64()?,
@@ -548,6 +700,35 @@ fn decode_records(mut r: Reader<'_>) -> Result<Message, ProtoError> {
         pg,
         scl,
         records,
+    })
+}
+
+fn decode_page_versions(mut r: Reader<'_>) -> Result<Message, ProtoError> {
+    let volume = r.u64()?;
+    let pg = r.u32()?;
+    let floor = r.u64()?;
+    let next_page = r.u64()?;
+    let declared = r.u32()?;
+    // Bound the count by the body before it sizes an allocation.
+    let room = r.rest().len() / PAGE_VERSION_HEAD_BYTES;
+    if declared as usize > room {
+        return Err(ProtoError::RecordCountImpossible { declared, room });
+    }
+    let mut versions = Vec::with_capacity(declared as usize);
+    for _ in 0..declared {
+        let page = r.u64()?;
+        let lsn = r.u64()?;
+        let len = r.u32()? as usize;
+        let bytes = r.take(len)?.to_vec();
+        versions.push(WirePageVersion { page, lsn, bytes });
+    }
+    r.finish()?;
+    Ok(Message::PageVersions {
+        volume,
+        pg,
+        floor,
+        next_page,
+        versions,
     })
 }
 
@@ -728,6 +909,11 @@ impl<'a> Reader<'a> {
             pages,
             table_slot: flags & 1 != 0,
         })
+    }
+
+    /// A membership's fixed encoding; all zeros is none.
+    fn membership(&mut self) -> Result<Option<Membership>, ProtoError> {
+        Membership::decode(self.take(MEMBERSHIP_BYTES)?).map_err(ProtoError::BadMembership)
     }
 
     fn finish(self) -> Result<(), ProtoError> {

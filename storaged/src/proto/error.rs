@@ -74,6 +74,8 @@ pub enum ProtoError {
     MessageTooLong(usize),
     #[error("unknown error code {0}")]
     UnknownErrorCode(u16),
+    #[error("bad membership: {0}")]
+    BadMembership(crate::membership::MembershipError),
 }
 
 impl ProtoError {

@@ -2,7 +2,17 @@
 //! carry. How each is laid out on the wire is in `body`.
 
 use super::ERROR_MESSAGE_BYTES_MAX;
+pub use crate::gossip::Digest as GossipDigest;
+pub use crate::membership::Membership;
 use crate::record::{RedoRecord, WireRecord};
+
+/// One page version in a `PageVersions` reply: the page as of `lsn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirePageVersion {
+    pub page: u64,
+    pub lsn: u64,
+    pub bytes: Vec<u8>,
+}
 
 /// The message type byte of a frame. Requests are odd, their replies the next
 /// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
@@ -44,6 +54,12 @@ pub enum MessageType {
     Truncate = 13,
     ReadRecords = 15,
     Records = 16,
+    SetMembership = 17,
+    Digest = 19,
+    DigestOk = 20,
+    PullRecords = 21,
+    GetPageVersions = 23,
+    PageVersions = 24,
     Error = 255,
 }
 
@@ -64,6 +80,12 @@ impl MessageType {
             13 => MessageType::Truncate,
             15 => MessageType::ReadRecords,
             16 => MessageType::Records,
+            17 => MessageType::SetMembership,
+            19 => MessageType::Digest,
+            20 => MessageType::DigestOk,
+            21 => MessageType::PullRecords,
+            23 => MessageType::GetPageVersions,
+            24 => MessageType::PageVersions,
             255 => MessageType::Error,
             _ => return None,
         };
@@ -116,6 +138,14 @@ pub enum ErrorCode {
     /// The request's epoch is newer than the one the segment has installed:
     /// a recovering writer's `Truncate` at that epoch must come first.
     EpochNotInstalled = 14,
+    /// A gossip request from a node that is not a member of the PG at the
+    /// receiver's membership epoch.
+    NotMember = 15,
+    /// The request's membership epoch differs from the receiver's;
+    /// `current_epoch` carries the receiver's membership epoch.
+    StaleMembership = 16,
+    /// The segment is being rebuilt from its peers (hydrating): read another.
+    Rebuilding = 17,
 }
 
 impl ErrorCode {
@@ -135,6 +165,9 @@ impl ErrorCode {
             12 => ErrorCode::ReadPointBelowPgmrpl,
             13 => ErrorCode::PageDamaged,
             14 => ErrorCode::EpochNotInstalled,
+            15 => ErrorCode::NotMember,
+            16 => ErrorCode::StaleMembership,
+            17 => ErrorCode::Rebuilding,
             _ => return None,
         };
         Some(code)
@@ -248,6 +281,69 @@ pub enum Message {
         /// What the node found damaged under the segment; none from a
         /// sender that predates the field.
         damage: Damage,
+        /// The PG's membership as the segment holds it; none if its writer
+        /// never set one (or from a sender that predates the field).
+        membership: Option<Membership>,
+    },
+    /// The writer sets the PG's membership on the segment (creating the
+    /// segment with the geometry if the node does not hold it). A lower
+    /// membership epoch than the segment's is refused (`StaleMembership`),
+    /// the same epoch with other members is `BadRequest`. Answered by
+    /// `SegmentStatus`.
+    SetMembership {
+        volume: u64,
+        epoch: u64,
+        pg: u32,
+        page_bytes: u32,
+        pg_pages: u64,
+        membership: Membership,
+    },
+    /// A peer's digest of its segment of `pg`; answered by `DigestOk` with
+    /// the receiver's own. Only from a member (the `Hello`'s node id) at
+    /// the receiver's membership epoch.
+    Digest {
+        volume: u64,
+        pg: u32,
+        digest: GossipDigest,
+    },
+    DigestOk {
+        volume: u64,
+        pg: u32,
+        digest: GossipDigest,
+    },
+    /// A peer pulls the chain above `after`, up to the receiver's SCL, at
+    /// most `max_bytes` of records (at least one if any); answered by
+    /// `Records`. Refused unless both sides have installed the same volume
+    /// epoch and hold the same membership epoch, and the sender is a member.
+    PullRecords {
+        volume: u64,
+        pg: u32,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        after: u64,
+        max_bytes: u32,
+    },
+    /// A peer fetches the receiver's current page versions from
+    /// `first_page` on (pages never written are skipped), at most
+    /// `max_bytes` of page bytes (at least one version if any). Same
+    /// conditions as `PullRecords`. Answered by `PageVersions`.
+    GetPageVersions {
+        volume: u64,
+        pg: u32,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        first_page: u64,
+        max_bytes: u32,
+    },
+    PageVersions {
+        volume: u64,
+        pg: u32,
+        /// Every version below holds every change to its page at or below
+        /// this LSN (the receiver's coalesced LSN before it read them).
+        floor: u64,
+        /// The page to ask for next; the PG's end when none is left.
+        next_page: u64,
+        versions: Vec<WirePageVersion>,
     },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs
@@ -309,6 +405,12 @@ impl Message {
             Message::Truncate { .. } => MessageType::Truncate,
             Message::ReadRecords { .. } => MessageType::ReadRecords,
             Message::Records { .. } => MessageType::Records,
+            Message::SetMembership { .. } => MessageType::SetMembership,
+            Message::Digest { .. } => MessageType::Digest,
+            Message::DigestOk { .. } => MessageType::DigestOk,
+            Message::PullRecords { .. } => MessageType::PullRecords,
+            Message::GetPageVersions { .. } => MessageType::GetPageVersions,
+            Message::PageVersions { .. } => MessageType::PageVersions,
             Message::Error { .. } => MessageType::Error,
         }
     }

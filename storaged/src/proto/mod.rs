@@ -28,7 +28,7 @@ pub use error::ProtoError;
 pub use frame::{
     AppendHeader, FrameDecoder, RawFrame, decode_frame, encode_append_frame, encode_frame, split_frame, write_frame,
 };
-pub use message::{Damage, ErrorCode, Frame, Message, MessageType, Role};
+pub use message::{Damage, ErrorCode, Frame, GossipDigest, Membership, Message, MessageType, Role, WirePageVersion};
 
 /// The version this code speaks, in byte 4 of every frame.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 
-use crate::proto::{Damage, ErrorCode, Message, Role};
+use crate::membership::{Member, Membership};
+use crate::proto::{Damage, ErrorCode, GossipDigest, Message, Role, WirePageVersion};
 use crate::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 
 fn arb_role() -> impl Strategy<Value = Role> {
@@ -10,7 +11,7 @@ fn arb_role() -> impl Strategy<Value = Role> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=14).prop_map(|v| ErrorCode::from_u16(v).expect("1..=14 are codes"))
+    (1u16..=17).prop_map(|v| ErrorCode::from_u16(v).expect("1..=17 are codes"))
 }
 
 /// 1–4 records of one segment with strictly increasing LSNs, random bodies.
@@ -84,6 +85,31 @@ fn arb_batch() -> impl Strategy<Value = (u64, u32, Vec<RedoRecord>)> {
         })
 }
 
+/// A valid membership: six members, or seven while one is being replaced.
+fn arb_membership() -> impl Strategy<Value = Membership> {
+    (1u64..u64::MAX, 1u64..1000, any::<bool>(), any::<u16>())
+        .prop_map(|(epoch, base, changing, port)| {
+            let members = (base..base + 7)
+                .map(|id| Member {
+                    id,
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], port.wrapping_add(id as u16))),
+                })
+                .collect();
+            Membership {
+                epoch,
+                members,
+                old: 0b0011_1111,
+                new: if changing { 0b0101_1111 } else { 0b0011_1111 },
+            }
+        })
+        .prop_map(|mut m| {
+            if !m.is_changing() {
+                m.members.pop();
+            }
+            m
+        })
+}
+
 pub(super) fn arb_message() -> impl Strategy<Value = Message> {
     let u = any::<u64>;
     prop_oneof![
@@ -146,25 +172,29 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             prop::array::uniform10(u()),
             arb_ranges(),
             arb_holes(),
-            arb_damage()
+            arb_damage(),
+            prop::option::of(arb_membership())
         )
-            .prop_map(|(volume, pg, v, annulled, holes, damage)| Message::SegmentStatus {
-                volume,
-                pg,
-                epoch: v[0],
-                scl: v[1],
-                highest_lsn: v[2],
-                lowest_lsn: v[3],
-                pgmrpl: v[4],
-                records: v[5],
-                log_bytes: v[6],
-                page_store_bytes: v[7],
-                installed_epoch: v[8],
-                incarnation: v[9],
-                annulled,
-                holes,
-                damage,
-            }),
+            .prop_map(
+                |(volume, pg, v, annulled, holes, damage, membership)| Message::SegmentStatus {
+                    volume,
+                    pg,
+                    epoch: v[0],
+                    scl: v[1],
+                    highest_lsn: v[2],
+                    lowest_lsn: v[3],
+                    pgmrpl: v[4],
+                    records: v[5],
+                    log_bytes: v[6],
+                    page_store_bytes: v[7],
+                    installed_epoch: v[8],
+                    incarnation: v[9],
+                    annulled,
+                    holes,
+                    damage,
+                    membership,
+                }
+            ),
         (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
             Message::Seal {
                 volume,
@@ -195,6 +225,73 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             scl,
             records: if empty { Vec::new() } else { records },
         }),
+        (u(), u(), any::<u32>(), any::<u32>(), u(), arb_membership()).prop_map(
+            |(volume, epoch, pg, page_bytes, pg_pages, membership)| Message::SetMembership {
+                volume,
+                epoch,
+                pg,
+                page_bytes,
+                pg_pages,
+                membership,
+            }
+        ),
+        (u(), any::<u32>(), prop::array::uniform5(u()), any::<bool>()).prop_map(|(volume, pg, v, ok)| {
+            let digest = GossipDigest {
+                installed_epoch: v[0],
+                membership_epoch: v[1],
+                scl: v[2],
+                highest_lsn: v[3],
+                floor: v[4],
+            };
+            if ok {
+                Message::DigestOk { volume, pg, digest }
+            } else {
+                Message::Digest { volume, pg, digest }
+            }
+        }),
+        (
+            u(),
+            any::<u32>(),
+            prop::array::uniform4(u()),
+            any::<u32>(),
+            any::<bool>()
+        )
+            .prop_map(|(volume, pg, v, max_bytes, pages)| if pages {
+                Message::GetPageVersions {
+                    volume,
+                    pg,
+                    installed_epoch: v[0],
+                    membership_epoch: v[1],
+                    first_page: v[2],
+                    max_bytes,
+                }
+            } else {
+                Message::PullRecords {
+                    volume,
+                    pg,
+                    installed_epoch: v[0],
+                    membership_epoch: v[1],
+                    after: v[2],
+                    max_bytes,
+                }
+            }),
+        (
+            u(),
+            any::<u32>(),
+            u(),
+            u(),
+            prop::collection::vec((u(), u(), prop::collection::vec(any::<u8>(), 0..64)), 0..4)
+        )
+            .prop_map(|(volume, pg, floor, next_page, versions)| Message::PageVersions {
+                volume,
+                pg,
+                floor,
+                next_page,
+                versions: versions
+                    .into_iter()
+                    .map(|(page, lsn, bytes)| WirePageVersion { page, lsn, bytes })
+                    .collect(),
+            }),
         (arb_error_code(), u(), "\\PC{0,60}").prop_map(|(code, current_epoch, message)| {
             Message::Error {
                 code,
