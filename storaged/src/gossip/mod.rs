@@ -32,6 +32,7 @@
 //! takes the segment's new state from the shell. The SCL is never the core's
 //! business.
 
+pub mod shell;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -81,13 +82,41 @@ impl Default for GossipConfig {
             pull_bytes_max: 1 << 20,
             inflight_per_peer_max: 2,
             inflight_bytes_max: 16 << 20,
-            rate_bytes_per_s: 0,
+            rate_bytes_per_s: 1 << 30,
             timeout_min_ms: 200,
             timeout_max_ms: 10_000,
             explore_percent: 10,
             foreground_slowdown_max: 1.5,
             hydrate_stall_ms: 30_000,
         }
+    }
+}
+
+impl GossipConfig {
+    /// Refuse limits that would stop repair or let it run unbounded.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.digest_interval_ms == 0 {
+            return Err("gossip_interval_ms must be at least 1".into());
+        }
+        if self.pull_bytes_max < 4096 || self.pull_bytes_max as usize > crate::proto::FRAME_BYTES_MAX / 2 {
+            return Err(format!(
+                "repair_pull_bytes_max must be between 4096 and {}",
+                crate::proto::FRAME_BYTES_MAX / 2
+            ));
+        }
+        if self.inflight_bytes_max < u64::from(self.pull_bytes_max) {
+            return Err("repair_inflight_bytes_max must be at least repair_pull_bytes_max".into());
+        }
+        if self.inflight_per_peer_max == 0 {
+            return Err("repair_inflight_per_peer_max must be at least 1".into());
+        }
+        if self.timeout_max_ms < self.timeout_min_ms {
+            return Err(format!(
+                "repair_timeout_max_ms must be at least {}",
+                self.timeout_min_ms
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ fn digest(scl: u64, floor: u64) -> Digest {
 }
 
 fn core_at(scl: u64) -> GossipCore {
-    let mut core = GossipCore::new(1, GossipConfig::default(), 7);
+    let mut core = GossipCore::new(1, unpaced(), 7);
     core.set_local(
         PG,
         Local {
@@ -113,7 +113,7 @@ fn a_peer_at_a_newer_epoch_is_not_a_source() {
 
 #[test]
 fn holes_are_pulled_before_the_tail_and_each_range_once() {
-    let mut core = GossipCore::new(1, GossipConfig::default(), 1);
+    let mut core = GossipCore::new(1, unpaced(), 1);
     core.set_local(
         PG,
         Local {
@@ -135,7 +135,7 @@ fn holes_are_pulled_before_the_tail_and_each_range_once() {
 
 #[test]
 fn no_peer_gets_more_than_its_inflight_limit() {
-    let mut core = GossipCore::new(1, GossipConfig::default(), 1);
+    let mut core = GossipCore::new(1, unpaced(), 1);
     let missing: Vec<LsnRange> = (0..10).map(|i| (10 + i * 10, 15 + i * 10)).collect();
     core.set_local(
         PG,
@@ -195,7 +195,7 @@ fn the_fastest_peer_is_preferred() {
 fn stale_digests_do_not_choose_a_source() {
     let mut core = core_at(10);
     core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
-    let config = GossipConfig::default();
+    let config = unpaced();
     let later = config.digest_interval_ms * config.digest_stale_intervals + 1;
     assert!(pulls(&core.poll(later)).is_empty());
 }
@@ -253,4 +253,12 @@ fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
         core.observe_foreground(100.0);
     }
     assert_eq!(core.rate_factor(), 1.0);
+}
+
+/// The defaults without the rate ceiling: these tests are about choices, not pace.
+fn unpaced() -> GossipConfig {
+    GossipConfig {
+        rate_bytes_per_s: 0,
+        ..GossipConfig::default()
+    }
 }

@@ -1,0 +1,445 @@
+//! The gossip shell: runs a [`GossipCore`] per volume over the node's
+//! segments and carries out what it asks over the network.
+//!
+//! Each tick it reads every segment's state from the node ([`Store`]),
+//! feeds it to the core, and turns the core's actions into requests to the
+//! peers named by the segment's membership: `Digest` (the reply is the
+//! peer's digest), `PullRecords` (what comes back is admitted by the node
+//! through its append path, and only then reported done), and hydration
+//! (`GetPageVersions` batches written as the segment's base, then the
+//! chain above pulled like any gap). Every request runs in a task of its
+//! own whose outcome comes back on a bounded channel; the core bounds how
+//! many there are, and a request the core gives up on (`Abandon`) is
+//! aborted. One connection per peer, opened when first needed, checked to
+//! be the node the membership names, and dropped on any error.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use super::{Action, Digest, GossipConfig, GossipCore, Local, Millis, NodeId, Pg};
+use crate::client::{ClientError, NodeClient};
+use crate::membership::Membership;
+use crate::proto::{Message, Role, WirePageVersion};
+use crate::record::{RedoRecord, SegmentId};
+
+/// What the shell needs of the node; [`crate::node::Node`] is one.
+pub trait Store: Send + Sync + 'static {
+    /// Every segment with a membership: its id, its state as the core
+    /// sees it, and the membership.
+    fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)>;
+    /// The first page of the segment and the page after its last.
+    fn page_range(&self, id: SegmentId) -> Option<(u64, u64)>;
+    fn admit_pulled(
+        &self,
+        id: SegmentId,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        records: Vec<RedoRecord>,
+    ) -> impl Future<Output = Result<u64, String>> + Send;
+    fn hydrate_begin(&self, id: SegmentId) -> impl Future<Output = Result<(), String>> + Send;
+    fn hydrate_pages(
+        &self,
+        id: SegmentId,
+        versions: Vec<WirePageVersion>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn hydrate_end(&self, id: SegmentId, floor: u64) -> impl Future<Output = Result<u64, String>> + Send;
+    fn hydrate_abort(&self, id: SegmentId);
+    /// Mean latency of the foreground's appends since the last call, in
+    /// microseconds; None if there were none.
+    fn foreground_latency_us(&self) -> Option<f64>;
+}
+
+/// How often the foreground's latency is sampled for the cores.
+const FOREGROUND_SAMPLE: Duration = Duration::from_millis(200);
+
+/// How often the shell looks at the node and polls the core.
+const TICK: Duration = Duration::from_millis(20);
+/// Outcomes waiting to be taken; request tasks wait beyond.
+const OUTCOMES_MAX: usize = 256;
+/// A connection attempt or a digest exchange given up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum Outcome {
+    Digest {
+        volume: u64,
+        pg: Pg,
+        from: NodeId,
+        digest: Digest,
+    },
+    Done {
+        volume: u64,
+        id: u64,
+        bytes: u64,
+    },
+    Progress {
+        volume: u64,
+        id: u64,
+        bytes: u64,
+    },
+    Failed {
+        volume: u64,
+        id: u64,
+    },
+}
+
+/// One connection per peer, shared by the requests to it.
+#[derive(Default)]
+struct Peers {
+    clients: Mutex<HashMap<NodeId, Arc<NodeClient>>>,
+}
+
+impl Peers {
+    async fn client(&self, me: NodeId, peer: NodeId, addr: SocketAddr) -> Result<Arc<NodeClient>, ClientError> {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            return Ok(c.clone());
+        }
+        let connect = NodeClient::connect_to_node(addr, Role::StorageNode, me, peer);
+        let client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(c) => Arc::new(c?),
+            Err(_) => return Err(ClientError::Closed),
+        };
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, client.clone());
+        Ok(client)
+    }
+
+    fn drop_client(&self, peer: NodeId) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+    }
+
+    /// Send `msg` to `peer`; a lost connection is forgotten so the next
+    /// request opens a new one.
+    async fn request(&self, me: NodeId, peer: NodeId, addr: SocketAddr, msg: Message) -> Result<Message, String> {
+        let client = self.client(me, peer, addr).await.map_err(|e| e.to_string())?;
+        match client.request(msg).await {
+            Ok(Message::Error { code, message, .. }) => Err(format!("{code:?}: {message}")),
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                self.drop_client(peer);
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// What a request task needs to know of its segment.
+#[derive(Clone, Copy)]
+struct SegmentView {
+    id: SegmentId,
+    digest: Digest,
+}
+
+/// Run until `shutdown` turns true.
+pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut shutdown: watch::Receiver<bool>) {
+    let start = Instant::now();
+    let now = || start.elapsed().as_millis() as Millis;
+    let mut cores: HashMap<u64, GossipCore> = HashMap::new();
+    let mut tasks: HashMap<(u64, u64), AbortHandle> = HashMap::new();
+    let peers = Arc::new(Peers::default());
+    let (tx, mut rx) = mpsc::channel::<Outcome>(OUTCOMES_MAX);
+    let mut sampled_at = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tick.tick() => {}
+            Some(o) = rx.recv() => {
+                take(&mut cores, &mut tasks, now(), o);
+                while let Ok(o) = rx.try_recv() {
+                    take(&mut cores, &mut tasks, now(), o);
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        // The node's segments as they are now.
+        let mut views: HashMap<(u64, Pg), (SegmentView, Membership)> = HashMap::new();
+        for (id, local, membership) in store.gossip_locals() {
+            let core = cores
+                .entry(id.volume)
+                .or_insert_with(|| GossipCore::new(me, config.clone(), me ^ id.volume.rotate_left(17) ^ 0x9e37));
+            views.insert(
+                (id.volume, id.pg),
+                (
+                    SegmentView {
+                        id,
+                        digest: local.digest,
+                    },
+                    membership,
+                ),
+            );
+            core.set_local(id.pg, local);
+        }
+        if sampled_at.elapsed() >= FOREGROUND_SAMPLE {
+            sampled_at = Instant::now();
+            if let Some(us) = store.foreground_latency_us() {
+                for core in cores.values_mut() {
+                    core.observe_foreground(us);
+                }
+            }
+        }
+        let t = now();
+        for (&volume, core) in cores.iter_mut() {
+            for action in core.poll(t) {
+                match action {
+                    Action::SendDigest { pg, to } => {
+                        let Some((view, membership)) = views.get(&(volume, pg)) else {
+                            continue;
+                        };
+                        let Some(addr) = address(membership, to) else { continue };
+                        let (view, peers, tx) = (*view, peers.clone(), tx.clone());
+                        // Not tracked: a digest exchange is bounded by its timeout.
+                        spawn(async move {
+                            let msg = Message::Digest {
+                                volume,
+                                pg,
+                                digest: view.digest,
+                            };
+                            let reply = tokio::time::timeout(CONNECT_TIMEOUT, peers.request(me, to, addr, msg)).await;
+                            match reply {
+                                Ok(Ok(Message::DigestOk { digest, .. })) => {
+                                    let _ = tx
+                                        .send(Outcome::Digest {
+                                            volume,
+                                            pg,
+                                            from: to,
+                                            digest,
+                                        })
+                                        .await;
+                                }
+                                Ok(Ok(other)) => {
+                                    tracing::debug!(peer = to, pg, reply = ?other.kind(), "unexpected digest reply");
+                                }
+                                Ok(Err(e)) => tracing::debug!(peer = to, pg, error = %e, "digest refused or failed"),
+                                Err(_) => tracing::debug!(peer = to, pg, "digest timed out"),
+                            }
+                        });
+                    }
+                    Action::Pull {
+                        id,
+                        pg,
+                        to,
+                        after,
+                        max_bytes,
+                    } => {
+                        let Some((view, membership)) = views.get(&(volume, pg)) else {
+                            core.on_failed(t, id);
+                            continue;
+                        };
+                        let Some(addr) = address(membership, to) else {
+                            core.on_failed(t, id);
+                            continue;
+                        };
+                        let (view, peers, tx, store) = (*view, peers.clone(), tx.clone(), store.clone());
+                        let handle = spawn(async move {
+                            let outcome = match pull(&*store, &peers, me, to, addr, view, after, max_bytes).await {
+                                Ok(bytes) => Outcome::Done { volume, id, bytes },
+                                Err(e) => {
+                                    tracing::debug!(peer = to, pg, after, error = %e, "pull failed");
+                                    Outcome::Failed { volume, id }
+                                }
+                            };
+                            let _ = tx.send(outcome).await;
+                        });
+                        tasks.insert((volume, id), handle);
+                    }
+                    Action::Hydrate { id, pg, from, at } => {
+                        let Some((view, membership)) = views.get(&(volume, pg)) else {
+                            core.on_failed(t, id);
+                            continue;
+                        };
+                        let Some(addr) = address(membership, from) else {
+                            core.on_failed(t, id);
+                            continue;
+                        };
+                        let (view, peers, tx, store) = (*view, peers.clone(), tx.clone(), store.clone());
+                        tracing::info!(
+                            volume,
+                            pg,
+                            from,
+                            at,
+                            "hydrating the segment from a peer: what it lacks was coalesced by every peer"
+                        );
+                        let handle = spawn(async move {
+                            let outcome = match hydrate(&*store, &peers, me, from, addr, view, id, &tx).await {
+                                Ok((scl, bytes)) => {
+                                    tracing::info!(volume, pg, from, scl, bytes, "segment hydrated");
+                                    Outcome::Done { volume, id, bytes }
+                                }
+                                Err(e) => {
+                                    store.hydrate_abort(view.id);
+                                    tracing::warn!(volume, pg, from, error = %e, "hydration failed; will try again");
+                                    Outcome::Failed { volume, id }
+                                }
+                            };
+                            let _ = tx.send(outcome).await;
+                        });
+                        tasks.insert((volume, id), handle);
+                    }
+                    Action::Abandon { id } => {
+                        if let Some(handle) = tasks.remove(&(volume, id)) {
+                            handle.abort();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (_, handle) in tasks {
+        handle.abort();
+    }
+}
+
+fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> AbortHandle {
+    tokio::spawn(fut).abort_handle()
+}
+
+fn take(cores: &mut HashMap<u64, GossipCore>, tasks: &mut HashMap<(u64, u64), AbortHandle>, now: Millis, o: Outcome) {
+    match o {
+        Outcome::Digest {
+            volume,
+            pg,
+            from,
+            digest,
+        } => {
+            if let Some(core) = cores.get_mut(&volume)
+                && let Err(refusal) = core.on_digest(now, pg, from, digest)
+            {
+                tracing::debug!(volume, pg, peer = from, %refusal, "peer's digest not taken");
+            }
+        }
+        Outcome::Done { volume, id, bytes } => {
+            tasks.remove(&(volume, id));
+            if let Some(core) = cores.get_mut(&volume) {
+                core.on_pulled(now, id, bytes);
+            }
+        }
+        Outcome::Progress { volume, id, bytes } => {
+            if let Some(core) = cores.get_mut(&volume) {
+                core.on_progress(now, id, bytes);
+            }
+        }
+        Outcome::Failed { volume, id } => {
+            tasks.remove(&(volume, id));
+            if let Some(core) = cores.get_mut(&volume) {
+                core.on_failed(now, id);
+            }
+        }
+    }
+}
+
+fn address(membership: &Membership, peer: NodeId) -> Option<SocketAddr> {
+    membership.members.iter().find(|m| m.id == peer).map(|m| m.addr)
+}
+
+/// Pull the chain above `after` from `to` and have the node admit it;
+/// returns the bytes pulled.
+#[allow(clippy::too_many_arguments)]
+async fn pull<S: Store>(
+    store: &S,
+    peers: &Peers,
+    me: NodeId,
+    to: NodeId,
+    addr: SocketAddr,
+    view: SegmentView,
+    after: u64,
+    max_bytes: u32,
+) -> Result<u64, String> {
+    let msg = Message::PullRecords {
+        volume: view.id.volume,
+        pg: view.id.pg,
+        installed_epoch: view.digest.installed_epoch,
+        membership_epoch: view.digest.membership_epoch,
+        after,
+        max_bytes,
+    };
+    let records = match peers.request(me, to, addr, msg).await? {
+        Message::Records { records, .. } => records,
+        other => return Err(format!("answered {:?} to PullRecords", other.kind())),
+    };
+    if records.is_empty() {
+        return Err(format!("node {to} holds nothing above {after}"));
+    }
+    let bytes = records.iter().map(|r| r.encoded_len() as u64).sum();
+    store
+        .admit_pulled(
+            view.id,
+            view.digest.installed_epoch,
+            view.digest.membership_epoch,
+            records,
+        )
+        .await?;
+    Ok(bytes)
+}
+
+/// Fetch every page version `from` holds and take them as the segment's
+/// base; returns the SCL after and the bytes fetched.
+#[allow(clippy::too_many_arguments)]
+async fn hydrate<S: Store>(
+    store: &S,
+    peers: &Peers,
+    me: NodeId,
+    from: NodeId,
+    addr: SocketAddr,
+    view: SegmentView,
+    id: u64,
+    tx: &mpsc::Sender<Outcome>,
+) -> Result<(u64, u64), String> {
+    let (first, end) = store
+        .page_range(view.id)
+        .ok_or_else(|| "the segment is gone".to_string())?;
+    store.hydrate_begin(view.id).await?;
+    let mut page = first;
+    let mut floor = u64::MAX;
+    let mut total = 0;
+    while page < end {
+        let msg = Message::GetPageVersions {
+            volume: view.id.volume,
+            pg: view.id.pg,
+            installed_epoch: view.digest.installed_epoch,
+            membership_epoch: view.digest.membership_epoch,
+            first_page: page,
+            max_bytes: HYDRATE_BATCH_BYTES,
+        };
+        let (batch_floor, next_page, versions) = match peers.request(me, from, addr, msg).await? {
+            Message::PageVersions {
+                floor,
+                next_page,
+                versions,
+                ..
+            } => (floor, next_page, versions),
+            other => return Err(format!("answered {:?} to GetPageVersions", other.kind())),
+        };
+        if next_page <= page {
+            return Err(format!("node {from} did not move on from page {page}"));
+        }
+        floor = floor.min(batch_floor);
+        let bytes: u64 = versions.iter().map(|v| v.bytes.len() as u64).sum();
+        store.hydrate_pages(view.id, versions).await?;
+        total += bytes;
+        let _ = tx
+            .send(Outcome::Progress {
+                volume: view.id.volume,
+                id,
+                bytes,
+            })
+            .await;
+        page = next_page;
+    }
+    let floor = if floor == u64::MAX { 0 } else { floor };
+    let scl = store.hydrate_end(view.id, floor).await?;
+    Ok((scl, total))
+}
+
+/// Page bytes one `GetPageVersions` brings at most.
+const HYDRATE_BATCH_BYTES: u32 = 2 << 20;
