@@ -472,6 +472,11 @@ pub struct Node {
     coalesce_wake: Notify,
     /// Appends taken so far; the coalescer defers to a busy foreground.
     appends: AtomicU64,
+    /// Writers' appends answered, and their summed latency in µs, since
+    /// [`Node::take_foreground_latency`] last looked: how repair knows it
+    /// is slowing the foreground.
+    fg_appends: AtomicU64,
+    fg_latency_us: AtomicU64,
     stopping: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
     coalescer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -666,6 +671,8 @@ impl Node {
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
             coalesce_wake: Notify::new(),
             appends: AtomicU64::new(0),
+            fg_appends: AtomicU64::new(0),
+            fg_latency_us: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             driver: Mutex::new(Some(opened.driver)),
             coalescer: Mutex::new(None),
@@ -1063,6 +1070,20 @@ impl Node {
                 lsn: read_point,
                 source,
             })
+    }
+
+    /// Count a writer's append that took `us` microseconds.
+    pub fn record_foreground(&self, us: u64) {
+        self.fg_appends.fetch_add(1, Ordering::Relaxed);
+        self.fg_latency_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Mean latency of the writers' appends since the last call; None if
+    /// there were none.
+    pub fn take_foreground_latency(&self) -> Option<f64> {
+        let n = self.fg_appends.swap(0, Ordering::Relaxed);
+        let us = self.fg_latency_us.swap(0, Ordering::Relaxed);
+        (n > 0).then(|| us as f64 / n as f64)
     }
 
     pub fn scl(&self, id: SegmentId) -> u64 {

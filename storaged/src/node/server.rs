@@ -252,20 +252,24 @@ async fn handle(node: &Node, msg: Message) -> Message {
             page_bytes,
             pg_pages,
             records,
-        } => node
-            .append(
-                SegmentId { volume, pg },
-                epoch,
-                PageGeometry { page_bytes, pg_pages },
-                records,
-            )
-            .await
-            .map(|scl| Message::AppendAck {
+        } => {
+            let started = std::time::Instant::now();
+            let result = node
+                .append(
+                    SegmentId { volume, pg },
+                    epoch,
+                    PageGeometry { page_bytes, pg_pages },
+                    records,
+                )
+                .await;
+            node.record_foreground(started.elapsed().as_micros() as u64);
+            result.map(|scl| Message::AppendAck {
                 volume,
                 pg,
                 scl,
                 incarnation: node.incarnation,
-            }),
+            })
+        }
         Message::GetSegmentStatus { volume, epoch, pg } => node
             .status(SegmentId { volume, pg }, epoch)
             .map(|s| status_reply(node, volume, pg, s)),
