@@ -1137,11 +1137,11 @@ impl<T> Writer<T> {
                         node,
                         pg,
                         ?code,
-                        %message,
+                        reason = %message,
                         "storage node refused a PG's membership; writing goes on, its segments are told again when it comes back"
                     );
                 } else {
-                    tracing::debug!(node, pg, ?code, %message, "membership refused");
+                    tracing::debug!(node, pg, ?code, reason = %message, "membership refused");
                 }
                 self.pgs[pg as usize].slots[slot].told = Told::Refused;
                 // A one-off refusal: told again soon, not only at the next up.
