@@ -651,6 +651,11 @@ fn a_late_or_reordered_ack_never_lowers_an_scl() {
 /// to carry the PG's membership from the config, the writer's epoch and
 /// the volume's geometry (so that a node lacking the segment creates it).
 fn tellings(out: &[Output<u32>]) -> Vec<(u64, u64, u32)> {
+    tellings_at(out, config().epoch)
+}
+
+/// [`tellings`] of a writer at `writer_epoch`.
+fn tellings_at(out: &[Output<u32>], writer_epoch: u64) -> Vec<(u64, u64, u32)> {
     let config = config();
     out.iter()
         .filter_map(|o| match o {
@@ -667,7 +672,7 @@ fn tellings(out: &[Output<u32>]) -> Vec<(u64, u64, u32)> {
                         membership,
                     },
             } => {
-                assert_eq!((*volume, *epoch), (config.volume, config.epoch));
+                assert_eq!((*volume, *epoch), (config.volume, writer_epoch));
                 assert_eq!((*page_bytes as usize, *pg_pages), (config.page_bytes, config.pg_pages));
                 assert_eq!(membership, &config.memberships[*pg as usize], "PG {pg}'s membership");
                 Some((*node, *request, *pg))
@@ -856,4 +861,46 @@ fn a_segment_not_installed_is_told_after_its_truncation() {
     assert!(tellings(&out).is_empty());
     w.on_reply(node, truncation, status(pg, 0, INCARNATION));
     assert_eq!(told_pairs(&tellings(&outputs(&mut w))), vec![(node, pg)]);
+}
+
+/// The writer recovery hands over to tells every segment of the nodes up
+/// at its start (recovery has sealed and truncated them), at its epoch and
+/// before any append; a node down then is told when it comes up.
+#[test]
+fn a_recovered_writer_tells_the_segments_up_at_its_start() {
+    let r = crate::recovery::Recovered {
+        epoch: 2,
+        vdl: 0,
+        next_lsn: 1,
+        annulled: Vec::new(),
+        pgs: (0..2)
+            .map(|_| crate::recovery::RecoveredPg {
+                tail: 0,
+                records: Vec::new(),
+                scls: [0; SEGMENTS_PER_PG],
+            })
+            .collect(),
+        next_request: 40,
+    };
+    let mut w: Writer<u32> = Writer::recovered(config(), &r);
+    for n in 1..=5 {
+        w.node_up(n);
+    }
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let out = outputs(&mut w);
+    let t = tellings_at(&out, 2);
+    assert_eq!(told_pairs(&t), segments_of(&[1, 2, 3, 4, 5]));
+    let first_append = out.iter().position(|o| matches!(o, Output::Append { .. }));
+    let last_telling = out.iter().rposition(|o| {
+        matches!(
+            o,
+            Output::Request {
+                message: Message::SetMembership { .. },
+                ..
+            }
+        )
+    });
+    assert!(last_telling < first_append, "told before the first append");
+    w.node_up(6);
+    assert_eq!(told_pairs(&tellings_at(&outputs(&mut w), 2)), segments_of(&[6]));
 }
