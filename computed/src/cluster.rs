@@ -37,6 +37,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
+use storaged::membership::{Member, Membership};
 use toml::Spanned;
 
 /// Segments per PG, and how many of them make a write or read quorum.
@@ -48,6 +49,9 @@ pub const SEGMENTS_PER_AZ_MAX: usize = 2;
 pub const AZS_MIN: usize = 3;
 pub const PAGE_BYTES_MIN: u32 = 4096;
 pub const PAGE_BYTES_MAX: u32 = 65536;
+/// The membership epoch of the placement the cluster file gives: the
+/// membership every PG starts with. A membership change raises it.
+pub const PLACEMENT_MEMBERSHIP_EPOCH: u64 = 1;
 
 /// A rule the file breaks, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +100,21 @@ impl Cluster {
 
     pub fn node(&self, id: u64) -> Option<&StorageNode> {
         self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// PG `pg`'s membership as the cluster file places it: its six nodes,
+    /// in slot order, with their addresses (where gossip finds its peers),
+    /// at [`PLACEMENT_MEMBERSHIP_EPOCH`]. The one place it is built from the
+    /// file; `None` for a PG past the volume's end.
+    pub fn membership(&self, pg: u32) -> Option<Membership> {
+        let slots = self.placement.get(pg as usize)?;
+        let mut members = Vec::with_capacity(SEGMENTS_PER_PG);
+        for &id in slots {
+            // Parsing checked that every placed node is listed.
+            let node = self.node(id)?;
+            members.push(Member { id, addr: node.address });
+        }
+        Some(Membership::single(PLACEMENT_MEMBERSHIP_EPOCH, members))
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Cluster> {
@@ -576,5 +595,22 @@ mod tests {
             .collect();
         let c = Cluster::parse(&local_cluster_toml(3, 2, 16, "127.0.0.1:7000".parse().unwrap(), &nodes)).unwrap();
         check_rules(&c);
+    }
+
+    #[test]
+    fn a_pgs_membership_is_its_placement_with_the_nodes_addresses() {
+        let c = Cluster::parse(&file(2, &nodes_toml(9, 3), "")).unwrap();
+        for pg in 0..2 {
+            let m = c.membership(pg).expect("a PG of the volume");
+            m.check().expect("a valid membership");
+            assert_eq!(m.epoch, PLACEMENT_MEMBERSHIP_EPOCH);
+            assert!(!m.is_changing());
+            let ids: Vec<u64> = m.members.iter().map(|x| x.id).collect();
+            assert_eq!(ids, c.placement[pg as usize].to_vec(), "slot order");
+            for x in &m.members {
+                assert_eq!(x.addr, c.node(x.id).unwrap().address);
+            }
+        }
+        assert_eq!(c.membership(2), None, "past the volume's end");
     }
 }

@@ -35,10 +35,22 @@
 //! below the oldest held record needs storage-side repair).
 //!
 //! Reads: see [`Writer::read`].
+//!
+//! Membership. Each segment is told its PG's membership (`SetMembership`:
+//! the six nodes and their addresses, which gossip repair trusts and pulls
+//! from) once per connection, first thing when its node comes up — so
+//! before the first append ever reaches it, and at the writer's start
+//! (after recovery) for every node up then — and again when a reply shows
+//! the node under a new incarnation (restarted, or reformatted: telling
+//! creates a segment the node no longer holds). Nothing on the commit path
+//! waits for it, and a refusal is logged, never fatal: the segment is told
+//! again at the next of those, after `retry_after_us` if the refusal was
+//! transient, or once it installs the epoch if that was the reason.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use storaged::membership::Membership;
 use storaged::proto::{ErrorCode, Message};
 use storaged::record::{RecordBody, RedoRecord, SegmentId};
 
@@ -61,6 +73,9 @@ pub struct WriterConfig {
     pub pg_pages: u64,
     /// For each PG, the node ids of its 6 segments (slot order).
     pub placement: Vec<[u64; SEGMENTS_PER_PG]>,
+    /// For each PG, the membership its segments are told (the same nodes,
+    /// with their addresses): `Cluster::membership`.
+    pub memberships: Vec<Membership>,
     /// LSN allocation limit: no LSN above VDL + `lal`.
     pub lal: u64,
     /// Page writes in one transaction, at most (must not exceed `lal`).
@@ -100,6 +115,13 @@ impl WriterConfig {
             page_bytes: cluster.page_bytes as usize,
             pg_pages: cluster.pg_pages,
             placement: cluster.placement.clone(),
+            memberships: (0..cluster.pgs)
+                .map(|pg| {
+                    cluster
+                        .membership(pg)
+                        .expect("the cluster file lists every node it places")
+                })
+                .collect(),
             lal: 10_000,
             txn_writes_max: 256,
             waiting_txns_max: 4096,
@@ -211,10 +233,28 @@ pub enum Output<T> {
     },
 }
 
+/// Where telling a segment its PG's membership stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    /// Not on the current connection (or not answered before it was lost).
+    No,
+    /// `SetMembership` sent, unanswered.
+    Asked,
+    /// The node answered: the segment holds the membership.
+    Yes,
+    /// Refused: told again at the node's next up or new incarnation, or
+    /// (a transient refusal) after `retry_after_us`.
+    Refused,
+    /// Refused with `EpochNotInstalled`: told again once the segment
+    /// installs this writer's epoch (its truncation is sent meanwhile).
+    AfterInstall,
+}
+
 #[derive(Debug)]
 struct Slot {
     node: u64,
     up: bool,
+    told: Told,
     scl: u64,
     /// The node's incarnation `scl` was reported under (None: not heard
     /// from since this writer started).
@@ -277,6 +317,11 @@ enum Pending {
         pg: u32,
         slot: usize,
     },
+    /// The PG's membership, told to a segment.
+    Membership {
+        pg: u32,
+        slot: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -316,6 +361,12 @@ pub struct Writer<T> {
     /// The LAL counts from the VDL or from this, whichever is higher: the
     /// top of the truncation range recovery left below the first new LSN.
     lal_floor: u64,
+    /// Segments to tell their membership again at a time (a transient
+    /// refusal): (time, PG, slot), at most one per slot.
+    retell: Vec<(u64, u32, usize)>,
+    /// Nodes whose refusal of a membership was logged at WARN since their
+    /// connection came up: a node that cannot take it refuses every PG.
+    refusal_warned: HashSet<u64>,
 }
 
 impl<T> Writer<T> {
@@ -331,6 +382,11 @@ impl<T> Writer<T> {
             "recovery's truncation range covers at most LAL_MAX above the VDL"
         );
         assert!(config.segment_batches_inflight_max > 0 && config.batch_bytes_max > 0);
+        assert_eq!(
+            config.memberships.len(),
+            config.placement.len(),
+            "a membership for every PG"
+        );
         let pgs = config
             .placement
             .iter()
@@ -340,6 +396,7 @@ impl<T> Writer<T> {
                     .map(|&node| Slot {
                         node,
                         up: false,
+                        told: Told::No,
                         scl: 0,
                         incarnation: None,
                         sent_through: 0,
@@ -377,6 +434,8 @@ impl<T> Writer<T> {
             fenced: None,
             outputs: Vec::new(),
             lal_floor: 0,
+            retell: Vec::new(),
+            refusal_warned: HashSet::new(),
         }
     }
 
@@ -670,17 +729,22 @@ impl<T> Writer<T> {
     }
 
     /// The connection to `node` is established (Hello answered). Each of
-    /// its segments is asked where it stands: if the node restarted, its
-    /// new incarnation's SCLs replace the old ones (see the module header).
+    /// its segments is told its PG's membership and asked where it stands:
+    /// if the node restarted, its new incarnation's SCLs replace the old
+    /// ones (see the module header).
     pub fn node_up(&mut self, node: u64) {
+        self.refusal_warned.remove(&node);
         for pg_no in 0..self.pgs.len() {
             for slot_no in 0..SEGMENTS_PER_PG {
-                let pg = &mut self.pgs[pg_no];
-                let slot = &mut pg.slots[slot_no];
-                if slot.node != node {
+                if self.pgs[pg_no].slots[slot_no].node != node {
                     continue;
                 }
-                slot.up = true;
+                self.pgs[pg_no].slots[slot_no].up = true;
+                // First on the connection: a segment the node lacks is
+                // created with it before an append or a status ask arrives.
+                self.tell(pg_no as u32, slot_no);
+                let pg = &mut self.pgs[pg_no];
+                let slot = &mut pg.slots[slot_no];
                 slot.sent_through = slot.scl.max(pg.released_through);
                 pg.dirty = true;
                 let request = self.next_request;
@@ -711,6 +775,9 @@ impl<T> Writer<T> {
         for pg in &mut self.pgs {
             for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
                 slot.up = false;
+                if slot.told == Told::Asked {
+                    slot.told = Told::No; // lost with the connection; told at the next up
+                }
                 if slot.paused_until_us == u64::MAX {
                     slot.paused_until_us = 0; // its truncation was lost with the connection
                 }
@@ -727,7 +794,7 @@ impl<T> Writer<T> {
                     self.pgs[*pg as usize].slots[*slot].node == node
                 }
                 Pending::Pgmrpl { node: n } => *n == node,
-                Pending::Truncate { pg, slot } | Pending::Status { pg, slot } => {
+                Pending::Truncate { pg, slot } | Pending::Status { pg, slot } | Pending::Membership { pg, slot } => {
                     self.pgs[*pg as usize].slots[*slot].node == node
                 }
             })
@@ -844,8 +911,12 @@ impl<T> Writer<T> {
                         s.scl = scl;
                         s.incarnation = Some(incarnation);
                         s.sent_through = scl.max(p.released_through);
+                        let retell = s.told == Told::AfterInstall;
                         p.dirty = true;
                         self.set_scl(pg, slot);
+                        if retell {
+                            self.tell(pg, slot);
+                        }
                     }
                     other => {
                         tracing::debug!(node, pg, reply = ?other, "truncation refused; will try again");
@@ -880,6 +951,7 @@ impl<T> Writer<T> {
                 // Anything else: its acks will tell.
                 other => tracing::debug!(node, pg, reply = ?other, "segment status refused"),
             },
+            (Some(Pending::Membership { pg, slot }), reply) => self.on_told(node, pg, slot, reply),
             (
                 None,
                 Message::AppendAck {
@@ -907,7 +979,8 @@ impl<T> Writer<T> {
             Pending::Append { pg, slot, .. }
             | Pending::Read { pg, slot, .. }
             | Pending::Truncate { pg, slot }
-            | Pending::Status { pg, slot } => (self.pgs[*pg as usize].slots[*slot].node, Some(*pg)),
+            | Pending::Status { pg, slot }
+            | Pending::Membership { pg, slot } => (self.pgs[*pg as usize].slots[*slot].node, Some(*pg)),
             Pending::Pgmrpl { node } => (*node, None),
         };
         let about = match reply {
@@ -966,11 +1039,16 @@ impl<T> Writer<T> {
         if !slot.up {
             return; // its connection is gone: never from the node as it is now
         }
+        let mut retell = false;
         if slot.incarnation == Some(incarnation) {
             // Acks of one incarnation may come out of order; its SCL only
             // moves forward.
             slot.scl = slot.scl.max(scl);
         } else {
+            // A node under a new incarnation may have lost the segment
+            // (reformatted) or its membership: tell it again, unless a
+            // telling is already on its way to the node as it is now.
+            retell = slot.incarnation.is_some() && slot.told != Told::Asked;
             // The node opened its device since (or this writer had not
             // heard from it): it holds what it says now.
             if scl < slot.scl {
@@ -988,6 +1066,96 @@ impl<T> Writer<T> {
             slot.incarnation = Some(incarnation);
         }
         self.set_scl(pg_no, slot_no);
+        if retell {
+            self.tell(pg_no, slot_no);
+        }
+    }
+
+    /// Send a segment its PG's membership (`SetMembership`, at this
+    /// writer's epoch, with the PG's geometry so that a node lacking the
+    /// segment creates it).
+    fn tell(&mut self, pg: u32, slot: usize) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let s = &mut self.pgs[pg as usize].slots[slot];
+        s.told = Told::Asked;
+        let node = s.node;
+        self.pending.insert(request, Pending::Membership { pg, slot });
+        self.outputs.push(Output::Request {
+            node,
+            request,
+            message: Message::SetMembership {
+                volume: self.config.volume,
+                epoch: self.config.epoch,
+                pg,
+                page_bytes: self.config.page_bytes as u32,
+                pg_pages: self.config.pg_pages,
+                membership: self.config.memberships[pg as usize].clone(),
+            },
+        });
+    }
+
+    /// A segment answered its membership. A refusal is never fatal (the
+    /// writer goes on; gossip repair is what waits for it) and is logged
+    /// where it is handled: a node that cannot take memberships refuses
+    /// each of its PGs, so only the first refusal of a connection is a WARN.
+    fn on_told(&mut self, node: u64, pg: u32, slot: usize, reply: Message) {
+        match reply {
+            Message::SegmentStatus { scl, incarnation, .. } => {
+                // Told while still `Asked`: a new incarnation in this
+                // answer is one the node was told under.
+                self.on_report(pg, slot, scl, incarnation);
+                self.pgs[pg as usize].slots[slot].told = Told::Yes;
+            }
+            Message::Error {
+                code: ErrorCode::EpochNotInstalled,
+                ..
+            } => {
+                tracing::debug!(node, pg, "membership waits for the segment to install the epoch");
+                self.pgs[pg as usize].slots[slot].told = Told::AfterInstall;
+                self.install(pg, slot);
+            }
+            Message::Error {
+                code: ErrorCode::StaleMembership,
+                current_epoch,
+                ..
+            } => {
+                // The segment holds a later membership than the cluster
+                // file's placement: it is not lowered.
+                tracing::warn!(
+                    node,
+                    pg,
+                    segment_membership_epoch = current_epoch,
+                    epoch = self.config.memberships[pg as usize].epoch,
+                    "segment holds a newer membership than this writer's; left as it is"
+                );
+                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+            }
+            Message::Error { code, message, .. } => {
+                if self.refusal_warned.insert(node) {
+                    tracing::warn!(
+                        node,
+                        pg,
+                        ?code,
+                        reason = %message,
+                        "storage node refused a PG's membership; writing goes on, its segments are told again when it comes back"
+                    );
+                } else {
+                    tracing::debug!(node, pg, ?code, reason = %message, "membership refused");
+                }
+                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+                // A one-off refusal: told again soon, not only at the next up.
+                if matches!(code, ErrorCode::Internal | ErrorCode::Overloaded)
+                    && !self.retell.iter().any(|&(_, p, s)| (p, s) == (pg, slot))
+                {
+                    self.retell.push((self.now_us + self.config.retry_after_us, pg, slot));
+                }
+            }
+            other => {
+                tracing::warn!(node, pg, reply = ?other, "unexpected answer to a membership");
+                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+            }
+        }
     }
 
     /// A slot's SCL changed: re-send what it missed, recompute the PGCL,
@@ -1254,6 +1422,22 @@ impl<T> Writer<T> {
                         self.read_failed(read);
                     }
                     other => debug_assert!(other.is_none()),
+                }
+            }
+        }
+        if !self.retell.is_empty() {
+            let mut due = Vec::new();
+            self.retell.retain(|&(at, pg, slot)| {
+                if at <= now_us {
+                    due.push((pg, slot));
+                }
+                at > now_us
+            });
+            for (pg, slot) in due {
+                let s = &self.pgs[pg as usize].slots[slot];
+                // Down: told when it is back up.
+                if s.up && s.told == Told::Refused {
+                    self.tell(pg, slot);
                 }
             }
         }

@@ -11,6 +11,7 @@ fn config() -> WriterConfig {
         page_bytes: PAGE,
         pg_pages: 100,
         placement: vec![[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 1]],
+        memberships: vec![membership([1, 2, 3, 4, 5, 6]), membership([2, 3, 4, 5, 6, 1])],
         lal: 8,
         txn_writes_max: 4,
         waiting_txns_max: 2,
@@ -25,6 +26,18 @@ fn config() -> WriterConfig {
         retry_after_us: 100,
         annulled: Vec::new(),
     }
+}
+
+/// A PG's membership at the placement's epoch, node `n` at port 7100 + n.
+fn membership(nodes: [u64; 6]) -> Membership {
+    let members = nodes
+        .iter()
+        .map(|&id| storaged::membership::Member {
+            id,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
+        })
+        .collect();
+    Membership::single(1, members)
 }
 
 fn writer() -> Writer<u32> {
@@ -632,4 +645,262 @@ fn a_late_or_reordered_ack_never_lowers_an_scl() {
     assert_eq!(w.scls(0)[0], 1);
     ack_from(&mut w, node, req2, pg, 2, INCARNATION + 1);
     assert_eq!(w.scls(0)[0], 2, "an ack of the new incarnation moves it on");
+}
+
+/// The SetMembership requests in `out`: (node, request, pg), each checked
+/// to carry the PG's membership from the config, the writer's epoch and
+/// the volume's geometry (so that a node lacking the segment creates it).
+fn tellings(out: &[Output<u32>]) -> Vec<(u64, u64, u32)> {
+    tellings_at(out, config().epoch)
+}
+
+/// [`tellings`] of a writer at `writer_epoch`.
+fn tellings_at(out: &[Output<u32>], writer_epoch: u64) -> Vec<(u64, u64, u32)> {
+    let config = config();
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message:
+                    Message::SetMembership {
+                        volume,
+                        epoch,
+                        pg,
+                        page_bytes,
+                        pg_pages,
+                        membership,
+                    },
+            } => {
+                assert_eq!((*volume, *epoch), (config.volume, writer_epoch));
+                assert_eq!((*page_bytes as usize, *pg_pages), (config.page_bytes, config.pg_pages));
+                assert_eq!(membership, &config.memberships[*pg as usize], "PG {pg}'s membership");
+                Some((*node, *request, *pg))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The (node, PG) pairs of the placement: every segment.
+fn segments_of(nodes: &[u64]) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    for (pg, slots) in config().placement.iter().enumerate() {
+        for &n in slots.iter().filter(|n| nodes.contains(n)) {
+            out.push((n, pg as u32));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn told_pairs(t: &[(u64, u64, u32)]) -> Vec<(u64, u32)> {
+    let mut v: Vec<(u64, u32)> = t.iter().map(|&(n, _, pg)| (n, pg)).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Answer every telling as a node that took it does.
+fn answer_tellings(w: &mut Writer<u32>, t: &[(u64, u64, u32)], incarnation: u64) {
+    for &(node, request, pg) in t {
+        w.on_reply(node, request, status(pg, 0, incarnation));
+    }
+}
+
+/// A node that comes up is told each of its PGs' membership once, first
+/// on the connection (before any append or status ask for that PG), and
+/// not again while it stays up, however much is written.
+#[test]
+fn a_node_coming_up_is_told_each_pgs_membership_once_per_up() {
+    let mut w = writer();
+    w.submit(1, vec![delta(1, 1), delta(150, 1)]).unwrap();
+    let out = outputs(&mut w);
+    let t = tellings(&out);
+    assert_eq!(told_pairs(&t), segments_of(&[1, 2, 3, 4, 5, 6]), "every segment once");
+    for &(node, request, pg) in &t {
+        let first = out.iter().position(|o| match o {
+            Output::Request {
+                node: n,
+                message: Message::GetSegmentStatus { pg: p, .. } | Message::SetMembership { pg: p, .. },
+                ..
+            } => (*n, *p) == (node, pg),
+            Output::Append { node: n, pg: p, .. } => (*n, *p) == (node, pg),
+            _ => false,
+        });
+        let told_at = out
+            .iter()
+            .position(|o| matches!(o, Output::Request { request: r, .. } if *r == request));
+        assert_eq!(first, told_at, "node {node} PG {pg}: told first");
+    }
+    answer_tellings(&mut w, &t, INCARNATION);
+    for (node, req, pg, _, last) in appends(&out) {
+        ack(&mut w, node, req, pg, last);
+    }
+    let out = outputs(&mut w);
+    assert_eq!(commits(&out), vec![(1, 2)]);
+    assert!(tellings(&out).is_empty(), "told again while up");
+    for i in 0..20 {
+        w.submit(2 + i, vec![delta(2, 1)]).unwrap();
+        w.tick(1000 * (u64::from(i) + 1));
+        let out = outputs(&mut w);
+        assert!(tellings(&out).is_empty(), "told again on the commit path");
+        for (node, req, pg, _, last) in appends(&out) {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    // Down and up again: that node's PGs only, once each.
+    w.node_down(3);
+    w.node_up(3);
+    let t = tellings(&outputs(&mut w));
+    assert_eq!(told_pairs(&t), segments_of(&[3]));
+    // A telling lost with its connection is sent at the next up.
+    w.node_down(3);
+    w.node_up(3);
+    let t = tellings(&outputs(&mut w));
+    assert_eq!(told_pairs(&t), segments_of(&[3]));
+}
+
+/// A reply showing a node under a new incarnation (restarted, perhaps
+/// reformatted: it may have lost the segment or its membership) gets the
+/// segment told again, once; later replies of that incarnation do not.
+#[test]
+fn a_new_incarnation_is_told_the_membership_again() {
+    let mut w = writer();
+    let first = outputs(&mut w);
+    let t = tellings(&first);
+    answer_tellings(&mut w, &t, INCARNATION);
+    w.submit(1, vec![delta(1, 1)]).unwrap(); // PG 0
+    let sends = appends(&outputs(&mut w));
+    let (node, req, pg, _, last) = sends[1];
+    ack_from(&mut w, node, req, pg, last, INCARNATION + 1);
+    let t = tellings(&outputs(&mut w));
+    assert_eq!(told_pairs(&t), vec![(node, pg)]);
+    // Its answer, and more replies of the same incarnation: nothing more.
+    answer_tellings(&mut w, &t, INCARNATION + 1);
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    for &(n, r, p, _, l) in &sends {
+        ack_from(
+            &mut w,
+            n,
+            r,
+            p,
+            l,
+            if n == node { INCARNATION + 1 } else { INCARNATION },
+        );
+    }
+    assert!(tellings(&outputs(&mut w)).is_empty());
+    // The node's other PG learns the incarnation from its status: told too.
+    let (_, ask, _) = status_asks(&first)
+        .into_iter()
+        .find(|&(n, _, p)| (n, p) == (node, 1))
+        .expect("its status was asked");
+    w.on_reply(node, ask, status(1, 0, INCARNATION + 1));
+    assert_eq!(told_pairs(&tellings(&outputs(&mut w))), vec![(node, 1)]);
+}
+
+/// A node refusing the membership — one that holds a newer one, or does
+/// not know the request — does not stop commits; it is told again at its
+/// next up, and a one-off refusal after `retry_after_us`.
+#[test]
+fn a_refused_membership_does_not_stop_commits() {
+    let mut w = writer();
+    let t = tellings(&outputs(&mut w));
+    for &(node, request, _) in &t {
+        let reply = match node {
+            1 => Message::error(ErrorCode::StaleMembership, 2, "membership epoch 1 is older than 2"),
+            2 => Message::error(ErrorCode::Internal, 0, "a one-off fault"),
+            _ => Message::error(ErrorCode::BadRequest, 0, "SetMembership is not a request"),
+        };
+        w.on_reply(node, request, reply);
+    }
+    assert_eq!(w.fenced(), None);
+    w.submit(1, vec![delta(1, 1), delta(150, 1)]).unwrap();
+    let out = outputs(&mut w);
+    for (node, req, pg, _, last) in appends(&out) {
+        ack(&mut w, node, req, pg, last);
+    }
+    let out = outputs(&mut w);
+    assert_eq!(commits(&out), vec![(1, 2)]);
+    assert!(tellings(&out).is_empty());
+    // The one-off refusal is asked again after a pause; the others are not.
+    w.tick(config().retry_after_us);
+    let t = tellings(&outputs(&mut w));
+    assert_eq!(told_pairs(&t), segments_of(&[2]));
+    answer_tellings(&mut w, &t, INCARNATION);
+    w.tick(10 * config().retry_after_us);
+    assert!(tellings(&outputs(&mut w)).is_empty());
+    // At its next up a node that refused is told again.
+    w.node_down(4);
+    w.node_up(4);
+    assert_eq!(told_pairs(&tellings(&outputs(&mut w))), segments_of(&[4]));
+}
+
+/// A segment that had not installed the writer's epoch is sent the
+/// truncation, and told its membership once it has.
+#[test]
+fn a_segment_not_installed_is_told_after_its_truncation() {
+    let mut w = writer();
+    let t = tellings(&outputs(&mut w));
+    let (node, request, pg) = t[0];
+    w.on_reply(
+        node,
+        request,
+        Message::error(ErrorCode::EpochNotInstalled, 0, "not installed"),
+    );
+    let out = outputs(&mut w);
+    let truncation = out.iter().find_map(|o| match o {
+        Output::Request {
+            node: n,
+            request,
+            message: Message::Truncate { pg: p, .. },
+        } if (*n, *p) == (node, pg) => Some(*request),
+        _ => None,
+    });
+    let truncation = truncation.expect("the truncation is sent");
+    assert!(tellings(&out).is_empty());
+    w.on_reply(node, truncation, status(pg, 0, INCARNATION));
+    assert_eq!(told_pairs(&tellings(&outputs(&mut w))), vec![(node, pg)]);
+}
+
+/// The writer recovery hands over to tells every segment of the nodes up
+/// at its start (recovery has sealed and truncated them), at its epoch and
+/// before any append; a node down then is told when it comes up.
+#[test]
+fn a_recovered_writer_tells_the_segments_up_at_its_start() {
+    let r = crate::recovery::Recovered {
+        epoch: 2,
+        vdl: 0,
+        next_lsn: 1,
+        annulled: Vec::new(),
+        pgs: (0..2)
+            .map(|_| crate::recovery::RecoveredPg {
+                tail: 0,
+                records: Vec::new(),
+                scls: [0; SEGMENTS_PER_PG],
+            })
+            .collect(),
+        next_request: 40,
+    };
+    let mut w: Writer<u32> = Writer::recovered(config(), &r);
+    for n in 1..=5 {
+        w.node_up(n);
+    }
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let out = outputs(&mut w);
+    let t = tellings_at(&out, 2);
+    assert_eq!(told_pairs(&t), segments_of(&[1, 2, 3, 4, 5]));
+    let first_append = out.iter().position(|o| matches!(o, Output::Append { .. }));
+    let last_telling = out.iter().rposition(|o| {
+        matches!(
+            o,
+            Output::Request {
+                message: Message::SetMembership { .. },
+                ..
+            }
+        )
+    });
+    assert!(last_telling < first_append, "told before the first append");
+    w.node_up(6);
+    assert_eq!(told_pairs(&tellings_at(&outputs(&mut w), 2)), segments_of(&[6]));
 }

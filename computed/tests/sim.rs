@@ -19,7 +19,10 @@
 //!   node answers"): epochs (`StaleEpoch`, `EpochNotInstalled`), `Seal`
 //!   (creating a missing segment), `Truncate`, `ReadRecords`,
 //!   `GetSegmentStatus`, `SetPgmrpl`, `GetPage`, and an append of an older
-//!   epoch finishing after a seal answered `StaleEpoch`, never acked.
+//!   epoch finishing after a seal answered `StaleEpoch`, never acked. And
+//!   `SetMembership`: kept in the segment table, creating a missing segment
+//!   (installed at the request's epoch, as a first append does); a lower
+//!   membership epoch is refused `StaleMembership`.
 //! - Disks: a record write becomes durable after a random delay (completions
 //!   out of order). What the segment table holds (epoch, installed epoch,
 //!   truncation ranges, PGMRPL) is durable when answered. A storage node
@@ -48,7 +51,9 @@
 //! every page is read and must match. At the end the network heals, every
 //! transaction submitted after the last crash must commit, the segments the
 //! writer can still catch up must, and every page read through computed and
-//! straight from a caught-up segment must match the model.
+//! straight from a caught-up segment must match the model; and every
+//! segment of every PG holds the PG's membership (epoch 1, its six nodes
+//! as the cluster file places them).
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -61,6 +66,7 @@ use computed::cluster::{Cluster, local_cluster_toml};
 use computed::core::{Output, PageWrite, Writer, WriterConfig};
 use computed::recovery::{Recovered, Recovery};
 use storaged::hot::{HotRecords, apply};
+use storaged::membership::Membership;
 use storaged::proto::{ErrorCode, Message};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, Segment, SegmentError, in_ranges, union_ranges};
@@ -108,6 +114,8 @@ struct TableEntry {
     installed_epoch: u64,
     annulled: Vec<LsnRange>,
     pgmrpl: u64,
+    /// What the writer last told (`SetMembership`); membership epochs only rise.
+    membership: Option<Membership>,
 }
 
 /// An entry of a node's log (`storaged::record::LogEntry`).
@@ -181,7 +189,7 @@ impl SimSegment {
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
             damage: Default::default(),
-            membership: None,
+            membership: self.table.membership.clone(),
         }
     }
 }
@@ -268,6 +276,8 @@ struct Sim {
     conn: Vec<(u64, bool)>,
     partitioned: Vec<bool>,
     placement: Vec<[u64; 6]>,
+    /// Each PG's membership as the cluster file places it.
+    memberships: Vec<Membership>,
     // The model.
     txns: HashMap<u64, Vec<PageWrite>>,
     /// Committed (acknowledged, or kept by a recovery) transactions: (CPL, token), in LSN order.
@@ -333,6 +343,7 @@ impl Sim {
             conn: vec![(0, false); NODES],
             partitioned: vec![false; NODES],
             placement: cluster.placement.clone(),
+            memberships: (0..PGS).map(|pg| cluster.membership(pg).expect("placed")).collect(),
             txns: HashMap::new(),
             committed: Vec::new(),
             unallocated: VecDeque::new(),
@@ -801,6 +812,45 @@ impl Sim {
                     }
                 },
             },
+            Message::SetMembership {
+                pg,
+                epoch,
+                page_bytes,
+                pg_pages,
+                membership,
+                ..
+            } => {
+                if page_bytes != PAGE_BYTES as u32 || pg_pages != PG_PAGES {
+                    Message::error(ErrorCode::BadRequest, 0, "another geometry")
+                } else if let Err(e) = membership.check() {
+                    Message::error(ErrorCode::BadRequest, 0, e.to_string())
+                } else {
+                    // A missing segment is created as by a first append.
+                    let s = self.nodes[node].segments.entry(pg).or_insert_with(|| {
+                        SimSegment::new(
+                            pg,
+                            TableEntry {
+                                epoch,
+                                installed_epoch: epoch,
+                                ..TableEntry::default()
+                            },
+                        )
+                    });
+                    match (s.seg.check_epoch_read(epoch), &s.table.membership) {
+                        (Err(e), _) => segment_error(e),
+                        (Ok(()), Some(m)) if membership.epoch < m.epoch => {
+                            Message::error(ErrorCode::StaleMembership, m.epoch, "an older membership")
+                        }
+                        (Ok(()), Some(m)) if membership.epoch == m.epoch && membership != *m => {
+                            Message::error(ErrorCode::BadRequest, 0, "another membership at the same epoch")
+                        }
+                        (Ok(()), _) => {
+                            s.table.membership = Some(membership);
+                            s.status(incarnation)
+                        }
+                    }
+                }
+            }
             other => panic!("unexpected request {other:?}"),
         };
         self.send(false, node, conn, request, reply);
@@ -1403,6 +1453,35 @@ impl Sim {
         while !self.reads.is_empty() {
             assert!(self.step(), "no events left");
         }
+        // Every segment was told its PG's membership: when its node came
+        // up, or again after a refusal, a lost answer or a restart.
+        while self.untold().is_some() && self.now < deadline {
+            assert!(self.step(), "no events left");
+        }
+        if let Some((node, pg, has)) = self.untold() {
+            panic!(
+                "node {node} pg {pg} holds membership {has:?}, not {:?}; segments:{}",
+                self.memberships[pg as usize],
+                self.segments_text()
+            );
+        }
+    }
+
+    /// A segment of the placement that does not hold its PG's membership:
+    /// (node, PG, what it holds).
+    fn untold(&self) -> Option<(u64, u32, Option<Membership>)> {
+        for (pg, nodes) in self.placement.iter().enumerate() {
+            for &n in nodes {
+                let has = self.nodes[n as usize - 1]
+                    .segments
+                    .get(&(pg as u32))
+                    .and_then(|s| s.table.membership.clone());
+                if has.as_ref() != Some(&self.memberships[pg]) {
+                    return Some((n, pg as u32, has));
+                }
+            }
+        }
+        None
     }
 }
 
