@@ -516,16 +516,6 @@ async fn run(seed: u64) -> Seen {
     seen
 }
 
-/// Seeds that find a known fault of the node, replayed by
-/// `lost_annulment_of_a_dropped_range_brings_annulled_records_back` (and
-/// left out of the many-seed run until it is fixed): an annulment entry in
-/// the damaged log block, whose range the writer's set no longer names
-/// (trimmed at or below the PGMRPL), while the records it annulled are
-/// still in the live log above the coalesced LSN. At start-up they come
-/// back: the SCL runs through them, the writer's later records (linked
-/// below them) wait for ever, and no hole says so.
-const KNOWN_FAILING: [u64; 2] = [1963, 2293];
-
 /// Runs `seeds`; returns the ones that failed, and what the others saw:
 /// (a page refused, log damage found, a refusal to start), in seeds.
 fn run_seeds(seeds: &[u64]) -> (Vec<u64>, [usize; 3]) {
@@ -561,7 +551,7 @@ fn one_damaged_block_never_loses_or_changes_acknowledged_state() {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(32);
-            (0..n).filter(|s| !KNOWN_FAILING.contains(s)).collect()
+            (0..n).collect()
         }
     };
     let (failing, [refused, log_damage, refused_start]) = run_seeds(&seeds);
@@ -576,11 +566,4 @@ fn one_damaged_block_never_loses_or_changes_acknowledged_state() {
         seeds.len() < 32 || (refused > 0 && log_damage > 0),
         "the seeds never had a damaged page refused or log damage found"
     );
-}
-
-#[test]
-#[ignore = "known fault: a lost annulment of a range the writer dropped brings annulled records back"]
-fn lost_annulment_of_a_dropped_range_brings_annulled_records_back() {
-    let (failing, _) = run_seeds(&KNOWN_FAILING);
-    assert!(failing.is_empty(), "failing seeds: {failing:?}");
 }
