@@ -3,15 +3,19 @@
 //! releases), seals and truncations, restarts now and then, and at a random
 //! moment one bit flips in one written block: a log block (live, or one
 //! already released), an anchor slot, a segment table slot or a page
-//! version slot. After it, checked against a model at every step:
+//! version slot. Truncations send a writer's whole set of ranges (the
+//! earlier ones carried forward, dropped once at or below the PGMRPL).
+//! After the flip, checked against a model at every step:
 //! - every page read is right, or `PageDamaged` naming the damaged slot;
-//! - no acknowledged record is silently missing: the SCL is every record
-//!   the model holds, or (after log damage found at a start-up) every
-//!   acknowledged LSN above the SCL lies in a hole the segment reports; or
-//!   the node refuses to start, saying the log's end was damaged. A
-//!   segment with holes is then given its missing records again, as its
-//!   peers would, and must come back to the model's SCL; what it may still
-//!   report is the open hole above everything acknowledged, and nothing else;
+//! - no acknowledged record is silently missing: the SCL is the model's
+//!   last LSN, or (after log damage found at a start-up) every
+//!   acknowledged LSN above the SCL is held past a gap or lies in a hole
+//!   the segment reports; or the node refuses to start, saying the log's
+//!   end was damaged. The records in the holes, and only those, are then
+//!   sent again, as the segment's peers would: the SCL must come back to
+//!   the model's (so what it said it held, it held). What it may report
+//!   afterwards is the open hole above everything acknowledged, and nothing
+//!   else;
 //! - the epoch never goes back;
 //! - the node always starts, but for damage at the log's very end;
 //! - `storctl inspect`, run on the device before each start-up, reports log
