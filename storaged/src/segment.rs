@@ -379,6 +379,31 @@ impl<T> Segment<T> {
         dropped
     }
 
+    /// Drop the records of branches a recovery annulled that came back
+    /// from the log: after log damage, an annulment lost with the damaged
+    /// blocks whose range the writer's set no longer names (it drops a
+    /// range below a PGMRPL) lets them back into the chain, and the
+    /// writer's later records, which link below them, would wait for ever.
+    /// A durable record past the SCL linking to `prev` below it says the
+    /// chain holds nothing between `prev` and itself; the records held
+    /// there are the older branch (a writer's LSNs go on above a
+    /// truncation's range, so the higher branch is the one in force).
+    /// Returns the dropped records' `(lsn, page)`.
+    pub fn drop_superseded_branches(&mut self) -> Vec<(u64, u64)> {
+        let mut dropped = Vec::new();
+        loop {
+            let ranges: Vec<LsnRange> = (self.waiting_link.iter())
+                .filter(|&(&prev, _)| prev < self.scl)
+                .map(|(&prev, &lsn)| (prev + 1, lsn - 1))
+                .collect();
+            let now = self.annul(&ranges);
+            if now.is_empty() {
+                return dropped;
+            }
+            dropped.extend(now);
+        }
+    }
+
     /// Some record was let in and is not durable yet: its log write is
     /// under way. A truncation waits for none to be left (after its seal
     /// lets no more in), so that its annulment follows them in the log.

@@ -624,7 +624,11 @@ impl Node {
                 // re-send: appends are taken only once they are installed),
                 // so they are applied again to everything kept.
                 let ranges = s.seg.annulled().to_vec();
-                for (lsn, page) in s.seg.annul(&ranges) {
+                let mut dropped = s.seg.annul(&ranges);
+                // A range the writer no longer sends: the chain says which
+                // records it annulled.
+                dropped.extend(s.seg.drop_superseded_branches());
+                for (lsn, page) in dropped {
                     s.hot.remove(page, lsn);
                     recovered.annulled += 1;
                 }

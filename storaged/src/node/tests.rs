@@ -725,3 +725,46 @@ async fn an_annulment_lost_to_damage_does_not_bring_its_records_back() {
     }
     node.shutdown().await;
 }
+
+/// The same, once a later recovery's set no longer names the range (a
+/// writer drops a range at or below a PGMRPL): the records it annulled
+/// would come back into the chain, with the writer's records after them
+/// waiting for ever on a link below the SCL. The chain says which branch
+/// is in force: the SCL comes back to the last record, and pages are right.
+#[tokio::test(start_paused = true)]
+async fn an_annulment_lost_to_damage_does_not_bring_back_a_range_no_longer_sent() {
+    use crate::log::layout::{METADATA_BLOCKS, block_offset};
+    let disk = formatted(16 << 20, 1 << 20, 9).await;
+    let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
+    let mut recs = records(1, 60, 9);
+    append_all(&node, &recs).await;
+    node.seal(SEG, 2, GEOMETRY).await.unwrap();
+    let seq = node.log.stats().next_seq;
+    node.truncate(SEG, 2, vec![(41, 1000)]).await.unwrap();
+    recs.truncate(40);
+    let mut more = records(1001, 1020, 9);
+    more[0].prev_lsn_pg = 40;
+    node.append(SEG, 2, GEOMETRY, wire(more.clone())).await.unwrap();
+    recs.extend(more);
+    node.seal(SEG, 3, GEOMETRY).await.unwrap();
+    node.truncate(SEG, 3, vec![]).await.unwrap();
+    node.shutdown().await;
+    disk.flip_bit(block_offset(METADATA_BLOCKS + seq - 1) + 40, 3);
+
+    let (node, recovered) = Node::open(disk.clone(), config()).await.unwrap();
+    assert_eq!(recovered.damaged_log_blocks, 1);
+    let st = node.status(SEG, 0).unwrap();
+    assert_eq!(st.scl, 1020, "{st:?}");
+    assert_eq!(st.holes, vec![(1021, u64::MAX)], "{st:?}");
+    for lsn in 41..=60 {
+        assert!(
+            node.state().seg(SEG).unwrap().seg.record(lsn).is_none(),
+            "annulled record {lsn} is back"
+        );
+    }
+    for page in FIRST_PAGE..FIRST_PAGE + 13 {
+        let got = node.get_page(SEG, 3, page, 1020).await.unwrap();
+        assert!(got == model(&recs, page, 1020), "page {page}");
+    }
+    node.shutdown().await;
+}
