@@ -82,7 +82,13 @@ pub struct Cluster {
     /// For each PG (index = PG number), the ids of the nodes holding its
     /// segments, in slot order.
     pub placement: Vec<[u64; SEGMENTS_PER_PG]>,
+    /// `[computed] pg_held_bytes_max`: bytes of records computed holds per
+    /// PG for segments that lag (see docs/computed.md); None: the default.
+    pub pg_held_bytes_max: Option<u64>,
 }
+
+/// Least `pg_held_bytes_max` a file may set: one 4 KiB page's record.
+pub const PG_HELD_BYTES_MIN: u64 = 4096;
 
 impl Cluster {
     /// Pages in the volume.
@@ -157,6 +163,15 @@ struct RawVolume {
 struct RawComputed {
     address: Spanned<String>,
     metrics: Option<Spanned<String>>,
+    pg_held_bytes_max: Option<Spanned<RawBytes>>,
+}
+
+/// A size: a number of bytes, or a string with a unit ("64k", "16m").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawBytes {
+    Count(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -325,7 +340,25 @@ fn validate(text: &str, raw: RawFile) -> Result<Cluster, ClusterError> {
             },
         }
     }
+    let pg_held_bytes_max = match &raw.computed.pg_held_bytes_max {
+        None => None,
+        Some(v) => {
+            let bytes = match v.get_ref() {
+                RawBytes::Count(n) => *n,
+                RawBytes::Text(t) => storaged::units::parse_bytes(t).map_err(|e| err(text, v.span(), e))?,
+            };
+            if bytes < PG_HELD_BYTES_MIN {
+                return Err(err(
+                    text,
+                    v.span(),
+                    format!("pg_held_bytes_max must be at least {PG_HELD_BYTES_MIN}, not {bytes}"),
+                ));
+            }
+            Some(bytes)
+        }
+    };
     Ok(Cluster {
+        pg_held_bytes_max,
         volume_id: *vol.id.get_ref(),
         page_bytes,
         pg_pages: *vol.pg_pages.get_ref(),
@@ -412,6 +445,30 @@ mod tests {
             "[volume]\nid = 1\npage_bytes = 8192\npg_pages = 65536\npgs = {pgs}\n\n\
              [computed]\naddress = \"127.0.0.1:7100\"\n\n{nodes}{placement}"
         )
+    }
+
+    #[test]
+    fn the_hold_for_lagging_segments_is_a_size_with_a_floor() {
+        let with = |v: &str| {
+            file(1, &nodes_toml(6, 3), "").replacen(
+                "[computed]\n",
+                &format!("[computed]\npg_held_bytes_max = {v}\n"),
+                1,
+            )
+        };
+        assert_eq!(Cluster::parse(&with("\"64k\"")).unwrap().pg_held_bytes_max, Some(65536));
+        assert_eq!(Cluster::parse(&with("8192")).unwrap().pg_held_bytes_max, Some(8192));
+        assert_eq!(
+            Cluster::parse(&file(1, &nodes_toml(6, 3), ""))
+                .unwrap()
+                .pg_held_bytes_max,
+            None
+        );
+        let e = refused(&with("100"));
+        assert!(e.message.contains("at least 4096"), "{e:?}");
+        assert_eq!(e.line, line_with(&with("100"), "pg_held_bytes_max", 0));
+        let e = refused(&with("\"lots\""));
+        assert!(e.message.contains("not a size"), "{e:?}");
     }
 
     fn refused(text: &str) -> ClusterError {

@@ -109,6 +109,7 @@ pub struct WriterConfig {
 
 impl WriterConfig {
     pub fn from_cluster(cluster: &Cluster, epoch: u64) -> WriterConfig {
+        const PG_HELD_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
         WriterConfig {
             volume: cluster.volume_id,
             epoch,
@@ -128,7 +129,9 @@ impl WriterConfig {
             batch_bytes_max: 1024 * 1024,
             segment_batches_inflight_max: 32,
             segment_inflight_bytes_max: 16 * 1024 * 1024,
-            pg_held_bytes_max: 64 * 1024 * 1024,
+            pg_held_bytes_max: cluster
+                .pg_held_bytes_max
+                .map_or(PG_HELD_BYTES_DEFAULT, |b| usize::try_from(b).unwrap_or(usize::MAX)),
             page_cache_pages_max: 16 * 1024,
             reads_inflight_max: 4096,
             read_hedge_after_us: 50_000,
