@@ -383,3 +383,43 @@ async fn a_rotted_version_above_the_floor_is_refused_not_served_from_an_older_on
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A page whose version here rotted is refused; a hydration brings the
+/// peer's version of it, and the page is served right again.
+#[tokio::test(start_paused = true)]
+async fn hydration_replaces_a_rotted_version() {
+    let (a, recs) = donor(81).await;
+    let disk = formatted(16 << 20, 1 << 20, 82).await;
+    let b = open(&disk).await;
+    append_all(&b, &recs[..120]).await;
+    b.set_pgmrpl(SEG, 1, 100).await.unwrap();
+    coalesced_through(&b, 100).await;
+    // A page changed below 100 and between 100 and 150: the peer's version
+    // of it is above what this segment coalesced.
+    let p = recs[140].page;
+    assert!(recs[..100].iter().any(|r| r.page == p));
+    let extent = b.state().seg(SEG).unwrap().extent.unwrap();
+    let local = extent.local(SEG.pg, p).unwrap();
+    let lsns = slot_lsns(&b, p).await;
+    let current = if lsns[1] > lsns[0] { 1 } else { 0 };
+    disk.flip_bit(block_offset(extent.slot_block(local, current)) + 300, 1);
+    b.shutdown().await;
+    let b = open(&disk).await;
+    assert!(matches!(
+        b.get_page(SEG, 1, p, 120).await,
+        Err(NodeError::PageDamaged { .. })
+    ));
+    assert_eq!(b.status(SEG, 1).unwrap().damage.pages_total, 1);
+
+    b.hydrate_begin(SEG).await.unwrap();
+    let (floor, _) = hydrate_from(&b, &a).await;
+    assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+    assert_eq!(pull(&b, &a, floor).await, 200);
+    check_pages(&b, &recs, [150, 200].into_iter()).await;
+    assert_eq!(b.status(SEG, 1).unwrap().damage.pages_total, 0);
+    b.shutdown().await;
+    let b = open(&disk).await;
+    check_pages(&b, &recs, [150, 200].into_iter()).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
