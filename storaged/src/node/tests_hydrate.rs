@@ -423,3 +423,33 @@ async fn hydration_replaces_a_rotted_version() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// What a donor refuses, and where its batches end.
+#[tokio::test(start_paused = true)]
+async fn page_versions_are_served_at_the_same_installed_epoch_from_a_segment_not_being_rebuilt() {
+    let (a, _) = donor(91).await;
+    assert!(matches!(
+        a.page_versions(SEG, 2, 2, 1, FIRST_PAGE, BATCH_BYTES).await,
+        Err(NodeError::Segment(SegmentError::StaleEpoch { current: 1, .. }))
+    ));
+    assert!(matches!(
+        a.page_versions(SEG, 2, 1, 1, END_PAGE + 1, BATCH_BYTES).await,
+        Err(NodeError::PageOutOfRange { .. })
+    ));
+    assert_eq!(
+        a.page_versions(SEG, 2, 1, 1, END_PAGE, BATCH_BYTES).await.unwrap(),
+        (150, END_PAGE, Vec::new())
+    );
+    // A max_bytes below a page still brings one version.
+    let (_, next, versions) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, 1).await.unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(next, versions[0].page + 1);
+    a.hydrate_begin(SEG).await.unwrap();
+    assert!(matches!(
+        a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await,
+        Err(NodeError::Rebuilding)
+    ));
+    a.hydrate_abort(SEG);
+    assert!(a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.is_ok());
+    a.shutdown().await;
+}
