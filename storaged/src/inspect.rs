@@ -597,7 +597,9 @@ impl InspectReport {
                 },
                 seg.pgmrpl,
                 seg.coalesced_lsn,
-                if seg.round_lsn > seg.coalesced_lsn {
+                if seg.round_lsn == u64::MAX {
+                    " (rebuild from peers under way)".to_string()
+                } else if seg.round_lsn > seg.coalesced_lsn {
                     format!(" (round to {} under way)", seg.round_lsn)
                 } else {
                     String::new()

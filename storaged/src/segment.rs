@@ -684,6 +684,50 @@ impl<T> Segment<T> {
             .map(|(&lsn, m)| (lsn, m.page))
     }
 
+    /// The segment now holds every change of its chain at or below `floor`
+    /// in page versions taken from a peer (hydration): the chain goes on
+    /// from `floor`. Durable records at or below it are forgotten, whether
+    /// they were in the chain or past a gap (their changes are in the
+    /// versions); one still being written stays until its write ends (it is
+    /// below the SCL then, and coalescing forgets it). Records held above
+    /// `floor` that link to it, and those that follow them, join the chain.
+    /// A `floor` at or below the SCL only forgets, as coalescing does.
+    pub fn hydrated(&mut self, floor: u64) {
+        if floor <= self.scl {
+            self.forget_through(floor);
+            return;
+        }
+        let above = self.records.split_off(&(floor + 1));
+        let below = std::mem::replace(&mut self.records, above);
+        for (lsn, meta) in below {
+            match meta.log_seq {
+                Some(seq) => seq_remove(&mut self.log_seqs, seq),
+                None => {
+                    self.records.insert(lsn, meta);
+                }
+            }
+        }
+        self.scl = floor;
+        self.highest_lsn = self.highest_lsn.max(floor);
+        if let Some(h) = self.lost_above {
+            // Records lost to log damage above `floor` are still unknown.
+            self.lost_above = Some(h.max(floor));
+        }
+        // Rare (a rebuild): count and link afresh, as `annul` does.
+        self.past_scl = self.records.range(floor + 1..).count();
+        self.waiting_link.clear();
+        let past: Vec<(u64, u64)> = self
+            .records
+            .range(floor + 1..)
+            .filter(|(_, m)| m.durable())
+            .map(|(&l, m)| (l, m.prev_lsn_pg))
+            .collect();
+        for (lsn, prev) in past {
+            // A fork among what is left was a fork before: keep the first.
+            let _ = self.link(lsn, prev);
+        }
+    }
+
     /// Forget records at or below `lsn` that are in the chain (coalesced
     /// into pages); the SCL keeps covering them.
     pub fn forget_through(&mut self, lsn: u64) {
@@ -971,6 +1015,50 @@ mod tests {
         assert_eq!(s.lowest_lsn(), Some(3));
         assert_eq!(s.admit(&[rec(1, 0, 1)]).unwrap(), Admitted::default());
         assert_eq!(s.scl(), 3);
+    }
+
+    #[test]
+    fn after_hydration_the_chain_goes_on_from_the_floor() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        // 1..=3 in the chain; 8, 9 and 20 past gaps (durable at log seq 1, 2, 3).
+        put(&mut s, &[rec(1, 0, 1), rec(2, 1, 1), rec(3, 2, 1)]);
+        for (r, seq) in [(rec(8, 7, 1), 2), (rec(9, 8, 1), 2), (rec(20, 18, 1), 3)] {
+            let a = s.admit(&[r]).unwrap();
+            s.on_durable(&a.new, seq).1.unwrap();
+        }
+        assert_eq!(s.scl(), 3);
+        assert_eq!(s.holes(), vec![(4, 7), (10, 18)]);
+        // Every change up to 7 is now in page versions: 8 links to it.
+        s.hydrated(7);
+        assert_eq!(s.scl(), 9);
+        assert_eq!(s.lowest_lsn(), Some(8), "what the versions hold is forgotten");
+        assert_eq!(s.oldest_log_seq(), Some(2), "and its log positions released");
+        assert_eq!(s.records_past_scl(), 1);
+        assert_eq!(s.holes(), vec![(10, 18)]);
+        // A re-send of a record below the floor is recognised, not stored.
+        assert_eq!(s.admit(&[rec(5, 4, 1)]).unwrap(), Admitted::default());
+        // A floor past everything held: the chain starts over from it.
+        s.hydrated(30);
+        assert_eq!((s.scl(), s.records_held(), s.oldest_log_seq()), (30, 0, None));
+        assert_eq!(put(&mut s, &[rec(31, 30, 1)]), 31);
+        // A floor at or below the SCL only forgets, as coalescing does.
+        s.hydrated(30);
+        assert_eq!((s.scl(), s.lowest_lsn()), (31, Some(31)));
+    }
+
+    #[test]
+    fn a_record_being_written_below_the_floor_finishes_and_counts_nowhere() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        let a = s.admit(&[rec(5, 4, 1)]).unwrap();
+        s.hydrated(7);
+        assert_eq!(s.scl(), 7);
+        assert!(s.writing(), "its log write is still under way");
+        assert_eq!(s.records_past_scl(), 0);
+        s.on_durable(&a.new, 1).1.unwrap();
+        assert!(!s.writing());
+        assert_eq!(s.scl(), 7);
+        s.forget_through(7);
+        assert_eq!((s.records_held(), s.oldest_log_seq()), (0, None));
     }
 
     #[test]

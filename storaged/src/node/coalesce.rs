@@ -45,6 +45,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tracing::Instrument;
 
+use super::hydrate::REBUILD_UNDER_WAY;
 use super::{Node, NodeError, SlotState};
 use crate::io::AlignedBuf;
 use crate::log::layout::block_offset;
@@ -116,7 +117,7 @@ impl Node {
             let st = self.state();
             st.segments
                 .iter()
-                .filter(|(_, s)| s.extent.is_some() && s.coalesce_target() > s.coalesced_lsn)
+                .filter(|(_, s)| s.extent.is_some() && !s.rebuilding() && s.coalesce_target() > s.coalesced_lsn)
                 .max_by_key(|(_, s)| s.hot.bytes())
                 .map(|(&id, _)| id)
         };
@@ -192,17 +193,28 @@ impl Node {
         if upto <= coalesced {
             return Ok(pages.len() - damaged.len());
         }
-        self.update_entry(id, |e, _| {
-            let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
-            Ok(SegmentEntry {
-                coalesced_lsn: e.coalesced_lsn.max(upto),
-                // An older, larger intent (a round cut short by a crash) stays
-                // open until coalescing passes it.
-                round_lsn: e.round_lsn.max(upto),
-                ..*e
+        let ended = self
+            .update_entry(id, |e, _| {
+                let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+                if e.round_lsn == REBUILD_UNDER_WAY {
+                    // A rebuild began during the round: the coalesced LSN stays
+                    // (see `hydrate`); the versions written are valid ones.
+                    return Err(NodeError::Rebuilding);
+                }
+                Ok(SegmentEntry {
+                    coalesced_lsn: e.coalesced_lsn.max(upto),
+                    // An older, larger intent (a round cut short by a crash) stays
+                    // open until coalescing passes it.
+                    round_lsn: e.round_lsn.max(upto),
+                    ..*e
+                })
             })
-        })
-        .await?;
+            .await;
+        match ended {
+            Ok(_) => {}
+            Err(NodeError::Rebuilding) => return Ok(pages.len() - damaged.len()),
+            Err(e) => return Err(e),
+        }
         {
             let mut st = self.state();
             let s = st.seg_mut(id)?;

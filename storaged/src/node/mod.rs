@@ -12,6 +12,7 @@
 //! the coalescer never replaces a version under it.
 
 mod coalesce;
+mod hydrate;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -153,6 +154,10 @@ pub enum NodeError {
         "page {page}: its stored version (at device offset {offset}) is damaged ({source}); read it from another segment"
     )]
     PageDamaged { page: u64, offset: u64, source: SlotError },
+    #[error("the segment is being rebuilt from its peers' page versions: read another segment")]
+    Rebuilding,
+    #[error("{0}")]
+    BadPageVersion(String),
     #[error("records of the segment still being written after {0:?}; the truncation is not applied, try again")]
     TruncationWaited(std::time::Duration),
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
@@ -183,13 +188,15 @@ impl NodeError {
             }
             NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
             NodeError::Log(_) | NodeError::Table(_) | NodeError::Io(_) => (ErrorCode::Internal, 0),
-            NodeError::BadRecord { .. } | NodeError::BadGeometry(_) | NodeError::BadBatch(_) => {
-                (ErrorCode::BadRequest, 0)
-            }
+            NodeError::BadRecord { .. }
+            | NodeError::BadGeometry(_)
+            | NodeError::BadBatch(_)
+            | NodeError::BadPageVersion(_) => (ErrorCode::BadRequest, 0),
             NodeError::PageOutOfRange { .. } => (ErrorCode::PageOutOfRange, 0),
             NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
             NodeError::ReadPointBelowPgmrpl { .. } => (ErrorCode::ReadPointBelowPgmrpl, 0),
             NodeError::PageDamaged { .. } => (ErrorCode::PageDamaged, 0),
+            NodeError::Rebuilding => (ErrorCode::Rebuilding, 0),
             NodeError::Overloaded { .. }
             | NodeError::LogFull { .. }
             | NodeError::PageStoreFull { .. }
@@ -308,6 +315,8 @@ struct SegState {
     damaged_listed: BTreeSet<u64>,
     /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
     slots: Vec<u8>,
+    /// A hydration is under way (see [`hydrate`]): pages are not served.
+    hydration: Option<hydrate::Hydration>,
 }
 
 impl SegState {
@@ -326,6 +335,7 @@ impl SegState {
             damaged_pages: 0,
             damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
+            hydration: None,
         }
     }
 
@@ -1025,6 +1035,9 @@ impl Node {
             let st = self.state();
             let s = st.seg(id)?;
             s.seg.check_epoch_read(epoch)?;
+            if s.hydration.is_some() {
+                return Err(NodeError::Rebuilding);
+            }
             if read_point > s.seg.scl() {
                 return Err(NodeError::ReadPointAboveScl {
                     read_point,
@@ -1341,3 +1354,5 @@ impl Node {
 mod tests;
 #[cfg(test)]
 mod tests_damage;
+#[cfg(test)]
+mod tests_hydrate;

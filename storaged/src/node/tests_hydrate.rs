@@ -1,0 +1,455 @@
+//! Hydration in-process on simulated disks: a segment that lacks records
+//! its peer already coalesced and released takes the peer's page versions
+//! as its base, then the chain above them; across restarts and power loss
+//! in the middle of it, no page is ever served wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::tests::{
+    FIRST_PAGE, GEOMETRY, PAGE, SEG, append_all, check_pages, coalesced_through, config, formatted, model,
+    pull_the_plug, records, wire,
+};
+use super::*;
+use crate::io::sim::{SimDisk, SimFaults};
+use crate::proto::WirePageVersion;
+
+const END_PAGE: u64 = FIRST_PAGE + GEOMETRY.pg_pages;
+/// Two pages of page bytes a batch: several batches for twelve pages.
+const BATCH_BYTES: usize = 2 * PAGE;
+
+async fn open(disk: &Arc<SimDisk>) -> Arc<Node> {
+    Node::open(disk.clone(), config()).await.unwrap().0
+}
+
+/// Node A: records 1..=200, coalesced through 150 (records up to it
+/// released), the rest held.
+async fn donor(seed: u64) -> (Arc<Node>, Vec<RedoRecord>) {
+    let disk = formatted(16 << 20, 1 << 20, seed).await;
+    let a = open(&disk).await;
+    let recs = records(1, 200, seed);
+    append_all(&a, &recs[..150]).await;
+    a.set_pgmrpl(SEG, 1, 150).await.unwrap();
+    coalesced_through(&a, 150).await;
+    append_all(&a, &recs[150..]).await;
+    assert!(matches!(
+        a.read_records(SEG, 1, 0, 1 << 20),
+        Err(NodeError::ReadPointBelowPgmrpl { .. })
+    ));
+    (a, recs)
+}
+
+/// Every batch of `donor`'s versions into `node`; returns the lowest floor
+/// and the number of batches.
+async fn hydrate_from(node: &Node, donor: &Node) -> (u64, usize) {
+    let (mut next, mut floor, mut batches) = (FIRST_PAGE, u64::MAX, 0);
+    while next < END_PAGE {
+        let (f, n, versions) = donor.page_versions(SEG, 2, 1, 1, next, BATCH_BYTES).await.unwrap();
+        assert!(n > next, "a batch moves on");
+        assert!(versions.len() <= BATCH_BYTES / PAGE);
+        floor = floor.min(f);
+        node.hydrate_pages(SEG, versions).await.unwrap();
+        next = n;
+        batches += 1;
+    }
+    (floor, batches)
+}
+
+/// The donor's chain above `after`, appended to `node`; returns its SCL.
+async fn pull(node: &Node, donor: &Node, after: u64) -> u64 {
+    let (_, chain) = donor.read_records(SEG, 1, after, 1 << 20).unwrap();
+    node.append(SEG, 1, GEOMETRY, wire(chain)).await.unwrap()
+}
+
+/// Each page at `read_point` is the model's, or refused (a version above
+/// the read point): never anything else.
+async fn right_or_refused(node: &Node, recs: &[RedoRecord], read_point: u64) -> usize {
+    let mut served = 0;
+    for page in FIRST_PAGE..FIRST_PAGE + 13 {
+        match node.get_page(SEG, 1, page, read_point).await {
+            Ok(got) => {
+                let want = model(recs, page, read_point);
+                assert!(
+                    got == want,
+                    "page {page} at {read_point}: served as of LSN {}, the model's is as of {}",
+                    got.1,
+                    want.1
+                );
+                served += 1;
+            }
+            Err(NodeError::ReadPointBelowPgmrpl { .. } | NodeError::PageDamaged { .. }) => {}
+            Err(e) => panic!("page {page} at {read_point}: {e}"),
+        }
+    }
+    served
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_segment_hydrates_from_a_peer_then_pulls_the_chain_above() {
+    let (a, recs) = donor(11).await;
+    let disk = formatted(16 << 20, 1 << 20, 12).await;
+    let b = open(&disk).await;
+    // The writer's newest records reach the empty segment: held past a gap.
+    assert_eq!(b.append(SEG, 1, GEOMETRY, wire(recs[189..].to_vec())).await.unwrap(), 0);
+
+    b.hydrate_begin(SEG).await.unwrap();
+    assert!(matches!(b.hydrate_begin(SEG).await, Err(NodeError::Rebuilding)));
+    assert!(matches!(
+        b.get_page(SEG, 1, FIRST_PAGE, 0).await,
+        Err(NodeError::Rebuilding)
+    ));
+    assert_eq!(NodeError::Rebuilding.wire_code().0, ErrorCode::Rebuilding);
+    let (floor, batches) = hydrate_from(&b, &a).await;
+    assert_eq!(floor, 150);
+    assert!(batches >= 3, "{batches} batches");
+    assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+    let status = b.status(SEG, 1).unwrap();
+    assert_eq!((status.coalesced_lsn, status.scl), (150, 150));
+    // Pages are served again, and read right at the floor.
+    check_pages(&b, &recs, [150].into_iter()).await;
+    // The chain above the floor from the peer: the SCL goes through the
+    // records it held already.
+    assert_eq!(pull(&b, &a, floor).await, 200);
+    check_pages(&b, &recs, [150, 170, 189, 190, 200].into_iter()).await;
+    for page in FIRST_PAGE..END_PAGE {
+        assert_eq!(
+            b.get_page(SEG, 1, page, 200).await.unwrap(),
+            a.get_page(SEG, 1, page, 200).await.unwrap()
+        );
+    }
+    // Restart: the table says where the chain goes on; the log above it is
+    // replayed.
+    b.shutdown().await;
+    let b = open(&disk).await;
+    assert_eq!(b.scl(SEG), 200);
+    assert_eq!(b.status(SEG, 1).unwrap().coalesced_lsn, 150);
+    check_pages(&b, &recs, [150, 190, 200].into_iter()).await;
+    // And it coalesces on from there.
+    b.set_pgmrpl(SEG, 1, 200).await.unwrap();
+    coalesced_through(&b, 200).await;
+    check_pages(&b, &recs, [200].into_iter()).await;
+    b.shutdown().await;
+    a.shutdown().await;
+    let report = crate::inspect::inspect(&disk).await.unwrap();
+    assert_eq!(report.status, "clean", "{}", report.render());
+}
+
+#[tokio::test(start_paused = true)]
+async fn versions_above_the_floor_are_never_built_on_again_by_the_records_below_them() {
+    let (a, recs) = donor(21).await;
+    let disk = formatted(16 << 20, 1 << 20, 22).await;
+    let b = open(&disk).await;
+    assert_eq!(b.append(SEG, 1, GEOMETRY, wire(recs[189..].to_vec())).await.unwrap(), 0);
+    b.hydrate_begin(SEG).await.unwrap();
+    // The first batch at floor 150; then the donor coalesces on to 180, so
+    // the later batches hold versions above the lowest floor.
+    let (floor, next, first) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+    assert_eq!(floor, 150);
+    b.hydrate_pages(SEG, first).await.unwrap();
+    a.set_pgmrpl(SEG, 1, 180).await.unwrap();
+    coalesced_through(&a, 180).await;
+    let mut above = 0;
+    let mut page = next;
+    while page < END_PAGE {
+        let (f, n, versions) = a.page_versions(SEG, 2, 1, 1, page, BATCH_BYTES).await.unwrap();
+        assert_eq!(f, 180);
+        above += versions.iter().filter(|v| v.lsn > 150).count();
+        b.hydrate_pages(SEG, versions).await.unwrap();
+        page = n;
+    }
+    assert!(above > 0, "some versions are above the lowest floor");
+    assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+    // The donor released 151..=180: the writer's records fill the chain
+    // (as a pull from another peer would). Those at or below a page's
+    // version LSN are held but never applied on top of it.
+    let scl = b.append(SEG, 1, GEOMETRY, wire(recs[150..189].to_vec())).await.unwrap();
+    assert_eq!(scl, 200);
+    for read_point in [150, 160, 175] {
+        right_or_refused(&b, &recs, read_point).await;
+    }
+    check_pages(&b, &recs, [180, 190, 200].into_iter()).await;
+    // Each version above the floor is in both of its slots: no older one
+    // beside it that lacks changes the segment no longer holds.
+    let extent = b.state().seg(SEG).unwrap().extent.unwrap();
+    for p in FIRST_PAGE..END_PAGE {
+        let local = extent.local(SEG.pg, p).unwrap();
+        let (buf, result) =
+            b.io.read(
+                block_offset(extent.slot_block(local, 0)),
+                AlignedBuf::zeroed_blocks(2 * extent.slot_blocks() as usize),
+            )
+            .await;
+        result.unwrap();
+        let len = extent.slot_blocks() as usize * BLOCK_SIZE;
+        let slots = [0, 1].map(|slot| {
+            let at = extent.slot_block(local, slot);
+            match pagestore::decode_slot(&buf[slot * len..(slot + 1) * len], &b.device_id, &extent, SEG, p, at) {
+                pagestore::Slot::Version(v) => Some(v.lsn),
+                _ => None,
+            }
+        });
+        if let Some(top) = slots.iter().flatten().max().filter(|&&l| l > 150) {
+            assert_eq!(slots, [Some(*top); 2], "page {p}");
+        }
+    }
+    // Across a restart, and after coalescing on.
+    b.shutdown().await;
+    let b = open(&disk).await;
+    assert_eq!(b.scl(SEG), 200);
+    right_or_refused(&b, &recs, 160).await;
+    check_pages(&b, &recs, [180, 200].into_iter()).await;
+    b.set_pgmrpl(SEG, 1, 200).await.unwrap();
+    coalesced_through(&b, 200).await;
+    check_pages(&b, &recs, [200].into_iter()).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_versions_are_refused_whole_and_write_nothing() {
+    let disk = formatted(16 << 20, 1 << 20, 31).await;
+    let b = open(&disk).await;
+    let recs = records(1, 20, 31);
+    append_all(&b, &recs).await;
+    let good = WirePageVersion {
+        page: FIRST_PAGE,
+        lsn: 500,
+        bytes: vec![9; PAGE],
+    };
+    // Not begun: refused.
+    assert!(matches!(
+        b.hydrate_pages(SEG, vec![good.clone()]).await,
+        Err(NodeError::BadPageVersion(_))
+    ));
+    b.hydrate_begin(SEG).await.unwrap();
+    for bad in [
+        WirePageVersion {
+            bytes: vec![9; PAGE - 1],
+            ..good.clone()
+        },
+        WirePageVersion {
+            page: END_PAGE,
+            ..good.clone()
+        },
+        WirePageVersion { lsn: 0, ..good.clone() },
+    ] {
+        let e = b.hydrate_pages(SEG, vec![good.clone(), bad]).await.unwrap_err();
+        assert!(
+            matches!(e, NodeError::BadPageVersion(_) | NodeError::PageOutOfRange { .. }),
+            "{e}"
+        );
+    }
+    // Nothing written: after an abort the page reads as before.
+    b.hydrate_abort(SEG);
+    check_pages(&b, &recs, [20].into_iter()).await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn power_loss_in_the_middle_of_hydration_serves_no_wrong_page_and_a_second_one_completes() {
+    let mut cut_mid_batch = 0;
+    for seed in 0..12u64 {
+        let (a, recs) = donor(40 + seed).await;
+        let disk = formatted(16 << 20, 1 << 20, 60 + seed).await;
+        let b = open(&disk).await;
+        // B was down from 120 on: it coalesced to 100, holds up to 120, and
+        // the writer's newest records.
+        append_all(&b, &recs[..120]).await;
+        b.set_pgmrpl(SEG, 1, 100).await.unwrap();
+        coalesced_through(&b, 100).await;
+        assert_eq!(
+            b.append(SEG, 1, GEOMETRY, wire(recs[189..].to_vec())).await.unwrap(),
+            120
+        );
+        b.hydrate_begin(SEG).await.unwrap();
+        let task = {
+            let (a, b) = (a.clone(), b.clone());
+            tokio::spawn(async move { hydrate_from(&b, &a).await })
+        };
+        let mut rng = fastrand::Rng::with_seed(seed);
+        tokio::time::sleep(Duration::from_micros(rng.u64(0..3_000))).await;
+        cut_mid_batch += usize::from(!task.is_finished());
+        disk.set_faults(SimFaults::crashy());
+        task.abort();
+        let _ = task.await;
+        pull_the_plug(b);
+        disk.crash();
+        disk.set_faults(SimFaults::none());
+
+        let b = open(&disk).await;
+        let status = b.status(SEG, 1).unwrap();
+        assert_eq!((status.scl, status.coalesced_lsn), (120, 100), "seed {seed}");
+        for read_point in [100, 110, 120] {
+            right_or_refused(&b, &recs, read_point).await;
+        }
+        // Coalescing keeps off while the rebuild is unfinished.
+        b.set_pgmrpl(SEG, 1, 120).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(b.status(SEG, 1).unwrap().coalesced_lsn, 100);
+
+        b.hydrate_begin(SEG).await.unwrap();
+        let (floor, _) = hydrate_from(&b, &a).await;
+        assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+        assert_eq!(pull(&b, &a, floor).await, 200);
+        check_pages(&b, &recs, [150, 190, 200].into_iter()).await;
+        b.shutdown().await;
+        let b = open(&disk).await;
+        assert_eq!(b.scl(SEG), 200);
+        check_pages(&b, &recs, [150, 200].into_iter()).await;
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+    assert!(cut_mid_batch > 0, "no seed cut the power in the middle of hydration");
+}
+
+/// The LSN of the version each slot of `page` holds (None: none valid).
+async fn slot_lsns(node: &Node, page: u64) -> [Option<u64>; 2] {
+    let extent = node.state().seg(SEG).unwrap().extent.unwrap();
+    let local = extent.local(SEG.pg, page).unwrap();
+    let (buf, result) = node
+        .io
+        .read(
+            block_offset(extent.slot_block(local, 0)),
+            AlignedBuf::zeroed_blocks(2 * extent.slot_blocks() as usize),
+        )
+        .await;
+    result.unwrap();
+    let len = extent.slot_blocks() as usize * BLOCK_SIZE;
+    [0, 1].map(|slot| {
+        let at = extent.slot_block(local, slot);
+        let bytes = &buf[slot * len..(slot + 1) * len];
+        match pagestore::decode_slot(bytes, &node.device_id, &extent, SEG, page, at) {
+            pagestore::Slot::Version(v) => Some(v.lsn),
+            _ => None,
+        }
+    })
+}
+
+/// A segment that had coalesced to 100 takes versions above the floor
+/// (150) beside its own older ones. Later the version above the floor
+/// rots, and a crash leaves a round open: start-up's torn-write rule takes
+/// a damaged slot above the coalesced LSN beside a version at or below it
+/// for a torn write, and would serve the older version, which lacks
+/// changes between it and the floor that the segment no longer holds. The
+/// version is in both slots, so the page is refused instead.
+#[tokio::test(start_paused = true)]
+async fn a_rotted_version_above_the_floor_is_refused_not_served_from_an_older_one() {
+    let (a, recs) = donor(71).await;
+    let disk = formatted(16 << 20, 1 << 20, 72).await;
+    let b = open(&disk).await;
+    append_all(&b, &recs[..120]).await;
+    b.set_pgmrpl(SEG, 1, 100).await.unwrap();
+    coalesced_through(&b, 100).await;
+    b.hydrate_begin(SEG).await.unwrap();
+    let (floor, next, first) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, PAGE).await.unwrap();
+    b.hydrate_pages(SEG, first).await.unwrap();
+    a.set_pgmrpl(SEG, 1, 180).await.unwrap();
+    coalesced_through(&a, 180).await;
+    let mut page = next;
+    while page < END_PAGE {
+        let (_, n, versions) = a.page_versions(SEG, 2, 1, 1, page, BATCH_BYTES).await.unwrap();
+        b.hydrate_pages(SEG, versions).await.unwrap();
+        page = n;
+    }
+    assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+    let scl = b.append(SEG, 1, GEOMETRY, wire(recs[150..].to_vec())).await.unwrap();
+    assert_eq!(scl, 200);
+    check_pages(&b, &recs, [180, 200].into_iter()).await;
+    // Rot one slot holding each version above the floor.
+    let extent = b.state().seg(SEG).unwrap().extent.unwrap();
+    let mut rotted = 0;
+    for p in FIRST_PAGE..END_PAGE {
+        let lsns = slot_lsns(&b, p).await;
+        if let Some(slot) = (0..2).find(|&s| lsns[s].is_some_and(|l| l > 150)) {
+            let local = extent.local(SEG.pg, p).unwrap();
+            disk.flip_bit(block_offset(extent.slot_block(local, slot)) + 300, 1);
+            rotted += 1;
+        }
+    }
+    assert!(rotted > 0);
+    b.shutdown().await;
+    // As a crash in a round to 200 would leave the table.
+    let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
+    let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
+    let mut e = *table.get(SEG).unwrap();
+    e.round_lsn = 200;
+    table.upsert(e);
+    segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();
+    let b = open(&disk).await;
+    assert!(b.state().seg(SEG).unwrap().torn_after.is_some());
+    for read_point in [180, 200] {
+        right_or_refused(&b, &recs, read_point).await;
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A page whose version here rotted is refused; a hydration brings the
+/// peer's version of it, and the page is served right again.
+#[tokio::test(start_paused = true)]
+async fn hydration_replaces_a_rotted_version() {
+    let (a, recs) = donor(81).await;
+    let disk = formatted(16 << 20, 1 << 20, 82).await;
+    let b = open(&disk).await;
+    append_all(&b, &recs[..120]).await;
+    b.set_pgmrpl(SEG, 1, 100).await.unwrap();
+    coalesced_through(&b, 100).await;
+    // A page changed below 100 and between 100 and 150: the peer's version
+    // of it is above what this segment coalesced.
+    let p = recs[140].page;
+    assert!(recs[..100].iter().any(|r| r.page == p));
+    let extent = b.state().seg(SEG).unwrap().extent.unwrap();
+    let local = extent.local(SEG.pg, p).unwrap();
+    let lsns = slot_lsns(&b, p).await;
+    let current = if lsns[1] > lsns[0] { 1 } else { 0 };
+    disk.flip_bit(block_offset(extent.slot_block(local, current)) + 300, 1);
+    b.shutdown().await;
+    let b = open(&disk).await;
+    assert!(matches!(
+        b.get_page(SEG, 1, p, 120).await,
+        Err(NodeError::PageDamaged { .. })
+    ));
+    assert_eq!(b.status(SEG, 1).unwrap().damage.pages_total, 1);
+
+    b.hydrate_begin(SEG).await.unwrap();
+    let (floor, _) = hydrate_from(&b, &a).await;
+    assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
+    assert_eq!(pull(&b, &a, floor).await, 200);
+    check_pages(&b, &recs, [150, 200].into_iter()).await;
+    assert_eq!(b.status(SEG, 1).unwrap().damage.pages_total, 0);
+    b.shutdown().await;
+    let b = open(&disk).await;
+    check_pages(&b, &recs, [150, 200].into_iter()).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// What a donor refuses, and where its batches end.
+#[tokio::test(start_paused = true)]
+async fn page_versions_are_served_at_the_same_installed_epoch_from_a_segment_not_being_rebuilt() {
+    let (a, _) = donor(91).await;
+    assert!(matches!(
+        a.page_versions(SEG, 2, 2, 1, FIRST_PAGE, BATCH_BYTES).await,
+        Err(NodeError::Segment(SegmentError::StaleEpoch { current: 1, .. }))
+    ));
+    assert!(matches!(
+        a.page_versions(SEG, 2, 1, 1, END_PAGE + 1, BATCH_BYTES).await,
+        Err(NodeError::PageOutOfRange { .. })
+    ));
+    assert_eq!(
+        a.page_versions(SEG, 2, 1, 1, END_PAGE, BATCH_BYTES).await.unwrap(),
+        (150, END_PAGE, Vec::new())
+    );
+    // A max_bytes below a page still brings one version.
+    let (_, next, versions) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, 1).await.unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(next, versions[0].page + 1);
+    a.hydrate_begin(SEG).await.unwrap();
+    assert!(matches!(
+        a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await,
+        Err(NodeError::Rebuilding)
+    ));
+    a.hydrate_abort(SEG);
+    assert!(a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.is_ok());
+    a.shutdown().await;
+}
