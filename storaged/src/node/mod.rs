@@ -28,6 +28,7 @@ use crate::log::format::DeviceId;
 use crate::log::layout::block_offset;
 use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
+use crate::membership::Membership;
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::{self, ErrorCode, ProtoError};
 use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
@@ -308,6 +309,8 @@ struct SegState {
     damaged_listed: BTreeSet<u64>,
     /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
     slots: Vec<u8>,
+    /// The PG's membership as the table durably holds it.
+    membership: Option<Membership>,
 }
 
 impl SegState {
@@ -326,6 +329,7 @@ impl SegState {
             damaged_pages: 0,
             damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
+            membership: None,
         }
     }
 
@@ -553,6 +557,7 @@ impl Node {
             s.extent = Some(e.extent());
             s.slots = vec![SlotState::Unknown as u8; e.pg_pages as usize];
             s.pgmrpl = e.pgmrpl;
+            s.membership = e.membership.clone();
             s.coalesced_lsn = e.coalesced_lsn;
             s.round_lsn = e.round_lsn.max(e.coalesced_lsn);
             if e.round_lsn > e.coalesced_lsn {
@@ -700,7 +705,7 @@ impl Node {
         let mut table = self.table.lock().await;
         let entry = change(table.get(id), &table)?;
         let mut next = table.clone();
-        next.upsert(entry);
+        next.upsert(entry.clone());
         *table = self.io.write_table(self.device_id, next).await?;
         Ok(entry)
     }
@@ -722,7 +727,7 @@ impl Node {
                 if let Some(e) = current {
                     return Ok(SegmentEntry {
                         epoch: e.epoch.max(epoch),
-                        ..*e
+                        ..e.clone()
                     });
                 }
                 // A new segment takes the page store after every extent given out.
@@ -755,6 +760,7 @@ impl Node {
                     installed_epoch,
                     annulled: Default::default(),
                     annulled_count: 0,
+                    membership: None,
                 })
             })
             .await;
@@ -1094,7 +1100,7 @@ impl Node {
                     .collect(),
                 table_slot: self.table_slot_damaged,
             },
-            membership: None,
+            membership: s.membership.clone(),
         })
     }
 
@@ -1182,7 +1188,7 @@ impl Node {
                 let mut next = SegmentEntry {
                     epoch: e.epoch.max(epoch),
                     installed_epoch: epoch,
-                    ..*e
+                    ..e.clone()
                 };
                 next.set_annulled(&crate::segment::union_ranges(ranges.iter().copied()));
                 Ok(next)
@@ -1264,7 +1270,7 @@ impl Node {
                 Ok(SegmentEntry {
                     epoch: e.epoch.max(epoch),
                     pgmrpl: e.pgmrpl.max(lsn),
-                    ..*e
+                    ..e.clone()
                 })
             })
             .await?;
