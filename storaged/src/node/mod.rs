@@ -12,6 +12,7 @@
 //! the coalescer never replaces a version under it.
 
 mod coalesce;
+mod gossip;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -169,6 +170,26 @@ pub enum NodeError {
         needed_blocks: u64,
         free_blocks: u64,
     },
+    #[error("node {node} is not a member of volume {volume} pg {pg} at membership epoch {membership_epoch}")]
+    NotMember {
+        node: u64,
+        volume: u64,
+        pg: u32,
+        /// The receiver's membership epoch (0: the writer never set one).
+        membership_epoch: u64,
+    },
+    #[error("membership epoch {got} differs from the segment's membership epoch {current}")]
+    StaleMembership { got: u64, current: u64 },
+    #[error("the segment is being rebuilt from its peers; read another segment")]
+    Rebuilding,
+    #[error("bad membership: {0}")]
+    BadMembership(#[from] crate::membership::MembershipError),
+    #[error("{0}")]
+    MembershipConflict(String),
+    #[error(
+        "pulled record at LSN {lsn} is in the segment's annulled range {lo}..={hi}: a truncated record never comes back"
+    )]
+    PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
 }
 
 impl NodeError {
@@ -195,6 +216,12 @@ impl NodeError {
             | NodeError::LogFull { .. }
             | NodeError::PageStoreFull { .. }
             | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
+            NodeError::NotMember { .. } => (ErrorCode::NotMember, 0),
+            NodeError::StaleMembership { current, .. } => (ErrorCode::StaleMembership, *current),
+            NodeError::Rebuilding => (ErrorCode::Rebuilding, 0),
+            NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
+                (ErrorCode::BadRequest, 0)
+            }
         }
     }
 }
@@ -309,7 +336,7 @@ struct SegState {
     damaged_listed: BTreeSet<u64>,
     /// Per local page: a [`SlotState`]. One byte a page; allocated with the extent.
     slots: Vec<u8>,
-    /// The PG's membership as the table durably holds it.
+    /// The PG's membership as the table durably holds it (see [`gossip`]).
     membership: Option<Membership>,
 }
 
@@ -412,6 +439,48 @@ impl State {
             }
         }
     }
+}
+
+/// `s`'s chain above `after`, up to its SCL and about `max_bytes` (at least
+/// one record if any), with its SCL. Records at or below the coalesced LSN
+/// are in page versions, no longer records: asking for them is refused.
+fn chain_records(
+    s: &SegState,
+    id: SegmentId,
+    after: u64,
+    max_bytes: usize,
+) -> Result<(u64, Vec<RedoRecord>), NodeError> {
+    if after < s.coalesced_lsn && s.seg.scl() > after {
+        return Err(NodeError::ReadPointBelowPgmrpl {
+            read_point: after,
+            pgmrpl: s.coalesced_lsn,
+        });
+    }
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for (lsn, meta) in s.seg.chain_after(after) {
+        let Some(body) = s.hot.get(meta.page, lsn) else {
+            // Held in the chain but not in memory: only a bug does this.
+            return Err(NodeError::BadTruncation(format!(
+                "record {lsn} of the chain has no body in memory"
+            )));
+        };
+        let record = RedoRecord {
+            segment: id,
+            lsn,
+            prev_lsn_pg: meta.prev_lsn_pg,
+            prev_lsn_page: meta.prev_lsn_page,
+            page: meta.page,
+            cpl: meta.cpl,
+            body: body.clone(),
+        };
+        bytes += record.encoded_len();
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
+        out.push(record);
+    }
+    Ok((s.seg.scl(), out))
 }
 
 type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -1217,37 +1286,7 @@ impl Node {
         let st = self.state();
         let s = st.seg(id)?;
         s.seg.check_epoch_read(epoch)?;
-        if after < s.coalesced_lsn && s.seg.scl() > after {
-            return Err(NodeError::ReadPointBelowPgmrpl {
-                read_point: after,
-                pgmrpl: s.coalesced_lsn,
-            });
-        }
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for (lsn, meta) in s.seg.chain_after(after) {
-            let Some(body) = s.hot.get(meta.page, lsn) else {
-                // Held in the chain but not in memory: only a bug does this.
-                return Err(NodeError::BadTruncation(format!(
-                    "record {lsn} of the chain has no body in memory"
-                )));
-            };
-            let record = RedoRecord {
-                segment: id,
-                lsn,
-                prev_lsn_pg: meta.prev_lsn_pg,
-                prev_lsn_page: meta.prev_lsn_page,
-                page: meta.page,
-                cpl: meta.cpl,
-                body: body.clone(),
-            };
-            bytes += record.encoded_len();
-            if bytes > max_bytes && !out.is_empty() {
-                break;
-            }
-            out.push(record);
-        }
-        Ok((s.seg.scl(), out))
+        chain_records(s, id, after, max_bytes)
     }
 
     /// Record the lowest read point any reader of the segment still holds.
@@ -1322,3 +1361,5 @@ impl Node {
 mod tests;
 #[cfg(test)]
 mod tests_damage;
+#[cfg(test)]
+mod tests_gossip;
