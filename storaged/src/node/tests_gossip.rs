@@ -259,3 +259,20 @@ async fn membership_only_moves_forward_and_survives_a_restart() {
     assert_eq!(node.gossip_locals()[0].1.digest.membership_epoch, 3);
     node.shutdown().await;
 }
+
+/// A device of the format before segment table entries carried the
+/// membership is refused at open, saying which version it found and which
+/// one this build reads, rather than its table being misread.
+#[tokio::test(start_paused = true)]
+async fn a_device_of_the_previous_format_is_refused_naming_both_versions() {
+    let disk = disk_of(A).await;
+    for block in crate::log::layout::SUPERBLOCK_BLOCKS {
+        disk.write_raw(block_offset(block) + 4, &5u16.to_le_bytes());
+    }
+    let err = Node::open(disk.clone(), config()).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("unsupported format version 5") && msg.contains("reads version 6"),
+        "{msg}"
+    );
+}
