@@ -138,6 +138,10 @@ pub struct SegmentInfo {
     pub round_lsn: u64,
     /// Pages with a stored version.
     pub page_count: u64,
+    /// The PG's membership epoch as the writer last set it (0: never set),
+    /// and its members' node ids.
+    pub membership_epoch: u64,
+    pub members: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -498,6 +502,11 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
             extent_blocks: extent.blocks(),
             coalesced_lsn: e.coalesced_lsn,
             round_lsn: e.round_lsn,
+            membership_epoch: e.membership.as_ref().map_or(0, |m| m.epoch),
+            members: e
+                .membership
+                .as_ref()
+                .map_or(Vec::new(), |m| m.members.iter().map(|m| m.id).collect()),
             page_count,
         });
     }
@@ -586,7 +595,7 @@ impl InspectReport {
         for seg in &self.segments {
             let _ = writeln!(
                 s,
-                "  volume {} pg {}: epoch {}{}, pgmrpl {}, coalesced through {}{}; {} of {} pages of {} bytes stored (extent at block {}, {} blocks)",
+                "  volume {} pg {}: epoch {}{}, pgmrpl {}, coalesced through {}{}; {} of {} pages of {} bytes stored (extent at block {}, {} blocks){}",
                 seg.volume,
                 seg.pg,
                 seg.epoch,
@@ -608,7 +617,12 @@ impl InspectReport {
                 seg.pg_pages,
                 seg.page_bytes,
                 seg.extent_start_block,
-                seg.extent_blocks
+                seg.extent_blocks,
+                if seg.membership_epoch > 0 {
+                    format!("; membership epoch {}, members {:?}", seg.membership_epoch, seg.members)
+                } else {
+                    String::new()
+                }
             );
         }
         let a = &self.anchor;

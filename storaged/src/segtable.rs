@@ -1,5 +1,5 @@
 //! The segment table: which segments a node holds and what of each must
-//! survive a restart outside the log (epoch, PGMRPL).
+//! survive a restart outside the log (epoch, PGMRPL, the PG's membership).
 //!
 //! Two copies in the metadata area, both written on every change, one after
 //! the other: version `v` goes first into slot `v mod 2`, durably, then into
@@ -22,19 +22,24 @@
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo, Durability, IoError};
 use crate::log::format::{BlockHeader, BlockKind, DeviceId, PAYLOAD_MAX_BYTES, decode_block_at, encode_block};
 use crate::log::layout::block_offset;
+use crate::membership::{MEMBERSHIP_BYTES, Membership};
 use crate::record::SegmentId;
 use crate::segment::{ANNULLED_RANGES_MAX, LsnRange};
 
 /// First block of each slot, and the blocks a slot spans.
 pub const SLOT_BLOCKS: [u64; 2] = [8, 64];
 pub const SLOT_LEN_BLOCKS: u64 = 56;
-const ENTRY_BYTES: usize = 144;
+/// The fields up to the truncation ranges (144 bytes), the membership at
+/// [`MEMBERSHIP_AT`], and reserved bytes to a multiple of 8.
+const ENTRY_BYTES: usize = 376;
+const MEMBERSHIP_AT: usize = 144;
 const BLOCK_HEADER_BYTES: usize = 8;
 const ENTRIES_PER_BLOCK: usize = (PAYLOAD_MAX_BYTES - BLOCK_HEADER_BYTES) / ENTRY_BYTES;
-/// Segments a node can hold.
+/// Segments a node can hold (10 entries a block, since entries carry the
+/// PG's membership).
 pub const SEGMENTS_MAX: usize = ENTRIES_PER_BLOCK * SLOT_LEN_BLOCKS as usize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentEntry {
     pub id: SegmentId,
     pub epoch: u64,
@@ -58,6 +63,9 @@ pub struct SegmentEntry {
     /// them in the log. The first `annulled_count` are used.
     pub annulled: [LsnRange; ANNULLED_RANGES_MAX],
     pub annulled_count: u8,
+    /// The PG's membership as the writer last set it (None: never set).
+    /// Gossip serves and takes records only from its members.
+    pub membership: Option<Membership>,
 }
 
 impl SegmentEntry {
@@ -355,6 +363,16 @@ fn decode_table(buf: &AlignedBuf, device_id: &DeviceId, slot: u64) -> Result<Seg
                     n as u8
                 },
                 annulled: std::array::from_fn(|i| (u64_at(80 + 16 * i), u64_at(88 + 16 * i))),
+                // Checked like every other field: a membership that does not
+                // decode is damage, never "no membership" (gossip would then
+                // refuse the PG's members, or worse, serve a stranger).
+                membership: Membership::decode(&e[MEMBERSHIP_AT..MEMBERSHIP_AT + MEMBERSHIP_BYTES]).map_err(|why| {
+                    format!(
+                        "block {i} (offset {offset}): the entry of volume {} pg {} has a bad membership: {why}",
+                        u64_at(0),
+                        u32_at(8)
+                    )
+                })?,
             });
         }
         i += 1;
@@ -398,6 +416,7 @@ async fn write_slot<D: BlockIo>(
         p.extend_from_slice(&(blocks as u16).to_le_bytes());
         p.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
         for e in chunk {
+            let start = p.len();
             p.extend_from_slice(&e.id.volume.to_le_bytes());
             p.extend_from_slice(&e.id.pg.to_le_bytes());
             p.extend_from_slice(&e.page_bytes.to_le_bytes());
@@ -414,6 +433,13 @@ async fn write_slot<D: BlockIo>(
                 p.extend_from_slice(&lo.to_le_bytes());
                 p.extend_from_slice(&hi.to_le_bytes());
             }
+            debug_assert_eq!(p.len() - start, MEMBERSHIP_AT);
+            match &e.membership {
+                Some(m) => m.encode(&mut p),
+                // All zeros is "none" (Membership::decode).
+                None => p.resize(p.len() + MEMBERSHIP_BYTES, 0),
+            }
+            p.resize(start + ENTRY_BYTES, 0); // reserved
         }
         let offset = block_offset(slot + i as u64);
         let header = BlockHeader {
@@ -435,13 +461,26 @@ async fn write_slot<D: BlockIo>(
 const _: () = assert!(SLOT_BLOCKS[0] + SLOT_LEN_BLOCKS <= SLOT_BLOCKS[1]);
 const _: () = assert!(SLOT_BLOCKS[1] + SLOT_LEN_BLOCKS <= 128, "below superblock copy 1");
 const _: () = assert!(ENTRIES_PER_BLOCK * ENTRY_BYTES + BLOCK_HEADER_BYTES <= BLOCK_SIZE);
+const _: () = assert!(MEMBERSHIP_AT + MEMBERSHIP_BYTES <= ENTRY_BYTES);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::io::sim::{SimDisk, SimFaults};
+    use crate::log::format::{decode_block, seal_block};
+    use crate::membership::Member;
 
     const DEV: DeviceId = [9; 16];
+
+    fn membership(epoch: u64) -> Membership {
+        let members = (1..=6)
+            .map(|id| Member {
+                id,
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+            })
+            .collect();
+        Membership::single(epoch, members)
+    }
 
     fn entry(pg: u32) -> SegmentEntry {
         SegmentEntry {
@@ -456,6 +495,8 @@ mod tests {
             installed_epoch: u64::from(pg),
             annulled: [(u64::from(pg) + 5, u64::from(pg) + 6), (100, 200), (0, 0), (0, 0)],
             annulled_count: 2,
+            // Every other entry has one, so entries with and without sit side by side.
+            membership: (pg % 2 == 0).then(|| membership(u64::from(pg) + 1)),
         }
     }
 
@@ -478,6 +519,8 @@ mod tests {
         assert_eq!(back.table, t);
         assert_eq!(back.slots, [SlotRead::Valid(t.clone()), SlotRead::Valid(t.clone())]);
         assert!(!back.needs_rewrite());
+        assert_eq!(back.table.get(entry(4).id).unwrap().membership, Some(membership(5)));
+        assert_eq!(back.table.get(entry(5).id).unwrap().membership, None);
         t.upsert(SegmentEntry { epoch: 99, ..entry(5) });
         write(&disk, DEV, &mut t).await.unwrap();
         assert_eq!(table(&disk).await, t);
@@ -582,6 +625,44 @@ mod tests {
         disk.write_raw(block_offset(SLOT_BLOCKS[1]), &[0; BLOCK_SIZE]);
         disk.flip_bit(block_offset(SLOT_BLOCKS[0]) + 100, 1);
         assert!(matches!(read(&disk, &DEV).await, Err(TableError::Unreadable(_))));
+    }
+
+    /// A membership field that does not decode, in a block whose CRC is
+    /// right (written so by a bug, or by another program): the slot is
+    /// damaged, never read as a segment without a membership.
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_membership_field_is_damage() {
+        let disk = SimDisk::new(1 << 20, 1, SimFaults::none());
+        let mut t = SegmentTable::default();
+        for pg in 0..3 {
+            t.upsert(entry(pg));
+        }
+        write(&disk, DEV, &mut t).await.unwrap();
+        write(&disk, DEV, &mut t).await.unwrap();
+        // Slot 0 is not the first slot of version 3: nothing but damage explains it.
+        let at = block_offset(SLOT_BLOCKS[0]);
+        let mut block = disk.read_raw(at, BLOCK_SIZE);
+        let header = decode_block(&block).unwrap().0;
+        // Entry 0's member count: 9, past the most a membership has.
+        let count_at = crate::log::format::HEADER_BYTES + BLOCK_HEADER_BYTES + MEMBERSHIP_AT + 8;
+        block[count_at] = 9;
+        seal_block(&mut block, &header);
+        disk.write_raw(at, &block);
+        let back = read(&disk, &DEV).await.unwrap();
+        assert_eq!(back.table, t);
+        let damaged = back.damaged.expect("slot 0 is damaged");
+        assert_eq!(damaged.slot, 0);
+        assert!(damaged.what.contains("bad membership"), "{}", damaged.what);
+        assert!(matches!(&back.slots[0], SlotRead::Damaged(_)));
+        // Both slots so: no table to trust, and the node refuses to start.
+        let at = block_offset(SLOT_BLOCKS[1]);
+        let mut block = disk.read_raw(at, BLOCK_SIZE);
+        let header = decode_block(&block).unwrap().0;
+        block[count_at] = 9;
+        seal_block(&mut block, &header);
+        disk.write_raw(at, &block);
+        let err = read(&disk, &DEV).await.unwrap_err();
+        assert!(err.to_string().contains("bad membership"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

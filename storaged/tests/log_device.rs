@@ -708,6 +708,7 @@ fn inspect_lists_segments_and_accepts_a_torn_older_table_slot() {
                 installed_epoch: 4,
                 annulled: Default::default(),
                 annulled_count: 0,
+                membership: None,
             });
         }
         segtable::write(dev.as_ref(), sb.device_id, &mut table).await.unwrap();

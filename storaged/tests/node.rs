@@ -647,3 +647,125 @@ fn coalesced_pages_survive_kill_9_and_read_the_same_at_every_read_point() {
         assert_eq!(scl_of(&append(&c, pg, 1, vec![next]).await), 201);
     });
 }
+
+/// Nodes 5 (the daemon) to 10, on made-up ports: the membership names them.
+fn membership(epoch: u64) -> storaged::membership::Membership {
+    let members = (5..=10)
+        .map(|id| storaged::membership::Member {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        })
+        .collect();
+    storaged::membership::Membership::single(epoch, members)
+}
+
+/// Gossip requests are a storage node's: the writer sets the membership,
+/// a member storage node gets our digest and pulls the chain; an operator's
+/// connection and a node outside the membership are refused.
+#[test]
+fn gossip_requests_are_answered_for_member_storage_nodes_only() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = start_daemon(&dev);
+    run(async {
+        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        let reply = writer
+            .request(Message::SetMembership {
+                volume: VOLUME,
+                epoch: 1,
+                pg: 0,
+                page_bytes: PAGE_BYTES,
+                pg_pages: PG_PAGES,
+                membership: membership(1),
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(&reply, Message::SegmentStatus { membership: Some(m), .. } if *m == membership(1)),
+            "{reply:?}"
+        );
+        assert_eq!(
+            scl_of(&append(&writer, 0, 1, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 2)]).await),
+            2
+        );
+        let digest = storaged::proto::GossipDigest {
+            installed_epoch: 1,
+            membership_epoch: 1,
+            scl: 0,
+            highest_lsn: 0,
+            floor: 0,
+        };
+        let ask = Message::Digest {
+            volume: VOLUME,
+            pg: 0,
+            digest,
+        };
+        let operator = NodeClient::connect(daemon.addr, Role::Operator, 6).await.unwrap();
+        let reply = operator.request(ask.clone()).await.unwrap();
+        assert!(
+            matches!(&reply, Message::Error { code: ErrorCode::BadRequest, message, .. } if message.contains("storage node")),
+            "{reply:?}"
+        );
+        let stranger = NodeClient::connect(daemon.addr, Role::StorageNode, 99).await.unwrap();
+        let reply = stranger.request(ask.clone()).await.unwrap();
+        assert!(
+            matches!(
+                reply,
+                Message::Error {
+                    code: ErrorCode::NotMember,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        let peer = NodeClient::connect(daemon.addr, Role::StorageNode, 6).await.unwrap();
+        let reply = peer.request(ask).await.unwrap();
+        match reply {
+            Message::DigestOk {
+                volume: VOLUME,
+                pg: 0,
+                digest,
+            } => {
+                assert_eq!((digest.scl, digest.highest_lsn, digest.membership_epoch), (2, 2, 1));
+            }
+            other => panic!("expected DigestOk, got {other:?}"),
+        }
+        let pull = |membership_epoch| Message::PullRecords {
+            volume: VOLUME,
+            pg: 0,
+            installed_epoch: 1,
+            membership_epoch,
+            after: 0,
+            max_bytes: 1 << 20,
+        };
+        match peer.request(pull(1)).await.unwrap() {
+            Message::Records { scl: 2, records, .. } => {
+                assert_eq!(records, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 2)]);
+            }
+            other => panic!("expected Records, got {other:?}"),
+        }
+        let reply = peer.request(pull(2)).await.unwrap();
+        assert!(
+            matches!(
+                reply,
+                Message::Error {
+                    code: ErrorCode::StaleMembership,
+                    current_epoch: 1,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        let reply = operator.request(pull(1)).await.unwrap();
+        assert!(
+            matches!(
+                reply,
+                Message::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+    });
+}

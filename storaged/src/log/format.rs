@@ -18,7 +18,8 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
 /// 4: segments keep truncation ranges (recovery).
 /// 5: a truncation writes an annulment to the log, which start-up applies in
 /// log order; the table's ranges are the newest recovery's, for reporting.
-pub const FORMAT_VERSION: u16 = 5;
+/// 6: segment table entries carry the PG's membership (376 bytes each).
+pub const FORMAT_VERSION: u16 = 6;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;
@@ -85,7 +86,9 @@ pub enum BlockError {
     Zero,
     #[error("bad magic {0:#010x}")]
     BadMagic(u32),
-    #[error("unsupported format version {0}")]
+    #[error(
+        "unsupported format version {0} (this build reads version {FORMAT_VERSION}; a device of another version is not read)"
+    )]
     BadVersion(u16),
     #[error("unknown block kind {0}")]
     BadKind(u16),

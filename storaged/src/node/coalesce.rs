@@ -162,7 +162,7 @@ impl Node {
                 let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
                 Ok(SegmentEntry {
                     round_lsn: e.round_lsn.max(upto),
-                    ..*e
+                    ..e.clone()
                 })
             })
             .await?;
@@ -206,7 +206,7 @@ impl Node {
                     // An older, larger intent (a round cut short by a crash) stays
                     // open until coalescing passes it.
                     round_lsn: e.round_lsn.max(upto),
-                    ..*e
+                    ..e.clone()
                 })
             })
             .await;

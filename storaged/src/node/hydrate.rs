@@ -169,7 +169,7 @@ impl Node {
                     let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
                     Ok(SegmentEntry {
                         round_lsn: REBUILD_UNDER_WAY,
-                        ..*e
+                        ..e.clone()
                     })
                 })
                 .await?;
@@ -353,7 +353,7 @@ impl Node {
                     coalesced_lsn: coalesced,
                     // The rebuild is over, and no round is under way.
                     round_lsn: coalesced,
-                    ..*e
+                    ..e.clone()
                 })
             })
             .await?;
@@ -408,29 +408,6 @@ impl Node {
         if let Some(s) = self.state().segments.get_mut(&id) {
             s.hydration = None;
         }
-    }
-
-    // placeholder until node/gossip.rs lands
-    /// The gate of a peer's request: here only the segment and its
-    /// installed epoch.
-    pub(crate) fn check_gossip_peer(
-        &self,
-        id: SegmentId,
-        _from: u64,
-        installed_epoch: u64,
-        _membership_epoch: u64,
-        exact_installed: bool,
-    ) -> Result<(), NodeError> {
-        let st = self.state();
-        let ours = st.seg(id)?.seg.installed_epoch();
-        if installed_epoch < ours || (exact_installed && installed_epoch != ours) {
-            return Err(crate::segment::SegmentError::StaleEpoch {
-                got: installed_epoch,
-                current: ours,
-            }
-            .into());
-        }
-        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@
 //! the coalescer never replaces a version under it.
 
 mod coalesce;
+mod gossip;
 mod hydrate;
 pub mod server;
 
@@ -29,6 +30,7 @@ use crate::log::format::DeviceId;
 use crate::log::layout::block_offset;
 use crate::log::recovery::read_superblock;
 use crate::log::{AppendError, LogConfig, LogEngine, OpenError};
+use crate::membership::Membership;
 use crate::pagestore::{self, Current, Extent, SlotError};
 use crate::proto::{self, ErrorCode, ProtoError};
 use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
@@ -173,6 +175,24 @@ pub enum NodeError {
         needed_blocks: u64,
         free_blocks: u64,
     },
+    #[error("node {node} is not a member of volume {volume} pg {pg} at membership epoch {membership_epoch}")]
+    NotMember {
+        node: u64,
+        volume: u64,
+        pg: u32,
+        /// The receiver's membership epoch (0: the writer never set one).
+        membership_epoch: u64,
+    },
+    #[error("membership epoch {got} differs from the segment's membership epoch {current}")]
+    StaleMembership { got: u64, current: u64 },
+    #[error("bad membership: {0}")]
+    BadMembership(#[from] crate::membership::MembershipError),
+    #[error("{0}")]
+    MembershipConflict(String),
+    #[error(
+        "pulled record at LSN {lsn} is in the segment's annulled range {lo}..={hi}: a truncated record never comes back"
+    )]
+    PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
 }
 
 impl NodeError {
@@ -201,6 +221,11 @@ impl NodeError {
             | NodeError::LogFull { .. }
             | NodeError::PageStoreFull { .. }
             | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
+            NodeError::NotMember { .. } => (ErrorCode::NotMember, 0),
+            NodeError::StaleMembership { current, .. } => (ErrorCode::StaleMembership, *current),
+            NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
+                (ErrorCode::BadRequest, 0)
+            }
         }
     }
 }
@@ -317,6 +342,8 @@ struct SegState {
     slots: Vec<u8>,
     /// A hydration is under way (see [`hydrate`]): pages are not served.
     hydration: Option<hydrate::Hydration>,
+    /// The PG's membership as the table durably holds it (see [`gossip`]).
+    membership: Option<Membership>,
 }
 
 impl SegState {
@@ -336,6 +363,7 @@ impl SegState {
             damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
             hydration: None,
+            membership: None,
         }
     }
 
@@ -418,6 +446,48 @@ impl State {
             }
         }
     }
+}
+
+/// `s`'s chain above `after`, up to its SCL and about `max_bytes` (at least
+/// one record if any), with its SCL. Records at or below the coalesced LSN
+/// are in page versions, no longer records: asking for them is refused.
+fn chain_records(
+    s: &SegState,
+    id: SegmentId,
+    after: u64,
+    max_bytes: usize,
+) -> Result<(u64, Vec<RedoRecord>), NodeError> {
+    if after < s.coalesced_lsn && s.seg.scl() > after {
+        return Err(NodeError::ReadPointBelowPgmrpl {
+            read_point: after,
+            pgmrpl: s.coalesced_lsn,
+        });
+    }
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for (lsn, meta) in s.seg.chain_after(after) {
+        let Some(body) = s.hot.get(meta.page, lsn) else {
+            // Held in the chain but not in memory: only a bug does this.
+            return Err(NodeError::BadTruncation(format!(
+                "record {lsn} of the chain has no body in memory"
+            )));
+        };
+        let record = RedoRecord {
+            segment: id,
+            lsn,
+            prev_lsn_pg: meta.prev_lsn_pg,
+            prev_lsn_page: meta.prev_lsn_page,
+            page: meta.page,
+            cpl: meta.cpl,
+            body: body.clone(),
+        };
+        bytes += record.encoded_len();
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
+        out.push(record);
+    }
+    Ok((s.seg.scl(), out))
 }
 
 type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -568,6 +638,7 @@ impl Node {
             s.extent = Some(e.extent());
             s.slots = vec![SlotState::Unknown as u8; e.pg_pages as usize];
             s.pgmrpl = e.pgmrpl;
+            s.membership = e.membership.clone();
             s.coalesced_lsn = e.coalesced_lsn;
             s.round_lsn = e.round_lsn.max(e.coalesced_lsn);
             if e.round_lsn > e.coalesced_lsn {
@@ -721,7 +792,7 @@ impl Node {
         let mut table = self.table.lock().await;
         let entry = change(table.get(id), &table)?;
         let mut next = table.clone();
-        next.upsert(entry);
+        next.upsert(entry.clone());
         *table = self.io.write_table(self.device_id, next).await?;
         Ok(entry)
     }
@@ -743,7 +814,7 @@ impl Node {
                 if let Some(e) = current {
                     return Ok(SegmentEntry {
                         epoch: e.epoch.max(epoch),
-                        ..*e
+                        ..e.clone()
                     });
                 }
                 // A new segment takes the page store after every extent given out.
@@ -776,6 +847,7 @@ impl Node {
                     installed_epoch,
                     annulled: Default::default(),
                     annulled_count: 0,
+                    membership: None,
                 })
             })
             .await;
@@ -1132,7 +1204,7 @@ impl Node {
                     .collect(),
                 table_slot: self.table_slot_damaged,
             },
-            membership: None,
+            membership: s.membership.clone(),
         })
     }
 
@@ -1220,7 +1292,7 @@ impl Node {
                 let mut next = SegmentEntry {
                     epoch: e.epoch.max(epoch),
                     installed_epoch: epoch,
-                    ..*e
+                    ..e.clone()
                 };
                 next.set_annulled(&crate::segment::union_ranges(ranges.iter().copied()));
                 Ok(next)
@@ -1249,37 +1321,7 @@ impl Node {
         let st = self.state();
         let s = st.seg(id)?;
         s.seg.check_epoch_read(epoch)?;
-        if after < s.coalesced_lsn && s.seg.scl() > after {
-            return Err(NodeError::ReadPointBelowPgmrpl {
-                read_point: after,
-                pgmrpl: s.coalesced_lsn,
-            });
-        }
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for (lsn, meta) in s.seg.chain_after(after) {
-            let Some(body) = s.hot.get(meta.page, lsn) else {
-                // Held in the chain but not in memory: only a bug does this.
-                return Err(NodeError::BadTruncation(format!(
-                    "record {lsn} of the chain has no body in memory"
-                )));
-            };
-            let record = RedoRecord {
-                segment: id,
-                lsn,
-                prev_lsn_pg: meta.prev_lsn_pg,
-                prev_lsn_page: meta.prev_lsn_page,
-                page: meta.page,
-                cpl: meta.cpl,
-                body: body.clone(),
-            };
-            bytes += record.encoded_len();
-            if bytes > max_bytes && !out.is_empty() {
-                break;
-            }
-            out.push(record);
-        }
-        Ok((s.seg.scl(), out))
+        chain_records(s, id, after, max_bytes)
     }
 
     /// Record the lowest read point any reader of the segment still holds.
@@ -1302,7 +1344,7 @@ impl Node {
                 Ok(SegmentEntry {
                     epoch: e.epoch.max(epoch),
                     pgmrpl: e.pgmrpl.max(lsn),
-                    ..*e
+                    ..e.clone()
                 })
             })
             .await?;
@@ -1354,5 +1396,7 @@ impl Node {
 mod tests;
 #[cfg(test)]
 mod tests_damage;
+#[cfg(test)]
+mod tests_gossip;
 #[cfg(test)]
 mod tests_hydrate;

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::proto::{ErrorCode, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
+use crate::proto::{ErrorCode, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, Role, encode_frame};
 use crate::record::SegmentId;
 
 use super::{Node, NodeError, PageGeometry, SegmentStatus};
@@ -90,7 +90,9 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
     let mut out = ReplyBuf::default();
     let mut decoder = FrameDecoder::new(node.config().frame_bytes_max);
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
-    let mut greeted = false;
+    // Who the peer said it is in its Hello: gossip requests are answered
+    // only for a storage node, and for the node id it gave.
+    let mut greeted: Option<Peer> = None;
     let mut reading = true;
     // Whole frames may wait in the decoder: it is not fed more until they
     // are taken, so it holds at most one read's worth.
@@ -115,22 +117,22 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
                 }
             };
             let id = frame.request_id;
-            if !greeted {
-                let Message::Hello { .. } = frame.message else {
+            let Some(peer) = greeted else {
+                let Message::Hello { role, node_id, .. } = frame.message else {
                     let msg = Message::error(ErrorCode::BadRequest, 0, "the first message must be Hello");
                     out.push(id, &msg);
                     reading = false;
                     break;
                 };
-                greeted = true;
+                greeted = Some(Peer { role, node_id });
                 let ok = Message::HelloOk {
                     node_id: node.node_id,
                     protocol_version: u16::from(PROTOCOL_VERSION),
                 };
                 out.push(id, &ok);
                 continue;
-            }
-            requests.push(request(node, id, frame.message));
+            };
+            requests.push(request(node, peer, id, frame.message));
         }
         // Replies out first: the peer waits on them, and a full buffer stops reading.
         if !out.is_empty()
@@ -239,11 +241,33 @@ impl ReplyBuf {
 /// malloc leaves its per-thread cache for the large-request path, which
 /// consolidates its free lists first: most of the node's malloc time at 32
 /// appenders (docs/performance.md).
-fn request(node: &Node, id: u64, msg: Message) -> impl Future<Output = (u64, Message)> + '_ {
-    handle(node, msg).map(move |answer| (id, answer))
+fn request(node: &Node, peer: Peer, id: u64, msg: Message) -> impl Future<Output = (u64, Message)> + '_ {
+    handle(node, peer, msg).map(move |answer| (id, answer))
 }
 
-async fn handle(node: &Node, msg: Message) -> Message {
+/// The connection's `Hello`: who asks.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    role: Role,
+    node_id: u64,
+}
+
+impl Peer {
+    /// Gossip requests come from storage nodes only: the node id a
+    /// membership names is a storage node's, and the writer and operators
+    /// have their own requests for what they need.
+    fn storage_node(&self, what: &str) -> Result<u64, String> {
+        if self.role == Role::StorageNode {
+            return Ok(self.node_id);
+        }
+        Err(format!(
+            "{what} is a storage node's request; this connection's Hello said {:?}",
+            self.role
+        ))
+    }
+}
+
+async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
     let result = match msg {
         Message::Append {
             volume,
@@ -329,6 +353,59 @@ async fn handle(node: &Node, msg: Message) -> Message {
                 lsn,
                 bytes,
             }),
+        Message::SetMembership {
+            volume,
+            epoch,
+            pg,
+            page_bytes,
+            pg_pages,
+            membership,
+        } => node
+            .set_membership(
+                SegmentId { volume, pg },
+                epoch,
+                PageGeometry { page_bytes, pg_pages },
+                membership,
+            )
+            .await
+            .map(|s| status_reply(node, volume, pg, s)),
+        Message::Digest { volume, pg, digest } => {
+            let from = match peer.storage_node("Digest") {
+                Ok(from) => from,
+                Err(why) => return Message::error(ErrorCode::BadRequest, 0, why),
+            };
+            node.peer_digest(SegmentId { volume, pg }, from, digest)
+                .map(|digest| Message::DigestOk { volume, pg, digest })
+        }
+        Message::PullRecords {
+            volume,
+            pg,
+            installed_epoch,
+            membership_epoch,
+            after,
+            max_bytes,
+        } => {
+            let from = match peer.storage_node("PullRecords") {
+                Ok(from) => from,
+                Err(why) => return Message::error(ErrorCode::BadRequest, 0, why),
+            };
+            // Leave room in the frame for the reply's own fields.
+            let max = (max_bytes as usize).min(FRAME_BYTES_MAX / 2);
+            node.pull_records(
+                SegmentId { volume, pg },
+                from,
+                installed_epoch,
+                membership_epoch,
+                after,
+                max,
+            )
+            .map(|(scl, records)| Message::Records {
+                volume,
+                pg,
+                scl,
+                records,
+            })
+        }
         Message::Hello { .. } => {
             return Message::error(ErrorCode::BadRequest, 0, "Hello was already received");
         }

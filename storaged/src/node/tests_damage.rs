@@ -330,7 +330,7 @@ async fn after_a_crash_a_rotted_current_version_is_not_taken_for_a_torn_write() 
     // As a crash in a round to 4 would leave the table.
     let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
     let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
-    let mut e = *table.get(SEG).unwrap();
+    let mut e = table.get(SEG).unwrap().clone();
     e.round_lsn = 4;
     table.upsert(e);
     segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();

@@ -29,6 +29,10 @@ async fn donor(seed: u64) -> (Arc<Node>, Vec<RedoRecord>) {
     let a = open(&disk).await;
     let recs = records(1, 200, seed);
     append_all(&a, &recs[..150]).await;
+    // Nodes 1..=6, the hydrating node 2 among them.
+    a.set_membership(SEG, 1, GEOMETRY, super::tests_gossip::membership(1, 1))
+        .await
+        .unwrap();
     a.set_pgmrpl(SEG, 1, 150).await.unwrap();
     coalesced_through(&a, 150).await;
     append_all(&a, &recs[150..]).await;
@@ -371,7 +375,7 @@ async fn a_rotted_version_above_the_floor_is_refused_not_served_from_an_older_on
     // As a crash in a round to 200 would leave the table.
     let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
     let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
-    let mut e = *table.get(SEG).unwrap();
+    let mut e = table.get(SEG).unwrap().clone();
     e.round_lsn = 200;
     table.upsert(e);
     segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();

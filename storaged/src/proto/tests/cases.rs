@@ -443,3 +443,182 @@ fn segment_status_damage_is_optional_bounded_and_checked() {
         Err(ProtoError::BadDamagedPages { listed: 2, total: 1 })
     );
 }
+
+// --- gossip ----------------------------------------------------------------
+
+fn six_members(epoch: u64) -> Membership {
+    let members = (1..=6)
+        .map(|id| crate::membership::Member {
+            id,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        })
+        .collect();
+    Membership::single(epoch, members)
+}
+
+fn set_membership_body(membership: &[u8]) -> Vec<u8> {
+    [
+        u64s(&[1, 2]),
+        3u32.to_le_bytes().to_vec(),
+        8192u32.to_le_bytes().to_vec(),
+        u64s(&[64]),
+        membership.to_vec(),
+    ]
+    .concat()
+}
+
+#[test]
+fn a_set_membership_with_a_broken_membership_is_refused() {
+    let mut good = Vec::new();
+    six_members(1).encode(&mut good);
+    let frame = raw_frame(1, MessageType::SetMembership as u8, 0, 1, &set_membership_body(&good));
+    assert!(matches!(
+        decode(&frame).unwrap().unwrap().0.message,
+        Message::SetMembership { membership, .. } if membership == six_members(1)
+    ));
+    // The second member given the first one's id.
+    let mut twice = good.clone();
+    twice[9 + crate::membership::MEMBER_BYTES..9 + crate::membership::MEMBER_BYTES + 8]
+        .copy_from_slice(&1u64.to_le_bytes());
+    let err = decode(&raw_frame(
+        1,
+        MessageType::SetMembership as u8,
+        0,
+        1,
+        &set_membership_body(&twice),
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ProtoError::BadMembership(crate::membership::MembershipError::Duplicate(1))
+    );
+    assert_eq!(err.error_code(), ErrorCode::BadFrame);
+    // All zeros is "none" in a status, and no membership to set.
+    let zeros = vec![0; crate::membership::MEMBERSHIP_BYTES];
+    assert!(matches!(
+        decode(&raw_frame(
+            1,
+            MessageType::SetMembership as u8,
+            0,
+            1,
+            &set_membership_body(&zeros)
+        )),
+        Err(ProtoError::BadMembership(_))
+    ));
+    // A byte short of the fixed encoding.
+    assert!(matches!(
+        decode(&raw_frame(
+            1,
+            MessageType::SetMembership as u8,
+            0,
+            1,
+            &set_membership_body(&good[1..])
+        )),
+        Err(ProtoError::BodyTooShort { .. })
+    ));
+    // The encoder refuses to send one either.
+    let mut broken = six_members(1);
+    broken.old = 0b11;
+    let msg = Message::SetMembership {
+        volume: 1,
+        epoch: 2,
+        pg: 3,
+        page_bytes: 8192,
+        pg_pages: 64,
+        membership: broken,
+    };
+    assert!(matches!(
+        encode_frame(1, &msg, &mut Vec::new()),
+        Err(ProtoError::BadMembership(_))
+    ));
+}
+
+#[test]
+fn page_versions_declaring_more_versions_than_the_body_holds_are_refused_before_allocating() {
+    let head = |count: u32| {
+        [
+            u64s(&[1]),
+            2u32.to_le_bytes().to_vec(),
+            u64s(&[3, 4]),
+            count.to_le_bytes().to_vec(),
+        ]
+        .concat()
+    };
+    // 2^32 - 1 versions in a 32-byte body: no Vec is sized from the count.
+    assert_eq!(
+        decode(&raw_frame(1, MessageType::PageVersions as u8, 0, 1, &head(u32::MAX))),
+        Err(ProtoError::RecordCountImpossible {
+            declared: u32::MAX,
+            room: 0
+        })
+    );
+    // Two declared, one there (20-byte head and 8 bytes of page).
+    let one = [u64s(&[5, 6]), 8u32.to_le_bytes().to_vec(), vec![7; 8]].concat();
+    let body = [head(2), one.clone()].concat();
+    assert_eq!(
+        decode(&raw_frame(1, MessageType::PageVersions as u8, 0, 1, &body)),
+        Err(ProtoError::RecordCountImpossible { declared: 2, room: 1 })
+    );
+    let body = [head(1), one].concat();
+    match decode(&raw_frame(1, MessageType::PageVersions as u8, 0, 1, &body))
+        .unwrap()
+        .unwrap()
+        .0
+        .message
+    {
+        Message::PageVersions {
+            floor: 3,
+            next_page: 4,
+            versions,
+            ..
+        } => {
+            assert_eq!(
+                versions,
+                vec![WirePageVersion {
+                    page: 5,
+                    lsn: 6,
+                    bytes: vec![7; 8]
+                }]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn gossip_request_bodies_are_exact() {
+    let pull = Message::PullRecords {
+        volume: 1,
+        pg: 2,
+        installed_epoch: 3,
+        membership_epoch: 4,
+        after: 5,
+        max_bytes: 6,
+    };
+    let digest = Message::Digest {
+        volume: 1,
+        pg: 2,
+        digest: GossipDigest {
+            installed_epoch: 3,
+            membership_epoch: 4,
+            scl: 5,
+            highest_lsn: 6,
+            floor: 0,
+        },
+    };
+    for (msg, body_bytes) in [(pull, 40), (digest, 52)] {
+        let frame = encode(1, &msg);
+        let body = &frame[20..];
+        assert_eq!(body.len(), body_bytes, "{msg:?}");
+        let kind = msg.kind() as u8;
+        assert!(matches!(
+            decode(&raw_frame(1, kind, 0, 1, &body[..body.len() - 1])),
+            Err(ProtoError::BodyTooShort { .. })
+        ));
+        let long = [body, &[0]].concat();
+        assert!(matches!(
+            decode(&raw_frame(1, kind, 0, 1, &long)),
+            Err(ProtoError::BodyTooLong { .. })
+        ));
+    }
+}

@@ -1,0 +1,297 @@
+//! The node's side of gossip repair: the PG's membership a segment keeps,
+//! what the gossip shell learns of each segment, what a peer may ask of it,
+//! and how records pulled from a peer are taken.
+//!
+//! Pull, never push: a peer only answers, and a segment takes records only
+//! as the answer to its own pull. Every peer request passes one gate
+//! ([`Node::check_gossip_peer`]): the asker is a member of the PG at this
+//! segment's membership epoch, holds the same membership epoch, and has
+//! installed the same volume epoch (or, for a digest, not an older one), so
+//! both sides hold the same truncation ranges. Pulled records then go
+//! through exactly the admission and log path of an append: the same CRC,
+//! chain, epoch and conflict checks, the same durable write before the SCL
+//! moves. What they must not be is annulled here: a record a recovery
+//! truncated never comes back, whoever serves it.
+
+use super::{Node, NodeError, PageGeometry, SegState, SegmentStatus, chain_records, same_geometry};
+use crate::gossip::{Digest, Local};
+use crate::membership::Membership;
+use crate::record::{RedoRecord, SegmentId, WireRecord};
+use crate::segment::SegmentError;
+use crate::segtable::SegmentEntry;
+
+impl SegState {
+    /// What this segment says of itself in gossip, under `membership_epoch`.
+    fn digest(&self, membership_epoch: u64) -> Digest {
+        Digest {
+            installed_epoch: self.seg.installed_epoch(),
+            membership_epoch,
+            scl: self.seg.scl(),
+            highest_lsn: self.seg.highest_lsn(),
+            floor: self.coalesced_lsn,
+        }
+    }
+
+    /// The gate of every peer request, on the segment's state as it is
+    /// under the caller's lock (see [`Node::check_gossip_peer`]).
+    fn gossip_gate(
+        &self,
+        id: SegmentId,
+        from: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        exact_installed: bool,
+    ) -> Result<&Membership, NodeError> {
+        let not_member = |current: u64| NodeError::NotMember {
+            node: from,
+            volume: id.volume,
+            pg: id.pg,
+            membership_epoch: current,
+        };
+        // A segment whose writer never said who the members are serves no one.
+        let Some(m) = &self.membership else {
+            return Err(not_member(0));
+        };
+        // Epochs first: a node added at a newer epoch learns that ours is
+        // behind, not that it is a stranger.
+        if membership_epoch != m.epoch {
+            return Err(NodeError::StaleMembership {
+                got: membership_epoch,
+                current: m.epoch,
+            });
+        }
+        if !m.is_member(from) {
+            return Err(not_member(m.epoch));
+        }
+        let ours = self.seg.installed_epoch();
+        let refused = if exact_installed {
+            installed_epoch != ours
+        } else {
+            installed_epoch < ours
+        };
+        if refused {
+            return Err(SegmentError::StaleEpoch {
+                got: installed_epoch,
+                current: ours,
+            }
+            .into());
+        }
+        Ok(m)
+    }
+}
+
+impl Node {
+    /// The writer sets the PG's membership on segment `id`, creating the
+    /// segment (installed at `epoch`, as a first Append does) if the node
+    /// does not hold it. The membership epoch only moves forward: a lower
+    /// one is refused (`StaleMembership`), the same one with other members
+    /// too (`MembershipConflict`), the same one again changes nothing. A
+    /// volume epoch older than the segment's is refused (`StaleEpoch`); a
+    /// newer one is not adopted (only a recovering writer's seal does
+    /// that). Durable when it returns; returns the segment's status.
+    pub async fn set_membership(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        geometry: PageGeometry,
+        membership: Membership,
+    ) -> Result<SegmentStatus, NodeError> {
+        geometry.check()?;
+        membership.check()?;
+        let unchanged = {
+            let mut st = self.state();
+            let gap_max = self.config.gap_records_max;
+            let s = st
+                .segments
+                .entry(id)
+                .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
+            same_geometry(id, s.geometry, geometry, "membership")?;
+            if epoch < s.seg.epoch() {
+                return Err(SegmentError::StaleEpoch {
+                    got: epoch,
+                    current: s.seg.epoch(),
+                }
+                .into());
+            }
+            if let Some(held) = &s.membership {
+                check_membership_change(held, &membership)?;
+            }
+            s.membership.as_ref() == Some(&membership)
+        };
+        if unchanged {
+            return self.status(id, 0);
+        }
+        // The segment with its extent first, for one the table does not hold
+        // yet (at the epoch it has: this request adopts none).
+        let (durable, seg_epoch) = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            (s.durable_epoch.is_some(), s.seg.epoch())
+        };
+        if !durable {
+            self.ensure_durable(id, seg_epoch).await?;
+        }
+        let entry = self
+            .update_entry(id, |e, _| {
+                let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;
+                // Again against what the table holds, under its lock: two
+                // writers' requests may have raced here.
+                if let Some(held) = &e.membership {
+                    check_membership_change(held, &membership)?;
+                }
+                Ok(SegmentEntry {
+                    membership: Some(membership.clone()),
+                    ..e.clone()
+                })
+            })
+            .await?;
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            let newer = s
+                .membership
+                .as_ref()
+                .is_none_or(|m| entry.membership.as_ref().is_some_and(|e| e.epoch > m.epoch));
+            if newer {
+                s.membership = entry.membership;
+            }
+        }
+        self.status(id, 0)
+    }
+
+    /// Every segment that has a membership: (id, the gossip core's Local for
+    /// it, its membership).
+    pub fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)> {
+        let st = self.state();
+        let mut out = Vec::new();
+        for (&id, s) in &st.segments {
+            let Some(m) = &s.membership else {
+                continue;
+            };
+            // Holes are inclusive `lo..=hi`; the core's ranges are `(after, upto]`.
+            let missing = s.seg.holes().into_iter().map(|(lo, hi)| (lo - 1, hi)).collect();
+            let local = Local {
+                digest: s.digest(m.epoch),
+                members: m.members.iter().map(|m| m.id).collect(),
+                missing,
+            };
+            out.push((id, local, m.clone()));
+        }
+        out
+    }
+
+    /// A peer `from` sends its digest of segment `id`; returns ours, if it
+    /// passes the gate (its installed epoch may be newer than ours: it is
+    /// ours that is behind then, and the digest tells the core so).
+    pub fn peer_digest(&self, id: SegmentId, from: u64, digest: Digest) -> Result<Digest, NodeError> {
+        let st = self.state();
+        let s = st.seg(id)?;
+        let m = s.gossip_gate(id, from, digest.installed_epoch, digest.membership_epoch, false)?;
+        Ok(s.digest(m.epoch))
+    }
+
+    /// A peer `from` pulls segment `id`'s chain above `after`, up to our SCL,
+    /// about `max_bytes` (at least one record if any); returns our SCL and
+    /// the records. Installed epochs must be equal; `after` below our floor
+    /// (the coalesced LSN) is `ReadPointBelowPgmrpl`: the puller must hydrate.
+    pub fn pull_records(
+        &self,
+        id: SegmentId,
+        from: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<(u64, Vec<RedoRecord>), NodeError> {
+        let st = self.state();
+        let s = st.seg(id)?;
+        s.gossip_gate(id, from, installed_epoch, membership_epoch, true)?;
+        chain_records(s, id, after, max_bytes)
+    }
+
+    /// Records a peer served for segment `id` (pulled at our
+    /// `installed_epoch` and `membership_epoch`): checked like appended ones
+    /// and written through the same log; returns the SCL once they are
+    /// durable. Refused, with nothing stored, if any lies in the segment's
+    /// annulled ranges, if the segment is sealed by a recovering writer
+    /// (its installed epoch below its epoch) or either epoch moved since
+    /// the pull. Records the segment already holds are re-sends.
+    pub async fn admit_pulled(
+        &self,
+        id: SegmentId,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        records: Vec<RedoRecord>,
+    ) -> Result<u64, NodeError> {
+        let geometry = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            let current = s.membership.as_ref().map_or(0, |m| m.epoch);
+            if current == 0 || membership_epoch != current {
+                return Err(NodeError::StaleMembership {
+                    got: membership_epoch,
+                    current,
+                });
+            }
+            let (installed, epoch) = (s.seg.installed_epoch(), s.seg.epoch());
+            if installed != epoch || installed_epoch != epoch {
+                return Err(SegmentError::StaleEpoch {
+                    got: installed_epoch,
+                    current: epoch,
+                }
+                .into());
+            }
+            for r in &records {
+                if let Some(&(lo, hi)) = s.seg.annulled().iter().find(|&&(lo, hi)| lo <= r.lsn && r.lsn <= hi) {
+                    return Err(NodeError::PulledAnnulled { lsn: r.lsn, lo, hi });
+                }
+            }
+            if records.is_empty() {
+                return Ok(s.seg.scl());
+            }
+            s.geometry
+        };
+        // The append path checks epoch and ranges again under the lock it
+        // admits under: a truncation in between seals first, and the
+        // append at the old epoch is then refused.
+        let records = records.into_iter().map(WireRecord::new).collect();
+        self.append(id, installed_epoch, geometry, records).await
+    }
+
+    /// The membership/epoch gate of every peer request: `from` is a member at
+    /// our membership epoch (`NotMember`), `membership_epoch` is ours
+    /// (`StaleMembership`), `installed_epoch` equals ours (`exact_installed`)
+    /// or is not older (`StaleEpoch`); an unknown segment is `UnknownSegment`.
+    // The page-version requests of hydration pass this gate too.
+    #[allow(dead_code)]
+    pub(crate) fn check_gossip_peer(
+        &self,
+        id: SegmentId,
+        from: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        exact_installed: bool,
+    ) -> Result<(), NodeError> {
+        let st = self.state();
+        st.seg(id)?
+            .gossip_gate(id, from, installed_epoch, membership_epoch, exact_installed)?;
+        Ok(())
+    }
+}
+
+/// A membership may replace `held` only at a higher epoch, or be the same.
+fn check_membership_change(held: &Membership, next: &Membership) -> Result<(), NodeError> {
+    if next.epoch < held.epoch {
+        return Err(NodeError::StaleMembership {
+            got: next.epoch,
+            current: held.epoch,
+        });
+    }
+    if next.epoch == held.epoch && next != held {
+        return Err(NodeError::MembershipConflict(format!(
+            "membership epoch {} is already set with other members; a change takes a new membership epoch",
+            held.epoch
+        )));
+    }
+    Ok(())
+}
