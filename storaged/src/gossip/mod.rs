@@ -191,6 +191,10 @@ struct PeerView {
 struct SegmentState {
     local: Local,
     peers: BTreeMap<NodeId, PeerView>,
+    /// No new request before this: a request of the segment failed, and
+    /// what the peers said may be out of date until they are asked again
+    /// (without it a refused hydration is asked again at once, for ever).
+    retry_at: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +281,7 @@ impl GossipCore {
         let state = self.segments.entry(pg).or_insert_with(|| SegmentState {
             local: local.clone(),
             peers: BTreeMap::new(),
+            retry_at: 0,
         });
         state.peers.retain(|id, _| local.members.contains(id));
         for &m in &local.members {
@@ -369,6 +374,15 @@ impl GossipCore {
                 self.budget_bytes += r.bytes as f64;
             }
             self.counters.pulls_failed += 1;
+            self.back_off(now, r.pg);
+        }
+    }
+
+    /// A refused or failed request may mean the peers' digests are out of
+    /// date: the segment asks nothing more for one digest interval.
+    fn back_off(&mut self, now: Millis, pg: Pg) {
+        if let Some(state) = self.segments.get_mut(&pg) {
+            state.retry_at = now + self.config.digest_interval_ms;
         }
     }
 
@@ -436,6 +450,7 @@ impl GossipCore {
                 let peer = self.peers.entry(r.to).or_default();
                 let waited = now.saturating_sub(r.sent_at) as f64;
                 peer.latency_ms = Some(peer.latency_ms.map_or(waited, |l| l.max(waited)));
+                // A slow peer, not a stale view: another is asked at once.
                 self.counters.pulls_timed_out += 1;
                 actions.push(Action::Abandon { id });
             }
@@ -478,6 +493,9 @@ impl GossipCore {
 
     fn plan(&mut self, now: Millis, pg: Pg, actions: &mut Vec<Action>) {
         let Some(state) = self.segments.get(&pg) else { return };
+        if now < state.retry_at {
+            return;
+        }
         let ours = state.local.digest;
         let fresh_after = now.saturating_sub(self.config.digest_interval_ms * self.config.digest_stale_intervals);
         // Peers whose word we take: same epochs, heard from lately.

@@ -262,3 +262,18 @@ fn unpaced() -> GossipConfig {
         ..GossipConfig::default()
     }
 }
+
+/// A refused request (a hydration a peer cannot serve, say) is not asked
+/// again at once and for ever: the segment waits for a digest interval.
+#[test]
+fn a_failed_request_is_not_asked_again_before_a_digest_interval() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    let first = pulls(&core.poll(0));
+    assert_eq!(first.len(), 1);
+    core.on_failed(1, first[0].0);
+    assert!(pulls(&core.poll(2)).is_empty(), "asked again at once");
+    let interval = unpaced().digest_interval_ms;
+    core.on_digest(1 + interval, PG, 2, digest(50, 0)).unwrap();
+    assert_eq!(pulls(&core.poll(1 + interval)).len(), 1);
+}

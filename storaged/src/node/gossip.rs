@@ -263,7 +263,6 @@ impl Node {
     /// (`StaleMembership`), `installed_epoch` equals ours (`exact_installed`)
     /// or is not older (`StaleEpoch`); an unknown segment is `UnknownSegment`.
     // The page-version requests of hydration pass this gate too.
-    #[allow(dead_code)]
     pub(crate) fn check_gossip_peer(
         &self,
         id: SegmentId,
@@ -294,4 +293,51 @@ fn check_membership_change(held: &Membership, next: &Membership) -> Result<(), N
         )));
     }
     Ok(())
+}
+
+/// The gossip shell drives the node through this; its errors are reported,
+/// not matched on, so they travel as text.
+impl crate::gossip::shell::Store for Node {
+    fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)> {
+        Node::gossip_locals(self)
+    }
+
+    fn page_range(&self, id: SegmentId) -> Option<(u64, u64)> {
+        let st = self.state();
+        let g = st.segments.get(&id)?.geometry;
+        let first = u64::from(id.pg) * g.pg_pages;
+        Some((first, first + g.pg_pages))
+    }
+
+    async fn admit_pulled(
+        &self,
+        id: SegmentId,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        records: Vec<RedoRecord>,
+    ) -> Result<u64, String> {
+        Node::admit_pulled(self, id, installed_epoch, membership_epoch, records)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn hydrate_begin(&self, id: SegmentId) -> Result<(), String> {
+        Node::hydrate_begin(self, id).await.map_err(|e| e.to_string())
+    }
+
+    async fn hydrate_pages(&self, id: SegmentId, versions: Vec<crate::proto::WirePageVersion>) -> Result<(), String> {
+        Node::hydrate_pages(self, id, versions).await.map_err(|e| e.to_string())
+    }
+
+    async fn hydrate_end(&self, id: SegmentId, floor: u64) -> Result<u64, String> {
+        Node::hydrate_end(self, id, floor).await.map_err(|e| e.to_string())
+    }
+
+    fn hydrate_abort(&self, id: SegmentId) {
+        Node::hydrate_abort(self, id)
+    }
+
+    fn foreground_latency_us(&self) -> Option<f64> {
+        self.take_foreground_latency()
+    }
 }

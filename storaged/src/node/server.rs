@@ -406,6 +406,37 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
                 records,
             })
         }
+        Message::GetPageVersions {
+            volume,
+            pg,
+            installed_epoch,
+            membership_epoch,
+            first_page,
+            max_bytes,
+        } => {
+            let from = match peer.storage_node("GetPageVersions") {
+                Ok(from) => from,
+                Err(why) => return Message::error(ErrorCode::BadRequest, 0, why),
+            };
+            // Leave room in the frame for the reply's own fields.
+            let max = (max_bytes as usize).min(FRAME_BYTES_MAX / 2);
+            node.page_versions(
+                SegmentId { volume, pg },
+                from,
+                installed_epoch,
+                membership_epoch,
+                first_page,
+                max,
+            )
+            .await
+            .map(|(floor, next_page, versions)| Message::PageVersions {
+                volume,
+                pg,
+                floor,
+                next_page,
+                versions,
+            })
+        }
         Message::Hello { .. } => {
             return Message::error(ErrorCode::BadRequest, 0, "Hello was already received");
         }
