@@ -65,6 +65,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use computed::cluster::{Cluster, local_cluster_toml};
 use computed::core::{Output, PageWrite, Writer, WriterConfig};
 use computed::recovery::{Recovered, Recovery};
+use storaged::gossip::{Action, Digest, GossipConfig, GossipCore, Local};
 use storaged::hot::{HotRecords, apply};
 use storaged::membership::Membership;
 use storaged::proto::{ErrorCode, Message};
@@ -82,6 +83,29 @@ const VOLUME: u64 = 1;
 /// every PG up, every read and commit completes (20 s simulated; computed's
 /// slowest retry, recovery's re-ask, is 30 ticks of its own).
 const LIVENESS_TICKS: u64 = 4_000;
+/// Ticks within which, faults stopped and every node up, gossip repair
+/// brings every segment of every PG to the PG's PGCL, counted from the
+/// moment everything heals (10 s simulated: a segment that lacks a whole
+/// run's records pulls them in a few hundred ticks).
+const REPAIR_TICKS: u64 = 2_000;
+/// The gossip core's limits here: short intervals and timeouts for the
+/// simulated network's latencies, pulls small enough that catching up takes
+/// many of them.
+fn gossip_config() -> GossipConfig {
+    GossipConfig {
+        digest_interval_ms: 50,
+        digest_stale_intervals: 4,
+        pull_bytes_max: 64 * 1024,
+        inflight_per_peer_max: 2,
+        inflight_bytes_max: 256 * 1024,
+        rate_bytes_per_s: 32 << 20,
+        timeout_min_ms: 20,
+        timeout_max_ms: 500,
+        explore_percent: 10,
+        foreground_slowdown_max: 1.5,
+        hydrate_stall_ms: 30_000,
+    }
+}
 
 fn cluster() -> Cluster {
     let nodes: Vec<std::net::SocketAddr> = (1..=NODES)
@@ -105,6 +129,9 @@ struct Ticket {
     conn: u64,
     request: u64,
     epoch: u64,
+    /// A gossip pull's records (its id and bytes), reported to the node's
+    /// gossip core instead of acknowledged on a connection.
+    pull: Option<(u64, u64)>,
 }
 
 /// A segment's entry in the node's segment table: durable when written.
@@ -194,6 +221,129 @@ impl SimSegment {
     }
 }
 
+impl SimSegment {
+    /// What the segment says of itself in gossip; none without a membership
+    /// (a segment whose writer never said who its peers are does not gossip).
+    /// The floor is 0: the sim does not coalesce, so every record stays.
+    fn digest(&self) -> Option<Digest> {
+        let m = self.table.membership.as_ref()?;
+        Some(Digest {
+            installed_epoch: self.seg.installed_epoch(),
+            membership_epoch: m.epoch,
+            scl: self.seg.scl(),
+            highest_lsn: self.seg.highest_lsn(),
+            floor: 0,
+        })
+    }
+
+    /// The gossip core's view of the segment (`Node::gossip_locals`).
+    fn gossip_local(&self) -> Option<Local> {
+        let m = self.table.membership.as_ref()?;
+        Some(Local {
+            digest: self.digest()?,
+            members: m.members.iter().map(|m| m.id).collect(),
+            // Holes are inclusive `lo..=hi`; the core's ranges are `(after, upto]`.
+            missing: self.seg.holes().into_iter().map(|(lo, hi)| (lo - 1, hi)).collect(),
+        })
+    }
+
+    /// The gate of every peer request (`Node::check_gossip_peer`): `from` is a
+    /// member at our membership epoch, at that epoch, and installed the same
+    /// volume epoch (`exact`) or not an older one.
+    fn gossip_gate(
+        &self,
+        from: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        exact: bool,
+    ) -> Result<(), ErrorCode> {
+        let Some(m) = &self.table.membership else {
+            return Err(ErrorCode::NotMember);
+        };
+        if membership_epoch != m.epoch {
+            return Err(ErrorCode::StaleMembership);
+        }
+        if !m.is_member(from) {
+            return Err(ErrorCode::NotMember);
+        }
+        let ours = self.seg.installed_epoch();
+        if installed_epoch < ours || (exact && installed_epoch != ours) {
+            return Err(ErrorCode::StaleEpoch);
+        }
+        Ok(())
+    }
+
+    /// The chain above `after` up to the SCL, about `max_bytes` (at least one
+    /// record if any), as `Node::read_records` builds it.
+    fn chain_records(&self, after: u64, max_bytes: usize) -> Vec<RedoRecord> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for (lsn, meta) in self.seg.chain_after(after) {
+            let body = self
+                .hot
+                .get(meta.page, lsn)
+                .expect("a record of the chain has its body");
+            let record = RedoRecord {
+                segment: self.seg.id,
+                lsn,
+                prev_lsn_pg: meta.prev_lsn_pg,
+                prev_lsn_page: meta.prev_lsn_page,
+                page: meta.page,
+                cpl: meta.cpl,
+                body: body.clone(),
+            };
+            bytes += record.encoded_len();
+            if bytes > max_bytes && !records.is_empty() {
+                break;
+            }
+            records.push(record);
+        }
+        records
+    }
+}
+
+/// A message between two storage nodes' gossip shells (`Digest`,
+/// `PullRecords` and their answers). A request carries the asker's
+/// incarnation: an answer to an incarnation that is gone is dropped.
+#[derive(Debug, Clone)]
+enum Gossip {
+    Digest {
+        pg: u32,
+        digest: Digest,
+        incarnation: u64,
+    },
+    DigestOk {
+        pg: u32,
+        digest: Digest,
+    },
+    /// A request refused (`NotMember`, `StaleMembership`, `StaleEpoch`,
+    /// `UnknownSegment`: the asker only learns that it failed).
+    Refused {
+        pull: Option<u64>,
+    },
+    Pull {
+        pg: u32,
+        id: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        after: u64,
+        max_bytes: u32,
+        incarnation: u64,
+    },
+    Records {
+        id: u64,
+        records: Vec<RedoRecord>,
+    },
+}
+
+/// A pull out: what the segment was when it asked.
+#[derive(Debug, Clone, Copy)]
+struct PullOut {
+    pg: u32,
+    installed_epoch: u64,
+    membership_epoch: u64,
+}
+
 /// A segment error as storaged puts it on the wire (`NodeError::wire_code`).
 fn segment_error(e: SegmentError) -> Message {
     let (code, current) = match e {
@@ -215,6 +365,11 @@ struct SimNode {
     incarnation: u64,
     /// The segments the node holds (created by a seal or a first append).
     segments: HashMap<u32, SimSegment>,
+    /// Its gossip shell's core (gone with a crash) and the pulls it has out.
+    gossip: GossipCore,
+    pulls: HashMap<u64, PullOut>,
+    /// A long outage: the node stays down until then.
+    down_until: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -244,6 +399,14 @@ enum Event {
     Drop {
         node: usize,
         conn: u64,
+    },
+    /// A gossip message from node `from` to node `to`; an answer, for
+    /// incarnation `incarnation` of `to`.
+    Gossip {
+        from: usize,
+        to: usize,
+        incarnation: Option<u64>,
+        msg: usize,
     },
     Tick,
     Client,
@@ -302,6 +465,18 @@ struct Sim {
     crash_at: Vec<u64>,
     /// Transactions lost with a crash (never allocated, or above the recovered VDL).
     txns_lost: u64,
+    /// Gossip: message bodies, and `cut[a][b]`: nodes a and b are partitioned.
+    gossip_msgs: HashMap<usize, Gossip>,
+    cut: Vec<Vec<bool>>,
+    /// Per PG, the LSNs of its committed records, in order: the chain as the
+    /// model knows it (a committed record is never annulled).
+    pg_committed: Vec<Vec<u64>>,
+    /// Per (node, PG): the SCL up to which the segment was seen to hold every
+    /// committed record of its PG.
+    verified: HashMap<(usize, u32), u64>,
+    /// Records dropped from logs as damaged, and records segments took from peers.
+    damaged: u64,
+    repaired: u64,
 }
 
 impl Sim {
@@ -320,12 +495,20 @@ impl Sim {
         // breaks its connection, as on TCP.
         config.resend_after_us = if rng.bool() { Some(100_000) } else { None };
         config.retry_after_us = 10_000;
+        // Half the seeds hold only a few KiB per PG: a segment that falls
+        // behind is let go, and only gossip repair can catch it up.
+        if rng.bool() {
+            config.pg_held_bytes_max = rng.usize(2_048..8_192);
+        }
         let nodes = (0..NODES)
-            .map(|_| SimNode {
+            .map(|i| SimNode {
                 up: true,
                 held_down: false,
                 incarnation: 0,
                 segments: HashMap::new(),
+                gossip: GossipCore::new(i as u64 + 1, gossip_config(), rng.u64(..)),
+                pulls: HashMap::new(),
+                down_until: 0,
             })
             .collect();
         let mut sim = Sim {
@@ -360,6 +543,12 @@ impl Sim {
             computed_crashes: 0,
             crash_at: Vec::new(),
             txns_lost: 0,
+            gossip_msgs: HashMap::new(),
+            cut: vec![vec![false; NODES]; NODES],
+            pg_committed: vec![Vec::new(); PGS as usize],
+            verified: HashMap::new(),
+            damaged: 0,
+            repaired: 0,
         };
         for node in 0..NODES {
             let d = sim.rng.u64(0..1000);
@@ -460,13 +649,307 @@ impl Sim {
 
     fn crash(&mut self, node: usize) {
         self.drop_connection(node);
+        // Sometimes the node comes back with a damaged log block.
+        let damage = if self.faults && self.rng.bool() {
+            self.damage(node)
+        } else {
+            None
+        };
+        let seed = self.rng.u64(..);
         let n = &mut self.nodes[node];
         n.up = false;
         n.incarnation += 1;
-        for s in n.segments.values_mut() {
+        for (pg, s) in n.segments.iter_mut() {
             *s = s.recovered();
+            if damage == Some(*pg) {
+                s.seg.mark_log_damage();
+            }
         }
+        n.gossip = GossipCore::new(node as u64 + 1, gossip_config(), seed);
+        n.pulls.clear();
+        self.verified.retain(|&(n, _), _| n != node);
         self.check_no_annulled_records(node);
+    }
+
+    /// Drop 1 to 3 durable records of one of `node`'s segments from its log,
+    /// as if their block were damaged; returns the segment's PG. Damage is
+    /// one of the two failures a PG absorbs: only records durable on at least
+    /// 5 of the PG's segments are dropped, and only from a segment the PG's
+    /// committed records do not need (4 others hold them), so every
+    /// acknowledged commit stays on 4 durable segments.
+    fn damage(&mut self, node: usize) -> Option<u32> {
+        let mut pgs: Vec<u32> = self.nodes[node].segments.keys().copied().collect();
+        pgs.sort_unstable();
+        let pg = *pgs.get(self.rng.usize(..pgs.len().max(1)))?;
+        // What a commit may count this segment for: the PG's committed
+        // records, and anything up to the SCL it reported (the writer keeps
+        // counting that while the node is down).
+        let needed = self.committed_tail(pg).max(self.nodes[node].segments[&pg].seg.scl());
+        let others = self.placement[pg as usize]
+            .iter()
+            .filter(|&&n| n as usize - 1 != node && self.scl(n, pg) >= needed)
+            .count();
+        if others < 4 {
+            return None;
+        }
+        let durable_on = |sim: &Sim, lsn: u64| {
+            sim.placement[pg as usize]
+                .iter()
+                .filter(|&&n| {
+                    sim.nodes[n as usize - 1]
+                        .segments
+                        .get(&pg)
+                        .and_then(|s| s.seg.record(lsn))
+                        .is_some_and(|m| m.durable())
+                })
+                .count()
+        };
+        let s = &self.nodes[node].segments[&pg];
+        let mut candidates: Vec<u64> = s
+            .log
+            .iter()
+            .filter_map(|item| match item {
+                LogItem::Record(r) if s.seg.record(r.lsn).is_some_and(|m| m.durable()) => Some(r.lsn),
+                _ => None,
+            })
+            .collect();
+        candidates.retain(|&lsn| durable_on(self, lsn) >= 5);
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut dropped = HashSet::new();
+        for _ in 0..self.rng.usize(1..=3) {
+            dropped.insert(candidates[self.rng.usize(..candidates.len())]);
+        }
+        self.damaged += dropped.len() as u64;
+        let s = self.nodes[node].segments.get_mut(&pg).expect("segment");
+        s.log
+            .retain(|item| !matches!(item, LogItem::Record(r) if dropped.contains(&r.lsn)));
+        Some(pg)
+    }
+
+    /// One round of every up node's gossip shell: its segments' state to its
+    /// core, and what the core asks for onto the network.
+    fn gossip_tick(&mut self) {
+        let now_ms = self.now / 1_000;
+        for node in 0..NODES {
+            if !self.nodes[node].up {
+                continue;
+            }
+            let n = &mut self.nodes[node];
+            for (&pg, s) in &n.segments {
+                match s.gossip_local() {
+                    Some(local) => n.gossip.set_local(pg, local),
+                    None => n.gossip.remove_local(pg),
+                }
+            }
+            for action in n.gossip.poll(now_ms) {
+                self.gossip_act(node, action);
+            }
+        }
+    }
+
+    fn gossip_act(&mut self, node: usize, action: Action) {
+        let n = &mut self.nodes[node];
+        let incarnation = n.incarnation;
+        match action {
+            Action::SendDigest { pg, to } => {
+                let Some(digest) = n.segments.get(&pg).and_then(SimSegment::digest) else {
+                    return;
+                };
+                let msg = Gossip::Digest {
+                    pg,
+                    digest,
+                    incarnation,
+                };
+                self.gossip_send(node, to as usize - 1, None, msg);
+            }
+            Action::Pull {
+                id,
+                pg,
+                to,
+                after,
+                max_bytes,
+            } => {
+                let Some(digest) = n.segments.get(&pg).and_then(SimSegment::digest) else {
+                    return n.gossip.on_failed(self.now / 1_000, id);
+                };
+                n.pulls.insert(
+                    id,
+                    PullOut {
+                        pg,
+                        installed_epoch: digest.installed_epoch,
+                        membership_epoch: digest.membership_epoch,
+                    },
+                );
+                let msg = Gossip::Pull {
+                    pg,
+                    id,
+                    installed_epoch: digest.installed_epoch,
+                    membership_epoch: digest.membership_epoch,
+                    after,
+                    max_bytes,
+                    incarnation,
+                };
+                self.gossip_send(node, to as usize - 1, None, msg);
+            }
+            // Every floor is 0 (nothing is coalesced), so some peer always
+            // serves the records: the core has no reason to hydrate.
+            Action::Hydrate { pg, from, at, .. } => {
+                panic!(
+                    "node {} pg {pg}: hydration from node {from} at {at}, with no floor anywhere",
+                    node + 1
+                )
+            }
+            Action::Abandon { id } => {
+                n.pulls.remove(&id);
+            }
+        }
+    }
+
+    /// A gossip message from `from` to `to`, over the faulty network: delayed
+    /// (so reordered), now and then lost or delivered twice, never across a
+    /// partition. Each request and answer stands alone: a lost one costs the
+    /// asker its core's timeout.
+    fn gossip_send(&mut self, from: usize, to: usize, incarnation: Option<u64>, msg: Gossip) {
+        let copies = if !self.faults {
+            1
+        } else if self.cut[from][to] {
+            0
+        } else {
+            match self.rng.u32(..1000) {
+                0..10 => 0,
+                10..15 => 2,
+                _ => 1,
+            }
+        };
+        for _ in 0..copies {
+            let m = self.msg_next;
+            self.msg_next += 1;
+            self.gossip_msgs.insert(m, msg.clone());
+            let d = self.latency();
+            self.schedule(
+                d,
+                Event::Gossip {
+                    from,
+                    to,
+                    incarnation,
+                    msg: m,
+                },
+            );
+        }
+    }
+
+    /// Node `to` takes a gossip message from `from`, as its shell and the
+    /// node's gossip side (`peer_digest`, `pull_records`, `admit_pulled`) do.
+    fn gossip_handles(&mut self, from: usize, to: usize, msg: Gossip) {
+        let now_ms = self.now / 1_000;
+        let from_id = from as u64 + 1;
+        match msg {
+            Gossip::Digest {
+                pg,
+                digest,
+                incarnation,
+            } => {
+                let n = &mut self.nodes[to];
+                let reply = match n.segments.get(&pg) {
+                    None => Gossip::Refused { pull: None },
+                    Some(s) => match s.gossip_gate(from_id, digest.installed_epoch, digest.membership_epoch, false) {
+                        Err(_) => Gossip::Refused { pull: None },
+                        Ok(()) => {
+                            let ours = s.digest().expect("a segment that passed the gate has a membership");
+                            if let Some(local) = s.gossip_local() {
+                                n.gossip.set_local(pg, local);
+                            }
+                            let _ = n.gossip.on_digest(now_ms, pg, from_id, digest);
+                            Gossip::DigestOk { pg, digest: ours }
+                        }
+                    },
+                };
+                self.gossip_send(to, from, Some(incarnation), reply);
+            }
+            Gossip::DigestOk { pg, digest } => {
+                let _ = self.nodes[to].gossip.on_digest(now_ms, pg, from_id, digest);
+            }
+            Gossip::Refused { pull, .. } => {
+                if let Some(id) = pull
+                    && self.nodes[to].pulls.remove(&id).is_some()
+                {
+                    self.nodes[to].gossip.on_failed(now_ms, id);
+                }
+            }
+            Gossip::Pull {
+                pg,
+                id,
+                installed_epoch,
+                membership_epoch,
+                after,
+                max_bytes,
+                incarnation,
+            } => {
+                let reply = match self.nodes[to].segments.get(&pg) {
+                    None => Gossip::Refused { pull: Some(id) },
+                    Some(s) => match s.gossip_gate(from_id, installed_epoch, membership_epoch, true) {
+                        Err(_) => Gossip::Refused { pull: Some(id) },
+                        Ok(()) => Gossip::Records {
+                            id,
+                            records: s.chain_records(after, max_bytes as usize),
+                        },
+                    },
+                };
+                self.gossip_send(to, from, Some(incarnation), reply);
+            }
+            Gossip::Records { id, records } => {
+                // An abandoned pull's answer (or a second copy) is dropped.
+                if let Some(out) = self.nodes[to].pulls.remove(&id) {
+                    self.admit_pulled(to, id, out, records);
+                }
+            }
+        }
+    }
+
+    /// `Node::admit_pulled`: records a peer served, checked and written like
+    /// an append at the installed epoch; the core hears when they are
+    /// durable. The whole batch is refused if the segment's epochs moved
+    /// since the pull (a recovery sealed it, it installed another epoch, its
+    /// membership changed) or if any record lies in a range it annulled.
+    fn admit_pulled(&mut self, node: usize, id: u64, out: PullOut, records: Vec<RedoRecord>) {
+        let now_ms = self.now / 1_000;
+        let n = &mut self.nodes[node];
+        let Some(s) = n.segments.get_mut(&out.pg) else {
+            return n.gossip.on_failed(now_ms, id);
+        };
+        let refused = s.table.membership.as_ref().map_or(0, |m| m.epoch) != out.membership_epoch
+            || s.seg.installed_epoch() != out.installed_epoch
+            || s.seg.epoch() != out.installed_epoch
+            || records.iter().any(|r| in_ranges(s.seg.annulled(), r.lsn));
+        if refused {
+            return n.gossip.on_failed(now_ms, id);
+        }
+        let bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
+        let wire: Vec<WireRecord> = records.into_iter().map(WireRecord::new).collect();
+        let admitted = match s.seg.admit(&wire) {
+            Ok(a) => a,
+            Err(_) => return n.gossip.on_failed(now_ms, id),
+        };
+        let mut waits = admitted.waits_for;
+        let new: Vec<RedoRecord> = wire
+            .into_iter()
+            .filter(|r| admitted.new.contains(&r.record().lsn))
+            .map(WireRecord::into_record)
+            .collect();
+        waits.extend(new.iter().map(|r| r.lsn));
+        let ticket = Ticket {
+            conn: 0,
+            request: 0,
+            epoch: out.installed_epoch,
+            pull: Some((id, bytes)),
+        };
+        if s.seg.defer_ack(waits, ticket).is_some() {
+            n.gossip.on_pulled(now_ms, id, bytes);
+        }
+        self.repaired += new.len() as u64;
+        self.write(node, out.pg, new);
     }
 
     /// computed crashes: the writer (or the recovery) and every connection
@@ -554,6 +1037,20 @@ impl Sim {
                     }
                 }
             }
+            Event::Gossip {
+                from,
+                to,
+                incarnation,
+                msg,
+            } => {
+                let msg = self.gossip_msgs.remove(&msg).expect("message");
+                let arrives = self.nodes[to].up
+                    && !self.cut[from][to]
+                    && incarnation.is_none_or(|i| i == self.nodes[to].incarnation);
+                if arrives {
+                    self.gossip_handles(from, to, msg);
+                }
+            }
             Event::Tick => {
                 match &mut self.computed {
                     Computed::Recovering(r) => r.tick(),
@@ -562,6 +1059,7 @@ impl Sim {
                 if self.faults {
                     self.faults_step();
                 }
+                self.gossip_tick();
                 self.schedule(TICK_US, Event::Tick);
             }
             Event::Client => self.client_step(),
@@ -599,24 +1097,49 @@ impl Sim {
         let (ready, linked) = s.seg.on_durable(&lsns, 1);
         linked.expect("no fork");
         let scl = s.seg.scl();
-        let replies: Vec<(Ticket, Message)> = ready
-            .into_iter()
-            .map(|t| {
-                let reply = match s.seg.check_epoch(t.epoch) {
-                    Ok(()) => Message::AppendAck {
+        let replies: Vec<(Ticket, Result<(), SegmentError>)> =
+            ready.into_iter().map(|t| (t, s.seg.check_epoch(t.epoch))).collect();
+        let now_ms = self.now / 1_000;
+        for (t, checked) in replies {
+            match (t.pull, checked) {
+                // A pull's records are durable: its segment's new state is
+                // the core's at its next poll.
+                (Some((id, bytes)), Ok(())) => self.nodes[node].gossip.on_pulled(now_ms, id, bytes),
+                (Some((id, _)), Err(_)) => self.nodes[node].gossip.on_failed(now_ms, id),
+                (None, Ok(())) => {
+                    let ack = Message::AppendAck {
                         volume: VOLUME,
                         pg,
                         scl,
                         incarnation,
-                    },
-                    Err(e) => segment_error(e),
-                };
-                (t, reply)
-            })
-            .collect();
-        for (t, reply) in replies {
-            self.send(false, node, t.conn, t.request, reply);
+                    };
+                    self.send(false, node, t.conn, t.request, ack)
+                }
+                (None, Err(e)) => self.send(false, node, t.conn, t.request, segment_error(e)),
+            }
         }
+    }
+
+    /// Write `records` to `node`'s log for segment `pg`: durable after a
+    /// random delay, lost if the node crashes first.
+    fn write(&mut self, node: usize, pg: u32, records: Vec<RedoRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let w = self.write_next;
+        self.write_next += 1;
+        self.writes.insert(w, records);
+        let d = self.rng.u64(100..3_000);
+        let incarnation = self.nodes[node].incarnation;
+        self.schedule(
+            d,
+            Event::Durable {
+                node,
+                incarnation,
+                pg,
+                write: w,
+            },
+        );
     }
 
     fn node_handles(&mut self, node: usize, conn: u64, request: u64, msg: Message) {
@@ -671,23 +1194,16 @@ impl Sim {
                     .collect();
                 waits.extend(new.iter().map(|r| r.lsn));
                 let scl = seg.seg.scl();
-                let ready = seg.seg.defer_ack(waits, Ticket { conn, request, epoch });
-                if !new.is_empty() {
-                    let w = self.write_next;
-                    self.write_next += 1;
-                    self.writes.insert(w, new);
-                    let d = self.rng.u64(100..3_000);
-                    let incarnation = self.nodes[node].incarnation;
-                    self.schedule(
-                        d,
-                        Event::Durable {
-                            node,
-                            incarnation,
-                            pg,
-                            write: w,
-                        },
-                    );
-                }
+                let ready = seg.seg.defer_ack(
+                    waits,
+                    Ticket {
+                        conn,
+                        request,
+                        epoch,
+                        pull: None,
+                    },
+                );
+                self.write(node, pg, new);
                 match ready {
                     Some(_) => Message::AppendAck {
                         volume: VOLUME,
@@ -769,6 +1285,7 @@ impl Sim {
                 None => unknown(),
                 Some(s) => {
                     let reply = Self::truncate(s, epoch, &ranges, incarnation);
+                    self.verified.remove(&(node, pg));
                     self.check_no_annulled_records(node);
                     reply
                 }
@@ -783,33 +1300,12 @@ impl Sim {
                 None => unknown(),
                 Some(s) => match s.seg.check_epoch_read(epoch) {
                     Err(e) => segment_error(e),
-                    Ok(()) => {
-                        let mut records = Vec::new();
-                        let mut bytes = 0;
-                        for (lsn, meta) in s.seg.chain_after(after) {
-                            let body = s.hot.get(meta.page, lsn).expect("a record of the chain has its body");
-                            let record = RedoRecord {
-                                segment: s.seg.id,
-                                lsn,
-                                prev_lsn_pg: meta.prev_lsn_pg,
-                                prev_lsn_page: meta.prev_lsn_page,
-                                page: meta.page,
-                                cpl: meta.cpl,
-                                body: body.clone(),
-                            };
-                            bytes += record.encoded_len();
-                            if bytes > max_bytes as usize && !records.is_empty() {
-                                break;
-                            }
-                            records.push(record);
-                        }
-                        Message::Records {
-                            volume: VOLUME,
-                            pg,
-                            scl: s.seg.scl(),
-                            records,
-                        }
-                    }
+                    Ok(()) => Message::Records {
+                        volume: VOLUME,
+                        pg,
+                        scl: s.seg.scl(),
+                        records: s.chain_records(after, max_bytes as usize),
+                    },
                 },
             },
             Message::SetMembership {
@@ -917,8 +1413,15 @@ impl Sim {
         let down = self.nodes.iter().filter(|n| !n.up).count() + self.partitioned.iter().filter(|&&p| p).count();
         match r {
             // Crash (at most 3 nodes out at once: commits may stall, and resume).
-            0..8 if self.nodes[node].up && down < 3 => self.crash(node),
-            8..40 if !self.nodes[node].up && !self.nodes[node].held_down => {
+            0..8 if self.nodes[node].up && down < 3 => {
+                self.crash(node);
+                // A third stay down for long: past what computed holds,
+                // so only gossip can bring them back up to date.
+                if self.rng.u32(..3) == 0 {
+                    self.nodes[node].down_until = self.now + self.rng.u64(2_000_000..10_000_000);
+                }
+            }
+            8..40 if !self.nodes[node].up && !self.nodes[node].held_down && self.now >= self.nodes[node].down_until => {
                 self.nodes[node].up = true;
                 let d = self.rng.u64(0..20_000);
                 self.schedule(d, Event::Reconnect { node });
@@ -935,6 +1438,20 @@ impl Sim {
             80..90 => {
                 self.drop_connection(node);
                 self.schedule(2_000, Event::Reconnect { node });
+            }
+            // Two storage nodes partitioned from each other (computed still
+            // reaches both), for a stretch.
+            90..96 => {
+                let other = self.rng.usize(..NODES);
+                if other != node {
+                    self.cut[node][other] = true;
+                    self.cut[other][node] = true;
+                }
+            }
+            96..200 => {
+                let other = self.rng.usize(..NODES);
+                self.cut[node][other] = false;
+                self.cut[other][node] = false;
             }
             _ => {}
         }
@@ -978,6 +1495,25 @@ impl Sim {
         }
         let Some(w) = self.writer() else {
             return;
+        };
+        w.submit(token, writes.clone()).expect("submit");
+        self.txns.insert(token, writes);
+        self.unallocated.push_back(token);
+    }
+
+    /// A transaction writing a small range of one page of every PG.
+    fn write_every_pg(&mut self) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let writes: Vec<PageWrite> = (0..PGS)
+            .map(|pg| PageWrite::Range {
+                page: u64::from(pg) * PG_PAGES + self.rng.u64(..PG_PAGES),
+                offset: self.rng.u32(..(PAGE_BYTES - 8) as u32),
+                bytes: token.to_le_bytes().to_vec(),
+            })
+            .collect();
+        let Computed::Serving(w) = &mut self.computed else {
+            panic!("computed recovering after the liveness check");
         };
         w.submit(token, writes.clone()).expect("submit");
         self.txns.insert(token, writes);
@@ -1065,8 +1601,7 @@ impl Sim {
                     if let Some(&(last, _)) = self.committed.last() {
                         assert!(lsn > last, "commits out of order");
                     }
-                    self.committed.push((lsn, token));
-                    self.cpls.insert(lsn);
+                    self.commit(lsn, token);
                 }
                 Output::ReadDone { token, page } => {
                     let p = self.reads.remove(&token).expect("read");
@@ -1081,6 +1616,68 @@ impl Sim {
                     self.reads_checked += 1;
                 }
                 Output::Fenced { .. } => panic!("fenced with a single writer"),
+            }
+        }
+    }
+
+    /// Transaction `token` is committed at `cpl`: its records join their
+    /// PGs' chains as the model knows them.
+    fn commit(&mut self, cpl: u64, token: u64) {
+        self.committed.push((cpl, token));
+        self.cpls.insert(cpl);
+        let writes = &self.txns[&token];
+        let first = cpl + 1 - writes.len() as u64;
+        for (i, w) in writes.iter().enumerate() {
+            let pg = (w.page() / PG_PAGES) as u32;
+            let lsn = first + i as u64;
+            self.pg_committed[pg as usize].push(lsn);
+            // A segment already seen to hold its chain past it is looked at again.
+            for (&(_, p), v) in self.verified.iter_mut() {
+                if p == pg && *v >= lsn {
+                    *v = lsn - 1;
+                }
+            }
+        }
+    }
+
+    /// No segment reports an SCL above what it holds: every committed record
+    /// of its PG at or below its SCL is a durable record in it, with its body.
+    /// (Committed records are the chain as the model knows it; none is ever
+    /// annulled.) Incremental: each segment is looked at from where it was
+    /// last seen whole.
+    fn check_scl_holds(&mut self) {
+        let Sim {
+            nodes,
+            verified,
+            pg_committed,
+            ..
+        } = self;
+        for (node, n) in nodes.iter().enumerate() {
+            for (&pg, s) in &n.segments {
+                let scl = s.seg.scl();
+                let v = verified.entry((node, pg)).or_insert(0);
+                if scl < *v {
+                    *v = 0;
+                }
+                if scl == *v {
+                    continue;
+                }
+                let chain = &pg_committed[pg as usize];
+                let from = chain.partition_point(|&l| l <= *v);
+                for &lsn in chain[from..].iter().take_while(|&&l| l <= scl) {
+                    let held = s
+                        .seg
+                        .record(lsn)
+                        .filter(|m| m.durable())
+                        .is_some_and(|m| s.hot.get(m.page, lsn).is_some());
+                    assert!(
+                        held,
+                        "node {} pg {pg}: SCL {scl} above what it holds: committed record {lsn} is not durable in it (holes {:?})",
+                        node + 1,
+                        s.seg.holes()
+                    );
+                }
+                *v = scl;
             }
         }
     }
@@ -1100,8 +1697,7 @@ impl Sim {
         // In flight at the crash: in whole if its CPL is at or below the VDL, else out.
         for (cpl, token) in std::mem::take(&mut self.allocated) {
             if cpl <= r.vdl {
-                self.committed.push((cpl, token));
-                self.cpls.insert(cpl);
+                self.commit(cpl, token);
             } else {
                 self.txns_lost += 1;
             }
@@ -1183,6 +1779,7 @@ impl Sim {
     }
 
     fn check(&mut self) {
+        self.check_scl_holds();
         if let Computed::Serving(w) = &self.computed {
             let vdl = w.vdl();
             assert!(vdl >= self.last_vdl, "VDL went back from {} to {vdl}", self.last_vdl);
@@ -1262,11 +1859,22 @@ impl Sim {
             .map(|s| s.table.pgmrpl)
             .max()
             .unwrap_or(0);
+        // And, as the writer knows it, at or above what it let go of: the
+        // writer learns a segment's SCL only from its replies, so one that
+        // gossip repaired after the writer let it go is not counted until
+        // the writer hears from it again.
+        let known = |sim: &Sim, pg: u32, slot: usize| match &sim.computed {
+            Computed::Serving(w) => w.scls(pg)[slot] >= w.released_through(pg),
+            Computed::Recovering(_) => true,
+        };
         let catchable = |sim: &Sim, out: &[usize]| {
             (0..PGS).all(|pg| {
                 let n = sim.placement[pg as usize]
                     .iter()
-                    .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
+                    .enumerate()
+                    .filter(|&(slot, &n)| {
+                        !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor && known(sim, pg, slot)
+                    })
                     .count();
                 n >= 4
             })
@@ -1374,20 +1982,32 @@ impl Sim {
             match &self.computed {
                 Computed::Recovering(r) => format!("recovery is {}", r.progress()),
                 Computed::Serving(w) => format!(
-                    "{} transactions uncommitted, {} waiting, {} reads unanswered",
+                    "{} transactions uncommitted, {} waiting, {} reads unanswered; the writer's SCLs {:?}, PGCLs {:?}, released through {:?}, VDL {}",
                     w.uncommitted_txns(),
                     w.waiting_txns(),
-                    self.reads.len()
+                    self.reads.len(),
+                    (0..PGS).map(|pg| w.scls(pg)).collect::<Vec<_>>(),
+                    (0..PGS).map(|pg| w.pgcl(pg)).collect::<Vec<_>>(),
+                    (0..PGS).map(|pg| w.released_through(pg)).collect::<Vec<_>>(),
+                    w.vdl()
                 ),
             },
             self.segments_text()
         );
-        // Heal: every node up and connected.
+        // Heal: every node up and connected, no partition between nodes.
         for node in 0..NODES {
             self.nodes[node].up = true;
             self.partitioned[node] = false;
+            self.cut[node].fill(false);
             self.schedule(1_000, Event::Reconnect { node });
         }
+        let repair_deadline = self.now + REPAIR_TICKS * TICK_US;
+        // One more transaction, touching every PG: a segment that missed a
+        // recovery installs the writer's epoch only when an append of that
+        // epoch reaches it (refused `EpochNotInstalled`, the writer sends the
+        // truncation), and gossip pulls only between segments of one
+        // installed epoch.
+        self.write_every_pg();
         let deadline = self.now + 60_000_000;
         while busy(self) && self.now < deadline {
             assert!(self.step(), "no events left");
@@ -1465,6 +2085,41 @@ impl Sim {
                 self.segments_text()
             );
         }
+        // Gossip repair: every segment of every PG holding a membership —
+        // the ones the writer let go of too — reaches the PG's PGCL.
+        while self.unrepaired().is_some() && self.now < repair_deadline {
+            assert!(self.step(), "no events left");
+        }
+        if let Some((node, pg, scl, pgcl)) = self.unrepaired() {
+            panic!(
+                "repair: {REPAIR_TICKS} ticks after healing, node {node} pg {pg} is at SCL {scl}, below the PGCL {pgcl} (released through {}); segments:{}",
+                self.serving().released_through(pg),
+                self.segments_text()
+            );
+        }
+    }
+
+    /// A segment holding its PG's membership below the PG's PGCL:
+    /// (node, PG, its SCL, the PGCL).
+    fn unrepaired(&self) -> Option<(u64, u32, u64, u64)> {
+        let w = self.serving();
+        for pg in 0..PGS {
+            let pgcl = w.pgcl(pg);
+            assert!(
+                pgcl >= self.committed_tail(pg),
+                "PG {pg}: PGCL {pgcl} below the committed LSN {}",
+                self.committed_tail(pg)
+            );
+            for (node, n) in self.nodes.iter().enumerate() {
+                if let Some(s) = n.segments.get(&pg)
+                    && s.table.membership.is_some()
+                    && s.seg.scl() < pgcl
+                {
+                    return Some((node as u64 + 1, pg, s.seg.scl(), pgcl));
+                }
+            }
+        }
+        None
     }
 
     /// A segment of the placement that does not hold its PG's membership:
@@ -1492,6 +2147,10 @@ struct Stats {
     recoveries: u64,
     crashes: u64,
     lost: u64,
+    damaged: u64,
+    repaired: u64,
+    /// Seeds whose writer held only a few KiB per PG.
+    small_hold: u64,
 }
 
 fn run_seed(seed: u64, txns: u64) -> Stats {
@@ -1504,6 +2163,9 @@ fn run_seed(seed: u64, txns: u64) -> Stats {
             recoveries: sim.recoveries,
             crashes: sim.computed_crashes,
             lost: sim.txns_lost,
+            damaged: sim.damaged,
+            repaired: sim.repaired,
+            small_hold: u64::from(sim.config.pg_held_bytes_max < 64 * 1024),
         }
     });
     match result {
@@ -1524,8 +2186,15 @@ fn simulate() {
     if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         let s = run_seed(seed, txns);
         eprintln!(
-            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash",
-            s.commits, s.reads, s.crashes, s.recoveries, s.lost
+            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip, small hold: {}",
+            s.commits,
+            s.reads,
+            s.crashes,
+            s.recoveries,
+            s.lost,
+            s.damaged,
+            s.repaired,
+            s.small_hold == 1
         );
         return;
     }
@@ -1542,10 +2211,20 @@ fn simulate() {
         total.recoveries += s.recoveries;
         total.crashes += s.crashes;
         total.lost += s.lost;
+        total.damaged += s.damaged;
+        total.repaired += s.repaired;
+        total.small_hold += s.small_hold;
     }
     eprintln!(
-        "simulator: {seeds} seeds, {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash",
-        total.commits, total.reads, total.crashes, total.recoveries, total.lost
+        "simulator: {seeds} seeds ({} with a small hold), {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip",
+        total.small_hold,
+        total.commits,
+        total.reads,
+        total.crashes,
+        total.recoveries,
+        total.lost,
+        total.damaged,
+        total.repaired
     );
 }
 
