@@ -32,6 +32,39 @@
 //!   (This is a simulated durable log, not storaged's SimDisk + log engine:
 //!   those are async and need a runtime, and the property that matters here —
 //!   acknowledged means durable, the rest may vanish — is the one modelled.)
+//! - Gossip repair: each node runs storaged's sans-IO `GossipCore` (one
+//!   volume), fed every tick from its segments as `Node::gossip_locals` does
+//!   — digest {installed epoch, membership epoch (a segment without a
+//!   membership does not gossip), SCL, highest LSN, floor 0}, the membership's
+//!   nodes, and `Segment::holes` as the ranges it lacks — and its actions go
+//!   over the network between nodes: `Digest` (answered with ours if the
+//!   sender is a member at our membership epoch, at that epoch, and has not
+//!   installed an older epoch; refused otherwise, as storaged refuses
+//!   NotMember / StaleMembership / StaleEpoch) and `PullRecords` (the chain
+//!   above `after` up to the server's SCL, only between segments of EQUAL
+//!   installed and membership epochs). The puller admits the batch as an
+//!   append at its installed epoch — refused whole if any record lies in a
+//!   range it annulled, or if its epochs moved or a recovery sealed it since
+//!   the pull — writes it through the same durable-write path, and reports
+//!   `on_pulled` once durable; a refusal is `on_failed`; an abandoned pull's
+//!   answer is dropped. Node-to-node messages are delayed (reordered), lost
+//!   or delivered twice now and then, never cross a partition between the
+//!   two nodes (pairs are cut for stretches), and a down node neither sends
+//!   nor answers; an answer to an incarnation that crashed since is dropped.
+//!   Nothing is coalesced here (floors are 0: every segment keeps every
+//!   record), so the core never has reason to hydrate; it is checked that
+//!   it does not.
+//! - Faults for repair: half the seeds give the writer a hold
+//!   (`pg_held_bytes_max`) of a few KiB per PG, and a third of node crashes
+//!   last 2 to 10 s, past that hold, so the writer lets segments go and only
+//!   gossip can catch them up. At half the crashes the log is damaged: 1 to
+//!   3 durable records of one segment are dropped from it, as if their block
+//!   were lost, and the rebuilt segment marks log damage (it reports holes,
+//!   SCL below the first). Damage is one of the two failures a PG absorbs:
+//!   only records durable on at least 5 of the PG's segments are dropped,
+//!   and only from a segment the PG's commits do not need (4 others hold the
+//!   committed records and everything it had reported), so "every
+//!   acknowledged commit on 4 durable segments" stays true.
 //! - computed starts by recovering the volume, as `computed run` does, and
 //!   crashes 1 to 3 times per seed (sometimes again during its recovery):
 //!   the writer and everything in flight to and from it are gone (connection
@@ -39,7 +72,10 @@
 //!   runs over the same faulty network, and a writer built with
 //!   `Writer::recovered` serves new client load.
 //!
-//! Checked after every step: the VDL never goes back and is always a CPL;
+//! Checked after every step: no segment reports an SCL above what it holds
+//! (every committed record of its PG — the chain as the model knows it; none
+//! is ever annulled — at or below its SCL is a durable record in it, with
+//! its body); the VDL never goes back and is always a CPL;
 //! every acknowledged commit is at its CPL as the sim saw it allocated, at or
 //! below the VDL, and on at least 4 durable segments of each PG it touched;
 //! no segment takes a record into a range it annulled; every read returns
@@ -53,7 +89,12 @@
 //! writer can still catch up must, and every page read through computed and
 //! straight from a caught-up segment must match the model; and every
 //! segment of every PG holds the PG's membership (epoch 1, its six nodes
-//! as the cluster file places them).
+//! as the cluster file places them). Gossip repair: counted from the heal
+//! (one more transaction touching every PG is submitted then: a segment that
+//! missed a recovery installs the writer's epoch only when an append of it
+//! reaches it, and gossip pulls only between segments of one installed
+//! epoch), within `REPAIR_TICKS` every segment of every PG that holds a
+//! membership — the ones the writer let go of too — reaches its PG's PGCL.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -477,6 +518,10 @@ struct Sim {
     /// Records dropped from logs as damaged, and records segments took from peers.
     damaged: u64,
     repaired: u64,
+    /// Per (node, PG): the SCL computed last heard from the segment (since
+    /// its last crash). computed learns SCLs only from replies: one gossip
+    /// raised since is unknown to it.
+    reported: HashMap<(usize, u32), u64>,
 }
 
 impl Sim {
@@ -549,6 +594,7 @@ impl Sim {
             verified: HashMap::new(),
             damaged: 0,
             repaired: 0,
+            reported: HashMap::new(),
         };
         for node in 0..NODES {
             let d = sim.rng.u64(0..1000);
@@ -956,6 +1002,7 @@ impl Sim {
     /// go, with all in flight on them; a new recovery starts.
     fn crash_computed(&mut self) {
         self.computed_crashes += 1;
+        self.reported.clear();
         for node in 0..NODES {
             self.conn[node] = (self.conn[node].0 + 1, false);
             let d = self.rng.u64(1_000..20_000);
@@ -1004,6 +1051,9 @@ impl Sim {
                 let msg = self.msgs.remove(&msg).expect("message");
                 if self.conn[node] == (conn, true) {
                     let id = node as u64 + 1;
+                    if let Message::AppendAck { pg, scl, .. } | Message::SegmentStatus { pg, scl, .. } = &msg {
+                        self.reported.insert((node, *pg), *scl);
+                    }
                     match &mut self.computed {
                         Computed::Recovering(r) => r.on_reply(id, request, msg),
                         Computed::Serving(w) => w.on_reply(id, request, msg),
@@ -1847,10 +1897,10 @@ impl Sim {
     }
 
     /// Up to 2 nodes to leave down (crashed) for the liveness check, such
-    /// that every PG keeps 4 segments up that can be caught up: holding
-    /// their PG's chain at least to the highest PGMRPL any segment holds
-    /// (below it, what a segment lacks is only in other segments: it
-    /// needs storage-side repair, which is not built).
+    /// that every PG keeps 4 segments up that the writer can catch up by
+    /// itself: holding their PG's chain at least to the highest PGMRPL any
+    /// segment holds, and not let go of (below those, what a segment lacks
+    /// is only in other segments, and gossip repair brings it).
     fn keep_down(&mut self) -> Vec<usize> {
         let floor = self
             .nodes
@@ -1859,13 +1909,18 @@ impl Sim {
             .map(|s| s.table.pgmrpl)
             .max()
             .unwrap_or(0);
-        // And, as the writer knows it, at or above what it let go of: the
-        // writer learns a segment's SCL only from its replies, so one that
-        // gossip repaired after the writer let it go is not counted until
-        // the writer hears from it again.
-        let known = |sim: &Sim, pg: u32, slot: usize| match &sim.computed {
-            Computed::Serving(w) => w.scls(pg)[slot] >= w.released_through(pg),
-            Computed::Recovering(_) => true,
+        // And so as computed knows it: it learns a segment's SCL only from
+        // its replies, so one that gossip repaired after the writer let it
+        // go (or after recovery found it behind its floor) counts for what
+        // it last said until computed hears from it again.
+        let known = |sim: &Sim, pg: u32, slot: usize| {
+            let n = sim.placement[pg as usize][slot] as usize - 1;
+            let reported = sim.reported.get(&(n, pg)).copied().unwrap_or(0);
+            reported >= floor
+                && match &sim.computed {
+                    Computed::Serving(w) => w.scls(pg)[slot] >= w.released_through(pg),
+                    Computed::Recovering(_) => true,
+                }
         };
         let catchable = |sim: &Sim, out: &[usize]| {
             (0..PGS).all(|pg| {
@@ -2020,11 +2075,9 @@ impl Sim {
             "every transaction since the last crash committed"
         );
         assert!(self.reads.is_empty(), "reads never answered after healing");
-        // Records are held until all 6 segments have them (the memory bound
-        // is not reached here), so after healing every segment catches up,
-        // except one a recovery left below what the writer holds (its PG's
-        // records below the recovery's floor exist only in segments: it
-        // needs storage-side repair, which is not built).
+        // After healing, every segment the writer can catch up does (one it
+        // let go of, or a recovery left below what it holds, is gossip's:
+        // checked below).
         while self.now < deadline {
             let w = self.serving();
             let behind = (0..PGS).any(|pg| {
