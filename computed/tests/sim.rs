@@ -694,13 +694,14 @@ impl Sim {
     }
 
     fn crash(&mut self, node: usize) {
+        // Half the time, the node comes back with a damaged log block.
+        let damaged = self.faults && self.rng.bool();
+        self.crash_damaged(node, damaged);
+    }
+
+    fn crash_damaged(&mut self, node: usize, damaged: bool) {
         self.drop_connection(node);
-        // Sometimes the node comes back with a damaged log block.
-        let damage = if self.faults && self.rng.bool() {
-            self.damage(node)
-        } else {
-            None
-        };
+        let damage = if damaged { self.damage(node) } else { None };
         let seed = self.rng.u64(..);
         let n = &mut self.nodes[node];
         n.up = false;
@@ -1952,7 +1953,9 @@ impl Sim {
         }
         for &node in &out {
             if self.nodes[node].up {
-                self.crash(node);
+                // Damaged too, now and then: it is repaired once it is back.
+                let damaged = self.rng.bool();
+                self.crash_damaged(node, damaged);
             }
         }
         for n in &mut self.nodes {
