@@ -32,6 +32,39 @@
 //!   (This is a simulated durable log, not storaged's SimDisk + log engine:
 //!   those are async and need a runtime, and the property that matters here —
 //!   acknowledged means durable, the rest may vanish — is the one modelled.)
+//! - Gossip repair (`sim_gossip/mod.rs`): each node runs storaged's sans-IO `GossipCore` (one
+//!   volume), fed every tick from its segments as `Node::gossip_locals` does
+//!   — digest {installed epoch, membership epoch (a segment without a
+//!   membership does not gossip), SCL, highest LSN, floor 0}, the membership's
+//!   nodes, and `Segment::holes` as the ranges it lacks — and its actions go
+//!   over the network between nodes: `Digest` (answered with ours if the
+//!   sender is a member at our membership epoch, at that epoch, and has not
+//!   installed an older epoch; refused otherwise, as storaged refuses
+//!   NotMember / StaleMembership / StaleEpoch) and `PullRecords` (the chain
+//!   above `after` up to the server's SCL, only between segments of EQUAL
+//!   installed and membership epochs). The puller admits the batch as an
+//!   append at its installed epoch — refused whole if any record lies in a
+//!   range it annulled, or if its epochs moved or a recovery sealed it since
+//!   the pull — writes it through the same durable-write path, and reports
+//!   `on_pulled` once durable; a refusal is `on_failed`; an abandoned pull's
+//!   answer is dropped. Node-to-node messages are delayed (reordered), lost
+//!   or delivered twice now and then, never cross a partition between the
+//!   two nodes (pairs are cut for stretches), and a down node neither sends
+//!   nor answers; an answer to an incarnation that crashed since is dropped.
+//!   Nothing is coalesced here (floors are 0: every segment keeps every
+//!   record), so the core never has reason to hydrate; it is checked that
+//!   it does not.
+//! - Faults for repair: half the seeds give the writer a hold
+//!   (`pg_held_bytes_max`) of a few KiB per PG, and a third of node crashes
+//!   last 2 to 10 s, past that hold, so the writer lets segments go and only
+//!   gossip can catch them up. At half the crashes the log is damaged: 1 to
+//!   3 durable records of one segment are dropped from it, as if their block
+//!   were lost, and the rebuilt segment marks log damage (it reports holes,
+//!   SCL below the first). Damage is one of the two failures a PG absorbs:
+//!   only records durable on at least 5 of the PG's segments are dropped,
+//!   and only from a segment the PG's commits do not need (4 others hold the
+//!   committed records and everything it had reported), so "every
+//!   acknowledged commit on 4 durable segments" stays true.
 //! - computed starts by recovering the volume, as `computed run` does, and
 //!   crashes 1 to 3 times per seed (sometimes again during its recovery):
 //!   the writer and everything in flight to and from it are gone (connection
@@ -39,7 +72,10 @@
 //!   runs over the same faulty network, and a writer built with
 //!   `Writer::recovered` serves new client load.
 //!
-//! Checked after every step: the VDL never goes back and is always a CPL;
+//! Checked after every step: no segment reports an SCL above what it holds
+//! (every committed record of its PG — the chain as the model knows it; none
+//! is ever annulled — at or below its SCL is a durable record in it, with
+//! its body); the VDL never goes back and is always a CPL;
 //! every acknowledged commit is at its CPL as the sim saw it allocated, at or
 //! below the VDL, and on at least 4 durable segments of each PG it touched;
 //! no segment takes a record into a range it annulled; every read returns
@@ -53,7 +89,12 @@
 //! writer can still catch up must, and every page read through computed and
 //! straight from a caught-up segment must match the model; and every
 //! segment of every PG holds the PG's membership (epoch 1, its six nodes
-//! as the cluster file places them).
+//! as the cluster file places them). Gossip repair: counted from the heal
+//! (one more transaction touching every PG is submitted then: a segment that
+//! missed a recovery installs the writer's epoch only when an append of it
+//! reaches it, and gossip pulls only between segments of one installed
+//! epoch), within `REPAIR_TICKS` every segment of every PG that holds a
+//! membership — the ones the writer let go of too — reaches its PG's PGCL.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -65,11 +106,15 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use computed::cluster::{Cluster, local_cluster_toml};
 use computed::core::{Output, PageWrite, Writer, WriterConfig};
 use computed::recovery::{Recovered, Recovery};
+use storaged::gossip::GossipCore;
 use storaged::hot::{HotRecords, apply};
 use storaged::membership::Membership;
 use storaged::proto::{ErrorCode, Message};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, Segment, SegmentError, in_ranges, union_ranges};
+
+mod sim_gossip;
+use sim_gossip::{Gossip, PullOut, gossip_config};
 
 const NODES: usize = 8;
 const PGS: u32 = 2;
@@ -82,7 +127,11 @@ const VOLUME: u64 = 1;
 /// every PG up, every read and commit completes (20 s simulated; computed's
 /// slowest retry, recovery's re-ask, is 30 ticks of its own).
 const LIVENESS_TICKS: u64 = 4_000;
-
+/// Ticks within which, faults stopped and every node up, gossip repair
+/// brings every segment of every PG to the PG's PGCL, counted from the
+/// moment everything heals (10 s simulated: a segment that lacks a whole
+/// run's records pulls them in a few hundred ticks).
+const REPAIR_TICKS: u64 = 2_000;
 fn cluster() -> Cluster {
     let nodes: Vec<std::net::SocketAddr> = (1..=NODES)
         .map(|i| format!("127.0.0.1:{}", 7000 + i).parse().unwrap())
@@ -105,6 +154,9 @@ struct Ticket {
     conn: u64,
     request: u64,
     epoch: u64,
+    /// A gossip pull's records (its id and bytes), reported to the node's
+    /// gossip core instead of acknowledged on a connection.
+    pull: Option<(u64, u64)>,
 }
 
 /// A segment's entry in the node's segment table: durable when written.
@@ -194,6 +246,36 @@ impl SimSegment {
     }
 }
 
+impl SimSegment {
+    /// The chain above `after` up to the SCL, about `max_bytes` (at least one
+    /// record if any), as `Node::read_records` builds it.
+    fn chain_records(&self, after: u64, max_bytes: usize) -> Vec<RedoRecord> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for (lsn, meta) in self.seg.chain_after(after) {
+            let body = self
+                .hot
+                .get(meta.page, lsn)
+                .expect("a record of the chain has its body");
+            let record = RedoRecord {
+                segment: self.seg.id,
+                lsn,
+                prev_lsn_pg: meta.prev_lsn_pg,
+                prev_lsn_page: meta.prev_lsn_page,
+                page: meta.page,
+                cpl: meta.cpl,
+                body: body.clone(),
+            };
+            bytes += record.encoded_len();
+            if bytes > max_bytes && !records.is_empty() {
+                break;
+            }
+            records.push(record);
+        }
+        records
+    }
+}
+
 /// A segment error as storaged puts it on the wire (`NodeError::wire_code`).
 fn segment_error(e: SegmentError) -> Message {
     let (code, current) = match e {
@@ -215,6 +297,11 @@ struct SimNode {
     incarnation: u64,
     /// The segments the node holds (created by a seal or a first append).
     segments: HashMap<u32, SimSegment>,
+    /// Its gossip shell's core (gone with a crash) and the pulls it has out.
+    gossip: GossipCore,
+    pulls: HashMap<u64, PullOut>,
+    /// A long outage: the node stays down until then.
+    down_until: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -244,6 +331,14 @@ enum Event {
     Drop {
         node: usize,
         conn: u64,
+    },
+    /// A gossip message from node `from` to node `to`; an answer, for
+    /// incarnation `incarnation` of `to`.
+    Gossip {
+        from: usize,
+        to: usize,
+        incarnation: Option<u64>,
+        msg: usize,
     },
     Tick,
     Client,
@@ -302,6 +397,22 @@ struct Sim {
     crash_at: Vec<u64>,
     /// Transactions lost with a crash (never allocated, or above the recovered VDL).
     txns_lost: u64,
+    /// Gossip: message bodies, and `cut[a][b]`: nodes a and b are partitioned.
+    gossip_msgs: HashMap<usize, Gossip>,
+    cut: Vec<Vec<bool>>,
+    /// Per PG, the LSNs of its committed records, in order: the chain as the
+    /// model knows it (a committed record is never annulled).
+    pg_committed: Vec<Vec<u64>>,
+    /// Per (node, PG): the SCL up to which the segment was seen to hold every
+    /// committed record of its PG.
+    verified: HashMap<(usize, u32), u64>,
+    /// Records dropped from logs as damaged, and records segments took from peers.
+    damaged: u64,
+    repaired: u64,
+    /// Per (node, PG): the SCL computed last heard from the segment (since
+    /// its last crash). computed learns SCLs only from replies: one gossip
+    /// raised since is unknown to it.
+    reported: HashMap<(usize, u32), u64>,
 }
 
 impl Sim {
@@ -320,12 +431,20 @@ impl Sim {
         // breaks its connection, as on TCP.
         config.resend_after_us = if rng.bool() { Some(100_000) } else { None };
         config.retry_after_us = 10_000;
+        // Half the seeds hold only a few KiB per PG: a segment that falls
+        // behind is let go, and only gossip repair can catch it up.
+        if rng.bool() {
+            config.pg_held_bytes_max = rng.usize(2_048..8_192);
+        }
         let nodes = (0..NODES)
-            .map(|_| SimNode {
+            .map(|i| SimNode {
                 up: true,
                 held_down: false,
                 incarnation: 0,
                 segments: HashMap::new(),
+                gossip: GossipCore::new(i as u64 + 1, gossip_config(), rng.u64(..)),
+                pulls: HashMap::new(),
+                down_until: 0,
             })
             .collect();
         let mut sim = Sim {
@@ -360,6 +479,13 @@ impl Sim {
             computed_crashes: 0,
             crash_at: Vec::new(),
             txns_lost: 0,
+            gossip_msgs: HashMap::new(),
+            cut: vec![vec![false; NODES]; NODES],
+            pg_committed: vec![Vec::new(); PGS as usize],
+            verified: HashMap::new(),
+            damaged: 0,
+            repaired: 0,
+            reported: HashMap::new(),
         };
         for node in 0..NODES {
             let d = sim.rng.u64(0..1000);
@@ -459,20 +585,92 @@ impl Sim {
     }
 
     fn crash(&mut self, node: usize) {
+        // Half the time, the node comes back with a damaged log block.
+        let damaged = self.faults && self.rng.bool();
+        self.crash_damaged(node, damaged);
+    }
+
+    fn crash_damaged(&mut self, node: usize, damaged: bool) {
         self.drop_connection(node);
+        let damage = if damaged { self.damage(node) } else { None };
+        let seed = self.rng.u64(..);
         let n = &mut self.nodes[node];
         n.up = false;
         n.incarnation += 1;
-        for s in n.segments.values_mut() {
+        for (pg, s) in n.segments.iter_mut() {
             *s = s.recovered();
+            if damage == Some(*pg) {
+                s.seg.mark_log_damage();
+            }
         }
+        n.gossip = GossipCore::new(node as u64 + 1, gossip_config(), seed);
+        n.pulls.clear();
+        self.verified.retain(|&(n, _), _| n != node);
         self.check_no_annulled_records(node);
+    }
+
+    /// Drop 1 to 3 durable records of one of `node`'s segments from its log,
+    /// as if their block were damaged; returns the segment's PG. Damage is
+    /// one of the two failures a PG absorbs: only records durable on at least
+    /// 5 of the PG's segments are dropped, and only from a segment the PG's
+    /// committed records do not need (4 others hold them), so every
+    /// acknowledged commit stays on 4 durable segments.
+    fn damage(&mut self, node: usize) -> Option<u32> {
+        let mut pgs: Vec<u32> = self.nodes[node].segments.keys().copied().collect();
+        pgs.sort_unstable();
+        let pg = *pgs.get(self.rng.usize(..pgs.len().max(1)))?;
+        // What a commit may count this segment for: the PG's committed
+        // records, and anything up to the SCL it reported (the writer keeps
+        // counting that while the node is down).
+        let needed = self.committed_tail(pg).max(self.nodes[node].segments[&pg].seg.scl());
+        let others = self.placement[pg as usize]
+            .iter()
+            .filter(|&&n| n as usize - 1 != node && self.scl(n, pg) >= needed)
+            .count();
+        if others < 4 {
+            return None;
+        }
+        let durable_on = |sim: &Sim, lsn: u64| {
+            sim.placement[pg as usize]
+                .iter()
+                .filter(|&&n| {
+                    sim.nodes[n as usize - 1]
+                        .segments
+                        .get(&pg)
+                        .and_then(|s| s.seg.record(lsn))
+                        .is_some_and(|m| m.durable())
+                })
+                .count()
+        };
+        let s = &self.nodes[node].segments[&pg];
+        let mut candidates: Vec<u64> = s
+            .log
+            .iter()
+            .filter_map(|item| match item {
+                LogItem::Record(r) if s.seg.record(r.lsn).is_some_and(|m| m.durable()) => Some(r.lsn),
+                _ => None,
+            })
+            .collect();
+        candidates.retain(|&lsn| durable_on(self, lsn) >= 5);
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut dropped = HashSet::new();
+        for _ in 0..self.rng.usize(1..=3) {
+            dropped.insert(candidates[self.rng.usize(..candidates.len())]);
+        }
+        self.damaged += dropped.len() as u64;
+        let s = self.nodes[node].segments.get_mut(&pg).expect("segment");
+        s.log
+            .retain(|item| !matches!(item, LogItem::Record(r) if dropped.contains(&r.lsn)));
+        Some(pg)
     }
 
     /// computed crashes: the writer (or the recovery) and every connection
     /// go, with all in flight on them; a new recovery starts.
     fn crash_computed(&mut self) {
         self.computed_crashes += 1;
+        self.reported.clear();
         for node in 0..NODES {
             self.conn[node] = (self.conn[node].0 + 1, false);
             let d = self.rng.u64(1_000..20_000);
@@ -521,6 +719,9 @@ impl Sim {
                 let msg = self.msgs.remove(&msg).expect("message");
                 if self.conn[node] == (conn, true) {
                     let id = node as u64 + 1;
+                    if let Message::AppendAck { pg, scl, .. } | Message::SegmentStatus { pg, scl, .. } = &msg {
+                        self.reported.insert((node, *pg), *scl);
+                    }
                     match &mut self.computed {
                         Computed::Recovering(r) => r.on_reply(id, request, msg),
                         Computed::Serving(w) => w.on_reply(id, request, msg),
@@ -554,6 +755,20 @@ impl Sim {
                     }
                 }
             }
+            Event::Gossip {
+                from,
+                to,
+                incarnation,
+                msg,
+            } => {
+                let msg = self.gossip_msgs.remove(&msg).expect("message");
+                let arrives = self.nodes[to].up
+                    && !self.cut[from][to]
+                    && incarnation.is_none_or(|i| i == self.nodes[to].incarnation);
+                if arrives {
+                    self.gossip_handles(from, to, msg);
+                }
+            }
             Event::Tick => {
                 match &mut self.computed {
                     Computed::Recovering(r) => r.tick(),
@@ -562,6 +777,7 @@ impl Sim {
                 if self.faults {
                     self.faults_step();
                 }
+                self.gossip_tick();
                 self.schedule(TICK_US, Event::Tick);
             }
             Event::Client => self.client_step(),
@@ -599,24 +815,49 @@ impl Sim {
         let (ready, linked) = s.seg.on_durable(&lsns, 1);
         linked.expect("no fork");
         let scl = s.seg.scl();
-        let replies: Vec<(Ticket, Message)> = ready
-            .into_iter()
-            .map(|t| {
-                let reply = match s.seg.check_epoch(t.epoch) {
-                    Ok(()) => Message::AppendAck {
+        let replies: Vec<(Ticket, Result<(), SegmentError>)> =
+            ready.into_iter().map(|t| (t, s.seg.check_epoch(t.epoch))).collect();
+        let now_ms = self.now / 1_000;
+        for (t, checked) in replies {
+            match (t.pull, checked) {
+                // A pull's records are durable: its segment's new state is
+                // the core's at its next poll.
+                (Some((id, bytes)), Ok(())) => self.nodes[node].gossip.on_pulled(now_ms, id, bytes),
+                (Some((id, _)), Err(_)) => self.nodes[node].gossip.on_failed(now_ms, id),
+                (None, Ok(())) => {
+                    let ack = Message::AppendAck {
                         volume: VOLUME,
                         pg,
                         scl,
                         incarnation,
-                    },
-                    Err(e) => segment_error(e),
-                };
-                (t, reply)
-            })
-            .collect();
-        for (t, reply) in replies {
-            self.send(false, node, t.conn, t.request, reply);
+                    };
+                    self.send(false, node, t.conn, t.request, ack)
+                }
+                (None, Err(e)) => self.send(false, node, t.conn, t.request, segment_error(e)),
+            }
         }
+    }
+
+    /// Write `records` to `node`'s log for segment `pg`: durable after a
+    /// random delay, lost if the node crashes first.
+    fn write(&mut self, node: usize, pg: u32, records: Vec<RedoRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let w = self.write_next;
+        self.write_next += 1;
+        self.writes.insert(w, records);
+        let d = self.rng.u64(100..3_000);
+        let incarnation = self.nodes[node].incarnation;
+        self.schedule(
+            d,
+            Event::Durable {
+                node,
+                incarnation,
+                pg,
+                write: w,
+            },
+        );
     }
 
     fn node_handles(&mut self, node: usize, conn: u64, request: u64, msg: Message) {
@@ -671,23 +912,16 @@ impl Sim {
                     .collect();
                 waits.extend(new.iter().map(|r| r.lsn));
                 let scl = seg.seg.scl();
-                let ready = seg.seg.defer_ack(waits, Ticket { conn, request, epoch });
-                if !new.is_empty() {
-                    let w = self.write_next;
-                    self.write_next += 1;
-                    self.writes.insert(w, new);
-                    let d = self.rng.u64(100..3_000);
-                    let incarnation = self.nodes[node].incarnation;
-                    self.schedule(
-                        d,
-                        Event::Durable {
-                            node,
-                            incarnation,
-                            pg,
-                            write: w,
-                        },
-                    );
-                }
+                let ready = seg.seg.defer_ack(
+                    waits,
+                    Ticket {
+                        conn,
+                        request,
+                        epoch,
+                        pull: None,
+                    },
+                );
+                self.write(node, pg, new);
                 match ready {
                     Some(_) => Message::AppendAck {
                         volume: VOLUME,
@@ -769,6 +1003,7 @@ impl Sim {
                 None => unknown(),
                 Some(s) => {
                     let reply = Self::truncate(s, epoch, &ranges, incarnation);
+                    self.verified.remove(&(node, pg));
                     self.check_no_annulled_records(node);
                     reply
                 }
@@ -783,33 +1018,12 @@ impl Sim {
                 None => unknown(),
                 Some(s) => match s.seg.check_epoch_read(epoch) {
                     Err(e) => segment_error(e),
-                    Ok(()) => {
-                        let mut records = Vec::new();
-                        let mut bytes = 0;
-                        for (lsn, meta) in s.seg.chain_after(after) {
-                            let body = s.hot.get(meta.page, lsn).expect("a record of the chain has its body");
-                            let record = RedoRecord {
-                                segment: s.seg.id,
-                                lsn,
-                                prev_lsn_pg: meta.prev_lsn_pg,
-                                prev_lsn_page: meta.prev_lsn_page,
-                                page: meta.page,
-                                cpl: meta.cpl,
-                                body: body.clone(),
-                            };
-                            bytes += record.encoded_len();
-                            if bytes > max_bytes as usize && !records.is_empty() {
-                                break;
-                            }
-                            records.push(record);
-                        }
-                        Message::Records {
-                            volume: VOLUME,
-                            pg,
-                            scl: s.seg.scl(),
-                            records,
-                        }
-                    }
+                    Ok(()) => Message::Records {
+                        volume: VOLUME,
+                        pg,
+                        scl: s.seg.scl(),
+                        records: s.chain_records(after, max_bytes as usize),
+                    },
                 },
             },
             Message::SetMembership {
@@ -917,8 +1131,15 @@ impl Sim {
         let down = self.nodes.iter().filter(|n| !n.up).count() + self.partitioned.iter().filter(|&&p| p).count();
         match r {
             // Crash (at most 3 nodes out at once: commits may stall, and resume).
-            0..8 if self.nodes[node].up && down < 3 => self.crash(node),
-            8..40 if !self.nodes[node].up && !self.nodes[node].held_down => {
+            0..8 if self.nodes[node].up && down < 3 => {
+                self.crash(node);
+                // A third stay down for long: past what computed holds,
+                // so only gossip can bring them back up to date.
+                if self.rng.u32(..3) == 0 {
+                    self.nodes[node].down_until = self.now + self.rng.u64(2_000_000..10_000_000);
+                }
+            }
+            8..40 if !self.nodes[node].up && !self.nodes[node].held_down && self.now >= self.nodes[node].down_until => {
                 self.nodes[node].up = true;
                 let d = self.rng.u64(0..20_000);
                 self.schedule(d, Event::Reconnect { node });
@@ -935,6 +1156,20 @@ impl Sim {
             80..90 => {
                 self.drop_connection(node);
                 self.schedule(2_000, Event::Reconnect { node });
+            }
+            // Two storage nodes partitioned from each other (computed still
+            // reaches both), for a stretch.
+            90..96 => {
+                let other = self.rng.usize(..NODES);
+                if other != node {
+                    self.cut[node][other] = true;
+                    self.cut[other][node] = true;
+                }
+            }
+            96..200 => {
+                let other = self.rng.usize(..NODES);
+                self.cut[node][other] = false;
+                self.cut[other][node] = false;
             }
             _ => {}
         }
@@ -978,6 +1213,25 @@ impl Sim {
         }
         let Some(w) = self.writer() else {
             return;
+        };
+        w.submit(token, writes.clone()).expect("submit");
+        self.txns.insert(token, writes);
+        self.unallocated.push_back(token);
+    }
+
+    /// A transaction writing a small range of one page of every PG.
+    fn write_every_pg(&mut self) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let writes: Vec<PageWrite> = (0..PGS)
+            .map(|pg| PageWrite::Range {
+                page: u64::from(pg) * PG_PAGES + self.rng.u64(..PG_PAGES),
+                offset: self.rng.u32(..(PAGE_BYTES - 8) as u32),
+                bytes: token.to_le_bytes().to_vec(),
+            })
+            .collect();
+        let Computed::Serving(w) = &mut self.computed else {
+            panic!("computed recovering after the liveness check");
         };
         w.submit(token, writes.clone()).expect("submit");
         self.txns.insert(token, writes);
@@ -1065,8 +1319,7 @@ impl Sim {
                     if let Some(&(last, _)) = self.committed.last() {
                         assert!(lsn > last, "commits out of order");
                     }
-                    self.committed.push((lsn, token));
-                    self.cpls.insert(lsn);
+                    self.commit(lsn, token);
                 }
                 Output::ReadDone { token, page } => {
                     let p = self.reads.remove(&token).expect("read");
@@ -1081,6 +1334,68 @@ impl Sim {
                     self.reads_checked += 1;
                 }
                 Output::Fenced { .. } => panic!("fenced with a single writer"),
+            }
+        }
+    }
+
+    /// Transaction `token` is committed at `cpl`: its records join their
+    /// PGs' chains as the model knows them.
+    fn commit(&mut self, cpl: u64, token: u64) {
+        self.committed.push((cpl, token));
+        self.cpls.insert(cpl);
+        let writes = &self.txns[&token];
+        let first = cpl + 1 - writes.len() as u64;
+        for (i, w) in writes.iter().enumerate() {
+            let pg = (w.page() / PG_PAGES) as u32;
+            let lsn = first + i as u64;
+            self.pg_committed[pg as usize].push(lsn);
+            // A segment already seen to hold its chain past it is looked at again.
+            for (&(_, p), v) in self.verified.iter_mut() {
+                if p == pg && *v >= lsn {
+                    *v = lsn - 1;
+                }
+            }
+        }
+    }
+
+    /// No segment reports an SCL above what it holds: every committed record
+    /// of its PG at or below its SCL is a durable record in it, with its body.
+    /// (Committed records are the chain as the model knows it; none is ever
+    /// annulled.) Incremental: each segment is looked at from where it was
+    /// last seen whole.
+    fn check_scl_holds(&mut self) {
+        let Sim {
+            nodes,
+            verified,
+            pg_committed,
+            ..
+        } = self;
+        for (node, n) in nodes.iter().enumerate() {
+            for (&pg, s) in &n.segments {
+                let scl = s.seg.scl();
+                let v = verified.entry((node, pg)).or_insert(0);
+                if scl < *v {
+                    *v = 0;
+                }
+                if scl == *v {
+                    continue;
+                }
+                let chain = &pg_committed[pg as usize];
+                let from = chain.partition_point(|&l| l <= *v);
+                for &lsn in chain[from..].iter().take_while(|&&l| l <= scl) {
+                    let held = s
+                        .seg
+                        .record(lsn)
+                        .filter(|m| m.durable())
+                        .is_some_and(|m| s.hot.get(m.page, lsn).is_some());
+                    assert!(
+                        held,
+                        "node {} pg {pg}: SCL {scl} above what it holds: committed record {lsn} is not durable in it (holes {:?})",
+                        node + 1,
+                        s.seg.holes()
+                    );
+                }
+                *v = scl;
             }
         }
     }
@@ -1100,8 +1415,7 @@ impl Sim {
         // In flight at the crash: in whole if its CPL is at or below the VDL, else out.
         for (cpl, token) in std::mem::take(&mut self.allocated) {
             if cpl <= r.vdl {
-                self.committed.push((cpl, token));
-                self.cpls.insert(cpl);
+                self.commit(cpl, token);
             } else {
                 self.txns_lost += 1;
             }
@@ -1183,6 +1497,7 @@ impl Sim {
     }
 
     fn check(&mut self) {
+        self.check_scl_holds();
         if let Computed::Serving(w) = &self.computed {
             let vdl = w.vdl();
             assert!(vdl >= self.last_vdl, "VDL went back from {} to {vdl}", self.last_vdl);
@@ -1250,10 +1565,10 @@ impl Sim {
     }
 
     /// Up to 2 nodes to leave down (crashed) for the liveness check, such
-    /// that every PG keeps 4 segments up that can be caught up: holding
-    /// their PG's chain at least to the highest PGMRPL any segment holds
-    /// (below it, what a segment lacks is only in other segments: it
-    /// needs storage-side repair, which is not built).
+    /// that every PG keeps 4 segments up that the writer can catch up by
+    /// itself: holding their PG's chain at least to the highest PGMRPL any
+    /// segment holds, and not let go of (below those, what a segment lacks
+    /// is only in other segments, and gossip repair brings it).
     fn keep_down(&mut self) -> Vec<usize> {
         let floor = self
             .nodes
@@ -1262,11 +1577,27 @@ impl Sim {
             .map(|s| s.table.pgmrpl)
             .max()
             .unwrap_or(0);
+        // And so as computed knows it: it learns a segment's SCL only from
+        // its replies, so one that gossip repaired after the writer let it
+        // go (or after recovery found it behind its floor) counts for what
+        // it last said until computed hears from it again.
+        let known = |sim: &Sim, pg: u32, slot: usize| {
+            let n = sim.placement[pg as usize][slot] as usize - 1;
+            let reported = sim.reported.get(&(n, pg)).copied().unwrap_or(0);
+            reported >= floor
+                && match &sim.computed {
+                    Computed::Serving(w) => w.scls(pg)[slot] >= w.released_through(pg),
+                    Computed::Recovering(_) => true,
+                }
+        };
         let catchable = |sim: &Sim, out: &[usize]| {
             (0..PGS).all(|pg| {
                 let n = sim.placement[pg as usize]
                     .iter()
-                    .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
+                    .enumerate()
+                    .filter(|&(slot, &n)| {
+                        !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor && known(sim, pg, slot)
+                    })
                     .count();
                 n >= 4
             })
@@ -1289,7 +1620,9 @@ impl Sim {
         }
         for &node in &out {
             if self.nodes[node].up {
-                self.crash(node);
+                // Damaged too, now and then: it is repaired once it is back.
+                let damaged = self.rng.bool();
+                self.crash_damaged(node, damaged);
             }
         }
         for n in &mut self.nodes {
@@ -1374,20 +1707,32 @@ impl Sim {
             match &self.computed {
                 Computed::Recovering(r) => format!("recovery is {}", r.progress()),
                 Computed::Serving(w) => format!(
-                    "{} transactions uncommitted, {} waiting, {} reads unanswered",
+                    "{} transactions uncommitted, {} waiting, {} reads unanswered; the writer's SCLs {:?}, PGCLs {:?}, released through {:?}, VDL {}",
                     w.uncommitted_txns(),
                     w.waiting_txns(),
-                    self.reads.len()
+                    self.reads.len(),
+                    (0..PGS).map(|pg| w.scls(pg)).collect::<Vec<_>>(),
+                    (0..PGS).map(|pg| w.pgcl(pg)).collect::<Vec<_>>(),
+                    (0..PGS).map(|pg| w.released_through(pg)).collect::<Vec<_>>(),
+                    w.vdl()
                 ),
             },
             self.segments_text()
         );
-        // Heal: every node up and connected.
+        // Heal: every node up and connected, no partition between nodes.
         for node in 0..NODES {
             self.nodes[node].up = true;
             self.partitioned[node] = false;
+            self.cut[node].fill(false);
             self.schedule(1_000, Event::Reconnect { node });
         }
+        let repair_deadline = self.now + REPAIR_TICKS * TICK_US;
+        // One more transaction, touching every PG: a segment that missed a
+        // recovery installs the writer's epoch only when an append of that
+        // epoch reaches it (refused `EpochNotInstalled`, the writer sends the
+        // truncation), and gossip pulls only between segments of one
+        // installed epoch.
+        self.write_every_pg();
         let deadline = self.now + 60_000_000;
         while busy(self) && self.now < deadline {
             assert!(self.step(), "no events left");
@@ -1400,11 +1745,9 @@ impl Sim {
             "every transaction since the last crash committed"
         );
         assert!(self.reads.is_empty(), "reads never answered after healing");
-        // Records are held until all 6 segments have them (the memory bound
-        // is not reached here), so after healing every segment catches up,
-        // except one a recovery left below what the writer holds (its PG's
-        // records below the recovery's floor exist only in segments: it
-        // needs storage-side repair, which is not built).
+        // After healing, every segment the writer can catch up does (one it
+        // let go of, or a recovery left below what it holds, is gossip's:
+        // checked below).
         while self.now < deadline {
             let w = self.serving();
             let behind = (0..PGS).any(|pg| {
@@ -1465,6 +1808,41 @@ impl Sim {
                 self.segments_text()
             );
         }
+        // Gossip repair: every segment of every PG holding a membership —
+        // the ones the writer let go of too — reaches the PG's PGCL.
+        while self.unrepaired().is_some() && self.now < repair_deadline {
+            assert!(self.step(), "no events left");
+        }
+        if let Some((node, pg, scl, pgcl)) = self.unrepaired() {
+            panic!(
+                "repair: {REPAIR_TICKS} ticks after healing, node {node} pg {pg} is at SCL {scl}, below the PGCL {pgcl} (released through {}); segments:{}",
+                self.serving().released_through(pg),
+                self.segments_text()
+            );
+        }
+    }
+
+    /// A segment holding its PG's membership below the PG's PGCL:
+    /// (node, PG, its SCL, the PGCL).
+    fn unrepaired(&self) -> Option<(u64, u32, u64, u64)> {
+        let w = self.serving();
+        for pg in 0..PGS {
+            let pgcl = w.pgcl(pg);
+            assert!(
+                pgcl >= self.committed_tail(pg),
+                "PG {pg}: PGCL {pgcl} below the committed LSN {}",
+                self.committed_tail(pg)
+            );
+            for (node, n) in self.nodes.iter().enumerate() {
+                if let Some(s) = n.segments.get(&pg)
+                    && s.table.membership.is_some()
+                    && s.seg.scl() < pgcl
+                {
+                    return Some((node as u64 + 1, pg, s.seg.scl(), pgcl));
+                }
+            }
+        }
+        None
     }
 
     /// A segment of the placement that does not hold its PG's membership:
@@ -1492,6 +1870,10 @@ struct Stats {
     recoveries: u64,
     crashes: u64,
     lost: u64,
+    damaged: u64,
+    repaired: u64,
+    /// Seeds whose writer held only a few KiB per PG.
+    small_hold: u64,
 }
 
 fn run_seed(seed: u64, txns: u64) -> Stats {
@@ -1504,6 +1886,9 @@ fn run_seed(seed: u64, txns: u64) -> Stats {
             recoveries: sim.recoveries,
             crashes: sim.computed_crashes,
             lost: sim.txns_lost,
+            damaged: sim.damaged,
+            repaired: sim.repaired,
+            small_hold: u64::from(sim.config.pg_held_bytes_max < 64 * 1024),
         }
     });
     match result {
@@ -1524,8 +1909,15 @@ fn simulate() {
     if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         let s = run_seed(seed, txns);
         eprintln!(
-            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash",
-            s.commits, s.reads, s.crashes, s.recoveries, s.lost
+            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip, small hold: {}",
+            s.commits,
+            s.reads,
+            s.crashes,
+            s.recoveries,
+            s.lost,
+            s.damaged,
+            s.repaired,
+            s.small_hold == 1
         );
         return;
     }
@@ -1542,10 +1934,20 @@ fn simulate() {
         total.recoveries += s.recoveries;
         total.crashes += s.crashes;
         total.lost += s.lost;
+        total.damaged += s.damaged;
+        total.repaired += s.repaired;
+        total.small_hold += s.small_hold;
     }
     eprintln!(
-        "simulator: {seeds} seeds, {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash",
-        total.commits, total.reads, total.crashes, total.recoveries, total.lost
+        "simulator: {seeds} seeds ({} with a small hold), {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip",
+        total.small_hold,
+        total.commits,
+        total.reads,
+        total.crashes,
+        total.recoveries,
+        total.lost,
+        total.damaged,
+        total.repaired
     );
 }
 
