@@ -12,6 +12,7 @@ use storaged::io::uring::{RingPlacement, UringConfig, UringDevice};
 
 /// Where `storaged run` drives the device's io_uring from unless its config says.
 const RUN_RING_DEFAULT: RingPlacement = RingPlacement::Runtime;
+use storaged::gossip::GossipConfig;
 use storaged::log::format::Superblock;
 use storaged::log::layout::{DEVICE_BYTES_MIN, LayoutError};
 use storaged::log::mkfs::{self, FormatOptions, SCRATCH_NODE_ID};
@@ -104,10 +105,16 @@ struct RunConfig {
     coalesce_pages_per_sec_max: Option<u64>,
     /// "runtime" (the default) or "thread": where the device's io_uring is driven from.
     ring: Option<String>,
+    gossip_interval_ms: Option<u64>,
+    repair_rate_bytes_per_s: Option<u64>,
+    repair_pull_bytes_max: Option<u32>,
+    repair_inflight_bytes_max: Option<u64>,
+    repair_inflight_per_peer_max: Option<usize>,
+    repair_timeout_max_ms: Option<u64>,
 }
 
 impl RunConfig {
-    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement)> {
+    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let rc: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let ring = match rc.ring.as_deref() {
@@ -139,7 +146,15 @@ impl RunConfig {
         if c.frame_bytes_max < 4096 {
             bail!("{}: frame_bytes_max must be at least 4096", path.display());
         }
-        Ok((c, ring))
+        let mut g = GossipConfig::default();
+        g.digest_interval_ms = rc.gossip_interval_ms.unwrap_or(g.digest_interval_ms);
+        g.rate_bytes_per_s = rc.repair_rate_bytes_per_s.unwrap_or(g.rate_bytes_per_s);
+        g.pull_bytes_max = rc.repair_pull_bytes_max.unwrap_or(g.pull_bytes_max);
+        g.inflight_bytes_max = rc.repair_inflight_bytes_max.unwrap_or(g.inflight_bytes_max);
+        g.inflight_per_peer_max = rc.repair_inflight_per_peer_max.unwrap_or(g.inflight_per_peer_max);
+        g.timeout_max_ms = rc.repair_timeout_max_ms.unwrap_or(g.timeout_max_ms);
+        g.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok((c, ring, g))
     }
 }
 
@@ -294,9 +309,9 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<bool> {
 }
 
 fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Result<()> {
-    let (config, ring) = match config {
+    let (config, ring, gossip) = match config {
         Some(p) => RunConfig::load(p)?,
-        None => (NodeConfig::default(), RUN_RING_DEFAULT),
+        None => (NodeConfig::default(), RUN_RING_DEFAULT, GossipConfig::default()),
     };
     // One runtime thread, which also drives the device's ring: measured on
     // this kind of machine, hand-offs between threads cost more than a
@@ -334,7 +349,13 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr().context("reading the listening address")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve(node.clone(), listener, stop_rx));
+        let server = tokio::spawn(serve(node.clone(), listener, stop_rx.clone()));
+        let repair = tokio::spawn(storaged::gossip::shell::run(
+            node.clone(),
+            node.node_id,
+            gossip,
+            stop_rx,
+        ));
         // Scripts and tests wait for this line; systemd for READY=1. A
         // daemon keeps serving if nobody reads it (a closed stdout is not
         // a reason to stop a node), as daemons ignore SIGPIPE.
@@ -360,6 +381,7 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = stop_tx.send(true);
         let _ = server.await;
+        let _ = repair.await;
         node.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
