@@ -189,6 +189,13 @@ impl<T> Segment<T> {
         self.lost_above = Some(self.highest_lsn.max(self.scl));
     }
 
+    /// Whatever the log damage took is known to be back (the segment holds
+    /// what its peers hold, see `gossip::GossipCore::caught_up`): no open
+    /// hole any more. Returns whether there was one.
+    pub fn clear_log_damage(&mut self) -> bool {
+        self.lost_above.take().is_some()
+    }
+
     /// LSN ranges, inclusive and lowest first, where the segment lacks
     /// records of its chain: between two records it holds, from just above
     /// the lower one up to the record the upper one links to (which is

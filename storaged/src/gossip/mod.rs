@@ -246,6 +246,11 @@ pub struct GossipCore {
     counters: GossipCounters,
 }
 
+/// Peers that must be heard from before a segment counts as caught up
+/// ([`GossipCore::caught_up`]): a PG's six less the two failures it absorbs,
+/// less the segment itself.
+pub const CAUGHT_UP_PEERS_MIN: usize = 3;
+
 /// Smallest share of the configured rate repair keeps under pressure, so a
 /// segment always makes progress.
 const RATE_FACTOR_MIN: f64 = 1.0 / 16.0;
@@ -656,6 +661,28 @@ impl GossipCore {
         x ^= x << 17;
         self.rng = x;
         if n == 0 { 0 } else { x % n }
+    }
+
+    /// Whether the segment of `pg` holds everything its peers hold: at
+    /// least [`CAUGHT_UP_PEERS_MIN`] peers heard from lately (same epochs),
+    /// and its SCL at or above every one of theirs. Returns the highest of
+    /// their SCLs. A segment that lost records to log damage and is caught
+    /// up by this rule holds every committed record: a commit is on 4
+    /// segments, so on 3 peers besides it, and at most 2 peers are unheard.
+    pub fn caught_up(&self, now: Millis, pg: Pg) -> Option<u64> {
+        let state = self.segments.get(&pg)?;
+        let ours = state.local.digest;
+        let fresh_after = now.saturating_sub(self.config.digest_interval_ms * self.config.digest_stale_intervals);
+        let heard: Vec<u64> = state
+            .peers
+            .values()
+            .filter(|v| v.heard_at >= fresh_after)
+            .filter_map(|v| v.digest)
+            .filter(|d| d.installed_epoch == ours.installed_epoch && d.membership_epoch == ours.membership_epoch)
+            .map(|d| d.scl)
+            .collect();
+        let best = heard.iter().copied().max()?;
+        (heard.len() >= CAUGHT_UP_PEERS_MIN && ours.scl >= best).then_some(best)
     }
 
     /// Requests out now (for status).

@@ -50,6 +50,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn hydrate_end(&self, id: SegmentId, floor: u64) -> impl Future<Output = Result<u64, String>> + Send;
     fn hydrate_abort(&self, id: SegmentId);
+    /// The segment holds everything its peers hold, up to `scl`: what log
+    /// damage may have taken from it is known to be back.
+    fn caught_up(&self, id: SegmentId, scl: u64);
     /// Mean latency of the foreground's appends since the last call, in
     /// microseconds; None if there were none.
     fn foreground_latency_us(&self) -> Option<f64>;
@@ -178,7 +181,13 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                     membership,
                 ),
             );
+            // After log damage the segment may lack records it acknowledged
+            // (an open hole, up to u64::MAX), until it holds what its peers hold.
+            let open_hole = local.missing.last().is_some_and(|&(_, upto)| upto == u64::MAX);
             core.set_local(id.pg, local);
+            if open_hole && let Some(scl) = core.caught_up(now(), id.pg) {
+                store.caught_up(id, scl);
+            }
         }
         if sampled_at.elapsed() >= FOREGROUND_SAMPLE {
             sampled_at = Instant::now();

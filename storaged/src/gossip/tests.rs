@@ -277,3 +277,22 @@ fn a_failed_request_is_not_asked_again_before_a_digest_interval() {
     core.on_digest(1 + interval, PG, 2, digest(50, 0)).unwrap();
     assert_eq!(pulls(&core.poll(1 + interval)).len(), 1);
 }
+
+/// A segment counts as holding what its peers hold only when enough of
+/// them were heard lately (a commit is on 3 peers besides it, at most 2
+/// may be unheard) and none is ahead of it.
+#[test]
+fn caught_up_needs_three_fresh_peers_none_ahead() {
+    let mut core = core_at(50);
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    core.on_digest(0, PG, 3, digest(40, 0)).unwrap();
+    assert_eq!(core.caught_up(0, PG), None, "two peers heard");
+    core.on_digest(0, PG, 4, digest(50, 0)).unwrap();
+    assert_eq!(core.caught_up(0, PG), Some(50));
+    core.on_digest(1, PG, 5, digest(60, 0)).unwrap();
+    assert_eq!(core.caught_up(1, PG), None, "peer 5 is ahead");
+    // Long unheard, the peers' word is stale.
+    let stale = unpaced().digest_interval_ms * unpaced().digest_stale_intervals + 10;
+    core.on_digest(stale, PG, 5, digest(50, 0)).unwrap();
+    assert_eq!(core.caught_up(stale, PG), None, "only peer 5 is fresh");
+}

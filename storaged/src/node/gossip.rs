@@ -337,6 +337,21 @@ impl crate::gossip::shell::Store for Node {
         Node::hydrate_abort(self, id)
     }
 
+    fn caught_up(&self, id: SegmentId, scl: u64) {
+        let mut st = self.state();
+        if let Ok(s) = st.seg_mut(id)
+            && s.seg.scl() >= scl
+            && s.seg.clear_log_damage()
+        {
+            tracing::info!(
+                volume = id.volume,
+                pg = id.pg,
+                scl,
+                "the segment holds everything its peers hold: what log damage took from it is back"
+            );
+        }
+    }
+
     fn foreground_latency_us(&self) -> Option<f64> {
         self.take_foreground_latency()
     }
