@@ -1,0 +1,279 @@
+//! Repair between peers, with the real daemons on 127.0.0.1: a segment that
+//! lacks records — its node was down while more than computed holds was
+//! written, its log had damaged blocks, its device was reformatted — refills
+//! from its PG's peers by gossip, and then carries the write quorum with
+//! two other nodes down, every acknowledged commit read back
+//! (`storbench --verify-only` over the journal of the commits made while it
+//! was behind).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// How long a node may take to catch up, at most (a few MiB on a debug build).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+
+fn storaged_bin() -> std::path::PathBuf {
+    Path::new(STORCTL).with_file_name("storaged")
+}
+
+/// A dev cluster whose computed holds little for a lagging segment, so a
+/// node down for a few seconds of commits needs repair to catch up.
+fn cluster_with_small_hold() -> ClusterDir {
+    let c = ClusterDir::new();
+    let out = c.up(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
+    let file = c.cluster_file();
+    let toml = std::fs::read_to_string(&file).unwrap();
+    let toml = toml.replacen("[computed]\n", "[computed]\npg_held_bytes_max = \"64k\"\n", 1);
+    std::fs::write(&file, toml).unwrap();
+    let out = storctl(&["dev-cluster", "up", "--dir", &c.arg(), "--keep"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    c
+}
+
+fn node_address(c: &ClusterDir, node: u64) -> SocketAddr {
+    let cluster = computed::cluster::Cluster::load(Path::new(&c.cluster_file())).unwrap();
+    cluster.nodes.iter().find(|n| n.id == node).unwrap().address
+}
+
+fn kill_node(c: &ClusterDir, node: u64) {
+    let pid = node_pid(c, node).unwrap_or_else(|| c.pid(&format!("storaged-{node}")));
+    // SAFETY: a daemon this test started, by its PID.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        wait_until(Duration::from_secs(10), || pid_gone(pid)),
+        "storaged-{node} did not die"
+    );
+}
+
+/// The PID of the storaged serving `DIR/devN`, however it was started.
+fn node_pid(c: &ClusterDir, node: u64) -> Option<i32> {
+    let dev = format!("{}/dev{node}", c.arg());
+    procs_in(&c.path()).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|cmd| cmd.split(|&b| b == 0).any(|a| a == dev.as_bytes()))
+            .unwrap_or(false)
+    })
+}
+
+/// Start node `node` again on its device, as the dev cluster did; returns
+/// once it listens.
+fn start_node(c: &ClusterDir, node: u64) {
+    let log = c.path().join("logs").join(format!("storaged-{node}.again.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let dev = format!("{}/dev{node}", c.arg());
+    let addr = node_address(c, node).to_string();
+    let child = Command::new(storaged_bin())
+        .args(["run", "--device", &dev, "--listen", &addr])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    // Reaped by the ClusterDir's drop (by PID), like the dev cluster's own.
+    std::mem::forget(child);
+    let up = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+    });
+    assert!(
+        up,
+        "storaged-{node} did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// The last lines of a daemon's log, for a failure's message.
+fn log_tail(c: &ClusterDir, name: &str) -> String {
+    let text = std::fs::read_to_string(c.path().join("logs").join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "--- {name}.log:\n{}",
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
+}
+
+fn status(c: &ClusterDir) -> serde_json::Value {
+    let out = storctl(&["status", "--cluster", &c.cluster_file(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Every segment of `node` is at its PG's PGCL, with no holes.
+fn caught_up(c: &ClusterDir, node: u64) -> bool {
+    let v = status(c);
+    let Some(pgs) = v["pgs"].as_array() else { return false };
+    pgs.iter().all(|pg| {
+        let pgcl = pg["pgcl"].as_u64().unwrap_or(u64::MAX);
+        pg["segments"].as_array().is_some_and(|segs| {
+            segs.iter().filter(|s| s["node"] == node).all(|s| {
+                s["scl"].as_u64().is_some_and(|scl| scl >= pgcl) && s["holes"].as_array().is_none_or(|h| h.is_empty())
+            })
+        })
+    })
+}
+
+/// Commits for a few seconds, each acknowledged one journaled; with
+/// `kill_midway`, that node is killed (SIGKILL) half way through.
+fn commit_with_journal(c: &ClusterDir, journal: &Path, seconds: u64, kill_midway: Option<u64>) {
+    let runtime = format!("--runtime={seconds}");
+    let journal = journal.to_string_lossy();
+    let child = Command::new(STORBENCH)
+        .args([
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            &runtime,
+            "--iodepth=8",
+            "--bs=4096",
+            "--verify",
+            "--verify-journal",
+            &journal,
+            "--output-format=json",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(node) = kill_midway {
+        std::thread::sleep(Duration::from_millis(seconds * 500));
+        kill_node(c, node);
+    }
+    let out = wait_bounded(child, COMMAND_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// With `down` stopped for good, the journal's commits all read back and
+/// new commits are acknowledged (they need `node` for 4 of 6).
+fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &Path) {
+    for other in down {
+        kill_node(c, other);
+    }
+    let journal_arg = journal.to_string_lossy();
+    let verify = run(
+        STORBENCH,
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            "--verify-only",
+            "--verify-journal",
+            &journal_arg,
+        ],
+    );
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
+    assert!(
+        text(&verify.stderr).contains("0 missing, 0 wrong"),
+        "{}",
+        text(&verify.stderr)
+    );
+    let more = run(
+        STORBENCH,
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            "--runtime=2",
+            "--iodepth=4",
+            "--bs=512",
+            "--verify",
+        ],
+    );
+    assert_eq!(
+        more.status.code(),
+        Some(0),
+        "commits with node {node} and three others: {}",
+        text(&more.stderr)
+    );
+}
+
+#[test]
+fn a_node_down_past_computeds_hold_catches_up_by_gossip_and_carries_the_quorum() {
+    let c = cluster_with_small_hold();
+    let journal = c.path().join("journal");
+    kill_node(&c, 6);
+    commit_with_journal(&c, &journal, 3, None);
+    assert!(!caught_up(&c, 6), "node 6 was down: {}", status(&c));
+    start_node(&c, 6);
+    assert!(
+        wait_until(CATCH_UP_LIMIT, || caught_up(&c, 6)),
+        "node 6 did not catch up: {}\n{}\n{}",
+        status(&c),
+        log_tail(&c, "storaged-6.again"),
+        log_tail(&c, "storaged-1")
+    );
+    carries_the_quorum(&c, 6, [4, 5], &journal);
+}
+
+#[test]
+fn a_node_with_damaged_log_blocks_refills_its_holes_and_carries_the_quorum() {
+    let c = cluster_with_small_hold();
+    let journal = c.path().join("journal");
+    // Killed under load: its log holds records not yet coalesced.
+    commit_with_journal(&c, &journal, 4, Some(6));
+    // Three blocks in the middle of node 6's live log.
+    let dev = c.path().join("dev6");
+    let dev_arg = dev.to_string_lossy().into_owned();
+    let inspect = storctl(&["inspect", "--device", &dev_arg, "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let (tail, head) = (
+        report["log"]["tail_seq"].as_u64().unwrap(),
+        report["log"]["head_seq"].as_u64().unwrap(),
+    );
+    assert!(head > tail + 16, "node 6's live log is too short to damage: {report}");
+    let log_start = report["superblock"]["log_start_block"].as_u64().unwrap();
+    let log_blocks = report["superblock"]["log_blocks"].as_u64().unwrap();
+    let middle = tail + (head - tail) / 2;
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        for seq in middle..middle + 3 {
+            let block = log_start + (seq - 1) % log_blocks;
+            f.write_all_at(&[0xA5; 512], block * 4096 + 1024).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    start_node(&c, 6);
+    assert!(
+        wait_until(CATCH_UP_LIMIT, || caught_up(&c, 6)),
+        "node 6 did not refill its holes: {}\n{}\n{}",
+        status(&c),
+        log_tail(&c, "storaged-6.again"),
+        log_tail(&c, "storaged-1")
+    );
+    carries_the_quorum(&c, 6, [4, 5], &journal);
+}
+
+#[test]
+fn a_reformatted_node_refills_every_segment_it_holds_and_carries_the_quorum() {
+    let c = cluster_with_small_hold();
+    let journal = c.path().join("journal");
+    commit_with_journal(&c, &journal, 3, None);
+    kill_node(&c, 6);
+    let dev = format!("{}/dev6", c.arg());
+    let format = run(
+        storaged_bin().to_str().unwrap(),
+        &["format", "--device", &dev, "--node-id", "6", "--force"],
+    );
+    assert_eq!(format.status.code(), Some(0), "{}", text(&format.stderr));
+    start_node(&c, 6);
+    assert!(
+        wait_until(CATCH_UP_LIMIT, || caught_up(&c, 6)),
+        "reformatted node 6 did not refill: {}\n{}\n{}",
+        status(&c),
+        log_tail(&c, "storaged-6.again"),
+        log_tail(&c, "storaged-1")
+    );
+    carries_the_quorum(&c, 6, [4, 5], &journal);
+}
