@@ -102,6 +102,11 @@ pub struct WriterConfig {
     pub resend_after_us: Option<u64>,
     /// After a refused batch, wait this long before sending to that segment again.
     pub retry_after_us: u64,
+    /// A segment whose known SCL is behind (below its PG's highest, or
+    /// below what it was sent) with nothing in flight to it is asked its
+    /// status at most this often: gossip repair raises its SCL without a
+    /// reply from it.
+    pub status_ask_us: u64,
     /// Truncation ranges of this epoch (from recovery): a segment that
     /// missed them answers `EpochNotInstalled` and is sent them first.
     pub annulled: Vec<(u64, u64)>,
@@ -137,6 +142,7 @@ impl WriterConfig {
             read_hedge_after_us: 50_000,
             resend_after_us: None,
             retry_after_us: 100_000,
+            status_ask_us: 1_000_000,
             annulled: Vec::new(),
         }
     }
@@ -268,6 +274,10 @@ struct Slot {
     inflight_bytes: usize,
     /// No sends before this time (after a refusal).
     paused_until_us: u64,
+    /// A status ask is unanswered on the current connection.
+    status_asked: bool,
+    /// When its status was last asked (asks of a segment behind are spaced).
+    status_asked_us: u64,
     /// Recent reply latency (exponential average), to pick whom to read from.
     latency_us: u64,
 }
@@ -406,6 +416,8 @@ impl<T> Writer<T> {
                         inflight_batches: 0,
                         inflight_bytes: 0,
                         paused_until_us: 0,
+                        status_asked: false,
+                        status_asked_us: 0,
                         latency_us: 0,
                     })
                     .collect(),
@@ -750,26 +762,30 @@ impl<T> Writer<T> {
                 let slot = &mut pg.slots[slot_no];
                 slot.sent_through = slot.scl.max(pg.released_through);
                 pg.dirty = true;
-                let request = self.next_request;
-                self.next_request += 1;
-                self.pending.insert(
-                    request,
-                    Pending::Status {
-                        pg: pg_no as u32,
-                        slot: slot_no,
-                    },
-                );
-                self.outputs.push(Output::Request {
-                    node,
-                    request,
-                    message: Message::GetSegmentStatus {
-                        volume: self.config.volume,
-                        epoch: self.config.epoch,
-                        pg: pg_no as u32,
-                    },
-                });
+                self.ask_status(pg_no as u32, slot_no);
             }
         }
+    }
+
+    /// Ask a segment where it stands (`GetSegmentStatus`); the answer is
+    /// taken as any report of its SCL.
+    fn ask_status(&mut self, pg: u32, slot: usize) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let s = &mut self.pgs[pg as usize].slots[slot];
+        s.status_asked = true;
+        s.status_asked_us = self.now_us;
+        let node = s.node;
+        self.pending.insert(request, Pending::Status { pg, slot });
+        self.outputs.push(Output::Request {
+            node,
+            request,
+            message: Message::GetSegmentStatus {
+                volume: self.config.volume,
+                epoch: self.config.epoch,
+                pg,
+            },
+        });
     }
 
     /// The connection to `node` is gone: whatever was in flight on it is
@@ -784,6 +800,7 @@ impl<T> Writer<T> {
                 if slot.paused_until_us == u64::MAX {
                     slot.paused_until_us = 0; // its truncation was lost with the connection
                 }
+                slot.status_asked = false;
                 slot.inflight_batches = 0;
                 slot.inflight_bytes = 0;
                 slot.sent_through = slot.scl.max(pg.released_through);
@@ -928,7 +945,16 @@ impl<T> Writer<T> {
                 }
             }
             (Some(Pending::Status { pg, slot }), reply) => match reply {
-                Message::SegmentStatus { scl, incarnation, .. } => self.on_report(pg, slot, scl, incarnation),
+                Message::SegmentStatus {
+                    scl,
+                    incarnation,
+                    installed_epoch,
+                    ..
+                } => {
+                    self.pgs[pg as usize].slots[slot].status_asked = false;
+                    self.on_report(pg, slot, scl, incarnation);
+                    self.install_if_missed(pg, slot, installed_epoch);
+                }
                 Message::Error {
                     code: ErrorCode::UnknownSegment,
                     ..
@@ -937,6 +963,7 @@ impl<T> Writer<T> {
                     // its SCL is 0 under an incarnation its first ack names.
                     let p = &mut self.pgs[pg as usize];
                     let s = &mut p.slots[slot];
+                    s.status_asked = false;
                     if s.scl > 0 {
                         tracing::warn!(
                             node,
@@ -951,8 +978,11 @@ impl<T> Writer<T> {
                     p.dirty = true;
                     self.set_scl(pg, slot);
                 }
-                // Anything else: its acks will tell.
-                other => tracing::debug!(node, pg, reply = ?other, "segment status refused"),
+                // Anything else: its acks will tell, or the next ask.
+                other => {
+                    self.pgs[pg as usize].slots[slot].status_asked = false;
+                    tracing::debug!(node, pg, reply = ?other, "segment status refused");
+                }
             },
             (Some(Pending::Membership { pg, slot }), reply) => self.on_told(node, pg, slot, reply),
             (
@@ -1019,6 +1049,25 @@ impl<T> Writer<T> {
                 ranges: self.config.annulled.clone(),
             },
         });
+    }
+
+    /// A segment's status shows an installed epoch older than this
+    /// writer's: it missed a recovery, refuses this writer's appends, and
+    /// gossip will not repair it (peers at another installed epoch are
+    /// refused). Sent the truncation now, as after an `EpochNotInstalled`,
+    /// rather than at the next append, which an idle PG may never send.
+    /// At most one truncation is in flight per segment (`install`), and one
+    /// is lost with its connection.
+    fn install_if_missed(&mut self, pg: u32, slot: usize, installed_epoch: u64) {
+        if installed_epoch < self.config.epoch && self.pgs[pg as usize].slots[slot].up {
+            tracing::info!(
+                node = self.pgs[pg as usize].slots[slot].node,
+                pg,
+                installed_epoch,
+                "segment missed this writer's recovery; sending it the truncation"
+            );
+            self.install(pg, slot);
+        }
     }
 
     fn fence(&mut self, epoch: u64) {
@@ -1104,11 +1153,17 @@ impl<T> Writer<T> {
     /// each of its PGs, so only the first refusal of a connection is a WARN.
     fn on_told(&mut self, node: u64, pg: u32, slot: usize, reply: Message) {
         match reply {
-            Message::SegmentStatus { scl, incarnation, .. } => {
+            Message::SegmentStatus {
+                scl,
+                incarnation,
+                installed_epoch,
+                ..
+            } => {
                 // Told while still `Asked`: a new incarnation in this
                 // answer is one the node was told under.
                 self.on_report(pg, slot, scl, incarnation);
                 self.pgs[pg as usize].slots[slot].told = Told::Yes;
+                self.install_if_missed(pg, slot, installed_epoch);
             }
             Message::Error {
                 code: ErrorCode::EpochNotInstalled,
@@ -1458,6 +1513,23 @@ impl<T> Writer<T> {
                 }
                 pg.dirty = true;
             }
+            // A segment behind with nothing in flight learns nothing from
+            // acks; gossip may have caught it up since it last answered.
+            let highest = pg.slots.iter().map(|s| s.scl).max().unwrap_or(0);
+            for slot_no in 0..SEGMENTS_PER_PG {
+                let s = &self.pgs[pg_no].slots[slot_no];
+                let behind = s.scl < highest.max(s.sent_through);
+                if s.up
+                    && behind
+                    && !s.status_asked
+                    && s.inflight_batches == 0
+                    && s.paused_until_us != u64::MAX
+                    && now_us >= s.status_asked_us.saturating_add(self.config.status_ask_us)
+                {
+                    self.ask_status(pg_no as u32, slot_no);
+                }
+            }
+            let pg = &mut self.pgs[pg_no];
             // PGMRPL: the lowest read point a reader of this PG still holds.
             let mut pgmrpl = pg.durable_tail;
             for r in self.reads.values().filter(|r| r.pg as usize == pg_no) {

@@ -24,6 +24,7 @@ fn config() -> WriterConfig {
         read_hedge_after_us: 1000,
         resend_after_us: None,
         retry_after_us: 100,
+        status_ask_us: 10_000,
         annulled: Vec::new(),
     }
 }
@@ -903,4 +904,107 @@ fn a_recovered_writer_tells_the_segments_up_at_its_start() {
     assert!(last_telling < first_append, "told before the first append");
     w.node_up(6);
     assert_eq!(told_pairs(&tellings_at(&outputs(&mut w), 2)), segments_of(&[6]));
+}
+
+/// The truncations sent in `out`: (node, request, pg).
+fn truncations(out: &[Output<u32>]) -> Vec<(u64, u64, u32)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message: Message::Truncate { pg, .. },
+            } => Some((*node, *request, *pg)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A segment the writer let go of is caught up by its peers (gossip
+/// repair) with nothing sent to it: the writer asks a segment that is
+/// behind, with nothing in flight to it, where it stands — one ask at a
+/// time, spaced by `status_ask_us` — and an idle PG's commit waiting on it
+/// goes through.
+#[test]
+fn a_segment_behind_is_asked_again_and_its_repair_counts() {
+    let mut c = config();
+    c.pg_held_bytes_max = 1; // let go of what 4 segments have at once
+    let mut w: Writer<u32> = Writer::new(c, 0);
+    for n in 1..=6 {
+        w.node_up(n);
+    }
+    w.submit(1, vec![delta(1, 1)]).unwrap(); // PG 0, LSN 1
+    for (node, req, pg, _, last) in appends(&outputs(&mut w)) {
+        if node != 4 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(w.vdl(), 1);
+    assert_eq!(w.released_through(0), 1, "let go of once 4 held it");
+    // Node 4 lost the batch with its connection and comes back without it;
+    // then nodes 5 and 6 go down.
+    w.node_down(4);
+    w.node_up(4);
+    for (node, request, pg) in status_asks(&outputs(&mut w)) {
+        w.on_reply(node, request, status(pg, 0, INCARNATION));
+    }
+    w.node_down(5);
+    w.node_down(6);
+    w.submit(2, vec![delta(2, 1)]).unwrap(); // PG 0, LSN 2
+    for (node, req, pg, _, last) in appends(&outputs(&mut w)) {
+        // Node 4 lacks LSN 1: its SCL stays below the new record.
+        ack(&mut w, node, req, pg, if node == 4 { 0 } else { last });
+    }
+    assert!(commits(&outputs(&mut w)).is_empty(), "3 segments hold LSN 2");
+    // Gossip repair brings node 4 to LSN 2. The writer asks it, once.
+    w.tick(20_000);
+    let asks = status_asks(&outputs(&mut w));
+    assert_eq!(asks.iter().map(|a| (a.0, a.2)).collect::<Vec<_>>(), vec![(4, 0)]);
+    w.tick(40_000);
+    assert!(status_asks(&outputs(&mut w)).is_empty(), "one ask at a time");
+    let (node, request, pg) = asks[0];
+    w.on_reply(node, request, status(pg, 2, INCARNATION));
+    assert_eq!(commits(&outputs(&mut w)), vec![(2, 2)]);
+    // Caught up: not asked again.
+    w.tick(1_000_000);
+    assert!(status_asks(&outputs(&mut w)).is_empty());
+}
+
+/// A segment whose status shows an older installed epoch missed this
+/// writer's recovery: it is sent the truncation at once, as when it refuses
+/// an append, so an idle PG's segment installs the epoch (and gossip can
+/// repair it). One truncation at a time.
+#[test]
+fn a_status_showing_an_older_installed_epoch_sends_the_truncation() {
+    let mut c = config();
+    c.epoch = 2;
+    c.annulled = vec![(5, 9)];
+    let mut w: Writer<u32> = Writer::new(c, 0);
+    w.node_up(3);
+    let out = outputs(&mut w);
+    let asks = status_asks(&out);
+    assert_eq!(asks.len(), 2, "node 3 holds a segment of each PG");
+    let tells = tellings_at(&out, 2);
+    let with_installed = |pg, installed| {
+        let mut m = status(pg, 0, INCARNATION);
+        if let Message::SegmentStatus { installed_epoch, .. } = &mut m {
+            *installed_epoch = installed;
+        }
+        m
+    };
+    // PG 0's segment installed epoch 1, PG 1's this writer's.
+    w.on_reply(3, asks[0].1, with_installed(asks[0].2, 1));
+    w.on_reply(3, asks[1].1, with_installed(asks[1].2, 2));
+    let t = truncations(&outputs(&mut w));
+    assert_eq!(t.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>(), vec![(3, asks[0].2)]);
+    // While it is unanswered, another status showing the old epoch (the
+    // answer to its membership) sends none.
+    let tell = tells.iter().find(|x| x.2 == asks[0].2).unwrap();
+    w.on_reply(3, tell.1, with_installed(tell.2, 1));
+    assert!(truncations(&outputs(&mut w)).is_empty(), "one truncation at a time");
+    // Installed: appends to it go.
+    w.on_reply(3, t[0].1, with_installed(asks[0].2, 2));
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    assert_eq!(sends.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(), vec![(3, 0)]);
 }

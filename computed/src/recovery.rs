@@ -123,6 +123,8 @@ struct SlotState {
     incarnation: Option<u64>,
     /// A request of the current phase is in flight.
     asked: bool,
+    /// The tick its status was last asked at while it was behind the floor.
+    status_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -790,6 +792,9 @@ impl Recovery {
                         },
                     );
                     self.slots[pg][slot].asked = true;
+                    if matches!(msg, Message::GetSegmentStatus { .. }) {
+                        self.slots[pg][slot].status_at = Some(self.ticks);
+                    }
                     self.outputs.push((node, request, msg));
                 }
             }
@@ -854,8 +859,15 @@ impl Recovery {
                     .collect();
                 if records.first().is_none_or(|r| r.record().prev_lsn_pg > scl) {
                     // Behind the floor: what it lacks is only in page versions
-                    // elsewhere (storage-side repair); the quorum does without it.
-                    return None;
+                    // elsewhere (storage-side repair); the quorum does without
+                    // it, unless it has to wait for it. Gossip repair raises
+                    // its SCL with no answer to recovery: asked now and then.
+                    let due = s.status_at.is_none_or(|at| self.ticks >= at + REASK_TICKS);
+                    return due.then_some(Message::GetSegmentStatus {
+                        volume,
+                        epoch: self.epoch,
+                        pg: pg_no,
+                    });
                 }
                 Some(Message::Append {
                     volume,

@@ -89,12 +89,12 @@
 //! writer can still catch up must, and every page read through computed and
 //! straight from a caught-up segment must match the model; and every
 //! segment of every PG holds the PG's membership (epoch 1, its six nodes
-//! as the cluster file places them). Gossip repair: counted from the heal
-//! (one more transaction touching every PG is submitted then: a segment that
-//! missed a recovery installs the writer's epoch only when an append of it
-//! reaches it, and gossip pulls only between segments of one installed
-//! epoch), within `REPAIR_TICKS` every segment of every PG that holds a
-//! membership — the ones the writer let go of too — reaches its PG's PGCL.
+//! as the cluster file places them). Gossip repair: counted from the heal,
+//! with no new transaction (a segment that missed a recovery installs the
+//! writer's epoch when its status shows it, and gossip pulls only between
+//! segments of one installed epoch), within `REPAIR_TICKS` every segment of
+//! every PG that holds a membership — the ones the writer let go of too —
+//! reaches its PG's PGCL.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -409,10 +409,6 @@ struct Sim {
     /// Records dropped from logs as damaged, and records segments took from peers.
     damaged: u64,
     repaired: u64,
-    /// Per (node, PG): the SCL computed last heard from the segment (since
-    /// its last crash). computed learns SCLs only from replies: one gossip
-    /// raised since is unknown to it.
-    reported: HashMap<(usize, u32), u64>,
 }
 
 impl Sim {
@@ -485,7 +481,6 @@ impl Sim {
             verified: HashMap::new(),
             damaged: 0,
             repaired: 0,
-            reported: HashMap::new(),
         };
         for node in 0..NODES {
             let d = sim.rng.u64(0..1000);
@@ -670,7 +665,6 @@ impl Sim {
     /// go, with all in flight on them; a new recovery starts.
     fn crash_computed(&mut self) {
         self.computed_crashes += 1;
-        self.reported.clear();
         for node in 0..NODES {
             self.conn[node] = (self.conn[node].0 + 1, false);
             let d = self.rng.u64(1_000..20_000);
@@ -719,9 +713,6 @@ impl Sim {
                 let msg = self.msgs.remove(&msg).expect("message");
                 if self.conn[node] == (conn, true) {
                     let id = node as u64 + 1;
-                    if let Message::AppendAck { pg, scl, .. } | Message::SegmentStatus { pg, scl, .. } = &msg {
-                        self.reported.insert((node, *pg), *scl);
-                    }
                     match &mut self.computed {
                         Computed::Recovering(r) => r.on_reply(id, request, msg),
                         Computed::Serving(w) => w.on_reply(id, request, msg),
@@ -1219,25 +1210,6 @@ impl Sim {
         self.unallocated.push_back(token);
     }
 
-    /// A transaction writing a small range of one page of every PG.
-    fn write_every_pg(&mut self) {
-        let token = self.next_token;
-        self.next_token += 1;
-        let writes: Vec<PageWrite> = (0..PGS)
-            .map(|pg| PageWrite::Range {
-                page: u64::from(pg) * PG_PAGES + self.rng.u64(..PG_PAGES),
-                offset: self.rng.u32(..(PAGE_BYTES - 8) as u32),
-                bytes: token.to_le_bytes().to_vec(),
-            })
-            .collect();
-        let Computed::Serving(w) = &mut self.computed else {
-            panic!("computed recovering after the liveness check");
-        };
-        w.submit(token, writes.clone()).expect("submit");
-        self.txns.insert(token, writes);
-        self.unallocated.push_back(token);
-    }
-
     /// Give LSNs to the transactions the writer allocated since the last
     /// call: it allocates in submission order, contiguously.
     fn account_allocations(&mut self) {
@@ -1577,27 +1549,11 @@ impl Sim {
             .map(|s| s.table.pgmrpl)
             .max()
             .unwrap_or(0);
-        // And so as computed knows it: it learns a segment's SCL only from
-        // its replies, so one that gossip repaired after the writer let it
-        // go (or after recovery found it behind its floor) counts for what
-        // it last said until computed hears from it again.
-        let known = |sim: &Sim, pg: u32, slot: usize| {
-            let n = sim.placement[pg as usize][slot] as usize - 1;
-            let reported = sim.reported.get(&(n, pg)).copied().unwrap_or(0);
-            reported >= floor
-                && match &sim.computed {
-                    Computed::Serving(w) => w.scls(pg)[slot] >= w.released_through(pg),
-                    Computed::Recovering(_) => true,
-                }
-        };
         let catchable = |sim: &Sim, out: &[usize]| {
             (0..PGS).all(|pg| {
                 let n = sim.placement[pg as usize]
                     .iter()
-                    .enumerate()
-                    .filter(|&(slot, &n)| {
-                        !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor && known(sim, pg, slot)
-                    })
+                    .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
                     .count();
                 n >= 4
             })
@@ -1727,12 +1683,6 @@ impl Sim {
             self.schedule(1_000, Event::Reconnect { node });
         }
         let repair_deadline = self.now + REPAIR_TICKS * TICK_US;
-        // One more transaction, touching every PG: a segment that missed a
-        // recovery installs the writer's epoch only when an append of that
-        // epoch reaches it (refused `EpochNotInstalled`, the writer sends the
-        // truncation), and gossip pulls only between segments of one
-        // installed epoch.
-        self.write_every_pg();
         let deadline = self.now + 60_000_000;
         while busy(self) && self.now < deadline {
             assert!(self.step(), "no events left");
