@@ -411,30 +411,28 @@ async fn hydrate<S: Store>(
     let mut page = first;
     let mut floor = u64::MAX;
     let mut total = 0;
-    while page < end {
-        let msg = Message::GetPageVersions {
-            volume: view.id.volume,
-            pg: view.id.pg,
-            installed_epoch: view.digest.installed_epoch,
-            membership_epoch: view.digest.membership_epoch,
-            first_page: page,
-            max_bytes: HYDRATE_BATCH_BYTES,
-        };
-        let (batch_floor, next_page, versions) = match peers.request(me, from, addr, msg).await? {
-            Message::PageVersions {
-                floor,
-                next_page,
-                versions,
-                ..
-            } => (floor, next_page, versions),
-            other => return Err(format!("answered {:?} to GetPageVersions", other.kind())),
-        };
+    if page >= end {
+        let scl = store.hydrate_end(view.id, 0).await?;
+        return Ok((scl, 0));
+    }
+    // The next batch is fetched while this one is written.
+    let mut fetched = fetch_versions(peers, me, from, addr, view, page).await?;
+    loop {
+        let (batch_floor, next_page, versions) = fetched;
         if next_page <= page {
             return Err(format!("node {from} did not move on from page {page}"));
         }
         floor = floor.min(batch_floor);
         let bytes: u64 = versions.iter().map(|v| v.bytes.len() as u64).sum();
-        store.hydrate_pages(view.id, versions).await?;
+        let more = next_page < end;
+        let (written, next) = tokio::join!(store.hydrate_pages(view.id, versions), async {
+            if more {
+                Some(fetch_versions(peers, me, from, addr, view, next_page).await)
+            } else {
+                None
+            }
+        });
+        written?;
         total += bytes;
         let _ = tx
             .send(Outcome::Progress {
@@ -444,10 +442,42 @@ async fn hydrate<S: Store>(
             })
             .await;
         page = next_page;
+        match next {
+            Some(batch) => fetched = batch?,
+            None => break,
+        }
     }
     let floor = if floor == u64::MAX { 0 } else { floor };
     let scl = store.hydrate_end(view.id, floor).await?;
     Ok((scl, total))
+}
+
+/// One `GetPageVersions` batch from `from`: (floor, next page, versions).
+async fn fetch_versions(
+    peers: &Peers,
+    me: NodeId,
+    from: NodeId,
+    addr: SocketAddr,
+    view: SegmentView,
+    first_page: u64,
+) -> Result<(u64, u64, Vec<WirePageVersion>), String> {
+    let msg = Message::GetPageVersions {
+        volume: view.id.volume,
+        pg: view.id.pg,
+        installed_epoch: view.digest.installed_epoch,
+        membership_epoch: view.digest.membership_epoch,
+        first_page,
+        max_bytes: HYDRATE_BATCH_BYTES,
+    };
+    match peers.request(me, from, addr, msg).await? {
+        Message::PageVersions {
+            floor,
+            next_page,
+            versions,
+            ..
+        } => Ok((floor, next_page, versions)),
+        other => Err(format!("answered {:?} to GetPageVersions", other.kind())),
+    }
 }
 
 /// Page bytes one `GetPageVersions` brings at most.

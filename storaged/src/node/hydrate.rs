@@ -47,6 +47,8 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::future::join_all;
+
 use super::{Node, NodeError, SegState, SlotState};
 use crate::io::AlignedBuf;
 use crate::log::layout::block_offset;
@@ -60,6 +62,8 @@ pub(super) const REBUILD_UNDER_WAY: u64 = u64::MAX;
 /// Pages one `page_versions` call looks at, at most: a batch of a sparse
 /// segment ends there (fewer versions, `next_page` says where to go on).
 const PAGES_LOOKED_AT_MAX: u64 = 4096;
+/// Page reads (serving) or read-and-writes (hydrating) in flight at once.
+const IO_PARALLEL: usize = 32;
 
 /// A hydration in progress on one segment.
 #[derive(Debug, Default)]
@@ -117,31 +121,48 @@ impl Node {
         let mut versions = Vec::new();
         let mut bytes = 0;
         let mut page = first_page;
-        while page < stop {
-            if !versions.is_empty() && bytes + page_bytes > max_bytes {
-                break;
+        // Pages are read IO_PARALLEL at a time (one read each would leave
+        // the device idle between them); a chunk's versions are taken in
+        // page order until the byte bound.
+        'chunks: while page < stop {
+            let chunk: Vec<u64> = (page..stop.min(page + IO_PARALLEL as u64)).collect();
+            let reads = join_all(chunk.iter().map(|&p| self.current_version(id, &extent, p - first, p))).await;
+            for (p, current) in chunk.into_iter().zip(reads) {
+                if let Current::Version { version, .. } = current? {
+                    if !versions.is_empty() && bytes + page_bytes > max_bytes {
+                        break 'chunks;
+                    }
+                    bytes += page_bytes;
+                    versions.push(WirePageVersion {
+                        page: p,
+                        lsn: version.lsn,
+                        bytes: version.bytes,
+                    });
+                }
+                page = p + 1;
             }
-            let local = page - first;
-            // As GetPage: the version read stays current while it is read.
-            let _stripe = self.stripe(id, page).read().await;
-            let (known, torn_after) = {
-                let st = self.state();
-                let s = st.seg(id)?;
-                (s.slot_state(local), s.torn_after(local))
-            };
-            let current = self.read_current(id, &extent, page, local, known, torn_after).await?;
-            self.state().seg_mut(id)?.set_slot_state(local, SlotState::of(&current));
-            if let Current::Version { version, .. } = current {
-                bytes += page_bytes;
-                versions.push(WirePageVersion {
-                    page,
-                    lsn: version.lsn,
-                    bytes: version.bytes,
-                });
-            }
-            page += 1;
         }
         Ok((floor, page, versions))
+    }
+
+    /// The current version of `page` (local index `local`), read as GetPage
+    /// reads it: the version stays current while it is read.
+    async fn current_version(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        local: u64,
+        page: u64,
+    ) -> Result<Current, NodeError> {
+        let _stripe = self.stripe(id, page).read().await;
+        let (known, torn_after) = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            (s.slot_state(local), s.torn_after(local))
+        };
+        let current = self.read_current(id, extent, page, local, known, torn_after).await?;
+        self.state().seg_mut(id)?.set_slot_state(local, SlotState::of(&current));
+        Ok(current)
     }
 
     /// Begin rebuilding segment `id` from a peer's page versions: its pages
@@ -217,12 +238,17 @@ impl Node {
                 )));
             }
         }
-        for v in versions {
-            let page = v.page;
-            let held = self.hydrate_page(id, &extent, coalesced, v).await?;
+        // IO_PARALLEL pages at a time: each is a read and a durable write.
+        let mut versions = versions.into_iter().peekable();
+        while versions.peek().is_some() {
+            let chunk: Vec<WirePageVersion> = versions.by_ref().take(IO_PARALLEL).collect();
+            let pages: Vec<u64> = chunk.iter().map(|v| v.page).collect();
+            let held = join_all(chunk.into_iter().map(|v| self.hydrate_page(id, &extent, coalesced, v))).await;
             let mut st = self.state();
-            if let (Some(lsn), Some(h)) = (held, st.seg_mut(id)?.hydration.as_mut()) {
-                h.pages.insert(page, lsn);
+            for (page, held) in pages.into_iter().zip(held) {
+                if let (Some(lsn), Some(h)) = (held?, st.seg_mut(id)?.hydration.as_mut()) {
+                    h.pages.insert(page, lsn);
+                }
             }
         }
         Ok(())
@@ -310,7 +336,10 @@ impl Node {
         let at = extent.slot_block(local, slot);
         let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
         pagestore::encode_version(&mut buf, self.device_id, extent, id, page, at, version);
-        let (_, result) = self.io.write(block_offset(at), buf).await;
+        // Durable at `hydrate_end`'s flush, before the table says the
+        // rebuild is over; until then a crash leaves the rebuild marked,
+        // where a torn or lost slot is a torn write.
+        let (_, result) = self.io.write_volatile(block_offset(at), buf).await;
         result?;
         Ok(())
     }
@@ -341,10 +370,15 @@ impl Node {
         // it. Both slots get the version (a crash before the table write
         // below leaves the rebuild marked, where either slot is safe).
         if let Some(extent) = extent {
-            for page in above {
-                self.copy_to_both_slots(id, &extent, page).await?;
+            for chunk in above.chunks(IO_PARALLEL) {
+                for copied in join_all(chunk.iter().map(|&page| self.copy_to_both_slots(id, &extent, page))).await {
+                    copied?;
+                }
             }
         }
+        // Every version written since `hydrate_begin` is durable before the
+        // table ends the rebuild.
+        self.io.flush().await?;
         let entry = self
             .update_entry(id, |e, _| {
                 let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;

@@ -496,6 +496,10 @@ type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 trait PageIo: Send + Sync {
     fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
+    /// A write durable only after a later [`PageIo::flush`]: hydration
+    /// writes many versions and makes them durable at once.
+    fn write_volatile(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
+    fn flush(&self) -> IoFuture<Result<(), IoError>>;
     fn write_table(&self, device_id: DeviceId, table: SegmentTable) -> IoFuture<Result<SegmentTable, TableError>>;
 }
 
@@ -510,6 +514,16 @@ impl<D: BlockIo> PageIo for DevIo<D> {
     fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
         let dev = self.0.clone();
         Box::pin(async move { dev.write(offset, buf, Durability::Durable).await })
+    }
+
+    fn write_volatile(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
+        let dev = self.0.clone();
+        Box::pin(async move { dev.write(offset, buf, Durability::Volatile).await })
+    }
+
+    fn flush(&self) -> IoFuture<Result<(), IoError>> {
+        let dev = self.0.clone();
+        Box::pin(async move { dev.flush().await })
     }
 
     fn write_table(&self, device_id: DeviceId, mut table: SegmentTable) -> IoFuture<Result<SegmentTable, TableError>> {
