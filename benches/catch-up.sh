@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# How fast a segment far behind catches up from its peers (gossip repair), and
+# what that costs the foreground: one run, on one machine, a 6-node dev cluster
+# of release binaries with one PG, on file devices under --dir.
+# Benchmarks are not tests: exits 0 unless a tool is missing or a step fails.
+#
+# Phases (each round runs them in order; --rounds N gives medians):
+#   catch-up     node 6 is killed; storbench commits --mib MiB of 8 KiB page
+#                writes (8 pages per transaction, iodepth 32); computed holds
+#                only 1 MiB per PG for a lagging segment, so node 6's segment
+#                needs repair; node 6 starts again and `storctl status` is
+#                polled (every 50 ms) until its segment is at the PGCL with no
+#                holes. Rate = bytes of page versions it hydrated (its log
+#                says) / time from its "listening" line to caught up (which
+#                also covers pulling the records above them).
+#   foreground   commits (4 KiB, 1 page per transaction, iodepth 8) for
+#                --fg-runtime seconds with every node up and nothing to
+#                repair (the baseline), then the same while node 6 catches up
+#                from --mib MiB behind at full rate (started together); p99
+#                commit latency of each, and the ratio.
+#
+# Usage: benches/catch-up.sh [options]
+#   --mib N            MiB committed while node 6 is down (512)
+#   --rounds N         rounds; medians (1)
+#   --fg-runtime S     seconds of each foreground run (5)
+#   --dir DIR          where the devices go (/var/tmp/catch-up); a fresh run.*
+#                      directory under it is removed at the end
+#   --device-size S    each node's device (4g); its log is a quarter, at most 1g
+#   --json FILE        also write the figures as JSON to FILE (`-`: stdout)
+#   --no-build         use the existing target/release binaries
+#   -h, --help         this text
+# Env: CARGO_TARGET_DIR; KEEP_RUN=1 keeps the run directory (logs) at the end.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+MIB=512
+ROUNDS=1
+FG_RUNTIME=5
+DIR=/var/tmp/catch-up
+DEVICE_SIZE=4g
+JSON_OUT=""
+BUILD=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$CARGO_TARGET_DIR/release"
+
+usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "catch-up: $*" >&2; exit 1; }
+log() { echo "catch-up: $*" >&2; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --mib) MIB="${2:?--mib needs a value}"; shift 2 ;;
+        --rounds) ROUNDS="${2:?--rounds needs a value}"; shift 2 ;;
+        --fg-runtime) FG_RUNTIME="${2:?--fg-runtime needs a value}"; shift 2 ;;
+        --dir) DIR="${2:?--dir needs a value}"; shift 2 ;;
+        --device-size) DEVICE_SIZE="${2:?--device-size needs a value}"; shift 2 ;;
+        --json) JSON_OUT="${2:?--json needs a value}"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option $1" ;;
+    esac
+done
+for n in "$MIB" "$ROUNDS" "$FG_RUNTIME"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--mib, --rounds and --fg-runtime take positive integers, not '$n'"
+done
+command -v python3 >/dev/null || die "python3 is needed to read the JSON"
+
+if [ "$BUILD" = 1 ]; then
+    log "building storaged, computed, storctl, storbench (release)"
+    (cd "$ROOT" && cargo build --release -q --bin storaged --bin computed --bin storctl --bin storbench)
+fi
+for b in storaged computed storctl storbench; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without --no-build)"
+done
+
+mkdir -p "$DIR"
+RUN="$(mktemp -d "$DIR/run.XXXXXX")"
+cleanup() {
+    "$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null 2>&1 || true
+    if [ -n "${NODE6_PID:-}" ]; then kill -9 "$NODE6_PID" 2>/dev/null || true; fi
+    [ -n "${KEEP_RUN:-}" ] || rm -rf "$RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+CLUSTER="$RUN/cluster.toml"
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+now() { date +%s.%N; }
+
+node6_addr() {
+    python3 - "$CLUSTER" <<'EOF'
+import sys, tomllib
+c = tomllib.load(open(sys.argv[1], "rb"))
+print(next(n["address"] for n in c["nodes"] if n["id"] == 6))
+EOF
+}
+
+kill_node6() {
+    local pid
+    pid="${NODE6_PID:-$(cat "$RUN/pids/storaged-6.pid")}"
+    kill -9 "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    NODE6_PID=""
+}
+
+start_node6() {
+    local logf="$RUN/logs/storaged-6.round.log"
+    : >"$logf"
+    RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev6" --listen "$(node6_addr)" \
+        </dev/null >"$logf" 2>&1 &
+    NODE6_PID=$!
+    until grep -q "listening on" "$logf"; do
+        kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 did not start: $(tail -5 "$logf")"
+        sleep 0.01
+    done
+}
+
+# Node 6's segment is at the PGCL, with no holes.
+node6_caught_up() {
+    "$BIN/storctl" status --cluster "$CLUSTER" --json 2>/dev/null | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+ok = all(
+    s.get("scl") is not None and s["scl"] >= pg["pgcl"] and not (s.get("holes") or [])
+    for pg in v["pgs"] for s in pg["segments"] if s["node"] == 6
+)
+sys.exit(0 if ok else 1)' 2>/dev/null
+}
+
+commit_bytes() { # MiB → bytes committed (storbench's io_bytes)
+    "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
+        --iodepth=32 --size="${1}m" --output-format=json | json 'd["jobs"][0]["write"]["io_bytes"]'
+}
+
+foreground() { # seconds → p99 commit latency in µs
+    "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=4k --iodepth=8 \
+        --runtime="${1}" --output-format=json \
+        | json 'd["jobs"][0]["write"]["clat_ns"]["percentile"]["99.000000"] / 1000'
+}
+
+log "starting a 6-node dev cluster with one PG in $RUN (devices of $DEVICE_SIZE)"
+"$BIN/storctl" dev-cluster up --dir "$RUN" --device-size "$DEVICE_SIZE" --pgs 1 >/dev/null
+"$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null
+sed -i 's/^\[computed\]$/[computed]\npg_held_bytes_max = "1m"/' "$CLUSTER"
+"$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
+
+RATES=(); BASE=(); DURING=()
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round: catch-up of $MIB MiB"
+    kill_node6
+    bytes=$(commit_bytes "$MIB")
+    start_node6
+    t0=$(now)
+    until node6_caught_up; do sleep 0.05; done
+    t1=$(now)
+    # What node 6 fetched: page versions (its log says how many bytes per
+    # hydration) and the records pulled above them (not counted here).
+    hydrated=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
+        | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
+    rate=$(python3 -c "print(round($hydrated / ($t1 - $t0) / 1e6, 1))")
+    RATES+=("$rate")
+    log "  $bytes bytes committed while down; caught up in $(python3 -c "print(round($t1 - $t0, 2))") s, $hydrated bytes of page versions hydrated: $rate MB/s"
+
+    log "round $round: foreground p99, then the same while node 6 catches up"
+    base=$(foreground "$FG_RUNTIME")
+    kill_node6
+    commit_bytes "$MIB" >/dev/null
+    start_node6
+    during=$(foreground "$FG_RUNTIME")
+    until node6_caught_up; do sleep 0.05; done
+    BASE+=("$base"); DURING+=("$during")
+    log "  p99 $base µs alone, $during µs during catch-up"
+done
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+R=$(median "${RATES[@]}"); B=$(median "${BASE[@]}"); D=$(median "${DURING[@]}")
+RATIO=$(python3 -c "print(round($D / $B, 2))")
+printf '%-38s %12s\n' "catch-up rate (MB/s hydrated, median)" "$R" "foreground p99 alone (µs)" "$B" \
+    "foreground p99 during catch-up (µs)" "$D" "p99 ratio during / alone" "$RATIO"
+J=$(printf '{"mib":%s,"rounds":%s,"catch_up_mb_per_s":%s,"fg_p99_us":%s,"fg_p99_during_catch_up_us":%s,"p99_ratio":%s}' \
+    "$MIB" "$ROUNDS" "$R" "$B" "$D" "$RATIO")
+if [ "$JSON_OUT" = "-" ]; then echo "$J"; elif [ -n "$JSON_OUT" ]; then echo "$J" >"$JSON_OUT"; fi
