@@ -183,19 +183,7 @@ fn a_verify_journal_is_checked_after_computed_is_killed_and_restarted() {
     assert_eq!(journal_lines(&journal), 1 + commits + more);
 
     let mut computed = restart_computed(&c);
-    let verify_only = || {
-        run(
-            STORBENCH,
-            &[
-                "--engine=cluster",
-                "--cluster",
-                &c.cluster_file(),
-                "--verify-only",
-                "--verify-journal",
-                &journal_arg,
-            ],
-        )
-    };
+    let verify_only = || support::verify_only(&c.cluster_file(), &journal);
     let out = verify_only();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

@@ -160,18 +160,7 @@ fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &Path)
     for other in down {
         kill_node(c, other);
     }
-    let journal_arg = journal.to_string_lossy();
-    let verify = run(
-        STORBENCH,
-        &[
-            "--engine=cluster",
-            "--cluster",
-            &c.cluster_file(),
-            "--verify-only",
-            "--verify-journal",
-            &journal_arg,
-        ],
-    );
+    let verify = verify_only(&c.cluster_file(), journal);
     assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
     assert!(
         text(&verify.stderr).contains("0 missing, 0 wrong"),

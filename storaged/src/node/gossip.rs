@@ -13,7 +13,7 @@
 //! moves. What they must not be is annulled here: a record a recovery
 //! truncated never comes back, whoever serves it.
 
-use super::{Node, NodeError, PageGeometry, SegState, SegmentStatus, chain_records, same_geometry};
+use super::{Node, NodeError, PageGeometry, SegState, SegmentStatus, chain_records};
 use crate::gossip::{Digest, Local};
 use crate::membership::Membership;
 use crate::record::{RedoRecord, SegmentId, WireRecord};
@@ -100,12 +100,7 @@ impl Node {
         membership.check()?;
         let unchanged = {
             let mut st = self.state();
-            let gap_max = self.config.gap_records_max;
-            let s = st
-                .segments
-                .entry(id)
-                .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
-            same_geometry(id, s.geometry, geometry, "membership")?;
+            let s = st.seg_or_create(id, epoch, geometry, self.config.gap_records_max, "membership")?;
             if epoch < s.seg.epoch() {
                 return Err(SegmentError::StaleEpoch {
                     got: epoch,

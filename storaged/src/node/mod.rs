@@ -426,6 +426,24 @@ struct State {
 }
 
 impl State {
+    /// The segment `id`, created at `epoch` with `geometry` if the node
+    /// does not hold it; `what` names the request in a geometry mismatch.
+    fn seg_or_create(
+        &mut self,
+        id: SegmentId,
+        epoch: u64,
+        geometry: PageGeometry,
+        gap_max: usize,
+        what: &str,
+    ) -> Result<&mut SegState, NodeError> {
+        let s = self
+            .segments
+            .entry(id)
+            .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
+        same_geometry(id, s.geometry, geometry, what)?;
+        Ok(s)
+    }
+
     fn seg(&self, id: SegmentId) -> Result<&SegState, NodeError> {
         self.segments
             .get(&id)
@@ -916,12 +934,7 @@ impl Node {
         }
         let durable = {
             let mut st = self.state();
-            let gap_max = self.config.gap_records_max;
-            let s = st
-                .segments
-                .entry(id)
-                .or_insert_with(|| SegState::new(id, epoch, geometry, gap_max));
-            same_geometry(id, s.geometry, geometry, "request")?;
+            let s = st.seg_or_create(id, epoch, geometry, self.config.gap_records_max, "request")?;
             s.seg.check_epoch(epoch)?;
             s.durable_epoch.is_some_and(|e| e >= epoch)
         };

@@ -57,6 +57,22 @@ pub fn run(bin: &str, args: &[&str]) -> Output {
     wait_bounded(child, COMMAND_TIMEOUT)
 }
 
+/// `storbench --verify-only` of a journal against the cluster of `cluster_file`.
+pub fn verify_only(cluster_file: &str, journal: &Path) -> Output {
+    let journal = journal.to_string_lossy();
+    run(
+        STORBENCH,
+        &[
+            "--engine=cluster",
+            "--cluster",
+            cluster_file,
+            "--verify-only",
+            "--verify-journal",
+            &journal,
+        ],
+    )
+}
+
 pub fn storctl(args: &[&str]) -> Output {
     run(STORCTL, args)
 }
