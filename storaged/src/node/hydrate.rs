@@ -181,6 +181,10 @@ impl Node {
             (s.round_lsn == REBUILD_UNDER_WAY, s.seg.epoch())
         };
         let result = async {
+            // Versions an earlier, abandoned hydration wrote without a flush
+            // become durable first: this one may write over the other slot
+            // of those pages, which must not be the only durable version.
+            self.io.flush().await?;
             // A segment known only in memory gets its table entry and extent.
             self.ensure_durable(id, epoch).await?;
             if !marked {
@@ -364,6 +368,10 @@ impl Node {
                 .collect();
             (s.extent, above)
         };
+        // The versions written are made durable before their pages' other
+        // slots are written: until then the other slot holds the only
+        // durable version of each.
+        self.io.flush().await?;
         // A version above the new coalesced LSN must not rest on an older
         // one beside it: that one lacks changes the segment will no longer
         // hold, and a torn write of a later round would make start-up pick
