@@ -65,6 +65,9 @@ const FOREGROUND_SAMPLE: Duration = Duration::from_millis(200);
 const TICK: Duration = Duration::from_millis(20);
 /// Outcomes waiting to be taken; request tasks wait beyond.
 const OUTCOMES_MAX: usize = 256;
+/// Any request to a peer given up after this long (the core may have
+/// abandoned it sooner; see [`spawn`]).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection attempt or a digest exchange given up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -122,7 +125,14 @@ impl Peers {
     /// request opens a new one.
     async fn request(&self, me: NodeId, peer: NodeId, addr: SocketAddr, msg: Message) -> Result<Message, String> {
         let client = self.client(me, peer, addr).await.map_err(|e| e.to_string())?;
-        match client.request(msg).await {
+        let reply = match tokio::time::timeout(REQUEST_TIMEOUT, client.request(msg)).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                self.drop_client(peer);
+                return Err(format!("node {peer} did not answer within {REQUEST_TIMEOUT:?}"));
+            }
+        };
+        match reply {
             Ok(Message::Error { code, message, .. }) => Err(format!("{code:?}: {message}")),
             Ok(reply) => Ok(reply),
             Err(e) => {
@@ -208,7 +218,7 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                         let Some(addr) = address(membership, to) else { continue };
                         let (view, peers, tx) = (*view, peers.clone(), tx.clone());
                         // Not tracked: a digest exchange is bounded by its timeout.
-                        spawn(async move {
+                        tokio::spawn(async move {
                             let msg = Message::Digest {
                                 volume,
                                 pg,
@@ -250,16 +260,16 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                             continue;
                         };
                         let (view, peers, tx, store) = (*view, peers.clone(), tx.clone(), store.clone());
-                        let handle = spawn(async move {
-                            let outcome = match pull(&*store, &peers, me, to, addr, view, after, max_bytes).await {
+                        let work = async move {
+                            match pull(&*store, &peers, me, to, addr, view, after, max_bytes).await {
                                 Ok(bytes) => Outcome::Done { volume, id, bytes },
                                 Err(e) => {
                                     tracing::debug!(peer = to, pg, after, error = %e, "pull failed");
                                     Outcome::Failed { volume, id }
                                 }
-                            };
-                            let _ = tx.send(outcome).await;
-                        });
+                            }
+                        };
+                        let handle = spawn(work, tx);
                         tasks.insert((volume, id), handle);
                     }
                     Action::Hydrate { id, pg, from, at } => {
@@ -279,8 +289,9 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                             at,
                             "hydrating the segment from a peer: what it lacks was coalesced by every peer"
                         );
-                        let handle = spawn(async move {
-                            let outcome = match hydrate(&*store, &peers, me, from, addr, view, id, &tx).await {
+                        let progress = tx.clone();
+                        let work = async move {
+                            match hydrate(&*store, &peers, me, from, addr, view, id, &progress).await {
                                 Ok((scl, bytes)) => {
                                     tracing::info!(volume, pg, from, scl, bytes, "segment hydrated");
                                     Outcome::Done { volume, id, bytes }
@@ -290,9 +301,9 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                                     tracing::warn!(volume, pg, from, error = %e, "hydration failed; will try again");
                                     Outcome::Failed { volume, id }
                                 }
-                            };
-                            let _ = tx.send(outcome).await;
-                        });
+                            }
+                        };
+                        let handle = spawn(work, tx);
                         tasks.insert((volume, id), handle);
                     }
                     Action::Abandon { id } => {
@@ -309,8 +320,19 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
     }
 }
 
-fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> AbortHandle {
-    tokio::spawn(fut).abort_handle()
+/// Runs `work` to its end in a task of its own, which `Abandon` never
+/// cancels: the node's calls in it (an append of pulled records, a step of
+/// a hydration) must not stop half way, or a log pin or a rebuild mark
+/// would be left behind. Abandoning drops only the wait for it, and with it
+/// the outcome; every request in it ends by `REQUEST_TIMEOUT` at most.
+fn spawn<F: Future<Output = Outcome> + Send + 'static>(work: F, tx: mpsc::Sender<Outcome>) -> AbortHandle {
+    let inner = tokio::spawn(work);
+    tokio::spawn(async move {
+        if let Ok(outcome) = inner.await {
+            let _ = tx.send(outcome).await;
+        }
+    })
+    .abort_handle()
 }
 
 fn take(cores: &mut HashMap<u64, GossipCore>, tasks: &mut HashMap<(u64, u64), AbortHandle>, now: Millis, o: Outcome) {
