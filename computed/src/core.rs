@@ -1143,6 +1143,9 @@ impl<T> Writer<T> {
                 page_bytes: self.config.page_bytes as u32,
                 pg_pages: self.config.pg_pages,
                 membership: self.config.memberships[pg as usize].clone(),
+                // A segment this creates (a replaced disk) takes them as
+                // applied, so a later recovery's truncation is not refused.
+                annulled: self.config.annulled.clone(),
             },
         });
     }

@@ -671,6 +671,7 @@ fn tellings_at(out: &[Output<u32>], writer_epoch: u64) -> Vec<(u64, u64, u32)> {
                         page_bytes,
                         pg_pages,
                         membership,
+                        ..
                     },
             } => {
                 assert_eq!((*volume, *epoch), (config.volume, writer_epoch));

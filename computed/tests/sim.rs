@@ -1023,6 +1023,7 @@ impl Sim {
                 page_bytes,
                 pg_pages,
                 membership,
+                annulled,
                 ..
             } => {
                 if page_bytes != PAGE_BYTES as u32 || pg_pages != PG_PAGES {
@@ -1030,13 +1031,15 @@ impl Sim {
                 } else if let Err(e) = membership.check() {
                     Message::error(ErrorCode::BadRequest, 0, e.to_string())
                 } else {
-                    // A missing segment is created as by a first append.
+                    // A missing segment is created as by a first append,
+                    // with the writer's ranges taken as applied.
                     let s = self.nodes[node].segments.entry(pg).or_insert_with(|| {
                         SimSegment::new(
                             pg,
                             TableEntry {
                                 epoch,
                                 installed_epoch: epoch,
+                                annulled: union_ranges(annulled.into_iter()),
                                 ..TableEntry::default()
                             },
                         )

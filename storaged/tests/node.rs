@@ -677,6 +677,7 @@ fn gossip_requests_are_answered_for_member_storage_nodes_only() {
                 page_bytes: PAGE_BYTES,
                 pg_pages: PG_PAGES,
                 membership: membership(1),
+                annulled: Vec::new(),
             })
             .await
             .unwrap();

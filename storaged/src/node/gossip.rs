@@ -17,7 +17,7 @@ use super::{Node, NodeError, PageGeometry, SegState, SegmentStatus, chain_record
 use crate::gossip::{Digest, Local};
 use crate::membership::Membership;
 use crate::record::{RedoRecord, SegmentId, WireRecord};
-use crate::segment::SegmentError;
+use crate::segment::{LsnRange, SegmentError};
 use crate::segtable::SegmentEntry;
 
 impl SegState {
@@ -96,11 +96,38 @@ impl Node {
         geometry: PageGeometry,
         membership: Membership,
     ) -> Result<SegmentStatus, NodeError> {
+        self.set_membership_with_ranges(id, epoch, geometry, membership, Vec::new())
+            .await
+    }
+
+    /// [`Node::set_membership`], and a segment it creates takes `annulled`
+    /// (the writer's truncation ranges at `epoch`) as applied: it never held
+    /// a record of an older epoch, and its records come from appends at
+    /// `epoch` and from peers that installed it, which hold none in them.
+    /// Without them, a later recovery resending those ranges would be
+    /// refused once the segment coalesced past them, and the segment could
+    /// never install that recovery's epoch.
+    pub async fn set_membership_with_ranges(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        geometry: PageGeometry,
+        membership: Membership,
+        annulled: Vec<LsnRange>,
+    ) -> Result<SegmentStatus, NodeError> {
         geometry.check()?;
         membership.check()?;
+        if annulled.len() > crate::segment::ANNULLED_RANGES_MAX {
+            return Err(SegmentError::TooManyRanges(annulled.len()).into());
+        }
         let unchanged = {
             let mut st = self.state();
+            let created = !st.segments.contains_key(&id);
             let s = st.seg_or_create(id, epoch, geometry, self.config.gap_records_max, "membership")?;
+            if created && !annulled.is_empty() {
+                s.seg
+                    .restore_epochs(epoch, epoch, &crate::segment::union_ranges(annulled.into_iter()));
+            }
             if epoch < s.seg.epoch() {
                 return Err(SegmentError::StaleEpoch {
                     got: epoch,

@@ -832,13 +832,13 @@ impl Node {
     /// Make sure the segment table durably holds `id` (with its page store
     /// extent) at `epoch` or later before a request at that epoch is answered.
     async fn ensure_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
-        let (geometry, installed_epoch) = {
+        let (geometry, installed_epoch, annulled) = {
             let st = self.state();
             let s = st.seg(id)?;
             if s.durable_epoch.is_some_and(|e| e >= epoch) {
                 return Ok(());
             }
-            (s.geometry, s.seg.installed_epoch())
+            (s.geometry, s.seg.installed_epoch(), s.seg.annulled().to_vec())
         };
         let (pages_start, pages_end) = (self.pages_start_block, self.pages_end_block);
         let entry = self
@@ -867,7 +867,7 @@ impl Node {
                         free_blocks: free,
                     });
                 }
-                Ok(SegmentEntry {
+                let mut entry = SegmentEntry {
                     id,
                     epoch,
                     pgmrpl: 0,
@@ -880,7 +880,11 @@ impl Node {
                     annulled: Default::default(),
                     annulled_count: 0,
                     membership: None,
-                })
+                };
+                // A segment created by SetMembership starts with the
+                // writer's ranges as applied; any other starts with none.
+                entry.set_annulled(&annulled);
+                Ok(entry)
             })
             .await;
         let mut st = self.state();

@@ -360,12 +360,14 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             page_bytes,
             pg_pages,
             membership,
+            annulled,
         } => node
-            .set_membership(
+            .set_membership_with_ranges(
                 SegmentId { volume, pg },
                 epoch,
                 PageGeometry { page_bytes, pg_pages },
                 membership,
+                annulled,
             )
             .await
             .map(|s| status_reply(node, volume, pg, s)),

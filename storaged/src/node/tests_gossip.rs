@@ -276,3 +276,31 @@ async fn a_device_of_the_previous_format_is_refused_naming_both_versions() {
         "{msg}"
     );
 }
+
+/// A segment SetMembership creates (a replaced disk) takes the writer's
+/// truncation ranges as applied, durably: a later recovery that resends
+/// them is not refused once the segment has coalesced past them. A segment
+/// that exists keeps its own.
+#[tokio::test(start_paused = true)]
+async fn a_segment_membership_creates_takes_the_writers_ranges_as_applied() {
+    let disk = disk_of(A).await;
+    let node = open(&disk).await;
+    let ranges = vec![(2, 1_000), (5_000, 6_000)];
+    node.set_membership_with_ranges(SEG, 3, GEOMETRY, membership(1, 1), ranges.clone())
+        .await
+        .unwrap();
+    let st = node
+        .set_membership_with_ranges(SEG, 3, GEOMETRY, membership(2, 1), vec![(7, 9)])
+        .await
+        .unwrap();
+    assert_eq!(st.annulled, ranges, "an existing segment keeps its own");
+    node.shutdown().await;
+    let node = open(&disk).await;
+    let st = node.status(SEG, 0).unwrap();
+    assert_eq!((st.installed_epoch, st.annulled.clone()), (3, ranges.clone()));
+    // A recovery at epoch 4 resends them with its own range: accepted.
+    let mut resent = ranges.clone();
+    resent.push((7_000, 8_000));
+    let st = node.truncate(SEG, 4, resent.clone()).await.unwrap();
+    assert_eq!((st.installed_epoch, st.annulled), (4, resent));
+}

@@ -80,7 +80,14 @@ impl Message {
                     + 8 * damage.pages.len()
                     + membership.as_ref().map_or(0, |_| MEMBERSHIP_BYTES)
             }
-            Message::SetMembership { .. } => SET_MEMBERSHIP_BYTES,
+            Message::SetMembership { annulled, .. } => {
+                SET_MEMBERSHIP_BYTES
+                    + if annulled.is_empty() {
+                        0
+                    } else {
+                        4 + RANGE_BYTES * annulled.len()
+                    }
+            }
             Message::Digest { .. } | Message::DigestOk { .. } => DIGEST_BYTES,
             Message::PullRecords { .. } => PULL_RECORDS_BYTES,
             Message::GetPageVersions { .. } => GET_PAGE_VERSIONS_BYTES,
@@ -158,6 +165,9 @@ impl Message {
                     listed: damage.pages.len(),
                     total: damage.pages_total,
                 })
+            }
+            Message::SetMembership { annulled, .. } if annulled.len() > ANNULLED_RANGES_MAX => {
+                Err(ProtoError::TooManyRanges(annulled.len()))
             }
             Message::SetMembership { membership, .. } => membership.check().map_err(ProtoError::BadMembership),
             Message::SegmentStatus {
@@ -326,11 +336,16 @@ impl Message {
                 page_bytes,
                 pg_pages,
                 membership,
+                annulled,
             } => {
                 put_request_head(out, *volume, *epoch, *pg);
                 put_u32(out, *page_bytes);
                 put_u64(out, *pg_pages);
                 membership.encode(out);
+                // Left out when empty: the body then ends as an older sender's.
+                if !annulled.is_empty() {
+                    put_ranges(out, annulled);
+                }
             }
             Message::Digest { volume, pg, digest } | Message::DigestOk { volume, pg, digest } => {
                 put_u64(out, *volume);
@@ -551,6 +566,9 @@ impl Message {
                 let membership = r
                     .membership()?
                     .ok_or(ProtoError::BadMembership(crate::membership::MembershipError::ZeroEpoch))?;
+                // Optional: a body that ends after the membership comes
+                // from a writer that predates the ranges.
+                let annulled = if r.rest.is_empty() { Vec::new() } else { r.ranges()? };
                 Message::SetMembership {
                     volume,
                     epoch,
@@ -558,6 +576,7 @@ impl Message {
                     page_bytes,
                     pg_pages,
                     membership,
+                    annulled,
                 }
             }
             MessageType::Digest | MessageType::DigestOk => {

@@ -297,6 +297,12 @@ pub enum Message {
         page_bytes: u32,
         pg_pages: u64,
         membership: Membership,
+        /// The writer's truncation ranges at `epoch`, `(lo, hi)` inclusive:
+        /// a segment this request creates takes them as applied (it never
+        /// held a record of an older epoch), so a later recovery that
+        /// sends them again is not refused. Ignored by an existing segment.
+        /// Empty from a sender that predates the field.
+        annulled: Vec<(u64, u64)>,
     },
     /// A peer's digest of its segment of `pg`; answered by `DigestOk` with
     /// the receiver's own. Only from a member (the `Hello`'s node id) at

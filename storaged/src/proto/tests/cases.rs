@@ -526,6 +526,7 @@ fn a_set_membership_with_a_broken_membership_is_refused() {
         page_bytes: 8192,
         pg_pages: 64,
         membership: broken,
+        annulled: Vec::new(),
     };
     assert!(matches!(
         encode_frame(1, &msg, &mut Vec::new()),

@@ -225,16 +225,26 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             scl,
             records: if empty { Vec::new() } else { records },
         }),
-        (u(), u(), any::<u32>(), any::<u32>(), u(), arb_membership()).prop_map(
-            |(volume, epoch, pg, page_bytes, pg_pages, membership)| Message::SetMembership {
-                volume,
-                epoch,
-                pg,
-                page_bytes,
-                pg_pages,
-                membership,
-            }
-        ),
+        (
+            u(),
+            u(),
+            any::<u32>(),
+            any::<u32>(),
+            u(),
+            arb_membership(),
+            arb_ranges()
+        )
+            .prop_map(|(volume, epoch, pg, page_bytes, pg_pages, membership, annulled)| {
+                Message::SetMembership {
+                    volume,
+                    epoch,
+                    pg,
+                    page_bytes,
+                    pg_pages,
+                    membership,
+                    annulled,
+                }
+            }),
         (u(), any::<u32>(), prop::array::uniform5(u()), any::<bool>()).prop_map(|(volume, pg, v, ok)| {
             let digest = GossipDigest {
                 installed_epoch: v[0],
