@@ -301,6 +301,11 @@ impl GossipCore {
         state.local = local;
     }
 
+    /// The PGs whose local segment the core knows.
+    pub fn pgs(&self) -> Vec<Pg> {
+        self.segments.keys().copied().collect()
+    }
+
     pub fn remove_local(&mut self, pg: Pg) {
         self.segments.remove(&pg);
     }

@@ -199,6 +199,15 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                 store.caught_up(id, scl);
             }
         }
+        // A segment the node no longer holds (or whose membership went) is
+        // forgotten, with what its core knew of its peers.
+        for (&volume, core) in cores.iter_mut() {
+            for pg in core.pgs() {
+                if !views.contains_key(&(volume, pg)) {
+                    core.remove_local(pg);
+                }
+            }
+        }
         if sampled_at.elapsed() >= FOREGROUND_SAMPLE {
             sampled_at = Instant::now();
             if let Some(us) = store.foreground_latency_us() {
