@@ -499,6 +499,8 @@ async fn fetch_versions(
         membership_epoch: view.digest.membership_epoch,
         first_page,
         max_bytes: HYDRATE_BATCH_BYTES,
+        // Every change at or below the segment's own floor is in its pages.
+        changed_after: view.digest.floor,
     };
     match peers.request(me, from, addr, msg).await? {
         Message::PageVersions {

@@ -98,6 +98,25 @@ impl Node {
         first_page: u64,
         max_bytes: usize,
     ) -> Result<(u64, u64, Vec<WirePageVersion>), NodeError> {
+        self.page_versions_changed_after(id, from, installed_epoch, membership_epoch, first_page, max_bytes, 0)
+            .await
+    }
+
+    /// [`Node::page_versions`], leaving out versions at or below
+    /// `changed_after`: the asker holds every change up to it, so a segment
+    /// that was only briefly behind (or hydrates again) fetches only the
+    /// pages that changed since.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn page_versions_changed_after(
+        &self,
+        id: SegmentId,
+        from: u64,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        first_page: u64,
+        max_bytes: usize,
+        changed_after: u64,
+    ) -> Result<(u64, u64, Vec<WirePageVersion>), NodeError> {
         self.check_gossip_peer(id, from, installed_epoch, membership_epoch, true)?;
         let (floor, extent, geometry) = {
             let st = self.state();
@@ -128,7 +147,9 @@ impl Node {
             let chunk: Vec<u64> = (page..stop.min(page + IO_PARALLEL as u64)).collect();
             let reads = join_all(chunk.iter().map(|&p| self.current_version(id, &extent, p - first, p))).await;
             for (p, current) in chunk.into_iter().zip(reads) {
-                if let Current::Version { version, .. } = current? {
+                if let Current::Version { version, .. } = current?
+                    && version.lsn > changed_after
+                {
                     if !versions.is_empty() && bytes + page_bytes > max_bytes {
                         break 'chunks;
                     }

@@ -415,6 +415,7 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             membership_epoch,
             first_page,
             max_bytes,
+            changed_after,
         } => {
             let from = match peer.storage_node("GetPageVersions") {
                 Ok(from) => from,
@@ -422,13 +423,14 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             };
             // Leave room in the frame for the reply's own fields.
             let max = (max_bytes as usize).min(FRAME_BYTES_MAX / 2);
-            node.page_versions(
+            node.page_versions_changed_after(
                 SegmentId { volume, pg },
                 from,
                 installed_epoch,
                 membership_epoch,
                 first_page,
                 max,
+                changed_after,
             )
             .await
             .map(|(floor, next_page, versions)| Message::PageVersions {

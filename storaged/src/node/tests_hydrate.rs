@@ -457,3 +457,24 @@ async fn page_versions_are_served_at_the_same_installed_epoch_from_a_segment_not
     assert!(a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.is_ok());
     a.shutdown().await;
 }
+
+/// A segment that holds every change up to an LSN is sent only the pages
+/// whose version is above it.
+#[tokio::test(start_paused = true)]
+async fn only_versions_above_what_the_asker_holds_are_sent() {
+    let (a, _) = donor(93).await;
+    let (_, _, all) = a
+        .page_versions_changed_after(SEG, 2, 1, 1, FIRST_PAGE, 1 << 20, 0)
+        .await
+        .unwrap();
+    assert!(!all.is_empty());
+    let cut = all.iter().map(|v| v.lsn).min().unwrap();
+    let (_, next, above) = a
+        .page_versions_changed_after(SEG, 2, 1, 1, FIRST_PAGE, 1 << 20, cut)
+        .await
+        .unwrap();
+    assert_eq!(next, END_PAGE);
+    let want: Vec<u64> = all.iter().filter(|v| v.lsn > cut).map(|v| v.page).collect();
+    assert_eq!(above.iter().map(|v| v.page).collect::<Vec<_>>(), want);
+    assert!(above.len() < all.len());
+}

@@ -90,7 +90,9 @@ impl Message {
             }
             Message::Digest { .. } | Message::DigestOk { .. } => DIGEST_BYTES,
             Message::PullRecords { .. } => PULL_RECORDS_BYTES,
-            Message::GetPageVersions { .. } => GET_PAGE_VERSIONS_BYTES,
+            Message::GetPageVersions { changed_after, .. } => {
+                GET_PAGE_VERSIONS_BYTES + if *changed_after == 0 { 0 } else { 8 }
+            }
             Message::PageVersions { versions, .. } => {
                 PAGE_VERSIONS_FIXED_BYTES
                     + versions
@@ -375,6 +377,7 @@ impl Message {
                 membership_epoch,
                 first_page: first,
                 max_bytes,
+                ..
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -382,6 +385,12 @@ impl Message {
                 put_u64(out, *membership_epoch);
                 put_u64(out, *first);
                 put_u32(out, *max_bytes);
+                // Left out when 0: the body then ends as an older asker's.
+                if let Message::GetPageVersions { changed_after, .. } = self
+                    && *changed_after != 0
+                {
+                    put_u64(out, *changed_after);
+                }
             }
             Message::PageVersions {
                 volume,
@@ -610,6 +619,7 @@ impl Message {
                 membership_epoch: r.u64()?,
                 first_page: r.u64()?,
                 max_bytes: r.u32()?,
+                changed_after: if r.rest.is_empty() { 0 } else { r.u64()? },
             },
             MessageType::PageVersions => return decode_page_versions(r),
             MessageType::Seal => Message::Seal {

@@ -340,6 +340,9 @@ pub enum Message {
         membership_epoch: u64,
         first_page: u64,
         max_bytes: u32,
+        /// Only versions above this LSN are sent: the asker holds every
+        /// change at or below it (its own coalesced LSN). 0: all.
+        changed_after: u64,
     },
     PageVersions {
         volume: u64,

@@ -274,6 +274,7 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                     membership_epoch: v[1],
                     first_page: v[2],
                     max_bytes,
+                    changed_after: v[3],
                 }
             } else {
                 Message::PullRecords {
