@@ -33,6 +33,10 @@ use std::path::Path;
 /// Attempts [`try_lock`] makes when the lock it was refused is gone by the
 /// time it asks who held it.
 const LOCK_ATTEMPTS_MAX: usize = 3;
+/// A lock whose holder no process shows (see [`try_lock`]) is asked again
+/// this many times, this long apart, before it counts as held.
+const INVISIBLE_HOLDER_WAITS_MAX: usize = 20;
+const INVISIBLE_HOLDER_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Which lock a process holds on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +110,8 @@ pub fn try_lock(file: &File, mode: LockMode) -> io::Result<TryLock> {
     };
     // A holder can let go between the refusal and the question who it is:
     // then try again, a bounded number of times.
-    for _ in 0..LOCK_ATTEMPTS_MAX {
+    let mut invisible = 0;
+    for _ in 0..LOCK_ATTEMPTS_MAX + INVISIBLE_HOLDER_WAITS_MAX {
         let mut fl = whole_file(l_type);
         // SAFETY: the fd is open and `fl` is a valid struct flock.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } == 0 {
@@ -120,7 +125,19 @@ pub fn try_lock(file: &File, mode: LockMode) -> io::Result<TryLock> {
         // Ask with the same lock type, so only a lock that conflicts with
         // ours is reported.
         if let Some(holder_mode) = get_lock(file, &mut whole_file(l_type))? {
-            return Ok(TryLock::Held(find_holder(file, holder_mode)?));
+            let holder = find_holder(file, holder_mode)?;
+            if holder.pid.is_some() {
+                return Ok(TryLock::Held(holder));
+            }
+            // No process has the file open: most often a child some thread
+            // of a process that just let go of the device forked, which
+            // holds a copy of its descriptor until it executes (the copy is
+            // close-on-exec). Give it a moment before calling it held.
+            invisible += 1;
+            if invisible > INVISIBLE_HOLDER_WAITS_MAX {
+                return Ok(TryLock::Held(holder));
+            }
+            std::thread::sleep(INVISIBLE_HOLDER_WAIT);
         }
     }
     Ok(TryLock::Held(LockHolder {
