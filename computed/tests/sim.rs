@@ -250,29 +250,9 @@ impl SimSegment {
     /// The chain above `after` up to the SCL, about `max_bytes` (at least one
     /// record if any), as `Node::read_records` builds it.
     fn chain_records(&self, after: u64, max_bytes: usize) -> Vec<RedoRecord> {
-        let mut records = Vec::new();
-        let mut bytes = 0;
-        for (lsn, meta) in self.seg.chain_after(after) {
-            let body = self
-                .hot
-                .get(meta.page, lsn)
-                .expect("a record of the chain has its body");
-            let record = RedoRecord {
-                segment: self.seg.id,
-                lsn,
-                prev_lsn_pg: meta.prev_lsn_pg,
-                prev_lsn_page: meta.prev_lsn_page,
-                page: meta.page,
-                cpl: meta.cpl,
-                body: body.clone(),
-            };
-            bytes += record.encoded_len();
-            if bytes > max_bytes && !records.is_empty() {
-                break;
-            }
-            records.push(record);
-        }
-        records
+        self.hot
+            .chain_records(&self.seg, after, max_bytes)
+            .expect("a record of the chain has its body")
     }
 }
 

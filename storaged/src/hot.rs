@@ -69,6 +69,38 @@ fn body_len(body: &RecordBody) -> usize {
 }
 
 impl HotRecords {
+    /// `seg`'s chain above `after`, up to its SCL and about `max_bytes` (at
+    /// least one record if any), each with its body from here: what a
+    /// recovering writer reads and a peer pulls. `Err(lsn)`: a record of
+    /// the chain has no body here (only a bug does that).
+    pub fn chain_records<T>(
+        &self,
+        seg: &crate::segment::Segment<T>,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<RedoRecord>, u64> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (lsn, meta) in seg.chain_after(after) {
+            let body = self.get(meta.page, lsn).ok_or(lsn)?;
+            let record = RedoRecord {
+                segment: seg.id,
+                lsn,
+                prev_lsn_pg: meta.prev_lsn_pg,
+                prev_lsn_page: meta.prev_lsn_page,
+                page: meta.page,
+                cpl: meta.cpl,
+                body: body.clone(),
+            };
+            bytes += record.encoded_len();
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

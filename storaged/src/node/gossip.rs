@@ -228,7 +228,7 @@ impl Node {
         let st = self.state();
         let s = st.seg(id)?;
         s.gossip_gate(id, from, installed_epoch, membership_epoch, true)?;
-        chain_records(s, id, after, max_bytes)
+        chain_records(s, after, max_bytes)
     }
 
     /// Records a peer served for segment `id` (pulled at our

@@ -469,42 +469,17 @@ impl State {
 /// `s`'s chain above `after`, up to its SCL and about `max_bytes` (at least
 /// one record if any), with its SCL. Records at or below the coalesced LSN
 /// are in page versions, no longer records: asking for them is refused.
-fn chain_records(
-    s: &SegState,
-    id: SegmentId,
-    after: u64,
-    max_bytes: usize,
-) -> Result<(u64, Vec<RedoRecord>), NodeError> {
+fn chain_records(s: &SegState, after: u64, max_bytes: usize) -> Result<(u64, Vec<RedoRecord>), NodeError> {
     if after < s.coalesced_lsn && s.seg.scl() > after {
         return Err(NodeError::ReadPointBelowPgmrpl {
             read_point: after,
             pgmrpl: s.coalesced_lsn,
         });
     }
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    for (lsn, meta) in s.seg.chain_after(after) {
-        let Some(body) = s.hot.get(meta.page, lsn) else {
-            // Held in the chain but not in memory: only a bug does this.
-            return Err(NodeError::BadTruncation(format!(
-                "record {lsn} of the chain has no body in memory"
-            )));
-        };
-        let record = RedoRecord {
-            segment: id,
-            lsn,
-            prev_lsn_pg: meta.prev_lsn_pg,
-            prev_lsn_page: meta.prev_lsn_page,
-            page: meta.page,
-            cpl: meta.cpl,
-            body: body.clone(),
-        };
-        bytes += record.encoded_len();
-        if bytes > max_bytes && !out.is_empty() {
-            break;
-        }
-        out.push(record);
-    }
+    let out = s.hot.chain_records(&s.seg, after, max_bytes).map_err(|lsn| {
+        // Held in the chain but not in memory: only a bug does this.
+        NodeError::BadTruncation(format!("record {lsn} of the chain has no body in memory"))
+    })?;
     Ok((s.seg.scl(), out))
 }
 
@@ -1352,7 +1327,7 @@ impl Node {
         let st = self.state();
         let s = st.seg(id)?;
         s.seg.check_epoch_read(epoch)?;
-        chain_records(s, id, after, max_bytes)
+        chain_records(s, after, max_bytes)
     }
 
     /// Record the lowest read point any reader of the segment still holds.
