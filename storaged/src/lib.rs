@@ -16,6 +16,7 @@ pub mod node;
 pub mod pagestore;
 pub mod proto;
 pub mod record;
+pub mod scrub;
 pub mod segment;
 pub mod segtable;
 pub mod units;

@@ -44,6 +44,10 @@ pub enum BlockKind {
     Log = 3,
     SegmentTable = 4,
     PageVersion = 5,
+    /// One block of a segment's page-version index (`pagemap`).
+    PageMap = 6,
+    /// The scrubber's progress (`scrub::progress`).
+    ScrubState = 7,
 }
 
 impl BlockKind {
@@ -54,6 +58,8 @@ impl BlockKind {
             3 => Some(BlockKind::Log),
             4 => Some(BlockKind::SegmentTable),
             5 => Some(BlockKind::PageVersion),
+            6 => Some(BlockKind::PageMap),
+            7 => Some(BlockKind::ScrubState),
             _ => None,
         }
     }

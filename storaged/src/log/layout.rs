@@ -5,7 +5,9 @@
 //! block 1, 2         anchor slots 0 and 1
 //! block 128          superblock copy 1 (apart from copy 0, so one bad region
 //!                    does not take both)
-//! blocks 3..256      reserved for metadata (checkpoints, membership)
+//! blocks 4, 5        the scrubber's progress, slots 0 and 1
+//! blocks 8..120      the segment table, slots 0 and 1 (`segtable`)
+//! blocks 3..256      otherwise reserved for metadata
 //! blocks 256..       the circular log (log_blocks)
 //! after the log      the page store (the rest of the device)
 //! ```
@@ -16,6 +18,8 @@ use super::format::{DeviceId, Superblock};
 
 pub const SUPERBLOCK_BLOCKS: [u64; 2] = [0, 128];
 pub const ANCHOR_BLOCKS: [u64; 2] = [1, 2];
+/// The scrubber's progress (`scrub::progress`): two slots, like the anchor.
+pub const SCRUB_STATE_BLOCKS: [u64; 2] = [4, 5];
 /// The first 1 MiB is metadata.
 pub const METADATA_BLOCKS: u64 = 256;
 /// The smallest log that still holds a few maximal writes.
