@@ -17,7 +17,9 @@
 //! page version slot, judged as the node judges it (`pagestore::current`): a
 //! torn write only where a round open at the last crash wrote, damage
 //! everywhere else (and a damaged current version is a page the node will
-//! not serve).
+//! not serve); a page-version index copy that does not verify, and a
+//! current version the index says is not the current one
+//! (`pagemap::verify`: a lost or overwritten write).
 
 use std::sync::Arc;
 
@@ -25,11 +27,12 @@ use serde::Serialize;
 
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo};
 use crate::log::core::INFLIGHT_BLOCKS_MAX;
-use crate::log::format::{BlockError, BlockKind, decode_block, decode_block_at};
+use crate::log::format::{BlockError, BlockKind, DeviceId, decode_block, decode_block_at};
 use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
-use crate::pagestore::{self, Current, Slot};
-use crate::record::LogEntry;
+use crate::pagemap::{self, Entry, PageMap, Verdict};
+use crate::pagestore::{self, Current, Extent, Slot};
+use crate::record::{LogEntry, SegmentId};
 use crate::segtable;
 
 /// What `segtable::judge` made of a table slot.
@@ -423,6 +426,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         let extent = e.extent();
         // A round open at the last crash may have torn a slot of a page it wrote.
         let torn_after = (e.round_lsn > e.coalesced_lsn).then_some(e.coalesced_lsn);
+        let index = read_index(dev.as_ref(), &sb.device_id, e.id, &extent, &mut check, &mut problems).await?;
         let slot_blocks = extent.slot_blocks() as usize;
         let mut page_count = 0;
         let pages_per_read = (CHECK_CHUNK_BLOCKS / (2 * slot_blocks)).max(1) as u64;
@@ -464,6 +468,31 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     Ok(chosen) => {
                         if let Current::Version { .. } = chosen.current {
                             page_count += 1;
+                        }
+                        let (found, other_slot) = match &chosen.current {
+                            Current::Never => (None, 0),
+                            Current::Version { slot, version } => (Some((version.lsn, &version.bytes[..])), 1 - slot),
+                        };
+                        let entry = index[l as usize];
+                        match pagemap::verify(entry, found) {
+                            Verdict::Agrees => {}
+                            Verdict::Damaged(why) => {
+                                let (offset, what) = where_(other_slot);
+                                problems.add(offset, format!("{what}: {why}; the page is not served"));
+                            }
+                            Verdict::Behind(found) => {
+                                let in_round = torn_after.is_some_and(|c| found.lsn > c);
+                                if !in_round && entry != pagemap::UNKNOWN {
+                                    let block = pagemap::copy_block(extent.map_start_block(), PageMap::block_of(l), 0);
+                                    problems.add(
+                                        block_offset(block),
+                                        format!(
+                                            "page-version index of volume {} pg {}: page {page} at LSN {}, its version is at LSN {} (a lost index write)",
+                                            e.id.volume, e.id.pg, entry.lsn, found.lsn
+                                        ),
+                                    );
+                                }
+                            }
                         }
                         match chosen.other {
                             None => {}
@@ -653,4 +682,62 @@ impl InspectReport {
         let _ = writeln!(s, "status         {}", self.status);
         s
     }
+}
+
+/// A segment's page-version index as the node would load it: the entries
+/// (`pagemap::UNKNOWN` for a block both copies of which are damaged), each
+/// damaged copy reported.
+async fn read_index<D: BlockIo>(
+    dev: &D,
+    device_id: &DeviceId,
+    id: SegmentId,
+    extent: &Extent,
+    check: &mut CheckInfo,
+    problems: &mut Problems,
+) -> Result<Vec<Entry>, OpenError> {
+    let mut entries = vec![Entry::default(); extent.pg_pages as usize];
+    let start = extent.map_start_block();
+    let blocks = extent.map_blocks() * pagemap::COPIES;
+    let buf = AlignedBuf::zeroed_blocks(blocks as usize);
+    let (buf, result) = dev.read(block_offset(start), buf).await;
+    result.map_err(OpenError::Io)?;
+    let map = PageMap::new(extent.pg_pages);
+    for index in 0..extent.map_blocks() {
+        let pages = map.pages_of(index);
+        let at = |c: usize| pagemap::copy_block(start, index, c);
+        let copies = [0, 1].map(|c| {
+            let o = (at(c) - start) as usize * BLOCK_SIZE;
+            pagemap::decode_block(&buf[o..o + BLOCK_SIZE], device_id, id, index, at(c), pages.len())
+        });
+        check.blocks_checked += pagemap::COPIES;
+        for c in &copies {
+            match c {
+                pagemap::Copy::Empty => check.blocks_never_written += 1,
+                pagemap::Copy::Valid { .. } => check.blocks_valid += 1,
+                pagemap::Copy::Damaged(_) => {}
+            }
+        }
+        let what = format!("page-version index block {index} of volume {} pg {}", id.volume, id.pg);
+        let damaged_copy = copies
+            .iter()
+            .position(|c| matches!(c, pagemap::Copy::Damaged(_)))
+            .unwrap_or(0);
+        match pagemap::choose(copies) {
+            (pagemap::Chosen::Never, _) => {}
+            (pagemap::Chosen::Copy { copy, entries: e, .. }, other) => {
+                entries[pages].copy_from_slice(&e);
+                if let Some(error) = other {
+                    problems.add(block_offset(at(1 - copy)), format!("{what} copy {}: {error}", 1 - copy));
+                }
+            }
+            (pagemap::Chosen::Lost(error), _) => {
+                entries[pages].fill(pagemap::UNKNOWN);
+                problems.add(
+                    block_offset(at(damaged_copy)),
+                    format!("{what}: both copies damaged ({error}); lost writes among its pages cannot be told"),
+                );
+            }
+        }
+    }
+    Ok(entries)
 }

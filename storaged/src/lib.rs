@@ -13,6 +13,7 @@ pub mod io;
 pub mod log;
 pub mod membership;
 pub mod node;
+pub mod pagemap;
 pub mod pagestore;
 pub mod proto;
 pub mod record;

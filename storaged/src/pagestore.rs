@@ -50,15 +50,27 @@ impl Extent {
     pub fn blocks_for(page_bytes: u32, pg_pages: u64) -> Option<u64> {
         pg_pages
             .checked_mul(SLOTS_PER_PAGE)?
-            .checked_mul(Self::slot_blocks_for(page_bytes))
+            .checked_mul(Self::slot_blocks_for(page_bytes))?
+            .checked_add(crate::pagemap::blocks_for(pg_pages) * crate::pagemap::COPIES)
     }
 
     pub fn slot_blocks(&self) -> u64 {
         Self::slot_blocks_for(self.page_bytes)
     }
 
+    /// The version slots, then the page-version index (`pagemap`).
     pub fn blocks(&self) -> u64 {
-        self.pg_pages * SLOTS_PER_PAGE * self.slot_blocks()
+        self.map_start_block() - self.start_block + self.map_blocks() * crate::pagemap::COPIES
+    }
+
+    /// First block of the page-version index, after every version slot.
+    pub fn map_start_block(&self) -> u64 {
+        self.start_block + self.pg_pages * SLOTS_PER_PAGE * self.slot_blocks()
+    }
+
+    /// Blocks of the page-version index (each in `pagemap::COPIES` copies).
+    pub fn map_blocks(&self) -> u64 {
+        crate::pagemap::blocks_for(self.pg_pages)
     }
 
     pub fn end_block(&self) -> u64 {
@@ -243,7 +255,7 @@ pub fn decode_slot(
 /// The block names this device: its device id, or one bit away from it (a
 /// bit flipped there must not make our block look like another device's,
 /// or like never written; another device's id is tens of bits away).
-fn names_device(block: &[u8], device_id: &DeviceId) -> bool {
+pub(crate) fn names_device(block: &[u8], device_id: &DeviceId) -> bool {
     let id = &block[OFF_DEVICE_ID..OFF_DEVICE_ID + device_id.len()];
     let differing: u32 = id.iter().zip(device_id).map(|(a, b)| (a ^ b).count_ones()).sum();
     differing <= 1
@@ -415,7 +427,8 @@ mod tests {
         assert_eq!(Extent::slot_blocks_for(8192), 3);
         assert_eq!(Extent::slot_blocks_for(512), 1);
         let e = extent(8192);
-        assert_eq!(e.blocks(), 16 * 2 * 3);
+        assert_eq!(e.blocks(), 16 * 2 * 3 + 2);
+        assert_eq!(e.map_start_block(), 1000 + 16 * 2 * 3);
         assert_eq!(e.local(2, 32), Some(0));
         assert_eq!(e.local(2, 47), Some(15));
         assert_eq!(e.local(2, 48), None);

@@ -189,6 +189,9 @@ impl Node {
         } else {
             self.stop_below_damage(id, &damaged, upto)?
         };
+        // The index names the versions written, now durable, before the
+        // table says they are coalesced (see `index`).
+        self.write_index(id, false).await?;
         let coalesced = self.state().seg(id)?.coalesced_lsn;
         if upto <= coalesced {
             return Ok(pages.len() - damaged.len());
@@ -294,6 +297,7 @@ impl Node {
             // Already in the current version (a round redone after a crash).
             return Ok(());
         }
+        let entry = crate::pagemap::Entry::of(lsn, &bytes);
         let at = extent.slot_block(local, slot);
         let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
         pagestore::encode_version(
@@ -310,6 +314,7 @@ impl Node {
         let mut st = self.state();
         let s = st.seg_mut(id)?;
         s.set_slot_state(local, SlotState::holding(slot));
+        s.index_set(local, entry);
         Ok(())
     }
 }

@@ -366,6 +366,10 @@ impl Node {
         // where a torn or lost slot is a torn write.
         let (_, result) = self.io.write_volatile(block_offset(at), buf).await;
         result?;
+        // In memory only until `hydrate_end` writes the index, after its
+        // flush (the index is never ahead of a durable version).
+        let entry = crate::pagemap::Entry::of(version.lsn, &version.bytes);
+        self.state().seg_mut(id)?.index_set(local, entry);
         Ok(())
     }
 
@@ -406,8 +410,9 @@ impl Node {
             }
         }
         // Every version written since `hydrate_begin` is durable before the
-        // table ends the rebuild.
+        // table ends the rebuild, and the index names them before that too.
         self.io.flush().await?;
+        self.write_index(id, true).await?;
         let entry = self
             .update_entry(id, |e, _| {
                 let e = e.ok_or(NodeError::UnknownSegment(id.volume, id.pg))?;

@@ -14,6 +14,7 @@
 mod coalesce;
 mod gossip;
 mod hydrate;
+mod index;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -344,6 +345,10 @@ struct SegState {
     hydration: Option<hydrate::Hydration>,
     /// The PG's membership as the table durably holds it (see [`gossip`]).
     membership: Option<Membership>,
+    /// The page-version index (see [`index`]), and its blocks changed in
+    /// memory since last written.
+    index: crate::pagemap::PageMap,
+    index_dirty: BTreeSet<u64>,
 }
 
 impl SegState {
@@ -364,6 +369,8 @@ impl SegState {
             slots: Vec::new(),
             hydration: None,
             membership: None,
+            index: Default::default(),
+            index_dirty: BTreeSet::new(),
         }
     }
 
@@ -553,6 +560,8 @@ pub struct Node {
     /// or memory and the log would disagree on what the segment holds.
     /// (Both are rare: a recovering writer's.)
     fencing: tokio::sync::Mutex<()>,
+    /// One writer of page-version index blocks at a time (see [`index`]).
+    index_writes: tokio::sync::Mutex<()>,
     io: Box<dyn PageIo>,
     stripes: Vec<RwLock<()>>,
     /// Wakes the coalescer: PGMRPL moved, or memory or log got tight.
@@ -644,6 +653,7 @@ impl Node {
             s.durable_epoch = Some(e.epoch);
             s.extent = Some(e.extent());
             s.slots = vec![SlotState::Unknown as u8; e.pg_pages as usize];
+            s.index = crate::pagemap::PageMap::new(e.pg_pages);
             s.pgmrpl = e.pgmrpl;
             s.membership = e.membership.clone();
             s.coalesced_lsn = e.coalesced_lsn;
@@ -759,6 +769,7 @@ impl Node {
             table: tokio::sync::Mutex::new(table),
             table_slot_damaged,
             fencing: tokio::sync::Mutex::new(()),
+            index_writes: tokio::sync::Mutex::new(()),
             io: Box::new(DevIo(dev)),
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
             coalesce_wake: Notify::new(),
@@ -769,6 +780,9 @@ impl Node {
             driver: Mutex::new(Some(opened.driver)),
             coalescer: Mutex::new(None),
         });
+        node.load_indexes()
+            .await
+            .map_err(|e| OpenError::Failed(format!("reading the page-version index: {e}")))?;
         let task = tokio::spawn(coalesce::run(Arc::downgrade(&node)));
         *node.coalescer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok((node, recovered))
@@ -869,6 +883,7 @@ impl Node {
                 if s.extent.is_none() {
                     s.extent = Some(e.extent());
                     s.slots = vec![SlotState::Never as u8; e.pg_pages as usize];
+                    s.index = crate::pagemap::PageMap::new(e.pg_pages);
                 }
                 s.durable_epoch = Some(s.durable_epoch.unwrap_or(0).max(e.epoch));
                 Ok(())
@@ -1051,12 +1066,12 @@ impl Node {
             if let pagestore::Slot::Version(version) =
                 pagestore::decode_slot(&buf, &self.device_id, extent, id, page, at)
             {
-                return Ok(Current::Version { slot, version });
+                return self.judge(id, extent, page, local, Current::Version { slot, version }, torn_after);
             }
             // Not what the map said: look at both.
         }
         if known == SlotState::Never {
-            return Ok(Current::Never);
+            return self.judge(id, extent, page, local, Current::Never, torn_after);
         }
         let at = extent.slot_block(local, 0);
         let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
@@ -1080,7 +1095,7 @@ impl Node {
                             "page version slot damaged; it held an older version, the other slot is current");
                     }
                 }
-                Ok(chosen.current)
+                self.judge(id, extent, page, local, chosen.current, torn_after)
             }
             Err(source) => {
                 let offset = block_offset(extent.slot_block(local, damaged_slot.unwrap_or(0)));
@@ -1091,6 +1106,57 @@ impl Node {
                     s.set_slot_state(local, SlotState::Damaged);
                 }
                 Err(NodeError::PageDamaged { page, offset, source })
+            }
+        }
+    }
+
+    /// The current version the slots hold, judged by the page-version
+    /// index (see [`index`]): a version older than it names, or none where
+    /// it names one, is damage, reported at the slot that should hold it.
+    fn judge(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+        current: Current,
+        torn_after: Option<u64>,
+    ) -> Result<Current, NodeError> {
+        let mut st = self.state();
+        let s = st.seg_mut(id)?;
+        let found = match &current {
+            Current::Never => None,
+            Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
+        };
+        match crate::pagemap::verify(s.index_entry(local), found) {
+            crate::pagemap::Verdict::Agrees => Ok(current),
+            crate::pagemap::Verdict::Behind(entry) => {
+                // Within the torn-write window this is the open round's
+                // version, and the round's redo writes the index; else the
+                // index block's write was lost.
+                if torn_after.is_none_or(|c| entry.lsn <= c) && s.index_entry(local) != crate::pagemap::UNKNOWN {
+                    tracing::warn!(
+                        page,
+                        lsn = entry.lsn,
+                        "the page-version index was behind a valid version (a lost index write); it takes the version"
+                    );
+                }
+                s.index_set(local, entry);
+                Ok(current)
+            }
+            crate::pagemap::Verdict::Damaged(why) => {
+                let slot = match &current {
+                    Current::Never => 0,
+                    Current::Version { slot, .. } => 1 - slot,
+                };
+                let offset = block_offset(extent.slot_block(local, slot));
+                tracing::error!(page, offset, error = %why, "page version damaged: the page is not served from this segment");
+                s.set_slot_state(local, SlotState::Damaged);
+                Err(NodeError::PageDamaged {
+                    page,
+                    offset,
+                    source: pagestore::SlotError::Mismatch(why),
+                })
             }
         }
     }
