@@ -669,6 +669,33 @@ impl<T> Segment<T> {
         self.highest_lsn = self.highest_lsn.max(lsn);
     }
 
+    /// Durable records held whose log block is at or before `seq`: what
+    /// must be written to the log again before the log may let go of it.
+    pub fn logged_through(&self, seq: u64) -> Vec<(u64, RecordMeta)> {
+        self.records
+            .iter()
+            .filter(|(_, m)| m.log_seq.is_some_and(|s| s <= seq))
+            .map(|(&lsn, m)| (lsn, *m))
+            .collect()
+    }
+
+    /// `lsns` (durable records held) were written to the log again, in
+    /// blocks from `log_seq` on: the log keeps them from there.
+    pub fn relogged(&mut self, lsns: &[u64], log_seq: u64) {
+        for lsn in lsns {
+            let Some(meta) = self.records.get_mut(lsn) else {
+                continue;
+            };
+            if let Some(was) = meta.log_seq.replace(log_seq) {
+                seq_remove(&mut self.log_seqs, was);
+                *self.log_seqs.entry(log_seq).or_default() += 1;
+            } else {
+                // Not durable before: its first write will say where it is.
+                meta.log_seq = None;
+            }
+        }
+    }
+
     /// The oldest log block any durable record held starts in: the log
     /// must keep everything from it.
     pub fn oldest_log_seq(&self) -> Option<u64> {

@@ -34,7 +34,7 @@ impl SegState {
 
     /// The gate of every peer request, on the segment's state as it is
     /// under the caller's lock (see [`Node::check_gossip_peer`]).
-    fn gossip_gate(
+    pub(super) fn gossip_gate(
         &self,
         id: SegmentId,
         from: u64,

@@ -15,6 +15,7 @@ mod coalesce;
 mod gossip;
 mod hydrate;
 mod index;
+mod scrub;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -194,6 +195,9 @@ pub enum NodeError {
         "pulled record at LSN {lsn} is in the segment's annulled range {lo}..={hi}: a truncated record never comes back"
     )]
     PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
+    /// A peer asked for a page at an LSN this segment cannot build.
+    #[error("not held here: {0}")]
+    NotHeld(String),
 }
 
 impl NodeError {
@@ -224,6 +228,7 @@ impl NodeError {
             | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
             NodeError::NotMember { .. } => (ErrorCode::NotMember, 0),
             NodeError::StaleMembership { current, .. } => (ErrorCode::StaleMembership, *current),
+            NodeError::NotHeld(_) => (ErrorCode::BadRequest, 0),
             NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
                 (ErrorCode::BadRequest, 0)
             }
@@ -547,7 +552,8 @@ pub struct Node {
     log: LogEngine,
     state: Mutex<State>,
     device_id: DeviceId,
-    /// The page store region, in blocks.
+    /// The log region's first block, and the page store region, in blocks.
+    log_start_block: u64,
     pages_start_block: u64,
     pages_end_block: u64,
     table: tokio::sync::Mutex<SegmentTable>,
@@ -573,6 +579,9 @@ pub struct Node {
     /// is slowing the foreground.
     fg_appends: AtomicU64,
     fg_latency_us: AtomicU64,
+    /// The same, never reset: each background reader diffs its own samples.
+    fg_total_appends: AtomicU64,
+    fg_total_us: AtomicU64,
     stopping: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
     coalescer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -764,6 +773,7 @@ impl Node {
                 pins: BTreeMap::new(),
             }),
             device_id: opened.superblock.device_id,
+            log_start_block: sb.log_start_block,
             pages_start_block: sb.pages_start_block,
             pages_end_block: sb.pages_start_block + sb.pages_blocks,
             table: tokio::sync::Mutex::new(table),
@@ -776,6 +786,8 @@ impl Node {
             appends: AtomicU64::new(0),
             fg_appends: AtomicU64::new(0),
             fg_latency_us: AtomicU64::new(0),
+            fg_total_appends: AtomicU64::new(0),
+            fg_total_us: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             driver: Mutex::new(Some(opened.driver)),
             coalescer: Mutex::new(None),
@@ -1237,6 +1249,8 @@ impl Node {
     pub fn record_foreground(&self, us: u64) {
         self.fg_appends.fetch_add(1, Ordering::Relaxed);
         self.fg_latency_us.fetch_add(us, Ordering::Relaxed);
+        self.fg_total_appends.fetch_add(1, Ordering::Relaxed);
+        self.fg_total_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Mean latency of the writers' appends since the last call; None if
@@ -1472,3 +1486,5 @@ mod tests_damage;
 mod tests_gossip;
 #[cfg(test)]
 mod tests_hydrate;
+#[cfg(test)]
+mod tests_scrub;
