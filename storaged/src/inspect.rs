@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::io::{AlignedBuf, BLOCK_SIZE, BlockIo};
 use crate::log::core::INFLIGHT_BLOCKS_MAX;
 use crate::log::format::{BlockError, BlockKind, DeviceId, decode_block, decode_block_at};
-use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
+use crate::log::layout::{ANCHOR_BLOCKS, METADATA_BLOCKS, SCRUB_STATE_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use crate::log::recovery::{OpenError, read_anchor, read_superblock, scan_log};
 use crate::pagemap::{self, Entry, PageMap, Verdict};
 use crate::pagestore::{self, Current, Extent, Slot};
@@ -361,6 +361,15 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     // Reported above, once for the slot.
                     (Err(_), TableSlot::Damaged) => {}
                     (Err(e), TableSlot::Valid) => problems.add(offset, format!("segment table block: {e}")),
+                }
+                continue;
+            }
+            if SCRUB_STATE_BLOCKS.contains(&here) {
+                // The scrubber's progress: two slots written in turn, so one
+                // may be a torn write; losing both only restarts a pass.
+                match decode_block_at(bytes, BlockKind::ScrubState, &sb.device_id, offset) {
+                    Ok(_) => check.blocks_valid += 1,
+                    Err(_) => check.blocks_torn_tail += 1,
                 }
                 continue;
             }
