@@ -14,6 +14,7 @@
 mod coalesce;
 mod gossip;
 mod hydrate;
+mod scrub_api;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -193,6 +194,8 @@ pub enum NodeError {
         "pulled record at LSN {lsn} is in the segment's annulled range {lo}..={hi}: a truncated record never comes back"
     )]
     PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
+    #[error(transparent)]
+    Scrub(#[from] scrub_api::ScrubError),
 }
 
 impl NodeError {
@@ -226,6 +229,7 @@ impl NodeError {
             NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
                 (ErrorCode::BadRequest, 0)
             }
+            NodeError::Scrub(e) => (e.wire_code(), 0),
         }
     }
 }
