@@ -423,6 +423,100 @@ pub fn render(r: &Report) -> String {
     out
 }
 
+/// A node's scrubbing as `storctl status` shows it: the last completed
+/// pass in figures, the pass under way, the damage counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScrubSummary {
+    pub last_pass: Option<LastPass>,
+    pub running: Option<RunningPass>,
+    /// Since the node started: damage found, repaired, and left now.
+    pub found_total: u64,
+    pub repaired_total: u64,
+    pub left_now: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastPass {
+    pub pass: u64,
+    pub priority: bool,
+    pub started_unix_secs: u64,
+    pub ended_unix_secs: u64,
+    pub bytes_read: u64,
+    pub found: u64,
+    pub repaired: u64,
+    pub left: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunningPass {
+    pub pass: u64,
+    pub priority: bool,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+impl ScrubSummary {
+    pub fn of(s: &scrub::Status) -> ScrubSummary {
+        ScrubSummary {
+            last_pass: s.last.as_ref().map(|p| {
+                let p = PassOut::of(p);
+                LastPass {
+                    pass: p.pass,
+                    priority: p.priority,
+                    started_unix_secs: p.started_unix_secs,
+                    ended_unix_secs: p.ended_unix_secs,
+                    bytes_read: p.bytes_read,
+                    found: p.found,
+                    repaired: p.repaired,
+                    left: p.left,
+                }
+            }),
+            running: s.running.map(|r| RunningPass {
+                pass: r.pass,
+                priority: r.priority,
+                bytes_done: r.bytes_done,
+                bytes_total: r.bytes_total,
+            }),
+            found_total: s.found_total,
+            repaired_total: s.repaired_total,
+            left_now: s.left_now,
+        }
+    }
+
+    /// One line: the last pass, the counters since start, a pass under way.
+    pub fn line(&self) -> String {
+        let mut out = match &self.last_pass {
+            Some(p) => format!(
+                "last pass {}{} ended {}, {} read: found {}, repaired {}, left {}",
+                p.pass,
+                if p.priority { " (priority)" } else { "" },
+                utc(p.ended_unix_secs),
+                bytes_human(p.bytes_read),
+                p.found,
+                p.repaired,
+                p.left
+            ),
+            None => "no pass completed yet".to_string(),
+        };
+        let _ = write!(
+            out,
+            "; since start found {}, repaired {}, left now {}",
+            self.found_total, self.repaired_total, self.left_now
+        );
+        if let Some(r) = &self.running {
+            let percent = (r.bytes_done as f64 * 100.0 / r.bytes_total.max(1) as f64).min(100.0);
+            let _ = write!(
+                out,
+                "; pass {}{} running, {percent:.0}% of {}",
+                r.pass,
+                if r.priority { " (priority)" } else { "" },
+                bytes_human(r.bytes_total)
+            );
+        }
+        out
+    }
+}
+
 /// Bytes done and in all of each node's pass, for the progress bar.
 type Progress = Arc<Mutex<Vec<(u64, u64)>>>;
 

@@ -55,8 +55,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Online view of a cluster: per node up/down and epoch; per PG each
-    /// segment's SCL and lag behind the PGCL; the volume's VCL and VDL.
+    /// Online view of a cluster: per node up/down, epoch and scrubbing; per
+    /// PG each segment's SCL and lag behind the PGCL; the volume's VCL and VDL.
     ///
     /// Each node is asked GetSegmentStatus (epoch 0, read-only) for every
     /// segment the placement puts on it; a node that does not answer within
@@ -64,6 +64,12 @@ enum Command {
     /// gives its address has the wrong identity (swapped address lines):
     /// it is not asked, and its segments count as down. PGCL is the
     /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
+    ///
+    /// Scrubbing: each node is also asked ScrubStatus: its last completed
+    /// scrub pass (number, when it ended, bytes read, damage found, repaired
+    /// and left), a pass under way, and its damage counters since it
+    /// started. A node that does not answer it (one that predates scrub)
+    /// shows "scrub: unknown" and is not counted down for it.
     ///
     /// VDL: commits at or below it are durable and acknowledged (from
     /// computed). VCL: every LSN at or below it is on its PG's write quorum,
@@ -76,7 +82,8 @@ enum Command {
     /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
     /// identity, a PG below its write quorum of 4, a segment that lost
     /// records to a damaged log block, a segment with damaged page versions
-    /// or whose node found a segment table slot damaged at start);
+    /// or whose node found a segment table slot damaged at start, a node
+    /// whose scrubbing left damage unrepaired);
     /// 8 operational error
     /// (unreadable cluster file, computed unreachable: reported as a
     /// problem too).
@@ -85,12 +92,18 @@ enum Command {
     /// volume, vdl, vcl, vcl_source ("computed"|"derived"),
     /// annulled [{first, last}],
     /// computed {address, up, epoch, vdl, error},
-    /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
+    /// nodes [{id, address, az, up, epoch, wrong_identity, error,
+    /// scrub {last_pass {pass, priority, started_unix_secs, ended_unix_secs,
+    /// bytes_read, found, repaired, left}, running {pass, priority,
+    /// bytes_done, bytes_total}, found_total, repaired_total, left_now},
+    /// scrub_error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
     /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}],
     /// damaged_pages [page], damaged_pages_total, table_damaged}]}].
     /// Unknown values (a node down) are null; wrong_identity is the id the
-    /// node at that address gave, null when it is the right node.
+    /// node at that address gave, null when it is the right node; scrub is
+    /// null when unknown (scrub_error says why for a node that is up), its
+    /// last_pass null before a pass completed, its running null when none runs.
     #[command(verbatim_doc_comment)]
     Status {
         /// The cluster file (TOML).
