@@ -621,12 +621,63 @@ pub fn run(plan: &Plan, progress_bar: bool) -> Result<Report> {
     Ok(Report::new(plan, results))
 }
 
+/// A fake storage node for the tests of storctl's commands.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::net::SocketAddr;
+
+    use storaged::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Node `id` on a free port of 127.0.0.1, for one connection: answers
+    /// Hello, and every other request with what `answer` makes of it
+    /// (`None`: no answer). Runs on the caller's runtime.
+    pub(crate) async fn node(
+        id: u64,
+        mut answer: impl FnMut(Message) -> Option<Message> + Send + 'static,
+    ) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                while let Ok(Some(frame)) = decoder.next() {
+                    let reply = match frame.message {
+                        Message::Hello { .. } => Message::HelloOk {
+                            node_id: id,
+                            protocol_version: u16::from(PROTOCOL_VERSION),
+                        },
+                        other => match answer(other) {
+                            Some(reply) => reply,
+                            None => continue,
+                        },
+                    };
+                    let mut out = Vec::new();
+                    encode_frame(frame.request_id, &reply, &mut out).unwrap();
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        addr
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use storaged::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
+    use storaged::proto::Message;
     use storaged::scrub::{AreaReport, Finding, Running, Status};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn cluster(nodes: &[SocketAddr], pgs: u32) -> Cluster {
         let computed: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -723,49 +774,17 @@ mod tests {
     /// `ScrubStatus` with the next of `statuses` (the last again when they
     /// run out). `None` in `statuses`: never answer that one.
     async fn fake_node(id: u64, statuses: Vec<Option<Status>>) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
-            let mut buf = vec![0u8; 4096];
-            let mut asked = 0;
-            loop {
-                let Ok(n) = s.read(&mut buf).await else {
-                    return;
-                };
-                if n == 0 {
-                    return;
-                }
-                decoder.push(&buf[..n]);
-                while let Ok(Some(frame)) = decoder.next() {
-                    let reply = match frame.message {
-                        Message::Hello { .. } => Message::HelloOk {
-                            node_id: id,
-                            protocol_version: u16::from(PROTOCOL_VERSION),
-                        },
-                        Message::Scrub { .. } => Message::ScrubStarted { pass: 5 },
-                        Message::ScrubStatus => {
-                            let i = asked.min(statuses.len() - 1);
-                            asked += 1;
-                            match &statuses[i] {
-                                Some(status) => Message::ScrubStatusOk { status: status.clone() },
-                                None => continue,
-                            }
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    };
-                    let mut out = Vec::new();
-                    encode_frame(frame.request_id, &reply, &mut out).unwrap();
-                    if s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
+        let mut asked = 0;
+        fake::node(id, move |m| match m {
+            Message::Scrub { .. } => Some(Message::ScrubStarted { pass: 5 }),
+            Message::ScrubStatus => {
+                let i = asked.min(statuses.len() - 1);
+                asked += 1;
+                statuses[i].clone().map(|status| Message::ScrubStatusOk { status })
             }
-        });
-        addr
+            other => panic!("unexpected {other:?}"),
+        })
+        .await
     }
 
     fn running(done: u64) -> Option<Status> {

@@ -864,6 +864,71 @@ mod tests {
         assert!(annulled_in_force(&[]).is_empty());
     }
 
+    /// Six nodes holding no segment yet: one whose scrubbing left damage
+    /// (a problem), one that answers ScrubStatus as a node that predates it
+    /// does (unknown, the node still up), four with nothing found.
+    #[tokio::test]
+    async fn scrub_damage_left_is_a_problem_and_an_old_node_is_up_with_scrub_unknown() {
+        use storaged::scrub;
+        let mut addrs = Vec::new();
+        for id in 1..=6u64 {
+            let addr = crate::scrub::fake::node(id, move |m| match m {
+                Message::GetSegmentStatus { volume, pg, .. } => Some(Message::error(
+                    ErrorCode::UnknownSegment,
+                    0,
+                    format!("unknown segment (volume {volume}, pg {pg})"),
+                )),
+                Message::ScrubStatus if id == 2 => {
+                    Some(Message::error(ErrorCode::BadFrame, 0, "unknown message type 27"))
+                }
+                Message::ScrubStatus => Some(Message::ScrubStatusOk {
+                    status: scrub::Status {
+                        found_total: if id == 1 { 3 } else { 0 },
+                        repaired_total: if id == 1 { 1 } else { 0 },
+                        left_now: if id == 1 { 2 } else { 0 },
+                        ..scrub::Status::default()
+                    },
+                }),
+                other => panic!("unexpected {other:?}"),
+            })
+            .await;
+            addrs.push(addr);
+        }
+        let s = tokio::task::spawn_blocking(move || {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let text = computed::cluster::local_cluster_toml(1, 2, 64, closed, &addrs);
+            collect(&Cluster::parse(&text).unwrap()).unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(s.nodes.iter().all(|n| n.up), "{:?}", s.nodes);
+        let left: Vec<&String> = s.problems.iter().filter(|p| p.contains("scrubbing left")).collect();
+        assert_eq!(left.len(), 1, "{:?}", s.problems);
+        assert!(left[0].starts_with("node 1: scrubbing left 2 damaged"), "{}", left[0]);
+        assert_eq!(s.nodes[0].scrub.as_ref().map(|x| x.left_now), Some(2));
+        assert_eq!(s.nodes[1].scrub, None);
+        assert!(
+            s.nodes[1]
+                .scrub_error
+                .as_deref()
+                .unwrap()
+                .contains("unknown message type 27")
+        );
+        assert!(
+            s.nodes[2..]
+                .iter()
+                .all(|n| n.scrub.as_ref().is_some_and(|x| x.left_now == 0))
+        );
+        let text = render(&s);
+        assert!(
+            text.contains("scrub: unknown (unknown message type 27 (BadFrame))"),
+            "{text}"
+        );
+    }
+
     /// Nothing listening anywhere: computed unreachable is reported as a
     /// problem (not "healthy"), as is every node.
     #[test]
