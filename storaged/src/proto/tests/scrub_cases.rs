@@ -275,3 +275,36 @@ fn a_report_too_large_for_a_frame_is_cut_to_fit_with_its_counts_whole() {
     assert!(first.left[0].error.len() <= FINDING_ERROR_BYTES_MAX);
     assert_eq!(first.left[0].error, "é".repeat(FINDING_ERROR_BYTES_MAX / 2));
 }
+
+mod garbage {
+    use super::*;
+    use crate::proto::tests::strategies::arb_scrub_status;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Random bodies of the scrub types: refused or decoded, never a panic.
+        #[test]
+        fn random_scrub_bodies_never_panic(kind in 25u8..=30, body in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&raw_frame(1, kind, 0, 1, &body));
+        }
+
+        /// A report with bytes changed is refused, or is a report whose own
+        /// encoding is exactly those bytes: one encoding per report.
+        #[test]
+        fn a_changed_report_is_refused_or_encodes_to_the_same_bytes(
+            status in arb_scrub_status(),
+            changes in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut body = body_of(&Message::ScrubStatusOk { status });
+            for (at, byte) in changes {
+                let at = at.index(body.len());
+                body[at] = byte;
+            }
+            if let Ok(msg) = decode_body(MessageType::ScrubStatusOk, &body) {
+                prop_assert_eq!(body_of(&msg), body);
+            }
+        }
+    }
+}
