@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -296,6 +297,81 @@ impl NodeClient {
                 bytes,
             } if volume == id.volume && pg == id.pg && p == page && l == lsn => Ok(bytes),
             other => Err(refused_or_unexpected(MessageType::GetPageAt, other)),
+        }
+    }
+}
+
+/// Connecting to a peer for a page copy, at most.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One page copy from a peer, at most: the scrubber then tries another.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Page copies for the scrubber ([`scrub::Peers`]): `GetPageAt` to the
+/// segment's peers as storage node `me`, one connection per peer, opened
+/// when first needed and dropped when it fails (the next request opens a
+/// new one). A peer whose `Hello` names another node than the membership
+/// puts at its address is refused, as gossip refuses it.
+pub struct PagePeers {
+    me: u64,
+    clients: Mutex<HashMap<u64, Arc<NodeClient>>>,
+}
+
+impl PagePeers {
+    pub fn new(me: u64) -> PagePeers {
+        PagePeers {
+            me,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn client(&self, (peer, addr): scrub::Peer) -> Result<Arc<NodeClient>, String> {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            return Ok(c.clone());
+        }
+        let connect = NodeClient::connect_to_node(addr, Role::StorageNode, self.me, peer);
+        let client = match tokio::time::timeout(PEER_CONNECT_TIMEOUT, connect).await {
+            Ok(c) => Arc::new(c.map_err(|e| e.to_string())?),
+            Err(_) => {
+                return Err(format!(
+                    "node {peer} at {addr}: no answer within {PEER_CONNECT_TIMEOUT:?}"
+                ));
+            }
+        };
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, client.clone());
+        Ok(client)
+    }
+
+    fn drop_client(&self, peer: u64) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+    }
+}
+
+impl scrub::Peers for PagePeers {
+    async fn page_at(
+        &self,
+        peer: scrub::Peer,
+        id: SegmentId,
+        (installed_epoch, membership_epoch): (u64, u64),
+        page: u64,
+        lsn: u64,
+    ) -> Result<Vec<u8>, String> {
+        let client = self.client(peer).await?;
+        let ask = client.get_page_at(id, installed_epoch, membership_epoch, page, lsn);
+        match tokio::time::timeout(PEER_REQUEST_TIMEOUT, ask).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            // The peer answered: the connection is sound.
+            Ok(Err(e @ ClientError::Refused { .. })) => Err(format!("node {}: {e}", peer.0)),
+            Ok(Err(e)) => {
+                self.drop_client(peer.0);
+                Err(format!("node {}: {e}", peer.0))
+            }
+            Err(_) => {
+                self.drop_client(peer.0);
+                Err(format!("node {}: no answer within {PEER_REQUEST_TIMEOUT:?}", peer.0))
+            }
         }
     }
 }

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use storaged::client::{ClientError, NodeClient};
+use storaged::client::{ClientError, NodeClient, PagePeers};
 use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
-use storaged::scrub::{Filter, Status};
+use storaged::scrub::{Filter, Peers as _, Status};
 use testkit::Daemon;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,6 +151,14 @@ fn scrub_requests_are_answered_for_their_roles_only() {
             );
             // A member at the same epochs: without a scrubber, not held.
             refused(peer.get_page_at(SEG, 1, 1, 3, 1).await, ErrorCode::NotHeld, "LSN 1");
+
+            // The scrubber's peers, as node 6 asks them; a node that is not
+            // the one the membership puts at the address is refused.
+            let peers = PagePeers::new(6);
+            let e = peers.page_at((5, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
+            assert!(e.starts_with("node 5: ") && e.contains("NotHeld"), "{e}");
+            let e = peers.page_at((7, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
+            assert!(e.contains("is node 5"), "{e}");
         })
         .await
         .expect("test timed out")
