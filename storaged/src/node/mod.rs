@@ -38,6 +38,8 @@ use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
 use crate::segment::{DAMAGED_PAGES_REPORTED_MAX, LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
+pub use scrub_api::ScrubError;
+
 /// Limits a node enforces; memory is bounded by these, whatever the load.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeConfig {
