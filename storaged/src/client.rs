@@ -6,12 +6,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::proto::{FRAME_BYTES_MAX, Message, PROTOCOL_VERSION, ProtoError, Role, decode_frame, encode_frame};
+use crate::proto::{
+    ErrorCode, FRAME_BYTES_MAX, Message, MessageType, PROTOCOL_VERSION, ProtoError, Role, decode_frame, encode_frame,
+};
+use crate::record::SegmentId;
+use crate::scrub;
 
 /// Requests queued for the writer, at most; callers wait beyond.
 const QUEUED_MAX: usize = 1024;
@@ -40,6 +45,17 @@ pub enum ClientError {
         expected: u64,
         found: u64,
     },
+    /// The node answered the request with an `Error`.
+    #[error("{message} ({code:?})")]
+    Refused {
+        code: ErrorCode,
+        /// The node's epoch for `StaleEpoch`, its membership epoch for
+        /// `StaleMembership`, else 0.
+        current_epoch: u64,
+        message: String,
+    },
+    #[error("the node answered {asked:?} with {got:?}")]
+    Unexpected { asked: MessageType, got: MessageType },
 }
 
 /// The one check every peer of a storage node makes of its `HelloOk`: the
@@ -230,6 +246,152 @@ impl NodeClient {
         let mut frame = Vec::new();
         encode_frame(id, &msg, &mut frame).map_err(ClientError::Encode)?;
         self.pipeline.call(id, frame).await.ok_or(ClientError::Closed)
+    }
+
+    /// Ask for a priority scrub pass over the segments `filter` names (the
+    /// log always); the number of the pass, whose report `scrub_status`
+    /// gives once it completed. Needs a connection opened as an operator.
+    pub async fn scrub(&self, filter: scrub::Filter) -> Result<u64, ClientError> {
+        match self.request(Message::Scrub { filter }).await? {
+            Message::ScrubStarted { pass } => Ok(pass),
+            other => Err(refused_or_unexpected(MessageType::Scrub, other)),
+        }
+    }
+
+    /// How the node's scrubbing stands: the pass under way, the last one
+    /// completed, the totals. Needs a connection opened as an operator.
+    pub async fn scrub_status(&self) -> Result<scrub::Status, ClientError> {
+        match self.request(Message::ScrubStatus).await? {
+            Message::ScrubStatusOk { status } => Ok(status),
+            other => Err(refused_or_unexpected(MessageType::ScrubStatus, other)),
+        }
+    }
+
+    /// Page `page` of segment `id` exactly as of `lsn`, from a peer that
+    /// holds it at the same epochs (`installed_epoch`, `membership_epoch`).
+    /// Needs a connection opened as a storage node, whose id is a member.
+    /// `Refused { code: NotHeld, .. }`: that node cannot build it; ask another.
+    pub async fn get_page_at(
+        &self,
+        id: SegmentId,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        page: u64,
+        lsn: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let req = Message::GetPageAt {
+            volume: id.volume,
+            pg: id.pg,
+            installed_epoch,
+            membership_epoch,
+            page,
+            lsn,
+        };
+        match self.request(req).await? {
+            // The page asked for, not another one a confused peer sent.
+            Message::PageAt {
+                volume,
+                pg,
+                page: p,
+                lsn: l,
+                bytes,
+            } if volume == id.volume && pg == id.pg && p == page && l == lsn => Ok(bytes),
+            other => Err(refused_or_unexpected(MessageType::GetPageAt, other)),
+        }
+    }
+}
+
+/// Connecting to a peer for a page copy, at most.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One page copy from a peer, at most: the scrubber then tries another.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Page copies for the scrubber ([`scrub::Peers`]): `GetPageAt` to the
+/// segment's peers as storage node `me`, one connection per peer, opened
+/// when first needed and dropped when it fails (the next request opens a
+/// new one). A peer whose `Hello` names another node than the membership
+/// puts at its address is refused, as gossip refuses it.
+pub struct PagePeers {
+    me: u64,
+    clients: Mutex<HashMap<u64, Arc<NodeClient>>>,
+}
+
+impl PagePeers {
+    pub fn new(me: u64) -> PagePeers {
+        PagePeers {
+            me,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn client(&self, (peer, addr): scrub::Peer) -> Result<Arc<NodeClient>, String> {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            return Ok(c.clone());
+        }
+        let connect = NodeClient::connect_to_node(addr, Role::StorageNode, self.me, peer);
+        let client = match tokio::time::timeout(PEER_CONNECT_TIMEOUT, connect).await {
+            Ok(c) => Arc::new(c.map_err(|e| e.to_string())?),
+            Err(_) => {
+                return Err(format!(
+                    "node {peer} at {addr}: no answer within {PEER_CONNECT_TIMEOUT:?}"
+                ));
+            }
+        };
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, client.clone());
+        Ok(client)
+    }
+
+    fn drop_client(&self, peer: u64) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+    }
+}
+
+impl scrub::Peers for PagePeers {
+    async fn page_at(
+        &self,
+        peer: scrub::Peer,
+        id: SegmentId,
+        (installed_epoch, membership_epoch): (u64, u64),
+        page: u64,
+        lsn: u64,
+    ) -> Result<Vec<u8>, String> {
+        let client = self.client(peer).await?;
+        let ask = client.get_page_at(id, installed_epoch, membership_epoch, page, lsn);
+        match tokio::time::timeout(PEER_REQUEST_TIMEOUT, ask).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            // The peer answered: the connection is sound.
+            Ok(Err(e @ ClientError::Refused { .. })) => Err(format!("node {}: {e}", peer.0)),
+            Ok(Err(e)) => {
+                self.drop_client(peer.0);
+                Err(format!("node {}: {e}", peer.0))
+            }
+            Err(_) => {
+                self.drop_client(peer.0);
+                Err(format!("node {}: no answer within {PEER_REQUEST_TIMEOUT:?}", peer.0))
+            }
+        }
+    }
+}
+
+/// An `Error` reply as [`ClientError::Refused`], anything else as unexpected.
+fn refused_or_unexpected(asked: MessageType, reply: Message) -> ClientError {
+    match reply {
+        Message::Error {
+            code,
+            current_epoch,
+            message,
+        } => ClientError::Refused {
+            code,
+            current_epoch,
+            message,
+        },
+        other => ClientError::Unexpected {
+            asked,
+            got: other.kind(),
+        },
     }
 }
 

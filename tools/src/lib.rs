@@ -2,8 +2,10 @@
 //!
 //! - [`bench`]: storbench's engines, fio-compatible reporting and argument parsing;
 //! - [`devcluster`]: `storctl dev-cluster up|down`, a local cluster of real processes;
+//! - [`scrub`]: `storctl scrub`, a priority scrub pass on chosen nodes and its report;
 //! - [`status`]: `storctl status`, a live view of a cluster.
 
 pub mod bench;
 pub mod devcluster;
+pub mod scrub;
 pub mod status;

@@ -34,6 +34,8 @@ use computed::cluster::{Cluster, SEGMENTS_PER_PG, WRITE_QUORUM};
 use storaged::client::{ClientError, NodeClient};
 use storaged::proto::{Damage, ErrorCode, Message, Role};
 
+use crate::scrub::ScrubSummary;
+
 /// One node or computed answering, at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -83,6 +85,10 @@ pub struct NodeStatus {
     /// node is refused (not asked, its segments count as down).
     pub wrong_identity: Option<u64>,
     pub error: Option<String>,
+    /// Its scrubbing (`ScrubStatus`); null when unknown: the node is down,
+    /// or did not answer it (`scrub_error` says why).
+    pub scrub: Option<ScrubSummary>,
+    pub scrub_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,7 +143,10 @@ struct Seg {
     damage: Damage,
 }
 
-async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u32, Seg)>> {
+/// What a node answered: its segments, and its scrubbing or why that is unknown.
+type NodeAnswer = (Vec<(u32, Seg)>, Result<ScrubSummary, String>);
+
+async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<NodeAnswer> {
     let connect = NodeClient::connect_to_node(addr, Role::Operator, 0, id);
     let client = tokio::time::timeout(REQUEST_TIMEOUT, connect)
         .await
@@ -192,7 +201,15 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<Vec<(u
         };
         out.push((pg, seg));
     }
-    Ok(out)
+    // Last on the connection: a node that predates ScrubStatus answers it
+    // as an unknown frame and closes the connection. Its scrubbing is then
+    // unknown; the node is not down for it.
+    let scrub = match tokio::time::timeout(REQUEST_TIMEOUT, client.scrub_status()).await {
+        Ok(Ok(s)) => Ok(ScrubSummary::of(&s)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
+    };
+    Ok((out, scrub))
 }
 
 async fn ask_computed(addr: SocketAddr) -> Result<(u64, u64)> {
@@ -317,9 +334,23 @@ async fn collect_async(cluster: &Cluster) -> Status {
     let mut nodes = Vec::new();
     for (n, answer) in cluster.nodes.iter().zip(&answers) {
         let (up, epoch, error) = match answer {
-            Ok(segs) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
+            Ok((segs, _)) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
             Err(e) => (false, None, Some(e.to_string())),
         };
+        let (scrub, scrub_error) = match answer {
+            Ok((_, Ok(s))) => (Some(s.clone()), None),
+            Ok((_, Err(e))) => (None, Some(e.clone())),
+            Err(_) => (None, None),
+        };
+        if let Some(s) = &scrub
+            && s.left_now > 0
+        {
+            problems.push(format!(
+                "node {}: scrubbing left {} damaged block(s) or page version(s) unrepaired \
+                 (`storctl scrub --cluster FILE --node {}` scrubs it again and lists where)",
+                n.id, s.left_now, n.id
+            ));
+        }
         let wrong_identity = match answer.as_ref().err().and_then(|e| e.downcast_ref::<ClientError>()) {
             Some(ClientError::WrongNode { found, .. }) => Some(*found),
             _ => None,
@@ -341,11 +372,13 @@ async fn collect_async(cluster: &Cluster) -> Status {
             epoch,
             wrong_identity,
             error,
+            scrub,
+            scrub_error,
         });
     }
     let seg_of = |node: u64, pg: u32| -> Option<Seg> {
         let i = cluster.nodes.iter().position(|n| n.id == node)?;
-        let segs = answers[i].as_ref().ok()?;
+        let (segs, _) = answers[i].as_ref().ok()?;
         segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| s.clone())
     };
     let mut pgs = Vec::new();
@@ -433,7 +466,7 @@ async fn collect_async(cluster: &Cluster) -> Status {
         Some(v) => (Some(v.max(vdl.unwrap_or(0))), "computed"),
         None => (Some(derive_vcl(&pg_marks, vdl)), "derived"),
     };
-    let annulled = annulled_in_force(answers.iter().flatten().flatten().map(|(_, s)| s));
+    let annulled = annulled_in_force(answers.iter().flatten().flat_map(|(segs, _)| segs).map(|(_, s)| s));
     Status {
         volume: cluster.volume_id,
         status: if problems.is_empty() { "healthy" } else { "problems" },
@@ -534,6 +567,12 @@ pub fn render(s: &Status) -> String {
             up,
             opt(n.epoch)
         );
+        let scrub = match (&n.scrub, &n.scrub_error) {
+            (Some(s), _) => s.line(),
+            (None, Some(e)) => format!("unknown ({e})"),
+            (None, None) => "unknown (the node is not up)".to_string(),
+        };
+        let _ = writeln!(out, "{:>5}  scrub: {scrub}", "");
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -741,6 +780,68 @@ mod tests {
     }
 
     #[test]
+    fn each_nodes_scrubbing_is_shown_and_unknown_when_it_does_not_answer() {
+        use crate::scrub::{LastPass, RunningPass};
+        let mut s = status(Some(7), 7, &[]);
+        let node = |id: u64, up: bool, scrub: Option<ScrubSummary>, scrub_error: Option<&str>| NodeStatus {
+            id,
+            address: "127.0.0.1:7001".parse().unwrap(),
+            az: "az1".into(),
+            up,
+            epoch: up.then_some(1),
+            wrong_identity: None,
+            error: (!up).then(|| "refused".to_string()),
+            scrub,
+            scrub_error: scrub_error.map(str::to_string),
+        };
+        let summary = ScrubSummary {
+            last_pass: Some(LastPass {
+                pass: 12,
+                priority: true,
+                started_unix_secs: 1_796_544_000,
+                ended_unix_secs: 1_796_544_062,
+                bytes_read: 32 << 20,
+                found: 3,
+                repaired: 2,
+                left: 1,
+            }),
+            running: Some(RunningPass {
+                pass: 13,
+                priority: false,
+                bytes_done: 1 << 20,
+                bytes_total: 4 << 20,
+            }),
+            found_total: 3,
+            repaired_total: 2,
+            left_now: 1,
+        };
+        s.nodes = vec![
+            node(1, true, Some(summary), None),
+            node(2, true, None, Some("the connection is closed")),
+            node(3, false, None, None),
+        ];
+        let text = render(&s);
+        assert!(
+            text.contains(
+                "scrub: last pass 12 (priority) ended 2026-12-06 08:01:02 UTC, 32.0 MiB read: found 3, repaired 2, \
+                 left 1; since start found 3, repaired 2, left now 1; pass 13 running, 25% of 4.0 MiB"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("scrub: unknown (the connection is closed)"), "{text}");
+        assert!(text.contains("scrub: unknown (the node is not up)"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["nodes"][0]["scrub"]["last_pass"]["pass"], 12);
+        assert_eq!(json["nodes"][0]["scrub"]["left_now"], 1);
+        assert_eq!(json["nodes"][0]["scrub"]["running"]["bytes_total"], 4 << 20);
+        assert_eq!(json["nodes"][1]["scrub"], serde_json::Value::Null);
+        assert_eq!(json["nodes"][1]["scrub_error"], "the connection is closed");
+        // The fields that were there keep their names.
+        assert_eq!(json["nodes"][0]["up"], true);
+        assert_eq!(json["nodes"][2]["error"], "refused");
+    }
+
+    #[test]
     fn the_ranges_in_force_are_the_newest_installed_epochs() {
         let seg = |installed_epoch, annulled: &[(u64, u64)]| Seg {
             scl: 0,
@@ -761,6 +862,71 @@ mod tests {
             vec![LsnRange { first: 5, last: 100 }, LsnRange { first: 120, last: 200 }]
         );
         assert!(annulled_in_force(&[]).is_empty());
+    }
+
+    /// Six nodes holding no segment yet: one whose scrubbing left damage
+    /// (a problem), one that answers ScrubStatus as a node that predates it
+    /// does (unknown, the node still up), four with nothing found.
+    #[tokio::test]
+    async fn scrub_damage_left_is_a_problem_and_an_old_node_is_up_with_scrub_unknown() {
+        use storaged::scrub;
+        let mut addrs = Vec::new();
+        for id in 1..=6u64 {
+            let addr = crate::scrub::fake::node(id, move |m| match m {
+                Message::GetSegmentStatus { volume, pg, .. } => Some(Message::error(
+                    ErrorCode::UnknownSegment,
+                    0,
+                    format!("unknown segment (volume {volume}, pg {pg})"),
+                )),
+                Message::ScrubStatus if id == 2 => {
+                    Some(Message::error(ErrorCode::BadFrame, 0, "unknown message type 27"))
+                }
+                Message::ScrubStatus => Some(Message::ScrubStatusOk {
+                    status: scrub::Status {
+                        found_total: if id == 1 { 3 } else { 0 },
+                        repaired_total: if id == 1 { 1 } else { 0 },
+                        left_now: if id == 1 { 2 } else { 0 },
+                        ..scrub::Status::default()
+                    },
+                }),
+                other => panic!("unexpected {other:?}"),
+            })
+            .await;
+            addrs.push(addr);
+        }
+        let s = tokio::task::spawn_blocking(move || {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let text = computed::cluster::local_cluster_toml(1, 2, 64, closed, &addrs);
+            collect(&Cluster::parse(&text).unwrap()).unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(s.nodes.iter().all(|n| n.up), "{:?}", s.nodes);
+        let left: Vec<&String> = s.problems.iter().filter(|p| p.contains("scrubbing left")).collect();
+        assert_eq!(left.len(), 1, "{:?}", s.problems);
+        assert!(left[0].starts_with("node 1: scrubbing left 2 damaged"), "{}", left[0]);
+        assert_eq!(s.nodes[0].scrub.as_ref().map(|x| x.left_now), Some(2));
+        assert_eq!(s.nodes[1].scrub, None);
+        assert!(
+            s.nodes[1]
+                .scrub_error
+                .as_deref()
+                .unwrap()
+                .contains("unknown message type 27")
+        );
+        assert!(
+            s.nodes[2..]
+                .iter()
+                .all(|n| n.scrub.as_ref().is_some_and(|x| x.left_now == 0))
+        );
+        let text = render(&s);
+        assert!(
+            text.contains("scrub: unknown (unknown message type 27 (BadFrame))"),
+            "{text}"
+        );
     }
 
     /// Nothing listening anywhere: computed unreachable is reported as a

@@ -16,6 +16,7 @@ mod gossip;
 mod hydrate;
 mod index;
 mod scrub;
+mod scrub_api;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -38,6 +39,8 @@ use crate::proto::{self, ErrorCode, ProtoError};
 use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
 use crate::segment::{DAMAGED_PAGES_REPORTED_MAX, LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
+
+pub use scrub_api::ScrubError;
 
 /// Limits a node enforces; memory is bounded by these, whatever the load.
 #[derive(Debug, Clone, Copy)]
@@ -195,9 +198,8 @@ pub enum NodeError {
         "pulled record at LSN {lsn} is in the segment's annulled range {lo}..={hi}: a truncated record never comes back"
     )]
     PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
-    /// A peer asked for a page at an LSN this segment cannot build.
-    #[error("not held here: {0}")]
-    NotHeld(String),
+    #[error(transparent)]
+    Scrub(#[from] scrub_api::ScrubError),
 }
 
 impl NodeError {
@@ -228,10 +230,10 @@ impl NodeError {
             | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
             NodeError::NotMember { .. } => (ErrorCode::NotMember, 0),
             NodeError::StaleMembership { current, .. } => (ErrorCode::StaleMembership, *current),
-            NodeError::NotHeld(_) => (ErrorCode::BadRequest, 0),
             NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
                 (ErrorCode::BadRequest, 0)
             }
+            NodeError::Scrub(e) => (e.wire_code(), 0),
         }
     }
 }

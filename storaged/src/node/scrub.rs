@@ -563,23 +563,14 @@ impl Node {
     }
 
     /// Page `page` of segment `id` as of exactly `lsn` (every change at or
-    /// below it), for peer `from`'s repair: from the version at or below
+    /// below it), for a peer's repair (the server checked the peer): from the version at or below
     /// `lsn` plus the records above it, or the older slot's version if it is
     /// at `lsn`. `NotHeld` when this segment can build neither.
-    pub async fn page_exactly_at(
-        &self,
-        id: SegmentId,
-        from: u64,
-        installed_epoch: u64,
-        membership_epoch: u64,
-        page: u64,
-        lsn: u64,
-    ) -> Result<Vec<u8>, NodeError> {
+    pub(super) async fn page_exactly_at(&self, id: SegmentId, page: u64, lsn: u64) -> Result<Vec<u8>, NodeError> {
         let _stripe = self.stripe(id, page).read().await;
         let (extent, local, known, torn_after, page_bytes, scl) = {
             let st = self.state();
             let s = st.seg(id)?;
-            s.gossip_gate(id, from, installed_epoch, membership_epoch, true)?;
             if s.hydration.is_some() || s.rebuilding() {
                 return Err(NodeError::Rebuilding);
             }
@@ -593,7 +584,15 @@ impl Node {
                 s.seg.scl(),
             )
         };
-        let not_held = |why: String| NodeError::NotHeld(why);
+        let not_held = |why: String| {
+            NodeError::from(super::ScrubError::NotHeld {
+                volume: id.volume,
+                pg: id.pg,
+                page,
+                lsn,
+                why,
+            })
+        };
         if lsn > scl {
             return Err(not_held(format!("LSN {lsn} is above this segment's SCL {scl}")));
         }

@@ -22,7 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::proto::{ErrorCode, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, Role, encode_frame};
+use crate::proto::{
+    ErrorCode, FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, Role, encode_frame, fit_status_for_wire,
+};
 use crate::record::SegmentId;
 
 use super::{Node, NodeError, PageGeometry, SegmentStatus};
@@ -265,6 +267,19 @@ impl Peer {
             self.role
         ))
     }
+
+    /// Scrub requests come from operators (`storctl`): a priority pass
+    /// costs the node read bandwidth, which neither the writer nor a peer
+    /// has reason to spend.
+    fn operator(&self, what: &str) -> Result<(), String> {
+        if self.role == Role::Operator {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} is an operator's request; this connection's Hello said {:?}",
+            self.role
+        ))
+    }
 }
 
 async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
@@ -440,6 +455,50 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
                 next_page,
                 versions,
             })
+        }
+        Message::Scrub { filter } => {
+            if let Err(why) = peer.operator("Scrub") {
+                return Message::error(ErrorCode::BadRequest, 0, why);
+            }
+            node.scrub_request(filter).map(|pass| Message::ScrubStarted { pass })
+        }
+        Message::ScrubStatus => {
+            if let Err(why) = peer.operator("ScrubStatus") {
+                return Message::error(ErrorCode::BadRequest, 0, why);
+            }
+            let mut status = node.scrub_status();
+            fit_status_for_wire(&mut status);
+            Ok(Message::ScrubStatusOk { status })
+        }
+        Message::GetPageAt {
+            volume,
+            pg,
+            installed_epoch,
+            membership_epoch,
+            page,
+            lsn,
+        } => {
+            let from = match peer.storage_node("GetPageAt") {
+                Ok(from) => from,
+                Err(why) => return Message::error(ErrorCode::BadRequest, 0, why),
+            };
+            let id = SegmentId { volume, pg };
+            // The gate of PullRecords: a member, at the same membership
+            // epoch and the same installed volume epoch (so both segments
+            // hold the same truncation ranges and the same page at `lsn`).
+            match node.check_gossip_peer(id, from, installed_epoch, membership_epoch, true) {
+                Ok(()) => node
+                    .page_at_exact(id, installed_epoch, membership_epoch, page, lsn)
+                    .await
+                    .map(|bytes| Message::PageAt {
+                        volume,
+                        pg,
+                        page,
+                        lsn,
+                        bytes,
+                    }),
+                Err(e) => Err(e),
+            }
         }
         Message::Hello { .. } => {
             return Message::error(ErrorCode::BadRequest, 0, "Hello was already received");

@@ -10,6 +10,10 @@
 use super::ERROR_MESSAGE_BYTES_MAX;
 use super::error::ProtoError;
 use super::message::{Damage, ErrorCode, GossipDigest, Message, MessageType, Role, WirePageVersion};
+use super::scrub::{
+    SCRUB_FIXED_BYTES, SCRUB_STATUS_FIXED_BYTES, filter_len, put_filter, put_status, read_filter, read_status,
+    status_len, validate_filter, validate_status,
+};
 use crate::membership::{MEMBERSHIP_BYTES, Membership};
 use crate::record::{RECORD_HEADER_BYTES, RECORD_PAYLOAD_MAX_BYTES, RecordError};
 use crate::record::{RedoRecord, SegmentId, WireRecord};
@@ -39,6 +43,10 @@ const DIGEST_BYTES: usize = 52;
 const PULL_RECORDS_BYTES: usize = 40;
 const GET_PAGE_VERSIONS_BYTES: usize = 40;
 const PAGE_VERSIONS_FIXED_BYTES: usize = 32;
+const SCRUB_STARTED_BYTES: usize = 8;
+const SCRUB_STATUS_BYTES: usize = 0;
+const GET_PAGE_AT_BYTES: usize = 44;
+const PAGE_AT_FIXED_BYTES: usize = 32;
 /// Page, LSN and length before each version's bytes.
 const PAGE_VERSION_HEAD_BYTES: usize = 20;
 
@@ -100,6 +108,12 @@ impl Message {
                         .map(|v| PAGE_VERSION_HEAD_BYTES + v.bytes.len())
                         .sum::<usize>()
             }
+            Message::Scrub { filter } => filter_len(filter),
+            Message::ScrubStarted { .. } => SCRUB_STARTED_BYTES,
+            Message::ScrubStatus => SCRUB_STATUS_BYTES,
+            Message::ScrubStatusOk { status } => status_len(status),
+            Message::GetPageAt { .. } => GET_PAGE_AT_BYTES,
+            Message::PageAt { bytes, .. } => PAGE_AT_FIXED_BYTES + bytes.len(),
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
             Message::ReadRecords { .. } => READ_RECORDS_BYTES,
@@ -176,6 +190,8 @@ impl Message {
                 membership: Some(membership),
                 ..
             } => membership.check().map_err(ProtoError::BadMembership),
+            Message::Scrub { filter } => validate_filter(filter),
+            Message::ScrubStatusOk { status } => validate_status(status),
             Message::Error { message, .. } if message.len() > ERROR_MESSAGE_BYTES_MAX => {
                 Err(ProtoError::MessageTooLong(message.len()))
             }
@@ -411,6 +427,38 @@ impl Message {
                     out.extend_from_slice(&v.bytes);
                 }
             }
+            Message::Scrub { filter } => put_filter(out, filter),
+            Message::ScrubStarted { pass } => put_u64(out, *pass),
+            Message::ScrubStatus => {}
+            Message::ScrubStatusOk { status } => put_status(out, status),
+            Message::GetPageAt {
+                volume,
+                pg,
+                installed_epoch,
+                membership_epoch,
+                page,
+                lsn,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                for v in [installed_epoch, membership_epoch, page, lsn] {
+                    put_u64(out, *v);
+                }
+            }
+            Message::PageAt {
+                volume,
+                pg,
+                page,
+                lsn,
+                bytes,
+            } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+                put_u64(out, *page);
+                put_u64(out, *lsn);
+                put_u32(out, bytes.len() as u32);
+                out.extend_from_slice(bytes);
+            }
             Message::Seal {
                 volume,
                 epoch,
@@ -622,6 +670,49 @@ impl Message {
                 changed_after: if r.rest.is_empty() { 0 } else { r.u64()? },
             },
             MessageType::PageVersions => return decode_page_versions(r),
+            MessageType::Scrub => {
+                // The least a body holds: read before anything is allocated.
+                if r.rest().len() < SCRUB_FIXED_BYTES {
+                    r.take(SCRUB_FIXED_BYTES)?;
+                }
+                Message::Scrub {
+                    filter: read_filter(&mut r)?,
+                }
+            }
+            MessageType::ScrubStarted => Message::ScrubStarted { pass: r.u64()? },
+            MessageType::ScrubStatus => Message::ScrubStatus,
+            MessageType::ScrubStatusOk => {
+                if r.rest().len() < SCRUB_STATUS_FIXED_BYTES {
+                    r.take(SCRUB_STATUS_FIXED_BYTES)?;
+                }
+                Message::ScrubStatusOk {
+                    status: read_status(&mut r)?,
+                }
+            }
+            MessageType::GetPageAt => Message::GetPageAt {
+                volume: r.u64()?,
+                pg: r.u32()?,
+                installed_epoch: r.u64()?,
+                membership_epoch: r.u64()?,
+                page: r.u64()?,
+                lsn: r.u64()?,
+            },
+            MessageType::PageAt => {
+                let volume = r.u64()?;
+                let pg = r.u32()?;
+                let page = r.u64()?;
+                let lsn = r.u64()?;
+                let len = r.u32()? as usize;
+                // `take` checks `len` against the bytes present before copying.
+                let bytes = r.take(len)?.to_vec();
+                Message::PageAt {
+                    volume,
+                    pg,
+                    page,
+                    lsn,
+                    bytes,
+                }
+            }
             MessageType::Seal => Message::Seal {
                 volume: r.u64()?,
                 epoch: r.u64()?,
@@ -813,15 +904,19 @@ fn check_record(record: &RedoRecord) -> Result<(), RecordError> {
     Ok(())
 }
 
-fn put_u16(out: &mut Vec<u8>, v: u16) {
+pub(super) fn put_u8(out: &mut Vec<u8>, v: u8) {
+    out.push(v);
+}
+
+pub(super) fn put_u16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
+pub(super) fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(super) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -835,7 +930,7 @@ fn put_request_head(out: &mut Vec<u8>, volume: u64, epoch: u64, pg: u32) {
 /// A cursor over one body that turns running out of bytes into
 /// `BodyTooShort` and leftover bytes into `BodyTooLong`, without indexing
 /// that could panic.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     kind: MessageType,
     body_len: usize,
     rest: &'a [u8],
@@ -850,11 +945,11 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn rest(&self) -> &'a [u8] {
+    pub(super) fn rest(&self) -> &'a [u8] {
         self.rest
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         match self.rest.split_at_checked(n) {
             Some((head, tail)) => {
                 self.rest = tail;
@@ -875,19 +970,19 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
-    fn u8(&mut self) -> Result<u8, ProtoError> {
+    pub(super) fn u8(&mut self) -> Result<u8, ProtoError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, ProtoError> {
+    pub(super) fn u16(&mut self) -> Result<u16, ProtoError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, ProtoError> {
+    pub(super) fn u32(&mut self) -> Result<u32, ProtoError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, ProtoError> {
+    pub(super) fn u64(&mut self) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 

@@ -76,6 +76,10 @@ pub enum ProtoError {
     UnknownErrorCode(u16),
     #[error("bad membership: {0}")]
     BadMembership(crate::membership::MembershipError),
+    /// A scrub filter or report that breaks its rules (a bound, a kind, a
+    /// flag, a field its kind does not use that is not zero).
+    #[error("bad scrub message: {0}")]
+    BadScrub(String),
 }
 
 impl ProtoError {

@@ -5,6 +5,7 @@ use super::ERROR_MESSAGE_BYTES_MAX;
 pub use crate::gossip::Digest as GossipDigest;
 pub use crate::membership::Membership;
 use crate::record::{RedoRecord, WireRecord};
+use crate::scrub;
 
 /// One page version in a `PageVersions` reply: the page as of `lsn`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,9 +15,6 @@ pub struct WirePageVersion {
     pub bytes: Vec<u8>,
 }
 
-/// The message type byte of a frame. Requests are odd, their replies the next
-/// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
-/// `Error` answers any request and stands apart at 255.
 /// Damage a node found under a segment, as `SegmentStatus` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Damage {
@@ -37,6 +35,9 @@ impl Damage {
     }
 }
 
+/// The message type byte of a frame. Requests are odd, their replies the next
+/// even number, except `Seal` and `Truncate`, answered by `SegmentStatus`;
+/// `Error` answers any request and stands apart at 255.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MessageType {
@@ -60,6 +61,12 @@ pub enum MessageType {
     PullRecords = 21,
     GetPageVersions = 23,
     PageVersions = 24,
+    Scrub = 25,
+    ScrubStarted = 26,
+    ScrubStatus = 27,
+    ScrubStatusOk = 28,
+    GetPageAt = 29,
+    PageAt = 30,
     Error = 255,
 }
 
@@ -86,6 +93,12 @@ impl MessageType {
             21 => MessageType::PullRecords,
             23 => MessageType::GetPageVersions,
             24 => MessageType::PageVersions,
+            25 => MessageType::Scrub,
+            26 => MessageType::ScrubStarted,
+            27 => MessageType::ScrubStatus,
+            28 => MessageType::ScrubStatusOk,
+            29 => MessageType::GetPageAt,
+            30 => MessageType::PageAt,
             255 => MessageType::Error,
             _ => return None,
         };
@@ -146,6 +159,10 @@ pub enum ErrorCode {
     StaleMembership = 16,
     /// The segment is being rebuilt from its peers (hydrating): read another.
     Rebuilding = 17,
+    /// `GetPageAt`: this node cannot build the page at exactly that LSN (its
+    /// own version is damaged, newer than the LSN, or it lacks records up
+    /// to it): ask another member.
+    NotHeld = 18,
 }
 
 impl ErrorCode {
@@ -168,6 +185,7 @@ impl ErrorCode {
             15 => ErrorCode::NotMember,
             16 => ErrorCode::StaleMembership,
             17 => ErrorCode::Rebuilding,
+            18 => ErrorCode::NotHeld,
             _ => return None,
         };
         Some(code)
@@ -354,6 +372,40 @@ pub enum Message {
         next_page: u64,
         versions: Vec<WirePageVersion>,
     },
+    /// An operator asks the node for a priority scrub pass over the
+    /// segments `filter` names (the log always); answered by
+    /// `ScrubStarted` with the number of the pass.
+    Scrub {
+        filter: scrub::Filter,
+    },
+    ScrubStarted {
+        pass: u64,
+    },
+    /// An operator asks how the node's scrubbing stands; answered by
+    /// `ScrubStatusOk`.
+    ScrubStatus,
+    ScrubStatusOk {
+        status: scrub::Status,
+    },
+    /// A peer asks for page `page` of the segment exactly as of `lsn` (every
+    /// change at or below it, none above), to repair its own damaged copy.
+    /// Same conditions as `PullRecords`. Answered by `PageAt`, or
+    /// `Error(NotHeld)` when the node cannot build the page at exactly `lsn`.
+    GetPageAt {
+        volume: u64,
+        pg: u32,
+        installed_epoch: u64,
+        membership_epoch: u64,
+        page: u64,
+        lsn: u64,
+    },
+    PageAt {
+        volume: u64,
+        pg: u32,
+        page: u64,
+        lsn: u64,
+        bytes: Vec<u8>,
+    },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs
     /// are refused from now on. Answered by `SegmentStatus`.
@@ -420,6 +472,12 @@ impl Message {
             Message::PullRecords { .. } => MessageType::PullRecords,
             Message::GetPageVersions { .. } => MessageType::GetPageVersions,
             Message::PageVersions { .. } => MessageType::PageVersions,
+            Message::Scrub { .. } => MessageType::Scrub,
+            Message::ScrubStarted { .. } => MessageType::ScrubStarted,
+            Message::ScrubStatus => MessageType::ScrubStatus,
+            Message::ScrubStatusOk { .. } => MessageType::ScrubStatusOk,
+            Message::GetPageAt { .. } => MessageType::GetPageAt,
+            Message::PageAt { .. } => MessageType::PageAt,
             Message::Error { .. } => MessageType::Error,
         }
     }

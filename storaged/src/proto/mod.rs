@@ -14,6 +14,7 @@
 //!   CRC32C), one-shot encode/decode and the streaming decoder;
 //! - `message`: the message types, roles and error codes;
 //! - `body`: each message's body layout, encoded and strictly decoded;
+//! - `scrub`: the layouts of the scrub messages' filter and report;
 //! - `error`: what can be wrong with received bytes, and the code to answer with.
 
 mod body;
@@ -21,6 +22,7 @@ pub(crate) use body::check_batch_order;
 mod error;
 mod frame;
 mod message;
+mod scrub;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +31,7 @@ pub use frame::{
     AppendHeader, FrameDecoder, RawFrame, decode_frame, encode_append_frame, encode_frame, split_frame, write_frame,
 };
 pub use message::{Damage, ErrorCode, Frame, GossipDigest, Membership, Message, MessageType, Role, WirePageVersion};
+pub use scrub::{FINDING_ERROR_BYTES_MAX, SCRUB_AREAS_MAX, SCRUB_SEGMENTS_MAX, fit_status_for_wire};
 
 /// The version this code speaks, in byte 4 of every frame.
 pub const PROTOCOL_VERSION: u8 = 1;

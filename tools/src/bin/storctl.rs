@@ -14,7 +14,7 @@ use storaged::inspect::inspect;
 use storaged::io::uring::{UringConfig, UringDevice};
 use storaged::{errln, out, outln};
 use tools::devcluster::{self, UpOptions};
-use tools::status;
+use tools::{scrub, status};
 
 const EXIT_CLEAN: u8 = 0;
 const EXIT_UNCORRECTED: u8 = 4;
@@ -24,7 +24,7 @@ const EXIT_OPERATIONAL: u8 = 8;
 #[command(
     name = "storctl",
     version,
-    about = "Operate the storage service: inspect devices, show a cluster's status, run a local dev cluster",
+    about = "Operate the storage service: inspect devices, show a cluster's status, scrub it now, run a local dev cluster",
     after_help = "Exit status (fsck's): 0 clean; 1 problems found and corrected; 4 problems left uncorrected; \
                   8 operational error (the message says why); 2 usage error (a bad flag). Each command's \
                   --help says which it uses.\n\
@@ -55,8 +55,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Online view of a cluster: per node up/down and epoch; per PG each
-    /// segment's SCL and lag behind the PGCL; the volume's VCL and VDL.
+    /// Online view of a cluster: per node up/down, epoch and scrubbing; per
+    /// PG each segment's SCL and lag behind the PGCL; the volume's VCL and VDL.
     ///
     /// Each node is asked GetSegmentStatus (epoch 0, read-only) for every
     /// segment the placement puts on it; a node that does not answer within
@@ -64,6 +64,12 @@ enum Command {
     /// gives its address has the wrong identity (swapped address lines):
     /// it is not asked, and its segments count as down. PGCL is the
     /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
+    ///
+    /// Scrubbing: each node is also asked ScrubStatus: its last completed
+    /// scrub pass (number, when it ended, bytes read, damage found, repaired
+    /// and left), a pass under way, and its damage counters since it
+    /// started. A node that does not answer it (one that predates scrub)
+    /// shows "scrub: unknown" and is not counted down for it.
     ///
     /// VDL: commits at or below it are durable and acknowledged (from
     /// computed). VCL: every LSN at or below it is on its PG's write quorum,
@@ -76,7 +82,8 @@ enum Command {
     /// Exit status: 0 healthy; 4 problems (a node down or with the wrong
     /// identity, a PG below its write quorum of 4, a segment that lost
     /// records to a damaged log block, a segment with damaged page versions
-    /// or whose node found a segment table slot damaged at start);
+    /// or whose node found a segment table slot damaged at start, a node
+    /// whose scrubbing left damage unrepaired);
     /// 8 operational error
     /// (unreadable cluster file, computed unreachable: reported as a
     /// problem too).
@@ -85,18 +92,75 @@ enum Command {
     /// volume, vdl, vcl, vcl_source ("computed"|"derived"),
     /// annulled [{first, last}],
     /// computed {address, up, epoch, vdl, error},
-    /// nodes [{id, address, az, up, epoch, wrong_identity, error}],
+    /// nodes [{id, address, az, up, epoch, wrong_identity, error,
+    /// scrub {last_pass {pass, priority, started_unix_secs, ended_unix_secs,
+    /// bytes_read, found, repaired, left}, running {pass, priority,
+    /// bytes_done, bytes_total}, found_total, repaired_total, left_now},
+    /// scrub_error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
     /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}],
     /// damaged_pages [page], damaged_pages_total, table_damaged}]}].
     /// Unknown values (a node down) are null; wrong_identity is the id the
-    /// node at that address gave, null when it is the right node.
+    /// node at that address gave, null when it is the right node; scrub is
+    /// null when unknown (scrub_error says why for a node that is up), its
+    /// last_pass null before a pass completed, its running null when none runs.
     #[command(verbatim_doc_comment)]
     Status {
         /// The cluster file (TOML).
         #[arg(long)]
         cluster: PathBuf,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every log block and page version of the chosen segments now,
+    /// repair what is damaged, and report per node and per segment.
+    ///
+    /// Each chosen node (every node of the cluster file by default) is asked
+    /// for a priority scrub pass: its whole log, and every segment it holds
+    /// (with --pg N, only the segment of PG N; a node the placement gives no
+    /// segment of PG N is skipped). A pass reads at the node's scrub ceiling
+    /// rate. A damaged block or page version is repaired from what the node
+    /// still holds, else from a peer whose copy verifies. storctl asks each
+    /// node every 200 ms how its pass stands, shows the bytes read over all
+    /// nodes as a progress bar on a terminal (none with --json or when stderr
+    /// is not a terminal), and reports once every pass completed: per node
+    /// and per area (the log, each segment) blocks and page versions checked,
+    /// damage found, repaired and left, and where each damage left lies
+    /// (device offset, what, page, LSN, why it does not verify).
+    ///
+    /// A node that cannot be reached, refuses the pass, or does not answer
+    /// within 3 s is named with the reason; the other nodes are still
+    /// scrubbed and reported.
+    ///
+    /// Exit status: 0 clean; 1 damage found and all of it repaired; 4 damage
+    /// left (not repaired); 8 operational error (the cluster file unreadable,
+    /// a node unreachable, refusing or silent), which wins over 4 and 1;
+    /// 2 usage error (a bad flag, or --node/--pg the cluster file does not
+    /// have).
+    ///
+    /// --json keys (stable): status ("clean"|"repaired"|"damage_left"|"error"),
+    /// volume, pg (null: every segment), found, repaired, left,
+    /// nodes [{id, address, error, pass {pass, priority, started_unix_secs,
+    /// ended_unix_secs, bytes_read, found, repaired, left,
+    /// areas [{area ("log"|"segment"), volume, pg, blocks_checked,
+    /// pages_checked, found, repaired, left,
+    /// left_listed [{offset, what ("log_block"|"page_version"|"older_slot"|
+    /// "page_map"), page, lsn, error}]}]}}].
+    /// error is null for a node that was scrubbed, pass null for one that was
+    /// not; page and lsn are null where the damage has none.
+    #[command(verbatim_doc_comment)]
+    Scrub {
+        /// The cluster file (TOML).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// Only this node (an id of the cluster file).
+        #[arg(long)]
+        node: Option<u64>,
+        /// Only the segments of this PG.
+        #[arg(long)]
+        pg: Option<u32>,
+        /// Print the report as JSON (and no progress bar).
         #[arg(long)]
         json: bool,
     },
@@ -170,6 +234,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { device, json } => run_inspect(&device, json),
         Command::Status { cluster, json } => run_status(&cluster, json),
+        Command::Scrub {
+            cluster,
+            node,
+            pg,
+            json,
+        } => run_scrub(&cluster, node, pg, json),
         Command::DevCluster(DevClusterCommand::Up {
             dir,
             nodes,
@@ -219,6 +289,33 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
         return Ok(EXIT_OPERATIONAL);
     }
     Ok(if s.healthy() { EXIT_CLEAN } else { EXIT_UNCORRECTED })
+}
+
+fn run_scrub(path: &Path, node: Option<u64>, pg: Option<u32>, json: bool) -> Result<u8> {
+    let cluster = computed::cluster::Cluster::load(path)?;
+    let plan = match scrub::plan(&cluster, node, pg) {
+        Ok(plan) => plan,
+        // Flags the file does not have are usage errors, as bad flags are.
+        Err(why) => <Cli as clap::CommandFactory>::command()
+            .error(clap::error::ErrorKind::ValueValidation, why)
+            .exit(),
+    };
+    let bar = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = scrub::run(&plan, bar)?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        )?;
+    } else {
+        out!("{}", scrub::render(&report))?;
+    }
+    for n in &report.nodes {
+        if let Some(e) = &n.error {
+            errln!("storctl: error: node {} ({}): {e}", n.id, n.address);
+        }
+    }
+    Ok(report.exit_code())
 }
 
 fn run_up(opts: UpOptions) -> Result<u8> {

@@ -3,6 +3,7 @@
 //! check and the allocation bound (`cases`); generators (`strategies`).
 
 mod cases;
+mod scrub_cases;
 mod strategies;
 
 use proptest::prelude::*;

@@ -5,13 +5,14 @@ use proptest::prelude::*;
 use crate::membership::{Member, Membership};
 use crate::proto::{Damage, ErrorCode, GossipDigest, Message, Role, WirePageVersion};
 use crate::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
+use crate::scrub::{Area, AreaReport, Damaged, Filter, Finding, PassReport, Running, Status};
 
 fn arb_role() -> impl Strategy<Value = Role> {
     prop_oneof![Just(Role::Computed), Just(Role::StorageNode), Just(Role::Operator)]
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=17).prop_map(|v| ErrorCode::from_u16(v).expect("1..=17 are codes"))
+    (1u16..=18).prop_map(|v| ErrorCode::from_u16(v).expect("1..=18 are codes"))
 }
 
 /// 1–4 records of one segment with strictly increasing LSNs, random bodies.
@@ -107,6 +108,91 @@ fn arb_membership() -> impl Strategy<Value = Membership> {
                 m.members.pop();
             }
             m
+        })
+}
+
+fn arb_segment_id() -> impl Strategy<Value = SegmentId> {
+    (any::<u64>(), any::<u32>()).prop_map(|(volume, pg)| SegmentId { volume, pg })
+}
+
+fn arb_filter() -> impl Strategy<Value = Filter> {
+    prop_oneof![
+        Just(Filter::All),
+        prop::collection::vec(arb_segment_id(), 0..8).prop_map(Filter::Segments),
+    ]
+}
+
+fn arb_finding() -> impl Strategy<Value = Finding> {
+    let what = prop_oneof![
+        Just(Damaged::LogBlock),
+        (any::<u64>(), any::<u64>()).prop_map(|(page, lsn)| Damaged::PageVersion { page, lsn }),
+        any::<u64>().prop_map(|page| Damaged::OlderSlot { page }),
+        any::<u64>().prop_map(|first_page| Damaged::PageMap { first_page }),
+    ];
+    (any::<u64>(), what, "\\PC{0,40}", any::<bool>()).prop_map(|(offset, what, error, repaired)| Finding {
+        offset,
+        what,
+        error,
+        repaired,
+    })
+}
+
+/// An area's counts with `found - repaired` at least the findings listed.
+fn arb_area() -> impl Strategy<Value = (Area, AreaReport)> {
+    (
+        prop::option::of(arb_segment_id()),
+        any::<u64>(),
+        any::<u64>(),
+        0u64..1000,
+        0u64..1000,
+        prop::collection::vec(arb_finding(), 0..4),
+    )
+        .prop_map(|(segment, blocks_checked, pages_checked, repaired, more, left)| {
+            let area = segment.map_or(Area::Log, Area::Segment);
+            let report = AreaReport {
+                blocks_checked,
+                pages_checked,
+                found: repaired + left.len() as u64 + more,
+                repaired,
+                left,
+            };
+            (area, report)
+        })
+}
+
+pub(super) fn arb_scrub_status() -> impl Strategy<Value = Status> {
+    let running = (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
+        |(pass, priority, bytes_done, bytes_total)| Running {
+            pass,
+            priority,
+            bytes_done,
+            bytes_total,
+        },
+    );
+    let pass = (
+        prop::array::uniform4(any::<u64>()),
+        any::<bool>(),
+        prop::collection::vec(arb_area(), 0..4),
+    )
+        .prop_map(|(v, priority, areas)| PassReport {
+            pass: v[0],
+            priority,
+            started_unix_secs: v[1],
+            ended_unix_secs: v[2],
+            bytes_read: v[3],
+            areas,
+        });
+    (
+        prop::option::of(running),
+        prop::option::of(pass),
+        prop::array::uniform3(any::<u64>()),
+    )
+        .prop_map(|(running, last, v)| Status {
+            running,
+            last,
+            found_total: v[0],
+            repaired_total: v[1],
+            left_now: v[2],
         })
 }
 
@@ -303,6 +389,27 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                     .map(|(page, lsn, bytes)| WirePageVersion { page, lsn, bytes })
                     .collect(),
             }),
+        arb_filter().prop_map(|filter| Message::Scrub { filter }),
+        u().prop_map(|pass| Message::ScrubStarted { pass }),
+        Just(Message::ScrubStatus),
+        arb_scrub_status().prop_map(|status| Message::ScrubStatusOk { status }),
+        (u(), any::<u32>(), prop::array::uniform4(u())).prop_map(|(volume, pg, v)| Message::GetPageAt {
+            volume,
+            pg,
+            installed_epoch: v[0],
+            membership_epoch: v[1],
+            page: v[2],
+            lsn: v[3],
+        }),
+        (u(), any::<u32>(), u(), u(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(
+            |(volume, pg, page, lsn, bytes)| Message::PageAt {
+                volume,
+                pg,
+                page,
+                lsn,
+                bytes,
+            }
+        ),
         (arb_error_code(), u(), "\\PC{0,60}").prop_map(|(code, current_epoch, message)| {
             Message::Error {
                 code,

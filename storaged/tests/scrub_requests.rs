@@ -1,0 +1,166 @@
+//! The scrub requests against `storaged run` as a real process on
+//! 127.0.0.1: who may ask (`Scrub` and `ScrubStatus` an operator,
+//! `GetPageAt` a member storage node at the segment's epochs), and what a
+//! node answers while its scrubber is not running.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use storaged::client::{ClientError, NodeClient, PagePeers};
+use storaged::proto::{ErrorCode, Message, Role};
+use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
+use storaged::scrub::{Filter, Peers as _, Status};
+use testkit::Daemon;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+const VOLUME: u64 = 42;
+const SEG: SegmentId = SegmentId { volume: VOLUME, pg: 0 };
+
+fn membership(epoch: u64) -> storaged::membership::Membership {
+    let members = (5..=10)
+        .map(|id| storaged::membership::Member {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        })
+        .collect();
+    storaged::membership::Membership::single(epoch, members)
+}
+
+fn refused(r: Result<impl std::fmt::Debug, ClientError>, want: ErrorCode, text: &str) {
+    match r {
+        Err(ClientError::Refused { code, message, .. }) if code == want && message.contains(text) => {}
+        other => panic!("expected {want:?} saying {text:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn scrub_requests_are_answered_for_their_roles_only() {
+    let dir = tempfile::Builder::new()
+        .prefix("storaged-scrub-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let dev = dir.path().join("dev");
+    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
+        .args([
+            "format",
+            "--device",
+            dev.to_str().unwrap(),
+            "--node-id",
+            "5",
+            "--size",
+            "32m",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storaged"));
+    cmd.args(["run", "--device", dev.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let daemon = Daemon::start(cmd);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+            let reply = writer
+                .request(Message::SetMembership {
+                    volume: VOLUME,
+                    epoch: 1,
+                    pg: 0,
+                    page_bytes: 8192,
+                    pg_pages: 64,
+                    membership: membership(1),
+                    annulled: Vec::new(),
+                })
+                .await
+                .unwrap();
+            assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+            let record = RedoRecord {
+                segment: SEG,
+                lsn: 1,
+                prev_lsn_pg: 0,
+                prev_lsn_page: 0,
+                page: 3,
+                cpl: true,
+                body: RecordBody::PageImage(vec![7; 8192]),
+            };
+            let reply = writer
+                .request(Message::Append {
+                    volume: VOLUME,
+                    epoch: 1,
+                    pg: 0,
+                    page_bytes: 8192,
+                    pg_pages: 64,
+                    records: vec![WireRecord::new(record)],
+                })
+                .await
+                .unwrap();
+            assert!(matches!(reply, Message::AppendAck { scl: 1, .. }), "{reply:?}");
+
+            // An operator: the scrubber does not run, and says so; no pass
+            // ever ran.
+            let operator = NodeClient::connect(daemon.addr, Role::Operator, 0).await.unwrap();
+            refused(operator.scrub(Filter::All).await, ErrorCode::BadRequest, "not running");
+            refused(
+                operator.scrub(Filter::Segments(vec![SEG])).await,
+                ErrorCode::BadRequest,
+                "not running",
+            );
+            assert_eq!(operator.scrub_status().await.unwrap(), Status::default());
+            refused(
+                operator.get_page_at(SEG, 1, 1, 3, 1).await,
+                ErrorCode::BadRequest,
+                "storage node's request",
+            );
+
+            // The writer and a peer may not ask for a pass or the status.
+            refused(
+                writer.scrub(Filter::All).await,
+                ErrorCode::BadRequest,
+                "operator's request",
+            );
+            let peer = NodeClient::connect(daemon.addr, Role::StorageNode, 6).await.unwrap();
+            refused(peer.scrub_status().await, ErrorCode::BadRequest, "operator's request");
+
+            // GetPageAt passes the gate of PullRecords first.
+            let stranger = NodeClient::connect(daemon.addr, Role::StorageNode, 99).await.unwrap();
+            refused(stranger.get_page_at(SEG, 1, 1, 3, 1).await, ErrorCode::NotMember, "99");
+            match peer.get_page_at(SEG, 1, 2, 3, 1).await {
+                Err(ClientError::Refused {
+                    code: ErrorCode::StaleMembership,
+                    current_epoch: 1,
+                    ..
+                }) => {}
+                other => panic!("expected StaleMembership, got {other:?}"),
+            }
+            match peer.get_page_at(SEG, 2, 1, 3, 1).await {
+                Err(ClientError::Refused {
+                    code: ErrorCode::StaleEpoch,
+                    current_epoch: 1,
+                    ..
+                }) => {}
+                other => panic!("expected StaleEpoch, got {other:?}"),
+            }
+            refused(
+                peer.get_page_at(SegmentId { volume: VOLUME, pg: 9 }, 1, 1, 3, 1).await,
+                ErrorCode::UnknownSegment,
+                "pg 9",
+            );
+            // A member at the same epochs: without a scrubber, not held.
+            refused(peer.get_page_at(SEG, 1, 1, 3, 1).await, ErrorCode::NotHeld, "LSN 1");
+
+            // The scrubber's peers, as node 6 asks them; a node that is not
+            // the one the membership puts at the address is refused.
+            let peers = PagePeers::new(6);
+            let e = peers.page_at((5, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
+            assert!(e.starts_with("node 5: ") && e.contains("NotHeld"), "{e}");
+            let e = peers.page_at((7, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
+            assert!(e.contains("is node 5"), "{e}");
+        })
+        .await
+        .expect("test timed out")
+    });
+}
