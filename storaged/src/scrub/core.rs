@@ -55,6 +55,8 @@ pub const PERSIST_INTERVAL_MS: Millis = 10_000;
 /// A range whose read fails is tried this many times, then passed over.
 const SCRUB_ATTEMPTS_MAX: u32 = 3;
 const SCRUB_RETRY_MS: Millis = 1_000;
+/// A progress write that failed is tried again after this long.
+const PERSIST_RETRY_MS: Millis = 1_000;
 /// Peer copies being fetched or installed at once.
 pub const REPAIRS_INFLIGHT_MAX: usize = 2;
 /// Pages waiting for a copy; the tour waits beyond.
@@ -330,6 +332,8 @@ pub struct ScrubCore {
     latencies: VecDeque<f64>,
     persist_out: bool,
     persist_due: bool,
+    /// No write before this (the last one failed).
+    persist_retry_at: Millis,
     persisted_at: Millis,
     persisted_bytes: u64,
     last: Option<PassReport>,
@@ -367,6 +371,7 @@ impl ScrubCore {
             latencies: VecDeque::new(),
             persist_out: false,
             persist_due: false,
+            persist_retry_at: 0,
             persisted_at: now,
             persisted_bytes: 0,
             last: None,
@@ -527,13 +532,21 @@ impl ScrubCore {
         }
     }
 
-    /// The pass whose ranges are read now: a priority pass, else the background.
+    /// The pass whose ranges are read now: a priority pass, else the
+    /// background one if the tour is enabled (a pass kept from before it
+    /// was disabled waits, kept, until it is enabled again).
     fn active(&mut self) -> Option<&mut Pass> {
         if self.priority.is_some() {
             self.priority.as_mut()
         } else {
-            self.background.as_mut()
+            self.background.as_mut().filter(|_| self.config.enabled)
         }
+    }
+
+    fn active_ref(&self) -> Option<&Pass> {
+        self.priority
+            .as_ref()
+            .or(self.background.as_ref().filter(|_| self.config.enabled))
     }
 
     fn pass_mut(&mut self, number: u64) -> Option<&mut Pass> {
@@ -734,7 +747,7 @@ impl ScrubCore {
     }
 
     fn maybe_persist(&mut self, now: Millis, out: &mut Vec<Action>) {
-        if self.persist_out {
+        if self.persist_out || now < self.persist_retry_at {
             return;
         }
         let bytes = self.background.as_ref().map_or(0, |p| p.bytes_done);
@@ -765,9 +778,10 @@ impl ScrubCore {
     pub fn on_persisted(&mut self, now: Millis, result: Result<(), String>) {
         self.persist_out = false;
         if result.is_err() {
-            // Try again at the next step, not at once in a loop.
+            // Again a little later, not at once in a loop (a device that
+            // refuses every write must not keep the shell busy).
             self.persist_due = true;
-            self.persisted_at = now;
+            self.persist_retry_at = now + PERSIST_RETRY_MS;
         }
     }
 
@@ -784,7 +798,7 @@ impl ScrubCore {
         {
             at = at.min((self.persisted_at + PERSIST_INTERVAL_MS).max(now));
             if self.persist_due {
-                at = now;
+                at = at.min(now.max(self.persist_retry_at));
             }
         }
         if self.queued.is_some() && self.priority.is_none() {
@@ -798,7 +812,7 @@ impl ScrubCore {
                 }
             }
             None => {
-                let pass = self.priority.as_ref().or(self.background.as_ref());
+                let pass = self.active_ref();
                 if self.repairs_waiting.len() < REPAIRS_QUEUED_MAX
                     && let Some(pass) = pass
                 {
@@ -1012,7 +1026,7 @@ impl ScrubCore {
 
     /// What `ScrubStatus` answers.
     pub fn status(&self) -> Status {
-        let running = self.priority.as_ref().or(self.background.as_ref()).map(|p| {
+        let running = self.active_ref().map(|p| {
             let areas = p.areas_of(&self.layout);
             let mut tour = p.tour.clone();
             // The leg turns only when the first is done; count from where it is.

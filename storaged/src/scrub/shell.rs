@@ -106,6 +106,7 @@ impl Drop for Handle {
 }
 
 /// Start scrubbing the device `device_id` names (its blocks carry it).
+/// Call from inside a tokio runtime.
 pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConfig, device_id: DeviceId) -> Handle {
     let start = Instant::now();
     let unix_ms = SystemTime::now()
@@ -121,7 +122,8 @@ pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConf
     });
     let (ready_tx, ready) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);
-    let span = tracing::info_span!("scrub");
+    let device: String = device_id[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let span = tracing::info_span!("scrub", device = %device);
     let task = tokio::spawn(tracing::Instrument::instrument(
         run(shared.clone(), store, peers, device_id, ready_tx, stop_rx),
         span,

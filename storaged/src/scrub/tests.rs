@@ -1092,6 +1092,97 @@ fn progress_round_trips_through_the_core() {
     assert_eq!(again.request(Filter::All), Some(tour.pass + 1));
 }
 
+/// A device that refuses progress writes is asked again now and then, not
+/// in a loop; the pass goes on meanwhile and the next write that works
+/// keeps where it is.
+#[test]
+fn a_failed_progress_write_is_tried_again_later() {
+    let layout = Layout {
+        log: 256..2256,
+        segments: vec![],
+    };
+    let mut core = ScrubCore::new(config(100, 64 << 20), 3, 0, 0);
+    core.restore(0, progress::Progress::default());
+    let mut now = 0;
+    let mut writes = 0;
+    let mut kept = None;
+    while now < 30_000 {
+        let mut actions = core.poll(now, &layout);
+        while let Some(a) = actions.pop() {
+            match a {
+                Action::Scrub { .. } => actions.extend(core.on_scrubbed(now, Ok(Checked::default()))),
+                Action::Persist(p) => {
+                    writes += 1;
+                    if now < 20_000 {
+                        core.on_persisted(now, Err("EIO".into()));
+                    } else {
+                        kept = Some(p);
+                        core.on_persisted(now, Ok(()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        now = core.wake_at(now).max(now + 1);
+    }
+    // About one a second while it fails, then few.
+    assert!((15..=30).contains(&writes), "{writes} writes");
+    let kept = kept.expect("a write that worked");
+    assert!(kept.tour.expect("a pass").bytes_done > 0);
+}
+
+/// With the tour disabled, a pass kept from before waits (and is kept);
+/// priority passes still run.
+#[test]
+fn a_disabled_tour_keeps_its_pass_and_priority_passes_run() {
+    let layout = Layout {
+        log: 256..1256,
+        segments: vec![(seg(0), 2000..2500)],
+    };
+    let kept = progress::Progress {
+        passes: 7,
+        tour: Some(progress::TourProgress {
+            pass: 7,
+            start_block: 600,
+            cursor: 900,
+            ..progress::TourProgress::default()
+        }),
+        last: None,
+    };
+    let mut cfg = config(100, 64 << 20);
+    cfg.enabled = false;
+    let mut core = ScrubCore::new(cfg, 3, 0, 0);
+    core.restore(0, kept);
+    let mut now = 0;
+    let mut priority_read = 0;
+    let mut finished = Vec::new();
+    while now < 60_000 {
+        for a in core.poll(now, &layout) {
+            match a {
+                Action::Scrub { pass, range, .. } => {
+                    assert_eq!(pass, 8, "the disabled tour read {range:?}");
+                    priority_read += range.end - range.start;
+                    let _ = core.on_scrubbed(now, Ok(Checked::default()));
+                }
+                Action::Persist(p) => {
+                    assert_eq!(p.tour.as_ref().map(|t| (t.pass, t.cursor)), Some((7, 900)));
+                    core.on_persisted(now, Ok(()));
+                }
+                Action::Finished(r) => finished.push(r.pass),
+                _ => {}
+            }
+        }
+        if now == 0 {
+            assert_eq!(core.status().running, None);
+            assert_eq!(core.request(Filter::All), Some(8));
+        }
+        now = core.wake_at(now).max(now + 1);
+    }
+    assert_eq!(finished, vec![8]);
+    assert_eq!(priority_read, 1500);
+    assert_eq!(core.status().running, None);
+}
+
 mod shell {
     //! The shell over a fake node and fake peers.
 
