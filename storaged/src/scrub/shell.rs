@@ -88,6 +88,12 @@ impl Handle {
         self.shared.core().status()
     }
 
+    /// The last completed pass's counts. [`Status::last`] has them by area,
+    /// except after a restart: the kept progress holds only the totals.
+    pub fn last_summary(&self) -> Option<progress::PassSummary> {
+        self.shared.core().last_summary().cloned()
+    }
+
     /// Stop the task: what is out is waited for (bounded), and the
     /// progress is kept so a restart reads nothing again.
     pub async fn stop(&self) {

@@ -1355,6 +1355,11 @@ mod shell {
             let handle = spawn(store.clone(), peers.clone(), config.clone(), DEV);
             handle.ready().await;
             assert_eq!(handle.status().last.map(|l| l.pass), Some(n));
+            let summary = handle.last_summary().expect("kept");
+            assert_eq!(
+                (summary.pass, summary.found, summary.repaired, summary.left),
+                (n, 2, 1, 1)
+            );
             assert_eq!(handle.request(Filter::All), n + 1);
             handle.stop().await;
         };
