@@ -18,6 +18,7 @@ use storaged::log::layout::{DEVICE_BYTES_MIN, LayoutError};
 use storaged::log::mkfs::{self, FormatOptions, SCRATCH_NODE_ID};
 use storaged::node::server::{bind, serve};
 use storaged::node::{Node, NodeConfig};
+use storaged::scrub::shell::ScrubConfig;
 use storaged::units::parse_bytes;
 use storaged::{errln, outln};
 
@@ -111,12 +112,43 @@ struct RunConfig {
     repair_inflight_bytes_max: Option<u64>,
     repair_inflight_per_peer_max: Option<usize>,
     repair_timeout_max_ms: Option<u64>,
+    scrub_pass_period_s: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
+    scrub_rate_bytes_per_s: Option<u64>,
+    scrub_enabled: Option<bool>,
+}
+
+/// A size key: a number of bytes, or a string with a suffix ("256m").
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size: a number of bytes, or a string such as \"256m\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom(format!("{v} is not a size: a size is not negative")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            parse_bytes(v).map(Some).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Size)
 }
 
 impl RunConfig {
-    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig)> {
+    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig, ScrubConfig)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let rc: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig, ScrubConfig)> {
+        let rc: RunConfig = toml::from_str(text).with_context(|| format!("parsing {}", path.display()))?;
         let ring = match rc.ring.as_deref() {
             Some(name) => name
                 .parse::<RingPlacement>()
@@ -154,7 +186,16 @@ impl RunConfig {
         g.inflight_per_peer_max = rc.repair_inflight_per_peer_max.unwrap_or(g.inflight_per_peer_max);
         g.timeout_max_ms = rc.repair_timeout_max_ms.unwrap_or(g.timeout_max_ms);
         g.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok((c, ring, g))
+        let mut scrub = ScrubConfig::default();
+        if let Some(s) = rc.scrub_pass_period_s {
+            scrub.pass_period = std::time::Duration::from_secs(s);
+        }
+        scrub.rate_bytes_per_s_max = rc.scrub_rate_bytes_per_s.unwrap_or(scrub.rate_bytes_per_s_max);
+        scrub.enabled = rc.scrub_enabled.unwrap_or(scrub.enabled);
+        scrub
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok((c, ring, g, scrub))
     }
 }
 
@@ -309,9 +350,16 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<bool> {
 }
 
 fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Result<()> {
-    let (config, ring, gossip) = match config {
+    // The scrubber's settings are read (and refused if bad) here; the node
+    // starts its scrubber with them.
+    let (config, ring, gossip, _scrub) = match config {
         Some(p) => RunConfig::load(p)?,
-        None => (NodeConfig::default(), RUN_RING_DEFAULT, GossipConfig::default()),
+        None => (
+            NodeConfig::default(),
+            RUN_RING_DEFAULT,
+            GossipConfig::default(),
+            ScrubConfig::default(),
+        ),
     };
     // One runtime thread, which also drives the device's ring: measured on
     // this kind of machine, hand-offs between threads cost more than a
@@ -386,4 +434,58 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::{RunConfig, ScrubConfig};
+
+    fn scrub(text: &str) -> Result<ScrubConfig, String> {
+        RunConfig::parse(text, Path::new("node.toml"))
+            .map(|(_, _, _, s)| s)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn scrub_keys_are_read_with_their_defaults() {
+        assert_eq!(scrub(""), Ok(ScrubConfig::default()));
+        let d = ScrubConfig::default();
+        assert_eq!(d.pass_period, Duration::from_secs(86_400));
+        assert_eq!(d.rate_bytes_per_s_max, 256 << 20);
+        assert!(d.enabled);
+        let c = scrub("scrub_pass_period_s = 3600\nscrub_rate_bytes_per_s = \"64m\"\nscrub_enabled = false\n")
+            .expect("valid");
+        assert_eq!(
+            c,
+            ScrubConfig {
+                pass_period: Duration::from_secs(3600),
+                rate_bytes_per_s_max: 64 << 20,
+                enabled: false,
+            }
+        );
+        assert_eq!(
+            scrub("scrub_rate_bytes_per_s = 1048576").map(|c| c.rate_bytes_per_s_max),
+            Ok(1 << 20)
+        );
+    }
+
+    #[test]
+    fn bad_scrub_values_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("scrub_pass_period_s = 0", "scrub_pass_period_s"),
+            ("scrub_pass_period_s = -3", "scrub_pass_period_s"),
+            ("scrub_pass_period_s = \"1d\"", "scrub_pass_period_s"),
+            ("scrub_rate_bytes_per_s = 0", "scrub_rate_bytes_per_s"),
+            ("scrub_rate_bytes_per_s = -1", "scrub_rate_bytes_per_s"),
+            ("scrub_rate_bytes_per_s = \"fast\"", "scrub_rate_bytes_per_s"),
+            ("scrub_rate_bytes_per_s = 1.5", "scrub_rate_bytes_per_s"),
+            ("scrub_enabled = \"yes\"", "scrub_enabled"),
+        ] {
+            let e = scrub(text).expect_err(text);
+            assert!(e.contains("node.toml") && e.contains(key), "{text}: {e}");
+        }
+    }
 }
