@@ -313,7 +313,9 @@ const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// puts at its address is refused, as gossip refuses it.
 pub struct PagePeers {
     me: u64,
-    clients: Mutex<HashMap<u64, Arc<NodeClient>>>,
+    /// By node and address: a membership that moves a node to another
+    /// address gets a connection to the new one.
+    clients: Mutex<HashMap<scrub::Peer, Arc<NodeClient>>>,
 }
 
 impl PagePeers {
@@ -325,7 +327,7 @@ impl PagePeers {
     }
 
     async fn client(&self, (peer, addr): scrub::Peer) -> Result<Arc<NodeClient>, String> {
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&(peer, addr)) {
             return Ok(c.clone());
         }
         let connect = NodeClient::connect_to_node(addr, Role::StorageNode, self.me, peer);
@@ -340,11 +342,11 @@ impl PagePeers {
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, client.clone());
+            .insert((peer, addr), client.clone());
         Ok(client)
     }
 
-    fn drop_client(&self, peer: u64) {
+    fn drop_client(&self, peer: scrub::Peer) {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
     }
 }
@@ -365,11 +367,11 @@ impl scrub::Peers for PagePeers {
             // The peer answered: the connection is sound.
             Ok(Err(e @ ClientError::Refused { .. })) => Err(format!("node {}: {e}", peer.0)),
             Ok(Err(e)) => {
-                self.drop_client(peer.0);
+                self.drop_client(peer);
                 Err(format!("node {}: {e}", peer.0))
             }
             Err(_) => {
-                self.drop_client(peer.0);
+                self.drop_client(peer);
                 Err(format!("node {}: no answer within {PEER_REQUEST_TIMEOUT:?}", peer.0))
             }
         }

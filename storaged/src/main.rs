@@ -350,9 +350,7 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<bool> {
 }
 
 fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Result<()> {
-    // The scrubber's settings are read (and refused if bad) here; the node
-    // starts its scrubber with them.
-    let (config, ring, gossip, _scrub) = match config {
+    let (config, ring, gossip, scrub) = match config {
         Some(p) => RunConfig::load(p)?,
         None => (
             NodeConfig::default(),
@@ -404,6 +402,7 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
             gossip,
             stop_rx,
         ));
+        node.start_scrubber(scrub);
         // Scripts and tests wait for this line; systemd for READY=1. A
         // daemon keeps serving if nobody reads it (a closed stdout is not
         // a reason to stop a node), as daemons ignore SIGPIPE.
@@ -430,6 +429,7 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         let _ = stop_tx.send(true);
         let _ = server.await;
         let _ = repair.await;
+        node.stop_scrubber().await;
         node.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())

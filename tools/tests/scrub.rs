@@ -161,7 +161,6 @@ fn status_shows_each_nodes_scrubbing() {
 /// A clean dev cluster scrubs clean: every node runs its pass and reports
 /// no damage.
 #[test]
-#[ignore = "needs the scrubber wired into storaged run"]
 fn a_clean_dev_cluster_scrubs_clean() {
     let c = ClusterDir::new();
     let up = c.up(&["--pgs", "2"]);

@@ -570,6 +570,8 @@ pub struct Node {
     fencing: tokio::sync::Mutex<()>,
     /// One writer of page-version index blocks at a time (see [`index`]).
     index_writes: tokio::sync::Mutex<()>,
+    /// The scrubber, once `storaged run` started it (see [`scrub_api`]).
+    scrubber: std::sync::OnceLock<crate::scrub::shell::Handle>,
     io: Box<dyn PageIo>,
     stripes: Vec<RwLock<()>>,
     /// Wakes the coalescer: PGMRPL moved, or memory or log got tight.
@@ -782,6 +784,7 @@ impl Node {
             table_slot_damaged,
             fencing: tokio::sync::Mutex::new(()),
             index_writes: tokio::sync::Mutex::new(()),
+            scrubber: std::sync::OnceLock::new(),
             io: Box::new(DevIo(dev)),
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
             coalesce_wake: Notify::new(),
@@ -1179,6 +1182,22 @@ impl Node {
     /// (0 and zeros for a page never written): its newest version plus the
     /// hot records above it.
     pub async fn get_page(
+        &self,
+        id: SegmentId,
+        epoch: u64,
+        page: u64,
+        read_point: u64,
+    ) -> Result<(Vec<u8>, u64), NodeError> {
+        let got = self.read_page(id, epoch, page, read_point).await;
+        if let Err(NodeError::PageDamaged { .. }) = &got {
+            // Served by another segment meanwhile (computed asks another);
+            // the scrubber repairs this one.
+            self.damage_seen(id);
+        }
+        got
+    }
+
+    async fn read_page(
         &self,
         id: SegmentId,
         epoch: u64,

@@ -4,8 +4,10 @@
 //! shell ([`super::server`]) checks who asks (an operator; a member at the
 //! same epochs) before it calls in here.
 //!
-//! Until the scrubber runs in the node, a pass cannot be started, the
-//! status is that no pass ever ran, and no page is served at an exact LSN.
+//! A node without a scrubber (one opened by a test or a tool, not by
+//! `storaged run`) refuses a pass and reports that no pass ever ran.
+
+use std::sync::Arc;
 
 use super::{Node, NodeError};
 use crate::proto::ErrorCode;
@@ -42,13 +44,42 @@ impl Node {
     /// Start a priority pass over the segments `filter` names (the log
     /// always); returns the number the pass will carry in its report.
     pub fn scrub_request(&self, filter: scrub::Filter) -> Result<u64, NodeError> {
-        let _ = filter;
-        Err(ScrubError::NotRunning.into())
+        let handle = self.scrubber.get().ok_or(ScrubError::NotRunning)?;
+        match handle.request(filter) {
+            // Its progress is not read yet: a moment after start-up.
+            0 => Err(ScrubError::NotRunning.into()),
+            pass => Ok(pass),
+        }
     }
 
     /// The pass under way, the last completed one, and the totals since start.
     pub fn scrub_status(&self) -> scrub::Status {
-        scrub::Status::default()
+        self.scrubber.get().map(|h| h.status()).unwrap_or_default()
+    }
+
+    /// Start the node's scrubber: `storaged run` does, once the node is open.
+    pub fn start_scrubber(self: &Arc<Self>, config: scrub::shell::ScrubConfig) {
+        let peers = Arc::new(crate::client::PagePeers::new(self.node_id));
+        let handle = scrub::shell::spawn(self.clone(), peers, config, self.device_id);
+        if self.scrubber.set(handle).is_err() {
+            tracing::warn!("the scrubber was already running");
+        }
+    }
+
+    /// Stop the scrubber (its progress kept), before the node shuts down.
+    pub async fn stop_scrubber(&self) {
+        if let Some(h) = self.scrubber.get() {
+            h.stop().await;
+        }
+    }
+
+    /// A read found a page version damaged: a priority pass over its
+    /// segment repairs it from a peer (a pass already running over the
+    /// segment is not asked again).
+    pub(super) fn damage_seen(&self, id: SegmentId) {
+        if let Some(h) = self.scrubber.get() {
+            h.request(scrub::Filter::Segments(vec![id]));
+        }
     }
 
     /// Page `page` of segment `id` exactly as of `lsn`: every change at or
