@@ -34,6 +34,9 @@ const FOREGROUND_SAMPLE: Duration = Duration::from_millis(200);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outcomes waiting to be taken (the core has at most a few out).
 const OUTCOMES_MAX: usize = 16;
+/// Reads of a progress slot before it counts as unreadable, and the pause between.
+const LOAD_ATTEMPTS: u32 = 3;
+const LOAD_RETRY: Duration = Duration::from_millis(100);
 /// The loop looks at the layout at least this often.
 const STEP_MAX: Duration = Duration::from_secs(1);
 /// At stop, work out (a read, a copy being installed) is waited for this
@@ -232,13 +235,22 @@ async fn run<S: Store, P: Peers>(
 async fn load<S: Store>(shared: &Shared, store: &S, device_id: &DeviceId) -> u64 {
     let mut reads = Vec::with_capacity(2);
     for block in SCRUB_STATE_BLOCKS {
-        match store.read_meta_block(block).await {
-            Ok(bytes) => reads.push(Some(bytes)),
-            Err(e) => {
-                tracing::warn!(block, error = %e, "scrub progress slot unreadable");
-                reads.push(None);
+        // A read that fails is tried again: taking a slot for unreadable
+        // and starting afresh would number passes from 1 again.
+        let mut read = None;
+        for attempt in 1..=LOAD_ATTEMPTS {
+            match store.read_meta_block(block).await {
+                Ok(bytes) => {
+                    read = Some(bytes);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(block, attempt, error = %e, "scrub progress slot unreadable");
+                    tokio::time::sleep(LOAD_RETRY).await;
+                }
             }
         }
+        reads.push(read);
     }
     let (loaded, errors) = progress::choose([reads[0].as_deref(), reads[1].as_deref()], device_id);
     for (slot, error) in errors.iter().enumerate() {

@@ -1204,6 +1204,8 @@ mod shell {
         meta: Mutex<HashMap<u64, Vec<u8>>>,
         installs_refused: AtomicU64,
         ranges: AtomicU64,
+        /// This many reads of the progress slots fail first.
+        meta_read_failures: AtomicU64,
     }
 
     impl Store for FakeStore {
@@ -1248,6 +1250,12 @@ mod shell {
             Some(((1..=3).map(|i| (i, ([127, 0, 0, 1], 7000).into())).collect(), 1, 1))
         }
         async fn read_meta_block(&self, block: u64) -> Result<Vec<u8>, String> {
+            let failing = self
+                .meta_read_failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err("EIO".into());
+            }
             Ok(self
                 .meta
                 .lock()
@@ -1310,6 +1318,7 @@ mod shell {
             meta: Mutex::new(HashMap::new()),
             installs_refused: AtomicU64::new(0),
             ranges: AtomicU64::new(0),
+            meta_read_failures: AtomicU64::new(0),
         });
         let config = ScrubConfig {
             pass_period: Duration::from_secs(3600),
@@ -1370,5 +1379,41 @@ mod shell {
         let slots = [meta.get(&4).map(|v| &v[..]), meta.get(&5).map(|v| &v[..])];
         let (loaded, _) = progress::choose(slots, &DEV);
         assert!(loaded.progress.passes >= 2);
+    }
+
+    /// A progress slot that fails to read once is read again: the pass
+    /// numbers go on from what was kept.
+    #[tokio::test]
+    async fn a_slot_that_fails_to_read_once_is_read_again() {
+        let kept = progress::Progress {
+            passes: 41,
+            tour: None,
+            last: None,
+        };
+        let (block, bytes) = progress::encode(&kept, &DEV, 9);
+        let store = Arc::new(FakeStore {
+            layout: Layout {
+                log: 256..300,
+                segments: vec![],
+            },
+            damaged: Mutex::new(HashMap::new()),
+            meta: Mutex::new(HashMap::from([(block, bytes)])),
+            installs_refused: AtomicU64::new(0),
+            ranges: AtomicU64::new(0),
+            meta_read_failures: AtomicU64::new(2),
+        });
+        let config = ScrubConfig {
+            enabled: false,
+            ..ScrubConfig::default()
+        };
+        let run = async {
+            let handle = spawn(store.clone(), Arc::new(FakePeers::default()), config, DEV);
+            handle.ready().await;
+            assert_eq!(handle.request(Filter::All), 42);
+            handle.stop().await;
+        };
+        tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("the shell test took too long");
     }
 }
