@@ -327,7 +327,12 @@ impl PagePeers {
     }
 
     async fn client(&self, (peer, addr): scrub::Peer) -> Result<Arc<NodeClient>, String> {
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&(peer, addr)) {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(peer, addr))
+        {
             return Ok(c.clone());
         }
         let connect = NodeClient::connect_to_node(addr, Role::StorageNode, self.me, peer);

@@ -8,9 +8,10 @@
 //!
 //! What counts as corruption: a bad superblock copy, a non-zero reserved
 //! metadata block, an entry in the live log that is not a valid record, and an
-//! invalid log block anywhere except just past the log's end, where torn
-//! blocks are the expected debris of writes a crash cut short (they were never
-//! acknowledged). The log's damage is judged by the node's own scan
+//! invalid log block inside the live log. Past its end, torn blocks are the
+//! expected debris of writes a crash cut short (they were never
+//! acknowledged), and any other invalid block in the part of the log that
+//! holds nothing is counted, not corruption: no record can be lost there. The log's damage is judged by the node's own scan
 //! (`log::recovery::scan_log`), so both tell a torn write from damage by the
 //! same rules; a segment table slot damaged where no crash can have torn it,
 //! or a table neither slot of which holds (`segtable::judge`); and a damaged
@@ -162,6 +163,10 @@ pub struct CheckInfo {
     pub blocks_valid: u64,
     /// Invalid blocks just past the log's end: torn by a crash, never acknowledged.
     pub blocks_torn_tail: u64,
+    /// Invalid blocks in the part of the log that holds nothing (released,
+    /// or never reached): no record can be lost there, and the log
+    /// overwrites them when it next passes. Not corruption.
+    pub blocks_damaged_free: u64,
     pub problems_found: u64,
     pub problems: Vec<Problem>,
 }
@@ -298,6 +303,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         blocks_never_written: 0,
         blocks_valid: 0,
         blocks_torn_tail: 0,
+        blocks_damaged_free: 0,
         problems_found: 0,
         problems: Vec::new(),
     };
@@ -308,6 +314,9 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
     let free_blocks = sb.log_blocks - scan.blocks;
     let in_torn_window =
         |pos: u64| (pos + sb.log_blocks - head_pos) % sb.log_blocks < INFLIGHT_BLOCKS_MAX.min(free_blocks);
+    // Positions the live log (tail up to the end) covers.
+    let tail_pos = (scan.next_seq - scan.blocks).saturating_sub(1) % sb.log_blocks;
+    let live = |pos: u64| (pos + sb.log_blocks - tail_pos) % sb.log_blocks < scan.blocks;
     let mut stop_block_torn = false;
     // Valid blocks further past the end than their incarnation could have had
     // in flight continue a log that a bad block cut short.
@@ -401,6 +410,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                     check.blocks_torn_tail += 1;
                     stop_block_torn |= here - sb.log_start_block == head_pos;
                 }
+                Err(_) if !live(here - sb.log_start_block) => check.blocks_damaged_free += 1,
                 Err(e) => problems.add(offset, format!("log block: {e}")),
             }
         }
@@ -679,8 +689,13 @@ impl InspectReport {
         let c = &self.check;
         let _ = writeln!(
             s,
-            "check          {} blocks read: {} valid, {} never written, {} torn past the end; {} problems",
-            c.blocks_checked, c.blocks_valid, c.blocks_never_written, c.blocks_torn_tail, c.problems_found
+            "check          {} blocks read: {} valid, {} never written, {} torn past the end, {} damaged where the log holds nothing; {} problems",
+            c.blocks_checked,
+            c.blocks_valid,
+            c.blocks_never_written,
+            c.blocks_torn_tail,
+            c.blocks_damaged_free,
+            c.problems_found
         );
         for p in &c.problems {
             let _ = writeln!(s, "  offset {:>12}: {}", p.offset, p.what);

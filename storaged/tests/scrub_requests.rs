@@ -1,7 +1,7 @@
 //! The scrub requests against `storaged run` as a real process on
 //! 127.0.0.1: who may ask (`Scrub` and `ScrubStatus` an operator,
-//! `GetPageAt` a member storage node at the segment's epochs), and what a
-//! node answers while its scrubber is not running.
+//! `GetPageAt` a member storage node at the segment's epochs), a priority
+//! pass completing, and a page served at an exact LSN.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use storaged::client::{ClientError, NodeClient, PagePeers};
 use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
-use storaged::scrub::{Filter, Peers as _, Status};
+use storaged::scrub::{Filter, Peers as _};
 use testkit::Daemon;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,16 +100,28 @@ fn scrub_requests_are_answered_for_their_roles_only() {
                 .unwrap();
             assert!(matches!(reply, Message::AppendAck { scl: 1, .. }), "{reply:?}");
 
-            // An operator: the scrubber does not run, and says so; no pass
-            // ever ran.
+            // An operator: a priority pass is numbered (once the scrubber
+            // read its progress, a moment after start-up) and completes.
             let operator = NodeClient::connect(daemon.addr, Role::Operator, 0).await.unwrap();
-            refused(operator.scrub(Filter::All).await, ErrorCode::BadRequest, "not running");
-            refused(
-                operator.scrub(Filter::Segments(vec![SEG])).await,
-                ErrorCode::BadRequest,
-                "not running",
-            );
-            assert_eq!(operator.scrub_status().await.unwrap(), Status::default());
+            let pass = loop {
+                match operator.scrub(Filter::Segments(vec![SEG])).await {
+                    Ok(pass) => break pass,
+                    Err(e) => {
+                        refused(Err::<(), _>(e), ErrorCode::BadRequest, "not running");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            assert!(pass >= 1);
+            let last = loop {
+                let st = operator.scrub_status().await.unwrap();
+                if let Some(last) = st.last.filter(|l| l.pass >= pass) {
+                    break last;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            };
+            assert!(last.priority && last.bytes_read > 0, "{last:?}");
+            assert!(last.areas.iter().all(|(_, a)| a.found == 0), "{last:?}");
             refused(
                 operator.get_page_at(SEG, 1, 1, 3, 1).await,
                 ErrorCode::BadRequest,
@@ -149,13 +161,19 @@ fn scrub_requests_are_answered_for_their_roles_only() {
                 ErrorCode::UnknownSegment,
                 "pg 9",
             );
-            // A member at the same epochs: without a scrubber, not held.
-            refused(peer.get_page_at(SEG, 1, 1, 3, 1).await, ErrorCode::NotHeld, "LSN 1");
+            // A member at the same epochs gets the page as of the LSN; one
+            // above the segment's SCL is not held.
+            assert_eq!(peer.get_page_at(SEG, 1, 1, 3, 1).await.unwrap(), vec![7; 8192]);
+            refused(peer.get_page_at(SEG, 1, 1, 3, 2).await, ErrorCode::NotHeld, "LSN 2");
 
             // The scrubber's peers, as node 6 asks them; a node that is not
             // the one the membership puts at the address is refused.
             let peers = PagePeers::new(6);
-            let e = peers.page_at((5, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
+            assert_eq!(
+                peers.page_at((5, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap(),
+                vec![7; 8192]
+            );
+            let e = peers.page_at((5, daemon.addr), SEG, (1, 1), 3, 2).await.unwrap_err();
             assert!(e.starts_with("node 5: ") && e.contains("NotHeld"), "{e}");
             let e = peers.page_at((7, daemon.addr), SEG, (1, 1), 3, 1).await.unwrap_err();
             assert!(e.contains("is node 5"), "{e}");

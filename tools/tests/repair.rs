@@ -8,106 +8,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
 /// How long a node may take to catch up, at most (a few MiB on a debug build).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
-
-fn storaged_bin() -> std::path::PathBuf {
-    Path::new(STORCTL).with_file_name("storaged")
-}
-
-/// A dev cluster whose computed holds little for a lagging segment, so a
-/// node down for a few seconds of commits needs repair to catch up.
-fn cluster_with_small_hold() -> ClusterDir {
-    let c = ClusterDir::new();
-    let out = c.up(&[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let down = storctl(&["dev-cluster", "down", "--dir", &c.arg()]);
-    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
-    let file = c.cluster_file();
-    let toml = std::fs::read_to_string(&file).unwrap();
-    let toml = toml.replacen("[computed]\n", "[computed]\npg_held_bytes_max = \"64k\"\n", 1);
-    std::fs::write(&file, toml).unwrap();
-    let out = storctl(&["dev-cluster", "up", "--dir", &c.arg(), "--keep"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    c
-}
-
-fn node_address(c: &ClusterDir, node: u64) -> SocketAddr {
-    let cluster = computed::cluster::Cluster::load(Path::new(&c.cluster_file())).unwrap();
-    cluster.nodes.iter().find(|n| n.id == node).unwrap().address
-}
-
-fn kill_node(c: &ClusterDir, node: u64) {
-    let pid = node_pid(c, node).unwrap_or_else(|| c.pid(&format!("storaged-{node}")));
-    // SAFETY: a daemon this test started, by its PID.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(
-        wait_until(Duration::from_secs(10), || pid_gone(pid)),
-        "storaged-{node} did not die"
-    );
-}
-
-/// The PID of the storaged serving `DIR/devN`, however it was started.
-fn node_pid(c: &ClusterDir, node: u64) -> Option<i32> {
-    let dev = format!("{}/dev{node}", c.arg());
-    procs_in(&c.path()).into_iter().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|cmd| cmd.split(|&b| b == 0).any(|a| a == dev.as_bytes()))
-            .unwrap_or(false)
-    })
-}
-
-/// Start node `node` again on its device, as the dev cluster did; returns
-/// once it listens.
-fn start_node(c: &ClusterDir, node: u64) {
-    let log = c.path().join("logs").join(format!("storaged-{node}.again.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let dev = format!("{}/dev{node}", c.arg());
-    let addr = node_address(c, node).to_string();
-    let child = Command::new(storaged_bin())
-        .args(["run", "--device", &dev, "--listen", &addr])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    // Reaped by the ClusterDir's drop (by PID), like the dev cluster's own.
-    std::mem::forget(child);
-    let up = wait_until(Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-    });
-    assert!(
-        up,
-        "storaged-{node} did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-}
-
-/// The last lines of a daemon's log, for a failure's message.
-fn log_tail(c: &ClusterDir, name: &str) -> String {
-    let text = std::fs::read_to_string(c.path().join("logs").join(format!("{name}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    format!(
-        "--- {name}.log:\n{}",
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    )
-}
-
-fn status(c: &ClusterDir) -> serde_json::Value {
-    let out = storctl(&["status", "--cluster", &c.cluster_file(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
 
 /// Every segment of `node` is at its PG's PGCL, with no holes.
 fn caught_up(c: &ClusterDir, node: u64) -> bool {
@@ -121,37 +28,6 @@ fn caught_up(c: &ClusterDir, node: u64) -> bool {
             })
         })
     })
-}
-
-/// Commits for a few seconds, each acknowledged one journaled; with
-/// `kill_midway`, that node is killed (SIGKILL) half way through.
-fn commit_with_journal(c: &ClusterDir, journal: &Path, seconds: u64, kill_midway: Option<u64>) {
-    let runtime = format!("--runtime={seconds}");
-    let journal = journal.to_string_lossy();
-    let child = Command::new(STORBENCH)
-        .args([
-            "--engine=cluster",
-            "--cluster",
-            &c.cluster_file(),
-            &runtime,
-            "--iodepth=8",
-            "--bs=4096",
-            "--verify",
-            "--verify-journal",
-            &journal,
-            "--output-format=json",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(node) = kill_midway {
-        std::thread::sleep(Duration::from_millis(seconds * 500));
-        kill_node(c, node);
-    }
-    let out = wait_bounded(child, COMMAND_TIMEOUT);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 /// With `down` stopped for good, the journal's commits all read back and
