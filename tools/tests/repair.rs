@@ -16,20 +16,6 @@ use support::*;
 /// How long a node may take to catch up, at most (a few MiB on a debug build).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 
-/// Every segment of `node` is at its PG's PGCL, with no holes.
-fn caught_up(c: &ClusterDir, node: u64) -> bool {
-    let v = status(c);
-    let Some(pgs) = v["pgs"].as_array() else { return false };
-    pgs.iter().all(|pg| {
-        let pgcl = pg["pgcl"].as_u64().unwrap_or(u64::MAX);
-        pg["segments"].as_array().is_some_and(|segs| {
-            segs.iter().filter(|s| s["node"] == node).all(|s| {
-                s["scl"].as_u64().is_some_and(|scl| scl >= pgcl) && s["holes"].as_array().is_none_or(|h| h.is_empty())
-            })
-        })
-    })
-}
-
 /// With `down` stopped for good, the journal's commits all read back and
 /// new commits are acknowledged (they need `node` for 4 of 6).
 fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &Path) {

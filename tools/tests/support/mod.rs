@@ -353,3 +353,17 @@ pub fn commit_with_journal(c: &ClusterDir, journal: &Path, seconds: u64, kill_mi
     let out = wait_bounded(child, COMMAND_TIMEOUT);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// Every segment of `node` is at its PG's PGCL, with no holes.
+pub fn caught_up(c: &ClusterDir, node: u64) -> bool {
+    let v = status(c);
+    let Some(pgs) = v["pgs"].as_array() else { return false };
+    pgs.iter().all(|pg| {
+        let pgcl = pg["pgcl"].as_u64().unwrap_or(u64::MAX);
+        pg["segments"].as_array().is_some_and(|segs| {
+            segs.iter().filter(|s| s["node"] == node).all(|s| {
+                s["scl"].as_u64().is_some_and(|scl| scl >= pgcl) && s["holes"].as_array().is_none_or(|h| h.is_empty())
+            })
+        })
+    })
+}
