@@ -324,11 +324,15 @@ impl crate::gossip::shell::Store for Node {
         Node::gossip_locals(self)
     }
 
-    fn page_range(&self, id: SegmentId) -> Option<(u64, u64)> {
+    fn page_range(&self, id: SegmentId) -> Option<crate::gossip::shell::SegmentPages> {
         let st = self.state();
         let g = st.segments.get(&id)?.geometry;
         let first = u64::from(id.pg) * g.pg_pages;
-        Some((first, first + g.pg_pages))
+        Some(crate::gossip::shell::SegmentPages {
+            first,
+            end: first + g.pg_pages,
+            page_bytes: g.page_bytes,
+        })
     }
 
     async fn admit_pulled(
