@@ -344,6 +344,8 @@ struct SegState {
     hydration: Option<hydrate::Hydration>,
     /// The PG's membership as the table durably holds it (see [`gossip`]).
     membership: Option<Membership>,
+    /// Peers hydrating from the segment (see [`hydrate`]).
+    holds: hydrate::Holds,
 }
 
 impl SegState {
@@ -364,6 +366,7 @@ impl SegState {
             slots: Vec::new(),
             hydration: None,
             membership: None,
+            holds: hydrate::Holds::default(),
         }
     }
 
@@ -373,10 +376,11 @@ impl SegState {
         self.torn_after.filter(|_| self.slot_state(local) == SlotState::Unknown)
     }
 
-    /// Coalescing may go up to here: PGMRPL, SCL, and below any record of a
-    /// page whose version is damaged.
+    /// Coalescing may go up to here: PGMRPL, SCL, below any record of a
+    /// page whose version is damaged, and not past a floor a hydrating
+    /// peer was served.
     fn coalesce_target(&self) -> u64 {
-        let target = self.pgmrpl.min(self.seg.scl());
+        let target = self.pgmrpl.min(self.seg.scl()).min(self.hold_target());
         self.damaged_from
             .map_or(target, |lsn| target.min(lsn.saturating_sub(1)))
     }
