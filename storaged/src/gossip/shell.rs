@@ -33,8 +33,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every segment with a membership: its id, its state as the core
     /// sees it, and the membership.
     fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)>;
-    /// The first page of the segment and the page after its last.
-    fn page_range(&self, id: SegmentId) -> Option<(u64, u64)>;
+    /// The segment's pages: its first, the one after its last, their size.
+    fn page_range(&self, id: SegmentId) -> Option<SegmentPages>;
     fn admit_pulled(
         &self,
         id: SegmentId,
@@ -97,28 +97,69 @@ enum Outcome {
 /// One connection per peer, shared by the requests to it.
 #[derive(Default)]
 struct Peers {
-    clients: Mutex<HashMap<NodeId, Arc<NodeClient>>>,
+    clients: Mutex<Connections<Arc<NodeClient>>>,
+}
+
+/// The open connections, each with the address it was opened to: a
+/// membership that moves a node to another address makes the connection to
+/// the old one useless (or, worse, to whatever listens there now), so it is
+/// dropped when the node is next asked for at its new address.
+struct Connections<C> {
+    open: HashMap<NodeId, (SocketAddr, C)>,
+}
+
+impl<C> Default for Connections<C> {
+    fn default() -> Self {
+        Connections { open: HashMap::new() }
+    }
+}
+
+impl<C: Clone> Connections<C> {
+    /// The connection to `peer` at `addr`; one to another address is dropped.
+    fn get(&mut self, peer: NodeId, addr: SocketAddr) -> Option<C> {
+        match self.open.get(&peer) {
+            Some((at, c)) if *at == addr => Some(c.clone()),
+            Some(_) => {
+                self.open.remove(&peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, peer: NodeId, addr: SocketAddr, c: C) {
+        self.open.insert(peer, (addr, c));
+    }
+
+    /// Forget the connection to `peer` at `addr` (one opened since to
+    /// another address stays).
+    fn remove(&mut self, peer: NodeId, addr: SocketAddr) {
+        if self.open.get(&peer).is_some_and(|(at, _)| *at == addr) {
+            self.open.remove(&peer);
+        }
+    }
 }
 
 impl Peers {
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections<Arc<NodeClient>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn client(&self, me: NodeId, peer: NodeId, addr: SocketAddr) -> Result<Arc<NodeClient>, ClientError> {
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
-            return Ok(c.clone());
+        if let Some(c) = self.connections().get(peer, addr) {
+            return Ok(c);
         }
         let connect = NodeClient::connect_to_node(addr, Role::StorageNode, me, peer);
         let client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(c) => Arc::new(c?),
             Err(_) => return Err(ClientError::Closed),
         };
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, client.clone());
+        self.connections().insert(peer, addr, client.clone());
         Ok(client)
     }
 
-    fn drop_client(&self, peer: NodeId) {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+    fn drop_client(&self, peer: NodeId, addr: SocketAddr) {
+        self.connections().remove(peer, addr);
     }
 
     /// Send `msg` to `peer`; a lost connection is forgotten so the next
@@ -128,7 +169,7 @@ impl Peers {
         let reply = match tokio::time::timeout(REQUEST_TIMEOUT, client.request(msg)).await {
             Ok(reply) => reply,
             Err(_) => {
-                self.drop_client(peer);
+                self.drop_client(peer, addr);
                 return Err(format!("node {peer} did not answer within {REQUEST_TIMEOUT:?}"));
             }
         };
@@ -136,11 +177,20 @@ impl Peers {
             Ok(Message::Error { code, message, .. }) => Err(format!("{code:?}: {message}")),
             Ok(reply) => Ok(reply),
             Err(e) => {
-                self.drop_client(peer);
+                self.drop_client(peer, addr);
                 Err(e.to_string())
             }
         }
     }
+}
+
+/// A segment's pages, as a hydration checks a donor's replies against them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentPages {
+    pub first: u64,
+    /// The page after the segment's last.
+    pub end: u64,
+    pub page_bytes: u32,
 }
 
 /// What a request task needs to know of its segment.
@@ -300,7 +350,7 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                         );
                         let progress = tx.clone();
                         let work = async move {
-                            match hydrate(&*store, &peers, me, from, addr, view, id, &progress).await {
+                            match hydrate(&*store, &peers, me, from, addr, view, id, at, &progress).await {
                                 Ok((scl, bytes)) => {
                                     tracing::info!(volume, pg, from, scl, bytes, "segment hydrated");
                                     Outcome::Done { volume, id, bytes }
@@ -423,7 +473,11 @@ async fn pull<S: Store>(
 }
 
 /// Fetch every page version `from` holds and take them as the segment's
-/// base; returns the SCL after and the bytes fetched.
+/// base; returns the SCL after and the bytes fetched. `at` is the donor's
+/// floor in the digest it was chosen by. Each reply is checked
+/// ([`check_batch`]) before the node takes any of it: a donor that answers
+/// out of bounds fails the hydration with nothing of that reply stored, and
+/// the core asks again (another donor, or this one with a fresh digest).
 #[allow(clippy::too_many_arguments)]
 async fn hydrate<S: Store>(
     store: &S,
@@ -433,30 +487,41 @@ async fn hydrate<S: Store>(
     addr: SocketAddr,
     view: SegmentView,
     id: u64,
+    at: u64,
     tx: &mpsc::Sender<Outcome>,
 ) -> Result<(u64, u64), String> {
-    let (first, end) = store
+    let pages = store
         .page_range(view.id)
         .ok_or_else(|| "the segment is gone".to_string())?;
     store.hydrate_begin(view.id).await?;
-    let mut page = first;
-    let mut floor = u64::MAX;
+    let mut page = pages.first;
+    // The first batch's floor, and the last one's.
+    let (mut floor, mut last_floor) = (None, at);
     let mut total = 0;
-    if page >= end {
+    if page >= pages.end {
         let scl = store.hydrate_end(view.id, 0).await?;
         return Ok((scl, 0));
     }
+    let asked = |first_page, floor_before| Asked {
+        volume: view.id.volume,
+        pg: view.id.pg,
+        pages,
+        first_page,
+        changed_after: view.digest.floor,
+        max_bytes: HYDRATE_BATCH_BYTES,
+        floor_at_least: floor_before,
+    };
     // The next batch is fetched while this one is written.
     let mut fetched = fetch_versions(peers, me, from, addr, view, page).await?;
     loop {
-        let (batch_floor, next_page, versions) = fetched;
-        if next_page <= page {
-            return Err(format!("node {from} did not move on from page {page}"));
-        }
-        floor = floor.min(batch_floor);
-        let bytes: u64 = versions.iter().map(|v| v.bytes.len() as u64).sum();
-        let more = next_page < end;
-        let (written, next) = tokio::join!(store.hydrate_pages(view.id, versions), async {
+        let batch = check_batch(from, &asked(page, last_floor), fetched)?;
+        last_floor = batch.floor;
+        // Floors never go back (checked), so the first batch's is the lowest.
+        let floor = *floor.get_or_insert(batch.floor);
+        let bytes: u64 = batch.versions.iter().map(|v| v.bytes.len() as u64).sum();
+        let next_page = batch.next_page;
+        let more = next_page < pages.end;
+        let (written, next) = tokio::join!(store.hydrate_pages(view.id, batch.versions), async {
             if more {
                 Some(fetch_versions(peers, me, from, addr, view, next_page).await)
             } else {
@@ -474,16 +539,16 @@ async fn hydrate<S: Store>(
             .await;
         page = next_page;
         match next {
-            Some(batch) => fetched = batch?,
-            None => break,
+            Some(reply) => fetched = reply?,
+            None => {
+                let scl = store.hydrate_end(view.id, floor).await?;
+                return Ok((scl, total));
+            }
         }
     }
-    let floor = if floor == u64::MAX { 0 } else { floor };
-    let scl = store.hydrate_end(view.id, floor).await?;
-    Ok((scl, total))
 }
 
-/// One `GetPageVersions` batch from `from`: (floor, next page, versions).
+/// One `GetPageVersions` batch from `from`, as the reply says it.
 async fn fetch_versions(
     peers: &Peers,
     me: NodeId,
@@ -491,7 +556,7 @@ async fn fetch_versions(
     addr: SocketAddr,
     view: SegmentView,
     first_page: u64,
-) -> Result<(u64, u64, Vec<WirePageVersion>), String> {
+) -> Result<Message, String> {
     let msg = Message::GetPageVersions {
         volume: view.id.volume,
         pg: view.id.pg,
@@ -502,16 +567,265 @@ async fn fetch_versions(
         // Every change at or below the segment's own floor is in its pages.
         changed_after: view.digest.floor,
     };
-    match peers.request(me, from, addr, msg).await? {
-        Message::PageVersions {
-            floor,
-            next_page,
-            versions,
-            ..
-        } => Ok((floor, next_page, versions)),
-        other => Err(format!("answered {:?} to GetPageVersions", other.kind())),
-    }
+    peers.request(me, from, addr, msg).await
 }
 
 /// Page bytes one `GetPageVersions` brings at most.
 const HYDRATE_BATCH_BYTES: u32 = 2 << 20;
+
+/// What one `GetPageVersions` asked, to check its reply against.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    volume: u64,
+    pg: Pg,
+    pages: SegmentPages,
+    first_page: u64,
+    changed_after: u64,
+    max_bytes: u32,
+    /// The donor's floor as last heard (its digest, or the batch before):
+    /// a coalesced LSN never goes back.
+    floor_at_least: u64,
+}
+
+/// A donor's `PageVersions` reply that passed [`check_batch`].
+#[derive(Debug)]
+struct Batch {
+    floor: u64,
+    next_page: u64,
+    versions: Vec<WirePageVersion>,
+}
+
+/// Check a donor's reply to `asked` before any of it is stored: the
+/// segment named is the one asked about; the floor is not below what the
+/// donor said before (its coalesced LSN never goes back) and is an LSN;
+/// `next_page` moves on from the first page asked and stays inside the
+/// segment; each version is of a page in the range the batch covers, in
+/// ascending order and once, with the segment's page size, above the LSN
+/// the segment asked changes after (and so never 0); and the page bytes
+/// keep to the bound asked (beyond one version). Any breach refuses the
+/// reply whole, naming the donor and what is wrong.
+fn check_batch(from: NodeId, asked: &Asked, reply: Message) -> Result<Batch, String> {
+    let refuse = |why: String| Err(format!("node {from} answered GetPageVersions out of bounds: {why}"));
+    let (volume, pg, floor, next_page, versions) = match reply {
+        Message::PageVersions {
+            volume,
+            pg,
+            floor,
+            next_page,
+            versions,
+        } => (volume, pg, floor, next_page, versions),
+        other => return Err(format!("node {from} answered {:?} to GetPageVersions", other.kind())),
+    };
+    if (volume, pg) != (asked.volume, asked.pg) {
+        return refuse(format!(
+            "the reply is for volume {volume} pg {pg}, not volume {} pg {}",
+            asked.volume, asked.pg
+        ));
+    }
+    if floor < asked.floor_at_least {
+        return refuse(format!(
+            "floor {floor} is below {}, the floor it gave before (a floor never goes back)",
+            asked.floor_at_least
+        ));
+    }
+    if floor == u64::MAX {
+        return refuse(format!("floor {floor} is not an LSN"));
+    }
+    if next_page <= asked.first_page {
+        return refuse(format!(
+            "next page {next_page} does not move on from page {}",
+            asked.first_page
+        ));
+    }
+    if next_page > asked.pages.end {
+        return refuse(format!(
+            "next page {next_page} is past the segment's pages {}..{}",
+            asked.pages.first, asked.pages.end
+        ));
+    }
+    let mut bytes = 0usize;
+    let mut after = None;
+    for v in &versions {
+        if v.page < asked.first_page || v.page >= next_page {
+            return refuse(format!(
+                "a version of page {}, outside the batch's pages {}..{next_page}",
+                v.page, asked.first_page
+            ));
+        }
+        if after.is_some_and(|p| v.page <= p) {
+            return refuse(format!(
+                "a version of page {} after one of page {}",
+                v.page,
+                after.unwrap_or(0)
+            ));
+        }
+        after = Some(v.page);
+        if v.bytes.len() != asked.pages.page_bytes as usize {
+            return refuse(format!(
+                "page {}: a version of {} bytes; the segment's pages are {} bytes",
+                v.page,
+                v.bytes.len(),
+                asked.pages.page_bytes
+            ));
+        }
+        if v.lsn <= asked.changed_after {
+            return refuse(format!(
+                "page {}: a version at LSN {}, not above LSN {} (asked for changes after it)",
+                v.page, v.lsn, asked.changed_after
+            ));
+        }
+        bytes += v.bytes.len();
+    }
+    if versions.len() > 1 && bytes > asked.max_bytes as usize {
+        return refuse(format!(
+            "{bytes} page bytes, more than the {} asked for",
+            asked.max_bytes
+        ));
+    }
+    Ok(Batch {
+        floor,
+        next_page,
+        versions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGES: SegmentPages = SegmentPages {
+        first: 1024,
+        end: 2048,
+        page_bytes: 4096,
+    };
+
+    fn asked() -> Asked {
+        Asked {
+            volume: 3,
+            pg: 1,
+            pages: PAGES,
+            first_page: 1100,
+            changed_after: 50,
+            max_bytes: 3 * 4096,
+            floor_at_least: 90,
+        }
+    }
+
+    fn version(page: u64, lsn: u64) -> WirePageVersion {
+        WirePageVersion {
+            page,
+            lsn,
+            bytes: vec![7; 4096],
+        }
+    }
+
+    fn reply(floor: u64, next_page: u64, versions: Vec<WirePageVersion>) -> Message {
+        Message::PageVersions {
+            volume: 3,
+            pg: 1,
+            floor,
+            next_page,
+            versions,
+        }
+    }
+
+    fn refused(reply: Message) -> String {
+        match check_batch(5, &asked(), reply) {
+            Ok(b) => panic!("taken: floor {}, next page {}", b.floor, b.next_page),
+            Err(e) => {
+                assert!(e.starts_with("node 5 answered"), "{e}");
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn a_reply_inside_what_was_asked_is_taken() {
+        // Versions may be above the floor (coalescing went on between).
+        let b = check_batch(
+            5,
+            &asked(),
+            reply(95, 1200, vec![version(1100, 60), version(1150, 200)]),
+        )
+        .unwrap();
+        assert_eq!((b.floor, b.next_page, b.versions.len()), (95, 1200, 2));
+        // The end of the segment; no versions (a sparse range); one
+        // version past the byte bound.
+        assert!(check_batch(5, &asked(), reply(90, 2048, vec![])).is_ok());
+        let one = Asked {
+            max_bytes: 100,
+            ..asked()
+        };
+        assert!(check_batch(5, &one, reply(90, 1101, vec![version(1100, 60)])).is_ok());
+    }
+
+    #[test]
+    fn a_reply_out_of_bounds_is_refused_whole() {
+        let ok = || vec![version(1100, 60), version(1101, 61)];
+        // The floor goes back, or is not an LSN.
+        assert!(refused(reply(89, 1200, ok())).contains("floor 89 is below 90"));
+        assert!(refused(reply(u64::MAX, 1200, ok())).contains("not an LSN"));
+        // next_page stands still, goes back, or leaves the segment.
+        assert!(refused(reply(95, 1100, vec![])).contains("does not move on"));
+        assert!(refused(reply(95, 7, vec![])).contains("does not move on"));
+        assert!(refused(reply(95, 2049, vec![])).contains("past the segment's pages 1024..2048"));
+        assert!(refused(reply(95, u64::MAX, vec![])).contains("past the segment"));
+        // A version outside the batch's pages: before the first asked, at
+        // or past next_page, or in another segment.
+        assert!(refused(reply(95, 1200, vec![version(1099, 60)])).contains("page 1099, outside"));
+        assert!(refused(reply(95, 1200, vec![version(1200, 60)])).contains("page 1200, outside"));
+        assert!(refused(reply(95, 2048, vec![version(5000, 60)])).contains("page 5000, outside"));
+        // Twice the same page, or out of order.
+        assert!(refused(reply(95, 1200, vec![version(1101, 60), version(1101, 61)])).contains("after one of"));
+        assert!(refused(reply(95, 1200, vec![version(1102, 60), version(1101, 61)])).contains("after one of"));
+        // A page of another size.
+        let mut short = version(1100, 60);
+        short.bytes.truncate(100);
+        assert!(refused(reply(95, 1200, vec![short])).contains("100 bytes"));
+        let mut long = version(1100, 60);
+        long.bytes.push(0);
+        assert!(refused(reply(95, 1200, vec![long])).contains("4097 bytes"));
+        // At or below what the segment asked changes after (LSN 0 among them).
+        assert!(refused(reply(95, 1200, vec![version(1100, 50)])).contains("LSN 50, not above LSN 50"));
+        assert!(refused(reply(95, 1200, vec![version(1100, 0)])).contains("LSN 0"));
+        // More page bytes than asked for.
+        let four = (1100..1104).map(|p| version(p, 60)).collect();
+        assert!(refused(reply(95, 1200, four)).contains("more than the 12288 asked"));
+        // Another segment's reply, or another message.
+        let mut other = reply(95, 1200, ok());
+        if let Message::PageVersions { pg, .. } = &mut other {
+            *pg = 2;
+        }
+        assert!(refused(other).contains("volume 3 pg 2, not volume 3 pg 1"));
+        let e = check_batch(
+            5,
+            &asked(),
+            Message::Records {
+                volume: 3,
+                pg: 1,
+                scl: 0,
+                records: vec![],
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("to GetPageVersions"), "{e}");
+    }
+
+    #[test]
+    fn a_connection_to_a_node_s_old_address_is_dropped() {
+        let (old, new): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:4001".parse().unwrap(), "127.0.0.1:4002".parse().unwrap());
+        let mut c = Connections::default();
+        c.insert(7, old, "to the old address");
+        assert_eq!(c.get(7, old), Some("to the old address"));
+        // The membership moved node 7: its connection is not used, and gone.
+        assert_eq!(c.get(7, new), None);
+        assert_eq!(c.get(7, old), None);
+        c.insert(7, new, "to the new address");
+        // A request that failed on the old connection does not drop the new one.
+        c.remove(7, old);
+        assert_eq!(c.get(7, new), Some("to the new address"));
+        c.remove(7, new);
+        assert_eq!(c.get(7, new), None);
+    }
+}

@@ -225,9 +225,14 @@ impl Node {
         after: u64,
         max_bytes: usize,
     ) -> Result<(u64, Vec<RedoRecord>), NodeError> {
-        let st = self.state();
-        let s = st.seg(id)?;
+        let pressure = self.hold_pressure();
+        let mut st = self.state();
+        let pressure = pressure || st.hot_bytes > self.config.hot_bytes_max / 2;
+        let s = st.seg_mut(id)?;
         s.gossip_gate(id, from, installed_epoch, membership_epoch, true)?;
+        // A peer that hydrated from this segment pulls the chain above its
+        // floor: coalescing here may follow it up.
+        s.hold_moves_to(from, after, pressure);
         chain_records(s, after, max_bytes)
     }
 
@@ -324,11 +329,15 @@ impl crate::gossip::shell::Store for Node {
         Node::gossip_locals(self)
     }
 
-    fn page_range(&self, id: SegmentId) -> Option<(u64, u64)> {
+    fn page_range(&self, id: SegmentId) -> Option<crate::gossip::shell::SegmentPages> {
         let st = self.state();
         let g = st.segments.get(&id)?.geometry;
         let first = u64::from(id.pg) * g.pg_pages;
-        Some((first, first + g.pg_pages))
+        Some(crate::gossip::shell::SegmentPages {
+            first,
+            end: first + g.pg_pages,
+            page_bytes: g.page_bytes,
+        })
     }
 
     async fn admit_pulled(

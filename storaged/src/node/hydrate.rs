@@ -40,19 +40,39 @@
 //! after an abort or a crash until a hydration ends, and keeps coalescing
 //! off the segment meanwhile (the point above).
 //!
-//! Known limit: if the donor coalesces and releases records past the floor
-//! before the chain above it is pulled, the pull is refused
-//! (`ReadPointBelowPgmrpl`) and hydration starts again; under a heavy load
-//! it may repeat.
+//! Runs of slots. The extent is direct-mapped, so both slots of a run of
+//! consecutive pages are one stretch of blocks: the donor reads a run with
+//! one I/O, and the segment being rebuilt reads a run, encodes each version
+//! into its page's slot that does not hold the current version, and writes
+//! the run back with one I/O. The slots it does not change are written
+//! back with the bytes just read, so a crash that tears or loses that write
+//! changes nothing in them (a sector lands whole or not at all): the only
+//! slots a crash can touch are those a version goes to, as with one write
+//! a page. A page whose slots are not both whole or empty in the run's read
+//! (damaged, torn by a crash) is taken page by page, as before. Decoding
+//! and sealing run off the node's runtime thread.
+//!
+//! The donor's floor. While a peer asks a segment for versions, and then
+//! pulls the chain above its floor, the segment does not coalesce past the
+//! floor it served the peer first (a hold, let go once the peer has not
+//! asked for [`HOLD_IDLE`], after [`HOLD_MAX`], or at once when the node's
+//! log is half full or its hot records over half their bound: the
+//! foreground comes first); a pull moves the hold up to what it asks
+//! above. So the chain above the floor is still there to pull when the
+//! versions are taken. Known limit: when the donor is under that pressure
+//! it coalesces on, the pull is refused (`ReadPointBelowPgmrpl`) and
+//! hydration starts again, fetching only the pages that changed since.
 
 use std::collections::BTreeMap;
 
 use futures_util::future::join_all;
+use tokio::time::{Duration, Instant};
 
 use super::{Node, NodeError, SegState, SlotState};
-use crate::io::AlignedBuf;
+use crate::io::{AlignedBuf, BLOCK_SIZE};
+use crate::log::format::DeviceId;
 use crate::log::layout::block_offset;
-use crate::pagestore::{self, Current, Extent, PageVersion};
+use crate::pagestore::{self, Current, Extent, PageVersion, Slot};
 use crate::proto::WirePageVersion;
 use crate::record::SegmentId;
 use crate::segtable::SegmentEntry;
@@ -62,8 +82,49 @@ pub(super) const REBUILD_UNDER_WAY: u64 = u64::MAX;
 /// Pages one `page_versions` call looks at, at most: a batch of a sparse
 /// segment ends there (fewer versions, `next_page` says where to go on).
 const PAGES_LOOKED_AT_MAX: u64 = 4096;
-/// Page reads (serving) or read-and-writes (hydrating) in flight at once.
+/// Page reads or read-and-writes in flight at once, where pages are taken
+/// one by one (a page whose slots are not both whole, or a version copied
+/// into its other slot at the end).
 const IO_PARALLEL: usize = 32;
+/// Bytes of slots one I/O of a run of pages covers, at most (both slots of
+/// each page: the extent is direct-mapped, so a run of pages is one
+/// stretch of blocks).
+const RUN_BYTES_MAX: usize = 2 << 20;
+/// Runs read at once while serving.
+const RUNS_PARALLEL: usize = 2;
+/// Pages a hydrating run may rewrite as they are, between two pages it
+/// takes versions of, rather than start another run.
+const RUN_GAP_PAGES_MAX: u64 = 16;
+
+/// Consecutive pages of a segment: both slots of each are one stretch of
+/// the extent, read or written with one I/O.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first_local: u64,
+    pages: u64,
+}
+
+impl Run {
+    /// Pages in a run of at most [`RUN_BYTES_MAX`] (at least one).
+    fn pages_max(extent: &Extent) -> u64 {
+        let page = (pagestore::SLOTS_PER_PAGE * extent.slot_blocks()) as usize * BLOCK_SIZE;
+        (RUN_BYTES_MAX / page).max(1) as u64
+    }
+
+    fn first_block(&self, extent: &Extent) -> u64 {
+        extent.slot_block(self.first_local, 0)
+    }
+
+    fn blocks(&self, extent: &Extent) -> u64 {
+        self.pages * pagestore::SLOTS_PER_PAGE * extent.slot_blocks()
+    }
+
+    /// Where slot `slot` of the page with local index `local` is in the run's bytes.
+    fn slot_bytes(&self, extent: &Extent, local: u64, slot: usize) -> std::ops::Range<usize> {
+        let start = (extent.slot_block(local, slot) - self.first_block(extent)) as usize * BLOCK_SIZE;
+        start..start + extent.slot_blocks() as usize * BLOCK_SIZE
+    }
+}
 
 /// A hydration in progress on one segment.
 #[derive(Debug, Default)]
@@ -73,7 +134,79 @@ pub(super) struct Hydration {
     pages: BTreeMap<u64, u64>,
 }
 
+/// How long a segment keeps its floor for a peer hydrating from it after
+/// that peer last asked it for versions or records.
+const HOLD_IDLE: Duration = Duration::from_secs(3);
+/// How long it keeps it for one hydration at most, however often asked.
+const HOLD_MAX: Duration = Duration::from_secs(30);
+
+/// A peer hydrating from this segment, and the LSN coalescing here keeps at
+/// or below for it (see the module comment).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    peer: u64,
+    lsn: u64,
+    since: Instant,
+    last: Instant,
+}
+
+impl Hold {
+    fn live(&self, now: Instant) -> bool {
+        now.duration_since(self.last) < HOLD_IDLE && now.duration_since(self.since) < HOLD_MAX
+    }
+}
+
+/// The peers hydrating from a segment (at most one hold a member).
+#[derive(Debug, Default)]
+pub(super) struct Holds {
+    holds: Vec<Hold>,
+}
+
 impl SegState {
+    /// Coalescing goes no higher while a peer hydrates from the segment.
+    pub(super) fn hold_target(&self) -> u64 {
+        let now = Instant::now();
+        (self.holds.holds.iter())
+            .filter(|h| h.live(now))
+            .map(|h| h.lsn)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Peer `peer` is served versions at `floor`: the floor is kept for it
+    /// (the one of its first batch, while it keeps asking), unless the
+    /// node needs coalescing to free log or memory (`pressure`): every
+    /// hold is let go then, and the foreground goes first.
+    fn hold_for(&mut self, peer: u64, floor: u64, pressure: bool) {
+        let now = Instant::now();
+        self.holds.holds.retain(|h| h.live(now) && !pressure);
+        if pressure {
+            return;
+        }
+        match self.holds.holds.iter_mut().find(|h| h.peer == peer) {
+            Some(h) => h.last = now,
+            None => self.holds.holds.push(Hold {
+                peer,
+                lsn: floor,
+                since: now,
+                last: now,
+            }),
+        }
+    }
+
+    /// Peer `peer` pulls the chain above `after`: a hold for it moves up
+    /// to there (it holds everything at or below).
+    pub(super) fn hold_moves_to(&mut self, peer: u64, after: u64, pressure: bool) {
+        let now = Instant::now();
+        if pressure {
+            self.holds.holds.clear();
+        }
+        if let Some(h) = self.holds.holds.iter_mut().find(|h| h.peer == peer && h.live(now)) {
+            h.lsn = h.lsn.max(after);
+            h.last = now;
+        }
+    }
+
     /// Coalescing keeps off: a hydration is under way, or one was begun and
     /// has not ended (see the module comment).
     pub(super) fn rebuilding(&self) -> bool {
@@ -118,12 +251,18 @@ impl Node {
         changed_after: u64,
     ) -> Result<(u64, u64, Vec<WirePageVersion>), NodeError> {
         self.check_gossip_peer(id, from, installed_epoch, membership_epoch, true)?;
+        let pressure = self.hold_pressure();
         let (floor, extent, geometry) = {
-            let st = self.state();
-            let s = st.seg(id)?;
+            let mut st = self.state();
+            let pressure = pressure || st.hot_bytes > self.config.hot_bytes_max / 2;
+            let s = st.seg_mut(id)?;
             if s.hydration.is_some() {
                 return Err(NodeError::Rebuilding);
             }
+            // While the peer asks, coalescing here stays at this floor, so
+            // the chain above it is still here to pull when its versions
+            // are taken (bounded by time and by the foreground's needs).
+            s.hold_for(from, s.coalesced_lsn, pressure);
             (s.coalesced_lsn, s.extent, s.geometry)
         };
         let first = u64::from(id.pg) * geometry.pg_pages;
@@ -137,33 +276,129 @@ impl Node {
         };
         let page_bytes = geometry.page_bytes as usize;
         let stop = end.min(first_page.saturating_add(PAGES_LOOKED_AT_MAX));
+        let run_pages = Run::pages_max(&extent);
+        // Pages known never written are not read: runs of the others.
+        let runs: Vec<Run> = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            let mut runs: Vec<Run> = Vec::new();
+            for local in first_page - first..stop - first {
+                if s.slot_state(local) == SlotState::Never {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(run) if run.first_local + run.pages == local && run.pages < run_pages => run.pages += 1,
+                    _ => runs.push(Run {
+                        first_local: local,
+                        pages: 1,
+                    }),
+                }
+            }
+            runs
+        };
         let mut versions = Vec::new();
         let mut bytes = 0;
-        let mut page = first_page;
-        // Pages are read IO_PARALLEL at a time (one read each would leave
-        // the device idle between them); a chunk's versions are taken in
-        // page order until the byte bound.
-        'chunks: while page < stop {
-            let chunk: Vec<u64> = (page..stop.min(page + IO_PARALLEL as u64)).collect();
-            let reads = join_all(chunk.iter().map(|&p| self.current_version(id, &extent, p - first, p))).await;
-            for (p, current) in chunk.into_iter().zip(reads) {
-                if let Current::Version { version, .. } = current?
-                    && version.lsn > changed_after
-                {
-                    if !versions.is_empty() && bytes + page_bytes > max_bytes {
-                        break 'chunks;
+        // Both slots of a run of pages are read with one I/O, RUNS_PARALLEL
+        // runs at once (one read a page would leave the device idle between
+        // them), without the pages' stripes: a page whose slots are both
+        // whole (or empty) is served from that read, any other is read
+        // again as GetPage reads it (see `whole_current`). Versions are
+        // taken in page order until the byte bound.
+        for group in runs.chunks(RUNS_PARALLEL) {
+            let (device_id, extent) = (self.device_id, extent);
+            let reads = join_all(group.iter().map(|&run| async move {
+                let buf = self.read_run(&extent, &run).await?;
+                off_runtime(move || decode_run(&device_id, &extent, id, &run, &buf)).await
+            }))
+            .await;
+            for (run, decoded) in group.iter().zip(reads) {
+                let mut never = Vec::new();
+                for (local, current) in (run.first_local..).zip(decoded?) {
+                    let p = first + local;
+                    // Read without the stripe and not judged by the index:
+                    // a version the index does not name (a lost or junk
+                    // write) goes the locked way, which reports it.
+                    let current = current.filter(|c| self.index_agrees(id, local, c));
+                    let current = match current {
+                        Some(Current::Never) => {
+                            never.push(local);
+                            continue;
+                        }
+                        Some(current) => current,
+                        None => self.current_version(id, &extent, local, p).await?,
+                    };
+                    if let Current::Version { version, .. } = current
+                        && version.lsn > changed_after
+                    {
+                        if !versions.is_empty() && bytes + page_bytes > max_bytes {
+                            self.known_never(id, first, &never).await;
+                            return Ok((floor, p, versions));
+                        }
+                        bytes += page_bytes;
+                        versions.push(WirePageVersion {
+                            page: p,
+                            lsn: version.lsn,
+                            bytes: version.bytes,
+                        });
                     }
-                    bytes += page_bytes;
-                    versions.push(WirePageVersion {
-                        page: p,
-                        lsn: version.lsn,
-                        bytes: version.bytes,
-                    });
                 }
-                page = p + 1;
+                self.known_never(id, first, &never).await;
             }
         }
-        Ok((floor, page, versions))
+        Ok((floor, stop, versions))
+    }
+
+    /// The page-version index names what `current` holds for page `local`.
+    fn index_agrees(&self, id: SegmentId, local: u64, current: &Current) -> bool {
+        let found = match current {
+            Current::Never => None,
+            Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
+        };
+        let st = self.state();
+        st.seg(id)
+            .is_ok_and(|s| crate::pagemap::verify(s.index_entry(local), found) == crate::pagemap::Verdict::Agrees)
+    }
+
+    /// Pages (local indices) a read without their stripes found never
+    /// written are known as such, so the next look skips them, unless
+    /// their slot state is known already. Under each page's stripe: every
+    /// writer of a slot holds it for writing and sets the page's slot state
+    /// before it lets go, so a page still `Unknown` under it was not
+    /// written since that read (a write under way then has ended, and set
+    /// its state, before the stripe is had), and one written after sees
+    /// `Never` and writes its first version to slot 0, as it would have.
+    async fn known_never(&self, id: SegmentId, first: u64, locals: &[u64]) {
+        if locals.is_empty() {
+            return;
+        }
+        let stripes = self.stripes_of(id, locals.iter().map(|l| first + l));
+        let mut held = Vec::with_capacity(stripes.len());
+        for s in &stripes {
+            held.push(s.read().await);
+        }
+        if let Ok(s) = self.state().seg_mut(id) {
+            for &l in locals {
+                if s.slot_state(l) == SlotState::Unknown {
+                    s.set_slot_state(l, SlotState::Never);
+                }
+            }
+        }
+    }
+
+    /// The log is half full: coalescing must free it, whoever hydrates
+    /// (as must memory over half its bound, which the caller checks under
+    /// its lock).
+    pub(super) fn hold_pressure(&self) -> bool {
+        let log = self.log.stats();
+        log.free_blocks < log.log_blocks / 2
+    }
+
+    /// Both slots of every page of `run`, with one read.
+    async fn read_run(&self, extent: &Extent, run: &Run) -> Result<AlignedBuf, NodeError> {
+        let buf = AlignedBuf::zeroed_blocks(run.blocks(extent) as usize);
+        let (buf, result) = self.io.read(block_offset(run.first_block(extent)), buf).await;
+        result?;
+        Ok(buf)
     }
 
     /// The current version of `page` (local index `local`), read as GetPage
@@ -263,20 +498,153 @@ impl Node {
                 )));
             }
         }
-        // IO_PARALLEL pages at a time: each is a read and a durable write.
-        let mut versions = versions.into_iter().peekable();
-        while versions.peek().is_some() {
-            let chunk: Vec<WirePageVersion> = versions.by_ref().take(IO_PARALLEL).collect();
-            let pages: Vec<u64> = chunk.iter().map(|v| v.page).collect();
-            let held = join_all(chunk.into_iter().map(|v| self.hydrate_page(id, &extent, coalesced, v))).await;
+        // In page order, one version a page (the newest, should a page come
+        // twice: a version never goes back), cut into runs.
+        let mut versions = versions;
+        versions.sort_by_key(|v| (v.page, v.lsn));
+        versions.dedup_by(|next, kept| {
+            let same = next.page == kept.page;
+            if same {
+                std::mem::swap(next, kept);
+            }
+            same
+        });
+        let run_pages = Run::pages_max(&extent);
+        let mut runs: Vec<Vec<WirePageVersion>> = Vec::new();
+        for v in versions {
+            match runs.last_mut() {
+                Some(run)
+                    if v.page - run[0].page < run_pages
+                        && v.page - run[run.len() - 1].page <= RUN_GAP_PAGES_MAX + 1 =>
+                {
+                    run.push(v)
+                }
+                _ => runs.push(vec![v]),
+            }
+        }
+        // A batch's runs at once: their pages are apart.
+        for done in join_all(
+            runs.into_iter()
+                .map(|run| self.hydrate_run(id, &extent, coalesced, run)),
+        )
+        .await
+        {
+            done?;
+        }
+        Ok(())
+    }
+
+    /// The versions of a run of pages (ascending, one a page): both slots
+    /// of the run are read with one I/O, each version is encoded into its
+    /// page's slot that does not hold the current version (as
+    /// [`Node::hydrate_page`] decides), and the run is written back with
+    /// one I/O. The slots that do not change are written back with the
+    /// bytes just read: a write torn or lost by a crash leaves every sector
+    /// of them as it was (a sector lands whole or not at all), so the only
+    /// slots a crash can touch are the ones a version goes to, exactly as
+    /// with one write a page. Nothing else writes the segment's slots
+    /// between the read and the write: coalescing is off while it is
+    /// rebuilt, and the calls of one hydration do not overlap. A page whose
+    /// slots are not both whole or empty goes the page-by-page way, after
+    /// the run's write.
+    async fn hydrate_run(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        coalesced: u64,
+        versions: Vec<WirePageVersion>,
+    ) -> Result<(), NodeError> {
+        let (Some(first), Some(last)) = (versions.first(), versions.last()) else {
+            return Ok(());
+        };
+        let local = |page| extent.local(id.pg, page).unwrap_or(0);
+        let run = Run {
+            first_local: local(first.page),
+            pages: local(last.page) - local(first.page) + 1,
+        };
+        let buf = self.read_run(extent, &run).await?;
+        let index: Vec<crate::pagemap::Entry> = {
+            let st = self.state();
+            let s = st.seg(id)?;
+            (run.first_local..run.first_local + run.pages)
+                .map(|l| s.index_entry(l))
+                .collect()
+        };
+        let (device_id, extent_copy) = (self.device_id, *extent);
+        let (buf, held, one_by_one) =
+            off_runtime(move || plan_hydrate_run(&device_id, &extent_copy, id, &run, buf, &index, versions)).await?;
+        let written = || held.iter().filter(|h| h.4.is_some()).map(|h| h.1);
+        if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
+            // Only the stretch from the first page written to the last.
+            let span = Run {
+                first_local: lo,
+                pages: hi - lo + 1,
+            };
+            let from = run.slot_bytes(extent, lo, 0).start;
+            let out = if span.pages == run.pages {
+                buf
+            } else {
+                let blocks = span.blocks(extent) as usize;
+                let mut out = AlignedBuf::zeroed_blocks(blocks);
+                out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
+                out
+            };
+            // As coalescing: no reader sees the slots change under it (one
+            // that began before the rebuild may still be reading).
+            let stripes = self.stripes_of(id, (lo..=hi).map(|l| l + u64::from(id.pg) * extent.pg_pages));
+            let _held = join_stripes(&stripes).await;
+            // Durable at `hydrate_end`'s flush, before the table says the
+            // rebuild is over; until then a crash leaves the rebuild marked,
+            // where a torn or lost slot is a torn write.
+            let (_, result) = self
+                .io
+                .write_volatile(block_offset(span.first_block(extent)), out)
+                .await;
+            result?;
             let mut st = self.state();
-            for (page, held) in pages.into_iter().zip(held) {
-                if let (Some(lsn), Some(h)) = (held?, st.seg_mut(id)?.hydration.as_mut()) {
+            let s = st.seg_mut(id)?;
+            for &(_, l, slot, _, entry) in &held {
+                if let Some(entry) = entry {
+                    s.set_slot_state(l, SlotState::holding(slot));
+                    // In memory only until `hydrate_end` writes the index,
+                    // after its flush.
+                    s.index_set(l, entry);
+                }
+            }
+        }
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            for &(page, _, _, lsn, _) in &held {
+                if let Some(h) = s.hydration.as_mut() {
+                    h.pages.insert(page, lsn);
+                }
+            }
+        }
+        // IO_PARALLEL pages at a time: each is a read and a write.
+        let mut rest = one_by_one.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<WirePageVersion> = rest.by_ref().take(IO_PARALLEL).collect();
+            let pages: Vec<u64> = chunk.iter().map(|v| v.page).collect();
+            let done = join_all(chunk.into_iter().map(|v| self.hydrate_page(id, extent, coalesced, v))).await;
+            let mut st = self.state();
+            for (page, done) in pages.into_iter().zip(done) {
+                if let (Some(lsn), Some(h)) = (done?, st.seg_mut(id)?.hydration.as_mut()) {
                     h.pages.insert(page, lsn);
                 }
             }
         }
         Ok(())
+    }
+
+    /// The stripes of `pages`, each once, in one order every caller that
+    /// takes more than one keeps (their addresses): two such callers never
+    /// wait on each other, and every other holds one stripe at a time.
+    fn stripes_of(&self, id: SegmentId, pages: impl Iterator<Item = u64>) -> Vec<&tokio::sync::RwLock<()>> {
+        let mut stripes: Vec<&tokio::sync::RwLock<()>> = pages.map(|p| self.stripe(id, p)).collect();
+        stripes.sort_by_key(|s| *s as *const _ as usize);
+        stripes.dedup_by_key(|s| *s as *const _ as usize);
+        stripes
     }
 
     /// One version of [`Node::hydrate_pages`]; returns the LSN of the
@@ -403,9 +771,27 @@ impl Node {
         // it. Both slots get the version (a crash before the table write
         // below leaves the rebuild marked, where either slot is safe).
         if let Some(extent) = extent {
-            for chunk in above.chunks(IO_PARALLEL) {
-                for copied in join_all(chunk.iter().map(|&page| self.copy_to_both_slots(id, &extent, page))).await {
-                    copied?;
+            let run_pages = Run::pages_max(&extent);
+            let mut runs: Vec<Vec<u64>> = Vec::new();
+            for page in above {
+                match runs.last_mut() {
+                    Some(run) if page - run[0] < run_pages && page - run[run.len() - 1] <= RUN_GAP_PAGES_MAX + 1 => {
+                        run.push(page)
+                    }
+                    _ => runs.push(vec![page]),
+                }
+            }
+            let mut runs = runs.into_iter().peekable();
+            while runs.peek().is_some() {
+                let group: Vec<Vec<u64>> = runs.by_ref().take(RUNS_PARALLEL).collect();
+                for done in join_all(
+                    group
+                        .into_iter()
+                        .map(|run| self.copy_run_to_both_slots(id, &extent, run)),
+                )
+                .await
+                {
+                    done?;
                 }
             }
         }
@@ -444,6 +830,45 @@ impl Node {
         Ok(scl)
     }
 
+    /// [`Node::copy_to_both_slots`] for a run of pages (ascending), with
+    /// one read and one write, as [`Node::hydrate_run`] writes: the slots
+    /// that hold the current versions are written back with the bytes just
+    /// read, so a crash can touch only the slots the copies go to.
+    async fn copy_run_to_both_slots(&self, id: SegmentId, extent: &Extent, pages: Vec<u64>) -> Result<(), NodeError> {
+        let (Some(&first), Some(&last)) = (pages.first(), pages.last()) else {
+            return Ok(());
+        };
+        let local = |page| extent.local(id.pg, page).unwrap_or(0);
+        let run = Run {
+            first_local: local(first),
+            pages: local(last) - local(first) + 1,
+        };
+        let buf = self.read_run(extent, &run).await?;
+        let (device_id, extent_copy) = (self.device_id, *extent);
+        let (buf, copied, one_by_one) =
+            off_runtime(move || plan_copy_run(&device_id, &extent_copy, id, &run, buf, pages)).await?;
+        if !copied.is_empty() {
+            let stripes = self.stripes_of(
+                id,
+                (run.first_local..run.first_local + run.pages).map(|l| l + u64::from(id.pg) * extent.pg_pages),
+            );
+            let _held = join_stripes(&stripes).await;
+            let (_, result) = self.io.write_volatile(block_offset(run.first_block(extent)), buf).await;
+            result?;
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            for (l, slot) in copied {
+                s.set_slot_state(l, SlotState::holding(slot));
+            }
+        }
+        for chunk in one_by_one.chunks(IO_PARALLEL) {
+            for done in join_all(chunk.iter().map(|&page| self.copy_to_both_slots(id, extent, page))).await {
+                done?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write the current version of `page` into its other slot too.
     async fn copy_to_both_slots(&self, id: SegmentId, extent: &Extent, page: u64) -> Result<(), NodeError> {
         let Some(local) = extent.local(id.pg, page) else {
@@ -477,6 +902,160 @@ impl Node {
             s.hydration = None;
         }
     }
+}
+
+/// Every stripe of `stripes` for writing, in their order.
+async fn join_stripes<'a>(stripes: &[&'a tokio::sync::RwLock<()>]) -> Vec<tokio::sync::RwLockWriteGuard<'a, ()>> {
+    let mut held = Vec::with_capacity(stripes.len());
+    for s in stripes {
+        held.push(s.write().await);
+    }
+    held
+}
+
+/// Decoding and sealing megabytes of slots is done off the node's one
+/// runtime thread, which goes on serving the foreground meanwhile.
+async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, NodeError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Ok(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(NodeError::Io(crate::io::IoError::Closed)),
+    }
+}
+
+/// Every page of `run` as [`whole_current`] reads it from `buf`, in order.
+fn decode_run(device_id: &DeviceId, extent: &Extent, id: SegmentId, run: &Run, buf: &[u8]) -> Vec<Option<Current>> {
+    let first = u64::from(id.pg) * extent.pg_pages;
+    (run.first_local..run.first_local + run.pages)
+        .map(|local| whole_current(device_id, extent, id, run, buf, local, first + local))
+        .collect()
+}
+
+/// A page [`Node::hydrate_run`] took a version of: (page, local index, the
+/// slot holding its version, that version's LSN, and its index entry if it
+/// is written).
+type Taken = (u64, u64, usize, u64, Option<crate::pagemap::Entry>);
+
+/// What [`Node::hydrate_run`] writes: each version encoded into `buf` (the
+/// run's slots as read) where it goes; returns the run's bytes, the pages
+/// taken, and the versions to take one by one.
+fn plan_hydrate_run(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    run: &Run,
+    mut buf: AlignedBuf,
+    index: &[crate::pagemap::Entry],
+    versions: Vec<WirePageVersion>,
+) -> (AlignedBuf, Vec<Taken>, Vec<WirePageVersion>) {
+    let mut held = Vec::with_capacity(versions.len());
+    let mut one_by_one = Vec::new();
+    for v in versions {
+        let (page, l) = (v.page, extent.local(id.pg, v.page).unwrap_or(0));
+        // A page whose slots are not whole, or not what the page-version
+        // index names (a lost or junk write), goes the page-by-page way,
+        // which judges it as a read does.
+        let entry = index[(l - run.first_local) as usize];
+        let Some(current) = whole_current(device_id, extent, id, run, &buf, l, page).filter(|c| {
+            let found = match c {
+                Current::Never => None,
+                Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
+            };
+            crate::pagemap::verify(entry, found) == crate::pagemap::Verdict::Agrees
+        }) else {
+            one_by_one.push(v);
+            continue;
+        };
+        let slot = match current {
+            Current::Never => 0,
+            Current::Version { slot, version } if version.lsn >= v.lsn => {
+                // Never back: see `hydrate_page`.
+                held.push((page, l, slot, version.lsn, None));
+                continue;
+            }
+            Current::Version { slot, .. } => 1 - slot,
+        };
+        let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
+        let version = PageVersion {
+            lsn: v.lsn,
+            bytes: v.bytes,
+        };
+        let at = extent.slot_block(l, slot);
+        let bytes = run.slot_bytes(extent, l, slot);
+        pagestore::encode_version(&mut buf[bytes], *device_id, extent, id, page, at, &version);
+        held.push((page, l, slot, version.lsn, Some(entry)));
+    }
+    (buf, held, one_by_one)
+}
+
+/// What [`Node::copy_run_to_both_slots`] writes: each page's current
+/// version encoded into its other slot in `buf`; returns the run's bytes,
+/// (local index, current slot) of each copied, and the pages to copy one by one.
+fn plan_copy_run(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    run: &Run,
+    mut buf: AlignedBuf,
+    pages: Vec<u64>,
+) -> (AlignedBuf, Vec<(u64, usize)>, Vec<u64>) {
+    let mut copied = Vec::with_capacity(pages.len());
+    let mut one_by_one = Vec::new();
+    for page in pages {
+        let l = extent.local(id.pg, page).unwrap_or(0);
+        match whole_current(device_id, extent, id, run, &buf, l, page) {
+            Some(Current::Version { slot, version }) => {
+                let at = extent.slot_block(l, 1 - slot);
+                let bytes = run.slot_bytes(extent, l, 1 - slot);
+                pagestore::encode_version(&mut buf[bytes], *device_id, extent, id, page, at, &version);
+                copied.push((l, slot));
+            }
+            Some(Current::Never) => {}
+            None => one_by_one.push(page),
+        }
+    }
+    (buf, copied, one_by_one)
+}
+
+/// The current version of `page` from its two slots as `buf` (a read of
+/// `run`) holds them, if each is a whole version or empty; None if either
+/// is not (damaged on the device, torn by a crash, or caught mid-write):
+/// the caller reads the page again under its stripe, which tells those
+/// apart and reports damage.
+///
+/// Read without the page's stripe, the newer of two whole slots is the
+/// version that was current when the read began, or a newer one: a page's
+/// versions go up in LSN, a version is written only into the slot that
+/// does not hold the current one, and a slot caught mid-write is not whole
+/// (each block names its version's LSN and carries a CRC). So the slot that
+/// held the current version reads as it or as a newer version, never as an
+/// older one, and a slot is never emptied.
+fn whole_current(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    run: &Run,
+    buf: &[u8],
+    local: u64,
+    page: u64,
+) -> Option<Current> {
+    let slot = |slot: usize| {
+        let at = extent.slot_block(local, slot);
+        pagestore::decode_slot(
+            &buf[run.slot_bytes(extent, local, slot)],
+            device_id,
+            extent,
+            id,
+            page,
+            at,
+        )
+    };
+    let slots = [slot(0), slot(1)];
+    if slots.iter().any(|s| matches!(s, Slot::Damaged(_))) {
+        return None;
+    }
+    pagestore::current(slots, None).ok().map(|chosen| chosen.current)
 }
 
 fn not_hydrating(id: SegmentId) -> NodeError {

@@ -356,6 +356,8 @@ struct SegState {
     /// memory since last written.
     index: crate::pagemap::PageMap,
     index_dirty: BTreeSet<u64>,
+    /// Peers hydrating from the segment (see [`hydrate`]).
+    holds: hydrate::Holds,
 }
 
 impl SegState {
@@ -378,6 +380,7 @@ impl SegState {
             membership: None,
             index: Default::default(),
             index_dirty: BTreeSet::new(),
+            holds: hydrate::Holds::default(),
         }
     }
 
@@ -387,10 +390,11 @@ impl SegState {
         self.torn_after.filter(|_| self.slot_state(local) == SlotState::Unknown)
     }
 
-    /// Coalescing may go up to here: PGMRPL, SCL, and below any record of a
-    /// page whose version is damaged.
+    /// Coalescing may go up to here: PGMRPL, SCL, below any record of a
+    /// page whose version is damaged, and not past a floor a hydrating
+    /// peer was served.
     fn coalesce_target(&self) -> u64 {
-        let target = self.pgmrpl.min(self.seg.scl());
+        let target = self.pgmrpl.min(self.seg.scl()).min(self.hold_target());
         self.damaged_from
             .map_or(target, |lsn| target.min(lsn.saturating_sub(1)))
     }

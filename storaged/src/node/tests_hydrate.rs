@@ -478,3 +478,30 @@ async fn only_versions_above_what_the_asker_holds_are_sent() {
     assert_eq!(above.iter().map(|v| v.page).collect::<Vec<_>>(), want);
     assert!(above.len() < all.len());
 }
+
+/// While a peer hydrates from a segment (asks it for versions, then pulls
+/// the chain above them), the segment does not coalesce past the floor it
+/// served: the chain above it is still there to pull. Once the peer stops
+/// asking, coalescing goes on.
+#[tokio::test(start_paused = true)]
+async fn a_donor_keeps_its_floor_while_a_peer_hydrates_from_it() {
+    let (a, _) = donor(95).await;
+    let (floor, _, _) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+    assert_eq!(floor, 150);
+    // The writer lets coalescing go on past the floor.
+    a.set_pgmrpl(SEG, 1, 200).await.unwrap();
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The peer goes on fetching versions.
+        a.page_versions(SEG, 2, 1, 1, FIRST_PAGE + 4, BATCH_BYTES)
+            .await
+            .unwrap();
+        assert_eq!(a.status(SEG, 0).unwrap().coalesced_lsn, 150);
+    }
+    // The chain above the floor is still there to pull.
+    let (_, chain) = a.pull_records(SEG, 2, 1, 1, 150, 1 << 20).unwrap();
+    assert_eq!(chain.first().map(|r| r.lsn), Some(151));
+    // The peer has it all and stops asking: coalescing goes on.
+    coalesced_through(&a, 200).await;
+    a.shutdown().await;
+}
