@@ -167,6 +167,8 @@ struct Sim {
     relogged: Vec<BTreeSet<u64>>,
     /// Of those, the ones `storctl inspect` still reports at the end.
     inspect_reports_released: usize,
+    /// Pages damaged on both damaged nodes.
+    pages_damaged_twice: usize,
     /// Injected damage by what and how.
     kinds: std::collections::BTreeMap<String, usize>,
 }
@@ -408,7 +410,9 @@ fn flip(disk: &SimDisk, offset: u64, len: usize, rng: &mut fastrand::Rng) {
 /// `before` is the device before the latest coalescing and commits;
 /// `new_log` the log blocks written since (live, their records not
 /// coalesced: no release frees them before the pass).
-fn damage(sim: &mut Sim, i: usize, before: &Snapshot, new_log: &[(u64, u64)]) -> Vec<Injected> {
+/// `pages`: pages damaged on another node so far; half the time one of
+/// them is chosen again (two bad copies of one page, of the six).
+fn damage(sim: &mut Sim, i: usize, before: &Snapshot, new_log: &[(u64, u64)], pages: &BTreeSet<u64>) -> Vec<Injected> {
     let p = sim.places[i].clone();
     let disk = sim.disks[i].clone();
     let rng = &mut sim.rng;
@@ -500,7 +504,10 @@ fn damage(sim: &mut Sim, i: usize, before: &Snapshot, new_log: &[(u64, u64)]) ->
                 });
             }
             _ if !index_node => {
-                let page = rng.u64(0..PAGES);
+                let page = match pages.iter().nth(rng.usize(0..pages.len().max(1))) {
+                    Some(&p) if rng.bool() => p,
+                    _ => rng.u64(0..PAGES),
+                };
                 let [a, b] = slots[page as usize];
                 let current = match (a, b) {
                     (Some(x), Some(y)) => usize::from(y > x),
@@ -666,7 +673,7 @@ async fn repair(sim: &mut Sim, i: usize, need: NeedCopy, at: &str) -> bool {
     false
 }
 
-async fn run(seed: u64) -> ([usize; 5], std::collections::BTreeMap<String, usize>) {
+async fn run(seed: u64) -> ([usize; 6], std::collections::BTreeMap<String, usize>) {
     let mut disks = Vec::new();
     let mut nodes = Vec::new();
     for n in 0..NODES {
@@ -692,6 +699,7 @@ async fn run(seed: u64) -> ([usize; 5], std::collections::BTreeMap<String, usize
         relogged: vec![BTreeSet::new(); NODES],
         inspect_reports_released: 0,
         kinds: Default::default(),
+        pages_damaged_twice: 0,
     };
     let at = |phase: &str, step: usize| format!("seed {seed} {phase} step {step}");
     sim.append(&at("start", 0)).await;
@@ -743,12 +751,20 @@ async fn run(seed: u64) -> ([usize; 5], std::collections::BTreeMap<String, usize
     }
     sim.advance(settled, &at("damage", 9)).await;
     let mut injected: Vec<(usize, Injected)> = Vec::new();
+    let mut damaged_pages = BTreeSet::new();
     for (&i, (snap, newest)) in chosen.iter().zip(&before) {
         let new_log: Vec<(u64, u64)> = log_blocks(&sim.disks[i], &sim.places[i])
             .into_iter()
             .filter(|&(s, _)| s > *newest)
             .collect();
-        let d = damage(&mut sim, i, snap, &new_log);
+        let d = damage(&mut sim, i, snap, &new_log, &damaged_pages);
+        for x in &d {
+            if let What::Slot { page, .. } = x.what {
+                if !damaged_pages.insert(page) {
+                    sim.pages_damaged_twice += 1;
+                }
+            }
+        }
         for x in &d {
             let what = match x.what {
                 What::Log => "live log block",
@@ -884,6 +900,7 @@ async fn run(seed: u64) -> ([usize; 5], std::collections::BTreeMap<String, usize
         sim.wrong_copy_refused,
         sim.index_repaired_at_start,
         sim.inspect_reports_released,
+        sim.pages_damaged_twice,
     ];
     (counts, sim.kinds)
 }
@@ -901,7 +918,7 @@ fn scrub_finds_and_repairs_damage_on_two_of_six_segments() {
         }
     };
     let mut failing = Vec::new();
-    let mut counts = [0; 5];
+    let mut counts = [0; 6];
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for &seed in &seeds {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -924,9 +941,10 @@ fn scrub_finds_and_repairs_damage_on_two_of_six_segments() {
             }
         }
     }
-    let [injected, installed, refused, at_start, released] = counts;
+    let [injected, installed, refused, at_start, released, twice] = counts;
     eprintln!(
-        "{} seeds: {injected} damages injected {kinds:?}; {installed} pages repaired from a peer, \
+        "{} seeds: {injected} damages injected {kinds:?} ({twice} pages damaged on two nodes); \
+         {installed} pages repaired from a peer, \
          {refused} wrong copies refused, {at_start} index copies rewritten by a start-up before the pass; \
          {released} repaired log blocks inspect still reports (released, not yet overwritten)",
         seeds.len()
