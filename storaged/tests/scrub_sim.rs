@@ -7,10 +7,12 @@
 //! back as it was before its last write) and misdirected writes (a valid
 //! block of ours copied over another place), into live log blocks, page
 //! version slots (current and older) and index copies. Commits and reads go
-//! on, and damaged nodes restart, before each damaged node runs one pass:
-//! every range of the log and of the extent checked, and each page it
-//! cannot repair alone asked of the other nodes in turn, exactly at the
-//! indexed LSN (`page_at_exact`), and installed only if it verifies.
+//! on, and damaged nodes restart, before each damaged node runs one pass
+//! (while a commit runs): every range of the log and of the extent
+//! checked, and each page it cannot repair alone asked of the other nodes
+//! in turn, exactly at the indexed LSN (`page_at_exact`), and installed
+//! only if it verifies. Then every other node runs a pass, and coalescing,
+//! commits and restarts (power loss mid-coalescing among them) go on.
 //!
 //! Checked:
 //! - every injected damage is found in that one pass, where it was put, and
@@ -217,21 +219,20 @@ impl Sim {
 
     /// A commit: the same records to all six; each acknowledges them all.
     async fn append(&mut self, at: &str) {
+        let batch = self.batch();
+        commit(self.nodes.iter().map(|n| n.clone().unwrap()).collect(), batch, at).await;
+    }
+
+    /// The next 1 to 6 records, in the model (acknowledged once `commit`
+    /// returns).
+    fn batch(&mut self) -> Vec<RedoRecord> {
         let mut batch = Vec::new();
         for _ in 0..self.rng.usize(1..7) {
             let r = self.record();
             self.records.push(r.clone());
             batch.push(r);
         }
-        for i in 0..NODES {
-            let wire = batch.iter().cloned().map(WireRecord::new).collect();
-            let scl = self
-                .node(i)
-                .append(SEG, EPOCH, GEOMETRY, wire)
-                .await
-                .unwrap_or_else(|e| panic!("{at}: node {i} append: {e}"));
-            assert_eq!(scl, self.last(), "{at}: node {i} acknowledged short of the batch");
-        }
+        batch
     }
 
     /// Advance the PGMRPL on all six and wait for coalescing to reach it.
@@ -365,6 +366,19 @@ impl Sim {
                 p.extent.blocks() as usize * BLOCK_SIZE,
             ),
         }
+    }
+}
+
+/// A commit: the same records to all six; each acknowledges them all.
+async fn commit(nodes: Vec<Arc<Node>>, batch: Vec<RedoRecord>, at: &str) {
+    let last = batch.last().unwrap().lsn;
+    for (i, node) in nodes.iter().enumerate() {
+        let wire = batch.iter().cloned().map(WireRecord::new).collect();
+        let scl = node
+            .append(SEG, EPOCH, GEOMETRY, wire)
+            .await
+            .unwrap_or_else(|e| panic!("{at}: node {i} append: {e}"));
+        assert_eq!(scl, last, "{at}: node {i} acknowledged short of the batch");
     }
 }
 
@@ -795,7 +809,10 @@ async fn run(seed: u64) -> ([usize; 6], std::collections::BTreeMap<String, usize
         .collect();
     for i in order {
         let at = at("pass", i);
-        let p = pass(&mut sim, i, &at).await;
+        // Commits go on while the pass runs (its repairs write the log too).
+        let nodes = sim.nodes.iter().map(|n| n.clone().unwrap()).collect();
+        let batch = sim.batch();
+        let (p, ()) = tokio::join!(pass(&mut sim, i, &at), commit(nodes, batch, &at));
         if verbose() {
             eprintln!("{at}: node {i} found {:#?}\n  installed {:?}", p.found, p.installed);
         }
