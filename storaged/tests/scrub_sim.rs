@@ -311,7 +311,13 @@ impl Sim {
     }
 
     async fn random_restart(&mut self, at: &str) {
-        let i = self.rng.usize(0..NODES);
+        // Half the time a damaged node: it starts up on its damage.
+        let damaged: Vec<usize> = self.damaged.iter().copied().collect();
+        let i = if !damaged.is_empty() && self.rng.bool() {
+            damaged[self.rng.usize(0..damaged.len())]
+        } else {
+            self.rng.usize(0..NODES)
+        };
         if self.log_damaged.contains(&i) {
             return;
         }
@@ -504,6 +510,15 @@ fn damage(sim: &mut Sim, i: usize, before: &Snapshot, new_log: &[(u64, u64)], pa
                         let c = rng.usize(0..2);
                         disk.write_raw(offsets[c], &disk.read_raw(offsets[1 - c], BLOCK_SIZE));
                         "misdirected write"
+                    }
+                    // Both copies: the block is lost on this node; the node
+                    // holds it in memory (and a start-up rebuilds it from
+                    // the page slots).
+                    2 if written.len() == 2 && rng.bool() => {
+                        for &c in &written {
+                            flip(&disk, offsets[c], BLOCK_SIZE, rng);
+                        }
+                        "bit flips (both copies)"
                     }
                     _ if !written.is_empty() => {
                         flip(&disk, offsets[written[rng.usize(0..written.len())]], BLOCK_SIZE, rng);
