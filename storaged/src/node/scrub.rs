@@ -86,16 +86,29 @@ impl Node {
             };
             damaged.push((at, seq, error));
         }
+        // Seqs the repair of an earlier block let go of: a record whose
+        // entry spans that block and the next is written again whole, so
+        // the next one, damaged too, is repaired by the same stroke.
+        let mut freed_by_repair = 0..0;
         for (at, seq, error) in damaged {
-            // Freed since (the release point passed it) or rewritten: not damage.
-            if seq < self.release_point() || self.live_seq_at(at) != Some(seq) {
-                continue;
-            }
-            let repaired = match self.relog_through(seq).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(offset = block_offset(at), seq, error = %e, "a damaged log block could not be written again");
-                    false
+            let repaired = if seq < self.release_point() || self.live_seq_at(at) != Some(seq) {
+                // Freed since (the release point passed it) or rewritten:
+                // not damage, unless a repair here freed it.
+                if !freed_by_repair.contains(&seq) {
+                    continue;
+                }
+                true
+            } else {
+                let from = self.release_point();
+                match self.relog_through(seq).await {
+                    Ok(()) => {
+                        freed_by_repair = from..self.release_point();
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(offset = block_offset(at), seq, error = %e, "a damaged log block could not be written again");
+                        false
+                    }
                 }
             };
             out.found.push(Finding {
