@@ -60,17 +60,25 @@ impl Node {
     /// The seq the log block at device block `block` holds while live, if
     /// the live log (tail up to the durable mark) reaches it.
     fn live_seq_at(&self, block: u64) -> Option<u64> {
+        self.live_seq_below(block, self.log.stats().durable_seq)
+    }
+
+    /// As [`Node::live_seq_at`], counting only seqs below `durable`.
+    fn live_seq_below(&self, block: u64, durable: u64) -> Option<u64> {
         let log = self.log.stats();
         let i = block.checked_sub(self.log_start_block)?;
         let l = log.log_blocks;
         // Block i holds the seqs s with (s - 1) mod l = i.
         let s = log.tail_seq + (i + l - (log.tail_seq - 1) % l) % l;
-        (s < log.durable_seq).then_some(s)
+        (s < log.durable_seq.min(durable)).then_some(s)
     }
 
     async fn scrub_log(&self, range: Range<u64>) -> Result<Checked, NodeError> {
         let mut out = Checked::default();
         let n = (range.end - range.start) as usize;
+        // Only blocks durable before the read began are judged: one written
+        // while it was read may show its old contents.
+        let durable = self.log.stats().durable_seq;
         let buf = AlignedBuf::zeroed_blocks(n);
         let (buf, result) = self.io.read(block_offset(range.start), buf).await;
         result?;
@@ -78,7 +86,7 @@ impl Node {
         for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
             let at = range.start + i as u64;
             out.blocks += 1;
-            let Some(seq) = self.live_seq_at(at) else { continue };
+            let Some(seq) = self.live_seq_below(at, durable) else { continue };
             let error = match decode_block_at(block, BlockKind::Log, &self.device_id, block_offset(at)) {
                 Ok((h, _)) if h.seq == seq => continue,
                 Ok((h, _)) => format!("block of seq {} where seq {seq} belongs (a lost write)", h.seq),
@@ -405,6 +413,9 @@ impl Node {
     ) -> Result<(), NodeError> {
         let start = extent.map_start_block();
         let at = pagemap::copy_block(start, index, 0);
+        // No index write between the read and the comparison with what the
+        // node holds: one under way would show as a copy that disagrees.
+        let writes = self.index_writes.lock().await;
         let buf = AlignedBuf::zeroed_blocks(pagemap::COPIES as usize);
         let (buf, result) = self.io.read(block_offset(at), buf).await;
         result?;
@@ -447,6 +458,7 @@ impl Node {
                 "the copy the node wrote last is not the current one (a lost write)".to_string(),
             )),
         };
+        drop(writes);
         let Some((copy, error)) = error else { return Ok(()) };
         // The block is written again from memory, into the copy that is
         // not current (a lost or damaged one); once more if it was the
