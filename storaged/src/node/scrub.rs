@@ -86,7 +86,9 @@ impl Node {
         for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
             let at = range.start + i as u64;
             out.blocks += 1;
-            let Some(seq) = self.live_seq_below(at, durable) else { continue };
+            let Some(seq) = self.live_seq_below(at, durable) else {
+                continue;
+            };
             let error = match decode_block_at(block, BlockKind::Log, &self.device_id, block_offset(at)) {
                 Ok((h, _)) if h.seq == seq => continue,
                 Ok((h, _)) => format!("block of seq {} where seq {seq} belongs (a lost write)", h.seq),
