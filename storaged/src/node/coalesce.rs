@@ -47,9 +47,7 @@ use tracing::Instrument;
 
 use super::hydrate::REBUILD_UNDER_WAY;
 use super::{Node, NodeError, SlotState};
-use crate::io::AlignedBuf;
-use crate::log::layout::block_offset;
-use crate::pagestore::{self, Current, Extent, PageVersion};
+use crate::pagestore::{Current, Extent, PageVersion};
 use crate::record::SegmentId;
 use crate::segtable::SegmentEntry;
 
@@ -298,19 +296,9 @@ impl Node {
             return Ok(());
         }
         let entry = crate::pagemap::Entry::of(lsn, &bytes);
-        let at = extent.slot_block(local, slot);
-        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
-        pagestore::encode_version(
-            &mut buf,
-            self.device_id,
-            extent,
-            id,
-            page,
-            at,
-            &PageVersion { lsn, bytes },
-        );
-        let (_, result) = self.io.write(block_offset(at), buf).await;
-        result?;
+        let version = PageVersion { lsn, bytes };
+        self.write_slot(id, extent, page, local, slot, &version, crate::io::Durability::Durable)
+            .await?;
         let mut st = self.state();
         let s = st.seg_mut(id)?;
         s.set_slot_state(local, SlotState::holding(slot));

@@ -726,14 +726,11 @@ impl Node {
         slot: usize,
         version: &PageVersion,
     ) -> Result<(), NodeError> {
-        let at = extent.slot_block(local, slot);
-        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
-        pagestore::encode_version(&mut buf, self.device_id, extent, id, page, at, version);
         // Durable at `hydrate_end`'s flush, before the table says the
         // rebuild is over; until then a crash leaves the rebuild marked,
         // where a torn or lost slot is a torn write.
-        let (_, result) = self.io.write_volatile(block_offset(at), buf).await;
-        result?;
+        self.write_slot(id, extent, page, local, slot, version, crate::io::Durability::Volatile)
+            .await?;
         // In memory only until `hydrate_end` writes the index, after its
         // flush (the index is never ahead of a durable version).
         let entry = crate::pagemap::Entry::of(version.lsn, &version.bytes);

@@ -1131,6 +1131,30 @@ impl Node {
         }
     }
 
+    /// Write `version` of `page` into slot `slot`: durably, or (hydration)
+    /// durable only at a later flush.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_slot(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+        slot: usize,
+        version: &pagestore::PageVersion,
+        durability: Durability,
+    ) -> Result<(), NodeError> {
+        let at = extent.slot_block(local, slot);
+        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
+        pagestore::encode_version(&mut buf, self.device_id, extent, id, page, at, version);
+        let (_, result) = match durability {
+            Durability::Durable => self.io.write(block_offset(at), buf).await,
+            Durability::Volatile => self.io.write_volatile(block_offset(at), buf).await,
+        };
+        result?;
+        Ok(())
+    }
+
     /// The current version the slots hold, judged by the page-version
     /// index (see [`index`]): a version older than it names, or none where
     /// it names one, is damage, reported at the slot that should hold it.

@@ -25,7 +25,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use super::{Node, NodeError, SlotState};
-use crate::io::{AlignedBuf, BLOCK_SIZE};
+use crate::io::{AlignedBuf, BLOCK_SIZE, Durability};
 use crate::log::format::{BlockKind, decode_block_at};
 use crate::log::layout::block_offset;
 use crate::pagemap::{self, Chosen, Verdict};
@@ -362,7 +362,9 @@ impl Node {
             // An older slot that does not verify: the current version goes
             // there too (the next version would overwrite it anyway).
             let offset = block_offset(extent.slot_block(local, other.slot));
-            let written = self.write_slot(id, extent, page, local, other.slot, &version).await;
+            let written = self
+                .write_slot(id, extent, page, local, other.slot, &version, Durability::Durable)
+                .await;
             if other.maybe_torn {
                 // A crash's torn write, not damage.
                 return written;
@@ -386,24 +388,6 @@ impl Node {
         if let Ok(s) = self.state().seg_mut(id) {
             s.set_slot_state(local, SlotState::Damaged);
         }
-    }
-
-    /// Write `version` of `page` durably into slot `slot`.
-    async fn write_slot(
-        &self,
-        id: SegmentId,
-        extent: &Extent,
-        page: u64,
-        local: u64,
-        slot: usize,
-        version: &PageVersion,
-    ) -> Result<(), NodeError> {
-        let at = extent.slot_block(local, slot);
-        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
-        pagestore::encode_version(&mut buf, self.device_id, extent, id, page, at, version);
-        let (_, result) = self.io.write(block_offset(at), buf).await;
-        result?;
-        Ok(())
     }
 
     async fn scrub_index_block(
@@ -546,7 +530,8 @@ impl Node {
                 [_, None] => 1,
                 [Some(a), Some(b)] => usize::from(b < a),
             };
-            self.write_slot(id, &extent, need.page, local, slot, &version).await?;
+            self.write_slot(id, &extent, need.page, local, slot, &version, Durability::Durable)
+                .await?;
             self.state().seg_mut(id)?.set_slot_state(local, SlotState::Unknown);
             let torn_after = self.state().seg(id)?.torn_after(local);
             // Read back and judged as any read: only a whole, indexed version passes.
