@@ -134,6 +134,10 @@ impl Node {
     /// Write again every record held whose log block is at or before
     /// `seq`, so the log no longer needs that block, and let it go.
     async fn relog_through(&self, seq: u64) -> Result<(), NodeError> {
+        // No truncation between taking the records and writing them again:
+        // a copy written after its annulment's entry would be taken for a
+        // re-send at start-up, and an annulled record would come back.
+        let _fencing = self.fencing.lock().await;
         let batches: Vec<(SegmentId, Vec<u64>, Vec<Vec<u8>>)> = {
             let st = self.state();
             let mut out = Vec::new();
