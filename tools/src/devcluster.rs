@@ -595,7 +595,7 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
     }
     let cluster_file = dir.join("cluster.toml");
     // With `keep`, the file's cluster; else a new one, and the file to write.
-    let (geometry, devices, node_addrs, computed_addr, new_file) = if opts.keep {
+    let (geometry, devices, kept_addrs, new_file) = if opts.keep {
         let cluster = Cluster::load(&cluster_file).with_context(|| {
             format!(
                 "--keep restarts the cluster of {}; start a new one without --keep",
@@ -618,15 +618,17 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
             segments_per_node_max: 0,
         };
         let nodes = cluster.nodes.iter().map(|n| n.address).collect::<Vec<_>>();
-        (geometry, devices, nodes, cluster.computed_address, None)
+        (geometry, devices, Some((nodes, cluster.computed_address)), false)
     } else {
         let geometry = plan_geometry(opts.nodes, opts.pgs, opts.device_bytes).map_err(|e| anyhow!(e))?;
         let devices: Vec<PathBuf> = (1..=opts.nodes).map(|n| dir.join(format!("dev{n}"))).collect();
-        let addrs = pick_ports(opts.nodes + 2, opts.base_port)?;
-        let (node_addrs, rest) = addrs.split_at(opts.nodes);
-        let text = cluster_toml(&geometry, rest[0], rest[1], node_addrs);
-        Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
-        (geometry, devices, node_addrs.to_vec(), rest[0], Some(text))
+        // Ports are picked once the devices are formatted, just before the
+        // daemons bind them: the less time between, the less chance another
+        // process takes one. A `--base-port` without room is refused now.
+        if opts.base_port.is_some() {
+            pick_ports(opts.nodes + 2, opts.base_port)?;
+        }
+        (geometry, devices, None, true)
     };
     // Old logs and pid files go; with `keep`, nothing else.
     for sub in [pids_dir(&dir), logs_dir(&dir)] {
@@ -635,13 +637,23 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         }
         std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
     }
-    if let Some(text) = new_file {
+    if new_file {
         for dev in devices_in(&dir) {
             std::fs::remove_file(&dev).with_context(|| format!("removing the old device {}", dev.display()))?;
         }
         format_devices(&storaged, &dir, &devices, opts.device_bytes)?;
-        std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
     }
+    let (node_addrs, computed_addr) = match kept_addrs {
+        Some(kept) => kept,
+        None => {
+            let addrs = pick_ports(opts.nodes + 2, opts.base_port)?;
+            let (node_addrs, rest) = addrs.split_at(opts.nodes);
+            let text = cluster_toml(&geometry, rest[0], rest[1], node_addrs);
+            Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
+            std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
+            (node_addrs.to_vec(), rest[0])
+        }
+    };
 
     let mut started = Started {
         daemons: Vec::new(),
