@@ -56,6 +56,7 @@ use storaged::record::{RecordBody, RedoRecord, SegmentId};
 
 use crate::cache::PageCache;
 use crate::cluster::{Cluster, SEGMENTS_PER_PG};
+use crate::membership::{Change, ChangeError, MemberView, PgView};
 
 /// A PG's PGMRPL is sent to its segments when it has moved this many
 /// LSNs, or when it moved at all and was last sent this long ago.
@@ -239,6 +240,12 @@ pub enum Output<T> {
     /// Nothing more is sent; waiting transactions are never acknowledged.
     Fenced {
         epoch: u64,
+    },
+    /// A membership change made `node` (at `addr`) a member: keep a
+    /// connection to it, and report it up (`node_up`) once it is.
+    Connect {
+        node: u64,
+        addr: std::net::SocketAddr,
     },
 }
 
@@ -552,6 +559,42 @@ impl<T> Writer<T> {
 
     pub fn fenced(&self) -> Option<u64> {
         self.fenced
+    }
+
+    /// Where PG `pg`'s membership stands (`None` past the volume's end).
+    pub fn pg_view(&self, pg: u32) -> Option<PgView> {
+        let p = self.pgs.get(pg as usize)?;
+        let membership = self.config.memberships[pg as usize].clone();
+        let members = membership
+            .members
+            .iter()
+            .zip(&p.slots)
+            .map(|(m, s)| MemberView {
+                id: m.id,
+                addr: m.addr,
+                up: s.up,
+                scl: s.scl,
+                told_epoch: if s.told == Told::Yes { membership.epoch } else { 0 },
+            })
+            .collect();
+        Some(PgView {
+            pg,
+            membership,
+            proposed: None,
+            pgcl: p.pgcl,
+            members,
+        })
+    }
+
+    /// Start `change` of PG `pg`'s membership (see [`crate::membership`]).
+    /// Returns where the PG stands once the first step is sent.
+    pub fn change_membership(&mut self, pg: u32, change: Change) -> Result<PgView, ChangeError> {
+        let view = self.pg_view(pg).ok_or(ChangeError::NoSuchPg(pg))?;
+        crate::membership::plan(pg, &view.membership, &change)?;
+        Err(ChangeError::Installing {
+            pg,
+            epoch: view.membership.epoch,
+        })
     }
 
     /// Whether a new transaction would be taken (not Busy, not fenced).

@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod commit_queue;
 pub mod core;
+pub mod membership;
 pub mod quorum;
 pub mod recovery;
 pub mod server;

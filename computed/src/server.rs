@@ -11,7 +11,7 @@
 //! frames (the core's in-flight windows keep it far below; a full queue
 //! resets that connection).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,9 +152,15 @@ pub async fn run(
     for &node in nodes.keys() {
         core.node_up(node);
     }
+    let links = Links {
+        ctl_tx: ctl_tx.downgrade(),
+        shutdown: shutdown.clone(),
+        connecting: cluster.nodes.iter().map(|n| n.id).collect(),
+    };
     let mut driver = tokio::spawn(drive(
         core,
         nodes,
+        links,
         info,
         client_rx,
         ctl_rx,
@@ -289,9 +295,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// What the driver needs to open a connection to a node a membership
+/// change brought in (not in the cluster file computed started with).
+struct Links {
+    /// Weak: the driver must not keep the control channel open by itself.
+    ctl_tx: mpsc::WeakSender<Control>,
+    shutdown: watch::Receiver<bool>,
+    /// Nodes with a connection task.
+    connecting: HashSet<u64>,
+}
+
 async fn drive(
     mut core: Writer<Token>,
     mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    mut links: Links,
     mut info: VolumeInfo,
     mut client_rx: mpsc::Receiver<ClientInput>,
     mut ctl_rx: mpsc::Receiver<Control>,
@@ -389,6 +406,14 @@ async fn drive(
                     reply(&clients, token, &msg);
                 }
                 Output::Fenced { epoch } => return Err(Fenced { epoch }.into()),
+                Output::Connect { node, addr } => {
+                    if let Some(tx) = links.ctl_tx.upgrade()
+                        && links.connecting.insert(node)
+                    {
+                        tracing::info!(node, %addr, "connecting to a new member");
+                        tokio::spawn(node_connection(node, addr, tx, links.shutdown.clone()));
+                    }
+                }
             }
         }
         info.vdl = core.vdl();

@@ -1289,6 +1289,7 @@ impl Sim {
                     self.reads_checked += 1;
                 }
                 Output::Fenced { .. } => panic!("fenced with a single writer"),
+                Output::Connect { .. } => {}
             }
         }
     }
