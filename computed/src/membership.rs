@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 
 pub use storaged::membership::{MEMBERS_MAX, Member, Membership, SEGMENTS_PER_PG};
 
-use crate::cluster::WRITE_QUORUM;
+use crate::cluster::{READ_QUORUM, WRITE_QUORUM};
 
 /// What an operator asks of a PG's membership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +136,7 @@ pub fn on_write_quorum(m: &Membership, holds: impl Fn(u64) -> bool) -> bool {
 pub fn on_read_quorum_of_every_set(m: &Membership, answered: impl Fn(u64) -> bool) -> bool {
     sets(m)
         .iter()
-        .all(|set| set.iter().filter(|&&id| answered(id)).count() >= SEGMENTS_PER_PG - WRITE_QUORUM + 1)
+        .all(|set| set.iter().filter(|&&id| answered(id)).count() >= READ_QUORUM)
 }
 
 /// The next membership for `change` of PG `pg` at `current` (in force, no

@@ -153,13 +153,12 @@ pub async fn run(
         core.node_up(node);
     }
     let links = Links {
+        nodes,
         ctl_tx: ctl_tx.downgrade(),
-        shutdown: shutdown.clone(),
         connecting: cluster.nodes.iter().map(|n| n.id).collect(),
     };
     let mut driver = tokio::spawn(drive(
         core,
-        nodes,
         links,
         info,
         client_rx,
@@ -295,19 +294,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// What the driver needs to open a connection to a node a membership
-/// change brought in (not in the cluster file computed started with).
+/// The driver's links to the storage nodes.
 struct Links {
-    /// Weak: the driver must not keep the control channel open by itself.
+    /// The send queue of each node whose connection is up.
+    nodes: HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    /// To start a connection to a node a membership change brought in (not
+    /// in the cluster file computed started with). Weak: the driver must not
+    /// keep the control channel open by itself.
     ctl_tx: mpsc::WeakSender<Control>,
-    shutdown: watch::Receiver<bool>,
     /// Nodes with a connection task.
     connecting: HashSet<u64>,
 }
 
 async fn drive(
     mut core: Writer<Token>,
-    mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>>,
     mut links: Links,
     mut info: VolumeInfo,
     mut client_rx: mpsc::Receiver<ClientInput>,
@@ -332,7 +332,7 @@ async fn drive(
                 None => clients_open = false,
             },
             ctl = ctl_rx.recv(), if ctl_open => match ctl {
-                Some(c) => on_control(&mut core, &mut clients, &mut nodes, &info, c),
+                Some(c) => on_control(&mut core, &mut clients, &mut links.nodes, &info, c),
                 None => ctl_open = false,
             },
             _ = tick.tick() => {
@@ -349,7 +349,7 @@ async fn drive(
         // meanwhile ride along in the same batches.
         for _ in 0..INPUTS_PER_ROUND_MAX {
             match ctl_rx.try_recv() {
-                Ok(c) => on_control(&mut core, &mut clients, &mut nodes, &info, c),
+                Ok(c) => on_control(&mut core, &mut clients, &mut links.nodes, &info, c),
                 Err(_) => break,
             }
         }
@@ -384,14 +384,14 @@ async fn drive(
                     // The core bounds a batch below the frame limit; a refusal
                     // here is a bug that must not take the writer down.
                     match encode_append_frame(request, &header, &slices, &mut frame) {
-                        Ok(()) => to_node(&mut core, &mut nodes, node, frame.clone()),
+                        Ok(()) => to_node(&mut core, &mut links.nodes, node, frame.clone()),
                         Err(e) => tracing::error!(error = %e, pg, "append batch not encodable"),
                     }
                 }
                 Output::Request { node, request, message } => {
                     frame.clear();
                     if encode_frame(request, &message, &mut frame).is_ok() {
-                        to_node(&mut core, &mut nodes, node, frame.clone());
+                        to_node(&mut core, &mut links.nodes, node, frame.clone());
                     }
                 }
                 Output::Committed { token, lsn } => {
@@ -411,7 +411,7 @@ async fn drive(
                         && links.connecting.insert(node)
                     {
                         tracing::info!(node, %addr, "connecting to a new member");
-                        tokio::spawn(node_connection(node, addr, tx, links.shutdown.clone()));
+                        tokio::spawn(node_connection(node, addr, tx, shutdown.clone()));
                     }
                 }
             }
