@@ -221,6 +221,9 @@ pub enum Output<T> {
         request: u64,
         pg: u32,
         epoch: u64,
+        /// The PG's membership epoch the segments are told (see
+        /// `Message::Append::membership_epoch`).
+        membership_epoch: u64,
         records: Vec<Arc<EncodedRecord>>,
     },
     /// Send `message` (GetPage or SetPgmrpl) to `node` with request id `request`.
@@ -1016,6 +1019,7 @@ impl<T> Writer<T> {
                 request,
                 pg: pg_no as u32,
                 epoch: config.epoch,
+                membership_epoch: pg.proposed.as_ref().unwrap_or(&pg.membership).epoch,
                 records,
             });
         }
@@ -1170,6 +1174,14 @@ impl<T> Writer<T> {
                         ..
                     } => self.install(pg, slot),
                     other => {
+                        if let Message::Error {
+                            code: ErrorCode::StaleMembership,
+                            current_epoch,
+                            ..
+                        } = &other
+                        {
+                            self.segment_ahead(node, pg, *current_epoch);
+                        }
                         tracing::debug!(node, pg, reply = ?other, "append refused; will send again");
                         let released = self.pgs[pg as usize].released_through;
                         let s = &mut self.pgs[pg as usize].slots[slot];
@@ -1196,6 +1208,14 @@ impl<T> Writer<T> {
                 match reply {
                     Message::Page { lsn, bytes, page, .. } if bytes.len() == self.config.page_bytes => {
                         self.read_succeeded(read, page, lsn, bytes)
+                    }
+                    Message::Error {
+                        code: ErrorCode::StaleMembership,
+                        current_epoch,
+                        ..
+                    } => {
+                        self.segment_ahead(node, pg, current_epoch);
+                        self.read_failed(read);
                     }
                     _ => self.read_failed(read),
                 }
@@ -1440,6 +1460,29 @@ impl<T> Writer<T> {
         });
     }
 
+    /// A segment holds membership epoch `current` of PG `pg`, which this
+    /// writer's is not above: a step a writer before it sent to a few
+    /// segments only, never in force (recovery would have found it). It is
+    /// not lowered: what this writer has is proposed again above it, with
+    /// the same members.
+    fn segment_ahead(&mut self, node: u64, pg: u32, current: u64) {
+        let p = &mut self.pgs[pg as usize];
+        if current < p.target().epoch {
+            return;
+        }
+        tracing::warn!(
+            node,
+            pg,
+            segment_membership_epoch = current,
+            epoch = p.target().epoch,
+            "segment holds a newer membership than this writer's; proposing this one above it"
+        );
+        p.epoch_seen = p.epoch_seen.max(current);
+        let mut again = p.target().clone();
+        again.epoch = p.epoch_seen + 1;
+        self.propose(pg, again);
+    }
+
     /// A segment answered its membership. A refusal is never fatal (the
     /// writer goes on; gossip repair is what waits for it) and is logged
     /// where it is handled: a node that cannot take memberships refuses
@@ -1477,21 +1520,8 @@ impl<T> Writer<T> {
                 // (a step a writer before it sent to a few segments only,
                 // never in force). It is not lowered: what this writer
                 // has is proposed again above it, the same members.
-                let p = &mut self.pgs[pg as usize];
-                p.slots[slot].told = Told::Refused;
-                if current_epoch >= p.target().epoch {
-                    tracing::warn!(
-                        node,
-                        pg,
-                        segment_membership_epoch = current_epoch,
-                        epoch = p.target().epoch,
-                        "segment holds a newer membership than this writer's; proposing this one above it"
-                    );
-                    p.epoch_seen = p.epoch_seen.max(current_epoch);
-                    let mut again = p.target().clone();
-                    again.epoch = p.epoch_seen + 1;
-                    self.propose(pg, again);
-                }
+                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+                self.segment_ahead(node, pg, current_epoch);
             }
             Message::Error { code, message, .. } => {
                 if self.refusal_warned.insert(node) {
@@ -1666,6 +1696,7 @@ impl<T> Writer<T> {
                 pg: r.pg,
                 page: r.page,
                 read_point: r.pg_point,
+                membership_epoch: pg.target().epoch,
             },
         });
         true

@@ -1239,3 +1239,41 @@ fn an_aborted_change_goes_back_to_the_old_set() {
     w.submit(2, vec![delta(1, 2)]).unwrap();
     assert!(appends(&outputs(&mut w)).iter().all(|a| a.0 != 7));
 }
+
+/// A segment that refuses an append because it holds a newer membership
+/// (a step of a writer before this one that never came in force) gets this
+/// writer's membership proposed again above it, the same members; the
+/// batch is sent again.
+#[test]
+fn a_segment_ahead_of_the_writers_membership_gets_it_proposed_above() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let out = outputs(&mut w);
+    let (node, req, pg, _, _) = appends(&out).into_iter().find(|a| a.2 == 0).unwrap();
+    assert!(
+        out.iter()
+            .all(|o| !matches!(o, Output::Append { membership_epoch, .. } if *membership_epoch != 1))
+    );
+    w.on_reply(
+        node,
+        req,
+        Message::error(ErrorCode::StaleMembership, 5, "membership epoch 1 is older than 5"),
+    );
+    let view = w.pg_view(pg).unwrap();
+    let again = view.proposed.expect("proposed again");
+    assert_eq!(again.epoch, 6);
+    assert_eq!(again.members, view.membership.members);
+    let sends = membership_sends(&outputs(&mut w));
+    assert_eq!(sends.len(), 6, "every member told");
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4], 0);
+    assert_eq!(w.pg_view(pg).unwrap().membership.epoch, 6);
+    w.tick(config().retry_after_us);
+    let out = outputs(&mut w);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Append { node: n, membership_epoch: 6, .. } if *n == node)),
+        "the refused batch is sent again at the new epoch"
+    );
+}

@@ -970,6 +970,8 @@ impl Recovery {
                     pg: pg_no,
                     page_bytes: self.page_bytes,
                     pg_pages: self.pg_pages,
+                    // Before the writer's memberships: not checked.
+                    membership_epoch: 0,
                     records,
                 })
             }

@@ -376,6 +376,7 @@ async fn drive(
                     request,
                     pg,
                     epoch,
+                    membership_epoch,
                     records,
                 } => {
                     frame.clear();
@@ -386,6 +387,7 @@ async fn drive(
                         pg,
                         page_bytes: info.page_bytes,
                         pg_pages: info.pages / u64::from(info.pgs.max(1)),
+                        membership_epoch,
                     };
                     // The core bounds a batch below the frame limit; a refusal
                     // here is a bug that must not take the writer down.

@@ -1248,6 +1248,7 @@ impl Sim {
                     request,
                     pg,
                     epoch,
+                    membership_epoch,
                     records,
                 } => {
                     let records = records
@@ -1260,6 +1261,7 @@ impl Sim {
                         pg,
                         page_bytes: PAGE_BYTES as u32,
                         pg_pages: PG_PAGES,
+                        membership_epoch,
                         records,
                     };
                     let n = node as usize - 1;

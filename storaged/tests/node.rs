@@ -85,6 +85,7 @@ async fn append(c: &NodeClient, pg: u32, epoch: u64, records: Vec<RedoRecord>) -
         pg,
         page_bytes: PAGE_BYTES,
         pg_pages: PG_PAGES,
+        membership_epoch: 0,
         records: records.into_iter().map(WireRecord::new).collect(),
     })
     .await
@@ -228,6 +229,7 @@ fn kill_9_at_any_moment_loses_no_acknowledged_record() {
                             pg: 0,
                             page_bytes: PAGE_BYTES,
                             pg_pages: PG_PAGES,
+                            membership_epoch: 0,
                             records: vec![WireRecord::new(rec(0, lsn, prev, 3))],
                         })
                         .await
@@ -384,6 +386,7 @@ async fn get_page(c: &NodeClient, pg: u32, page: u64, read_point: u64) -> Messag
         pg,
         page,
         read_point,
+        membership_epoch: 0,
     })
     .await
     .unwrap()
@@ -768,5 +771,73 @@ fn gossip_requests_are_answered_for_member_storage_nodes_only() {
             ),
             "{reply:?}"
         );
+    });
+}
+
+/// A writer's appends and reads name the PG's membership epoch as the
+/// writer has it: one below the segment's is refused with the segment's
+/// epoch, and stores nothing; the same, a higher one (a writer that has
+/// not told this segment yet) or 0 (not checked) are served.
+#[test]
+fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = start_daemon(&dev);
+    run(async {
+        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        let reply = writer
+            .request(Message::SetMembership {
+                volume: VOLUME,
+                epoch: 1,
+                pg: 0,
+                page_bytes: PAGE_BYTES,
+                pg_pages: PG_PAGES,
+                membership: membership(3),
+                annulled: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+        let append_at = |membership_epoch: u64, lsn: u64| Message::Append {
+            volume: VOLUME,
+            epoch: 1,
+            pg: 0,
+            page_bytes: PAGE_BYTES,
+            pg_pages: PG_PAGES,
+            membership_epoch,
+            records: vec![WireRecord::new(rec(0, lsn, lsn - 1, lsn as u8))],
+        };
+        match writer.request(append_at(2, 1)).await.unwrap() {
+            Message::Error {
+                code: ErrorCode::StaleMembership,
+                current_epoch: 3,
+                ..
+            } => {}
+            other => panic!("expected StaleMembership naming epoch 3, got {other:?}"),
+        }
+        assert_eq!(status(&writer, 0).await.0, 0, "the refused record was not stored");
+        assert_eq!(scl_of(&writer.request(append_at(3, 1)).await.unwrap()), 1);
+        assert_eq!(scl_of(&writer.request(append_at(4, 2)).await.unwrap()), 2);
+        assert_eq!(scl_of(&writer.request(append_at(0, 3)).await.unwrap()), 3);
+        let read_at = |membership_epoch: u64| Message::GetPage {
+            volume: VOLUME,
+            epoch: 1,
+            pg: 0,
+            page: 3, // LSN 3's page
+            read_point: 3,
+            membership_epoch,
+        };
+        assert!(matches!(
+            writer.request(read_at(1)).await.unwrap(),
+            Message::Error {
+                code: ErrorCode::StaleMembership,
+                current_epoch: 3,
+                ..
+            }
+        ));
+        assert!(matches!(
+            writer.request(read_at(3)).await.unwrap(),
+            Message::Page { lsn: 3, .. }
+        ));
     });
 }

@@ -94,6 +94,7 @@ fn scrub_requests_are_answered_for_their_roles_only() {
                     pg: 0,
                     page_bytes: 8192,
                     pg_pages: 64,
+                    membership_epoch: 0,
                     records: vec![WireRecord::new(record)],
                 })
                 .await

@@ -434,6 +434,7 @@ fn dead_recovery_then(installed: bool) {
                 pg,
                 page_bytes: PAGE_BYTES,
                 pg_pages: PG_PAGES,
+                membership_epoch: 0,
                 records: records.into_iter().map(WireRecord::new).collect(),
             },
         );

@@ -282,6 +282,25 @@ impl Peer {
     }
 }
 
+/// A writer's request names the PG's membership epoch as the writer has
+/// it: one below the segment's is from a writer behind a membership change
+/// (refused, with the segment's epoch, as a stale volume epoch is). One
+/// above it is from a writer that has not told this segment yet; 0 is not
+/// checked.
+fn check_membership_epoch(node: &Node, id: SegmentId, got: u64) -> Result<(), NodeError> {
+    if got == 0 {
+        return Ok(());
+    }
+    let st = node.state();
+    match st.segments.get(&id).and_then(|s| s.membership.as_ref()) {
+        Some(held) if held.epoch > got => Err(NodeError::StaleMembership {
+            got,
+            current: held.epoch,
+        }),
+        _ => Ok(()),
+    }
+}
+
 async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
     let result = match msg {
         Message::Append {
@@ -290,17 +309,18 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             pg,
             page_bytes,
             pg_pages,
+            membership_epoch,
             records,
         } => {
             let started = std::time::Instant::now();
-            let result = node
-                .append(
-                    SegmentId { volume, pg },
-                    epoch,
-                    PageGeometry { page_bytes, pg_pages },
-                    records,
-                )
-                .await;
+            let id = SegmentId { volume, pg };
+            let result = match check_membership_epoch(node, id, membership_epoch) {
+                Ok(()) => {
+                    node.append(id, epoch, PageGeometry { page_bytes, pg_pages }, records)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             node.record_foreground(started.elapsed().as_micros() as u64);
             result.map(|scl| Message::AppendAck {
                 volume,
@@ -358,16 +378,18 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             pg,
             page,
             read_point,
-        } => node
-            .get_page(SegmentId { volume, pg }, epoch, page, read_point)
-            .await
-            .map(|(bytes, lsn)| Message::Page {
-                volume,
-                pg,
-                page,
-                lsn,
-                bytes,
-            }),
+            membership_epoch,
+        } => match check_membership_epoch(node, SegmentId { volume, pg }, membership_epoch) {
+            Ok(()) => node.get_page(SegmentId { volume, pg }, epoch, page, read_point).await,
+            Err(e) => Err(e),
+        }
+        .map(|(bytes, lsn)| Message::Page {
+            volume,
+            pg,
+            page,
+            lsn,
+            bytes,
+        }),
         Message::SetMembership {
             volume,
             epoch,

@@ -546,6 +546,7 @@ async fn the_log_holds_each_records_bytes_as_the_frame_carried_them() {
             pg: SEG.pg,
             page_bytes: GEOMETRY.page_bytes,
             pg_pages: GEOMETRY.pg_pages,
+            membership_epoch: 0,
             records: wire(chunk.to_vec()),
         };
         let mut frame = Vec::new();

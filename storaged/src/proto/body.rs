@@ -22,9 +22,9 @@ use crate::segment::{ANNULLED_RANGES_MAX, DAMAGED_PAGES_REPORTED_MAX, HOLES_REPO
 /// Fixed part of each body; the variable part (if any) follows it.
 const HELLO_BYTES: usize = 11;
 const HELLO_OK_BYTES: usize = 10;
-const APPEND_FIXED_BYTES: usize = 36;
+const APPEND_FIXED_BYTES: usize = 44;
 const APPEND_ACK_BYTES: usize = 28;
-const GET_PAGE_BYTES: usize = 36;
+const GET_PAGE_BYTES: usize = 44;
 const PAGE_FIXED_BYTES: usize = 32;
 const SET_PGMRPL_BYTES: usize = 28;
 const PGMRPL_OK_BYTES: usize = 20;
@@ -201,20 +201,13 @@ impl Message {
 
     /// The fixed part of an Append body, before its `count` encoded records
     /// (shared with [`super::encode_append_frame`], which has them encoded already).
-    pub(super) fn encode_append_fixed(
-        out: &mut Vec<u8>,
-        volume: u64,
-        epoch: u64,
-        pg: u32,
-        page_bytes: u32,
-        pg_pages: u64,
-        count: usize,
-    ) {
-        put_u64(out, volume);
-        put_u64(out, epoch);
-        put_u32(out, pg);
-        put_u32(out, page_bytes);
-        put_u64(out, pg_pages);
+    pub(super) fn encode_append_fixed(out: &mut Vec<u8>, h: &super::AppendHeader, count: usize) {
+        put_u64(out, h.volume);
+        put_u64(out, h.epoch);
+        put_u32(out, h.pg);
+        put_u32(out, h.page_bytes);
+        put_u64(out, h.pg_pages);
+        put_u64(out, h.membership_epoch);
         // The frame bound keeps the count far below u32::MAX.
         put_u32(out, count as u32);
     }
@@ -245,9 +238,18 @@ impl Message {
                 pg,
                 page_bytes,
                 pg_pages,
+                membership_epoch,
                 records,
             } => {
-                Message::encode_append_fixed(out, *volume, *epoch, *pg, *page_bytes, *pg_pages, records.len());
+                let header = super::AppendHeader {
+                    volume: *volume,
+                    epoch: *epoch,
+                    pg: *pg,
+                    page_bytes: *page_bytes,
+                    pg_pages: *pg_pages,
+                    membership_epoch: *membership_epoch,
+                };
+                Message::encode_append_fixed(out, &header, records.len());
                 for record in records {
                     out.extend_from_slice(record.encoded());
                 }
@@ -274,10 +276,12 @@ impl Message {
                 pg,
                 page,
                 read_point,
+                membership_epoch,
             } => {
                 put_request_head(out, *volume, *epoch, *pg);
                 put_u64(out, *page);
                 put_u64(out, *read_point);
+                put_u64(out, *membership_epoch);
             }
             Message::Page {
                 volume,
@@ -550,6 +554,7 @@ impl Message {
                 pg: r.u32()?,
                 page: r.u64()?,
                 read_point: r.u64()?,
+                membership_epoch: r.u64()?,
             },
             MessageType::Page => {
                 let volume = r.u64()?;
@@ -763,6 +768,7 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
     let pg = r.u32()?;
     let page_bytes = r.u32()?;
     let pg_pages = r.u64()?;
+    let membership_epoch = r.u64()?;
     let declared = r.u32()?;
     if declared == 0 {
         return Err(ProtoError::EmptyBatch);
@@ -776,6 +782,7 @@ fn decode_append(mut r: Reader<'_>) -> Result<Message, ProtoError> {
         pg,
         page_bytes,
         pg_pages,
+        membership_epoch,
         records,
     })
 }

@@ -83,6 +83,7 @@ pub struct AppendHeader {
     pub pg: u32,
     pub page_bytes: u32,
     pub pg_pages: u64,
+    pub membership_epoch: u64,
 }
 
 /// An Append frame from records already encoded with
@@ -101,15 +102,7 @@ pub fn encode_append_frame(
         return Err(ProtoError::EmptyBatch);
     }
     write_frame(out, PROTOCOL_VERSION, request_id, FRAME_BYTES_MAX, |out| {
-        Message::encode_append_fixed(
-            out,
-            header.volume,
-            header.epoch,
-            header.pg,
-            header.page_bytes,
-            header.pg_pages,
-            records.len(),
-        );
+        Message::encode_append_fixed(out, header, records.len());
         for r in records {
             out.extend_from_slice(r);
         }

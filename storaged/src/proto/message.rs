@@ -227,6 +227,10 @@ pub enum Message {
         pg: u32,
         page_bytes: u32,
         pg_pages: u64,
+        /// The PG's membership epoch as the writer has it; a segment that
+        /// holds a higher one refuses the batch (`StaleMembership`). 0: not
+        /// checked (recovery's replication, which runs before memberships).
+        membership_epoch: u64,
         records: Vec<WireRecord>,
     },
     AppendAck {
@@ -242,6 +246,8 @@ pub enum Message {
         pg: u32,
         page: u64,
         read_point: u64,
+        /// As `Append::membership_epoch`.
+        membership_epoch: u64,
     },
     Page {
         volume: u64,

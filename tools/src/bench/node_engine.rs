@@ -182,6 +182,7 @@ async fn run(args: &BenchArgs, entry_bytes: usize) -> Result<Vec<JobStats>> {
                             pg,
                             page_bytes: PAGE_BYTES,
                             pg_pages: PG_PAGES,
+                            membership_epoch: 0,
                             records: vec![WireRecord::new(record)],
                         })
                         .await?;

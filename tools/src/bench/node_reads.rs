@@ -50,6 +50,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<JobStats>> {
                     pg,
                     page_bytes,
                     pg_pages: pages,
+                    membership_epoch: 0,
                     records: records.into_iter().map(WireRecord::new).collect(),
                 })
                 .await?
@@ -159,6 +160,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<JobStats>> {
                             pg,
                             page,
                             read_point,
+                            membership_epoch: 0,
                         })
                         .await?
                     {

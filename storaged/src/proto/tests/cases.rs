@@ -74,13 +74,13 @@ fn decoder_stays_failed_and_stops_buffering() {
 
 #[test]
 fn a_huge_record_count_is_refused_before_allocating() {
-    // 2^31 records declared in a 36-byte body: sizing a Vec from the count
+    // 2^31 records declared in a 44-byte body: sizing a Vec from the count
     // would ask for ~200 GiB; the decoder must refuse from the body size.
     let body = [
         u64s(&[1, 1]),
         2u32.to_le_bytes().to_vec(),
         8192u32.to_le_bytes().to_vec(),
-        u64s(&[1024]),
+        u64s(&[1024, 2]),
         (1u32 << 31).to_le_bytes().to_vec(),
     ]
     .concat();
@@ -123,7 +123,7 @@ fn append_body(volume: u64, pg: u32, count: u32, records: &[RedoRecord]) -> Vec<
         u64s(&[volume, 9]),
         pg.to_le_bytes().to_vec(),
         8192u32.to_le_bytes().to_vec(),
-        u64s(&[1024]),
+        u64s(&[1024, 2]),
         count.to_le_bytes().to_vec(),
     ]
     .concat();
@@ -180,7 +180,7 @@ fn batch_rules_are_enforced_on_decode() {
         })
     ));
     let mut bad_kind = append_body(1, 2, 1, &[a]);
-    bad_kind[36 + 12] = 9;
+    bad_kind[44 + 12] = 9;
     assert_eq!(
         decode_append(&bad_kind),
         Err(ProtoError::BadRecord {
@@ -248,6 +248,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
                 pg: 2,
                 page_bytes: 8192,
                 pg_pages: 1024,
+                membership_epoch: 0,
                 records: vec![],
             },
             ProtoError::EmptyBatch,
@@ -288,6 +289,7 @@ fn encode_refuses_what_a_peer_would_refuse() {
         pg: 2,
         page_bytes: 8192,
         pg_pages: 1024,
+        membership_epoch: 0,
         records: vec![WireRecord::new(bad_backlink)],
     };
     assert!(matches!(
@@ -323,6 +325,7 @@ fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
         pg: 2,
         page_bytes: 8192,
         pg_pages: 1024,
+        membership_epoch: 3,
     };
     let mut ours = Vec::new();
     crate::proto::encode_append_frame(77, &header, &slices, &mut ours).unwrap();
@@ -332,6 +335,7 @@ fn append_frames_from_encoded_records_are_what_encode_frame_makes() {
         pg: 2,
         page_bytes: 8192,
         pg_pages: 1024,
+        membership_epoch: 3,
         records: records.into_iter().map(WireRecord::new).collect(),
     };
     let mut theirs = Vec::new();

@@ -210,29 +210,31 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             node_id,
             protocol_version
         }),
-        (arb_batch(), u(), any::<u32>(), u()).prop_map(|((volume, pg, records), epoch, page_bytes, pg_pages)| {
-            Message::Append {
+        (arb_batch(), u(), any::<u32>(), u(), u()).prop_map(
+            |((volume, pg, records), epoch, page_bytes, pg_pages, membership_epoch)| Message::Append {
                 volume,
                 epoch,
                 pg,
                 page_bytes,
                 pg_pages,
+                membership_epoch,
                 records: records.into_iter().map(WireRecord::new).collect(),
             }
-        }),
+        ),
         (u(), any::<u32>(), u(), u()).prop_map(|(volume, pg, scl, incarnation)| Message::AppendAck {
             volume,
             pg,
             scl,
             incarnation
         }),
-        (u(), u(), any::<u32>(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point)| {
+        (u(), u(), any::<u32>(), u(), u(), u()).prop_map(|(volume, epoch, pg, page, read_point, membership_epoch)| {
             Message::GetPage {
                 volume,
                 epoch,
                 pg,
                 page,
                 read_point,
+                membership_epoch,
             }
         }),
         (u(), any::<u32>(), u(), u(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(
