@@ -242,7 +242,7 @@ impl Collector for NodeCollector {
         counter(
             &mut enc,
             "storaged_log_entries_written",
-            "Log entries (appends, pulled records, truncations) made durable since start.",
+            "Log entries made durable since start.",
             log.entries_written,
         )?;
         gauge(
