@@ -17,6 +17,7 @@
 //! id = 1
 //! address = "127.0.0.1:7101"
 //! az = "az1"
+//! # metrics = "127.0.0.1:9101"
 //! # ... at least 6
 //!
 //! [[placement]]          # optional; derived by the rule when absent
@@ -67,6 +68,9 @@ pub struct StorageNode {
     pub id: u64,
     pub address: SocketAddr,
     pub az: String,
+    /// Where the node serves its metrics (`storaged run --metrics`), if the
+    /// file says.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A validated cluster file.
@@ -180,6 +184,7 @@ struct RawNode {
     id: Spanned<u64>,
     address: Spanned<String>,
     az: Spanned<String>,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +266,7 @@ fn validate(text: &str, raw: RawFile) -> Result<Cluster, ClusterError> {
             id,
             address: addr,
             az: n.az.get_ref().clone(),
+            metrics: n.metrics.as_ref().map(|m| address(text, m)).transpose()?,
         });
     }
     if nodes.len() < SEGMENTS_PER_PG {
@@ -445,6 +451,21 @@ mod tests {
             "[volume]\nid = 1\npage_bytes = 8192\npg_pages = 65536\npgs = {pgs}\n\n\
              [computed]\naddress = \"127.0.0.1:7100\"\n\n{nodes}{placement}"
         )
+    }
+
+    #[test]
+    fn a_node_s_metrics_address_is_kept_and_a_bad_one_refused_with_its_line() {
+        let with =
+            |v: &str| file(1, &nodes_toml(6, 3), "").replacen("id = 2\n", &format!("id = 2\nmetrics = {v}\n"), 1);
+        let c = Cluster::parse(&with("\"127.0.0.1:9102\"")).unwrap();
+        assert_eq!(c.node(2).unwrap().metrics, Some("127.0.0.1:9102".parse().unwrap()));
+        assert_eq!(c.node(1).unwrap().metrics, None);
+        let text = with("\"127.0.0.1\"");
+        let e = Cluster::parse(&text).unwrap_err();
+        let line = text.lines().position(|l| l.starts_with("metrics")).unwrap() + 1;
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.message.contains("127.0.0.1") && e.message.contains("IP:PORT"), "{e}");
+        assert!(Cluster::parse(&with("9102")).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod io;
 pub mod log;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod pagemap;
 pub mod pagestore;

@@ -80,8 +80,8 @@ enum Command {
         /// Address to serve on, e.g. 127.0.0.1:7100 (port 0 picks a free one).
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// Prometheus metrics address. Not served yet: the flag is refused
-        /// (exit 2) rather than accepted with nothing listening.
+        /// Serve Prometheus metrics (OpenMetrics text) on GET /metrics at
+        /// this address, e.g. 127.0.0.1:9101 (port 0 picks a free one).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
         /// TOML file with limits (see docs/operations.md); defaults otherwise.
@@ -215,12 +215,7 @@ fn main() -> ExitCode {
             listen,
             metrics,
             config,
-        } => {
-            if let Some(addr) = metrics {
-                refuse_metrics(addr);
-            }
-            run(&device, listen, config.as_deref())
-        }
+        } => run(&device, listen, metrics, config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,17 +236,6 @@ fn parse_node_id(s: &str) -> Result<u64, String> {
         Ok(id) => Ok(id),
         Err(e) => Err(format!("`{s}` is not a node id: {e}")),
     }
-}
-
-/// A usage error (exit 2), so a unit file that passes --metrics fails at
-/// once and says why, instead of a node that serves no metrics.
-fn refuse_metrics(addr: std::net::SocketAddr) -> ! {
-    Cli::command()
-        .error(
-            clap::error::ErrorKind::ArgumentConflict,
-            format!("--metrics {addr}: storaged does not serve metrics yet; remove --metrics from its command line"),
-        )
-        .exit()
 }
 
 fn format(path: &Path, node_id: u64, size: Option<u64>, log_bytes: Option<u64>, force: bool) -> Result<()> {
@@ -349,7 +333,12 @@ fn prepare_file(path: &Path, size: Option<u64>, force: bool) -> Result<bool> {
     }
 }
 
-fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Result<()> {
+fn run(
+    path: &Path,
+    listen: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+    config: Option<&Path>,
+) -> Result<()> {
     let (config, ring, gossip, scrub) = match config {
         Some(p) => RunConfig::load(p)?,
         None => (
@@ -394,8 +383,25 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         );
         let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr().context("reading the listening address")?;
+        // Bound before the ready line, so a port taken fails the start.
+        let metrics = match metrics {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("serving metrics on {m}"))?;
+                let a = l.local_addr().context("reading the metrics address")?;
+                Some((l, a))
+            }
+            None => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve(node.clone(), listener, stop_rx.clone()));
+        let metrics = metrics.map(|(l, a)| {
+            (
+                tokio::spawn(storaged::metrics::serve(node.clone(), l, stop_rx.clone())),
+                a,
+            )
+        });
         let repair = tokio::spawn(storaged::gossip::shell::run(
             node.clone(),
             node.node_id,
@@ -406,6 +412,11 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         // Scripts and tests wait for this line; systemd for READY=1. A
         // daemon keeps serving if nobody reads it (a closed stdout is not
         // a reason to stop a node), as daemons ignore SIGPIPE.
+        if let Some((_, a)) = &metrics
+            && let Err(e) = outln!("storaged: node {} metrics on http://{a}/metrics", node.node_id)
+        {
+            tracing::debug!(error = %e, "the metrics line was not printed");
+        }
         if let Err(e) = outln!("storaged: node {} listening on {addr}", node.node_id) {
             tracing::debug!(error = %e, "the ready line was not printed");
         }
@@ -429,6 +440,9 @@ fn run(path: &Path, listen: std::net::SocketAddr, config: Option<&Path>) -> Resu
         let _ = stop_tx.send(true);
         let _ = server.await;
         let _ = repair.await;
+        if let Some((task, _)) = metrics {
+            let _ = task.await;
+        }
         node.stop_scrubber().await;
         node.shutdown().await;
         tracing::info!("stopped");

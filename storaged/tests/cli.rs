@@ -179,10 +179,22 @@ fn a_served_device_is_refused_to_every_other_writer() {
 }
 
 #[test]
-fn run_refuses_metrics_until_they_are_served() {
+fn run_help_shows_metrics() {
+    let out = storaged(&["run", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--metrics <METRICS>"), "{help}");
+    assert!(help.contains("/metrics"), "{help}");
+}
+
+#[test]
+fn run_refuses_a_metrics_address_it_cannot_bind_naming_it() {
     let dir = tempdir();
     let dev = dir.path().join("dev0");
     assert!(format(&dev, &["--size", "16m"]).status.success());
+    // Held by this test for as long as the node tries to bind it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
     let out = storaged_bounded(&[
         "run",
         "--device",
@@ -190,14 +202,31 @@ fn run_refuses_metrics_until_they_are_served() {
         "--listen",
         "127.0.0.1:0",
         "--metrics",
-        "127.0.0.1:0",
+        &addr,
     ]);
-    assert_eq!(out.status.code(), Some(2), "a usage error: {}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("--metrics") && stderr(&out).contains("does not serve metrics yet"),
+        stderr(&out).contains(&format!("serving metrics on {addr}")),
         "{}",
         stderr(&out)
     );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        "no ready line before the metrics are served"
+    );
+    drop(taken);
+    // A usage error (exit 2) for an address that is not one.
+    let out = storaged(&[
+        "run",
+        "--device",
+        dev.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "localhost",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--metrics"), "{}", stderr(&out));
 }
 
 #[test]

@@ -73,7 +73,7 @@ pub struct UpOptions {
     pub device_bytes: u64,
     pub pgs: u32,
     /// Use consecutive ports from here (nodes, then computed, then its
-    /// metrics) instead of free ones the kernel picks.
+    /// metrics, then the nodes' metrics) instead of free ones the kernel picks.
     pub base_port: Option<u16>,
     /// Start the cluster of DIR/cluster.toml again on its existing devices
     /// (`nodes`, `device_bytes`, `pgs` and `base_port` are then the file's).
@@ -123,6 +123,7 @@ fn local_nodes(n: usize) -> Vec<StorageNode> {
             id: i as u64 + 1,
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
             az: format!("az{}", i % 3 + 1),
+            metrics: None,
         })
         .collect()
 }
@@ -178,8 +179,15 @@ pub fn plan_geometry(nodes: usize, pgs: u32, device_bytes: u64) -> Result<Geomet
 }
 
 /// The cluster file `up` writes: the format of `computed::cluster`, with
-/// computed's metrics endpoint (storctl status reads the VCL there).
-pub fn cluster_toml(geometry: &Geometry, computed: SocketAddr, metrics: SocketAddr, nodes: &[SocketAddr]) -> String {
+/// computed's metrics endpoint (storctl status reads the VCL there) and
+/// each node's (`node_metrics`, in the order of `nodes`).
+pub fn cluster_toml(
+    geometry: &Geometry,
+    computed: SocketAddr,
+    metrics: SocketAddr,
+    nodes: &[SocketAddr],
+    node_metrics: &[SocketAddr],
+) -> String {
     let mut s = format!(
         "# Written by `storctl dev-cluster up`.\n\
          [volume]\nid = {VOLUME_ID}\npage_bytes = {PAGE_BYTES}\npg_pages = {}\npgs = {}\n\n\
@@ -192,6 +200,9 @@ pub fn cluster_toml(geometry: &Geometry, computed: SocketAddr, metrics: SocketAd
             i + 1,
             i % 3 + 1
         ));
+        if let Some(m) = node_metrics.get(i) {
+            s.push_str(&format!("metrics = \"{m}\"\n"));
+        }
     }
     s
 }
@@ -534,7 +545,13 @@ fn wait_listening(started: &mut Started, from: usize) -> Result<()> {
     }
 }
 
-/// Ports for the nodes, computed and its metrics: free ones the kernel
+/// Ports a new cluster takes for `nodes` nodes: each node's, computed's,
+/// computed's metrics, then each node's metrics.
+fn ports_needed(nodes: usize) -> usize {
+    2 * nodes + 2
+}
+
+/// Ports for the nodes, computed and the metrics: free ones the kernel
 /// picks (all held at once so they differ, then released: a daemon that
 /// loses the race to another process fails to bind, and `up` reports it),
 /// or consecutive ones from `base`.
@@ -617,7 +634,7 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
             pg_pages: cluster.pg_pages,
             segments_per_node_max: 0,
         };
-        let nodes = cluster.nodes.iter().map(|n| n.address).collect::<Vec<_>>();
+        let nodes = cluster.nodes.iter().map(|n| (n.address, n.metrics)).collect::<Vec<_>>();
         (geometry, devices, Some((nodes, cluster.computed_address)), false)
     } else {
         let geometry = plan_geometry(opts.nodes, opts.pgs, opts.device_bytes).map_err(|e| anyhow!(e))?;
@@ -626,7 +643,7 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         // daemons bind them: the less time between, the less chance another
         // process takes one. A `--base-port` without room is refused now.
         if opts.base_port.is_some() {
-            pick_ports(opts.nodes + 2, opts.base_port)?;
+            pick_ports(ports_needed(opts.nodes), opts.base_port)?;
         }
         (geometry, devices, None, true)
     };
@@ -646,12 +663,14 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
     let (node_addrs, computed_addr) = match kept_addrs {
         Some(kept) => kept,
         None => {
-            let addrs = pick_ports(opts.nodes + 2, opts.base_port)?;
+            let addrs = pick_ports(ports_needed(opts.nodes), opts.base_port)?;
             let (node_addrs, rest) = addrs.split_at(opts.nodes);
-            let text = cluster_toml(&geometry, rest[0], rest[1], node_addrs);
+            let (computed, rest) = rest.split_at(2);
+            let text = cluster_toml(&geometry, computed[0], computed[1], node_addrs, rest);
             Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
             std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
-            (node_addrs.to_vec(), rest[0])
+            let nodes = node_addrs.iter().zip(rest).map(|(&a, &m)| (a, Some(m))).collect();
+            (nodes, computed[0])
         }
     };
 
@@ -659,14 +678,17 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         daemons: Vec::new(),
         armed: true,
     };
-    for (dev, addr) in devices.iter().zip(&node_addrs) {
-        let args = vec![
+    for (dev, (addr, metrics)) in devices.iter().zip(&node_addrs) {
+        let mut args = vec![
             "run".into(),
             "--device".into(),
             dev.to_string_lossy().into_owned(),
             "--listen".into(),
             addr.to_string(),
         ];
+        if let Some(m) = metrics {
+            args.extend(["--metrics".into(), m.to_string()]);
+        }
         let name = dev
             .file_name()
             .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
@@ -905,14 +927,19 @@ mod tests {
     fn the_cluster_file_is_valid_and_has_metrics() {
         let g = plan_geometry(6, 2, 64 << 20).unwrap();
         let nodes: Vec<SocketAddr> = (1..=6).map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i))).collect();
+        let metrics: Vec<SocketAddr> = (1..=6).map(|i| SocketAddr::from(([127, 0, 0, 1], 7300 + i))).collect();
         let text = cluster_toml(
             &g,
             "127.0.0.1:7100".parse().unwrap(),
             "127.0.0.1:7200".parse().unwrap(),
             &nodes,
+            &metrics,
         );
         let c = Cluster::parse(&text).unwrap();
         assert_eq!(c.pg_pages, g.pg_pages);
         assert_eq!(c.metrics_address, Some("127.0.0.1:7200".parse().unwrap()));
+        for (n, m) in c.nodes.iter().zip(&metrics) {
+            assert_eq!(n.metrics, Some(*m), "node {}", n.id);
+        }
     }
 }

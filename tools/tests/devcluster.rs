@@ -52,6 +52,7 @@ fn up_status_verified_commits_down() {
     }
     let human = storctl(&["status", "--cluster", &c.cluster_file()]);
     assert!(text(&human.stdout).contains("healthy"), "{}", text(&human.stdout));
+    every_node_serves_its_metrics(&c.cluster_file());
 
     let bench = run(
         STORBENCH,
@@ -96,6 +97,32 @@ fn up_status_verified_commits_down() {
     // Computed unreachable: operational error.
     let status = storctl(&["status", "--cluster", &c.cluster_file()]);
     assert_eq!(status.status.code(), Some(8), "{}", text(&status.stdout));
+}
+
+/// Each node of the cluster file names its metrics endpoint, which serves
+/// the SCL of each of its segments; up's own commit is in the last PG.
+fn every_node_serves_its_metrics(cluster_file: &str) {
+    use std::io::{Read as _, Write as _};
+    let cluster = computed::cluster::Cluster::load(Path::new(cluster_file)).unwrap();
+    let last = format!("storaged_segment_scl{{volume=\"1\",pg=\"{}\"}} ", cluster.pgs - 1);
+    let mut highest = 0;
+    for node in &cluster.nodes {
+        let addr = node
+            .metrics
+            .unwrap_or_else(|| panic!("node {} has no metrics address", node.id));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "node {}: {answer}", node.id);
+        let scl = answer
+            .lines()
+            .find_map(|l| l.strip_prefix(&last))
+            .unwrap_or_else(|| panic!("node {}: no {last}in {answer}", node.id));
+        highest = highest.max(scl.parse::<u64>().unwrap());
+    }
+    assert!(highest >= 1, "no node holds up's commit");
 }
 
 #[test]

@@ -347,9 +347,15 @@ impl crate::gossip::shell::Store for Node {
         membership_epoch: u64,
         records: Vec<RedoRecord>,
     ) -> Result<u64, String> {
-        Node::admit_pulled(self, id, installed_epoch, membership_epoch, records)
+        let (count, bytes) = (
+            records.len() as u64,
+            records.iter().map(|r| r.encoded_len() as u64).sum(),
+        );
+        let scl = Node::admit_pulled(self, id, installed_epoch, membership_epoch, records)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.counters.pulled(count, bytes);
+        Ok(scl)
     }
 
     async fn hydrate_begin(&self, id: SegmentId) -> Result<(), String> {
@@ -357,7 +363,12 @@ impl crate::gossip::shell::Store for Node {
     }
 
     async fn hydrate_pages(&self, id: SegmentId, versions: Vec<crate::proto::WirePageVersion>) -> Result<(), String> {
-        Node::hydrate_pages(self, id, versions).await.map_err(|e| e.to_string())
+        let bytes = versions.iter().map(|v| v.bytes.len() as u64).sum();
+        Node::hydrate_pages(self, id, versions)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.counters.hydrated(bytes);
+        Ok(())
     }
 
     async fn hydrate_end(&self, id: SegmentId, floor: u64) -> Result<u64, String> {

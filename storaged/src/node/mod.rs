@@ -15,6 +15,7 @@ mod coalesce;
 mod gossip;
 mod hydrate;
 mod index;
+mod metrics;
 mod scrub;
 mod scrub_api;
 pub mod server;
@@ -40,6 +41,7 @@ use crate::record::{LogEntry, RedoRecord, SegmentId, WireRecord};
 use crate::segment::{DAMAGED_PAGES_REPORTED_MAX, LsnRange, Segment, SegmentError};
 use crate::segtable::{self, SegmentEntry, SegmentTable, TableError};
 
+pub use metrics::{LogGauges, SegmentGauges};
 pub use scrub_api::ScrubError;
 
 /// Limits a node enforces; memory is bounded by these, whatever the load.
@@ -590,6 +592,9 @@ pub struct Node {
     /// The same, never reset: each background reader diffs its own samples.
     fg_total_appends: AtomicU64,
     fg_total_us: AtomicU64,
+    /// What the metrics endpoint reports that the node counts nowhere
+    /// else; atomics, so counting waits on no lock.
+    pub(crate) counters: crate::metrics::NodeCounters,
     stopping: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
     coalescer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -797,6 +802,7 @@ impl Node {
             fg_latency_us: AtomicU64::new(0),
             fg_total_appends: AtomicU64::new(0),
             fg_total_us: AtomicU64::new(0),
+            counters: Default::default(),
             stopping: AtomicBool::new(false),
             driver: Mutex::new(Some(opened.driver)),
             coalescer: Mutex::new(None),
@@ -1218,6 +1224,7 @@ impl Node {
     ) -> Result<(Vec<u8>, u64), NodeError> {
         let got = self.read_page(id, epoch, page, read_point).await;
         if let Err(NodeError::PageDamaged { .. }) = &got {
+            self.counters.page_damaged_answers.fetch_add(1, Ordering::Relaxed);
             // Served by another segment meanwhile (computed asks another);
             // the scrubber repairs this one.
             self.damage_seen(id);
@@ -1300,6 +1307,7 @@ impl Node {
         self.fg_latency_us.fetch_add(us, Ordering::Relaxed);
         self.fg_total_appends.fetch_add(1, Ordering::Relaxed);
         self.fg_total_us.fetch_add(us, Ordering::Relaxed);
+        self.counters.append_latency.record_us(us);
     }
 
     /// Mean latency of the writers' appends since the last call; None if

@@ -674,7 +674,9 @@ impl crate::scrub::Store for Node {
     }
 
     async fn scrub_range(&self, area: Area, range: Range<u64>) -> Result<Checked, String> {
-        Node::scrub_range(self, area, range).await.map_err(|e| e.to_string())
+        let checked = Node::scrub_range(self, area, range).await.map_err(|e| e.to_string())?;
+        self.counters.scrubbed(checked.blocks, checked.pages);
+        Ok(checked)
     }
 
     async fn install_copy(&self, need: NeedCopy, bytes: Vec<u8>) -> Result<(), String> {

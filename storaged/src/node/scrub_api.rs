@@ -57,6 +57,11 @@ impl Node {
         self.scrubber.get().map(|h| h.status()).unwrap_or_default()
     }
 
+    /// Scrub passes completed since start (0 without a scrubber).
+    pub fn scrub_passes_completed(&self) -> u64 {
+        self.scrubber.get().map_or(0, |h| h.passes_completed())
+    }
+
     /// Start the node's scrubber: `storaged run` does, once the node is open.
     pub fn start_scrubber(self: &Arc<Self>, config: scrub::shell::ScrubConfig) {
         let peers = Arc::new(crate::client::PagePeers::new(self.node_id));

@@ -317,6 +317,8 @@ pub struct ScrubCore {
     /// Progress taken ([`ScrubCore::restore`]); nothing runs before.
     loaded: bool,
     passes: u64,
+    /// Passes completed since start (the metrics' counter).
+    passes_completed: u64,
     background: Option<Pass>,
     priority: Option<Pass>,
     /// The next priority pass: its number and filter.
@@ -357,6 +359,7 @@ impl ScrubCore {
             unix_offset_ms: i128::from(unix_ms) - i128::from(now),
             loaded: false,
             passes: 0,
+            passes_completed: 0,
             background: None,
             priority: None,
             queued: None,
@@ -428,6 +431,11 @@ impl ScrubCore {
 
     pub fn loaded(&self) -> bool {
         self.loaded
+    }
+
+    /// Passes completed since start, background and priority.
+    pub fn passes_completed(&self) -> u64 {
+        self.passes_completed
     }
 
     /// The last completed pass's counts (also after a restart, when
@@ -680,6 +688,7 @@ impl ScrubCore {
             left,
         });
         self.last = Some(report.clone());
+        self.passes_completed += 1;
         self.persist_due = true;
         out.push(Action::Finished(report));
     }

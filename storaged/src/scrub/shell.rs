@@ -91,6 +91,11 @@ impl Handle {
         self.shared.core().status()
     }
 
+    /// Passes completed since start.
+    pub fn passes_completed(&self) -> u64 {
+        self.shared.core().passes_completed()
+    }
+
     /// The last completed pass's counts. [`Status::last`] has them by area,
     /// except after a restart: the kept progress holds only the totals.
     pub fn last_summary(&self) -> Option<progress::PassSummary> {
