@@ -96,6 +96,7 @@ async fn append(c: &NodeClient, pg: u32, records: Vec<RedoRecord>) -> u64 {
             pg,
             page_bytes: PAGE_BYTES,
             pg_pages: PG_PAGES,
+            membership_epoch: 0,
             records: records.into_iter().map(WireRecord::new).collect(),
         })
         .await
