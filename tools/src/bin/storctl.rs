@@ -63,7 +63,11 @@ enum Command {
     /// 3 s is down. A node whose Hello names another node id than the file
     /// gives its address has the wrong identity (swapped address lines):
     /// it is not asked, and its segments count as down. PGCL is the
-    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
+    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0); while a
+    /// segment is being moved, the lower of that of the old set and the new.
+    ///
+    /// Membership: each PG's membership epoch and members, as its segments
+    /// hold it, and a change under way (old and new sets).
     ///
     /// Scrubbing: each node is also asked ScrubStatus: its last completed
     /// scrub pass (number, when it ended, bytes read, damage found, repaired
@@ -98,8 +102,14 @@ enum Command {
     /// bytes_done, bytes_total}, found_total, repaired_total, left_now},
     /// scrub_error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
+    /// membership {epoch, changing, old [node], new [node]},
     /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}],
     /// damaged_pages [page], damaged_pages_total, table_damaged}]}].
+    /// A PG's segments are the members of the newest membership its
+    /// segments hold (both sets while a segment is being moved; nodes the
+    /// placement does not name are asked too), else the placement's;
+    /// membership is null when no segment holds one. PGCL and write_quorum
+    /// count by every set of it.
     /// Unknown values (a node down) are null; wrong_identity is the id the
     /// node at that address gave, null when it is the right node; scrub is
     /// null when unknown (scrub_error says why for a node that is up), its
