@@ -48,6 +48,7 @@
 //! transient, or once it installs the epoch if that was the reason.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use storaged::membership::Membership;
@@ -56,7 +57,7 @@ use storaged::record::{RecordBody, RedoRecord, SegmentId};
 
 use crate::cache::PageCache;
 use crate::cluster::{Cluster, SEGMENTS_PER_PG};
-use crate::membership::{Change, ChangeError, MemberView, PgView};
+use crate::membership::{self, Change, ChangeError, MEMBERS_MAX, Member, MemberView, PgView};
 
 /// A PG's PGMRPL is sent to its segments when it has moved this many
 /// LSNs, or when it moved at all and was last sent this long ago.
@@ -74,8 +75,9 @@ pub struct WriterConfig {
     pub pg_pages: u64,
     /// For each PG, the node ids of its 6 segments (slot order).
     pub placement: Vec<[u64; SEGMENTS_PER_PG]>,
-    /// For each PG, the membership its segments are told (the same nodes,
-    /// with their addresses): `Cluster::membership`.
+    /// For each PG, the membership the writer starts at: the cluster
+    /// file's placement (`Cluster::membership`), or the one recovery found
+    /// in force (`Writer::recovered`). Changes move it on (`change_membership`).
     pub memberships: Vec<Membership>,
     /// LSN allocation limit: no LSN above VDL + `lal`.
     pub lal: u64,
@@ -149,7 +151,7 @@ impl WriterConfig {
     }
 
     pub fn pages(&self) -> u64 {
-        self.pg_pages * self.placement.len() as u64
+        self.pg_pages * self.memberships.len() as u64
     }
 }
 
@@ -266,10 +268,15 @@ enum Told {
     AfterInstall,
 }
 
+/// One member's segment of a PG. A slot whose `node` is 0 is free: its
+/// member left (slots are reused, so requests in flight name a slot).
 #[derive(Debug)]
 struct Slot {
     node: u64,
+    addr: SocketAddr,
     up: bool,
+    /// Highest membership epoch the segment said it holds.
+    held_epoch: u64,
     told: Told,
     scl: u64,
     /// The node's incarnation `scl` was reported under (None: not heard
@@ -291,7 +298,16 @@ struct Slot {
 
 #[derive(Debug)]
 struct Pg {
+    /// The members of `membership` and `proposed`, at most
+    /// [`MEMBERS_MAX`] (read masks are a `u8`).
     slots: Vec<Slot>,
+    /// The membership in force (see [`crate::membership`]).
+    membership: Membership,
+    /// The next step, sent and not yet in force: writes count by both.
+    proposed: Option<Membership>,
+    /// Highest membership epoch a segment refused ours for: a step is
+    /// proposed above it.
+    epoch_seen: u64,
     /// Records not yet on all 6 segments (and not let go), in LSN order.
     held: VecDeque<Arc<EncodedRecord>>,
     held_bytes: usize,
@@ -387,6 +403,47 @@ pub struct Writer<T> {
     /// Nodes whose refusal of a membership was logged at WARN since their
     /// connection came up: a node that cannot take it refuses every PG.
     refusal_warned: HashSet<u64>,
+    /// Nodes whose connection is up: a slot a change gives one of them is
+    /// up at once.
+    nodes_up: HashSet<u64>,
+}
+
+impl Slot {
+    fn new(member: &Member) -> Slot {
+        Slot {
+            node: member.id,
+            addr: member.addr,
+            up: false,
+            held_epoch: 0,
+            told: Told::No,
+            scl: 0,
+            incarnation: None,
+            sent_through: 0,
+            inflight_batches: 0,
+            inflight_bytes: 0,
+            paused_until_us: 0,
+            status_asked: false,
+            status_asked_us: 0,
+            latency_us: 0,
+        }
+    }
+}
+
+impl Pg {
+    /// The membership segments are told: the step under way, else the one in force.
+    fn target(&self) -> &Membership {
+        self.proposed.as_ref().unwrap_or(&self.membership)
+    }
+
+    fn slot_of(&self, node: u64) -> Option<usize> {
+        (node != 0)
+            .then(|| self.slots.iter().position(|s| s.node == node))
+            .flatten()
+    }
+
+    fn scl_of(&self, node: u64) -> u64 {
+        self.slot_of(node).map_or(0, |i| self.slots[i].scl)
+    }
 }
 
 impl<T> Writer<T> {
@@ -402,32 +459,14 @@ impl<T> Writer<T> {
             "recovery's truncation range covers at most LAL_MAX above the VDL"
         );
         assert!(config.segment_batches_inflight_max > 0 && config.batch_bytes_max > 0);
-        assert_eq!(
-            config.memberships.len(),
-            config.placement.len(),
-            "a membership for every PG"
-        );
         let pgs = config
-            .placement
+            .memberships
             .iter()
-            .map(|nodes| Pg {
-                slots: nodes
-                    .iter()
-                    .map(|&node| Slot {
-                        node,
-                        up: false,
-                        told: Told::No,
-                        scl: 0,
-                        incarnation: None,
-                        sent_through: 0,
-                        inflight_batches: 0,
-                        inflight_bytes: 0,
-                        paused_until_us: 0,
-                        status_asked: false,
-                        status_asked_us: 0,
-                        latency_us: 0,
-                    })
-                    .collect(),
+            .map(|m| Pg {
+                slots: m.members.iter().map(Slot::new).collect(),
+                membership: m.clone(),
+                proposed: None,
+                epoch_seen: m.epoch,
                 held: VecDeque::new(),
                 held_bytes: 0,
                 released_through: 0,
@@ -458,6 +497,7 @@ impl<T> Writer<T> {
             lal_floor: 0,
             retell: Vec::new(),
             refusal_warned: HashSet::new(),
+            nodes_up: HashSet::new(),
         }
     }
 
@@ -468,6 +508,11 @@ impl<T> Writer<T> {
     pub fn recovered(mut config: WriterConfig, r: &crate::recovery::Recovered) -> Writer<T> {
         config.epoch = r.epoch;
         config.annulled = r.annulled.clone();
+        // The membership a quorum holds, which may differ from the cluster
+        // file's (a change made, or left half-way).
+        for (m, rp) in config.memberships.iter_mut().zip(&r.pgs) {
+            *m = rp.membership.clone();
+        }
         let mut w = Writer::new(config, r.vdl);
         w.next_request = r.next_request.max(1);
         w.next_lsn = r.next_lsn.max(r.vdl + 1);
@@ -479,7 +524,7 @@ impl<T> Writer<T> {
                 slot.scl = scl;
                 slot.sent_through = scl;
             }
-            pg.pgcl = quorum::pgcl(&rp.scls).max(rp.tail.min(r.vdl));
+            pg.pgcl = membership::pgcl([&pg.membership], |id| pg.scl_of(id)).max(rp.tail.min(r.vdl));
             let low = rp.scls.iter().copied().min().unwrap_or(0);
             for rec in rp.records.iter().filter(|x| x.lsn > low) {
                 pg.held_bytes += rec.bytes.len();
@@ -528,13 +573,10 @@ impl<T> Writer<T> {
         self.pgs[pg as usize].released_through
     }
 
-    /// The SCL each of the PG's segments last reported, in slot order.
-    pub fn scls(&self, pg: u32) -> [u64; SEGMENTS_PER_PG] {
-        let mut out = [0; SEGMENTS_PER_PG];
-        for (o, s) in out.iter_mut().zip(&self.pgs[pg as usize].slots) {
-            *o = s.scl;
-        }
-        out
+    /// The SCL each of the PG's segments last reported, in slot order
+    /// (the membership's order until a change; a free slot counts 0).
+    pub fn scls(&self, pg: u32) -> Vec<u64> {
+        self.pgs[pg as usize].slots.iter().map(|s| s.scl).collect()
     }
 
     pub fn held_bytes(&self) -> usize {
@@ -564,37 +606,236 @@ impl<T> Writer<T> {
     /// Where PG `pg`'s membership stands (`None` past the volume's end).
     pub fn pg_view(&self, pg: u32) -> Option<PgView> {
         let p = self.pgs.get(pg as usize)?;
-        let membership = self.config.memberships[pg as usize].clone();
-        let members = membership
-            .members
+        let members = p
+            .slots
             .iter()
-            .zip(&p.slots)
-            .map(|(m, s)| MemberView {
-                id: m.id,
-                addr: m.addr,
+            .filter(|s| s.node != 0)
+            .map(|s| MemberView {
+                id: s.node,
+                addr: s.addr,
                 up: s.up,
                 scl: s.scl,
-                told_epoch: if s.told == Told::Yes { membership.epoch } else { 0 },
+                told_epoch: s.held_epoch,
             })
             .collect();
         Some(PgView {
             pg,
-            membership,
-            proposed: None,
+            membership: p.membership.clone(),
+            proposed: p.proposed.clone(),
             pgcl: p.pgcl,
             members,
         })
     }
 
-    /// Start `change` of PG `pg`'s membership (see [`crate::membership`]).
-    /// Returns where the PG stands once the first step is sent.
+    /// Start `change` of PG `pg`'s membership (see [`crate::membership`]):
+    /// its first step is proposed now; the writer takes the next ones by
+    /// itself (the final set once every new member has caught up).
+    /// Returns where the PG stands.
     pub fn change_membership(&mut self, pg: u32, change: Change) -> Result<PgView, ChangeError> {
-        let view = self.pg_view(pg).ok_or(ChangeError::NoSuchPg(pg))?;
-        crate::membership::plan(pg, &view.membership, &change)?;
-        Err(ChangeError::Installing {
-            pg,
-            epoch: view.membership.epoch,
-        })
+        if let Some(epoch) = self.fenced {
+            return Err(ChangeError::Fenced(epoch));
+        }
+        let p = self.pgs.get(pg as usize).ok_or(ChangeError::NoSuchPg(pg))?;
+        if let Some(m) = &p.proposed {
+            return Err(ChangeError::Installing { pg, epoch: m.epoch });
+        }
+        let mut next = membership::plan(pg, &p.membership, &change)?;
+        // Both memberships' members need a slot while the step is proposed.
+        let union = p
+            .membership
+            .members
+            .iter()
+            .chain(&next.members)
+            .map(|m| m.id)
+            .collect::<HashSet<_>>()
+            .len();
+        if union > MEMBERS_MAX {
+            return Err(ChangeError::TooManyMembers {
+                pg,
+                replaced: union - SEGMENTS_PER_PG,
+                max: MEMBERS_MAX,
+            });
+        }
+        next.epoch = next.epoch.max(p.epoch_seen + 1);
+        tracing::info!(pg, ?change, epoch = next.epoch, "membership change proposed");
+        self.propose(pg, next);
+        Ok(self.pg_view(pg).expect("the PG exists"))
+    }
+
+    /// Send `next` to every member of it and of the membership in force;
+    /// writes count by both until it is in force.
+    fn propose(&mut self, pg_no: u32, next: Membership) {
+        let pg = &mut self.pgs[pg_no as usize];
+        for m in &next.members {
+            if pg.slot_of(m.id).is_some() {
+                continue;
+            }
+            let slot = Slot::new(m);
+            match pg.slots.iter().position(|s| s.node == 0) {
+                Some(i) => pg.slots[i] = slot,
+                None => pg.slots.push(slot),
+            }
+            self.outputs.push(Output::Connect {
+                node: m.id,
+                addr: m.addr,
+            });
+        }
+        pg.epoch_seen = pg.epoch_seen.max(next.epoch);
+        pg.proposed = Some(next);
+        for s in &mut pg.slots {
+            if s.told != Told::AfterInstall {
+                s.told = Told::No;
+            }
+        }
+        for slot_no in 0..self.pgs[pg_no as usize].slots.len() {
+            let s = &self.pgs[pg_no as usize].slots[slot_no];
+            if s.node == 0 {
+                continue;
+            }
+            if !s.up && self.nodes_up.contains(&s.node) {
+                // A node already serving other PGs: its new segment is up now.
+                self.slot_up(pg_no as usize, slot_no);
+            } else if s.up && s.told != Told::AfterInstall {
+                self.tell(pg_no, slot_no);
+            }
+        }
+        self.requorum(pg_no);
+    }
+
+    /// A segment said which membership it holds: a proposed step a write
+    /// quorum of every set in force holds comes in force.
+    fn held(&mut self, pg_no: u32, slot_no: usize, membership: Option<&Membership>) {
+        let pg = &mut self.pgs[pg_no as usize];
+        let s = &mut pg.slots[slot_no];
+        s.held_epoch = membership.map_or(0, |m| m.epoch);
+        let Some(next) = &pg.proposed else {
+            return;
+        };
+        let epoch = next.epoch;
+        let holds = |id: u64| pg.slot_of(id).is_some_and(|i| pg.slots[i].held_epoch >= epoch);
+        if !membership::on_write_quorum(&pg.membership, holds) {
+            return;
+        }
+        let next = pg.proposed.take().expect("checked");
+        tracing::info!(
+            pg = pg_no,
+            epoch = next.epoch,
+            changing = next.is_changing(),
+            "membership in force"
+        );
+        pg.membership = next;
+        // Members that left: nothing more is sent to them, and nothing of
+        // theirs is counted (the final set is on a write quorum).
+        let gone: Vec<usize> = (0..pg.slots.len())
+            .filter(|&i| pg.slots[i].node != 0 && !pg.membership.is_member(pg.slots[i].node))
+            .collect();
+        for i in gone {
+            self.free_slot(pg_no, i);
+        }
+        self.requorum(pg_no);
+    }
+
+    /// A member left the PG: its slot is freed, with whatever was in
+    /// flight to it.
+    fn free_slot(&mut self, pg_no: u32, slot_no: usize) {
+        let mine = |p: &Pending| match p {
+            Pending::Append { pg, slot, .. }
+            | Pending::Read { pg, slot, .. }
+            | Pending::Truncate { pg, slot }
+            | Pending::Status { pg, slot }
+            | Pending::Membership { pg, slot } => *pg == pg_no && *slot == slot_no,
+            Pending::Pgmrpl { .. } => false,
+        };
+        let mut lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| mine(p))
+            .map(|(&id, _)| id)
+            .collect();
+        lost.sort_unstable();
+        let mut reads = Vec::new();
+        for id in lost {
+            if let Some(Pending::Read { read, .. }) = self.pending.remove(&id) {
+                reads.push(read);
+            }
+        }
+        self.retell.retain(|&(_, p, s)| (p, s) != (pg_no, slot_no));
+        let s = &mut self.pgs[pg_no as usize].slots[slot_no];
+        tracing::info!(pg = pg_no, node = s.node, "segment left the PG");
+        s.node = 0;
+        s.up = false;
+        s.scl = 0;
+        s.held_epoch = 0;
+        s.incarnation = None;
+        s.inflight_batches = 0;
+        s.inflight_bytes = 0;
+        s.status_asked = false;
+        for r in self.reads.values_mut().filter(|r| r.pg == pg_no) {
+            r.tried &= !(1 << slot_no);
+            r.asked &= !(1 << slot_no);
+        }
+        for read in reads {
+            self.read_failed(read);
+        }
+    }
+
+    /// The PG's quorum changed (a membership step, an SCL): recompute the
+    /// PGCL, let go of what is held enough, move the VDL, and take the
+    /// next step of a change when it is due.
+    fn requorum(&mut self, pg_no: u32) {
+        let pg = &mut self.pgs[pg_no as usize];
+        let ms = std::iter::once(&pg.membership).chain(pg.proposed.as_ref());
+        // It falls when a segment reports less under a new incarnation:
+        // records above it are not on a write quorum any more.
+        pg.pgcl = membership::pgcl(ms, |id| pg.scl_of(id));
+        // Let go of what every member has, and past the memory bound of
+        // what a write quorum of every set has.
+        let all = pg
+            .slots
+            .iter()
+            .filter(|s| s.node != 0)
+            .map(|s| s.scl)
+            .min()
+            .unwrap_or(0);
+        while let Some(front) = pg.held.front() {
+            let over = pg.held_bytes > self.config.pg_held_bytes_max;
+            if front.lsn > all && !(over && front.lsn <= pg.pgcl) {
+                break;
+            }
+            pg.held_bytes -= front.bytes.len();
+            pg.released_through = front.lsn;
+            pg.held.pop_front();
+        }
+        self.maybe_finish(pg_no);
+        self.advance();
+    }
+
+    /// A dual membership in force whose new members have all caught up
+    /// (told it, up, at the PGCL) moves to its new set.
+    fn maybe_finish(&mut self, pg_no: u32) {
+        let pg = &self.pgs[pg_no as usize];
+        if pg.proposed.is_some() || !pg.membership.is_changing() || self.fenced.is_some() {
+            return;
+        }
+        let m = &pg.membership;
+        let caught_up = m.members.iter().enumerate().all(|(i, member)| {
+            let new_only = m.new & (1 << i) != 0 && m.old & (1 << i) == 0;
+            !new_only
+                || pg.slot_of(member.id).is_some_and(|j| {
+                    let s = &pg.slots[j];
+                    s.up && s.held_epoch >= m.epoch && s.scl >= pg.pgcl
+                })
+        });
+        if caught_up {
+            let mut next = membership::finish(m);
+            next.epoch = next.epoch.max(pg.epoch_seen + 1);
+            tracing::info!(
+                pg = pg_no,
+                epoch = next.epoch,
+                "new members caught up; moving to the new set"
+            );
+            self.propose(pg_no, next);
+        }
     }
 
     /// Whether a new transaction would be taken (not Busy, not fenced).
@@ -718,7 +959,7 @@ impl<T> Writer<T> {
                 continue;
             }
             self.pgs[pg_no].dirty = false;
-            for slot in 0..SEGMENTS_PER_PG {
+            for slot in 0..self.pgs[pg_no].slots.len() {
                 self.send_to(pg_no, slot);
             }
         }
@@ -792,22 +1033,24 @@ impl<T> Writer<T> {
     /// ones (see the module header).
     pub fn node_up(&mut self, node: u64) {
         self.refusal_warned.remove(&node);
+        self.nodes_up.insert(node);
         for pg_no in 0..self.pgs.len() {
-            for slot_no in 0..SEGMENTS_PER_PG {
-                if self.pgs[pg_no].slots[slot_no].node != node {
-                    continue;
-                }
-                self.pgs[pg_no].slots[slot_no].up = true;
-                // First on the connection: a segment the node lacks is
-                // created with it before an append or a status ask arrives.
-                self.tell(pg_no as u32, slot_no);
-                let pg = &mut self.pgs[pg_no];
-                let slot = &mut pg.slots[slot_no];
-                slot.sent_through = slot.scl.max(pg.released_through);
-                pg.dirty = true;
-                self.ask_status(pg_no as u32, slot_no);
+            if let Some(slot_no) = self.pgs[pg_no].slot_of(node) {
+                self.slot_up(pg_no, slot_no);
             }
         }
+    }
+
+    fn slot_up(&mut self, pg_no: usize, slot_no: usize) {
+        self.pgs[pg_no].slots[slot_no].up = true;
+        // First on the connection: a segment the node lacks is created with
+        // it before an append or a status ask arrives.
+        self.tell(pg_no as u32, slot_no);
+        let pg = &mut self.pgs[pg_no];
+        let slot = &mut pg.slots[slot_no];
+        slot.sent_through = slot.scl.max(pg.released_through);
+        pg.dirty = true;
+        self.ask_status(pg_no as u32, slot_no);
     }
 
     /// Ask a segment where it stands (`GetSegmentStatus`); the answer is
@@ -834,6 +1077,7 @@ impl<T> Writer<T> {
     /// The connection to `node` is gone: whatever was in flight on it is
     /// lost; it will be sent again from the segments' SCLs when it is back.
     pub fn node_down(&mut self, node: u64) {
+        self.nodes_up.remove(&node);
         for pg in &mut self.pgs {
             for slot in pg.slots.iter_mut().filter(|s| s.node == node) {
                 slot.up = false;
@@ -992,10 +1236,12 @@ impl<T> Writer<T> {
                     scl,
                     incarnation,
                     installed_epoch,
+                    membership,
                     ..
                 } => {
                     self.pgs[pg as usize].slots[slot].status_asked = false;
                     self.on_report(pg, slot, scl, incarnation);
+                    self.held(pg, slot, membership.as_ref());
                     self.install_if_missed(pg, slot, installed_epoch);
                 }
                 Message::Error {
@@ -1017,6 +1263,7 @@ impl<T> Writer<T> {
                     }
                     s.scl = 0;
                     s.incarnation = None;
+                    s.held_epoch = 0;
                     s.sent_through = p.released_through;
                     p.dirty = true;
                     self.set_scl(pg, slot);
@@ -1185,7 +1432,7 @@ impl<T> Writer<T> {
                 pg,
                 page_bytes: self.config.page_bytes as u32,
                 pg_pages: self.config.pg_pages,
-                membership: self.config.memberships[pg as usize].clone(),
+                membership: self.pgs[pg as usize].target().clone(),
                 // A segment this creates (a replaced disk) takes them as
                 // applied, so a later recovery's truncation is not refused.
                 annulled: self.config.annulled.clone(),
@@ -1203,12 +1450,14 @@ impl<T> Writer<T> {
                 scl,
                 incarnation,
                 installed_epoch,
+                membership,
                 ..
             } => {
                 // Told while still `Asked`: a new incarnation in this
                 // answer is one the node was told under.
                 self.on_report(pg, slot, scl, incarnation);
                 self.pgs[pg as usize].slots[slot].told = Told::Yes;
+                self.held(pg, slot, membership.as_ref());
                 self.install_if_missed(pg, slot, installed_epoch);
             }
             Message::Error {
@@ -1224,16 +1473,25 @@ impl<T> Writer<T> {
                 current_epoch,
                 ..
             } => {
-                // The segment holds a later membership than the cluster
-                // file's placement: it is not lowered.
-                tracing::warn!(
-                    node,
-                    pg,
-                    segment_membership_epoch = current_epoch,
-                    epoch = self.config.memberships[pg as usize].epoch,
-                    "segment holds a newer membership than this writer's; left as it is"
-                );
-                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+                // The segment holds a later membership than this writer's
+                // (a step a writer before it sent to a few segments only,
+                // never in force). It is not lowered: what this writer
+                // has is proposed again above it, the same members.
+                let p = &mut self.pgs[pg as usize];
+                p.slots[slot].told = Told::Refused;
+                if current_epoch >= p.target().epoch {
+                    tracing::warn!(
+                        node,
+                        pg,
+                        segment_membership_epoch = current_epoch,
+                        epoch = p.target().epoch,
+                        "segment holds a newer membership than this writer's; proposing this one above it"
+                    );
+                    p.epoch_seen = p.epoch_seen.max(current_epoch);
+                    let mut again = p.target().clone();
+                    again.epoch = p.epoch_seen + 1;
+                    self.propose(pg, again);
+                }
             }
             Message::Error { code, message, .. } => {
                 if self.refusal_warned.insert(node) {
@@ -1273,25 +1531,7 @@ impl<T> Writer<T> {
             slot.sent_through = slot.scl;
             pg.dirty = true;
         }
-        let mut scls = [0; SEGMENTS_PER_PG];
-        for (o, s) in scls.iter_mut().zip(&pg.slots) {
-            *o = s.scl;
-        }
-        // It falls when a segment reports less under a new incarnation:
-        // records above it are not on a write quorum any more.
-        pg.pgcl = quorum::pgcl(&scls);
-        // Let go of what all 6 have, and past the memory bound of what 4 have.
-        let all = scls.iter().copied().min().unwrap_or(0);
-        while let Some(front) = pg.held.front() {
-            let over = pg.held_bytes > self.config.pg_held_bytes_max;
-            if front.lsn > all && !(over && front.lsn <= pg.pgcl) {
-                break;
-            }
-            pg.held_bytes -= front.bytes.len();
-            pg.released_through = front.lsn;
-            pg.held.pop_front();
-        }
-        self.advance();
+        self.requorum(pg_no);
     }
 
     /// Move VCL → VDL, acknowledge what it covers, and let waiting
@@ -1562,7 +1802,7 @@ impl<T> Writer<T> {
             // A segment behind with nothing in flight learns nothing from
             // acks; gossip may have caught it up since it last answered.
             let highest = pg.slots.iter().map(|s| s.scl).max().unwrap_or(0);
-            for slot_no in 0..SEGMENTS_PER_PG {
+            for slot_no in 0..self.pgs[pg_no].slots.len() {
                 let s = &self.pgs[pg_no].slots[slot_no];
                 let behind = s.scl < highest.max(s.sent_through);
                 if s.up

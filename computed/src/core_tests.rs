@@ -266,11 +266,14 @@ fn a_recovered_writer_numbers_its_requests_above_recoverys() {
         vdl: 0,
         next_lsn: 1,
         annulled: Vec::new(),
-        pgs: (0..2)
-            .map(|_| crate::recovery::RecoveredPg {
+        pgs: config()
+            .memberships
+            .into_iter()
+            .map(|membership| crate::recovery::RecoveredPg {
                 tail: 0,
                 records: Vec::new(),
-                scls: [0; SEGMENTS_PER_PG],
+                membership,
+                scls: vec![0; SEGMENTS_PER_PG],
             })
             .collect(),
         next_request: 40,
@@ -810,7 +813,7 @@ fn a_refused_membership_does_not_stop_commits() {
     let t = tellings(&outputs(&mut w));
     for &(node, request, _) in &t {
         let reply = match node {
-            1 => Message::error(ErrorCode::StaleMembership, 2, "membership epoch 1 is older than 2"),
+            1 => Message::error(ErrorCode::NotMember, 0, "not a member"),
             2 => Message::error(ErrorCode::Internal, 0, "a one-off fault"),
             _ => Message::error(ErrorCode::BadRequest, 0, "SetMembership is not a request"),
         };
@@ -875,11 +878,14 @@ fn a_recovered_writer_tells_the_segments_up_at_its_start() {
         vdl: 0,
         next_lsn: 1,
         annulled: Vec::new(),
-        pgs: (0..2)
-            .map(|_| crate::recovery::RecoveredPg {
+        pgs: config()
+            .memberships
+            .into_iter()
+            .map(|membership| crate::recovery::RecoveredPg {
                 tail: 0,
                 records: Vec::new(),
-                scls: [0; SEGMENTS_PER_PG],
+                membership,
+                scls: vec![0; SEGMENTS_PER_PG],
             })
             .collect(),
         next_request: 40,
@@ -1008,4 +1014,228 @@ fn a_status_showing_an_older_installed_epoch_sends_the_truncation() {
     w.submit(1, vec![delta(1, 1)]).unwrap();
     let sends = appends(&outputs(&mut w));
     assert_eq!(sends.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(), vec![(3, 0)]);
+}
+
+fn member(id: u64) -> storaged::membership::Member {
+    storaged::membership::Member {
+        id,
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
+    }
+}
+
+/// The SetMembership requests in `out`: (node, request, pg, membership).
+fn membership_sends(out: &[Output<u32>]) -> Vec<(u64, u64, u32, Membership)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                request,
+                message: Message::SetMembership { pg, membership, .. },
+            } => Some((*node, *request, *pg, membership.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A segment's answer to a telling: it holds `m`, at `scl`.
+fn holds(pg: u32, scl: u64, m: &Membership) -> Message {
+    match status(pg, scl, INCARNATION) {
+        Message::SegmentStatus {
+            volume,
+            pg,
+            epoch,
+            scl,
+            highest_lsn,
+            lowest_lsn,
+            pgmrpl,
+            records,
+            log_bytes,
+            page_store_bytes,
+            installed_epoch,
+            incarnation,
+            annulled,
+            holes,
+            damage,
+            ..
+        } => Message::SegmentStatus {
+            volume,
+            pg,
+            epoch,
+            scl,
+            highest_lsn,
+            lowest_lsn,
+            pgmrpl,
+            records,
+            log_bytes,
+            page_store_bytes,
+            installed_epoch,
+            incarnation,
+            annulled,
+            holes,
+            damage,
+            membership: Some(m.clone()),
+        },
+        _ => unreachable!(),
+    }
+}
+
+/// Answer the tellings in `sends` from `nodes` as segments at `scl` that took them.
+fn take_tellings(w: &mut Writer<u32>, sends: &[(u64, u64, u32, Membership)], nodes: &[u64], scl: u64) {
+    for (node, request, pg, m) in sends {
+        if nodes.contains(node) {
+            w.on_reply(*node, *request, holds(*pg, scl, m));
+        }
+    }
+}
+
+/// Commit one transaction on PG 0 (page 1), acked by `nodes`; returns
+/// whether it committed.
+fn commit_on(w: &mut Writer<u32>, token: u32, nodes: &[u64]) -> bool {
+    w.submit(token, vec![delta(1, token as u8)]).unwrap();
+    let out = outputs(w);
+    for (node, req, pg, _, last) in appends(&out) {
+        if nodes.contains(&node) {
+            ack(w, node, req, pg, last);
+        }
+    }
+    commits(&outputs(w)).iter().any(|&(t, _)| t == token)
+}
+
+/// Replacing F (6) by G (7): the dual membership is proposed to every
+/// member and to G (a connection to G is asked for), writes count by both
+/// sets at once, it comes in force on a write quorum of the old set, G is
+/// told it when it comes up, and once G has caught up the PG moves to the
+/// new set, after which F is sent nothing more.
+#[test]
+fn replacing_a_segment_goes_dual_then_to_the_new_set_once_it_caught_up() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(commit_on(&mut w, 1, &[1, 2, 3, 4, 5, 6]));
+
+    let view = w
+        .change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let dual = view.proposed.clone().expect("a step proposed");
+    assert_eq!(
+        (dual.epoch, membership::sets(&dual)),
+        (2, vec![vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, 4, 5, 7]])
+    );
+    let out = outputs(&mut w);
+    assert!(out.iter().any(|o| matches!(o, Output::Connect { node: 7, .. })));
+    let sends = membership_sends(&out);
+    let mut told: Vec<u64> = sends.iter().map(|s| s.0).collect();
+    told.sort_unstable();
+    assert_eq!(told, vec![1, 2, 3, 4, 5, 6], "every member up is told; G when it is up");
+    assert!(sends.iter().all(|s| s.3 == dual));
+    assert!(
+        matches!(
+            w.change_membership(0, Change::Abort),
+            Err(ChangeError::Installing { pg: 0, epoch: 2 })
+        ),
+        "one step at a time"
+    );
+
+    // While proposed, a write needs 4 of each set: 1, 2, 3 and F are 4 of
+    // the old set but only 3 of the new one.
+    assert!(!commit_on(&mut w, 2, &[1, 2, 3, 6]), "committed on 3 of the new set");
+    ack_all_pending(&mut w, &[4]);
+    assert!(w.vdl() >= 2, "4 of each set hold it now");
+
+    // In force once a write quorum of the old set holds it.
+    let vdl = w.vdl();
+    take_tellings(&mut w, &sends, &[1, 2, 3], vdl);
+    assert_eq!(w.pg_view(0).unwrap().membership.epoch, 1);
+    take_tellings(&mut w, &sends, &[4], vdl);
+    let view = w.pg_view(0).unwrap();
+    assert_eq!((view.membership.epoch, view.proposed.is_some()), (2, false));
+
+    // G comes up, is told, and is behind: no switch yet.
+    w.node_up(7);
+    let out = outputs(&mut w);
+    let g = membership_sends(&out);
+    assert_eq!(g.iter().map(|s| s.0).collect::<Vec<_>>(), vec![7]);
+    take_tellings(&mut w, &g, &[7], 0);
+    assert!(w.pg_view(0).unwrap().proposed.is_none(), "G is behind");
+    // Caught up (gossip repair; its status says so): the new set is proposed.
+    let pgcl = w.pgcl(0);
+    let asks = status_asks(&out);
+    let (_, request, _) = asks.iter().find(|a| a.0 == 7).copied().expect("G asked its status");
+    w.on_reply(7, request, holds(0, pgcl, &dual));
+    let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
+    assert_eq!((fin.epoch, membership::sets(&fin)), (3, vec![vec![1, 2, 3, 4, 5, 7]]));
+    let sends = membership_sends(&outputs(&mut w));
+    let mut told: Vec<u64> = sends.iter().map(|s| s.0).collect();
+    told.sort_unstable();
+    assert_eq!(told, vec![1, 2, 3, 4, 5, 6, 7], "F learns it left");
+    take_tellings(&mut w, &sends, &[1, 2, 3, 7], pgcl);
+    assert_eq!(w.pg_view(0).unwrap().membership.epoch, 2, "3 of the new set only");
+    take_tellings(&mut w, &sends, &[4], pgcl);
+    let view = w.pg_view(0).unwrap();
+    assert_eq!((view.membership.epoch, view.membership.is_changing()), (3, false));
+    let mut ids: Vec<u64> = view.members.iter().map(|m| m.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5, 7]);
+
+    // F gets nothing more; G is written to, and counts.
+    w.submit(9, vec![delta(1, 9)]).unwrap();
+    let out = outputs(&mut w);
+    let to: Vec<u64> = appends(&out).iter().filter(|a| a.2 == 0).map(|a| a.0).collect();
+    assert!(!to.contains(&6) && to.contains(&7), "{to:?}");
+    for (node, req, pg, _, last) in appends(&out) {
+        if [1, 2, 3, 7].contains(&node) {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert!(commits(&outputs(&mut w)).iter().any(|&(t, _)| t == 9));
+}
+
+/// Ack every append in flight from `nodes` up to what it was sent.
+fn ack_all_pending(w: &mut Writer<u32>, nodes: &[u64]) {
+    let pending: Vec<(u64, u64, u32, usize)> = w
+        .pending
+        .iter()
+        .filter_map(|(&req, p)| match p {
+            Pending::Append { pg, slot, .. } => Some((w.pgs[*pg as usize].slots[*slot].node, req, *pg, *slot)),
+            _ => None,
+        })
+        .collect();
+    for (node, req, pg, slot) in pending {
+        if nodes.contains(&node) {
+            let scl = w.pgs[pg as usize].slots[slot].sent_through;
+            ack(w, node, req, pg, scl);
+        }
+    }
+}
+
+/// An abort proposes the old set again; once in force, G's slot is gone
+/// and nothing more is sent to it.
+#[test]
+fn an_aborted_change_goes_back_to_the_old_set() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(matches!(
+        w.change_membership(0, Change::Abort),
+        Err(ChangeError::NothingToAbort(0))
+    ));
+    assert!(commit_on(&mut w, 1, &[1, 2, 3, 4, 5, 6]));
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    w.node_up(7);
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4], 1);
+    take_tellings(&mut w, &sends, &[7], 0);
+    let view = w.pg_view(0).unwrap();
+    assert!(view.proposed.is_none() && view.membership.is_changing(), "{view:?}");
+    let view = w.change_membership(0, Change::Abort).unwrap();
+    let back = view.proposed.expect("the old set proposed");
+    assert_eq!((back.epoch, membership::sets(&back)), (3, vec![vec![1, 2, 3, 4, 5, 6]]));
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6, 7], 0);
+    let view = w.pg_view(0).unwrap();
+    assert_eq!((view.membership.epoch, view.membership.is_changing()), (3, false));
+    assert!(view.members.iter().all(|m| m.id != 7));
+    w.submit(2, vec![delta(1, 2)]).unwrap();
+    assert!(appends(&outputs(&mut w)).iter().all(|a| a.0 != 7));
 }

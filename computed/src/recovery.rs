@@ -39,6 +39,15 @@
 //!
 //! A fresh volume (no answer shows a writer's epoch or a record) needs no
 //! range: LSNs start at 1.
+//!
+//! Memberships. Each PG starts at the membership the cluster file places
+//! (epoch 1). A probe answer that shows a higher membership epoch replaces
+//! it, and the probe goes on until a read quorum of *every* set of the
+//! highest membership found has answered (`crate::membership`: a step in
+//! force is on a write quorum of every set of the one before, so such a
+//! probe cannot miss it). Every quorum after that is counted in each set:
+//! a write quorum is 4 of every set, and a chain's source bound is the
+//! lowest of the sets' bounds.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -48,8 +57,8 @@ use storaged::proto::{ErrorCode, Message};
 use storaged::record::{RedoRecord, WireRecord};
 use storaged::segment::{ANNULLED_RANGES_MAX, LsnRange, in_ranges, union_ranges};
 
-use crate::cluster::SEGMENTS_PER_PG;
 use crate::core::EncodedRecord;
+use crate::membership::{self, Membership};
 
 /// Read quorum and write quorum of a PG (docs/architecture.md, "Words").
 const READ_QUORUM: usize = 3;
@@ -91,8 +100,11 @@ pub struct RecoveredPg {
     /// The PG's records above the floor up to the VDL, held for segments
     /// that are still behind.
     pub records: Vec<Arc<EncodedRecord>>,
-    /// Each slot's SCL as last heard (0: not heard).
-    pub scls: [u64; SEGMENTS_PER_PG],
+    /// The membership in force: the highest a read quorum of every one of
+    /// its sets showed.
+    pub membership: Membership,
+    /// Each member's SCL as last heard (0: not heard), in `membership`'s order.
+    pub scls: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,9 +165,10 @@ pub struct Recovery {
     volume: u64,
     page_bytes: u32,
     pg_pages: u64,
-    placement: Vec<[u64; SEGMENTS_PER_PG]>,
+    /// Per PG, the highest membership seen; `slots[pg][i]` is its member `i`.
+    memberships: Vec<Membership>,
     phase: Phase,
-    slots: Vec<[SlotState; SEGMENTS_PER_PG]>,
+    slots: Vec<Vec<SlotState>>,
     up: BTreeSet<u64>,
     pending: HashMap<u64, Ask>,
     /// Ticks so far: a request unanswered for [`REASK_TICKS`] is asked again.
@@ -189,15 +202,19 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(volume: u64, page_bytes: u32, pg_pages: u64, placement: Vec<[u64; SEGMENTS_PER_PG]>) -> Recovery {
-        let pgs = placement.len();
+    /// `memberships`: each PG's membership as the cluster file places it.
+    pub fn new(volume: u64, page_bytes: u32, pg_pages: u64, memberships: Vec<Membership>) -> Recovery {
+        let pgs = memberships.len();
         Recovery {
             volume,
             page_bytes,
             pg_pages,
-            placement,
+            slots: memberships
+                .iter()
+                .map(|m| vec![SlotState::default(); m.members.len()])
+                .collect(),
+            memberships,
             phase: Phase::Probe,
-            slots: vec![[SlotState::default(); SEGMENTS_PER_PG]; pgs],
             up: BTreeSet::new(),
             pending: HashMap::new(),
             ticks: 0,
@@ -242,13 +259,13 @@ impl Recovery {
         let counts = |f: &dyn Fn(&SlotState) -> bool| -> String {
             let per_pg: Vec<usize> = self.slots.iter().map(|s| s.iter().filter(|x| f(x)).count()).collect();
             let worst = per_pg.iter().copied().min().unwrap_or(0);
-            format!("{worst} of {SEGMENTS_PER_PG} in the PG that has fewest")
+            format!("{worst} in the PG that has fewest")
         };
         match self.phase {
             Phase::Probe => format!("probing segments: {}", counts(&|s| s.probed.is_some())),
             Phase::Seal => format!("sealing at epoch {}: {}", self.epoch, counts(&|s| s.sealed.is_some())),
             Phase::Read => {
-                let stuck: Vec<usize> = (0..self.placement.len())
+                let stuck: Vec<usize> = (0..self.memberships.len())
                     .filter(|&pg| !self.read_done[pg] && self.source[pg].is_none())
                     .collect();
                 let mut s = format!(
@@ -280,7 +297,7 @@ impl Recovery {
         if self.phase != Phase::Done {
             return None;
         }
-        let pgs = (0..self.placement.len())
+        let pgs = (0..self.memberships.len())
             .map(|pg| {
                 let records = self.chains[pg]
                     .iter()
@@ -292,14 +309,11 @@ impl Recovery {
                         })
                     })
                     .collect();
-                let mut scls = [0; SEGMENTS_PER_PG];
-                for (o, s) in scls.iter_mut().zip(&self.slots[pg]) {
-                    *o = s.truncated.unwrap_or(0);
-                }
                 RecoveredPg {
                     tail: self.tails[pg],
                     records,
-                    scls,
+                    membership: self.memberships[pg].clone(),
+                    scls: self.slots[pg].iter().map(|s| s.truncated.unwrap_or(0)).collect(),
                 }
             })
             .collect();
@@ -324,7 +338,7 @@ impl Recovery {
         let lost: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, Ask::Slot { pg, slot, .. })| self.placement[*pg as usize][*slot] == node)
+            .filter(|(_, Ask::Slot { pg, slot, .. })| self.node_of(*pg as usize, *slot) == node)
             .map(|(&id, _)| id)
             .collect();
         for id in lost {
@@ -363,7 +377,7 @@ impl Recovery {
         let Some(Ask::Slot { pg, slot, phase, .. }) = self.pending.remove(&request) else {
             return;
         };
-        debug_assert_eq!(self.placement[pg as usize][slot], node);
+        debug_assert_eq!(self.node_of(pg as usize, slot), node);
         self.slots[pg as usize][slot].asked = false;
         if phase != self.phase {
             return; // an answer to an earlier phase, no longer needed
@@ -381,7 +395,14 @@ impl Recovery {
         }
         let p = pg as usize;
         match (phase, reply) {
-            (Phase::Probe, Message::SegmentStatus { epoch, .. }) => self.slots[p][slot].probed = Some(epoch),
+            (Phase::Probe, Message::SegmentStatus { epoch, membership, .. }) => {
+                self.slots[p][slot].probed = Some(epoch);
+                if let Some(m) = membership
+                    && m.epoch > self.memberships[p].epoch
+                {
+                    self.adopt(p, m);
+                }
+            }
             (
                 Phase::Probe,
                 Message::Error {
@@ -477,8 +498,59 @@ impl Recovery {
         self.ask_all();
     }
 
+    /// The node of member `slot` of PG `pg`.
+    fn node_of(&self, pg: usize, slot: usize) -> u64 {
+        self.memberships[pg].members[slot].id
+    }
+
+    /// Each set of PG `pg`'s membership, as member indices.
+    fn sets(&self, pg: usize) -> Vec<Vec<usize>> {
+        let m = &self.memberships[pg];
+        membership::sets(m)
+            .into_iter()
+            .map(|set| {
+                set.into_iter()
+                    .filter_map(|id| m.members.iter().position(|x| x.id == id))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A probe showed a higher membership of PG `pg`: its members are the
+    /// ones to hear from now (what was heard of those that stay is kept).
+    fn adopt(&mut self, pg: usize, next: Membership) {
+        tracing::info!(
+            pg,
+            epoch = next.epoch,
+            changing = next.is_changing(),
+            "recovery found a newer membership"
+        );
+        let old = std::mem::replace(&mut self.memberships[pg], next);
+        let slots = std::mem::take(&mut self.slots[pg]);
+        self.slots[pg] = self.memberships[pg]
+            .members
+            .iter()
+            .map(|m| {
+                old.members
+                    .iter()
+                    .position(|x| x.id == m.id)
+                    .map_or_else(SlotState::default, |i| slots[i])
+            })
+            .collect();
+        // Asks in flight name the old slots: asked again under the new ones.
+        self.pending.retain(|_, Ask::Slot { pg: p, .. }| *p as usize != pg);
+        for s in &mut self.slots[pg] {
+            s.asked = false;
+        }
+    }
+
+    /// At least `n` of every set of every PG's membership satisfy `f`.
     fn quorum_everywhere(&self, n: usize, f: impl Fn(&SlotState) -> bool) -> bool {
-        self.slots.iter().all(|pg| pg.iter().filter(|s| f(s)).count() >= n)
+        (0..self.slots.len()).all(|pg| {
+            self.sets(pg)
+                .iter()
+                .all(|set| set.iter().filter(|&&i| f(&self.slots[pg][i])).count() >= n)
+        })
     }
 
     fn advance(&mut self) {
@@ -531,7 +603,7 @@ impl Recovery {
             .filter_map(|s| s.sealed.map(|x| x.pgmrpl))
             .max()
             .unwrap_or(0);
-        for pg in 0..self.placement.len() {
+        for pg in 0..self.memberships.len() {
             self.set_source_bound(pg, true);
         }
         self.pick_sources_now();
@@ -542,11 +614,20 @@ impl Recovery {
     /// the (k - 2)-th highest sealed SCL. k is at least a write quorum once
     /// chains are read, and only grows. Each bound found is enough, so a
     /// later seal only ever lowers it (`first`: the first one).
+    ///
+    /// A membership being changed has two sets, and a record on a write
+    /// quorum of each: each set's bound is enough, so the lower is taken.
     fn set_source_bound(&mut self, pg: usize, first: bool) {
-        let mut scls: Vec<u64> = self.slots[pg].iter().filter_map(|s| s.sealed.map(|x| x.scl)).collect();
-        scls.sort_unstable_by(|a, b| b.cmp(a));
-        debug_assert!(scls.len() >= WRITE_QUORUM);
-        let bound = scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0);
+        let mut bound = u64::MAX;
+        for set in self.sets(pg) {
+            let mut scls: Vec<u64> = set
+                .iter()
+                .filter_map(|&i| self.slots[pg][i].sealed.map(|x| x.scl))
+                .collect();
+            scls.sort_unstable_by(|a, b| b.cmp(a));
+            debug_assert!(scls.len() >= WRITE_QUORUM);
+            bound = bound.min(scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0));
+        }
         let m = &mut self.source_scl_min[pg];
         *m = if first { bound } else { (*m).min(bound) };
     }
@@ -566,11 +647,11 @@ impl Recovery {
     }
 
     fn pick_sources_now(&mut self) {
-        for pg in 0..self.placement.len() {
+        for pg in 0..self.memberships.len() {
             if self.read_done[pg] {
                 continue;
             }
-            let up = |i: usize| self.up.contains(&self.placement[pg][i]);
+            let up = |i: usize| self.up.contains(&self.node_of(pg, i));
             let refused = |i: usize| self.source_refused[pg] & (1 << i) != 0;
             // (One sealed late may have coalesced above the floor: what it
             // holds there cannot be read.)
@@ -591,7 +672,7 @@ impl Recovery {
                 let scl = self.slots[pg][i].sealed.map_or(0, |s| s.scl);
                 (up(i), !refused(i), scl, Reverse(i))
             };
-            let Some(best) = (0..SEGMENTS_PER_PG).filter(|&i| fit(i)).max_by_key(|&i| rank(i)) else {
+            let Some(best) = (0..self.slots[pg].len()).filter(|&i| fit(i)).max_by_key(|&i| rank(i)) else {
                 // Every segment that could serve lost records since its
                 // seal: nothing safe to read. `progress` says so.
                 self.source[pg] = None;
@@ -612,8 +693,8 @@ impl Recovery {
             if let Some(old) = self.source[pg] {
                 tracing::info!(
                     pg,
-                    from = self.placement[pg][old],
-                    to = self.placement[pg][best],
+                    from = self.node_of(pg, old),
+                    to = self.node_of(pg, best),
                     "recovery reads the chain from another segment"
                 );
                 // An answer still to come from the old source is not part
@@ -684,7 +765,7 @@ impl Recovery {
                 // Nothing read above the floor: every segment that could
                 // serve is at or below it (one above it, gone or found
                 // lacking, holds nothing that was committed above the VDL).
-                (None, None) => (0..SEGMENTS_PER_PG)
+                (None, None) => (0..self.slots[pg].len())
                     .filter_map(|i| self.slots[pg][i].sealed.map(|s| s.scl))
                     .filter(|&scl| scl <= vdl)
                     .max()
@@ -739,43 +820,57 @@ impl Recovery {
     /// Every segment of a node up has answered its seal, or
     /// [`STRAGGLER_TICKS`] have passed since a write quorum of every PG had.
     fn stragglers_done(&mut self) -> bool {
-        let all = self.placement.iter().zip(&self.slots).all(|(nodes, slots)| {
-            nodes
+        let all = self.memberships.iter().zip(&self.slots).all(|(m, slots)| {
+            m.members
                 .iter()
                 .zip(slots)
-                .all(|(node, s)| s.sealed.is_some() || !self.up.contains(node))
+                .all(|(node, s)| s.sealed.is_some() || !self.up.contains(&node.id))
         });
         let since = *self.seal_quorum_at.get_or_insert(self.ticks);
         all || self.ticks - since >= STRAGGLER_TICKS
     }
 
-    /// The highest PGMRPL that 3 sealed segments of some PG hold at least.
+    /// The highest PGMRPL that 3 sealed segments of every set of some PG
+    /// hold at least.
     fn safe_floor(&self) -> u64 {
-        self.slots
-            .iter()
+        (0..self.slots.len())
             .map(|pg| {
-                let mut held: Vec<u64> = pg.iter().filter_map(|s| s.sealed.map(|x| x.pgmrpl)).collect();
-                held.sort_unstable_by(|a, b| b.cmp(a));
-                held.get(READ_QUORUM - 1).copied().unwrap_or(0)
+                self.sets(pg)
+                    .iter()
+                    .map(|set| {
+                        let mut held: Vec<u64> = set
+                            .iter()
+                            .filter_map(|&i| self.slots[pg][i].sealed.map(|x| x.pgmrpl))
+                            .collect();
+                        held.sort_unstable_by(|a, b| b.cmp(a));
+                        held.get(READ_QUORUM - 1).copied().unwrap_or(0)
+                    })
+                    .min()
+                    .unwrap_or(0)
             })
             .max()
             .unwrap_or(0)
     }
 
     fn replicated(&self) -> bool {
-        self.slots
-            .iter()
-            .zip(&self.tails)
-            .all(|(pg, &tail)| pg.iter().filter(|s| s.truncated.is_some_and(|scl| scl >= tail)).count() >= WRITE_QUORUM)
+        (0..self.slots.len()).all(|pg| {
+            let tail = self.tails[pg];
+            self.sets(pg).iter().all(|set| {
+                set.iter()
+                    .filter(|&&i| self.slots[pg][i].truncated.is_some_and(|scl| scl >= tail))
+                    .count()
+                    >= WRITE_QUORUM
+            })
+        })
     }
 
     fn ask_all(&mut self) {
         if self.result.is_some() || self.phase == Phase::Done {
             return;
         }
-        for pg in 0..self.placement.len() {
-            for slot in 0..SEGMENTS_PER_PG {
-                let node = self.placement[pg][slot];
+        for pg in 0..self.memberships.len() {
+            for slot in 0..self.slots[pg].len() {
+                let node = self.node_of(pg, slot);
                 if self.slots[pg][slot].asked || !self.up.contains(&node) {
                     continue;
                 }

@@ -228,7 +228,13 @@ async fn recover(
         cluster.volume_id,
         cluster.page_bytes,
         cluster.pg_pages,
-        cluster.placement.clone(),
+        (0..cluster.pgs)
+            .map(|pg| {
+                cluster
+                    .membership(pg)
+                    .expect("the cluster file lists every node it places")
+            })
+            .collect(),
     );
     let mut nodes: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut retry = tokio::time::interval(RECOVERY_RETRY);
@@ -573,11 +579,15 @@ fn metrics_text(core: &Writer<Token>) -> String {
         core.held_bytes(),
         core.reads_inflight(),
     );
-    for pg in 0..core.config().placement.len() as u32 {
+    for pg in 0..core.config().memberships.len() as u32 {
         s.push_str(&format!("computed_pgcl{{pg=\"{pg}\"}} {}\n", core.pgcl(pg)));
-        for (slot, scl) in core.scls(pg).iter().enumerate() {
-            let node = core.config().placement[pg as usize][slot];
-            s.push_str(&format!("computed_scl{{pg=\"{pg}\",node=\"{node}\"}} {scl}\n"));
+        let Some(view) = core.pg_view(pg) else { continue };
+        s.push_str(&format!(
+            "computed_membership_epoch{{pg=\"{pg}\"}} {}\n",
+            view.membership.epoch
+        ));
+        for m in &view.members {
+            s.push_str(&format!("computed_scl{{pg=\"{pg}\",node=\"{}\"}} {}\n", m.id, m.scl));
         }
     }
     s

@@ -432,7 +432,11 @@ impl Sim {
             msg_next: 0,
             writes: HashMap::new(),
             write_next: 0,
-            computed: Computed::Recovering(Box::new(Self::recovery(&cluster.placement))),
+            computed: Computed::Recovering(Box::new(Self::recovery(
+                &(0..PGS)
+                    .map(|pg| cluster.membership(pg).expect("placed"))
+                    .collect::<Vec<_>>(),
+            ))),
             config,
             nodes,
             conn: vec![(0, false); NODES],
@@ -470,8 +474,8 @@ impl Sim {
         sim
     }
 
-    fn recovery(placement: &[[u64; 6]]) -> Recovery {
-        Recovery::new(VOLUME, PAGE_BYTES as u32, PG_PAGES, placement.to_vec())
+    fn recovery(memberships: &[Membership]) -> Recovery {
+        Recovery::new(VOLUME, PAGE_BYTES as u32, PG_PAGES, memberships.to_vec())
     }
 
     fn schedule(&mut self, after: u64, e: Event) {
@@ -654,7 +658,7 @@ impl Sim {
         // Never given an LSN: never sent, so out for good.
         self.txns_lost += self.unallocated.len() as u64;
         self.unallocated.clear();
-        self.computed = Computed::Recovering(Box::new(Self::recovery(&self.placement)));
+        self.computed = Computed::Recovering(Box::new(Self::recovery(&self.memberships)));
     }
 
     fn writer(&mut self) -> Option<&mut Writer<u64>> {

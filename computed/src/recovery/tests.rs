@@ -8,6 +8,7 @@ use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::segment::Segment;
 
 use super::*;
+use storaged::membership::Member;
 
 const VOLUME: u64 = 7;
 const PAGE_BYTES: u32 = 512;
@@ -71,8 +72,15 @@ struct Fake {
     down: Vec<u64>,
 }
 
-fn placement() -> Vec<[u64; SEGMENTS_PER_PG]> {
-    vec![[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
+/// Both PGs on nodes 1..=6, as a cluster file would place them.
+fn placement() -> Vec<Membership> {
+    let members: Vec<Member> = (1..=6)
+        .map(|id| Member {
+            id,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        })
+        .collect();
+    vec![Membership::single(1, members.clone()), Membership::single(1, members)]
 }
 
 impl Fake {
