@@ -1,7 +1,8 @@
 //! `storctl repair`, with real processes on 127.0.0.1: its flags and exit
 //! codes, a gap fill on a dev cluster, and segments moved to spare nodes of
-//! an 8-node dev cluster (a node lost for good; a run killed mid-change and
-//! run again; a move that cannot finish, rolled back).
+//! an 8-node dev cluster (a node lost for good; a run killed mid-change,
+//! computed killed too, and a run again; a move that cannot finish, rolled
+//! back).
 
 mod support;
 
@@ -306,8 +307,9 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
 }
 
 /// A move to a node that is down cannot finish: storctl says so (4) with
-/// the commands to wait again or roll back; killed mid-change (kill -9) and
-/// run again once the node is back, it finishes; a move rolled back with
+/// the commands to wait again or roll back; killed mid-change (kill -9),
+/// computed killed and started again, and run again once the node is
+/// back, it finishes; a move rolled back with
 /// --abort goes back to the old set, and an abort with nothing under way
 /// has nothing to do.
 #[test]
@@ -371,6 +373,13 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
         "{out}"
     );
 
+    // computed crashes mid-change too: the change is in the segments, and
+    // the writer that recovers carries it on.
+    let computed = c.pid("computed");
+    // SAFETY: the dev cluster's computed, by its PID.
+    unsafe { libc::kill(computed, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(computed)));
+    start_computed(&c);
     start_node(&c, 8);
     let finished = storctl(&[
         "repair",
