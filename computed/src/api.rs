@@ -5,9 +5,13 @@
 //! CRC32C, body; little-endian; checked in the same order. The messages are
 //! computed's own.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use storaged::membership::MEMBERSHIP_BYTES;
 use storaged::proto::{ProtoError, split_frame, write_frame};
 
 use crate::core::PageWrite;
+use crate::membership::{Change, Member, MemberView, Membership, PgView};
 
 pub const CLIENT_PROTOCOL_VERSION: u8 = 1;
 /// Largest frame, length field included: a transaction of 64 full 64 KiB pages fits.
@@ -23,12 +27,25 @@ const T_READ: u8 = 5;
 const T_PAGE: u8 = 6;
 const T_VOLUME_INFO: u8 = 7;
 const T_VOLUME_INFO_OK: u8 = 8;
+const T_PG_STATE: u8 = 9;
+const T_PG_STATE_OK: u8 = 10;
+const T_CHANGE_MEMBERSHIP: u8 = 11;
 const T_ERROR: u8 = 255;
 
 const KIND_IMAGE: u8 = 1;
 const KIND_RANGE: u8 = 2;
 /// Bytes of one write's header in a Commit: kind, page, offset, length.
 const WRITE_HEADER_BYTES: usize = 17;
+
+const CHANGE_REPLACE: u8 = 1;
+const CHANGE_ABORT: u8 = 2;
+/// An address on the wire: family (4 or 6), 16 bytes (IPv4 mapped), port.
+const ADDR_BYTES: usize = 19;
+/// One member in a PgStateOk: id, address, up, scl, told_epoch.
+const MEMBER_VIEW_BYTES: usize = 8 + ADDR_BYTES + 1 + 8 + 8;
+/// Members a PgStateOk lists at most: those of a membership and of the
+/// step proposed from it (a nested replace brings one more in).
+pub const PG_STATE_MEMBERS_MAX: usize = 2 * storaged::membership::MEMBERS_MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -102,6 +119,21 @@ pub enum ClientMessage {
     VolumeInfoOk {
         info: VolumeInfo,
     },
+    /// Where a PG's membership stands.
+    PgState {
+        pg: u32,
+    },
+    /// The answer to `PgState` and to `ChangeMembership` (the state once
+    /// the change's first step was sent).
+    PgStateOk {
+        view: PgView,
+    },
+    /// Start a change of a PG's membership: replace a member, or abort the
+    /// change under way. The writer runs the rest of it by itself.
+    ChangeMembership {
+        pg: u32,
+        change: Change,
+    },
     Error {
         code: ClientErrorCode,
         message: String,
@@ -166,6 +198,37 @@ fn put_info(out: &mut Vec<u8>, i: &VolumeInfo) {
     put_u64(out, i.epoch);
 }
 
+fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    let (family, ip) = match addr.ip() {
+        IpAddr::V4(v4) => (4u8, v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => (6u8, v6.octets()),
+    };
+    out.push(family);
+    out.extend_from_slice(&ip);
+    put_u16(out, addr.port());
+}
+
+/// pg, membership, proposed (all zeros: none), pgcl, count, members.
+fn put_view(out: &mut Vec<u8>, v: &PgView) {
+    put_u32(out, v.pg);
+    v.membership.encode(out);
+    match &v.proposed {
+        Some(p) => p.encode(out),
+        None => out.resize(out.len() + MEMBERSHIP_BYTES, 0),
+    }
+    put_u64(out, v.pgcl);
+    // The writer never lists more; a longer list is cut, not sent broken.
+    let members = &v.members[..v.members.len().min(PG_STATE_MEMBERS_MAX)];
+    out.push(members.len() as u8);
+    for m in members {
+        put_u64(out, m.id);
+        put_addr(out, &m.addr);
+        out.push(u8::from(m.up));
+        put_u64(out, m.scl);
+        put_u64(out, m.told_epoch);
+    }
+}
+
 /// Append one frame. Fails (leaving `out` as it was) when it would exceed the maximum.
 pub fn encode(request_id: u64, msg: &ClientMessage, out: &mut Vec<u8>) -> Result<(), FrameError> {
     write_frame(
@@ -216,6 +279,27 @@ pub fn encode(request_id: u64, msg: &ClientMessage, out: &mut Vec<u8>) -> Result
             ClientMessage::VolumeInfoOk { info } => {
                 put_info(out, info);
                 T_VOLUME_INFO_OK
+            }
+            ClientMessage::PgState { pg } => {
+                put_u32(out, *pg);
+                T_PG_STATE
+            }
+            ClientMessage::PgStateOk { view } => {
+                put_view(out, view);
+                T_PG_STATE_OK
+            }
+            ClientMessage::ChangeMembership { pg, change } => {
+                put_u32(out, *pg);
+                match change {
+                    Change::Replace { old, new } => {
+                        out.push(CHANGE_REPLACE);
+                        put_u64(out, *old);
+                        put_u64(out, new.id);
+                        put_addr(out, &new.addr);
+                    }
+                    Change::Abort => out.push(CHANGE_ABORT),
+                }
+                T_CHANGE_MEMBERSHIP
             }
             ClientMessage::Error { code, message } => {
                 let mut cut = message.len().min(ERROR_TEXT_BYTES_MAX);
@@ -281,6 +365,68 @@ impl<'a> Reader<'a> {
             epoch: self.u64()?,
         })
     }
+    fn addr(&mut self) -> Result<SocketAddr, FrameError> {
+        let family = self.u8()?;
+        let octets: [u8; 16] = self.take(16)?.try_into().map_err(|_| FrameError::Crc)?;
+        let ip = Ipv6Addr::from(octets);
+        let ip = match family {
+            4 => IpAddr::V4(
+                ip.to_ipv4_mapped()
+                    .ok_or_else(|| FrameError::Body("an IPv4 address that is not IPv4-mapped".into()))?,
+            ),
+            6 => IpAddr::V6(ip),
+            other => return Err(FrameError::Body(format!("bad address family {other}"))),
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+    fn membership(&mut self) -> Result<Option<Membership>, FrameError> {
+        Membership::decode(self.take(MEMBERSHIP_BYTES)?).map_err(|e| FrameError::Body(format!("membership: {e}")))
+    }
+    fn view(&mut self) -> Result<PgView, FrameError> {
+        let pg = self.u32()?;
+        let membership = self
+            .membership()?
+            .ok_or_else(|| FrameError::Body("a PG state without a membership".into()))?;
+        let proposed = self.membership()?;
+        let pgcl = self.u64()?;
+        let count = usize::from(self.u8()?);
+        if count > PG_STATE_MEMBERS_MAX {
+            return Err(FrameError::Body(format!(
+                "{count} members, at most {PG_STATE_MEMBERS_MAX}"
+            )));
+        }
+        if count * MEMBER_VIEW_BYTES != self.0.len() {
+            return Err(FrameError::Body(format!(
+                "{count} members need {} bytes, the body has {}",
+                count * MEMBER_VIEW_BYTES,
+                self.0.len()
+            )));
+        }
+        let mut members = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = self.u64()?;
+            let addr = self.addr()?;
+            let up = match self.u8()? {
+                0 => false,
+                1 => true,
+                other => return Err(FrameError::Body(format!("bad up flag {other}"))),
+            };
+            members.push(MemberView {
+                id,
+                addr,
+                up,
+                scl: self.u64()?,
+                told_epoch: self.u64()?,
+            });
+        }
+        Ok(PgView {
+            pg,
+            membership,
+            proposed,
+            pgcl,
+            members,
+        })
+    }
     fn finish(self) -> Result<(), FrameError> {
         if self.0.is_empty() {
             Ok(())
@@ -332,6 +478,25 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<ClientMessage, FrameError> {
         }
         T_VOLUME_INFO => ClientMessage::VolumeInfo,
         T_VOLUME_INFO_OK => ClientMessage::VolumeInfoOk { info: r.info()? },
+        T_PG_STATE => ClientMessage::PgState { pg: r.u32()? },
+        T_PG_STATE_OK => ClientMessage::PgStateOk { view: r.view()? },
+        T_CHANGE_MEMBERSHIP => {
+            let pg = r.u32()?;
+            let change = match r.u8()? {
+                CHANGE_REPLACE => {
+                    let old = r.u64()?;
+                    let id = r.u64()?;
+                    let addr = r.addr()?;
+                    Change::Replace {
+                        old,
+                        new: Member { id, addr },
+                    }
+                }
+                CHANGE_ABORT => Change::Abort,
+                other => return Err(FrameError::Body(format!("bad membership change kind {other}"))),
+            };
+            ClientMessage::ChangeMembership { pg, change }
+        }
         T_ERROR => {
             let code = r.u16()?;
             let code = ClientErrorCode::from_u16(code).ok_or_else(|| FrameError::Body(format!("error code {code}")))?;
@@ -388,6 +553,16 @@ mod tests {
                 epoch,
             });
         prop_oneof![
+            any::<u32>().prop_map(|pg| ClientMessage::PgState { pg }),
+            arb_view().prop_map(|view| ClientMessage::PgStateOk { view }),
+            (any::<u32>(), any::<u64>(), arb_member()).prop_map(|(pg, old, new)| ClientMessage::ChangeMembership {
+                pg,
+                change: Change::Replace { old, new }
+            }),
+            any::<u32>().prop_map(|pg| ClientMessage::ChangeMembership {
+                pg,
+                change: Change::Abort
+            }),
             any::<u16>().prop_map(|v| ClientMessage::Hello { protocol_version: v }),
             info.clone().prop_map(|info| ClientMessage::HelloOk { info }),
             prop::collection::vec(write, 0..5).prop_map(|writes| ClientMessage::Commit { writes }),
@@ -402,6 +577,189 @@ mod tests {
                 message
             }),
         ]
+    }
+
+    fn arb_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        ]
+    }
+
+    fn arb_member() -> impl Strategy<Value = Member> {
+        (any::<u64>(), arb_addr()).prop_map(|(id, addr)| Member { id, addr })
+    }
+
+    /// Six members from `base` up; with `replace`, one of them being
+    /// replaced by a seventh (a dual membership).
+    fn arb_membership() -> impl Strategy<Value = Membership> {
+        (1..u64::MAX / 2, 1..1000u64, prop::option::of(0..6usize), arb_addr()).prop_map(
+            |(base, epoch, replace, addr)| {
+                let six = (base..base + 6).map(|id| Member { id, addr }).collect();
+                let m = Membership::single(epoch, six);
+                match replace {
+                    Some(i) => crate::membership::plan(
+                        0,
+                        &m,
+                        &Change::Replace {
+                            old: base + i as u64,
+                            new: Member { id: base + 6, addr },
+                        },
+                    )
+                    .expect("a valid replace"),
+                    None => m,
+                }
+            },
+        )
+    }
+
+    fn arb_view() -> impl Strategy<Value = PgView> {
+        let member = (any::<u64>(), arb_addr(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
+            |(id, addr, up, scl, told_epoch)| MemberView {
+                id,
+                addr,
+                up,
+                scl,
+                told_epoch,
+            },
+        );
+        (
+            any::<u32>(),
+            arb_membership(),
+            prop::option::of(arb_membership()),
+            any::<u64>(),
+            prop::collection::vec(member, 0..=PG_STATE_MEMBERS_MAX),
+        )
+            .prop_map(|(pg, membership, proposed, pgcl, members)| PgView {
+                pg,
+                membership,
+                proposed,
+                pgcl,
+                members,
+            })
+    }
+
+    /// A frame of type `kind` around `body` exactly as given.
+    fn raw_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, CLIENT_PROTOCOL_VERSION, 9, CLIENT_FRAME_BYTES_MAX, |out| {
+            out.extend_from_slice(body);
+            kind
+        })
+        .unwrap();
+        out
+    }
+
+    fn body_of(msg: &ClientMessage) -> (u8, Vec<u8>) {
+        let mut buf = Vec::new();
+        encode(9, msg, &mut buf).unwrap();
+        (buf[5], buf[20..].to_vec())
+    }
+
+    fn view() -> PgView {
+        let addr = |id: u64| SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16));
+        let m = Membership::single(1, (1..=6).map(|id| Member { id, addr: addr(id) }).collect());
+        let dual = crate::membership::plan(
+            0,
+            &m,
+            &Change::Replace {
+                old: 6,
+                new: Member { id: 7, addr: addr(7) },
+            },
+        )
+        .unwrap();
+        PgView {
+            pg: 0,
+            members: dual
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    id: m.id,
+                    addr: m.addr,
+                    up: m.id != 6,
+                    scl: 40,
+                    told_epoch: 2,
+                })
+                .collect(),
+            membership: m,
+            proposed: Some(dual),
+            pgcl: 40,
+        }
+    }
+
+    #[test]
+    fn membership_bodies_a_byte_short_or_long_are_refused() {
+        let msgs = [
+            ClientMessage::PgState { pg: 3 },
+            ClientMessage::PgStateOk { view: view() },
+            ClientMessage::ChangeMembership {
+                pg: 0,
+                change: Change::Replace {
+                    old: 6,
+                    new: Member {
+                        id: 7,
+                        addr: "[::1]:7007".parse().unwrap(),
+                    },
+                },
+            },
+            ClientMessage::ChangeMembership {
+                pg: 0,
+                change: Change::Abort,
+            },
+        ];
+        for msg in msgs {
+            let (kind, body) = body_of(&msg);
+            assert_eq!(decode(&raw_frame(kind, &body)).unwrap().unwrap().1, msg);
+            let short = decode(&raw_frame(kind, &body[..body.len() - 1]));
+            assert!(matches!(short, Err(FrameError::Body(_))), "{msg:?}: {short:?}");
+            let mut long = body.clone();
+            long.push(0);
+            let long = decode(&raw_frame(kind, &long));
+            assert!(matches!(long, Err(FrameError::Body(_))), "{msg:?}: {long:?}");
+        }
+    }
+
+    #[test]
+    fn a_pg_state_with_a_broken_membership_or_member_list_is_refused() {
+        let (kind, body) = body_of(&ClientMessage::PgStateOk { view: view() });
+        // No membership in force.
+        let mut b = body.clone();
+        b[4..4 + MEMBERSHIP_BYTES].fill(0);
+        let e = decode(&raw_frame(kind, &b)).unwrap_err();
+        assert!(e.to_string().contains("without a membership"), "{e}");
+        // The proposed one names a member twice.
+        let mut b = body.clone();
+        let second_id = 4 + MEMBERSHIP_BYTES + 9 + 27;
+        b[second_id..second_id + 8].copy_from_slice(&1u64.to_le_bytes());
+        let e = decode(&raw_frame(kind, &b)).unwrap_err();
+        assert!(e.to_string().contains("appears twice"), "{e}");
+        // A member count past the bound, and one the body does not hold.
+        let count = 4 + 2 * MEMBERSHIP_BYTES + 8;
+        for n in [PG_STATE_MEMBERS_MAX as u8 + 1, 8, 6] {
+            let mut b = body.clone();
+            b[count] = n;
+            assert!(matches!(decode(&raw_frame(kind, &b)), Err(FrameError::Body(_))), "{n}");
+        }
+        // An up flag that is not 0 or 1; an unknown change kind.
+        let mut b = body.clone();
+        b[count + 1 + 8 + ADDR_BYTES] = 2;
+        assert!(
+            decode(&raw_frame(kind, &b))
+                .unwrap_err()
+                .to_string()
+                .contains("up flag")
+        );
+        let (kind, mut b) = body_of(&ClientMessage::ChangeMembership {
+            pg: 0,
+            change: Change::Abort,
+        });
+        b[4] = 9;
+        assert!(
+            decode(&raw_frame(kind, &b))
+                .unwrap_err()
+                .to_string()
+                .contains("change kind")
+        );
     }
 
     proptest! {

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::api::{self, CLIENT_PROTOCOL_VERSION, ClientErrorCode, ClientMessage, VolumeInfo};
 use crate::core::{PageRead, PageWrite};
+use crate::membership::{Change, PgView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -93,6 +94,25 @@ impl Client {
     pub async fn volume_info(&self) -> Result<VolumeInfo, ClientError> {
         match self.request(ClientMessage::VolumeInfo).await? {
             ClientMessage::VolumeInfoOk { info } => Ok(info),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Where PG `pg`'s membership stands, as the writer sees it.
+    pub async fn pg_state(&self, pg: u32) -> Result<PgView, ClientError> {
+        match self.request(ClientMessage::PgState { pg }).await? {
+            ClientMessage::PgStateOk { view } => Ok(view),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Start `change` of PG `pg`'s membership; where the PG stands once its
+    /// first step was sent. Refused `Busy` while a step is being installed
+    /// (ask again), `BadRequest` for a change that does not fit (the text
+    /// says why).
+    pub async fn change_membership(&self, pg: u32, change: Change) -> Result<PgView, ClientError> {
+        match self.request(ClientMessage::ChangeMembership { pg, change }).await? {
+            ClientMessage::PgStateOk { view } => Ok(view),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -28,6 +28,7 @@ use storaged::proto::{
 use crate::api::{self, ClientErrorCode, ClientMessage, VolumeInfo};
 use crate::cluster::Cluster;
 use crate::core::{Output, PageWrite, TxnError, Writer, WriterConfig};
+use crate::membership::{Change, ChangeError};
 use crate::recovery::{Recovered, Recovery, RecoveryError};
 
 const INPUTS_MAX: usize = 4096;
@@ -92,6 +93,17 @@ enum Control {
     Info {
         conn: u64,
         req: u64,
+    },
+    PgState {
+        conn: u64,
+        req: u64,
+        pg: u32,
+    },
+    ChangeMembership {
+        conn: u64,
+        req: u64,
+        pg: u32,
+        change: Change,
     },
     NodeUp {
         node: u64,
@@ -462,6 +474,21 @@ fn txn_error(e: &TxnError) -> ClientMessage {
     }
 }
 
+/// A refused membership change as the client sees it: Busy for a step
+/// still being installed (ask again), Fenced, and BadRequest with what is
+/// wrong for the rest.
+fn change_error(e: &ChangeError) -> ClientMessage {
+    let code = match e {
+        ChangeError::Installing { .. } => ClientErrorCode::Busy,
+        ChangeError::Fenced(_) => ClientErrorCode::Fenced,
+        _ => ClientErrorCode::BadRequest,
+    };
+    ClientMessage::Error {
+        code,
+        message: e.to_string(),
+    }
+}
+
 fn on_control(
     core: &mut Writer<Token>,
     clients: &mut HashMap<u64, mpsc::Sender<Vec<u8>>>,
@@ -485,6 +512,23 @@ fn on_control(
             let mut info = *info;
             info.vdl = core.vdl();
             reply(clients, (conn, req), &ClientMessage::VolumeInfoOk { info });
+        }
+        Control::PgState { conn, req, pg } => {
+            let msg = match core.pg_view(pg) {
+                Some(view) => ClientMessage::PgStateOk { view },
+                None => change_error(&ChangeError::NoSuchPg(pg)),
+            };
+            reply(clients, (conn, req), &msg);
+        }
+        Control::ChangeMembership { conn, req, pg, change } => {
+            let msg = match core.change_membership(pg, change.clone()) {
+                Ok(view) => {
+                    tracing::info!(pg, ?change, epoch = view.membership.epoch, "membership change started");
+                    ClientMessage::PgStateOk { view }
+                }
+                Err(e) => change_error(&e),
+            };
+            reply(clients, (conn, req), &msg);
         }
         Control::NodeUp { node, tx } => {
             tracing::info!(node, "storage node connected");
@@ -675,6 +719,10 @@ async fn client_connection(
                 ClientMessage::Commit { writes } => Some(Err(ClientInput::Commit { conn, req, writes })),
                 ClientMessage::Read { page } => Some(Ok(Control::Read { conn, req, page })),
                 ClientMessage::VolumeInfo => Some(Ok(Control::Info { conn, req })),
+                ClientMessage::PgState { pg } => Some(Ok(Control::PgState { conn, req, pg })),
+                ClientMessage::ChangeMembership { pg, change } => {
+                    Some(Ok(Control::ChangeMembership { conn, req, pg, change }))
+                }
                 other => {
                     let err = ClientMessage::Error {
                         code: ClientErrorCode::BadRequest,

@@ -908,6 +908,26 @@ mod tests {
         }
     }
 
+    /// `up --nodes 8 --pgs 1`: the PG on six nodes, two in each AZ, and
+    /// two nodes spare for `storctl repair --replace/--node ... --with`;
+    /// a spare's page store has room for a segment moved onto it.
+    #[test]
+    fn eight_nodes_and_one_pg_leave_two_nodes_spare() {
+        let placement = derive_placement(&local_nodes(8), 1).unwrap();
+        let mut placed = placement[0].to_vec();
+        placed.sort_unstable();
+        placed.dedup();
+        assert_eq!(placed.len(), SEGMENTS_PER_PG);
+        let spare: Vec<u64> = (1..=8).filter(|id| !placed.contains(id)).collect();
+        assert_eq!(spare, vec![7, 8]);
+        for az in 1..=3u64 {
+            let in_az = placed.iter().filter(|&&id| (id - 1) % 3 + 1 == az).count();
+            assert_eq!(in_az, 2, "AZ {az}: {placed:?}");
+        }
+        let g = plan_geometry(8, 1, 32 << 20).expect("fits");
+        assert_eq!(g.segments_per_node_max, 1);
+    }
+
     #[test]
     fn too_small_devices_and_too_few_nodes_are_refused() {
         let e = plan_geometry(6, 2, 4 << 20).unwrap_err();

@@ -629,47 +629,52 @@ pub(crate) mod fake {
     use storaged::proto::{FRAME_BYTES_MAX, FrameDecoder, Message, PROTOCOL_VERSION, encode_frame};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Node `id` on a free port of 127.0.0.1, for one connection: answers
-    /// Hello, and every other request with what `answer` makes of it
-    /// (`None`: no answer). Runs on the caller's runtime.
-    pub(crate) async fn node(
-        id: u64,
-        mut answer: impl FnMut(Message) -> Option<Message> + Send + 'static,
-    ) -> SocketAddr {
+    /// Node `id` on a free port of 127.0.0.1: answers Hello, and every
+    /// other request with what `answer` makes of it (`None`: no answer), on
+    /// every connection. Runs on the caller's runtime.
+    pub(crate) async fn node(id: u64, answer: impl FnMut(Message) -> Option<Message> + Send + 'static) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let answer = std::sync::Arc::new(std::sync::Mutex::new(answer));
         tokio::spawn(async move {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                decoder.push(&buf[..n]);
-                while let Ok(Some(frame)) = decoder.next() {
-                    let reply = match frame.message {
-                        Message::Hello { .. } => Message::HelloOk {
-                            node_id: id,
-                            protocol_version: u16::from(PROTOCOL_VERSION),
-                        },
-                        other => match answer(other) {
-                            Some(reply) => reply,
-                            None => continue,
-                        },
-                    };
-                    let mut out = Vec::new();
-                    encode_frame(frame.request_id, &reply, &mut out).unwrap();
-                    if s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(id, s, answer.clone()));
             }
         });
         addr
+    }
+
+    async fn serve(
+        id: u64,
+        mut s: tokio::net::TcpStream,
+        answer: std::sync::Arc<std::sync::Mutex<impl FnMut(Message) -> Option<Message> + Send + 'static>>,
+    ) {
+        let mut decoder = FrameDecoder::new(FRAME_BYTES_MAX);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            decoder.push(&buf[..n]);
+            while let Ok(Some(frame)) = decoder.next() {
+                let reply = match frame.message {
+                    Message::Hello { .. } => Message::HelloOk {
+                        node_id: id,
+                        protocol_version: u16::from(PROTOCOL_VERSION),
+                    },
+                    other => match (answer.lock().unwrap())(other) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
+                };
+                let mut out = Vec::new();
+                encode_frame(frame.request_id, &reply, &mut out).unwrap();
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

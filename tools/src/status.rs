@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use computed::client::Client;
 use computed::cluster::{Cluster, SEGMENTS_PER_PG, WRITE_QUORUM};
+use computed::membership::{self, Membership};
 use storaged::client::{ClientError, NodeClient};
 use storaged::proto::{Damage, ErrorCode, Message, Role};
 
@@ -91,17 +92,62 @@ pub struct NodeStatus {
     pub scrub_error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PgStatus {
     pub pg: u32,
+    /// By every set of the membership: the 4th-highest SCL of each set, the lowest of those.
     pub pgcl: u64,
     pub segments_up: usize,
-    /// At least 4 segments answer.
+    /// At least 4 segments of every set answer.
     pub write_quorum: bool,
+    /// The newest membership the PG's segments hold; null when none holds
+    /// one (the placement of the cluster file is then the members).
+    pub membership: Option<MembershipStatus>,
+    /// One per member (of either set while changing).
     pub segments: Vec<SegmentStatus>,
 }
 
-#[derive(Debug, Serialize)]
+/// A PG's membership as its segments hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MembershipStatus {
+    pub epoch: u64,
+    /// A segment is being moved: writes count by both sets.
+    pub changing: bool,
+    /// The set in force before the change (the only one when not changing).
+    pub old: Vec<u64>,
+    /// The set being moved to (equal to `old` when not changing).
+    pub new: Vec<u64>,
+}
+
+impl MembershipStatus {
+    pub fn of(m: &Membership) -> MembershipStatus {
+        let sets = membership::sets(m);
+        let old = sets[0].clone();
+        let new = sets.get(1).cloned().unwrap_or_else(|| old.clone());
+        MembershipStatus {
+            epoch: m.epoch,
+            changing: m.is_changing(),
+            old,
+            new,
+        }
+    }
+
+    /// `epoch 3: 1 2 3 4 5 7`, or `epoch 2, changing: 1 2 3 4 5 6 -> 1 2 3 4 5 7`.
+    pub fn line(&self) -> String {
+        if self.changing {
+            format!(
+                "epoch {}, changing: {} -> {}",
+                self.epoch,
+                join(&self.old),
+                join(&self.new)
+            )
+        } else {
+            format!("epoch {}: {}", self.epoch, join(&self.old))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct SegmentStatus {
     pub node: u64,
     pub up: bool,
@@ -141,22 +187,20 @@ struct Seg {
     annulled: Vec<(u64, u64)>,
     holes: Vec<(u64, u64)>,
     damage: Damage,
+    membership: Option<Membership>,
 }
 
 /// What a node answered: its segments, and its scrubbing or why that is unknown.
 type NodeAnswer = (Vec<(u32, Seg)>, Result<ScrubSummary, String>);
 
-async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<NodeAnswer> {
+/// Asks node `id` for its segments of `pgs`, and with `scrub` for its scrubbing.
+async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, scrub: bool) -> Result<NodeAnswer> {
     let connect = NodeClient::connect_to_node(addr, Role::Operator, 0, id);
     let client = tokio::time::timeout(REQUEST_TIMEOUT, connect)
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
     let mut out = Vec::new();
-    for (pg, slots) in cluster.placement.iter().enumerate() {
-        if !slots.contains(&id) {
-            continue;
-        }
-        let pg = pg as u32;
+    for pg in pgs {
         let req = Message::GetSegmentStatus {
             volume: cluster.volume_id,
             epoch: 0,
@@ -174,6 +218,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<NodeAn
                 annulled,
                 holes,
                 damage,
+                membership,
                 ..
             } => Seg {
                 scl,
@@ -183,6 +228,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<NodeAn
                 annulled,
                 holes,
                 damage,
+                membership,
             },
             // Not written yet: the segment is created by its first Append.
             Message::Error {
@@ -196,10 +242,14 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr) -> Result<NodeAn
                 annulled: Vec::new(),
                 holes: Vec::new(),
                 damage: Damage::default(),
+                membership: None,
             },
             other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
         };
         out.push((pg, seg));
+    }
+    if !scrub {
+        return Ok((out, Err("not asked".into())));
     }
     // Last on the connection: a node that predates ScrubStatus answers it
     // as an unknown frame and closes the connection. Its scrubbing is then
@@ -318,12 +368,169 @@ pub fn collect(cluster: &Cluster) -> Result<Status> {
     Ok(rt.block_on(collect_async(cluster)))
 }
 
-async fn collect_async(cluster: &Cluster) -> Status {
+/// The newest membership the answers hold for PG `pg`.
+fn newest_membership(answers: &[Result<NodeAnswer>], pg: u32) -> Option<Membership> {
+    answers
+        .iter()
+        .flatten()
+        .flat_map(|(segs, _)| segs)
+        .filter(|(p, _)| *p == pg)
+        .filter_map(|(_, s)| s.membership.as_ref())
+        .max_by_key(|m| m.epoch)
+        .cloned()
+}
+
+/// Every node of the cluster file asked for its segments of the PGs the
+/// placement puts on it (all, or only `only_pg`), and then for those of
+/// the PGs whose membership (as the segments hold it) has moved onto it.
+/// One answer per node of the file, in its order.
+async fn ask_nodes(cluster: &Cluster, only_pg: Option<u32>, scrub: bool) -> Vec<Result<NodeAnswer>> {
+    let chosen = |pg: u32| only_pg.is_none_or(|p| p == pg);
     let mut asks = Vec::new();
     for n in &cluster.nodes {
-        asks.push(ask_node(cluster, n.id, n.address));
+        let pgs = (0..cluster.placement.len() as u32)
+            .filter(|&pg| chosen(pg) && cluster.placement[pg as usize].contains(&n.id))
+            .collect();
+        asks.push(ask_node(cluster, n.id, n.address, pgs, scrub));
     }
-    let answers = futures_util::future::join_all(asks).await;
+    let mut answers = futures_util::future::join_all(asks).await;
+    // A membership change moves segments onto nodes the file's placement
+    // does not name: ask the members not asked yet.
+    let mut more: Vec<(usize, Vec<u32>)> = Vec::new();
+    for pg in (0..cluster.placement.len() as u32).filter(|&pg| chosen(pg)) {
+        let Some(m) = newest_membership(&answers, pg) else {
+            continue;
+        };
+        for member in &m.members {
+            let Some(i) = cluster.nodes.iter().position(|n| n.id == member.id) else {
+                continue;
+            };
+            let Ok((segs, _)) = &answers[i] else {
+                continue;
+            };
+            if segs.iter().any(|(p, _)| *p == pg) {
+                continue;
+            }
+            match more.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, pgs)) => pgs.push(pg),
+                None => more.push((i, vec![pg])),
+            }
+        }
+    }
+    let asks = more.iter().map(|(i, pgs)| {
+        let n = &cluster.nodes[*i];
+        ask_node(cluster, n.id, n.address, pgs.clone(), false)
+    });
+    let extra = futures_util::future::join_all(asks).await;
+    for ((i, _), e) in more.iter().zip(extra) {
+        match (&mut answers[*i], e) {
+            (Ok((segs, _)), Ok((found, _))) => segs.extend(found),
+            (slot, Err(e)) => *slot = Err(e),
+            _ => {}
+        }
+    }
+    answers
+}
+
+/// PG `pg` as its segments answered (no computed asked), for `storctl repair`.
+pub async fn pg_survey(cluster: &Cluster, pg: u32) -> PgStatus {
+    let answers = ask_nodes(cluster, Some(pg), false).await;
+    pg_status(cluster, &answers, pg, &mut Vec::new(), &mut Vec::new()).0
+}
+
+/// Where PG `pg` stands by `answers`, and its problems. Returns the PG and
+/// (its PGCL, the highest LSN any of its segments holds).
+fn pg_status(
+    cluster: &Cluster,
+    answers: &[Result<NodeAnswer>],
+    pg: u32,
+    table_damaged: &mut Vec<u64>,
+    problems: &mut Vec<String>,
+) -> (PgStatus, (u64, u64)) {
+    let seg_of = |node: u64, pg: u32| -> Option<Seg> {
+        let i = cluster.nodes.iter().position(|n| n.id == node)?;
+        let (segs, _) = answers[i].as_ref().ok()?;
+        segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| s.clone())
+    };
+    let m = newest_membership(answers, pg);
+    let slots: Vec<u64> = match &m {
+        Some(m) => m.members.iter().map(|x| x.id).collect(),
+        None => cluster.placement[pg as usize].to_vec(),
+    };
+    let segs: Vec<Option<Seg>> = slots.iter().map(|&id| seg_of(id, pg)).collect();
+    let scls: Vec<Option<u64>> = segs.iter().map(|s| s.as_ref().map(|s| s.scl)).collect();
+    let up = |id: u64| slots.iter().zip(&segs).any(|(&n, s)| n == id && s.is_some());
+    let (pgcl, write_quorum) = match &m {
+        Some(m) => {
+            let scl_of = |id: u64| {
+                slots
+                    .iter()
+                    .zip(&scls)
+                    .find(|(n, _)| **n == id)
+                    .and_then(|(_, s)| *s)
+                    .unwrap_or(0)
+            };
+            (membership::pgcl([m], scl_of), membership::on_write_quorum(m, up))
+        }
+        None => (pgcl(&scls), segs.iter().flatten().count() >= WRITE_QUORUM),
+    };
+    let highest = segs.iter().flatten().map(|s| s.highest_lsn).max().unwrap_or(0);
+    let segments_up = segs.iter().flatten().count();
+    for (&node, s) in slots.iter().zip(&segs) {
+        // Holes come and go as batches arrive; the open one stays until
+        // the segment is given what a damaged log block took.
+        if s.as_ref().is_some_and(|s| s.holes.iter().any(|h| h.1 == u64::MAX)) {
+            problems.push(format!(
+                "PG {pg} on node {node}: a damaged log block took records; the segment may lack \
+                 acknowledged records (its holes say which LSNs)"
+            ));
+        }
+        if let Some(s) = s {
+            damage_problems(pg, node, &s.damage, table_damaged, problems);
+        }
+    }
+    if !write_quorum {
+        problems.push(match &m {
+            Some(m) if m.is_changing() => format!(
+                "PG {pg} has fewer than {WRITE_QUORUM} of {SEGMENTS_PER_PG} segments up in a set of its \
+                 membership (epoch {}): below its write quorum",
+                m.epoch
+            ),
+            _ => format!(
+                "PG {pg} has {segments_up} of {SEGMENTS_PER_PG} segments up: below its write quorum of {WRITE_QUORUM}"
+            ),
+        });
+    }
+    let status = PgStatus {
+        pg,
+        pgcl,
+        segments_up,
+        write_quorum,
+        membership: m.as_ref().map(MembershipStatus::of),
+        segments: slots
+            .iter()
+            .zip(&segs)
+            .map(|(&node, s)| SegmentStatus {
+                node,
+                up: s.is_some(),
+                scl: s.as_ref().map(|s| s.scl),
+                lag: s.as_ref().map(|s| pgcl.saturating_sub(s.scl)),
+                epoch: s.as_ref().map(|s| s.epoch),
+                highest_lsn: s.as_ref().map(|s| s.highest_lsn),
+                holes: s
+                    .as_ref()
+                    .map(|s| s.holes.iter().map(|&(first, last)| LsnRange { first, last }).collect()),
+                damaged_pages: s.as_ref().map(|s| s.damage.pages.clone()),
+                damaged_pages_total: s.as_ref().map(|s| s.damage.pages_total),
+                table_damaged: s.as_ref().map(|s| s.damage.table_slot),
+            })
+            .collect(),
+    };
+    (status, (pgcl, highest))
+}
+
+async fn collect_async(cluster: &Cluster) -> Status {
+    let answers = ask_nodes(cluster, None, true).await;
     let computed = ask_computed(cluster.computed_address).await;
     let metrics_vcl = match cluster.metrics_address {
         Some(m) => ask_metrics_vcl(m).await.ok(),
@@ -376,65 +583,14 @@ async fn collect_async(cluster: &Cluster) -> Status {
             scrub_error,
         });
     }
-    let seg_of = |node: u64, pg: u32| -> Option<Seg> {
-        let i = cluster.nodes.iter().position(|n| n.id == node)?;
-        let (segs, _) = answers[i].as_ref().ok()?;
-        segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| s.clone())
-    };
     let mut pgs = Vec::new();
     let mut pg_marks = Vec::new();
     // The table is the node's: its damage is listed once per node.
     let mut table_damaged: Vec<u64> = Vec::new();
-    for (pg, slots) in cluster.placement.iter().enumerate() {
-        let pg = pg as u32;
-        let segs: Vec<Option<Seg>> = slots.iter().map(|&id| seg_of(id, pg)).collect();
-        let scls: Vec<Option<u64>> = segs.iter().map(|s| s.as_ref().map(|s| s.scl)).collect();
-        let pgcl = pgcl(&scls);
-        let highest = segs.iter().flatten().map(|s| s.highest_lsn).max().unwrap_or(0);
-        pg_marks.push((pgcl, highest));
-        let segments_up = segs.iter().flatten().count();
-        for (&node, s) in slots.iter().zip(&segs) {
-            // Holes come and go as batches arrive; the open one stays until
-            // the segment is given what a damaged log block took.
-            if s.as_ref().is_some_and(|s| s.holes.iter().any(|h| h.1 == u64::MAX)) {
-                problems.push(format!(
-                    "PG {pg} on node {node}: a damaged log block took records; the segment may lack \
-                     acknowledged records (its holes say which LSNs)"
-                ));
-            }
-            if let Some(s) = s {
-                damage_problems(pg, node, &s.damage, &mut table_damaged, &mut problems);
-            }
-        }
-        if segments_up < WRITE_QUORUM {
-            problems.push(format!(
-                "PG {pg} has {segments_up} of {SEGMENTS_PER_PG} segments up: below its write quorum of {WRITE_QUORUM}"
-            ));
-        }
-        pgs.push(PgStatus {
-            pg,
-            pgcl,
-            segments_up,
-            write_quorum: segments_up >= WRITE_QUORUM,
-            segments: slots
-                .iter()
-                .zip(&segs)
-                .map(|(&node, s)| SegmentStatus {
-                    node,
-                    up: s.is_some(),
-                    scl: s.as_ref().map(|s| s.scl),
-                    lag: s.as_ref().map(|s| pgcl.saturating_sub(s.scl)),
-                    epoch: s.as_ref().map(|s| s.epoch),
-                    highest_lsn: s.as_ref().map(|s| s.highest_lsn),
-                    holes: s
-                        .as_ref()
-                        .map(|s| s.holes.iter().map(|&(first, last)| LsnRange { first, last }).collect()),
-                    damaged_pages: s.as_ref().map(|s| s.damage.pages.clone()),
-                    damaged_pages_total: s.as_ref().map(|s| s.damage.pages_total),
-                    table_damaged: s.as_ref().map(|s| s.damage.table_slot),
-                })
-                .collect(),
-        });
+    for pg in 0..cluster.placement.len() as u32 {
+        let (p, marks) = pg_status(cluster, &answers, pg, &mut table_damaged, &mut problems);
+        pgs.push(p);
+        pg_marks.push(marks);
     }
     let computed = match computed {
         Ok((epoch, vdl)) => ComputedStatus {
@@ -626,6 +782,9 @@ pub fn render(s: &Status) -> String {
                 opt(g.lag)
             );
         }
+        if let Some(m) = &p.membership {
+            let _ = writeln!(out, "{:>3}  membership {}", "", m.line());
+        }
     }
     if !s.problems.is_empty() {
         let _ = writeln!(out);
@@ -700,6 +859,7 @@ mod tests {
             pgcl: 9,
             segments_up: 1,
             write_quorum: false,
+            membership: None,
             segments: vec![SegmentStatus {
                 node: 1,
                 up: true,
@@ -733,6 +893,7 @@ mod tests {
             pgcl: 9,
             segments_up: 1,
             write_quorum: false,
+            membership: None,
             segments: vec![SegmentStatus {
                 node: 1,
                 up: true,
@@ -851,6 +1012,7 @@ mod tests {
             annulled: annulled.to_vec(),
             holes: Vec::new(),
             damage: Damage::default(),
+            membership: None,
         };
         let segs = [
             seg(2, &[(5, 100)]),
@@ -927,6 +1089,94 @@ mod tests {
             text.contains("scrub: unknown (unknown message type 27 (BadFrame))"),
             "{text}"
         );
+    }
+
+    /// A segment status as a node holding PG 0 at `scl` answers it.
+    fn seg_status(scl: u64, membership: Option<Membership>) -> Message {
+        Message::SegmentStatus {
+            volume: 1,
+            pg: 0,
+            epoch: 1,
+            scl,
+            highest_lsn: scl,
+            lowest_lsn: 0,
+            pgmrpl: 0,
+            records: 0,
+            log_bytes: 0,
+            page_store_bytes: 0,
+            installed_epoch: 1,
+            incarnation: 1,
+            annulled: Vec::new(),
+            holes: Vec::new(),
+            damage: Damage::default(),
+            membership,
+        }
+    }
+
+    /// Eight nodes, PG 0 placed on 1..6 and being moved from 6 to 7: the
+    /// PG's rows are its members by the membership the segments hold (7
+    /// included, asked although the placement does not put it there), and
+    /// the change is shown with both sets.
+    #[tokio::test]
+    async fn a_pg_being_moved_shows_both_sets_and_the_new_member() {
+        use computed::membership::{Change, Member, plan};
+        let mut addrs = Vec::new();
+        let member = |id: u64| Member {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        };
+        let placed = Membership::single(1, (1..=6).map(member).collect());
+        let dual = plan(0, &placed, &Change::Replace { old: 6, new: member(7) }).unwrap();
+        for id in 1..=8u64 {
+            let (placed, dual) = (placed.clone(), dual.clone());
+            let addr = crate::scrub::fake::node(id, move |m| match m {
+                Message::GetSegmentStatus { .. } if id == 8 => {
+                    Some(Message::error(ErrorCode::UnknownSegment, 0, "unknown segment"))
+                }
+                // One segment has not been told of the change yet.
+                Message::GetSegmentStatus { .. } if id == 1 => Some(seg_status(40, Some(placed.clone()))),
+                Message::GetSegmentStatus { .. } => Some(seg_status(if id == 7 { 25 } else { 40 }, Some(dual.clone()))),
+                Message::ScrubStatus => Some(Message::ScrubStatusOk {
+                    status: storaged::scrub::Status::default(),
+                }),
+                other => panic!("unexpected {other:?}"),
+            })
+            .await;
+            addrs.push(addr);
+        }
+        let s = tokio::task::spawn_blocking(move || {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let text = computed::cluster::local_cluster_toml(1, 1, 64, closed, &addrs);
+            collect(&Cluster::parse(&text).unwrap()).unwrap()
+        })
+        .await
+        .unwrap();
+        let pg = &s.pgs[0];
+        let m = pg.membership.as_ref().expect("a membership");
+        assert_eq!(
+            (m.epoch, m.changing, m.old.clone(), m.new.clone()),
+            (2, true, vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, 4, 5, 7])
+        );
+        let nodes: Vec<u64> = pg.segments.iter().map(|g| g.node).collect();
+        assert_eq!(nodes, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(pg.segments[6].scl, Some(25));
+        assert_eq!(pg.segments[6].lag, Some(15));
+        assert_eq!(pg.pgcl, 40);
+        assert!(pg.write_quorum);
+        let text = render(&s);
+        assert!(
+            text.contains("membership epoch 2, changing: 1 2 3 4 5 6 -> 1 2 3 4 5 7"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json["pgs"][0]["membership"]["new"],
+            serde_json::json!([1, 2, 3, 4, 5, 7])
+        );
+        assert_eq!(json["pgs"][0]["membership"]["changing"], true);
     }
 
     /// Nothing listening anywhere: computed unreachable is reported as a

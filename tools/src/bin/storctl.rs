@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,7 +15,7 @@ use storaged::inspect::inspect;
 use storaged::io::uring::{UringConfig, UringDevice};
 use storaged::{errln, out, outln};
 use tools::devcluster::{self, UpOptions};
-use tools::{scrub, status};
+use tools::{repair, scrub, status};
 
 const EXIT_CLEAN: u8 = 0;
 const EXIT_UNCORRECTED: u8 = 4;
@@ -24,7 +25,7 @@ const EXIT_OPERATIONAL: u8 = 8;
 #[command(
     name = "storctl",
     version,
-    about = "Operate the storage service: inspect devices, show a cluster's status, scrub it now, run a local dev cluster",
+    about = "Operate the storage service: inspect devices, show a cluster's status, scrub it now, repair it, run a local dev cluster",
     after_help = "Exit status (fsck's): 0 clean; 1 problems found and corrected; 4 problems left uncorrected; \
                   8 operational error (the message says why); 2 usage error (a bad flag). Each command's \
                   --help says which it uses.\n\
@@ -63,7 +64,11 @@ enum Command {
     /// 3 s is down. A node whose Hello names another node id than the file
     /// gives its address has the wrong identity (swapped address lines):
     /// it is not asked, and its segments count as down. PGCL is the
-    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0).
+    /// 4th-highest SCL of a PG's 6 (a down segment counts as 0); while a
+    /// segment is being moved, the lower of that of the old set and the new.
+    ///
+    /// Membership: each PG's membership epoch and members, as its segments
+    /// hold it, and a change under way (old and new sets).
     ///
     /// Scrubbing: each node is also asked ScrubStatus: its last completed
     /// scrub pass (number, when it ended, bytes read, damage found, repaired
@@ -98,8 +103,14 @@ enum Command {
     /// bytes_done, bytes_total}, found_total, repaired_total, left_now},
     /// scrub_error}],
     /// pgs [{pg, pgcl, segments_up, write_quorum,
+    /// membership {epoch, changing, old [node], new [node]},
     /// segments [{node, up, scl, lag, epoch, highest_lsn, holes [{first, last}],
     /// damaged_pages [page], damaged_pages_total, table_damaged}]}].
+    /// A PG's segments are the members of the newest membership its
+    /// segments hold (both sets while a segment is being moved; nodes the
+    /// placement does not name are asked too), else the placement's;
+    /// membership is null when no segment holds one. PGCL and write_quorum
+    /// count by every set of it.
     /// Unknown values (a node down) are null; wrong_identity is the id the
     /// node at that address gave, null when it is the right node; scrub is
     /// null when unknown (scrub_error says why for a node that is up), its
@@ -160,6 +171,73 @@ enum Command {
         /// Only the segments of this PG.
         #[arg(long)]
         pg: Option<u32>,
+        /// Print the report as JSON (and no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fill every gap of a PG now; move a PG's segment to another node, or
+    /// roll a move back; or move every segment of a node.
+    ///
+    /// storctl repair --cluster FILE --pg N
+    ///   Gap fill. Asks every member of PG N its SCL (storage nodes only:
+    ///   works with computed down). The target is the PGCL when the run
+    ///   starts; the nodes fill gaps from their peers by themselves, and
+    ///   storctl waits until every member that is up has reached it.
+    /// storctl repair --cluster FILE --pg N --replace F --with G
+    ///   Move PG N's segment from node F to node G (G must not hold one):
+    ///   computed makes the membership dual (old set with F, new set with
+    ///   G; writes count by both), G copies the PG from its peers, then the
+    ///   new set alone is the membership. A move to G already under way is
+    ///   waited for.
+    /// storctl repair --cluster FILE --pg N --abort
+    ///   Roll the move under way back to the old set.
+    /// storctl repair --cluster FILE --node F --with G
+    ///   Move every segment of node F (each PG whose membership has F) to
+    ///   G, all at once.
+    ///
+    /// Every node named must be in the cluster file (add it there first).
+    /// Resumable and idempotent: nothing is kept by storctl; run it again
+    /// after a crash of storctl, computed or a node, at any step, and it
+    /// finishes the work or says exactly where it stands. A progress bar
+    /// (LSNs filled or hydrated, rate, ETA) is drawn on stderr when stdout
+    /// is a terminal and --json is not given.
+    ///
+    /// Exit status: 0 nothing needed (no gap; the move already done; no
+    /// change to abort); 1 repaired, moved or rolled back; 4 could not
+    /// finish within --timeout, or computed refused the change (the
+    /// message says why, where each PG stands, and what to run); 8
+    /// operational error (cluster file unreadable, a node or PG it does
+    /// not have, computed unreachable for a move or an abort, no node of
+    /// the PG answering: the message says which); 2 usage error.
+    ///
+    /// --json keys (stable): status ("nothing_needed"|"repaired"|
+    /// "not_finished"|"error"), action ("gap_fill"|"replace"|"abort"|"node"),
+    /// error, pgs [{pg, result ("nothing_needed"|"repaired"|"moved"|"aborted"|
+    /// "not_finished"|"error"), exit, message, membership {epoch, changing,
+    /// old [node], new [node]}, pgcl, target, behind [{node, scl, up}]}].
+    #[command(verbatim_doc_comment)]
+    Repair {
+        /// The cluster file (TOML).
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The PG to repair.
+        #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+        pg: Option<u32>,
+        /// Move this node's segment of --pg (needs --with).
+        #[arg(long, value_name = "ID", requires_all = ["pg", "with"])]
+        replace: Option<u64>,
+        /// The node that takes the segment(s) over (with --replace or --node).
+        #[arg(long = "with", value_name = "ID")]
+        with: Option<u64>,
+        /// Roll back the move of --pg under way.
+        #[arg(long, requires = "pg", conflicts_with_all = ["replace", "with"])]
+        abort: bool,
+        /// Move every segment of this node (needs --with).
+        #[arg(long, value_name = "ID", requires = "with")]
+        node: Option<u64>,
+        /// Wait at most this many seconds for the repair to finish (then exit 4).
+        #[arg(long, value_name = "SECS", default_value_t = repair::TIMEOUT_DEFAULT.as_secs())]
+        timeout: u64,
         /// Print the report as JSON (and no progress bar).
         #[arg(long)]
         json: bool,
@@ -240,6 +318,30 @@ fn main() -> ExitCode {
             pg,
             json,
         } => run_scrub(&cluster, node, pg, json),
+        Command::Repair {
+            cluster,
+            pg,
+            replace,
+            with,
+            abort,
+            node,
+            timeout,
+            json,
+        } => {
+            let action = match (pg, replace, with, abort, node) {
+                (Some(pg), None, None, false, None) => repair::Action::GapFill { pg },
+                (Some(pg), Some(old), Some(new), false, None) => repair::Action::Replace { pg, old, new },
+                (Some(pg), None, None, true, None) => repair::Action::Abort { pg },
+                (None, None, Some(new), false, Some(old)) => repair::Action::Node { old, new },
+                _ => <Cli as clap::CommandFactory>::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "--with goes with --replace ID (and --pg) or with --node ID",
+                    )
+                    .exit(),
+            };
+            run_repair(&cluster, &action, Duration::from_secs(timeout), json)
+        }
         Command::DevCluster(DevClusterCommand::Up {
             dir,
             nodes,
@@ -314,6 +416,31 @@ fn run_scrub(path: &Path, node: Option<u64>, pg: Option<u32>, json: bool) -> Res
         if let Some(e) = &n.error {
             errln!("storctl: error: node {} ({}): {e}", n.id, n.address);
         }
+    }
+    Ok(report.exit_code())
+}
+
+fn run_repair(path: &Path, action: &repair::Action, timeout: Duration, json: bool) -> Result<u8> {
+    let cluster = computed::cluster::Cluster::load(path)?;
+    if let Err(why) = repair::check(&cluster, action) {
+        errln!("storctl: error: {why}");
+        return Ok(EXIT_OPERATIONAL);
+    }
+    let bar = !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let report = repair::run(&cluster, &path.display().to_string(), action, timeout, bar)?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        )?;
+    } else {
+        out!("{}", repair::render(&report))?;
+    }
+    if let Some(e) = &report.error {
+        errln!("storctl: error: {e}");
+    }
+    for p in report.pgs.iter().filter(|p| p.exit == repair::EXIT_OPERATIONAL) {
+        errln!("storctl: error: PG {}: {}", p.pg, p.message);
     }
     Ok(report.exit_code())
 }

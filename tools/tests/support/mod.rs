@@ -308,6 +308,41 @@ pub fn start_node(c: &ClusterDir, node: u64) {
     );
 }
 
+/// Start computed again on the cluster file, as the dev cluster did;
+/// returns once it listens (it serves once it has recovered the volume).
+pub fn start_computed(c: &ClusterDir) {
+    let log = c.path().join("logs").join("computed.again.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let cluster = computed::cluster::Cluster::load(Path::new(&c.cluster_file())).unwrap();
+    let child = Command::new(Path::new(STORCTL).with_file_name("computed"))
+        .args([
+            "run",
+            "--cluster",
+            &c.cluster_file(),
+            "--listen",
+            &cluster.computed_address.to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    // Reaped by the ClusterDir's drop (by PID), like the dev cluster's own.
+    std::mem::forget(child);
+    let up = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+    });
+    assert!(
+        up,
+        "computed did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 /// The last lines of a daemon's log, for a failure's message.
 pub fn log_tail(c: &ClusterDir, name: &str) -> String {
     let text = std::fs::read_to_string(c.path().join("logs").join(format!("{name}.log"))).unwrap_or_default();

@@ -1,0 +1,447 @@
+//! Moving a PG's segment through computed: replace, abort, and every
+//! segment of a node (see the parent module's header).
+
+use computed::api::ClientErrorCode;
+use computed::client::{Client, ClientError};
+use computed::membership::{Change, Member, PgView};
+
+use super::*;
+
+/// Where a replace of `old` by `new` stands in `v`.
+#[derive(Debug, PartialEq, Eq)]
+enum Moving {
+    /// Not changing, `new` a member and `old` not.
+    Done,
+    /// A change whose new set has `new` and not `old`, or a step towards one.
+    UnderWay,
+    /// Nothing of this move yet.
+    NotStarted,
+}
+
+fn moving(v: &PgView, old: u64, new: u64) -> Moving {
+    let heads_to = |m: &computed::membership::Membership| {
+        let sets = computed::membership::sets(m);
+        let target = sets.last().expect("a membership has a set");
+        target.contains(&new) && !target.contains(&old)
+    };
+    if !v.changing() && heads_to(&v.membership) {
+        return Moving::Done;
+    }
+    // A step proposed says where the PG goes next (a roll-back proposed
+    // from a dual membership heading to `new` is no longer this move).
+    let next = v.proposed.as_ref().unwrap_or(&v.membership);
+    if heads_to(next) {
+        return Moving::UnderWay;
+    }
+    Moving::NotStarted
+}
+
+fn view_report(mut r: PgReport, v: &PgView, new: Option<u64>) -> PgReport {
+    r.membership = Some(MembershipStatus::of(v.proposed.as_ref().unwrap_or(&v.membership)));
+    r.pgcl = Some(v.pgcl);
+    if let Some(new) = new {
+        r.behind = v
+            .members
+            .iter()
+            .filter(|m| m.id == new)
+            .map(|m| Behind {
+                node: m.id,
+                scl: Some(m.scl),
+                up: m.up,
+            })
+            .collect();
+    }
+    r
+}
+
+/// Where the PG stands, in words: the membership and any step proposed.
+fn standing(v: &PgView) -> String {
+    let mut s = format!("membership {}", MembershipStatus::of(&v.membership).line());
+    if let Some(p) = &v.proposed {
+        let _ = write!(s, ", step proposed: {}", MembershipStatus::of(p).line());
+    }
+    s
+}
+
+/// Asks computed where PG `pg` stands, retrying on a lost connection until
+/// the deadline (computed restarting); the error text names computed.
+async fn pg_state(ctx: &Ctx<'_>, client: &mut Client, pg: u32) -> Result<PgView, (u8, String)> {
+    loop {
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.pg_state(pg)).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(ClientError::Refused { code, message })) if code != ClientErrorCode::ShuttingDown => {
+                return Err((EXIT_OPERATIONAL, format!("computed refused PgState: {message}")));
+            }
+            Ok(Err(e)) if ctx.timed_out() => {
+                return Err((
+                    EXIT_OPERATIONAL,
+                    format!("computed at {}: {e}", ctx.cluster.computed_address),
+                ));
+            }
+            Err(_) if ctx.timed_out() => {
+                return Err((
+                    EXIT_OPERATIONAL,
+                    format!(
+                        "computed at {} did not answer within {} s",
+                        ctx.cluster.computed_address,
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            _ => {
+                // computed went away (restarting): connect again.
+                tokio::time::sleep(POLL_EVERY).await;
+                if let Ok(c) = ctx.computed().await {
+                    *client = c;
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn run_replace(
+    ctx: &Ctx<'_>,
+    client: &mut Client,
+    pg: u32,
+    old: u64,
+    new: u64,
+    bar: &indicatif::ProgressBar,
+) -> PgReport {
+    let fail = |(exit, message): (u8, String)| {
+        pg_report(
+            pg,
+            if exit == EXIT_OPERATIONAL {
+                "error"
+            } else {
+                "not_finished"
+            },
+            exit,
+            message,
+        )
+    };
+    let v = match pg_state(ctx, client, pg).await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    match moving(&v, old, new) {
+        Moving::Done => {
+            let r = pg_report(
+                pg,
+                "nothing_needed",
+                EXIT_NOTHING_NEEDED,
+                format!("node {new} already holds PG {pg}'s segment in place of node {old}"),
+            );
+            return view_report(r, &v, Some(new));
+        }
+        Moving::UnderWay => {}
+        Moving::NotStarted => {
+            let in_target = |id: u64| {
+                let m = v.proposed.as_ref().unwrap_or(&v.membership);
+                computed::membership::sets(m).last().is_some_and(|s| s.contains(&id))
+            };
+            if !in_target(old) {
+                let r = pg_report(
+                    pg,
+                    "error",
+                    EXIT_OPERATIONAL,
+                    format!(
+                        "node {old} is not a member of PG {pg} ({}): nothing of it to move",
+                        standing(&v)
+                    ),
+                );
+                return view_report(r, &v, None);
+            }
+            if v.membership.is_member(new) || v.proposed.as_ref().is_some_and(|p| p.is_member(new)) {
+                let r = pg_report(
+                    pg,
+                    "error",
+                    EXIT_OPERATIONAL,
+                    format!(
+                        "node {new} already holds a segment of PG {pg} ({}): choose another node",
+                        standing(&v)
+                    ),
+                );
+                return view_report(r, &v, None);
+            }
+            let change = Change::Replace {
+                old,
+                new: Member {
+                    id: new,
+                    addr: ctx.cluster.node(new).map(|n| n.address).expect("checked"),
+                },
+            };
+            if let Err(r) = send(ctx, client, pg, change, &format!(" --replace {old} --with {new}")).await {
+                return r;
+            }
+        }
+    }
+    // Wait for the new member to catch up and the writer to switch.
+    loop {
+        let v = match pg_state(ctx, client, pg).await {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        if let Some(m) = v.members.iter().find(|m| m.id == new) {
+            bar.set_length(v.pgcl.max(m.scl));
+            bar.set_position(m.scl);
+        }
+        match moving(&v, old, new) {
+            Moving::Done => {
+                let r = pg_report(
+                    pg,
+                    "moved",
+                    EXIT_REPAIRED,
+                    format!("moved: node {new} holds PG {pg}'s segment in place of node {old}"),
+                );
+                return view_report(r, &v, Some(new));
+            }
+            Moving::NotStarted => {
+                let r = pg_report(
+                    pg,
+                    "not_finished",
+                    EXIT_NOT_FINISHED,
+                    format!(
+                        "the move of node {old} to node {new} is no longer under way ({}; aborted, or \
+                         another change?): run `{}` to start it again",
+                        standing(&v),
+                        ctx.again(pg, &format!(" --replace {old} --with {new}"))
+                    ),
+                );
+                return view_report(r, &v, Some(new));
+            }
+            Moving::UnderWay => {}
+        }
+        if ctx.timed_out() {
+            let scl = v
+                .members
+                .iter()
+                .find(|m| m.id == new)
+                .map_or_else(|| "unknown".to_string(), |m| m.scl.to_string());
+            let r = pg_report(
+                pg,
+                "not_finished",
+                EXIT_NOT_FINISHED,
+                format!(
+                    "after {} s the move of node {old} to node {new} is still under way ({}; node {new} at \
+                     SCL {scl}, PGCL {}): run `{}` to wait for it again, or `{}` to roll it back",
+                    ctx.timeout.as_secs(),
+                    standing(&v),
+                    v.pgcl,
+                    ctx.again(pg, &format!(" --replace {old} --with {new}")),
+                    ctx.again(pg, " --abort")
+                ),
+            );
+            return view_report(r, &v, Some(new));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Sends `change`, again while computed answers Busy (a step still being
+/// installed), until the deadline.
+async fn send(ctx: &Ctx<'_>, client: &mut Client, pg: u32, change: Change, flags: &str) -> Result<PgView, PgReport> {
+    loop {
+        let sent = tokio::time::timeout(REQUEST_TIMEOUT, client.change_membership(pg, change.clone())).await;
+        let why = match sent {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(ClientError::Refused {
+                code: ClientErrorCode::Busy,
+                message,
+            })) => message,
+            Ok(Err(ClientError::Refused { message, .. })) => {
+                return Err(pg_report(
+                    pg,
+                    "not_finished",
+                    EXIT_NOT_FINISHED,
+                    format!(
+                        "computed refused the change: {message}; `storctl status --cluster {}` shows where \
+                         PG {pg} stands (a change under way can be rolled back: `{}`)",
+                        ctx.file,
+                        ctx.again(pg, " --abort")
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                if let Ok(c) = ctx.computed().await {
+                    *client = c;
+                }
+                e
+            }
+            Err(_) => format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+        };
+        if ctx.timed_out() {
+            return Err(pg_report(
+                pg,
+                "not_finished",
+                EXIT_NOT_FINISHED,
+                format!(
+                    "after {} s computed has not taken the change ({why}): run `{}` again",
+                    ctx.timeout.as_secs(),
+                    ctx.again(pg, flags)
+                ),
+            ));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+pub(super) async fn abort(ctx: &Ctx<'_>, client: &mut Client, pg: u32) -> PgReport {
+    let fail = |(exit, message): (u8, String)| pg_report(pg, "error", exit, message);
+    let v = match pg_state(ctx, client, pg).await {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    if !v.changing() {
+        let r = pg_report(
+            pg,
+            "nothing_needed",
+            EXIT_NOTHING_NEEDED,
+            format!("no change of PG {pg}'s membership is under way"),
+        );
+        return view_report(r, &v, None);
+    }
+    let back_to = computed::membership::sets(&v.membership)[0].clone();
+    match send(ctx, client, pg, Change::Abort, " --abort").await {
+        Ok(_) => {}
+        // The change finished (or was rolled back) meanwhile: say how it stands.
+        Err(r) if r.exit == EXIT_NOT_FINISHED && r.message.contains("no membership change under way") => {}
+        Err(r) => return r,
+    }
+    loop {
+        let v = match pg_state(ctx, client, pg).await {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        if !v.changing() {
+            let mut now = computed::membership::sets(&v.membership)[0].clone();
+            now.sort_unstable();
+            let mut was = back_to.clone();
+            was.sort_unstable();
+            let (result, message) = if now == was {
+                ("aborted", format!("rolled back to the old set {}", join(&back_to)))
+            } else {
+                (
+                    "moved",
+                    format!(
+                        "the change finished before the abort took: the membership is {}",
+                        join(&now)
+                    ),
+                )
+            };
+            return view_report(pg_report(pg, result, EXIT_REPAIRED, message), &v, None);
+        }
+        if ctx.timed_out() {
+            let r = pg_report(
+                pg,
+                "not_finished",
+                EXIT_NOT_FINISHED,
+                format!(
+                    "after {} s the roll-back is still under way ({}): run `{}` again",
+                    ctx.timeout.as_secs(),
+                    standing(&v),
+                    ctx.again(pg, " --abort")
+                ),
+            );
+            return view_report(r, &v, None);
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+// ---- a whole node ----
+
+/// Every PG whose membership has `old`, or that is being moved from `old`
+/// to `new`, moved to `new` at once.
+pub(super) async fn move_node(
+    ctx: &Ctx<'_>,
+    client: &mut Client,
+    old: u64,
+    new: u64,
+    bar: &indicatif::ProgressBar,
+) -> Vec<PgReport> {
+    let pgs = client.info.pgs;
+    let mut chosen = Vec::new();
+    for pg in 0..pgs {
+        let v = match pg_state(ctx, client, pg).await {
+            Ok(v) => v,
+            Err((exit, message)) => return vec![pg_report(pg, "error", exit, message)],
+        };
+        let has_old = v.membership.is_member(old) || v.proposed.as_ref().is_some_and(|p| p.is_member(old));
+        if has_old || moving(&v, old, new) == Moving::UnderWay {
+            chosen.push(pg);
+        }
+    }
+    if chosen.is_empty() {
+        return Vec::new();
+    }
+    // One connection a PG: each waits on its own.
+    let mut runs = Vec::new();
+    for &pg in &chosen {
+        runs.push(async move {
+            match ctx.computed().await {
+                Ok(mut c) => run_replace(ctx, &mut c, pg, old, new, &indicatif::ProgressBar::hidden()).await,
+                Err(e) => pg_report(pg, "error", EXIT_OPERATIONAL, e),
+            }
+        });
+    }
+    bar.set_length(chosen.len() as u64);
+    let reports = futures_util::future::join_all(runs).await;
+    bar.set_position(reports.iter().filter(|r| r.exit != EXIT_NOT_FINISHED).count() as u64);
+    reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use computed::membership::{MemberView, Membership, plan};
+    use std::net::SocketAddr;
+
+    fn member(id: u64) -> Member {
+        Member {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+        }
+    }
+
+    fn view(membership: Membership, proposed: Option<Membership>) -> PgView {
+        PgView {
+            pg: 0,
+            members: membership
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    id: m.id,
+                    addr: m.addr,
+                    up: true,
+                    scl: 10,
+                    told_epoch: membership.epoch,
+                })
+                .collect(),
+            membership,
+            proposed,
+            pgcl: 10,
+        }
+    }
+
+    #[test]
+    fn a_move_is_told_done_under_way_or_not_started_from_the_writers_view() {
+        let placed = Membership::single(1, (1..=6).map(member).collect());
+        let replace = |old, new| Change::Replace { old, new: member(new) };
+        let dual = plan(0, &placed, &replace(6, 7)).unwrap();
+        let done = computed::membership::finish(&dual);
+        assert_eq!(moving(&view(placed.clone(), None), 6, 7), Moving::NotStarted);
+        assert_eq!(
+            moving(&view(placed.clone(), Some(dual.clone())), 6, 7),
+            Moving::UnderWay
+        );
+        assert_eq!(moving(&view(dual.clone(), None), 6, 7), Moving::UnderWay);
+        assert_eq!(moving(&view(dual.clone(), Some(done.clone())), 6, 7), Moving::UnderWay);
+        assert_eq!(moving(&view(done.clone(), None), 6, 7), Moving::Done);
+        // Another move, or this one rolled back: not this one.
+        assert_eq!(moving(&view(dual.clone(), None), 6, 8), Moving::NotStarted);
+        let back = plan(0, &dual, &Change::Abort).unwrap();
+        assert_eq!(moving(&view(dual, Some(back.clone())), 6, 7), Moving::NotStarted);
+        assert_eq!(moving(&view(back, None), 6, 7), Moving::NotStarted);
+    }
+}

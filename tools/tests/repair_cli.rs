@@ -1,0 +1,456 @@
+//! `storctl repair`, with real processes on 127.0.0.1: its flags and exit
+//! codes, a gap fill on a dev cluster, and segments moved to spare nodes of
+//! an 8-node dev cluster (a node lost for good; a run killed mid-change,
+//! computed killed too, and a run again; a move that cannot finish, rolled
+//! back).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// A cluster file whose nodes and computed all listen nowhere.
+fn nowhere_cluster(dir: &std::path::Path) -> (String, SocketAddr) {
+    let closed = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let nodes: Vec<SocketAddr> = (0..8).map(|_| closed()).collect();
+    let computed = closed();
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, computed::cluster::local_cluster_toml(1, 1, 64, computed, &nodes)).unwrap();
+    (file.to_string_lossy().into_owned(), computed)
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("repair-cli-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+fn assert_no_panic(out: &std::process::Output) {
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_flags_are_usage_errors_and_unknown_nodes_are_named() {
+    let dir = tempdir();
+    let (file, _) = nowhere_cluster(dir.path());
+    // Usage errors (2), each naming the flag that is missing.
+    for (args, flag) in [
+        (vec!["--pg", "0", "--replace", "6"], "--with"),
+        (vec!["--replace", "6", "--with", "7"], "--pg"),
+        (vec!["--node", "6"], "--with"),
+        (vec!["--pg", "0", "--with", "7"], "--with"),
+        (vec!["--pg", "0", "--abort", "--replace", "6", "--with", "7"], "--abort"),
+        (vec![], "--pg"),
+    ] {
+        let mut all = vec!["repair", "--cluster", &file];
+        all.extend_from_slice(&args);
+        let out = storctl(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(flag), "{args:?}: {}", text(&out.stderr));
+        assert_no_panic(&out);
+    }
+    // A node the cluster file does not have: 8, saying what to do.
+    for args in [
+        vec!["--pg", "0", "--replace", "6", "--with", "9"],
+        vec!["--node", "9", "--with", "7"],
+    ] {
+        let mut all = vec!["repair", "--cluster", &file];
+        all.extend_from_slice(&args);
+        let out = storctl(&all);
+        assert_eq!(out.status.code(), Some(8), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("add node 9 to the cluster file"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_no_panic(&out);
+    }
+    let out = storctl(&["repair", "--cluster", &file, "--pg", "3"]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--pg 3"), "{}", text(&out.stderr));
+    let missing = dir.path().join("missing.toml");
+    let out = storctl(&["repair", "--cluster", missing.to_str().unwrap(), "--pg", "0"]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("missing.toml"), "{}", text(&out.stderr));
+    let help = storctl(&["repair", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(
+        text(&help.stdout).contains("Exit status: 0 nothing needed"),
+        "{}",
+        text(&help.stdout)
+    );
+}
+
+#[test]
+fn unreachable_computed_or_nodes_exit_8_named() {
+    let dir = tempdir();
+    let (file, computed) = nowhere_cluster(dir.path());
+    for args in [
+        vec!["--pg", "0", "--replace", "6", "--with", "7"],
+        vec!["--pg", "0", "--abort"],
+        vec!["--node", "6", "--with", "7"],
+    ] {
+        let mut all = vec!["repair", "--cluster", &file];
+        all.extend_from_slice(&args);
+        let out = storctl(&all);
+        assert_eq!(out.status.code(), Some(8), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(&format!("computed at {computed} is unreachable")),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_no_panic(&out);
+    }
+    // A gap fill needs no computed, but some node of the PG.
+    let out = storctl(&["repair", "--cluster", &file, "--pg", "0", "--json"]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "error");
+    assert!(
+        report["pgs"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no storage node of PG 0 answers"),
+        "{report}"
+    );
+    // Into a closed pipe: quietly, by SIGPIPE.
+    let out = run_into_closed_pipe(STORCTL, &["repair", "--cluster", &file, "--pg", "0"]);
+    assert_quiet_sigpipe("storctl repair", &out);
+}
+
+/// A node down while more was written than computed holds for it: once it
+/// is back, `repair --pg` waits for it to fill its gap from its peers
+/// (exit 1), and a second run finds nothing to do (exit 0). With computed
+/// down: a gap fill still runs, a move does not (8).
+#[test]
+fn a_gap_is_filled_and_a_second_run_finds_nothing_to_do() {
+    let c = cluster_with_small_hold();
+    let file = c.cluster_file();
+    let journal = c.path().join("journal");
+    kill_node(&c, 6);
+    commit_with_journal(&c, &journal, 4, None);
+    start_node(&c, 6);
+    let first = storctl(&["repair", "--cluster", &file, "--pg", "0", "--json", "--timeout", "100"]);
+    assert_eq!(
+        first.status.code(),
+        Some(1),
+        "{}{}",
+        text(&first.stdout),
+        text(&first.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(report["pgs"][0]["result"], "repaired", "{report}");
+    let target = report["pgs"][0]["target"].as_u64().unwrap();
+    assert!(target > 0, "{report}");
+    let v = status(&c);
+    let seg6 = v["pgs"][0]["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["node"] == 6)
+        .cloned()
+        .unwrap();
+    assert!(seg6["scl"].as_u64().unwrap() >= target, "{v}");
+
+    let second = storctl(&["repair", "--cluster", &file, "--pg", "0"]);
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}{}",
+        text(&second.stdout),
+        text(&second.stderr)
+    );
+    assert!(
+        text(&second.stdout).contains("every segment up is at the PGCL"),
+        "{}",
+        text(&second.stdout)
+    );
+
+    // computed down: the gap fill still answers; a move needs the writer.
+    let computed = c.pid("computed");
+    // SAFETY: the dev cluster's computed, by its PID.
+    unsafe { libc::kill(computed, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(computed)));
+    let fill = storctl(&["repair", "--cluster", &file, "--pg", "0"]);
+    assert_eq!(fill.status.code(), Some(0), "{}", text(&fill.stderr));
+    let replace = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--replace",
+        "6",
+        "--with",
+        "5",
+    ]);
+    assert_eq!(replace.status.code(), Some(8), "{}", text(&replace.stderr));
+    assert!(
+        text(&replace.stderr).contains("is unreachable"),
+        "{}",
+        text(&replace.stderr)
+    );
+}
+
+fn eight_nodes_one_pg() -> ClusterDir {
+    let c = ClusterDir::new();
+    let out = c.up(&["--nodes", "8", "--pgs", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    c
+}
+
+/// PG 0's membership as `storctl status --json` shows it: (epoch,
+/// changing, old set sorted, new set sorted).
+fn membership(c: &ClusterDir) -> Option<(u64, bool, Vec<u64>, Vec<u64>)> {
+    let v = status(c);
+    let m = &v["pgs"][0]["membership"];
+    let set = |k: &str| -> Vec<u64> {
+        let mut s: Vec<u64> = m[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        s.sort_unstable();
+        s
+    };
+    Some((m["epoch"].as_u64()?, m["changing"].as_bool()?, set("old"), set("new")))
+}
+
+/// Node 6 lost for good: its segment moves to spare node 7; then with two
+/// more of the original members gone the PG still takes commits (it needs
+/// node 7 for its quorum), every commit acknowledged before reads back, and
+/// a second run has nothing to do.
+#[test]
+fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
+    let c = eight_nodes_one_pg();
+    let file = c.cluster_file();
+    let journal = c.path().join("journal");
+    commit_with_journal(&c, &journal, 2, None);
+    kill_node(&c, 6);
+    let moved = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--node",
+        "6",
+        "--with",
+        "7",
+        "--json",
+        "--timeout",
+        "100",
+    ]);
+    assert_eq!(
+        moved.status.code(),
+        Some(1),
+        "{}{}",
+        text(&moved.stdout),
+        text(&moved.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(report["pgs"][0]["result"], "moved", "{report}");
+    let (_, changing, old, _) = membership(&c).expect("a membership");
+    assert!(!changing);
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 7]);
+    let text_status = storctl(&["status", "--cluster", &file]);
+    assert!(
+        text(&text_status.stdout).contains("membership epoch"),
+        "{}",
+        text(&text_status.stdout)
+    );
+
+    for other in [4, 5] {
+        kill_node(&c, other);
+    }
+    let verify = verify_only(&file, &journal);
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
+    assert!(
+        text(&verify.stderr).contains("0 missing, 0 wrong"),
+        "{}",
+        text(&verify.stderr)
+    );
+    let more = run(
+        STORBENCH,
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &file,
+            "--runtime=2",
+            "--iodepth=4",
+            "--bs=512",
+            "--verify",
+        ],
+    );
+    assert_eq!(
+        more.status.code(),
+        Some(0),
+        "commits on 1 2 3 7: {}",
+        text(&more.stderr)
+    );
+
+    let again = storctl(&["repair", "--cluster", &file, "--node", "6", "--with", "7"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}{}",
+        text(&again.stdout),
+        text(&again.stderr)
+    );
+}
+
+/// A move to a node that is down cannot finish: storctl says so (4) with
+/// the commands to wait again or roll back; killed mid-change (kill -9),
+/// computed killed and started again, and run again once the node is
+/// back, it finishes; a move rolled back with
+/// --abort goes back to the old set, and an abort with nothing under way
+/// has nothing to do.
+#[test]
+fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is_rolled_back() {
+    let c = eight_nodes_one_pg();
+    let file = c.cluster_file();
+    commit_with_journal(&c, &c.path().join("journal"), 1, None);
+    kill_node(&c, 8);
+
+    // Killed mid-change.
+    let child = Command::new(STORCTL)
+        .args([
+            "repair",
+            "--cluster",
+            &file,
+            "--pg",
+            "0",
+            "--replace",
+            "6",
+            "--with",
+            "8",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let changing = wait_until(Duration::from_secs(60), || {
+        membership(&c).is_some_and(|(_, changing, _, new)| changing && new.contains(&8))
+    });
+    // SAFETY: our own child, by its PID.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = wait_bounded(child, Duration::from_secs(10));
+    assert!(changing, "no change under way: {:?}", membership(&c));
+
+    // Node 8 still down: the move cannot finish; where it stands and what to run.
+    let stuck = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--replace",
+        "6",
+        "--with",
+        "8",
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(
+        stuck.status.code(),
+        Some(4),
+        "{}{}",
+        text(&stuck.stdout),
+        text(&stuck.stderr)
+    );
+    let out = text(&stuck.stdout);
+    assert!(
+        out.contains("still under way") && out.contains("--abort") && out.contains("node 8 at"),
+        "{out}"
+    );
+
+    // computed crashes mid-change too: the change is in the segments, and
+    // the writer that recovers carries it on.
+    let computed = c.pid("computed");
+    // SAFETY: the dev cluster's computed, by its PID.
+    unsafe { libc::kill(computed, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || pid_gone(computed)));
+    start_computed(&c);
+    start_node(&c, 8);
+    let finished = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--replace",
+        "6",
+        "--with",
+        "8",
+        "--timeout",
+        "100",
+    ]);
+    assert_eq!(
+        finished.status.code(),
+        Some(1),
+        "{}{}",
+        text(&finished.stdout),
+        text(&finished.stderr)
+    );
+    let (_, changing, old, _) = membership(&c).unwrap();
+    assert!(!changing);
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
+    let again = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--replace",
+        "6",
+        "--with",
+        "8",
+    ]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+
+    // A move to a node that is down, rolled back.
+    kill_node(&c, 7);
+    let stuck = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--replace",
+        "5",
+        "--with",
+        "7",
+        "--timeout",
+        "3",
+    ]);
+    assert_eq!(
+        stuck.status.code(),
+        Some(4),
+        "{}{}",
+        text(&stuck.stdout),
+        text(&stuck.stderr)
+    );
+    let abort = storctl(&["repair", "--cluster", &file, "--pg", "0", "--abort", "--timeout", "60"]);
+    assert_eq!(
+        abort.status.code(),
+        Some(1),
+        "{}{}",
+        text(&abort.stdout),
+        text(&abort.stderr)
+    );
+    assert!(text(&abort.stdout).contains("rolled back"), "{}", text(&abort.stdout));
+    let (_, changing, old, _) = membership(&c).unwrap();
+    assert!(!changing);
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
+    let nothing = storctl(&["repair", "--cluster", &file, "--pg", "0", "--abort"]);
+    assert_eq!(nothing.status.code(), Some(0), "{}", text(&nothing.stderr));
+}
