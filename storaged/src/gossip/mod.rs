@@ -195,7 +195,25 @@ struct SegmentState {
     /// what the peers said may be out of date until they are asked again
     /// (without it a refused hydration is asked again at once, for ever).
     retry_at: Millis,
+    /// Donors whose hydration failed, and until when each is not asked
+    /// again ([`GossipCore::donor_failed`]).
+    donors_refused: BTreeMap<NodeId, DonorBackOff>,
 }
+
+/// A donor whose hydrations failed `failures` times in a row is asked
+/// again no sooner than `until`, and another able donor is preferred
+/// meanwhile: a donor that cannot serve (under pressure, damaged, or
+/// answering out of bounds) is not asked at every digest interval while
+/// others could.
+#[derive(Debug, Clone, Copy)]
+struct DonorBackOff {
+    failures: u32,
+    until: Millis,
+}
+
+/// A failed donor waits one digest interval after its first failure, and
+/// twice as long after each next, up to this many intervals.
+const DONOR_BACK_OFF_INTERVALS_MAX: u64 = 32;
 
 #[derive(Debug, Clone)]
 struct Request {
@@ -287,6 +305,7 @@ impl GossipCore {
             local: local.clone(),
             peers: BTreeMap::new(),
             retry_at: 0,
+            donors_refused: BTreeMap::new(),
         });
         state.peers.retain(|id, _| local.members.contains(id));
         for &m in &local.members {
@@ -361,6 +380,9 @@ impl GossipCore {
             self.counters.bytes_pulled += bytes;
             if r.hydrate {
                 self.counters.hydrations_done += 1;
+                if let Some(state) = self.segments.get_mut(&r.pg) {
+                    state.donors_refused.remove(&r.to);
+                }
             } else {
                 self.counters.pulls_done += 1;
             }
@@ -385,6 +407,28 @@ impl GossipCore {
             }
             self.counters.pulls_failed += 1;
             self.back_off(now, r.pg);
+            if r.hydrate {
+                self.donor_failed(now, r.pg, r.to);
+            }
+        }
+    }
+
+    /// A hydration from `donor` failed or stalled: it is not asked again
+    /// for one digest interval, doubled with each failure in a row (up to
+    /// [`DONOR_BACK_OFF_INTERVALS_MAX`]); other donors go first meanwhile.
+    fn donor_failed(&mut self, now: Millis, pg: Pg, donor: NodeId) {
+        let interval = self.config.digest_interval_ms;
+        if let Some(state) = self.segments.get_mut(&pg) {
+            let b = state
+                .donors_refused
+                .entry(donor)
+                .or_insert(DonorBackOff { failures: 0, until: 0 });
+            b.failures = b.failures.saturating_add(1);
+            let intervals = 1u64
+                .checked_shl(b.failures - 1)
+                .unwrap_or(u64::MAX)
+                .min(DONOR_BACK_OFF_INTERVALS_MAX);
+            b.until = now.saturating_add(interval.saturating_mul(intervals));
         }
     }
 
@@ -462,6 +506,9 @@ impl GossipCore {
                 peer.latency_ms = Some(peer.latency_ms.map_or(waited, |l| l.max(waited)));
                 // A slow peer, not a stale view: another is asked at once.
                 self.counters.pulls_timed_out += 1;
+                if r.hydrate {
+                    self.donor_failed(now, r.pg, r.to);
+                }
                 actions.push(Action::Abandon { id });
             }
         }
@@ -548,7 +595,16 @@ impl GossipCore {
         let first_after = wanted[0].0;
         let can_serve_first = able.iter().any(|(_, d)| d.floor <= first_after && d.scl > first_after);
         if !can_serve_first {
-            let donors: Vec<(NodeId, Digest)> = able.iter().copied().filter(|(_, d)| d.floor > first_after).collect();
+            // Donors backing off after a failure wait their turn.
+            let donors: Vec<(NodeId, Digest)> = (able.iter().copied())
+                .filter(|(_, d)| d.floor > first_after)
+                .filter(|(id, _)| state.donors_refused.get(id).is_none_or(|b| b.until <= now))
+                .collect();
+            // One that never failed goes before one whose back-off ended.
+            let unrefused: Vec<(NodeId, Digest)> = (donors.iter().copied())
+                .filter(|(id, _)| !state.donors_refused.contains_key(id))
+                .collect();
+            let donors = if unrefused.is_empty() { donors } else { unrefused };
             if let Some(from) = self.choose(now, &donors) {
                 let at = donors
                     .iter()

@@ -296,3 +296,66 @@ fn caught_up_needs_three_fresh_peers_none_ahead() {
     core.on_digest(stale, PG, 5, digest(50, 0)).unwrap();
     assert_eq!(core.caught_up(stale, PG), None, "only peer 5 is fresh");
 }
+
+fn hydrations(actions: &[Action]) -> Vec<(u64, NodeId)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Hydrate { id, from, .. } => Some((*id, *from)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first time after `from` that `donor` is asked for a hydration, the
+/// peers' digests kept fresh; the hydration then ends as `outcome` says.
+fn next_hydration_from(core: &mut GossipCore, from: Millis, able: &[NodeId], failed: bool) -> (Millis, NodeId) {
+    let mut t = from;
+    loop {
+        t += 10;
+        assert!(t < from + 1_000_000, "never asked again");
+        for &p in able {
+            core.on_digest(t, PG, p, digest(50, 30)).unwrap();
+        }
+        if let Some(&(id, donor)) = hydrations(&core.poll(t)).first() {
+            if failed {
+                core.on_failed(t, id);
+            } else {
+                core.on_pulled(t, id, 0);
+            }
+            return (t, donor);
+        }
+    }
+}
+
+/// A donor whose hydration failed is not chosen again while another can
+/// serve; alone, it waits twice as long after each failure in a row (not
+/// one digest interval each time, for ever); a success forgets its failures.
+#[test]
+fn a_refused_donor_backs_off_exponentially_and_others_go_first() {
+    let interval = unpaced().digest_interval_ms;
+    let mut core = core_at(10);
+    let (t, donor) = next_hydration_from(&mut core, 0, &[2], true);
+    assert_eq!(donor, 2);
+    // Node 3 can serve too: it is asked next, not node 2 again.
+    let (_, donor) = next_hydration_from(&mut core, t, &[2, 3], true);
+    assert_eq!(donor, 3);
+
+    // Alone, node 2 is asked again 1, 2, 4, 8, 16 intervals after each
+    // failure in a row, never sooner.
+    let mut core = core_at(10);
+    let (mut t, _) = next_hydration_from(&mut core, 0, &[2], true);
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let (next, donor) = next_hydration_from(&mut core, t, &[2], true);
+        assert_eq!(donor, 2);
+        waits.push((next - t) / interval);
+        t = next;
+    }
+    assert_eq!(waits, vec![1, 2, 4, 8, 16], "in digest intervals, rounded down");
+    // A success forgets them: the next failure costs one interval again.
+    let (t, _) = next_hydration_from(&mut core, t, &[2], false);
+    let (t, _) = next_hydration_from(&mut core, t, &[2], true);
+    let (next, _) = next_hydration_from(&mut core, t, &[2], true);
+    assert_eq!((next - t) / interval, 1);
+}

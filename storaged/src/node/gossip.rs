@@ -227,7 +227,7 @@ impl Node {
     ) -> Result<(u64, Vec<RedoRecord>), NodeError> {
         let pressure = self.hold_pressure();
         let mut st = self.state();
-        let pressure = pressure || st.hot_bytes > self.config.hot_bytes_max / 2;
+        let pressure = pressure || self.hold_hot_pressure(st.hot_bytes);
         let s = st.seg_mut(id)?;
         s.gossip_gate(id, from, installed_epoch, membership_epoch, true)?;
         // A peer that hydrated from this segment pulls the chain above its

@@ -54,14 +54,15 @@
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
 //! pulls the chain above its floor, the segment does not coalesce past the
-//! floor it served the peer first (a hold, let go once the peer has not
-//! asked for [`HOLD_IDLE`], after [`HOLD_MAX`], or at once when the node's
-//! log is half full or its hot records over half their bound: the
-//! foreground comes first); a pull moves the hold up to what it asks
-//! above. So the chain above the floor is still there to pull when the
-//! versions are taken. Known limit: when the donor is under that pressure
-//! it coalesces on, the pull is refused (`ReadPointBelowPgmrpl`) and
-//! hydration starts again, fetching only the pages that changed since.
+//! floor it served the peer first (a hold). It is let go once the peer has
+//! not asked for [`HOLD_IDLE`], after [`HOLD_MAX`], or at the peer's next
+//! ask when the node's log is three quarters full or its hot records over
+//! three quarters of their bound (the foreground comes first); a pull
+//! moves the hold up to what it asks above. So the chain above the floor
+//! is still there to pull when the versions are taken. Known limit: when
+//! the donor is under that pressure it coalesces on, the pull is refused
+//! (`ReadPointBelowPgmrpl`) and hydration starts again, fetching only the
+//! pages that changed since.
 
 use std::collections::BTreeMap;
 
@@ -137,8 +138,12 @@ pub(super) struct Hydration {
 /// How long a segment keeps its floor for a peer hydrating from it after
 /// that peer last asked it for versions or records.
 const HOLD_IDLE: Duration = Duration::from_secs(3);
-/// How long it keeps it for one hydration at most, however often asked.
-const HOLD_MAX: Duration = Duration::from_secs(30);
+/// How long it keeps it for one hydration at most, however often asked:
+/// a bound on a peer that keeps asking for ever. Long enough for a
+/// segment of gigabytes at tens of MB/s: a hydration that outlives its
+/// hold finds the chain above its floor freed and starts again. The
+/// foreground does not wait on it: pressure ends a hold at once.
+const HOLD_MAX: Duration = Duration::from_secs(300);
 
 /// A peer hydrating from this segment, and the LSN coalescing here keeps at
 /// or below for it (see the module comment).
@@ -163,6 +168,21 @@ pub(super) struct Holds {
 }
 
 impl SegState {
+    /// The node's log or memory is under pressure: every hold ends, and
+    /// the peers' pulls above their floors may be refused after (they
+    /// hydrate again, only the pages changed since).
+    fn let_go_of_holds(&mut self) {
+        if !self.holds.holds.is_empty() {
+            let peers: Vec<u64> = self.holds.holds.iter().map(|h| h.peer).collect();
+            tracing::info!(
+                ?peers,
+                floor = self.coalesced_lsn,
+                "log or memory under pressure: coalescing goes on past the floor served to hydrating peers"
+            );
+            self.holds.holds.clear();
+        }
+    }
+
     /// Coalescing goes no higher while a peer hydrates from the segment.
     pub(super) fn hold_target(&self) -> u64 {
         let now = Instant::now();
@@ -179,8 +199,9 @@ impl SegState {
     /// hold is let go then, and the foreground goes first.
     fn hold_for(&mut self, peer: u64, floor: u64, pressure: bool) {
         let now = Instant::now();
-        self.holds.holds.retain(|h| h.live(now) && !pressure);
+        self.holds.holds.retain(|h| h.live(now));
         if pressure {
+            self.let_go_of_holds();
             return;
         }
         match self.holds.holds.iter_mut().find(|h| h.peer == peer) {
@@ -199,11 +220,37 @@ impl SegState {
     pub(super) fn hold_moves_to(&mut self, peer: u64, after: u64, pressure: bool) {
         let now = Instant::now();
         if pressure {
-            self.holds.holds.clear();
+            self.let_go_of_holds();
         }
         if let Some(h) = self.holds.holds.iter_mut().find(|h| h.peer == peer && h.live(now)) {
             h.lsn = h.lsn.max(after);
             h.last = now;
+        }
+    }
+
+    /// Whether page `local` may hold a version above `changed_after` (so a
+    /// peer asking for changes after it must be sent the page): false for
+    /// a page known never written, and for one whose version is at or
+    /// below it by the page-version index, where the node has read the
+    /// page's slots (judged by the index) or written them since start-up.
+    /// Those pages' entries in memory are what their slots hold: a judged
+    /// read takes a newer version into the index, and every writer sets
+    /// the entry. A page not read since start-up is read: its entry comes
+    /// from the device, where a lost write of the index block would leave
+    /// it behind the slots (a read finds that; skipping would not).
+    ///
+    /// The look is made after the floor was read: a version written since
+    /// then is above the floor (a round writes above the coalesced LSN it
+    /// started from), and what it holds above the peer's floor comes with
+    /// the chain above this segment's floor.
+    fn may_have_changed_after(&self, local: u64, changed_after: u64) -> bool {
+        match self.slot_state(local) {
+            SlotState::Never => false,
+            SlotState::Slot0 | SlotState::Slot1 => {
+                let entry = self.index_entry(local);
+                entry == crate::pagemap::UNKNOWN || entry.lsn > changed_after
+            }
+            SlotState::Unknown | SlotState::Damaged => true,
         }
     }
 
@@ -254,7 +301,7 @@ impl Node {
         let pressure = self.hold_pressure();
         let (floor, extent, geometry) = {
             let mut st = self.state();
-            let pressure = pressure || st.hot_bytes > self.config.hot_bytes_max / 2;
+            let pressure = pressure || self.hold_hot_pressure(st.hot_bytes);
             let s = st.seg_mut(id)?;
             if s.hydration.is_some() {
                 return Err(NodeError::Rebuilding);
@@ -283,7 +330,7 @@ impl Node {
             let s = st.seg(id)?;
             let mut runs: Vec<Run> = Vec::new();
             for local in first_page - first..stop - first {
-                if s.slot_state(local) == SlotState::Never {
+                if !s.may_have_changed_after(local, changed_after) {
                     continue;
                 }
                 match runs.last_mut() {
@@ -385,12 +432,24 @@ impl Node {
         }
     }
 
-    /// The log is half full: coalescing must free it, whoever hydrates
-    /// (as must memory over half its bound, which the caller checks under
-    /// its lock).
+    /// The log is three quarters full: a hold gives way, and coalescing
+    /// frees it, whoever hydrates (as it does for memory, which the caller
+    /// checks under its lock: [`Node::hold_hot_pressure`]). Not at half
+    /// full, where coalescing itself stops waiting for a backlog: a log
+    /// left over half full by a long outage's load held nothing back from
+    /// the foreground, yet letting go there made the peer hydrate a second
+    /// time (the chain above the floor it was served was freed); from
+    /// three quarters on, appends are a quarter of a log from waiting.
     pub(super) fn hold_pressure(&self) -> bool {
         let log = self.log.stats();
-        log.free_blocks < log.log_blocks / 2
+        log.free_blocks < log.log_blocks / 4
+    }
+
+    /// Records above the coalesced LSN take over three quarters of their
+    /// bound in memory (`hot_bytes`, read under the state's lock): a hold
+    /// gives way, as for the log ([`Node::hold_pressure`]).
+    pub(super) fn hold_hot_pressure(&self, hot_bytes: usize) -> bool {
+        hot_bytes > self.config.hot_bytes_max / 4 * 3
     }
 
     /// Both slots of every page of `run`, with one read.

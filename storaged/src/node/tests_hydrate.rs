@@ -25,6 +25,12 @@ async fn open(disk: &Arc<SimDisk>) -> Arc<Node> {
 /// Node A: records 1..=200, coalesced through 150 (records up to it
 /// released), the rest held.
 async fn donor(seed: u64) -> (Arc<Node>, Vec<RedoRecord>) {
+    let (a, recs, _) = donor_on_disk(seed).await;
+    (a, recs)
+}
+
+/// [`donor`], and its disk.
+async fn donor_on_disk(seed: u64) -> (Arc<Node>, Vec<RedoRecord>, Arc<SimDisk>) {
     let disk = formatted(16 << 20, 1 << 20, seed).await;
     let a = open(&disk).await;
     let recs = records(1, 200, seed);
@@ -40,7 +46,7 @@ async fn donor(seed: u64) -> (Arc<Node>, Vec<RedoRecord>) {
         a.read_records(SEG, 1, 0, 1 << 20),
         Err(NodeError::ReadPointBelowPgmrpl { .. })
     ));
-    (a, recs)
+    (a, recs, disk)
 }
 
 /// Every batch of `donor`'s versions into `node`; returns the lowest floor
@@ -503,5 +509,134 @@ async fn a_donor_keeps_its_floor_while_a_peer_hydrates_from_it() {
     assert_eq!(chain.first().map(|r| r.lsn), Some(151));
     // The peer has it all and stops asking: coalescing goes on.
     coalesced_through(&a, 200).await;
+    a.shutdown().await;
+}
+
+/// The foreground comes first: once the donor's log fills past the point
+/// where a hold lets go (the chain above the floor it keeps for the peer
+/// cannot be released), the next ask of the peer ends the hold, and
+/// coalescing goes on past the floor, which frees the log.
+#[tokio::test(start_paused = true)]
+async fn a_donor_lets_go_of_its_floor_under_log_pressure() {
+    let (a, _) = donor(97).await;
+    let (floor, _, _) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+    assert_eq!(floor, 150);
+    a.set_pgmrpl(SEG, 1, 200).await.unwrap();
+    let target = |a: &Node| a.state().seg(SEG).unwrap().coalesce_target();
+    assert_eq!(target(&a), 150, "held for the peer");
+    // The foreground goes on appending; the hold keeps the log from being
+    // freed past the floor, until it is under pressure: not at half full
+    // (a backlog an outage's load may leave), only nearer to appends
+    // having to wait.
+    let mut next = 201;
+    let mut held_over_half = false;
+    while !a.hold_pressure() {
+        assert!(next < 20_000, "the log never came under pressure");
+        let recs = records(next, next + 8, 97);
+        append_all(&a, &recs).await;
+        next += 9;
+        // The peer still asks: below the pressure, the hold stays.
+        if !a.hold_pressure() {
+            a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+            assert_eq!(target(&a), 150);
+            let log = a.log.stats();
+            held_over_half |= log.free_blocks < log.log_blocks / 2;
+        }
+    }
+    assert!(held_over_half, "the hold gave way at half full");
+    a.set_pgmrpl(SEG, 1, next - 1).await.unwrap();
+    // The peer's next ask finds the donor under pressure: the hold ends.
+    a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+    assert_eq!(target(&a), next - 1, "no hold left");
+    coalesced_through(&a, next - 1).await;
+    // The log is freed again.
+    for _ in 0..1000 {
+        if !a.hold_pressure() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!a.hold_pressure(), "the log stayed full");
+    a.shutdown().await;
+}
+
+/// The same for the memory records above the coalesced LSN take (a node
+/// with a small bound on it): past the point where a hold lets go, a pull
+/// of the peer ends it too.
+#[tokio::test(start_paused = true)]
+async fn a_donor_lets_go_of_its_floor_under_memory_pressure() {
+    let disk = formatted(16 << 20, 8 << 20, 99).await;
+    let a = Node::open(
+        disk.clone(),
+        NodeConfig {
+            hot_bytes_max: 256 << 10,
+            ..config()
+        },
+    )
+    .await
+    .unwrap()
+    .0;
+    let recs = records(1, 150, 99);
+    append_all(&a, &recs).await;
+    a.set_membership(SEG, 1, GEOMETRY, super::tests_gossip::membership(1, 1))
+        .await
+        .unwrap();
+    a.set_pgmrpl(SEG, 1, 150).await.unwrap();
+    coalesced_through(&a, 150).await;
+    let (floor, _, _) = a.page_versions(SEG, 2, 1, 1, FIRST_PAGE, BATCH_BYTES).await.unwrap();
+    assert_eq!(floor, 150);
+    let target = |a: &Node| a.state().seg(SEG).unwrap().coalesce_target();
+    let hot_pressure = |a: &Node| {
+        let hot = a.state().hot_bytes;
+        a.hold_hot_pressure(hot)
+    };
+    let mut next = 151;
+    let mut held_over_half = false;
+    while !hot_pressure(&a) {
+        assert!(next < 20_000, "memory never came under pressure");
+        append_all(&a, &records(next, next + 8, 99)).await;
+        next += 9;
+        a.set_pgmrpl(SEG, 1, next - 1).await.unwrap();
+        if !hot_pressure(&a) {
+            a.pull_records(SEG, 2, 1, 1, 150, 4096).unwrap();
+            assert_eq!(target(&a), 150, "held for the peer");
+            held_over_half |= a.state().hot_bytes > a.config.hot_bytes_max / 2;
+        }
+    }
+    assert!(held_over_half, "the hold gave way at half the bound");
+    assert!(!a.hold_pressure(), "the log is not what is under pressure here");
+    a.pull_records(SEG, 2, 1, 1, 150, 4096).unwrap();
+    assert_eq!(target(&a), next - 1, "no hold left");
+    coalesced_through(&a, next - 1).await;
+    a.shutdown().await;
+}
+
+/// A donor whose pages it knows (read or written since it started) does
+/// not read from its device the pages the page-version index says did
+/// not change after what the asker holds: a peer that hydrates again, or
+/// was only briefly behind, costs it only the pages that changed.
+#[tokio::test(start_paused = true)]
+async fn a_donor_reads_only_the_pages_the_index_says_changed() {
+    let (a, _, disk) = donor_on_disk(101).await;
+    // The first look reads the pages it does not know yet.
+    let (_, _, all) = a
+        .page_versions_changed_after(SEG, 2, 1, 1, FIRST_PAGE, 1 << 20, 0)
+        .await
+        .unwrap();
+    let newest = all.iter().map(|v| v.lsn).max().unwrap();
+    let reads = disk.stats().reads;
+    let (_, next, none) = a
+        .page_versions_changed_after(SEG, 2, 1, 1, FIRST_PAGE, 1 << 20, newest)
+        .await
+        .unwrap();
+    assert_eq!((next, none.len()), (END_PAGE, 0));
+    assert_eq!(disk.stats().reads, reads, "pages that did not change were read");
+    // One page changed after: only it is sent.
+    let second = all.iter().map(|v| v.lsn).filter(|&l| l < newest).max().unwrap();
+    let (_, _, changed) = a
+        .page_versions_changed_after(SEG, 2, 1, 1, FIRST_PAGE, 1 << 20, second)
+        .await
+        .unwrap();
+    assert_eq!(changed.iter().map(|v| v.lsn).collect::<Vec<_>>(), vec![newest]);
     a.shutdown().await;
 }

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# How fast one segment of --mib MiB of pages hydrates from its peers, and
+# what that costs the foreground: a 6-node dev cluster of release binaries
+# with one PG big enough for it, on sparse file devices under --dir.
+# Benchmarks are not tests: exits 0 unless a tool is missing or a step fails.
+#
+# Steps (each round runs them in order; --rounds N gives medians):
+#   setup        the PG gets --mib MiB of pages (a dev cluster's PG is at
+#                most 512 MiB, so the bench writes its own cluster file's
+#                pg_pages and formats sparse devices of the size it needs);
+#                computed holds only 1 MiB per PG for a lagging segment.
+#   baseline     commits (4 KiB, 1 page per transaction, iodepth 8) for
+#                --fg-runtime seconds with every node up: commits/s and p99.
+#   hydrate      node 6 is killed; every page of the PG is written once
+#                (8 KiB, 8 pages per transaction, 512 committers: each owns
+#                256 pages); the donors coalesce and let their logs go, so
+#                node 6's segment can only hydrate. Node 6 starts again with
+#                the foreground load of the baseline running alongside, and
+#                `storctl status` is polled (every 50 ms) until its segment
+#                is at the PGCL with no holes. Rate = bytes of page versions
+#                it hydrated (its log says) / time from its "listening" line
+#                to its "segment hydrated" line; the time to the PGCL (the
+#                chain above the versions pulled too) is shown beside it.
+#                Commits/s and p99 of the foreground while it hydrated, and
+#                their ratios to the baseline.
+#
+# Usage: benches/hydrate.sh [options]
+#   --mib N            MiB of pages in the PG, all hydrated (1024)
+#   --rounds N         rounds; medians (1)
+#   --fg-runtime S     seconds of each foreground run (5)
+#   --dir DIR          where the devices go (/var/tmp/hydrate); a fresh run.*
+#                      directory under it is removed at the end. The devices
+#                      are sparse files, but each ends up nearly all written
+#                      (about 3.5 × --mib MiB, 4.3 GiB at 1024): the run is
+#                      refused unless DIR's file system has 6 devices free
+#   --json FILE        also write the figures as JSON to FILE (`-`: stdout)
+#   --no-build         use the existing target/release binaries
+#   -h, --help         this text
+# Env: CARGO_TARGET_DIR; KEEP_RUN=1 keeps the run directory (logs) at the end.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+MIB=1024
+ROUNDS=1
+FG_RUNTIME=5
+DIR=/var/tmp/hydrate
+JSON_OUT=""
+BUILD=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$CARGO_TARGET_DIR/release"
+PAGE_BYTES=8192
+# storbench: a committer owns at most 256 pages; 512 of them own 128 Ki pages.
+COMMITTERS_OWN_PAGES=256
+
+usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "hydrate: $*" >&2; exit 1; }
+log() { echo "hydrate: $*" >&2; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --mib) MIB="${2:?--mib needs a value}"; shift 2 ;;
+        --rounds) ROUNDS="${2:?--rounds needs a value}"; shift 2 ;;
+        --fg-runtime) FG_RUNTIME="${2:?--fg-runtime needs a value}"; shift 2 ;;
+        --dir) DIR="${2:?--dir needs a value}"; shift 2 ;;
+        --json) JSON_OUT="${2:?--json needs a value}"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option $1" ;;
+    esac
+done
+for n in "$MIB" "$ROUNDS" "$FG_RUNTIME"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--mib, --rounds and --fg-runtime take positive integers, not '$n'"
+done
+PG_PAGES=$((MIB * 1024 * 1024 / PAGE_BYTES))
+# Committers such that they own every page (storbench spreads them 64 a job).
+COMMITTERS=$(((PG_PAGES + COMMITTERS_OWN_PAGES - 1) / COMMITTERS_OWN_PAGES))
+[ $((COMMITTERS % 64)) = 0 ] || [ "$COMMITTERS" -lt 64 ] || die "--mib must be a multiple of 128 above 128"
+if [ "$COMMITTERS" -le 64 ]; then IODEPTH=$COMMITTERS; NUMJOBS=1; else IODEPTH=64; NUMJOBS=$((COMMITTERS / 64)); fi
+# Each page: two version slots of 3 blocks; the index; the log a quarter
+# (at most 1 GiB), 1 MiB of metadata, and room to spare.
+PAGES_MIB=$((PG_PAGES * 24 / 1024 + 64))
+DEVICE_MIB=$((PAGES_MIB + 1024 + 64))
+command -v python3 >/dev/null || die "python3 is needed to read the JSON"
+mkdir -p "$DIR"
+FREE_MIB=$(df -Pm "$DIR" | awk 'NR == 2 {print $4}')
+NEED_MIB=$((6 * DEVICE_MIB + 1024))
+# A full file system fails every node's writes at once (and everyone
+# else's on it): refuse before starting.
+[ "$FREE_MIB" -ge "$NEED_MIB" ] || die "$DIR has $FREE_MIB MiB free; six devices of $DEVICE_MIB MiB and 1 GiB to spare need $NEED_MIB (use --dir elsewhere, or a smaller --mib)"
+
+if [ "$BUILD" = 1 ]; then
+    log "building storaged, computed, storctl, storbench (release)"
+    (cd "$ROOT" && cargo build --release -q --bin storaged --bin computed --bin storctl --bin storbench)
+fi
+for b in storaged computed storctl storbench; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without --no-build)"
+done
+
+mkdir -p "$DIR"
+RUN="$(mktemp -d "$DIR/run.XXXXXX")"
+cleanup() {
+    "$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null 2>&1 || true
+    if [ -n "${NODE6_PID:-}" ]; then kill -9 "$NODE6_PID" 2>/dev/null || true; fi
+    [ -n "${KEEP_RUN:-}" ] || rm -rf "$RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+CLUSTER="$RUN/cluster.toml"
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+now() { date +%s.%N; }
+
+node6_addr() {
+    python3 - "$CLUSTER" <<'EOF'
+import sys, tomllib
+c = tomllib.load(open(sys.argv[1], "rb"))
+print(next(n["address"] for n in c["nodes"] if n["id"] == 6))
+EOF
+}
+
+kill_node6() {
+    local pid
+    pid="${NODE6_PID:-$(cat "$RUN/pids/storaged-6.pid")}"
+    kill -9 "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    NODE6_PID=""
+}
+
+start_node6() {
+    local logf="$RUN/logs/storaged-6.round.log"
+    : >"$logf"
+    RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev6" --listen "$(node6_addr)" \
+        </dev/null >"$logf" 2>&1 &
+    NODE6_PID=$!
+    until grep -q "listening on" "$logf"; do
+        kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 did not start: $(tail -5 "$logf")"
+        sleep 0.01
+    done
+}
+
+# Node 6's segment is at the PGCL, with no holes.
+node6_caught_up() {
+    "$BIN/storctl" status --cluster "$CLUSTER" --json 2>/dev/null | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+ok = all(
+    s.get("scl") is not None and s["scl"] >= pg["pgcl"] and not (s.get("holes") or [])
+    for pg in v["pgs"] for s in pg["segments"] if s["node"] == 6
+)
+sys.exit(0 if ok else 1)' 2>/dev/null
+}
+
+write_every_page() {
+    "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
+        --iodepth="$IODEPTH" --numjobs="$NUMJOBS" --size="${MIB}m" --output-format=json >/dev/null
+}
+
+foreground() { # seconds, out file → JSON of the run in the file
+    "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=4k --iodepth=8 \
+        --runtime="${1}" --output-format=json >"$2"
+}
+iops() { json 'round(d["jobs"][0]["write"]["iops"])' <"$1"; }
+p99() { json 'round(d["jobs"][0]["write"]["clat_ns"]["percentile"]["99.000000"] / 1000)' <"$1"; }
+
+log "a 6-node dev cluster with one PG of $PG_PAGES pages ($MIB MiB) in $RUN (sparse devices of ${DEVICE_MIB} MiB)"
+"$BIN/storctl" dev-cluster up --dir "$RUN" --device-size 128m --pgs 1 >/dev/null
+"$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null
+sed -i "s/^pg_pages = .*/pg_pages = $PG_PAGES/; s/^\[computed\]$/[computed]\npg_held_bytes_max = \"1m\"/" "$CLUSTER"
+for n in 1 2 3 4 5 6; do
+    rm -f "$RUN/dev$n"
+    truncate -s "${DEVICE_MIB}M" "$RUN/dev$n"
+    "$BIN/storaged" format --device "$RUN/dev$n" --node-id "$n" >/dev/null 2>&1 \
+        || die "formatting $RUN/dev$n failed"
+done
+"$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
+
+RATES=(); TO_PGCL=(); BASE_IOPS=(); DURING_IOPS=(); BASE_P99=(); DURING_P99=()
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round: foreground alone ($(uptime | sed 's/.*load/load/'))"
+    foreground "$FG_RUNTIME" "$RUN/base.json"
+    kill_node6
+    log "round $round: writing every page ($MIB MiB) while node 6 is down"
+    write_every_page
+    log "round $round: node 6 hydrates, the foreground alongside ($(uptime | sed 's/.*load/load/'))"
+    start_node6
+    t0=$(now)
+    foreground "$FG_RUNTIME" "$RUN/during.json" &
+    FG_PID=$!
+    until grep -q "segment hydrated" "$RUN/logs/storaged-6.round.log"; do
+        kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 died: $(tail -5 "$RUN/logs/storaged-6.round.log")"
+        sleep 0.05
+    done
+    t1=$(now)
+    until node6_caught_up; do sleep 0.05; done
+    t2=$(now)
+    wait "$FG_PID"
+    hydrated=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
+        | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
+    hydrations=$(grep -c 'segment hydrated' "$RUN/logs/storaged-6.round.log" || true)
+    rate=$(python3 -c "print(round($hydrated / ($t1 - $t0) / 1e6, 1))")
+    RATES+=("$rate"); TO_PGCL+=("$(python3 -c "print(round($t2 - $t0, 2))")")
+    BASE_IOPS+=("$(iops "$RUN/base.json")"); DURING_IOPS+=("$(iops "$RUN/during.json")")
+    BASE_P99+=("$(p99 "$RUN/base.json")"); DURING_P99+=("$(p99 "$RUN/during.json")")
+    log "  $hydrated bytes of page versions in $hydrations hydration(s), $(python3 -c "print(round($t1 - $t0, 2))") s: $rate MB/s; at the PGCL after ${TO_PGCL[-1]} s"
+    log "  foreground: ${BASE_IOPS[-1]} commits/s, p99 ${BASE_P99[-1]} µs alone; ${DURING_IOPS[-1]} commits/s, p99 ${DURING_P99[-1]} µs during ($(uptime | sed 's/.*load/load/'))"
+done
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+R=$(median "${RATES[@]}"); T=$(median "${TO_PGCL[@]}")
+BI=$(median "${BASE_IOPS[@]}"); DI=$(median "${DURING_IOPS[@]}")
+BP=$(median "${BASE_P99[@]}"); DP=$(median "${DURING_P99[@]}")
+IR=$(python3 -c "print(round($DI / $BI, 2))"); PR=$(python3 -c "print(round($DP / $BP, 2))")
+printf '%-44s %12s\n' "hydration rate (MB/s of page versions)" "$R" "seconds until at the PGCL" "$T" \
+    "foreground commits/s alone" "$BI" "foreground commits/s while hydrating" "$DI" \
+    "commits/s ratio during / alone" "$IR" "foreground p99 alone (µs)" "$BP" \
+    "foreground p99 while hydrating (µs)" "$DP" "p99 ratio during / alone" "$PR"
+J=$(printf '{"mib":%s,"rounds":%s,"hydrate_mb_per_s":%s,"to_pgcl_s":%s,"fg_iops":%s,"fg_iops_during":%s,"iops_ratio":%s,"fg_p99_us":%s,"fg_p99_during_us":%s,"p99_ratio":%s}' \
+    "$MIB" "$ROUNDS" "$R" "$T" "$BI" "$DI" "$IR" "$BP" "$DP" "$PR")
+if [ "$JSON_OUT" = "-" ]; then echo "$J"; elif [ -n "$JSON_OUT" ]; then echo "$J" >"$JSON_OUT"; fi
