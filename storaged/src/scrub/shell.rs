@@ -146,7 +146,7 @@ pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConf
 }
 
 enum Outcome {
-    Scrubbed(Result<Checked, String>),
+    Scrubbed { id: u64, result: Result<Checked, String> },
     Copy { repair: u64, outcome: CopyOutcome },
 }
 
@@ -291,9 +291,9 @@ async fn persist<S: Store>(
 fn take(shared: &Shared, o: Outcome, actions: &mut Vec<Action>) {
     let mut core = shared.core();
     match o {
-        Outcome::Scrubbed(result) => {
+        Outcome::Scrubbed { id, result } => {
             let now = shared.now();
-            actions.extend(core.on_scrubbed(now, result));
+            actions.extend(core.on_scrubbed(now, id, result));
         }
         Outcome::Copy { repair, outcome } => actions.extend(core.on_copy(repair, outcome)),
     }
@@ -307,14 +307,14 @@ fn carry_out<S: Store, P: Peers>(
     work: &mut JoinSet<()>,
 ) {
     match action {
-        Action::Scrub { pass, area, range } => {
+        Action::Scrub { id, pass, area, range } => {
             let (store, tx) = (store.clone(), tx.clone());
             work.spawn(async move {
                 let result = store.scrub_range(area, range.clone()).await;
                 if let Err(e) = &result {
                     tracing::warn!(pass, ?area, blocks = ?range, error = %e, "scrub read failed");
                 }
-                let _ = tx.send(Outcome::Scrubbed(result)).await;
+                let _ = tx.send(Outcome::Scrubbed { id, result }).await;
             });
         }
         Action::Fetch {
