@@ -1409,6 +1409,7 @@ mod shell {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use super::super::bufs::BufPool;
     use super::super::shell::{ScrubConfig, spawn};
     use super::super::{Area, Checked, Damaged, Filter, Finding, Layout, NeedCopy, Peer, Peers, Store, progress};
     use super::{DEV, page_bytes, seg};
@@ -1430,7 +1431,12 @@ mod shell {
         fn layout(&self) -> Layout {
             self.layout.clone()
         }
-        async fn scrub_range(&self, _area: Area, range: std::ops::Range<u64>) -> Result<Checked, String> {
+        async fn scrub_range(
+            &self,
+            _area: Area,
+            range: std::ops::Range<u64>,
+            _bufs: &BufPool,
+        ) -> Result<Checked, String> {
             self.ranges.fetch_add(1, Ordering::Relaxed);
             let mut c = Checked {
                 blocks: range.end - range.start,
