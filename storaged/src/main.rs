@@ -478,6 +478,7 @@ mod tests {
                 pass_period: Duration::from_secs(3600),
                 rate_bytes_per_s_max: 64 << 20,
                 enabled: false,
+                ..ScrubConfig::default()
             }
         );
         assert_eq!(

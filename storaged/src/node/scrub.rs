@@ -26,11 +26,12 @@ use std::sync::atomic::Ordering;
 
 use super::{Node, NodeError, SlotState};
 use crate::io::{AlignedBuf, BLOCK_SIZE, Durability};
-use crate::log::format::{BlockKind, decode_block_at};
+use crate::log::format::{BlockKind, DeviceId, decode_block_at};
 use crate::log::layout::block_offset;
 use crate::pagemap::{self, Chosen, Verdict};
 use crate::pagestore::{self, Current, Extent, PageVersion};
 use crate::record::{RedoRecord, SegmentId};
+use crate::scrub::bufs::BufPool;
 use crate::scrub::{Area, Checked, Damaged, Finding, Layout, NeedCopy, Peer};
 
 impl Node {
@@ -49,53 +50,75 @@ impl Node {
         }
     }
 
-    /// Verify `range` of `area`; see the module comment.
+    /// Verify `range` of `area` in buffers of its own; see the module comment.
     pub async fn scrub_range(&self, area: Area, range: Range<u64>) -> Result<Checked, NodeError> {
+        self.scrub_range_in(area, range, &BufPool::new(0, 0)).await
+    }
+
+    /// Verify `range` of `area`, reading into buffers from `bufs`. The
+    /// checksums are computed off the runtime thread, which serves the
+    /// foreground (and reads the next range) meanwhile.
+    pub async fn scrub_range_in(&self, area: Area, range: Range<u64>, bufs: &BufPool) -> Result<Checked, NodeError> {
         match area {
-            Area::Log => self.scrub_log(range).await,
-            Area::Segment(id) => self.scrub_extent(id, range).await,
+            Area::Log => self.scrub_log(range, bufs).await,
+            Area::Segment(id) => self.scrub_extent(id, range, bufs).await,
         }
     }
 
     /// The seq the log block at device block `block` holds while live, if
     /// the live log (tail up to the durable mark) reaches it.
     fn live_seq_at(&self, block: u64) -> Option<u64> {
-        self.live_seq_below(block, self.log.stats().durable_seq)
+        self.live_seqs_below(block..block + 1, self.log.stats().durable_seq)[0]
     }
 
-    /// As [`Node::live_seq_at`], counting only seqs below `durable`.
-    fn live_seq_below(&self, block: u64, durable: u64) -> Option<u64> {
+    /// As [`Node::live_seq_at`] for each block of `blocks`, counting only
+    /// seqs below `durable`.
+    fn live_seqs_below(&self, blocks: Range<u64>, durable: u64) -> Vec<Option<u64>> {
         let log = self.log.stats();
-        let i = block.checked_sub(self.log_start_block)?;
         let l = log.log_blocks;
-        // Block i holds the seqs s with (s - 1) mod l = i.
-        let s = log.tail_seq + (i + l - (log.tail_seq - 1) % l) % l;
-        (s < log.durable_seq.min(durable)).then_some(s)
+        let limit = log.durable_seq.min(durable);
+        let mut seqs = Vec::with_capacity((blocks.end - blocks.start) as usize);
+        for block in blocks {
+            let seq = block.checked_sub(self.log_start_block).and_then(|i| {
+                // Block i holds the seqs s with (s - 1) mod l = i.
+                let s = log.tail_seq + (i + l - (log.tail_seq - 1) % l) % l;
+                (s < limit).then_some(s)
+            });
+            seqs.push(seq);
+        }
+        seqs
     }
 
-    async fn scrub_log(&self, range: Range<u64>) -> Result<Checked, NodeError> {
+    async fn scrub_log(&self, range: Range<u64>, bufs: &BufPool) -> Result<Checked, NodeError> {
         let mut out = Checked::default();
         let n = (range.end - range.start) as usize;
         // Only blocks durable before the read began are judged: one written
         // while it was read may show its old contents.
         let durable = self.log.stats().durable_seq;
-        let buf = AlignedBuf::zeroed_blocks(n);
-        let (buf, result) = self.io.read(block_offset(range.start), buf).await;
-        result?;
-        let mut damaged = Vec::new();
-        for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
-            let at = range.start + i as u64;
-            out.blocks += 1;
-            let Some(seq) = self.live_seq_below(at, durable) else {
-                continue;
-            };
-            let error = match decode_block_at(block, BlockKind::Log, &self.device_id, block_offset(at)) {
-                Ok((h, _)) if h.seq == seq => continue,
-                Ok((h, _)) => format!("block of seq {} where seq {seq} belongs (a lost write)", h.seq),
-                Err(e) => e.to_string(),
-            };
-            damaged.push((at, seq, error));
+        let (buf, result) = self.io.read(block_offset(range.start), bufs.take(n)).await;
+        if let Err(e) = result {
+            bufs.give(buf);
+            return Err(e.into());
         }
+        out.blocks = n as u64;
+        let seqs = self.live_seqs_below(range.clone(), durable);
+        let (device_id, start) = (self.device_id, range.start);
+        let (buf, damaged) = off_runtime(move || {
+            let mut damaged = Vec::new();
+            for (i, block) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
+                let Some(seq) = seqs[i] else { continue };
+                let at = start + i as u64;
+                let error = match decode_block_at(block, BlockKind::Log, &device_id, block_offset(at)) {
+                    Ok((h, _)) if h.seq == seq => continue,
+                    Ok((h, _)) => format!("block of seq {} where seq {seq} belongs (a lost write)", h.seq),
+                    Err(e) => e.to_string(),
+                };
+                damaged.push((at, seq, error));
+            }
+            (buf, damaged)
+        })
+        .await?;
+        bufs.give(buf);
         // Seqs the repair of an earlier block let go of: a record whose
         // entry spans that block and the next is written again whole, so
         // the next one, damaged too, is repaired by the same stroke.
@@ -182,7 +205,7 @@ impl Node {
         Ok(())
     }
 
-    async fn scrub_extent(&self, id: SegmentId, range: Range<u64>) -> Result<Checked, NodeError> {
+    async fn scrub_extent(&self, id: SegmentId, range: Range<u64>, bufs: &BufPool) -> Result<Checked, NodeError> {
         let mut out = Checked::default();
         let (extent, rebuilding) = {
             let st = self.state();
@@ -204,7 +227,7 @@ impl Node {
         let mut local = first;
         while local < end.min(extent.pg_pages) {
             let n = (256 / pair).max(1).min(end.min(extent.pg_pages) - local);
-            self.scrub_pages(id, &extent, local, n, &mut out).await?;
+            self.scrub_pages(id, &extent, local, n, &mut out, bufs).await?;
             local += n;
         }
         out.blocks += range
@@ -233,37 +256,49 @@ impl Node {
         local: u64,
         n: u64,
         out: &mut Checked,
+        bufs: &BufPool,
     ) -> Result<(), NodeError> {
         let slot_blocks = extent.slot_blocks() as usize;
-        let slot_bytes = slot_blocks * BLOCK_SIZE;
         let at = extent.slot_block(local, 0);
-        let buf = AlignedBuf::zeroed_blocks(n as usize * 2 * slot_blocks);
-        let (buf, result) = self.io.read(block_offset(at), buf).await;
-        result?;
-        for i in 0..n {
-            let l = local + i;
+        let (buf, result) = self
+            .io
+            .read(block_offset(at), bufs.take(n as usize * 2 * slot_blocks))
+            .await;
+        if let Err(e) = result {
+            bufs.give(buf);
+            return Err(e.into());
+        }
+        // The index as it stands once the pages are read.
+        let known: Vec<(pagemap::Entry, Option<u64>)> = {
+            let st = self.state();
+            let Some(s) = st.segments.get(&id) else {
+                drop(st);
+                bufs.give(buf);
+                return Ok(());
+            };
+            (local..local + n)
+                .map(|l| (s.index_entry(l), s.torn_after(l)))
+                .collect()
+        };
+        let written: Vec<bool> = known.iter().map(|(entry, _)| entry.lsn > 0).collect();
+        let (device_id, extent_of) = (self.device_id, *extent);
+        let (buf, fine) = off_runtime(move || {
+            let slot_bytes = slot_blocks * BLOCK_SIZE;
+            let mut fine = Vec::with_capacity(known.len());
+            for (i, &(entry, torn_after)) in known.iter().enumerate() {
+                let l = local + i as u64;
+                let base = i * 2 * slot_bytes;
+                let bytes = &buf[base..base + 2 * slot_bytes];
+                fine.push(page_verifies(&device_id, &extent_of, id, l, bytes, entry, torn_after));
+            }
+            (buf, fine)
+        })
+        .await?;
+        bufs.give(buf);
+        for (i, fine) in fine.into_iter().enumerate() {
+            let l = local + i as u64;
             let page = id.pg as u64 * extent.pg_pages + l;
-            let base = i as usize * 2 * slot_bytes;
-            let slots = [0, 1].map(|s| {
-                let bytes = &buf[base + s * slot_bytes..base + (s + 1) * slot_bytes];
-                pagestore::decode_slot(bytes, &self.device_id, extent, id, page, extent.slot_block(l, s))
-            });
-            let (entry, torn_after) = {
-                let st = self.state();
-                let Some(s) = st.segments.get(&id) else { return Ok(()) };
-                (s.index_entry(l), s.torn_after(l))
-            };
-            let fine = match pagestore::current(slots, torn_after) {
-                Ok(chosen) if chosen.other.is_none() => {
-                    let found = match &chosen.current {
-                        Current::Never => None,
-                        Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
-                    };
-                    pagemap::verify(entry, found) == Verdict::Agrees
-                }
-                _ => false,
-            };
-            if entry.lsn > 0 || !fine {
+            if written[i] || !fine {
                 out.pages += 1;
             }
             if !fine {
@@ -668,13 +703,56 @@ impl Node {
     }
 }
 
+/// Whether page `local`'s two slots (`bytes`, as read) hold a current
+/// version the index agrees with, and no damaged older one: what a bulk
+/// read lets pass without a closer look.
+fn page_verifies(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    local: u64,
+    bytes: &[u8],
+    entry: pagemap::Entry,
+    torn_after: Option<u64>,
+) -> bool {
+    let page = id.pg as u64 * extent.pg_pages + local;
+    let slot_bytes = bytes.len() / 2;
+    let slots = [0, 1].map(|s| {
+        let slot = &bytes[s * slot_bytes..(s + 1) * slot_bytes];
+        pagestore::decode_slot(slot, device_id, extent, id, page, extent.slot_block(local, s))
+    });
+    match pagestore::current(slots, torn_after) {
+        Ok(chosen) if chosen.other.is_none() => {
+            let found = match &chosen.current {
+                Current::Never => None,
+                Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
+            };
+            pagemap::verify(entry, found) == Verdict::Agrees
+        }
+        _ => false,
+    }
+}
+
+/// Checksums of a megabyte are computed off the node's one runtime thread,
+/// which goes on serving the foreground meanwhile.
+async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, NodeError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Ok(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(NodeError::Io(crate::io::IoError::Closed)),
+    }
+}
+
 impl crate::scrub::Store for Node {
     fn layout(&self) -> Layout {
         self.scrub_layout()
     }
 
-    async fn scrub_range(&self, area: Area, range: Range<u64>) -> Result<Checked, String> {
-        let checked = Node::scrub_range(self, area, range).await.map_err(|e| e.to_string())?;
+    async fn scrub_range(&self, area: Area, range: Range<u64>, bufs: &BufPool) -> Result<Checked, String> {
+        let checked = Node::scrub_range_in(self, area, range, bufs)
+            .await
+            .map_err(|e| e.to_string())?;
         self.counters.scrubbed(checked.blocks, checked.pages);
         Ok(checked)
     }

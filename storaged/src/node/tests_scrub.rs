@@ -11,8 +11,11 @@ use super::*;
 use crate::io::sim::SimDisk;
 use crate::scrub::{Area, Checked, Damaged};
 
-/// Scrub every area of the node once, as a pass does.
+/// Scrub every area of the node once, as a pass does: reading into
+/// buffers kept from range to range (what a range before left in them is
+/// never taken for what this one holds).
 async fn scrub_all(node: &Node) -> Checked {
+    let bufs = crate::scrub::bufs::BufPool::new(2, 256);
     let layout = node.scrub_layout();
     let mut all = Checked::default();
     let mut areas = vec![(Area::Log, layout.log.clone())];
@@ -21,7 +24,7 @@ async fn scrub_all(node: &Node) -> Checked {
         let mut at = range.start;
         while at < range.end {
             let end = (at + 256).min(range.end);
-            let c = node.scrub_range(area, at..end).await.unwrap();
+            let c = node.scrub_range_in(area, at..end, &bufs).await.unwrap();
             all.blocks += c.blocks;
             all.pages += c.pages;
             all.found.extend(c.found);

@@ -10,14 +10,22 @@
 //!   where it started, so each block is read once a pass; a segment that
 //!   appears ahead of the cursor is read in this pass, one that goes is
 //!   dropped from it. Ranges are at most [`RANGE_BLOCKS_MAX`] blocks and
-//!   never cross an area's edge. One range is read at a time.
-//! - **Progress.** The cursor moves when a range's outcome comes back, and
-//!   is kept durably every [`PERSIST_BYTES`] or [`PERSIST_INTERVAL_MS`] and
-//!   at a pass's end: a restart reads again at most what was read since.
-//! - **Pace.** A token bucket (at most one range's worth saved up) filled at
-//!   the least of the ceiling and what reads the whole layout in one
-//!   period; halved while the foreground's appends take more than
-//!   [`SLOWDOWN`] times the lowest recent mean, down to
+//!   never cross an area's edge.
+//! - **Ranges in flight.** At full speed (a priority pass, or a background
+//!   pass the ceiling binds, and the foreground calm) up to
+//!   [`ScrubConfig::ranges_inflight_max`] ranges are out at once, so the
+//!   device reads one while the node verifies another; otherwise one.
+//!   Outcomes may come back in any order; the limit is a window from the
+//!   cursor (a range done past one still out holds its place).
+//! - **Progress.** The cursor moves over a range only once it and every
+//!   range before it on the tour are done, so it never passes a range that
+//!   is still out (or waiting to be tried again); it is kept durably every
+//!   [`PERSIST_BYTES`] or [`PERSIST_INTERVAL_MS`] and at a pass's end: a
+//!   restart reads again at most what was read since.
+//! - **Pace.** A token bucket (at most the ranges that may be in flight
+//!   saved up) filled at the least of the ceiling and what reads the whole
+//!   layout in one period; halved while the foreground's appends take more
+//!   than [`SLOWDOWN`] times the lowest recent mean, down to
 //!   [`BACKGROUND_FACTOR_MIN`], and grown back step by step.
 //! - **Priority passes.** Asked for by an operator: the log and the chosen
 //!   segments, from their start, at the ceiling (still backing off, never
@@ -52,6 +60,13 @@ const RANGE_BYTES_MAX: u64 = RANGE_BLOCKS_MAX * BLOCK_BYTES;
 pub const PERSIST_BYTES: u64 = 64 << 20;
 /// ... or this long, whichever first.
 pub const PERSIST_INTERVAL_MS: Millis = 10_000;
+/// [`ScrubConfig::ranges_inflight_max`] by default: one range read while
+/// the one before is verified.
+pub const RANGES_INFLIGHT_DEFAULT: usize = 2;
+/// The most [`ScrubConfig::ranges_inflight_max`] may be: each range out
+/// holds a 1 MiB buffer, and a deeper queue only lengthens the foreground's
+/// waits behind the scrubber's reads.
+pub const RANGES_INFLIGHT_LIMIT: usize = 8;
 /// A range whose read fails is tried this many times, then passed over.
 const SCRUB_ATTEMPTS_MAX: u32 = 3;
 const SCRUB_RETRY_MS: Millis = 1_000;
@@ -87,6 +102,9 @@ pub struct ScrubConfig {
     pub rate_bytes_per_s_max: u64,
     /// The background tour runs; priority passes run either way.
     pub enabled: bool,
+    /// Ranges read at once at full speed (1 to [`RANGES_INFLIGHT_LIMIT`]);
+    /// one at a slower pace.
+    pub ranges_inflight_max: usize,
 }
 
 impl Default for ScrubConfig {
@@ -95,6 +113,7 @@ impl Default for ScrubConfig {
             pass_period: Duration::from_secs(24 * 3600),
             rate_bytes_per_s_max: 256 << 20,
             enabled: true,
+            ranges_inflight_max: RANGES_INFLIGHT_DEFAULT,
         }
     }
 }
@@ -110,6 +129,12 @@ impl ScrubConfig {
                 "scrub_rate_bytes_per_s must be at least {BLOCK_BYTES} (a block a second)"
             ));
         }
+        if !(1..=RANGES_INFLIGHT_LIMIT).contains(&self.ranges_inflight_max) {
+            return Err(format!(
+                "the scrubber's ranges in flight must be 1 to {RANGES_INFLIGHT_LIMIT}, not {}",
+                self.ranges_inflight_max
+            ));
+        }
         Ok(())
     }
 }
@@ -117,8 +142,13 @@ impl ScrubConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Verify `range` of `area` ([`super::Store::scrub_range`]); report
-    /// with [`ScrubCore::on_scrubbed`].
-    Scrub { pass: u64, area: Area, range: Range<u64> },
+    /// with [`ScrubCore::on_scrubbed`], naming `id`.
+    Scrub {
+        id: u64,
+        pass: u64,
+        area: Area,
+        range: Range<u64>,
+    },
     /// Ask the peer [`pick_peer`] names for `need`'s page, and hand what
     /// comes back to [`super::Store::install_copy`]; report with
     /// [`ScrubCore::on_copy`].
@@ -198,6 +228,16 @@ impl Tour {
         }
     }
 
+    /// Everything of the tour up to `end` on the leg `wrapped` is done.
+    fn advance(&mut self, wrapped: bool, end: u64) {
+        if wrapped && !self.wrapped {
+            self.wrapped = true;
+            self.cursor = end;
+        } else if wrapped == self.wrapped {
+            self.cursor = self.cursor.max(end);
+        }
+    }
+
     /// Blocks of `areas` the tour has still to read.
     fn remaining_blocks(&self, areas: &[(Area, Range<u64>)]) -> u64 {
         let span = |from: u64, to: u64| -> u64 {
@@ -219,7 +259,10 @@ struct Pass {
     number: u64,
     /// None: the background tour (every area).
     filter: Option<Filter>,
+    /// Everything before its cursor is done: what is kept durably.
     tour: Tour,
+    /// Where the next range starts: at `tour`, or past the ranges out.
+    ahead: Tour,
     started_unix_secs: u64,
     bytes_done: u64,
     areas: BTreeMap<Area, AreaReport>,
@@ -285,14 +328,34 @@ impl Pass {
     }
 }
 
+/// A range out, or done while one before it on its pass's tour is not.
 #[derive(Debug, Clone)]
 struct Inflight {
+    id: u64,
     pass: u64,
     area: Area,
     range: Range<u64>,
+    /// On the tour's second leg.
+    wrapped: bool,
     attempts: u32,
     /// Waiting to be tried again (after a failed read) from this time.
     retry_at: Option<Millis>,
+    /// Its outcome is in (or it was passed over): what it adds to its
+    /// pass's counts, taken when the cursor moves over it, so counts kept
+    /// durably are always those of the ranges before the kept cursor.
+    done: Option<Counted>,
+}
+
+/// What a done range adds to its pass.
+#[derive(Debug, Clone, Default)]
+struct Counted {
+    /// Read (not passed over): its area shows in the pass's report.
+    read: bool,
+    bytes: u64,
+    blocks: u64,
+    pages: u64,
+    found: u64,
+    repaired: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +363,8 @@ struct Repair {
     id: u64,
     pass: u64,
     area: Area,
+    /// The range whose read found it.
+    range_id: u64,
     need: NeedCopy,
     finding: Finding,
     start: u32,
@@ -323,7 +388,10 @@ pub struct ScrubCore {
     priority: Option<Pass>,
     /// The next priority pass: its number and filter.
     queued: Option<(u64, Filter)>,
-    inflight: Option<Inflight>,
+    /// Ranges out or done-but-not-passed, of any pass, in the order they
+    /// went out (each pass's in its tour's order).
+    ranges: VecDeque<Inflight>,
+    range_next_id: u64,
     repairs_waiting: VecDeque<Repair>,
     repairs_out: BTreeMap<u64, Repair>,
     repair_next_id: u64,
@@ -363,7 +431,8 @@ impl ScrubCore {
             background: None,
             priority: None,
             queued: None,
-            inflight: None,
+            ranges: VecDeque::new(),
+            range_next_id: 1,
             repairs_waiting: VecDeque::new(),
             repairs_out: BTreeMap::new(),
             repair_next_id: 1,
@@ -398,6 +467,11 @@ impl ScrubCore {
                 number: t.pass,
                 filter: None,
                 tour: Tour {
+                    start: t.start_block,
+                    cursor: t.cursor,
+                    wrapped: t.wrapped,
+                },
+                ahead: Tour {
                     start: t.start_block,
                     cursor: t.cursor,
                     wrapped: t.wrapped,
@@ -503,7 +577,9 @@ impl ScrubCore {
     fn refill(&mut self, now: Millis) {
         if now > self.tokens_at {
             let rate = self.rate_bytes_per_s();
-            self.tokens = (self.tokens + rate * (now - self.tokens_at) as f64 / 1000.0).min(RANGE_BYTES_MAX as f64);
+            // At most what may go out at once is saved up.
+            let cap = (self.ranges_inflight_limit() as u64 * RANGE_BYTES_MAX) as f64;
+            self.tokens = (self.tokens + rate * (now - self.tokens_at) as f64 / 1000.0).min(cap);
         }
         self.tokens_at = self.tokens_at.max(now);
     }
@@ -607,6 +683,11 @@ impl ScrubCore {
                     cursor: 0,
                     wrapped: false,
                 },
+                ahead: Tour {
+                    start: 0,
+                    cursor: 0,
+                    wrapped: false,
+                },
                 started_unix_secs: self.unix_secs(now),
                 bytes_done: 0,
                 areas: BTreeMap::new(),
@@ -642,6 +723,11 @@ impl ScrubCore {
                     cursor: start,
                     wrapped: false,
                 },
+                ahead: Tour {
+                    start,
+                    cursor: start,
+                    wrapped: false,
+                },
                 started_unix_secs: self.unix_secs(now),
                 bytes_done: 0,
                 areas: BTreeMap::new(),
@@ -656,10 +742,13 @@ impl ScrubCore {
     /// End the active pass if its tour is done and nothing of it is out.
     fn finish_passes(&mut self, now: Millis, out: &mut Vec<Action>) {
         let layout = self.layout.clone();
-        let inflight = self.inflight.as_ref().map(|i| i.pass);
+        let Some(number) = self.active_ref().map(|p| p.number) else {
+            return;
+        };
+        let ranges_out = self.ranges.iter().any(|r| r.pass == number);
         let Some(pass) = self.active() else { return };
         let areas = pass.areas_of(&layout);
-        if pass.tour.next(&areas).is_some() || inflight == Some(pass.number) || pass.repairs_pending > 0 {
+        if pass.ahead.next(&areas).is_some() || ranges_out || pass.repairs_pending > 0 {
             return;
         }
         let priority = pass.priority();
@@ -693,66 +782,122 @@ impl ScrubCore {
         out.push(Action::Finished(report));
     }
 
+    /// Ranges that may be out at once now: more than one only at full
+    /// speed (a priority pass, or a background pass whose rate the ceiling
+    /// sets), and not while backing off, when the foreground needs the
+    /// device's queue more than the scrubber does.
+    fn ranges_inflight_limit(&self) -> usize {
+        let full_speed = self.priority.is_some() || self.background_rate() >= self.config.rate_bytes_per_s_max as f64;
+        if full_speed && self.factor >= 1.0 {
+            self.config.ranges_inflight_max.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// The range read next (on the active pass's tour past what is out),
+    /// without taking it.
+    fn peek_range(&self) -> Option<(Area, Range<u64>)> {
+        let pass = self.active_ref()?;
+        let mut ahead = pass.ahead.clone();
+        ahead.next(&pass.areas_of(&self.layout))
+    }
+
     fn next_range(&mut self, now: Millis, out: &mut Vec<Action>) {
-        if let Some(i) = &mut self.inflight {
-            match i.retry_at {
-                Some(at) if at <= now => {
-                    // The area may have gone (or shrunk) since.
-                    let still = self
-                        .layout
-                        .iter()
-                        .any(|(a, r)| *a == i.area && r.start <= i.range.start && i.range.end <= r.end);
-                    let bytes = (i.range.end - i.range.start) * BLOCK_BYTES;
-                    if still && self.tokens < bytes as f64 {
-                        return;
-                    }
-                    if still {
-                        self.tokens -= bytes as f64;
-                        i.retry_at = None;
-                        out.push(Action::Scrub {
-                            pass: i.pass,
-                            area: i.area,
-                            range: i.range.clone(),
-                        });
-                    } else {
-                        let (number, end) = (i.pass, i.range.end);
-                        self.inflight = None;
-                        if let Some(p) = self.pass_mut(number) {
-                            p.tour.cursor = p.tour.cursor.max(end);
-                        }
-                    }
-                }
-                _ => {}
+        // Ranges waiting to be tried again first: they hold the cursor back.
+        for i in 0..self.ranges.len() {
+            let r = &self.ranges[i];
+            if r.done.is_some() || r.retry_at.is_none_or(|at| at > now) {
+                continue;
             }
-            return;
+            // The area may have gone (or shrunk) since.
+            let still = self
+                .layout
+                .iter()
+                .any(|(a, l)| *a == r.area && l.start <= r.range.start && r.range.end <= l.end);
+            if !still {
+                let number = r.pass;
+                self.ranges[i].done = Some(Counted::default());
+                self.settle(number);
+                // The queue changed under the index: the rest next time.
+                return;
+            }
+            let bytes = (r.range.end - r.range.start) * BLOCK_BYTES;
+            if self.tokens < bytes as f64 {
+                return;
+            }
+            self.tokens -= bytes as f64;
+            let r = &mut self.ranges[i];
+            r.retry_at = None;
+            out.push(Action::Scrub {
+                id: r.id,
+                pass: r.pass,
+                area: r.area,
+                range: r.range.clone(),
+            });
         }
-        if self.repairs_waiting.len() >= REPAIRS_QUEUED_MAX {
-            return;
+        // A window: a range done past one still out holds its place, so a
+        // range that is slow or read again does not let the reads run on
+        // ahead of the cursor (and a restart reads again at most these).
+        let limit = self.ranges_inflight_limit();
+        while self.ranges.len() < limit && self.repairs_waiting.len() < REPAIRS_QUEUED_MAX {
+            let Some((_, range)) = self.peek_range() else { return };
+            let bytes = (range.end - range.start) * BLOCK_BYTES;
+            if self.tokens < bytes as f64 {
+                return;
+            }
+            let layout = self.layout.clone();
+            let Some(pass) = self.active() else { return };
+            let areas = pass.areas_of(&layout);
+            let Some((area, range)) = pass.ahead.next(&areas) else {
+                return;
+            };
+            pass.ahead.cursor = range.end;
+            let (number, wrapped) = (pass.number, pass.ahead.wrapped);
+            self.tokens -= bytes as f64;
+            let id = self.range_next_id;
+            self.range_next_id += 1;
+            self.ranges.push_back(Inflight {
+                id,
+                pass: number,
+                area,
+                range: range.clone(),
+                wrapped,
+                attempts: 0,
+                retry_at: None,
+                done: None,
+            });
+            out.push(Action::Scrub {
+                id,
+                pass: number,
+                area,
+                range,
+            });
         }
-        let layout = self.layout.clone();
-        let Some(pass) = self.active() else { return };
-        let areas = pass.areas_of(&layout);
-        let Some((area, range)) = pass.tour.next(&areas) else {
-            return;
-        };
-        let number = pass.number;
-        let bytes = (range.end - range.start) * BLOCK_BYTES;
-        if self.tokens < bytes as f64 {
-            return;
+    }
+
+    /// Move pass `number`'s cursor over its done ranges at the front of
+    /// the queue, taking their counts; it stops at the first one not done.
+    fn settle(&mut self, number: u64) {
+        while let Some(i) = self.ranges.iter().position(|r| r.pass == number) {
+            let Some(counted) = self.ranges[i].done.clone() else {
+                break;
+            };
+            let Some(r) = self.ranges.remove(i) else { break };
+            let Some(p) = self.pass_mut(number) else {
+                debug_assert!(false, "a range out for pass {number}, which is gone");
+                continue;
+            };
+            p.tour.advance(r.wrapped, r.range.end);
+            p.bytes_done += counted.bytes;
+            if counted.read {
+                let a = p.areas.entry(r.area).or_default();
+                a.blocks_checked += counted.blocks;
+                a.pages_checked += counted.pages;
+                a.found += counted.found;
+                a.repaired += counted.repaired;
+            }
         }
-        self.tokens -= bytes as f64;
-        self.inflight = Some(Inflight {
-            pass: number,
-            area,
-            range: range.clone(),
-            attempts: 0,
-            retry_at: None,
-        });
-        out.push(Action::Scrub {
-            pass: number,
-            area,
-            range,
-        });
     }
 
     fn maybe_persist(&mut self, now: Millis, out: &mut Vec<Action>) {
@@ -813,30 +958,27 @@ impl ScrubCore {
         if self.queued.is_some() && self.priority.is_none() {
             return now;
         }
-        match &self.inflight {
-            Some(i) => {
-                if let Some(r) = i.retry_at {
-                    let bytes = (i.range.end - i.range.start) * BLOCK_BYTES;
-                    at = at.min(r.max(self.tokens_ready_at(now, bytes)));
-                }
+        for r in &self.ranges {
+            if let (None, Some(retry)) = (&r.done, r.retry_at) {
+                let bytes = (r.range.end - r.range.start) * BLOCK_BYTES;
+                at = at.min(retry.max(self.tokens_ready_at(now, bytes)));
             }
-            None => {
-                let pass = self.active_ref();
-                if self.repairs_waiting.len() < REPAIRS_QUEUED_MAX
-                    && let Some(pass) = pass
-                {
-                    let mut tour = pass.tour.clone();
-                    match tour.next(&pass.areas_of(&self.layout)) {
-                        Some((_, range)) => {
-                            let bytes = (range.end - range.start) * BLOCK_BYTES;
-                            at = at.min(self.tokens_ready_at(now, bytes));
-                        }
-                        // The pass ends at the next step (or when its
-                        // last copies are in: their outcomes wake the shell).
-                        None if pass.repairs_pending == 0 => at = at.min(now),
-                        None => {}
-                    }
+        }
+        if self.ranges.len() < self.ranges_inflight_limit()
+            && self.repairs_waiting.len() < REPAIRS_QUEUED_MAX
+            && let Some(pass) = self.active_ref()
+        {
+            match self.peek_range() {
+                Some((_, range)) => {
+                    let bytes = (range.end - range.start) * BLOCK_BYTES;
+                    at = at.min(self.tokens_ready_at(now, bytes));
                 }
+                // The pass ends at the next step (or when its last ranges
+                // and copies are in: their outcomes wake the shell).
+                None if pass.repairs_pending == 0 && !self.ranges.iter().any(|r| r.pass == pass.number) => {
+                    at = at.min(now)
+                }
+                None => {}
             }
         }
         at
@@ -855,34 +997,38 @@ impl ScrubCore {
         now + wait.max(1)
     }
 
-    /// The outcome of the [`Action::Scrub`] out.
-    pub fn on_scrubbed(&mut self, now: Millis, result: Result<Checked, String>) -> Vec<Action> {
+    /// The outcome of the [`Action::Scrub`] `id`.
+    pub fn on_scrubbed(&mut self, now: Millis, id: u64, result: Result<Checked, String>) -> Vec<Action> {
         let mut out = Vec::new();
-        let Some(mut inflight) = self.inflight.take() else {
+        let Some(i) = self
+            .ranges
+            .iter()
+            .position(|r| r.id == id && r.done.is_none() && r.retry_at.is_none())
+        else {
             return out;
         };
         let checked = match result {
             Ok(c) => c,
             Err(error) => {
-                inflight.attempts += 1;
-                if inflight.attempts < SCRUB_ATTEMPTS_MAX {
-                    inflight.retry_at = Some(now + SCRUB_RETRY_MS);
-                    self.inflight = Some(inflight);
+                let r = &mut self.ranges[i];
+                r.attempts += 1;
+                if r.attempts < SCRUB_ATTEMPTS_MAX {
+                    r.retry_at = Some(now + SCRUB_RETRY_MS);
                 } else {
-                    if let Some(p) = self.pass_mut(inflight.pass) {
-                        p.tour.cursor = p.tour.cursor.max(inflight.range.end);
-                    }
+                    r.done = Some(Counted::default());
+                    let (number, area, range) = (r.pass, r.area, r.range.clone());
+                    self.settle(number);
                     out.push(Action::Unread {
-                        pass: inflight.pass,
-                        area: inflight.area,
-                        range: inflight.range,
+                        pass: number,
+                        area,
+                        range,
                         error,
                     });
                 }
                 return out;
             }
         };
-        let (number, area, range) = (inflight.pass, inflight.area, inflight.range);
+        let (number, area, range) = (self.ranges[i].pass, self.ranges[i].area, self.ranges[i].range.clone());
         // What was left in this range and is not found again is gone
         // (what is found again stays left until it is repaired).
         let (lo, hi) = (range.start * BLOCK_BYTES, range.end * BLOCK_BYTES);
@@ -917,10 +1063,12 @@ impl ScrubCore {
                 });
             }
         }
-        let mut report = AreaReport {
-            blocks_checked: checked.blocks,
-            pages_checked: checked.pages,
-            ..AreaReport::default()
+        let mut report = Counted {
+            read: true,
+            bytes: (range.end - range.start) * BLOCK_BYTES,
+            blocks: checked.blocks,
+            pages: checked.pages,
+            ..Counted::default()
         };
         let mut left = Vec::new();
         for f in findings {
@@ -939,6 +1087,7 @@ impl ScrubCore {
                     id: self.repair_next_id,
                     pass: number,
                     area,
+                    range_id: id,
                     need,
                     finding: f,
                     start,
@@ -953,18 +1102,11 @@ impl ScrubCore {
         let pending = repairs.len();
         self.repairs_waiting.extend(repairs);
         match self.pass_mut(number) {
-            Some(p) => {
-                p.tour.cursor = p.tour.cursor.max(range.end);
-                p.bytes_done += (range.end - range.start) * BLOCK_BYTES;
-                p.repairs_pending += pending;
-                let r = p.areas.entry(area).or_default();
-                r.blocks_checked += report.blocks_checked;
-                r.pages_checked += report.pages_checked;
-                r.found += report.found;
-                r.repaired += report.repaired;
-            }
+            Some(p) => p.repairs_pending += pending,
             None => debug_assert!(false, "a range out for pass {number}, which is gone"),
         }
+        self.ranges[i].done = Some(report);
+        self.settle(number);
         for f in left {
             self.leave(number, area, f, &mut out);
         }
@@ -997,9 +1139,25 @@ impl ScrubCore {
                 self.left_tracked.remove(&r.finding.offset);
                 r.finding.repaired = true;
                 self.repaired_total += 1;
+                // Counted with its finding: in the range's counts while
+                // the cursor has not passed it yet.
+                let unsettled = self
+                    .ranges
+                    .iter_mut()
+                    .find(|i| i.id == r.range_id)
+                    .and_then(|i| i.done.as_mut());
+                let counted = match unsettled {
+                    Some(c) => {
+                        c.repaired += 1;
+                        true
+                    }
+                    None => false,
+                };
                 if let Some(p) = self.pass_mut(r.pass) {
                     p.repairs_pending -= 1;
-                    p.areas.entry(r.area).or_default().repaired += 1;
+                    if !counted {
+                        p.areas.entry(r.area).or_default().repaired += 1;
+                    }
                 }
                 out.push(Action::Repaired {
                     area: r.area,
@@ -1040,11 +1198,20 @@ impl ScrubCore {
             let mut tour = p.tour.clone();
             // The leg turns only when the first is done; count from where it is.
             let _ = tour.next(&areas);
+            // Ranges done past the cursor count as done, not as to read.
+            let done_ahead: u64 = self
+                .ranges
+                .iter()
+                .filter(|r| r.pass == p.number)
+                .filter_map(|r| r.done.as_ref())
+                .map(|c| c.bytes)
+                .sum();
+            let remaining = (tour.remaining_blocks(&areas) * BLOCK_BYTES).saturating_sub(done_ahead);
             Running {
                 pass: p.number,
                 priority: p.priority(),
-                bytes_done: p.bytes_done,
-                bytes_total: p.bytes_done + tour.remaining_blocks(&areas) * BLOCK_BYTES,
+                bytes_done: p.bytes_done + done_ahead,
+                bytes_total: p.bytes_done + done_ahead + remaining,
             }
         });
         Status {

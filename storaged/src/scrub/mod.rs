@@ -11,6 +11,8 @@
 //!   after a restart.
 //! - [`shell`]: the tokio task that runs the core over a [`Store`] (the
 //!   node) and fetches copies from [`Peers`].
+//! - [`bufs`]: the read buffers the shell lends the store, kept from range
+//!   to range.
 //!
 //! The words of a report ([`PassReport`], [`Status`]) are what
 //! `storctl scrub` and `storctl status` print, and travel on the wire
@@ -22,6 +24,7 @@ use std::ops::Range;
 
 use crate::record::SegmentId;
 
+pub mod bufs;
 pub mod core;
 pub mod progress;
 pub mod shell;
@@ -165,8 +168,14 @@ pub trait Store: Send + Sync + 'static {
     /// Verify `range` (blocks inside one area of [`Layout`]), and repair
     /// what the node can alone: a log block whose records it still holds in
     /// memory, a damaged older slot, an index copy. A block freed or
-    /// rewritten while it was read is not damage.
-    fn scrub_range(&self, area: Area, range: Range<u64>) -> impl Future<Output = Result<Checked, String>> + Send;
+    /// rewritten while it was read is not damage. Reads go into buffers
+    /// taken from `bufs` and given back.
+    fn scrub_range(
+        &self,
+        area: Area,
+        range: Range<u64>,
+        bufs: &bufs::BufPool,
+    ) -> impl Future<Output = Result<Checked, String>> + Send;
     /// A peer's copy of a page for a [`NeedCopy`]: the node checks it
     /// against its index (LSN, CRC32C), writes it out of place, reads it
     /// back, and only then uses it. Err says why it was not used.

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::core::{Action, CopyOutcome, Millis, ScrubCore, pick_peer};
+use super::bufs::BufPool;
+use super::core::{Action, CopyOutcome, Millis, RANGE_BLOCKS_MAX, ScrubCore, pick_peer};
 use super::progress;
 use super::{Area, Checked, Filter, Finding, NeedCopy, Peers, Status, Store};
 use crate::log::format::DeviceId;
@@ -130,7 +131,7 @@ pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConf
     let seed =
         unix_ms ^ u64::from_le_bytes(device_id[..8].try_into().expect("8 bytes")) ^ u64::from(std::process::id());
     let shared = Arc::new(Shared {
-        core: Mutex::new(ScrubCore::new(config, seed, 0, unix_ms)),
+        core: Mutex::new(ScrubCore::new(config.clone(), seed, 0, unix_ms)),
         wake: Notify::new(),
         start,
     });
@@ -139,7 +140,15 @@ pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConf
     let device: String = device_id[..4].iter().map(|b| format!("{b:02x}")).collect();
     let span = tracing::info_span!("scrub", device = %device);
     let task = tokio::spawn(tracing::Instrument::instrument(
-        run(shared.clone(), store, peers, device_id, ready_tx, stop_rx),
+        run(
+            shared.clone(),
+            store,
+            peers,
+            device_id,
+            config.ranges_inflight_max,
+            ready_tx,
+            stop_rx,
+        ),
         span,
     ));
     Handle {
@@ -151,7 +160,7 @@ pub fn spawn<S: Store, P: Peers>(store: Arc<S>, peers: Arc<P>, config: ScrubConf
 }
 
 enum Outcome {
-    Scrubbed(Result<Checked, String>),
+    Scrubbed { id: u64, result: Result<Checked, String> },
     Copy { repair: u64, outcome: CopyOutcome },
 }
 
@@ -160,12 +169,15 @@ async fn run<S: Store, P: Peers>(
     store: Arc<S>,
     peers: Arc<P>,
     device_id: DeviceId,
+    ranges_inflight_max: usize,
     ready: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut counter = load(&shared, &*store, &device_id).await;
     let _ = ready.send(true);
     let (tx, mut rx) = mpsc::channel::<Outcome>(OUTCOMES_MAX);
+    // One buffer for each range that may be out.
+    let bufs = Arc::new(BufPool::new(ranges_inflight_max, RANGE_BLOCKS_MAX as usize));
     let mut work = JoinSet::new();
     let mut sampled_at = Instant::now();
     let mut foreground = store.foreground_totals();
@@ -199,7 +211,7 @@ async fn run<S: Store, P: Peers>(
                         }
                         shared.core().on_persisted(shared.now(), result);
                     }
-                    other => carry_out(other, &store, &peers, &tx, &mut work),
+                    other => carry_out(other, &store, &peers, &bufs, &tx, &mut work),
                 }
             }
             // A result just taken (a failed write) may want a step at once.
@@ -296,9 +308,9 @@ async fn persist<S: Store>(
 fn take(shared: &Shared, o: Outcome, actions: &mut Vec<Action>) {
     let mut core = shared.core();
     match o {
-        Outcome::Scrubbed(result) => {
+        Outcome::Scrubbed { id, result } => {
             let now = shared.now();
-            actions.extend(core.on_scrubbed(now, result));
+            actions.extend(core.on_scrubbed(now, id, result));
         }
         Outcome::Copy { repair, outcome } => actions.extend(core.on_copy(repair, outcome)),
     }
@@ -308,18 +320,19 @@ fn carry_out<S: Store, P: Peers>(
     action: Action,
     store: &Arc<S>,
     peers: &Arc<P>,
+    bufs: &Arc<BufPool>,
     tx: &mpsc::Sender<Outcome>,
     work: &mut JoinSet<()>,
 ) {
     match action {
-        Action::Scrub { pass, area, range } => {
-            let (store, tx) = (store.clone(), tx.clone());
+        Action::Scrub { id, pass, area, range } => {
+            let (store, tx, bufs) = (store.clone(), tx.clone(), bufs.clone());
             work.spawn(async move {
-                let result = store.scrub_range(area, range.clone()).await;
+                let result = store.scrub_range(area, range.clone(), &bufs).await;
                 if let Err(e) = &result {
                     tracing::warn!(pass, ?area, blocks = ?range, error = %e, "scrub read failed");
                 }
-                let _ = tx.send(Outcome::Scrubbed(result)).await;
+                let _ = tx.send(Outcome::Scrubbed { id, result }).await;
             });
         }
         Action::Fetch {

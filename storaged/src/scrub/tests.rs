@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::core::{
     Action, BACKGROUND_FACTOR_MIN, BLOCK_BYTES, CopyOutcome, Millis, PERSIST_INTERVAL_MS, PRIORITY_FACTOR_MIN,
-    RANGE_BLOCKS_MAX, REPAIRS_INFLIGHT_MAX, ScrubConfig, ScrubCore, pick_peer,
+    RANGE_BLOCKS_MAX, RANGES_INFLIGHT_DEFAULT, REPAIRS_INFLIGHT_MAX, ScrubConfig, ScrubCore, pick_peer,
 };
 use super::progress;
 use super::{Area, Checked, Damaged, Filter, Finding, Layout, NeedCopy, PassReport, Peer};
@@ -347,7 +347,7 @@ fn inject(rng: &mut Rng, model: &mut Model, count: usize, now: Millis) {
 }
 
 enum Event {
-    Scrubbed(Result<Checked, String>),
+    Scrubbed(u64, Result<Checked, String>),
     Copy(u64, CopyOutcome),
     Persisted,
 }
@@ -378,6 +378,17 @@ struct Sim {
     issued: Vec<Issued>,
     /// Ranges whose outcome came back, per pass (what the pass read).
     done: HashMap<u64, Vec<Range<u64>>>,
+    /// Ranges out by id: (pass, range).
+    out: HashMap<u64, (u64, Range<u64>)>,
+    /// Blocks whose range's outcome the core took (read, or passed
+    /// over), per pass.
+    delivered: HashMap<u64, BTreeSet<u64>>,
+    /// Ranges out at once, at most.
+    out_max: usize,
+    /// Check every progress kept against what was read (with a layout
+    /// that does not change: an area added behind the cursor is not read
+    /// in the pass).
+    check_kept: bool,
     finished: Vec<PassReport>,
     left: Vec<(Area, Finding)>,
     repaired: Vec<(Area, Finding)>,
@@ -410,6 +421,10 @@ impl Sim {
             restart_percent: 0,
             issued: Vec::new(),
             done: HashMap::new(),
+            out: HashMap::new(),
+            delivered: HashMap::new(),
+            out_max: 0,
+            check_kept: false,
             finished: Vec::new(),
             left: Vec::new(),
             repaired: Vec::new(),
@@ -429,19 +444,36 @@ impl Sim {
     fn take(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Scrub { pass, area, range } => {
+                Action::Scrub { id, pass, area, range } => {
                     self.pass_started.entry(pass).or_insert(self.now);
                     self.issued.push(Issued {
                         at: self.now,
                         pass,
                         range: range.clone(),
                     });
+                    assert!(
+                        self.out.insert(id, (pass, range.clone())).is_none(),
+                        "range {id} out twice at once"
+                    );
+                    self.out_max = self.out_max.max(self.out.len());
+                    assert!(
+                        self.out.len() <= self.config.ranges_inflight_max,
+                        "{} ranges out, at most {} allowed",
+                        self.out.len(),
+                        self.config.ranges_inflight_max
+                    );
                     let result = self.model.scrub_range(&mut self.rng, area, range.clone());
                     if result.is_ok() {
                         self.done.entry(pass).or_default().push(range);
                     }
-                    let latency = 1 + self.rng.below(30);
-                    self.schedule(latency, Event::Scrubbed(result));
+                    // Now and then a slow read: the ranges after it come
+                    // back before it.
+                    let latency = if self.rng.chance(5) {
+                        1_000 + self.rng.below(10_000)
+                    } else {
+                        1 + self.rng.below(30)
+                    };
+                    self.schedule(latency, Event::Scrubbed(id, result));
                 }
                 Action::Fetch {
                     repair,
@@ -472,6 +504,7 @@ impl Sim {
                 }
                 Action::Persist(p) => {
                     assert!(self.persist_out.is_none(), "two progress writes out at once");
+                    self.check_kept(&p);
                     let counter = self.counter + 1;
                     let (block, bytes) = progress::encode(&p, &DEV, counter);
                     self.persist_out = Some((counter, block, bytes));
@@ -481,7 +514,10 @@ impl Sim {
                 Action::Repaired { area, finding } => self.repaired.push((area, finding)),
                 Action::Left { area, finding } => self.left.push((area, finding)),
                 // Passed over after retries: the pass is done with it.
-                Action::Unread { pass, range, .. } => self.done.entry(pass).or_default().push(range),
+                Action::Unread { pass, range, .. } => {
+                    self.delivered.entry(pass).or_default().extend(range.clone());
+                    self.done.entry(pass).or_default().push(range);
+                }
                 Action::Finished(report) => {
                     self.finished.push(report);
                     self.running = None;
@@ -505,6 +541,7 @@ impl Sim {
             *self.pass_restarts.entry(pass).or_default() += 1;
         }
         self.events.clear();
+        self.out.clear();
         self.fetches_out = 0;
         if let Some((_, block, bytes)) = self.persist_out.take() {
             let i = Self::slot(block);
@@ -532,8 +569,12 @@ impl Sim {
 
     fn deliver(&mut self, e: Event) {
         match e {
-            Event::Scrubbed(result) => {
-                let a = self.core.on_scrubbed(self.now, result);
+            Event::Scrubbed(id, result) => {
+                let (pass, range) = self.out.remove(&id).expect("an outcome of a range out");
+                if result.is_ok() {
+                    self.delivered.entry(pass).or_default().extend(range);
+                }
+                let a = self.core.on_scrubbed(self.now, id, result);
                 self.take(a);
             }
             Event::Copy(repair, outcome) => {
@@ -592,6 +633,33 @@ impl Sim {
         }
     }
 
+    /// Progress about to be kept never passes a block whose range's
+    /// outcome is not in: every block of the layout on the tour before the
+    /// kept cursor was read (or passed over) in that pass.
+    fn check_kept(&self, p: &progress::Progress) {
+        let Some(t) = p.tour.as_ref().filter(|_| self.check_kept) else {
+            return;
+        };
+        let empty = BTreeSet::new();
+        let delivered = self.delivered.get(&t.pass).unwrap_or(&empty);
+        let before = |b: u64| {
+            if t.wrapped {
+                b >= t.start_block || b < t.cursor
+            } else {
+                b >= t.start_block && b < t.cursor
+            }
+        };
+        for b in self.model.blocks() {
+            assert!(
+                !before(b) || delivered.contains(&b),
+                "progress of pass {} kept with its cursor at {} ({}), past block {b}, not read yet",
+                t.pass,
+                t.cursor,
+                if t.wrapped { "second leg" } else { "first leg" }
+            );
+        }
+    }
+
     /// Bytes issued in any window of time exceed `rate` × its length by
     /// at most `burst`.
     fn check_pace(&self, issued: &[Issued], rate_bytes_per_s: f64, burst: u64) {
@@ -617,6 +685,7 @@ fn config(period_s: u64, rate: u64) -> ScrubConfig {
         pass_period: Duration::from_secs(period_s),
         rate_bytes_per_s_max: rate,
         enabled: true,
+        ranges_inflight_max: RANGES_INFLIGHT_DEFAULT,
     }
 }
 
@@ -647,6 +716,7 @@ fn same_blocks(got: &[u64], want: &[u64], what: &str) {
 /// read once a pass; with restarts at random moments.
 #[test]
 fn background_passes_find_and_repair_damage_across_restarts() {
+    let mut overlapped = 0;
     for seed in seeds() {
         let mut rng = Rng(seed);
         let segments = 2 + rng.below(6) as u32;
@@ -661,9 +731,16 @@ fn background_passes_find_and_repair_damage_across_restarts() {
         inject(&mut rng, &mut model, count, 0);
         let total_bytes = model.blocks().len() as u64 * BLOCK_BYTES;
         // A pass in about 40 s unless the ceiling is lower.
-        let ceiling = if rng.chance(50) { 1 << 20 } else { 64 << 20 };
-        let cfg = config(40, ceiling);
+        // The ceiling binds in a third of the seeds (several ranges out).
+        let ceiling = match rng.below(3) {
+            0 => 1 << 20,
+            1 => 64 << 20,
+            _ => (total_bytes / 80).max(BLOCK_BYTES),
+        };
+        let mut cfg = config(40, ceiling);
+        cfg.ranges_inflight_max = 1 + rng.below(3) as usize;
         let mut sim = Sim::new(seed, cfg.clone(), model);
+        sim.check_kept = true;
         sim.restart_percent = if rng.chance(70) { 1 + rng.below(3) } else { 0 };
         // Damage arrives now and then while passes run.
         let mut injected_at = 0;
@@ -700,9 +777,12 @@ fn background_passes_find_and_repair_damage_across_restarts() {
             let restarts = u64::from(sim.pass_restarts.get(&report.pass).copied().unwrap_or(0));
             let reread = (done.len() - unique.len()) as u64 * BLOCK_BYTES;
             // What was read since the last kept progress, twice (a torn
-            // write loses one), plus the range out.
+            // write loses one), plus the ranges out and those done past
+            // the kept cursor.
+            let ranges = 1 + cfg.ranges_inflight_max as u64;
             let per_restart = 2
-                * (ceiling.min(total_bytes / 40 + 1) * PERSIST_INTERVAL_MS / 1000 + 2 * RANGE_BLOCKS_MAX * BLOCK_BYTES);
+                * (ceiling.min(total_bytes / 40 + 1) * PERSIST_INTERVAL_MS / 1000
+                    + ranges * RANGE_BLOCKS_MAX * BLOCK_BYTES);
             if reread > restarts * per_restart && std::env::var("SCRUB_SIM_DEBUG").is_ok() {
                 let mut seen = BTreeSet::new();
                 for i in sim.issued.iter().filter(|i| i.pass == report.pass) {
@@ -781,10 +861,24 @@ fn background_passes_find_and_repair_damage_across_restarts() {
             "seed {seed}: left_now {} < {unfixed}",
             status.left_now
         );
-        // Pace: never above the background rate (a range saved up at most).
+        // Pace: never above the background rate (a range saved up at
+        // most; as many as may be out where the ceiling binds).
         let rate = (ceiling as f64).min(total_bytes as f64 / 40.0);
-        sim.check_pace(&sim.issued, rate, RANGE_BLOCKS_MAX * BLOCK_BYTES);
+        let burst = if total_bytes as f64 / 40.0 >= ceiling as f64 {
+            cfg.ranges_inflight_max as u64
+        } else {
+            1
+        };
+        sim.check_pace(&sim.issued, rate, burst * RANGE_BLOCKS_MAX * BLOCK_BYTES);
+        if sim.out_max > 1 {
+            overlapped += 1;
+        }
     }
+    // The seeds cover ranges out at once (outcomes out of order).
+    assert!(
+        overlapped > 0 || seeds().len() < 16,
+        "no seed had two ranges out at once"
+    );
 }
 
 /// A priority pass reads the log and the chosen segments, each block once,
@@ -801,7 +895,9 @@ fn priority_pass_covers_exactly_its_filter_and_the_background_resumes() {
             installed: Vec::new(),
         };
         let ceiling = 4 << 20;
-        let mut sim = Sim::new(seed, config(600, ceiling), model);
+        let mut cfg = config(600, ceiling);
+        cfg.ranges_inflight_max = 1 + rng.below(3) as usize;
+        let mut sim = Sim::new(seed, cfg.clone(), model);
         // The background pass gets going.
         let t = 1_000 + rng.below(60_000);
         sim.run(t, |_| false);
@@ -843,7 +939,11 @@ fn priority_pass_covers_exactly_its_filter_and_the_background_resumes() {
         );
         // Priority at the ceiling, never above.
         let prio: Vec<Issued> = sim.issued.iter().filter(|i| i.pass == n).cloned().collect();
-        sim.check_pace(&prio, ceiling as f64, RANGE_BLOCKS_MAX * BLOCK_BYTES);
+        sim.check_pace(
+            &prio,
+            ceiling as f64,
+            cfg.ranges_inflight_max as u64 * RANGE_BLOCKS_MAX * BLOCK_BYTES,
+        );
         // The background pass goes on and reads every block once.
         sim.run(u64::MAX, |s| s.finished.iter().any(|r| r.pass == background));
         let mut all: Vec<u64> = sim.model.blocks().into_iter().collect();
@@ -1022,9 +1122,9 @@ fn a_read_that_fails_is_tried_again_then_passed_over() {
         let actions = core.poll(now, &layout);
         for a in actions {
             match a {
-                Action::Scrub { .. } => {
+                Action::Scrub { id, .. } => {
                     scrubs += 1;
-                    for b in core.on_scrubbed(now, Err("I/O error".into())) {
+                    for b in core.on_scrubbed(now, id, Err("I/O error".into())) {
                         if matches!(b, Action::Unread { .. }) {
                             unread += 1;
                         }
@@ -1043,6 +1143,124 @@ fn a_read_that_fails_is_tried_again_then_passed_over() {
     panic!("the pass never ended");
 }
 
+/// The ranges a step sent out: (id, range).
+fn scrubs(actions: &[Action]) -> Vec<(u64, Range<u64>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Scrub { id, range, .. } => Some((*id, range.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn read_clean(blocks: &Range<u64>) -> Result<Checked, String> {
+    Ok(Checked {
+        blocks: blocks.end - blocks.start,
+        ..Checked::default()
+    })
+}
+
+/// At full speed the device reads the next range while the node verifies
+/// one: two out at once (by default), not more; one at a pace, and one
+/// while the foreground is slowed down.
+#[test]
+fn two_ranges_are_out_at_full_speed_and_one_at_a_pace() {
+    assert_eq!(ScrubConfig::default().ranges_inflight_max, 2);
+    let layout = Layout {
+        log: 256..4352,
+        segments: vec![(seg(0), 5000..9000)],
+    };
+    // A priority pass at a ceiling that does not bind.
+    let mut core = ScrubCore::new(config(86_400, 64 << 30), 1, 0, 0);
+    core.restore(0, progress::Progress::default());
+    let n = core.request(Filter::All).expect("loaded");
+    // The bucket fills at the pass's rate from when it starts.
+    assert!(scrubs(&core.poll(0, &layout)).is_empty());
+    let out = scrubs(&core.poll(10, &layout));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(out[0].1.end, out[1].1.start, "the second follows the first");
+    assert!(scrubs(&core.poll(20, &layout)).is_empty(), "a third while two are out");
+    // The second back first: it holds its place until the first is back
+    // (a window), then two more go out, after it.
+    let _ = core.on_scrubbed(20, out[1].0, read_clean(&out[1].1));
+    assert!(scrubs(&core.poll(21, &layout)).is_empty());
+    let _ = core.on_scrubbed(22, out[0].0, read_clean(&out[0].1));
+    let more = scrubs(&core.poll(23, &layout));
+    assert_eq!(more.len(), 2, "{more:?}");
+    assert_eq!(more[0].1.start, out[1].1.end);
+    assert_eq!(core.status().running.map(|r| r.pass), Some(n));
+
+    // The foreground slows down: one at a time.
+    core.observe_foreground(100, 100 * 500);
+    core.observe_foreground(100, 100 * 1000);
+    for (id, range) in &more {
+        let _ = core.on_scrubbed(30, *id, read_clean(range));
+    }
+    let slow = scrubs(&core.poll(1_000, &layout));
+    assert_eq!(slow.len(), 1, "{slow:?}");
+    assert!(scrubs(&core.poll(2_000, &layout)).is_empty());
+
+    // The background pass at its pace (the device in a day): one out, even
+    // with time to have saved up many.
+    let mut core = ScrubCore::new(config(86_400, 256 << 20), 2, 0, 0);
+    core.restore(0, progress::Progress::default());
+    let mut now = 0;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        now += 60_000;
+        out = scrubs(&core.poll(now, &layout));
+    }
+    assert_eq!(out.len(), 1);
+    assert!(scrubs(&core.poll(now + 3_600_000, &layout)).is_empty());
+
+    // Configured to one: one at full speed too.
+    let mut cfg = config(86_400, 64 << 30);
+    cfg.ranges_inflight_max = 1;
+    let mut core = ScrubCore::new(cfg, 3, 0, 0);
+    core.restore(0, progress::Progress::default());
+    core.request(Filter::All).expect("loaded");
+    let _ = core.poll(0, &layout);
+    assert_eq!(scrubs(&core.poll(10, &layout)).len(), 1);
+    assert!(scrubs(&core.poll(20, &layout)).is_empty());
+}
+
+/// Outcomes back out of order: the progress kept never passes a range
+/// still out, nor one waiting to be read again after a failure.
+#[test]
+fn the_kept_cursor_never_passes_a_range_still_out() {
+    // 80 MB read in a second: the ceiling binds, two go out.
+    let layout = Layout {
+        log: 256..20_256,
+        segments: vec![],
+    };
+    let mut core = ScrubCore::new(config(1, 64 << 20), 9, 0, 0);
+    core.restore(0, progress::Progress::default());
+    let out = scrubs(&core.poll(100, &layout));
+    assert_eq!(out.len(), 2, "{out:?}");
+    let ((a, ra), (b, rb)) = (out[0].clone(), out[1].clone());
+    let kept = |core: &ScrubCore| core.progress().tour.expect("a pass");
+    let start = kept(&core).cursor;
+    assert_eq!(start, ra.start);
+    // The second is done: the cursor stays before the first.
+    let _ = core.on_scrubbed(101, b, read_clean(&rb));
+    assert_eq!(kept(&core).cursor, start);
+    assert_eq!(kept(&core).bytes_done, 0);
+    // The first fails: it is read again later, the cursor still waits,
+    // and no third range takes its place meanwhile.
+    let _ = core.on_scrubbed(102, a, Err("EIO".into()));
+    assert_eq!(kept(&core).cursor, start);
+    assert!(scrubs(&core.poll(103, &layout)).is_empty());
+    let again = scrubs(&core.poll(1_200, &layout));
+    assert_eq!(again, vec![(a, ra.clone())]);
+    assert_eq!(kept(&core).cursor, start);
+    // Both done: the cursor passes both, their bytes counted once.
+    let _ = core.on_scrubbed(1_201, a, read_clean(&ra));
+    let k = kept(&core);
+    assert_eq!(k.cursor, rb.end);
+    assert_eq!(k.bytes_done, (ra.end - ra.start + rb.end - rb.start) * BLOCK_BYTES);
+}
+
 /// Progress kept and read back through the slots: the pass goes on.
 #[test]
 fn progress_round_trips_through_the_core() {
@@ -1056,8 +1274,8 @@ fn progress_round_trips_through_the_core() {
     while core.status().running.map_or(0, |r| r.bytes_done) < 100 * BLOCK_BYTES {
         for a in core.poll(now, &layout) {
             match a {
-                Action::Scrub { .. } => {
-                    let _ = core.on_scrubbed(now, Ok(Checked::default()));
+                Action::Scrub { id, .. } => {
+                    let _ = core.on_scrubbed(now, id, Ok(Checked::default()));
                 }
                 Action::Persist(_) => core.on_persisted(now, Ok(())),
                 _ => {}
@@ -1110,7 +1328,7 @@ fn a_failed_progress_write_is_tried_again_later() {
         let mut actions = core.poll(now, &layout);
         while let Some(a) = actions.pop() {
             match a {
-                Action::Scrub { .. } => actions.extend(core.on_scrubbed(now, Ok(Checked::default()))),
+                Action::Scrub { id, .. } => actions.extend(core.on_scrubbed(now, id, Ok(Checked::default()))),
                 Action::Persist(p) => {
                     writes += 1;
                     if now < 20_000 {
@@ -1159,10 +1377,10 @@ fn a_disabled_tour_keeps_its_pass_and_priority_passes_run() {
     while now < 60_000 {
         for a in core.poll(now, &layout) {
             match a {
-                Action::Scrub { pass, range, .. } => {
+                Action::Scrub { id, pass, range, .. } => {
                     assert_eq!(pass, 8, "the disabled tour read {range:?}");
                     priority_read += range.end - range.start;
-                    let _ = core.on_scrubbed(now, Ok(Checked::default()));
+                    let _ = core.on_scrubbed(now, id, Ok(Checked::default()));
                 }
                 Action::Persist(p) => {
                     assert_eq!(p.tour.as_ref().map(|t| (t.pass, t.cursor)), Some((7, 900)));
@@ -1191,6 +1409,7 @@ mod shell {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use super::super::bufs::BufPool;
     use super::super::shell::{ScrubConfig, spawn};
     use super::super::{Area, Checked, Damaged, Filter, Finding, Layout, NeedCopy, Peer, Peers, Store, progress};
     use super::{DEV, page_bytes, seg};
@@ -1212,7 +1431,12 @@ mod shell {
         fn layout(&self) -> Layout {
             self.layout.clone()
         }
-        async fn scrub_range(&self, _area: Area, range: std::ops::Range<u64>) -> Result<Checked, String> {
+        async fn scrub_range(
+            &self,
+            _area: Area,
+            range: std::ops::Range<u64>,
+            _bufs: &BufPool,
+        ) -> Result<Checked, String> {
             self.ranges.fetch_add(1, Ordering::Relaxed);
             let mut c = Checked {
                 blocks: range.end - range.start,
@@ -1324,6 +1548,7 @@ mod shell {
             pass_period: Duration::from_secs(3600),
             rate_bytes_per_s_max: 64 << 20,
             enabled: false,
+            ..ScrubConfig::default()
         };
         let peers = Arc::new(FakePeers::default());
         let run = async {
