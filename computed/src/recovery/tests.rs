@@ -912,3 +912,36 @@ fn writes_committed_by_a_dual_quorum_survive_a_recovery() {
         }
     }
 }
+
+/// Records 5–8 were committed before the change, on 1, 2, 3 and 6 (a
+/// write quorum of the old set; 4 and 5 hold 1–4): the new set (1–5, 7)
+/// holds them on only 3. Nodes 1 and 2 die as they are asked for the
+/// chain, 3 and 6 refuse once each: 4 and 5 must not serve as the source
+/// (they lack committed records); 3 or 6 is asked again.
+#[test]
+fn a_lagging_new_set_does_not_lower_the_bar_for_a_chain_source() {
+    let mut f = Fake::holding(|n| if n == 4 || n == 5 { 4 } else { 8 }, |_| 0);
+    let m = dual();
+    for n in 1..=6 {
+        let upto = f.segs[&(n, 0)].seg.scl();
+        f.told(n, &m, upto);
+    }
+    f.told(7, &m, 0);
+    let mut refused = Vec::new();
+    let r = f.recover_with(|f, r, node, msg| {
+        if !matches!(msg, Message::ReadRecords { .. }) {
+            return Fate::Deliver;
+        }
+        if node <= 2 {
+            f.down.push(node);
+            r.node_down(node);
+            return Fate::Lose;
+        }
+        if (node == 3 || node == 6) && !refused.contains(&node) {
+            refused.push(node);
+            return Fate::Answer(Box::new(Message::error(ErrorCode::Internal, 0, "a fault")));
+        }
+        Fate::Deliver
+    });
+    assert_eq!(r.vdl, 8, "1-8 were committed");
+}
