@@ -709,6 +709,9 @@ impl<T> Writer<T> {
         let s = &mut pg.slots[slot_no];
         s.held_epoch = membership.map_or(0, |m| m.epoch);
         let Some(next) = &pg.proposed else {
+            // A new member holding the dual membership may be all a change
+            // waited for: on an idle PG no ack or status ask follows.
+            self.maybe_finish(pg_no);
             return;
         };
         let epoch = next.epoch;

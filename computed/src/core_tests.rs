@@ -1239,3 +1239,23 @@ fn an_aborted_change_goes_back_to_the_old_set() {
     w.submit(2, vec![delta(1, 2)]).unwrap();
     assert!(appends(&outputs(&mut w)).iter().all(|a| a.0 != 7));
 }
+
+/// On an idle PG, nothing but G's answer to its telling says it caught
+/// up (no ack, no status ask of a segment that is not behind): that
+/// answer moves the PG to the new set.
+#[test]
+fn an_idle_pg_moves_to_the_new_set_once_g_holds_the_dual_membership() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(w.pg_view(0).unwrap().membership.is_changing());
+    w.node_up(7);
+    let g = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &g, &[7], 0);
+    let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
+    assert_eq!(membership::sets(&fin), vec![vec![1, 2, 3, 4, 5, 7]]);
+}
