@@ -814,7 +814,8 @@ impl<T> Writer<T> {
     }
 
     /// A dual membership in force whose new members have all caught up
-    /// (told it, up, at the PGCL) moves to its new set.
+    /// (told it, up, at the PGCL) moves to its new set, once that set holds
+    /// every committed record of the PG on a write quorum.
     fn maybe_finish(&mut self, pg_no: u32) {
         let pg = &self.pgs[pg_no as usize];
         if pg.proposed.is_some() || !pg.membership.is_changing() || self.fenced.is_some() {
@@ -829,8 +830,13 @@ impl<T> Writer<T> {
                     s.up && s.held_epoch >= m.epoch && s.scl >= pg.pgcl
                 })
         });
-        if caught_up {
-            let mut next = membership::finish(m);
+        // The new set alone must hold every committed record on a write
+        // quorum: those committed before the change were counted by the
+        // old set only, and may be on 3 of the new one (F among their 4).
+        let next = membership::finish(m);
+        let committed = membership::pgcl([&next], |id| pg.scl_of(id)) >= pg.durable_tail;
+        if caught_up && committed {
+            let mut next = next;
             next.epoch = next.epoch.max(pg.epoch_seen + 1);
             tracing::info!(
                 pg = pg_no,

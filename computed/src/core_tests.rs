@@ -1240,6 +1240,39 @@ fn an_aborted_change_goes_back_to_the_old_set() {
     assert!(appends(&outputs(&mut w)).iter().all(|a| a.0 != 7));
 }
 
+/// A record committed before the change on 1, 2, 3 and F (a write quorum
+/// of the old set) is on only 3 of the new set: the PG does not move to
+/// the new set, however caught up G is, until 4 of the new set hold every
+/// committed record (a recovery reading 3 of the new set could miss it).
+#[test]
+fn the_new_set_is_not_taken_before_it_holds_every_committed_record() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(commit_on(&mut w, 1, &[1, 2, 3, 6]));
+    let committed = w.vdl();
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    w.node_up(7);
+    let out = outputs(&mut w);
+    let sends = membership_sends(&out);
+    take_tellings(&mut w, &sends, &[1, 2, 3, 6], committed);
+    take_tellings(&mut w, &sends, &[4, 5, 7], 0);
+    let view = w.pg_view(0).unwrap();
+    assert!(
+        view.membership.is_changing(),
+        "the dual membership is in force: {view:?}"
+    );
+    assert!(
+        view.proposed.is_none(),
+        "moved to the new set with {committed} on 3 of it"
+    );
+    // 4 of the new set hold it, and G caught up: now the PG moves on.
+    ack_all_pending(&mut w, &[4, 7]);
+    let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
+    assert_eq!(membership::sets(&fin), vec![vec![1, 2, 3, 4, 5, 7]]);
+}
+
 /// On an idle PG, nothing but G's answer to its telling says it caught
 /// up (no ack, no status ask of a segment that is not behind): that
 /// answer moves the PG to the new set.
