@@ -1276,6 +1276,16 @@ impl<T> Writer<T> {
                     s.sent_through = p.released_through;
                     p.dirty = true;
                     self.set_scl(pg, slot);
+                    // Telling creates it, with this writer's ranges (a
+                    // first append would create it without them, and the
+                    // next recovery's truncation could be refused). A
+                    // telling already on its way, or refused, goes by its
+                    // own rules. The answer may also predate the telling
+                    // that created it: telling again is harmless.
+                    let s = &self.pgs[pg as usize].slots[slot];
+                    if s.up && matches!(s.told, Told::Yes | Told::No) {
+                        self.tell(pg, slot);
+                    }
                 }
                 // Anything else: its acks will tell, or the next ask.
                 other => {

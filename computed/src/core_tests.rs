@@ -1292,3 +1292,32 @@ fn an_idle_pg_moves_to_the_new_set_once_g_holds_the_dual_membership() {
     let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
     assert_eq!(membership::sets(&fin), vec![vec![1, 2, 3, 4, 5, 7]]);
 }
+
+/// A status answer saying the node holds nothing of the PG (it came
+/// after the telling that created the segment, or the segment is gone):
+/// the segment is told its membership again, which creates it with the
+/// writer's truncation ranges, rather than left to a first append that
+/// would create it without them.
+#[test]
+fn a_segment_its_node_does_not_hold_is_told_again() {
+    let mut w = writer();
+    let out = outputs(&mut w);
+    let start = membership_sends(&out);
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    let (_, request, _) = status_asks(&out)
+        .into_iter()
+        .find(|a| a.0 == 1 && a.2 == 0)
+        .expect("node 1 asked PG 0's status");
+    w.on_reply(
+        1,
+        request,
+        Message::error(ErrorCode::UnknownSegment, 0, "no such segment"),
+    );
+    let again = membership_sends(&outputs(&mut w));
+    assert_eq!(
+        again.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(),
+        vec![(1, 0)],
+        "PG 0 told again on node 1"
+    );
+    assert_eq!(w.pg_view(0).unwrap().members[0].told_epoch, 0);
+}
