@@ -556,8 +556,11 @@ impl<T> Writer<T> {
                 // them; a segment that lost one since needs repair, and
                 // does not hold back the records above.
                 let at_quorum = pg.pgcl.max(self.commits.vdl());
-                let i = pg.held.partition_point(|r| r.lsn <= at_quorum);
-                pg.held.get(i).map(|r| r.lsn)
+                // Every record above the VDL counts, held or not: one let
+                // go of at the quorum of the membership of its time may not
+                // be at the quorum of a step proposed since.
+                let i = pg.above_vdl.partition_point(|&lsn| lsn <= at_quorum);
+                pg.above_vdl.get(i).copied()
             }),
             self.allocated_through(),
         )

@@ -1321,3 +1321,39 @@ fn a_segment_its_node_does_not_hold_is_told_again() {
     );
     assert_eq!(w.pg_view(0).unwrap().members[0].told_epoch, 0);
 }
+
+/// A record let go of (the PG's hold is full) once 4 of the old set had
+/// it is not counted as at quorum when a change is proposed before its
+/// transaction commits: the transaction waits for 4 of the new set too.
+#[test]
+fn a_record_let_go_of_counts_by_the_quorum_of_a_step_proposed_since() {
+    let mut c = config();
+    c.pg_held_bytes_max = 0;
+    let mut w = Writer::new(c, 0);
+    for n in 1..=6 {
+        w.node_up(n);
+    }
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    // LSN 1 on PG 1 (nodes 2, 3, 4, 5, 6, 1), LSN 2 on PG 0.
+    w.submit(1, vec![delta(100, 1), delta(1, 1)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    for &(node, req, pg, _, last) in &sends {
+        if pg == 1 && [2, 3, 4, 5].contains(&node) {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(w.released_through(1), 1, "let go of at the old quorum");
+    // Node 2 is replaced by 7: the new set holds LSN 1 on 3, 4 and 5 only.
+    w.change_membership(1, Change::Replace { old: 2, new: member(7) })
+        .unwrap();
+    for &(node, req, pg, _, last) in &sends {
+        if pg == 0 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert!(commits(&outputs(&mut w)).is_empty(), "committed on 3 of the new set");
+    let &(node, req, pg, _, last) = sends.iter().find(|s| s.2 == 1 && s.0 == 6).expect("sent to 6");
+    ack(&mut w, node, req, pg, last);
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 2)]);
+}
