@@ -71,6 +71,16 @@
 //!   generations move on, so late replies are dropped), a new `Recovery`
 //!   runs over the same faulty network, and a writer built with
 //!   `Writer::recovered` serves new client load.
+//! - Membership changes: 2 to 6 times per seed the operator asks the writer
+//!   (`Writer::change_membership`) to replace a member of a PG's set being
+//!   moved to by a node outside the PG (8 nodes, 6 per PG), half the time
+//!   followed soon by another ask: a nested replacement while the first is
+//!   under way, an abort (a quarter of the asks of a PG that is changing),
+//!   or one refused while a step is being installed. The writer's
+//!   `Output::Connect` brings a connection to the new member up. A change
+//!   is not asked while the writer counts a member for more than it holds
+//!   (a damaged node not heard from since), and no log is damaged on a PG
+//!   whose membership is changing: either would be a third failure.
 //!
 //! Checked after every step: no segment reports an SCL above what it holds
 //! (every committed record of its PG — the chain as the model knows it; none
@@ -84,17 +94,23 @@
 //! above every acknowledged commit and is a CPL; transactions in flight at the
 //! crash are in the model if their CPL is at or below it and out otherwise;
 //! no segment at the new installed epoch holds a record in an annulled range;
-//! every page is read and must match. At the end the network heals, every
+//! every page is read and must match; the recovered membership's epoch is at
+//! or above the highest the writer had in force. Each commit's records are
+//! on 4 segments of every set of the memberships it was counted by (in
+//! force and proposed), and every committed record stays on 4 segments of
+//! the old set of both (the one set a change never alters). At the end the
+//! network heals, every
 //! transaction submitted after the last crash must commit, the segments the
 //! writer can still catch up must, and every page read through computed and
-//! straight from a caught-up segment must match the model; and every
-//! segment of every PG holds the PG's membership (epoch 1, its six nodes
-//! as the cluster file places them). Gossip repair: counted from the heal,
+//! straight from a caught-up segment must match the model; every membership
+//! change finishes (each PG at a membership that is not changing, nothing
+//! proposed), and every member's segment holds the membership in force.
+//! Gossip repair: counted from the heal,
 //! with no new transaction (a segment that missed a recovery installs the
 //! writer's epoch when its status shows it, and gossip pulls only between
 //! segments of one installed epoch), within `REPAIR_TICKS` every segment of
-//! every PG that holds a membership — the ones the writer let go of too —
-//! reaches its PG's PGCL.
+//! every member of every PG's final membership — the ones the writer let go
+//! of too — reaches its PG's PGCL.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -1981,7 +1997,7 @@ impl Sim {
         }
     }
 
-    /// A segment holding its PG's membership below the PG's PGCL:
+    /// A member of a PG (its membership in force) below the PG's PGCL:
     /// (node, PG, its SCL, the PGCL).
     fn unrepaired(&self) -> Option<(u64, u32, u64, u64)> {
         let w = self.serving();
