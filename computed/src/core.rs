@@ -711,6 +711,14 @@ impl<T> Writer<T> {
         let pg = &mut self.pgs[pg_no as usize];
         let s = &mut pg.slots[slot_no];
         s.held_epoch = membership.map_or(0, |m| m.epoch);
+        // An answer that says less than the segment took (it left before
+        // the telling was taken, and came after its answer): told again,
+        // or a change waiting for it would wait for good.
+        if s.up && s.told == Told::Yes && membership.is_some() && s.held_epoch < pg.target().epoch {
+            self.tell(pg_no, slot_no);
+            return;
+        }
+        let pg = &mut self.pgs[pg_no as usize];
         let Some(next) = &pg.proposed else {
             // A new member holding the dual membership may be all a change
             // waited for: on an idle PG no ack or status ask follows.

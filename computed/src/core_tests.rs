@@ -1357,3 +1357,30 @@ fn a_record_let_go_of_counts_by_the_quorum_of_a_step_proposed_since() {
     ack(&mut w, node, req, pg, last);
     assert_eq!(commits(&outputs(&mut w)), vec![(1, 2)]);
 }
+
+/// A status answer showing an older membership than the segment took
+/// (it left before the telling was taken, and came after its answer):
+/// the segment is told again, so a change waiting for it goes on.
+#[test]
+fn an_answer_older_than_the_telling_it_follows_gets_the_segment_told_again() {
+    let mut w = writer();
+    let out = outputs(&mut w);
+    let start = membership_sends(&out);
+    let (_, request, _) = status_asks(&out)
+        .into_iter()
+        .find(|a| a.0 == 1 && a.2 == 0)
+        .expect("node 1 asked PG 0's status");
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1], 0);
+    // The status asked before the change comes now, showing epoch 1.
+    let old = start.iter().find(|s| s.0 == 1 && s.2 == 0).unwrap().3.clone();
+    w.on_reply(1, request, holds(0, 0, &old));
+    let again = membership_sends(&outputs(&mut w));
+    assert_eq!(
+        again.iter().map(|s| (s.0, s.2, s.3.epoch)).collect::<Vec<_>>(),
+        vec![(1, 0, 2)]
+    );
+}
