@@ -559,8 +559,11 @@ impl<T> Writer<T> {
                 // them; a segment that lost one since needs repair, and
                 // does not hold back the records above.
                 let at_quorum = pg.pgcl.max(self.commits.vdl());
-                let i = pg.held.partition_point(|r| r.lsn <= at_quorum);
-                pg.held.get(i).map(|r| r.lsn)
+                // Every record above the VDL counts, held or not: one let
+                // go of at the quorum of the membership of its time may not
+                // be at the quorum of a step proposed since.
+                let i = pg.above_vdl.partition_point(|&lsn| lsn <= at_quorum);
+                pg.above_vdl.get(i).copied()
             }),
             self.allocated_through(),
         )
@@ -711,7 +714,18 @@ impl<T> Writer<T> {
         let pg = &mut self.pgs[pg_no as usize];
         let s = &mut pg.slots[slot_no];
         s.held_epoch = membership.map_or(0, |m| m.epoch);
+        // An answer that says less than the segment took (it left before
+        // the telling was taken, and came after its answer): told again,
+        // or a change waiting for it would wait for good.
+        if s.up && s.told == Told::Yes && membership.is_some() && s.held_epoch < pg.target().epoch {
+            self.tell(pg_no, slot_no);
+            return;
+        }
+        let pg = &mut self.pgs[pg_no as usize];
         let Some(next) = &pg.proposed else {
+            // A new member holding the dual membership may be all a change
+            // waited for: on an idle PG no ack or status ask follows.
+            self.maybe_finish(pg_no);
             return;
         };
         let epoch = next.epoch;
@@ -814,7 +828,8 @@ impl<T> Writer<T> {
     }
 
     /// A dual membership in force whose new members have all caught up
-    /// (told it, up, at the PGCL) moves to its new set.
+    /// (told it, up, at the PGCL) moves to its new set, once that set holds
+    /// every committed record of the PG on a write quorum.
     fn maybe_finish(&mut self, pg_no: u32) {
         let pg = &self.pgs[pg_no as usize];
         if pg.proposed.is_some() || !pg.membership.is_changing() || self.fenced.is_some() {
@@ -829,8 +844,13 @@ impl<T> Writer<T> {
                     s.up && s.held_epoch >= m.epoch && s.scl >= pg.pgcl
                 })
         });
-        if caught_up {
-            let mut next = membership::finish(m);
+        // The new set alone must hold every committed record on a write
+        // quorum: those committed before the change were counted by the
+        // old set only, and may be on 3 of the new one (F among their 4).
+        let next = membership::finish(m);
+        let committed = membership::pgcl([&next], |id| pg.scl_of(id)) >= pg.durable_tail;
+        if caught_up && committed {
+            let mut next = next;
             next.epoch = next.epoch.max(pg.epoch_seen + 1);
             tracing::info!(
                 pg = pg_no,
@@ -1287,6 +1307,16 @@ impl<T> Writer<T> {
                     s.sent_through = p.released_through;
                     p.dirty = true;
                     self.set_scl(pg, slot);
+                    // Telling creates it, with this writer's ranges (a
+                    // first append would create it without them, and the
+                    // next recovery's truncation could be refused). A
+                    // telling already on its way, or refused, goes by its
+                    // own rules. The answer may also predate the telling
+                    // that created it: telling again is harmless.
+                    let s = &self.pgs[pg as usize].slots[slot];
+                    if s.up && matches!(s.told, Told::Yes | Told::No) {
+                        self.tell(pg, slot);
+                    }
                 }
                 // Anything else: its acks will tell, or the next ask.
                 other => {

@@ -1277,3 +1277,148 @@ fn a_segment_ahead_of_the_writers_membership_gets_it_proposed_above() {
         "the refused batch is sent again at the new epoch"
     );
 }
+
+/// A record committed before the change on 1, 2, 3 and F (a write quorum
+/// of the old set) is on only 3 of the new set: the PG does not move to
+/// the new set, however caught up G is, until 4 of the new set hold every
+/// committed record (a recovery reading 3 of the new set could miss it).
+#[test]
+fn the_new_set_is_not_taken_before_it_holds_every_committed_record() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(commit_on(&mut w, 1, &[1, 2, 3, 6]));
+    let committed = w.vdl();
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    w.node_up(7);
+    let out = outputs(&mut w);
+    let sends = membership_sends(&out);
+    take_tellings(&mut w, &sends, &[1, 2, 3, 6], committed);
+    take_tellings(&mut w, &sends, &[4, 5, 7], 0);
+    let view = w.pg_view(0).unwrap();
+    assert!(
+        view.membership.is_changing(),
+        "the dual membership is in force: {view:?}"
+    );
+    assert!(
+        view.proposed.is_none(),
+        "moved to the new set with {committed} on 3 of it"
+    );
+    // 4 of the new set hold it, and G caught up: now the PG moves on.
+    ack_all_pending(&mut w, &[4, 7]);
+    let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
+    assert_eq!(membership::sets(&fin), vec![vec![1, 2, 3, 4, 5, 7]]);
+}
+
+/// On an idle PG, nothing but G's answer to its telling says it caught
+/// up (no ack, no status ask of a segment that is not behind): that
+/// answer moves the PG to the new set.
+#[test]
+fn an_idle_pg_moves_to_the_new_set_once_g_holds_the_dual_membership() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(w.pg_view(0).unwrap().membership.is_changing());
+    w.node_up(7);
+    let g = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &g, &[7], 0);
+    let fin = w.pg_view(0).unwrap().proposed.expect("the final step");
+    assert_eq!(membership::sets(&fin), vec![vec![1, 2, 3, 4, 5, 7]]);
+}
+
+/// A status answer saying the node holds nothing of the PG (it came
+/// after the telling that created the segment, or the segment is gone):
+/// the segment is told its membership again, which creates it with the
+/// writer's truncation ranges, rather than left to a first append that
+/// would create it without them.
+#[test]
+fn a_segment_its_node_does_not_hold_is_told_again() {
+    let mut w = writer();
+    let out = outputs(&mut w);
+    let start = membership_sends(&out);
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    let (_, request, _) = status_asks(&out)
+        .into_iter()
+        .find(|a| a.0 == 1 && a.2 == 0)
+        .expect("node 1 asked PG 0's status");
+    w.on_reply(
+        1,
+        request,
+        Message::error(ErrorCode::UnknownSegment, 0, "no such segment"),
+    );
+    let again = membership_sends(&outputs(&mut w));
+    assert_eq!(
+        again.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(),
+        vec![(1, 0)],
+        "PG 0 told again on node 1"
+    );
+    assert_eq!(w.pg_view(0).unwrap().members[0].told_epoch, 0);
+}
+
+/// A record let go of (the PG's hold is full) once 4 of the old set had
+/// it is not counted as at quorum when a change is proposed before its
+/// transaction commits: the transaction waits for 4 of the new set too.
+#[test]
+fn a_record_let_go_of_counts_by_the_quorum_of_a_step_proposed_since() {
+    let mut c = config();
+    c.pg_held_bytes_max = 0;
+    let mut w = Writer::new(c, 0);
+    for n in 1..=6 {
+        w.node_up(n);
+    }
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    // LSN 1 on PG 1 (nodes 2, 3, 4, 5, 6, 1), LSN 2 on PG 0.
+    w.submit(1, vec![delta(100, 1), delta(1, 1)]).unwrap();
+    let sends = appends(&outputs(&mut w));
+    for &(node, req, pg, _, last) in &sends {
+        if pg == 1 && [2, 3, 4, 5].contains(&node) {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert_eq!(w.released_through(1), 1, "let go of at the old quorum");
+    // Node 2 is replaced by 7: the new set holds LSN 1 on 3, 4 and 5 only.
+    w.change_membership(1, Change::Replace { old: 2, new: member(7) })
+        .unwrap();
+    for &(node, req, pg, _, last) in &sends {
+        if pg == 0 {
+            ack(&mut w, node, req, pg, last);
+        }
+    }
+    assert!(commits(&outputs(&mut w)).is_empty(), "committed on 3 of the new set");
+    let &(node, req, pg, _, last) = sends.iter().find(|s| s.2 == 1 && s.0 == 6).expect("sent to 6");
+    ack(&mut w, node, req, pg, last);
+    assert_eq!(commits(&outputs(&mut w)), vec![(1, 2)]);
+}
+
+/// A status answer showing an older membership than the segment took
+/// (it left before the telling was taken, and came after its answer):
+/// the segment is told again, so a change waiting for it goes on.
+#[test]
+fn an_answer_older_than_the_telling_it_follows_gets_the_segment_told_again() {
+    let mut w = writer();
+    let out = outputs(&mut w);
+    let start = membership_sends(&out);
+    let (_, request, _) = status_asks(&out)
+        .into_iter()
+        .find(|a| a.0 == 1 && a.2 == 0)
+        .expect("node 1 asked PG 0's status");
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1], 0);
+    // The status asked before the change comes now, showing epoch 1.
+    let old = start.iter().find(|s| s.0 == 1 && s.2 == 0).unwrap().3.clone();
+    w.on_reply(1, request, holds(0, 0, &old));
+    let again = membership_sends(&outputs(&mut w));
+    assert_eq!(
+        again.iter().map(|s| (s.0, s.2, s.3.epoch)).collect::<Vec<_>>(),
+        vec![(1, 0, 2)]
+    );
+}

@@ -47,7 +47,7 @@
 //! force is on a write quorum of every set of the one before, so such a
 //! probe cannot miss it). Every quorum after that is counted in each set:
 //! a write quorum is 4 of every set, and a chain's source bound is the
-//! lowest of the sets' bounds.
+//! old set's (the one set every committed record is on a write quorum of).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -615,19 +615,21 @@ impl Recovery {
     /// chains are read, and only grows. Each bound found is enough, so a
     /// later seal only ever lowers it (`first`: the first one).
     ///
-    /// A membership being changed has two sets, and a record on a write
-    /// quorum of each: each set's bound is enough, so the lower is taken.
+    /// A membership being changed has two sets. Only the old set is
+    /// known to hold every committed record on a write quorum: it never
+    /// changes during a change, and records committed before the change
+    /// were counted by it alone, so the new set may hold them on fewer
+    /// than 4 while its new members catch up. Its bound could be too low
+    /// (a source lacking committed records), so the old set's is taken.
     fn set_source_bound(&mut self, pg: usize, first: bool) {
-        let mut bound = u64::MAX;
-        for set in self.sets(pg) {
-            let mut scls: Vec<u64> = set
-                .iter()
-                .filter_map(|&i| self.slots[pg][i].sealed.map(|x| x.scl))
-                .collect();
-            scls.sort_unstable_by(|a, b| b.cmp(a));
-            debug_assert!(scls.len() >= WRITE_QUORUM);
-            bound = bound.min(scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0));
-        }
+        let old = self.sets(pg).swap_remove(0);
+        let mut scls: Vec<u64> = old
+            .iter()
+            .filter_map(|&i| self.slots[pg][i].sealed.map(|x| x.scl))
+            .collect();
+        scls.sort_unstable_by(|a, b| b.cmp(a));
+        debug_assert!(scls.len() >= WRITE_QUORUM);
+        let bound = scls.get(scls.len().saturating_sub(3)).copied().unwrap_or(0);
         let m = &mut self.source_scl_min[pg];
         *m = if first { bound } else { (*m).min(bound) };
     }

@@ -71,6 +71,16 @@
 //!   generations move on, so late replies are dropped), a new `Recovery`
 //!   runs over the same faulty network, and a writer built with
 //!   `Writer::recovered` serves new client load.
+//! - Membership changes: 2 to 6 times per seed the operator asks the writer
+//!   (`Writer::change_membership`) to replace a member of a PG's set being
+//!   moved to by a node outside the PG (8 nodes, 6 per PG), half the time
+//!   followed soon by another ask: a nested replacement while the first is
+//!   under way, an abort (a quarter of the asks of a PG that is changing),
+//!   or one refused while a step is being installed. The writer's
+//!   `Output::Connect` brings a connection to the new member up. A change
+//!   is not asked while the writer counts a member for more than it holds
+//!   (a damaged node not heard from since), and no log is damaged on a PG
+//!   whose membership is changing: either would be a third failure.
 //!
 //! Checked after every step: no segment reports an SCL above what it holds
 //! (every committed record of its PG — the chain as the model knows it; none
@@ -84,17 +94,23 @@
 //! above every acknowledged commit and is a CPL; transactions in flight at the
 //! crash are in the model if their CPL is at or below it and out otherwise;
 //! no segment at the new installed epoch holds a record in an annulled range;
-//! every page is read and must match. At the end the network heals, every
+//! every page is read and must match; the recovered membership's epoch is at
+//! or above the highest the writer had in force. Each commit's records are
+//! on 4 segments of every set of the memberships it was counted by (in
+//! force and proposed), and every committed record stays on 4 segments of
+//! the old set of both (the one set a change never alters). At the end the
+//! network heals, every
 //! transaction submitted after the last crash must commit, the segments the
 //! writer can still catch up must, and every page read through computed and
-//! straight from a caught-up segment must match the model; and every
-//! segment of every PG holds the PG's membership (epoch 1, its six nodes
-//! as the cluster file places them). Gossip repair: counted from the heal,
+//! straight from a caught-up segment must match the model; every membership
+//! change finishes (each PG at a membership that is not changing, nothing
+//! proposed), and every member's segment holds the membership in force.
+//! Gossip repair: counted from the heal,
 //! with no new transaction (a segment that missed a recovery installs the
 //! writer's epoch when its status shows it, and gossip pulls only between
 //! segments of one installed epoch), within `REPAIR_TICKS` every segment of
-//! every PG that holds a membership — the ones the writer let go of too —
-//! reaches its PG's PGCL.
+//! every member of every PG's final membership — the ones the writer let go
+//! of too — reaches its PG's PGCL.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 32); `SIM_SEED=S` replays seed S;
 //! `SIM_STEPS=K` sets the number of transactions per seed. A failing seed is
@@ -105,6 +121,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 
 use computed::cluster::{Cluster, local_cluster_toml};
 use computed::core::{Output, PageWrite, Writer, WriterConfig};
+use computed::membership::{Change, Member, sets};
 use computed::recovery::{Recovered, Recovery};
 use storaged::gossip::GossipCore;
 use storaged::hot::{HotRecords, apply};
@@ -323,6 +340,8 @@ enum Event {
     Tick,
     Client,
     ComputedCrash,
+    /// The operator asks a PG's membership to change.
+    ChangeMembership,
 }
 
 /// computed: recovering the volume, or serving it.
@@ -350,9 +369,19 @@ struct Sim {
     /// every generation on.
     conn: Vec<(u64, bool)>,
     partitioned: Vec<bool>,
-    placement: Vec<[u64; 6]>,
-    /// Each PG's membership as the cluster file places it.
+    /// Each PG's membership as the cluster file places it (where every
+    /// recovery starts from, as `computed run` does).
     memberships: Vec<Membership>,
+    /// Each PG's membership in force and the step proposed, as the writer
+    /// last said (after a recovery: the one it found).
+    in_force: Vec<Membership>,
+    proposed: Vec<Option<Membership>>,
+    /// Per PG, the highest membership epoch the writer had in force: a
+    /// recovery must find one at least as high.
+    in_force_epoch: Vec<u64>,
+    /// Membership changes asked for, and those refused (one under way).
+    changes: u64,
+    changes_refused: u64,
     // The model.
     txns: HashMap<u64, Vec<PageWrite>>,
     /// Committed (acknowledged, or kept by a recovery) transactions: (CPL, token), in LSN order.
@@ -373,8 +402,10 @@ struct Sim {
     epoch: u64,
     recoveries: u64,
     computed_crashes: u64,
-    /// Transactions (submitted) at which computed crashes.
+    /// Transactions (submitted) at which computed crashes, and at which a
+    /// PG's membership is asked to change.
     crash_at: Vec<u64>,
+    change_at: Vec<u64>,
     /// Transactions lost with a crash (never allocated, or above the recovered VDL).
     txns_lost: u64,
     /// Gossip: message bodies, and `cut[a][b]`: nodes a and b are partitioned.
@@ -441,8 +472,12 @@ impl Sim {
             nodes,
             conn: vec![(0, false); NODES],
             partitioned: vec![false; NODES],
-            placement: cluster.placement.clone(),
             memberships: (0..PGS).map(|pg| cluster.membership(pg).expect("placed")).collect(),
+            in_force: (0..PGS).map(|pg| cluster.membership(pg).expect("placed")).collect(),
+            proposed: vec![None; PGS as usize],
+            in_force_epoch: vec![1; PGS as usize],
+            changes: 0,
+            changes_refused: 0,
             txns: HashMap::new(),
             committed: Vec::new(),
             unallocated: VecDeque::new(),
@@ -458,6 +493,7 @@ impl Sim {
             recoveries: 0,
             computed_crashes: 0,
             crash_at: Vec::new(),
+            change_at: Vec::new(),
             txns_lost: 0,
             gossip_msgs: HashMap::new(),
             cut: vec![vec![false; NODES]; NODES],
@@ -598,11 +634,20 @@ impl Sim {
         let mut pgs: Vec<u32> = self.nodes[node].segments.keys().copied().collect();
         pgs.sort_unstable();
         let pg = *pgs.get(self.rng.usize(..pgs.len().max(1)))?;
+        // Never while the PG's membership changes: a writer counts a node
+        // that is down for the SCL it last reported, and a change that
+        // moves 2 healthy segments out past a damaged one would be a third
+        // failure. Only a member's segment is damaged.
+        let m = &self.in_force[pg as usize];
+        if m.is_changing() || self.proposed[pg as usize].is_some() || !m.is_member(node as u64 + 1) {
+            return None;
+        }
+        let members: Vec<u64> = m.members.iter().map(|x| x.id).collect();
         // What a commit may count this segment for: the PG's committed
         // records, and anything up to the SCL it reported (the writer keeps
         // counting that while the node is down).
         let needed = self.committed_tail(pg).max(self.nodes[node].segments[&pg].seg.scl());
-        let others = self.placement[pg as usize]
+        let others = members
             .iter()
             .filter(|&&n| n as usize - 1 != node && self.scl(n, pg) >= needed)
             .count();
@@ -610,7 +655,7 @@ impl Sim {
             return None;
         }
         let durable_on = |sim: &Sim, lsn: u64| {
-            sim.placement[pg as usize]
+            members
                 .iter()
                 .filter(|&&n| {
                     sim.nodes[n as usize - 1]
@@ -761,6 +806,11 @@ impl Sim {
                     self.crash_computed();
                 }
             }
+            Event::ChangeMembership => {
+                if self.faults {
+                    self.change_membership();
+                }
+            }
         }
         self.drain_outputs();
         self.check();
@@ -861,6 +911,15 @@ impl Sim {
         let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
         let reply = match msg {
             Message::Append { pg, epoch, records, .. } => {
+                // A writer tells a segment its membership first on a
+                // connection, which creates it with the writer's ranges;
+                // here messages on one connection reorder (never on TCP),
+                // so an append that overtook that telling is refused and
+                // sent again (a segment it created would lack the ranges,
+                // and refuse the next recovery's truncation).
+                if !self.nodes[node].segments.contains_key(&pg) && self.epoch > 1 {
+                    return self.send(false, node, conn, request, unknown());
+                }
                 // The first append of a segment creates it with its epoch installed.
                 let seg = self.nodes[node].segments.entry(pg).or_insert_with(|| {
                     SimSegment::new(
@@ -1153,6 +1212,58 @@ impl Sim {
         }
     }
 
+    /// Ask the writer to change a PG's membership: replace a member of
+    /// the set being moved to by a node outside the PG (a second
+    /// replacement while one is under way nests), or, a change under way,
+    /// now and then abort it. Refused while a step is being installed.
+    fn change_membership(&mut self) {
+        let pg = self.rng.u32(..PGS);
+        // Commits of this step were counted by the memberships as they
+        // were: checked before the writer's membership moves on.
+        self.drain_outputs();
+        let Computed::Serving(w) = &self.computed else {
+            return;
+        };
+        let view = w.pg_view(pg).expect("the PG exists");
+        // A writer counts a member down for the SCL it last reported; one
+        // that came back with less (damage) and has not said so yet would
+        // be counted for records it lacks by the new set.
+        let stale = view.members.iter().any(|m| m.scl > self.scl(m.id, pg));
+        if stale {
+            return;
+        }
+        let m = &view.membership;
+        let change = if m.is_changing() && self.rng.u32(..4) == 0 {
+            Change::Abort
+        } else {
+            let moving: Vec<u64> = sets(m).pop().expect("a set");
+            let old = moving[self.rng.usize(..moving.len())];
+            let outside: Vec<u64> = (1..=NODES as u64).filter(|&n| !m.is_member(n)).collect();
+            if outside.is_empty() {
+                return;
+            }
+            let id = outside[self.rng.usize(..outside.len())];
+            let addr = self.memberships[0]
+                .members
+                .iter()
+                .chain(self.memberships[1].members.iter())
+                .find(|x| x.id == id)
+                .map(|x| x.addr)
+                .unwrap_or_else(|| format!("127.0.0.1:{}", 7000 + id).parse().unwrap());
+            Change::Replace {
+                old,
+                new: Member { id, addr },
+            }
+        };
+        self.changes += 1;
+        let Computed::Serving(w) = &mut self.computed else {
+            return;
+        };
+        if w.change_membership(pg, change).is_err() {
+            self.changes_refused += 1;
+        }
+    }
+
     fn client_step(&mut self) {
         // No client is taken while computed recovers.
         let read = self.rng.u32(..4) == 0;
@@ -1241,6 +1352,16 @@ impl Sim {
         };
         w.take_outputs(&mut out);
         let vdl = w.vdl();
+        // The memberships a commit of this step was counted by: the one in
+        // force and the one proposed (a step that came in force or was
+        // proposed since was counted too: it is the proposed one, or a
+        // finish, whose set the dual one has).
+        let counted: Vec<Vec<Membership>> = (0..PGS)
+            .map(|pg| {
+                let v = w.pg_view(pg).expect("the PG exists");
+                std::iter::once(v.membership).chain(v.proposed).collect()
+            })
+            .collect();
         for o in out {
             match o {
                 Output::Append {
@@ -1280,6 +1401,26 @@ impl Sim {
                     if let Some(&(last, _)) = self.committed.last() {
                         assert!(lsn > last, "commits out of order");
                     }
+                    // Its records are on a write quorum of every set of
+                    // every membership the writer counted it by.
+                    let writes = &self.txns[&token];
+                    let first = lsn + 1 - writes.len() as u64;
+                    for (i, wr) in writes.iter().enumerate() {
+                        let pg = (wr.page() / PG_PAGES) as u32;
+                        for m in &counted[pg as usize] {
+                            assert!(
+                                self.on_write_quorum(m, pg, first + i as u64),
+                                "commit {lsn}: record {} not on 4 of each set of membership {m:?}; the writer's SCLs {:?}; segments:{}",
+                                first + i as u64,
+                                self.serving().pg_view(pg).map(|v| v
+                                    .members
+                                    .iter()
+                                    .map(|x| (x.id, x.scl))
+                                    .collect::<Vec<_>>()),
+                                self.segments_text()
+                            );
+                        }
+                    }
                     self.commit(lsn, token);
                 }
                 Output::ReadDone { token, page } => {
@@ -1295,9 +1436,42 @@ impl Sim {
                     self.reads_checked += 1;
                 }
                 Output::Fenced { .. } => panic!("fenced with a single writer"),
-                Output::Connect { .. } => {}
+                // The sim's nodes are all reachable: the connection comes
+                // up unless it is (or the node is down or cut off).
+                Output::Connect { node, .. } => {
+                    let n = node as usize - 1;
+                    if !self.conn[n].1 {
+                        self.schedule(1_000, Event::Reconnect { node: n });
+                    }
+                }
             }
         }
+        self.track_memberships();
+    }
+
+    /// Follow the writer's memberships: what is in force, what is proposed.
+    fn track_memberships(&mut self) {
+        let Computed::Serving(w) = &self.computed else {
+            return;
+        };
+        for pg in 0..PGS {
+            let view = w.pg_view(pg).expect("the PG exists");
+            let p = pg as usize;
+            self.in_force_epoch[p] = self.in_force_epoch[p].max(view.membership.epoch);
+            if self.in_force[p] != view.membership {
+                self.in_force[p] = view.membership;
+            }
+            if self.proposed[p] != view.proposed {
+                self.proposed[p] = view.proposed;
+            }
+        }
+    }
+
+    /// Whether a write quorum (4) of every set of `m` holds PG `pg` up to `lsn`.
+    fn on_write_quorum(&self, m: &Membership, pg: u32, lsn: u64) -> bool {
+        sets(m)
+            .iter()
+            .all(|set| set.iter().filter(|&&n| self.scl(n, pg) >= lsn).count() >= 4)
     }
 
     /// Transaction `token` is committed at `cpl`: its records join their
@@ -1402,6 +1576,16 @@ impl Sim {
                 }
             }
         }
+        for (pg, rp) in r.pgs.iter().enumerate() {
+            assert!(
+                rp.membership.epoch >= self.in_force_epoch[pg],
+                "pg {pg}: recovered membership epoch {} below epoch {} that was in force",
+                rp.membership.epoch,
+                self.in_force_epoch[pg]
+            );
+            self.in_force[pg] = rp.membership.clone();
+            self.proposed[pg] = None;
+        }
         self.last_vdl = r.vdl;
         let mut w = Writer::recovered(self.config.clone(), &r);
         for node in 0..NODES {
@@ -1473,15 +1657,20 @@ impl Sim {
             if tail == 0 {
                 continue;
             }
-            let holding = self.placement[pg as usize]
-                .iter()
-                .filter(|&&n| self.scl(n, pg) >= tail)
-                .count();
-            assert!(
-                holding >= 4,
-                "PG {pg}: committed LSN {tail} durable on only {holding} segments; segments:{}",
-                self.segments_text()
-            );
+            // On a write quorum of the old set of the membership in force
+            // and of the one proposed: the set every committed record is
+            // on (the new set of a change may still be catching up).
+            let p = pg as usize;
+            for m in std::iter::once(&self.in_force[p]).chain(&self.proposed[p]) {
+                let old = sets(m).swap_remove(0);
+                let holding = old.iter().filter(|&&n| self.scl(n, pg) >= tail).count();
+                assert!(
+                    holding >= 4,
+                    "PG {pg}: committed LSN {tail} durable on only {holding} segments of {old:?} (membership epoch {}); segments:{}",
+                    m.epoch,
+                    self.segments_text()
+                );
+            }
         }
     }
 
@@ -1502,8 +1691,16 @@ impl Sim {
     /// Every segment's state, for a failure's message.
     fn segments_text(&self) -> String {
         let mut out = String::new();
-        for (pg, nodes) in self.placement.iter().enumerate() {
-            for &n in nodes {
+        for pg in 0..PGS as usize {
+            out += &format!(
+                "\n  pg {pg}: in force {:?}, proposed {:?}",
+                sets(&self.in_force[pg]),
+                self.proposed[pg].as_ref().map(sets)
+            );
+            for n in 1..=NODES as u64 {
+                if !self.nodes[n as usize - 1].segments.contains_key(&(pg as u32)) && !self.is_member(pg as u32, n) {
+                    continue;
+                }
                 let up = self.nodes[n as usize - 1].up && self.conn[n as usize - 1].1;
                 match self.nodes[n as usize - 1].segments.get(&(pg as u32)) {
                     Some(s) => {
@@ -1539,13 +1736,18 @@ impl Sim {
             .map(|s| s.table.pgmrpl)
             .max()
             .unwrap_or(0);
+        // 4 of every set of the PG's memberships (in force and proposed).
         let catchable = |sim: &Sim, out: &[usize]| {
             (0..PGS).all(|pg| {
-                let n = sim.placement[pg as usize]
-                    .iter()
-                    .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
-                    .count();
-                n >= 4
+                let p = pg as usize;
+                std::iter::once(&sim.in_force[p]).chain(&sim.proposed[p]).all(|m| {
+                    sets(m).iter().all(|set| {
+                        set.iter()
+                            .filter(|&&n| !out.contains(&(n as usize - 1)) && sim.scl(n, pg) >= floor)
+                            .count()
+                            >= 4
+                    })
+                })
             })
         };
         let mut out = Vec::new();
@@ -1593,6 +1795,9 @@ impl Sim {
             let n = self.rng.usize(1..=3);
             self.crash_at = (0..n).map(|_| self.rng.u64(1..txns.max(2))).collect();
             self.crash_at.sort_unstable();
+            let n = self.rng.usize(2..=6);
+            self.change_at = (0..n).map(|_| self.rng.u64(1..txns.max(2))).collect();
+            self.change_at.sort_unstable();
         }
         let mut submitted = 0;
         while submitted < txns {
@@ -1609,6 +1814,17 @@ impl Sim {
                     // Again, most likely while it recovers.
                     let d = self.rng.u64(5_000..40_000);
                     self.schedule(d, Event::ComputedCrash);
+                }
+            }
+            if self.change_at.first().is_some_and(|&c| c <= submitted) {
+                self.change_at.remove(0);
+                let d = self.rng.u64(0..5_000);
+                self.schedule(d, Event::ChangeMembership);
+                if self.rng.u32(..2) == 0 {
+                    // Another soon after: most likely while the first is
+                    // under way (nested, or an abort), or refused.
+                    let d = self.rng.u64(5_000..40_000);
+                    self.schedule(d, Event::ChangeMembership);
                 }
             }
             if !self.step() {
@@ -1677,6 +1893,18 @@ impl Sim {
         while busy(self) && self.now < deadline {
             assert!(self.step(), "no events left");
         }
+        // Every membership change finishes: each PG ends at a membership
+        // that is not changing, with nothing proposed.
+        while self.changing().is_some() && self.now < deadline {
+            assert!(self.step(), "no events left");
+        }
+        if let Some(pg) = self.changing() {
+            panic!(
+                "pg {pg}: a membership change never finished after healing: {:?}; segments:{}",
+                self.serving().pg_view(pg),
+                self.segments_text()
+            );
+        }
         let w = self.serving();
         assert_eq!(w.uncommitted_txns(), 0, "transactions never committed after healing");
         assert_eq!(w.waiting_txns(), 0, "transactions never allocated after healing");
@@ -1693,7 +1921,7 @@ impl Sim {
             let behind = (0..PGS).any(|pg| {
                 let tail = self.committed_tail(pg);
                 let released = w.released_through(pg);
-                self.placement[pg as usize].iter().any(|&n| {
+                self.members(pg).into_iter().any(|n| {
                     let scl = self.scl(n, pg);
                     scl < tail && scl >= released
                 })
@@ -1703,7 +1931,16 @@ impl Sim {
             }
             assert!(self.step(), "no events left");
         }
-        assert!(self.now < deadline, "a segment never caught up after healing");
+        assert!(
+            self.now < deadline,
+            "a segment never caught up after healing; the writer's SCLs {:?}, members {:?}, released through {:?}; segments:{}",
+            (0..PGS).map(|pg| self.serving().scls(pg)).collect::<Vec<_>>(),
+            (0..PGS).map(|pg| self.members(pg)).collect::<Vec<_>>(),
+            (0..PGS)
+                .map(|pg| self.serving().released_through(pg))
+                .collect::<Vec<_>>(),
+            self.segments_text()
+        );
         for node in 0..NODES {
             self.check_no_annulled_records(node);
         }
@@ -1721,7 +1958,7 @@ impl Sim {
             let tail = self.committed_tail(pg).min(vdl);
             let (want, _) = self.model_page(page, vdl);
             let mut fresh = 0;
-            for &n in &self.placement[pg as usize] {
+            for n in self.members(pg) {
                 let Some(seg) = self.nodes[n as usize - 1].segments.get(&pg) else {
                     continue;
                 };
@@ -1744,7 +1981,7 @@ impl Sim {
         if let Some((node, pg, has)) = self.untold() {
             panic!(
                 "node {node} pg {pg} holds membership {has:?}, not {:?}; segments:{}",
-                self.memberships[pg as usize],
+                self.in_force[pg as usize],
                 self.segments_text()
             );
         }
@@ -1762,7 +1999,7 @@ impl Sim {
         }
     }
 
-    /// A segment holding its PG's membership below the PG's PGCL:
+    /// A member of a PG (its membership in force) below the PG's PGCL:
     /// (node, PG, its SCL, the PGCL).
     fn unrepaired(&self) -> Option<(u64, u32, u64, u64)> {
         let w = self.serving();
@@ -1773,33 +2010,47 @@ impl Sim {
                 "PG {pg}: PGCL {pgcl} below the committed LSN {}",
                 self.committed_tail(pg)
             );
-            for (node, n) in self.nodes.iter().enumerate() {
-                if let Some(s) = n.segments.get(&pg)
-                    && s.table.membership.is_some()
-                    && s.seg.scl() < pgcl
-                {
-                    return Some((node as u64 + 1, pg, s.seg.scl(), pgcl));
+            for node in self.members(pg) {
+                let scl = self.scl(node, pg);
+                if scl < pgcl {
+                    return Some((node, pg, scl, pgcl));
                 }
             }
         }
         None
     }
 
-    /// A segment of the placement that does not hold its PG's membership:
-    /// (node, PG, what it holds).
+    /// A member's segment that does not hold its PG's membership as the
+    /// writer has it in force: (node, PG, what it holds).
     fn untold(&self) -> Option<(u64, u32, Option<Membership>)> {
-        for (pg, nodes) in self.placement.iter().enumerate() {
-            for &n in nodes {
+        for pg in 0..PGS {
+            for n in self.members(pg) {
                 let has = self.nodes[n as usize - 1]
                     .segments
-                    .get(&(pg as u32))
+                    .get(&pg)
                     .and_then(|s| s.table.membership.clone());
-                if has.as_ref() != Some(&self.memberships[pg]) {
-                    return Some((n, pg as u32, has));
+                if has.as_ref() != Some(&self.in_force[pg as usize]) {
+                    return Some((n, pg, has));
                 }
             }
         }
         None
+    }
+
+    /// The members of PG `pg`'s membership in force (either set).
+    fn members(&self, pg: u32) -> Vec<u64> {
+        self.in_force[pg as usize].members.iter().map(|m| m.id).collect()
+    }
+
+    fn is_member(&self, pg: u32, node: u64) -> bool {
+        self.in_force[pg as usize].is_member(node)
+            || self.proposed[pg as usize].as_ref().is_some_and(|m| m.is_member(node))
+    }
+
+    /// A PG whose membership is still changing, as the writer has it.
+    fn changing(&self) -> Option<u32> {
+        let w = self.serving();
+        (0..PGS).find(|&pg| w.pg_view(pg).expect("the PG exists").changing())
     }
 }
 
@@ -1814,6 +2065,11 @@ struct Stats {
     repaired: u64,
     /// Seeds whose writer held only a few KiB per PG.
     small_hold: u64,
+    /// Membership changes asked for, refused (a step being installed),
+    /// and membership steps taken (epochs above 1 at the end, every PG).
+    changes: u64,
+    changes_refused: u64,
+    steps: u64,
 }
 
 fn run_seed(seed: u64, txns: u64) -> Stats {
@@ -1829,6 +2085,9 @@ fn run_seed(seed: u64, txns: u64) -> Stats {
             damaged: sim.damaged,
             repaired: sim.repaired,
             small_hold: u64::from(sim.config.pg_held_bytes_max < 64 * 1024),
+            changes: sim.changes,
+            changes_refused: sim.changes_refused,
+            steps: sim.in_force.iter().map(|m| m.epoch - 1).sum(),
         }
     });
     match result {
@@ -1849,7 +2108,7 @@ fn simulate() {
     if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         let s = run_seed(seed, txns);
         eprintln!(
-            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip, small hold: {}",
+            "simulator: seed {seed}: {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip, small hold: {}, {} membership changes asked ({} refused), {} membership steps",
             s.commits,
             s.reads,
             s.crashes,
@@ -1857,7 +2116,10 @@ fn simulate() {
             s.lost,
             s.damaged,
             s.repaired,
-            s.small_hold == 1
+            s.small_hold == 1,
+            s.changes,
+            s.changes_refused,
+            s.steps
         );
         return;
     }
@@ -1877,9 +2139,12 @@ fn simulate() {
         total.damaged += s.damaged;
         total.repaired += s.repaired;
         total.small_hold += s.small_hold;
+        total.changes += s.changes;
+        total.changes_refused += s.changes_refused;
+        total.steps += s.steps;
     }
     eprintln!(
-        "simulator: {seeds} seeds ({} with a small hold), {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip",
+        "simulator: {seeds} seeds ({} with a small hold), {} commits, {} reads checked, {} computed crashes, {} recoveries, {} transactions lost with a crash, {} records damaged, {} records repaired by gossip, {} membership changes asked ({} refused), {} membership steps",
         total.small_hold,
         total.commits,
         total.reads,
@@ -1887,7 +2152,10 @@ fn simulate() {
         total.recoveries,
         total.lost,
         total.damaged,
-        total.repaired
+        total.repaired,
+        total.changes,
+        total.changes_refused,
+        total.steps
     );
 }
 

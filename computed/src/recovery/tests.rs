@@ -22,6 +22,8 @@ struct FakeSegment {
     pgmrpl: u64,
     /// Its node's incarnation: a restart gives it another.
     incarnation: u64,
+    /// The membership a writer told it (`SetMembership`), if any.
+    membership: Option<Membership>,
 }
 
 impl FakeSegment {
@@ -31,6 +33,7 @@ impl FakeSegment {
             bodies: BTreeMap::new(),
             pgmrpl: 0,
             incarnation: 1,
+            membership: None,
         }
     }
 
@@ -60,7 +63,7 @@ impl FakeSegment {
             annulled: self.seg.annulled().to_vec(),
             holes: self.seg.holes(),
             damage: Default::default(),
-            membership: None,
+            membership: self.membership.clone(),
         }
     }
 }
@@ -208,7 +211,7 @@ impl Fake {
     /// Run recovery to the end with the nodes in `down` unreachable.
     fn recover(&mut self) -> Recovered {
         let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
-        for node in 1..=6 {
+        for node in 1..=8 {
             if !self.down.contains(&node) {
                 r.node_up(node);
             }
@@ -579,7 +582,7 @@ impl Fake {
     /// recovery (a node going down), and says what becomes of it.
     fn recover_with(&mut self, mut fault: impl FnMut(&mut Fake, &mut Recovery, u64, &Message) -> Fate) -> Recovered {
         let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
-        for node in 1..=6 {
+        for node in 1..=8 {
             r.node_up(node);
         }
         let mut out = Vec::new();
@@ -740,4 +743,204 @@ fn a_segment_behind_the_floor_repaired_by_its_peers_completes_recovery() {
         .recovered()
         .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
     assert_eq!(done.vdl, 10);
+}
+
+/// Node `id` as a member (the address `placement` gives it).
+fn node(id: u64) -> Member {
+    Member {
+        id,
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+    }
+}
+
+/// Replacing node 6 by node 7 half-way, at membership epoch 2: the old set
+/// 1–6 and the new set 1–5, 7.
+fn dual() -> Membership {
+    crate::membership::plan(
+        0,
+        &placement()[0],
+        &crate::membership::Change::Replace { old: 6, new: node(7) },
+    )
+    .unwrap()
+}
+
+impl Fake {
+    /// Every PG's segment on `node` holds `m` and the volume's history up
+    /// to `upto` (created if the node held none).
+    fn told(&mut self, node: u64, m: &Membership, upto: u64) {
+        for pg in 0..2u32 {
+            let s = self.segs.entry((node, pg)).or_insert_with(|| FakeSegment::new(pg, 1));
+            let have = s.seg.scl();
+            let mine: Vec<RedoRecord> = (have + 1..=upto).map(history).filter(|r| r.segment.pg == pg).collect();
+            s.put(&mine);
+            s.membership = Some(m.clone());
+        }
+    }
+
+    /// Deliver what `r` asks of the nodes in `up` for `rounds` rounds
+    /// (ticking when it asks nothing); what it asks of others is lost.
+    fn pump(&mut self, r: &mut Recovery, up: &[u64], rounds: usize, mut seen: impl FnMut(u64, &Message)) {
+        let mut out = Vec::new();
+        for _ in 0..rounds {
+            r.take_outputs(&mut out);
+            if out.is_empty() {
+                r.tick();
+                r.take_outputs(&mut out);
+            }
+            for (node, request, msg) in out.drain(..) {
+                seen(node, &msg);
+                if up.contains(&node) {
+                    let reply = self.answer(node, msg);
+                    r.on_reply(node, request, reply);
+                }
+            }
+            if r.recovered().is_some() {
+                return;
+            }
+        }
+    }
+}
+
+/// The tail of PG `pg` is on a write quorum of every set of `m` (at the
+/// recovery's epoch).
+fn on_write_quorum_of_every_set(f: &Fake, m: &Membership, epoch: u64, pg: u32, tail: u64) -> bool {
+    crate::membership::on_write_quorum(m, |id| {
+        f.segs
+            .get(&(id, pg))
+            .is_some_and(|s| s.seg.installed_epoch() == epoch && s.seg.scl() >= tail)
+    })
+}
+
+/// A probe that shows a dual membership on some segments adopts it and
+/// goes on until a read quorum of *both* sets has answered: 3 answers of
+/// the old set are not enough, nothing is sealed before. The seal then
+/// needs a write quorum of both sets too, and the recovered membership is
+/// the dual one.
+#[test]
+fn a_dual_membership_seen_in_the_probe_needs_a_read_quorum_of_both_sets() {
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    let m = dual();
+    for n in [1, 2, 3, 4, 7] {
+        f.told(n, &m, 8);
+    }
+    let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+    // 1, 2 and 6: a read quorum of the old set, 2 of the new one.
+    let mut up = vec![1, 2, 6];
+    for &n in &up {
+        r.node_up(n);
+    }
+    let mut sealed = false;
+    f.pump(&mut r, &up, 50, |_, msg| sealed |= matches!(msg, Message::Seal { .. }));
+    assert!(!sealed, "sealed with a read quorum of the old set only");
+    assert!(r.progress().starts_with("probing"), "{}", r.progress());
+    // 3 answers of the new set: sealing starts, and needs 4 of each set.
+    up.push(3);
+    r.node_up(3);
+    f.pump(&mut r, &up, 50, |_, msg| sealed |= matches!(msg, Message::Seal { .. }));
+    assert!(sealed);
+    assert!(
+        r.recovered().is_none(),
+        "4 of the old set sealed, 3 of the new: {}",
+        r.progress()
+    );
+    up.push(7);
+    r.node_up(7);
+    f.pump(&mut r, &up, 200, |_, _| {});
+    let done = r
+        .recovered()
+        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
+    assert_eq!(done.vdl, 8);
+    for pg in 0..2 {
+        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
+        assert_eq!(done.pgs[pg].scls.len(), 7, "an SCL for each member of either set");
+        assert!(on_write_quorum_of_every_set(
+            &f,
+            &m,
+            done.epoch,
+            pg as u32,
+            done.pgs[pg].tail
+        ));
+    }
+}
+
+/// A step a writer sent to one segment only (never in force) is adopted
+/// when the probe sees it, though no read quorum shows it, and the
+/// recovered membership says so: the writer goes on from it.
+#[test]
+fn a_membership_seen_on_one_segment_is_adopted_and_reported() {
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    let m = dual();
+    // Only node 1 (which answers first) has it, and only for PG 0.
+    f.told(1, &m, 8);
+    f.segs.get_mut(&(1, 1)).unwrap().membership = None;
+    let r = f.recover_with(|_, _, _, _| Fate::Deliver);
+    assert_eq!(r.vdl, 8);
+    assert_eq!(r.pgs[0].membership, m);
+    assert_eq!(r.pgs[1].membership, placement()[1], "PG 1 never changed");
+    // Node 7 joins as a member: sealed and truncated with the others, and
+    // counted in the write quorum of the new set.
+    assert_eq!(f.segs[&(7, 0)].seg.installed_epoch(), r.epoch);
+    assert!(!f.segs.contains_key(&(7, 1)), "PG 1 has nothing on node 7");
+    assert!(on_write_quorum_of_every_set(&f, &m, r.epoch, 0, r.pgs[0].tail));
+}
+
+/// Records 7–10 were committed while the PG was dual: on 4 of each set
+/// (3, 4, 5 and 6 of the old, 3, 4, 5 and 7 of the new), 1 and 2 missed
+/// them. Whichever two nodes are down (a write quorum of each set is up),
+/// recovery keeps them, even when it reads only 3 of the new set at first.
+#[test]
+fn writes_committed_by_a_dual_quorum_survive_a_recovery() {
+    for down in [vec![1, 2], vec![6, 7], vec![1, 7], vec![2, 6], vec![3], vec![]] {
+        let mut f = Fake::holding(|n| if n <= 2 { 6 } else { 10 }, |_| 0);
+        let m = dual();
+        for n in 1..=6 {
+            let upto = f.segs[&(n, 0)].seg.scl();
+            f.told(n, &m, upto);
+        }
+        f.told(7, &m, 10);
+        f.down = down.clone();
+        let r = f.recover();
+        assert_eq!(r.vdl, 10, "down {down:?}");
+        for pg in 0..2u32 {
+            assert_eq!(r.pgs[pg as usize].membership, m);
+            let tail = r.pgs[pg as usize].tail;
+            assert!(
+                on_write_quorum_of_every_set(&f, &m, r.epoch, pg, tail),
+                "down {down:?}: pg {pg} tail {tail} is not on 4 of each set"
+            );
+        }
+    }
+}
+
+/// Records 5–8 were committed before the change, on 1, 2, 3 and 6 (a
+/// write quorum of the old set; 4 and 5 hold 1–4): the new set (1–5, 7)
+/// holds them on only 3. Nodes 1 and 2 die as they are asked for the
+/// chain, 3 and 6 refuse once each: 4 and 5 must not serve as the source
+/// (they lack committed records); 3 or 6 is asked again.
+#[test]
+fn a_lagging_new_set_does_not_lower_the_bar_for_a_chain_source() {
+    let mut f = Fake::holding(|n| if n == 4 || n == 5 { 4 } else { 8 }, |_| 0);
+    let m = dual();
+    for n in 1..=6 {
+        let upto = f.segs[&(n, 0)].seg.scl();
+        f.told(n, &m, upto);
+    }
+    f.told(7, &m, 0);
+    let mut refused = Vec::new();
+    let r = f.recover_with(|f, r, node, msg| {
+        if !matches!(msg, Message::ReadRecords { .. }) {
+            return Fate::Deliver;
+        }
+        if node <= 2 {
+            f.down.push(node);
+            r.node_down(node);
+            return Fate::Lose;
+        }
+        if (node == 3 || node == 6) && !refused.contains(&node) {
+            refused.push(node);
+            return Fate::Answer(Box::new(Message::error(ErrorCode::Internal, 0, "a fault")));
+        }
+        Fate::Deliver
+    });
+    assert_eq!(r.vdl, 8, "1-8 were committed");
 }
