@@ -713,7 +713,11 @@ impl<T> Writer<T> {
     fn held(&mut self, pg_no: u32, slot_no: usize, membership: Option<&Membership>) {
         let pg = &mut self.pgs[pg_no as usize];
         let s = &mut pg.slots[slot_no];
-        s.held_epoch = membership.map_or(0, |m| m.epoch);
+        // Within one incarnation it only moves forward: a status answer
+        // the node made before it took a telling can come after the
+        // telling's answer (a restart or a lost segment resets it:
+        // `on_report`, `UnknownSegment`).
+        s.held_epoch = s.held_epoch.max(membership.map_or(0, |m| m.epoch));
         // An answer that says less than the segment took (it left before
         // the telling was taken, and came after its answer): told again,
         // or a change waiting for it would wait for good.
@@ -1456,6 +1460,8 @@ impl<T> Writer<T> {
             }
             slot.scl = scl;
             slot.incarnation = Some(incarnation);
+            // What it holds now is what its answers say from here on.
+            slot.held_epoch = 0;
         }
         self.set_scl(pg_no, slot_no);
         if retell {
