@@ -65,67 +65,7 @@ for n in "$MIB" "$ROUNDS" "$FG_RUNTIME"; do
 done
 command -v python3 >/dev/null || die "python3 is needed to read the JSON"
 
-if [ "$BUILD" = 1 ]; then
-    log "building storaged, computed, storctl, storbench (release)"
-    (cd "$ROOT" && cargo build --release -q --bin storaged --bin computed --bin storctl --bin storbench)
-fi
-for b in storaged computed storctl storbench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without --no-build)"
-done
-
-mkdir -p "$DIR"
-RUN="$(mktemp -d "$DIR/run.XXXXXX")"
-cleanup() {
-    "$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null 2>&1 || true
-    if [ -n "${NODE6_PID:-}" ]; then kill -9 "$NODE6_PID" 2>/dev/null || true; fi
-    [ -n "${KEEP_RUN:-}" ] || rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-CLUSTER="$RUN/cluster.toml"
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-now() { date +%s.%N; }
-
-node6_addr() {
-    python3 - "$CLUSTER" <<'EOF'
-import sys, tomllib
-c = tomllib.load(open(sys.argv[1], "rb"))
-print(next(n["address"] for n in c["nodes"] if n["id"] == 6))
-EOF
-}
-
-kill_node6() {
-    local pid
-    pid="${NODE6_PID:-$(cat "$RUN/pids/storaged-6.pid")}"
-    kill -9 "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-    NODE6_PID=""
-}
-
-start_node6() {
-    local logf="$RUN/logs/storaged-6.round.log"
-    : >"$logf"
-    RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev6" --listen "$(node6_addr)" \
-        </dev/null >"$logf" 2>&1 &
-    NODE6_PID=$!
-    until grep -q "listening on" "$logf"; do
-        kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 did not start: $(tail -5 "$logf")"
-        sleep 0.01
-    done
-}
-
-# Node 6's segment is at the PGCL, with no holes.
-node6_caught_up() {
-    "$BIN/storctl" status --cluster "$CLUSTER" --json 2>/dev/null | python3 -c '
-import json, sys
-v = json.load(sys.stdin)
-ok = all(
-    s.get("scl") is not None and s["scl"] >= pg["pgcl"] and not (s.get("holes") or [])
-    for pg in v["pgs"] for s in pg["segments"] if s["node"] == 6
-)
-sys.exit(0 if ok else 1)' 2>/dev/null
-}
+. "$ROOT/benches/node6.sh"
 
 commit_bytes() { # MiB → bytes committed (storbench's io_bytes)
     "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
