@@ -1039,44 +1039,11 @@ fn membership_sends(out: &[Output<u32>]) -> Vec<(u64, u64, u32, Membership)> {
 
 /// A segment's answer to a telling: it holds `m`, at `scl`.
 fn holds(pg: u32, scl: u64, m: &Membership) -> Message {
-    match status(pg, scl, INCARNATION) {
-        Message::SegmentStatus {
-            volume,
-            pg,
-            epoch,
-            scl,
-            highest_lsn,
-            lowest_lsn,
-            pgmrpl,
-            records,
-            log_bytes,
-            page_store_bytes,
-            installed_epoch,
-            incarnation,
-            annulled,
-            holes,
-            damage,
-            ..
-        } => Message::SegmentStatus {
-            volume,
-            pg,
-            epoch,
-            scl,
-            highest_lsn,
-            lowest_lsn,
-            pgmrpl,
-            records,
-            log_bytes,
-            page_store_bytes,
-            installed_epoch,
-            incarnation,
-            annulled,
-            holes,
-            damage,
-            membership: Some(m.clone()),
-        },
-        _ => unreachable!(),
+    let mut reply = status(pg, scl, INCARNATION);
+    if let Message::SegmentStatus { membership, .. } = &mut reply {
+        *membership = Some(m.clone());
     }
+    reply
 }
 
 /// Answer the tellings in `sends` from `nodes` as segments at `scl` that took them.
