@@ -141,13 +141,7 @@ fn a_gap_is_filled_and_a_second_run_finds_nothing_to_do() {
     commit_with_journal(&c, &journal, 4, None);
     start_node(&c, 6);
     let first = storctl(&["repair", "--cluster", &file, "--pg", "0", "--json", "--timeout", "100"]);
-    assert_eq!(
-        first.status.code(),
-        Some(1),
-        "{}{}",
-        text(&first.stdout),
-        text(&first.stderr)
-    );
+    expect_exit(&first, 1);
     let report: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
     assert_eq!(report["pgs"][0]["result"], "repaired", "{report}");
     let target = report["pgs"][0]["target"].as_u64().unwrap();
@@ -163,13 +157,7 @@ fn a_gap_is_filled_and_a_second_run_finds_nothing_to_do() {
     assert!(seg6["scl"].as_u64().unwrap() >= target, "{v}");
 
     let second = storctl(&["repair", "--cluster", &file, "--pg", "0"]);
-    assert_eq!(
-        second.status.code(),
-        Some(0),
-        "{}{}",
-        text(&second.stdout),
-        text(&second.stderr)
-    );
+    expect_exit(&second, 0);
     assert!(
         text(&second.stdout).contains("every segment up is at the PGCL"),
         "{}",
@@ -248,13 +236,7 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
         "--timeout",
         "100",
     ]);
-    assert_eq!(
-        moved.status.code(),
-        Some(1),
-        "{}{}",
-        text(&moved.stdout),
-        text(&moved.stderr)
-    );
+    expect_exit(&moved, 1);
     let report: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
     assert_eq!(report["pgs"][0]["result"], "moved", "{report}");
     let (_, changing, old, _) = membership(&c).expect("a membership");
@@ -297,13 +279,7 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
     );
 
     let again = storctl(&["repair", "--cluster", &file, "--node", "6", "--with", "7"]);
-    assert_eq!(
-        again.status.code(),
-        Some(0),
-        "{}{}",
-        text(&again.stdout),
-        text(&again.stderr)
-    );
+    expect_exit(&again, 0);
 }
 
 /// A move to a node that is down cannot finish: storctl says so (4) with
@@ -360,13 +336,7 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
         "--timeout",
         "2",
     ]);
-    assert_eq!(
-        stuck.status.code(),
-        Some(4),
-        "{}{}",
-        text(&stuck.stdout),
-        text(&stuck.stderr)
-    );
+    expect_exit(&stuck, 4);
     let out = text(&stuck.stdout);
     assert!(
         out.contains("still under way") && out.contains("--abort") && out.contains("node 8 at"),
@@ -394,13 +364,7 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
         "--timeout",
         "100",
     ]);
-    assert_eq!(
-        finished.status.code(),
-        Some(1),
-        "{}{}",
-        text(&finished.stdout),
-        text(&finished.stderr)
-    );
+    expect_exit(&finished, 1);
     let (_, changing, old, _) = membership(&c).unwrap();
     assert!(!changing);
     assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
@@ -432,25 +396,24 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
         "--timeout",
         "3",
     ]);
-    assert_eq!(
-        stuck.status.code(),
-        Some(4),
-        "{}{}",
-        text(&stuck.stdout),
-        text(&stuck.stderr)
-    );
+    expect_exit(&stuck, 4);
     let abort = storctl(&["repair", "--cluster", &file, "--pg", "0", "--abort", "--timeout", "60"]);
-    assert_eq!(
-        abort.status.code(),
-        Some(1),
-        "{}{}",
-        text(&abort.stdout),
-        text(&abort.stderr)
-    );
+    expect_exit(&abort, 1);
     assert!(text(&abort.stdout).contains("rolled back"), "{}", text(&abort.stdout));
     let (_, changing, old, _) = membership(&c).unwrap();
     assert!(!changing);
     assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
     let nothing = storctl(&["repair", "--cluster", &file, "--pg", "0", "--abort"]);
     assert_eq!(nothing.status.code(), Some(0), "{}", text(&nothing.stderr));
+}
+
+/// `out` exited with `code`; its stdout and stderr are shown if not.
+fn expect_exit(out: &std::process::Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
