@@ -90,9 +90,13 @@ NEED_MIB=$((6 * DEVICE_MIB + 1024))
 
 . "$ROOT/benches/node6.sh"
 
+# storbench's --size is per job, split over its --iodepth committers, in
+# transactions of --bs each (--pages-per-txn pages apiece): each committer
+# writes its COMMITTERS_OWN_PAGES pages once with --size = its pages × iodepth × 1 KiB.
 write_every_page() {
     "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
-        --iodepth="$IODEPTH" --numjobs="$NUMJOBS" --size="${MIB}m" --output-format=json >/dev/null
+        --iodepth="$IODEPTH" --numjobs="$NUMJOBS" --size="$((COMMITTERS_OWN_PAGES * IODEPTH))k" \
+        --output-format=json >/dev/null
 }
 
 foreground() { # seconds, out file → JSON of the run in the file
