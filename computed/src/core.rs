@@ -73,8 +73,6 @@ pub struct WriterConfig {
     pub epoch: u64,
     pub page_bytes: usize,
     pub pg_pages: u64,
-    /// For each PG, the node ids of its 6 segments (slot order).
-    pub placement: Vec<[u64; SEGMENTS_PER_PG]>,
     /// For each PG, the membership the writer starts at: the cluster
     /// file's placement (`Cluster::membership`), or the one recovery found
     /// in force (`Writer::recovered`). Changes move it on (`change_membership`).
@@ -123,7 +121,6 @@ impl WriterConfig {
             epoch,
             page_bytes: cluster.page_bytes as usize,
             pg_pages: cluster.pg_pages,
-            placement: cluster.placement.clone(),
             memberships: (0..cluster.pgs)
                 .map(|pg| {
                     cluster

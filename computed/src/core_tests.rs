@@ -10,7 +10,6 @@ fn config() -> WriterConfig {
         epoch: 1,
         page_bytes: PAGE,
         pg_pages: 100,
-        placement: vec![[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 1]],
         memberships: vec![membership([1, 2, 3, 4, 5, 6]), membership([2, 3, 4, 5, 6, 1])],
         lal: 8,
         txn_writes_max: 4,
@@ -690,8 +689,8 @@ fn tellings_at(out: &[Output<u32>], writer_epoch: u64) -> Vec<(u64, u64, u32)> {
 /// The (node, PG) pairs of the placement: every segment.
 fn segments_of(nodes: &[u64]) -> Vec<(u64, u32)> {
     let mut out = Vec::new();
-    for (pg, slots) in config().placement.iter().enumerate() {
-        for &n in slots.iter().filter(|n| nodes.contains(n)) {
+    for (pg, m) in config().memberships.iter().enumerate() {
+        for n in m.members.iter().map(|m| m.id).filter(|n| nodes.contains(n)) {
             out.push((n, pg as u32));
         }
     }
