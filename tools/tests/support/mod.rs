@@ -281,47 +281,37 @@ pub fn node_pid(c: &ClusterDir, node: u64) -> Option<i32> {
 /// Start node `node` again on its device, as the dev cluster did; returns
 /// once it listens.
 pub fn start_node(c: &ClusterDir, node: u64) {
-    let log = c.path().join("logs").join(format!("storaged-{node}.again.log"));
-    let out = std::fs::File::create(&log).unwrap();
     let dev = format!("{}/dev{node}", c.arg());
     let addr = node_address(c, node).to_string();
-    let child = Command::new(storaged_bin())
-        .args(["run", "--device", &dev, "--listen", &addr])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    // Reaped by the ClusterDir's drop (by PID), like the dev cluster's own.
-    std::mem::forget(child);
-    let up = wait_until(Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-    });
-    assert!(
-        up,
-        "storaged-{node} did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    spawn_daemon(
+        c,
+        &format!("storaged-{node}"),
+        &storaged_bin(),
+        &["run", "--device", &dev, "--listen", &addr],
     );
 }
 
 /// Start computed again on the cluster file, as the dev cluster did;
 /// returns once it listens (it serves once it has recovered the volume).
 pub fn start_computed(c: &ClusterDir) {
-    let log = c.path().join("logs").join("computed.again.log");
-    let out = std::fs::File::create(&log).unwrap();
     let cluster = computed::cluster::Cluster::load(Path::new(&c.cluster_file())).unwrap();
-    let child = Command::new(Path::new(STORCTL).with_file_name("computed"))
-        .args([
-            "run",
-            "--cluster",
-            &c.cluster_file(),
-            "--listen",
-            &cluster.computed_address.to_string(),
-        ])
+    let file = c.cluster_file();
+    let addr = cluster.computed_address.to_string();
+    spawn_daemon(
+        c,
+        "computed",
+        &Path::new(STORCTL).with_file_name("computed"),
+        &["run", "--cluster", &file, "--listen", &addr],
+    );
+}
+
+/// Run `program` with `args` in the background, its output in
+/// `DIR/logs/NAME.again.log`, until that log says it listens.
+fn spawn_daemon(c: &ClusterDir, name: &str, program: &Path, args: &[&str]) {
+    let log = c.path().join("logs").join(format!("{name}.again.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(program)
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -338,7 +328,7 @@ pub fn start_computed(c: &ClusterDir) {
     });
     assert!(
         up,
-        "computed did not start: {}",
+        "{name} did not start: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
