@@ -54,8 +54,10 @@ pub struct Plan {
 }
 
 /// The nodes and segments `--node` and `--pg` choose, or why the flags do
-/// not fit the cluster file (a usage error).
-pub fn plan(cluster: &Cluster, node: Option<u64>, pg: Option<u32>) -> Result<Plan, String> {
+/// not fit the cluster file (a usage error). `members`: the nodes the PG's
+/// membership names as its segments hold it (a membership change moves
+/// segments off the file's placement); the placement when None.
+pub fn plan(cluster: &Cluster, node: Option<u64>, pg: Option<u32>, members: Option<&[u64]>) -> Result<Plan, String> {
     if let Some(id) = node
         && cluster.node(id).is_none()
     {
@@ -74,12 +76,13 @@ pub fn plan(cluster: &Cluster, node: Option<u64>, pg: Option<u32>) -> Result<Pla
             .map(|n| (n.id, n.address, Filter::All))
             .collect(),
         Some(pg) => {
-            let Some(slots) = cluster.placement.get(pg as usize) else {
+            let Some(placed) = cluster.placement.get(pg as usize) else {
                 return Err(format!(
                     "--pg {pg}: the volume has PGs 0 to {}",
                     cluster.pgs.saturating_sub(1)
                 ));
             };
+            let slots = members.unwrap_or(placed);
             let segment = SegmentId {
                 volume: cluster.volume_id,
                 pg,
@@ -698,18 +701,18 @@ mod tests {
     fn flags_that_do_not_fit_the_cluster_file_are_refused_by_name() {
         let addrs: Vec<SocketAddr> = (0..6).map(|_| closed_port()).collect();
         let c = cluster(&addrs, 2);
-        let all = plan(&c, None, None).unwrap();
+        let all = plan(&c, None, None, None).unwrap();
         assert_eq!(all.nodes.len(), 6);
         assert!(all.nodes.iter().all(|(_, _, f)| *f == Filter::All));
-        let one = plan(&c, Some(3), None).unwrap();
+        let one = plan(&c, Some(3), None, None).unwrap();
         assert_eq!(one.nodes, vec![(3, addrs[2], Filter::All)]);
-        let pg1 = plan(&c, None, Some(1)).unwrap();
+        let pg1 = plan(&c, None, Some(1), None).unwrap();
         assert_eq!(pg1.nodes.len(), 6, "six nodes, each a segment of PG 1");
         let seg = Filter::Segments(vec![SegmentId { volume: 1, pg: 1 }]);
         assert!(pg1.nodes.iter().all(|(_, _, f)| *f == seg));
-        let e = plan(&c, Some(9), None).unwrap_err();
+        let e = plan(&c, Some(9), None, None).unwrap_err();
         assert!(e.contains("--node 9") && e.contains("1, 2, 3, 4, 5, 6"), "{e}");
-        let e = plan(&c, None, Some(2)).unwrap_err();
+        let e = plan(&c, None, Some(2), None).unwrap_err();
         assert!(e.contains("--pg 2") && e.contains("PGs 0 to 1"), "{e}");
     }
 
@@ -718,12 +721,28 @@ mod tests {
         // Seven nodes: each PG has six, so one node holds none of PG 0.
         let addrs: Vec<SocketAddr> = (0..7).map(|_| closed_port()).collect();
         let c = cluster(&addrs, 1);
-        let p = plan(&c, None, Some(0)).unwrap();
+        let p = plan(&c, None, Some(0), None).unwrap();
         assert_eq!(p.nodes.len(), 6);
         let outside = c.nodes.iter().find(|n| !c.placement[0].contains(&n.id)).unwrap().id;
         assert!(p.nodes.iter().all(|(id, _, _)| *id != outside));
-        let e = plan(&c, Some(outside), Some(0)).unwrap_err();
+        let e = plan(&c, Some(outside), Some(0), None).unwrap_err();
         assert!(e.contains("holds no segment of PG 0"), "{e}");
+    }
+
+    #[test]
+    fn a_pg_is_scrubbed_where_its_membership_has_moved_it_not_where_the_file_placed_it() {
+        let addrs: Vec<SocketAddr> = (0..7).map(|_| closed_port()).collect();
+        let c = cluster(&addrs, 1);
+        let outside = c.nodes.iter().find(|n| !c.placement[0].contains(&n.id)).unwrap().id;
+        let replaced = c.placement[0][0];
+        let mut moved: Vec<u64> = c.placement[0].iter().copied().filter(|&id| id != replaced).collect();
+        moved.push(outside);
+        let p = plan(&c, None, Some(0), Some(&moved)).unwrap();
+        let ids: Vec<u64> = p.nodes.iter().map(|(id, _, _)| *id).collect();
+        assert!(ids.contains(&outside), "the new member is scrubbed: {ids:?}");
+        assert!(!ids.contains(&replaced), "the member replaced is not: {ids:?}");
+        assert_eq!(ids.len(), 6);
+        assert!(plan(&c, Some(outside), Some(0), Some(&moved)).is_ok());
     }
 
     #[test]
@@ -820,7 +839,7 @@ mod tests {
     async fn scrub_of(addrs: Vec<SocketAddr>) -> Report {
         tokio::task::spawn_blocking(move || {
             let c = cluster(&addrs, 1);
-            run(&plan(&c, None, None).unwrap(), false).unwrap()
+            run(&plan(&c, None, None, None).unwrap(), false).unwrap()
         })
         .await
         .unwrap()

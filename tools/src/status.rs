@@ -368,6 +368,18 @@ pub fn collect(cluster: &Cluster) -> Result<Status> {
     Ok(rt.block_on(collect_async(cluster)))
 }
 
+/// The nodes PG `pg`'s newest membership names, as its segments hold it
+/// (both sets while a change is under way); None when no segment of the PG
+/// answered.
+pub fn pg_members(cluster: &Cluster, pg: u32) -> Result<Option<Vec<u64>>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let answers = rt.block_on(ask_nodes(cluster, Some(pg), false));
+    Ok(newest_membership(&answers, pg).map(|m| m.members.iter().map(|x| x.id).collect()))
+}
+
 /// The newest membership the answers hold for PG `pg`.
 fn newest_membership(answers: &[Result<NodeAnswer>], pg: u32) -> Option<Membership> {
     answers

@@ -249,6 +249,18 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
         text(&text_status.stdout)
     );
 
+    // The PG is scrubbed where it now is: on node 7, not on the dead node 6.
+    let scrubbed = storctl(&["scrub", "--cluster", &file, "--pg", "0", "--json"]);
+    expect_exit(&scrubbed, 0);
+    let report: serde_json::Value = serde_json::from_slice(&scrubbed.stdout).unwrap();
+    let ids: Vec<u64> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5, 7], "{report}");
+
     for other in [4, 5] {
         kill_node(&c, other);
     }

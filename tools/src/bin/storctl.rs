@@ -168,7 +168,7 @@ enum Command {
         /// Only this node (an id of the cluster file).
         #[arg(long)]
         node: Option<u64>,
-        /// Only the segments of this PG.
+        /// Only the segments of this PG, on the nodes its membership names.
         #[arg(long)]
         pg: Option<u32>,
         /// Print the report as JSON (and no progress bar).
@@ -395,7 +395,12 @@ fn run_status(path: &Path, json: bool) -> Result<u8> {
 
 fn run_scrub(path: &Path, node: Option<u64>, pg: Option<u32>, json: bool) -> Result<u8> {
     let cluster = computed::cluster::Cluster::load(path)?;
-    let plan = match scrub::plan(&cluster, node, pg) {
+    // The PG's segments say where they are now; the file only where they began.
+    let members = match pg {
+        Some(pg) if (pg as usize) < cluster.placement.len() => status::pg_members(&cluster, pg)?,
+        _ => None,
+    };
+    let plan = match scrub::plan(&cluster, node, pg, members.as_deref()) {
         Ok(plan) => plan,
         // Flags the file does not have are usage errors, as bad flags are.
         Err(why) => <Cli as clap::CommandFactory>::command()
