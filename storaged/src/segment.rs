@@ -14,7 +14,7 @@
 //! go to the log), then [`Segment::on_durable`] once the log acknowledged it,
 //! which returns the acks that may now be sent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::record::{RedoRecord, SegmentId, WireRecord};
 
@@ -152,6 +152,14 @@ pub struct Segment<T> {
     past_scl: usize,
     /// Durable records past a gap, by the LSN they link to.
     waiting_link: HashMap<u64, u64>,
+    /// The keys of `waiting_link` that are not held (`records`): where a
+    /// hole ends. Kept as records and links come and go, so [`Segment::holes`]
+    /// reads the lowest few in order: a segment far behind has every
+    /// record the writer sends it waiting past its gap, and counting holes
+    /// over all of them (gossip asks 50 times a second) was most of a
+    /// catching-up node's CPU, under the lock the write path takes.
+    /// May also name LSNs at or below the SCL; those are not holes.
+    hole_tops: BTreeSet<u64>,
     deferred: Vec<Deferred<T>>,
     /// Records past the SCL held at most (a bound on memory while a gap lasts).
     gap_records_max: usize,
@@ -177,6 +185,7 @@ impl<T> Segment<T> {
             undurable: 0,
             past_scl: 0,
             waiting_link: HashMap::new(),
+            hole_tops: BTreeSet::new(),
             deferred: Vec::new(),
             gap_records_max,
             lost_above: None,
@@ -203,15 +212,8 @@ impl<T> Segment<T> {
     /// also `(h + 1, u64::MAX)`: records above its highest LSN `h` may be
     /// missing too. At most [`HOLES_REPORTED_MAX`], the lowest.
     pub fn holes(&self) -> Vec<LsnRange> {
-        let mut missing: Vec<u64> = self
-            .waiting_link
-            .keys()
-            .copied()
-            .filter(|&prev| prev > self.scl && !self.records.contains_key(&prev))
-            .collect();
-        missing.sort_unstable();
         let mut out = Vec::new();
-        for prev in missing {
+        for &prev in self.hole_tops.range(self.scl + 1..) {
             if out.len() == HOLES_REPORTED_MAX {
                 return out;
             }
@@ -370,6 +372,7 @@ impl<T> Segment<T> {
         self.past_scl = self.records.range(self.scl + 1..).count();
         // Rebuild the links past the SCL from what is left.
         self.waiting_link.clear();
+        self.hole_tops.clear();
         let past: Vec<(u64, u64)> = self
             .records
             .range(self.scl + 1..)
@@ -520,6 +523,7 @@ impl<T> Segment<T> {
             let record = e.record();
             if new.next_if_eq(&&record.lsn).is_some() {
                 self.records.insert(record.lsn, RecordMeta::of(record, e.encoded()));
+                self.hole_tops.remove(&record.lsn);
             }
         }
         // All above the SCL (held ones and those at or below it are not new).
@@ -600,6 +604,9 @@ impl<T> Segment<T> {
         for lsn in lsns {
             if self.records.get(lsn).is_some_and(|m| !m.durable()) {
                 self.records.remove(lsn);
+                if self.waiting_link.contains_key(lsn) {
+                    self.hole_tops.insert(*lsn);
+                }
                 self.undurable -= 1;
                 if *lsn > self.scl {
                     self.past_scl -= 1;
@@ -622,6 +629,7 @@ impl<T> Segment<T> {
             None => {}
         }
         self.records.insert(record.lsn, meta);
+        self.hole_tops.remove(&record.lsn);
         self.past_scl += 1;
         *self.log_seqs.entry(log_seq).or_default() += 1;
         self.highest_lsn = self.highest_lsn.max(record.lsn);
@@ -644,11 +652,15 @@ impl<T> Segment<T> {
                 return Err(SegmentError::Fork { lsn, prev, other });
             }
             self.waiting_link.insert(prev, lsn);
+            if !self.records.contains_key(&prev) {
+                self.hole_tops.insert(prev);
+            }
             return Ok(());
         }
         let old = self.scl;
         self.scl = lsn;
         while let Some(next) = self.waiting_link.remove(&self.scl) {
+            self.hole_tops.remove(&self.scl);
             self.scl = next;
         }
         // Usually just `lsn` and what waited on it; a record not linked
@@ -738,6 +750,7 @@ impl<T> Segment<T> {
                 Some(seq) => seq_remove(&mut self.log_seqs, seq),
                 None => {
                     self.records.insert(lsn, meta);
+                    self.hole_tops.remove(&lsn);
                 }
             }
         }
@@ -750,6 +763,7 @@ impl<T> Segment<T> {
         // Rare (a rebuild): count and link afresh, as `annul` does.
         self.past_scl = self.records.range(floor + 1..).count();
         self.waiting_link.clear();
+        self.hole_tops.clear();
         let past: Vec<(u64, u64)> = self
             .records
             .range(floor + 1..)
@@ -1101,6 +1115,7 @@ mod tests {
         let check = |s: &Segment<u32>, want: usize| {
             assert_eq!(s.records_past_scl(), want);
             assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
+            assert_eq!(s.holes(), holes_by_scan(s));
         };
         s.admit(&[rec(1, 0, 1), rec(2, 1, 1)]).unwrap();
         check(&s, 2);
@@ -1142,7 +1157,82 @@ mod tests {
         check(&r, 0);
     }
 
+    /// [`Segment::holes`] the slow way: every link waiting on a record not
+    /// held is where a hole ends.
+    fn holes_by_scan(s: &Segment<u32>) -> Vec<LsnRange> {
+        let mut tops: Vec<u64> = s
+            .waiting_link
+            .keys()
+            .copied()
+            .filter(|&prev| prev > s.scl && !s.records.contains_key(&prev))
+            .collect();
+        tops.sort_unstable();
+        let mut out: Vec<LsnRange> = tops
+            .into_iter()
+            .take(HOLES_REPORTED_MAX)
+            .map(|prev| {
+                let below = s.records.range(..prev).next_back().map_or(0, |(&l, _)| l).max(s.scl);
+                (below + 1, prev)
+            })
+            .collect();
+        if let Some(h) = s.lost_above
+            && out.len() < HOLES_REPORTED_MAX
+            && h < u64::MAX
+        {
+            out.push((h + 1, u64::MAX));
+        }
+        out
+    }
+
     proptest! {
+        /// The holes kept as records come and go are the ones a scan of
+        /// every waiting link finds, through arrivals in any order, writes
+        /// that fail, truncations, hydration and coalescing.
+        #[test]
+        fn holes_are_kept_through_every_change(
+            ops in prop::collection::vec((0u8..8, 1u64..60, 1u64..4), 1..150),
+        ) {
+            let mut s: Segment<u32> = Segment::new(SEG, 1, 10_000);
+            let mut pending: Vec<u64> = Vec::new();
+            for (op, lsn, span) in ops {
+                match op {
+                    // A record linking `span` below itself, written at once
+                    // or left in flight.
+                    0..=3 => {
+                        let prev = lsn.saturating_sub(span);
+                        if let Ok(a) = s.admit(&[rec(lsn, prev, 1)]) {
+                            if op == 3 {
+                                pending.extend_from_slice(&a.new);
+                            } else {
+                                let _ = s.on_durable(&a.new, 1);
+                            }
+                        }
+                    }
+                    4 => {
+                        let _ = s.on_durable(&pending, 2);
+                        pending.clear();
+                    }
+                    5 => {
+                        s.abandon(&pending);
+                        pending.clear();
+                    }
+                    6 => {
+                        s.annul(&[(lsn, lsn + span)]);
+                        pending.retain(|l| s.record(*l).is_some());
+                    }
+                    _ => {
+                        if span == 1 {
+                            s.hydrated(lsn);
+                        } else {
+                            s.forget_through(lsn);
+                        }
+                        pending.retain(|l| s.record(*l).is_some());
+                    }
+                }
+                prop_assert_eq!(s.holes(), holes_by_scan(&s));
+            }
+        }
+
         /// Whatever order, duplication and batching the records arrive in,
         /// the SCL is exactly the end of the longest gap-free durable prefix
         /// of the chain, and never goes down.
@@ -1176,6 +1266,7 @@ mod tests {
                 }
                 prop_assert!(s.scl() >= last_scl);
                 prop_assert_eq!(s.records_past_scl(), s.records.range(s.scl() + 1..).count());
+                prop_assert_eq!(s.holes(), holes_by_scan(&s));
                 last_scl = s.scl();
             }
             for l in pending.drain(..) {
