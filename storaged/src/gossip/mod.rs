@@ -477,6 +477,15 @@ impl GossipCore {
         self.rate_factor
     }
 
+    /// Whether a hydration under way may fetch its next batch: the byte
+    /// budget (refilled at the rate, halved under foreground pressure, and
+    /// charged each batch by [`GossipCore::on_progress`]) is not spent. A
+    /// hydration is one long request whose size is not known ahead, so it
+    /// is paced batch by batch rather than charged up front like a pull.
+    pub fn hydration_may_go_on(&self) -> bool {
+        self.config.rate_bytes_per_s == 0 || self.budget_bytes > 0.0
+    }
+
     /// What to send now: digests due, requests to give up, pulls and
     /// hydrations the budget allows.
     pub fn poll(&mut self, now: Millis) -> Vec<Action> {

@@ -206,6 +206,9 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
     let now = || start.elapsed().as_millis() as Millis;
     let mut cores: HashMap<u64, GossipCore> = HashMap::new();
     let mut tasks: HashMap<(u64, u64), AbortHandle> = HashMap::new();
+    // Per volume: whether its hydrations under way may fetch their next
+    // batch (the core's byte budget is not spent).
+    let mut paces: HashMap<u64, watch::Sender<bool>> = HashMap::new();
     let peers = Arc::new(Peers::default());
     let (tx, mut rx) = mpsc::channel::<Outcome>(OUTCOMES_MAX);
     let mut sampled_at = Instant::now();
@@ -349,8 +352,12 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                             "hydrating the segment from a peer: what it lacks was coalesced by every peer"
                         );
                         let progress = tx.clone();
+                        let mut pace = paces
+                            .entry(volume)
+                            .or_insert_with(|| watch::channel(true).0)
+                            .subscribe();
                         let work = async move {
-                            match hydrate(&*store, &peers, me, from, addr, view, id, at, &progress).await {
+                            match hydrate(&*store, &peers, me, from, addr, view, id, at, &progress, &mut pace).await {
                                 Ok((scl, bytes)) => {
                                     tracing::info!(volume, pg, from, scl, bytes, "segment hydrated");
                                     Outcome::Done { volume, id, bytes }
@@ -372,6 +379,11 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                     }
                 }
             }
+            let go = core.hydration_may_go_on();
+            paces
+                .entry(volume)
+                .or_insert_with(|| watch::channel(true).0)
+                .send_if_modified(|was| std::mem::replace(was, go) != go);
         }
     }
     for (_, handle) in tasks {
@@ -489,6 +501,7 @@ async fn hydrate<S: Store>(
     id: u64,
     at: u64,
     tx: &mpsc::Sender<Outcome>,
+    pace: &mut watch::Receiver<bool>,
 ) -> Result<(u64, u64), String> {
     let pages = store
         .page_range(view.id)
@@ -511,8 +524,16 @@ async fn hydrate<S: Store>(
         max_bytes: HYDRATE_BATCH_BYTES,
         floor_at_least: floor_before,
     };
+    // Each batch waits for the repair budget (the core's rate, which
+    // yields to the foreground), so a hydration is paced like pulls are.
+    let mut paced = async |first_page| {
+        pace.wait_for(|go| *go)
+            .await
+            .map_err(|_| "gossip is stopping".to_string())?;
+        fetch_versions(peers, me, from, addr, view, first_page).await
+    };
     // The next batch is fetched while this one is written.
-    let mut fetched = fetch_versions(peers, me, from, addr, view, page).await?;
+    let mut fetched = paced(page).await?;
     loop {
         let batch = check_batch(from, &asked(page, last_floor), fetched)?;
         last_floor = batch.floor;
@@ -522,11 +543,7 @@ async fn hydrate<S: Store>(
         let next_page = batch.next_page;
         let more = next_page < pages.end;
         let (written, next) = tokio::join!(store.hydrate_pages(view.id, batch.versions), async {
-            if more {
-                Some(fetch_versions(peers, me, from, addr, view, next_page).await)
-            } else {
-                None
-            }
+            if more { Some(paced(next_page).await) } else { None }
         });
         written?;
         total += bytes;

@@ -359,3 +359,46 @@ fn a_refused_donor_backs_off_exponentially_and_others_go_first() {
     let (next, _) = next_hydration_from(&mut core, t, &[2], true);
     assert_eq!((next - t) / interval, 1);
 }
+
+/// A hydration fetches batch after batch for as long as it runs: each
+/// batch is charged to the repair budget, and the next waits until the
+/// rate (halved under foreground pressure) has paid for it.
+#[test]
+fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
+    let config = GossipConfig {
+        rate_bytes_per_s: 1 << 20,
+        pull_bytes_max: 1 << 20,
+        ..GossipConfig::default()
+    };
+    let mut core = GossipCore::new(1, config, 1);
+    core.set_local(
+        PG,
+        Local {
+            digest: digest(10, 0),
+            members: (1..=6).collect(),
+            missing: Vec::new(),
+        },
+    );
+    core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
+    let started = hydrations(&core.poll(0));
+    assert_eq!(started.len(), 1);
+    let id = started[0].0;
+    core.on_progress(1, id, 2 << 20);
+    assert!(!core.hydration_may_go_on(), "two megabytes spent two seconds' budget");
+    core.poll(1001);
+    assert!(!core.hydration_may_go_on());
+    core.poll(2101);
+    assert!(core.hydration_may_go_on(), "paid for after two seconds");
+
+    core.on_progress(2102, id, 2 << 20);
+    core.observe_foreground(100.0);
+    core.observe_foreground(400.0);
+    assert_eq!(core.rate_factor(), 0.5);
+    core.poll(4202);
+    assert!(
+        !core.hydration_may_go_on(),
+        "at half the rate, two seconds pay for one megabyte"
+    );
+    core.poll(6303);
+    assert!(core.hydration_may_go_on());
+}
