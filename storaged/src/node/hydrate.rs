@@ -48,9 +48,12 @@
 //! back with the bytes just read, so a crash that tears or loses that write
 //! changes nothing in them (a sector lands whole or not at all): the only
 //! slots a crash can touch are those a version goes to, as with one write
-//! a page. A page whose slots are not both whole or empty in the run's read
-//! (damaged, torn by a crash) is taken page by page, as before. Decoding
-//! and sealing run off the node's runtime thread.
+//! a page. A run whose pages are all known never written (a new segment,
+//! a replaced disk) is not read: zeros read as never written too, so the
+//! write puts back what the read would have found. A page whose slots are
+//! not both whole or empty in the run's read (damaged, torn by a crash) is
+//! taken page by page, as before. Decoding and sealing run off the node's
+//! runtime thread.
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
 //! pulls the chain above its floor, the segment does not coalesce past the
@@ -91,11 +94,38 @@ const IO_PARALLEL: usize = 32;
 /// each page: the extent is direct-mapped, so a run of pages is one
 /// stretch of blocks).
 const RUN_BYTES_MAX: usize = 2 << 20;
-/// Runs read at once while serving.
-const RUNS_PARALLEL: usize = 2;
+/// Runs read (or copied) at once, at most: a segment's changed pages are
+/// scattered, and one page's run at a time left the device waiting on
+/// round trips (a hydration that fetches only what changed ran at a tenth
+/// of a full one's rate).
+const RUNS_PARALLEL: usize = 32;
+/// Bytes of slots those runs cover at once, at most (the buffers they
+/// take while a peer is served).
+const RUNS_PARALLEL_BYTES: usize = 8 << 20;
 /// Pages a hydrating run may rewrite as they are, between two pages it
 /// takes versions of, rather than start another run.
 const RUN_GAP_PAGES_MAX: u64 = 16;
+
+/// `runs` cut into groups taken at once: consecutive, at most
+/// [`RUNS_PARALLEL`] runs and [`RUNS_PARALLEL_BYTES`] (by `bytes`) a group,
+/// and at least one run.
+fn parallel_groups<T>(runs: &[T], bytes: impl Fn(&T) -> usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = runs;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        let mut n = 0;
+        while n < rest.len() && n < RUNS_PARALLEL && (n == 0 || total + bytes(&rest[n]) <= RUNS_PARALLEL_BYTES) {
+            total += bytes(&rest[n]);
+            n += 1;
+        }
+        let (group, after) = rest.split_at(n);
+        rest = after;
+        Some(group)
+    })
+}
 
 /// Consecutive pages of a segment: both slots of each are one stretch of
 /// the extent, read or written with one I/O.
@@ -351,7 +381,7 @@ impl Node {
         // whole (or empty) is served from that read, any other is read
         // again as GetPage reads it (see `whole_current`). Versions are
         // taken in page order until the byte bound.
-        for group in runs.chunks(RUNS_PARALLEL) {
+        for group in parallel_groups(&runs, |run| run.blocks(&extent) as usize * BLOCK_SIZE) {
             let (device_id, extent) = (self.device_id, extent);
             let reads = join_all(group.iter().map(|&run| async move {
                 let buf = self.read_run(&extent, &run).await?;
@@ -621,13 +651,20 @@ impl Node {
             first_local: local(first.page),
             pages: local(last.page) - local(first.page) + 1,
         };
-        let buf = self.read_run(extent, &run).await?;
-        let index: Vec<crate::pagemap::Entry> = {
+        let (index, all_never) = {
             let st = self.state();
             let s = st.seg(id)?;
-            (run.first_local..run.first_local + run.pages)
-                .map(|l| s.index_entry(l))
-                .collect()
+            let locals = run.first_local..run.first_local + run.pages;
+            let index: Vec<crate::pagemap::Entry> = locals.clone().map(|l| s.index_entry(l)).collect();
+            (index, locals.into_iter().all(|l| s.slot_state(l) == SlotState::Never))
+        };
+        // A run of pages known never written (a new segment's, a
+        // replaced disk's) is not read: its slots read as never written,
+        // and zeros do too, so the write puts back what a read would have.
+        let buf = if all_never {
+            AlignedBuf::zeroed_blocks(run.blocks(extent) as usize)
+        } else {
+            self.read_run(extent, &run).await?
         };
         let (device_id, extent_copy) = (self.device_id, *extent);
         let (buf, held, one_by_one) =
@@ -837,12 +874,15 @@ impl Node {
                     _ => runs.push(vec![page]),
                 }
             }
-            let mut runs = runs.into_iter().peekable();
-            while runs.peek().is_some() {
-                let group: Vec<Vec<u64>> = runs.by_ref().take(RUNS_PARALLEL).collect();
+            let slots_bytes = |run: &Vec<u64>| {
+                let span = run[run.len() - 1] - run[0] + 1;
+                (span * 2 * extent.slot_blocks()) as usize * BLOCK_SIZE
+            };
+            for group in parallel_groups(&runs, slots_bytes) {
                 for done in join_all(
                     group
-                        .into_iter()
+                        .iter()
+                        .cloned()
                         .map(|run| self.copy_run_to_both_slots(id, &extent, run)),
                 )
                 .await
@@ -1119,4 +1159,31 @@ fn not_hydrating(id: SegmentId) -> NodeError {
         "segment (volume {}, pg {}) is not being hydrated: begin first",
         id.volume, id.pg
     ))
+}
+
+#[cfg(test)]
+mod parallel_groups_tests {
+    use super::*;
+
+    #[test]
+    fn groups_keep_order_and_bounds_and_always_take_one() {
+        let runs: Vec<usize> = vec![1 << 20; 70];
+        let groups: Vec<&[usize]> = parallel_groups(&runs, |b| *b).collect();
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 70);
+        assert!(
+            groups
+                .iter()
+                .all(|g| g.len() == RUNS_PARALLEL_BYTES >> 20 || g.len() == 70 % 8)
+        );
+        let small: Vec<usize> = vec![4096; 70];
+        let sizes: Vec<usize> = parallel_groups(&small, |b| *b).map(<[usize]>::len).collect();
+        assert_eq!(sizes, vec![RUNS_PARALLEL, RUNS_PARALLEL, 70 - 2 * RUNS_PARALLEL]);
+        let huge = vec![RUNS_PARALLEL_BYTES * 2; 2];
+        assert_eq!(
+            parallel_groups(&huge, |b| *b).count(),
+            2,
+            "a run past the bound goes alone"
+        );
+        assert_eq!(parallel_groups(&Vec::<usize>::new(), |b| *b).count(), 0);
+    }
 }
