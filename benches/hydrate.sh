@@ -26,6 +26,10 @@
 #
 # Usage: benches/hydrate.sh [options]
 #   --mib N            MiB of pages in the PG, all hydrated (1024)
+#   --fresh            node 6's device is formatted anew before it starts
+#                      again (a replaced disk): its segment is new, as a
+#                      membership change's new member's is, rather than one
+#                      that holds older versions of every page
 #   --rounds N         rounds; medians (1)
 #   --fg-runtime S     seconds of each foreground run (5)
 #   --dir DIR          where the devices go (/var/tmp/hydrate); a fresh run.*
@@ -46,6 +50,7 @@ FG_RUNTIME=5
 DIR=/var/tmp/hydrate
 JSON_OUT=""
 BUILD=1
+FRESH=0
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$CARGO_TARGET_DIR/release"
 PAGE_BYTES=8192
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR="${2:?--dir needs a value}"; shift 2 ;;
         --json) JSON_OUT="${2:?--json needs a value}"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --fresh) FRESH=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -125,7 +131,13 @@ for round in $(seq 1 "$ROUNDS"); do
     kill_node6
     log "round $round: writing every page ($MIB MiB) while node 6 is down"
     write_every_page
-    log "round $round: node 6 hydrates, the foreground alongside ($(uptime | sed 's/.*load/load/'))"
+    if [ "$FRESH" = 1 ]; then
+        rm -f "$RUN/dev6"
+        truncate -s "${DEVICE_MIB}M" "$RUN/dev6"
+        "$BIN/storaged" format --device "$RUN/dev6" --node-id 6 >/dev/null 2>&1 \
+            || die "formatting $RUN/dev6 again failed"
+    fi
+    log "round $round: node 6 hydrates$([ "$FRESH" = 1 ] && echo " onto a new device"), the foreground alongside ($(uptime | sed 's/.*load/load/'))"
     start_node6
     t0=$(now)
     foreground "$FG_RUNTIME" "$RUN/during.json" &
