@@ -375,9 +375,13 @@ impl GossipCore {
     /// A pull's records are durable (or were all held already): `bytes` came.
     pub fn on_pulled(&mut self, now: Millis, id: u64, bytes: u64) {
         if let Some(r) = self.finish(now, id, true) {
-            // The pull was charged its `max_bytes` when it started.
-            self.budget_bytes += r.bytes as f64 - bytes as f64;
-            self.counters.bytes_pulled += bytes;
+            if !r.hydrate {
+                // The pull was charged its `max_bytes` when it started; a
+                // hydration was charged (and counted) batch by batch as
+                // its progress came.
+                self.budget_bytes += r.bytes as f64 - bytes as f64;
+                self.counters.bytes_pulled += bytes;
+            }
             if r.hydrate {
                 self.counters.hydrations_done += 1;
                 if let Some(state) = self.segments.get_mut(&r.pg) {
@@ -470,6 +474,12 @@ impl GossipCore {
         } else {
             self.rate_factor = (self.rate_factor + RATE_FACTOR_MIN).min(1.0);
         }
+    }
+
+    /// No foreground append since the last sample: nothing to yield to,
+    /// so the rate grows back as it does under a foreground that is fast.
+    pub fn observe_no_foreground(&mut self) {
+        self.rate_factor = (self.rate_factor + RATE_FACTOR_MIN).min(1.0);
     }
 
     /// The share of the configured rate repair may use now.

@@ -263,9 +263,11 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
         }
         if sampled_at.elapsed() >= FOREGROUND_SAMPLE {
             sampled_at = Instant::now();
-            if let Some(us) = store.foreground_latency_us() {
-                for core in cores.values_mut() {
-                    core.observe_foreground(us);
+            let latency_us = store.foreground_latency_us();
+            for core in cores.values_mut() {
+                match latency_us {
+                    Some(us) => core.observe_foreground(us),
+                    None => core.observe_no_foreground(),
                 }
             }
         }

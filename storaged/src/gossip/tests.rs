@@ -253,6 +253,15 @@ fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
         core.observe_foreground(100.0);
     }
     assert_eq!(core.rate_factor(), 1.0);
+
+    // The foreground stops: repair does not stay slowed down for it.
+    for _ in 0..10 {
+        core.observe_foreground(1000.0);
+    }
+    for _ in 0..16 {
+        core.observe_no_foreground();
+    }
+    assert_eq!(core.rate_factor(), 1.0);
 }
 
 /// The defaults without the rate ceiling: these tests are about choices, not pace.
@@ -401,4 +410,9 @@ fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
     );
     core.poll(6303);
     assert!(core.hydration_may_go_on());
+
+    // Its end charges nothing more: the batches paid their way.
+    core.on_pulled(6304, id, 4 << 20);
+    assert!(core.hydration_may_go_on(), "the bytes were charged once, as they came");
+    assert_eq!(core.counters().bytes_pulled, 4 << 20);
 }
