@@ -49,8 +49,8 @@
 //! changes nothing in them (a sector lands whole or not at all): the only
 //! slots a crash can touch are those a version goes to, as with one write
 //! a page. A run whose pages are all known never written (a new segment,
-//! a replaced disk) is not read: zeros read as never written too, so the
-//! write puts back what the read would have found. A page whose slots are
+//! a replaced disk) is not read, and only the slots its versions go to are
+//! written, one I/O each: every other slot stays never written as it is. A page whose slots are
 //! not both whole or empty in the run's read (damaged, torn by a crash) is
 //! taken page by page, as before. Decoding and sealing run off the node's
 //! runtime thread.
@@ -633,9 +633,9 @@ impl Node {
     /// slots a crash can touch are the ones a version goes to, exactly as
     /// with one write a page. Nothing else writes the segment's slots
     /// between the read and the write: coalescing is off while it is
-    /// rebuilt, and the calls of one hydration do not overlap. A page whose
-    /// slots are not both whole or empty goes the page-by-page way, after
-    /// the run's write.
+    /// rebuilt, and calls of one hydration that overlap (its streams) take
+    /// disjoint pages. A page whose slots are not both whole or empty goes
+    /// the page-by-page way, after the run's write.
     async fn hydrate_run(
         &self,
         id: SegmentId,
@@ -660,7 +660,7 @@ impl Node {
         };
         // A run of pages known never written (a new segment's, a
         // replaced disk's) is not read: its slots read as never written,
-        // and zeros do too, so the write puts back what a read would have.
+        // as zeros do, and only the slots versions go to are written.
         let buf = if all_never {
             AlignedBuf::zeroed_blocks(run.blocks(extent) as usize)
         } else {
@@ -676,15 +676,6 @@ impl Node {
                 first_local: lo,
                 pages: hi - lo + 1,
             };
-            let from = run.slot_bytes(extent, lo, 0).start;
-            let out = if span.pages == run.pages {
-                buf
-            } else {
-                let blocks = span.blocks(extent) as usize;
-                let mut out = AlignedBuf::zeroed_blocks(blocks);
-                out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
-                out
-            };
             // As coalescing: no reader sees the slots change under it (one
             // that began before the rebuild may still be reading).
             let stripes = self.stripes_of(id, (lo..=hi).map(|l| l + u64::from(id.pg) * extent.pg_pages));
@@ -692,11 +683,35 @@ impl Node {
             // Durable at `hydrate_end`'s flush, before the table says the
             // rebuild is over; until then a crash leaves the rebuild marked,
             // where a torn or lost slot is a torn write.
-            let (_, result) = self
-                .io
-                .write_volatile(block_offset(span.first_block(extent)), out)
-                .await;
-            result?;
+            if all_never {
+                // Only the slots the versions go to: every other slot of
+                // the run stays never written as it is, and a new segment
+                // is rebuilt with a third of the bytes written.
+                let writes = held.iter().filter(|h| h.4.is_some()).map(|&(_, l, slot, _, _)| {
+                    let bytes = run.slot_bytes(extent, l, slot);
+                    let mut out = AlignedBuf::zeroed_blocks(bytes.len() / BLOCK_SIZE);
+                    out.copy_from_slice(&buf[bytes]);
+                    self.io.write_volatile(block_offset(extent.slot_block(l, slot)), out)
+                });
+                for (_, result) in join_all(writes).await {
+                    result?;
+                }
+            } else {
+                let from = run.slot_bytes(extent, lo, 0).start;
+                let out = if span.pages == run.pages {
+                    buf
+                } else {
+                    let blocks = span.blocks(extent) as usize;
+                    let mut out = AlignedBuf::zeroed_blocks(blocks);
+                    out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
+                    out
+                };
+                let (_, result) = self
+                    .io
+                    .write_volatile(block_offset(span.first_block(extent)), out)
+                    .await;
+                result?;
+            }
             let mut st = self.state();
             let s = st.seg_mut(id)?;
             for &(_, l, slot, _, entry) in &held {
