@@ -492,6 +492,13 @@ async fn pull<S: Store>(
 /// ([`check_batch`]) before the node takes any of it: a donor that answers
 /// out of bounds fails the hydration with nothing of that reply stored, and
 /// the core asks again (another donor, or this one with a fresh digest).
+///
+/// The segment's pages are fetched in [`HYDRATE_STREAMS`] stretches at
+/// once, each a stream of batches: a batch's end is the donor's to say, so
+/// one stream can have only one batch coming at a time, and that left both
+/// devices waiting on round trips. The streams write disjoint pages. The
+/// base's floor is the lowest any batch had (floors never go back within a
+/// stream, so it is the lowest of their first batches).
 #[allow(clippy::too_many_arguments)]
 async fn hydrate<S: Store>(
     store: &S,
@@ -509,14 +516,81 @@ async fn hydrate<S: Store>(
         .page_range(view.id)
         .ok_or_else(|| "the segment is gone".to_string())?;
     store.hydrate_begin(view.id).await?;
-    let mut page = pages.first;
+    let count = pages.end.saturating_sub(pages.first);
+    // A stream that fails stops the others at their next batch (a step
+    // under way is never cut short: see `spawn`).
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let streams = (0..HYDRATE_STREAMS).map(|i| {
+        let stretch = (
+            pages.first + count * i / HYDRATE_STREAMS,
+            pages.first + count * (i + 1) / HYDRATE_STREAMS,
+        );
+        let pace = pace.clone();
+        let failed = &failed;
+        async move {
+            let result = hydrate_stretch(
+                store, peers, me, from, addr, view, id, at, tx, pace, failed, pages, stretch,
+            )
+            .await;
+            if result.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            result
+        }
+    });
+    let results = futures_util::future::join_all(streams).await;
+    // The failure that stopped the others, rather than theirs.
+    if let Some(Err(e)) = (results.iter())
+        .find(|r| r.as_ref().is_err_and(|e| e != STOPPED_BY_ANOTHER))
+        .or_else(|| results.iter().find(|r| r.is_err()))
+    {
+        return Err(e.clone());
+    }
+    let mut floor = None;
+    let mut total = 0;
+    for stream in results {
+        let (first_floor, bytes) = stream?;
+        floor = first_floor
+            .map(|f: u64| floor.map_or(f, |lowest: u64| lowest.min(f)))
+            .or(floor);
+        total += bytes;
+    }
+    let scl = store.hydrate_end(view.id, floor.unwrap_or(0)).await?;
+    Ok((scl, total))
+}
+
+const STOPPED_BY_ANOTHER: &str = "another stream of the hydration failed";
+
+/// Streams of one hydration: four keep the donor's and the segment's
+/// devices busy, with at most two batches (4 MiB of pages) each in memory.
+const HYDRATE_STREAMS: u64 = 4;
+
+/// One stream of [`hydrate`]: the pages `stretch.0 .. stretch.1`, batch
+/// after batch, the next fetched while this one is written. Returns the
+/// floor of its first batch (None if it had none) and the bytes it took.
+#[allow(clippy::too_many_arguments)]
+async fn hydrate_stretch<S: Store>(
+    store: &S,
+    peers: &Peers,
+    me: NodeId,
+    from: NodeId,
+    addr: SocketAddr,
+    view: SegmentView,
+    id: u64,
+    at: u64,
+    tx: &mpsc::Sender<Outcome>,
+    mut pace: watch::Receiver<bool>,
+    failed: &std::sync::atomic::AtomicBool,
+    pages: SegmentPages,
+    (first, end): (u64, u64),
+) -> Result<(Option<u64>, u64), String> {
+    if first >= end {
+        return Ok((None, 0));
+    }
+    let mut page = first;
     // The first batch's floor, and the last one's.
     let (mut floor, mut last_floor) = (None, at);
     let mut total = 0;
-    if page >= pages.end {
-        let scl = store.hydrate_end(view.id, 0).await?;
-        return Ok((scl, 0));
-    }
     let asked = |first_page, floor_before| Asked {
         volume: view.id.volume,
         pg: view.id.pg,
@@ -532,18 +606,21 @@ async fn hydrate<S: Store>(
         pace.wait_for(|go| *go)
             .await
             .map_err(|_| "gossip is stopping".to_string())?;
+        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(STOPPED_BY_ANOTHER.to_string());
+        }
         fetch_versions(peers, me, from, addr, view, first_page).await
     };
-    // The next batch is fetched while this one is written.
     let mut fetched = paced(page).await?;
     loop {
-        let batch = check_batch(from, &asked(page, last_floor), fetched)?;
+        let mut batch = check_batch(from, &asked(page, last_floor), fetched)?;
         last_floor = batch.floor;
-        // Floors never go back (checked), so the first batch's is the lowest.
-        let floor = *floor.get_or_insert(batch.floor);
+        floor.get_or_insert(batch.floor);
+        // Pages past the stretch are the next stream's.
+        batch.versions.retain(|v| v.page < end);
         let bytes: u64 = batch.versions.iter().map(|v| v.bytes.len() as u64).sum();
         let next_page = batch.next_page;
-        let more = next_page < pages.end;
+        let more = next_page < end;
         let (written, next) = tokio::join!(store.hydrate_pages(view.id, batch.versions), async {
             if more { Some(paced(next_page).await) } else { None }
         });
@@ -559,10 +636,7 @@ async fn hydrate<S: Store>(
         page = next_page;
         match next {
             Some(reply) => fetched = reply?,
-            None => {
-                let scl = store.hydrate_end(view.id, floor).await?;
-                return Ok((scl, total));
-            }
+            None => return Ok((floor, total)),
         }
     }
 }
