@@ -375,15 +375,21 @@ impl Node {
         };
         let mut versions = Vec::new();
         let mut bytes = 0;
-        // Both slots of a run of pages are read with one I/O, RUNS_PARALLEL
-        // runs at once (one read a page would leave the device idle between
-        // them), without the pages' stripes: a page whose slots are both
-        // whole (or empty) is served from that read, any other is read
-        // again as GetPage reads it (see `whole_current`). Versions are
-        // taken in page order until the byte bound.
+        // Runs are read RUNS_PARALLEL at once (one read a page would leave
+        // the device idle between them), without the pages' stripes. A run
+        // whose pages' current slots are all known is read slot by slot,
+        // only those (half the bytes of both); any other run is read whole,
+        // both slots with one I/O, and a page whose slots are both whole
+        // (or empty) is served from that read. A page whose read does not
+        // give what the page-version index names is read again as GetPage
+        // reads it (see `whole_current`). Versions are taken in page order
+        // until the byte bound.
         for group in parallel_groups(&runs, |run| run.blocks(&extent) as usize * BLOCK_SIZE) {
             let (device_id, extent) = (self.device_id, extent);
             let reads = join_all(group.iter().map(|&run| async move {
+                if let Some(slots) = self.current_slots(id, &run) {
+                    return self.read_current_slots(id, &extent, &run, slots).await;
+                }
                 let buf = self.read_run(&extent, &run).await?;
                 off_runtime(move || decode_run(&device_id, &extent, id, &run, &buf)).await
             }))
@@ -480,6 +486,57 @@ impl Node {
     /// gives way, as for the log ([`Node::hold_pressure`]).
     pub(super) fn hold_hot_pressure(&self, hot_bytes: usize) -> bool {
         hot_bytes > self.config.hot_bytes_max / 4 * 3
+    }
+
+    /// The slot holding each page's current version, for a run whose pages
+    /// all have one known (read or written since start-up, not damaged).
+    fn current_slots(&self, id: SegmentId, run: &Run) -> Option<Vec<usize>> {
+        let st = self.state();
+        let s = st.seg(id).ok()?;
+        (run.first_local..run.first_local + run.pages)
+            .map(|l| match s.slot_state(l) {
+                SlotState::Slot0 => Some(0),
+                SlotState::Slot1 => Some(1),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The current version of each page of `run`, read from `slots` (one
+    /// I/O a page, all at once) and decoded off the runtime thread; None
+    /// for a page whose slot does not hold a whole version there.
+    async fn read_current_slots(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        run: &Run,
+        slots: Vec<usize>,
+    ) -> Result<Vec<Option<Current>>, NodeError> {
+        let slot_blocks = extent.slot_blocks() as usize;
+        let reads = (run.first_local..).zip(&slots).map(|(local, &slot)| async move {
+            let buf = AlignedBuf::zeroed_blocks(slot_blocks);
+            let (buf, result) = self.io.read(block_offset(extent.slot_block(local, slot)), buf).await;
+            result.map(|_| buf)
+        });
+        let mut bufs = Vec::with_capacity(slots.len());
+        for read in join_all(reads).await {
+            bufs.push(read?);
+        }
+        let (device_id, extent, first_local) = (self.device_id, *extent, run.first_local);
+        off_runtime(move || {
+            let first_page = u64::from(id.pg) * extent.pg_pages;
+            (first_local..)
+                .zip(slots.iter().zip(&bufs))
+                .map(|(local, (&slot, buf))| {
+                    let at = extent.slot_block(local, slot);
+                    match pagestore::decode_slot(buf, &device_id, &extent, id, first_page + local, at) {
+                        Slot::Version(version) => Some(Current::Version { slot, version }),
+                        _ => None,
+                    }
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Both slots of every page of `run`, with one read.
@@ -670,48 +727,65 @@ impl Node {
         let (buf, held, one_by_one) =
             off_runtime(move || plan_hydrate_run(&device_id, &extent_copy, id, &run, buf, &index, versions)).await?;
         let written = || held.iter().filter(|h| h.4.is_some()).map(|h| h.1);
-        if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
+        // Durable at `hydrate_end`'s flush, before the table says the
+        // rebuild is over; until then a crash leaves the rebuild marked,
+        // where a torn or lost slot is a torn write. As coalescing: no
+        // reader sees the slots change under it (one that began before the
+        // rebuild may still be reading), and the slot state and index
+        // entry change with the slot, under its page's stripe.
+        if all_never {
+            // Only the slots the versions go to, each under its own page's
+            // stripe (a run's pages would take every stripe, and the runs
+            // of a hydration's streams would go one at a time): every
+            // other slot of the run stays never written as it is, and a
+            // new segment is rebuilt with half the bytes written.
+            let writes = held.iter().filter(|h| h.4.is_some()).map(|&(page, l, slot, _, entry)| {
+                let bytes = run.slot_bytes(extent, l, slot);
+                let mut out = AlignedBuf::zeroed_blocks(bytes.len() / BLOCK_SIZE);
+                out.copy_from_slice(&buf[bytes]);
+                async move {
+                    let _stripe = self.stripe(id, page).write().await;
+                    let (_, result) = self
+                        .io
+                        .write_volatile(block_offset(extent.slot_block(l, slot)), out)
+                        .await;
+                    result?;
+                    let mut st = self.state();
+                    let s = st.seg_mut(id)?;
+                    s.set_slot_state(l, SlotState::holding(slot));
+                    if let Some(entry) = entry {
+                        // In memory only until `hydrate_end` writes the
+                        // index, after its flush.
+                        s.index_set(l, entry);
+                    }
+                    Ok::<(), NodeError>(())
+                }
+            });
+            for done in join_all(writes).await {
+                done?;
+            }
+        } else if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
             // Only the stretch from the first page written to the last.
             let span = Run {
                 first_local: lo,
                 pages: hi - lo + 1,
             };
-            // As coalescing: no reader sees the slots change under it (one
-            // that began before the rebuild may still be reading).
             let stripes = self.stripes_of(id, (lo..=hi).map(|l| l + u64::from(id.pg) * extent.pg_pages));
             let _held = join_stripes(&stripes).await;
-            // Durable at `hydrate_end`'s flush, before the table says the
-            // rebuild is over; until then a crash leaves the rebuild marked,
-            // where a torn or lost slot is a torn write.
-            if all_never {
-                // Only the slots the versions go to: every other slot of
-                // the run stays never written as it is, and a new segment
-                // is rebuilt with a third of the bytes written.
-                let writes = held.iter().filter(|h| h.4.is_some()).map(|&(_, l, slot, _, _)| {
-                    let bytes = run.slot_bytes(extent, l, slot);
-                    let mut out = AlignedBuf::zeroed_blocks(bytes.len() / BLOCK_SIZE);
-                    out.copy_from_slice(&buf[bytes]);
-                    self.io.write_volatile(block_offset(extent.slot_block(l, slot)), out)
-                });
-                for (_, result) in join_all(writes).await {
-                    result?;
-                }
+            let from = run.slot_bytes(extent, lo, 0).start;
+            let out = if span.pages == run.pages {
+                buf
             } else {
-                let from = run.slot_bytes(extent, lo, 0).start;
-                let out = if span.pages == run.pages {
-                    buf
-                } else {
-                    let blocks = span.blocks(extent) as usize;
-                    let mut out = AlignedBuf::zeroed_blocks(blocks);
-                    out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
-                    out
-                };
-                let (_, result) = self
-                    .io
-                    .write_volatile(block_offset(span.first_block(extent)), out)
-                    .await;
-                result?;
-            }
+                let blocks = span.blocks(extent) as usize;
+                let mut out = AlignedBuf::zeroed_blocks(blocks);
+                out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
+                out
+            };
+            let (_, result) = self
+                .io
+                .write_volatile(block_offset(span.first_block(extent)), out)
+                .await;
+            result?;
             let mut st = self.state();
             let s = st.seg_mut(id)?;
             for &(_, l, slot, _, entry) in &held {
