@@ -11,24 +11,31 @@
 #                computed holds only 1 MiB per PG for a lagging segment.
 #   baseline     commits (4 KiB, 1 page per transaction, iodepth 8) for
 #                --fg-runtime seconds with every node up: commits/s and p99.
-#   hydrate      node 6 is killed; every page of the PG is written once
+#   alone        node 6 is killed; every page of the PG is written once
 #                (8 KiB, 8 pages per transaction, 512 committers: each owns
 #                256 pages); the donors coalesce and let their logs go, so
-#                node 6's segment can only hydrate. Node 6 starts again with
-#                the foreground load of the baseline running alongside, and
-#                `storctl status` is polled (every 50 ms) until its segment
-#                is at the PGCL with no holes. Rate = bytes of page versions
-#                it hydrated (its log says) / time from its "listening" line
-#                to its "segment hydrated" line; the time to the PGCL (the
-#                chain above the versions pulled too) is shown beside it.
-#                Commits/s and p99 of the foreground while it hydrated, and
-#                their ratios to the baseline.
+#                node 6's segment can only hydrate, and the bench waits
+#                until they stop (their coalesced LSNs, from their
+#                metrics, the same 2 s apart). Node 6 starts again
+#                with nothing else running, and `storctl status` is polled
+#                (every 50 ms) until its segment is at the PGCL with no
+#                holes. Rate = bytes of page versions it hydrated (its log
+#                says) / time from its start to its "segment hydrated"
+#                line; the time to the PGCL (the chain above the versions
+#                pulled too) is shown beside it.
+#   with load    node 6 is killed and made to need every page again (its
+#                device formatted anew with --fresh, else every page
+#                written again), and starts with the foreground load of the
+#                baseline running alongside for --fg-runtime seconds:
+#                commits/s and p99 of the foreground while it hydrated,
+#                their ratios to the baseline, and the hydration's rate
+#                under that load (repair yields to the foreground).
 #
 # Usage: benches/hydrate.sh [options]
 #   --mib N            MiB of pages in the PG, all hydrated (1024)
-#   --fresh            node 6's device is formatted anew before it starts
-#                      again (a replaced disk): its segment is new, as a
-#                      membership change's new member's is, rather than one
+#   --fresh            node 6's device is zeroed and formatted anew before it
+#                      starts again (a replaced disk): its segment is new, as
+#                      a membership change's new member's is, rather than one
 #                      that holds older versions of every page
 #   --rounds N         rounds; medians (1)
 #   --fg-runtime S     seconds of each foreground run (5)
@@ -124,24 +131,30 @@ for n in 1 2 3 4 5 6; do
 done
 "$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
 
-RATES=(); TO_PGCL=(); BASE_IOPS=(); DURING_IOPS=(); BASE_P99=(); DURING_P99=()
-for round in $(seq 1 "$ROUNDS"); do
-    log "round $round: foreground alone ($(uptime | sed 's/.*load/load/'))"
-    foreground "$FG_RUNTIME" "$RUN/base.json"
-    kill_node6
-    log "round $round: writing every page ($MIB MiB) while node 6 is down"
-    write_every_page
+# Node 6 is down; make it need every page again: a new device (--fresh),
+# or every page written again while it is down.
+make_node6_behind() {
     if [ "$FRESH" = 1 ]; then
-        rm -f "$RUN/dev6"
-        truncate -s "${DEVICE_MIB}M" "$RUN/dev6"
+        # Zeros written over the whole file, not a sparse one: a disk has
+        # its blocks, and an O_DIRECT write into a file's hole makes the
+        # file system allocate under it (a third of the rate, measured).
+        dd if=/dev/zero of="$RUN/dev6" bs=1M count="$DEVICE_MIB" oflag=direct conv=notrunc status=none \
+            || die "zeroing $RUN/dev6 failed"
         "$BIN/storaged" format --device "$RUN/dev6" --node-id 6 >/dev/null 2>&1 \
             || die "formatting $RUN/dev6 again failed"
+    else
+        write_every_page
+        donors_settle
     fi
-    log "round $round: node 6 hydrates$([ "$FRESH" = 1 ] && echo " onto a new device"), the foreground alongside ($(uptime | sed 's/.*load/load/'))"
+}
+
+# Start node 6 and wait until it has hydrated (HYD_S: seconds from its
+# start; HYD_BYTES, HYD_COUNT: page-version bytes and hydrations its log
+# says) and is at the PGCL (PGCL_S).
+hydrate_node6() {
     start_node6
+    local t0 t1 t2
     t0=$(now)
-    foreground "$FG_RUNTIME" "$RUN/during.json" &
-    FG_PID=$!
     until grep -q "segment hydrated" "$RUN/logs/storaged-6.round.log"; do
         kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 died: $(tail -5 "$RUN/logs/storaged-6.round.log")"
         sleep 0.05
@@ -149,27 +162,54 @@ for round in $(seq 1 "$ROUNDS"); do
     t1=$(now)
     until node6_caught_up; do sleep 0.05; done
     t2=$(now)
-    wait "$FG_PID"
-    hydrated=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
+    HYD_BYTES=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
         | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
-    hydrations=$(grep -c 'segment hydrated' "$RUN/logs/storaged-6.round.log" || true)
-    rate=$(python3 -c "print(round($hydrated / ($t1 - $t0) / 1e6, 1))")
-    RATES+=("$rate"); TO_PGCL+=("$(python3 -c "print(round($t2 - $t0, 2))")")
+    HYD_COUNT=$(grep -c 'segment hydrated' "$RUN/logs/storaged-6.round.log" || true)
+    HYD_S=$(python3 -c "print(round($t1 - $t0, 2))")
+    PGCL_S=$(python3 -c "print(round($t2 - $t0, 2))")
+}
+
+RATES=(); TO_PGCL=(); FG_RATES=(); BASE_IOPS=(); DURING_IOPS=(); BASE_P99=(); DURING_P99=()
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round: foreground alone ($(uptime | sed 's/.*load/load/'))"
+    foreground "$FG_RUNTIME" "$RUN/base.json"
+    kill_node6
+    log "round $round: writing every page ($MIB MiB) while node 6 is down"
+    write_every_page
+    donors_settle
+    [ "$FRESH" = 1 ] && make_node6_behind
+    log "round $round: node 6 hydrates$([ "$FRESH" = 1 ] && echo " onto a new device") with no foreground ($(uptime | sed 's/.*load/load/'))"
+    hydrate_node6
+    RATES+=("$(python3 -c "print(round($HYD_BYTES / $HYD_S / 1e6, 1))")"); TO_PGCL+=("$PGCL_S")
+    log "  $HYD_BYTES bytes of page versions in $HYD_COUNT hydration(s), $HYD_S s: ${RATES[-1]} MB/s; at the PGCL after $PGCL_S s"
+
+    kill_node6
+    log "round $round: node 6 behind again$([ "$FRESH" = 1 ] && echo " (a new device)" || echo " (every page written again)")"
+    make_node6_behind
+    log "round $round: node 6 hydrates, the foreground alongside ($(uptime | sed 's/.*load/load/'))"
+    foreground "$FG_RUNTIME" "$RUN/during.json" &
+    FG_PID=$!
+    hydrate_node6
+    wait "$FG_PID"
+    FG_RATES+=("$(python3 -c "print(round($HYD_BYTES / $HYD_S / 1e6, 1))")")
     BASE_IOPS+=("$(iops "$RUN/base.json")"); DURING_IOPS+=("$(iops "$RUN/during.json")")
     BASE_P99+=("$(p99 "$RUN/base.json")"); DURING_P99+=("$(p99 "$RUN/during.json")")
-    log "  $hydrated bytes of page versions in $hydrations hydration(s), $(python3 -c "print(round($t1 - $t0, 2))") s: $rate MB/s; at the PGCL after ${TO_PGCL[-1]} s"
+    log "  $HYD_BYTES bytes of page versions in $HYD_COUNT hydration(s), $HYD_S s: ${FG_RATES[-1]} MB/s with the foreground"
+    python3 -c "import sys; sys.exit(0 if $HYD_S >= $FG_RUNTIME else 1)" \
+        || log "  (the hydration ended before the foreground's $FG_RUNTIME s: the figures below cover some time without it)"
     log "  foreground: ${BASE_IOPS[-1]} commits/s, p99 ${BASE_P99[-1]} µs alone; ${DURING_IOPS[-1]} commits/s, p99 ${DURING_P99[-1]} µs during ($(uptime | sed 's/.*load/load/'))"
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-R=$(median "${RATES[@]}"); T=$(median "${TO_PGCL[@]}")
+R=$(median "${RATES[@]}"); T=$(median "${TO_PGCL[@]}"); FR=$(median "${FG_RATES[@]}")
 BI=$(median "${BASE_IOPS[@]}"); DI=$(median "${DURING_IOPS[@]}")
 BP=$(median "${BASE_P99[@]}"); DP=$(median "${DURING_P99[@]}")
 IR=$(python3 -c "print(round($DI / $BI, 2))"); PR=$(python3 -c "print(round($DP / $BP, 2))")
 printf '%-44s %12s\n' "hydration rate (MB/s of page versions)" "$R" "seconds until at the PGCL" "$T" \
+    "hydration rate with the foreground (MB/s)" "$FR" \
     "foreground commits/s alone" "$BI" "foreground commits/s while hydrating" "$DI" \
     "commits/s ratio during / alone" "$IR" "foreground p99 alone (µs)" "$BP" \
     "foreground p99 while hydrating (µs)" "$DP" "p99 ratio during / alone" "$PR"
-J=$(printf '{"mib":%s,"rounds":%s,"hydrate_mb_per_s":%s,"to_pgcl_s":%s,"fg_iops":%s,"fg_iops_during":%s,"iops_ratio":%s,"fg_p99_us":%s,"fg_p99_during_us":%s,"p99_ratio":%s}' \
-    "$MIB" "$ROUNDS" "$R" "$T" "$BI" "$DI" "$IR" "$BP" "$DP" "$PR")
+J=$(printf '{"mib":%s,"rounds":%s,"hydrate_mb_per_s":%s,"to_pgcl_s":%s,"hydrate_mb_per_s_with_fg":%s,"fg_iops":%s,"fg_iops_during":%s,"iops_ratio":%s,"fg_p99_us":%s,"fg_p99_during_us":%s,"p99_ratio":%s}' \
+    "$MIB" "$ROUNDS" "$R" "$T" "$FR" "$BI" "$DI" "$IR" "$BP" "$DP" "$PR")
 if [ "$JSON_OUT" = "-" ]; then echo "$J"; elif [ -n "$JSON_OUT" ]; then echo "$J" >"$JSON_OUT"; fi

@@ -47,6 +47,8 @@ start_node6() {
     RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev6" --listen "$(node6_addr)" \
         </dev/null >"$logf" 2>&1 &
     NODE6_PID=$!
+    # Killed by PID later; not a job whose end bash reports.
+    disown "$NODE6_PID" 2>/dev/null || true
     until grep -q "listening on" "$logf"; do
         kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 did not start: $(tail -5 "$logf")"
         sleep 0.01
@@ -63,4 +65,34 @@ ok = all(
     for pg in v["pgs"] for s in pg["segments"] if s["node"] == 6
 )
 sys.exit(0 if ok else 1)' 2>/dev/null
+}
+
+# Wait (at most 120 s) until nodes 1 to 5 stop coalescing: their coalesced
+# LSNs (from their metrics) the same two seconds apart. A write phase
+# leaves them a backlog to fold into page versions, and a hydration that
+# starts meanwhile measures their coalescing too.
+donors_settle() {
+    python3 - "$CLUSTER" <<'EOF2'
+import sys, time, tomllib, urllib.request
+c = tomllib.load(open(sys.argv[1], "rb"))
+addrs = [n["metrics"] for n in c["nodes"] if n["id"] != 6 and "metrics" in n]
+def coalesced():
+    out = []
+    for a in addrs:
+        try:
+            text = urllib.request.urlopen(f"http://{a}/metrics", timeout=2).read().decode()
+        except OSError:
+            out.append(None)
+            continue
+        out.append(sorted(l for l in text.splitlines() if l.startswith("storaged_segment_coalesced_lsn")))
+    return out
+deadline = time.time() + 120
+before = coalesced()
+while time.time() < deadline:
+    time.sleep(2)
+    now = coalesced()
+    if now == before:
+        break
+    before = now
+EOF2
 }
