@@ -461,15 +461,23 @@ impl GossipCore {
     /// The foreground's recent latency (e.g. the append p99 over the last
     /// second). Repair halves its rate when it is well above the lowest seen,
     /// and grows back by a sixteenth of the configured rate otherwise.
+    ///
+    /// The lowest seen is what the foreground takes without repair: it is
+    /// first taken while no request is in flight. A node that starts
+    /// repairing at once (back after a crash, a new disk) has seen the
+    /// foreground only under its own repair, so until it has a baseline
+    /// it counts the foreground as slowed, and yields.
     pub fn observe_foreground(&mut self, latency_us: f64) {
+        let repairing = !self.requests.is_empty();
         let baseline = match self.foreground_baseline_us {
-            Some(b) if b <= latency_us => b,
-            _ => {
-                self.foreground_baseline_us = Some(latency_us);
-                latency_us
-            }
+            Some(b) if b <= latency_us => Some(b),
+            Some(_) => Some(latency_us),
+            None if repairing => None,
+            None => Some(latency_us),
         };
-        if latency_us > baseline * self.config.foreground_slowdown_max {
+        self.foreground_baseline_us = baseline;
+        let slowed = baseline.is_none_or(|b| latency_us > b * self.config.foreground_slowdown_max);
+        if slowed {
             self.rate_factor = (self.rate_factor / 2.0).max(RATE_FACTOR_MIN);
         } else {
             self.rate_factor = (self.rate_factor + RATE_FACTOR_MIN).min(1.0);

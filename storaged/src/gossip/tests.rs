@@ -388,6 +388,8 @@ fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
             missing: Vec::new(),
         },
     );
+    // The foreground's latency before any repair: the baseline.
+    core.observe_foreground(100.0);
     core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
     let started = hydrations(&core.poll(0));
     assert_eq!(started.len(), 1);
@@ -400,7 +402,6 @@ fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
     assert!(core.hydration_may_go_on(), "paid for after two seconds");
 
     core.on_progress(2102, id, 2 << 20);
-    core.observe_foreground(100.0);
     core.observe_foreground(400.0);
     assert_eq!(core.rate_factor(), 0.5);
     core.poll(4202);
@@ -415,4 +416,32 @@ fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
     core.on_pulled(6304, id, 4 << 20);
     assert!(core.hydration_may_go_on(), "the bytes were charged once, as they came");
     assert_eq!(core.counters().bytes_pulled, 4 << 20);
+}
+
+/// A node that starts repairing at once has never seen the foreground
+/// without its repair: it yields until it has, and takes its baseline from
+/// a sample while nothing is in flight.
+#[test]
+fn without_a_baseline_taken_while_idle_repair_yields_to_the_foreground() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
+    let started = hydrations(&core.poll(0));
+    assert_eq!(started.len(), 1);
+    for _ in 0..4 {
+        core.observe_foreground(5000.0);
+    }
+    assert_eq!(
+        core.rate_factor(),
+        RATE_FACTOR_MIN,
+        "slowed appends from the start count as slowed"
+    );
+    core.on_pulled(10, started[0].0, 0);
+    core.observe_foreground(1000.0);
+    assert!(core.rate_factor() > RATE_FACTOR_MIN, "an idle sample is the baseline");
+    core.observe_foreground(5000.0);
+    assert_eq!(
+        core.rate_factor(),
+        RATE_FACTOR_MIN,
+        "five times the baseline halves it again"
+    );
 }
