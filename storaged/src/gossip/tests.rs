@@ -249,7 +249,8 @@ fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
         core.observe_foreground(1000.0);
     }
     assert_eq!(core.rate_factor(), RATE_FACTOR_MIN, "never below the floor");
-    for _ in 0..20 {
+    let steps_back = (1.0 / RATE_FACTOR_MIN) as usize;
+    for _ in 0..steps_back {
         core.observe_foreground(100.0);
     }
     assert_eq!(core.rate_factor(), 1.0);
@@ -258,7 +259,7 @@ fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
     for _ in 0..10 {
         core.observe_foreground(1000.0);
     }
-    for _ in 0..16 {
+    for _ in 0..steps_back {
         core.observe_no_foreground();
     }
     assert_eq!(core.rate_factor(), 1.0);
@@ -427,7 +428,7 @@ fn without_a_baseline_taken_while_idle_repair_yields_to_the_foreground() {
     core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
     let started = hydrations(&core.poll(0));
     assert_eq!(started.len(), 1);
-    for _ in 0..4 {
+    for _ in 0..8 {
         core.observe_foreground(5000.0);
     }
     assert_eq!(
