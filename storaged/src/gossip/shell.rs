@@ -359,7 +359,18 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
                             .or_insert_with(|| watch::channel(true).0)
                             .subscribe();
                         let work = async move {
-                            match hydrate(&*store, &peers, me, from, addr, view, id, at, &progress, &mut pace).await {
+                            let h = Hydrating {
+                                store: &*store,
+                                peers: &peers,
+                                me,
+                                from,
+                                addr,
+                                view,
+                                id,
+                                at,
+                                tx: &progress,
+                            };
+                            match hydrate(h, &mut pace).await {
                                 Ok((scl, bytes)) => {
                                     tracing::info!(volume, pg, from, scl, bytes, "segment hydrated");
                                     Outcome::Done { volume, id, bytes }
@@ -499,19 +510,8 @@ async fn pull<S: Store>(
 /// devices waiting on round trips. The streams write disjoint pages. The
 /// base's floor is the lowest any batch had (floors never go back within a
 /// stream, so it is the lowest of their first batches).
-#[allow(clippy::too_many_arguments)]
-async fn hydrate<S: Store>(
-    store: &S,
-    peers: &Peers,
-    me: NodeId,
-    from: NodeId,
-    addr: SocketAddr,
-    view: SegmentView,
-    id: u64,
-    at: u64,
-    tx: &mpsc::Sender<Outcome>,
-    pace: &mut watch::Receiver<bool>,
-) -> Result<(u64, u64), String> {
+async fn hydrate<S: Store>(h: Hydrating<'_, S>, pace: &mut watch::Receiver<bool>) -> Result<(u64, u64), String> {
+    let Hydrating { store, view, .. } = h;
     let pages = store
         .page_range(view.id)
         .ok_or_else(|| "the segment is gone".to_string())?;
@@ -528,10 +528,7 @@ async fn hydrate<S: Store>(
         let pace = pace.clone();
         let failed = &failed;
         async move {
-            let result = hydrate_stretch(
-                store, peers, me, from, addr, view, id, at, tx, pace, failed, pages, stretch,
-            )
-            .await;
+            let result = hydrate_stretch(h, pace, failed, pages, stretch).await;
             if result.is_err() {
                 failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -565,25 +562,47 @@ const STOPPED_BY_ANOTHER: &str = "another stream of the hydration failed";
 /// devices busy, with at most two batches (4 MiB of pages) each in memory.
 const HYDRATE_STREAMS: u64 = 4;
 
-/// One stream of [`hydrate`]: the pages `stretch.0 .. stretch.1`, batch
-/// after batch, the next fetched while this one is written. Returns the
-/// floor of its first batch (None if it had none) and the bytes it took.
-#[allow(clippy::too_many_arguments)]
-async fn hydrate_stretch<S: Store>(
-    store: &S,
-    peers: &Peers,
+/// One hydration: the segment, the donor `from` chosen by its digest
+/// showing floor `at`, and where its progress goes (request `id`).
+struct Hydrating<'a, S> {
+    store: &'a S,
+    peers: &'a Peers,
     me: NodeId,
     from: NodeId,
     addr: SocketAddr,
     view: SegmentView,
     id: u64,
     at: u64,
-    tx: &mpsc::Sender<Outcome>,
+    tx: &'a mpsc::Sender<Outcome>,
+}
+
+// By hand: a derive would ask `S: Copy`, and only references to it are held.
+impl<S> Clone for Hydrating<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S> Copy for Hydrating<'_, S> {}
+
+/// One stream of [`hydrate`]: the pages `stretch.0 .. stretch.1`, batch
+/// after batch, the next fetched while this one is written. Returns the
+/// floor of its first batch (None if it had none) and the bytes it took.
+async fn hydrate_stretch<S: Store>(
+    h: Hydrating<'_, S>,
     mut pace: watch::Receiver<bool>,
     failed: &std::sync::atomic::AtomicBool,
     pages: SegmentPages,
     (first, end): (u64, u64),
 ) -> Result<(Option<u64>, u64), String> {
+    let Hydrating {
+        store,
+        from,
+        view,
+        id,
+        at,
+        tx,
+        ..
+    } = h;
     if first >= end {
         return Ok((None, 0));
     }
@@ -609,7 +628,7 @@ async fn hydrate_stretch<S: Store>(
         if failed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(STOPPED_BY_ANOTHER.to_string());
         }
-        fetch_versions(peers, me, from, addr, view, first_page).await
+        fetch_versions(h, first_page).await
     };
     let mut fetched = paced(page).await?;
     loop {
@@ -641,15 +660,9 @@ async fn hydrate_stretch<S: Store>(
     }
 }
 
-/// One `GetPageVersions` batch from `from`, as the reply says it.
-async fn fetch_versions(
-    peers: &Peers,
-    me: NodeId,
-    from: NodeId,
-    addr: SocketAddr,
-    view: SegmentView,
-    first_page: u64,
-) -> Result<Message, String> {
+/// One `GetPageVersions` batch from the hydration's donor, as the reply says it.
+async fn fetch_versions<S>(h: Hydrating<'_, S>, first_page: u64) -> Result<Message, String> {
+    let view = h.view;
     let msg = Message::GetPageVersions {
         volume: view.id.volume,
         pg: view.id.pg,
@@ -660,7 +673,7 @@ async fn fetch_versions(
         // Every change at or below the segment's own floor is in its pages.
         changed_after: view.digest.floor,
     };
-    peers.request(me, from, addr, msg).await
+    h.peers.request(h.me, h.from, h.addr, msg).await
 }
 
 /// Page bytes one `GetPageVersions` brings at most.

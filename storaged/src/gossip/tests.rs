@@ -215,8 +215,8 @@ fn behind_every_peers_floor_it_hydrates_once() {
     );
 }
 
-#[test]
-fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
+/// A core at SCL `scl` paced at 1 MiB/s, in pulls of at most 1 MiB.
+fn paced_core_at(scl: u64) -> GossipCore {
     let config = GossipConfig {
         rate_bytes_per_s: 1 << 20,
         pull_bytes_max: 1 << 20,
@@ -226,11 +226,17 @@ fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
     core.set_local(
         PG,
         Local {
-            digest: digest(10, 0),
+            digest: digest(scl, 0),
             members: (1..=6).collect(),
             missing: Vec::new(),
         },
     );
+    core
+}
+
+#[test]
+fn the_rate_ceiling_holds_pulls_back_and_pressure_halves_it() {
+    let mut core = paced_core_at(10);
     core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
     assert!(pulls(&core.poll(0)).is_empty(), "no budget yet");
     let p = pulls(&core.poll(1000));
@@ -375,20 +381,7 @@ fn a_refused_donor_backs_off_exponentially_and_others_go_first() {
 /// rate (halved under foreground pressure) has paid for it.
 #[test]
 fn a_hydration_is_paced_by_the_rate_and_slows_under_foreground_pressure() {
-    let config = GossipConfig {
-        rate_bytes_per_s: 1 << 20,
-        pull_bytes_max: 1 << 20,
-        ..GossipConfig::default()
-    };
-    let mut core = GossipCore::new(1, config, 1);
-    core.set_local(
-        PG,
-        Local {
-            digest: digest(10, 0),
-            members: (1..=6).collect(),
-            missing: Vec::new(),
-        },
-    );
+    let mut core = paced_core_at(10);
     // The foreground's latency before any repair: the baseline.
     core.observe_foreground(100.0);
     core.on_digest(0, PG, 2, digest(50, 30)).unwrap();
