@@ -171,17 +171,7 @@ fn a_gap_is_filled_and_a_second_run_finds_nothing_to_do() {
     assert!(wait_until(Duration::from_secs(10), || pid_gone(computed)));
     let fill = storctl(&["repair", "--cluster", &file, "--pg", "0"]);
     assert_eq!(fill.status.code(), Some(0), "{}", text(&fill.stderr));
-    let replace = storctl(&[
-        "repair",
-        "--cluster",
-        &file,
-        "--pg",
-        "0",
-        "--replace",
-        "6",
-        "--with",
-        "5",
-    ]);
+    let replace = replace_in_pg0(&file, "6", "5", &[]);
     assert_eq!(replace.status.code(), Some(8), "{}", text(&replace.stderr));
     assert!(
         text(&replace.stderr).contains("is unreachable"),
@@ -309,17 +299,7 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
 
     // Killed mid-change.
     let child = Command::new(STORCTL)
-        .args([
-            "repair",
-            "--cluster",
-            &file,
-            "--pg",
-            "0",
-            "--replace",
-            "6",
-            "--with",
-            "8",
-        ])
+        .args(replace_args(&file, "6", "8", &[]))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -335,19 +315,7 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
     assert!(changing, "no change under way: {:?}", membership(&c));
 
     // Node 8 still down: the move cannot finish; where it stands and what to run.
-    let stuck = storctl(&[
-        "repair",
-        "--cluster",
-        &file,
-        "--pg",
-        "0",
-        "--replace",
-        "6",
-        "--with",
-        "8",
-        "--timeout",
-        "2",
-    ]);
+    let stuck = replace_in_pg0(&file, "6", "8", &["--timeout", "2"]);
     expect_exit(&stuck, 4);
     let out = text(&stuck.stdout);
     assert!(
@@ -363,51 +331,17 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
     assert!(wait_until(Duration::from_secs(10), || pid_gone(computed)));
     start_computed(&c);
     start_node(&c, 8);
-    let finished = storctl(&[
-        "repair",
-        "--cluster",
-        &file,
-        "--pg",
-        "0",
-        "--replace",
-        "6",
-        "--with",
-        "8",
-        "--timeout",
-        "100",
-    ]);
+    let finished = replace_in_pg0(&file, "6", "8", &["--timeout", "100"]);
     expect_exit(&finished, 1);
     let (_, changing, old, _) = membership(&c).unwrap();
     assert!(!changing);
     assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
-    let again = storctl(&[
-        "repair",
-        "--cluster",
-        &file,
-        "--pg",
-        "0",
-        "--replace",
-        "6",
-        "--with",
-        "8",
-    ]);
+    let again = replace_in_pg0(&file, "6", "8", &[]);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
 
     // A move to a node that is down, rolled back.
     kill_node(&c, 7);
-    let stuck = storctl(&[
-        "repair",
-        "--cluster",
-        &file,
-        "--pg",
-        "0",
-        "--replace",
-        "5",
-        "--with",
-        "7",
-        "--timeout",
-        "3",
-    ]);
+    let stuck = replace_in_pg0(&file, "5", "7", &["--timeout", "3"]);
     expect_exit(&stuck, 4);
     let abort = storctl(&["repair", "--cluster", &file, "--pg", "0", "--abort", "--timeout", "60"]);
     expect_exit(&abort, 1);
@@ -420,6 +354,18 @@ fn an_interrupted_move_is_finished_by_a_second_run_and_one_that_cannot_finish_is
 }
 
 /// `out` exited with `code`; its stdout and stderr are shown if not.
+/// `storctl repair --cluster FILE --pg 0 --replace F --with G`, then `extra`.
+fn replace_args<'a>(file: &'a str, f: &'a str, g: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["repair", "--cluster", file, "--pg", "0", "--replace", f, "--with", g];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Run [`replace_args`].
+fn replace_in_pg0(file: &str, f: &str, g: &str, extra: &[&str]) -> std::process::Output {
+    storctl(&replace_args(file, f, g, extra))
+}
+
 fn expect_exit(out: &std::process::Output, code: i32) {
     assert_eq!(
         out.status.code(),
