@@ -1068,16 +1068,7 @@ mod tests {
             .await;
             addrs.push(addr);
         }
-        let s = tokio::task::spawn_blocking(move || {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap();
-            let text = computed::cluster::local_cluster_toml(1, 2, 64, closed, &addrs);
-            collect(&Cluster::parse(&text).unwrap()).unwrap()
-        })
-        .await
-        .unwrap();
+        let s = collect_with_computed_down(2, addrs).await;
         assert!(s.nodes.iter().all(|n| n.up), "{:?}", s.nodes);
         let left: Vec<&String> = s.problems.iter().filter(|p| p.contains("scrubbing left")).collect();
         assert_eq!(left.len(), 1, "{:?}", s.problems);
@@ -1101,6 +1092,22 @@ mod tests {
             text.contains("scrub: unknown (unknown message type 27 (BadFrame))"),
             "{text}"
         );
+    }
+
+    /// `collect` over a cluster of `pgs` PGs on the nodes at `addrs`, with
+    /// computed's address one nothing listens on (off the runtime thread,
+    /// which serves the fake nodes).
+    async fn collect_with_computed_down(pgs: u32, addrs: Vec<SocketAddr>) -> Status {
+        tokio::task::spawn_blocking(move || {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let text = computed::cluster::local_cluster_toml(1, pgs, 64, closed, &addrs);
+            collect(&Cluster::parse(&text).unwrap()).unwrap()
+        })
+        .await
+        .unwrap()
     }
 
     /// A segment status as a node holding PG 0 at `scl` answers it.
@@ -1156,16 +1163,7 @@ mod tests {
             .await;
             addrs.push(addr);
         }
-        let s = tokio::task::spawn_blocking(move || {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap();
-            let text = computed::cluster::local_cluster_toml(1, 1, 64, closed, &addrs);
-            collect(&Cluster::parse(&text).unwrap()).unwrap()
-        })
-        .await
-        .unwrap();
+        let s = collect_with_computed_down(1, addrs).await;
         let pg = &s.pgs[0];
         let m = pg.membership.as_ref().expect("a membership");
         assert_eq!(
