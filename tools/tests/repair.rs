@@ -8,46 +8,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use support::*;
 
 /// How long a node may take to catch up, at most (a few MiB on a debug build).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
-
-/// With `down` stopped for good, the journal's commits all read back and
-/// new commits are acknowledged (they need `node` for 4 of 6).
-fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &Path) {
-    for other in down {
-        kill_node(c, other);
-    }
-    let verify = verify_only(&c.cluster_file(), journal);
-    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
-    assert!(
-        text(&verify.stderr).contains("0 missing, 0 wrong"),
-        "{}",
-        text(&verify.stderr)
-    );
-    let more = run(
-        STORBENCH,
-        &[
-            "--engine=cluster",
-            "--cluster",
-            &c.cluster_file(),
-            "--runtime=2",
-            "--iodepth=4",
-            "--bs=512",
-            "--verify",
-        ],
-    );
-    assert_eq!(
-        more.status.code(),
-        Some(0),
-        "commits with node {node} and three others: {}",
-        text(&more.stderr)
-    );
-}
 
 #[test]
 fn a_node_down_past_computeds_hold_catches_up_by_gossip_and_carries_the_quorum() {

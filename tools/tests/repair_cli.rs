@@ -251,34 +251,7 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
         .collect();
     assert_eq!(ids, vec![1, 2, 3, 4, 5, 7], "{report}");
 
-    for other in [4, 5] {
-        kill_node(&c, other);
-    }
-    let verify = verify_only(&file, &journal);
-    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
-    assert!(
-        text(&verify.stderr).contains("0 missing, 0 wrong"),
-        "{}",
-        text(&verify.stderr)
-    );
-    let more = run(
-        STORBENCH,
-        &[
-            "--engine=cluster",
-            "--cluster",
-            &file,
-            "--runtime=2",
-            "--iodepth=4",
-            "--bs=512",
-            "--verify",
-        ],
-    );
-    assert_eq!(
-        more.status.code(),
-        Some(0),
-        "commits on 1 2 3 7: {}",
-        text(&more.stderr)
-    );
+    carries_the_quorum(&c, 7, [4, 5], &journal);
 
     let again = storctl(&["repair", "--cluster", &file, "--node", "6", "--with", "7"]);
     expect_exit(&again, 0);

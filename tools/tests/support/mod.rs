@@ -416,3 +416,36 @@ pub fn caught_up(c: &ClusterDir, node: u64) -> bool {
         })
     })
 }
+
+/// With `down` stopped for good, the journal's commits all read back and
+/// new commits are acknowledged (they need `node` for 4 of 6).
+pub fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &Path) {
+    for other in down {
+        kill_node(c, other);
+    }
+    let verify = verify_only(&c.cluster_file(), journal);
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify.stderr));
+    assert!(
+        text(&verify.stderr).contains("0 missing, 0 wrong"),
+        "{}",
+        text(&verify.stderr)
+    );
+    let more = run(
+        STORBENCH,
+        &[
+            "--engine=cluster",
+            "--cluster",
+            &c.cluster_file(),
+            "--runtime=2",
+            "--iodepth=4",
+            "--bs=512",
+            "--verify",
+        ],
+    );
+    assert_eq!(
+        more.status.code(),
+        Some(0),
+        "commits with node {node} and three others: {}",
+        text(&more.stderr)
+    );
+}
