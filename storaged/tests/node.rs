@@ -662,6 +662,19 @@ fn membership(epoch: u64) -> storaged::membership::Membership {
     storaged::membership::Membership::single(epoch, members)
 }
 
+/// The writer's `SetMembership` of PG 0 at volume epoch 1.
+fn set_membership(membership: storaged::membership::Membership) -> Message {
+    Message::SetMembership {
+        volume: VOLUME,
+        epoch: 1,
+        pg: 0,
+        page_bytes: PAGE_BYTES,
+        pg_pages: PG_PAGES,
+        membership,
+        annulled: Vec::new(),
+    }
+}
+
 /// Gossip requests are a storage node's: the writer sets the membership,
 /// a member storage node gets our digest and pulls the chain; an operator's
 /// connection and a node outside the membership are refused.
@@ -672,18 +685,7 @@ fn gossip_requests_are_answered_for_member_storage_nodes_only() {
     let daemon = start_daemon(&dev);
     run(async {
         let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        let reply = writer
-            .request(Message::SetMembership {
-                volume: VOLUME,
-                epoch: 1,
-                pg: 0,
-                page_bytes: PAGE_BYTES,
-                pg_pages: PG_PAGES,
-                membership: membership(1),
-                annulled: Vec::new(),
-            })
-            .await
-            .unwrap();
+        let reply = writer.request(set_membership(membership(1))).await.unwrap();
         assert!(
             matches!(&reply, Message::SegmentStatus { membership: Some(m), .. } if *m == membership(1)),
             "{reply:?}"
@@ -785,18 +787,7 @@ fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch()
     let daemon = start_daemon(&dev);
     run(async {
         let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        let reply = writer
-            .request(Message::SetMembership {
-                volume: VOLUME,
-                epoch: 1,
-                pg: 0,
-                page_bytes: PAGE_BYTES,
-                pg_pages: PG_PAGES,
-                membership: membership(3),
-                annulled: Vec::new(),
-            })
-            .await
-            .unwrap();
+        let reply = writer.request(set_membership(membership(3))).await.unwrap();
         assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
         let append_at = |membership_epoch: u64, lsn: u64| Message::Append {
             volume: VOLUME,
