@@ -553,8 +553,8 @@ fn ports_needed(nodes: usize) -> usize {
 
 /// Ports for the nodes, computed and the metrics: free ones the kernel
 /// picks (all held at once so they differ, then released: a daemon that
-/// loses the race to another process fails to bind, and `up` reports it),
-/// or consecutive ones from `base`.
+/// loses the race to another process fails to bind, and `up` tries again
+/// on others), or consecutive ones from `base`.
 fn pick_ports(count: usize, base: Option<u16>) -> Result<Vec<SocketAddr>> {
     if let Some(base) = base {
         let mut out = Vec::with_capacity(count);
@@ -660,15 +660,81 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         }
         format_devices(&storaged, &dir, &devices, opts.device_bytes)?;
     }
+    // Ports the kernel picked are free when picked and bound a moment
+    // later: another process (an outgoing connection's port) can take one
+    // between. A new cluster on such ports is started again on others.
+    let repick = kept_addrs.is_none() && opts.base_port.is_none();
+    let mut attempt = 1;
+    let (mut started, computed_addr) = loop {
+        let result = start_daemons(
+            opts,
+            &dir,
+            &storaged,
+            &computed_bin,
+            &geometry,
+            &devices,
+            &cluster_file,
+            kept_addrs.clone(),
+        );
+        match result {
+            Err(e) if repick && attempt < PORT_ATTEMPTS && e.to_string().contains(PORT_TAKEN) => attempt += 1,
+            other => break other?,
+        }
+    };
+    first_commit(computed_addr, geometry.pgs as u64 * geometry.pg_pages).with_context(|| {
+        format!(
+            "the cluster did not take a commit; see the logs in {}",
+            logs_dir(&dir).display()
+        )
+    })?;
+    started.armed = false;
+    let children = std::mem::take(&mut started.daemons)
+        .into_iter()
+        .map(|d| d.child)
+        .collect();
+    Ok(DevCluster {
+        dir,
+        nodes: devices.len(),
+        kept: opts.keep,
+        cluster_file,
+        computed: computed_addr,
+        geometry,
+        children,
+    })
+}
+
+/// Each node's address and metrics address, and computed's address.
+type Addresses = (Vec<(SocketAddr, Option<SocketAddr>)>, SocketAddr);
+
+/// Tries `dev-cluster up` makes on ports the kernel picks.
+const PORT_ATTEMPTS: u32 = 3;
+/// What a daemon's log says when its port was taken.
+const PORT_TAKEN: &str = "Address already in use";
+
+/// The nodes on `devices` and then computed, started and listening: on the
+/// kept cluster's addresses, else on ports picked now, written into a new
+/// `cluster_file`. A daemon that fails stops those started (by the
+/// returned value's drop until it is disarmed).
+#[allow(clippy::too_many_arguments)]
+fn start_daemons(
+    opts: &UpOptions,
+    dir: &Path,
+    storaged: &Path,
+    computed_bin: &Path,
+    geometry: &Geometry,
+    devices: &[PathBuf],
+    cluster_file: &Path,
+    kept_addrs: Option<Addresses>,
+) -> Result<(Started, SocketAddr)> {
     let (node_addrs, computed_addr) = match kept_addrs {
         Some(kept) => kept,
         None => {
             let addrs = pick_ports(ports_needed(opts.nodes), opts.base_port)?;
             let (node_addrs, rest) = addrs.split_at(opts.nodes);
             let (computed, rest) = rest.split_at(2);
-            let text = cluster_toml(&geometry, computed[0], computed[1], node_addrs, rest);
+            let text = cluster_toml(geometry, computed[0], computed[1], node_addrs, rest);
             Cluster::parse(&text).map_err(|e| anyhow!("the cluster file storctl wrote is invalid (a bug): {e}"))?;
-            std::fs::write(&cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
+            std::fs::write(cluster_file, &text).with_context(|| format!("writing {}", cluster_file.display()))?;
             let nodes = node_addrs.iter().zip(rest).map(|(&a, &m)| (a, Some(m))).collect();
             (nodes, computed[0])
         }
@@ -693,7 +759,7 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
             .file_name()
             .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
         let name = format!("storaged-{}", name.trim_start_matches("dev"));
-        spawn_daemon(&mut started, &dir, &name, &storaged, &args)?;
+        spawn_daemon(&mut started, dir, &name, storaged, &args)?;
     }
     wait_listening(&mut started, 0)?;
     let args = vec![
@@ -703,28 +769,9 @@ pub fn up(opts: &UpOptions) -> Result<DevCluster> {
         "--listen".into(),
         computed_addr.to_string(),
     ];
-    spawn_daemon(&mut started, &dir, "computed", &computed_bin, &args)?;
+    spawn_daemon(&mut started, dir, "computed", computed_bin, &args)?;
     wait_listening(&mut started, devices.len())?;
-    first_commit(computed_addr, geometry.pgs as u64 * geometry.pg_pages).with_context(|| {
-        format!(
-            "the cluster did not take a commit; see the logs in {}",
-            logs_dir(&dir).display()
-        )
-    })?;
-    started.armed = false;
-    let children = std::mem::take(&mut started.daemons)
-        .into_iter()
-        .map(|d| d.child)
-        .collect();
-    Ok(DevCluster {
-        dir,
-        nodes: devices.len(),
-        kept: opts.keep,
-        cluster_file,
-        computed: computed_addr,
-        geometry,
-        children,
-    })
+    Ok((started, computed_addr))
 }
 
 /// `storaged format` every device, in parallel (zero-filling is disk-bound).

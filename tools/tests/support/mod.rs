@@ -200,35 +200,11 @@ impl ClusterDir {
         self.path().join("cluster.toml").to_string_lossy().into_owned()
     }
 
-    /// `storctl dev-cluster up` in this directory. The ports it picks are
-    /// free when picked and bound by the daemons a moment later; another
-    /// process can take one between (an outgoing connection's port, with
-    /// the other tests running), and `up` then fails naming it. That race
-    /// is the machine's, not what a test looks at: the cluster is made
-    /// again from nothing, up to three times.
     pub fn up(&self, extra: &[&str]) -> Output {
         let dir = self.arg();
         let mut args = vec!["dev-cluster", "up", "--dir", &dir, "--device-size", "32m"];
         args.extend_from_slice(extra);
-        let mut out = storctl(&args);
-        for _ in 0..2 {
-            // A kept cluster's ports are its file's: nothing to pick again.
-            let kept = extra.contains(&"--keep");
-            if kept || out.status.code() == Some(0) || !text(&out.stderr).contains("Address already in use") {
-                break;
-            }
-            let _ = storctl(&["dev-cluster", "down", "--dir", &dir]);
-            for entry in std::fs::read_dir(self.path()).unwrap().flatten() {
-                let p = entry.path();
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-            out = storctl(&args);
-        }
-        out
+        storctl(&args)
     }
 
     pub fn pid(&self, name: &str) -> i32 {
