@@ -11,3 +11,14 @@ pub mod devcluster;
 pub mod repair;
 pub mod scrub;
 pub mod status;
+
+/// `n` distinct addresses on 127.0.0.1 that nothing listens on (as tests
+/// leave them): all bound at once, so the kernel gives `n` different
+/// ports, then released. One at a time, it may give the same one twice.
+#[cfg(test)]
+pub(crate) fn closed_ports(n: usize) -> Vec<std::net::SocketAddr> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"))
+        .collect();
+    held.iter().map(|l| l.local_addr().expect("a bound address")).collect()
+}

@@ -699,7 +699,7 @@ mod tests {
 
     #[test]
     fn flags_that_do_not_fit_the_cluster_file_are_refused_by_name() {
-        let addrs: Vec<SocketAddr> = (0..6).map(|_| closed_port()).collect();
+        let addrs = crate::closed_ports(6);
         let c = cluster(&addrs, 2);
         let all = plan(&c, None, None, None).unwrap();
         assert_eq!(all.nodes.len(), 6);
@@ -719,7 +719,7 @@ mod tests {
     #[test]
     fn a_node_without_the_pg_is_skipped_and_naming_it_is_refused() {
         // Seven nodes: each PG has six, so one node holds none of PG 0.
-        let addrs: Vec<SocketAddr> = (0..7).map(|_| closed_port()).collect();
+        let addrs = crate::closed_ports(7);
         let c = cluster(&addrs, 1);
         let p = plan(&c, None, Some(0), None).unwrap();
         assert_eq!(p.nodes.len(), 6);
@@ -731,7 +731,7 @@ mod tests {
 
     #[test]
     fn a_pg_is_scrubbed_where_its_membership_has_moved_it_not_where_the_file_placed_it() {
-        let addrs: Vec<SocketAddr> = (0..7).map(|_| closed_port()).collect();
+        let addrs = crate::closed_ports(7);
         let c = cluster(&addrs, 1);
         let outside = c.nodes.iter().find(|n| !c.placement[0].contains(&n.id)).unwrap().id;
         let replaced = c.placement[0][0];

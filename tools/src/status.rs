@@ -1193,12 +1193,9 @@ mod tests {
     /// problem (not "healthy"), as is every node.
     #[test]
     fn computed_unreachable_is_a_problem() {
-        let closed = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        let nodes: Vec<SocketAddr> = (0..6).map(|_| closed()).collect();
-        let text = computed::cluster::local_cluster_toml(1, 2, 64, closed(), &nodes);
+        let mut addrs = crate::closed_ports(7);
+        let computed = addrs.pop().unwrap();
+        let text = computed::cluster::local_cluster_toml(1, 2, 64, computed, &addrs);
         let cluster = Cluster::parse(&text).unwrap();
         let s = collect(&cluster).unwrap();
         assert_eq!(s.status, "problems");

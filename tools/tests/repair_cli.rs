@@ -14,14 +14,8 @@ use support::*;
 
 /// A cluster file whose nodes and computed all listen nowhere.
 fn nowhere_cluster(dir: &std::path::Path) -> (String, SocketAddr) {
-    let closed = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let nodes: Vec<SocketAddr> = (0..8).map(|_| closed()).collect();
-    let computed = closed();
+    let mut nodes = closed_ports(9);
+    let computed = nodes.pop().unwrap();
     let file = dir.join("cluster.toml");
     std::fs::write(&file, computed::cluster::local_cluster_toml(1, 1, 64, computed, &nodes)).unwrap();
     (file.to_string_lossy().into_owned(), computed)

@@ -5,19 +5,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use support::*;
 
 /// A cluster file of six nodes on ports nothing listens on.
 fn unreachable_cluster(dir: &Path) -> String {
-    let closed = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let nodes: Vec<SocketAddr> = (0..6).map(|_| closed()).collect();
-    let text = computed::cluster::local_cluster_toml(1, 2, 64, closed(), &nodes);
+    let mut nodes = closed_ports(7);
+    let computed = nodes.pop().unwrap();
+    let text = computed::cluster::local_cluster_toml(1, 2, 64, computed, &nodes);
     let file = dir.join("cluster.toml");
     std::fs::write(&file, text).unwrap();
     file.to_string_lossy().into_owned()

@@ -425,3 +425,13 @@ pub fn carries_the_quorum(c: &ClusterDir, node: u64, down: [u64; 2], journal: &P
         text(&more.stderr)
     );
 }
+
+/// `n` distinct addresses on 127.0.0.1 that nothing listens on (as tests
+/// leave them): all bound at once, so the kernel gives `n` different
+/// ports, then released. One at a time, it may give the same one twice.
+pub fn closed_ports(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
+}
