@@ -718,11 +718,11 @@ impl Node {
         // A run of pages known never written (a new segment's, a
         // replaced disk's) is not read: its slots read as never written,
         // as zeros do, and only the slots versions go to are written.
-        let buf = if all_never {
-            AlignedBuf::zeroed_blocks(run.blocks(extent) as usize)
-        } else {
-            self.read_run(extent, &run).await?
-        };
+        if all_never {
+            let one_by_one = self.hydrate_new_run(id, extent, &run, index, versions).await?;
+            return self.hydrate_one_by_one(id, extent, coalesced, one_by_one).await;
+        }
+        let buf = self.read_run(extent, &run).await?;
         let (device_id, extent_copy) = (self.device_id, *extent);
         let (buf, held, one_by_one) =
             off_runtime(move || plan_hydrate_run(&device_id, &extent_copy, id, &run, buf, &index, versions)).await?;
@@ -733,38 +733,7 @@ impl Node {
         // reader sees the slots change under it (one that began before the
         // rebuild may still be reading), and the slot state and index
         // entry change with the slot, under its page's stripe.
-        if all_never {
-            // Only the slots the versions go to, each under its own page's
-            // stripe (a run's pages would take every stripe, and the runs
-            // of a hydration's streams would go one at a time): every
-            // other slot of the run stays never written as it is, and a
-            // new segment is rebuilt with half the bytes written.
-            let writes = held.iter().filter(|h| h.4.is_some()).map(|&(page, l, slot, _, entry)| {
-                let bytes = run.slot_bytes(extent, l, slot);
-                let mut out = AlignedBuf::zeroed_blocks(bytes.len() / BLOCK_SIZE);
-                out.copy_from_slice(&buf[bytes]);
-                async move {
-                    let _stripe = self.stripe(id, page).write().await;
-                    let (_, result) = self
-                        .io
-                        .write_volatile(block_offset(extent.slot_block(l, slot)), out)
-                        .await;
-                    result?;
-                    let mut st = self.state();
-                    let s = st.seg_mut(id)?;
-                    s.set_slot_state(l, SlotState::holding(slot));
-                    if let Some(entry) = entry {
-                        // In memory only until `hydrate_end` writes the
-                        // index, after its flush.
-                        s.index_set(l, entry);
-                    }
-                    Ok::<(), NodeError>(())
-                }
-            });
-            for done in join_all(writes).await {
-                done?;
-            }
-        } else if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
+        if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
             // Only the stretch from the first page written to the last.
             let span = Run {
                 first_local: lo,
@@ -806,7 +775,67 @@ impl Node {
                 }
             }
         }
-        // IO_PARALLEL pages at a time: each is a read and a write.
+        self.hydrate_one_by_one(id, extent, coalesced, one_by_one).await
+    }
+
+    /// The versions of a run of pages every one of which is known never
+    /// written: each is encoded straight into a buffer of its own slot 0
+    /// (no read, and no buffer of the run's both slots to fill and copy
+    /// out of) and written with an I/O of its own under its page's stripe
+    /// (a run's pages would take every stripe, and the runs of a
+    /// hydration's streams would go one at a time). Every other slot stays
+    /// never written as it is, so a new segment is rebuilt with half the
+    /// bytes written. Returns the versions to take one by one: those whose
+    /// page's index entry names a version (a lost write), judged as a read
+    /// judges them.
+    async fn hydrate_new_run(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        run: &Run,
+        index: Vec<crate::pagemap::Entry>,
+        versions: Vec<WirePageVersion>,
+    ) -> Result<Vec<WirePageVersion>, NodeError> {
+        let (device_id, extent_copy, first_local) = (self.device_id, *extent, run.first_local);
+        let (slots, one_by_one) =
+            off_runtime(move || encode_new_slots(&device_id, &extent_copy, id, first_local, &index, versions)).await?;
+        // Durable at `hydrate_end`'s flush, before the table says the
+        // rebuild is over; until then a crash leaves the rebuild marked,
+        // where a torn or lost slot is a torn write. The slot state and
+        // index entry change with the slot, under its page's stripe.
+        let writes = slots.into_iter().map(|new| async move {
+            let _stripe = self.stripe(id, new.page).write().await;
+            let (_, result) = self
+                .io
+                .write_volatile(block_offset(extent.slot_block(new.local, 0)), new.buf)
+                .await;
+            result?;
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            s.set_slot_state(new.local, SlotState::holding(0));
+            // In memory only until `hydrate_end` writes the index, after
+            // its flush.
+            s.index_set(new.local, new.entry);
+            if let Some(h) = s.hydration.as_mut() {
+                h.pages.insert(new.page, new.entry.lsn);
+            }
+            Ok::<(), NodeError>(())
+        });
+        for done in join_all(writes).await {
+            done?;
+        }
+        Ok(one_by_one)
+    }
+
+    /// Versions a run could not take whole, IO_PARALLEL pages at a time:
+    /// each is a read and a write.
+    async fn hydrate_one_by_one(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        coalesced: u64,
+        one_by_one: Vec<WirePageVersion>,
+    ) -> Result<(), NodeError> {
         let mut rest = one_by_one.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<WirePageVersion> = rest.by_ref().take(IO_PARALLEL).collect();
@@ -1172,6 +1201,53 @@ fn plan_hydrate_run(
         held.push((page, l, slot, version.lsn, Some(entry)));
     }
     (buf, held, one_by_one)
+}
+
+/// A version of a page never written, encoded into its slot 0.
+struct NewSlot {
+    page: u64,
+    local: u64,
+    entry: crate::pagemap::Entry,
+    buf: AlignedBuf,
+}
+
+/// What [`Node::hydrate_new_run`] writes: each version (ascending, one a
+/// page, every page of the run never written) encoded into a buffer of its
+/// slot 0; and the versions whose page's index entry does not agree that
+/// the page was never written, to take one by one.
+fn encode_new_slots(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    first_local: u64,
+    index: &[crate::pagemap::Entry],
+    versions: Vec<WirePageVersion>,
+) -> (Vec<NewSlot>, Vec<WirePageVersion>) {
+    let mut slots = Vec::with_capacity(versions.len());
+    let mut one_by_one = Vec::new();
+    for v in versions {
+        let (page, local) = (v.page, extent.local(id.pg, v.page).unwrap_or(0));
+        let entry = index[(local - first_local) as usize];
+        if crate::pagemap::verify(entry, None) != crate::pagemap::Verdict::Agrees {
+            one_by_one.push(v);
+            continue;
+        }
+        let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
+        let version = PageVersion {
+            lsn: v.lsn,
+            bytes: v.bytes,
+        };
+        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
+        let at = extent.slot_block(local, 0);
+        pagestore::encode_version(&mut buf, *device_id, extent, id, page, at, &version);
+        slots.push(NewSlot {
+            page,
+            local,
+            entry,
+            buf,
+        });
+    }
+    (slots, one_by_one)
 }
 
 /// What [`Node::copy_run_to_both_slots`] writes: each page's current
