@@ -60,9 +60,11 @@ const RANGE_BYTES_MAX: u64 = RANGE_BLOCKS_MAX * BLOCK_BYTES;
 pub const PERSIST_BYTES: u64 = 64 << 20;
 /// ... or this long, whichever first.
 pub const PERSIST_INTERVAL_MS: Millis = 10_000;
-/// [`ScrubConfig::ranges_inflight_max`] by default: one range read while
-/// the one before is verified.
-pub const RANGES_INFLIGHT_DEFAULT: usize = 2;
+/// [`ScrubConfig::ranges_inflight_max`] by default: the device reads the
+/// next ranges while the node verifies one. Four read a device at fio's
+/// sequential rate where two reached four fifths of it and eight did no
+/// better (docs/performance.md, "Scrub").
+pub const RANGES_INFLIGHT_DEFAULT: usize = 4;
 /// The most [`ScrubConfig::ranges_inflight_max`] may be: each range out
 /// holds a 1 MiB buffer, and a deeper queue only lengthens the foreground's
 /// waits behind the scrubber's reads.

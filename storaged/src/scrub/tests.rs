@@ -1161,12 +1161,12 @@ fn read_clean(blocks: &Range<u64>) -> Result<Checked, String> {
     })
 }
 
-/// At full speed the device reads the next range while the node verifies
-/// one: two out at once (by default), not more; one at a pace, and one
+/// At full speed the device reads the next ranges while the node verifies
+/// one: four out at once (by default), not more; one at a pace, and one
 /// while the foreground is slowed down.
 #[test]
-fn two_ranges_are_out_at_full_speed_and_one_at_a_pace() {
-    assert_eq!(ScrubConfig::default().ranges_inflight_max, 2);
+fn four_ranges_are_out_at_full_speed_and_one_at_a_pace() {
+    assert_eq!(ScrubConfig::default().ranges_inflight_max, 4);
     let layout = Layout {
         log: 256..4352,
         segments: vec![(seg(0), 5000..9000)],
@@ -1178,23 +1178,25 @@ fn two_ranges_are_out_at_full_speed_and_one_at_a_pace() {
     // The bucket fills at the pass's rate from when it starts.
     assert!(scrubs(&core.poll(0, &layout)).is_empty());
     let out = scrubs(&core.poll(10, &layout));
-    assert_eq!(out.len(), 2, "{out:?}");
-    assert_eq!(out[0].1.end, out[1].1.start, "the second follows the first");
-    assert!(scrubs(&core.poll(20, &layout)).is_empty(), "a third while two are out");
+    assert_eq!(out.len(), 4, "{out:?}");
+    for pair in out.windows(2) {
+        assert_eq!(pair[0].1.end, pair[1].1.start, "each follows the one before");
+    }
+    assert!(scrubs(&core.poll(20, &layout)).is_empty(), "a fifth while four are out");
     // The second back first: it holds its place until the first is back
-    // (a window), then two more go out, after it.
+    // (a window), then two more go out, after the last.
     let _ = core.on_scrubbed(20, out[1].0, read_clean(&out[1].1));
     assert!(scrubs(&core.poll(21, &layout)).is_empty());
     let _ = core.on_scrubbed(22, out[0].0, read_clean(&out[0].1));
     let more = scrubs(&core.poll(23, &layout));
     assert_eq!(more.len(), 2, "{more:?}");
-    assert_eq!(more[0].1.start, out[1].1.end);
+    assert_eq!(more[0].1.start, out[3].1.end);
     assert_eq!(core.status().running.map(|r| r.pass), Some(n));
 
     // The foreground slows down: one at a time.
     core.observe_foreground(100, 100 * 500);
     core.observe_foreground(100, 100 * 1000);
-    for (id, range) in &more {
+    for (id, range) in out[2..].iter().chain(&more) {
         let _ = core.on_scrubbed(30, *id, read_clean(range));
     }
     let slow = scrubs(&core.poll(1_000, &layout));
@@ -1229,12 +1231,14 @@ fn two_ranges_are_out_at_full_speed_and_one_at_a_pace() {
 /// still out, nor one waiting to be read again after a failure.
 #[test]
 fn the_kept_cursor_never_passes_a_range_still_out() {
-    // 80 MB read in a second: the ceiling binds, two go out.
+    // 80 MB read in a second: the ceiling binds, two go out (at most two).
     let layout = Layout {
         log: 256..20_256,
         segments: vec![],
     };
-    let mut core = ScrubCore::new(config(1, 64 << 20), 9, 0, 0);
+    let mut cfg = config(1, 64 << 20);
+    cfg.ranges_inflight_max = 2;
+    let mut core = ScrubCore::new(cfg, 9, 0, 0);
     core.restore(0, progress::Progress::default());
     let out = scrubs(&core.poll(100, &layout));
     assert_eq!(out.len(), 2, "{out:?}");
