@@ -5,19 +5,27 @@
 # Benchmarks are not tests: exits 0 unless a tool is missing or a step fails.
 #
 # Phases (each round runs them in order; --rounds N gives medians):
-#   catch-up     node 6 is killed; storbench commits --mib MiB of 8 KiB page
-#                writes (8 pages per transaction, iodepth 32); computed holds
-#                only 1 MiB per PG for a lagging segment, so node 6's segment
-#                needs repair; node 6 starts again and `storctl status` is
-#                polled (every 50 ms) until its segment is at the PGCL with no
-#                holes. Rate = bytes of page versions it hydrated (its log
-#                says) / time from its "listening" line to caught up (which
-#                also covers pulling the records above them).
+#   catch-up     node 6 is killed; storbench commits --mib MiB of
+#                transactions of 8 pages of 8 KiB (iodepth 32: 8 times
+#                --mib of page images, every one a record node 6's segment
+#                lacks); computed holds only 1 MiB per PG for a lagging
+#                segment, so node 6's segment needs repair; nodes 1 to 5
+#                are left to finish coalescing what was written (their
+#                coalesced LSNs still for 2 s); node 6 starts again and
+#                `storctl status` is polled (every 50 ms) until its segment
+#                is at the PGCL with no holes. Two rates over the time from
+#                its "listening" line to caught up:
+#                  records     bytes of the records it lacked (storbench's
+#                              io_bytes: the page images committed) / time
+#                  hydrated    bytes of page versions it hydrated (its log
+#                              says) / time: what it moved, where the
+#                              records were coalesced by every peer
 #   foreground   commits (4 KiB, 1 page per transaction, iodepth 8) for
 #                --fg-runtime seconds with every node up and nothing to
-#                repair (the baseline), then the same while node 6 catches up
-#                from --mib MiB behind at full rate (started together); p99
-#                commit latency of each, and the ratio.
+#                repair (the baseline); then node 6 is killed, --mib MiB
+#                committed, the donors left to settle, and the same load
+#                run while node 6 catches up at full rate (started
+#                together); p99 commit latency of each, and the ratio.
 #
 # Usage: benches/catch-up.sh [options]
 #   --mib N            MiB committed while node 6 is down (512)
@@ -84,11 +92,12 @@ log "starting a 6-node dev cluster with one PG in $RUN (devices of $DEVICE_SIZE)
 sed -i 's/^\[computed\]$/[computed]\npg_held_bytes_max = "1m"/' "$CLUSTER"
 "$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
 
-RATES=(); BASE=(); DURING=()
+RATES=(); RECORD_RATES=(); BASE=(); DURING=()
 for round in $(seq 1 "$ROUNDS"); do
     log "round $round: catch-up of $MIB MiB"
     kill_node6
     bytes=$(commit_bytes "$MIB")
+    donors_settle
     start_node6
     t0=$(now)
     until node6_caught_up; do sleep 0.05; done
@@ -98,13 +107,16 @@ for round in $(seq 1 "$ROUNDS"); do
     hydrated=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
         | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
     rate=$(python3 -c "print(round($hydrated / ($t1 - $t0) / 1e6, 1))")
-    RATES+=("$rate")
-    log "  $bytes bytes committed while down; caught up in $(python3 -c "print(round($t1 - $t0, 2))") s, $hydrated bytes of page versions hydrated: $rate MB/s"
+    record_rate=$(python3 -c "print(round($bytes / ($t1 - $t0) / 1e6, 1))")
+    RATES+=("$rate"); RECORD_RATES+=("$record_rate")
+    log "  $bytes bytes of records committed while down; caught up in $(python3 -c "print(round($t1 - $t0, 2))") s: $record_rate MB/s of records; $hydrated bytes of page versions hydrated: $rate MB/s"
 
     log "round $round: foreground p99, then the same while node 6 catches up"
+    donors_settle
     base=$(foreground "$FG_RUNTIME")
     kill_node6
     commit_bytes "$MIB" >/dev/null
+    donors_settle
     start_node6
     during=$(foreground "$FG_RUNTIME")
     until node6_caught_up; do sleep 0.05; done
@@ -113,10 +125,11 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-R=$(median "${RATES[@]}"); B=$(median "${BASE[@]}"); D=$(median "${DURING[@]}")
+R=$(median "${RATES[@]}"); RR=$(median "${RECORD_RATES[@]}"); B=$(median "${BASE[@]}"); D=$(median "${DURING[@]}")
 RATIO=$(python3 -c "print(round($D / $B, 2))")
-printf '%-38s %12s\n' "catch-up rate (MB/s hydrated, median)" "$R" "foreground p99 alone (µs)" "$B" \
+printf '%-38s %12s\n' "catch-up rate (MB/s of records lacked)" "$RR" \
+    "catch-up rate (MB/s hydrated)" "$R" "foreground p99 alone (µs)" "$B" \
     "foreground p99 during catch-up (µs)" "$D" "p99 ratio during / alone" "$RATIO"
-J=$(printf '{"mib":%s,"rounds":%s,"catch_up_mb_per_s":%s,"fg_p99_us":%s,"fg_p99_during_catch_up_us":%s,"p99_ratio":%s}' \
-    "$MIB" "$ROUNDS" "$R" "$B" "$D" "$RATIO")
+J=$(printf '{"mib":%s,"rounds":%s,"catch_up_records_mb_per_s":%s,"catch_up_mb_per_s":%s,"fg_p99_us":%s,"fg_p99_during_catch_up_us":%s,"p99_ratio":%s}' \
+    "$MIB" "$ROUNDS" "$RR" "$R" "$B" "$D" "$RATIO")
 if [ "$JSON_OUT" = "-" ]; then echo "$J"; elif [ -n "$JSON_OUT" ]; then echo "$J" >"$JSON_OUT"; fi

@@ -10,25 +10,34 @@
 #                ceiling that binds) and no foreground load; node --node is
 #                asked for a priority pass (`storctl scrub --node N --json`).
 #                Rate = the pass's bytes_read / (its "scrub pass done" log
-#                line's time − the moment storctl was started). Then fio
-#                reads the same device file sequentially (--rw=read --bs=1M
+#                line's time − the moment storctl was started). fio reads
+#                the same device file sequentially (--rw=read --bs=1M
 #                --direct=1 --ioengine=io_uring --iodepth=1 --readonly, the
-#                whole file) while the node idles; ratio scrub / fio.
+#                whole file) while the node idles. The two alternate
+#                --pairs times (fio, then a pass), so both see the same
+#                state of the machine and of its host's caches. The
+#                ratio scrub / fio is the median over every pair of every
+#                round of the pair's own ratio; the rates are the medians
+#                of each round's medians.
 #   foreground   commits (4 KiB, 1 page per transaction, iodepth 8) for
 #                --fg-runtime seconds; p99 commit latency with every node
 #                restarted under each config:
 #                  off      scrub_enabled = false (the baseline)
 #                  default  no config: the background pass at its default
 #                           pace (the device in 86 400 s)
-#                  ceiling  the same nodes, with priority passes on every
-#                           node back to back (`storctl scrub` in a loop) at
-#                           the default ceiling, 256 MiB/s
+#                  ceiling  the nodes of the one of those two run last, with
+#                           priority passes on every node back to back
+#                           (`storctl scrub` in a loop) at the default
+#                           ceiling, 256 MiB/s
 #                  full     scrub_rate_bytes_per_s = 64 GiB, priority
 #                           passes back to back on every node
-#                and each p99 over the baseline's.
+#                and each p99 over the baseline's. off and default swap
+#                places from round to round (off first in odd rounds), so
+#                neither is always the one run just after the pass phase.
 #
 # Usage: benches/scrub.sh [options]
 #   --rounds N         rounds; medians (3)
+#   --pairs N          fio runs and passes alternated in each round (3)
 #   --fg-runtime S     seconds of each foreground run (5)
 #   --mib N            MiB of page writes committed before the first round (256)
 #   --node N           the node whose pass is timed (1)
@@ -43,6 +52,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ROUNDS=3
+PAIRS=3
 FG_RUNTIME=5
 MIB=256
 NODE=1
@@ -62,6 +72,7 @@ log() { echo "scrub-bench: $*" >&2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS="${2:?--rounds needs a value}"; shift 2 ;;
+        --pairs) PAIRS="${2:?--pairs needs a value}"; shift 2 ;;
         --fg-runtime) FG_RUNTIME="${2:?--fg-runtime needs a value}"; shift 2 ;;
         --mib) MIB="${2:?--mib needs a value}"; shift 2 ;;
         --node) NODE="${2:?--node needs a value}"; shift 2 ;;
@@ -73,8 +84,8 @@ while [ $# -gt 0 ]; do
         *) usage >&2; die "unknown option $1" ;;
     esac
 done
-for n in "$ROUNDS" "$FG_RUNTIME" "$MIB"; do
-    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--rounds, --fg-runtime and --mib take positive integers, not '$n'"
+for n in "$ROUNDS" "$PAIRS" "$FG_RUNTIME" "$MIB"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--rounds, --pairs, --fg-runtime and --mib take positive integers, not '$n'"
 done
 [[ "$NODE" =~ ^[1-6]$ ]] || die "--node takes a node of the 6-node cluster (1 to 6), not '$NODE'"
 command -v python3 >/dev/null || die "python3 is needed to read the JSON"
@@ -223,34 +234,49 @@ DEVICE_BYTES=$(python3 -c "
 s = '$DEVICE_SIZE'.lower(); m = {'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}
 print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))")
 
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+fio_read() { # MB/s of fio's sequential read of node $NODE's device
+    "$FIO" --name=seqread --filename="$RUN/dev$NODE" --readonly --direct=1 --rw=read --bs=1M \
+        --ioengine=io_uring --iodepth=1 --size="$DEVICE_BYTES" --output-format=json \
+        | json 'round(d["jobs"][0]["read"]["bw_bytes"] / 1e6, 1)'
+}
+
+timed_pass() { # a priority pass of node $NODE → "MB/s pass bytes seconds"
+    local t0 report pass bytes done_at
+    t0=$(now)
+    report=$("$BIN/storctl" scrub --cluster "$CLUSTER" --node "$NODE" --json) || [ $? -le 1 ] \
+        || die "storctl scrub failed: $report"
+    read -r pass bytes < <(echo "$report" | json '"%d %d" % (d["nodes"][0]["pass"]["pass"], d["nodes"][0]["pass"]["bytes_read"])')
+    done_at=$(pass_done_at "$NODE" "$pass")
+    [ -n "$done_at" ] || die "node $NODE's log has no 'scrub pass done' line for pass $pass"
+    python3 -c "print(round($bytes / ($done_at - $t0) / 1e6, 1), $pass, $bytes, round($done_at - $t0, 3))"
+}
+
 log "starting a 6-node dev cluster with one PG in $RUN (devices of $DEVICE_SIZE)"
 "$BIN/storctl" dev-cluster up --dir "$RUN" --device-size "$DEVICE_SIZE" --pgs 1 >/dev/null
 log "committing $MIB MiB of 8 KiB page writes"
 "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
     --iodepth=256 --size="${MIB}m" --output-format=json >/dev/null
 
-RATES=(); FIOS=(); PASS_BYTES=0
+RATES=(); FIOS=(); PAIR_RATIOS=(); PASS_BYTES=0
 declare -A P99=() CPS=()
 MODES=(off default ceiling full)
 for round in $(seq 1 "$ROUNDS"); do
-    log "round $round: node $NODE's pass at full speed, then fio's sequential read of its device"
+    log "round $round: fio's sequential read of node $NODE's device and its pass at full speed, $PAIRS times"
     restart_all "$RUN/scrub-full.toml"
-    t0=$(now)
-    report=$("$BIN/storctl" scrub --cluster "$CLUSTER" --node "$NODE" --json) || [ $? -le 1 ] \
-        || die "storctl scrub failed: $report"
-    t1=$(now)
-    read -r pass bytes < <(echo "$report" | json '"%d %d" % (d["nodes"][0]["pass"]["pass"], d["nodes"][0]["pass"]["bytes_read"])')
-    done_at=$(pass_done_at "$NODE" "$pass")
-    [ -n "$done_at" ] || die "node $NODE's log has no 'scrub pass done' line for pass $pass"
-    rate=$(python3 -c "print(round($bytes / ($done_at - $t0) / 1e6, 1))")
-    fio_rate=$("$FIO" --name=seqread --filename="$RUN/dev$NODE" --readonly --direct=1 --rw=read --bs=1M \
-        --ioengine=io_uring --iodepth=1 --size="$DEVICE_BYTES" --output-format=json \
-        | json 'd["jobs"][0]["read"]["bw_bytes"] / 1e6')
-    fio_rate=$(python3 -c "print(round($fio_rate, 1))")
-    RATES+=("$rate"); FIOS+=("$fio_rate"); PASS_BYTES=$bytes
-    log "  pass $pass: $bytes bytes in $(python3 -c "print(round($done_at - $t0, 3))") s ($rate MB/s; storctl took $(python3 -c "print(round($t1 - $t0, 3))") s); fio $fio_rate MB/s"
+    pair_rates=(); pair_fios=()
+    for pair in $(seq 1 "$PAIRS"); do
+        fio_rate=$(fio_read)
+        read -r rate pass bytes seconds < <(timed_pass)
+        pair_rates+=("$rate"); pair_fios+=("$fio_rate"); PASS_BYTES=$bytes
+        PAIR_RATIOS+=("$(python3 -c "print(round($rate / $fio_rate, 3))")")
+        log "  fio $fio_rate MB/s; pass $pass: $bytes bytes in $seconds s ($rate MB/s): ${PAIR_RATIOS[-1]}"
+    done
+    RATES+=("$(median "${pair_rates[@]}")"); FIOS+=("$(median "${pair_fios[@]}")")
 
-    for mode in "${MODES[@]}"; do
+    if [ $((round % 2)) = 1 ]; then order=(off default ceiling full); else order=(default off ceiling full); fi
+    for mode in "${order[@]}"; do
         case "$mode" in
             off) restart_all "$RUN/scrub-off.toml" ;;
             default) restart_all "$RUN/scrub-default.toml" ;;
@@ -264,9 +290,8 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 R=$(median "${RATES[@]}"); F=$(median "${FIOS[@]}")
-RATIO=$(python3 -c "print(round($R / $F, 2))")
+RATIO=$(python3 -c "print(round($(median "${PAIR_RATIOS[@]}"), 2))")
 declare -A MP99=() MCPS=() RP99=()
 for mode in "${MODES[@]}"; do
     # shellcheck disable=SC2086
@@ -276,10 +301,10 @@ for mode in "${MODES[@]}"; do
     RP99[$mode]=$(python3 -c "print(round(${MP99[$mode]} / ${MP99[off]}, 2))")
 done
 echo "scrub: $ROUNDS round(s), medians; devices of $DEVICE_SIZE, a pass reads $PASS_BYTES bytes"
-printf '%-44s %10s\n' \
+printf '%-52s %10s\n' \
     "scrub pass at full speed (MB/s)" "$R" \
     "fio sequential read, same device (MB/s)" "$F" \
-    "ratio scrub / fio (target >= 0.80)" "$RATIO"
+    "scrub / fio, median of the pairs (target >= 0.80)" "$RATIO"
 printf '%-44s %10s %10s %8s\n' "foreground commits, 4 KiB, iodepth 8" "p99 (µs)" "commits/s" "p99/off"
 for mode in "${MODES[@]}"; do
     case "$mode" in
@@ -290,8 +315,8 @@ for mode in "${MODES[@]}"; do
     esac
     printf '%-44s %10s %10.0f %8s\n' "$what" "${MP99[$mode]}" "${MCPS[$mode]}" "${RP99[$mode]}"
 done
-J=$(printf '{"rounds":%s,"device_size":"%s","mib":%s,"pass_bytes":%s,"scrub_mb_per_s":%s,"fio_mb_per_s":%s,"scrub_vs_fio":%s' \
-    "$ROUNDS" "$DEVICE_SIZE" "$MIB" "$PASS_BYTES" "$R" "$F" "$RATIO")
+J=$(printf '{"rounds":%s,"pairs":%s,"device_size":"%s","mib":%s,"pass_bytes":%s,"scrub_mb_per_s":%s,"fio_mb_per_s":%s,"scrub_vs_fio":%s' \
+    "$ROUNDS" "$PAIRS" "$DEVICE_SIZE" "$MIB" "$PASS_BYTES" "$R" "$F" "$RATIO")
 for mode in "${MODES[@]}"; do
     J+=$(printf ',"fg_p99_us_%s":%s,"fg_commits_per_s_%s":%s,"fg_p99_ratio_%s":%s' \
         "$mode" "${MP99[$mode]}" "$mode" "${MCPS[$mode]}" "$mode" "${RP99[$mode]}")
