@@ -37,7 +37,8 @@
 #   --json FILE        also write the figures as JSON to FILE (`-`: stdout)
 #   --no-build         use the existing target/release binaries
 #   -h, --help         this text
-# Env: CARGO_TARGET_DIR; KEEP_RUN=1 keeps the run directory (logs) at the end.
+# Env: CARGO_TARGET_DIR; KEEP_RUN=1 keeps the run directory (logs) at the end;
+# NODE6_CONFIG=FILE starts node 6 with `storaged run --config FILE`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -44,8 +44,12 @@ kill_node6() {
 start_node6() {
     local logf="$RUN/logs/storaged-6.round.log"
     : >"$logf"
+    local config=()
+    # NODE6_CONFIG: a `storaged run --config` file for node 6 (e.g. another
+    # repair_rate_bytes_per_s), to see what a setting changes.
+    if [ -n "${NODE6_CONFIG:-}" ]; then config=(--config "$NODE6_CONFIG"); fi
     RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev6" --listen "$(node6_addr)" \
-        </dev/null >"$logf" 2>&1 &
+        "${config[@]}" </dev/null >"$logf" 2>&1 &
     NODE6_PID=$!
     # Killed by PID later; not a job whose end bash reports.
     disown "$NODE6_PID" 2>/dev/null || true
