@@ -105,8 +105,7 @@ for round in $(seq 1 "$ROUNDS"); do
     t1=$(now)
     # What node 6 fetched: page versions (its log says how many bytes per
     # hydration) and the records pulled above them (not counted here).
-    hydrated=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
-        | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
+    hydrated=$(hydrated_bytes 6 round)
     rate=$(python3 -c "print(round($hydrated / ($t1 - $t0) / 1e6, 1))")
     record_rate=$(python3 -c "print(round($bytes / ($t1 - $t0) / 1e6, 1))")
     RATES+=("$rate"); RECORD_RATES+=("$record_rate")
@@ -125,7 +124,6 @@ for round in $(seq 1 "$ROUNDS"); do
     log "  p99 $base µs alone, $during µs during catch-up"
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 R=$(median "${RATES[@]}"); RR=$(median "${RECORD_RATES[@]}"); B=$(median "${BASE[@]}"); D=$(median "${DURING[@]}")
 RATIO=$(python3 -c "print(round($D / $B, 2))")
 printf '%-38s %12s\n' "catch-up rate (MB/s of records lacked)" "$RR" \

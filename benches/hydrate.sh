@@ -136,13 +136,7 @@ done
 # or every page written again while it is down.
 make_node6_behind() {
     if [ "$FRESH" = 1 ]; then
-        # Zeros written over the whole file, not a sparse one: a disk has
-        # its blocks, and an O_DIRECT write into a file's hole makes the
-        # file system allocate under it (a third of the rate, measured).
-        dd if=/dev/zero of="$RUN/dev6" bs=1M count="$DEVICE_MIB" oflag=direct conv=notrunc status=none \
-            || die "zeroing $RUN/dev6 failed"
-        "$BIN/storaged" format --device "$RUN/dev6" --node-id 6 >/dev/null 2>&1 \
-            || die "formatting $RUN/dev6 again failed"
+        new_device 6 "$DEVICE_MIB"
     else
         write_every_page
         donors_settle
@@ -157,14 +151,13 @@ hydrate_node6() {
     local t0 t1 t2
     t0=$(now)
     until grep -q "segment hydrated" "$RUN/logs/storaged-6.round.log"; do
-        kill -0 "$NODE6_PID" 2>/dev/null || die "node 6 died: $(tail -5 "$RUN/logs/storaged-6.round.log")"
+        kill -0 "$(node_pid 6)" 2>/dev/null || die "node 6 died: $(tail -5 "$RUN/logs/storaged-6.round.log")"
         sleep 0.05
     done
     t1=$(now)
     until node6_caught_up; do sleep 0.05; done
     t2=$(now)
-    HYD_BYTES=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-6.round.log" \
-        | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
+    HYD_BYTES=$(hydrated_bytes 6 round)
     HYD_COUNT=$(grep -c 'segment hydrated' "$RUN/logs/storaged-6.round.log" || true)
     HYD_S=$(python3 -c "print(round($t1 - $t0, 2))")
     PGCL_S=$(python3 -c "print(round($t2 - $t0, 2))")
@@ -201,7 +194,6 @@ for round in $(seq 1 "$ROUNDS"); do
     log "  foreground: ${BASE_IOPS[-1]} commits/s, p99 ${BASE_P99[-1]} µs alone; ${DURING_IOPS[-1]} commits/s, p99 ${DURING_P99[-1]} µs during ($(uptime | sed 's/.*load/load/'))"
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 R=$(median "${RATES[@]}"); T=$(median "${TO_PGCL[@]}"); FR=$(median "${FG_RATES[@]}")
 BI=$(median "${BASE_IOPS[@]}"); DI=$(median "${DURING_IOPS[@]}")
 BP=$(median "${BASE_P99[@]}"); DP=$(median "${DURING_P99[@]}")

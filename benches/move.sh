@@ -89,66 +89,7 @@ FREE_MIB=$(df -Pm "$DIR" | awk 'NR == 2 {print $4}')
 NEED_MIB=$((7 * DEVICE_MIB + 1024))
 [ "$FREE_MIB" -ge "$NEED_MIB" ] || die "$DIR has $FREE_MIB MiB free; seven devices of $DEVICE_MIB MiB and 1 GiB to spare need $NEED_MIB (use --dir elsewhere, or smaller --pgs or --mib)"
 
-if [ "$BUILD" = 1 ]; then
-    log "building storaged, computed, storctl, storbench (release)"
-    (cd "$ROOT" && cargo build --release -q --bin storaged --bin computed --bin storctl --bin storbench)
-fi
-for b in storaged computed storctl storbench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without --no-build)"
-done
-
-RUN="$(mktemp -d "$DIR/run.XXXXXX")"
-CLUSTER="$RUN/cluster.toml"
-declare -A PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    "$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null 2>&1 || true
-    [ -n "${KEEP_RUN:-}" ] || rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-now() { date +%s.%N; }
-
-node_addr() {
-    python3 - "$CLUSTER" "$1" <<'EOF'
-import sys, tomllib
-c = tomllib.load(open(sys.argv[1], "rb"))
-print(next(n["address"] for n in c["nodes"] if n["id"] == int(sys.argv[2])))
-EOF
-}
-
-kill_node() {
-    local pid="${PIDS[$1]:-$(cat "$RUN/pids/storaged-$1.pid")}"
-    kill -9 "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-    unset "PIDS[$1]"
-}
-
-start_node() {
-    local logf="$RUN/logs/storaged-$1.move.log"
-    : >"$logf"
-    RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev$1" --listen "$(node_addr "$1")" \
-        </dev/null >"$logf" 2>&1 &
-    PIDS[$1]=$!
-    disown "$!"
-    # `storctl dev-cluster down` stops it too.
-    echo "$!" >"$RUN/pids/storaged-$1.pid"
-    until grep -q "listening on" "$logf"; do
-        kill -0 "${PIDS[$1]}" 2>/dev/null || die "node $1 did not start: $(tail -5 "$logf")"
-        sleep 0.01
-    done
-}
-
-# A new disk: zeros over the whole file (not a sparse one), formatted.
-new_device() {
-    dd if=/dev/zero of="$RUN/dev$1" bs=1M count="$DEVICE_MIB" oflag=direct conv=notrunc status=none \
-        || die "zeroing $RUN/dev$1 failed"
-    "$BIN/storaged" format --device "$RUN/dev$1" --node-id "$1" >/dev/null 2>&1 \
-        || die "formatting $RUN/dev$1 failed"
-}
+. "$ROOT/benches/lib.sh"
 
 # The PGs whose membership (as `storctl status` shows it) has node $1.
 pgs_on() {
@@ -181,12 +122,11 @@ move() {
     fi
     t1=$(now)
     MOVE_S=$(python3 -c "print(round($t1 - $t0, 2))")
-    MOVE_BYTES=$(grep -o 'segment hydrated.*bytes=[0-9]*' "$RUN/logs/storaged-$to.move.log" \
-        | sed 's/.*bytes=//' | awk '{s+=$1} END {print s+0}')
+    MOVE_BYTES=$(hydrated_bytes "$to" move)
     [ "$(pgs_on "$to" | wc -w)" = "$PGS" ] || die "node $to does not hold every PG after the move"
     # The lost node comes back as a new, empty disk: the next move's target.
-    new_device "$from"
-    start_node "$from"
+    new_device "$from" "$DEVICE_MIB"
+    start_node "$from" move
 }
 
 log "a 7-node dev cluster, $PGS PGs of $MIB MiB on nodes 1 to 6, node 7 a spare, in $RUN"
@@ -203,16 +143,15 @@ done
 for n in 1 2 3 4 5 6; do
     "$BIN/storaged" format --device "$RUN/dev$n" --node-id "$n" >/dev/null 2>&1 || die "formatting $RUN/dev$n failed"
 done
-new_device 7
+new_device 7 "$DEVICE_MIB"
 "$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
 log "writing every page once ($((PGS * MIB)) MiB)"
 "$BIN/storbench" --engine=cluster --cluster "$CLUSTER" --rw=commit --bs=8k --pages-per-txn=8 \
     --iodepth="$IODEPTH" --numjobs="$NUMJOBS" --size="$((COMMITTERS_OWN_PAGES * IODEPTH))k" \
     --output-format=json >/dev/null
-for n in 1 2 3 4 5 6 7; do PIDS[$n]=$(cat "$RUN/pids/storaged-$n.pid"); done
 # The spare's log from here on is the bench's, so it counts only the move's hydrations.
 kill_node 7
-start_node 7
+start_node 7 move
 
 declare -A SECS=() RATES=()
 held=6 spare=7
@@ -228,7 +167,6 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # shellcheck disable=SC2086
 P=$(median ${SECS[parallel]}); S=$(median ${SECS[serial]})
 # shellcheck disable=SC2086

@@ -97,76 +97,14 @@ if ! command -v "$FIO" >/dev/null; then
     fi
 fi
 
-if [ "$BUILD" = 1 ]; then
-    log "building storaged, computed, storctl, storbench (release)"
-    (cd "$ROOT" && cargo build --release -q --bin storaged --bin computed --bin storctl --bin storbench)
-fi
-for b in storaged computed storctl storbench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (run without --no-build)"
-done
-
-mkdir -p "$DIR"
-RUN="$(mktemp -d "$DIR/run.XXXXXX")"
-CLUSTER="$RUN/cluster.toml"
-declare -A NODE_PIDS=()
+. "$ROOT/benches/lib.sh"
 LOOP_PID=""
-cleanup() {
-    stop_scrub_loop
-    local pid
-    for pid in "${NODE_PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    "$BIN/storctl" dev-cluster down --dir "$RUN" >/dev/null 2>&1 || true
-    [ -n "${KEEP_RUN:-}" ] || rm -rf "$RUN"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-now() { date +%s.%N; }
-
-node_addr() {
-    python3 - "$CLUSTER" "$1" <<'EOF'
-import sys, tomllib
-c = tomllib.load(open(sys.argv[1], "rb"))
-print(next(n["address"] for n in c["nodes"] if n["id"] == int(sys.argv[2])))
-EOF
-}
+AT_EXIT+=(stop_scrub_loop)
 
 # The configs the nodes run under (`storaged run --config`).
 printf 'scrub_enabled = false\n' >"$RUN/scrub-off.toml"
 : >"$RUN/scrub-default.toml"
 printf 'scrub_rate_bytes_per_s = %s\n' "$FULL_RATE" >"$RUN/scrub-full.toml"
-
-stop_node() {
-    local id="$1" pid
-    pid="${NODE_PIDS[$id]:-$(cat "$RUN/pids/storaged-$id.pid")}"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-    unset "NODE_PIDS[$id]"
-}
-
-start_node() { # id config
-    local id="$1" config="$2" logf="$RUN/logs/storaged-$1.bench.log"
-    : >"$logf"
-    RUST_LOG=info NO_COLOR=1 setsid "$BIN/storaged" run --device "$RUN/dev$id" --listen "$(node_addr "$id")" \
-        --config "$config" </dev/null >"$logf" 2>&1 &
-    NODE_PIDS[$id]=$!
-    disown "$!"
-    # `storctl dev-cluster down` stops it too.
-    echo "$!" >"$RUN/pids/storaged-$id.pid"
-}
-
-wait_started() {
-    local id logf
-    for id in 1 2 3 4 5 6; do
-        logf="$RUN/logs/storaged-$id.bench.log"
-        until grep -q "listening on" "$logf"; do
-            kill -0 "${NODE_PIDS[$id]}" 2>/dev/null || die "node $id did not start: $(tail -5 "$logf")"
-            sleep 0.01
-        done
-    done
-}
 
 # Every segment is at the PGCL with no holes, and the scrubber answers.
 all_caught_up() {
@@ -183,8 +121,7 @@ sys.exit(0 if ok else 1)' 2>/dev/null
 restart_all() { # config
     local id
     for id in 1 2 3 4 5 6; do stop_node "$id"; done
-    for id in 1 2 3 4 5 6; do start_node "$id" "$1"; done
-    wait_started
+    for id in 1 2 3 4 5 6; do start_node "$id" bench "$1"; done
     local deadline=$((SECONDS + 60))
     until all_caught_up; do
         [ "$SECONDS" -lt "$deadline" ] || die "the cluster did not come back within 60 s under $1"
@@ -234,7 +171,6 @@ DEVICE_BYTES=$(python3 -c "
 s = '$DEVICE_SIZE'.lower(); m = {'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}
 print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))")
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 fio_read() { # MB/s of fio's sequential read of node $NODE's device
     "$FIO" --name=seqread --filename="$RUN/dev$NODE" --readonly --direct=1 --rw=read --bs=1M \
