@@ -3,11 +3,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod support;
+
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("storaged-cli-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
+    support::tempdir("storaged-cli-")
 }
 
 fn storaged(args: &[&str]) -> Output {

@@ -14,24 +14,12 @@ use storaged::log::layout::{METADATA_BLOCKS, SUPERBLOCK_BLOCKS, block_offset};
 use storaged::log::mkfs::{FormatOptions, format};
 use storaged::log::{LogConfig, LogEngine, OpenError};
 use storaged::record::{RecordBody, RedoRecord, SegmentId};
+use support::run;
 
-/// Every test's whole run is bounded by this.
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+mod support;
 
 fn tempdir() -> tempfile::TempDir {
-    // Not /tmp: it may be a tmpfs, where O_DIRECT is refused.
-    tempfile::Builder::new()
-        .prefix("log-device-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
+    support::tempdir("log-device-")
 }
 
 /// A current-thread runtime with paused time: simulated-disk tests run

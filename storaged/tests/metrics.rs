@@ -5,48 +5,23 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
 use storaged::client::NodeClient;
 use storaged::proto::{Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
+use support::run;
 use testkit::Daemon;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+mod support;
+
 /// Any one HTTP exchange, connecting included.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const VOLUME: u64 = 42;
 const PAGE_BYTES: u32 = 8192;
 const PG_PAGES: u64 = 64;
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("storaged-metrics-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-}
-
-fn format_device(dir: &Path) -> PathBuf {
-    let dev = dir.join("dev");
-    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
-        .args([
-            "format",
-            "--device",
-            dev.to_str().unwrap(),
-            "--node-id",
-            "5",
-            "--size",
-            "16m",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    dev
-}
 
 /// A port of 127.0.0.1 free a moment ago.
 fn free_addr() -> SocketAddr {
@@ -58,18 +33,7 @@ fn free_addr() -> SocketAddr {
 
 /// `storaged run` on `device` with its metrics on `metrics`.
 fn start_daemon(device: &Path, metrics: SocketAddr) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storaged"));
-    cmd.args(["run", "--device", device.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .args(["--metrics", &metrics.to_string()]);
-    Daemon::start(cmd)
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
+    support::start_daemon(device, &["--metrics", &metrics.to_string()])
 }
 
 fn rec(pg: u32, lsn: u64, prev: u64) -> RedoRecord {
@@ -206,8 +170,8 @@ fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn a_scrape_has_every_family_described_and_the_segment_s_scl() {
-    let dir = tempdir();
-    let dev = format_device(dir.path());
+    let dir = support::tempdir("storaged-metrics-");
+    let dev = support::format_device(dir.path(), "16m");
     let metrics = free_addr();
     let daemon = start_daemon(&dev, metrics);
     let scl = std::cell::Cell::new(0);
@@ -273,8 +237,8 @@ fn a_scrape_has_every_family_described_and_the_segment_s_scl() {
 
 #[test]
 fn bad_and_slow_requests_get_4xx_and_the_node_serves_on() {
-    let dir = tempdir();
-    let dev = format_device(dir.path());
+    let dir = support::tempdir("storaged-metrics-");
+    let dev = support::format_device(dir.path(), "16m");
     let metrics = free_addr();
     let daemon = start_daemon(&dev, metrics);
     // A client that connects and sends nothing holds no one up.

@@ -4,63 +4,31 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use storaged::client::NodeClient;
 use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
+use support::run;
 use testkit::Daemon;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+mod support;
+
 const VOLUME: u64 = 42;
 /// The volume's geometry, as computed states it in every Append.
 const PAGE_BYTES: u32 = 8192;
 const PG_PAGES: u64 = 64;
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("storaged-node-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
+    support::tempdir("storaged-node-")
 }
 
-/// `storaged run` on `device`, listening on a free port of 127.0.0.1.
 fn start_daemon(device: &Path) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storaged"));
-    cmd.args(["run", "--device", device.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
-    Daemon::start(cmd)
+    support::start_daemon(device, &[])
 }
 
 fn format_device(dir: &Path) -> PathBuf {
-    format_device_of(dir, "32m")
-}
-
-fn format_device_of(dir: &Path, size: &str) -> PathBuf {
-    let dev = dir.join("dev");
-    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
-        .args([
-            "format",
-            "--device",
-            dev.to_str().unwrap(),
-            "--node-id",
-            "5",
-            "--size",
-            size,
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    dev
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out") });
+    support::format_device(dir, "32m")
 }
 
 fn rec(pg: u32, lsn: u64, prev: u64, byte: u8) -> RedoRecord {
@@ -498,7 +466,7 @@ fn get_page_at_every_read_point_equals_a_model_and_survives_kill_9() {
 #[test]
 fn a_full_log_is_refused_with_a_clear_error_not_a_hang() {
     let dir = tempdir();
-    let dev = format_device_of(dir.path(), "4m");
+    let dev = support::format_device(dir.path(), "4m");
     let daemon = start_daemon(&dev);
     run(async {
         let c = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();

@@ -4,14 +4,14 @@
 //! pass completing, and a page served at an exact LSN.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use storaged::client::{ClientError, NodeClient, PagePeers};
 use storaged::proto::{ErrorCode, Message, Role};
 use storaged::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use storaged::scrub::{Filter, Peers as _};
-use testkit::Daemon;
+
+mod support;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const VOLUME: u64 = 42;
@@ -36,28 +36,9 @@ fn refused(r: Result<impl std::fmt::Debug, ClientError>, want: ErrorCode, text: 
 
 #[test]
 fn scrub_requests_are_answered_for_their_roles_only() {
-    let dir = tempfile::Builder::new()
-        .prefix("storaged-scrub-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let dev = dir.path().join("dev");
-    let out = Command::new(env!("CARGO_BIN_EXE_storaged"))
-        .args([
-            "format",
-            "--device",
-            dev.to_str().unwrap(),
-            "--node-id",
-            "5",
-            "--size",
-            "32m",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_storaged"));
-    cmd.args(["run", "--device", dev.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
-    let daemon = Daemon::start(cmd);
+    let dir = support::tempdir("storaged-scrub-");
+    let dev = support::format_device(dir.path(), "32m");
+    let daemon = support::start_daemon(&dev, &[]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
