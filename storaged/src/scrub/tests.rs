@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use super::core::{
     Action, BACKGROUND_FACTOR_MIN, BLOCK_BYTES, CopyOutcome, Millis, PERSIST_INTERVAL_MS, PRIORITY_FACTOR_MIN,
-    RANGE_BLOCKS_MAX, RANGES_INFLIGHT_DEFAULT, REPAIRS_INFLIGHT_MAX, ScrubConfig, ScrubCore, pick_peer,
+    RANGE_BLOCKS_MAX, RANGES_INFLIGHT_DEFAULT, RANGES_INFLIGHT_LIMIT, REPAIRS_INFLIGHT_MAX, ScrubConfig, ScrubCore,
+    pick_peer,
 };
 use super::progress;
 use super::{Area, Checked, Damaged, Filter, Finding, Layout, NeedCopy, PassReport, Peer};
@@ -738,7 +739,8 @@ fn background_passes_find_and_repair_damage_across_restarts() {
             _ => (total_bytes / 80).max(BLOCK_BYTES),
         };
         let mut cfg = config(40, ceiling);
-        cfg.ranges_inflight_max = 1 + rng.below(3) as usize;
+        // Any depth a config may set, the default's among them.
+        cfg.ranges_inflight_max = 1 + rng.below(RANGES_INFLIGHT_LIMIT as u64) as usize;
         let mut sim = Sim::new(seed, cfg.clone(), model);
         sim.check_kept = true;
         sim.restart_percent = if rng.chance(70) { 1 + rng.below(3) } else { 0 };
@@ -896,7 +898,8 @@ fn priority_pass_covers_exactly_its_filter_and_the_background_resumes() {
         };
         let ceiling = 4 << 20;
         let mut cfg = config(600, ceiling);
-        cfg.ranges_inflight_max = 1 + rng.below(3) as usize;
+        // Any depth a config may set, the default's among them.
+        cfg.ranges_inflight_max = 1 + rng.below(RANGES_INFLIGHT_LIMIT as u64) as usize;
         let mut sim = Sim::new(seed, cfg.clone(), model);
         // The background pass gets going.
         let t = 1_000 + rng.below(60_000);
