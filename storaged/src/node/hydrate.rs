@@ -127,6 +127,38 @@ fn parallel_groups<T>(runs: &[T], bytes: impl Fn(&T) -> usize) -> impl Iterator<
     })
 }
 
+/// The next group of `rest` to read at once: as [`parallel_groups`], and
+/// at most `pages_max` pages (at least one), the run that would pass it
+/// cut there and its remainder left first in `rest`.
+fn take_group(rest: &mut std::collections::VecDeque<Run>, pages_max: u64, bytes: impl Fn(&Run) -> usize) -> Vec<Run> {
+    let pages_max = pages_max.max(1);
+    let mut group = Vec::new();
+    let (mut total, mut pages) = (0, 0);
+    while let Some(&run) = rest.front() {
+        if group.len() == RUNS_PARALLEL
+            || pages >= pages_max
+            || (!group.is_empty() && total + bytes(&run) > RUNS_PARALLEL_BYTES)
+        {
+            break;
+        }
+        let take = run.pages.min(pages_max - pages);
+        let taken = Run {
+            first_local: run.first_local,
+            pages: take,
+        };
+        if take == run.pages {
+            rest.pop_front();
+        } else if let Some(front) = rest.front_mut() {
+            front.first_local += take;
+            front.pages -= take;
+        }
+        total += bytes(&taken);
+        pages += take;
+        group.push(taken);
+    }
+    group
+}
+
 /// Consecutive pages of a segment: both slots of each are one stretch of
 /// the extent, read or written with one I/O.
 #[derive(Debug, Clone, Copy)]
@@ -383,8 +415,14 @@ impl Node {
         // (or empty) is served from that read. A page whose read does not
         // give what the page-version index names is read again as GetPage
         // reads it (see `whole_current`). Versions are taken in page order
-        // until the byte bound.
-        for group in parallel_groups(&runs, |run| run.blocks(&extent) as usize * BLOCK_SIZE) {
+        // until the byte bound. A group reads no more pages than the bound
+        // has room for: pages read past it would be read again by the
+        // asker's next batch (a full group past a batch's end read a third
+        // more than it served).
+        let mut rest: std::collections::VecDeque<Run> = runs.into();
+        while !rest.is_empty() {
+            let room = (max_bytes.saturating_sub(bytes) / page_bytes).max(1) as u64;
+            let group = take_group(&mut rest, room, |run| run.blocks(&extent) as usize * BLOCK_SIZE);
             let (device_id, extent) = (self.device_id, extent);
             let reads = join_all(group.iter().map(|&run| async move {
                 if let Some(slots) = self.current_slots(id, &run) {
@@ -426,6 +464,13 @@ impl Node {
                     }
                 }
                 self.known_never(id, first, &never).await;
+            }
+            // Full: the batch ends where the next group would have begun.
+            if !versions.is_empty()
+                && bytes + page_bytes > max_bytes
+                && let Some(next) = rest.front()
+            {
+                return Ok((floor, first + next.first_local, versions));
             }
         }
         Ok((floor, stop, versions))
@@ -1350,5 +1395,31 @@ mod parallel_groups_tests {
             "a run past the bound goes alone"
         );
         assert_eq!(parallel_groups(&Vec::<usize>::new(), |b| *b).count(), 0);
+    }
+
+    #[test]
+    fn a_group_reads_no_more_pages_than_the_batch_has_room_for() {
+        let run = |first_local, pages| Run { first_local, pages };
+        let mut rest: std::collections::VecDeque<Run> = vec![run(0, 85), run(85, 85), run(200, 10)].into();
+        let group = take_group(&mut rest, 100, |r| r.pages as usize * 4096);
+        let taken: Vec<(u64, u64)> = group.iter().map(|r| (r.first_local, r.pages)).collect();
+        assert_eq!(taken, vec![(0, 85), (85, 15)], "the run past the room is cut there");
+        let left: Vec<(u64, u64)> = rest.iter().map(|r| (r.first_local, r.pages)).collect();
+        assert_eq!(left, vec![(100, 70), (200, 10)], "its remainder is read next");
+        let group = take_group(&mut rest, 0, |r| r.pages as usize * 4096);
+        assert_eq!(group.len(), 1, "always one page at least");
+        assert_eq!((group[0].first_local, group[0].pages), (100, 1));
+        let group = take_group(&mut rest, 1000, |r| r.pages as usize * 4096);
+        let taken: Vec<(u64, u64)> = group.iter().map(|r| (r.first_local, r.pages)).collect();
+        assert_eq!(taken, vec![(101, 69), (200, 10)]);
+        assert!(rest.is_empty());
+        let mut many: std::collections::VecDeque<Run> = (0..100).map(|i| run(i * 2, 1)).collect();
+        assert_eq!(take_group(&mut many, 1000, |_| 4096).len(), RUNS_PARALLEL);
+        let mut big: std::collections::VecDeque<Run> = (0..4).map(|i| run(i * 1000, 100)).collect();
+        assert_eq!(
+            take_group(&mut big, 1000, |_| RUNS_PARALLEL_BYTES / 2).len(),
+            2,
+            "and the bytes bound still holds"
+        );
     }
 }
