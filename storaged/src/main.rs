@@ -112,6 +112,7 @@ struct RunConfig {
     repair_inflight_bytes_max: Option<u64>,
     repair_inflight_per_peer_max: Option<usize>,
     repair_timeout_max_ms: Option<u64>,
+    repair_io_inflight: Option<usize>,
     scrub_pass_period_s: Option<u64>,
     #[serde(default, deserialize_with = "size")]
     scrub_rate_bytes_per_s: Option<u64>,
@@ -142,12 +143,12 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
 }
 
 impl RunConfig {
-    fn load(path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig, ScrubConfig)> {
+    fn load(path: &Path) -> Result<(NodeConfig, UringConfig, GossipConfig, ScrubConfig)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text, path)
     }
 
-    fn parse(text: &str, path: &Path) -> Result<(NodeConfig, RingPlacement, GossipConfig, ScrubConfig)> {
+    fn parse(text: &str, path: &Path) -> Result<(NodeConfig, UringConfig, GossipConfig, ScrubConfig)> {
         let rc: RunConfig = toml::from_str(text).with_context(|| format!("parsing {}", path.display()))?;
         let ring = match rc.ring.as_deref() {
             Some(name) => name
@@ -155,6 +156,18 @@ impl RunConfig {
                 .map_err(|e| anyhow::anyhow!("{}: ring: {e}", path.display()))?,
             None => RUN_RING_DEFAULT,
         };
+        let mut uring = UringConfig {
+            placement: ring,
+            ..UringConfig::default()
+        };
+        uring.background_inflight = rc.repair_io_inflight.unwrap_or(uring.background_inflight);
+        if uring.background_inflight == 0 || uring.background_inflight > uring.max_inflight {
+            bail!(
+                "{}: repair_io_inflight must be between 1 and {}",
+                path.display(),
+                uring.max_inflight
+            );
+        }
         let mut c = NodeConfig::default();
         c.log.write_blocks_max = rc.log_write_blocks.unwrap_or(c.log.write_blocks_max);
         c.log.writes_inflight_max = rc.log_writes_inflight.unwrap_or(c.log.writes_inflight_max);
@@ -195,7 +208,7 @@ impl RunConfig {
         scrub
             .validate()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok((c, ring, g, scrub))
+        Ok((c, uring, g, scrub))
     }
 }
 
@@ -339,11 +352,14 @@ fn run(
     metrics: Option<std::net::SocketAddr>,
     config: Option<&Path>,
 ) -> Result<()> {
-    let (config, ring, gossip, scrub) = match config {
+    let (config, uring, gossip, scrub) = match config {
         Some(p) => RunConfig::load(p)?,
         None => (
             NodeConfig::default(),
-            RUN_RING_DEFAULT,
+            UringConfig {
+                placement: RUN_RING_DEFAULT,
+                ..UringConfig::default()
+            },
             GossipConfig::default(),
             ScrubConfig::default(),
         ),
@@ -356,10 +372,6 @@ fn run(
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let uring = UringConfig {
-            placement: ring,
-            ..UringConfig::default()
-        };
         // The device stays locked (one writer) for as long as the node has it open.
         let dev = UringDevice::open(path, &uring)?;
         let (node, recovered) = Node::open(Arc::new(dev), config)
@@ -501,6 +513,28 @@ mod tests {
         ] {
             let e = scrub(text).expect_err(text);
             assert!(e.contains("node.toml") && e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn repair_io_inflight_bounds_background_io_and_is_checked() {
+        let inflight = |text: &str| {
+            RunConfig::parse(text, Path::new("node.toml"))
+                .map(|(_, u, _, _)| u.background_inflight)
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(inflight(""), Ok(storaged::io::uring::DEFAULT_BACKGROUND_INFLIGHT));
+        assert_eq!(inflight("repair_io_inflight = 4"), Ok(4));
+        for text in [
+            "repair_io_inflight = 0",
+            "repair_io_inflight = 100000",
+            "repair_io_inflight = -1",
+        ] {
+            let e = inflight(text).expect_err(text);
+            assert!(
+                e.contains("node.toml") && e.contains("repair_io_inflight"),
+                "{text}: {e}"
+            );
         }
     }
 }

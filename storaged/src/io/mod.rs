@@ -46,6 +46,22 @@ pub enum Durability {
     Durable,
 }
 
+/// Whose I/O it is. Background work (repair's reads and hydration's
+/// writes, scrub's reads) is submitted at the idle I/O priority class
+/// (`IOPRIO_CLASS_IDLE`): a device whose I/O scheduler honours priorities
+/// (mq-deadline, BFQ) dispatches it only while no foreground I/O of the
+/// device waits, so a log append queues behind none of it. With no
+/// scheduler (`none`, usual for NVMe) the class changes nothing, and
+/// repair's own pacing ([`crate::gossip`]) is what yields. mq-deadline
+/// still serves an idle request that waited `prio_aging_expire` (10 s by
+/// default), so a busy foreground slows repair but cannot stop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoClass {
+    #[default]
+    Foreground,
+    Background,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     #[error("{op} of {len} bytes at offset {offset} failed: {source}")]
@@ -96,6 +112,22 @@ pub trait BlockIo: Send + Sync + 'static {
 
     /// Make every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// [`BlockIo::read`] as [`IoClass::Background`] work; a device that has
+    /// no priorities reads as it always does.
+    fn read_background(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = IoOutcome> + Send {
+        self.read(offset, buf)
+    }
+
+    /// [`BlockIo::write`] as [`IoClass::Background`] work.
+    fn write_background(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        durability: Durability,
+    ) -> impl Future<Output = IoOutcome> + Send {
+        self.write(offset, buf, durability)
+    }
 }
 
 /// Checks an I/O's shape against a device size; shared by every implementation

@@ -51,12 +51,21 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use super::device::{DeviceError, DeviceKind, OpenOptions, OpenedDevice, WriteCacheInfo, open_device};
-use super::{AlignedBuf, BlockIo, Durability, Geometry, IoError, IoOutcome, check_range};
+use super::{AlignedBuf, BlockIo, Durability, Geometry, IoClass, IoError, IoOutcome, check_range};
 
 /// Default bound on requests queued towards the device thread.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
 /// Default bound on I/Os submitted to the kernel and not yet completed.
 pub const DEFAULT_MAX_INFLIGHT: usize = 128;
+/// Default bound on background I/Os ([`IoClass::Background`]) in flight.
+/// A foreground write waits behind every I/O queued in the device before
+/// it, whatever its priority: on a VM's virtio disk shared with a log,
+/// fio's 4 KiB `O_DSYNC` writes took 93 µs at p99 alone, and beside 12 KiB
+/// reads and writes 0.6 ms at 4 of each in flight, 1.0 ms at 8, 2.5 ms at
+/// 16 and 3.4 ms at 32, while the reads and writes gained nothing past 8
+/// (33 000 a second each). Repair issues far more at once than that: past
+/// this bound it waits for its own I/Os, not the foreground's.
+pub const DEFAULT_BACKGROUND_INFLIGHT: usize = 16;
 
 /// `user_data` of the eventfd poll; I/O slots are indexes far below it.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -109,6 +118,9 @@ pub struct UringConfig {
     pub channel_capacity: usize,
     /// Most I/Os in flight in the kernel at once.
     pub max_inflight: usize,
+    /// Most background I/Os ([`IoClass::Background`]) in flight at once,
+    /// counted within `max_inflight`.
+    pub background_inflight: usize,
     pub placement: RingPlacement,
 }
 
@@ -118,6 +130,7 @@ impl Default for UringConfig {
             open: OpenOptions::default(),
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            background_inflight: DEFAULT_BACKGROUND_INFLIGHT,
             placement: RingPlacement::default(),
         }
     }
@@ -145,6 +158,9 @@ pub struct UringDevice {
 
 struct Inner {
     driver: Driver,
+    /// `background_inflight` permits; a background I/O holds one until its
+    /// result is back.
+    background: Semaphore,
     geometry: Geometry,
     info: DeviceInfo,
     /// Held as long as the device (dropped after the driver's handle).
@@ -213,18 +229,32 @@ impl Wake {
 
 #[derive(Debug, Clone, Copy)]
 enum IoOp {
-    Read,
-    Write(Durability),
+    Read(IoClass),
+    Write(Durability, IoClass),
 }
 
 impl IoOp {
     fn name(self) -> &'static str {
         match self {
-            IoOp::Read => "read",
-            IoOp::Write(_) => "write",
+            IoOp::Read(_) => "read",
+            IoOp::Write(..) => "write",
+        }
+    }
+
+    /// The SQE's `ioprio`: 0 (the submitter's own, best effort by
+    /// default) for the foreground, the idle class for background work.
+    fn ioprio(self) -> u16 {
+        let (IoOp::Read(class) | IoOp::Write(_, class)) = self;
+        match class {
+            IoClass::Foreground => 0,
+            IoClass::Background => IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
         }
     }
 }
+
+/// `ioprio` classes (linux/ioprio.h); not in `libc`.
+const IOPRIO_CLASS_IDLE: u16 = 3;
+const IOPRIO_CLASS_SHIFT: u16 = 13;
 
 enum Request {
     Io {
@@ -287,6 +317,7 @@ impl UringDevice {
         Ok(UringDevice {
             inner: Arc::new(Inner {
                 driver,
+                background: Semaphore::new(config.background_inflight.clamp(1, max_inflight)),
                 geometry,
                 info: DeviceInfo {
                     path,
@@ -331,6 +362,16 @@ impl UringDevice {
         if let Err(e) = check_range(op.name(), offset, len, self.inner.geometry.size_bytes) {
             return (buf, Err(e));
         }
+        let _background = match op {
+            IoOp::Read(IoClass::Background) | IoOp::Write(_, IoClass::Background) => {
+                match self.inner.background.acquire().await {
+                    Ok(permit) => Some(permit),
+                    // Never closed; should it be, the device is going.
+                    Err(_) => return (buf, Err(IoError::Closed)),
+                }
+            }
+            _ => None,
+        };
         let (reply, result) = oneshot::channel();
         let req = Request::Io { op, offset, buf, reply };
         if let Err(req) = self.send(req).await {
@@ -355,11 +396,11 @@ impl BlockIo for UringDevice {
     }
 
     fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = IoOutcome> + Send {
-        self.io(IoOp::Read, offset, buf)
+        self.io(IoOp::Read(IoClass::Foreground), offset, buf)
     }
 
     fn write(&self, offset: u64, buf: AlignedBuf, durability: Durability) -> impl Future<Output = IoOutcome> + Send {
-        self.io(IoOp::Write(durability), offset, buf)
+        self.io(IoOp::Write(durability, IoClass::Foreground), offset, buf)
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -368,6 +409,19 @@ impl BlockIo for UringDevice {
             return Err(IoError::Closed);
         }
         result.await.unwrap_or(Err(IoError::Closed))
+    }
+
+    fn read_background(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = IoOutcome> + Send {
+        self.io(IoOp::Read(IoClass::Background), offset, buf)
+    }
+
+    fn write_background(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        durability: Durability,
+    ) -> impl Future<Output = IoOutcome> + Send {
+        self.io(IoOp::Write(durability, IoClass::Background), offset, buf)
     }
 }
 
@@ -484,10 +538,11 @@ impl RingCore {
                     return;
                 };
                 let entry = match op {
-                    IoOp::Read => opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), len_u32)
+                    IoOp::Read(_) => opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), len_u32)
                         .offset(offset)
+                        .ioprio(op.ioprio())
                         .build(),
-                    IoOp::Write(durability) => {
+                    IoOp::Write(durability, _) => {
                         let rw_flags = match durability {
                             Durability::Volatile => 0,
                             Durability::Durable => libc::RWF_DSYNC,
@@ -495,6 +550,7 @@ impl RingCore {
                         opcode::Write::new(types::Fixed(0), buf.as_ptr(), len_u32)
                             .offset(offset)
                             .rw_flags(rw_flags)
+                            .ioprio(op.ioprio())
                             .build()
                     }
                 };

@@ -560,7 +560,10 @@ impl Node {
         let slot_blocks = extent.slot_blocks() as usize;
         let reads = (run.first_local..).zip(&slots).map(|(local, &slot)| async move {
             let buf = AlignedBuf::zeroed_blocks(slot_blocks);
-            let (buf, result) = self.io.read(block_offset(extent.slot_block(local, slot)), buf).await;
+            let (buf, result) = self
+                .io
+                .read_background(block_offset(extent.slot_block(local, slot)), buf)
+                .await;
             result.map(|_| buf)
         });
         let mut bufs = Vec::with_capacity(slots.len());
@@ -587,7 +590,10 @@ impl Node {
     /// Both slots of every page of `run`, with one read.
     async fn read_run(&self, extent: &Extent, run: &Run) -> Result<AlignedBuf, NodeError> {
         let buf = AlignedBuf::zeroed_blocks(run.blocks(extent) as usize);
-        let (buf, result) = self.io.read(block_offset(run.first_block(extent)), buf).await;
+        let (buf, result) = self
+            .io
+            .read_background(block_offset(run.first_block(extent)), buf)
+            .await;
         result?;
         Ok(buf)
     }

@@ -509,8 +509,12 @@ type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 trait PageIo: Send + Sync {
     fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
+    /// A read for background work (serving a hydration, scrubbing): it
+    /// queues behind the foreground's I/O ([`crate::io::IoClass`]).
+    fn read_background(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     /// A write durable only after a later [`PageIo::flush`]: hydration
-    /// writes many versions and makes them durable at once.
+    /// writes many versions and makes them durable at once. Background
+    /// work, as [`PageIo::read_background`].
     fn write_volatile(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     fn flush(&self) -> IoFuture<Result<(), IoError>>;
     fn write_table(&self, device_id: DeviceId, table: SegmentTable) -> IoFuture<Result<SegmentTable, TableError>>;
@@ -529,9 +533,14 @@ impl<D: BlockIo> PageIo for DevIo<D> {
         Box::pin(async move { dev.write(offset, buf, Durability::Durable).await })
     }
 
+    fn read_background(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
+        let dev = self.0.clone();
+        Box::pin(async move { dev.read_background(offset, buf).await })
+    }
+
     fn write_volatile(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome> {
         let dev = self.0.clone();
-        Box::pin(async move { dev.write(offset, buf, Durability::Volatile).await })
+        Box::pin(async move { dev.write_background(offset, buf, Durability::Volatile).await })
     }
 
     fn flush(&self) -> IoFuture<Result<(), IoError>> {

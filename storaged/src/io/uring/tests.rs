@@ -64,6 +64,64 @@ in_both_placements! {
     #[tokio::test] out_of_range_is_refused;
     #[tokio::test] durable_write_and_flush;
     #[tokio::test] dropped_callers_and_device_do_not_lose_io;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)] background_io_is_bounded_and_lands_as_foreground_io_does;
+}
+
+/// Background I/O goes to the kernel at the idle priority class (which
+/// needs no privilege) and at most `background_inflight` at once: many
+/// tasks' background writes and reads, beside foreground ones, all land
+/// and read back right, and none of the foreground waits for a
+/// background permit.
+async fn background_io_is_bounded_and_lands_as_foreground_io_does(placement: RingPlacement) {
+    let dir = scratch_dir();
+    let config = UringConfig {
+        background_inflight: 2,
+        ..config(placement)
+    };
+    let dev = Arc::new(open_file_device(&dir, 8 << 20, &config));
+    bounded(async {
+        // Every permit taken: a foreground I/O still goes through.
+        let held: Vec<_> = (0..2)
+            .map(|_| dev.inner.background.try_acquire().expect("a free permit"))
+            .collect();
+        let (_, res) = dev.write(0, pattern(1, 1), Durability::Durable).await;
+        res.expect("a foreground write does not wait for background permits");
+        let waiting = dev.read_background(0, AlignedBuf::zeroed_blocks(1));
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err(),
+            "a background read waits while every background permit is held"
+        );
+        drop(held);
+        let (_, res) = waiting.await;
+        res.expect("and goes once one is free");
+
+        let mut tasks = Vec::new();
+        for i in 0..32u64 {
+            let dev = Arc::clone(&dev);
+            tasks.push(tokio::spawn(async move {
+                let at = (i + 1) * 3 * BLOCK_SIZE as u64;
+                let buf = pattern(3, i as u8);
+                let expected = buf.to_vec();
+                let (_, res) = if i % 2 == 0 {
+                    dev.write_background(at, buf, Durability::Volatile).await
+                } else {
+                    dev.write(at, buf, Durability::Volatile).await
+                };
+                res.expect("write");
+                let (back, res) = dev.read_background(at, AlignedBuf::zeroed_blocks(3)).await;
+                res.expect("background read");
+                assert_eq!(&back[..], &expected[..], "block {i}");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(dev.inner.background.available_permits(), 2, "every permit is back");
+    })
+    .await;
 }
 
 async fn write_then_read_back(placement: RingPlacement) {
