@@ -71,6 +71,27 @@ async fn pull(node: &Node, donor: &Node, after: u64) -> u64 {
     node.append(SEG, 1, GEOMETRY, wire(chain)).await.unwrap()
 }
 
+/// B hydrates from A until the power goes, after a few ms drawn from
+/// `seed` (the disk's writes crashy from then): whether the hydration was
+/// still under way when it went.
+async fn cut_power_while_hydrating(a: &Arc<Node>, b: Arc<Node>, disk: &SimDisk, seed: u64) -> bool {
+    b.hydrate_begin(SEG).await.unwrap();
+    let task = {
+        let (a, b) = (a.clone(), b.clone());
+        tokio::spawn(async move { hydrate_from(&b, &a).await })
+    };
+    let mut rng = fastrand::Rng::with_seed(seed);
+    tokio::time::sleep(Duration::from_micros(rng.u64(0..3_000))).await;
+    let cut_mid_batch = !task.is_finished();
+    disk.set_faults(SimFaults::crashy());
+    task.abort();
+    let _ = task.await;
+    pull_the_plug(b);
+    disk.crash();
+    disk.set_faults(SimFaults::none());
+    cut_mid_batch
+}
+
 /// Each page at `read_point` is the model's, or refused (a version above
 /// the read point): never anything else.
 async fn right_or_refused(node: &Node, recs: &[RedoRecord], read_point: u64) -> usize {
@@ -271,20 +292,7 @@ async fn power_loss_in_the_middle_of_hydration_serves_no_wrong_page_and_a_second
             b.append(SEG, 1, GEOMETRY, wire(recs[189..].to_vec())).await.unwrap(),
             120
         );
-        b.hydrate_begin(SEG).await.unwrap();
-        let task = {
-            let (a, b) = (a.clone(), b.clone());
-            tokio::spawn(async move { hydrate_from(&b, &a).await })
-        };
-        let mut rng = fastrand::Rng::with_seed(seed);
-        tokio::time::sleep(Duration::from_micros(rng.u64(0..3_000))).await;
-        cut_mid_batch += usize::from(!task.is_finished());
-        disk.set_faults(SimFaults::crashy());
-        task.abort();
-        let _ = task.await;
-        pull_the_plug(b);
-        disk.crash();
-        disk.set_faults(SimFaults::none());
+        cut_mid_batch += usize::from(cut_power_while_hydrating(&a, b, &disk, seed).await);
 
         let b = open(&disk).await;
         let status = b.status(SEG, 1).unwrap();
@@ -325,20 +333,7 @@ async fn power_loss_in_the_middle_of_a_new_segments_hydration_serves_no_page_and
         let b = open(&disk).await;
         // The writer's newest records reach the new segment: held past a gap.
         assert_eq!(b.append(SEG, 1, GEOMETRY, wire(recs[189..].to_vec())).await.unwrap(), 0);
-        b.hydrate_begin(SEG).await.unwrap();
-        let task = {
-            let (a, b) = (a.clone(), b.clone());
-            tokio::spawn(async move { hydrate_from(&b, &a).await })
-        };
-        let mut rng = fastrand::Rng::with_seed(seed);
-        tokio::time::sleep(Duration::from_micros(rng.u64(0..3_000))).await;
-        cut_mid_batch += usize::from(!task.is_finished());
-        disk.set_faults(SimFaults::crashy());
-        task.abort();
-        let _ = task.await;
-        pull_the_plug(b);
-        disk.crash();
-        disk.set_faults(SimFaults::none());
+        cut_mid_batch += usize::from(cut_power_while_hydrating(&a, b, &disk, seed).await);
 
         let b = open(&disk).await;
         assert_eq!(b.scl(SEG), 0, "seed {seed}");
