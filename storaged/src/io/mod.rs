@@ -46,15 +46,16 @@ pub enum Durability {
     Durable,
 }
 
-/// Whose I/O it is. Background work (repair's reads and hydration's
-/// writes, scrub's reads) is submitted at the idle I/O priority class
-/// (`IOPRIO_CLASS_IDLE`): a device whose I/O scheduler honours priorities
-/// (mq-deadline, BFQ) dispatches it only while no foreground I/O of the
-/// device waits, so a log append queues behind none of it. With no
-/// scheduler (`none`, usual for NVMe) the class changes nothing, and
-/// repair's own pacing ([`crate::gossip`]) is what yields. mq-deadline
-/// still serves an idle request that waited `prio_aging_expire` (10 s by
-/// default), so a busy foreground slows repair but cannot stop it.
+/// Whose I/O it is. Background work (a donor's reads of page versions, a
+/// hydration's reads and writes) is bounded in flight by the device, and
+/// submitted at the idle I/O priority class (`IOPRIO_CLASS_IDLE`). The
+/// bound is what keeps the foreground fast: an I/O waits behind whatever
+/// the device already has, whatever its class. The class adds that an I/O
+/// scheduler which honours it (mq-deadline, BFQ) dispatches background I/O
+/// after any foreground I/O waiting beside it; with no scheduler (`none`,
+/// usual for NVMe) it changes nothing. mq-deadline still serves an idle
+/// request that waited `prio_aging_expire` (10 s by default), so a busy
+/// foreground slows repair but cannot stop it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoClass {
     #[default]

@@ -509,8 +509,8 @@ type IoFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 trait PageIo: Send + Sync {
     fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
-    /// A read for background work (serving a hydration, scrubbing): it
-    /// queues behind the foreground's I/O ([`crate::io::IoClass`]).
+    /// A read for repair (serving or taking a hydration): bounded in
+    /// flight, behind the foreground's I/O ([`crate::io::IoClass`]).
     fn read_background(&self, offset: u64, buf: AlignedBuf) -> IoFuture<IoOutcome>;
     /// A write durable only after a later [`PageIo::flush`]: hydration
     /// writes many versions and makes them durable at once. Background
