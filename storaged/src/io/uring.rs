@@ -119,7 +119,8 @@ pub struct UringConfig {
     /// Most I/Os in flight in the kernel at once.
     pub max_inflight: usize,
     /// Most background I/Os ([`IoClass::Background`]) in flight at once,
-    /// counted within `max_inflight`.
+    /// counted within `max_inflight`; one of more than 32 KiB counts as one
+    /// for each 32 KiB it started.
     pub background_inflight: usize,
     pub placement: RingPlacement,
 }
@@ -158,9 +159,10 @@ pub struct UringDevice {
 
 struct Inner {
     driver: Driver,
-    /// `background_inflight` permits; a background I/O holds one until its
-    /// result is back.
+    /// `background_inflight` permits; a background I/O holds what it costs
+    /// ([`background_cost`]) until its result is back.
     background: Semaphore,
+    background_max: u32,
     geometry: Geometry,
     info: DeviceInfo,
     /// Held as long as the device (dropped after the driver's handle).
@@ -252,6 +254,22 @@ impl IoOp {
     }
 }
 
+/// Bytes of a background I/O that count as one more against the bound.
+const BACKGROUND_COST_BYTES: usize = 32 << 10;
+
+/// What a background I/O of `len` bytes takes of the bound: one for each
+/// [`BACKGROUND_COST_BYTES`] started (at least one, at most the whole
+/// bound). A foreground write waits for the bytes queued before it as much
+/// as for the I/Os: on a VM's virtio disk a 12 KiB I/O cost about what
+/// 30 µs of its 1.5 GB/s does, a 2 MiB one 1.4 ms, and sixteen 2 MiB reads
+/// of a donor scanning a segment it knew nothing of (after its restart)
+/// put the foreground's p99 at about 7 times its own.
+fn background_cost(len: usize, bound: u32) -> u32 {
+    u32::try_from(len.div_ceil(BACKGROUND_COST_BYTES))
+        .unwrap_or(u32::MAX)
+        .clamp(1, bound.max(1))
+}
+
 /// `ioprio` classes (linux/ioprio.h); not in `libc`.
 const IOPRIO_CLASS_IDLE: u16 = 3;
 const IOPRIO_CLASS_SHIFT: u16 = 13;
@@ -318,6 +336,7 @@ impl UringDevice {
             inner: Arc::new(Inner {
                 driver,
                 background: Semaphore::new(config.background_inflight.clamp(1, max_inflight)),
+                background_max: config.background_inflight.clamp(1, max_inflight) as u32,
                 geometry,
                 info: DeviceInfo {
                     path,
@@ -364,7 +383,12 @@ impl UringDevice {
         }
         let _background = match op {
             IoOp::Read(IoClass::Background) | IoOp::Write(_, IoClass::Background) => {
-                match self.inner.background.acquire().await {
+                match self
+                    .inner
+                    .background
+                    .acquire_many(background_cost(len, self.inner.background_max))
+                    .await
+                {
                     Ok(permit) => Some(permit),
                     // Never closed; should it be, the device is going.
                     Err(_) => return (buf, Err(IoError::Closed)),

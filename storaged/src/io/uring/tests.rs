@@ -98,6 +98,23 @@ async fn background_io_is_bounded_and_lands_as_foreground_io_does(placement: Rin
         let (_, res) = waiting.await;
         res.expect("and goes once one is free");
 
+        // A large one counts for its bytes: with one permit of two held,
+        // a 64 KiB read (two of them) waits.
+        let held = dev.inner.background.try_acquire().expect("a free permit");
+        let large = dev.read_background(0, AlignedBuf::zeroed_blocks(16));
+        tokio::pin!(large);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut large)
+                .await
+                .is_err(),
+            "a 64 KiB background read waits for two permits"
+        );
+        drop(held);
+        let (_, res) = large.await;
+        res.expect("and goes once both are free");
+        let (_, res) = dev.read_background(0, AlignedBuf::zeroed_blocks(256)).await;
+        res.expect("one larger than the whole bound takes all of it, and goes");
+
         let mut tasks = Vec::new();
         for i in 0..32u64 {
             let dev = Arc::clone(&dev);
@@ -122,6 +139,17 @@ async fn background_io_is_bounded_and_lands_as_foreground_io_does(placement: Rin
         assert_eq!(dev.inner.background.available_permits(), 2, "every permit is back");
     })
     .await;
+}
+
+#[test]
+fn a_background_io_costs_one_for_each_32_kib_it_starts_within_the_bound() {
+    assert_eq!(background_cost(4096, 16), 1);
+    assert_eq!(background_cost(12 << 10, 16), 1);
+    assert_eq!(background_cost(32 << 10, 16), 1);
+    assert_eq!(background_cost((32 << 10) + 4096, 16), 2);
+    assert_eq!(background_cost(2 << 20, 16), 16, "at most the whole bound");
+    assert_eq!(background_cost(2 << 20, 1), 1);
+    assert_eq!(background_cost(0, 0), 1);
 }
 
 async fn write_then_read_back(placement: RingPlacement) {
