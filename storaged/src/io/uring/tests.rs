@@ -67,6 +67,18 @@ in_both_placements! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)] background_io_is_bounded_and_lands_as_foreground_io_does;
 }
 
+/// `io` does not complete while `held` is held, and does once it is let go.
+async fn waits_for(held: impl Sized, io: impl Future<Output = IoOutcome>, what: &str) {
+    tokio::pin!(io);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut io).await.is_err(),
+        "{what}: went on"
+    );
+    drop(held);
+    let (_, res) = io.await;
+    res.unwrap_or_else(|e| panic!("{what}: once let go, failed: {e}"));
+}
+
 /// Background I/O goes to the kernel at the idle priority class (which
 /// needs no privilege) and at most `background_inflight` at once: many
 /// tasks' background writes and reads, beside foreground ones, all land
@@ -87,31 +99,12 @@ async fn background_io_is_bounded_and_lands_as_foreground_io_does(placement: Rin
         let (_, res) = dev.write(0, pattern(1, 1), Durability::Durable).await;
         res.expect("a foreground write does not wait for background permits");
         let waiting = dev.read_background(0, AlignedBuf::zeroed_blocks(1));
-        tokio::pin!(waiting);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
-                .await
-                .is_err(),
-            "a background read waits while every background permit is held"
-        );
-        drop(held);
-        let (_, res) = waiting.await;
-        res.expect("and goes once one is free");
-
+        waits_for(held, waiting, "a background read while every background permit is held").await;
         // A large one counts for its bytes: with one permit of two held,
         // a 64 KiB read (two of them) waits.
         let held = dev.inner.background.try_acquire().expect("a free permit");
         let large = dev.read_background(0, AlignedBuf::zeroed_blocks(16));
-        tokio::pin!(large);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut large)
-                .await
-                .is_err(),
-            "a 64 KiB background read waits for two permits"
-        );
-        drop(held);
-        let (_, res) = large.await;
-        res.expect("and goes once both are free");
+        waits_for(held, large, "a 64 KiB background read while one of two permits is held").await;
         let (_, res) = dev.read_background(0, AlignedBuf::zeroed_blocks(256)).await;
         res.expect("one larger than the whole bound takes all of it, and goes");
 
