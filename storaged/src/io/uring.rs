@@ -160,8 +160,8 @@ pub struct UringDevice {
 struct Inner {
     driver: Driver,
     /// `background_inflight` permits; a background I/O holds what it costs
-    /// ([`background_cost`]) until its result is back.
-    background: Semaphore,
+    /// ([`background_cost`]) from before it is submitted to its CQE.
+    background: Arc<Semaphore>,
     background_max: u32,
     geometry: Geometry,
     info: DeviceInfo,
@@ -280,6 +280,10 @@ enum Request {
         offset: u64,
         buf: AlignedBuf,
         reply: oneshot::Sender<IoOutcome>,
+        /// A background I/O's share of its bound, held until its CQE like
+        /// the buffer: a caller that stops waiting does not free it while
+        /// the I/O is still in the device.
+        background: Option<OwnedSemaphorePermit>,
     },
     Flush {
         reply: oneshot::Sender<Result<(), IoError>>,
@@ -335,7 +339,7 @@ impl UringDevice {
         Ok(UringDevice {
             inner: Arc::new(Inner {
                 driver,
-                background: Semaphore::new(config.background_inflight.clamp(1, max_inflight)),
+                background: Arc::new(Semaphore::new(config.background_inflight.clamp(1, max_inflight))),
                 background_max: config.background_inflight.clamp(1, max_inflight) as u32,
                 geometry,
                 info: DeviceInfo {
@@ -381,14 +385,10 @@ impl UringDevice {
         if let Err(e) = check_range(op.name(), offset, len, self.inner.geometry.size_bytes) {
             return (buf, Err(e));
         }
-        let _background = match op {
+        let background = match op {
             IoOp::Read(IoClass::Background) | IoOp::Write(_, IoClass::Background) => {
-                match self
-                    .inner
-                    .background
-                    .acquire_many(background_cost(len, self.inner.background_max))
-                    .await
-                {
+                let cost = background_cost(len, self.inner.background_max);
+                match Arc::clone(&self.inner.background).acquire_many_owned(cost).await {
                     Ok(permit) => Some(permit),
                     // Never closed; should it be, the device is going.
                     Err(_) => return (buf, Err(IoError::Closed)),
@@ -397,7 +397,13 @@ impl UringDevice {
             _ => None,
         };
         let (reply, result) = oneshot::channel();
-        let req = Request::Io { op, offset, buf, reply };
+        let req = Request::Io {
+            op,
+            offset,
+            buf,
+            reply,
+            background,
+        };
         if let Err(req) = self.send(req).await {
             let Request::Io { buf, .. } = req else {
                 unreachable!("send gives back the request it was given")
@@ -546,6 +552,7 @@ impl RingCore {
                 offset,
                 mut buf,
                 reply,
+                background,
             } => {
                 let len = buf.len();
                 // Checked again here so no path can submit an out-of-range I/O.
@@ -578,7 +585,14 @@ impl RingCore {
                             .build()
                     }
                 };
-                (entry, Request::Io { op, offset, buf, reply })
+                let req = Request::Io {
+                    op,
+                    offset,
+                    buf,
+                    reply,
+                    background,
+                };
+                (entry, req)
             }
             Request::Flush { reply } => (
                 opcode::Fsync::new(types::Fixed(0))
@@ -696,7 +710,13 @@ impl RingCore {
             self.inflight -= 1;
             let res = cqe.result();
             match in_flight.req {
-                Request::Io { op, offset, buf, reply } => {
+                Request::Io {
+                    op,
+                    offset,
+                    buf,
+                    reply,
+                    background,
+                } => {
                     let len = buf.len();
                     let outcome = if res < 0 {
                         Err(IoError::Os {
@@ -715,6 +735,9 @@ impl RingCore {
                     } else {
                         Ok(())
                     };
+                    // The I/O is out of the device: its share of the bound is
+                    // free before its caller hears (who may at once ask again).
+                    drop(background);
                     // A dropped receiver just means the caller stopped waiting;
                     // the buffer is dropped here, after the kernel is done with it.
                     let _ = reply.send((buf, outcome));
