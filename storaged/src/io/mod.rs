@@ -56,9 +56,8 @@ pub enum Durability {
 /// usual for NVMe) it changes nothing. mq-deadline still serves an idle
 /// request that waited `prio_aging_expire` (10 s by default), so a busy
 /// foreground slows repair but cannot stop it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoClass {
-    #[default]
     Foreground,
     Background,
 }
