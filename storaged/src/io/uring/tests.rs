@@ -347,22 +347,45 @@ fn a_write_abandoned_when_its_runtime_stops_still_lands() {
     // The write is in the kernel, its caller gone, the runtime (and with it
     // the reaper) stopping: its buffer is kept until it completes, and the
     // data is there for the next open. Several rounds, as the write may
-    // complete before the runtime stops.
+    // complete at its first poll, before the runtime stops; the test needs
+    // some rounds where it did not.
     let dir = scratch_dir();
     let path = dir.path().join("dev.dat");
     create_zero_filled(&path, 1 << 20).expect("create");
+    let mut abandoned = 0;
     for round in 0..20u8 {
-        current_thread_runtime().block_on(async {
-            let dev = UringDevice::open(&path, &config(RingPlacement::Runtime)).expect("open");
-            let mut fut = std::pin::pin!(dev.write(4096, pattern(1, round), Durability::Durable));
-            assert!(poll_once(fut.as_mut()).await.is_pending());
-        });
         current_thread_runtime().block_on(bounded(async {
-            let dev = UringDevice::open(&path, &config(RingPlacement::Thread)).expect("reopen");
+            let dev = open_once_released(&path, RingPlacement::Runtime).await;
+            let mut fut = std::pin::pin!(dev.write(4096, pattern(1, round), Durability::Durable));
+            if poll_once(fut.as_mut()).await.is_pending() {
+                abandoned += 1;
+            }
+        }));
+        current_thread_runtime().block_on(bounded(async {
+            let dev = open_once_released(&path, RingPlacement::Thread).await;
             let (back, res) = dev.read(4096, AlignedBuf::zeroed_blocks(1)).await;
             res.expect("read");
             assert_eq!(&back[..], &pattern(1, round)[..], "round {round}");
         }));
+    }
+    assert!(
+        abandoned > 0,
+        "every write completed at its first poll; nothing was abandoned"
+    );
+}
+
+/// Opens `path` once the device dropped before has let go of its lock. The
+/// lock lives as long as any reference to the open file: the dropped
+/// device's ring until it has drained, which may finish after the drop
+/// returns, and a child forked meanwhile by a test running beside this one
+/// (`losetup`), until it execs. Bounded by the caller.
+async fn open_once_released(path: &Path, placement: RingPlacement) -> UringDevice {
+    loop {
+        match UringDevice::open(path, &config(placement)) {
+            Ok(dev) => return dev,
+            Err(DeviceError::InUse { .. }) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => panic!("open: {e}"),
+        }
     }
 }
 
