@@ -45,7 +45,13 @@
 //! it, and the probe goes on until a read quorum of *every* set of the
 //! highest membership found has answered (`crate::membership`: a step in
 //! force is on a write quorum of every set of the one before, so such a
-//! probe cannot miss it). Every quorum after that is counted in each set:
+//! probe cannot miss it). Every other node up is asked too (a scout): once
+//! segments have moved, fewer than a read quorum of the placement may be
+//! left, or members replaced long ago may be back holding the placement,
+//! and a node the PG moved to knows the membership it moved under. A
+//! scout's answer only ever raises the membership; the probe waits for
+//! the scouts of nodes up a little (as the seal waits for stragglers), not
+//! for nodes down. Every quorum after that is counted in each set:
 //! a write quorum is 4 of every set, and a chain's source bound is the
 //! old set's (the one set every committed record is on a write quorum of).
 
@@ -157,6 +163,22 @@ enum Ask {
         phase: Phase,
         sent: u64,
     },
+    /// A probe of a node that is not a member of the PG's membership.
+    Scout { pg: u32, node: u64, sent: u64 },
+}
+
+impl Ask {
+    fn pg(&self) -> u32 {
+        match *self {
+            Ask::Slot { pg, .. } | Ask::Scout { pg, .. } => pg,
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        match *self {
+            Ask::Slot { sent, .. } | Ask::Scout { sent, .. } => sent,
+        }
+    }
 }
 
 /// The recovery state machine. See the module documentation.
@@ -167,6 +189,9 @@ pub struct Recovery {
     pg_pages: u64,
     /// Per PG, the highest membership seen; `slots[pg][i]` is its member `i`.
     memberships: Vec<Membership>,
+    /// Per PG, the nodes outside its membership asked in the probe (or
+    /// being asked): each once while it stays up.
+    scouted: Vec<BTreeSet<u64>>,
     phase: Phase,
     slots: Vec<Vec<SlotState>>,
     up: BTreeSet<u64>,
@@ -175,6 +200,9 @@ pub struct Recovery {
     ticks: u64,
     /// The tick at which a write quorum of every PG had answered its seal.
     seal_quorum_at: Option<u64>,
+    /// The tick at which a read quorum of every set of every PG had
+    /// answered the probe.
+    probe_quorum_at: Option<u64>,
     next_request: u64,
     epoch: u64,
     floor: u64,
@@ -214,11 +242,13 @@ impl Recovery {
                 .map(|m| vec![SlotState::default(); m.members.len()])
                 .collect(),
             memberships,
+            scouted: vec![BTreeSet::new(); pgs],
             phase: Phase::Probe,
             up: BTreeSet::new(),
             pending: HashMap::new(),
             ticks: 0,
             seal_quorum_at: None,
+            probe_quorum_at: None,
             next_request: 1,
             epoch: 0,
             floor: 0,
@@ -338,13 +368,17 @@ impl Recovery {
         let lost: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, Ask::Slot { pg, slot, .. })| self.node_of(*pg as usize, *slot) == node)
+            .filter(|(_, ask)| self.node_of_ask(ask) == node)
             .map(|(&id, _)| id)
             .collect();
         for id in lost {
-            if let Some(Ask::Slot { pg, slot, .. }) = self.pending.remove(&id) {
-                self.slots[pg as usize][slot].asked = false;
+            if let Some(ask) = self.pending.remove(&id) {
+                self.forget_ask(ask);
             }
+        }
+        // Asked again if it comes back: it may have moved on meanwhile.
+        for scouted in &mut self.scouted {
+            scouted.remove(&node);
         }
         // A source that went down is replaced at once if another can serve.
         self.pick_sources();
@@ -361,12 +395,12 @@ impl Recovery {
         let stale: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, Ask::Slot { sent, .. })| ticks - sent >= REASK_TICKS)
+            .filter(|(_, ask)| ticks - ask.sent() >= REASK_TICKS)
             .map(|(&id, _)| id)
             .collect();
         for id in stale {
-            if let Some(Ask::Slot { pg, slot, .. }) = self.pending.remove(&id) {
-                self.slots[pg as usize][slot].asked = false;
+            if let Some(ask) = self.pending.remove(&id) {
+                self.forget_ask(ask);
             }
         }
         self.advance();
@@ -374,8 +408,14 @@ impl Recovery {
     }
 
     pub fn on_reply(&mut self, node: u64, request: u64, reply: Message) {
-        let Some(Ask::Slot { pg, slot, phase, .. }) = self.pending.remove(&request) else {
-            return;
+        let (pg, slot, phase) = match self.pending.remove(&request) {
+            Some(Ask::Slot { pg, slot, phase, .. }) => (pg, slot, phase),
+            Some(Ask::Scout { pg, node: asked, .. }) => {
+                debug_assert_eq!(asked, node);
+                self.on_scout_reply(pg as usize, node, reply);
+                return;
+            }
+            None => return,
         };
         debug_assert_eq!(self.node_of(pg as usize, slot), node);
         self.slots[pg as usize][slot].asked = false;
@@ -537,10 +577,56 @@ impl Recovery {
                     .map_or_else(SlotState::default, |i| slots[i])
             })
             .collect();
-        // Asks in flight name the old slots: asked again under the new ones.
-        self.pending.retain(|_, Ask::Slot { pg: p, .. }| *p as usize != pg);
+        // Asks in flight name the old slots: asked again under the new ones
+        // (and a scout still out is a probe of a member now, or of a node
+        // that may be scouted again).
+        self.pending.retain(|_, ask| ask.pg() as usize != pg);
         for s in &mut self.slots[pg] {
             s.asked = false;
+        }
+        self.scouted[pg].clear();
+    }
+
+    /// A scout's answer: a membership above the one held is adopted; any
+    /// other answer (no such segment, an older membership, a refusal) says
+    /// nothing the probe needs.
+    fn on_scout_reply(&mut self, pg: usize, node: u64, reply: Message) {
+        if self.phase != Phase::Probe {
+            return;
+        }
+        if let Message::SegmentStatus {
+            membership: Some(m), ..
+        } = reply
+            && m.epoch > self.memberships[pg].epoch
+        {
+            tracing::info!(
+                node,
+                pg,
+                epoch = m.epoch,
+                "a node outside the PG's membership knows a newer one"
+            );
+            self.adopt(pg, m);
+            self.advance();
+            self.ask_all();
+        }
+    }
+
+    /// The node an ask went to.
+    fn node_of_ask(&self, ask: &Ask) -> u64 {
+        match *ask {
+            Ask::Slot { pg, slot, .. } => self.node_of(pg as usize, slot),
+            Ask::Scout { node, .. } => node,
+        }
+    }
+
+    /// An ask that will not be answered (lost, or its node went down): what
+    /// it asked is asked again.
+    fn forget_ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Slot { pg, slot, .. } => self.slots[pg as usize][slot].asked = false,
+            Ask::Scout { pg, node, .. } => {
+                self.scouted[pg as usize].remove(&node);
+            }
         }
     }
 
@@ -558,8 +644,11 @@ impl Recovery {
             let sealed = self.phase == Phase::Seal
                 && self.quorum_everywhere(WRITE_QUORUM, |s| s.sealed.is_some())
                 && self.stragglers_done();
+            let probed = self.phase == Phase::Probe
+                && self.quorum_everywhere(READ_QUORUM, |s| s.probed.is_some())
+                && self.scouts_done();
             let next = match self.phase {
-                Phase::Probe if self.quorum_everywhere(READ_QUORUM, |s| s.probed.is_some()) => {
+                Phase::Probe if probed => {
                     let highest = self.slots.iter().flatten().filter_map(|s| s.probed).max().unwrap_or(0);
                     self.epoch = highest + 1;
                     Phase::Seal
@@ -701,8 +790,9 @@ impl Recovery {
                 );
                 // An answer still to come from the old source is not part
                 // of the new read.
-                self.pending.retain(|_, Ask::Slot { pg: p, slot, phase, .. }| {
-                    !(*p as usize == pg && *slot == old && *phase == Phase::Read)
+                self.pending.retain(|_, ask| {
+                    !matches!(*ask, Ask::Slot { pg: p, slot, phase, .. }
+                        if p as usize == pg && slot == old && phase == Phase::Read)
                 });
                 self.slots[pg][old].asked = false;
             }
@@ -819,6 +909,16 @@ impl Recovery {
         );
     }
 
+    /// Every node up asked outside a PG's membership has answered, or
+    /// [`STRAGGLER_TICKS`] have passed since a read quorum of every set of
+    /// every PG's membership had: a node the PG moved to is heard before
+    /// the membership is settled, unless it is stuck.
+    fn scouts_done(&mut self) -> bool {
+        let out = self.pending.values().any(|a| matches!(a, Ask::Scout { .. }));
+        let since = *self.probe_quorum_at.get_or_insert(self.ticks);
+        !out || self.ticks - since >= STRAGGLER_TICKS
+    }
+
     /// Every segment of a node up has answered its seal, or
     /// [`STRAGGLER_TICKS`] have passed since a write quorum of every PG had.
     fn stragglers_done(&mut self) -> bool {
@@ -894,6 +994,40 @@ impl Recovery {
                     }
                     self.outputs.push((node, request, msg));
                 }
+            }
+        }
+        if self.phase == Phase::Probe {
+            self.scout();
+        }
+    }
+
+    /// Probe every node up that is not a member of a PG's membership and
+    /// was not asked yet (see the module documentation).
+    fn scout(&mut self) {
+        for pg in 0..self.memberships.len() {
+            let members = &self.memberships[pg].members;
+            let new: Vec<u64> = (self.up.iter())
+                .filter(|&&n| !members.iter().any(|m| m.id == n) && !self.scouted[pg].contains(&n))
+                .copied()
+                .collect();
+            for node in new {
+                let request = self.next_request;
+                self.next_request += 1;
+                self.pending.insert(
+                    request,
+                    Ask::Scout {
+                        pg: pg as u32,
+                        node,
+                        sent: self.ticks,
+                    },
+                );
+                self.scouted[pg].insert(node);
+                let msg = Message::GetSegmentStatus {
+                    volume: self.volume,
+                    epoch: 0,
+                    pg: pg as u32,
+                };
+                self.outputs.push((node, request, msg));
             }
         }
     }

@@ -1705,15 +1705,21 @@ impl Sim {
                 match self.nodes[n as usize - 1].segments.get(&(pg as u32)) {
                     Some(s) => {
                         out += &format!(
-                            "\n  pg {pg} node {n}{}: epoch {} installed {} scl {} highest {} pgmrpl {} annulled {:?} writing {}",
+                            "\n  pg {pg} node {n}{}: epoch {} installed {} membership {:?} scl {} highest {} pgmrpl {} annulled {:?} writing {}",
                             if up { "" } else { " (down)" },
                             s.seg.epoch(),
                             s.seg.installed_epoch(),
+                            s.table.membership.as_ref().map(|m| m.epoch),
                             s.seg.scl(),
                             s.seg.highest_lsn(),
                             s.table.pgmrpl,
                             s.seg.annulled(),
                             s.seg.writing()
+                        );
+                        out += &format!(
+                            " gossip {:?} holes {:?}",
+                            self.nodes[n as usize - 1].gossip.counters(),
+                            s.seg.holes()
                         )
                     }
                     None => out += &format!("\n  pg {pg} node {n}: no segment"),

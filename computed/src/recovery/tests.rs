@@ -944,3 +944,145 @@ fn a_lagging_new_set_does_not_lower_the_bar_for_a_chain_source() {
     });
     assert_eq!(r.vdl, 8, "1-8 were committed");
 }
+
+/// Each PG moved off four of the nodes the cluster file places it on (3–6
+/// replaced by 7–10, one change after another, while 1 and 2 were down:
+/// they still hold the placement), and those four are gone: only 2 of the
+/// placement answer, fewer than a read quorum of it, and neither knows of
+/// the changes. The nodes the PG moved to are asked too, and the
+/// membership they hold is adopted; recovery then needs a read quorum of
+/// it, not of the placement, and ends with the committed records on a
+/// write quorum of it.
+#[test]
+fn a_pg_moved_off_most_of_its_placement_is_found_on_the_nodes_it_moved_to() {
+    let mut m = placement()[0].clone();
+    for (old, new) in [(3, 7), (4, 8), (5, 9), (6, 10)] {
+        m = crate::membership::finish(
+            &crate::membership::plan(0, &m, &crate::membership::Change::Replace { old, new: node(new) }).unwrap(),
+        );
+    }
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    for n in [7, 8, 9, 10] {
+        f.told(n, &m, 8);
+    }
+    let up = [1, 2, 7, 8, 9, 10];
+    let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+    for &n in &up {
+        r.node_up(n);
+    }
+    f.pump(&mut r, &up, 300, |_, _| {});
+    let done = r
+        .recovered()
+        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
+    assert_eq!(done.vdl, 8);
+    for pg in 0..2 {
+        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
+        assert!(on_write_quorum_of_every_set(
+            &f,
+            &m,
+            done.epoch,
+            pg as u32,
+            done.pgs[pg].tail
+        ));
+    }
+}
+
+/// A node asked outside the membership that holds an older one (a member
+/// replaced long ago, still up with its segment) or no segment changes
+/// nothing: the membership the members hold is the one recovered, and the
+/// node is sent nothing but the probe.
+#[test]
+fn a_node_outside_the_membership_with_an_older_one_changes_nothing() {
+    let m = crate::membership::finish(&dual());
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    for n in [1, 2, 3, 4, 5, 7] {
+        f.told(n, &m, 8);
+    }
+    // Node 6 keeps the placement's membership (epoch 1); node 8 holds nothing.
+    let up = [1, 2, 3, 4, 5, 6, 7, 8];
+    let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+    for &n in &up {
+        r.node_up(n);
+    }
+    let mut sent_outside = Vec::new();
+    f.pump(&mut r, &up, 300, |node, msg| {
+        if node == 8 || node == 6 {
+            sent_outside.push((node, msg.kind()));
+        }
+    });
+    let done = r
+        .recovered()
+        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
+    assert_eq!(done.vdl, 8);
+    for pg in 0..2 {
+        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
+    }
+    assert!(
+        sent_outside
+            .iter()
+            .all(|(_, k)| *k == storaged::proto::MessageType::GetSegmentStatus),
+        "{sent_outside:?}"
+    );
+    assert!(
+        !f.segs.contains_key(&(8, 0)),
+        "no segment made on a node outside the membership"
+    );
+}
+
+/// Every member the cluster file places was replaced (1–6 by 7–12), and
+/// records 9–12 were committed since, on the new members only. The old
+/// members come back holding the placement's membership and records 1–8:
+/// a read quorum of the placement, which shows nothing newer. The new
+/// members' answers come a round later; the probe waits for them, adopts
+/// their membership, and keeps 9–12.
+#[test]
+fn replaced_members_back_with_the_placement_do_not_hide_the_membership_in_force() {
+    let mut m = placement()[0].clone();
+    for old in 1..=6 {
+        let change = crate::membership::Change::Replace {
+            old,
+            new: node(old + 6),
+        };
+        m = crate::membership::finish(&crate::membership::plan(0, &m, &change).unwrap());
+    }
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    for n in 7..=12 {
+        f.told(n, &m, 12);
+    }
+    let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+    for n in 1..=12 {
+        r.node_up(n);
+    }
+    // What goes to 7–12 is answered one round late.
+    let (mut out, mut late) = (Vec::new(), Vec::new());
+    for _ in 0..300 {
+        r.take_outputs(&mut out);
+        if out.is_empty() && late.is_empty() {
+            r.tick();
+            r.take_outputs(&mut out);
+        }
+        let due = std::mem::take(&mut late);
+        for (node, request, msg) in out.drain(..) {
+            if node > 6 {
+                late.push((node, request, msg));
+            } else {
+                let reply = f.answer(node, msg);
+                r.on_reply(node, request, reply);
+            }
+        }
+        for (node, request, msg) in due {
+            let reply = f.answer(node, msg);
+            r.on_reply(node, request, reply);
+        }
+        if r.recovered().is_some() {
+            break;
+        }
+    }
+    let done = r
+        .recovered()
+        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
+    assert_eq!(done.vdl, 12, "records committed under the newer membership are kept");
+    for pg in 0..2 {
+        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
+    }
+}
