@@ -24,8 +24,12 @@
 #                --fg-runtime seconds with every node up and nothing to
 #                repair (the baseline); then node 6 is killed, --mib MiB
 #                committed, the donors left to settle, and the same load
-#                run while node 6 catches up at full rate (started
-#                together); p99 commit latency of each, and the ratio.
+#                run twice: with node 6 back but its repair held to
+#                4 KiB/s (it takes appends it cannot count for the
+#                quorum; what a segment behind costs apart from its
+#                repair's traffic), then, node 6 restarted as usual, while
+#                it catches up at full rate (started together); p99
+#                commit latency of each, and the ratios.
 #
 # Usage: benches/catch-up.sh [options]
 #   --mib N            MiB committed while node 6 is down (512)
@@ -38,7 +42,8 @@
 #   --no-build         use the existing target/release binaries
 #   -h, --help         this text
 # Env: CARGO_TARGET_DIR; KEEP_RUN=1 keeps the run directory (logs) at the end;
-# NODE6_CONFIG=FILE starts node 6 with `storaged run --config FILE`.
+# NODE6_CONFIG=FILE starts node 6 with `storaged run --config FILE` (not in
+# the held run, which has a config of its own).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -93,7 +98,12 @@ log "starting a 6-node dev cluster with one PG in $RUN (devices of $DEVICE_SIZE)
 sed -i 's/^\[computed\]$/[computed]\npg_held_bytes_max = "1m"/' "$CLUSTER"
 "$BIN/storctl" dev-cluster up --dir "$RUN" --keep >/dev/null
 
-RATES=(); RECORD_RATES=(); BASE=(); DURING=()
+# Node 6 back, its repair held: a pull (and a hydration's batch) of 4 KiB
+# a second after what the budget's first second lets through.
+HELD_CONFIG="$RUN/held.toml"
+printf 'repair_rate_bytes_per_s = 4096\nrepair_pull_bytes_max = 4096\nrepair_inflight_bytes_max = 4096\n' >"$HELD_CONFIG"
+
+RATES=(); RECORD_RATES=(); BASE=(); HELD=(); DURING=()
 for round in $(seq 1 "$ROUNDS"); do
     log "round $round: catch-up of $MIB MiB"
     kill_node6
@@ -117,18 +127,26 @@ for round in $(seq 1 "$ROUNDS"); do
     kill_node6
     commit_bytes "$MIB" >/dev/null
     donors_settle
+    start_node 6 held "$HELD_CONFIG"
+    held=$(foreground "$FG_RUNTIME")
+    stop_node 6
     start_node6
     during=$(foreground "$FG_RUNTIME")
     until node6_caught_up; do sleep 0.05; done
-    BASE+=("$base"); DURING+=("$during")
-    log "  p99 $base µs alone, $during µs during catch-up"
+    BASE+=("$base"); HELD+=("$held"); DURING+=("$during")
+    log "  p99 $base µs alone, $held µs with node 6 back and its repair held, $during µs during catch-up"
 done
 
-R=$(median "${RATES[@]}"); RR=$(median "${RECORD_RATES[@]}"); B=$(median "${BASE[@]}"); D=$(median "${DURING[@]}")
+R=$(median "${RATES[@]}"); RR=$(median "${RECORD_RATES[@]}"); B=$(median "${BASE[@]}")
+H=$(median "${HELD[@]}"); D=$(median "${DURING[@]}")
 RATIO=$(python3 -c "print(round($D / $B, 2))")
-printf '%-38s %12s\n' "catch-up rate (MB/s of records lacked)" "$RR" \
+HELD_RATIO=$(python3 -c "print(round($H / $B, 2))")
+REPAIR_RATIO=$(python3 -c "print(round($D / $H, 2))")
+printf '%-44s %12s\n' "catch-up rate (MB/s of records lacked)" "$RR" \
     "catch-up rate (MB/s hydrated)" "$R" "foreground p99 alone (µs)" "$B" \
-    "foreground p99 during catch-up (µs)" "$D" "p99 ratio during / alone" "$RATIO"
-J=$(printf '{"mib":%s,"rounds":%s,"catch_up_records_mb_per_s":%s,"catch_up_mb_per_s":%s,"fg_p99_us":%s,"fg_p99_during_catch_up_us":%s,"p99_ratio":%s}' \
-    "$MIB" "$ROUNDS" "$RR" "$R" "$B" "$D" "$RATIO")
+    "foreground p99, node 6 back, repair held (µs)" "$H" \
+    "foreground p99 during catch-up (µs)" "$D" "p99 ratio during / alone" "$RATIO" \
+    "p99 ratio held / alone" "$HELD_RATIO" "p99 ratio during / held" "$REPAIR_RATIO"
+J=$(printf '{"mib":%s,"rounds":%s,"catch_up_records_mb_per_s":%s,"catch_up_mb_per_s":%s,"fg_p99_us":%s,"fg_p99_repair_held_us":%s,"fg_p99_during_catch_up_us":%s,"p99_ratio":%s,"p99_ratio_held":%s,"p99_ratio_during_held":%s}' \
+    "$MIB" "$ROUNDS" "$RR" "$R" "$B" "$H" "$D" "$RATIO" "$HELD_RATIO" "$REPAIR_RATIO")
 if [ "$JSON_OUT" = "-" ]; then echo "$J"; elif [ -n "$JSON_OUT" ]; then echo "$J" >"$JSON_OUT"; fi
