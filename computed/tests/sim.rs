@@ -1720,7 +1720,12 @@ impl Sim {
                             " gossip {:?} holes {:?}",
                             self.nodes[n as usize - 1].gossip.counters(),
                             s.seg.holes()
-                        )
+                        );
+                        // Past the SCL: the lowest record held, and what it links to.
+                        let past = s.seg.logged_through(u64::MAX);
+                        if let Some((lsn, meta)) = past.iter().find(|(l, _)| *l > s.seg.scl()) {
+                            out += &format!(" first past the SCL {lsn} (links to {})", meta.prev_lsn_pg);
+                        }
                     }
                     None => out += &format!("\n  pg {pg} node {n}: no segment"),
                 }
