@@ -977,22 +977,17 @@ impl Recovery {
                     continue;
                 }
                 if let Some(msg) = self.request_for(pg, slot) {
-                    let request = self.next_request;
-                    self.next_request += 1;
-                    self.pending.insert(
-                        request,
-                        Ask::Slot {
-                            pg: pg as u32,
-                            slot,
-                            phase: self.phase,
-                            sent: self.ticks,
-                        },
-                    );
                     self.slots[pg][slot].asked = true;
                     if matches!(msg, Message::GetSegmentStatus { .. }) {
                         self.slots[pg][slot].status_at = Some(self.ticks);
                     }
-                    self.outputs.push((node, request, msg));
+                    let ask = Ask::Slot {
+                        pg: pg as u32,
+                        slot,
+                        phase: self.phase,
+                        sent: self.ticks,
+                    };
+                    self.send(node, ask, msg);
                 }
             }
         }
@@ -1011,25 +1006,28 @@ impl Recovery {
                 .copied()
                 .collect();
             for node in new {
-                let request = self.next_request;
-                self.next_request += 1;
-                self.pending.insert(
-                    request,
-                    Ask::Scout {
-                        pg: pg as u32,
-                        node,
-                        sent: self.ticks,
-                    },
-                );
                 self.scouted[pg].insert(node);
+                let ask = Ask::Scout {
+                    pg: pg as u32,
+                    node,
+                    sent: self.ticks,
+                };
                 let msg = Message::GetSegmentStatus {
                     volume: self.volume,
                     epoch: 0,
                     pg: pg as u32,
                 };
-                self.outputs.push((node, request, msg));
+                self.send(node, ask, msg);
             }
         }
+    }
+
+    /// Sends `msg` to `node` under a new request id, remembered as `ask`.
+    fn send(&mut self, node: u64, ask: Ask, msg: Message) {
+        let request = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(request, ask);
+        self.outputs.push((node, request, msg));
     }
 
     /// What slot `slot` of `pg` is to be asked in this phase, if anything.

@@ -801,6 +801,24 @@ impl Fake {
     }
 }
 
+/// `r` finished at VDL `vdl` with every PG at membership `m`, each PG's
+/// tail on a write quorum of every set of it.
+fn recovered_at(r: &Recovery, f: &Fake, m: &Membership, vdl: u64) -> Recovered {
+    let done = r
+        .recovered()
+        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
+    assert_eq!(done.vdl, vdl);
+    for pg in 0..2 {
+        assert_eq!(done.pgs[pg].membership, *m, "pg {pg}");
+        let tail = done.pgs[pg].tail;
+        assert!(
+            on_write_quorum_of_every_set(f, m, done.epoch, pg as u32, tail),
+            "pg {pg}: tail {tail} is not on a write quorum of every set"
+        );
+    }
+    done
+}
+
 /// The tail of PG `pg` is on a write quorum of every set of `m` (at the
 /// recovery's epoch).
 fn on_write_quorum_of_every_set(f: &Fake, m: &Membership, epoch: u64, pg: u32, tail: u64) -> bool {
@@ -846,20 +864,9 @@ fn a_dual_membership_seen_in_the_probe_needs_a_read_quorum_of_both_sets() {
     up.push(7);
     r.node_up(7);
     f.pump(&mut r, &up, 200, |_, _| {});
-    let done = r
-        .recovered()
-        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
-    assert_eq!(done.vdl, 8);
+    let done = recovered_at(&r, &f, &m, 8);
     for pg in 0..2 {
-        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
         assert_eq!(done.pgs[pg].scls.len(), 7, "an SCL for each member of either set");
-        assert!(on_write_quorum_of_every_set(
-            &f,
-            &m,
-            done.epoch,
-            pg as u32,
-            done.pgs[pg].tail
-        ));
     }
 }
 
@@ -971,20 +978,7 @@ fn a_pg_moved_off_most_of_its_placement_is_found_on_the_nodes_it_moved_to() {
         r.node_up(n);
     }
     f.pump(&mut r, &up, 300, |_, _| {});
-    let done = r
-        .recovered()
-        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
-    assert_eq!(done.vdl, 8);
-    for pg in 0..2 {
-        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
-        assert!(on_write_quorum_of_every_set(
-            &f,
-            &m,
-            done.epoch,
-            pg as u32,
-            done.pgs[pg].tail
-        ));
-    }
+    recovered_at(&r, &f, &m, 8);
 }
 
 /// A node asked outside the membership that holds an older one (a member
@@ -1010,13 +1004,7 @@ fn a_node_outside_the_membership_with_an_older_one_changes_nothing() {
             sent_outside.push((node, msg.kind()));
         }
     });
-    let done = r
-        .recovered()
-        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
-    assert_eq!(done.vdl, 8);
-    for pg in 0..2 {
-        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
-    }
+    recovered_at(&r, &f, &m, 8);
     assert!(
         sent_outside
             .iter()
@@ -1078,11 +1066,6 @@ fn replaced_members_back_with_the_placement_do_not_hide_the_membership_in_force(
             break;
         }
     }
-    let done = r
-        .recovered()
-        .unwrap_or_else(|| panic!("recovery did not finish: {}", r.progress()));
-    assert_eq!(done.vdl, 12, "records committed under the newer membership are kept");
-    for pg in 0..2 {
-        assert_eq!(done.pgs[pg].membership, m, "pg {pg}");
-    }
+    // Records 9–12, committed under the newer membership, are kept.
+    recovered_at(&r, &f, &m, 12);
 }
