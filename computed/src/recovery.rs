@@ -143,6 +143,8 @@ struct SlotState {
     asked: bool,
     /// The tick its status was last asked at while it was behind the floor.
     status_at: Option<u64>,
+    /// The membership epoch its last status showed (0: none).
+    membership_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -434,6 +436,9 @@ impl Recovery {
             return;
         }
         let p = pg as usize;
+        if let Message::SegmentStatus { membership, .. } = &reply {
+            self.slots[p][slot].membership_epoch = Some(membership.as_ref().map_or(0, |m| m.epoch));
+        }
         match (phase, reply) {
             (Phase::Probe, Message::SegmentStatus { epoch, membership, .. }) => {
                 self.slots[p][slot].probed = Some(epoch);
@@ -978,7 +983,7 @@ impl Recovery {
                 }
                 if let Some(msg) = self.request_for(pg, slot) {
                     self.slots[pg][slot].asked = true;
-                    if matches!(msg, Message::GetSegmentStatus { .. }) {
+                    if matches!(msg, Message::GetSegmentStatus { .. } | Message::SetMembership { .. }) {
                         self.slots[pg][slot].status_at = Some(self.ticks);
                     }
                     let ask = Ask::Slot {
@@ -1091,7 +1096,23 @@ impl Recovery {
                     // elsewhere (storage-side repair); the quorum does without
                     // it, unless it has to wait for it. Gossip repair raises
                     // its SCL with no answer to recovery: asked now and then.
+                    // Gossip runs only between segments that hold the same
+                    // membership, so one that does not (a new member, a
+                    // segment the seal created) is told it first: the
+                    // writer that would tell it waits for this recovery.
                     let due = s.status_at.is_none_or(|at| self.ticks >= at + REASK_TICKS);
+                    let membership = &self.memberships[pg];
+                    if s.membership_epoch.is_some_and(|e| e < membership.epoch) {
+                        return due.then(|| Message::SetMembership {
+                            volume,
+                            epoch: self.epoch,
+                            pg: pg_no,
+                            page_bytes: self.page_bytes,
+                            pg_pages: self.pg_pages,
+                            membership: membership.clone(),
+                            annulled: self.ranges.clone(),
+                        });
+                    }
                     return due.then_some(Message::GetSegmentStatus {
                         volume,
                         epoch: self.epoch,

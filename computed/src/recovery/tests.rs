@@ -180,6 +180,13 @@ impl Fake {
                     incarnation: s.incarnation,
                 }
             }
+            Message::SetMembership { pg, membership, .. } => match self.segs.get_mut(&(node, pg)) {
+                Some(s) => {
+                    s.membership = Some(membership);
+                    s.status(pg)
+                }
+                None => unknown(),
+            },
             other => panic!("recovery sent {other:?}"),
         }
     }
@@ -708,8 +715,8 @@ fn segments_sealed_while_chains_are_read_can_serve() {
 
 /// Recovery's write quorum needs a segment behind the floor (what it lacks
 /// is only in its peers): gossip repair catches it up with no answer to
-/// recovery, so recovery asks its status now and then, and ends once it
-/// holds the chain.
+/// recovery, so recovery tells it the PG's membership (it had none) and
+/// asks its status now and then, and ends once it holds the chain.
 #[test]
 fn a_segment_behind_the_floor_repaired_by_its_peers_completes_recovery() {
     let mut f = Fake::holding(
@@ -719,6 +726,15 @@ fn a_segment_behind_the_floor_repaired_by_its_peers_completes_recovery() {
     let up = [1, 2, 3, 4];
     let mut r = f.partial_recovery(&up, |_, _| true);
     assert!(r.recovered().is_none(), "3 segments hold the chain: {}", r.progress());
+    // Its gossip runs only with the PG's membership, which the writer that
+    // would send it waits for this recovery: recovery tells it.
+    for pg in 0..2u32 {
+        assert_eq!(
+            f.segs[&(4, pg)].membership.as_ref(),
+            Some(&placement()[pg as usize]),
+            "pg {pg}"
+        );
+    }
     // Gossip repair: node 4 pulls every record from its peers.
     for pg in 0..2u32 {
         let mine: Vec<RedoRecord> = (1..=10).map(history).filter(|x| x.segment.pg == pg).collect();
