@@ -781,6 +781,16 @@ fn dual() -> Membership {
 }
 
 impl Fake {
+    /// The segments on `nodes` hold the membership the cluster file places,
+    /// as the first writer told it.
+    fn placed(&mut self, nodes: impl IntoIterator<Item = u64>) {
+        for node in nodes {
+            for pg in 0..2u32 {
+                self.segs.get_mut(&(node, pg)).unwrap().membership = Some(placement()[pg as usize].clone());
+            }
+        }
+    }
+
     /// Every PG's segment on `node` holds `m` and the volume's history up
     /// to `upto` (created if the node held none).
     fn told(&mut self, node: u64, m: &Membership, upto: u64) {
@@ -985,6 +995,7 @@ fn a_pg_moved_off_most_of_its_placement_is_found_on_the_nodes_it_moved_to() {
         );
     }
     let mut f = Fake::holding(|_| 8, |_| 0);
+    f.placed([1, 2]);
     for n in [7, 8, 9, 10] {
         f.told(n, &m, 8);
     }
@@ -1009,6 +1020,7 @@ fn a_node_outside_the_membership_with_an_older_one_changes_nothing() {
         f.told(n, &m, 8);
     }
     // Node 6 keeps the placement's membership (epoch 1); node 8 holds nothing.
+    f.placed([6]);
     let up = [1, 2, 3, 4, 5, 6, 7, 8];
     let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
     for &n in &up {
@@ -1050,6 +1062,7 @@ fn replaced_members_back_with_the_placement_do_not_hide_the_membership_in_force(
         m = crate::membership::finish(&crate::membership::plan(0, &m, &change).unwrap());
     }
     let mut f = Fake::holding(|_| 8, |_| 0);
+    f.placed(1..=6);
     for n in 7..=12 {
         f.told(n, &m, 12);
     }
