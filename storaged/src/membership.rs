@@ -118,6 +118,31 @@ impl Membership {
         self.old != self.new
     }
 
+    /// Whether `node`, taking this membership over `held` (the one its
+    /// segment of the PG stored last, if any), comes back into the PG after
+    /// being out of it, so that what it holds of the PG's records may be
+    /// stale: it is in the new set and not in the old one (it is being
+    /// added), and `held` is not the step just before this one with the
+    /// node in it. While a node is in a PG's membership, a recovery's
+    /// truncation range is kept until the node has applied it; once it is
+    /// out, a range may be dropped without it, and it can never learn which
+    /// of its records that range annulled. A node added to the change it
+    /// was already joining, one step later, was a member throughout.
+    pub fn rejoins(&self, node: u64, held: Option<&Membership>) -> bool {
+        let continuing = held.is_some_and(|h| h.epoch + 1 == self.epoch && h.is_member(node));
+        self.is_added(node) && !continuing
+    }
+
+    /// `node` is in the new set and not in the old one: the change adds it.
+    /// A writer counts such a node only once it has taken this membership
+    /// (taking it may make the node drop what it held: [`Self::rejoins`]).
+    pub fn is_added(&self, node: u64) -> bool {
+        self.members
+            .iter()
+            .position(|m| m.id == node)
+            .is_some_and(|i| self.new & (1 << i) != 0 && self.old & (1 << i) == 0)
+    }
+
     /// Every member but `me`.
     pub fn peers(&self, me: u64) -> impl Iterator<Item = &Member> + '_ {
         self.members.iter().filter(move |m| m.id != me)
@@ -216,6 +241,52 @@ mod tests {
         assert_eq!(out.len(), MEMBERSHIP_BYTES);
         assert_eq!(Membership::decode(&out).unwrap(), Some(m));
         assert_eq!(Membership::decode(&[0; MEMBERSHIP_BYTES]).unwrap(), None);
+    }
+
+    /// `base` at `epoch`, with member `out` replaced by `with` in its new set.
+    fn replacing(epoch: u64, base: &Membership, out: u64, with: u64) -> Membership {
+        let mut m = base.clone();
+        m.epoch = epoch;
+        let i = m.members.iter().position(|x| x.id == out).unwrap();
+        m.members.push(Member {
+            id: with,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + with as u16)),
+        });
+        m.new = (m.new & !(1 << i)) | (1 << (m.members.len() - 1));
+        m.check().unwrap();
+        m
+    }
+
+    #[test]
+    fn a_node_added_back_after_being_out_of_the_pg_rejoins() {
+        let placed = Membership::single(1, six(1));
+        // Node 7 joins in a change from the placement: whatever it holds
+        // of the PG is from before.
+        let adding = replacing(2, &placed, 6, 7);
+        assert!(adding.rejoins(7, None));
+        // Members of the old set, and nodes not in it, do not.
+        assert!(!adding.rejoins(1, Some(&placed)));
+        assert!(!adding.rejoins(6, Some(&placed)));
+        assert!(!adding.rejoins(9, None));
+        // The change it joins goes on one step later (a second failure
+        // replaces another member too): it was in it throughout.
+        let nested = replacing(3, &adding, 5, 8);
+        assert!(!nested.rejoins(7, Some(&adding)));
+        assert!(nested.rejoins(8, Some(&adding)));
+        // Node 6 left for good (epoch 3), and is added back at epoch 5:
+        // it stored the placement, two steps and more behind.
+        let mut left = adding.members.clone();
+        left.retain(|m| m.id != 6);
+        let done = Membership::single(3, left);
+        let back = replacing(5, &done, 5, 6);
+        assert!(back.rejoins(6, Some(&placed)));
+        // The same change again after an abort: the node stored the first
+        // try, two steps behind, and was out between.
+        let again = Membership {
+            epoch: 4,
+            ..adding.clone()
+        };
+        assert!(again.rejoins(7, Some(&adding)));
     }
 
     #[test]

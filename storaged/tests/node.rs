@@ -746,8 +746,12 @@ fn gossip_requests_are_answered_for_member_storage_nodes_only() {
 
 /// A writer's appends and reads name the PG's membership epoch as the
 /// writer has it: one below the segment's is refused with the segment's
-/// epoch, and stores nothing; the same, a higher one (a writer that has
-/// not told this segment yet) or 0 (not checked) are served.
+/// epoch, and stores nothing; the same, or 0 (not checked) are served. A
+/// higher one is from a writer that has not told this segment yet: a read
+/// is served, an append only at the next epoch (the node is a member of
+/// the one it holds); further ahead it is refused, naming the lower epoch
+/// the segment holds, until the writer tells it (the telling may make a
+/// node that rejoins the PG drop what it holds).
 #[test]
 fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch() {
     let dir = tempdir();
@@ -767,6 +771,15 @@ fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch()
             records: vec![WireRecord::new(rec(0, lsn, lsn - 1, lsn as u8))],
         };
         match writer.request(append_at(2, 1)).await.unwrap() {
+            Message::Error {
+                code: ErrorCode::StaleMembership,
+                current_epoch: 3,
+                ..
+            } => {}
+            other => panic!("expected StaleMembership naming epoch 3, got {other:?}"),
+        }
+        assert_eq!(status(&writer, 0).await.0, 0, "the refused record was not stored");
+        match writer.request(append_at(5, 1)).await.unwrap() {
             Message::Error {
                 code: ErrorCode::StaleMembership,
                 current_epoch: 3,

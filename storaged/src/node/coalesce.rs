@@ -115,7 +115,10 @@ impl Node {
             let st = self.state();
             st.segments
                 .iter()
-                .filter(|(_, s)| s.extent.is_some() && !s.rebuilding() && s.coalesce_target() > s.coalesced_lsn)
+                .filter(|(_, s)| {
+                    // (Not while a rejoining node drops what it held.)
+                    s.extent.is_some() && !s.rebuilding() && !s.forgetting && s.coalesce_target() > s.coalesced_lsn
+                })
                 .max_by_key(|(_, s)| s.hot.bytes())
                 .map(|(&id, _)| id)
         };

@@ -120,7 +120,7 @@ impl Node {
         if annulled.len() > crate::segment::ANNULLED_RANGES_MAX {
             return Err(SegmentError::TooManyRanges(annulled.len()).into());
         }
-        let unchanged = {
+        let (unchanged, rejoins) = {
             let mut st = self.state();
             let created = !st.segments.contains_key(&id);
             let s = st.seg_or_create(id, epoch, geometry, self.config.gap_records_max, "membership")?;
@@ -138,10 +138,14 @@ impl Node {
             if let Some(held) = &s.membership {
                 check_membership_change(held, &membership)?;
             }
-            s.membership.as_ref() == Some(&membership)
+            let rejoins = !created && membership.rejoins(self.node_id, s.membership.as_ref());
+            (s.membership.as_ref() == Some(&membership), rejoins)
         };
         if unchanged {
             return self.status(id, 0);
+        }
+        if rejoins {
+            self.forget_before_rejoining(id, membership.epoch).await?;
         }
         // The segment with its extent first, for one the table does not hold
         // yet (at the epoch it has: this request adopts none).
@@ -179,6 +183,76 @@ impl Node {
             }
         }
         self.status(id, 0)
+    }
+
+    /// The node comes back into segment `id`'s PG (see
+    /// [`Membership::rejoins`]): the records it holds above its coalesced
+    /// LSN may be of a branch a recovery annulled while it was out, which
+    /// it was never told and the writer no longer names, so it drops them
+    /// all and takes the chain above its floor from its peers again, as a
+    /// segment that was down does. Its page versions are sound: coalescing
+    /// never goes past the PGMRPL, and a record at or below one was
+    /// committed, so never annulled. (Kept, the stale records would come
+    /// back into the chain once the node installs the writer's epoch, be
+    /// coalesced under its PGMRPL, and the writer's next record, linking
+    /// below them, would never join it.) What it drops was acknowledged
+    /// while it was a member before; the membership it left holds it.
+    ///
+    /// As a truncation does: appends wait (`Forgetting`), the records let
+    /// in before are written first, an annulment in the log makes start-up
+    /// drop what the log holds of them, then memory follows. It happens
+    /// before the table takes the new membership: a crash between leaves
+    /// the old one, and the writer tells the node again.
+    async fn forget_before_rejoining(&self, id: SegmentId, membership_epoch: u64) -> Result<(), NodeError> {
+        let _fencing = self.fencing.lock().await;
+        self.state().seg_mut(id)?.forgetting = true;
+        let result = async {
+            let waited = tokio::time::Instant::now();
+            while self.state().seg(id)?.seg.writing() {
+                if waited.elapsed() > super::TRUNCATE_WAIT_MAX {
+                    return Err(NodeError::TruncationWaited(waited.elapsed()));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let (scl, range) = {
+                let st = self.state();
+                let s = st.seg(id)?;
+                (s.seg.scl(), (s.coalesced_lsn + 1, s.seg.highest_lsn()))
+            };
+            if range.1 < range.0 || self.state().seg(id)?.seg.records_held() == 0 {
+                return Ok(());
+            }
+            let annulment = crate::record::Annulment {
+                segment: id,
+                ranges: vec![range],
+            };
+            self.log.append_many(vec![annulment.encode()]).await?;
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            let mut freed = 0;
+            let mut dropped = 0usize;
+            for (lsn, page) in s.seg.annul(&[range]) {
+                freed += s.hot.remove(page, lsn);
+                dropped += 1;
+            }
+            st.hot_bytes -= freed;
+            tracing::warn!(
+                volume = id.volume,
+                pg = id.pg,
+                membership_epoch,
+                was_scl = scl,
+                floor = range.0 - 1,
+                dropped,
+                "node rejoins the PG: dropped the records it held from before, which a recovery may have \
+                 annulled meanwhile; its peers fill the chain above its floor again"
+            );
+            Ok(())
+        }
+        .await;
+        if let Ok(s) = self.state().seg_mut(id) {
+            s.forgetting = false;
+        }
+        result
     }
 
     /// Every segment that has a membership: (id, the gossip core's Local for

@@ -171,6 +171,8 @@ pub enum NodeError {
     TruncationWaited(std::time::Duration),
     #[error("{held} bytes of records wait to be coalesced, the node's limit; try again later")]
     Overloaded { held: usize },
+    #[error("the segment is dropping the records it held from before its node rejoined the PG; try again")]
+    Forgetting,
     #[error("the log is full ({free_blocks} of {log_blocks} blocks free) and nothing can be released yet")]
     LogFull { free_blocks: u64, log_blocks: u64 },
     #[error(
@@ -229,7 +231,8 @@ impl NodeError {
             NodeError::Overloaded { .. }
             | NodeError::LogFull { .. }
             | NodeError::PageStoreFull { .. }
-            | NodeError::TruncationWaited(_) => (ErrorCode::Overloaded, 0),
+            | NodeError::TruncationWaited(_)
+            | NodeError::Forgetting => (ErrorCode::Overloaded, 0),
             NodeError::NotMember { .. } => (ErrorCode::NotMember, 0),
             NodeError::StaleMembership { current, .. } => (ErrorCode::StaleMembership, *current),
             NodeError::BadMembership(_) | NodeError::MembershipConflict(_) | NodeError::PulledAnnulled { .. } => {
@@ -280,7 +283,7 @@ fn same_geometry(id: SegmentId, held: PageGeometry, asked: PageGeometry, what: &
 
 /// How long a truncation waits for the segment's records already let in to
 /// reach the log before it gives up (the recovering writer asks again).
-const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Striped locks over page versions; a power of two.
 const PAGE_STRIPES: usize = 64;
 
@@ -352,6 +355,9 @@ struct SegState {
     slots: Vec<u8>,
     /// A hydration is under way (see [`hydrate`]): pages are not served.
     hydration: Option<hydrate::Hydration>,
+    /// Records are being dropped because the node rejoins the PG
+    /// (`Node::forget_before_rejoining`): appends wait until it is done.
+    forgetting: bool,
     /// The PG's membership as the table durably holds it (see [`gossip`]).
     membership: Option<Membership>,
     /// The page-version index (see [`index`]), and its blocks changed in
@@ -379,6 +385,7 @@ impl SegState {
             damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
             hydration: None,
+            forgetting: false,
             membership: None,
             index: Default::default(),
             index_dirty: BTreeSet::new(),
@@ -995,6 +1002,9 @@ impl Node {
                 self.coalesce_wake.notify_one();
             }
             let s = st.seg_mut(id)?;
+            if s.forgetting {
+                return Err(NodeError::Forgetting);
+            }
             // Again, under the same lock as the admission: a newer epoch may
             // have arrived while this one was being made durable.
             s.seg.check_epoch(epoch)?;

@@ -301,6 +301,30 @@ fn check_membership_epoch(node: &Node, id: SegmentId, got: u64) -> Result<(), No
     }
 }
 
+/// An append names a membership epoch above the segment's: the writer has
+/// not told this segment yet. Taken only when the step is the next one
+/// with this node already a member (`Membership::rejoins` can then not
+/// hold of it); otherwise refused (`StaleMembership`, with the lower
+/// epoch the segment holds) until the telling is taken. The telling may
+/// make the node drop what it holds, having rejoined the PG
+/// (`Node::forget_before_rejoining`); records it acknowledged to this
+/// writer before would go with it, and the writer counts them.
+fn check_append_membership(node: &Node, id: SegmentId, got: u64) -> Result<(), NodeError> {
+    check_membership_epoch(node, id, got)?;
+    if got == 0 {
+        return Ok(());
+    }
+    let st = node.state();
+    let held = st.segments.get(&id).and_then(|s| s.membership.as_ref());
+    match held {
+        Some(h) if h.epoch >= got || (h.epoch + 1 == got && h.is_member(node.node_id)) => Ok(()),
+        _ => Err(NodeError::StaleMembership {
+            got,
+            current: held.map_or(0, |h| h.epoch),
+        }),
+    }
+}
+
 async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
     let result = match msg {
         Message::Append {
@@ -314,7 +338,7 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
         } => {
             let started = std::time::Instant::now();
             let id = SegmentId { volume, pg };
-            let result = match check_membership_epoch(node, id, membership_epoch) {
+            let result = match check_append_membership(node, id, membership_epoch) {
                 Ok(()) => {
                     node.append(id, epoch, PageGeometry { page_bytes, pg_pages }, records)
                         .await
