@@ -278,6 +278,12 @@ struct Slot {
     /// Highest membership epoch the segment said it holds.
     held_epoch: u64,
     told: Told,
+    /// The epoch of the last membership that added the node to the PG (0:
+    /// a member from the start). Taking that membership may make the node
+    /// drop what it held (a node rejoining the PG), so only what it
+    /// reports having taken it counts (`on_report`): a report made before
+    /// can arrive after.
+    joined_epoch: u64,
     scl: u64,
     /// The node's incarnation `scl` was reported under (None: not heard
     /// from since this writer started).
@@ -333,6 +339,9 @@ enum Pending {
         slot: usize,
         bytes: usize,
         sent_us: u64,
+        /// The membership epoch it named: a segment that takes it holds
+        /// that membership, or the one just before as a member.
+        membership_epoch: u64,
     },
     Read {
         read: u64,
@@ -409,6 +418,12 @@ pub struct Writer<T> {
 }
 
 impl Slot {
+    /// A change added the node and it has not said it holds that
+    /// membership yet (`joined_epoch`).
+    fn before_taking(&self) -> bool {
+        self.joined_epoch > 0 && self.held_epoch < self.joined_epoch
+    }
+
     fn new(member: &Member) -> Slot {
         Slot {
             node: member.id,
@@ -416,6 +431,7 @@ impl Slot {
             up: false,
             held_epoch: 0,
             told: Told::No,
+            joined_epoch: 0,
             scl: 0,
             incarnation: None,
             sent_through: 0,
@@ -463,7 +479,14 @@ impl<T> Writer<T> {
             .memberships
             .iter()
             .map(|m| Pg {
-                slots: m.members.iter().map(Slot::new).collect(),
+                slots: m
+                    .members
+                    .iter()
+                    .map(|member| Slot {
+                        joined_epoch: if m.is_added(member.id) { m.epoch } else { 0 },
+                        ..Slot::new(member)
+                    })
+                    .collect(),
                 membership: m.clone(),
                 proposed: None,
                 epoch_seen: m.epoch,
@@ -684,12 +707,19 @@ impl<T> Writer<T> {
             });
         }
         pg.epoch_seen = pg.epoch_seen.max(next.epoch);
-        pg.proposed = Some(next);
         for s in &mut pg.slots {
             if s.told != Told::AfterInstall {
                 s.told = Told::No;
             }
+            if next.is_added(s.node) {
+                // What it acknowledged before (as a member of an earlier
+                // membership) counts for nothing until it answers the
+                // telling of this one (`on_report`).
+                s.joined_epoch = next.epoch;
+                s.scl = 0;
+            }
         }
+        pg.proposed = Some(next);
         for slot_no in 0..self.pgs[pg_no as usize].slots.len() {
             let s = &self.pgs[pg_no as usize].slots[slot_no];
             if s.node == 0 {
@@ -1033,6 +1063,7 @@ impl<T> Writer<T> {
                     slot: slot_no,
                     bytes,
                     sent_us: self.now_us,
+                    membership_epoch: pg.proposed.as_ref().unwrap_or(&pg.membership).epoch,
                 },
             );
             self.outputs.push(Output::Append {
@@ -1181,6 +1212,7 @@ impl<T> Writer<T> {
                     slot,
                     bytes,
                     sent_us,
+                    membership_epoch,
                 }),
                 reply,
             ) => {
@@ -1189,7 +1221,9 @@ impl<T> Writer<T> {
                 s.inflight_bytes -= bytes;
                 s.latency_us = (s.latency_us * 7 + self.now_us.saturating_sub(sent_us)) / 8;
                 match reply {
-                    Message::AppendAck { scl, incarnation, .. } => self.on_report(pg, slot, scl, incarnation),
+                    Message::AppendAck { scl, incarnation, .. } => {
+                        self.on_report(pg, slot, scl, incarnation, Some(membership_epoch))
+                    }
                     Message::Error {
                         code: ErrorCode::EpochNotInstalled,
                         ..
@@ -1202,6 +1236,7 @@ impl<T> Writer<T> {
                         } = &other
                         {
                             self.segment_ahead(node, pg, *current_epoch);
+                            self.segment_behind(pg, slot, *current_epoch);
                         }
                         tracing::debug!(node, pg, reply = ?other, "append refused; will send again");
                         let released = self.pgs[pg as usize].released_through;
@@ -1249,14 +1284,19 @@ impl<T> Writer<T> {
                         scl,
                         installed_epoch,
                         incarnation,
+                        membership,
                         ..
                     } if installed_epoch == self.config.epoch => {
                         tracing::info!(node, pg, scl, "segment installed this writer's epoch");
                         let s = &mut p.slots[slot];
+                        // A node a change added counts only from its answer
+                        // to the telling on (`on_report`).
+                        let before_taking =
+                            s.joined_epoch > 0 && membership.as_ref().is_none_or(|m| m.epoch < s.joined_epoch);
                         s.paused_until_us = 0;
                         // The truncation dropped what it held above the
                         // epoch's range: its SCL is what it says now.
-                        s.scl = scl;
+                        s.scl = if before_taking { 0 } else { scl };
                         s.incarnation = Some(incarnation);
                         s.sent_through = scl.max(p.released_through);
                         let retell = s.told == Told::AfterInstall;
@@ -1281,7 +1321,8 @@ impl<T> Writer<T> {
                     ..
                 } => {
                     self.pgs[pg as usize].slots[slot].status_asked = false;
-                    self.on_report(pg, slot, scl, incarnation);
+                    let taken = membership.as_ref().map(|m| m.epoch);
+                    self.on_report(pg, slot, scl, incarnation, taken);
                     self.held(pg, slot, membership.as_ref());
                     self.install_if_missed(pg, slot, installed_epoch);
                 }
@@ -1339,7 +1380,7 @@ impl<T> Writer<T> {
                     .get(pg as usize)
                     .and_then(|p| p.slots.iter().position(|s| s.node == node))
                 {
-                    self.on_report(pg, slot, scl, incarnation);
+                    self.on_report(pg, slot, scl, incarnation, None);
                 }
             }
             (None, _) => {}
@@ -1426,10 +1467,16 @@ impl<T> Writer<T> {
     /// incarnation changes only when it opens its device, which ends every
     /// connection. So a reply taken while the slot is up came on the
     /// current connection, from the node as it is now.
-    fn on_report(&mut self, pg_no: u32, slot_no: usize, scl: u64, incarnation: u64) {
+    ///
+    /// `taken`: a membership epoch the segment is known to have held (or
+    /// been a member of the one just before) when it made the report. A
+    /// node a change added counts for nothing but reports made since it
+    /// took the membership that added it (`Slot::joined_epoch`).
+    fn on_report(&mut self, pg_no: u32, slot_no: usize, scl: u64, incarnation: u64, taken: Option<u64>) {
         let pg = &mut self.pgs[pg_no as usize];
         let slot = &mut pg.slots[slot_no];
-        if !slot.up {
+        let before_taking = slot.joined_epoch > 0 && taken.is_none_or(|e| e < slot.joined_epoch);
+        if !slot.up || before_taking {
             return; // its connection is gone: never from the node as it is now
         }
         let mut retell = false;
@@ -1516,6 +1563,24 @@ impl<T> Writer<T> {
         self.propose(pg, again);
     }
 
+    /// A segment refused an append for holding an older membership than
+    /// the writer's (`current`): it takes appends only once told, since a
+    /// telling may make it drop what it holds (a node rejoining the PG).
+    /// Told now, unless a telling is on its way or waits for the segment
+    /// to install this writer's epoch (it is sent the truncation then).
+    fn segment_behind(&mut self, pg: u32, slot: usize, current: u64) {
+        let p = &self.pgs[pg as usize];
+        let s = &p.slots[slot];
+        if current >= p.target().epoch || !s.up {
+            return;
+        }
+        match s.told {
+            Told::Asked => {}
+            Told::AfterInstall => self.install(pg, slot),
+            Told::No | Told::Yes | Told::Refused => self.tell(pg, slot),
+        }
+    }
+
     /// A segment answered its membership. A refusal is never fatal (the
     /// writer goes on; gossip repair is what waits for it) and is logged
     /// where it is handled: a node that cannot take memberships refuses
@@ -1531,8 +1596,40 @@ impl<T> Writer<T> {
             } => {
                 // Told while still `Asked`: a new incarnation in this
                 // answer is one the node was told under.
-                self.on_report(pg, slot, scl, incarnation);
-                self.pgs[pg as usize].slots[slot].told = Told::Yes;
+                let p = &mut self.pgs[pg as usize];
+                p.slots[slot].told = Told::Yes;
+                let joined = p.slots[slot].joined_epoch;
+                if membership
+                    .as_ref()
+                    .is_some_and(|m| m.is_added(node) && m.epoch >= joined)
+                    && p.slots[slot].up
+                {
+                    // It may have dropped what it held on taking it (a
+                    // node rejoining the PG): its SCL is what it says now,
+                    // as after a truncation. (What it lacks is sent again
+                    // once nothing sent to it is in flight: `set_scl`.)
+                    let s = &mut p.slots[slot];
+                    s.scl = scl;
+                    s.incarnation = Some(incarnation);
+                    if p.pgmrpl_sent > 0 {
+                        // Held back until now (`tick`).
+                        let request = self.next_request;
+                        self.next_request += 1;
+                        self.pending.insert(request, Pending::Pgmrpl { node });
+                        self.outputs.push(Output::Request {
+                            node,
+                            request,
+                            message: Message::SetPgmrpl {
+                                volume: self.config.volume,
+                                epoch: self.config.epoch,
+                                pg,
+                                lsn: p.pgmrpl_sent,
+                            },
+                        });
+                    }
+                }
+                let taken = membership.as_ref().map(|m| m.epoch);
+                self.on_report(pg, slot, scl, incarnation, taken);
                 self.held(pg, slot, membership.as_ref());
                 self.install_if_missed(pg, slot, installed_epoch);
             }
@@ -1895,7 +1992,11 @@ impl<T> Writer<T> {
             if pgmrpl > pg.pgmrpl_sent && due {
                 pg.pgmrpl_sent = pgmrpl;
                 pg.pgmrpl_sent_us = now_us;
-                for s in pg.slots.iter().filter(|s| s.up) {
+                // Not to a node a change added that has not taken that
+                // membership yet: taking it may make it drop records it
+                // holds now, which must not be coalesced first. It is
+                // sent the PGMRPL once it has (`on_told`).
+                for s in pg.slots.iter().filter(|s| s.up && !s.before_taking()) {
                     let request = self.next_request;
                     self.next_request += 1;
                     self.pending.insert(request, Pending::Pgmrpl { node: s.node });

@@ -1244,6 +1244,74 @@ fn a_segment_ahead_of_the_writers_membership_gets_it_proposed_above() {
     );
 }
 
+/// A segment that refuses an append because it holds an older membership
+/// than the writer's (it takes appends only once told) is told at once,
+/// unless a telling is already on its way; nothing is proposed.
+#[test]
+fn a_segment_behind_the_writers_membership_is_told_it() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let (node, req, pg, _, _) = appends(&outputs(&mut w)).into_iter().find(|a| a.2 == 0).unwrap();
+    w.on_reply(
+        node,
+        req,
+        Message::error(ErrorCode::StaleMembership, 0, "the segment holds none"),
+    );
+    let out = outputs(&mut w);
+    assert_eq!(told_pairs(&tellings(&out)), vec![(node, pg)]);
+    assert!(w.pg_view(pg).unwrap().proposed.is_none());
+    // The batch goes again after the pause; refused again while the
+    // telling is out, it is not told twice.
+    w.tick(config().retry_after_us);
+    let again = appends(&outputs(&mut w));
+    let (_, req, _, _, _) = again.into_iter().find(|a| a.0 == node && a.2 == pg).unwrap();
+    w.on_reply(
+        node,
+        req,
+        Message::error(ErrorCode::StaleMembership, 0, "the segment holds none"),
+    );
+    assert!(tellings(&outputs(&mut w)).is_empty());
+}
+
+/// The PGMRPLs sent in `out`, with their nodes: (node, pg, lsn).
+fn pgmrpls_to(out: &[Output<u32>]) -> Vec<(u64, u32, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Request {
+                node,
+                message: Message::SetPgmrpl { pg, lsn, .. },
+                ..
+            } => Some((*node, *pg, *lsn)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A node a change adds gets no PGMRPL before it holds that membership:
+/// taking it may make the node drop records it holds (a node rejoining
+/// the PG), which must not be coalesced first. It gets it once it does.
+#[test]
+fn a_node_being_added_gets_the_pgmrpl_once_it_holds_the_membership() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    w.node_up(7);
+    let sends = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6], 0);
+    assert!(commit_on(&mut w, 1, &[1, 2, 3, 4, 5]));
+    w.tick(10 * 100_000);
+    let sent = pgmrpls_to(&outputs(&mut w));
+    let to: Vec<u64> = sent.iter().filter(|p| p.1 == 0).map(|p| p.0).collect();
+    assert!(!to.is_empty() && !to.contains(&7), "{to:?}");
+    let lsn = sent.iter().find(|p| p.1 == 0).unwrap().2;
+    take_tellings(&mut w, &sends, &[7], 0);
+    assert_eq!(pgmrpls_to(&outputs(&mut w)), vec![(7, 0, lsn)]);
+}
+
 /// A record committed before the change on 1, 2, 3 and F (a write quorum
 /// of the old set) is on only 3 of the new set: the PG does not move to
 /// the new set, however caught up G is, until 4 of the new set hold every

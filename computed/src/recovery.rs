@@ -345,7 +345,9 @@ impl Recovery {
                     tail: self.tails[pg],
                     records,
                     membership: self.memberships[pg].clone(),
-                    scls: self.slots[pg].iter().map(|s| s.truncated.unwrap_or(0)).collect(),
+                    scls: (0..self.slots[pg].len())
+                        .map(|i| self.counted_scl(pg, i).unwrap_or(0))
+                        .collect(),
                 }
             })
             .collect();
@@ -436,9 +438,32 @@ impl Recovery {
             return;
         }
         let p = pg as usize;
+        let untold = !self.told(p, slot);
+        // A node the membership adds counts only for what it says once it
+        // holds the membership (`counted_scl`); an answer it made before
+        // (it can arrive after) says nothing of that.
+        let mut before_taking = false;
         if let Message::SegmentStatus { membership, .. } = &reply {
-            self.slots[p][slot].membership_epoch = Some(membership.as_ref().map_or(0, |m| m.epoch));
+            let epoch = membership.as_ref().map_or(0, |m| m.epoch);
+            let s = &mut self.slots[p][slot];
+            // It only rises on a node; an answer made before another
+            // can come after it.
+            s.membership_epoch = Some(s.membership_epoch.map_or(epoch, |e| e.max(epoch)));
+            let m = &self.memberships[p];
+            before_taking = m.is_added(m.members[slot].id) && epoch < m.epoch;
         }
+        if let Message::SegmentStatus { scl, incarnation, .. } = &reply
+            && untold
+            && !before_taking
+            && self.slots[p][slot].truncated.is_some()
+        {
+            // It has just taken the membership, and may have dropped what
+            // it held on taking it (a node rejoining the PG): its SCL is
+            // what it says now, as after a truncation.
+            self.slots[p][slot].truncated = Some(*scl);
+            self.slots[p][slot].incarnation = Some(*incarnation);
+        }
+
         match (phase, reply) {
             (Phase::Probe, Message::SegmentStatus { epoch, membership, .. }) => {
                 self.slots[p][slot].probed = Some(epoch);
@@ -517,7 +542,10 @@ impl Recovery {
             (Phase::Truncate | Phase::Replicate, Message::SegmentStatus { scl, incarnation, .. })
             | (Phase::Replicate, Message::AppendAck { scl, incarnation, .. }) => {
                 let s = &mut self.slots[p][slot];
-                if s.incarnation != Some(incarnation) && s.truncated.is_some() {
+                if before_taking {
+                    // Truncated; what it holds counts from its telling on.
+                    s.truncated = Some(s.truncated.unwrap_or(0));
+                } else if s.incarnation != Some(incarnation) && s.truncated.is_some() {
                     // Restarted since its truncation: it holds what it says
                     // (its truncation is durable; only records can be lost).
                     tracing::warn!(node, pg, scl, "segment restarted during recovery");
@@ -964,11 +992,27 @@ impl Recovery {
             let tail = self.tails[pg];
             self.sets(pg).iter().all(|set| {
                 set.iter()
-                    .filter(|&&i| self.slots[pg][i].truncated.is_some_and(|scl| scl >= tail))
+                    .filter(|&&i| self.counted_scl(pg, i).is_some_and(|scl| scl >= tail))
                     .count()
                     >= WRITE_QUORUM
             })
         })
+    }
+
+    /// Whether member `slot` of PG `pg` counts for the membership recovery
+    /// reads at: a node that membership adds only once it holds it.
+    fn told(&self, pg: usize, slot: usize) -> bool {
+        let m = &self.memberships[pg];
+        !m.is_added(m.members[slot].id) || self.slots[pg][slot].membership_epoch.is_some_and(|e| e >= m.epoch)
+    }
+
+    /// The SCL recovery counts member `slot` of PG `pg` for: the one it
+    /// reported since its truncation, unless the membership adds the node
+    /// and it has not taken it yet. Taking it may make the node drop what
+    /// it held (a node rejoining the PG: `Membership::rejoins`), so until
+    /// then it counts for nothing, and for what it says after.
+    fn counted_scl(&self, pg: usize, slot: usize) -> Option<u64> {
+        self.slots[pg][slot].truncated.filter(|_| self.told(pg, slot))
     }
 
     fn ask_all(&mut self) {
@@ -1091,28 +1135,30 @@ impl Recovery {
                     })
                     .map(|r| WireRecord::new(r.clone()))
                     .collect();
+                // A segment holding an older membership is told it first:
+                // gossip runs only between segments that hold the same one,
+                // and a segment takes appends at a later one only once
+                // told (a telling may make a node rejoining the PG drop
+                // what it holds, acknowledged or not). The writer that
+                // would tell it waits for this recovery.
+                let due = s.status_at.is_none_or(|at| self.ticks >= at + REASK_TICKS);
+                let membership = &self.memberships[pg];
+                if s.membership_epoch.is_some_and(|e| e < membership.epoch) {
+                    return due.then(|| Message::SetMembership {
+                        volume,
+                        epoch: self.epoch,
+                        pg: pg_no,
+                        page_bytes: self.page_bytes,
+                        pg_pages: self.pg_pages,
+                        membership: membership.clone(),
+                        annulled: self.ranges.clone(),
+                    });
+                }
                 if records.first().is_none_or(|r| r.record().prev_lsn_pg > scl) {
                     // Behind the floor: what it lacks is only in page versions
                     // elsewhere (storage-side repair); the quorum does without
                     // it, unless it has to wait for it. Gossip repair raises
                     // its SCL with no answer to recovery: asked now and then.
-                    // Gossip runs only between segments that hold the same
-                    // membership, so one that does not (a new member, a
-                    // segment the seal created) is told it first: the
-                    // writer that would tell it waits for this recovery.
-                    let due = s.status_at.is_none_or(|at| self.ticks >= at + REASK_TICKS);
-                    let membership = &self.memberships[pg];
-                    if s.membership_epoch.is_some_and(|e| e < membership.epoch) {
-                        return due.then(|| Message::SetMembership {
-                            volume,
-                            epoch: self.epoch,
-                            pg: pg_no,
-                            page_bytes: self.page_bytes,
-                            pg_pages: self.pg_pages,
-                            membership: membership.clone(),
-                            annulled: self.ranges.clone(),
-                        });
-                    }
                     return due.then_some(Message::GetSegmentStatus {
                         volume,
                         epoch: self.epoch,
@@ -1125,7 +1171,9 @@ impl Recovery {
                     pg: pg_no,
                     page_bytes: self.page_bytes,
                     pg_pages: self.pg_pages,
-                    // Before the writer's memberships: not checked.
+                    // Not checked: told above if it held an older one,
+                    // and one holding a later step (never in force) takes
+                    // this recovery's records all the same.
                     membership_epoch: 0,
                     records,
                 })

@@ -22,7 +22,12 @@
 //!   epoch finishing after a seal answered `StaleEpoch`, never acked. And
 //!   `SetMembership`: kept in the segment table, creating a missing segment
 //!   (installed at the request's epoch, as a first append does); a lower
-//!   membership epoch is refused `StaleMembership`.
+//!   membership epoch is refused `StaleMembership`; a node it adds that did
+//!   not hold the step just before as a member (`Membership::rejoins`)
+//!   drops every record it holds first, an annulment in its log (nothing is
+//!   coalesced here). An append naming a membership epoch above the
+//!   segment's is taken only at the next epoch with the node a member of
+//!   what it holds, else refused `StaleMembership` with the lower epoch.
 //! - Disks: a record write becomes durable after a random delay (completions
 //!   out of order). What the segment table holds (epoch, installed epoch,
 //!   truncation ranges, PGMRPL) is durable when answered. A storage node
@@ -910,7 +915,28 @@ impl Sim {
         let incarnation = self.nodes[node].incarnation;
         let unknown = || Message::error(ErrorCode::UnknownSegment, 0, "no such segment");
         let reply = match msg {
-            Message::Append { pg, epoch, records, .. } => {
+            Message::Append {
+                pg,
+                epoch,
+                records,
+                membership_epoch,
+                ..
+            } => {
+                // `check_append_membership`: a segment takes appends at a
+                // membership epoch above its own only for the next step,
+                // of which it is a member; otherwise it waits to be told.
+                let held = (self.nodes[node].segments.get(&pg)).and_then(|s| s.table.membership.as_ref());
+                let behind = match held {
+                    _ if membership_epoch == 0 => None,
+                    Some(h) if h.epoch > membership_epoch => Some(h.epoch),
+                    Some(h) if h.epoch == membership_epoch => None,
+                    Some(h) if h.epoch + 1 == membership_epoch && h.is_member(node as u64 + 1) => None,
+                    held => Some(held.map_or(0, |h| h.epoch)),
+                };
+                if let Some(current) = behind {
+                    let reply = Message::error(ErrorCode::StaleMembership, current, "another membership epoch");
+                    return self.send(false, node, conn, request, reply);
+                }
                 // A writer tells a segment its membership first on a
                 // connection, which creates it with the writer's ranges;
                 // here messages on one connection reorder (never on TCP),
@@ -1076,6 +1102,7 @@ impl Sim {
                 } else {
                     // A missing segment is created as by a first append,
                     // with the writer's ranges taken as applied.
+                    let created = !self.nodes[node].segments.contains_key(&pg);
                     let s = self.nodes[node].segments.entry(pg).or_insert_with(|| {
                         SimSegment::new(
                             pg,
@@ -1095,7 +1122,29 @@ impl Sim {
                         (Ok(()), Some(m)) if membership.epoch == m.epoch && membership != *m => {
                             Message::error(ErrorCode::BadRequest, 0, "another membership at the same epoch")
                         }
-                        (Ok(()), _) => {
+                        (Ok(()), held)
+                            if !created
+                                && held.as_ref() != Some(&membership)
+                                && membership.rejoins(node as u64 + 1, held.as_ref())
+                                && s.seg.writing() =>
+                        {
+                            Message::error(ErrorCode::Overloaded, 0, "records still being written")
+                        }
+                        (Ok(()), held) => {
+                            // `Node::forget_before_rejoining`: nothing is
+                            // coalesced here, so every record goes, the
+                            // annulment in the log first.
+                            if !created
+                                && held.as_ref() != Some(&membership)
+                                && membership.rejoins(node as u64 + 1, held.as_ref())
+                                && s.seg.records_held() > 0
+                            {
+                                let range = (1, s.seg.highest_lsn());
+                                s.log.push(LogItem::Annulment(vec![range]));
+                                for (lsn, page) in s.seg.annul(&[range]) {
+                                    s.hot.remove(page, lsn);
+                                }
+                            }
                             s.table.membership = Some(membership);
                             s.status(incarnation)
                         }
