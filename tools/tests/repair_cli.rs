@@ -2,7 +2,7 @@
 //! codes, a gap fill on a dev cluster, and segments moved to spare nodes of
 //! an 8-node dev cluster (a node lost for good; a run killed mid-change,
 //! computed killed too, and a run again; a move that cannot finish, rolled
-//! back).
+//! back; a replaced node added back).
 
 mod support;
 
@@ -249,6 +249,42 @@ fn a_lost_nodes_segments_move_to_a_spare_and_carry_the_quorum() {
 
     let again = storctl(&["repair", "--cluster", &file, "--node", "6", "--with", "7"]);
     expect_exit(&again, 0);
+}
+
+/// Node 6, replaced while it was down, comes back and is added to the PG
+/// again in place of node 5: it drops the records it held from before
+/// above its floor (a recovery may have annulled some while it was out,
+/// which it would never learn), refills from its peers, and then carries
+/// the quorum with two of the original members gone; every commit
+/// acknowledged reads back.
+#[test]
+fn a_replaced_node_added_back_refills_and_carries_the_quorum() {
+    let c = eight_nodes_one_pg();
+    let file = c.cluster_file();
+    let journal = c.path().join("journal");
+    commit_with_journal(&c, &journal, 2, None);
+    kill_node(&c, 6);
+    let moved = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--node",
+        "6",
+        "--with",
+        "7",
+        "--timeout",
+        "100",
+    ]);
+    expect_exit(&moved, 1);
+    commit_with_journal(&c, &journal, 2, None);
+
+    start_node(&c, 6);
+    let back = replace_in_pg0(&file, "5", "6", &["--timeout", "100"]);
+    expect_exit(&back, 1);
+    let (_, changing, old, _) = membership(&c).expect("a membership");
+    assert!(!changing);
+    assert_eq!(old, vec![1, 2, 3, 4, 6, 7]);
+    carries_the_quorum(&c, 6, [1, 2], &journal);
 }
 
 /// A move to a node that is down cannot finish: storctl says so (4) with
