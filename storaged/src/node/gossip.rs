@@ -205,7 +205,16 @@ impl Node {
     /// the old one, and the writer tells the node again.
     async fn forget_before_rejoining(&self, id: SegmentId, membership_epoch: u64) -> Result<(), NodeError> {
         let _fencing = self.fencing.lock().await;
-        self.state().seg_mut(id)?.forgetting = true;
+        {
+            let mut st = self.state();
+            let s = st.seg_mut(id)?;
+            // Another telling of this membership (a re-send) did it while
+            // this one waited: appends may have been taken since.
+            if s.membership.as_ref().is_some_and(|m| m.epoch >= membership_epoch) {
+                return Ok(());
+            }
+            s.forgetting = true;
+        }
         let result = async {
             let waited = tokio::time::Instant::now();
             while self.state().seg(id)?.seg.writing() {
