@@ -182,6 +182,12 @@ impl Fake {
             }
             Message::SetMembership { pg, membership, .. } => match self.segs.get_mut(&(node, pg)) {
                 Some(s) => {
+                    if membership.rejoins(node, s.membership.as_ref()) && s.seg.records_held() > 0 {
+                        // A node rejoining the PG drops what it held.
+                        for (lsn, _) in s.seg.annul(&[(1, s.seg.highest_lsn())]) {
+                            s.bodies.remove(&lsn);
+                        }
+                    }
                     s.membership = Some(membership);
                     s.status(pg)
                 }
@@ -1097,4 +1103,34 @@ fn replaced_members_back_with_the_placement_do_not_hide_the_membership_in_force(
     }
     // Records 9–12, committed under the newer membership, are kept.
     recovered_at(&r, &f, &m, 12);
+}
+
+/// A node the membership adds, holding a segment of the PG from before (no
+/// membership, or one it was out of since), drops what it holds when told
+/// (it rejoins the PG). Recovery tells it before it counts it, and counts it
+/// for what it holds then: here nodes 4 and 5 are down, so the new set's
+/// write quorum needs node 7, which recovery fills again.
+#[test]
+fn a_node_the_membership_adds_counts_only_once_told_for_what_it_holds_then() {
+    let mut f = Fake::holding(|_| 10, |_| 0);
+    let m = dual();
+    for n in 1..=6 {
+        f.told(n, &m, 10);
+    }
+    for pg in 0..2u32 {
+        let mut s = FakeSegment::new(pg, 1);
+        s.put(&(1..=10).map(history).filter(|r| r.segment.pg == pg).collect::<Vec<_>>());
+        f.segs.insert((7, pg), s);
+    }
+    f.down = vec![4, 5];
+    let done = f.recover();
+    assert_eq!(done.vdl, 10);
+    let seven = m.members.iter().position(|x| x.id == 7).unwrap();
+    for pg in 0..2u32 {
+        let s = &f.segs[&(7, pg)];
+        assert_eq!(s.membership.as_ref(), Some(&m), "pg {pg}: told before counted");
+        assert_eq!(done.pgs[pg as usize].scls[seven], s.seg.scl(), "pg {pg}");
+        let tail = done.pgs[pg as usize].tail;
+        assert!(on_write_quorum_of_every_set(&f, &m, done.epoch, pg, tail), "pg {pg}");
+    }
 }
