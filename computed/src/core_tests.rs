@@ -426,16 +426,7 @@ fn reads_see_the_vdl_from_cache_or_a_caught_up_segment() {
 
 /// PGMRPLs sent (pg, lsn) in `out`.
 fn pgmrpls(out: &[Output<u32>]) -> Vec<(u32, u64)> {
-    let mut sent: Vec<(u32, u64)> = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Request {
-                message: Message::SetPgmrpl { pg, lsn, .. },
-                ..
-            } => Some((*pg, *lsn)),
-            _ => None,
-        })
-        .collect();
+    let mut sent: Vec<(u32, u64)> = pgmrpls_to(out).into_iter().map(|(_, pg, lsn)| (pg, lsn)).collect();
     sent.dedup();
     sent
 }

@@ -210,6 +210,24 @@ impl Membership {
     }
 }
 
+#[cfg(test)]
+impl Membership {
+    /// This membership at `epoch`, with member `out` replaced by node
+    /// `with` (at 127.0.0.1:7000 + id) in its new set.
+    pub(crate) fn replacing(&self, epoch: u64, out: u64, with: u64) -> Membership {
+        let mut m = self.clone();
+        m.epoch = epoch;
+        let i = m.members.iter().position(|x| x.id == out).expect("a member");
+        m.members.push(Member {
+            id: with,
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + with as u16)),
+        });
+        m.new = (m.new & !(1 << i)) | (1 << (m.members.len() - 1));
+        m.check().expect("a membership");
+        m
+    }
+}
+
 fn mask_of(n: usize) -> u8 {
     if n >= 8 { u8::MAX } else { (1u8 << n) - 1 }
 }
@@ -243,26 +261,12 @@ mod tests {
         assert_eq!(Membership::decode(&[0; MEMBERSHIP_BYTES]).unwrap(), None);
     }
 
-    /// `base` at `epoch`, with member `out` replaced by `with` in its new set.
-    fn replacing(epoch: u64, base: &Membership, out: u64, with: u64) -> Membership {
-        let mut m = base.clone();
-        m.epoch = epoch;
-        let i = m.members.iter().position(|x| x.id == out).unwrap();
-        m.members.push(Member {
-            id: with,
-            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + with as u16)),
-        });
-        m.new = (m.new & !(1 << i)) | (1 << (m.members.len() - 1));
-        m.check().unwrap();
-        m
-    }
-
     #[test]
     fn a_node_added_back_after_being_out_of_the_pg_rejoins() {
         let placed = Membership::single(1, six(1));
         // Node 7 joins in a change from the placement: whatever it holds
         // of the PG is from before.
-        let adding = replacing(2, &placed, 6, 7);
+        let adding = placed.replacing(2, 6, 7);
         assert!(adding.rejoins(7, None));
         // Members of the old set, and nodes not in it, do not.
         assert!(!adding.rejoins(1, Some(&placed)));
@@ -270,7 +274,7 @@ mod tests {
         assert!(!adding.rejoins(9, None));
         // The change it joins goes on one step later (a second failure
         // replaces another member too): it was in it throughout.
-        let nested = replacing(3, &adding, 5, 8);
+        let nested = adding.replacing(3, 5, 8);
         assert!(!nested.rejoins(7, Some(&adding)));
         assert!(nested.rejoins(8, Some(&adding)));
         // Node 6 left for good (epoch 3), and is added back at epoch 5:
@@ -278,7 +282,7 @@ mod tests {
         let mut left = adding.members.clone();
         left.retain(|m| m.id != 6);
         let done = Membership::single(3, left);
-        let back = replacing(5, &done, 5, 6);
+        let back = done.replacing(5, 5, 6);
         assert!(back.rejoins(6, Some(&placed)));
         // The same change again after an abort: the node stored the first
         // try, two steps behind, and was out between.

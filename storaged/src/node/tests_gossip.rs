@@ -305,20 +305,6 @@ async fn a_segment_membership_creates_takes_the_writers_ranges_as_applied() {
     assert_eq!((st.installed_epoch, st.annulled), (4, resent));
 }
 
-/// `base` at `epoch`, with node `with` in place of `out` in its new set.
-fn adding(epoch: u64, base: &Membership, out: u64, with: u64) -> Membership {
-    let mut m = base.clone();
-    m.epoch = epoch;
-    let i = m.members.iter().position(|x| x.id == out).unwrap();
-    m.members.push(Member {
-        id: with,
-        addr: SocketAddr::from(([127, 0, 0, 1], 7000 + with as u16)),
-    });
-    m.new = (m.new & !(1 << i)) | (1 << (m.members.len() - 1));
-    m.check().unwrap();
-    m
-}
-
 /// A node out of a PG never hears of the recoveries meanwhile, and a range
 /// one annulled may be dropped without it. Added back, it drops every
 /// record it holds above its floor (its page versions are committed
@@ -335,13 +321,13 @@ async fn a_node_added_back_to_its_pg_drops_the_records_it_held_from_before() {
     super::tests::coalesced_through(&node, 20).await;
     // Node 6 is being replaced by node 8: node 1 stays in the old set.
     let st = node
-        .set_membership(SEG, 1, GEOMETRY, adding(2, &membership(1, 1), 6, 8))
+        .set_membership(SEG, 1, GEOMETRY, membership(1, 1).replacing(2, 6, 8))
         .await
         .unwrap();
     assert_eq!((st.scl, st.highest_lsn), (40, 40), "a member staying keeps its records");
     // Node 1 then left (epoch 3: nodes 2..=7, never told to it), and is
     // added back in place of node 7 at epoch 4.
-    let back = adding(4, &membership(3, 2), 7, 1);
+    let back = membership(3, 2).replacing(4, 7, 1);
     let st = node.set_membership(SEG, 1, GEOMETRY, back.clone()).await.unwrap();
     assert_eq!((st.scl, st.records, st.coalesced_lsn), (20, 0, 20));
     assert_eq!(st.membership.as_ref(), Some(&back));
