@@ -310,14 +310,14 @@ fn check_membership_epoch(node: &Node, id: SegmentId, got: u64) -> Result<(), No
 /// (`Node::forget_before_rejoining`); records it acknowledged to this
 /// writer before would go with it, and the writer counts them.
 fn check_append_membership(node: &Node, id: SegmentId, got: u64) -> Result<(), NodeError> {
-    check_membership_epoch(node, id, got)?;
     if got == 0 {
         return Ok(());
     }
     let st = node.state();
     let held = st.segments.get(&id).and_then(|s| s.membership.as_ref());
     match held {
-        Some(h) if h.epoch >= got || (h.epoch + 1 == got && h.is_member(node.node_id)) => Ok(()),
+        Some(h) if h.epoch == got || (h.epoch + 1 == got && h.is_member(node.node_id)) => Ok(()),
+        // Above: the writer is behind (as `check_membership_epoch`).
         _ => Err(NodeError::StaleMembership {
             got,
             current: held.map_or(0, |h| h.epoch),
