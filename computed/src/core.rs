@@ -1541,13 +1541,15 @@ impl<T> Writer<T> {
     }
 
     /// A segment holds membership epoch `current` of PG `pg`, which this
-    /// writer's is not above: a step a writer before it sent to a few
+    /// writer's is below: a step a writer before it sent to a few
     /// segments only, never in force (recovery would have found it). It is
     /// not lowered: what this writer has is proposed again above it, with
-    /// the same members.
+    /// the same members. At this writer's own epoch it is this writer's
+    /// step, taken since the refused request named the one before (an
+    /// append or a read sent before the step was proposed): nothing to do.
     fn segment_ahead(&mut self, node: u64, pg: u32, current: u64) {
         let p = &mut self.pgs[pg as usize];
-        if current < p.target().epoch {
+        if current <= p.target().epoch {
             return;
         }
         tracing::warn!(

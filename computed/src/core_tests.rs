@@ -1235,6 +1235,28 @@ fn a_segment_ahead_of_the_writers_membership_gets_it_proposed_above() {
     );
 }
 
+/// An append sent before a step was proposed names the epoch below it; a
+/// segment that took the step since refuses it naming the writer's own
+/// epoch. That is no segment ahead: nothing is proposed again.
+#[test]
+fn a_refusal_naming_the_writers_own_step_proposes_nothing() {
+    let mut w = writer();
+    let start = membership_sends(&outputs(&mut w));
+    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+    w.submit(1, vec![delta(1, 1)]).unwrap();
+    let (node, req, pg, _, _) = appends(&outputs(&mut w)).into_iter().find(|a| a.2 == 0).unwrap();
+    w.change_membership(pg, Change::Replace { old: 6, new: member(7) })
+        .unwrap();
+    let step = w.pg_view(pg).unwrap().proposed.expect("a step").epoch;
+    w.on_reply(
+        node,
+        req,
+        Message::error(ErrorCode::StaleMembership, step, "the segment took the step"),
+    );
+    let proposed = w.pg_view(pg).unwrap().proposed.map(|m| m.epoch);
+    assert_eq!(proposed, Some(step), "nothing proposed above the writer's own step");
+}
+
 /// A segment that refuses an append because it holds an older membership
 /// than the writer's (it takes appends only once told) is told at once,
 /// unless a telling is already on its way; nothing is proposed.
