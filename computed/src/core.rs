@@ -418,10 +418,16 @@ pub struct Writer<T> {
 }
 
 impl Slot {
-    /// A change added the node and it has not said it holds that
-    /// membership yet (`joined_epoch`).
-    fn before_taking(&self) -> bool {
-        self.joined_epoch > 0 && self.held_epoch < self.joined_epoch
+    /// A report made while the segment held membership epoch `taken`
+    /// (None: not known) is from before the node took the membership that
+    /// added it (`joined_epoch`), and counts for nothing.
+    fn before_taking(&self, taken: Option<u64>) -> bool {
+        self.joined_epoch > 0 && taken.is_none_or(|e| e < self.joined_epoch)
+    }
+
+    /// The node has not said it holds the membership that added it.
+    fn not_taken_yet(&self) -> bool {
+        self.before_taking(Some(self.held_epoch))
     }
 
     fn new(member: &Member) -> Slot {
@@ -740,11 +746,20 @@ impl<T> Writer<T> {
     fn held(&mut self, pg_no: u32, slot_no: usize, membership: Option<&Membership>) {
         let pg = &mut self.pgs[pg_no as usize];
         let s = &mut pg.slots[slot_no];
+        let was_not_taken = s.not_taken_yet();
         // Within one incarnation it only moves forward: a status answer
         // the node made before it took a telling can come after the
         // telling's answer (a restart or a lost segment resets it:
         // `on_report`, `UnknownSegment`).
         s.held_epoch = s.held_epoch.max(membership.map_or(0, |m| m.epoch));
+        if was_not_taken && !s.not_taken_yet() && s.up && pg.pgmrpl_sent > 0 {
+            // Held back from it until now (`tick`), however it learnt the
+            // membership: an idle PG may never send another.
+            let (node, lsn) = (s.node, pg.pgmrpl_sent);
+            self.send_pgmrpl(node, pg_no, lsn);
+        }
+        let pg = &mut self.pgs[pg_no as usize];
+        let s = &mut pg.slots[slot_no];
         // An answer that says less than the segment took (it left before
         // the telling was taken, and came after its answer): told again,
         // or a change waiting for it would wait for good.
@@ -1291,8 +1306,7 @@ impl<T> Writer<T> {
                         let s = &mut p.slots[slot];
                         // A node a change added counts only from its answer
                         // to the telling on (`on_report`).
-                        let before_taking =
-                            s.joined_epoch > 0 && membership.as_ref().is_none_or(|m| m.epoch < s.joined_epoch);
+                        let before_taking = s.before_taking(membership.as_ref().map(|m| m.epoch));
                         s.paused_until_us = 0;
                         // The truncation dropped what it held above the
                         // epoch's range: its SCL is what it says now.
@@ -1475,9 +1489,11 @@ impl<T> Writer<T> {
     fn on_report(&mut self, pg_no: u32, slot_no: usize, scl: u64, incarnation: u64, taken: Option<u64>) {
         let pg = &mut self.pgs[pg_no as usize];
         let slot = &mut pg.slots[slot_no];
-        let before_taking = slot.joined_epoch > 0 && taken.is_none_or(|e| e < slot.joined_epoch);
-        if !slot.up || before_taking {
+        if !slot.up {
             return; // its connection is gone: never from the node as it is now
+        }
+        if slot.before_taking(taken) {
+            return;
         }
         let mut retell = false;
         if slot.incarnation == Some(incarnation) {
@@ -1565,6 +1581,23 @@ impl<T> Writer<T> {
         self.propose(pg, again);
     }
 
+    /// Send `node` PG `pg`'s PGMRPL.
+    fn send_pgmrpl(&mut self, node: u64, pg: u32, lsn: u64) {
+        let request = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(request, Pending::Pgmrpl { node });
+        self.outputs.push(Output::Request {
+            node,
+            request,
+            message: Message::SetPgmrpl {
+                volume: self.config.volume,
+                epoch: self.config.epoch,
+                pg,
+                lsn,
+            },
+        });
+    }
+
     /// A segment refused an append for holding an older membership than
     /// the writer's (`current`): it takes appends only once told, since a
     /// telling may make it drop what it holds (a node rejoining the PG).
@@ -1613,22 +1646,6 @@ impl<T> Writer<T> {
                     let s = &mut p.slots[slot];
                     s.scl = scl;
                     s.incarnation = Some(incarnation);
-                    if p.pgmrpl_sent > 0 {
-                        // Held back until now (`tick`).
-                        let request = self.next_request;
-                        self.next_request += 1;
-                        self.pending.insert(request, Pending::Pgmrpl { node });
-                        self.outputs.push(Output::Request {
-                            node,
-                            request,
-                            message: Message::SetPgmrpl {
-                                volume: self.config.volume,
-                                epoch: self.config.epoch,
-                                pg,
-                                lsn: p.pgmrpl_sent,
-                            },
-                        });
-                    }
                 }
                 let taken = membership.as_ref().map(|m| m.epoch);
                 self.on_report(pg, slot, scl, incarnation, taken);
@@ -1997,21 +2014,13 @@ impl<T> Writer<T> {
                 // Not to a node a change added that has not taken that
                 // membership yet: taking it may make it drop records it
                 // holds now, which must not be coalesced first. It is
-                // sent the PGMRPL once it has (`on_told`).
-                for s in pg.slots.iter().filter(|s| s.up && !s.before_taking()) {
-                    let request = self.next_request;
-                    self.next_request += 1;
-                    self.pending.insert(request, Pending::Pgmrpl { node: s.node });
-                    self.outputs.push(Output::Request {
-                        node: s.node,
-                        request,
-                        message: Message::SetPgmrpl {
-                            volume: self.config.volume,
-                            epoch: self.config.epoch,
-                            pg: pg_no as u32,
-                            lsn: pgmrpl,
-                        },
-                    });
+                // sent the PGMRPL once it has (`held`).
+                let to: Vec<u64> = (pg.slots.iter())
+                    .filter(|s| s.up && !s.not_taken_yet())
+                    .map(|s| s.node)
+                    .collect();
+                for node in to {
+                    self.send_pgmrpl(node, pg_no as u32, pgmrpl);
                 }
             }
         }

@@ -1307,22 +1307,36 @@ fn pgmrpls_to(out: &[Output<u32>]) -> Vec<(u64, u32, u64)> {
 /// the PG), which must not be coalesced first. It gets it once it does.
 #[test]
 fn a_node_being_added_gets_the_pgmrpl_once_it_holds_the_membership() {
-    let mut w = writer();
-    let start = membership_sends(&outputs(&mut w));
-    take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
-    w.change_membership(0, Change::Replace { old: 6, new: member(7) })
-        .unwrap();
-    w.node_up(7);
-    let sends = membership_sends(&outputs(&mut w));
-    take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6], 0);
-    assert!(commit_on(&mut w, 1, &[1, 2, 3, 4, 5]));
-    w.tick(10 * 100_000);
-    let sent = pgmrpls_to(&outputs(&mut w));
-    let to: Vec<u64> = sent.iter().filter(|p| p.1 == 0).map(|p| p.0).collect();
-    assert!(!to.is_empty() && !to.contains(&7), "{to:?}");
-    let lsn = sent.iter().find(|p| p.1 == 0).unwrap().2;
-    take_tellings(&mut w, &sends, &[7], 0);
-    assert_eq!(pgmrpls_to(&outputs(&mut w)), vec![(7, 0, lsn)]);
+    // Said by its answer to the telling, or by a status it answered.
+    for by_status in [false, true] {
+        let mut w = writer();
+        let start = membership_sends(&outputs(&mut w));
+        take_tellings(&mut w, &start, &[1, 2, 3, 4, 5, 6], 0);
+        w.change_membership(0, Change::Replace { old: 6, new: member(7) })
+            .unwrap();
+        w.node_up(7);
+        let out = outputs(&mut w);
+        let sends = membership_sends(&out);
+        take_tellings(&mut w, &sends, &[1, 2, 3, 4, 5, 6], 0);
+        assert!(commit_on(&mut w, 1, &[1, 2, 3, 4, 5]));
+        w.tick(10 * 100_000);
+        let sent = pgmrpls_to(&outputs(&mut w));
+        let to: Vec<u64> = sent.iter().filter(|p| p.1 == 0).map(|p| p.0).collect();
+        assert!(!to.is_empty() && !to.contains(&7), "{to:?}");
+        let lsn = sent.iter().find(|p| p.1 == 0).unwrap().2;
+        if by_status {
+            let (node, request, pg) = status_asks(&out).into_iter().find(|a| a.0 == 7).expect("7 asked");
+            let dual = &sends.iter().find(|s| s.0 == 7).unwrap().3;
+            w.on_reply(node, request, holds(pg, 0, dual));
+        } else {
+            take_tellings(&mut w, &sends, &[7], 0);
+        }
+        assert_eq!(
+            pgmrpls_to(&outputs(&mut w)),
+            vec![(7, 0, lsn)],
+            "by status: {by_status}"
+        );
+    }
 }
 
 /// A record committed before the change on 1, 2, 3 and F (a write quorum
