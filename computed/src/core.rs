@@ -1630,23 +1630,11 @@ impl<T> Writer<T> {
                 ..
             } => {
                 // Told while still `Asked`: a new incarnation in this
-                // answer is one the node was told under.
-                let p = &mut self.pgs[pg as usize];
-                p.slots[slot].told = Told::Yes;
-                let joined = p.slots[slot].joined_epoch;
-                if membership
-                    .as_ref()
-                    .is_some_and(|m| m.is_added(node) && m.epoch >= joined)
-                    && p.slots[slot].up
-                {
-                    // It may have dropped what it held on taking it (a
-                    // node rejoining the PG): its SCL is what it says now,
-                    // as after a truncation. (What it lacks is sent again
-                    // once nothing sent to it is in flight: `set_scl`.)
-                    let s = &mut p.slots[slot];
-                    s.scl = scl;
-                    s.incarnation = Some(incarnation);
-                }
+                // answer is one the node was told under. A node the step
+                // added counts from this answer on, up from nothing
+                // (`propose`, `on_report`): it may have dropped what it
+                // held on taking the step (a node rejoining the PG).
+                self.pgs[pg as usize].slots[slot].told = Told::Yes;
                 let taken = membership.as_ref().map(|m| m.epoch);
                 self.on_report(pg, slot, scl, incarnation, taken);
                 self.held(pg, slot, membership.as_ref());
