@@ -345,9 +345,7 @@ impl Recovery {
                     tail: self.tails[pg],
                     records,
                     membership: self.memberships[pg].clone(),
-                    scls: (0..self.slots[pg].len())
-                        .map(|i| self.counted_scl(pg, i).unwrap_or(0))
-                        .collect(),
+                    scls: self.slots[pg].iter().map(|s| s.truncated.unwrap_or(0)).collect(),
                 }
             })
             .collect();
@@ -438,10 +436,11 @@ impl Recovery {
             return;
         }
         let p = pg as usize;
-        let untold = !self.told(p, slot);
         // A node the membership adds counts only for what it says once it
-        // holds the membership (`counted_scl`); an answer it made before
-        // (it can arrive after) says nothing of that.
+        // holds the membership: taking it may make the node drop what it
+        // held (a node rejoining the PG: `Membership::rejoins`). An answer
+        // it made before (it can arrive after) counts for nothing, so what
+        // it holds counts up from nothing once it says it took it.
         let mut before_taking = false;
         if let Message::SegmentStatus { membership, .. } = &reply {
             let epoch = membership.as_ref().map_or(0, |m| m.epoch);
@@ -452,18 +451,6 @@ impl Recovery {
             let m = &self.memberships[p];
             before_taking = m.is_added(m.members[slot].id) && epoch < m.epoch;
         }
-        if let Message::SegmentStatus { scl, incarnation, .. } = &reply
-            && untold
-            && !before_taking
-            && self.slots[p][slot].truncated.is_some()
-        {
-            // It has just taken the membership, and may have dropped what
-            // it held on taking it (a node rejoining the PG): its SCL is
-            // what it says now, as after a truncation.
-            self.slots[p][slot].truncated = Some(*scl);
-            self.slots[p][slot].incarnation = Some(*incarnation);
-        }
-
         match (phase, reply) {
             (Phase::Probe, Message::SegmentStatus { epoch, membership, .. }) => {
                 self.slots[p][slot].probed = Some(epoch);
@@ -543,8 +530,10 @@ impl Recovery {
             | (Phase::Replicate, Message::AppendAck { scl, incarnation, .. }) => {
                 let s = &mut self.slots[p][slot];
                 if before_taking {
-                    // Truncated; what it holds counts from its telling on.
+                    // Truncated; what it holds counts once it took the
+                    // membership (above).
                     s.truncated = Some(s.truncated.unwrap_or(0));
+                    s.incarnation = Some(incarnation);
                 } else if s.incarnation != Some(incarnation) && s.truncated.is_some() {
                     // Restarted since its truncation: it holds what it says
                     // (its truncation is durable; only records can be lost).
@@ -992,27 +981,11 @@ impl Recovery {
             let tail = self.tails[pg];
             self.sets(pg).iter().all(|set| {
                 set.iter()
-                    .filter(|&&i| self.counted_scl(pg, i).is_some_and(|scl| scl >= tail))
+                    .filter(|&&i| self.slots[pg][i].truncated.is_some_and(|scl| scl >= tail))
                     .count()
                     >= WRITE_QUORUM
             })
         })
-    }
-
-    /// Whether member `slot` of PG `pg` counts for the membership recovery
-    /// reads at: a node that membership adds only once it holds it.
-    fn told(&self, pg: usize, slot: usize) -> bool {
-        let m = &self.memberships[pg];
-        !m.is_added(m.members[slot].id) || self.slots[pg][slot].membership_epoch.is_some_and(|e| e >= m.epoch)
-    }
-
-    /// The SCL recovery counts member `slot` of PG `pg` for: the one it
-    /// reported since its truncation, unless the membership adds the node
-    /// and it has not taken it yet. Taking it may make the node drop what
-    /// it held (a node rejoining the PG: `Membership::rejoins`), so until
-    /// then it counts for nothing, and for what it says after.
-    fn counted_scl(&self, pg: usize, slot: usize) -> Option<u64> {
-        self.slots[pg][slot].truncated.filter(|_| self.told(pg, slot))
     }
 
     fn ask_all(&mut self) {
