@@ -2071,8 +2071,10 @@ impl Sim {
             let pgcl = w.pgcl(pg);
             assert!(
                 pgcl >= self.committed_tail(pg),
-                "PG {pg}: PGCL {pgcl} below the committed LSN {}",
-                self.committed_tail(pg)
+                "PG {pg}: PGCL {pgcl} below the committed LSN {}; the writer's view {:?}; segments:{}",
+                self.committed_tail(pg),
+                w.pg_view(pg),
+                self.segments_text()
             );
             for node in self.members(pg) {
                 let scl = self.scl(node, pg);
