@@ -1134,3 +1134,58 @@ fn a_node_the_membership_adds_counts_only_once_told_for_what_it_holds_then() {
         assert!(on_write_quorum_of_every_set(&f, &m, done.epoch, pg, tail), "pg {pg}");
     }
 }
+
+/// Every member the cluster file places is replaced (1–6 by 7–12), each
+/// step taken on no more than it must be: a write quorum of every set of
+/// the membership in force, chosen among the newest nodes, so the old
+/// members hold as little as they can. Then the new members are down and
+/// the old ones up. They are a read quorum of the placement, but not of
+/// what they hold: the highest membership among them always needs a node
+/// that is down, since the step above it is on a write quorum of it. The
+/// recovery waits rather than read the PG at a membership it left.
+#[test]
+fn replaced_members_back_alone_never_recover_the_pg_at_a_membership_it_left() {
+    let mut m = placement()[0].clone();
+    // The membership each node holds, as the steps reach it.
+    let mut held: BTreeMap<u64, Membership> = (1..=6).map(|n| (n, m.clone())).collect();
+    for old in 1..=6 {
+        let dual = crate::membership::plan(0, &m, &crate::membership::Change::Replace { old, new: node(old + 6) }).unwrap();
+        let single = crate::membership::finish(&dual);
+        for (in_force, step) in [(m.clone(), dual.clone()), (dual, single.clone())] {
+            for set in crate::membership::sets(&in_force) {
+                let mut newest = set.clone();
+                newest.sort_unstable_by(|a, b| b.cmp(a));
+                for &n in newest.iter().take(crate::cluster::WRITE_QUORUM) {
+                    held.insert(n, step.clone());
+                }
+            }
+        }
+        m = single;
+    }
+    // What the old members hold still shows more than one membership: the
+    // steps did reach them.
+    assert!((1..=6).any(|n| held[&n].epoch > placement()[0].epoch));
+    let mut f = Fake::holding(|_| 8, |_| 0);
+    for (&n, hm) in &held {
+        f.told(n, hm, if n > 6 { 12 } else { 8 });
+    }
+    let up: Vec<u64> = (1..=6).collect();
+    let mut r = Recovery::new(VOLUME, PAGE_BYTES, PG_PAGES, placement());
+    for &n in &up {
+        r.node_up(n);
+    }
+    f.pump(&mut r, &up, 300, |_, _| {});
+    assert!(
+        r.recovered().is_none(),
+        "recovered with the new members down: {:?}",
+        r.recovered().map(|d| d.pgs.iter().map(|p| p.membership.epoch).collect::<Vec<_>>())
+    );
+    // Once the new members are back, it recovers at the membership in force
+    // and keeps what was committed under it.
+    let all: Vec<u64> = (1..=12).collect();
+    for n in 7..=12 {
+        r.node_up(n);
+    }
+    f.pump(&mut r, &all, 300, |_, _| {});
+    recovered_at(&r, &f, &m, 12);
+}
