@@ -267,6 +267,21 @@ impl NodeClient {
         }
     }
 
+    /// Ask the node to fill segment `id`'s gaps from its peers now, rather
+    /// than at its next gossip round. Needs a connection opened as an
+    /// operator. `Refused { code: UnknownSegment, .. }`: the node holds no
+    /// segment of the PG with a membership.
+    pub async fn fill_gaps(&self, id: SegmentId) -> Result<(), ClientError> {
+        let msg = Message::FillGaps {
+            volume: id.volume,
+            pg: id.pg,
+        };
+        match self.request(msg).await? {
+            Message::FillGapsOk { .. } => Ok(()),
+            other => Err(refused_or_unexpected(MessageType::FillGaps, other)),
+        }
+    }
+
     /// Page `page` of segment `id` exactly as of `lsn`, from a peer that
     /// holds it at the same epochs (`installed_epoch`, `membership_epoch`).
     /// Needs a connection opened as a storage node, whose id is a member.

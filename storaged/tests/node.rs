@@ -807,3 +807,54 @@ fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch()
         ));
     });
 }
+
+/// `FillGaps` (what `storctl repair --pg` sends) is an operator's request,
+/// for a segment the node holds with a membership: a segment it does not
+/// hold, or one no writer has told its PG, is refused saying so.
+#[test]
+fn fill_gaps_is_an_operators_request_for_a_segment_with_a_membership() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = start_daemon(&dev);
+    run(async {
+        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
+        let reply = writer.request(set_membership(membership(1))).await.unwrap();
+        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+        // PG 1: sealed (created) but told no membership.
+        let reply = writer
+            .request(Message::Seal {
+                volume: VOLUME,
+                epoch: 1,
+                pg: 1,
+                page_bytes: PAGE_BYTES,
+                pg_pages: PG_PAGES,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+
+        let operator = NodeClient::connect(daemon.addr, Role::Operator, 0).await.unwrap();
+        let seg = |pg| SegmentId { volume: VOLUME, pg };
+        operator.fill_gaps(seg(0)).await.unwrap();
+        let refused = |r: Result<(), storaged::client::ClientError>, text: &str| match r {
+            Err(storaged::client::ClientError::Refused {
+                code: ErrorCode::UnknownSegment,
+                message,
+                ..
+            }) if message.contains(text) => {}
+            other => panic!("expected UnknownSegment saying {text:?}, got {other:?}"),
+        };
+        refused(operator.fill_gaps(seg(1)).await, "no membership");
+        refused(operator.fill_gaps(seg(2)).await, "unknown segment");
+        match writer.fill_gaps(seg(0)).await {
+            Err(storaged::client::ClientError::Refused {
+                code: ErrorCode::BadRequest,
+                message,
+                ..
+            }) if message.contains("operator's request") => {}
+            other => panic!("expected BadRequest from a writer's connection, got {other:?}"),
+        }
+        // The node goes on serving.
+        assert_eq!(status(&writer, 0).await.1, 1);
+    });
+}

@@ -174,6 +174,68 @@ fn a_gap_is_filled_and_a_second_run_finds_nothing_to_do() {
     );
 }
 
+/// `repair --pg` fills a gap now, not at the nodes' next gossip round:
+/// here every node gossips once an hour (and once at start). Node 6 is
+/// stopped (SIGSTOP) while more is written than computed holds for it, so
+/// once it runs again it lacks records nothing but gossip brings back.
+/// Nothing does until the repair asks its node to fill its gaps (a PG not
+/// asked yet stays behind); then it reaches the PGCL, and with nodes 1 and
+/// 2 down it carries the write quorum: every journaled commit reads back.
+#[test]
+fn a_gap_fill_starts_at_once_whatever_the_gossip_interval() {
+    let c = cluster_with_small_hold();
+    let file = c.cluster_file();
+    let config = c.path().join("hourly-gossip.toml");
+    std::fs::write(&config, "gossip_interval_ms = 3600000\n").unwrap();
+    let config = config.to_string_lossy().into_owned();
+    for node in 1..=6 {
+        kill_node(&c, node);
+        start_node_with(&c, node, &["--config", &config]);
+    }
+    let journal = c.path().join("journal");
+    let six = node_pid(&c, 6).unwrap();
+    // SAFETY: a daemon this test started, by its PID.
+    unsafe { libc::kill(six, libc::SIGSTOP) };
+    commit_with_journal(&c, &journal, 4, None);
+    // SAFETY: as above.
+    unsafe { libc::kill(six, libc::SIGCONT) };
+    let behind = |v: &serde_json::Value, pg: usize| {
+        let pg = &v["pgs"][pg];
+        let seg6 = pg["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["node"] == 6)
+            .cloned();
+        seg6.and_then(|s| s["scl"].as_u64())
+            .is_some_and(|scl| scl < pg["pgcl"].as_u64().unwrap_or(0))
+    };
+    // Computed takes node 6 back and sends it new records above its gaps;
+    // the gaps stay.
+    std::thread::sleep(Duration::from_secs(2));
+    let v = status(&c);
+    assert!(
+        behind(&v, 0) && behind(&v, 1),
+        "node 6 should lack what computed let go of: {v}"
+    );
+
+    for pg in ["0", "1"] {
+        let out = storctl(&["repair", "--cluster", &file, "--pg", pg, "--json", "--timeout", "60"]);
+        expect_exit(&out, 1);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["pgs"][0]["result"], "repaired", "{report}");
+        if pg == "0" {
+            // PG 1, not asked yet, is still behind.
+            let v = status(&c);
+            assert!(behind(&v, 1), "{v}");
+        }
+    }
+    let log = std::fs::read_to_string(c.path().join("logs").join("storaged-6.again.log")).unwrap();
+    assert!(log.contains("asked to fill the segment's gaps now"), "{log}");
+
+    carries_the_quorum(&c, 6, [1, 2], &journal);
+}
+
 fn eight_nodes_one_pg() -> ClusterDir {
     let c = ClusterDir::new();
     let out = c.up(&["--nodes", "8", "--pgs", "1"]);

@@ -1149,7 +1149,15 @@ fn replaced_members_back_alone_never_recover_the_pg_at_a_membership_it_left() {
     // The membership each node holds, as the steps reach it.
     let mut held: BTreeMap<u64, Membership> = (1..=6).map(|n| (n, m.clone())).collect();
     for old in 1..=6 {
-        let dual = crate::membership::plan(0, &m, &crate::membership::Change::Replace { old, new: node(old + 6) }).unwrap();
+        let dual = crate::membership::plan(
+            0,
+            &m,
+            &crate::membership::Change::Replace {
+                old,
+                new: node(old + 6),
+            },
+        )
+        .unwrap();
         let single = crate::membership::finish(&dual);
         for (in_force, step) in [(m.clone(), dual.clone()), (dual, single.clone())] {
             for set in crate::membership::sets(&in_force) {
@@ -1178,7 +1186,8 @@ fn replaced_members_back_alone_never_recover_the_pg_at_a_membership_it_left() {
     assert!(
         r.recovered().is_none(),
         "recovered with the new members down: {:?}",
-        r.recovered().map(|d| d.pgs.iter().map(|p| p.membership.epoch).collect::<Vec<_>>())
+        r.recovered()
+            .map(|d| d.pgs.iter().map(|p| p.membership.epoch).collect::<Vec<_>>())
     );
     // Once the new members are back, it recovers at the membership in force
     // and keeps what was committed under it.

@@ -331,6 +331,23 @@ impl GossipCore {
         self.segments.remove(&pg);
     }
 
+    /// An operator asks `pg` to fill its gaps now (`storctl repair --pg`):
+    /// every peer's digest is due at the next poll, and what the segment
+    /// waited out (a failed request's back-off, failed donors') is let go,
+    /// so it pulls or hydrates as soon as the digests are back. Returns
+    /// whether the segment is known.
+    pub fn fill_now(&mut self, pg: Pg) -> bool {
+        let Some(state) = self.segments.get_mut(&pg) else {
+            return false;
+        };
+        state.retry_at = 0;
+        state.donors_refused.clear();
+        for view in state.peers.values_mut() {
+            view.asked_at = None;
+        }
+        true
+    }
+
     /// Our digest of `pg`, to send with a request or as a reply.
     pub fn digest(&self, pg: Pg) -> Option<Digest> {
         self.segments.get(&pg).map(|s| s.local.digest)

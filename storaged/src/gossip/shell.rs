@@ -33,6 +33,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every segment with a membership: its id, its state as the core
     /// sees it, and the membership.
     fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)>;
+    /// Segments an operator asked to fill their gaps now, since the last call.
+    fn take_fill_requests(&self) -> Vec<SegmentId>;
     /// The segment's pages: its first, the one after its last, their size.
     fn page_range(&self, id: SegmentId) -> Option<SegmentPages>;
     fn admit_pulled(
@@ -251,6 +253,15 @@ pub async fn run<S: Store>(store: Arc<S>, me: NodeId, config: GossipConfig, mut 
             if open_hole && let Some(scl) = core.caught_up(now(), id.pg) {
                 store.caught_up(id, scl);
             }
+        }
+        for id in store.take_fill_requests() {
+            let known = cores.get_mut(&id.volume).is_some_and(|core| core.fill_now(id.pg));
+            tracing::info!(
+                volume = id.volume,
+                pg = id.pg,
+                known,
+                "asked to fill the segment's gaps now"
+            );
         }
         // A segment the node no longer holds (or whose membership went) is
         // forgotten, with what its core knew of its peers.

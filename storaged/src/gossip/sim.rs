@@ -397,6 +397,14 @@ fn run_seed(seed: u64) -> GossipCounters {
                 let (a, b) = (w.rand(NODES) as usize, w.rand(NODES) as usize);
                 w.cut[a][b] = !w.cut[a][b];
             }
+            3 | 4 => {
+                // An operator asks a node to fill its gaps now (`FillGaps`):
+                // back-offs go, digests are due at once.
+                let i = w.rand(NODES) as usize;
+                if w.up[i] {
+                    w.cores[i].fill_now(PG);
+                }
+            }
             _ => {}
         }
         if w.now % 100 == 0 {

@@ -439,3 +439,32 @@ fn without_a_baseline_taken_while_idle_repair_yields_to_the_foreground() {
         "five times the baseline halves it again"
     );
 }
+
+/// `storctl repair --pg` asks a segment to fill its gaps now: every
+/// peer's digest is asked at once, within the interval, and a segment
+/// waiting out a failed request's back-off (or a failed donor's) asks
+/// again at once.
+#[test]
+fn fill_now_asks_every_peer_at_once_and_drops_the_back_offs() {
+    let mut core = core_at(10);
+    core.on_digest(0, PG, 2, digest(50, 0)).unwrap();
+    let first = pulls(&core.poll(0));
+    assert_eq!(first.len(), 1);
+    core.on_failed(1, first[0].0);
+    assert!(core.poll(2).is_empty(), "nothing due within the interval");
+
+    assert!(core.fill_now(PG));
+    let asked = core.poll(3);
+    let digests: Vec<NodeId> = asked
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendDigest { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(digests, vec![2, 3, 4, 5, 6]);
+    // Node 2's digest is still fresh: it is asked again at once.
+    assert_eq!(pulls(&asked).len(), 1, "the back-off held the pull back");
+
+    assert!(!core.fill_now(PG + 1), "a PG the node holds no segment of");
+}

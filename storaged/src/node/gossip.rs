@@ -285,6 +285,21 @@ impl Node {
         out
     }
 
+    /// An operator asks segment `id` to fill its gaps now (`FillGaps`): the
+    /// gossip shell takes the request at its next tick and asks every peer
+    /// for its digest at once. Refused for a segment the node does not
+    /// hold, or one with no membership (it knows no peers).
+    pub fn fill_gaps(&self, id: SegmentId) -> Result<(), NodeError> {
+        if self.state().seg(id)?.membership.is_none() {
+            return Err(NodeError::NoMembership(id.volume, id.pg));
+        }
+        let mut requests = self.fill_requests.lock().unwrap_or_else(|e| e.into_inner());
+        if !requests.contains(&id) {
+            requests.push(id);
+        }
+        Ok(())
+    }
+
     /// A peer `from` sends its digest of segment `id`; returns ours, if it
     /// passes the gate (its installed epoch may be newer than ours: it is
     /// ours that is behind then, and the digest tells the core so).
@@ -410,6 +425,10 @@ fn check_membership_change(held: &Membership, next: &Membership) -> Result<(), N
 impl crate::gossip::shell::Store for Node {
     fn gossip_locals(&self) -> Vec<(SegmentId, Local, Membership)> {
         Node::gossip_locals(self)
+    }
+
+    fn take_fill_requests(&self) -> Vec<SegmentId> {
+        std::mem::take(&mut *self.fill_requests.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn page_range(&self, id: SegmentId) -> Option<crate::gossip::shell::SegmentPages> {

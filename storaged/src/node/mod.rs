@@ -204,6 +204,10 @@ pub enum NodeError {
     PulledAnnulled { lsn: u64, lo: u64, hi: u64 },
     #[error(transparent)]
     Scrub(#[from] scrub_api::ScrubError),
+    #[error(
+        "volume {0} pg {1}: the segment holds no membership yet (no writer has told it its PG), so it knows no peers to fill its gaps from"
+    )]
+    NoMembership(u64, u32),
 }
 
 impl NodeError {
@@ -217,7 +221,7 @@ impl NodeError {
             NodeError::Segment(SegmentError::TooManyRanges(_)) | NodeError::BadTruncation(_) => {
                 (ErrorCode::BadRequest, 0)
             }
-            NodeError::UnknownSegment(..) => (ErrorCode::UnknownSegment, 0),
+            NodeError::UnknownSegment(..) | NodeError::NoMembership(..) => (ErrorCode::UnknownSegment, 0),
             NodeError::Log(_) | NodeError::Table(_) | NodeError::Io(_) => (ErrorCode::Internal, 0),
             NodeError::BadRecord { .. }
             | NodeError::BadGeometry(_)
@@ -594,6 +598,9 @@ pub struct Node {
     index_writes: tokio::sync::Mutex<()>,
     /// The scrubber, once `storaged run` started it (see [`scrub_api`]).
     scrubber: std::sync::OnceLock<crate::scrub::shell::Handle>,
+    /// Segments an operator asked to fill their gaps now, for the gossip
+    /// shell to take at its next tick ([`Node::fill_gaps`]).
+    fill_requests: Mutex<Vec<SegmentId>>,
     io: Box<dyn PageIo>,
     stripes: Vec<RwLock<()>>,
     /// Wakes the coalescer: PGMRPL moved, or memory or log got tight.
@@ -810,6 +817,7 @@ impl Node {
             fencing: tokio::sync::Mutex::new(()),
             index_writes: tokio::sync::Mutex::new(()),
             scrubber: std::sync::OnceLock::new(),
+            fill_requests: Mutex::new(Vec::new()),
             io: Box::new(DevIo(dev)),
             stripes: (0..PAGE_STRIPES).map(|_| RwLock::new(())).collect(),
             coalesce_wake: Notify::new(),

@@ -508,6 +508,13 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             }
             node.scrub_request(filter).map(|pass| Message::ScrubStarted { pass })
         }
+        Message::FillGaps { volume, pg } => {
+            if let Err(why) = peer.operator("FillGaps") {
+                return Message::error(ErrorCode::BadRequest, 0, why);
+            }
+            node.fill_gaps(SegmentId { volume, pg })
+                .map(|()| Message::FillGapsOk { volume, pg })
+        }
         Message::ScrubStatus => {
             if let Err(why) = peer.operator("ScrubStatus") {
                 return Message::error(ErrorCode::BadRequest, 0, why);

@@ -47,6 +47,7 @@ const SCRUB_STARTED_BYTES: usize = 8;
 const SCRUB_STATUS_BYTES: usize = 0;
 const GET_PAGE_AT_BYTES: usize = 44;
 const PAGE_AT_FIXED_BYTES: usize = 32;
+const FILL_GAPS_BYTES: usize = 12;
 /// Page, LSN and length before each version's bytes.
 const PAGE_VERSION_HEAD_BYTES: usize = 20;
 
@@ -114,6 +115,7 @@ impl Message {
             Message::ScrubStatusOk { status } => status_len(status),
             Message::GetPageAt { .. } => GET_PAGE_AT_BYTES,
             Message::PageAt { bytes, .. } => PAGE_AT_FIXED_BYTES + bytes.len(),
+            Message::FillGaps { .. } | Message::FillGapsOk { .. } => FILL_GAPS_BYTES,
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
             Message::ReadRecords { .. } => READ_RECORDS_BYTES,
@@ -434,6 +436,10 @@ impl Message {
             Message::Scrub { filter } => put_filter(out, filter),
             Message::ScrubStarted { pass } => put_u64(out, *pass),
             Message::ScrubStatus => {}
+            Message::FillGaps { volume, pg } | Message::FillGapsOk { volume, pg } => {
+                put_u64(out, *volume);
+                put_u32(out, *pg);
+            }
             Message::ScrubStatusOk { status } => put_status(out, status),
             Message::GetPageAt {
                 volume,
@@ -686,6 +692,14 @@ impl Message {
             }
             MessageType::ScrubStarted => Message::ScrubStarted { pass: r.u64()? },
             MessageType::ScrubStatus => Message::ScrubStatus,
+            MessageType::FillGaps => Message::FillGaps {
+                volume: r.u64()?,
+                pg: r.u32()?,
+            },
+            MessageType::FillGapsOk => Message::FillGapsOk {
+                volume: r.u64()?,
+                pg: r.u32()?,
+            },
             MessageType::ScrubStatusOk => {
                 if r.rest().len() < SCRUB_STATUS_FIXED_BYTES {
                     r.take(SCRUB_STATUS_FIXED_BYTES)?;

@@ -67,6 +67,8 @@ pub enum MessageType {
     ScrubStatusOk = 28,
     GetPageAt = 29,
     PageAt = 30,
+    FillGaps = 31,
+    FillGapsOk = 32,
     Error = 255,
 }
 
@@ -99,6 +101,8 @@ impl MessageType {
             28 => MessageType::ScrubStatusOk,
             29 => MessageType::GetPageAt,
             30 => MessageType::PageAt,
+            31 => MessageType::FillGaps,
+            32 => MessageType::FillGapsOk,
             255 => MessageType::Error,
             _ => return None,
         };
@@ -412,6 +416,19 @@ pub enum Message {
         lsn: u64,
         bytes: Vec<u8>,
     },
+    /// An operator asks the node to fill the segment's gaps now: it asks
+    /// every peer for its digest at once, as if its gossip round were due,
+    /// and pulls or hydrates what it lacks without waiting out a back-off.
+    /// Answered by `FillGapsOk`, or `Error(UnknownSegment)` when the node
+    /// holds no segment of the PG with a membership.
+    FillGaps {
+        volume: u64,
+        pg: u32,
+    },
+    FillGapsOk {
+        volume: u64,
+        pg: u32,
+    },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs
     /// are refused from now on. Answered by `SegmentStatus`.
@@ -484,6 +501,8 @@ impl Message {
             Message::ScrubStatusOk { .. } => MessageType::ScrubStatusOk,
             Message::GetPageAt { .. } => MessageType::GetPageAt,
             Message::PageAt { .. } => MessageType::PageAt,
+            Message::FillGaps { .. } => MessageType::FillGaps,
+            Message::FillGapsOk { .. } => MessageType::FillGapsOk,
             Message::Error { .. } => MessageType::Error,
         }
     }

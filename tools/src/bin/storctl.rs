@@ -181,8 +181,9 @@ enum Command {
     /// storctl repair --cluster FILE --pg N
     ///   Gap fill. Asks every member of PG N its SCL (storage nodes only:
     ///   works with computed down). The target is the PGCL when the run
-    ///   starts; the nodes fill gaps from their peers by themselves, and
-    ///   storctl waits until every member that is up has reached it.
+    ///   starts; each member behind it is asked to fill its gaps from its
+    ///   peers now, and storctl waits until every member that is up has
+    ///   reached it.
     /// storctl repair --cluster FILE --pg N --replace F --with G
     ///   Move PG N's segment from node F to node G (G must not hold one):
     ///   computed makes the membership dual (old set with F, new set with

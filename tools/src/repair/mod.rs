@@ -7,9 +7,11 @@
 //! say, and a run with nothing left to do exits 0.
 //!
 //! - Gap fill (`--pg N`): only the storage nodes are asked (it works with
-//!   computed down). The target is the PG's PGCL when the run starts; the
-//!   nodes fill their gaps from their peers by themselves (gossip), and
-//!   storctl watches every up member's SCL reach the target.
+//!   computed down). The target is the PG's PGCL when the run starts; each
+//!   segment behind it is asked to fill its gaps now (`FillGaps`: its node
+//!   asks its peers for their digests at once rather than at its next
+//!   gossip round, and pulls or hydrates what it lacks), and storctl
+//!   watches every up member's SCL reach the target.
 //! - Replace (`--pg N --replace F --with G`): computed is asked to start
 //!   the change (dual membership, G hydrates from its peers, then the new
 //!   set alone); storctl waits until the PG's membership has G and not F.
@@ -31,6 +33,9 @@ use serde::Serialize;
 
 use computed::client::Client;
 use computed::cluster::{Cluster, WRITE_QUORUM};
+use storaged::client::NodeClient;
+use storaged::proto::Role;
+use storaged::record::SegmentId;
 
 use crate::status::{self, MembershipStatus, PgStatus};
 
@@ -40,6 +45,10 @@ pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(300);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often storctl asks how a repair stands.
 pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// A gap fill whose segments moved no closer to the target for this long
+/// asks their nodes to fill now again (a node backs off a peer that failed
+/// it; the operator may have just mended that peer).
+pub const FILL_ASK_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 pub const EXIT_NOTHING_NEEDED: u8 = 0;
 pub const EXIT_REPAIRED: u8 = 1;
@@ -375,6 +384,8 @@ async fn gap_fill(ctx: &Ctx<'_>, pg: u32, bar: &indicatif::ProgressBar) -> PgRep
     // Progress: the LSNs the behind segments still lack, as they fill.
     let from: Vec<(u64, u64)> = start.iter().map(|b| (b.node, b.scl.unwrap_or(0))).collect();
     bar.set_length(from.iter().map(|&(_, s)| target - s).sum());
+    ask_to_fill(ctx.cluster, pg, &start).await;
+    let (mut moved_at, mut done_then) = (Instant::now(), 0);
     let mut last = first.clone();
     loop {
         let mut now_behind = behind(&last, target);
@@ -401,6 +412,12 @@ async fn gap_fill(ctx: &Ctx<'_>, pg: u32, bar: &indicatif::ProgressBar) -> PgRep
             })
             .sum();
         bar.set_position(done);
+        if done > done_then {
+            (moved_at, done_then) = (Instant::now(), done);
+        } else if moved_at.elapsed() >= FILL_ASK_AGAIN_AFTER {
+            ask_to_fill(ctx.cluster, pg, &now_behind).await;
+            moved_at = Instant::now();
+        }
         if now_behind.is_empty() {
             let r = pg_report(
                 pg,
@@ -446,6 +463,34 @@ async fn gap_fill(ctx: &Ctx<'_>, pg: u32, bar: &indicatif::ProgressBar) -> PgRep
         tokio::time::sleep(POLL_EVERY).await;
         last = status::pg_survey(ctx.cluster, pg).await;
     }
+}
+
+/// Asks the node of each segment of `behind` that is up to fill its gaps
+/// now. One that cannot be asked still fills them at its next gossip
+/// round, so a failure is only logged.
+async fn ask_to_fill(cluster: &Cluster, pg: u32, behind: &[Behind]) {
+    let asks = behind
+        .iter()
+        .filter(|b| b.up)
+        .filter_map(|b| cluster.node(b.node))
+        .map(|n| async move {
+            let id = SegmentId {
+                volume: cluster.volume_id,
+                pg,
+            };
+            let ask = async {
+                let c = NodeClient::connect_to_node(n.address, Role::Operator, 0, n.id).await?;
+                c.fill_gaps(id).await
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, ask).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(node = n.id, pg, error = %e, "could not ask the node to fill its gaps now")
+                }
+                Err(_) => tracing::warn!(node = n.id, pg, "no answer asking the node to fill its gaps now"),
+            }
+        });
+    futures_util::future::join_all(asks).await;
 }
 
 mod moves;

@@ -281,14 +281,16 @@ pub fn node_pid(c: &ClusterDir, node: u64) -> Option<i32> {
 /// Start node `node` again on its device, as the dev cluster did; returns
 /// once it listens.
 pub fn start_node(c: &ClusterDir, node: u64) {
+    start_node_with(c, node, &[]);
+}
+
+/// [`start_node`] with `extra` arguments to `storaged run`.
+pub fn start_node_with(c: &ClusterDir, node: u64, extra: &[&str]) {
     let dev = format!("{}/dev{node}", c.arg());
     let addr = node_address(c, node).to_string();
-    spawn_daemon(
-        c,
-        &format!("storaged-{node}"),
-        &storaged_bin(),
-        &["run", "--device", &dev, "--listen", &addr],
-    );
+    let mut args = vec!["run", "--device", &dev, "--listen", &addr];
+    args.extend_from_slice(extra);
+    spawn_daemon(c, &format!("storaged-{node}"), &storaged_bin(), &args);
 }
 
 /// Start computed again on the cluster file, as the dev cluster did;

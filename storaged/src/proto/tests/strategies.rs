@@ -394,6 +394,8 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
         arb_filter().prop_map(|filter| Message::Scrub { filter }),
         u().prop_map(|pass| Message::ScrubStarted { pass }),
         Just(Message::ScrubStatus),
+        (u(), any::<u32>()).prop_map(|(volume, pg)| Message::FillGaps { volume, pg }),
+        (u(), any::<u32>()).prop_map(|(volume, pg)| Message::FillGapsOk { volume, pg }),
         arb_scrub_status().prop_map(|status| Message::ScrubStatusOk { status }),
         (u(), any::<u32>(), prop::array::uniform4(u())).prop_map(|(volume, pg, v)| Message::GetPageAt {
             volume,
