@@ -564,6 +564,7 @@ fn status(pg: u32, scl: u64, incarnation: u64) -> Message {
         holes: Vec::new(),
         damage: Default::default(),
         membership: None,
+        hydration: None,
     }
 }
 

@@ -264,6 +264,7 @@ impl SimSegment {
             holes: self.seg.holes(),
             damage: Default::default(),
             membership: self.table.membership.clone(),
+            hydration: None,
         }
     }
 }

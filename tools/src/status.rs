@@ -169,6 +169,29 @@ pub struct SegmentStatus {
     /// A slot of the node's segment table was damaged when it last started
     /// (a fact about the node, shown with each of its segments).
     pub table_damaged: Option<bool>,
+    /// The segment's hydration under way, or its last since its node
+    /// started; None if it has not hydrated since (or is down).
+    pub hydration: Option<HydrationStatus>,
+}
+
+/// How a segment's hydration from its peers stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HydrationStatus {
+    pub under_way: bool,
+    /// Bytes of page versions written.
+    pub bytes: u64,
+    /// Pages of the segment gone through, of `pg_pages`.
+    pub pages: u64,
+}
+
+impl From<storaged::proto::Hydration> for HydrationStatus {
+    fn from(h: storaged::proto::Hydration) -> Self {
+        HydrationStatus {
+            under_way: h.under_way,
+            bytes: h.bytes,
+            pages: h.pages,
+        }
+    }
 }
 
 impl Status {
@@ -188,6 +211,7 @@ struct Seg {
     holes: Vec<(u64, u64)>,
     damage: Damage,
     membership: Option<Membership>,
+    hydration: Option<storaged::proto::Hydration>,
 }
 
 /// What a node answered: its segments, and its scrubbing or why that is unknown.
@@ -219,6 +243,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
                 holes,
                 damage,
                 membership,
+                hydration,
                 ..
             } => Seg {
                 scl,
@@ -229,6 +254,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
                 holes,
                 damage,
                 membership,
+                hydration,
             },
             // Not written yet: the segment is created by its first Append.
             Message::Error {
@@ -243,6 +269,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
                 holes: Vec::new(),
                 damage: Damage::default(),
                 membership: None,
+                hydration: None,
             },
             other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
         };
@@ -445,6 +472,15 @@ async fn ask_nodes(cluster: &Cluster, only_pg: Option<u32>, scrub: bool) -> Vec<
 }
 
 /// PG `pg` as its segments answered (no computed asked), for `storctl repair`.
+/// How the hydration of node `node`'s segment of PG `pg` stands; None if
+/// the node does not answer or the segment has not hydrated since its node
+/// started.
+pub async fn hydration(cluster: &Cluster, node: u64, pg: u32) -> Option<HydrationStatus> {
+    let addr = cluster.node(node)?.address;
+    let (segs, _) = ask_node(cluster, node, addr, vec![pg], false).await.ok()?;
+    segs.into_iter().next()?.1.hydration.map(HydrationStatus::from)
+}
+
 pub async fn pg_survey(cluster: &Cluster, pg: u32) -> PgStatus {
     let answers = ask_nodes(cluster, Some(pg), false).await;
     pg_status(cluster, &answers, pg, &mut Vec::new(), &mut Vec::new()).0
@@ -535,6 +571,7 @@ fn pg_status(
                 damaged_pages: s.as_ref().map(|s| s.damage.pages.clone()),
                 damaged_pages_total: s.as_ref().map(|s| s.damage.pages_total),
                 table_damaged: s.as_ref().map(|s| s.damage.table_slot),
+                hydration: s.as_ref().and_then(|s| s.hydration).map(HydrationStatus::from),
             })
             .collect(),
     };
@@ -785,9 +822,17 @@ pub fn render(s: &Status) -> String {
             } else {
                 ""
             };
+            let hydrating = match g.hydration {
+                Some(h) if h.under_way => format!(
+                    "  hydrating: {:.1} MiB written, {} pages gone through",
+                    h.bytes as f64 / f64::from(1 << 20),
+                    h.pages
+                ),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}{holes}{damaged}{table}",
+                "{pg:>3}  {pgcl:>10}  {up:>5}  {:>5}  {az:<5}  {:<4}  {:>10}  {:>8}{holes}{damaged}{table}{hydrating}",
                 g.node,
                 if g.up { "up" } else { "DOWN" },
                 opt(g.scl),
@@ -889,6 +934,7 @@ mod tests {
                 damaged_pages: Some(Vec::new()),
                 damaged_pages_total: Some(0),
                 table_damaged: Some(false),
+                hydration: None,
             }],
         });
         let text = render(&s);
@@ -917,11 +963,18 @@ mod tests {
                 damaged_pages: Some(vec![70, 75]),
                 damaged_pages_total: Some(3),
                 table_damaged: Some(true),
+                hydration: Some(HydrationStatus {
+                    under_way: true,
+                    bytes: 3 << 20,
+                    pages: 384,
+                }),
             }],
         });
         let text = render(&s);
         assert!(
-            text.contains("damaged pages 70 75 (+1 more)  table slot damaged"),
+            text.contains(
+                "damaged pages 70 75 (+1 more)  table slot damaged  hydrating: 3.0 MiB written, 384 pages gone through"
+            ),
             "{text}"
         );
         let json = serde_json::to_value(&s).unwrap();
@@ -1025,6 +1078,7 @@ mod tests {
             holes: Vec::new(),
             damage: Damage::default(),
             membership: None,
+            hydration: None,
         };
         let segs = [
             seg(2, &[(5, 100)]),
@@ -1129,6 +1183,7 @@ mod tests {
             holes: Vec::new(),
             damage: Damage::default(),
             membership,
+            hydration: None,
         }
     }
 

@@ -64,6 +64,7 @@ impl FakeSegment {
             holes: self.seg.holes(),
             damage: Default::default(),
             membership: self.membership.clone(),
+            hydration: None,
         }
     }
 }

@@ -45,10 +45,13 @@ pub trait Store: Send + Sync + 'static {
         records: Vec<RedoRecord>,
     ) -> impl Future<Output = Result<u64, String>> + Send;
     fn hydrate_begin(&self, id: SegmentId) -> impl Future<Output = Result<(), String>> + Send;
+    /// Takes a batch of `versions`, which went through `pages` pages of
+    /// the segment (those with no version need nothing).
     fn hydrate_pages(
         &self,
         id: SegmentId,
         versions: Vec<WirePageVersion>,
+        pages: u64,
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn hydrate_end(&self, id: SegmentId, floor: u64) -> impl Future<Output = Result<u64, String>> + Send;
     fn hydrate_abort(&self, id: SegmentId);
@@ -651,7 +654,8 @@ async fn hydrate_stretch<S: Store>(
         let bytes: u64 = batch.versions.iter().map(|v| v.bytes.len() as u64).sum();
         let next_page = batch.next_page;
         let more = next_page < end;
-        let (written, next) = tokio::join!(store.hydrate_pages(view.id, batch.versions), async {
+        let went_through = next_page.min(end).saturating_sub(page);
+        let (written, next) = tokio::join!(store.hydrate_pages(view.id, batch.versions, went_through), async {
             if more { Some(paced(next_page).await) } else { None }
         });
         written?;

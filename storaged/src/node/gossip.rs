@@ -464,12 +464,18 @@ impl crate::gossip::shell::Store for Node {
         Node::hydrate_begin(self, id).await.map_err(|e| e.to_string())
     }
 
-    async fn hydrate_pages(&self, id: SegmentId, versions: Vec<crate::proto::WirePageVersion>) -> Result<(), String> {
+    async fn hydrate_pages(
+        &self,
+        id: SegmentId,
+        versions: Vec<crate::proto::WirePageVersion>,
+        pages: u64,
+    ) -> Result<(), String> {
         let bytes = versions.iter().map(|v| v.bytes.len() as u64).sum();
         Node::hydrate_pages(self, id, versions)
             .await
             .map_err(|e| e.to_string())?;
         self.counters.hydrated(bytes);
+        self.hydration_progress(id, bytes, pages);
         Ok(())
     }
 

@@ -631,6 +631,10 @@ impl Node {
                 return Err(NodeError::Rebuilding);
             }
             s.hydration = Some(Hydration::default());
+            s.hydrated = Some(crate::proto::Hydration {
+                under_way: true,
+                ..Default::default()
+            });
             (s.round_lsn == REBUILD_UNDER_WAY, s.seg.epoch())
         };
         let result = async {
@@ -1086,6 +1090,9 @@ impl Node {
             s.hot.remove_through(s.coalesced_lsn);
             let freed = before - s.hot.bytes();
             s.hydration = None;
+            if let Some(h) = s.hydrated.as_mut() {
+                h.under_way = false;
+            }
             let scl = s.seg.scl();
             st.hot_bytes -= freed;
             scl
@@ -1165,6 +1172,22 @@ impl Node {
     pub fn hydrate_abort(&self, id: SegmentId) {
         if let Some(s) = self.state().segments.get_mut(&id) {
             s.hydration = None;
+            if let Some(h) = s.hydrated.as_mut() {
+                h.under_way = false;
+            }
+        }
+    }
+
+    /// The hydration under way of segment `id` wrote `bytes` of page
+    /// versions and went through `pages` more of its pages: what its status
+    /// reports (the gossip shell counts them batch by batch).
+    pub fn hydration_progress(&self, id: SegmentId, bytes: u64, pages: u64) {
+        if let Some(h) = (self.state().segments.get_mut(&id))
+            .filter(|s| s.hydration.is_some())
+            .and_then(|s| s.hydrated.as_mut())
+        {
+            h.bytes += bytes;
+            h.pages += pages;
         }
     }
 }

@@ -268,6 +268,8 @@ pub struct SegmentStatus {
     pub damage: proto::Damage,
     /// The PG's membership, as the writer last set it.
     pub membership: Option<crate::membership::Membership>,
+    /// The hydration under way, or the last one since start-up.
+    pub hydration: Option<proto::Hydration>,
 }
 
 type Ticket = oneshot::Sender<()>;
@@ -359,6 +361,9 @@ struct SegState {
     slots: Vec<u8>,
     /// A hydration is under way (see [`hydrate`]): pages are not served.
     hydration: Option<hydrate::Hydration>,
+    /// How the hydration under way, or the last one since start-up, stands:
+    /// what `SegmentStatus` reports to an operator.
+    hydrated: Option<proto::Hydration>,
     /// Records are being dropped because the node rejoins the PG
     /// (`Node::forget_before_rejoining`): appends wait until it is done.
     forgetting: bool,
@@ -389,6 +394,7 @@ impl SegState {
             damaged_listed: BTreeSet::new(),
             slots: Vec::new(),
             hydration: None,
+            hydrated: None,
             forgetting: false,
             membership: None,
             index: Default::default(),
@@ -1375,6 +1381,7 @@ impl Node {
                 table_slot: self.table_slot_damaged,
             },
             membership: s.membership.clone(),
+            hydration: s.hydrated,
         })
     }
 

@@ -581,6 +581,7 @@ fn status_reply(node: &Node, volume: u64, pg: u32, s: SegmentStatus) -> Message 
         holes: s.holes,
         damage: s.damage,
         membership: s.membership,
+        hydration: s.hydration,
     }
 }
 

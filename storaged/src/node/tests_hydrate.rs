@@ -58,7 +58,10 @@ async fn hydrate_from(node: &Node, donor: &Node) -> (u64, usize) {
         assert!(n > next, "a batch moves on");
         assert!(versions.len() <= BATCH_BYTES / PAGE);
         floor = floor.min(f);
-        node.hydrate_pages(SEG, versions).await.unwrap();
+        // As the gossip shell takes a batch: counted in the status too.
+        crate::gossip::shell::Store::hydrate_pages(node, SEG, versions, n.min(END_PAGE) - next)
+            .await
+            .unwrap();
         next = n;
         batches += 1;
     }
@@ -133,9 +136,25 @@ async fn an_empty_segment_hydrates_from_a_peer_then_pulls_the_chain_above() {
     let (floor, batches) = hydrate_from(&b, &a).await;
     assert_eq!(floor, 150);
     assert!(batches >= 3, "{batches} batches");
+    // The status shows how far it went, for an operator's progress bar:
+    // every page gone through, every version's bytes written.
+    let written: u64 = (FIRST_PAGE..END_PAGE)
+        .filter(|&p| recs[..150].iter().any(|r| r.page == p))
+        .count() as u64
+        * PAGE as u64;
+    let under_way = b.status(SEG, 1).unwrap().hydration.unwrap();
+    assert!(under_way.under_way);
+    assert_eq!((under_way.pages, under_way.bytes), (GEOMETRY.pg_pages, written));
     assert_eq!(b.hydrate_end(SEG, floor).await.unwrap(), 150);
     let status = b.status(SEG, 1).unwrap();
     assert_eq!((status.coalesced_lsn, status.scl), (150, 150));
+    assert_eq!(
+        status.hydration,
+        Some(crate::proto::Hydration {
+            under_way: false,
+            ..under_way
+        })
+    );
     // Pages are served again, and read right at the floor.
     check_pages(&b, &recs, [150].into_iter()).await;
     // The chain above the floor from the peer: the SCL goes through the

@@ -9,7 +9,7 @@
 
 use super::ERROR_MESSAGE_BYTES_MAX;
 use super::error::ProtoError;
-use super::message::{Damage, ErrorCode, GossipDigest, Message, MessageType, Role, WirePageVersion};
+use super::message::{Damage, ErrorCode, GossipDigest, Hydration, Message, MessageType, Role, WirePageVersion};
 use super::scrub::{
     SCRUB_FIXED_BYTES, SCRUB_STATUS_FIXED_BYTES, filter_len, put_filter, put_status, read_filter, read_status,
     status_len, validate_filter, validate_status,
@@ -48,6 +48,8 @@ const SCRUB_STATUS_BYTES: usize = 0;
 const GET_PAGE_AT_BYTES: usize = 44;
 const PAGE_AT_FIXED_BYTES: usize = 32;
 const FILL_GAPS_BYTES: usize = 12;
+/// A SegmentStatus's hydration tail: flags, bytes, pages.
+const HYDRATION_BYTES: usize = 17;
 /// Page, LSN and length before each version's bytes.
 const PAGE_VERSION_HEAD_BYTES: usize = 20;
 
@@ -79,6 +81,7 @@ impl Message {
                 holes,
                 damage,
                 membership,
+                hydration,
                 ..
             } => {
                 SEGMENT_STATUS_FIXED_BYTES
@@ -87,7 +90,11 @@ impl Message {
                     + RANGE_BYTES * holes.len()
                     + DAMAGE_FIXED_BYTES
                     + 8 * damage.pages.len()
-                    + membership.as_ref().map_or(0, |_| MEMBERSHIP_BYTES)
+                    + match (membership, hydration) {
+                        (_, Some(_)) => MEMBERSHIP_BYTES + HYDRATION_BYTES,
+                        (Some(_), None) => MEMBERSHIP_BYTES,
+                        (None, None) => 0,
+                    }
             }
             Message::SetMembership { annulled, .. } => {
                 SET_MEMBERSHIP_BYTES
@@ -323,6 +330,7 @@ impl Message {
                 holes,
                 damage,
                 membership,
+                hydration,
             } => {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
@@ -348,9 +356,17 @@ impl Message {
                     put_u64(out, page);
                 }
                 out.push(u8::from(damage.table_slot));
-                // Left out when none: the body then ends as an older sender's.
-                if let Some(m) = membership {
-                    m.encode(out);
+                // Left out when none: the body then ends as an older sender's
+                // (all zeros, which decodes as none, when a hydration follows).
+                match membership {
+                    Some(m) => m.encode(out),
+                    None if hydration.is_some() => out.resize(out.len() + MEMBERSHIP_BYTES, 0),
+                    None => {}
+                }
+                if let Some(h) = hydration {
+                    out.push(u8::from(h.under_way));
+                    put_u64(out, h.bytes);
+                    put_u64(out, h.pages);
                 }
             }
             Message::SetMembership {
@@ -624,6 +640,8 @@ impl Message {
                 },
                 // Optional too: from a node that predates membership.
                 membership: if r.rest.is_empty() { None } else { r.membership()? },
+                // Optional too: from a node that predates hydration reports.
+                hydration: if r.rest.is_empty() { None } else { Some(r.hydration()?) },
             },
             MessageType::SetMembership => {
                 let volume = r.u64()?;
@@ -1053,6 +1071,15 @@ impl<'a> Reader<'a> {
             pages_total,
             pages,
             table_slot: flags & 1 != 0,
+        })
+    }
+
+    /// A hydration report: flags (bit 0: under way; others ignored), bytes, pages.
+    fn hydration(&mut self) -> Result<Hydration, ProtoError> {
+        Ok(Hydration {
+            under_way: self.u8()? & 1 != 0,
+            bytes: self.u64()?,
+            pages: self.u64()?,
         })
     }
 

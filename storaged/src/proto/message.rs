@@ -29,6 +29,19 @@ pub struct Damage {
     pub table_slot: bool,
 }
 
+/// A segment's hydration (the one under way, or the last one since the
+/// node started), as `SegmentStatus` reports it: what an operator's
+/// progress bar shows while a segment is rebuilt from its peers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hydration {
+    pub under_way: bool,
+    /// Bytes of page versions it has written.
+    pub bytes: u64,
+    /// Pages of the segment it has gone through (written or found to need
+    /// nothing), of the segment's `pg_pages`.
+    pub pages: u64,
+}
+
 impl Damage {
     pub fn is_empty(&self) -> bool {
         self.pages_total == 0 && !self.table_slot
@@ -312,6 +325,10 @@ pub enum Message {
         /// The PG's membership as the segment holds it; none if its writer
         /// never set one (or from a sender that predates the field).
         membership: Option<Membership>,
+        /// Its hydration under way, or its last since the node started;
+        /// none if it has not hydrated since (or from a sender that
+        /// predates the field).
+        hydration: Option<Hydration>,
     },
     /// The writer sets the PG's membership on the segment (creating the
     /// segment with the geometry if the node does not hold it). A lower

@@ -30,7 +30,9 @@ pub use error::ProtoError;
 pub use frame::{
     AppendHeader, FrameDecoder, RawFrame, decode_frame, encode_append_frame, encode_frame, split_frame, write_frame,
 };
-pub use message::{Damage, ErrorCode, Frame, GossipDigest, Membership, Message, MessageType, Role, WirePageVersion};
+pub use message::{
+    Damage, ErrorCode, Frame, GossipDigest, Hydration, Membership, Message, MessageType, Role, WirePageVersion,
+};
 pub use scrub::{FINDING_ERROR_BYTES_MAX, SCRUB_AREAS_MAX, SCRUB_SEGMENTS_MAX, fit_status_for_wire};
 
 /// The version this code speaks, in byte 4 of every frame.

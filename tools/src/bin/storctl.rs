@@ -200,8 +200,9 @@ enum Command {
     /// Resumable and idempotent: nothing is kept by storctl; run it again
     /// after a crash of storctl, computed or a node, at any step, and it
     /// finishes the work or says exactly where it stands. A progress bar
-    /// (LSNs filled or hydrated, rate, ETA) is drawn on stderr when stdout
-    /// is a terminal and --json is not given.
+    /// (a gap fill: LSNs filled; a move: bytes of the PGs' pages hydrated;
+    /// rate, ETA) is drawn on stderr when stdout is a terminal and --json is
+    /// not given.
     ///
     /// Exit status: 0 nothing needed (no gap; the move already done; no
     /// change to abort); 1 repaired, moved or rolled back; 4 could not

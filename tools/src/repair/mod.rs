@@ -191,19 +191,33 @@ pub fn render(r: &Report) -> String {
     out
 }
 
-/// A progress bar on stderr, or a hidden one.
-fn bar(show: bool, what: &str) -> indicatif::ProgressBar {
+/// A progress bar on stderr, or a hidden one; `units` follow the counts.
+fn bar(show: bool, what: &str, counts: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    let template =
-        format!("{what} [{{elapsed_precise}}] [{{wide_bar}}] {{pos}}/{{len}} LSNs, {{per_sec}}, ETA {{eta}}");
+    let template = format!("{what} [{{elapsed_precise}}] [{{wide_bar}}] {counts}, ETA {{eta}} {{msg}}");
     if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }
     bar
+}
+
+/// The bar of a gap fill: LSNs filled.
+fn lsn_bar(show: bool) -> indicatif::ProgressBar {
+    bar(show, "gap fill", "{pos}/{len} LSNs, {per_sec}")
+}
+
+/// The bar of a move: the bytes of the PGs' pages their new members'
+/// hydrations went through, and the rate.
+fn bytes_bar(show: bool) -> indicatif::ProgressBar {
+    bar(
+        show,
+        "hydrate",
+        "{binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}",
+    )
 }
 
 /// Run `action` (checked by [`check`]) on `cluster`, waiting at most
@@ -219,7 +233,7 @@ pub fn run(cluster: &Cluster, file: &str, action: &Action, timeout: Duration, pr
     Ok(rt.block_on(async {
         match *action {
             Action::GapFill { pg } => {
-                let bar = bar(progress, "gap fill");
+                let bar = lsn_bar(progress);
                 let p = gap_fill(&ctx, pg, &bar).await;
                 bar.finish_and_clear();
                 report("gap_fill", vec![p], None)
@@ -227,9 +241,9 @@ pub fn run(cluster: &Cluster, file: &str, action: &Action, timeout: Duration, pr
             Action::Replace { pg, old, new } => match ctx.computed().await {
                 Err(e) => report("replace", Vec::new(), Some(e)),
                 Ok(mut client) => {
-                    let bar = bar(progress, "hydrate");
+                    let bar = MoveBar::new(bytes_bar(progress), cluster, 1);
                     let p = run_replace(&ctx, &mut client, pg, old, new, &bar).await;
-                    bar.finish_and_clear();
+                    bar.bar.finish_and_clear();
                     report("replace", vec![p], None)
                 }
             },
@@ -240,7 +254,7 @@ pub fn run(cluster: &Cluster, file: &str, action: &Action, timeout: Duration, pr
             Action::Node { old, new } => match ctx.computed().await {
                 Err(e) => report("node", Vec::new(), Some(e)),
                 Ok(mut client) => {
-                    let bar = bar(progress, "hydrate");
+                    let bar = bytes_bar(progress);
                     let pgs = move_node(&ctx, &mut client, old, new, &bar).await;
                     bar.finish_and_clear();
                     report("node", pgs, None)
@@ -494,7 +508,7 @@ async fn ask_to_fill(cluster: &Cluster, pg: u32, behind: &[Behind]) {
 }
 
 mod moves;
-use moves::{abort, move_node, run_replace};
+use moves::{MoveBar, abort, move_node, run_replace};
 
 fn join(ids: &[u64]) -> String {
     ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")

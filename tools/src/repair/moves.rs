@@ -5,6 +5,8 @@ use computed::api::ClientErrorCode;
 use computed::client::{Client, ClientError};
 use computed::membership::{Change, Member, PgView};
 
+use crate::status::HydrationStatus;
+
 use super::*;
 
 /// Where a replace of `old` by `new` stands in `v`.
@@ -99,13 +101,67 @@ async fn pg_state(ctx: &Ctx<'_>, client: &mut Client, pg: u32) -> Result<PgView,
     }
 }
 
+/// A move's progress: for each PG moved, the bytes of its pages the new
+/// member's hydration went through (all of them once it ended), summed on
+/// one bar; the message names the PGs whose new member is below the PGCL.
+pub(super) struct MoveBar {
+    pub(super) bar: indicatif::ProgressBar,
+    pg_bytes: u64,
+    page_bytes: u64,
+    /// Per PG: (bytes gone through, the new member's SCL, the PGCL).
+    pgs: std::cell::RefCell<std::collections::BTreeMap<u32, (u64, u64, u64)>>,
+}
+
+impl MoveBar {
+    pub(super) fn new(bar: indicatif::ProgressBar, cluster: &computed::cluster::Cluster, pgs: usize) -> MoveBar {
+        let page_bytes = u64::from(cluster.page_bytes);
+        let pg_bytes = cluster.pg_pages * page_bytes;
+        bar.set_length(pg_bytes * pgs as u64);
+        MoveBar {
+            bar,
+            pg_bytes,
+            page_bytes,
+            pgs: Default::default(),
+        }
+    }
+
+    /// PG `pg` stands so: its new member's hydration `h` (None: none seen
+    /// yet), its SCL `scl`, the PGCL; `done` once the move finished.
+    fn show(&self, pg: u32, h: Option<HydrationStatus>, scl: u64, pgcl: u64, done: bool) {
+        let mut pgs = self.pgs.borrow_mut();
+        let had = pgs.get(&pg).map_or(0, |p| p.0);
+        let through = match h {
+            _ if done => self.pg_bytes,
+            Some(h) if !h.under_way => self.pg_bytes,
+            Some(h) => (h.pages * self.page_bytes).min(self.pg_bytes),
+            None => had,
+        };
+        pgs.insert(pg, (through, scl, pgcl));
+        self.bar.set_position(pgs.values().map(|p| p.0).sum());
+        // Short: the bar shrinks to leave room for it.
+        let behind: Vec<(&u32, &(u64, u64, u64))> = pgs.iter().filter(|(_, p)| p.1 < p.2).collect();
+        self.bar.set_message(match behind[..] {
+            [] => String::new(),
+            [(pg, p)] => format!("PG {pg}: SCL {} of PGCL {}", p.1, p.2),
+            _ => format!(
+                "PGs below the PGCL: {}",
+                behind
+                    .iter()
+                    .map(|(pg, _)| pg.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        });
+    }
+}
+
 pub(super) async fn run_replace(
     ctx: &Ctx<'_>,
     client: &mut Client,
     pg: u32,
     old: u64,
     new: u64,
-    bar: &indicatif::ProgressBar,
+    bar: &MoveBar,
 ) -> PgReport {
     let fail = |(exit, message): (u8, String)| {
         pg_report(
@@ -181,11 +237,15 @@ pub(super) async fn run_replace(
             Ok(v) => v,
             Err(e) => return fail(e),
         };
-        if let Some(m) = v.members.iter().find(|m| m.id == new) {
-            bar.set_length(v.pgcl.max(m.scl));
-            bar.set_position(m.scl);
-        }
-        match moving(&v, old, new) {
+        let scl = v.members.iter().find(|m| m.id == new).map_or(0, |m| m.scl);
+        let state = moving(&v, old, new);
+        let hydration = if bar.bar.is_hidden() {
+            None
+        } else {
+            status::hydration(ctx.cluster, new, pg).await
+        };
+        bar.show(pg, hydration, scl, v.pgcl, state == Moving::Done);
+        match state {
             Moving::Done => {
                 let r = pg_report(
                     pg,
@@ -376,19 +436,18 @@ pub(super) async fn move_node(
         return Vec::new();
     }
     // One connection a PG: each waits on its own.
+    let bar = MoveBar::new(bar.clone(), ctx.cluster, chosen.len());
     let mut runs = Vec::new();
     for &pg in &chosen {
+        let bar = &bar;
         runs.push(async move {
             match ctx.computed().await {
-                Ok(mut c) => run_replace(ctx, &mut c, pg, old, new, &indicatif::ProgressBar::hidden()).await,
+                Ok(mut c) => run_replace(ctx, &mut c, pg, old, new, bar).await,
                 Err(e) => pg_report(pg, "error", EXIT_OPERATIONAL, e),
             }
         });
     }
-    bar.set_length(chosen.len() as u64);
-    let reports = futures_util::future::join_all(runs).await;
-    bar.set_position(reports.iter().filter(|r| r.exit != EXIT_NOT_FINISHED).count() as u64);
-    reports
+    futures_util::future::join_all(runs).await
 }
 
 #[cfg(test)]
@@ -443,5 +502,45 @@ mod tests {
         let back = plan(0, &dual, &Change::Abort).unwrap();
         assert_eq!(moving(&view(dual, Some(back.clone())), 6, 7), Moving::NotStarted);
         assert_eq!(moving(&view(back, None), 6, 7), Moving::NotStarted);
+    }
+
+    /// A move's bar counts the pages the new members' hydrations went
+    /// through, in bytes, over every PG moved: a PG whose hydration ended
+    /// or whose move finished counts whole, one not heard from keeps what
+    /// it had, and the message names the PGs whose new member is behind.
+    #[test]
+    fn a_moves_bar_counts_the_pages_hydrated_over_every_pg() {
+        let text = computed::cluster::local_cluster_toml(
+            2,
+            1,
+            64,
+            "127.0.0.1:7100".parse().unwrap(),
+            &(1..=7u16)
+                .map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i)))
+                .collect::<Vec<_>>(),
+        );
+        let cluster = computed::cluster::Cluster::parse(&text).unwrap();
+        let page = u64::from(cluster.page_bytes);
+        let pg_bytes = cluster.pg_pages * page;
+        let bar = MoveBar::new(indicatif::ProgressBar::hidden(), &cluster, 2);
+        assert_eq!(bar.bar.length(), Some(2 * pg_bytes));
+        let h = |under_way, pages| {
+            Some(HydrationStatus {
+                under_way,
+                bytes: pages * page,
+                pages,
+            })
+        };
+        bar.show(0, h(true, 10), 0, 50, false);
+        bar.show(1, h(true, 4), 0, 60, false);
+        assert_eq!(bar.bar.position(), 14 * page);
+        assert_eq!(bar.bar.message(), "PGs below the PGCL: 0 1");
+        bar.show(1, None, 0, 60, false);
+        assert_eq!(bar.bar.position(), 14 * page, "not heard from: as it was");
+        bar.show(0, h(false, 30), 40, 50, false);
+        assert_eq!(bar.bar.position(), pg_bytes + 4 * page, "ended: the whole PG");
+        bar.show(1, None, 60, 60, true);
+        assert_eq!(bar.bar.position(), 2 * pg_bytes);
+        assert_eq!(bar.bar.message(), "PG 0: SCL 40 of PGCL 50");
     }
 }

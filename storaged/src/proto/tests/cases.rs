@@ -449,6 +449,71 @@ fn segment_status_damage_is_optional_bounded_and_checked() {
     );
 }
 
+/// A `SegmentStatus`'s hydration report follows the membership (all zeros
+/// when the segment holds none): a body that ends before it has none, one
+/// cut inside it is refused, and one with it encodes back to its bytes.
+#[test]
+fn segment_status_hydration_is_optional_after_the_membership() {
+    let head = [u64s(&[1]), 2u32.to_le_bytes().to_vec(), u64s(&[3; 10])].concat();
+    let no_ranges_no_holes_no_damage = [
+        0u32.to_le_bytes(),
+        0u32.to_le_bytes(),
+        0u32.to_le_bytes(),
+        0u32.to_le_bytes(),
+    ]
+    .concat()
+    .into_iter()
+    .chain([0u8])
+    .collect::<Vec<u8>>();
+    let no_membership = vec![0; crate::membership::MEMBERSHIP_BYTES];
+    let kind = MessageType::SegmentStatus as u8;
+    let hydration = [vec![1u8], u64s(&[8 << 20, 1024])].concat();
+    let body = [
+        head.clone(),
+        no_ranges_no_holes_no_damage.clone(),
+        no_membership.clone(),
+        hydration.clone(),
+    ]
+    .concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &body)) else {
+        panic!("a status with a hydration report is refused")
+    };
+    let want = Hydration {
+        under_way: true,
+        bytes: 8 << 20,
+        pages: 1024,
+    };
+    assert!(
+        matches!(&frame.message, Message::SegmentStatus { membership: None, hydration: Some(h), .. } if *h == want),
+        "{:?}",
+        frame.message
+    );
+    assert_eq!(encode(1, &frame.message), raw_frame(1, kind, 0, 1, &body));
+
+    let without = [
+        head.clone(),
+        no_ranges_no_holes_no_damage.clone(),
+        no_membership.clone(),
+    ]
+    .concat();
+    let Ok(Some((frame, _))) = decode(&raw_frame(1, kind, 0, 1, &without)) else {
+        panic!("a status without a hydration report is refused")
+    };
+    assert!(matches!(&frame.message, Message::SegmentStatus { hydration: None, .. }));
+
+    let cut = [
+        head,
+        no_ranges_no_holes_no_damage,
+        no_membership,
+        hydration[..9].to_vec(),
+    ]
+    .concat();
+    assert!(matches!(
+        decode(&raw_frame(1, kind, 0, 1, &cut)),
+        Err(ProtoError::BodyTooShort { .. })
+    ));
+}
+
 // --- gossip ----------------------------------------------------------------
 
 fn six_members(epoch: u64) -> Membership {

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use crate::membership::{Member, Membership};
-use crate::proto::{Damage, ErrorCode, GossipDigest, Message, Role, WirePageVersion};
+use crate::proto::{Damage, ErrorCode, GossipDigest, Hydration, Message, Role, WirePageVersion};
 use crate::record::{RecordBody, RedoRecord, SegmentId, WireRecord};
 use crate::scrub::{Area, AreaReport, Damaged, Filter, Finding, PassReport, Running, Status};
 
@@ -261,10 +261,17 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
             arb_ranges(),
             arb_holes(),
             arb_damage(),
-            prop::option::of(arb_membership())
+            prop::option::of(arb_membership()),
+            prop::option::of(
+                (any::<bool>(), u(), u()).prop_map(|(under_way, bytes, pages)| Hydration {
+                    under_way,
+                    bytes,
+                    pages
+                })
+            )
         )
-            .prop_map(
-                |(volume, pg, v, annulled, holes, damage, membership)| Message::SegmentStatus {
+            .prop_map(|(volume, pg, v, annulled, holes, damage, membership, hydration)| {
+                Message::SegmentStatus {
                     volume,
                     pg,
                     epoch: v[0],
@@ -281,8 +288,9 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
                     holes,
                     damage,
                     membership,
+                    hydration,
                 }
-            ),
+            }),
         (u(), u(), any::<u32>(), any::<u32>(), u()).prop_map(|(volume, epoch, pg, page_bytes, pg_pages)| {
             Message::Seal {
                 volume,
