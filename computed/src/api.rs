@@ -43,6 +43,8 @@ const CHANGE_ABORT: u8 = 2;
 const ADDR_BYTES: usize = 19;
 /// One member in a PgStateOk: id, address, up, scl, told_epoch.
 const MEMBER_VIEW_BYTES: usize = 8 + ADDR_BYTES + 1 + 8 + 8;
+/// Bytes of a member's refusal text a PgStateOk carries at most.
+pub const REFUSAL_BYTES_MAX: usize = 256;
 /// Members a PgStateOk lists at most: those of a membership and of the
 /// step proposed from it (a nested replace brings one more in).
 pub const PG_STATE_MEMBERS_MAX: usize = 2 * storaged::membership::MEMBERS_MAX;
@@ -227,6 +229,22 @@ fn put_view(out: &mut Vec<u8>, v: &PgView) {
         put_u64(out, m.scl);
         put_u64(out, m.told_epoch);
     }
+    // Left out when no member has one: the body then ends as before.
+    let refused: Vec<(usize, &str)> = (members.iter().enumerate())
+        .filter_map(|(i, m)| m.refused.as_deref().map(|r| (i, r)))
+        .collect();
+    if !refused.is_empty() {
+        out.push(refused.len() as u8);
+        for (i, text) in refused {
+            let mut cut = text.len().min(REFUSAL_BYTES_MAX);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.push(i as u8);
+            put_u16(out, cut as u16);
+            out.extend_from_slice(&text.as_bytes()[..cut]);
+        }
+    }
 }
 
 /// Append one frame. Fails (leaving `out` as it was) when it would exceed the maximum.
@@ -395,7 +413,7 @@ impl<'a> Reader<'a> {
                 "{count} members, at most {PG_STATE_MEMBERS_MAX}"
             )));
         }
-        if count * MEMBER_VIEW_BYTES != self.0.len() {
+        if count * MEMBER_VIEW_BYTES > self.0.len() {
             return Err(FrameError::Body(format!(
                 "{count} members need {} bytes, the body has {}",
                 count * MEMBER_VIEW_BYTES,
@@ -417,7 +435,32 @@ impl<'a> Reader<'a> {
                 up,
                 scl: self.u64()?,
                 told_epoch: self.u64()?,
+                refused: None,
             });
+        }
+        // Optional: the members' refusals, when any has one.
+        if !self.0.is_empty() {
+            let n = self.u8()?;
+            if n == 0 {
+                return Err(FrameError::Body("a refusal list that lists none".into()));
+            }
+            for _ in 0..n {
+                let i = usize::from(self.u8()?);
+                let len = usize::from(self.u16()?);
+                if len > REFUSAL_BYTES_MAX {
+                    return Err(FrameError::Body(format!(
+                        "a refusal of {len} bytes, at most {REFUSAL_BYTES_MAX}"
+                    )));
+                }
+                let text = std::str::from_utf8(self.take(len)?)
+                    .map_err(|_| FrameError::Body("a refusal that is not UTF-8".into()))?
+                    .to_string();
+                match members.get_mut(i) {
+                    Some(m) if m.refused.is_none() => m.refused = Some(text),
+                    Some(_) => return Err(FrameError::Body(format!("member {i} refused twice"))),
+                    None => return Err(FrameError::Body(format!("a refusal of member {i} of {count}"))),
+                }
+            }
         }
         Ok(PgView {
             pg,
@@ -614,15 +657,22 @@ mod tests {
     }
 
     fn arb_view() -> impl Strategy<Value = PgView> {
-        let member = (any::<u64>(), arb_addr(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
-            |(id, addr, up, scl, told_epoch)| MemberView {
+        let member = (
+            any::<u64>(),
+            arb_addr(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::option::of("[a-z ():0-9é]{0,80}"),
+        )
+            .prop_map(|(id, addr, up, scl, told_epoch, refused)| MemberView {
                 id,
                 addr,
                 up,
                 scl,
                 told_epoch,
-            },
-        );
+                refused,
+            });
         (
             any::<u32>(),
             arb_membership(),
@@ -679,6 +729,7 @@ mod tests {
                     up: m.id != 6,
                     scl: 40,
                     told_epoch: 2,
+                    refused: (m.id == 7).then(|| "the page store has no room".to_string()),
                 })
                 .collect(),
             membership: m,
@@ -719,6 +770,11 @@ mod tests {
         }
     }
 
+    /// The refusal list's count and first member index.
+    fn b_tail(body: &[u8], at: usize) -> [u8; 2] {
+        [body[at], body[at + 1]]
+    }
+
     #[test]
     fn a_pg_state_with_a_broken_membership_or_member_list_is_refused() {
         let (kind, body) = body_of(&ClientMessage::PgStateOk { view: view() });
@@ -739,6 +795,26 @@ mod tests {
             let mut b = body.clone();
             b[count] = n;
             assert!(matches!(decode(&raw_frame(kind, &b)), Err(FrameError::Body(_))), "{n}");
+        }
+        // The refusals after the members: one naming no member, one twice,
+        // one that is not UTF-8, an empty list.
+        let members = view().members.len();
+        let tail = count + 1 + members * MEMBER_VIEW_BYTES;
+        assert_eq!(b_tail(&body, tail), [1, (members - 1) as u8]);
+        for (i, bad) in [
+            [vec![1, members as u8], body[tail + 2..].to_vec()].concat(),
+            [vec![2], body[tail + 1..].to_vec(), body[tail + 1..].to_vec()].concat(),
+            [vec![1, 0, 2, 0, 0xff, 0xfe]].concat(),
+            vec![0],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let b = [body[..tail].to_vec(), bad].concat();
+            assert!(
+                matches!(decode(&raw_frame(kind, &b)), Err(FrameError::Body(_))),
+                "case {i}"
+            );
         }
         // An up flag that is not 0 or 1; an unknown change kind.
         let mut b = body.clone();

@@ -278,6 +278,10 @@ struct Slot {
     /// Highest membership epoch the segment said it holds.
     held_epoch: u64,
     told: Told,
+    /// Why its node last refused to take the PG's membership (a full page
+    /// store, say), until it takes it: what an operator moving a segment
+    /// onto the node is shown.
+    refused: Option<String>,
     /// The epoch of the last membership that added the node to the PG (0:
     /// a member from the start). Taking that membership may make the node
     /// drop what it held (a node rejoining the PG), so only what it
@@ -437,6 +441,7 @@ impl Slot {
             up: false,
             held_epoch: 0,
             told: Told::No,
+            refused: None,
             joined_epoch: 0,
             scl: 0,
             incarnation: None,
@@ -648,6 +653,7 @@ impl<T> Writer<T> {
                 up: s.up,
                 scl: s.scl,
                 told_epoch: s.held_epoch,
+                refused: s.refused.clone(),
             })
             .collect();
         Some(PgView {
@@ -1634,7 +1640,9 @@ impl<T> Writer<T> {
                 // added counts from this answer on, up from nothing
                 // (`propose`, `on_report`): it may have dropped what it
                 // held on taking the step (a node rejoining the PG).
-                self.pgs[pg as usize].slots[slot].told = Told::Yes;
+                let s = &mut self.pgs[pg as usize].slots[slot];
+                s.told = Told::Yes;
+                s.refused = None;
                 let taken = membership.as_ref().map(|m| m.epoch);
                 self.on_report(pg, slot, scl, incarnation, taken);
                 self.held(pg, slot, membership.as_ref());
@@ -1672,7 +1680,9 @@ impl<T> Writer<T> {
                 } else {
                     tracing::debug!(node, pg, ?code, reason = %message, "membership refused");
                 }
-                self.pgs[pg as usize].slots[slot].told = Told::Refused;
+                let s = &mut self.pgs[pg as usize].slots[slot];
+                s.told = Told::Refused;
+                s.refused = Some(message);
                 // A one-off refusal: told again soon, not only at the next up.
                 if matches!(code, ErrorCode::Internal | ErrorCode::Overloaded)
                     && !self.retell.iter().any(|&(_, p, s)| (p, s) == (pg, slot))

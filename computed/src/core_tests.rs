@@ -811,6 +811,14 @@ fn a_refused_membership_does_not_stop_commits() {
         w.on_reply(node, request, reply);
     }
     assert_eq!(w.fenced(), None);
+    // Why each refused is shown with the PG's state (`storctl repair`).
+    let pg = segments_of(&[2])[0].1;
+    let refused = |w: &Writer<u32>, node: u64| {
+        let v = w.pg_view(pg).unwrap();
+        v.members.iter().find(|m| m.id == node).unwrap().refused.clone()
+    };
+    assert_eq!(refused(&w, 2).as_deref(), Some("a one-off fault"));
+    assert_eq!(refused(&w, 1).as_deref(), Some("not a member"));
     w.submit(1, vec![delta(1, 1), delta(150, 1)]).unwrap();
     let out = outputs(&mut w);
     for (node, req, pg, _, last) in appends(&out) {
@@ -824,6 +832,8 @@ fn a_refused_membership_does_not_stop_commits() {
     let t = tellings(&outputs(&mut w));
     assert_eq!(told_pairs(&t), segments_of(&[2]));
     answer_tellings(&mut w, &t, INCARNATION);
+    assert_eq!(refused(&w, 2), None, "taken since");
+    assert_eq!(refused(&w, 1).as_deref(), Some("not a member"));
     w.tick(10 * config().retry_after_us);
     assert!(tellings(&outputs(&mut w)).is_empty());
     // At its next up a node that refused is told again.

@@ -84,6 +84,8 @@ pub struct MemberView {
     pub scl: u64,
     /// Highest membership epoch the segment said it holds (0: not yet).
     pub told_epoch: u64,
+    /// Why its node last refused to take the membership, until it takes it.
+    pub refused: Option<String>,
 }
 
 impl PgView {

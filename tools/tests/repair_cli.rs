@@ -289,6 +289,55 @@ fn node_6_lost_and_moved_to_7() -> (ClusterDir, std::path::PathBuf) {
     (c, journal)
 }
 
+/// A move onto a node with no room for the segment: the node refuses the
+/// PG's membership (its page store is full), and `repair` stops waiting
+/// once the refusal lasts, exit 4, saying why and what to run, rather than
+/// waiting out its timeout. The move rolls back (`--abort`), and the
+/// segment then moves to a node with room.
+#[test]
+fn a_move_onto_a_node_without_room_says_so_and_rolls_back() {
+    let c = eight_nodes_one_pg();
+    let file = c.cluster_file();
+    kill_node(&c, 7);
+    std::fs::remove_file(c.path().join("dev7")).unwrap();
+    let dev = format!("{}/dev7", c.arg());
+    let small = run(
+        storaged_bin().to_str().unwrap(),
+        &["format", "--device", &dev, "--node-id", "7", "--size", "8m"],
+    );
+    assert_eq!(small.status.code(), Some(0), "{}", text(&small.stderr));
+    start_node(&c, 7);
+
+    let out = replace_in_pg0(&file, "6", "7", &["--json", "--timeout", "100"]);
+    expect_exit(&out, 4);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = report["pgs"][0]["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("node 7 refuses PG 0's segment") && message.contains("no room") && message.contains("--abort"),
+        "{report}"
+    );
+
+    let back = storctl(&[
+        "repair",
+        "--cluster",
+        &file,
+        "--pg",
+        "0",
+        "--abort",
+        "--json",
+        "--timeout",
+        "100",
+    ]);
+    expect_exit(&back, 1);
+    let (_, changing, old, _) = membership(&c).expect("a membership");
+    assert!(!changing);
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 6]);
+    let moved = replace_in_pg0(&file, "6", "8", &["--json", "--timeout", "100"]);
+    expect_exit(&moved, 1);
+    let (_, _, old, _) = membership(&c).expect("a membership");
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 8]);
+}
+
 /// Node 6 lost for good: its segment moves to spare node 7; then with two
 /// more of the original members gone the PG still takes commits (it needs
 /// node 7 for its quorum), every commit acknowledged before reads back, and

@@ -155,6 +155,10 @@ impl MoveBar {
     }
 }
 
+/// How long the new member's node may refuse the PG's segment before a
+/// move stops waiting for it.
+const REFUSED_GIVE_UP_AFTER: Duration = Duration::from_secs(10);
+
 pub(super) async fn run_replace(
     ctx: &Ctx<'_>,
     client: &mut Client,
@@ -232,6 +236,7 @@ pub(super) async fn run_replace(
         }
     }
     // Wait for the new member to catch up and the writer to switch.
+    let mut refused_since: Option<Instant> = None;
     loop {
         let v = match pg_state(ctx, client, pg).await {
             Ok(v) => v,
@@ -271,6 +276,25 @@ pub(super) async fn run_replace(
             }
             Moving::UnderWay => {}
         }
+        // A refusal that lasts is not a node busy for a moment: a full page
+        // store stays full until an operator makes room.
+        let refused = v.members.iter().find(|m| m.id == new).and_then(|m| m.refused.clone());
+        refused_since = refused.as_ref().map(|_| refused_since.unwrap_or_else(Instant::now));
+        if let Some(why) = refused.filter(|_| refused_since.is_some_and(|t| t.elapsed() >= REFUSED_GIVE_UP_AFTER)) {
+            let r = pg_report(
+                pg,
+                "not_finished",
+                EXIT_NOT_FINISHED,
+                format!(
+                    "node {new} refuses PG {pg}'s segment ({why}) for {} s now; the move stays under way                      ({}): make room on node {new} and run `{}` again, or roll the move back (`{}`) and                      move the segment to another node",
+                    REFUSED_GIVE_UP_AFTER.as_secs(),
+                    standing(&v),
+                    ctx.again(pg, &format!(" --replace {old} --with {new}")),
+                    ctx.again(pg, " --abort")
+                ),
+            );
+            return view_report(r, &v, Some(new));
+        }
         if ctx.timed_out() {
             let scl = v
                 .members
@@ -283,10 +307,19 @@ pub(super) async fn run_replace(
                 EXIT_NOT_FINISHED,
                 format!(
                     "after {} s the move of node {old} to node {new} is still under way ({}; node {new} at \
-                     SCL {scl}, PGCL {}): run `{}` to wait for it again, or `{}` to roll it back",
+                     SCL {scl}, PGCL {}{}): run `{}` to wait for it again, or `{}` to roll it back",
                     ctx.timeout.as_secs(),
                     standing(&v),
                     v.pgcl,
+                    match v
+                        .members
+                        .iter()
+                        .find(|m| m.id == new)
+                        .and_then(|m| m.refused.as_deref())
+                    {
+                        Some(why) => format!("; node {new} refuses the segment: {why}"),
+                        None => String::new(),
+                    },
                     ctx.again(pg, &format!(" --replace {old} --with {new}")),
                     ctx.again(pg, " --abort")
                 ),
@@ -475,6 +508,7 @@ mod tests {
                     up: true,
                     scl: 10,
                     told_epoch: membership.epoch,
+                    refused: None,
                 })
                 .collect(),
             membership,
