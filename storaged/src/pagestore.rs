@@ -300,7 +300,8 @@ fn damage(slot: &[u8], device_id: &DeviceId, slot_block: u64, error: SlotError) 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Current {
     /// Neither slot was ever written: the page is zeros as of LSN 0, and
-    /// the next version goes to slot 0.
+    /// the next version goes to slot 0 (a new segment's hydration may put
+    /// it in slot 1, paired with the next page's slot 0).
     Never,
     Version {
         slot: usize,
@@ -358,20 +359,31 @@ pub fn current(slots: [Slot; 2], torn_after: Option<u64>) -> Result<Chosen, Slot
         }),
         (Slot::Version(v), Slot::Damaged(d)) => older_or_torn(0, v, d, torn_after),
         (Slot::Damaged(d), Slot::Version(v)) => older_or_torn(1, v, d, torn_after),
-        // A page's first version goes to slot 0: only that write can leave
-        // slot 0 torn and slot 1 never written.
-        (Slot::Damaged(d), Slot::Empty) => match torn_after {
-            Some(c) if !d.unknown && d.lsns.iter().all(|&lsn| lsn > c) => Ok(Chosen {
-                current: Current::Never,
-                other: Some(OtherDamaged {
-                    slot: 0,
-                    error: d.error,
-                    maybe_torn: true,
-                }),
+        // Beside a slot never written, a torn one was the page's first
+        // write: coalescing writes a page's first version to slot 0, a new
+        // segment's hydration to slot 1 of a page paired with the next
+        // (their slots are adjacent, one write). No other write can leave a
+        // slot torn and the other never written.
+        (Slot::Damaged(d), Slot::Empty) => torn_first_write(0, d, torn_after),
+        (Slot::Empty, Slot::Damaged(d)) => torn_first_write(1, d, torn_after),
+        (Slot::Damaged(d), Slot::Damaged(_)) => Err(d.error),
+    }
+}
+
+/// Slot `slot` is damaged and the other never written: the page was never
+/// written if a round open at a crash wrote it (its blocks name LSNs above
+/// `torn_after` only), else it is damage.
+fn torn_first_write(slot: usize, d: Damage, torn_after: Option<u64>) -> Result<Chosen, SlotError> {
+    match torn_after {
+        Some(c) if !d.unknown && d.lsns.iter().all(|&lsn| lsn > c) => Ok(Chosen {
+            current: Current::Never,
+            other: Some(OtherDamaged {
+                slot,
+                error: d.error,
+                maybe_torn: true,
             }),
-            _ => Err(d.error),
-        },
-        (Slot::Damaged(d), _) | (_, Slot::Damaged(d)) => Err(d.error),
+        }),
+        _ => Err(d.error),
     }
 }
 
@@ -553,6 +565,13 @@ mod tests {
             pick([damaged(&[12]), Slot::Empty], Some(10)),
             Ok((Current::Never, Some(true)))
         );
+        // A new segment's hydration writes a page's first version to slot
+        // 1 (paired with the next page's slot 0): torn the same way.
+        assert_eq!(
+            pick([Slot::Empty, damaged(&[12])], Some(10)),
+            Ok((Current::Never, Some(true)))
+        );
+        assert_eq!(pick([Slot::Empty, ver(12)], Some(10)), Ok((at(1, 12), None)));
         // An older version damaged: harmless, but damage, crash or not.
         assert_eq!(pick([damaged(&[4, 4]), ver(9)], None), Ok((at(1, 9), Some(false))));
         // The current version damaged: never an older one, never zeros,
@@ -567,6 +586,7 @@ mod tests {
         // current version damaged.
         assert!(pick([ver(9), damaged(&[15])], None).is_err());
         assert!(pick([damaged(&[12]), Slot::Empty], None).is_err());
+        assert!(pick([Slot::Empty, damaged(&[12])], None).is_err());
         // The round wrote this page's version (above 10) whole: the other
         // slot, damaged, cannot be its torn write.
         assert!(pick([ver(12), damaged(&[15])], Some(10)).is_err());

@@ -50,9 +50,14 @@
 //! slots a crash can touch are those a version goes to, as with one write
 //! a page. A run whose pages are all known never written (a new segment,
 //! a replaced disk) is not read, and only the slots its versions go to are
-//! written, one I/O each: every other slot stays never written as it is. A page whose slots are
-//! not both whole or empty in the run's read (damaged, torn by a crash) is
-//! taken page by page, as before. Decoding and sealing run off the node's
+//! written: every other slot stays never written as it is. Two neighbours
+//! (local pages 2k and 2k + 1) go to slot 1 of the first and slot 0 of the
+//! second, adjacent, with one I/O: half the writes of one a page, which is
+//! what bounds a hydration on a disk that does few I/Os a second. A page
+//! whose slots are not both whole or empty in the run's read (damaged,
+//! torn by a crash) is taken page by page; one that holds no version gets
+//! its first in slot 0 with slot 1 written back to never written, so a
+//! paired write a crash tore leaves nothing beside it. Decoding and sealing run off the node's
 //! runtime thread.
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
@@ -834,15 +839,18 @@ impl Node {
     }
 
     /// The versions of a run of pages every one of which is known never
-    /// written: each is encoded straight into a buffer of its own slot 0
-    /// (no read, and no buffer of the run's both slots to fill and copy
-    /// out of) and written with an I/O of its own under its page's stripe
-    /// (a run's pages would take every stripe, and the runs of a
-    /// hydration's streams would go one at a time). Every other slot stays
-    /// never written as it is, so a new segment is rebuilt with half the
-    /// bytes written. Returns the versions to take one by one: those whose
-    /// page's index entry names a version (a lost write), judged as a read
-    /// judges them.
+    /// written: each is encoded straight into a buffer of the slot it goes
+    /// to (no read, and no buffer of the run's both slots to fill and copy
+    /// out of), and written under its page's stripe. Two neighbours, the
+    /// pages at local indices 2k and 2k + 1, go to slot 1 of the first and
+    /// slot 0 of the second, which are adjacent, with one I/O under both
+    /// stripes; a page without its neighbour goes to its slot 0 with an
+    /// I/O of its own. (A run's pages would take every stripe, and the runs
+    /// of a hydration's streams would go one at a time.) Every other slot
+    /// stays never written as it is, so a new segment is rebuilt with half
+    /// the bytes written, and half the writes. Returns the versions to take
+    /// one by one: those whose page's index entry names a version (a lost
+    /// write), judged as a read judges them.
     async fn hydrate_new_run(
         &self,
         id: SegmentId,
@@ -852,27 +860,29 @@ impl Node {
         versions: Vec<WirePageVersion>,
     ) -> Result<Vec<WirePageVersion>, NodeError> {
         let (device_id, extent_copy, first_local) = (self.device_id, *extent, run.first_local);
-        let (slots, one_by_one) =
+        let (writes, one_by_one) =
             off_runtime(move || encode_new_slots(&device_id, &extent_copy, id, first_local, &index, versions)).await?;
         // Durable at `hydrate_end`'s flush, before the table says the
         // rebuild is over; until then a crash leaves the rebuild marked,
-        // where a torn or lost slot is a torn write. The slot state and
-        // index entry change with the slot, under its page's stripe.
-        let writes = slots.into_iter().map(|new| async move {
-            let _stripe = self.stripe(id, new.page).write().await;
-            let (_, result) = self
-                .io
-                .write_volatile(block_offset(extent.slot_block(new.local, 0)), new.buf)
-                .await;
+        // where a torn or lost slot is a torn write (`pagestore::current`:
+        // slot 1 as well as slot 0 may be a page's first write). The slot
+        // states and index entries change with the slots, under their
+        // pages' stripes.
+        let writes = writes.into_iter().map(|new| async move {
+            let stripes = self.stripes_of(id, new.slots.iter().map(|n| n.page));
+            let _held = join_stripes(&stripes).await;
+            let (_, result) = self.io.write_volatile(block_offset(new.at), new.buf).await;
             result?;
             let mut st = self.state();
             let s = st.seg_mut(id)?;
-            s.set_slot_state(new.local, SlotState::holding(0));
-            // In memory only until `hydrate_end` writes the index, after
-            // its flush.
-            s.index_set(new.local, new.entry);
-            if let Some(h) = s.hydration.as_mut() {
-                h.pages.insert(new.page, new.entry.lsn);
+            for n in &new.slots {
+                s.set_slot_state(n.local, SlotState::holding(n.slot));
+                // In memory only until `hydrate_end` writes the index, after
+                // its flush.
+                s.index_set(n.local, n.entry);
+                if let Some(h) = s.hydration.as_mut() {
+                    h.pages.insert(n.page, n.entry.lsn);
+                }
             }
             Ok::<(), NodeError>(())
         });
@@ -938,7 +948,16 @@ impl Node {
             (s.slot_state(local), s.torn_after(local))
         };
         let slot = match self.read_current(id, extent, page, local, known, torn_after).await {
-            Ok(Current::Never) => 0,
+            Ok(Current::Never) => {
+                // Slot 1 may hold what a new segment's paired write left torn
+                // at a crash (`hydrate_new_run`): the version goes to slot 0
+                // and slot 1 is cleared with it, one write, or the torn slot
+                // would stay beside the version, as damage, once the rebuild
+                // is over.
+                self.write_first_version(id, extent, page, local, &version).await?;
+                self.state().seg_mut(id)?.set_slot_state(local, SlotState::holding(0));
+                return Ok(Some(version.lsn));
+            }
             Ok(Current::Version { slot, version: held }) => {
                 self.state()
                     .seg_mut(id)?
@@ -1002,6 +1021,28 @@ impl Node {
             .await?;
         // In memory only until `hydrate_end` writes the index, after its
         // flush (the index is never ahead of a durable version).
+        let entry = crate::pagemap::Entry::of(version.lsn, &version.bytes);
+        self.state().seg_mut(id)?.index_set(local, entry);
+        Ok(())
+    }
+
+    /// Write `version` of a page that holds none into slot 0, and slot 1
+    /// back to never written, with one I/O (see [`Node::hydrate_page`]).
+    async fn write_first_version(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+        version: &PageVersion,
+    ) -> Result<(), NodeError> {
+        let (at, slot_blocks) = (extent.slot_block(local, 0), extent.slot_blocks() as usize);
+        let mut buf = AlignedBuf::zeroed_blocks(2 * slot_blocks);
+        let slot_bytes = slot_blocks * BLOCK_SIZE;
+        pagestore::encode_version(&mut buf[..slot_bytes], self.device_id, extent, id, page, at, version);
+        // Durable at `hydrate_end`'s flush, as `write_version`'s.
+        let (_, result) = self.io.write_volatile(block_offset(at), buf).await;
+        result?;
         let entry = crate::pagemap::Entry::of(version.lsn, &version.bytes);
         self.state().seg_mut(id)?.index_set(local, entry);
         Ok(())
@@ -1277,18 +1318,27 @@ fn plan_hydrate_run(
     (buf, held, one_by_one)
 }
 
-/// A version of a page never written, encoded into its slot 0.
+/// A version of a page never written, and the slot it goes to.
 struct NewSlot {
     page: u64,
     local: u64,
+    slot: usize,
     entry: crate::pagemap::Entry,
+}
+
+/// One write of [`Node::hydrate_new_run`]: one page's version into its
+/// slot 0, or two neighbours' into slot 1 of the first and slot 0 of the
+/// second (adjacent), from block `at`.
+struct NewWrite {
+    at: u64,
+    slots: Vec<NewSlot>,
     buf: AlignedBuf,
 }
 
-/// What [`Node::hydrate_new_run`] writes: each version (ascending, one a
-/// page, every page of the run never written) encoded into a buffer of its
-/// slot 0; and the versions whose page's index entry does not agree that
-/// the page was never written, to take one by one.
+/// What [`Node::hydrate_new_run`] writes: the versions (ascending, one a
+/// page, every page of the run never written) encoded into the slots they
+/// go to, neighbours paired; and the versions whose page's index entry
+/// does not agree that the page was never written, to take one by one.
 fn encode_new_slots(
     device_id: &DeviceId,
     extent: &Extent,
@@ -1296,32 +1346,58 @@ fn encode_new_slots(
     first_local: u64,
     index: &[crate::pagemap::Entry],
     versions: Vec<WirePageVersion>,
-) -> (Vec<NewSlot>, Vec<WirePageVersion>) {
-    let mut slots = Vec::with_capacity(versions.len());
+) -> (Vec<NewWrite>, Vec<WirePageVersion>) {
+    let mut new = Vec::with_capacity(versions.len());
     let mut one_by_one = Vec::new();
     for v in versions {
-        let (page, local) = (v.page, extent.local(id.pg, v.page).unwrap_or(0));
+        let local = extent.local(id.pg, v.page).unwrap_or(0);
         let entry = index[(local - first_local) as usize];
         if crate::pagemap::verify(entry, None) != crate::pagemap::Verdict::Agrees {
             one_by_one.push(v);
-            continue;
+        } else {
+            new.push((local, v));
         }
-        let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
-        let version = PageVersion {
-            lsn: v.lsn,
-            bytes: v.bytes,
-        };
-        let mut buf = AlignedBuf::zeroed_blocks(extent.slot_blocks() as usize);
-        let at = extent.slot_block(local, 0);
-        pagestore::encode_version(&mut buf, *device_id, extent, id, page, at, &version);
-        slots.push(NewSlot {
-            page,
-            local,
-            entry,
-            buf,
-        });
     }
-    (slots, one_by_one)
+    let slot_bytes = extent.slot_blocks() as usize * crate::io::BLOCK_SIZE;
+    let mut writes = Vec::with_capacity(new.len());
+    let mut new = new.into_iter().peekable();
+    while let Some((local, v)) = new.next() {
+        let pair = local % 2 == 0 && new.peek().is_some_and(|(next, _)| *next == local + 1);
+        let mut versions = vec![(local, v)];
+        if pair {
+            versions.extend(new.next());
+        }
+        let first_slot = if pair { 1 } else { 0 };
+        let at = extent.slot_block(local, first_slot);
+        let mut buf = AlignedBuf::zeroed_blocks(versions.len() * extent.slot_blocks() as usize);
+        let mut slots = Vec::with_capacity(versions.len());
+        for (i, (local, v)) in versions.into_iter().enumerate() {
+            let slot = if pair && i == 0 { 1 } else { 0 };
+            let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
+            let version = PageVersion {
+                lsn: v.lsn,
+                bytes: v.bytes,
+            };
+            let bytes = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
+            pagestore::encode_version(
+                bytes,
+                *device_id,
+                extent,
+                id,
+                v.page,
+                extent.slot_block(local, slot),
+                &version,
+            );
+            slots.push(NewSlot {
+                page: v.page,
+                local,
+                slot,
+                entry,
+            });
+        }
+        writes.push(NewWrite { at, slots, buf });
+    }
+    (writes, one_by_one)
 }
 
 /// What [`Node::copy_run_to_both_slots`] writes: each page's current

@@ -165,6 +165,10 @@ pub enum NodeError {
     PageDamaged { page: u64, offset: u64, source: SlotError },
     #[error("the segment is being rebuilt from its peers' page versions: read another segment")]
     Rebuilding,
+    #[error(
+        "page {page}: the segment holds its version at LSN {lsn}, above read point {read_point} (the PGMRPL moved, or a hydration took a peer's): read another segment"
+    )]
+    VersionAboveReadPoint { page: u64, lsn: u64, read_point: u64 },
     #[error("{0}")]
     BadPageVersion(String),
     #[error("records of the segment still being written after {0:?}; the truncation is not applied, try again")]
@@ -229,7 +233,10 @@ impl NodeError {
             | NodeError::BadPageVersion(_) => (ErrorCode::BadRequest, 0),
             NodeError::PageOutOfRange { .. } => (ErrorCode::PageOutOfRange, 0),
             NodeError::ReadPointAboveScl { .. } => (ErrorCode::ReadPointAboveScl, 0),
-            NodeError::ReadPointBelowPgmrpl { .. } => (ErrorCode::ReadPointBelowPgmrpl, 0),
+            // The same to the reader: the versions it needs are not here.
+            NodeError::ReadPointBelowPgmrpl { .. } | NodeError::VersionAboveReadPoint { .. } => {
+                (ErrorCode::ReadPointBelowPgmrpl, 0)
+            }
             NodeError::PageDamaged { .. } => (ErrorCode::PageDamaged, 0),
             NodeError::Rebuilding => (ErrorCode::Rebuilding, 0),
             NodeError::Overloaded { .. }
@@ -1316,11 +1323,13 @@ impl Node {
             Current::Never => None,
             Current::Version { version, .. } => {
                 if version.lsn > read_point {
-                    // Only versions at or below PGMRPL are written, and read
-                    // points below it are refused above: PGMRPL moved since.
-                    return Err(NodeError::ReadPointBelowPgmrpl {
+                    // Coalescing writes versions at or below PGMRPL only, and
+                    // read points below it are refused above: PGMRPL moved
+                    // since. Or a hydration took a peer's version above it.
+                    return Err(NodeError::VersionAboveReadPoint {
+                        page,
+                        lsn: version.lsn,
                         read_point,
-                        pgmrpl: s.pgmrpl,
                     });
                 }
                 Some((version.lsn, version.bytes))
