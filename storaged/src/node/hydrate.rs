@@ -57,8 +57,8 @@
 //! whose slots are not both whole or empty in the run's read (damaged,
 //! torn by a crash) is taken page by page; one that holds no version gets
 //! its first in slot 0 with slot 1 written back to never written, so a
-//! paired write a crash tore leaves nothing beside it. Decoding and sealing run off the node's
-//! runtime thread.
+//! paired write a crash tore leaves nothing beside it. Decoding and
+//! sealing run off the node's runtime thread.
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
 //! pulls the chain above its floor, the segment does not coalesce past the
