@@ -643,6 +643,18 @@ fn set_membership(membership: storaged::membership::Membership) -> Message {
     }
 }
 
+/// A writer's connection to the node at `addr` that has set PG 0's
+/// membership at `epoch`.
+async fn writer_told(addr: SocketAddr, epoch: u64) -> NodeClient {
+    let writer = NodeClient::connect(addr, Role::Computed, 0).await.unwrap();
+    let reply = writer.request(set_membership(membership(epoch))).await.unwrap();
+    assert!(
+        matches!(&reply, Message::SegmentStatus { membership: Some(m), .. } if *m == membership(epoch)),
+        "{reply:?}"
+    );
+    writer
+}
+
 /// Gossip requests are a storage node's: the writer sets the membership,
 /// a member storage node gets our digest and pulls the chain; an operator's
 /// connection and a node outside the membership are refused.
@@ -652,12 +664,7 @@ fn gossip_requests_are_answered_for_member_storage_nodes_only() {
     let dev = format_device(dir.path());
     let daemon = start_daemon(&dev);
     run(async {
-        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        let reply = writer.request(set_membership(membership(1))).await.unwrap();
-        assert!(
-            matches!(&reply, Message::SegmentStatus { membership: Some(m), .. } if *m == membership(1)),
-            "{reply:?}"
-        );
+        let writer = writer_told(daemon.addr, 1).await;
         assert_eq!(
             scl_of(&append(&writer, 0, 1, vec![rec(0, 1, 0, 1), rec(0, 2, 1, 2)]).await),
             2
@@ -758,9 +765,7 @@ fn a_request_from_behind_a_membership_change_is_refused_with_the_current_epoch()
     let dev = format_device(dir.path());
     let daemon = start_daemon(&dev);
     run(async {
-        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        let reply = writer.request(set_membership(membership(3))).await.unwrap();
-        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+        let writer = writer_told(daemon.addr, 3).await;
         let append_at = |membership_epoch: u64, lsn: u64| Message::Append {
             volume: VOLUME,
             epoch: 1,
@@ -817,9 +822,7 @@ fn fill_gaps_is_an_operators_request_for_a_segment_with_a_membership() {
     let dev = format_device(dir.path());
     let daemon = start_daemon(&dev);
     run(async {
-        let writer = NodeClient::connect(daemon.addr, Role::Computed, 0).await.unwrap();
-        let reply = writer.request(set_membership(membership(1))).await.unwrap();
-        assert!(matches!(reply, Message::SegmentStatus { .. }), "{reply:?}");
+        let writer = writer_told(daemon.addr, 1).await;
         // PG 1: sealed (created) but told no membership.
         let reply = writer
             .request(Message::Seal {

@@ -35,17 +35,20 @@ fn pulls(actions: &[Action]) -> Vec<(u64, NodeId, u64)> {
         .collect()
 }
 
-#[test]
-fn digests_are_asked_of_every_peer_each_interval() {
-    let mut core = core_at(10);
-    let first = core.poll(0);
-    let asked: Vec<NodeId> = first
+fn digests_asked(actions: &[Action]) -> Vec<NodeId> {
+    actions
         .iter()
         .filter_map(|a| match a {
             Action::SendDigest { to, .. } => Some(*to),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn digests_are_asked_of_every_peer_each_interval() {
+    let mut core = core_at(10);
+    let asked = digests_asked(&core.poll(0));
     assert_eq!(asked, vec![2, 3, 4, 5, 6]);
     assert!(core.poll(100).is_empty(), "not again within the interval");
     assert_eq!(core.poll(500).len(), 5);
@@ -455,13 +458,7 @@ fn fill_now_asks_every_peer_at_once_and_drops_the_back_offs() {
 
     assert!(core.fill_now(PG));
     let asked = core.poll(3);
-    let digests: Vec<NodeId> = asked
-        .iter()
-        .filter_map(|a| match a {
-            Action::SendDigest { to, .. } => Some(*to),
-            _ => None,
-        })
-        .collect();
+    let digests = digests_asked(&asked);
     assert_eq!(digests, vec![2, 3, 4, 5, 6]);
     // Node 2's digest is still fresh: it is asked again at once.
     assert_eq!(pulls(&asked).len(), 1, "the back-off held the pull back");
