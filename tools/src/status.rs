@@ -219,61 +219,10 @@ type NodeAnswer = (Vec<(u32, Seg)>, Result<ScrubSummary, String>);
 
 /// Asks node `id` for its segments of `pgs`, and with `scrub` for its scrubbing.
 async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, scrub: bool) -> Result<NodeAnswer> {
-    let connect = NodeClient::connect_to_node(addr, Role::Operator, 0, id);
-    let client = tokio::time::timeout(REQUEST_TIMEOUT, connect)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
+    let client = connect_operator(id, addr).await?;
     let mut out = Vec::new();
     for pg in pgs {
-        let req = Message::GetSegmentStatus {
-            volume: cluster.volume_id,
-            epoch: 0,
-            pg,
-        };
-        let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
-        let seg = match reply {
-            Message::SegmentStatus {
-                scl,
-                epoch,
-                highest_lsn,
-                installed_epoch,
-                annulled,
-                holes,
-                damage,
-                membership,
-                hydration,
-                ..
-            } => Seg {
-                scl,
-                epoch,
-                highest_lsn,
-                installed_epoch,
-                annulled,
-                holes,
-                damage,
-                membership,
-                hydration,
-            },
-            // Not written yet: the segment is created by its first Append.
-            Message::Error {
-                code: ErrorCode::UnknownSegment,
-                ..
-            } => Seg {
-                scl: 0,
-                epoch: 0,
-                highest_lsn: 0,
-                installed_epoch: 0,
-                annulled: Vec::new(),
-                holes: Vec::new(),
-                damage: Damage::default(),
-                membership: None,
-                hydration: None,
-            },
-            other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
-        };
-        out.push((pg, seg));
+        out.push((pg, ask_segment(cluster, &client, addr, pg).await?));
     }
     if !scrub {
         return Ok((out, Err("not asked".into())));
@@ -287,6 +236,66 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
         Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
     };
     Ok((out, scrub))
+}
+
+/// An operator's connection to node `id` at `addr`.
+async fn connect_operator(id: u64, addr: SocketAddr) -> Result<NodeClient> {
+    let connect = NodeClient::connect_to_node(addr, Role::Operator, 0, id);
+    Ok(tokio::time::timeout(REQUEST_TIMEOUT, connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??)
+}
+
+/// What the node on `client` says of its segment of PG `pg`.
+async fn ask_segment(cluster: &Cluster, client: &NodeClient, addr: SocketAddr, pg: u32) -> Result<Seg> {
+    let req = Message::GetSegmentStatus {
+        volume: cluster.volume_id,
+        epoch: 0,
+        pg,
+    };
+    let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {} s", REQUEST_TIMEOUT.as_secs()))??;
+    Ok(match reply {
+        Message::SegmentStatus {
+            scl,
+            epoch,
+            highest_lsn,
+            installed_epoch,
+            annulled,
+            holes,
+            damage,
+            membership,
+            hydration,
+            ..
+        } => Seg {
+            scl,
+            epoch,
+            highest_lsn,
+            installed_epoch,
+            annulled,
+            holes,
+            damage,
+            membership,
+            hydration,
+        },
+        // Not written yet: the segment is created by its first Append.
+        Message::Error {
+            code: ErrorCode::UnknownSegment,
+            ..
+        } => Seg {
+            scl: 0,
+            epoch: 0,
+            highest_lsn: 0,
+            installed_epoch: 0,
+            annulled: Vec::new(),
+            holes: Vec::new(),
+            damage: Damage::default(),
+            membership: None,
+            hydration: None,
+        },
+        other => anyhow::bail!("PG {pg}: unexpected answer {other:?}"),
+    })
 }
 
 async fn ask_computed(addr: SocketAddr) -> Result<(u64, u64)> {
@@ -472,13 +481,31 @@ async fn ask_nodes(cluster: &Cluster, only_pg: Option<u32>, scrub: bool) -> Vec<
 }
 
 /// PG `pg` as its segments answered (no computed asked), for `storctl repair`.
-/// How the hydration of node `node`'s segment of PG `pg` stands; None if
-/// the node does not answer or the segment has not hydrated since its node
-/// started.
-pub async fn hydration(cluster: &Cluster, node: u64, pg: u32) -> Option<HydrationStatus> {
-    let addr = cluster.node(node)?.address;
-    let (segs, _) = ask_node(cluster, node, addr, vec![pg], false).await.ok()?;
-    segs.into_iter().next()?.1.hydration.map(HydrationStatus::from)
+/// Asks a node how its segments' hydrations stand, on one connection kept
+/// from ask to ask (a move's progress bar asks every 200 ms), opened again
+/// after one fails.
+#[derive(Default)]
+pub struct HydrationWatch {
+    client: Option<NodeClient>,
+}
+
+impl HydrationWatch {
+    /// How the hydration of node `node`'s segment of PG `pg` stands; None if
+    /// the node does not answer or the segment has not hydrated since its
+    /// node started.
+    pub async fn ask(&mut self, cluster: &Cluster, node: u64, pg: u32) -> Option<HydrationStatus> {
+        let addr = cluster.node(node)?.address;
+        if self.client.is_none() {
+            self.client = connect_operator(node, addr).await.ok();
+        }
+        match ask_segment(cluster, self.client.as_ref()?, addr, pg).await {
+            Ok(seg) => seg.hydration.map(HydrationStatus::from),
+            Err(_) => {
+                self.client = None;
+                None
+            }
+        }
+    }
 }
 
 pub async fn pg_survey(cluster: &Cluster, pg: u32) -> PgStatus {

@@ -237,17 +237,20 @@ pub(super) async fn run_replace(
     }
     // Wait for the new member to catch up and the writer to switch.
     let mut refused_since: Option<Instant> = None;
+    let mut watch = status::HydrationWatch::default();
     loop {
         let v = match pg_state(ctx, client, pg).await {
             Ok(v) => v,
             Err(e) => return fail(e),
         };
-        let scl = v.members.iter().find(|m| m.id == new).map_or(0, |m| m.scl);
+        let member = v.members.iter().find(|m| m.id == new);
+        let scl = member.map_or(0, |m| m.scl);
+        let refused = member.and_then(|m| m.refused.clone());
         let state = moving(&v, old, new);
         let hydration = if bar.bar.is_hidden() {
             None
         } else {
-            status::hydration(ctx.cluster, new, pg).await
+            watch.ask(ctx.cluster, new, pg).await
         };
         bar.show(pg, hydration, scl, v.pgcl, state == Moving::Done);
         match state {
@@ -278,15 +281,19 @@ pub(super) async fn run_replace(
         }
         // A refusal that lasts is not a node busy for a moment: a full page
         // store stays full until an operator makes room.
-        let refused = v.members.iter().find(|m| m.id == new).and_then(|m| m.refused.clone());
         refused_since = refused.as_ref().map(|_| refused_since.unwrap_or_else(Instant::now));
-        if let Some(why) = refused.filter(|_| refused_since.is_some_and(|t| t.elapsed() >= REFUSED_GIVE_UP_AFTER)) {
+        if let Some(why) = refused
+            .as_ref()
+            .filter(|_| refused_since.is_some_and(|t| t.elapsed() >= REFUSED_GIVE_UP_AFTER))
+        {
             let r = pg_report(
                 pg,
                 "not_finished",
                 EXIT_NOT_FINISHED,
                 format!(
-                    "node {new} refuses PG {pg}'s segment ({why}) for {} s now; the move stays under way                      ({}): make room on node {new} and run `{}` again, or roll the move back (`{}`) and                      move the segment to another node",
+                    "node {new} refuses PG {pg}'s segment ({why}) for {} s now; the move stays under way \
+                     ({}): make room on node {new} and run `{}` again, or roll the move back (`{}`) and \
+                     move the segment to another node",
                     REFUSED_GIVE_UP_AFTER.as_secs(),
                     standing(&v),
                     ctx.again(pg, &format!(" --replace {old} --with {new}")),
@@ -296,11 +303,7 @@ pub(super) async fn run_replace(
             return view_report(r, &v, Some(new));
         }
         if ctx.timed_out() {
-            let scl = v
-                .members
-                .iter()
-                .find(|m| m.id == new)
-                .map_or_else(|| "unknown".to_string(), |m| m.scl.to_string());
+            let scl = member.map_or_else(|| "unknown".to_string(), |m| m.scl.to_string());
             let r = pg_report(
                 pg,
                 "not_finished",
@@ -311,12 +314,7 @@ pub(super) async fn run_replace(
                     ctx.timeout.as_secs(),
                     standing(&v),
                     v.pgcl,
-                    match v
-                        .members
-                        .iter()
-                        .find(|m| m.id == new)
-                        .and_then(|m| m.refused.as_deref())
-                    {
+                    match &refused {
                         Some(why) => format!("; node {new} refuses the segment: {why}"),
                         None => String::new(),
                     },
