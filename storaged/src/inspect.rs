@@ -489,7 +489,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                             page_count += 1;
                         }
                         let (found, other_slot) = match &chosen.current {
-                            Current::Never => (None, 0),
+                            Current::Never => (None, pagestore::first_slot(l)),
                             Current::Version { slot, version } => (Some((version.lsn, &version.bytes[..])), 1 - slot),
                         };
                         let entry = index[l as usize];

@@ -296,12 +296,20 @@ fn damage(slot: &[u8], device_id: &DeviceId, slot_block: u64, error: SlotError) 
     d
 }
 
+/// The slot a page's first version goes to: slot 1 for local pages 2k,
+/// slot 0 for 2k + 1. Those two slots are adjacent, so two neighbours'
+/// first versions are one stretch of blocks: a new segment's hydration
+/// writes them with one I/O, and a donor whose pages were written once
+/// reads them with one.
+pub fn first_slot(local: u64) -> usize {
+    if local % 2 == 0 { 1 } else { 0 }
+}
+
 /// Which slot holds the current version, given both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Current {
     /// Neither slot was ever written: the page is zeros as of LSN 0, and
-    /// the next version goes to slot 0 (a new segment's hydration may put
-    /// it in slot 1, paired with the next page's slot 0).
+    /// the next version goes to [`first_slot`].
     Never,
     Version {
         slot: usize,
@@ -360,10 +368,9 @@ pub fn current(slots: [Slot; 2], torn_after: Option<u64>) -> Result<Chosen, Slot
         (Slot::Version(v), Slot::Damaged(d)) => older_or_torn(0, v, d, torn_after),
         (Slot::Damaged(d), Slot::Version(v)) => older_or_torn(1, v, d, torn_after),
         // Beside a slot never written, a torn one was the page's first
-        // write: coalescing writes a page's first version to slot 0, a new
-        // segment's hydration to slot 1 of a page paired with the next
-        // (their slots are adjacent, one write). No other write can leave a
-        // slot torn and the other never written.
+        // write (to `first_slot`, or to slot 0 by a device written before
+        // that rule). No other write can leave a slot torn and the other
+        // never written.
         (Slot::Damaged(d), Slot::Empty) => torn_first_write(0, d, torn_after),
         (Slot::Empty, Slot::Damaged(d)) => torn_first_write(1, d, torn_after),
         (Slot::Damaged(d), Slot::Damaged(_)) => Err(d.error),

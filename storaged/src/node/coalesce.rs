@@ -47,7 +47,7 @@ use tracing::Instrument;
 
 use super::hydrate::REBUILD_UNDER_WAY;
 use super::{Node, NodeError, SlotState};
-use crate::pagestore::{Current, Extent, PageVersion};
+use crate::pagestore::{self, Current, Extent, PageVersion};
 use crate::record::SegmentId;
 use crate::segtable::SegmentEntry;
 
@@ -282,8 +282,9 @@ impl Node {
         };
         // A damaged current version is an error here: nothing is built on it.
         let current = self.read_current(id, extent, page, local, known, torn_after).await?;
+        let first = matches!(current, Current::Never);
         let (slot, base) = match current {
-            Current::Never => (0, None),
+            Current::Never => (pagestore::first_slot(local), None),
             Current::Version { slot, version } => (1 - slot, Some((version.lsn, version.bytes))),
         };
         let base_lsn = base.as_ref().map_or(0, |b| b.0);
@@ -300,8 +301,17 @@ impl Node {
         }
         let entry = crate::pagemap::Entry::of(lsn, &bytes);
         let version = PageVersion { lsn, bytes };
-        self.write_slot(id, extent, page, local, slot, &version, crate::io::Durability::Durable)
-            .await?;
+        if first && torn_after.is_some() {
+            // A round open at the last crash may have left this page's first
+            // write torn in the other slot (a device written before
+            // `first_slot`, or a new segment's paired write): both slots go
+            // with one write, so nothing torn stays beside the version.
+            self.write_first_slots(id, extent, page, local, &version, crate::io::Durability::Durable)
+                .await?;
+        } else {
+            self.write_slot(id, extent, page, local, slot, &version, crate::io::Durability::Durable)
+                .await?;
+        }
         let mut st = self.state();
         let s = st.seg_mut(id)?;
         s.set_slot_state(local, SlotState::holding(slot));

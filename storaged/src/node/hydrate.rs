@@ -50,14 +50,16 @@
 //! slots a crash can touch are those a version goes to, as with one write
 //! a page. A run whose pages are all known never written (a new segment,
 //! a replaced disk) is not read, and only the slots its versions go to are
-//! written: every other slot stays never written as it is. Two neighbours
-//! (local pages 2k and 2k + 1) go to slot 1 of the first and slot 0 of the
-//! second, adjacent, with one I/O: half the writes of one a page, which is
-//! what bounds a hydration on a disk that does few I/Os a second. A page
-//! whose slots are not both whole or empty in the run's read (damaged,
-//! torn by a crash) is taken page by page; one that holds no version gets
-//! its first in slot 0 with slot 1 written back to never written, so a
-//! paired write a crash tore leaves nothing beside it. Decoding and
+//! written: every other slot stays never written as it is. Each version
+//! goes to its page's first slot (`pagestore::first_slot`: slot 1 of local
+//! page 2k, slot 0 of 2k + 1, adjacent), so two neighbours are one I/O:
+//! half the writes of one a page, which is what bounds a hydration on a
+//! disk that does few I/Os a second. The donor reads two such neighbours'
+//! current slots with one I/O as well. A page whose slots are not both
+//! whole or empty in the run's read (damaged, torn by a crash) is taken
+//! page by page; one that holds no version gets its first with the other
+//! slot written back to never written, so a paired write a crash tore
+//! leaves nothing beside it. Decoding and
 //! sealing run off the node's runtime thread.
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
@@ -499,7 +501,8 @@ impl Node {
     /// before it lets go, so a page still `Unknown` under it was not
     /// written since that read (a write under way then has ended, and set
     /// its state, before the stripe is had), and one written after sees
-    /// `Never` and writes its first version to slot 0, as it would have.
+    /// `Never` and writes its first version to its first slot, as it
+    /// would have.
     async fn known_never(&self, id: SegmentId, first: u64, locals: &[u64]) {
         if locals.is_empty() {
             return;
@@ -552,9 +555,11 @@ impl Node {
             .collect()
     }
 
-    /// The current version of each page of `run`, read from `slots` (one
-    /// I/O a page, all at once) and decoded off the runtime thread; None
-    /// for a page whose slot does not hold a whole version there.
+    /// The current version of each page of `run`, read from `slots` (all at
+    /// once: one I/O a page, or one for two neighbours whose current slots
+    /// are adjacent, slot 1 of a page and slot 0 of the next, as a PG
+    /// written once is) and decoded off the runtime thread; None for a page
+    /// whose slot does not hold a whole version there.
     async fn read_current_slots(
         &self,
         id: SegmentId,
@@ -562,27 +567,27 @@ impl Node {
         run: &Run,
         slots: Vec<usize>,
     ) -> Result<Vec<Option<Current>>, NodeError> {
-        let slot_blocks = extent.slot_blocks() as usize;
-        let reads = (run.first_local..).zip(&slots).map(|(local, &slot)| async move {
-            let buf = AlignedBuf::zeroed_blocks(slot_blocks);
-            let (buf, result) = self
-                .io
-                .read_background(block_offset(extent.slot_block(local, slot)), buf)
-                .await;
+        let slot_blocks = extent.slot_blocks();
+        let stretches = adjacent_slots(extent, run.first_local, &slots);
+        let reads = stretches.iter().map(|&(at, count)| async move {
+            let buf = AlignedBuf::zeroed_blocks(count * slot_blocks as usize);
+            let (buf, result) = self.io.read_background(block_offset(at), buf).await;
             result.map(|_| buf)
         });
-        let mut bufs = Vec::with_capacity(slots.len());
+        let mut bufs = Vec::with_capacity(stretches.len());
         for read in join_all(reads).await {
             bufs.push(read?);
         }
         let (device_id, extent, first_local) = (self.device_id, *extent, run.first_local);
         off_runtime(move || {
             let first_page = u64::from(id.pg) * extent.pg_pages;
+            let slot_bytes = slot_blocks as usize * BLOCK_SIZE;
+            let each_slot = bufs.iter().flat_map(|buf| buf.chunks_exact(slot_bytes));
             (first_local..)
-                .zip(slots.iter().zip(&bufs))
-                .map(|(local, (&slot, buf))| {
+                .zip(slots.iter().zip(each_slot))
+                .map(|(local, (&slot, bytes))| {
                     let at = extent.slot_block(local, slot);
-                    match pagestore::decode_slot(buf, &device_id, &extent, id, first_page + local, at) {
+                    match pagestore::decode_slot(bytes, &device_id, &extent, id, first_page + local, at) {
                         Slot::Version(version) => Some(Current::Version { slot, version }),
                         _ => None,
                     }
@@ -841,11 +846,11 @@ impl Node {
     /// The versions of a run of pages every one of which is known never
     /// written: each is encoded straight into a buffer of the slot it goes
     /// to (no read, and no buffer of the run's both slots to fill and copy
-    /// out of), and written under its page's stripe. Two neighbours, the
-    /// pages at local indices 2k and 2k + 1, go to slot 1 of the first and
-    /// slot 0 of the second, which are adjacent, with one I/O under both
-    /// stripes; a page without its neighbour goes to its slot 0 with an
-    /// I/O of its own. (A run's pages would take every stripe, and the runs
+    /// out of), and written under its page's stripe. Each goes to its
+    /// page's first slot: two neighbours, the pages at local indices 2k and
+    /// 2k + 1, to slot 1 of the first and slot 0 of the second, which are
+    /// adjacent, with one I/O under both stripes; a page without its
+    /// neighbour with an I/O of its own. (A run's pages would take every stripe, and the runs
     /// of a hydration's streams would go one at a time.) Every other slot
     /// stays never written as it is, so a new segment is rebuilt with half
     /// the bytes written, and half the writes. Returns the versions to take
@@ -949,13 +954,14 @@ impl Node {
         };
         let slot = match self.read_current(id, extent, page, local, known, torn_after).await {
             Ok(Current::Never) => {
-                // Slot 1 may hold what a new segment's paired write left torn
-                // at a crash (`hydrate_new_run`): the version goes to slot 0
-                // and slot 1 is cleared with it, one write, or the torn slot
-                // would stay beside the version, as damage, once the rebuild
-                // is over.
+                // The other slot may hold what a crash tore (a paired write
+                // of a new segment, `hydrate_new_run`): it is cleared with
+                // the version's write, one I/O, or the torn slot would stay
+                // beside the version, as damage, once the rebuild is over.
                 self.write_first_version(id, extent, page, local, &version).await?;
-                self.state().seg_mut(id)?.set_slot_state(local, SlotState::holding(0));
+                self.state()
+                    .seg_mut(id)?
+                    .set_slot_state(local, SlotState::holding(pagestore::first_slot(local)));
                 return Ok(Some(version.lsn));
             }
             Ok(Current::Version { slot, version: held }) => {
@@ -1026,8 +1032,9 @@ impl Node {
         Ok(())
     }
 
-    /// Write `version` of a page that holds none into slot 0, and slot 1
-    /// back to never written, with one I/O (see [`Node::hydrate_page`]).
+    /// Write `version` of a page that holds none into its first slot, and
+    /// the other back to never written, with one I/O (see
+    /// [`Node::hydrate_page`]).
     async fn write_first_version(
         &self,
         id: SegmentId,
@@ -1036,13 +1043,9 @@ impl Node {
         local: u64,
         version: &PageVersion,
     ) -> Result<(), NodeError> {
-        let (at, slot_blocks) = (extent.slot_block(local, 0), extent.slot_blocks() as usize);
-        let mut buf = AlignedBuf::zeroed_blocks(2 * slot_blocks);
-        let slot_bytes = slot_blocks * BLOCK_SIZE;
-        pagestore::encode_version(&mut buf[..slot_bytes], self.device_id, extent, id, page, at, version);
         // Durable at `hydrate_end`'s flush, as `write_version`'s.
-        let (_, result) = self.io.write_volatile(block_offset(at), buf).await;
-        result?;
+        self.write_first_slots(id, extent, page, local, version, crate::io::Durability::Volatile)
+            .await?;
         let entry = crate::pagemap::Entry::of(version.lsn, &version.bytes);
         self.state().seg_mut(id)?.index_set(local, entry);
         Ok(())
@@ -1297,7 +1300,7 @@ fn plan_hydrate_run(
             continue;
         };
         let slot = match current {
-            Current::Never => 0,
+            Current::Never => pagestore::first_slot(l),
             Current::Version { slot, version } if version.lsn >= v.lsn => {
                 // Never back: see `hydrate_page`.
                 held.push((page, l, slot, version.lsn, None));
@@ -1326,9 +1329,24 @@ struct NewSlot {
     entry: crate::pagemap::Entry,
 }
 
+/// The reads of the current `slots` of consecutive pages from
+/// `first_local`, in page order: (first block, slots), one a page or one
+/// for a page's slot 1 and the next page's slot 0, which are adjacent.
+fn adjacent_slots(extent: &Extent, first_local: u64, slots: &[usize]) -> Vec<(u64, usize)> {
+    let mut reads: Vec<(u64, usize)> = Vec::with_capacity(slots.len());
+    for (local, &slot) in (first_local..).zip(slots) {
+        let at = extent.slot_block(local, slot);
+        match reads.last_mut() {
+            Some((start, count)) if *start + *count as u64 * extent.slot_blocks() == at => *count += 1,
+            _ => reads.push((at, 1)),
+        }
+    }
+    reads
+}
+
 /// One write of [`Node::hydrate_new_run`]: one page's version into its
-/// slot 0, or two neighbours' into slot 1 of the first and slot 0 of the
-/// second (adjacent), from block `at`.
+/// first slot, or two neighbours' into slot 1 of the first and slot 0 of
+/// the second (adjacent), from block `at`.
 struct NewWrite {
     at: u64,
     slots: Vec<NewSlot>,
@@ -1367,12 +1385,13 @@ fn encode_new_slots(
         if pair {
             versions.extend(new.next());
         }
-        let first_slot = if pair { 1 } else { 0 };
-        let at = extent.slot_block(local, first_slot);
+        // Every page's first version goes to its `first_slot`: a pair's
+        // two are adjacent.
+        let at = extent.slot_block(local, pagestore::first_slot(local));
         let mut buf = AlignedBuf::zeroed_blocks(versions.len() * extent.slot_blocks() as usize);
         let mut slots = Vec::with_capacity(versions.len());
         for (i, (local, v)) in versions.into_iter().enumerate() {
-            let slot = if pair && i == 0 { 1 } else { 0 };
+            let slot = pagestore::first_slot(local);
             let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
             let version = PageVersion {
                 lsn: v.lsn,
@@ -1500,6 +1519,41 @@ mod parallel_groups_tests {
             "a run past the bound goes alone"
         );
         assert_eq!(parallel_groups(&Vec::<usize>::new(), |b| *b).count(), 0);
+    }
+
+    #[test]
+    fn a_pages_slot_1_and_the_next_pages_slot_0_are_one_read() {
+        let extent = Extent {
+            start_block: 100,
+            page_bytes: 8192,
+            pg_pages: 64,
+        };
+        let sb = extent.slot_blocks();
+        // Pages 4 to 9, each written once (its first slot), but page 7
+        // twice (slot 1).
+        let slots: Vec<usize> = (4..10)
+            .map(|l| if l == 7 { 1 } else { pagestore::first_slot(l) })
+            .collect();
+        assert_eq!(slots, vec![1, 0, 1, 1, 1, 0]);
+        let reads = adjacent_slots(&extent, 4, &slots);
+        assert_eq!(
+            reads,
+            vec![
+                (extent.slot_block(4, 1), 2),
+                (extent.slot_block(6, 1), 1),
+                (extent.slot_block(7, 1), 1),
+                (extent.slot_block(8, 1), 2),
+            ]
+        );
+        assert_eq!(extent.slot_block(4, 1) + sb, extent.slot_block(5, 0));
+        assert_eq!(
+            reads.iter().map(|r| r.1).sum::<usize>(),
+            slots.len(),
+            "every slot read once"
+        );
+        assert!(adjacent_slots(&extent, 0, &[]).is_empty());
+        // Slot 0 then slot 1 of the next page are never one stretch.
+        assert_eq!(adjacent_slots(&extent, 1, &[0, 1]).len(), 2);
     }
 
     #[test]

@@ -1201,6 +1201,32 @@ impl Node {
         Ok(())
     }
 
+    /// Write a page's first version into [`pagestore::first_slot`] and
+    /// its other slot back to never written, with one I/O: what a crash
+    /// tore in either slot before is gone.
+    async fn write_first_slots(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+        version: &pagestore::PageVersion,
+        durability: Durability,
+    ) -> Result<(), NodeError> {
+        let (at, slot_blocks) = (extent.slot_block(local, 0), extent.slot_blocks() as usize);
+        let mut buf = AlignedBuf::zeroed_blocks(2 * slot_blocks);
+        let slot = pagestore::first_slot(local);
+        let bytes = &mut buf[slot * slot_blocks * BLOCK_SIZE..(slot + 1) * slot_blocks * BLOCK_SIZE];
+        let slot_at = extent.slot_block(local, slot);
+        pagestore::encode_version(bytes, self.device_id, extent, id, page, slot_at, version);
+        let (_, result) = match durability {
+            Durability::Durable => self.io.write(block_offset(at), buf).await,
+            Durability::Volatile => self.io.write_volatile(block_offset(at), buf).await,
+        };
+        result?;
+        Ok(())
+    }
+
     /// The current version the slots hold, judged by the page-version
     /// index (see [`index`]): a version older than it names, or none where
     /// it names one, is damage, reported at the slot that should hold it.
@@ -1237,7 +1263,7 @@ impl Node {
             }
             crate::pagemap::Verdict::Damaged(why) => {
                 let slot = match &current {
-                    Current::Never => 0,
+                    Current::Never => pagestore::first_slot(local),
                     Current::Version { slot, .. } => 1 - slot,
                 };
                 let offset = block_offset(extent.slot_block(local, slot));

@@ -393,7 +393,7 @@ impl Node {
             }
             Verdict::Damaged(why) => {
                 self.mark_damaged(id, local);
-                need_copy(out, holding.map_or(0, |s| 1 - s), why);
+                need_copy(out, holding.map_or(pagestore::first_slot(local), |s| 1 - s), why);
                 return Ok(());
             }
         }
@@ -565,12 +565,25 @@ impl Node {
             };
             let held = [lsn_of(&buf[..len], 0), lsn_of(&buf[len..], 1)];
             let slot = match held {
-                [None, _] => 0,
-                [_, None] => 1,
-                [Some(a), Some(b)] => usize::from(b < a),
+                // Neither slot holds a version: the copy goes to the page's
+                // first slot and the other is written back to never
+                // written with it, so no damage is left beside the copy
+                // (a damaged slot may name the copy's own LSN).
+                [None, None] => None,
+                [None, _] => Some(0),
+                [_, None] => Some(1),
+                [Some(a), Some(b)] => Some(usize::from(b < a)),
             };
-            self.write_slot(id, &extent, need.page, local, slot, &version, Durability::Durable)
-                .await?;
+            match slot {
+                Some(slot) => {
+                    self.write_slot(id, &extent, need.page, local, slot, &version, Durability::Durable)
+                        .await?
+                }
+                None => {
+                    self.write_first_slots(id, &extent, need.page, local, &version, Durability::Durable)
+                        .await?
+                }
+            }
             self.state().seg_mut(id)?.set_slot_state(local, SlotState::Unknown);
             let torn_after = self.state().seg(id)?.torn_after(local);
             // Read back and judged as any read: only a whole, indexed version passes.
