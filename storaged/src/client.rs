@@ -13,7 +13,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::{
-    ErrorCode, FRAME_BYTES_MAX, Message, MessageType, PROTOCOL_VERSION, ProtoError, Role, decode_frame, encode_frame,
+    ErrorCode, FRAME_BYTES_MAX, Message, MessageType, NodeStatus, PROTOCOL_VERSION, ProtoError, Role, decode_frame,
+    encode_frame,
 };
 use crate::record::SegmentId;
 use crate::scrub;
@@ -279,6 +280,15 @@ impl NodeClient {
         match self.request(msg).await? {
             Message::FillGapsOk { .. } => Ok(()),
             other => Err(refused_or_unexpected(MessageType::FillGaps, other)),
+        }
+    }
+
+    /// How the node's device stands as a whole: its page store's room for
+    /// new segments, and its log. Needs a connection opened as an operator.
+    pub async fn node_status(&self) -> Result<NodeStatus, ClientError> {
+        match self.request(Message::NodeStatus).await? {
+            Message::NodeStatusOk { status } => Ok(status),
+            other => Err(refused_or_unexpected(MessageType::NodeStatus, other)),
         }
     }
 

@@ -849,15 +849,48 @@ fn fill_gaps_is_an_operators_request_for_a_segment_with_a_membership() {
         };
         refused(operator.fill_gaps(seg(1)).await, "no membership");
         refused(operator.fill_gaps(seg(2)).await, "unknown segment");
-        match writer.fill_gaps(seg(0)).await {
-            Err(storaged::client::ClientError::Refused {
-                code: ErrorCode::BadRequest,
-                message,
-                ..
-            }) if message.contains("operator's request") => {}
-            other => panic!("expected BadRequest from a writer's connection, got {other:?}"),
-        }
+        only_an_operators(writer.fill_gaps(seg(0)).await);
         // The node goes on serving.
         assert_eq!(status(&writer, 0).await.1, 1);
     });
+}
+
+/// `NodeStatus` (what `storctl repair` asks before a move) says the page
+/// store's room: all of it on a new device, less one segment's extent for
+/// each segment the node takes; and the log's blocks. It is an operator's
+/// request.
+#[test]
+fn node_status_says_the_room_the_page_store_has_left() {
+    let dir = tempdir();
+    let dev = format_device(dir.path());
+    let daemon = start_daemon(&dev);
+    run(async {
+        let operator = NodeClient::connect(daemon.addr, Role::Operator, 0).await.unwrap();
+        let empty = operator.node_status().await.unwrap();
+        assert!(empty.page_store_blocks > 0);
+        assert_eq!(empty.page_store_free_blocks, empty.page_store_blocks);
+        assert!(empty.log_blocks > 0 && empty.log_free_blocks <= empty.log_blocks);
+
+        let writer = writer_told(daemon.addr, 1).await;
+        let per_segment = storaged::pagestore::Extent::blocks_for(PAGE_BYTES, PG_PAGES).unwrap();
+        let one = operator.node_status().await.unwrap();
+        assert_eq!(one.node_id, empty.node_id);
+        assert_eq!(one.page_store_blocks, empty.page_store_blocks);
+        assert_eq!(one.page_store_free_blocks, empty.page_store_blocks - per_segment);
+
+        only_an_operators(writer.node_status().await);
+        assert_eq!(status(&writer, 0).await.1, 1);
+    });
+}
+
+/// An operator's request asked on a writer's connection: refused, saying so.
+fn only_an_operators<T: std::fmt::Debug>(r: Result<T, storaged::client::ClientError>) {
+    match r {
+        Err(storaged::client::ClientError::Refused {
+            code: ErrorCode::BadRequest,
+            message,
+            ..
+        }) if message.contains("operator's request") => {}
+        other => panic!("expected BadRequest from a writer's connection, got {other:?}"),
+    }
 }

@@ -690,6 +690,19 @@ async fn read_table<D: BlockIo>(dev: &D, device_id: &DeviceId) -> Result<(Segmen
     Ok((table, found.damaged.is_some()))
 }
 
+/// Where a new segment's extent would start: the page store after every
+/// extent given out (extents are never given back, so what is past the
+/// last one is all the room there is).
+fn page_store_free_from(table: &SegmentTable, pages_start: u64) -> u64 {
+    table
+        .entries
+        .iter()
+        .map(|e| e.extent().end_block())
+        .max()
+        .unwrap_or(pages_start)
+        .max(pages_start)
+}
+
 impl Node {
     /// Open the node's device: read the segment table (the checkpoint: where
     /// each segment's chain continues after its page versions), replay the
@@ -882,6 +895,20 @@ impl Node {
         Ok(entry)
     }
 
+    /// How the node's device stands as a whole (`NodeStatus`): the room
+    /// its page store has for new segments, and its log.
+    pub async fn node_status(&self) -> proto::NodeStatus {
+        let free_from = page_store_free_from(&*self.table.lock().await, self.pages_start_block);
+        let log = self.log.stats();
+        proto::NodeStatus {
+            node_id: self.node_id,
+            page_store_blocks: self.pages_end_block - self.pages_start_block,
+            page_store_free_blocks: self.pages_end_block.saturating_sub(free_from),
+            log_blocks: log.log_blocks,
+            log_free_blocks: log.free_blocks,
+        }
+    }
+
     /// Make sure the segment table durably holds `id` (with its page store
     /// extent) at `epoch` or later before a request at that epoch is answered.
     async fn ensure_durable(&self, id: SegmentId, epoch: u64) -> Result<(), NodeError> {
@@ -902,14 +929,7 @@ impl Node {
                         ..e.clone()
                     });
                 }
-                // A new segment takes the page store after every extent given out.
-                let start = table
-                    .entries
-                    .iter()
-                    .map(|e| e.extent().end_block())
-                    .max()
-                    .unwrap_or(pages_start)
-                    .max(pages_start);
+                let start = page_store_free_from(table, pages_start);
                 let needed = Extent::blocks_for(geometry.page_bytes, geometry.pg_pages).unwrap_or(u64::MAX);
                 let free = pages_end.saturating_sub(start);
                 if needed > free {

@@ -515,6 +515,14 @@ async fn handle(node: &Node, peer: Peer, msg: Message) -> Message {
             node.fill_gaps(SegmentId { volume, pg })
                 .map(|()| Message::FillGapsOk { volume, pg })
         }
+        Message::NodeStatus => {
+            if let Err(why) = peer.operator("NodeStatus") {
+                return Message::error(ErrorCode::BadRequest, 0, why);
+            }
+            Ok(Message::NodeStatusOk {
+                status: node.node_status().await,
+            })
+        }
         Message::ScrubStatus => {
             if let Err(why) = peer.operator("ScrubStatus") {
                 return Message::error(ErrorCode::BadRequest, 0, why);

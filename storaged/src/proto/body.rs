@@ -48,6 +48,7 @@ const SCRUB_STATUS_BYTES: usize = 0;
 const GET_PAGE_AT_BYTES: usize = 44;
 const PAGE_AT_FIXED_BYTES: usize = 32;
 const FILL_GAPS_BYTES: usize = 12;
+const NODE_STATUS_OK_BYTES: usize = 40;
 /// A SegmentStatus's hydration tail: flags, bytes, pages.
 const HYDRATION_BYTES: usize = 17;
 /// Page, LSN and length before each version's bytes.
@@ -123,6 +124,8 @@ impl Message {
             Message::GetPageAt { .. } => GET_PAGE_AT_BYTES,
             Message::PageAt { bytes, .. } => PAGE_AT_FIXED_BYTES + bytes.len(),
             Message::FillGaps { .. } | Message::FillGapsOk { .. } => FILL_GAPS_BYTES,
+            Message::NodeStatus => 0,
+            Message::NodeStatusOk { .. } => NODE_STATUS_OK_BYTES,
             Message::Seal { .. } => SEAL_BYTES,
             Message::Truncate { ranges, .. } => TRUNCATE_FIXED_BYTES + RANGE_BYTES * ranges.len(),
             Message::ReadRecords { .. } => READ_RECORDS_BYTES,
@@ -456,6 +459,14 @@ impl Message {
                 put_u64(out, *volume);
                 put_u32(out, *pg);
             }
+            Message::NodeStatus => {}
+            Message::NodeStatusOk { status } => {
+                put_u64(out, status.node_id);
+                put_u64(out, status.page_store_blocks);
+                put_u64(out, status.page_store_free_blocks);
+                put_u64(out, status.log_blocks);
+                put_u64(out, status.log_free_blocks);
+            }
             Message::ScrubStatusOk { status } => put_status(out, status),
             Message::GetPageAt {
                 volume,
@@ -717,6 +728,16 @@ impl Message {
             MessageType::FillGapsOk => Message::FillGapsOk {
                 volume: r.u64()?,
                 pg: r.u32()?,
+            },
+            MessageType::NodeStatus => Message::NodeStatus,
+            MessageType::NodeStatusOk => Message::NodeStatusOk {
+                status: crate::proto::NodeStatus {
+                    node_id: r.u64()?,
+                    page_store_blocks: r.u64()?,
+                    page_store_free_blocks: r.u64()?,
+                    log_blocks: r.u64()?,
+                    log_free_blocks: r.u64()?,
+                },
             },
             MessageType::ScrubStatusOk => {
                 if r.rest().len() < SCRUB_STATUS_FIXED_BYTES {

@@ -7,6 +7,20 @@ pub use crate::membership::Membership;
 use crate::record::{RedoRecord, WireRecord};
 use crate::scrub;
 
+/// A node's device as a whole (`NodeStatusOk`), in 4 KiB blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    /// The page store, where each segment takes one extent for good.
+    pub page_store_blocks: u64,
+    /// What no segment's extent takes: a new segment's extent must fit in
+    /// it (`pagestore::Extent::blocks_for`).
+    pub page_store_free_blocks: u64,
+    pub log_blocks: u64,
+    /// Log blocks free now (released once coalesced).
+    pub log_free_blocks: u64,
+}
+
 /// One page version in a `PageVersions` reply: the page as of `lsn`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WirePageVersion {
@@ -82,6 +96,8 @@ pub enum MessageType {
     PageAt = 30,
     FillGaps = 31,
     FillGapsOk = 32,
+    NodeStatus = 33,
+    NodeStatusOk = 34,
     Error = 255,
 }
 
@@ -116,6 +132,8 @@ impl MessageType {
             30 => MessageType::PageAt,
             31 => MessageType::FillGaps,
             32 => MessageType::FillGapsOk,
+            33 => MessageType::NodeStatus,
+            34 => MessageType::NodeStatusOk,
             255 => MessageType::Error,
             _ => return None,
         };
@@ -446,6 +464,13 @@ pub enum Message {
         volume: u64,
         pg: u32,
     },
+    /// An operator asks how the node's device stands as a whole: the room
+    /// its page store has for new segments, and its log. Answered by
+    /// `NodeStatusOk`.
+    NodeStatus,
+    NodeStatusOk {
+        status: NodeStatus,
+    },
     /// A recovering writer fences the segment at `epoch` (creating it with
     /// the geometry if the node does not hold it): requests at older epochs
     /// are refused from now on. Answered by `SegmentStatus`.
@@ -520,6 +545,8 @@ impl Message {
             Message::PageAt { .. } => MessageType::PageAt,
             Message::FillGaps { .. } => MessageType::FillGaps,
             Message::FillGapsOk { .. } => MessageType::FillGapsOk,
+            Message::NodeStatus => MessageType::NodeStatus,
+            Message::NodeStatusOk { .. } => MessageType::NodeStatusOk,
             Message::Error { .. } => MessageType::Error,
         }
     }

@@ -31,7 +31,8 @@ pub use frame::{
     AppendHeader, FrameDecoder, RawFrame, decode_frame, encode_append_frame, encode_frame, split_frame, write_frame,
 };
 pub use message::{
-    Damage, ErrorCode, Frame, GossipDigest, Hydration, Membership, Message, MessageType, Role, WirePageVersion,
+    Damage, ErrorCode, Frame, GossipDigest, Hydration, Membership, Message, MessageType, NodeStatus, Role,
+    WirePageVersion,
 };
 pub use scrub::{FINDING_ERROR_BYTES_MAX, SCRUB_AREAS_MAX, SCRUB_SEGMENTS_MAX, fit_status_for_wire};
 

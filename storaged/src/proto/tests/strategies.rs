@@ -404,6 +404,16 @@ pub(super) fn arb_message() -> impl Strategy<Value = Message> {
         Just(Message::ScrubStatus),
         (u(), any::<u32>()).prop_map(|(volume, pg)| Message::FillGaps { volume, pg }),
         (u(), any::<u32>()).prop_map(|(volume, pg)| Message::FillGapsOk { volume, pg }),
+        Just(Message::NodeStatus),
+        prop::array::uniform5(u()).prop_map(|v| Message::NodeStatusOk {
+            status: crate::proto::NodeStatus {
+                node_id: v[0],
+                page_store_blocks: v[1],
+                page_store_free_blocks: v[2],
+                log_blocks: v[3],
+                log_free_blocks: v[4],
+            },
+        }),
         arb_scrub_status().prop_map(|status| Message::ScrubStatusOk { status }),
         (u(), any::<u32>(), prop::array::uniform4(u())).prop_map(|(volume, pg, v)| Message::GetPageAt {
             volume,
