@@ -289,13 +289,16 @@ fn node_6_lost_and_moved_to_7() -> (ClusterDir, std::path::PathBuf) {
     (c, journal)
 }
 
-/// A move onto a node with no room for the segment: the node refuses the
-/// PG's membership (its page store is full), and `repair` stops waiting
-/// once the refusal lasts, exit 4, saying why and what to run, rather than
-/// waiting out its timeout. The move rolls back (`--abort`), and the
-/// segment then moves to a node with room.
+/// A move onto a node with no room for the segment is refused before it
+/// starts, by `--replace` and by `--node` alike: exit 4, naming the room
+/// the node has and what a segment takes, with the PG's membership left as
+/// it was (nothing to roll back). The segment then moves to a node with
+/// room. (A node that loses its room after the check refuses the PG's
+/// membership; `repair` then stops waiting and says so: see computed's
+/// `a_refused_membership_does_not_stop_commits` and the refusal list of
+/// `PgStateOk`.)
 #[test]
-fn a_move_onto_a_node_without_room_says_so_and_rolls_back() {
+fn a_move_onto_a_node_without_room_is_refused_before_it_starts() {
     let c = eight_nodes_one_pg();
     let file = c.cluster_file();
     kill_node(&c, 7);
@@ -313,25 +316,36 @@ fn a_move_onto_a_node_without_room_says_so_and_rolls_back() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let message = report["pgs"][0]["message"].as_str().unwrap_or_default().to_string();
     assert!(
-        message.contains("node 7 refuses PG 0's segment") && message.contains("no room") && message.contains("--abort"),
+        message.contains("node 7 has no room for 1 more segment")
+            && message.contains("nothing was changed")
+            && message.contains("--pg 0 --replace 6 --with ID"),
         "{report}"
     );
+    let (_, changing, old, _) = membership(&c).expect("a membership");
+    assert!(!changing, "the membership was not touched");
+    assert_eq!(old, vec![1, 2, 3, 4, 5, 6]);
 
-    let back = storctl(&[
+    let node = storctl(&[
         "repair",
         "--cluster",
         &file,
-        "--pg",
-        "0",
-        "--abort",
-        "--json",
+        "--node",
+        "6",
+        "--with",
+        "7",
         "--timeout",
         "100",
     ]);
-    expect_exit(&back, 1);
+    expect_exit(&node, 4);
+    let said = text(&node.stdout);
+    assert!(
+        said.contains("node 7 has no room") && said.contains("--node 6 --with ID"),
+        "{said}"
+    );
     let (_, changing, old, _) = membership(&c).expect("a membership");
     assert!(!changing);
     assert_eq!(old, vec![1, 2, 3, 4, 5, 6]);
+
     let moved = replace_in_pg0(&file, "6", "8", &["--json", "--timeout", "100"]);
     expect_exit(&moved, 1);
     let (_, _, old, _) = membership(&c).expect("a membership");

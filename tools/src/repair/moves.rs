@@ -5,6 +5,8 @@ use computed::api::ClientErrorCode;
 use computed::client::{Client, ClientError};
 use computed::membership::{Change, Member, PgView};
 
+use storaged::proto::Message;
+
 use crate::status::HydrationStatus;
 
 use super::*;
@@ -222,6 +224,11 @@ pub(super) async fn run_replace(
                     ),
                 );
                 return view_report(r, &v, None);
+            }
+            let page_bytes = client.info.page_bytes;
+            if let Err(e) = check_room(ctx, page_bytes, new, &[pg]).await {
+                let again = ctx.again(pg, &format!(" --replace {old} --with ID"));
+                return view_report(fail((EXIT_NOT_FINISHED, room_refusal(e, &again))), &v, None);
             }
             let change = Change::Replace {
                 old,
@@ -453,18 +460,36 @@ pub(super) async fn move_node(
 ) -> Vec<PgReport> {
     let pgs = client.info.pgs;
     let mut chosen = Vec::new();
+    let mut not_started = Vec::new();
     for pg in 0..pgs {
         let v = match pg_state(ctx, client, pg).await {
             Ok(v) => v,
             Err((exit, message)) => return vec![pg_report(pg, "error", exit, message)],
         };
         let has_old = v.membership.is_member(old) || v.proposed.as_ref().is_some_and(|p| p.is_member(old));
-        if has_old || moving(&v, old, new) == Moving::UnderWay {
+        let state = moving(&v, old, new);
+        if has_old || state == Moving::UnderWay {
             chosen.push(pg);
+            if state == Moving::NotStarted {
+                not_started.push(pg);
+            }
         }
     }
     if chosen.is_empty() {
         return Vec::new();
+    }
+    // Room for every segment still to move, before any of them starts: a
+    // node with room for some would leave the rest half-way. Moves under
+    // way go on either way.
+    let mut refused = Vec::new();
+    if let Err(e) = check_room(ctx, client.info.page_bytes, new, &not_started).await {
+        let again = format!("storctl repair --cluster {} --node {old} --with ID", ctx.file);
+        let message = room_refusal(e, &again);
+        refused = not_started
+            .iter()
+            .map(|&pg| pg_report(pg, "not_finished", EXIT_NOT_FINISHED, message.clone()))
+            .collect();
+        chosen.retain(|pg| !not_started.contains(pg));
     }
     // One connection a PG: each waits on its own.
     let bar = MoveBar::new(bar.clone(), ctx.cluster, chosen.len());
@@ -478,7 +503,73 @@ pub(super) async fn move_node(
             }
         });
     }
-    futures_util::future::join_all(runs).await
+    let mut reports = futures_util::future::join_all(runs).await;
+    reports.extend(refused);
+    reports.sort_by_key(|r| r.pg);
+    reports
+}
+
+/// Why node `new` cannot take the segments of `pgs`, if it cannot: its
+/// page store's free room (`NodeStatus`) against what the segments it does
+/// not hold yet take (one left by a move rolled back keeps its extent).
+/// Asked before a move makes any membership dual, so a node without room
+/// is named at once, with nothing to roll back. A node that cannot be
+/// asked (down: it may be on its way; or older, not knowing the request)
+/// is let through: the move waits for it as before, and the node refuses
+/// the segment itself if it has no room.
+async fn check_room(ctx: &Ctx<'_>, page_bytes: u32, new: u64, pgs: &[u32]) -> Result<(), String> {
+    if pgs.is_empty() {
+        return Ok(());
+    }
+    let Some(node) = ctx.cluster.node(new) else {
+        return Err(format!("node {new} is not in {}", ctx.file));
+    };
+    let volume = ctx.cluster.volume_id;
+    let ask = async {
+        let c = NodeClient::connect_to_node(node.address, Role::Operator, 0, new).await?;
+        let mut segments = 0u64;
+        for &pg in pgs {
+            let held = c.request(Message::GetSegmentStatus { volume, epoch: 0, pg }).await?;
+            segments += u64::from(!matches!(held, Message::SegmentStatus { .. }));
+        }
+        Ok::<_, storaged::client::ClientError>((segments, c.node_status().await?))
+    };
+    let (segments, status) = match tokio::time::timeout(REQUEST_TIMEOUT, ask).await {
+        Ok(Ok((0, _))) => return Ok(()),
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(node = new, error = %e, "could not ask the node how much room it has; the move goes on");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(
+                node = new,
+                "no answer asking the node how much room it has; the move goes on"
+            );
+            return Ok(());
+        }
+    };
+    let per_segment = storaged::pagestore::Extent::blocks_for(page_bytes, ctx.cluster.pg_pages).unwrap_or(u64::MAX);
+    let needed = per_segment.saturating_mul(segments);
+    if needed <= status.page_store_free_blocks {
+        return Ok(());
+    }
+    let mib = |blocks: u64| blocks.saturating_mul(4096) >> 20;
+    Err(format!(
+        "node {new} has no room for {segments} more segment{s}: its page store has {} MiB free of {} MiB, \
+         and a segment of {} pages of {page_bytes} bytes takes {} MiB",
+        mib(status.page_store_free_blocks),
+        mib(status.page_store_blocks),
+        ctx.cluster.pg_pages,
+        mib(per_segment),
+        s = if segments == 1 { "" } else { "s" },
+    ))
+}
+
+/// The report of a move refused before it started: why, that nothing was
+/// changed, and what to run instead.
+fn room_refusal(why: String, again: &str) -> String {
+    format!("{why}; nothing was changed. Give the move a node with room, then run: {again}")
 }
 
 #[cfg(test)]
