@@ -142,6 +142,17 @@ pub(super) async fn coalesced_through(node: &Node, lsn: u64) {
     panic!("not coalesced through {lsn}: {:?}", node.status(SEG, 0).unwrap());
 }
 
+/// Make the device's segment table say a coalescing round to `round_lsn`
+/// was open, as a crash in it would leave the table.
+pub(super) async fn mark_round_open(disk: &SimDisk, round_lsn: u64) {
+    let sb = read_superblock(disk).await.unwrap().superblock;
+    let mut table = segtable::read(disk, &sb.device_id).await.unwrap().table;
+    let mut e = table.get(SEG).unwrap().clone();
+    e.round_lsn = round_lsn;
+    table.upsert(e);
+    segtable::write(disk, sb.device_id, &mut table).await.unwrap();
+}
+
 /// Stop a node as power loss would: its tasks end where they are.
 pub(super) fn pull_the_plug(node: Arc<Node>) {
     if let Some(t) = node.coalescer.lock().unwrap().take() {

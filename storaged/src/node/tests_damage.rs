@@ -328,13 +328,7 @@ async fn after_a_crash_a_rotted_current_version_is_not_taken_for_a_torn_write() 
     // Version 2 in slot 0, version 3 (current) in slot 1.
     let offset = flip_page_slot(&node, &disk, p, 1);
     node.shutdown().await;
-    // As a crash in a round to 4 would leave the table.
-    let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
-    let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
-    let mut e = table.get(SEG).unwrap().clone();
-    e.round_lsn = 4;
-    table.upsert(e);
-    segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();
+    mark_round_open(&disk, 4).await;
 
     let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
     assert!(node.state().seg(SEG).unwrap().torn_after.is_some());
@@ -375,11 +369,7 @@ async fn a_first_write_torn_in_the_other_slot_is_cleared_by_the_rounds_redo() {
     };
     pagestore::encode_version(&mut slot, sb.device_id, &extent, SEG, p, at, &version);
     disk.write_raw(block_offset(at), &slot[..BLOCK_SIZE]);
-    let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
-    let mut e = table.get(SEG).unwrap().clone();
-    e.round_lsn = 2;
-    table.upsert(e);
-    segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();
+    mark_round_open(&disk, 2).await;
 
     let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
     assert!(node.state().seg(SEG).unwrap().torn_after.is_some());

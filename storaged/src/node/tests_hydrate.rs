@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::tests::{
-    FIRST_PAGE, GEOMETRY, PAGE, SEG, append_all, check_pages, coalesced_through, config, formatted, model,
-    pull_the_plug, records, wire,
+    FIRST_PAGE, GEOMETRY, PAGE, SEG, append_all, check_pages, coalesced_through, config, formatted, mark_round_open,
+    model, pull_the_plug, records, wire,
 };
 use super::*;
 use crate::io::sim::{SimDisk, SimFaults};
@@ -467,13 +467,7 @@ async fn a_rotted_version_above_the_floor_is_refused_not_served_from_an_older_on
     }
     assert!(rotted > 0);
     b.shutdown().await;
-    // As a crash in a round to 200 would leave the table.
-    let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
-    let mut table = segtable::read(disk.as_ref(), &sb.device_id).await.unwrap().table;
-    let mut e = table.get(SEG).unwrap().clone();
-    e.round_lsn = 200;
-    table.upsert(e);
-    segtable::write(disk.as_ref(), sb.device_id, &mut table).await.unwrap();
+    mark_round_open(&disk, 200).await;
     let b = open(&disk).await;
     assert!(b.state().seg(SEG).unwrap().torn_after.is_some());
     for read_point in [180, 200] {
