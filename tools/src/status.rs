@@ -90,6 +90,42 @@ pub struct NodeStatus {
     /// or did not answer it (`scrub_error` says why).
     pub scrub: Option<ScrubSummary>,
     pub scrub_error: Option<String>,
+    /// Its device's room (`NodeStatus`); null when unknown (down, or a
+    /// node that does not answer it).
+    pub room: Option<Room>,
+}
+
+/// A node's device: its page store, where each segment takes an extent
+/// for good (a new segment must fit in what is free), and its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Room {
+    pub page_store_bytes: u64,
+    pub page_store_free_bytes: u64,
+    pub log_bytes: u64,
+    pub log_free_bytes: u64,
+}
+
+impl Room {
+    fn of(n: &storaged::proto::NodeStatus) -> Room {
+        let bytes = |blocks: u64| blocks.saturating_mul(storaged::io::BLOCK_SIZE as u64);
+        Room {
+            page_store_bytes: bytes(n.page_store_blocks),
+            page_store_free_bytes: bytes(n.page_store_free_blocks),
+            log_bytes: bytes(n.log_blocks),
+            log_free_bytes: bytes(n.log_free_blocks),
+        }
+    }
+
+    fn line(&self) -> String {
+        use crate::scrub::bytes_human as h;
+        format!(
+            "page store {} free of {}, log {} free of {}",
+            h(self.page_store_free_bytes),
+            h(self.page_store_bytes),
+            h(self.log_free_bytes),
+            h(self.log_bytes)
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,8 +250,9 @@ struct Seg {
     hydration: Option<storaged::proto::Hydration>,
 }
 
-/// What a node answered: its segments, and its scrubbing or why that is unknown.
-type NodeAnswer = (Vec<(u32, Seg)>, Result<ScrubSummary, String>);
+/// What a node answered: its segments, its scrubbing or why that is
+/// unknown, and its device's room when asked.
+type NodeAnswer = (Vec<(u32, Seg)>, Result<ScrubSummary, String>, Option<Room>);
 
 /// Asks node `id` for its segments of `pgs`, and with `scrub` for its scrubbing.
 async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, scrub: bool) -> Result<NodeAnswer> {
@@ -225,7 +262,7 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
         out.push((pg, ask_segment(cluster, &client, addr, pg).await?));
     }
     if !scrub {
-        return Ok((out, Err("not asked".into())));
+        return Ok((out, Err("not asked".into()), None));
     }
     // Last on the connection: a node that predates ScrubStatus answers it
     // as an unknown frame and closes the connection. Its scrubbing is then
@@ -235,7 +272,13 @@ async fn ask_node(cluster: &Cluster, id: u64, addr: SocketAddr, pgs: Vec<u32>, s
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
     };
-    Ok((out, scrub))
+    // After the scrub status, for the same reason (a node that predates
+    // one predates the other).
+    let room = match tokio::time::timeout(REQUEST_TIMEOUT, client.node_status()).await {
+        Ok(Ok(n)) => Some(Room::of(&n)),
+        _ => None,
+    };
+    Ok((out, scrub, room))
 }
 
 /// An operator's connection to node `id` at `addr`.
@@ -421,7 +464,7 @@ fn newest_membership(answers: &[Result<NodeAnswer>], pg: u32) -> Option<Membersh
     answers
         .iter()
         .flatten()
-        .flat_map(|(segs, _)| segs)
+        .flat_map(|(segs, ..)| segs)
         .filter(|(p, _)| *p == pg)
         .filter_map(|(_, s)| s.membership.as_ref())
         .max_by_key(|m| m.epoch)
@@ -453,7 +496,7 @@ async fn ask_nodes(cluster: &Cluster, only_pg: Option<u32>, scrub: bool) -> Vec<
             let Some(i) = cluster.nodes.iter().position(|n| n.id == member.id) else {
                 continue;
             };
-            let Ok((segs, _)) = &answers[i] else {
+            let Ok((segs, ..)) = &answers[i] else {
                 continue;
             };
             if segs.iter().any(|(p, _)| *p == pg) {
@@ -472,7 +515,7 @@ async fn ask_nodes(cluster: &Cluster, only_pg: Option<u32>, scrub: bool) -> Vec<
     let extra = futures_util::future::join_all(asks).await;
     for ((i, _), e) in more.iter().zip(extra) {
         match (&mut answers[*i], e) {
-            (Ok((segs, _)), Ok((found, _))) => segs.extend(found),
+            (Ok((segs, ..)), Ok((found, ..))) => segs.extend(found),
             (slot, Err(e)) => *slot = Err(e),
             _ => {}
         }
@@ -524,7 +567,7 @@ fn pg_status(
 ) -> (PgStatus, (u64, u64)) {
     let seg_of = |node: u64, pg: u32| -> Option<Seg> {
         let i = cluster.nodes.iter().position(|n| n.id == node)?;
-        let (segs, _) = answers[i].as_ref().ok()?;
+        let (segs, ..) = answers[i].as_ref().ok()?;
         segs.iter().find(|(p, _)| *p == pg).map(|(_, s)| s.clone())
     };
     let m = newest_membership(answers, pg);
@@ -617,12 +660,12 @@ async fn collect_async(cluster: &Cluster) -> Status {
     let mut nodes = Vec::new();
     for (n, answer) in cluster.nodes.iter().zip(&answers) {
         let (up, epoch, error) = match answer {
-            Ok((segs, _)) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
+            Ok((segs, ..)) => (true, Some(segs.iter().map(|(_, s)| s.epoch).max().unwrap_or(0)), None),
             Err(e) => (false, None, Some(e.to_string())),
         };
         let (scrub, scrub_error) = match answer {
-            Ok((_, Ok(s))) => (Some(s.clone()), None),
-            Ok((_, Err(e))) => (None, Some(e.clone())),
+            Ok((_, Ok(s), _)) => (Some(s.clone()), None),
+            Ok((_, Err(e), _)) => (None, Some(e.clone())),
             Err(_) => (None, None),
         };
         if let Some(s) = &scrub
@@ -657,6 +700,7 @@ async fn collect_async(cluster: &Cluster) -> Status {
             error,
             scrub,
             scrub_error,
+            room: answer.as_ref().ok().and_then(|(_, _, room)| *room),
         });
     }
     let mut pgs = Vec::new();
@@ -698,7 +742,7 @@ async fn collect_async(cluster: &Cluster) -> Status {
         Some(v) => (Some(v.max(vdl.unwrap_or(0))), "computed"),
         None => (Some(derive_vcl(&pg_marks, vdl)), "derived"),
     };
-    let annulled = annulled_in_force(answers.iter().flatten().flat_map(|(segs, _)| segs).map(|(_, s)| s));
+    let annulled = annulled_in_force(answers.iter().flatten().flat_map(|(segs, ..)| segs).map(|(_, s)| s));
     Status {
         volume: cluster.volume_id,
         status: if problems.is_empty() { "healthy" } else { "problems" },
@@ -805,6 +849,9 @@ pub fn render(s: &Status) -> String {
             (None, None) => "unknown (the node is not up)".to_string(),
         };
         let _ = writeln!(out, "{:>5}  scrub: {scrub}", "");
+        if let Some(room) = &n.room {
+            let _ = writeln!(out, "{:>5}  room: {}", "", room.line());
+        }
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -1046,6 +1093,7 @@ mod tests {
             error: (!up).then(|| "refused".to_string()),
             scrub,
             scrub_error: scrub_error.map(str::to_string),
+            room: None,
         };
         let summary = ScrubSummary {
             last_pass: Some(LastPass {
@@ -1073,7 +1121,22 @@ mod tests {
             node(2, true, None, Some("the connection is closed")),
             node(3, false, None, None),
         ];
+        s.nodes[0].room = Some(Room {
+            page_store_bytes: 2 << 30,
+            page_store_free_bytes: 3 << 29,
+            log_bytes: 64 << 20,
+            log_free_bytes: 60 << 20,
+        });
         let text = render(&s);
+        assert!(
+            text.contains("room: page store 1.5 GiB free of 2.0 GiB, log 60.0 MiB free of 64.0 MiB"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("room:").count(),
+            1,
+            "none for a node that did not say: {text}"
+        );
         assert!(
             text.contains(
                 "scrub: last pass 12 (priority) ended 2026-12-06 08:01:02 UTC, 32.0 MiB read: found 3, repaired 2, \
@@ -1144,6 +1207,8 @@ mod tests {
                         ..scrub::Status::default()
                     },
                 }),
+                // A node older than NodeStatus: its room is unknown.
+                Message::NodeStatus => Some(Message::error(ErrorCode::BadFrame, 0, "unknown message type 33")),
                 other => panic!("unexpected {other:?}"),
             })
             .await;
@@ -1240,6 +1305,8 @@ mod tests {
                 Message::ScrubStatus => Some(Message::ScrubStatusOk {
                     status: storaged::scrub::Status::default(),
                 }),
+                // A node older than NodeStatus: its room is unknown.
+                Message::NodeStatus => Some(Message::error(ErrorCode::BadFrame, 0, "unknown message type 33")),
                 other => panic!("unexpected {other:?}"),
             })
             .await;

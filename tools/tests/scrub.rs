@@ -135,9 +135,11 @@ fn a_closed_stdout_ends_scrub_quietly() {
 }
 
 /// A dev cluster: `storctl status` shows every node's scrubbing (known,
-/// since every node answers ScrubStatus), and the JSON carries it.
+/// since every node answers ScrubStatus) and its device's room (a
+/// segment a PG it holds takes some of its page store), and the JSON
+/// carries both.
 #[test]
-fn status_shows_each_nodes_scrubbing() {
+fn status_shows_each_nodes_scrubbing_and_room() {
     let c = ClusterDir::new();
     let up = c.up(&["--pgs", "2"]);
     assert_eq!(up.status.code(), Some(0), "{}", text(&up.stderr));
@@ -148,9 +150,20 @@ fn status_shows_each_nodes_scrubbing() {
         assert!(n["scrub"].is_object(), "{n}");
         assert_eq!(n["scrub_error"], serde_json::Value::Null, "{n}");
         assert_eq!(n["scrub"]["left_now"], 0, "{n}");
+        let room = &n["room"];
+        let (store, free) = (
+            room["page_store_bytes"].as_u64(),
+            room["page_store_free_bytes"].as_u64(),
+        );
+        assert!(
+            store.zip(free).is_some_and(|(s, f)| f < s),
+            "every node holds a segment: {n}"
+        );
+        assert!(room["log_free_bytes"].as_u64() <= room["log_bytes"].as_u64(), "{n}");
     }
     let human = text(&storctl(&["status", "--cluster", &c.cluster_file()]).stdout);
     assert_eq!(human.matches("  scrub: ").count(), 6, "{human}");
+    assert_eq!(human.matches("  room: page store ").count(), 6, "{human}");
     assert!(!human.contains("scrub: unknown"), "{human}");
 }
 
