@@ -198,6 +198,8 @@ enum Command {
     ///   G, all at once.
     ///
     /// Every node named must be in the cluster file (add it there first).
+    /// Before a move starts, the new node is asked for its page store's
+    /// room; a move it has no room for is refused, with nothing changed.
     /// Resumable and idempotent: nothing is kept by storctl; run it again
     /// after a crash of storctl, computed or a node, at any step, and it
     /// finishes the work or says exactly where it stands. A progress bar
@@ -207,8 +209,9 @@ enum Command {
     ///
     /// Exit status: 0 nothing needed (no gap; the move already done; no
     /// change to abort); 1 repaired, moved or rolled back; 4 could not
-    /// finish within --timeout, or computed refused the change (the
-    /// message says why, where each PG stands, and what to run); 8
+    /// finish within --timeout, the new node has no room or refused the
+    /// segment, or computed refused the change (the message says why,
+    /// where each PG stands, and what to run); 8
     /// operational error (cluster file unreadable, a node or PG it does
     /// not have, computed unreachable for a move or an abort, no node of
     /// the PG answering: the message says which); 2 usage error.
