@@ -242,7 +242,7 @@ pub fn run(cluster: &Cluster, file: &str, action: &Action, timeout: Duration, pr
                 Err(e) => report("replace", Vec::new(), Some(e)),
                 Ok(mut client) => {
                     let bar = MoveBar::new(bytes_bar(progress), cluster, 1);
-                    let p = run_replace(&ctx, &mut client, pg, old, new, &bar).await;
+                    let p = run_replace(&ctx, &mut client, pg, (old, new), false, &bar).await;
                     bar.bar.finish_and_clear();
                     report("replace", vec![p], None)
                 }

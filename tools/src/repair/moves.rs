@@ -161,12 +161,15 @@ impl MoveBar {
 /// move stops waiting for it.
 const REFUSED_GIVE_UP_AFTER: Duration = Duration::from_secs(10);
 
+/// Move PG `pg`'s segment from node `old` to node `new`, or finish or
+/// report the move under way. `room_checked`: the caller has already
+/// asked `new` for room for this PG (`--node` asks once for all).
 pub(super) async fn run_replace(
     ctx: &Ctx<'_>,
     client: &mut Client,
     pg: u32,
-    old: u64,
-    new: u64,
+    (old, new): (u64, u64),
+    room_checked: bool,
     bar: &MoveBar,
 ) -> PgReport {
     let fail = |(exit, message): (u8, String)| {
@@ -226,7 +229,7 @@ pub(super) async fn run_replace(
                 return view_report(r, &v, None);
             }
             let page_bytes = client.info.page_bytes;
-            if let Err(e) = check_room(ctx, page_bytes, new, &[pg]).await {
+            if !room_checked && let Err(e) = check_room(ctx, page_bytes, new, &[pg]).await {
                 let again = ctx.again(pg, &format!(" --replace {old} --with ID"));
                 return view_report(fail((EXIT_NOT_FINISHED, room_refusal(e, &again))), &v, None);
             }
@@ -498,7 +501,7 @@ pub(super) async fn move_node(
         let bar = &bar;
         runs.push(async move {
             match ctx.computed().await {
-                Ok(mut c) => run_replace(ctx, &mut c, pg, old, new, bar).await,
+                Ok(mut c) => run_replace(ctx, &mut c, pg, (old, new), true, bar).await,
                 Err(e) => pg_report(pg, "error", EXIT_OPERATIONAL, e),
             }
         });
@@ -554,14 +557,14 @@ async fn check_room(ctx: &Ctx<'_>, page_bytes: u32, new: u64, pgs: &[u32]) -> Re
     if needed <= status.page_store_free_blocks {
         return Ok(());
     }
-    let mib = |blocks: u64| blocks.saturating_mul(4096) >> 20;
+    let size = |blocks: u64| crate::scrub::bytes_human(blocks.saturating_mul(storaged::io::BLOCK_SIZE as u64));
     Err(format!(
-        "node {new} has no room for {segments} more segment{s}: its page store has {} MiB free of {} MiB, \
-         and a segment of {} pages of {page_bytes} bytes takes {} MiB",
-        mib(status.page_store_free_blocks),
-        mib(status.page_store_blocks),
+        "node {new} has no room for {segments} more segment{s}: its page store has {} free of {}, \
+         and a segment of {} pages of {page_bytes} bytes takes {}",
+        size(status.page_store_free_blocks),
+        size(status.page_store_blocks),
         ctx.cluster.pg_pages,
-        mib(per_segment),
+        size(per_segment),
         s = if segments == 1 { "" } else { "s" },
     ))
 }
