@@ -28,6 +28,17 @@ use super::layout::{ANCHOR_BLOCKS, block_offset};
 /// than a few writes and a corrupt length on recovery stays small.
 pub const ENTRY_BYTES_MAX: usize = 1024 * 1024;
 
+/// The most log blocks one append call of entries of `lens` bytes can
+/// take. A call's entries are queued together and packed in order: each
+/// costs its bytes and a fragment header; a block adds at most one more
+/// header (an entry continued from the block before) and leaves at most a
+/// header's bytes unused; the first block may be shared with what came
+/// before.
+pub fn call_blocks_max(lens: impl Iterator<Item = usize>) -> u64 {
+    let bytes: usize = lens.map(|len| len + FRAG_HEADER_BYTES).sum();
+    bytes.div_ceil(PAYLOAD_MAX_BYTES - 2 * FRAG_HEADER_BYTES) as u64 + 1
+}
+
 /// Blocks that may be in flight at once, at most, in any configuration. After
 /// a crash, invalid blocks within this distance past the log's end are the
 /// expected debris of writes that never completed, not corruption.

@@ -281,8 +281,11 @@ pub struct SegmentStatus {
 
 type Ticket = oneshot::Sender<()>;
 
-/// Appends are refused while less than 1/this of the log is free.
+/// Appends are refused that would leave less than 1/this of the log free.
 const LOG_RESERVE_FRACTION: u64 = 32;
+/// Records past a gap are refused that would leave less than 1/this of the
+/// log free: the rest is for what fills the gap.
+const LOG_GAP_RESERVE_FRACTION: u64 = 8;
 /// A segment's geometry is fixed at creation: a request naming another is refused.
 fn same_geometry(id: SegmentId, held: PageGeometry, asked: PageGeometry, what: &str) -> Result<(), NodeError> {
     if held == asked {
@@ -467,6 +470,9 @@ struct State {
     /// Log positions that records admitted but not yet marked durable may
     /// start at or after (a multiset): the log is never released past them.
     pins: BTreeMap<u64, usize>,
+    /// Log blocks the appends admitted and not yet durable may still take
+    /// (at most): room in the log already spoken for. See `Node::append`.
+    log_promised: u64,
 }
 
 impl State {
@@ -500,7 +506,10 @@ impl State {
             .ok_or(NodeError::UnknownSegment(id.volume, id.pg))
     }
 
-    fn unpin(&mut self, at: u64) {
+    /// An append admitted at log position `at`, promised `blocks`, is
+    /// written (or failed): neither holds the log back any more.
+    fn unpin(&mut self, at: u64, blocks: u64) {
+        self.log_promised -= blocks;
         if let Some(n) = self.pins.get_mut(&at) {
             *n -= 1;
             if *n == 0 {
@@ -833,6 +842,7 @@ impl Node {
                 segments,
                 hot_bytes,
                 pins: BTreeMap::new(),
+                log_promised: 0,
             }),
             device_id: opened.superblock.device_id,
             log_start_block: sb.log_start_block,
@@ -1023,6 +1033,7 @@ impl Node {
             self.ensure_durable(id, epoch).await?;
         }
         self.appends.fetch_add(1, Ordering::Relaxed);
+        let blocks = crate::log::core::call_blocks_max(records.iter().map(|r| r.encoded().len()));
         let (admitted, pin) = {
             let mut st = self.state();
             if st.hot_bytes > self.config.hot_bytes_max {
@@ -1030,12 +1041,31 @@ impl Node {
                 return Err(NodeError::Overloaded { held: st.hot_bytes });
             }
             // A full log would make appends wait until coalescing frees it;
-            // refuse them while little room is left instead.
+            // refuse them while little room is left instead. The room is
+            // what the log has free less what appends admitted before may
+            // still take: several arriving together all find the same free
+            // blocks, and those that overfilled the log would wait for a
+            // release that their own pins (below) hold back, for good.
+            // Records past a gap leave more room: coalescing cannot free
+            // them until the gap is filled, and what fills it must fit.
+            let past_gap = records.first().is_some_and(|r| {
+                let link = r.record().prev_lsn_pg;
+                st.segments
+                    .get(&id)
+                    .is_some_and(|s| link > s.seg.scl() && s.seg.record(link).is_none())
+            });
             let log = self.log.stats();
-            if log.free_blocks < log.log_blocks / LOG_RESERVE_FRACTION {
+            let reserve = log.log_blocks
+                / if past_gap {
+                    LOG_GAP_RESERVE_FRACTION
+                } else {
+                    LOG_RESERVE_FRACTION
+                };
+            let room = log.free_blocks.saturating_sub(st.log_promised);
+            if room < reserve + blocks {
                 self.coalesce_wake.notify_one();
                 return Err(NodeError::LogFull {
-                    free_blocks: log.free_blocks,
+                    free_blocks: room,
                     log_blocks: log.log_blocks,
                 });
             }
@@ -1055,6 +1085,7 @@ impl Node {
             let pin = log.next_seq;
             if !admitted.new.is_empty() {
                 *st.pins.entry(pin).or_default() += 1;
+                st.log_promised += blocks;
             }
             (admitted, pin)
         };
@@ -1077,7 +1108,7 @@ impl Node {
                 Ok(seq) => seq,
                 Err(e) => {
                     let mut st = self.state();
-                    st.unpin(pin);
+                    st.unpin(pin, blocks);
                     if let Some(s) = st.segments.get_mut(&id) {
                         s.seg.abandon(&admitted.new);
                     }
@@ -1086,7 +1117,7 @@ impl Node {
             };
             let (ready, linked) = {
                 let mut st = self.state();
-                st.unpin(pin);
+                st.unpin(pin, blocks);
                 let s = st.seg_mut(id)?;
                 // Durable now: readable at read points the SCL reaches.
                 let before = s.hot.bytes();
