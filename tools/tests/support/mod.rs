@@ -15,18 +15,70 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 pub const STORCTL: &str = env!("CARGO_BIN_EXE_storctl");
 pub const STORBENCH: &str = env!("CARGO_BIN_EXE_storbench");
 
-/// Builds `storaged` and `computed` next to storctl if they are missing
-/// (the dev cluster runs the ones found there).
+/// Builds `storaged` and `computed` next to storctl (the dev cluster runs
+/// the ones found there) if they are missing or older than their sources:
+/// `cargo test -p tools` builds storctl, not them, and a test would
+/// otherwise run daemons built from other code than it was. Once a
+/// process; `cargo test --workspace` has just built them, so it never
+/// builds here.
 pub fn ensure_daemons() {
-    let dir = Path::new(STORCTL).parent().unwrap().to_owned();
-    if !dir.join("storaged").is_file() || !dir.join("computed").is_file() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let dir = Path::new(STORCTL).parent().unwrap().to_owned();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let sources: Vec<PathBuf> = [
+            "storaged/src",
+            "storaged/Cargo.toml",
+            "computed/src",
+            "computed/Cargo.toml",
+        ]
+        .iter()
+        .map(|p| workspace.join(p))
+        .collect();
+        let newest_source = newest_mtime(&sources);
+        let stale = ["storaged", "computed"].iter().any(|bin| {
+            std::fs::metadata(dir.join(bin))
+                .and_then(|m| m.modified())
+                .map_or(true, |built| Some(built) < newest_source)
+        });
+        if !stale {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "storaged", "-p", "computed"])
-            .status()
-            .unwrap();
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "storaged", "-p", "computed"]);
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                build.arg("--release");
+            }
+            Some(profile) => {
+                build.args(["--profile", profile]);
+            }
+        }
+        if let Some(target) = dir.parent() {
+            build.arg("--target-dir").arg(target);
+        }
+        let status = build.status().unwrap();
         assert!(status.success(), "building storaged and computed");
+    });
+}
+
+/// The newest modification time of any file under `paths`.
+fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut todo: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                todo.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
     }
+    newest
 }
 
 /// Waits for `child` at most `limit`; kills it by PID past that.
