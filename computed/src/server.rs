@@ -37,8 +37,14 @@ const NODE_FRAMES_QUEUED_MAX: usize = 4096;
 const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 const TICK: Duration = Duration::from_millis(10);
+/// A storage node that cannot be reached is tried again after 50 ms, then
+/// at doubling intervals up to a quarter second: a node back from a
+/// restart, or a new node a membership change hydrates, is taken in within
+/// that (its appends and its hydration wait for it). A refused connect
+/// costs next to nothing; one to a host that is gone waits out its own
+/// connect timeout first.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A node refused for its identity is asked again this often: the right
 /// node may come to that address (a device put back), and each refusal is
