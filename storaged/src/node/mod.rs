@@ -177,8 +177,15 @@ pub enum NodeError {
     Overloaded { held: usize },
     #[error("the segment is dropping the records it held from before its node rejoined the PG; try again")]
     Forgetting,
-    #[error("the log is full ({free_blocks} of {log_blocks} blocks free) and nothing can be released yet")]
-    LogFull { free_blocks: u64, log_blocks: u64 },
+    #[error(
+        "the log is full for this batch: it needs {needed_blocks} blocks, and {free_blocks} of the log's {log_blocks} are free and not taken by appends under way, {reserve_blocks} of them kept back; coalescing frees the log as far as PGMRPL allows"
+    )]
+    LogFull {
+        needed_blocks: u64,
+        free_blocks: u64,
+        reserve_blocks: u64,
+        log_blocks: u64,
+    },
     #[error(
         "the page store has no room for a segment of {pg_pages} pages of {page_bytes} bytes ({needed_blocks} blocks needed, {free_blocks} free)"
     )]
@@ -1065,7 +1072,9 @@ impl Node {
             if room < reserve + blocks {
                 self.coalesce_wake.notify_one();
                 return Err(NodeError::LogFull {
+                    needed_blocks: blocks,
                     free_blocks: room,
+                    reserve_blocks: reserve,
                     log_blocks: log.log_blocks,
                 });
             }
