@@ -801,6 +801,72 @@ mod tests {
         assert_eq!(acked(&mut c).len(), 41);
     }
 
+    /// `call_blocks_max` bounds the blocks one append call's entries take,
+    /// wherever the call lands: alone in a write, or packed after another
+    /// call's last bytes. The node admits appends into room by it, so a
+    /// bound too low could overfill the log again.
+    #[test]
+    fn a_call_never_takes_more_blocks_than_its_bound() {
+        let cfg = LogConfig {
+            write_blocks_max: 8,
+            writes_inflight_max: 4,
+            ..LogConfig::default()
+        };
+        for seed in 0..50u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut c = core(4096, cfg);
+            // (first token, bound, the queue emptied after it) of each
+            // call, in order.
+            let mut calls = Vec::new();
+            let mut token = 0u32;
+            for _ in 0..40 {
+                let lens: Vec<usize> = (0..rng.usize(1..8))
+                    .map(|_| match rng.u8(0..3) {
+                        0 => rng.usize(1..64),
+                        1 => rng.usize(64..4100),
+                        _ => rng.usize(4100..12_000),
+                    })
+                    .collect();
+                let (first, bound) = (token, call_blocks_max(lens.iter().copied()));
+                for len in lens {
+                    c.append(vec![1; len], token).unwrap();
+                    token += 1;
+                }
+                // Now and then some of what is queued is written; when all
+                // of it is, the next call starts a block of its own.
+                if rng.bool() {
+                    for (id, _, buf) in writes(&mut c) {
+                        c.complete(id, Some(buf), Ok(()));
+                    }
+                }
+                calls.push((first, bound, c.stats().queued_entries == 0));
+            }
+            loop {
+                let w = writes(&mut c);
+                if w.is_empty() {
+                    break;
+                }
+                for (id, _, buf) in w {
+                    c.complete(id, Some(buf), Ok(()));
+                }
+            }
+            let starts: std::collections::HashMap<u32, u64> = std::iter::from_fn(|| c.poll_acked()).collect();
+            assert_eq!(starts.len(), token as usize);
+            let end = c.stats().next_seq;
+            for (i, &(first, bound, emptied)) in calls.iter().enumerate() {
+                // The call's blocks run from its first entry's start to the
+                // block the next call starts in, or the one before if the
+                // next starts a block of its own.
+                let from = starts[&first];
+                let taken = match calls.get(i + 1) {
+                    Some(&(next, _, _)) => starts[&next] - from + u64::from(!emptied),
+                    None => end - from,
+                };
+                assert!(taken <= bound, "seed {seed}, call {i}: {taken} blocks, bound {bound}");
+            }
+        }
+    }
+
     #[test]
     fn full_log_waits_for_a_durable_release() {
         let cfg = LogConfig {
