@@ -744,6 +744,20 @@ mod tests {
         out
     }
 
+    /// Writes (and completes) whatever the log will write now, until it
+    /// writes nothing more: everything queued, or as much as fits.
+    fn write_all(c: &mut LogCore<u32>) {
+        loop {
+            let w = writes(c);
+            if w.is_empty() {
+                return;
+            }
+            for (id, _, buf) in w {
+                c.complete(id, Some(buf), Ok(()));
+            }
+        }
+    }
+
     fn acked(c: &mut LogCore<u32>) -> Vec<u32> {
         std::iter::from_fn(|| c.poll_acked().map(|(t, _)| t)).collect()
     }
@@ -841,15 +855,7 @@ mod tests {
                 }
                 calls.push((first, bound, c.stats().queued_entries == 0));
             }
-            loop {
-                let w = writes(&mut c);
-                if w.is_empty() {
-                    break;
-                }
-                for (id, _, buf) in w {
-                    c.complete(id, Some(buf), Ok(()));
-                }
-            }
+            write_all(&mut c);
             let starts: std::collections::HashMap<u32, u64> = std::iter::from_fn(|| c.poll_acked()).collect();
             assert_eq!(starts.len(), token as usize);
             let end = c.stats().next_seq;
@@ -880,15 +886,7 @@ mod tests {
             c.append(vec![7; 4037], i).unwrap();
         }
         let mut seqs = Vec::new();
-        loop {
-            let w = writes(&mut c);
-            if w.is_empty() {
-                break;
-            }
-            for (id, _, buf) in w {
-                c.complete(id, Some(buf), Ok(()));
-            }
-        }
+        write_all(&mut c);
         seqs.extend(std::iter::from_fn(|| c.poll_acked()));
         assert_eq!(seqs.len(), 64);
         assert_eq!(c.stats().free_blocks, 0);
