@@ -283,6 +283,13 @@ impl<T> Segment<T> {
         self.records.get(&lsn)
     }
 
+    /// A record linking to `link` (its `prev_lsn_pg`) lands past a gap: what
+    /// it links to is above the SCL and not held, so it cannot join the
+    /// chain (nor be coalesced) until the gap is filled.
+    pub fn past_gap(&self, link: u64) -> bool {
+        link > self.scl && !self.records.contains_key(&link)
+    }
+
     /// For writes (appends, PGMRPL): refuse an older epoch, and a newer one
     /// whose truncation the segment has not applied. A writer's epoch
     /// reaches a segment only through [`seal`](Self::seal) and
@@ -839,6 +846,17 @@ mod tests {
         assert_eq!(put(&mut s, &[rec(12, 10, 1), rec(15, 12, 1)]), 7);
         assert_eq!(s.highest_lsn(), 15);
         assert_eq!(put(&mut s, &[rec(10, 7, 1)]), 15);
+    }
+
+    #[test]
+    fn a_record_past_a_gap_links_above_the_scl_to_one_not_held() {
+        let mut s: Segment<u32> = Segment::new(SEG, 1, 1000);
+        assert_eq!(put(&mut s, &[rec(3, 0, 1), rec(7, 3, 1)]), 7);
+        assert!(!s.past_gap(7) && !s.past_gap(3), "at or below the SCL");
+        assert!(s.past_gap(10));
+        // Held but not yet durable: the next batch of an in-order stream.
+        s.admit(&[rec(10, 7, 1)]).unwrap();
+        assert!(!s.past_gap(10));
     }
 
     #[test]

@@ -1055,12 +1055,9 @@ impl Node {
             // release that their own pins (below) hold back, for good.
             // Records past a gap leave more room: coalescing cannot free
             // them until the gap is filled, and what fills it must fit.
-            let past_gap = records.first().is_some_and(|r| {
-                let link = r.record().prev_lsn_pg;
-                st.segments
-                    .get(&id)
-                    .is_some_and(|s| link > s.seg.scl() && s.seg.record(link).is_none())
-            });
+            let past_gap = records
+                .first()
+                .is_some_and(|r| (st.segments.get(&id)).is_some_and(|s| s.seg.past_gap(r.record().prev_lsn_pg)));
             let log = self.log.stats();
             let reserve = log.log_blocks
                 / if past_gap {
