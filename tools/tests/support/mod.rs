@@ -20,7 +20,8 @@ pub const STORBENCH: &str = env!("CARGO_BIN_EXE_storbench");
 /// `cargo test -p tools` builds storctl, not them, and a test would
 /// otherwise run daemons built from other code than it was. Once a
 /// process; `cargo test --workspace` has just built them, so it never
-/// builds here.
+/// builds here. (A change to a test module under `src` leaves them older
+/// with nothing to rebuild: cargo then checks and returns, each process.)
 pub fn ensure_daemons() {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
