@@ -452,17 +452,22 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
         let mut local = 0;
         while local < e.pg_pages {
             let n = pages_per_read.min(e.pg_pages - local);
-            let at = extent.slot_block(local, 0);
-            let chunk = AlignedBuf::zeroed_blocks(n as usize * 2 * slot_blocks);
-            let (chunk, result) = dev.read(block_offset(at), chunk).await;
-            result.map_err(OpenError::Io)?;
+            // Slot 0 of each page, then slot 1 of each: a stretch each.
+            let mut halves = Vec::with_capacity(2);
+            for slot in 0..2 {
+                let at = extent.slot_block(local, slot);
+                let half = AlignedBuf::zeroed_blocks(n as usize * slot_blocks);
+                let (half, result) = dev.read(block_offset(at), half).await;
+                result.map_err(OpenError::Io)?;
+                halves.push(half);
+            }
             for i in 0..n {
                 let l = local + i;
                 let page = e.id.pg as u64 * e.pg_pages + l;
                 let slot_bytes = slot_blocks * BLOCK_SIZE;
-                let base = (i as usize) * 2 * slot_bytes;
+                let base = i as usize * slot_bytes;
                 let slots = [0, 1].map(|s| {
-                    let bytes = &chunk[base + s * slot_bytes..base + (s + 1) * slot_bytes];
+                    let bytes = &halves[s][base..base + slot_bytes];
                     pagestore::decode_slot(bytes, &sb.device_id, &extent, e.id, page, extent.slot_block(l, s))
                 });
                 pages.slots_checked += 2;
@@ -489,7 +494,7 @@ pub async fn inspect<D: BlockIo>(dev: &Arc<D>) -> Result<InspectReport, OpenErro
                             page_count += 1;
                         }
                         let (found, other_slot) = match &chosen.current {
-                            Current::Never => (None, pagestore::first_slot(l)),
+                            Current::Never => (None, pagestore::FIRST_SLOT),
                             Current::Version { slot, version } => (Some((version.lsn, &version.bytes[..])), 1 - slot),
                         };
                         let entry = index[l as usize];

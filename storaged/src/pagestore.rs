@@ -3,8 +3,14 @@
 //! Each segment owns one extent of the device's page store region, given to
 //! it when the segment is created and recorded in the segment table. The
 //! extent is direct-mapped: the segment's page with local index `i` (its page
-//! number minus `pg * pg_pages`) has two version slots side by side, each
-//! `slot_blocks` blocks long. A new version is always written into the slot
+//! number minus `pg * pg_pages`) has two version slots, each `slot_blocks`
+//! blocks long, one in each half of the extent: slot 0 of every page, in
+//! page order, then slot 1 of every page. A run of consecutive pages' slot
+//! 0 (or slot 1) is one stretch of blocks, so a rebuild writes the versions
+//! of a run of pages, and a peer serving them reads them, with one I/O of
+//! only their bytes (a device does so many I/Os a second; with the slots of
+//! a page side by side, only two neighbours' versions were ever adjacent).
+//! A new version is always written into the slot
 //! that does not hold the current one, so a torn write never damages the
 //! version readers use, and no index has to be loaded or rebuilt at start-up:
 //! where a page lives is arithmetic, and which slot is current is read from
@@ -86,7 +92,7 @@ impl Extent {
     /// First block of slot `slot` (0 or 1) of the page with local index `local`.
     pub fn slot_block(&self, local: u64, slot: usize) -> u64 {
         debug_assert!(local < self.pg_pages && (slot as u64) < SLOTS_PER_PAGE);
-        self.start_block + (local * SLOTS_PER_PAGE + slot as u64) * self.slot_blocks()
+        self.start_block + (slot as u64 * self.pg_pages + local) * self.slot_blocks()
     }
 }
 
@@ -296,20 +302,17 @@ fn damage(slot: &[u8], device_id: &DeviceId, slot_block: u64, error: SlotError) 
     d
 }
 
-/// The slot a page's first version goes to: slot 1 for local pages 2k,
-/// slot 0 for 2k + 1. Those two slots are adjacent, so two neighbours'
-/// first versions are one stretch of blocks: a new segment's hydration
-/// writes them with one I/O, and a donor whose pages were written once
-/// reads them with one.
-pub fn first_slot(local: u64) -> usize {
-    if local % 2 == 0 { 1 } else { 0 }
-}
+/// The slot a page's first version goes to: slot 0, so consecutive
+/// pages' first versions are one stretch of blocks: a new segment's
+/// hydration writes a run of them with one I/O, and a donor whose pages
+/// were written once reads a run with one.
+pub const FIRST_SLOT: usize = 0;
 
 /// Which slot holds the current version, given both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Current {
     /// Neither slot was ever written: the page is zeros as of LSN 0, and
-    /// the next version goes to [`first_slot`].
+    /// the next version goes to [`FIRST_SLOT`].
     Never,
     Version {
         slot: usize,
@@ -368,9 +371,9 @@ pub fn current(slots: [Slot; 2], torn_after: Option<u64>) -> Result<Chosen, Slot
         (Slot::Version(v), Slot::Damaged(d)) => older_or_torn(0, v, d, torn_after),
         (Slot::Damaged(d), Slot::Version(v)) => older_or_torn(1, v, d, torn_after),
         // Beside a slot never written, a torn one was the page's first
-        // write (to `first_slot`, or to slot 0 by a device written before
-        // that rule). No other write can leave a slot torn and the other
-        // never written.
+        // write (to `FIRST_SLOT`), or slot 1 cleared with it (the node's
+        // `write_first_slots`). No other write can leave a slot torn and
+        // the other never written.
         (Slot::Damaged(d), Slot::Empty) => torn_first_write(0, d, torn_after),
         (Slot::Empty, Slot::Damaged(d)) => torn_first_write(1, d, torn_after),
         (Slot::Damaged(d), Slot::Damaged(_)) => Err(d.error),
@@ -452,7 +455,12 @@ mod tests {
         assert_eq!(e.local(2, 47), Some(15));
         assert_eq!(e.local(2, 48), None);
         assert_eq!(e.local(2, 31), None);
-        assert_eq!(e.slot_block(1, 1), 1000 + 3 * 3);
+        // Slot 0 of every page, then slot 1 of every page.
+        assert_eq!(e.slot_block(0, 0), 1000);
+        assert_eq!(e.slot_block(1, 0), 1000 + 3);
+        assert_eq!(e.slot_block(0, 1), 1000 + 16 * 3);
+        assert_eq!(e.slot_block(1, 1), 1000 + 17 * 3);
+        assert_eq!(e.slot_block(15, 1) + 3, e.map_start_block());
         assert_eq!(Extent::blocks_for(8192, u64::MAX), None);
     }
 

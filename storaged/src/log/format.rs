@@ -19,7 +19,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"STRD");
 /// 5: a truncation writes an annulment to the log, which start-up applies in
 /// log order; the table's ranges are the newest recovery's, for reporting.
 /// 6: segment table entries carry the PG's membership (376 bytes each).
-pub const FORMAT_VERSION: u16 = 7;
+/// 7: extents carry a page-version index after their slots.
+/// 8: an extent holds slot 0 of every page, then slot 1 of every page (7
+/// kept a page's two slots side by side).
+pub const FORMAT_VERSION: u16 = 8;
 pub const HEADER_BYTES: usize = 56;
 /// Payload bytes a block can carry.
 pub const PAYLOAD_MAX_BYTES: usize = BLOCK_SIZE - HEADER_BYTES;

@@ -284,7 +284,7 @@ impl Node {
         let current = self.read_current(id, extent, page, local, known, torn_after).await?;
         let first = matches!(current, Current::Never);
         let (slot, base) = match current {
-            Current::Never => (pagestore::first_slot(local), None),
+            Current::Never => (pagestore::FIRST_SLOT, None),
             Current::Version { slot, version } => (1 - slot, Some((version.lsn, version.bytes))),
         };
         let base_lsn = base.as_ref().map_or(0, |b| b.0);
@@ -302,10 +302,9 @@ impl Node {
         let entry = crate::pagemap::Entry::of(lsn, &bytes);
         let version = PageVersion { lsn, bytes };
         if first && torn_after.is_some() {
-            // A round open at the last crash may have left this page's first
-            // write torn in the other slot (a device written before
-            // `first_slot`, or a new segment's paired write): both slots go
-            // with one write, so nothing torn stays beside the version.
+            // A round open at the last crash may have left a write of this
+            // page torn in the other slot: both slots are written, so
+            // nothing torn stays beside the version.
             self.write_first_slots(id, extent, page, local, &version, crate::io::Durability::Durable)
                 .await?;
         } else {

@@ -40,26 +40,26 @@
 //! after an abort or a crash until a hydration ends, and keeps coalescing
 //! off the segment meanwhile (the point above).
 //!
-//! Runs of slots. The extent is direct-mapped, so both slots of a run of
-//! consecutive pages are one stretch of blocks: the donor reads a run with
-//! one I/O, and the segment being rebuilt reads a run, encodes each version
-//! into its page's slot that does not hold the current version, and writes
-//! the run back with one I/O. The slots it does not change are written
-//! back with the bytes just read, so a crash that tears or loses that write
+//! Runs of slots. The extent holds slot 0 of every page, then slot 1 of
+//! every page (`pagestore`), so each slot of a run of consecutive pages is
+//! one stretch of blocks. A donor reads the slots its pages are current in
+//! with one I/O a stretch (a PG written once is one stretch), or both
+//! halves of the run when the pages switch slots often. The segment being
+//! rebuilt reads both halves of a run, encodes each version into its
+//! page's slot that does not hold the current version, and writes each
+//! half back with one I/O. The slots it does not change are written back
+//! with the bytes just read, so a crash that tears or loses that write
 //! changes nothing in them (a sector lands whole or not at all): the only
 //! slots a crash can touch are those a version goes to, as with one write
 //! a page. A run whose pages are all known never written (a new segment,
-//! a replaced disk) is not read, and only the slots its versions go to are
-//! written: every other slot stays never written as it is. Each version
-//! goes to its page's first slot (`pagestore::first_slot`: slot 1 of local
-//! page 2k, slot 0 of 2k + 1, adjacent), so two neighbours are one I/O:
-//! half the writes of one a page, which is what bounds a hydration on a
-//! disk that does few I/Os a second. The donor reads two such neighbours'
-//! current slots with one I/O as well. A page whose slots are not both
-//! whole or empty in the run's read (damaged, torn by a crash) is taken
-//! page by page; one that holds no version gets its first with the other
-//! slot written back to never written, so a paired write a crash tore
-//! leaves nothing beside it. Decoding and
+//! a replaced disk) is not read: each version goes to its page's first
+//! slot (`pagestore::FIRST_SLOT`), and a run of them is one write of only
+//! their bytes, every other slot left never written. What bounds a
+//! hydration on a disk is the I/Os it does a second as much as its bytes.
+//! A page whose slots are not both whole or empty in the run's read
+//! (damaged, torn by a crash) is taken page by page; one that holds no
+//! version gets its first with the other slot written back to never
+//! written, so nothing a crash tore is left beside it. Decoding and
 //! sealing run off the node's runtime thread.
 //!
 //! The donor's floor. While a peer asks a segment for versions, and then
@@ -97,10 +97,12 @@ const PAGES_LOOKED_AT_MAX: u64 = 4096;
 /// one by one (a page whose slots are not both whole, or a version copied
 /// into its other slot at the end).
 const IO_PARALLEL: usize = 32;
-/// Bytes of slots one I/O of a run of pages covers, at most (both slots of
-/// each page: the extent is direct-mapped, so a run of pages is one
-/// stretch of blocks).
-const RUN_BYTES_MAX: usize = 2 << 20;
+/// Bytes of both slots of a run's pages, at most: a read or write of one
+/// half of the run (its pages' slots 0 or slots 1) is then at most half
+/// of it, which is as much as repair keeps in flight on a node by default
+/// (16 × 32 KiB: see `io::uring`); a larger one would go alone and put
+/// more before the foreground's writes.
+const RUN_BYTES_MAX: usize = 1 << 20;
 /// Runs read (or copied) at once, at most: a segment's changed pages are
 /// scattered, and one page's run at a time left the device waiting on
 /// round trips (a hydration that fetches only what changed ran at a tenth
@@ -112,6 +114,11 @@ const RUNS_PARALLEL_BYTES: usize = 8 << 20;
 /// Pages a hydrating run may rewrite as they are, between two pages it
 /// takes versions of, rather than start another run.
 const RUN_GAP_PAGES_MAX: u64 = 16;
+/// Pages one write of a new segment's hydration covers, at most
+/// ([`Node::hydrate_new_run`]): 252 KiB of 8 KiB pages' slots, so two
+/// are in flight within repair's default bound and the device never
+/// waits for the next one to be submitted.
+const NEW_WRITE_PAGES_MAX: usize = 21;
 
 /// `runs` cut into groups taken at once: consecutive, at most
 /// [`RUNS_PARALLEL`] runs and [`RUNS_PARALLEL_BYTES`] (by `bytes`) a group,
@@ -166,8 +173,8 @@ fn take_group(rest: &mut std::collections::VecDeque<Run>, pages_max: u64, bytes:
     group
 }
 
-/// Consecutive pages of a segment: both slots of each are one stretch of
-/// the extent, read or written with one I/O.
+/// Consecutive pages of a segment: slot 0 of each is one stretch of the
+/// extent, and slot 1 of each another ([`Halves`]).
 #[derive(Debug, Clone, Copy)]
 struct Run {
     first_local: u64,
@@ -181,20 +188,23 @@ impl Run {
         (RUN_BYTES_MAX / page).max(1) as u64
     }
 
-    fn first_block(&self, extent: &Extent) -> u64 {
-        extent.slot_block(self.first_local, 0)
-    }
-
+    /// Blocks of both slots of its pages.
     fn blocks(&self, extent: &Extent) -> u64 {
         self.pages * pagestore::SLOTS_PER_PAGE * extent.slot_blocks()
     }
 
-    /// Where slot `slot` of the page with local index `local` is in the run's bytes.
-    fn slot_bytes(&self, extent: &Extent, local: u64, slot: usize) -> std::ops::Range<usize> {
-        let start = (extent.slot_block(local, slot) - self.first_block(extent)) as usize * BLOCK_SIZE;
-        start..start + extent.slot_blocks() as usize * BLOCK_SIZE
+    /// Where a slot of the page with local index `local` is in the run's
+    /// half of that slot.
+    fn slot_bytes(&self, extent: &Extent, local: u64) -> std::ops::Range<usize> {
+        let len = extent.slot_blocks() as usize * BLOCK_SIZE;
+        let start = (local - self.first_local) as usize * len;
+        start..start + len
     }
 }
+
+/// Both slots of a run's pages as read: slot 0 of each page, in page
+/// order, then slot 1 of each.
+type Halves = [AlignedBuf; 2];
 
 /// A hydration in progress on one segment.
 #[derive(Debug, Default)]
@@ -435,8 +445,8 @@ impl Node {
                 if let Some(slots) = self.current_slots(id, &run) {
                     return self.read_current_slots(id, &extent, &run, slots).await;
                 }
-                let buf = self.read_run(&extent, &run).await?;
-                off_runtime(move || decode_run(&device_id, &extent, id, &run, &buf)).await
+                let halves = self.read_run(&extent, &run).await?;
+                off_runtime(move || decode_run(&device_id, &extent, id, &run, &halves)).await
             }))
             .await;
             for (run, decoded) in group.iter().zip(reads) {
@@ -555,11 +565,12 @@ impl Node {
             .collect()
     }
 
-    /// The current version of each page of `run`, read from `slots` (all at
-    /// once: one I/O a page, or one for two neighbours whose current slots
-    /// are adjacent, slot 1 of a page and slot 0 of the next, as a PG
-    /// written once is) and decoded off the runtime thread; None for a page
-    /// whose slot does not hold a whole version there.
+    /// The current version of each page of `run`, read from `slots` and
+    /// decoded off the runtime thread; None for a page whose slot does not
+    /// hold a whole version there. Consecutive pages current in the same
+    /// slot are one stretch, read with one I/O (a PG written once is one
+    /// stretch); past two stretches, both halves of the run are read, two
+    /// I/Os of twice the bytes rather than many.
     async fn read_current_slots(
         &self,
         id: SegmentId,
@@ -569,6 +580,27 @@ impl Node {
     ) -> Result<Vec<Option<Current>>, NodeError> {
         let slot_blocks = extent.slot_blocks();
         let stretches = adjacent_slots(extent, run.first_local, &slots);
+        if stretches.len() > 2 {
+            let halves = self.read_run(extent, run).await?;
+            let (device_id, extent, run) = (self.device_id, *extent, *run);
+            return off_runtime(move || {
+                let first_page = u64::from(id.pg) * extent.pg_pages;
+                (run.first_local..)
+                    .zip(slots)
+                    .map(|(local, slot)| {
+                        let (at, bytes) = (
+                            extent.slot_block(local, slot),
+                            &halves[slot][run.slot_bytes(&extent, local)],
+                        );
+                        match pagestore::decode_slot(bytes, &device_id, &extent, id, first_page + local, at) {
+                            Slot::Version(version) => Some(Current::Version { slot, version }),
+                            _ => None,
+                        }
+                    })
+                    .collect()
+            })
+            .await;
+        }
         let reads = stretches.iter().map(|&(at, count)| async move {
             let buf = AlignedBuf::zeroed_blocks(count * slot_blocks as usize);
             let (buf, result) = self.io.read_background(block_offset(at), buf).await;
@@ -597,15 +629,41 @@ impl Node {
         .await
     }
 
-    /// Both slots of every page of `run`, with one read.
-    async fn read_run(&self, extent: &Extent, run: &Run) -> Result<AlignedBuf, NodeError> {
-        let buf = AlignedBuf::zeroed_blocks(run.blocks(extent) as usize);
-        let (buf, result) = self
-            .io
-            .read_background(block_offset(run.first_block(extent)), buf)
-            .await;
-        result?;
-        Ok(buf)
+    /// Both slots of every page of `run`: a read of each half, at once.
+    async fn read_run(&self, extent: &Extent, run: &Run) -> Result<Halves, NodeError> {
+        self.read_slot_halves(extent, run.first_local, run.pages, true).await
+    }
+
+    /// Write back the stretch of each half of `run` (as read, with the
+    /// versions encoded into it) from the first page to the last whose
+    /// slot in that half `written` names, each stretch with one I/O, both
+    /// at once. The slots between that did not change are written back
+    /// with the bytes read: a crash that tears the write leaves them as
+    /// they were (a sector lands whole or not at all).
+    async fn write_run_back(
+        &self,
+        extent: &Extent,
+        run: &Run,
+        halves: Halves,
+        written: &[(u64, usize)],
+    ) -> Result<(), NodeError> {
+        let writes = halves.into_iter().enumerate().filter_map(|(slot, half)| {
+            let locals = written.iter().filter(|w| w.1 == slot).map(|w| w.0);
+            let (lo, hi) = (locals.clone().min()?, locals.max()?);
+            let bytes = run.slot_bytes(extent, lo).start..run.slot_bytes(extent, hi).end;
+            let out = if bytes.len() == half.len() {
+                half
+            } else {
+                let mut out = AlignedBuf::zeroed(bytes.len());
+                out.copy_from_slice(&half[bytes]);
+                out
+            };
+            Some(self.io.write_volatile(block_offset(extent.slot_block(lo, slot)), out))
+        });
+        for (_, result) in join_all(writes).await {
+            result?;
+        }
+        Ok(())
     }
 
     /// The current version of `page` (local index `local`), read as GetPage
@@ -746,9 +804,9 @@ impl Node {
     }
 
     /// The versions of a run of pages (ascending, one a page): both slots
-    /// of the run are read with one I/O, each version is encoded into its
-    /// page's slot that does not hold the current version (as
-    /// [`Node::hydrate_page`] decides), and the run is written back with
+    /// of the run are read (an I/O of each half), each version is encoded
+    /// into its page's slot that does not hold the current version (as
+    /// [`Node::hydrate_page`] decides), and each half is written back with
     /// one I/O. The slots that do not change are written back with the
     /// bytes just read: a write torn or lost by a crash leaves every sector
     /// of them as it was (a sector lands whole or not at all), so the only
@@ -787,10 +845,10 @@ impl Node {
             let one_by_one = self.hydrate_new_run(id, extent, &run, index, versions).await?;
             return self.hydrate_one_by_one(id, extent, coalesced, one_by_one).await;
         }
-        let buf = self.read_run(extent, &run).await?;
+        let halves = self.read_run(extent, &run).await?;
         let (device_id, extent_copy) = (self.device_id, *extent);
-        let (buf, held, one_by_one) =
-            off_runtime(move || plan_hydrate_run(&device_id, &extent_copy, id, &run, buf, &index, versions)).await?;
+        let (halves, held, one_by_one) =
+            off_runtime(move || plan_hydrate_run(&device_id, &extent_copy, id, &run, halves, &index, versions)).await?;
         let written = || held.iter().filter(|h| h.4.is_some()).map(|h| h.1);
         // Durable at `hydrate_end`'s flush, before the table says the
         // rebuild is over; until then a crash leaves the rebuild marked,
@@ -800,26 +858,10 @@ impl Node {
         // entry change with the slot, under its page's stripe.
         if let (Some(lo), Some(hi)) = (written().min(), written().max()) {
             // Only the stretch from the first page written to the last.
-            let span = Run {
-                first_local: lo,
-                pages: hi - lo + 1,
-            };
             let stripes = self.stripes_of(id, (lo..=hi).map(|l| l + u64::from(id.pg) * extent.pg_pages));
             let _held = join_stripes(&stripes).await;
-            let from = run.slot_bytes(extent, lo, 0).start;
-            let out = if span.pages == run.pages {
-                buf
-            } else {
-                let blocks = span.blocks(extent) as usize;
-                let mut out = AlignedBuf::zeroed_blocks(blocks);
-                out.copy_from_slice(&buf[from..from + blocks * BLOCK_SIZE]);
-                out
-            };
-            let (_, result) = self
-                .io
-                .write_volatile(block_offset(span.first_block(extent)), out)
-                .await;
-            result?;
+            let slots: Vec<(u64, usize)> = held.iter().filter(|h| h.4.is_some()).map(|h| (h.1, h.2)).collect();
+            self.write_run_back(extent, &run, halves, &slots).await?;
             let mut st = self.state();
             let s = st.seg_mut(id)?;
             for &(_, l, slot, _, entry) in &held {
@@ -844,18 +886,14 @@ impl Node {
     }
 
     /// The versions of a run of pages every one of which is known never
-    /// written: each is encoded straight into a buffer of the slot it goes
-    /// to (no read, and no buffer of the run's both slots to fill and copy
-    /// out of), and written under its page's stripe. Each goes to its
-    /// page's first slot: two neighbours, the pages at local indices 2k and
-    /// 2k + 1, to slot 1 of the first and slot 0 of the second, which are
-    /// adjacent, with one I/O under both stripes; a page without its
-    /// neighbour with an I/O of its own. (A run's pages would take every stripe, and the runs
-    /// of a hydration's streams would go one at a time.) Every other slot
-    /// stays never written as it is, so a new segment is rebuilt with half
-    /// the bytes written, and half the writes. Returns the versions to take
-    /// one by one: those whose page's index entry names a version (a lost
-    /// write), judged as a read judges them.
+    /// written: each is encoded straight into the buffer of a write (no
+    /// read) of its page's first slot, slot 0. Consecutive pages' slots 0
+    /// are one stretch, so up to [`NEW_WRITE_PAGES_MAX`] consecutive pages
+    /// are one write, under their stripes. Every other slot stays never
+    /// written as it is: a new segment is rebuilt with the bytes of its
+    /// versions, in few writes. Returns the versions to take one by one:
+    /// those whose page's index entry names a version (a lost write),
+    /// judged as a read judges them.
     async fn hydrate_new_run(
         &self,
         id: SegmentId,
@@ -869,10 +907,9 @@ impl Node {
             off_runtime(move || encode_new_slots(&device_id, &extent_copy, id, first_local, &index, versions)).await?;
         // Durable at `hydrate_end`'s flush, before the table says the
         // rebuild is over; until then a crash leaves the rebuild marked,
-        // where a torn or lost slot is a torn write (`pagestore::current`:
-        // slot 1 as well as slot 0 may be a page's first write). The slot
-        // states and index entries change with the slots, under their
-        // pages' stripes.
+        // where a torn or lost slot is a torn write (`pagestore::current`).
+        // The slot states and index entries change with the slots, under
+        // their pages' stripes.
         let writes = writes.into_iter().map(|new| async move {
             let stripes = self.stripes_of(id, new.slots.iter().map(|n| n.page));
             let _held = join_stripes(&stripes).await;
@@ -961,7 +998,7 @@ impl Node {
                 self.write_first_version(id, extent, page, local, &version).await?;
                 self.state()
                     .seg_mut(id)?
-                    .set_slot_state(local, SlotState::holding(pagestore::first_slot(local)));
+                    .set_slot_state(local, SlotState::holding(pagestore::FIRST_SLOT));
                 return Ok(Some(version.lsn));
             }
             Ok(Current::Version { slot, version: held }) => {
@@ -1147,9 +1184,9 @@ impl Node {
     }
 
     /// [`Node::copy_to_both_slots`] for a run of pages (ascending), with
-    /// one read and one write, as [`Node::hydrate_run`] writes: the slots
-    /// that hold the current versions are written back with the bytes just
-    /// read, so a crash can touch only the slots the copies go to.
+    /// a read and a write of each half, as [`Node::hydrate_run`] writes: the
+    /// slots that hold the current versions are written back with the bytes
+    /// just read, so a crash can touch only the slots the copies go to.
     async fn copy_run_to_both_slots(&self, id: SegmentId, extent: &Extent, pages: Vec<u64>) -> Result<(), NodeError> {
         let (Some(&first), Some(&last)) = (pages.first(), pages.last()) else {
             return Ok(());
@@ -1159,18 +1196,18 @@ impl Node {
             first_local: local(first),
             pages: local(last) - local(first) + 1,
         };
-        let buf = self.read_run(extent, &run).await?;
+        let halves = self.read_run(extent, &run).await?;
         let (device_id, extent_copy) = (self.device_id, *extent);
-        let (buf, copied, one_by_one) =
-            off_runtime(move || plan_copy_run(&device_id, &extent_copy, id, &run, buf, pages)).await?;
+        let (halves, copied, one_by_one) =
+            off_runtime(move || plan_copy_run(&device_id, &extent_copy, id, &run, halves, pages)).await?;
         if !copied.is_empty() {
             let stripes = self.stripes_of(
                 id,
                 (run.first_local..run.first_local + run.pages).map(|l| l + u64::from(id.pg) * extent.pg_pages),
             );
             let _held = join_stripes(&stripes).await;
-            let (_, result) = self.io.write_volatile(block_offset(run.first_block(extent)), buf).await;
-            result?;
+            let written: Vec<(u64, usize)> = copied.iter().map(|&(l, slot)| (l, 1 - slot)).collect();
+            self.write_run_back(extent, &run, halves, &written).await?;
             let mut st = self.state();
             let s = st.seg_mut(id)?;
             for (l, slot) in copied {
@@ -1256,11 +1293,17 @@ async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stati
     }
 }
 
-/// Every page of `run` as [`whole_current`] reads it from `buf`, in order.
-fn decode_run(device_id: &DeviceId, extent: &Extent, id: SegmentId, run: &Run, buf: &[u8]) -> Vec<Option<Current>> {
+/// Every page of `run` as [`whole_current`] reads it from `halves`, in order.
+fn decode_run(
+    device_id: &DeviceId,
+    extent: &Extent,
+    id: SegmentId,
+    run: &Run,
+    halves: &Halves,
+) -> Vec<Option<Current>> {
     let first = u64::from(id.pg) * extent.pg_pages;
     (run.first_local..run.first_local + run.pages)
-        .map(|local| whole_current(device_id, extent, id, run, buf, local, first + local))
+        .map(|local| whole_current(device_id, extent, id, run, halves, local, first + local))
         .collect()
 }
 
@@ -1269,18 +1312,18 @@ fn decode_run(device_id: &DeviceId, extent: &Extent, id: SegmentId, run: &Run, b
 /// is written).
 type Taken = (u64, u64, usize, u64, Option<crate::pagemap::Entry>);
 
-/// What [`Node::hydrate_run`] writes: each version encoded into `buf` (the
-/// run's slots as read) where it goes; returns the run's bytes, the pages
-/// taken, and the versions to take one by one.
+/// What [`Node::hydrate_run`] writes: each version encoded into `halves`
+/// (the run's slots as read) where it goes; returns the run's slots, the
+/// pages taken, and the versions to take one by one.
 fn plan_hydrate_run(
     device_id: &DeviceId,
     extent: &Extent,
     id: SegmentId,
     run: &Run,
-    mut buf: AlignedBuf,
+    mut halves: Halves,
     index: &[crate::pagemap::Entry],
     versions: Vec<WirePageVersion>,
-) -> (AlignedBuf, Vec<Taken>, Vec<WirePageVersion>) {
+) -> (Halves, Vec<Taken>, Vec<WirePageVersion>) {
     let mut held = Vec::with_capacity(versions.len());
     let mut one_by_one = Vec::new();
     for v in versions {
@@ -1289,7 +1332,7 @@ fn plan_hydrate_run(
         // index names (a lost or junk write), goes the page-by-page way,
         // which judges it as a read does.
         let entry = index[(l - run.first_local) as usize];
-        let Some(current) = whole_current(device_id, extent, id, run, &buf, l, page).filter(|c| {
+        let Some(current) = whole_current(device_id, extent, id, run, &halves, l, page).filter(|c| {
             let found = match c {
                 Current::Never => None,
                 Current::Version { version, .. } => Some((version.lsn, &version.bytes[..])),
@@ -1300,7 +1343,7 @@ fn plan_hydrate_run(
             continue;
         };
         let slot = match current {
-            Current::Never => pagestore::first_slot(l),
+            Current::Never => pagestore::FIRST_SLOT,
             Current::Version { slot, version } if version.lsn >= v.lsn => {
                 // Never back: see `hydrate_page`.
                 held.push((page, l, slot, version.lsn, None));
@@ -1314,11 +1357,11 @@ fn plan_hydrate_run(
             bytes: v.bytes,
         };
         let at = extent.slot_block(l, slot);
-        let bytes = run.slot_bytes(extent, l, slot);
-        pagestore::encode_version(&mut buf[bytes], *device_id, extent, id, page, at, &version);
+        let bytes = run.slot_bytes(extent, l);
+        pagestore::encode_version(&mut halves[slot][bytes], *device_id, extent, id, page, at, &version);
         held.push((page, l, slot, version.lsn, Some(entry)));
     }
-    (buf, held, one_by_one)
+    (halves, held, one_by_one)
 }
 
 /// A version of a page never written, and the slot it goes to.
@@ -1330,8 +1373,8 @@ struct NewSlot {
 }
 
 /// The reads of the current `slots` of consecutive pages from
-/// `first_local`, in page order: (first block, slots), one a page or one
-/// for a page's slot 1 and the next page's slot 0, which are adjacent.
+/// `first_local`, in page order: (first block, slots), one for each run
+/// of consecutive pages current in the same slot (adjacent).
 fn adjacent_slots(extent: &Extent, first_local: u64, slots: &[usize]) -> Vec<(u64, usize)> {
     let mut reads: Vec<(u64, usize)> = Vec::with_capacity(slots.len());
     for (local, &slot) in (first_local..).zip(slots) {
@@ -1344,9 +1387,8 @@ fn adjacent_slots(extent: &Extent, first_local: u64, slots: &[usize]) -> Vec<(u6
     reads
 }
 
-/// One write of [`Node::hydrate_new_run`]: one page's version into its
-/// first slot, or two neighbours' into slot 1 of the first and slot 0 of
-/// the second (adjacent), from block `at`.
+/// One write of [`Node::hydrate_new_run`]: consecutive pages' versions,
+/// each into its first slot, from block `at`.
 struct NewWrite {
     at: u64,
     slots: Vec<NewSlot>,
@@ -1376,28 +1418,27 @@ fn encode_new_slots(
             new.push((local, v));
         }
     }
-    let slot_bytes = extent.slot_blocks() as usize * crate::io::BLOCK_SIZE;
-    let mut writes = Vec::with_capacity(new.len());
+    let slot_blocks = extent.slot_blocks() as usize;
+    let mut writes = Vec::with_capacity(new.len().div_ceil(NEW_WRITE_PAGES_MAX));
     let mut new = new.into_iter().peekable();
-    while let Some((local, v)) = new.next() {
-        let pair = local % 2 == 0 && new.peek().is_some_and(|(next, _)| *next == local + 1);
-        let mut versions = vec![(local, v)];
-        if pair {
-            versions.extend(new.next());
+    while let Some(first) = new.next() {
+        let mut versions = vec![first];
+        while versions.len() < NEW_WRITE_PAGES_MAX
+            && let Some(next) = new.next_if(|(local, _)| *local == versions[versions.len() - 1].0 + 1)
+        {
+            versions.push(next);
         }
-        // Every page's first version goes to its `first_slot`: a pair's
-        // two are adjacent.
-        let at = extent.slot_block(local, pagestore::first_slot(local));
-        let mut buf = AlignedBuf::zeroed_blocks(versions.len() * extent.slot_blocks() as usize);
+        let slot = pagestore::FIRST_SLOT;
+        let at = extent.slot_block(versions[0].0, slot);
+        let mut buf = AlignedBuf::zeroed_blocks(versions.len() * slot_blocks);
         let mut slots = Vec::with_capacity(versions.len());
         for (i, (local, v)) in versions.into_iter().enumerate() {
-            let slot = pagestore::first_slot(local);
             let entry = crate::pagemap::Entry::of(v.lsn, &v.bytes);
             let version = PageVersion {
                 lsn: v.lsn,
                 bytes: v.bytes,
             };
-            let bytes = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
+            let bytes = &mut buf[i * slot_blocks * BLOCK_SIZE..(i + 1) * slot_blocks * BLOCK_SIZE];
             pagestore::encode_version(
                 bytes,
                 *device_id,
@@ -1420,36 +1461,37 @@ fn encode_new_slots(
 }
 
 /// What [`Node::copy_run_to_both_slots`] writes: each page's current
-/// version encoded into its other slot in `buf`; returns the run's bytes,
-/// (local index, current slot) of each copied, and the pages to copy one by one.
+/// version encoded into its other slot in `halves`; returns the run's
+/// slots, (local index, current slot) of each copied, and the pages to
+/// copy one by one.
 fn plan_copy_run(
     device_id: &DeviceId,
     extent: &Extent,
     id: SegmentId,
     run: &Run,
-    mut buf: AlignedBuf,
+    mut halves: Halves,
     pages: Vec<u64>,
-) -> (AlignedBuf, Vec<(u64, usize)>, Vec<u64>) {
+) -> (Halves, Vec<(u64, usize)>, Vec<u64>) {
     let mut copied = Vec::with_capacity(pages.len());
     let mut one_by_one = Vec::new();
     for page in pages {
         let l = extent.local(id.pg, page).unwrap_or(0);
-        match whole_current(device_id, extent, id, run, &buf, l, page) {
+        match whole_current(device_id, extent, id, run, &halves, l, page) {
             Some(Current::Version { slot, version }) => {
                 let at = extent.slot_block(l, 1 - slot);
-                let bytes = run.slot_bytes(extent, l, 1 - slot);
-                pagestore::encode_version(&mut buf[bytes], *device_id, extent, id, page, at, &version);
+                let bytes = run.slot_bytes(extent, l);
+                pagestore::encode_version(&mut halves[1 - slot][bytes], *device_id, extent, id, page, at, &version);
                 copied.push((l, slot));
             }
             Some(Current::Never) => {}
             None => one_by_one.push(page),
         }
     }
-    (buf, copied, one_by_one)
+    (halves, copied, one_by_one)
 }
 
-/// The current version of `page` from its two slots as `buf` (a read of
-/// `run`) holds them, if each is a whole version or empty; None if either
+/// The current version of `page` from its two slots as `halves` (a read
+/// of `run`) hold them, if each is a whole version or empty; None if either
 /// is not (damaged on the device, torn by a crash, or caught mid-write):
 /// the caller reads the page again under its stripe, which tells those
 /// apart and reports damage.
@@ -1466,22 +1508,21 @@ fn whole_current(
     extent: &Extent,
     id: SegmentId,
     run: &Run,
-    buf: &[u8],
+    halves: &Halves,
     local: u64,
     page: u64,
 ) -> Option<Current> {
-    let slot = |slot: usize| {
+    let slots = [0, 1].map(|slot| {
         let at = extent.slot_block(local, slot);
         pagestore::decode_slot(
-            &buf[run.slot_bytes(extent, local, slot)],
+            &halves[slot][run.slot_bytes(extent, local)],
             device_id,
             extent,
             id,
             page,
             at,
         )
-    };
-    let slots = [slot(0), slot(1)];
+    });
     if slots.iter().any(|s| matches!(s, Slot::Damaged(_))) {
         return None;
     }
@@ -1522,7 +1563,7 @@ mod parallel_groups_tests {
     }
 
     #[test]
-    fn a_pages_slot_1_and_the_next_pages_slot_0_are_one_read() {
+    fn consecutive_pages_current_in_the_same_slot_are_one_read() {
         let extent = Extent {
             start_block: 100,
             page_bytes: 8192,
@@ -1532,28 +1573,28 @@ mod parallel_groups_tests {
         // Pages 4 to 9, each written once (its first slot), but page 7
         // twice (slot 1).
         let slots: Vec<usize> = (4..10)
-            .map(|l| if l == 7 { 1 } else { pagestore::first_slot(l) })
+            .map(|l| if l == 7 { 1 } else { pagestore::FIRST_SLOT })
             .collect();
-        assert_eq!(slots, vec![1, 0, 1, 1, 1, 0]);
+        assert_eq!(slots, vec![0, 0, 0, 1, 0, 0]);
         let reads = adjacent_slots(&extent, 4, &slots);
         assert_eq!(
             reads,
             vec![
-                (extent.slot_block(4, 1), 2),
-                (extent.slot_block(6, 1), 1),
+                (extent.slot_block(4, 0), 3),
                 (extent.slot_block(7, 1), 1),
-                (extent.slot_block(8, 1), 2),
+                (extent.slot_block(8, 0), 2),
             ]
         );
-        assert_eq!(extent.slot_block(4, 1) + sb, extent.slot_block(5, 0));
+        assert_eq!(extent.slot_block(4, 0) + sb, extent.slot_block(5, 0));
         assert_eq!(
             reads.iter().map(|r| r.1).sum::<usize>(),
             slots.len(),
             "every slot read once"
         );
         assert!(adjacent_slots(&extent, 0, &[]).is_empty());
-        // Slot 0 then slot 1 of the next page are never one stretch.
+        // A page's slot 0 then its neighbour's slot 1 are never one stretch.
         assert_eq!(adjacent_slots(&extent, 1, &[0, 1]).len(), 2);
+        assert_eq!(adjacent_slots(&extent, 1, &[1, 1]).len(), 1);
     }
 
     #[test]

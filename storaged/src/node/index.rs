@@ -144,17 +144,12 @@ impl Node {
         local: u64,
         torn_after: Option<u64>,
     ) -> Result<Entry, NodeError> {
-        let slot_blocks = extent.slot_blocks();
         let page = id.pg as u64 * extent.pg_pages + local;
-        let at = extent.slot_block(local, 0);
-        let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
-        let (buf, result) = self.io.read(block_offset(at), buf).await;
-        result?;
-        let len = slot_blocks as usize * BLOCK_SIZE;
-        let slots = [
-            pagestore::decode_slot(&buf[..len], &self.device_id, extent, id, page, at),
-            pagestore::decode_slot(&buf[len..], &self.device_id, extent, id, page, at + slot_blocks),
-        ];
+        let halves = self.read_slot_halves(extent, local, 1, false).await?;
+        let slots = [0, 1].map(|slot| {
+            let at = extent.slot_block(local, slot);
+            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
+        });
         Ok(match pagestore::current(slots, torn_after) {
             Ok(c) => match c.current {
                 Current::Never => Entry::default(),

@@ -307,8 +307,10 @@ fn same_geometry(id: SegmentId, held: PageGeometry, asked: PageGeometry, what: &
 /// How long a truncation waits for the segment's records already let in to
 /// reach the log before it gives up (the recovering writer asks again).
 pub(super) const TRUNCATE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
-/// Striped locks over page versions; a power of two.
-const PAGE_STRIPES: usize = 64;
+/// Striped locks over page versions; a power of two. A hydration's write
+/// of a run of pages takes each page's stripe, and the runs of its streams
+/// are written at once: many stripes keep them from waiting on each other.
+const PAGE_STRIPES: usize = 1024;
 
 /// Which slot holds a page's current version, as far as the node knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1197,15 +1199,11 @@ impl Node {
         if known == SlotState::Never {
             return self.judge(id, extent, page, local, Current::Never, torn_after);
         }
-        let at = extent.slot_block(local, 0);
-        let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
-        let (buf, result) = self.io.read(block_offset(at), buf).await;
-        result?;
-        let len = slot_blocks as usize * BLOCK_SIZE;
-        let slots = [
-            pagestore::decode_slot(&buf[..len], &self.device_id, extent, id, page, at),
-            pagestore::decode_slot(&buf[len..], &self.device_id, extent, id, page, at + slot_blocks),
-        ];
+        let halves = self.read_slot_halves(extent, local, 1, false).await?;
+        let slots = [0, 1].map(|slot| {
+            let at = extent.slot_block(local, slot);
+            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
+        });
         let damaged_slot = slots.iter().position(|s| matches!(s, pagestore::Slot::Damaged(_)));
         match pagestore::current(slots, torn_after) {
             Ok(chosen) => {
@@ -1258,9 +1256,11 @@ impl Node {
         Ok(())
     }
 
-    /// Write a page's first version into [`pagestore::first_slot`] and
-    /// its other slot back to never written, with one I/O: what a crash
-    /// tore in either slot before is gone.
+    /// Write a page's first version into [`pagestore::FIRST_SLOT`] and
+    /// its other slot back to never written, at once: what a crash tore in
+    /// either slot before is gone once both are written (a crash before
+    /// that leaves the round or the rebuild that wrote them open, as a
+    /// crash within one write of both would).
     async fn write_first_slots(
         &self,
         id: SegmentId,
@@ -1270,18 +1270,49 @@ impl Node {
         version: &pagestore::PageVersion,
         durability: Durability,
     ) -> Result<(), NodeError> {
-        let (at, slot_blocks) = (extent.slot_block(local, 0), extent.slot_blocks() as usize);
-        let mut buf = AlignedBuf::zeroed_blocks(2 * slot_blocks);
-        let slot = pagestore::first_slot(local);
-        let bytes = &mut buf[slot * slot_blocks * BLOCK_SIZE..(slot + 1) * slot_blocks * BLOCK_SIZE];
-        let slot_at = extent.slot_block(local, slot);
-        pagestore::encode_version(bytes, self.device_id, extent, id, page, slot_at, version);
-        let (_, result) = match durability {
-            Durability::Durable => self.io.write(block_offset(at), buf).await,
-            Durability::Volatile => self.io.write_volatile(block_offset(at), buf).await,
+        let slot_blocks = extent.slot_blocks() as usize;
+        let slot = pagestore::FIRST_SLOT;
+        let (at, other_at) = (extent.slot_block(local, slot), extent.slot_block(local, 1 - slot));
+        let mut buf = AlignedBuf::zeroed_blocks(slot_blocks);
+        pagestore::encode_version(&mut buf, self.device_id, extent, id, page, at, version);
+        let write = |at: u64, buf: AlignedBuf| match durability {
+            Durability::Durable => self.io.write(block_offset(at), buf),
+            Durability::Volatile => self.io.write_volatile(block_offset(at), buf),
         };
-        result?;
+        let ((_, first), (_, other)) =
+            futures_util::future::join(write(at, buf), write(other_at, AlignedBuf::zeroed_blocks(slot_blocks))).await;
+        first?;
+        other?;
         Ok(())
+    }
+
+    /// Both slots of pages `local .. local + n`: slot 0 of each, in page
+    /// order, then slot 1 of each. Each is one stretch of the extent
+    /// (`pagestore`), and the two are read at once; `background`: a read
+    /// for repair ([`PageIo::read_background`]).
+    async fn read_slot_halves(
+        &self,
+        extent: &Extent,
+        local: u64,
+        n: u64,
+        background: bool,
+    ) -> Result<[AlignedBuf; 2], NodeError> {
+        let blocks = (n * extent.slot_blocks()) as usize;
+        let read = |slot: usize| {
+            let (at, buf) = (
+                block_offset(extent.slot_block(local, slot)),
+                AlignedBuf::zeroed_blocks(blocks),
+            );
+            if background {
+                self.io.read_background(at, buf)
+            } else {
+                self.io.read(at, buf)
+            }
+        };
+        let ((half0, read0), (half1, read1)) = futures_util::future::join(read(0), read(1)).await;
+        read0?;
+        read1?;
+        Ok([half0, half1])
     }
 
     /// The current version the slots hold, judged by the page-version
@@ -1320,7 +1351,7 @@ impl Node {
             }
             crate::pagemap::Verdict::Damaged(why) => {
                 let slot = match &current {
-                    Current::Never => pagestore::first_slot(local),
+                    Current::Never => pagestore::FIRST_SLOT,
                     Current::Version { slot, .. } => 1 - slot,
                 };
                 let offset = block_offset(extent.slot_block(local, slot));

@@ -219,11 +219,12 @@ impl Node {
             // Hydration rewrites every page; it is checked once it ends.
             return Ok(out);
         }
-        let pair = 2 * extent.slot_blocks();
+        let (slot_blocks, pair) = (extent.slot_blocks(), 2 * extent.slot_blocks());
         let map_start = extent.map_start_block();
-        // Pages whose first slot block lies in the range.
-        let first = range.start.saturating_sub(extent.start_block).div_ceil(pair);
-        let end = (range.end.min(map_start).saturating_sub(extent.start_block)).div_ceil(pair);
+        // Pages whose slot 0 lies in the range (the extent's first half),
+        // both slots of each: a range of the second half has none.
+        let first = range.start.saturating_sub(extent.start_block).div_ceil(slot_blocks);
+        let end = (range.end.min(map_start).saturating_sub(extent.start_block)).div_ceil(slot_blocks);
         let mut local = first;
         while local < end.min(extent.pg_pages) {
             let n = (256 / pair).max(1).min(end.min(extent.pg_pages) - local);
@@ -247,8 +248,8 @@ impl Node {
         Ok(out)
     }
 
-    /// Pages `local .. local + n` of segment `id`: one read, then a closer
-    /// look at any that does not verify.
+    /// Pages `local .. local + n` of segment `id`: one read of each half
+    /// (their slots 0, their slots 1), then a closer look at any that does not verify.
     async fn scrub_pages(
         &self,
         id: SegmentId,
@@ -259,13 +260,15 @@ impl Node {
         bufs: &BufPool,
     ) -> Result<(), NodeError> {
         let slot_blocks = extent.slot_blocks() as usize;
-        let at = extent.slot_block(local, 0);
-        let (buf, result) = self
-            .io
-            .read(block_offset(at), bufs.take(n as usize * 2 * slot_blocks))
-            .await;
-        if let Err(e) = result {
-            bufs.give(buf);
+        // Slot 0 of each page, then slot 1 of each: a stretch each.
+        let read = |slot: usize| {
+            let at = block_offset(extent.slot_block(local, slot));
+            self.io.read(at, bufs.take(n as usize * slot_blocks))
+        };
+        let ((half0, read0), (half1, read1)) = futures_util::future::join(read(0), read(1)).await;
+        let halves = [half0, half1];
+        if let Err(e) = read0.and(read1) {
+            halves.into_iter().for_each(|h| bufs.give(h));
             return Err(e.into());
         }
         // The index as it stands once the pages are read.
@@ -273,7 +276,7 @@ impl Node {
             let st = self.state();
             let Some(s) = st.segments.get(&id) else {
                 drop(st);
-                bufs.give(buf);
+                halves.into_iter().for_each(|h| bufs.give(h));
                 return Ok(());
             };
             (local..local + n)
@@ -282,19 +285,18 @@ impl Node {
         };
         let written: Vec<bool> = known.iter().map(|(entry, _)| entry.lsn > 0).collect();
         let (device_id, extent_of) = (self.device_id, *extent);
-        let (buf, fine) = off_runtime(move || {
+        let (halves, fine) = off_runtime(move || {
             let slot_bytes = slot_blocks * BLOCK_SIZE;
             let mut fine = Vec::with_capacity(known.len());
             for (i, &(entry, torn_after)) in known.iter().enumerate() {
                 let l = local + i as u64;
-                let base = i * 2 * slot_bytes;
-                let bytes = &buf[base..base + 2 * slot_bytes];
-                fine.push(page_verifies(&device_id, &extent_of, id, l, bytes, entry, torn_after));
+                let slots = [0, 1].map(|s| &halves[s][i * slot_bytes..(i + 1) * slot_bytes]);
+                fine.push(page_verifies(&device_id, &extent_of, id, l, slots, entry, torn_after));
             }
-            (buf, fine)
+            (halves, fine)
         })
         .await?;
-        bufs.give(buf);
+        halves.into_iter().for_each(|h| bufs.give(h));
         for (i, fine) in fine.into_iter().enumerate() {
             let l = local + i as u64;
             let page = id.pg as u64 * extent.pg_pages + l;
@@ -318,16 +320,11 @@ impl Node {
         out: &mut Checked,
     ) -> Result<(), NodeError> {
         let _stripe = self.stripe(id, page).write().await;
-        let slot_blocks = extent.slot_blocks();
-        let at = extent.slot_block(local, 0);
-        let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
-        let (buf, result) = self.io.read(block_offset(at), buf).await;
-        result?;
-        let len = slot_blocks as usize * BLOCK_SIZE;
-        let slots = [
-            pagestore::decode_slot(&buf[..len], &self.device_id, extent, id, page, at),
-            pagestore::decode_slot(&buf[len..], &self.device_id, extent, id, page, at + slot_blocks),
-        ];
+        let halves = self.read_slot_halves(extent, local, 1, false).await?;
+        let slots = [0, 1].map(|slot| {
+            let at = extent.slot_block(local, slot);
+            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
+        });
         let damaged_slot = slots.iter().position(|s| matches!(s, pagestore::Slot::Damaged(_)));
         let (entry, torn_after) = {
             let st = self.state();
@@ -393,7 +390,7 @@ impl Node {
             }
             Verdict::Damaged(why) => {
                 self.mark_damaged(id, local);
-                need_copy(out, holding.map_or(pagestore::first_slot(local), |s| 1 - s), why);
+                need_copy(out, holding.map_or(pagestore::FIRST_SLOT, |s| 1 - s), why);
                 return Ok(());
             }
         }
@@ -546,24 +543,14 @@ impl Node {
             let _stripe = self.stripe(id, need.page).write().await;
             // Out of place: into a slot that holds no valid version, else
             // into the one with the older version.
-            let slot_blocks = extent.slot_blocks();
-            let at = extent.slot_block(local, 0);
-            let buf = AlignedBuf::zeroed_blocks(2 * slot_blocks as usize);
-            let (buf, result) = self.io.read(block_offset(at), buf).await;
-            result?;
-            let len = slot_blocks as usize * BLOCK_SIZE;
-            let lsn_of = |b: &[u8], s: u64| match pagestore::decode_slot(
-                b,
-                &self.device_id,
-                &extent,
-                id,
-                need.page,
-                at + s * slot_blocks,
-            ) {
-                pagestore::Slot::Version(v) => Some(v.lsn),
-                _ => None,
-            };
-            let held = [lsn_of(&buf[..len], 0), lsn_of(&buf[len..], 1)];
+            let halves = self.read_slot_halves(&extent, local, 1, false).await?;
+            let held = [0, 1].map(|slot| {
+                let at = extent.slot_block(local, slot);
+                match pagestore::decode_slot(&halves[slot], &self.device_id, &extent, id, need.page, at) {
+                    pagestore::Slot::Version(v) => Some(v.lsn),
+                    _ => None,
+                }
+            });
             let slot = match held {
                 // Neither slot holds a version: the copy goes to the page's
                 // first slot and the other is written back to never
@@ -724,16 +711,13 @@ fn page_verifies(
     extent: &Extent,
     id: SegmentId,
     local: u64,
-    bytes: &[u8],
+    slots: [&[u8]; 2],
     entry: pagemap::Entry,
     torn_after: Option<u64>,
 ) -> bool {
     let page = id.pg as u64 * extent.pg_pages + local;
-    let slot_bytes = bytes.len() / 2;
-    let slots = [0, 1].map(|s| {
-        let slot = &bytes[s * slot_bytes..(s + 1) * slot_bytes];
-        pagestore::decode_slot(slot, device_id, extent, id, page, extent.slot_block(local, s))
-    });
+    let slots =
+        [0, 1].map(|s| pagestore::decode_slot(slots[s], device_id, extent, id, page, extent.slot_block(local, s)));
     match pagestore::current(slots, torn_after) {
         Ok(chosen) if chosen.other.is_none() => {
             let found = match &chosen.current {

@@ -258,7 +258,7 @@ async fn a_page_found_damaged_by_a_read_is_in_the_status() {
     node.set_pgmrpl(SEG, 1, 2).await.unwrap();
     coalesced_through(&node, 2).await;
     // P's one version is in its first slot.
-    let offset = flip_page_slot(&node, &disk, p, pagestore::first_slot(6));
+    let offset = flip_page_slot(&node, &disk, p, pagestore::FIRST_SLOT);
     assert_eq!(node.status(SEG, 0).unwrap().damage, proto::Damage::default());
 
     for _ in 0..2 {
@@ -342,17 +342,17 @@ async fn after_a_crash_a_rotted_current_version_is_not_taken_for_a_torn_write() 
     );
 }
 
-/// A round open at a crash tore page P's first write in slot 0, where a
-/// device written before `first_slot` put every first version (P's first
-/// slot is 1). The round's redo writes P's first version with slot 0 back
-/// to never written, so once the round is over nothing torn is left beside
-/// it to be taken for damage: P reads right after the next start too.
+/// A round open at a crash tore a write of page P, never written, in slot
+/// 1, the slot that is not its first (`FIRST_SLOT`). The round's redo
+/// writes P's first version with slot 1 back to never written, so once the
+/// round is over nothing torn is left beside it to be taken for damage: P
+/// reads right after the next start too.
 #[tokio::test(start_paused = true)]
 async fn a_first_write_torn_in_the_other_slot_is_cleared_by_the_rounds_redo() {
     let disk = formatted(16 << 20, 1 << 20, 19).await;
     let (node, _) = Node::open(disk.clone(), config()).await.unwrap();
     let p = FIRST_PAGE + 8;
-    assert_eq!(pagestore::first_slot(8), 1);
+    assert_eq!(pagestore::FIRST_SLOT, 0);
     let q = FIRST_PAGE + 9;
     let recs = vec![rec(1, p, true, 1), rec(2, q, true, 2)];
     append_all(&node, &recs).await;
@@ -361,7 +361,7 @@ async fn a_first_write_torn_in_the_other_slot_is_cleared_by_the_rounds_redo() {
     // As a crash in a round to 2 would leave the device: P's version at 1
     // half written into slot 0, the table saying the round was open.
     let sb = read_superblock(disk.as_ref()).await.unwrap().superblock;
-    let at = extent.slot_block(8, 0);
+    let at = extent.slot_block(8, 1);
     let mut slot = vec![0u8; extent.slot_blocks() as usize * BLOCK_SIZE];
     let version = pagestore::PageVersion {
         lsn: 1,

@@ -260,19 +260,19 @@ async fn membership_only_moves_forward_and_survives_a_restart() {
     node.shutdown().await;
 }
 
-/// A device of the previous format (before extents held a page-version
-/// index) is refused at open, saying which version it found and which one
-/// this build reads, rather than its extents being misread.
+/// A device of the previous format (a page's two slots side by side in
+/// its extent) is refused at open, saying which version it found and which
+/// one this build reads, rather than its extents being misread.
 #[tokio::test(start_paused = true)]
 async fn a_device_of_the_previous_format_is_refused_naming_both_versions() {
     let disk = disk_of(A).await;
     for block in crate::log::layout::SUPERBLOCK_BLOCKS {
-        disk.write_raw(block_offset(block) + 4, &6u16.to_le_bytes());
+        disk.write_raw(block_offset(block) + 4, &7u16.to_le_bytes());
     }
     let err = Node::open(disk.clone(), config()).await.err().expect("refused");
     let msg = err.to_string();
     assert!(
-        msg.contains("unsupported format version 6") && msg.contains("reads version 7"),
+        msg.contains("unsupported format version 7") && msg.contains("reads version 8"),
         "{msg}"
     );
 }

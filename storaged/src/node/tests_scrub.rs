@@ -117,20 +117,24 @@ async fn a_lost_current_version_is_repaired_only_from_a_copy_that_verifies() {
     coalesced_through(&node, 25).await;
     // The slots the next round writes, as they are now.
     let pages: std::collections::BTreeSet<u64> = recs[25..50].iter().map(|r| r.page).collect();
-    let before: Vec<(u64, u64, Vec<u8>)> = pages
+    // (page, [(slot offset, bytes) of each slot]).
+    type Slots = Vec<(u64, Vec<u8>)>;
+    let before: Vec<(u64, Slots)> = pages
         .iter()
         .map(|&p| {
             let extent = node.state().seg(SEG).unwrap().extent.unwrap();
             let slot_len = extent.slot_blocks() as usize * BLOCK_SIZE;
-            let at = slot_offset(&node, p, 0);
-            (p, at, disk.read_raw(at, 2 * slot_len))
+            let slots = [0, 1].map(|slot| slot_offset(&node, p, slot));
+            (p, slots.iter().map(|&at| (at, disk.read_raw(at, slot_len))).collect())
         })
         .collect();
     append_all(&node, &recs[30..]).await;
     node.set_pgmrpl(SEG, 1, 50).await.unwrap();
     coalesced_through(&node, 50).await;
-    let (page, at, bytes) = before[0].clone();
-    disk.write_raw(at, &bytes);
+    let (page, slots) = before[0].clone();
+    for (at, bytes) in slots {
+        disk.write_raw(at, &bytes);
+    }
     let c = scrub_all(&node).await;
     assert_eq!(c.need_copy.len(), 1, "{:?}", c.found);
     let need = c.need_copy[0];
