@@ -8,13 +8,12 @@
 //! page order, then slot 1 of every page. A run of consecutive pages' slot
 //! 0 (or slot 1) is one stretch of blocks, so a rebuild writes the versions
 //! of a run of pages, and a peer serving them reads them, with one I/O of
-//! only their bytes (a device does so many I/Os a second; with the slots of
-//! a page side by side, only two neighbours' versions were ever adjacent).
-//! A new version is always written into the slot
-//! that does not hold the current one, so a torn write never damages the
-//! version readers use, and no index has to be loaded or rebuilt at start-up:
-//! where a page lives is arithmetic, and which slot is current is read from
-//! the slots themselves (the valid one with the higher LSN).
+//! only their bytes: a device does only so many I/Os a second. A new
+//! version is always written into the slot that does not hold the current
+//! one, so a torn write never damages the version readers use, and no
+//! index has to be loaded or rebuilt at start-up: where a page lives is
+//! arithmetic, and which slot is current is read from the slots themselves
+//! (the valid one with the higher LSN).
 //!
 //! Every block of a slot is a self-describing block (`docs/format.md`): kind
 //! `PageVersion`, its own offset, `seq` = the version's LSN, `generation` =

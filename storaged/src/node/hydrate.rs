@@ -206,6 +206,13 @@ impl Run {
 /// order, then slot 1 of each.
 type Halves = [AlignedBuf; 2];
 
+/// What [`Node::read_current_slots`] read: both halves of the run, or each
+/// stretch of pages current in the same slot, in page order.
+enum Read {
+    Halves(Halves),
+    Stretches(Vec<AlignedBuf>),
+}
+
 /// A hydration in progress on one segment.
 #[derive(Debug, Default)]
 pub(super) struct Hydration {
@@ -580,42 +587,34 @@ impl Node {
     ) -> Result<Vec<Option<Current>>, NodeError> {
         let slot_blocks = extent.slot_blocks();
         let stretches = adjacent_slots(extent, run.first_local, &slots);
-        if stretches.len() > 2 {
-            let halves = self.read_run(extent, run).await?;
-            let (device_id, extent, run) = (self.device_id, *extent, *run);
-            return off_runtime(move || {
-                let first_page = u64::from(id.pg) * extent.pg_pages;
-                (run.first_local..)
-                    .zip(slots)
-                    .map(|(local, slot)| {
-                        let (at, bytes) = (
-                            extent.slot_block(local, slot),
-                            &halves[slot][run.slot_bytes(&extent, local)],
-                        );
-                        match pagestore::decode_slot(bytes, &device_id, &extent, id, first_page + local, at) {
-                            Slot::Version(version) => Some(Current::Version { slot, version }),
-                            _ => None,
-                        }
-                    })
-                    .collect()
-            })
-            .await;
-        }
-        let reads = stretches.iter().map(|&(at, count)| async move {
-            let buf = AlignedBuf::zeroed_blocks(count * slot_blocks as usize);
-            let (buf, result) = self.io.read_background(block_offset(at), buf).await;
-            result.map(|_| buf)
-        });
-        let mut bufs = Vec::with_capacity(stretches.len());
-        for read in join_all(reads).await {
-            bufs.push(read?);
-        }
-        let (device_id, extent, first_local) = (self.device_id, *extent, run.first_local);
+        let read = if stretches.len() > 2 {
+            Read::Halves(self.read_run(extent, run).await?)
+        } else {
+            let reads = stretches.iter().map(|&(at, count)| async move {
+                let buf = AlignedBuf::zeroed_blocks(count * slot_blocks as usize);
+                let (buf, result) = self.io.read_background(block_offset(at), buf).await;
+                result.map(|_| buf)
+            });
+            let mut bufs = Vec::with_capacity(stretches.len());
+            for read in join_all(reads).await {
+                bufs.push(read?);
+            }
+            Read::Stretches(bufs)
+        };
+        let (device_id, extent, run) = (self.device_id, *extent, *run);
         off_runtime(move || {
             let first_page = u64::from(id.pg) * extent.pg_pages;
             let slot_bytes = slot_blocks as usize * BLOCK_SIZE;
-            let each_slot = bufs.iter().flat_map(|buf| buf.chunks_exact(slot_bytes));
-            (first_local..)
+            // Each page's current slot, in page order.
+            let each_slot: Box<dyn Iterator<Item = &[u8]>> = match &read {
+                Read::Halves(halves) => Box::new(
+                    (run.first_local..)
+                        .zip(&slots)
+                        .map(|(local, &slot)| &halves[slot][run.slot_bytes(&extent, local)]),
+                ),
+                Read::Stretches(bufs) => Box::new(bufs.iter().flat_map(|buf| buf.chunks_exact(slot_bytes))),
+            };
+            (run.first_local..)
                 .zip(slots.iter().zip(each_slot))
                 .map(|(local, (&slot, bytes))| {
                     let at = extent.slot_block(local, slot);
