@@ -10,7 +10,9 @@
 #                pg_pages and formats sparse devices of the size it needs);
 #                computed holds only 1 MiB per PG for a lagging segment.
 #   baseline     commits (4 KiB, 1 page per transaction, iodepth 8) for
-#                --fg-runtime seconds with every node up: commits/s and p99.
+#                --fg-runtime seconds with every node up: commits/s and p99;
+#                run again once node 6 has hydrated beside the foreground
+#                (below), and the foreground alone is the mean of the two.
 #   alone        node 6 is killed; every page of the PG is written once
 #                (8 KiB, 8 pages per transaction, 512 committers: each owns
 #                256 pages); the donors coalesce and let their logs go, so
@@ -186,12 +188,17 @@ for round in $(seq 1 "$ROUNDS"); do
     hydrate_node6
     wait "$FG_PID"
     FG_RATES+=("$(python3 -c "print(round($HYD_BYTES / $HYD_S / 1e6, 1))")")
-    BASE_IOPS+=("$(iops "$RUN/base.json")"); DURING_IOPS+=("$(iops "$RUN/during.json")")
-    BASE_P99+=("$(p99 "$RUN/base.json")"); DURING_P99+=("$(p99 "$RUN/during.json")")
+    log "round $round: foreground alone again, node 6 caught up ($(uptime | sed 's/.*load/load/'))"
+    foreground "$FG_RUNTIME" "$RUN/after.json"
+    # The foreground alone is the mean of the runs before and after: this
+    # VM's commits/s alone moved by half from one run to the next.
+    BASE_IOPS+=("$(python3 -c "print(round(($(iops "$RUN/base.json")) / 2 + ($(iops "$RUN/after.json")) / 2))")")
+    BASE_P99+=("$(python3 -c "print(round(($(p99 "$RUN/base.json")) / 2 + ($(p99 "$RUN/after.json")) / 2))")")
+    DURING_IOPS+=("$(iops "$RUN/during.json")"); DURING_P99+=("$(p99 "$RUN/during.json")")
     log "  $HYD_BYTES bytes of page versions in $HYD_COUNT hydration(s), $HYD_S s: ${FG_RATES[-1]} MB/s with the foreground"
     python3 -c "import sys; sys.exit(0 if $HYD_S >= $FG_RUNTIME else 1)" \
         || log "  (the hydration ended before the foreground's $FG_RUNTIME s: the figures below cover some time without it)"
-    log "  foreground: ${BASE_IOPS[-1]} commits/s, p99 ${BASE_P99[-1]} µs alone; ${DURING_IOPS[-1]} commits/s, p99 ${DURING_P99[-1]} µs during ($(uptime | sed 's/.*load/load/'))"
+    log "  foreground: ${BASE_IOPS[-1]} commits/s, p99 ${BASE_P99[-1]} µs alone ($(iops "$RUN/base.json") and $(iops "$RUN/after.json") commits/s before and after); ${DURING_IOPS[-1]} commits/s, p99 ${DURING_P99[-1]} µs during ($(uptime | sed 's/.*load/load/'))"
 done
 
 R=$(median "${RATES[@]}"); T=$(median "${TO_PGCL[@]}"); FR=$(median "${FG_RATES[@]}")
