@@ -630,7 +630,9 @@ impl Node {
 
     /// Both slots of every page of `run`: a read of each half, at once.
     async fn read_run(&self, extent: &Extent, run: &Run) -> Result<Halves, NodeError> {
-        self.read_slot_halves(extent, run.first_local, run.pages, true).await
+        let blocks = (run.pages * extent.slot_blocks()) as usize;
+        let halves = [AlignedBuf::zeroed_blocks(blocks), AlignedBuf::zeroed_blocks(blocks)];
+        self.read_slot_halves(extent, run.first_local, halves, true).await
     }
 
     /// Write back the stretch of each half of `run` (as read, with the

@@ -145,11 +145,7 @@ impl Node {
         torn_after: Option<u64>,
     ) -> Result<Entry, NodeError> {
         let page = id.pg as u64 * extent.pg_pages + local;
-        let halves = self.read_slot_halves(extent, local, 1, false).await?;
-        let slots = [0, 1].map(|slot| {
-            let at = extent.slot_block(local, slot);
-            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
-        });
+        let slots = self.read_page_slots(id, extent, page, local).await?;
         Ok(match pagestore::current(slots, torn_after) {
             Ok(c) => match c.current {
                 Current::Never => Entry::default(),

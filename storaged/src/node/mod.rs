@@ -1199,11 +1199,7 @@ impl Node {
         if known == SlotState::Never {
             return self.judge(id, extent, page, local, Current::Never, torn_after);
         }
-        let halves = self.read_slot_halves(extent, local, 1, false).await?;
-        let slots = [0, 1].map(|slot| {
-            let at = extent.slot_block(local, slot);
-            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
-        });
+        let slots = self.read_page_slots(id, extent, page, local).await?;
         let damaged_slot = slots.iter().position(|s| matches!(s, pagestore::Slot::Damaged(_)));
         match pagestore::current(slots, torn_after) {
             Ok(chosen) => {
@@ -1286,33 +1282,48 @@ impl Node {
         Ok(())
     }
 
-    /// Both slots of pages `local .. local + n`: slot 0 of each, in page
-    /// order, then slot 1 of each. Each is one stretch of the extent
-    /// (`pagestore`), and the two are read at once; `background`: a read
-    /// for repair ([`PageIo::read_background`]).
+    /// Both slots of consecutive pages from `local`, into `halves`: slot 0
+    /// of each, in page order, into the first, slot 1 of each into the
+    /// second, as many pages as the buffers hold slots. Each is one
+    /// stretch of the extent (`pagestore`), and the two are read at once;
+    /// `background`: a read for repair ([`PageIo::read_background`]).
     async fn read_slot_halves(
         &self,
         extent: &Extent,
         local: u64,
-        n: u64,
+        halves: [AlignedBuf; 2],
         background: bool,
     ) -> Result<[AlignedBuf; 2], NodeError> {
-        let blocks = (n * extent.slot_blocks()) as usize;
-        let read = |slot: usize| {
-            let (at, buf) = (
-                block_offset(extent.slot_block(local, slot)),
-                AlignedBuf::zeroed_blocks(blocks),
-            );
+        let [half0, half1] = halves;
+        let read = |slot: usize, buf: AlignedBuf| {
+            let at = block_offset(extent.slot_block(local, slot));
             if background {
                 self.io.read_background(at, buf)
             } else {
                 self.io.read(at, buf)
             }
         };
-        let ((half0, read0), (half1, read1)) = futures_util::future::join(read(0), read(1)).await;
+        let ((half0, read0), (half1, read1)) = futures_util::future::join(read(0, half0), read(1, half1)).await;
         read0?;
         read1?;
         Ok([half0, half1])
+    }
+
+    /// What each slot of `page` (local index `local`) holds, read at once.
+    async fn read_page_slots(
+        &self,
+        id: SegmentId,
+        extent: &Extent,
+        page: u64,
+        local: u64,
+    ) -> Result<[pagestore::Slot; 2], NodeError> {
+        let blocks = extent.slot_blocks() as usize;
+        let halves = [AlignedBuf::zeroed_blocks(blocks), AlignedBuf::zeroed_blocks(blocks)];
+        let halves = self.read_slot_halves(extent, local, halves, false).await?;
+        Ok([0, 1].map(|slot| {
+            let at = extent.slot_block(local, slot);
+            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
+        }))
     }
 
     /// The current version the slots hold, judged by the page-version

@@ -260,17 +260,8 @@ impl Node {
         bufs: &BufPool,
     ) -> Result<(), NodeError> {
         let slot_blocks = extent.slot_blocks() as usize;
-        // Slot 0 of each page, then slot 1 of each: a stretch each.
-        let read = |slot: usize| {
-            let at = block_offset(extent.slot_block(local, slot));
-            self.io.read(at, bufs.take(n as usize * slot_blocks))
-        };
-        let ((half0, read0), (half1, read1)) = futures_util::future::join(read(0), read(1)).await;
-        let halves = [half0, half1];
-        if let Err(e) = read0.and(read1) {
-            halves.into_iter().for_each(|h| bufs.give(h));
-            return Err(e.into());
-        }
+        let halves = [0, 1].map(|_| bufs.take(n as usize * slot_blocks));
+        let halves = self.read_slot_halves(extent, local, halves, false).await?;
         // The index as it stands once the pages are read.
         let known: Vec<(pagemap::Entry, Option<u64>)> = {
             let st = self.state();
@@ -320,11 +311,7 @@ impl Node {
         out: &mut Checked,
     ) -> Result<(), NodeError> {
         let _stripe = self.stripe(id, page).write().await;
-        let halves = self.read_slot_halves(extent, local, 1, false).await?;
-        let slots = [0, 1].map(|slot| {
-            let at = extent.slot_block(local, slot);
-            pagestore::decode_slot(&halves[slot], &self.device_id, extent, id, page, at)
-        });
+        let slots = self.read_page_slots(id, extent, page, local).await?;
         let damaged_slot = slots.iter().position(|s| matches!(s, pagestore::Slot::Damaged(_)));
         let (entry, torn_after) = {
             let st = self.state();
@@ -543,14 +530,13 @@ impl Node {
             let _stripe = self.stripe(id, need.page).write().await;
             // Out of place: into a slot that holds no valid version, else
             // into the one with the older version.
-            let halves = self.read_slot_halves(&extent, local, 1, false).await?;
-            let held = [0, 1].map(|slot| {
-                let at = extent.slot_block(local, slot);
-                match pagestore::decode_slot(&halves[slot], &self.device_id, &extent, id, need.page, at) {
+            let held = self
+                .read_page_slots(id, &extent, need.page, local)
+                .await?
+                .map(|slot| match slot {
                     pagestore::Slot::Version(v) => Some(v.lsn),
                     _ => None,
-                }
-            });
+                });
             let slot = match held {
                 // Neither slot holds a version: the copy goes to the page's
                 // first slot and the other is written back to never

@@ -230,17 +230,8 @@ async fn versions_above_the_floor_are_never_built_on_again_by_the_records_below_
     check_pages(&b, &recs, [180, 190, 200].into_iter()).await;
     // Each version above the floor is in both of its slots: no older one
     // beside it that lacks changes the segment no longer holds.
-    let extent = b.state().seg(SEG).unwrap().extent.unwrap();
     for p in FIRST_PAGE..END_PAGE {
-        let local = extent.local(SEG.pg, p).unwrap();
-        let halves = b.read_slot_halves(&extent, local, 1, false).await.unwrap();
-        let slots = [0, 1].map(|slot| {
-            let at = extent.slot_block(local, slot);
-            match pagestore::decode_slot(&halves[slot], &b.device_id, &extent, SEG, p, at) {
-                pagestore::Slot::Version(v) => Some(v.lsn),
-                _ => None,
-            }
-        });
+        let slots = slot_lsns(&b, p).await;
         if let Some(top) = slots.iter().flatten().max().filter(|&&l| l > 150) {
             assert_eq!(slots, [Some(*top); 2], "page {p}");
         }
@@ -396,13 +387,10 @@ async fn power_loss_in_the_middle_of_a_new_segments_hydration_serves_no_page_and
 async fn slot_lsns(node: &Node, page: u64) -> [Option<u64>; 2] {
     let extent = node.state().seg(SEG).unwrap().extent.unwrap();
     let local = extent.local(SEG.pg, page).unwrap();
-    let halves = node.read_slot_halves(&extent, local, 1, false).await.unwrap();
-    [0, 1].map(|slot| {
-        let at = extent.slot_block(local, slot);
-        match pagestore::decode_slot(&halves[slot], &node.device_id, &extent, SEG, page, at) {
-            pagestore::Slot::Version(v) => Some(v.lsn),
-            _ => None,
-        }
+    let slots = node.read_page_slots(SEG, &extent, page, local).await.unwrap();
+    slots.map(|slot| match slot {
+        pagestore::Slot::Version(v) => Some(v.lsn),
+        _ => None,
     })
 }
 
